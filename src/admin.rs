@@ -1,0 +1,419 @@
+//! What the admin CLI does, and the local socket through which it reaches a running server.
+//!
+//! sled allows one process, so while `mailgate serve` runs, the CLI sends its request as
+//! one JSON line over `data_dir/admin.sock` (mode 0600, in a 0700 directory) and the
+//! server executes it; with no server running, the CLI opens the store itself. Either
+//! way the same [`execute`] runs, so a change takes effect at once (a revoked app
+//! password fails its next login, and its live sessions end).
+
+use crate::auth::{self, app_password, crypto::SecretKey, password};
+use crate::fsutil::now_unix;
+use crate::sessions::Sessions;
+use crate::store::{Account, AppPasswordRecord, AuditEvent, Scope, Store, StoreError, TotpState};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// One admin command. Passwords cross the socket only as argon2id hashes (made by the CLI).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Is a server there?
+    Ping,
+    /// `user add`.
+    UserAdd {
+        /// Address.
+        email: String,
+        /// Aliases.
+        addresses: Vec<String>,
+        /// argon2id hash of the account password, if one was given.
+        password_hash: Option<String>,
+    },
+    /// `user list`.
+    UserList,
+    /// `user passwd`.
+    UserPasswd {
+        /// Address.
+        email: String,
+        /// argon2id hash of the new password.
+        password_hash: String,
+    },
+    /// `user remove`.
+    UserRemove {
+        /// Address.
+        email: String,
+    },
+    /// `app-password create`.
+    AppPasswordCreate {
+        /// Address.
+        email: String,
+        /// Label.
+        label: String,
+        /// Scopes.
+        scopes: Vec<Scope>,
+    },
+    /// `app-password list`.
+    AppPasswordList {
+        /// Address.
+        email: String,
+    },
+    /// `app-password revoke`.
+    AppPasswordRevoke {
+        /// Address.
+        email: String,
+        /// Public id.
+        id: String,
+    },
+    /// `totp enable`.
+    TotpEnable {
+        /// Address.
+        email: String,
+        /// Base32 secret to import.
+        secret: Option<String>,
+    },
+    /// `totp disable`.
+    TotpDisable {
+        /// Address.
+        email: String,
+    },
+}
+
+/// The answer: lines for a person (the last one is the important one), and data for `--json`.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct Response {
+    /// Whether it worked.
+    pub ok: bool,
+    /// Text for stdout.
+    pub lines: Vec<String>,
+    /// Machine-readable result, if any.
+    pub json: Option<serde_json::Value>,
+    /// What went wrong, for stderr.
+    pub error: Option<String>,
+}
+
+impl Response {
+    fn ok(lines: Vec<String>) -> Response {
+        Response { ok: true, lines, ..Default::default() }
+    }
+    /// A failed answer.
+    pub fn err(msg: impl Into<String>) -> Response {
+        Response { ok: false, error: Some(msg.into()), ..Default::default() }
+    }
+}
+
+/// What [`execute`] works on.
+pub struct Context {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Key that seals TOTP secrets.
+    pub key: Arc<SecretKey>,
+    /// Issuer name in otpauth URIs (the server host name).
+    pub issuer: String,
+    /// Live sessions, when a server runs.
+    pub sessions: Option<Sessions>,
+}
+
+/// Checks and normalises an e-mail address given on the command line.
+pub fn check_email(raw: &str) -> Result<String, String> {
+    let e = auth::normalize_username(raw);
+    let ok = e.len() <= 254
+        && e.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty() && !d.contains('@'))
+        && !e.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == ':');
+    if ok { Ok(e) } else { Err(format!("`{raw}` is not an e-mail address")) }
+}
+
+fn store_err(e: StoreError) -> String {
+    e.to_string()
+}
+
+fn need_account(store: &dyn Store, email: &str) -> Result<Account, String> {
+    store.get_account(email).map_err(store_err)?.ok_or_else(|| format!("unknown user {email}"))
+}
+
+fn audit(store: &dyn Store, username: &str, kind: &str, detail: String) {
+    let ev = AuditEvent { at: now_unix(), username: username.into(), kind: kind.into(), detail };
+    let _ = store.append_audit(&ev);
+}
+
+/// Formats unix seconds as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn fmt_time(t: u64) -> String {
+    let days = (t / 86_400) as i64;
+    let secs = t % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+/// Runs one command.
+pub fn execute(ctx: &Context, req: Request) -> Response {
+    match run(ctx, req) {
+        Ok(r) => r,
+        Err(e) => Response::err(e),
+    }
+}
+
+fn run(ctx: &Context, req: Request) -> Result<Response, String> {
+    let store = ctx.store.as_ref();
+    match req {
+        Request::Ping => Ok(Response::ok(vec!["pong".into()])),
+        Request::UserAdd { email, addresses, password_hash } => {
+            let email = check_email(&email)?;
+            let mut aliases = Vec::new();
+            for a in addresses {
+                let a = check_email(&a)?;
+                if a != email && !aliases.contains(&a) {
+                    aliases.push(a);
+                }
+            }
+            let now = now_unix();
+            let has_pw = password_hash.is_some();
+            store
+                .create_account(&Account {
+                    username: email.clone(),
+                    addresses: aliases,
+                    password_hash,
+                    totp: None,
+                    second_factor_required: false,
+                    created_at: now,
+                    updated_at: now,
+                })
+                .map_err(store_err)?;
+            audit(store, &email, "account_created", String::new());
+            let note = if has_pw { "" } else { " (no account password: app passwords only)" };
+            Ok(Response::ok(vec![format!("added {email}{note}")]))
+        }
+        Request::UserList => {
+            let accounts = store.list_accounts().map_err(store_err)?;
+            let mut lines = Vec::new();
+            let mut json = Vec::new();
+            for a in &accounts {
+                let n = store.list_app_passwords(&a.username).map_err(store_err)?.len();
+                lines.push(format!(
+                    "{}\t2fa={}\tpassword={}\tapp-passwords={}\taliases={}",
+                    a.username,
+                    if a.has_second_factor() { "on" } else { "off" },
+                    if a.password_hash.is_some() { "set" } else { "none" },
+                    n,
+                    a.addresses.join(",")
+                ));
+                json.push(serde_json::json!({
+                    "username": a.username, "addresses": a.addresses, "totp": a.has_second_factor(),
+                    "has_password": a.password_hash.is_some(), "app_passwords": n, "created": a.created_at,
+                }));
+            }
+            if accounts.is_empty() {
+                lines.push("no users".into());
+            }
+            Ok(Response { ok: true, lines, json: Some(json.into()), error: None })
+        }
+        Request::UserPasswd { email, password_hash } => {
+            let email = check_email(&email)?;
+            let mut a = need_account(store, &email)?;
+            a.password_hash = Some(password_hash);
+            a.updated_at = now_unix();
+            store.put_account(&a).map_err(store_err)?;
+            audit(store, &email, "account_password_changed", "by admin".into());
+            Ok(Response::ok(vec![format!("password changed for {email}")]))
+        }
+        Request::UserRemove { email } => {
+            let email = check_email(&email)?;
+            store.remove_account(&email).map_err(store_err)?;
+            let ended = ctx.sessions.as_ref().map(|s| s.kill(&email, None)).unwrap_or(0);
+            Ok(Response::ok(vec![format!("removed {email} ({ended} live sessions ended)")]))
+        }
+        Request::AppPasswordCreate { email, label, scopes } => {
+            let email = check_email(&email)?;
+            let label = label.trim().to_string();
+            if label.is_empty() || label.chars().count() > 64 || label.chars().any(char::is_control) {
+                return Err("the label must be 1 to 64 characters without control characters".into());
+            }
+            let mut scopes = if scopes.is_empty() { vec![Scope::Imap, Scope::Smtp] } else { scopes };
+            scopes.sort();
+            scopes.dedup();
+            need_account(store, &email)?;
+            let new = app_password::generate()?;
+            let hash = password::hash(new.password.expose().as_bytes())?;
+            let record = AppPasswordRecord {
+                id: new.id.clone(),
+                username: email.clone(),
+                label: label.clone(),
+                scopes: scopes.clone(),
+                hash,
+                created_at: now_unix(),
+                created_by: "admin".into(),
+                last_used: None,
+            };
+            store.create_app_password(&record).map_err(store_err)?;
+            audit(store, &email, "app_password_created", format!("{label} ({}) by admin", new.id));
+            let scope_names: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+            Ok(Response {
+                ok: true,
+                lines: vec![
+                    format!(
+                        "created app password {} \"{label}\" for {email} (scopes: {})",
+                        new.id,
+                        scope_names.join(",")
+                    ),
+                    "It is shown only this once; enter it in the mail app as the password (spaces optional):".into(),
+                    new.grouped().expose().clone(),
+                ],
+                json: Some(serde_json::json!({"id": new.id})),
+                error: None,
+            })
+        }
+        Request::AppPasswordList { email } => {
+            let email = check_email(&email)?;
+            need_account(store, &email)?;
+            let list = store.list_app_passwords(&email).map_err(store_err)?;
+            let mut lines = Vec::new();
+            let mut json = Vec::new();
+            for r in &list {
+                let scopes: Vec<&str> = r.scopes.iter().map(|s| s.as_str()).collect();
+                let used = match &r.last_used {
+                    Some(u) => format!(
+                        "{} from {}{}",
+                        fmt_time(u.at),
+                        u.ip,
+                        u.client.as_deref().map(|c| format!(" ({c})")).unwrap_or_default()
+                    ),
+                    None => "never".into(),
+                };
+                lines.push(format!(
+                    "{}\t{}\t{}\tcreated {}\tlast used {}",
+                    r.id,
+                    r.label,
+                    scopes.join(","),
+                    fmt_time(r.created_at),
+                    used
+                ));
+                json.push(serde_json::json!({
+                    "id": r.id, "label": r.label, "scopes": scopes, "created": r.created_at,
+                    "created_by": r.created_by,
+                    "last_used": r.last_used.as_ref().map(|u| serde_json::json!({"at": u.at, "ip": u.ip, "client": u.client})),
+                }));
+            }
+            if list.is_empty() {
+                lines.push(format!("{email} has no app passwords"));
+            }
+            Ok(Response { ok: true, lines, json: Some(json.into()), error: None })
+        }
+        Request::AppPasswordRevoke { email, id } => {
+            let email = check_email(&email)?;
+            let id = id.trim().to_ascii_lowercase();
+            need_account(store, &email)?;
+            let rec = store.revoke_app_password(&email, &id).map_err(store_err)?;
+            let ended = ctx.sessions.as_ref().map(|s| s.kill(&email, Some(&id))).unwrap_or(0);
+            audit(store, &email, "app_password_revoked", format!("{} ({id}) by admin", rec.label));
+            Ok(Response::ok(vec![format!(
+                "revoked app password {id} \"{}\" of {email} ({ended} live sessions ended)",
+                rec.label
+            )]))
+        }
+        Request::TotpEnable { email, secret } => {
+            let email = check_email(&email)?;
+            let mut a = need_account(store, &email)?;
+            let en = auth::totp::enrol(&ctx.key, &ctx.issuer, &email, secret.as_deref())?;
+            a.totp = Some(TotpState { secret_enc: en.sealed, enabled_at: now_unix(), last_step: 0 });
+            a.second_factor_required = true;
+            a.updated_at = now_unix();
+            store.put_account(&a).map_err(store_err)?;
+            // Sessions opened with the account password end: from now on it is refused.
+            let ended = ctx.sessions.as_ref().map(|s| s.kill_account_password_sessions(&email)).unwrap_or(0);
+            audit(store, &email, "totp_enabled", "by admin".into());
+            Ok(Response::ok(vec![
+                format!("two-factor authentication enabled for {email} ({ended} account-password sessions ended)"),
+                "Add this to an authenticator app (it is shown only this once):".into(),
+                en.uri.expose().clone(),
+            ]))
+        }
+        Request::TotpDisable { email } => {
+            let email = check_email(&email)?;
+            let mut a = need_account(store, &email)?;
+            a.totp = None;
+            a.second_factor_required = false;
+            a.updated_at = now_unix();
+            store.put_account(&a).map_err(store_err)?;
+            audit(store, &email, "totp_disabled", "by admin".into());
+            Ok(Response::ok(vec![format!("two-factor authentication disabled for {email}")]))
+        }
+    }
+}
+
+/// The admin socket: server side.
+pub mod socket {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{UnixListener, UnixStream};
+
+    /// Longest request line (the biggest request is a few hundred bytes).
+    const MAX_REQUEST: usize = 64 * 1024;
+
+    /// Binds the socket with mode 0600 (replacing a stale one).
+    pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+        if path.exists() {
+            std::fs::remove_file(path)?;
+        }
+        let l = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(l)
+    }
+
+    /// Serves admin requests until the listener is dropped.
+    pub async fn serve(listener: UnixListener, ctx: Arc<Context>) {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else { continue };
+            let ctx = ctx.clone();
+            tokio::spawn(async move { handle(conn, ctx).await });
+        }
+    }
+
+    async fn handle(conn: UnixStream, ctx: Arc<Context>) {
+        let (r, mut w) = conn.into_split();
+        let mut line = String::new();
+        let mut reader = BufReader::new(r).take(MAX_REQUEST as u64);
+        if reader.read_line(&mut line).await.is_err() {
+            return;
+        }
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                let ctx2 = ctx.clone();
+                tokio::task::spawn_blocking(move || execute(&ctx2, req))
+                    .await
+                    .unwrap_or_else(|_| Response::err("internal error"))
+            }
+            Err(e) => Response::err(format!("bad request: {e}")),
+        };
+        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+        out.push(b'\n');
+        let _ = w.write_all(&out).await;
+    }
+
+    use tokio::io::AsyncReadExt as _;
+
+    /// Client side: sends one request to a running server. `Ok(None)`: no server listens.
+    pub fn request(path: &Path, req: &Request) -> Result<Option<Response>, String> {
+        use std::io::{BufRead, Write};
+        let mut conn = match std::os::unix::net::UnixStream::connect(path) {
+            Ok(c) => c,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(format!("cannot reach the running server at {}: {e}", path.display())),
+        };
+        let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        conn.write_all(&line).map_err(|e| format!("admin socket: {e}"))?;
+        let mut resp = String::new();
+        std::io::BufReader::new(conn).read_line(&mut resp).map_err(|e| format!("admin socket: {e}"))?;
+        serde_json::from_str(&resp).map(Some).map_err(|e| format!("admin socket: bad answer: {e}"))
+    }
+}

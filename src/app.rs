@@ -1,0 +1,134 @@
+//! Composition root: opens the store, builds TLS and auth, binds the listeners and the
+//! admin socket, and runs until shutdown. The only module that knows all the others.
+
+use crate::admin;
+use crate::auth::{Authenticator, crypto::SecretKey};
+use crate::config::Config;
+use crate::net::imap::ImapService;
+use crate::net::listener::{ConnLimits, accept_loop};
+use crate::net::upstream::Connector;
+use crate::sessions::Sessions;
+use crate::store::{Store, sled_store::SledStore};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// Creates the data directory (0700) and the TOTP key; returns the key.
+pub fn prepare_data_dir(config: &Config) -> anyhow::Result<SecretKey> {
+    crate::fsutil::private_dir(&config.data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display()))?;
+    SecretKey::load_or_create(&config.secret_key_path()).map_err(anyhow::Error::msg)
+}
+
+/// Opens the embedded store.
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(Arc::new(SledStore::open(&config.store_path())?))
+}
+
+/// Listeners bound before serving (so a test can bind port 0 and read the addresses).
+pub struct Listeners {
+    /// IMAP implicit TLS.
+    pub imap_tls: Vec<TcpListener>,
+    /// IMAP STARTTLS.
+    pub imap_starttls: Vec<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every configured listener; fails naming the address.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        async fn all(addrs: &[SocketAddr], what: &str) -> anyhow::Result<Vec<TcpListener>> {
+            let mut out = Vec::new();
+            for a in addrs {
+                out.push(
+                    TcpListener::bind(a).await.map_err(|e| anyhow::anyhow!("cannot listen on {a} ({what}): {e}"))?,
+                );
+            }
+            Ok(out)
+        }
+        Ok(Listeners {
+            imap_tls: all(&config.imap_tls, "imap.listen_tls").await?,
+            imap_starttls: all(&config.imap_starttls, "imap.listen_starttls").await?,
+        })
+    }
+}
+
+/// Serves until `shutdown` completes. The store must be open already.
+pub async fn run(
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    key: SecretKey,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let acceptor = TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])?);
+    let connector = Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?);
+    let sessions = Sessions::default();
+    let auth = Authenticator::new(store.clone(), config.limits.max_concurrent_hashes);
+    let limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
+    let service = Arc::new(ImapService {
+        config: config.clone(),
+        acceptor,
+        auth,
+        upstream: connector,
+        sessions: sessions.clone(),
+    });
+
+    let admin_ctx = Arc::new(admin::Context {
+        store: store.clone(),
+        key: Arc::new(key),
+        issuer: config.hostname.clone(),
+        sessions: Some(sessions.clone()),
+    });
+    let socket_path = config.admin_socket_path();
+    let admin_listener = admin::socket::bind(&socket_path)
+        .map_err(|e| anyhow::anyhow!("cannot create admin socket {}: {e}", socket_path.display()))?;
+    let admin_task = tokio::spawn(admin::socket::serve(admin_listener, admin_ctx));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for (list, implicit) in [(listeners.imap_tls, true), (listeners.imap_starttls, false)] {
+        for l in list {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(address = %a, kind = if implicit { "implicit TLS" } else { "STARTTLS" }, "IMAP listening");
+            }
+            let svc = service.clone();
+            tasks.push(tokio::spawn(accept_loop(l, limits.clone(), stop_rx.clone(), move |tcp, peer| {
+                svc.clone().serve(tcp, peer, implicit)
+            })));
+        }
+    }
+    tracing::info!(
+        upstream = %config.upstream_imap.address,
+        data_dir = %config.data_dir.display(),
+        admin_socket = %socket_path.display(),
+        "mailgate serving"
+    );
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    admin_task.abort();
+    let _ = std::fs::remove_file(&socket_path);
+    store.flush()?;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,282 @@
+//! Credential checks, shared by IMAP, SMTP and (later) the web step.
+//!
+//! [`Authenticator::verify`] takes what a mail client sent and returns a [`Verdict`].
+//! Only this module can make an [`Authenticated`] proof, and the relay needs one, so
+//! a path that skips the check does not compile (the rustls capability pattern).
+//!
+//! Rules: an app password (recognised by its shape, selected by its public id) must
+//! belong to the account and carry the protocol's scope. The account password works
+//! only for accounts without a second factor; for the others it is refused with
+//! [`Verdict::NeedsAppPassword`] (after checking it is right, so the answer reveals
+//! nothing to someone who does not know it) and recorded for the owner to see.
+//! Every other failure is the same [`Verdict::Denied`]. Each attempt costs at most one
+//! argon2id hash (a dummy one for unknown users), computed on the blocking pool behind
+//! a semaphore so hashing cannot eat all memory and cores.
+
+pub mod app_password;
+pub mod crypto;
+pub mod password;
+pub mod totp;
+
+use crate::fsutil::now_unix;
+use crate::proto::sasl::Credentials;
+use crate::secret::SecretBytes;
+use crate::store::{AuditEvent, LastUse, Scope, Store};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Which protocol asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// IMAP.
+    Imap,
+    /// SMTP submission.
+    Smtp,
+}
+
+impl Protocol {
+    fn scope(self) -> Scope {
+        match self {
+            Protocol::Imap => Scope::Imap,
+            Protocol::Smtp => Scope::Smtp,
+        }
+    }
+}
+
+/// Who is asking.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Client address.
+    pub ip: IpAddr,
+    /// Client name from IMAP `ID`, if sent.
+    pub client_name: Option<String>,
+}
+
+/// Proof that a login was verified. Only [`Authenticator`] makes one.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    username: String,
+    app_password_id: Option<String>,
+}
+
+impl Authenticated {
+    /// The account.
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+    /// The app password used, if any (`None`: the account password).
+    pub fn app_password_id(&self) -> Option<&str> {
+        self.app_password_id.as_deref()
+    }
+}
+
+/// The outcome of a check.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Go ahead.
+    Granted(Authenticated),
+    /// Refused; one answer for every cause.
+    Denied,
+    /// The right account password of an account with two-factor authentication.
+    NeedsAppPassword,
+    /// The check could not run (store error, overload); try later.
+    Unavailable,
+}
+
+/// How long a login waits for a hashing slot before it is told to come back later.
+const HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Checks credentials against the store.
+#[derive(Clone)]
+pub struct Authenticator {
+    store: Arc<dyn Store>,
+    hashing: Arc<Semaphore>,
+}
+
+/// Lower-cases and trims a login name.
+pub fn normalize_username(name: &str) -> String {
+    name.trim().to_lowercase()
+}
+
+impl Authenticator {
+    /// `max_hashes`: argon2 evaluations at once.
+    pub fn new(store: Arc<dyn Store>, max_hashes: usize) -> Authenticator {
+        Authenticator { store, hashing: Arc::new(Semaphore::new(max_hashes.max(1))) }
+    }
+
+    /// Checks a login.
+    pub async fn verify(&self, creds: &Credentials, protocol: Protocol, peer: &Peer) -> Verdict {
+        let permit = match tokio::time::timeout(HASH_QUEUE_TIMEOUT, self.hashing.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => return Verdict::Unavailable,
+        };
+        let store = self.store.clone();
+        let username = normalize_username(&creds.username);
+        let password = SecretBytes::from(creds.password.expose().clone());
+        let peer = peer.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            decide(store.as_ref(), &username, &password, protocol, &peer)
+        })
+        .await;
+        res.unwrap_or(Verdict::Unavailable)
+    }
+}
+
+/// The decision, synchronous (runs on the blocking pool).
+pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protocol: Protocol, peer: &Peer) -> Verdict {
+    let account = match store.get_account(username) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            password::dummy_verify(password.expose());
+            return Verdict::Denied;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store error during login");
+            return Verdict::Unavailable;
+        }
+    };
+    let audit = |kind: &str, detail: String| {
+        let ev = AuditEvent { at: now_unix(), username: account.username.clone(), kind: kind.into(), detail };
+        if let Err(e) = store.append_audit(&ev) {
+            tracing::warn!(error = %e, "audit write failed");
+        }
+    };
+    let who = format!(
+        "{} via {:?}{}",
+        peer.ip,
+        protocol,
+        peer.client_name.as_deref().map(|c| format!(" ({c})")).unwrap_or_default()
+    );
+    if let Some((id, normalized)) = app_password::parse(password.expose()) {
+        match store.get_app_password(&id) {
+            Ok(Some(rec)) if rec.username == account.username => {
+                if !password::verify(normalized.expose().as_bytes(), &rec.hash) {
+                    return Verdict::Denied;
+                }
+                if !rec.scopes.contains(&protocol.scope()) {
+                    audit("app_password_wrong_scope", format!("{} ({}) from {who}", rec.label, rec.id));
+                    return Verdict::Denied;
+                }
+                let used = LastUse { at: now_unix(), ip: peer.ip.to_string(), client: peer.client_name.clone() };
+                if let Err(e) = store.record_app_password_use(&rec.id, &used) {
+                    tracing::warn!(error = %e, "last-use write failed");
+                }
+                return Verdict::Granted(Authenticated {
+                    username: account.username.clone(),
+                    app_password_id: Some(rec.id),
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "store error during login");
+                return Verdict::Unavailable;
+            }
+        }
+    }
+    let Some(hash) = account.password_hash.as_deref() else {
+        password::dummy_verify(password.expose());
+        return Verdict::Denied;
+    };
+    if !password::verify(password.expose(), hash) {
+        return Verdict::Denied;
+    }
+    if account.has_second_factor() {
+        audit("account_password_refused_2fa", who);
+        return Verdict::NeedsAppPassword;
+    }
+    Verdict::Granted(Authenticated { username: account.username.clone(), app_password_id: None })
+}
+
+/// The text a person sees when their mail client sends the account password of a 2FA
+/// account (IMAP `[ALERT]`, SMTP `534 5.7.9`).
+pub fn app_password_hint(url: &str) -> String {
+    format!(
+        "This account uses two-step verification, so your mail app needs an app password instead of your account password. Create one at {url} and enter it here as the password."
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled_store::SledStore;
+    use crate::store::{Account, AppPasswordRecord, TotpState};
+
+    fn setup() -> (tempfile::TempDir, SledStore, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.create_account(&Account {
+            username: "a@x".into(),
+            addresses: vec![],
+            password_hash: Some(password::hash(b"account-pw").unwrap()),
+            totp: None,
+            second_factor_required: false,
+            created_at: 0,
+            updated_at: 0,
+        })
+        .unwrap();
+        let p = app_password::generate().unwrap();
+        s.create_app_password(&AppPasswordRecord {
+            id: p.id.clone(),
+            username: "a@x".into(),
+            label: "phone".into(),
+            scopes: vec![Scope::Imap],
+            hash: password::hash(p.password.expose().as_bytes()).unwrap(),
+            created_at: 0,
+            created_by: "admin".into(),
+            last_used: None,
+        })
+        .unwrap();
+        (dir, s, p.grouped().expose().clone())
+    }
+
+    fn peer() -> Peer {
+        Peer { ip: "192.0.2.1".parse().unwrap(), client_name: Some("Thunderbird".into()) }
+    }
+
+    fn pw(s: &str) -> SecretBytes {
+        s.as_bytes().to_vec().into()
+    }
+
+    #[test]
+    fn table() {
+        let (_d, s, app) = setup();
+        assert!(
+            matches!(decide(&s, "a@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Granted(a) if a.app_password_id().is_some())
+        );
+        let used = s.list_app_passwords("a@x").unwrap()[0].last_used.clone().unwrap();
+        assert_eq!(used.client.as_deref(), Some("Thunderbird"));
+        assert!(matches!(decide(&s, "a@x", &pw(&app), Protocol::Smtp, &peer()), Verdict::Denied));
+        assert!(
+            matches!(decide(&s, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::Granted(a) if a.app_password_id().is_none())
+        );
+        assert!(matches!(decide(&s, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
+        assert!(matches!(decide(&s, "nobody@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Denied));
+        // Another account's app password does not open this one.
+        let mut b = s.get_account("a@x").unwrap().unwrap();
+        b.username = "b@x".into();
+        s.create_account(&b).unwrap();
+        assert!(matches!(decide(&s, "b@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Denied));
+    }
+
+    #[test]
+    fn second_factor_accounts_refuse_the_account_password() {
+        let (_d, s, app) = setup();
+        let mut a = s.get_account("a@x").unwrap().unwrap();
+        a.totp = Some(TotpState { secret_enc: String::new(), enabled_at: 1, last_step: 0 });
+        a.second_factor_required = true;
+        s.put_account(&a).unwrap();
+        assert!(matches!(decide(&s, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::NeedsAppPassword));
+        assert!(matches!(decide(&s, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
+        assert!(matches!(decide(&s, "a@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Granted(_)));
+        let ev = s.recent_audit("a@x", 5).unwrap();
+        assert_eq!(ev[0].kind, "account_password_refused_2fa");
+        assert!(ev[0].detail.contains("192.0.2.1"));
+        // Fail closed: the TOTP record lost, the marker still refuses.
+        a.totp = None;
+        s.put_account(&a).unwrap();
+        assert!(matches!(decide(&s, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::NeedsAppPassword));
+    }
+}

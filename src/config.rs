@@ -1,0 +1,588 @@
+//! Configuration: the TOML file admins write, parsed and checked before any port opens.
+//!
+//! [`RawConfig`] mirrors the file (`deny_unknown_fields`, every key optional with the
+//! embedded default); [`Config::from_toml_str`] turns it into the typed [`Config`] or a
+//! [`ConfigError`] that names the key and the reason. Relative paths are taken from the
+//! directory mailgate is started in. Reads one file; never opens sockets.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the configuration file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/mailgate.toml";
+
+/// A configuration that could not be used. The text names the key and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// toml's message: line, column, key and reason.
+        message: String,
+    },
+    /// A value has the right type but cannot be used.
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `upstream.imap.address`.
+        key: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), reason: reason.into() }
+}
+
+/// The file as written. Every section and key is optional; omitted ones take the embedded defaults.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    imap: RawListeners<ImapPorts>,
+    #[serde(default)]
+    smtp: RawListeners<SmtpPorts>,
+    #[serde(default)]
+    web: RawWeb,
+    #[serde(default)]
+    upstream: RawUpstreams,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "d_hostname")]
+    hostname: String,
+    #[serde(default = "d_public_url")]
+    public_url: String,
+    #[serde(default = "d_data_dir")]
+    data_dir: PathBuf,
+}
+fn d_hostname() -> String {
+    "localhost".into()
+}
+fn d_public_url() -> String {
+    "https://localhost:8443".into()
+}
+fn d_data_dir() -> PathBuf {
+    "data".into()
+}
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer { hostname: d_hostname(), public_url: d_public_url(), data_dir: d_data_dir() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    #[serde(default = "d_cert")]
+    cert: PathBuf,
+    #[serde(default = "d_key")]
+    key: PathBuf,
+}
+fn d_cert() -> PathBuf {
+    "certs/cert.pem".into()
+}
+fn d_key() -> PathBuf {
+    "certs/key.pem".into()
+}
+impl Default for RawTls {
+    fn default() -> Self {
+        RawTls { cert: d_cert(), key: d_key() }
+    }
+}
+
+/// Default listener addresses of one protocol (loopback, unprivileged ports).
+trait DefaultPorts {
+    const TLS: &'static str;
+    const STARTTLS: &'static str;
+}
+#[derive(Debug)]
+struct ImapPorts;
+impl DefaultPorts for ImapPorts {
+    const TLS: &'static str = "127.0.0.1:9993";
+    const STARTTLS: &'static str = "127.0.0.1:9143";
+}
+#[derive(Debug)]
+struct SmtpPorts;
+impl DefaultPorts for SmtpPorts {
+    const TLS: &'static str = "127.0.0.1:9465";
+    const STARTTLS: &'static str = "127.0.0.1:9587";
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListeners<P: DefaultPorts> {
+    listen_tls: Option<Vec<String>>,
+    listen_starttls: Option<Vec<String>>,
+    #[serde(skip)]
+    _p: std::marker::PhantomData<P>,
+}
+impl<P: DefaultPorts> Default for RawListeners<P> {
+    fn default() -> Self {
+        RawListeners { listen_tls: None, listen_starttls: None, _p: std::marker::PhantomData }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeb {
+    #[serde(default = "d_web_listen")]
+    listen: Vec<String>,
+}
+fn d_web_listen() -> Vec<String> {
+    vec!["127.0.0.1:8443".into()]
+}
+impl Default for RawWeb {
+    fn default() -> Self {
+        RawWeb { listen: d_web_listen() }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreams {
+    imap: Option<RawUpstream>,
+    smtp: Option<RawUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    address: Option<String>,
+    #[serde(default)]
+    tls: UpstreamTls,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+    #[serde(default = "d_login")]
+    login: String,
+    #[serde(default = "d_master_user")]
+    master_user: String,
+    #[serde(default = "d_master_password_file")]
+    master_password_file: PathBuf,
+    #[serde(default = "d_separator")]
+    master_separator: String,
+}
+fn d_login() -> String {
+    "master-sasl".into()
+}
+fn d_master_user() -> String {
+    "mailgate".into()
+}
+fn d_master_password_file() -> PathBuf {
+    "config/upstream-master.secret".into()
+}
+fn d_separator() -> String {
+    "*".into()
+}
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            address: None,
+            tls: UpstreamTls::None,
+            ca_file: None,
+            server_name: None,
+            login: d_login(),
+            master_user: d_master_user(),
+            master_password_file: d_master_password_file(),
+            master_separator: d_separator(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "d_failure_delay_ms")]
+    auth_failure_delay_ms: u64,
+    #[serde(default = "d_preauth_timeout")]
+    preauth_timeout_secs: u64,
+    #[serde(default = "d_handshake_timeout")]
+    tls_handshake_timeout_secs: u64,
+    #[serde(default = "d_upstream_timeout")]
+    upstream_timeout_secs: u64,
+    #[serde(default = "d_max_connections")]
+    max_connections: usize,
+    #[serde(default = "d_max_per_ip")]
+    max_connections_per_ip: usize,
+    #[serde(default = "d_max_hashes")]
+    max_concurrent_hashes: usize,
+}
+fn d_failure_delay_ms() -> u64 {
+    2000
+}
+fn d_preauth_timeout() -> u64 {
+    60
+}
+fn d_handshake_timeout() -> u64 {
+    30
+}
+fn d_upstream_timeout() -> u64 {
+    30
+}
+fn d_max_connections() -> usize {
+    10_000
+}
+fn d_max_per_ip() -> usize {
+    50
+}
+fn d_max_hashes() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            auth_failure_delay_ms: d_failure_delay_ms(),
+            preauth_timeout_secs: d_preauth_timeout(),
+            tls_handshake_timeout_secs: d_handshake_timeout(),
+            upstream_timeout_secs: d_upstream_timeout(),
+            max_connections: d_max_connections(),
+            max_connections_per_ip: d_max_per_ip(),
+            max_concurrent_hashes: d_max_hashes(),
+        }
+    }
+}
+
+/// How mailgate talks TLS to an upstream server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    /// Plain TCP: only for loopback or a private, trusted link.
+    #[default]
+    None,
+    /// Plain connect, then STARTTLS; the certificate is verified.
+    Starttls,
+    /// TLS from the first byte; the certificate is verified.
+    Implicit,
+}
+
+/// How mailgate logs in upstream as the user without knowing the user's password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamLogin {
+    /// SASL PLAIN with authzid = user, authcid = master user (Dovecot master users).
+    MasterSasl,
+    /// `LOGIN user<sep>master masterpassword` (Dovecot `auth_master_user_separator`).
+    MasterSeparator,
+    /// Postfix `XCLIENT LOGIN=` (SMTP only).
+    Xclient,
+}
+
+/// One upstream server, validated.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// `host:port` as written (the host is used for TLS name checks unless `server_name` is set).
+    pub address: String,
+    /// TLS mode.
+    pub tls: UpstreamTls,
+    /// Extra CA file (PEM) trusted for this upstream instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Name checked in the upstream certificate.
+    pub server_name: String,
+    /// Login style.
+    pub login: UpstreamLogin,
+    /// Master user name.
+    pub master_user: String,
+    /// File holding the master password (first line).
+    pub master_password_file: PathBuf,
+    /// Separator for `master-separator` logins.
+    pub master_separator: String,
+}
+
+/// Numeric limits. Each default has a precedent (see docs/configuration.md).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Delay before any failed-authentication answer (Dovecot `auth_failure_delay = 2s`).
+    pub auth_failure_delay: Duration,
+    /// Total time a connection may stay unauthenticated (nginx mail `timeout 60s`).
+    pub preauth_timeout: Duration,
+    /// TLS handshake deadline (Dovecot CVE-2014-3430: stalled handshakes must end).
+    pub tls_handshake_timeout: Duration,
+    /// Upstream connect + login deadline (Dovecot `login_proxy_timeout = 30s`).
+    pub upstream_timeout: Duration,
+    /// Connections open at once, all listeners together.
+    pub max_connections: usize,
+    /// Connections open at once from one client address (Postfix `smtpd_client_connection_count_limit = 50`).
+    pub max_connections_per_ip: usize,
+    /// Password hashes computed at once (each argon2id hash holds 19 MiB).
+    pub max_concurrent_hashes: usize,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Name used in greetings.
+    pub hostname: String,
+    /// Base URL of the web step, without a trailing slash.
+    pub public_url: String,
+    /// Where the store, the secret key and the admin socket live.
+    pub data_dir: PathBuf,
+    /// Certificate chain (PEM).
+    pub tls_cert: PathBuf,
+    /// Private key (PEM).
+    pub tls_key: PathBuf,
+    /// IMAP implicit-TLS listeners.
+    pub imap_tls: Vec<SocketAddr>,
+    /// IMAP STARTTLS listeners.
+    pub imap_starttls: Vec<SocketAddr>,
+    /// SMTP implicit-TLS listeners (served by the SMTP work).
+    pub smtp_tls: Vec<SocketAddr>,
+    /// SMTP STARTTLS listeners (served by the SMTP work).
+    pub smtp_starttls: Vec<SocketAddr>,
+    /// HTTPS listeners of the web step.
+    pub web_listen: Vec<SocketAddr>,
+    /// Upstream IMAP server.
+    pub upstream_imap: Upstream,
+    /// Upstream SMTP submission server.
+    pub upstream_smtp: Upstream,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl Config {
+    /// The embedded defaults: loopback listeners on unprivileged ports, data in `data/`.
+    pub fn embedded_defaults() -> Config {
+        match Config::from_raw(RawConfig::default()) {
+            Ok(c) => c,
+            // The defaults are constants checked by a unit test; this arm cannot run.
+            Err(e) => unreachable_defaults(e),
+        }
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text. `origin` names the text in errors.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })?;
+        Config::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        let s = raw.server;
+        let hostname = s.hostname.trim().to_string();
+        if hostname.is_empty() || !hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
+            return Err(invalid("server.hostname", "must be a host name (letters, digits, '.', '-')"));
+        }
+        let public_url = s.public_url.trim().trim_end_matches('/').to_string();
+        if !(public_url.starts_with("https://") || public_url.starts_with("http://"))
+            || public_url.len() > 200
+            || !public_url.bytes().all(|b| b.is_ascii_graphic() && b != b']' && b != b'"')
+        {
+            return Err(invalid(
+                "server.public_url",
+                "must be an http(s) URL without spaces, quotes or ']' (it is shown to mail users)",
+            ));
+        }
+        if s.data_dir.as_os_str().is_empty() {
+            return Err(invalid("server.data_dir", "must not be empty"));
+        }
+        let imap_tls = addrs("imap.listen_tls", raw.imap.listen_tls, ImapPorts::TLS)?;
+        let imap_starttls = addrs("imap.listen_starttls", raw.imap.listen_starttls, ImapPorts::STARTTLS)?;
+        let smtp_tls = addrs("smtp.listen_tls", raw.smtp.listen_tls, SmtpPorts::TLS)?;
+        let smtp_starttls = addrs("smtp.listen_starttls", raw.smtp.listen_starttls, SmtpPorts::STARTTLS)?;
+        let web_listen = addrs("web.listen", Some(raw.web.listen), "")?;
+        let upstream_imap = upstream("upstream.imap", raw.upstream.imap.unwrap_or_default(), "127.0.0.1:143", false)?;
+        let upstream_smtp = upstream("upstream.smtp", raw.upstream.smtp.unwrap_or_default(), "127.0.0.1:587", true)?;
+        let l = raw.limits;
+        let positive = |key: &str, v: u64| {
+            if v == 0 { Err(invalid(key, "must be greater than 0")) } else { Ok(v) }
+        };
+        let limits = Limits {
+            auth_failure_delay: Duration::from_millis(l.auth_failure_delay_ms),
+            preauth_timeout: Duration::from_secs(positive("limits.preauth_timeout_secs", l.preauth_timeout_secs)?),
+            tls_handshake_timeout: Duration::from_secs(positive(
+                "limits.tls_handshake_timeout_secs",
+                l.tls_handshake_timeout_secs,
+            )?),
+            upstream_timeout: Duration::from_secs(positive("limits.upstream_timeout_secs", l.upstream_timeout_secs)?),
+            max_connections: positive("limits.max_connections", l.max_connections as u64)? as usize,
+            max_connections_per_ip: positive("limits.max_connections_per_ip", l.max_connections_per_ip as u64)?
+                as usize,
+            max_concurrent_hashes: positive("limits.max_concurrent_hashes", l.max_concurrent_hashes as u64)? as usize,
+        };
+        Ok(Config {
+            hostname,
+            public_url,
+            data_dir: s.data_dir,
+            tls_cert: raw.tls.cert,
+            tls_key: raw.tls.key,
+            imap_tls,
+            imap_starttls,
+            smtp_tls,
+            smtp_starttls,
+            web_listen,
+            upstream_imap,
+            upstream_smtp,
+            limits,
+        })
+    }
+
+    /// The page where a person makes app passwords (used in `[ALERT]` and `534` texts).
+    pub fn app_password_url(&self) -> String {
+        format!("{}/app-passwords", self.public_url)
+    }
+
+    /// Path of the sled database.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("store")
+    }
+
+    /// Path of the key that encrypts TOTP secrets (kept outside the database).
+    pub fn secret_key_path(&self) -> PathBuf {
+        self.data_dir.join("secret.key")
+    }
+
+    /// Path of the local admin socket.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.data_dir.join("admin.sock")
+    }
+}
+
+#[cold]
+fn unreachable_defaults(e: ConfigError) -> Config {
+    // Only reachable if a default constant above is edited into an invalid value;
+    // `defaults_are_valid` fails first. Report and exit instead of panicking.
+    eprintln!("mailgate: built-in defaults are invalid: {e}");
+    std::process::exit(70)
+}
+
+fn addrs(key: &str, value: Option<Vec<String>>, default: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    let list = value.unwrap_or_else(|| if default.is_empty() { vec![] } else { vec![default.to_string()] });
+    list.iter()
+        .map(|a| {
+            a.parse::<SocketAddr>()
+                .map_err(|_| invalid(key, format!("`{a}` is not an address:port such as 0.0.0.0:993 or [::]:993")))
+        })
+        .collect()
+}
+
+fn upstream(key: &str, raw: RawUpstream, default_addr: &str, smtp: bool) -> Result<Upstream, ConfigError> {
+    let address = raw.address.unwrap_or_else(|| default_addr.to_string());
+    let (host, port) = split_host_port(&address)
+        .ok_or_else(|| invalid(&format!("{key}.address"), format!("`{address}` is not host:port")))?;
+    if port == 0 {
+        return Err(invalid(&format!("{key}.address"), "port must not be 0"));
+    }
+    let login = match (raw.login.as_str(), smtp) {
+        ("master-sasl", _) => UpstreamLogin::MasterSasl,
+        ("master-separator", false) => UpstreamLogin::MasterSeparator,
+        ("xclient", true) => UpstreamLogin::Xclient,
+        (other, _) => {
+            let allowed = if smtp { "master-sasl or xclient" } else { "master-sasl or master-separator" };
+            return Err(invalid(&format!("{key}.login"), format!("`{other}` is not one of: {allowed}")));
+        }
+    };
+    if login != UpstreamLogin::Xclient && raw.master_user.trim().is_empty() {
+        return Err(invalid(&format!("{key}.master_user"), "must not be empty"));
+    }
+    if raw.master_user.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(invalid(&format!("{key}.master_user"), "must not contain spaces or control characters"));
+    }
+    if raw.master_separator.is_empty() || raw.master_separator.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(invalid(&format!("{key}.master_separator"), "must be a non-empty string without spaces"));
+    }
+    let server_name = raw.server_name.unwrap_or_else(|| host.to_string());
+    if raw.tls != UpstreamTls::None && rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+        return Err(invalid(&format!("{key}.server_name"), format!("`{server_name}` is not a DNS name or IP address")));
+    }
+    Ok(Upstream {
+        address,
+        tls: raw.tls,
+        ca_file: raw.ca_file,
+        server_name,
+        login,
+        master_user: raw.master_user,
+        master_password_file: raw.master_password_file,
+        master_separator: raw.master_separator,
+    })
+}
+
+/// Splits `host:port` / `[v6]:port`.
+fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() || host.contains(' ') {
+        return None;
+    }
+    Some((host, port.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_raw(RawConfig::default()).unwrap();
+        assert!(c.imap_tls[0].ip().is_loopback());
+        assert_eq!(c.upstream_imap.login, UpstreamLogin::MasterSasl);
+        assert_eq!(c.app_password_url(), "https://localhost:8443/app-passwords");
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let text = include_str!("../config/mailgate.example.toml");
+        let c = Config::from_toml_str(text, "example").unwrap();
+        assert_eq!(c.hostname, "mail.example.com");
+        assert_eq!(c.upstream_imap.address, "127.0.0.1:143");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_toml_str("[server]\nhostnme = \"x\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("hostnme"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (text, key) in [
+            ("[imap]\nlisten_tls = [\"nope\"]", "imap.listen_tls"),
+            ("[upstream.imap]\nlogin = \"xclient\"", "upstream.imap.login"),
+            ("[upstream.imap]\naddress = \"host\"", "upstream.imap.address"),
+            ("[server]\npublic_url = \"ftp://x\"", "server.public_url"),
+            ("[limits]\npreauth_timeout_secs = 0", "limits.preauth_timeout_secs"),
+        ] {
+            let e = Config::from_toml_str(text, "t").unwrap_err().to_string();
+            assert!(e.contains(key), "{text} -> {e}");
+        }
+        let e = Config::from_toml_str("[upstream.imap]\ntls = \"maybe\"", "t").unwrap_err().to_string();
+        assert!(e.contains("tls") && e.contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn smtp_accepts_xclient() {
+        let c = Config::from_toml_str("[upstream.smtp]\nlogin = \"xclient\"", "t").unwrap();
+        assert_eq!(c.upstream_smtp.login, UpstreamLogin::Xclient);
+    }
+
+    #[test]
+    fn host_port_split() {
+        assert_eq!(split_host_port("[::1]:143"), Some(("::1", 143)));
+        assert_eq!(split_host_port("mail.example.com:993"), Some(("mail.example.com", 993)));
+        assert_eq!(split_host_port("x"), None);
+    }
+}

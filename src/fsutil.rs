@@ -1,0 +1,33 @@
+//! Small file helpers: owner-only files and directories.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Writes a new file readable by its owner only (0600), replacing any old one.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Creates a directory (and parents) with mode 0700 if missing.
+pub fn private_dir(path: &Path) -> std::io::Result<()> {
+    if !path.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
+    }
+    Ok(())
+}
+
+/// Unix time in seconds.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

@@ -1,0 +1,37 @@
+//! # mailgate
+//!
+//! An IMAP/SMTP authentication proxy: it terminates TLS in front of existing mail
+//! servers, authenticates mail clients itself (per-device app passwords; accounts with
+//! TOTP never accept their account password over IMAP/SMTP), then logs in upstream as
+//! the user with master credentials and relays the session byte for byte.
+//!
+//! ```text
+//!  mail client ──TLS──▶ net (listener → stream → PreAuth driver) ──▶ upstream (master login)
+//!                             │            ▲
+//!                  proto (sans-IO)    auth (app passwords, argon2id) ──▶ store (sled)
+//!  admin CLI ──admin socket──▶ admin ──────────────────────────────────▶ store
+//! ```
+//!
+//! # Layout
+//! * `secret`: secret newtypes (redacted, zeroized, constant-time compared). Leaf.
+//! * `config`: the TOML configuration, validated before any port opens.
+//! * `proto`: sans-IO protocol state machines (IMAP pre-auth, SASL, upstream login). No I/O.
+//! * `auth`: credential checks, app passwords, password hashing, TOTP secrets.
+//! * `store`: the `Store` trait and its sled implementation (the only module using sled).
+//! * `tls`: rustls configurations.
+//! * `net`: listeners, the connection driver, upstream connections, the relay.
+//! * `sessions`: live sessions, for revocation.
+//! * `admin`: what the CLI does, and the admin socket.
+//! * `app`: wiring.
+
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod fsutil;
+pub mod net;
+pub mod proto;
+pub mod secret;
+pub mod sessions;
+pub mod store;
+pub mod tls;

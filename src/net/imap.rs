@@ -1,0 +1,177 @@
+//! One IMAP client connection: TLS, the pre-auth state machine, the credential check,
+//! the upstream login, then the byte relay. The only I/O around [`PreAuth`].
+
+use crate::auth::{self, Authenticated, Authenticator, Peer, Protocol, Verdict};
+use crate::config::Config;
+use crate::net::stream::MaybeTls;
+use crate::net::upstream::{Connector, UpstreamSession};
+use crate::proto::imap::{Action, AuthReply, PreAuth};
+use crate::sessions::{SessionGuard, Sessions};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+/// The longest a proxied session lives (nginx `proxy_timeout 24h`).
+const MAX_SESSION: Duration = Duration::from_secs(24 * 3600);
+
+/// What every IMAP connection needs.
+pub struct ImapService {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// TLS for clients (ALPN "imap").
+    pub acceptor: TlsAcceptor,
+    /// Credential checks.
+    pub auth: Authenticator,
+    /// Upstream logins.
+    pub upstream: Arc<Connector>,
+    /// Live sessions (for revocation).
+    pub sessions: Sessions,
+}
+
+impl ImapService {
+    /// Serves one accepted connection to its end. `implicit`: TLS from the first byte.
+    pub async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, implicit: bool) {
+        let _ = tcp.set_nodelay(true);
+        let local = match tcp.local_addr() {
+            Ok(a) => a,
+            Err(_) => return,
+        };
+        let limits = &self.config.limits;
+        let deadline = Instant::now() + limits.preauth_timeout;
+        let mut stream = if implicit {
+            match timeout(limits.tls_handshake_timeout, self.acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => MaybeTls::Server(Box::new(s)),
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            }
+        } else {
+            MaybeTls::Plain(tcp)
+        };
+        let mut machine = PreAuth::new(&self.config.hostname, implicit, !implicit);
+        let mut buf = vec![0u8; 16 * 1024];
+        let (granted, upstream) = loop {
+            match machine.poll() {
+                Action::Write(bytes) => {
+                    if !matches!(timeout_at(deadline, stream.write_all(&bytes)).await, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+                Action::NeedInput => match timeout_at(deadline, stream.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return,
+                    Ok(Ok(n)) => machine.feed(&buf[..n]),
+                    Err(_) => {
+                        debug!(%peer, "pre-auth deadline reached");
+                        let _ = timeout(Duration::from_secs(1), async {
+                            let _ = stream.write_all(b"* BYE Autologout: authentication took too long\r\n").await;
+                            let _ = stream.shutdown().await;
+                        })
+                        .await;
+                        return;
+                    }
+                },
+                Action::StartTls => {
+                    let MaybeTls::Plain(tcp) = stream else { return };
+                    match timeout(limits.tls_handshake_timeout, self.acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => {
+                            stream = MaybeTls::Server(Box::new(s));
+                            machine.tls_started();
+                        }
+                        _ => {
+                            debug!(%peer, "STARTTLS handshake failed or timed out");
+                            return;
+                        }
+                    }
+                }
+                Action::Refuse(reply) => {
+                    tokio::time::sleep(limits.auth_failure_delay).await;
+                    machine.auth_failed(reply);
+                }
+                Action::Authenticate(creds) => {
+                    let who = Peer { ip: peer.ip(), client_name: machine.client_name().map(str::to_string) };
+                    let username = auth::normalize_username(&creds.username);
+                    match self.auth.verify(&creds, Protocol::Imap, &who).await {
+                        Verdict::Granted(granted) => match self.upstream.open(granted.username(), peer, local).await {
+                            Ok(up) => break (granted, up),
+                            Err(e) => {
+                                warn!(%peer, user = %username, error = %e, "upstream login failed");
+                                machine.auth_failed(AuthReply::Unavailable);
+                            }
+                        },
+                        Verdict::Denied => {
+                            info!(%peer, user = %username, "IMAP login refused");
+                            tokio::time::sleep(limits.auth_failure_delay).await;
+                            machine.auth_failed(AuthReply::Failed);
+                        }
+                        Verdict::NeedsAppPassword => {
+                            info!(%peer, user = %username, "account password of a 2FA account refused; app password needed");
+                            tokio::time::sleep(limits.auth_failure_delay).await;
+                            machine.auth_failed(AuthReply::NeedsAppPassword(auth::app_password_hint(
+                                &self.config.app_password_url(),
+                            )));
+                        }
+                        Verdict::Unavailable => machine.auth_failed(AuthReply::Unavailable),
+                    }
+                }
+                Action::Close => {
+                    let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
+                    return;
+                }
+            }
+        };
+        info!(%peer, user = %granted.username(), app_password = granted.app_password_id().unwrap_or("-"), "IMAP login");
+        let pipelined = machine.auth_succeeded(&upstream.capabilities);
+        // The tagged OK, then whatever upstream already sent, then the relay.
+        while let Action::Write(bytes) = machine.poll() {
+            if stream.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let guard = self.sessions.register(granted.username(), granted.app_password_id());
+        relay(stream, upstream, pipelined, guard, &granted).await;
+    }
+}
+
+/// Copies bytes both ways until either side closes, the session is revoked, or
+/// [`MAX_SESSION`] passes. Needs the proof of authentication.
+async fn relay(
+    mut client: MaybeTls,
+    up: UpstreamSession,
+    pipelined: Vec<u8>,
+    mut guard: SessionGuard,
+    who: &Authenticated,
+) {
+    let UpstreamSession { stream: mut upstream, leftover, .. } = up;
+    if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
+        return;
+    }
+    if !pipelined.is_empty() && upstream.write_all(&pipelined).await.is_err() {
+        return;
+    }
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = r {
+                debug!(user = %who.username(), error = %e, "relay ended");
+            }
+        }
+        _ = &mut guard.killed => {
+            info!(user = %who.username(), "session ended: access revoked");
+            let _ = timeout(Duration::from_secs(2), client.write_all(b"* BYE Access revoked\r\n")).await;
+        }
+        _ = tokio::time::sleep(MAX_SESSION) => {
+            let _ = timeout(Duration::from_secs(2), client.write_all(b"* BYE Session too long\r\n")).await;
+        }
+    }
+    let _ = timeout(Duration::from_secs(2), client.shutdown()).await;
+    let _ = timeout(Duration::from_secs(2), upstream.shutdown()).await;
+}

@@ -1,0 +1,7 @@
+//! All mail-side I/O: listeners, the client stream (plain → TLS), the IMAP session
+//! driver, the upstream connection and the relay. Depends on proto, auth, tls, config.
+
+pub mod imap;
+pub mod listener;
+pub mod stream;
+pub mod upstream;

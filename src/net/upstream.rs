@@ -1,0 +1,150 @@
+//! Connecting to the upstream IMAP server and logging in as the user (drives
+//! [`crate::proto::upstream::UpstreamLogin`]).
+
+use crate::config::{Upstream, UpstreamLogin as LoginMode, UpstreamTls};
+use crate::net::stream::MaybeTls;
+use crate::proto::upstream::{LoginStyle, Step, UpstreamError, UpstreamLogin};
+use crate::secret::SecretString;
+use rustls::pki_types::ServerName;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Why an upstream session could not be opened. Logged; the client only gets `NO [UNAVAILABLE]`.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamFailure {
+    /// TCP connect or I/O failed.
+    #[error("upstream I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The login exchange failed.
+    #[error("{0}")]
+    Protocol(#[from] UpstreamError),
+    /// Connect + login took longer than `limits.upstream_timeout_secs`.
+    #[error("upstream did not answer in time")]
+    Timeout,
+    /// The master password file could not be read.
+    #[error("master password: {0}")]
+    MasterPassword(String),
+    /// The TLS server name is unusable.
+    #[error("upstream TLS name: {0}")]
+    Name(String),
+}
+
+/// An open, logged-in upstream session.
+pub struct UpstreamSession {
+    /// The connection.
+    pub stream: MaybeTls,
+    /// Upstream's capabilities after login.
+    pub capabilities: String,
+    /// Bytes already read from upstream that belong to the client.
+    pub leftover: Vec<u8>,
+}
+
+/// Opens upstream sessions for one upstream server.
+pub struct Connector {
+    cfg: Upstream,
+    tls: Option<TlsConnector>,
+    timeout: Duration,
+}
+
+/// Reads the first line of the master password file.
+pub fn read_master_password(path: &std::path::Path) -> Result<SecretString, String> {
+    let text = SecretString::from(std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?);
+    let line = text.expose().lines().next().unwrap_or("").trim_end_matches('\r').to_string();
+    if line.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(SecretString::from(line))
+}
+
+impl Connector {
+    /// Builds the connector (TLS client configuration included).
+    pub fn new(cfg: &Upstream, timeout: Duration) -> Result<Connector, crate::tls::TlsError> {
+        let tls = match cfg.tls {
+            UpstreamTls::None => None,
+            _ => Some(TlsConnector::from(crate::tls::client_config(cfg.ca_file.as_deref())?)),
+        };
+        Ok(Connector { cfg: cfg.clone(), tls, timeout })
+    }
+
+    /// Connects and logs in as `user`, telling upstream the client's address.
+    pub async fn open(
+        &self,
+        user: &str,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<UpstreamSession, UpstreamFailure> {
+        match tokio::time::timeout(self.timeout, self.open_inner(user, client, local)).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamFailure::Timeout),
+        }
+    }
+
+    async fn tls_wrap(&self, tcp: TcpStream) -> Result<MaybeTls, UpstreamFailure> {
+        let Some(tls) = &self.tls else { return Ok(MaybeTls::Plain(tcp)) };
+        let name =
+            ServerName::try_from(self.cfg.server_name.clone()).map_err(|e| UpstreamFailure::Name(e.to_string()))?;
+        Ok(MaybeTls::Client(Box::new(tls.connect(name, tcp).await?)))
+    }
+
+    async fn open_inner(
+        &self,
+        user: &str,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<UpstreamSession, UpstreamFailure> {
+        let password = read_master_password(&self.cfg.master_password_file).map_err(UpstreamFailure::MasterPassword)?;
+        let tcp = TcpStream::connect(&self.cfg.address).await?;
+        tcp.set_nodelay(true)?;
+        let mut stream = match self.cfg.tls {
+            UpstreamTls::Implicit => self.tls_wrap(tcp).await?,
+            _ => MaybeTls::Plain(tcp),
+        };
+        let style = match self.cfg.login {
+            LoginMode::MasterSeparator => LoginStyle::MasterSeparator(self.cfg.master_separator.clone()),
+            _ => LoginStyle::MasterSasl,
+        };
+        let mut login = UpstreamLogin::new(
+            user,
+            &self.cfg.master_user,
+            password,
+            style,
+            self.cfg.tls == UpstreamTls::Starttls,
+            client,
+            local,
+        );
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match login.poll() {
+                Step::Write(bytes) => {
+                    stream.write_all(&bytes).await?;
+                    stream.flush().await?;
+                }
+                Step::NeedInput => {
+                    let n = stream.read(&mut buf).await?;
+                    if n == 0 {
+                        return Err(UpstreamFailure::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                    }
+                    login.feed(&buf[..n]);
+                }
+                Step::StartTls => {
+                    let MaybeTls::Plain(tcp) = stream else {
+                        return Err(UpstreamError::StartTls.into());
+                    };
+                    stream = self.tls_wrap(tcp).await?;
+                    login.tls_started();
+                }
+                Step::Done(capabilities) => {
+                    return Ok(UpstreamSession { stream, capabilities, leftover: login.into_leftover() });
+                }
+                Step::Fail(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Shared handle.
+pub type SharedConnector = Arc<Connector>;

@@ -1,0 +1,610 @@
+//! The IMAP pre-authentication server, sans-IO.
+//!
+//! The driver feeds the bytes the client sent ([`PreAuth::feed`]) and asks what to do
+//! next ([`PreAuth::poll`]): write bytes, read more, start TLS, check credentials, close.
+//! Commands are parsed with imap-codec. Before authentication only CAPABILITY, NOOP,
+//! LOGOUT, ID, STARTTLS, LOGIN and AUTHENTICATE PLAIN/LOGIN are served; every size,
+//! count and byte a peer controls is bounded ([`limits`]).
+//!
+//! States: `Command` (reading commands) → `Sasl*` (AUTHENTICATE exchange) →
+//! `Authenticating` (credentials handed to the driver) → `Done` (the driver relays),
+//! plus `TlsPending`/`AwaitTls` around STARTTLS and `Closed`.
+
+use crate::proto::sasl::{self, Credentials, SaslError};
+use base64::Engine as _;
+use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
+use imap_codec::imap_types::command::CommandBody;
+use imap_codec::imap_types::core::LiteralMode;
+use imap_codec::{
+    AuthenticateDataCodec, CommandCodec,
+    decode::{AuthenticateDataDecodeError, CommandDecodeError, Decoder},
+};
+
+/// Bounds on what a client may send before it is authenticated (SECURITY.md §P).
+pub mod limits {
+    /// A command line (without literal data): 8 KiB (RFC 7162 §4; Dovecot `IMAP_LOGIN_MAX_LINE_LENGTH`).
+    pub const MAX_LINE: usize = 8192;
+    /// A synchronizing literal before auth: 8 KiB (nginx: one buffer page).
+    pub const MAX_LITERAL: usize = 8192;
+    /// A non-synchronizing literal: 4096 octets (RFC 7888 LITERAL-).
+    pub const MAX_NONSYNC_LITERAL: usize = 4096;
+    /// A whole command, lines and literals together.
+    pub const MAX_COMMAND: usize = 16 * 1024;
+    /// A SASL line (AUTHENTICATE continuation): 8 KiB (Dovecot `LOGIN_MAX_AUTH_BUF_SIZE`).
+    pub const MAX_SASL_LINE: usize = 8192;
+    /// Tags longer than this are refused (nginx allows 32).
+    pub const MAX_TAG: usize = 64;
+    /// Invalid commands before the connection is closed (nginx `max_errors 5`).
+    pub const MAX_BAD: u32 = 5;
+    /// Commands of any kind before authentication (freenginx `max_commands 1000`).
+    pub const MAX_COMMANDS: u32 = 1000;
+    /// Failed authentications on one connection.
+    pub const MAX_AUTH_FAILURES: u32 = 3;
+    /// ID parameters (RFC 2971: at most 30 pairs).
+    pub const MAX_ID_PARAMS: usize = 30;
+}
+use limits::*;
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Action {
+    /// Read more bytes from the client and [`PreAuth::feed`] them.
+    NeedInput,
+    /// Write these bytes to the client.
+    Write(Vec<u8>),
+    /// Everything before has been written; perform the TLS handshake now, then call
+    /// [`PreAuth::tls_started`]. Bytes the client sent before the handshake were discarded.
+    StartTls,
+    /// Check these credentials, then call [`PreAuth::auth_succeeded`] or [`PreAuth::auth_failed`].
+    Authenticate(Credentials),
+    /// The exchange failed before any password check (malformed SASL, foreign authzid,
+    /// cancel). Apply the failure delay, then call [`PreAuth::auth_failed`] with this reply.
+    Refuse(AuthReply),
+    /// Close the connection (after writing what was returned before).
+    Close,
+}
+
+/// How a failed authentication is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthReply {
+    /// `NO [AUTHENTICATIONFAILED]`: wrong or unknown credentials (one text for every cause).
+    Failed,
+    /// `NO [AUTHORIZATIONFAILED]`: the client asked to act as another user.
+    AuthzFailed,
+    /// `BAD`: the client cancelled the exchange or sent something that is not base64.
+    Aborted(&'static str),
+    /// `NO [ALERT] text`: a 2FA account sent its account password. The alert is shown once
+    /// per connection; later refusals on the same connection are plain failures, because
+    /// Thunderbird shows each alert it gets (CLIENTS.md).
+    NeedsAppPassword(String),
+    /// `NO [UNAVAILABLE]`: throttled or upstream unavailable; try again later.
+    Unavailable,
+}
+
+#[derive(Debug)]
+enum State {
+    Command,
+    DiscardLine { tail: [u8; 2] },
+    SaslPlain { tag: String },
+    SaslLoginUser { tag: String },
+    SaslLoginPass { tag: String, user: String },
+    Authenticating { tag: String },
+    TlsPending,
+    AwaitTls,
+    Done,
+    Closed,
+}
+
+/// One client connection before authentication.
+#[derive(Debug)]
+pub struct PreAuth {
+    state: State,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    tls: bool,
+    starttls_allowed: bool,
+    bad: u32,
+    commands: u32,
+    failures: u32,
+    alert_shown: bool,
+    /// `buf.len()` when the last literal announcement was answered (or accepted silently).
+    literal_seen_at: usize,
+    /// Where the current line starts in `buf` (after the last literal's data).
+    line_start: usize,
+    client_name: Option<String>,
+}
+
+const CAPS_TLS: &str = "IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN";
+const CAPS_PLAIN: &str = "IMAP4rev1 LITERAL- ID STARTTLS LOGINDISABLED";
+
+impl PreAuth {
+    /// A new connection. `tls`: the channel is already encrypted (implicit TLS).
+    /// `starttls_allowed`: this listener offers STARTTLS.
+    pub fn new(hostname: &str, tls: bool, starttls_allowed: bool) -> PreAuth {
+        let mut p = PreAuth {
+            state: State::Command,
+            buf: Vec::new(),
+            out: Vec::new(),
+            tls,
+            starttls_allowed: starttls_allowed && !tls,
+            bad: 0,
+            commands: 0,
+            failures: 0,
+            alert_shown: false,
+            literal_seen_at: 0,
+            line_start: 0,
+            client_name: None,
+        };
+        let caps = p.capabilities();
+        p.out.extend_from_slice(format!("* OK [CAPABILITY {caps}] {hostname} mailgate ready\r\n").as_bytes());
+        p
+    }
+
+    /// The client's name from its `ID` command (e.g. "Thunderbird 128.0"), if it sent one.
+    pub fn client_name(&self) -> Option<&str> {
+        self.client_name.as_deref()
+    }
+
+    fn capabilities(&self) -> &'static str {
+        if self.tls { CAPS_TLS } else { CAPS_PLAIN }
+    }
+
+    /// Bytes read from the client.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        match self.state {
+            // Plaintext that arrives while TLS is being set up is never executed (CVE-2011-0411).
+            State::TlsPending | State::AwaitTls | State::Done | State::Closed => {}
+            _ => {
+                self.buf.extend_from_slice(bytes);
+                if self.buf.len() > MAX_COMMAND + MAX_SASL_LINE {
+                    self.close_with("* BYE Input too long\r\n");
+                }
+            }
+        }
+    }
+
+    /// Next thing to do. Call again until it returns [`Action::NeedInput`] (or another
+    /// action that needs the driver).
+    pub fn poll(&mut self) -> Action {
+        loop {
+            if !self.out.is_empty() {
+                return Action::Write(std::mem::take(&mut self.out));
+            }
+            let step = match &self.state {
+                State::Closed => return Action::Close,
+                State::Done | State::AwaitTls | State::Authenticating { .. } => return Action::NeedInput,
+                State::TlsPending => {
+                    self.state = State::AwaitTls;
+                    self.buf.clear();
+                    return Action::StartTls;
+                }
+                State::Command => self.step_command(),
+                State::DiscardLine { .. } => self.step_discard(),
+                State::SaslPlain { .. } | State::SaslLoginUser { .. } | State::SaslLoginPass { .. } => self.step_sasl(),
+            };
+            if let Some(action) = step {
+                if matches!(action, Action::NeedInput) && !self.out.is_empty() {
+                    continue;
+                }
+                return action;
+            }
+        }
+    }
+
+    /// The TLS handshake after STARTTLS succeeded: the session starts over, encrypted.
+    pub fn tls_started(&mut self) {
+        if matches!(self.state, State::AwaitTls) {
+            self.tls = true;
+            self.starttls_allowed = false;
+            self.buf.clear();
+            self.reset_literals();
+            self.state = State::Command;
+        }
+    }
+
+    /// The credentials were accepted and the upstream session is open. Queues the tagged
+    /// OK carrying upstream's capabilities and returns the bytes the client pipelined
+    /// after its login command (they belong to the upstream session).
+    pub fn auth_succeeded(&mut self, upstream_caps: &str) -> Vec<u8> {
+        if let State::Authenticating { tag } = &self.state {
+            let line = if upstream_caps.is_empty() {
+                format!("{tag} OK Logged in\r\n")
+            } else {
+                format!("{tag} OK [CAPABILITY {upstream_caps}] Logged in\r\n")
+            };
+            self.out.extend_from_slice(line.as_bytes());
+            self.state = State::Done;
+            return std::mem::take(&mut self.buf);
+        }
+        Vec::new()
+    }
+
+    /// The credentials were refused (or the exchange failed); answer the client.
+    pub fn auth_failed(&mut self, reply: AuthReply) {
+        let State::Authenticating { tag } = &self.state else { return };
+        let tag = tag.clone();
+        self.state = State::Command;
+        let line = match reply {
+            AuthReply::Failed => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+            AuthReply::AuthzFailed => format!("{tag} NO [AUTHORIZATIONFAILED] Authorization failed.\r\n"),
+            AuthReply::Aborted(text) => format!("{tag} BAD {text}\r\n"),
+            AuthReply::NeedsAppPassword(text) if !self.alert_shown => {
+                self.alert_shown = true;
+                format!("{tag} NO [ALERT] {}\r\n", sanitize_text(&text))
+            }
+            AuthReply::NeedsAppPassword(_) => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+            AuthReply::Unavailable => {
+                format!("{tag} NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
+            }
+        };
+        self.out.extend_from_slice(line.as_bytes());
+        self.failures += 1;
+        if self.failures >= MAX_AUTH_FAILURES {
+            self.close_with("* BYE Too many authentication failures\r\n");
+        }
+    }
+
+    fn close_with(&mut self, line: &str) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.buf.clear();
+        self.state = State::Closed;
+    }
+
+    fn reset_literals(&mut self) {
+        self.literal_seen_at = 0;
+        self.line_start = 0;
+    }
+
+    fn bad_command(&mut self, tag: &str, text: &str) {
+        self.out.extend_from_slice(format!("{tag} BAD {text}\r\n").as_bytes());
+        self.bad += 1;
+        if self.bad >= MAX_BAD {
+            self.close_with("* BYE Too many invalid commands\r\n");
+        }
+    }
+
+    fn step_command(&mut self) -> Option<Action> {
+        if self.buf.is_empty() {
+            return Some(Action::NeedInput);
+        }
+        let decoded = CommandCodec::default().decode(&self.buf);
+        match decoded {
+            Ok((rest, cmd)) => {
+                let consumed = self.buf.len() - rest.len();
+                let tag = cmd.tag.as_ref().to_string();
+                let parsed = Parsed::from(cmd.body);
+                self.buf.drain(..consumed);
+                self.reset_literals();
+                self.commands += 1;
+                let action = if tag.len() > MAX_TAG {
+                    self.bad_command("*", "Tag too long");
+                    None
+                } else {
+                    self.handle(tag, parsed)
+                };
+                if action.is_none() && self.commands >= MAX_COMMANDS && !matches!(self.state, State::Closed) {
+                    self.close_with("* BYE Too many commands without authentication\r\n");
+                }
+                action
+            }
+            Err(CommandDecodeError::Incomplete) => {
+                if self.buf.len() > self.line_start && self.buf.len() - self.line_start > MAX_LINE + 2 {
+                    self.close_with("* BYE Command line too long\r\n");
+                    return None;
+                }
+                Some(Action::NeedInput)
+            }
+            Err(CommandDecodeError::LiteralFound { tag, length, mode }) => {
+                if self.literal_seen_at == self.buf.len() {
+                    return Some(Action::NeedInput);
+                }
+                let tag = tag.as_ref().to_string();
+                let length = length as usize;
+                let total = self.buf.len().saturating_add(length);
+                match mode {
+                    LiteralMode::NonSync if length > MAX_NONSYNC_LITERAL || total > MAX_COMMAND => {
+                        // The literal's bytes are already on their way: they can't be told apart
+                        // from commands any more, so the connection ends (RFC 7888).
+                        self.out.extend_from_slice(format!("{tag} BAD [TOOBIG] Literal too big\r\n").as_bytes());
+                        self.close_with("* BYE Literal too big\r\n");
+                        None
+                    }
+                    LiteralMode::Sync if length > MAX_LITERAL || total > MAX_COMMAND => {
+                        self.buf.clear();
+                        self.reset_literals();
+                        self.bad_command(&tag, "[TOOBIG] Literal too big");
+                        None
+                    }
+                    _ => {
+                        if mode == LiteralMode::Sync {
+                            self.out.extend_from_slice(b"+ Ready for literal data\r\n");
+                        }
+                        self.literal_seen_at = self.buf.len();
+                        self.line_start = total;
+                        Some(Action::NeedInput)
+                    }
+                }
+            }
+            Err(CommandDecodeError::Failed) => {
+                let tag = guess_tag(&self.buf);
+                self.bad_command(&tag, "Invalid command");
+                if matches!(self.state, State::Closed) {
+                    return None;
+                }
+                self.start_discard();
+                None
+            }
+        }
+    }
+
+    /// Drops the rest of the current (malformed) line.
+    fn start_discard(&mut self) {
+        let from = self.line_start.min(self.buf.len());
+        let rest = self.buf.split_off(from);
+        self.buf.clear();
+        self.reset_literals();
+        self.state = State::DiscardLine { tail: [0, 0] };
+        self.buf = rest;
+    }
+
+    fn step_discard(&mut self) -> Option<Action> {
+        let State::DiscardLine { tail } = &mut self.state else { return None };
+        match find_crlf(&self.buf) {
+            Some(pos) => {
+                let mut last = *tail;
+                for b in &self.buf[..pos] {
+                    last = [last[1], *b];
+                }
+                self.buf.drain(..pos + 2);
+                self.state = State::Command;
+                if last[1] == b'}' {
+                    // A literal announced on a discarded line: its data would be read as commands.
+                    self.close_with("* BYE Invalid command\r\n");
+                }
+                None
+            }
+            None => {
+                // Keep a trailing CR (it may start the CRLF) and remember the last bytes.
+                for b in &self.buf {
+                    *tail = [tail[1], *b];
+                }
+                let keep_cr = self.buf.last() == Some(&b'\r');
+                self.buf.clear();
+                if keep_cr {
+                    self.buf.push(b'\r');
+                }
+                Some(Action::NeedInput)
+            }
+        }
+    }
+
+    fn step_sasl(&mut self) -> Option<Action> {
+        let Some(pos) = find_crlf(&self.buf) else {
+            if self.buf.len() > MAX_SASL_LINE + 2 {
+                self.close_with("* BYE Authentication line too long\r\n");
+                return None;
+            }
+            return Some(Action::NeedInput);
+        };
+        let line_len = pos + 2;
+        if line_len > MAX_SASL_LINE + 2 {
+            self.close_with("* BYE Authentication line too long\r\n");
+            return None;
+        }
+        let decoded = match AuthenticateDataCodec::default().decode(&self.buf[..line_len]) {
+            Ok((_, AuthenticateData::Continue(data))) => Ok(data.declassify().to_vec()),
+            Ok((_, AuthenticateData::Cancel)) => Err("Authentication cancelled"),
+            Err(AuthenticateDataDecodeError::Incomplete | AuthenticateDataDecodeError::Failed) => {
+                Err("Invalid base64 in authentication exchange")
+            }
+        };
+        // The line may hold a password: wipe it from the buffer before going on.
+        zeroize::Zeroize::zeroize(&mut self.buf[..line_len]);
+        self.buf.drain(..line_len);
+        let state = std::mem::replace(&mut self.state, State::Command);
+        let (tag, data) = match (&state, decoded) {
+            (State::SaslPlain { tag } | State::SaslLoginUser { tag } | State::SaslLoginPass { tag, .. }, d) => {
+                (tag.clone(), d)
+            }
+            _ => return None,
+        };
+        let data = match data {
+            Ok(d) => crate::secret::SecretBytes::from(d),
+            Err(text) => return Some(self.refuse(tag, AuthReply::Aborted(text))),
+        };
+        match state {
+            State::SaslPlain { .. } => Some(self.plain(tag, data.expose())),
+            State::SaslLoginUser { .. } => match sasl::check_username(data.expose()) {
+                Ok(user) => {
+                    self.out.extend_from_slice(b"+ UGFzc3dvcmQ6\r\n");
+                    self.state = State::SaslLoginPass { tag, user };
+                    None
+                }
+                Err(_) => Some(self.refuse(tag, AuthReply::Failed)),
+            },
+            State::SaslLoginPass { user, .. } => match sasl::check_password(data.expose()) {
+                Ok(password) => Some(self.authenticate(tag, Credentials { username: user, password })),
+                Err(_) => Some(self.refuse(tag, AuthReply::Failed)),
+            },
+            _ => None,
+        }
+    }
+
+    fn refuse(&mut self, tag: String, reply: AuthReply) -> Action {
+        self.state = State::Authenticating { tag };
+        Action::Refuse(reply)
+    }
+
+    fn authenticate(&mut self, tag: String, creds: Credentials) -> Action {
+        self.state = State::Authenticating { tag };
+        Action::Authenticate(creds)
+    }
+
+    fn plain(&mut self, tag: String, msg: &[u8]) -> Action {
+        match sasl::decode_plain(msg) {
+            Ok(creds) => self.authenticate(tag, creds),
+            Err(SaslError::AuthzidRefused) => self.refuse(tag, AuthReply::AuthzFailed),
+            Err(SaslError::Malformed) => self.refuse(tag, AuthReply::Failed),
+        }
+    }
+
+    fn handle(&mut self, tag: String, cmd: Parsed) -> Option<Action> {
+        match cmd {
+            Parsed::Capability => {
+                let caps = self.capabilities();
+                self.out
+                    .extend_from_slice(format!("* CAPABILITY {caps}\r\n{tag} OK CAPABILITY completed\r\n").as_bytes());
+            }
+            Parsed::Noop => self.out.extend_from_slice(format!("{tag} OK NOOP completed\r\n").as_bytes()),
+            Parsed::Logout => {
+                self.out.extend_from_slice(format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n").as_bytes());
+                self.buf.clear();
+                self.state = State::Closed;
+            }
+            Parsed::Id(None) => self.bad_command(&tag, "Too many ID parameters"),
+            Parsed::Id(Some(name)) => {
+                if name.is_some() {
+                    self.client_name = name;
+                }
+                self.out
+                    .extend_from_slice(format!("* ID (\"name\" \"mailgate\")\r\n{tag} OK ID completed\r\n").as_bytes());
+            }
+            Parsed::StartTls if self.tls => self.bad_command(&tag, "TLS is already active"),
+            Parsed::StartTls if !self.starttls_allowed => self.bad_command(&tag, "STARTTLS is not offered here"),
+            Parsed::StartTls => {
+                self.out.extend_from_slice(format!("{tag} OK Begin TLS negotiation now\r\n").as_bytes());
+                // Anything pipelined after STARTTLS is dropped, never executed inside TLS.
+                self.buf.clear();
+                self.state = State::TlsPending;
+            }
+            Parsed::Login(..) | Parsed::Authenticate(..) if !self.tls => {
+                self.out.extend_from_slice(
+                    format!("{tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in.\r\n").as_bytes(),
+                );
+                self.bad += 1;
+                if self.bad >= MAX_BAD {
+                    self.close_with("* BYE Too many invalid commands\r\n");
+                }
+            }
+            Parsed::Login(user, pass) => {
+                let pass = crate::secret::SecretBytes::from(pass);
+                return Some(match (sasl::check_username(&user), sasl::check_password(pass.expose())) {
+                    (Ok(username), Ok(password)) => self.authenticate(tag, Credentials { username, password }),
+                    _ => self.refuse(tag, AuthReply::Failed),
+                });
+            }
+            Parsed::Authenticate(Mech::Plain, Some(ir)) if !ir.expose().is_empty() => {
+                return Some(self.plain(tag, ir.expose()));
+            }
+            Parsed::Authenticate(Mech::Plain, _) => {
+                self.out.extend_from_slice(b"+ \r\n");
+                self.state = State::SaslPlain { tag };
+            }
+            Parsed::Authenticate(Mech::Login, Some(ir)) if !ir.expose().is_empty() => {
+                match sasl::check_username(ir.expose()) {
+                    Ok(user) => {
+                        self.out.extend_from_slice(b"+ UGFzc3dvcmQ6\r\n");
+                        self.state = State::SaslLoginPass { tag, user };
+                    }
+                    Err(_) => return Some(self.refuse(tag, AuthReply::Failed)),
+                }
+            }
+            Parsed::Authenticate(Mech::Login, _) => {
+                self.out.extend_from_slice(b"+ VXNlcm5hbWU6\r\n");
+                self.state = State::SaslLoginUser { tag };
+            }
+            Parsed::Authenticate(Mech::Other, _) => self.bad_command(&tag, "Unsupported authentication mechanism"),
+            Parsed::Other(name) => self.bad_command(&tag, &format!("{name} is not allowed before authentication")),
+        }
+        None
+    }
+}
+
+enum Mech {
+    Plain,
+    Login,
+    Other,
+}
+
+enum Parsed {
+    Capability,
+    Noop,
+    Logout,
+    /// `None`: too many parameters; `Some(name)`: the client's name, if given.
+    Id(Option<Option<String>>),
+    StartTls,
+    Login(Vec<u8>, Vec<u8>),
+    Authenticate(Mech, Option<crate::secret::SecretBytes>),
+    Other(&'static str),
+}
+
+impl From<CommandBody<'_>> for Parsed {
+    fn from(body: CommandBody<'_>) -> Parsed {
+        match body {
+            CommandBody::Capability => Parsed::Capability,
+            CommandBody::Noop => Parsed::Noop,
+            CommandBody::Logout => Parsed::Logout,
+            CommandBody::StartTLS => Parsed::StartTls,
+            CommandBody::Id { parameters } => {
+                let params = parameters.unwrap_or_default();
+                if params.len() > MAX_ID_PARAMS {
+                    return Parsed::Id(None);
+                }
+                let get = |key: &str| {
+                    params
+                        .iter()
+                        .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(key.as_bytes()))
+                        .and_then(|(_, v)| v.0.as_ref().map(|s| sanitize_text(&String::from_utf8_lossy(s.as_ref()))))
+                };
+                let name = match (get("name"), get("version")) {
+                    (Some(n), Some(v)) => Some(format!("{n} {v}")),
+                    (n, _) => n,
+                };
+                Parsed::Id(Some(name.map(|n| n.chars().take(64).collect())))
+            }
+            CommandBody::Login { username, password } => {
+                Parsed::Login(username.as_ref().to_vec(), password.declassify().as_ref().to_vec())
+            }
+            CommandBody::Authenticate { mechanism, initial_response } => {
+                let mech = match mechanism {
+                    AuthMechanism::Plain => Mech::Plain,
+                    AuthMechanism::Login => Mech::Login,
+                    _ => Mech::Other,
+                };
+                Parsed::Authenticate(mech, initial_response.map(|ir| ir.declassify().to_vec().into()))
+            }
+            other => Parsed::Other(other.name()),
+        }
+    }
+}
+
+/// Printable ASCII only: no CR/LF, no `]` (it would end a response code).
+fn sanitize_text(s: &str) -> String {
+    s.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').filter(|c| *c != ']' && *c != '[').collect()
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// The tag of a line that failed to parse, if it is a valid tag; `*` otherwise.
+fn guess_tag(buf: &[u8]) -> String {
+    let end = buf.iter().position(|b| *b == b' ' || *b == b'\r' || *b == b'\n').unwrap_or(buf.len());
+    let cand = &buf[..end];
+    let valid = !cand.is_empty()
+        && cand.len() <= MAX_TAG
+        && cand.iter().all(|b| b.is_ascii_alphanumeric() || b"-._!#$&',/:;<=>?@^`|~".contains(b));
+    match std::str::from_utf8(cand) {
+        Ok(t) if valid => t.to_string(),
+        _ => "*".to_string(),
+    }
+}
+
+/// Encodes SASL-IR data for an upstream `AUTHENTICATE PLAIN` (base64, standard alphabet).
+pub fn base64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+#[cfg(test)]
+#[path = "imap_tests.rs"]
+mod tests;

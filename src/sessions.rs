@@ -1,0 +1,117 @@
+//! Live proxied sessions, so that revoking an app password or removing an account
+//! ends the sessions that used it at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+struct Entry {
+    username: String,
+    app_password_id: Option<String>,
+    kill: oneshot::Sender<()>,
+}
+
+/// The registry of live sessions.
+#[derive(Default, Clone)]
+pub struct Sessions {
+    inner: Arc<Mutex<HashMap<u64, Entry>>>,
+    next: Arc<AtomicU64>,
+}
+
+/// Held by a live session; dropping it unregisters the session.
+pub struct SessionGuard {
+    id: u64,
+    sessions: Sessions,
+    /// Fires when the session must end.
+    pub killed: oneshot::Receiver<()>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.sessions.inner.lock() {
+            m.remove(&self.id);
+        }
+    }
+}
+
+impl Sessions {
+    /// Registers a session of `username` (opened with app password `app_password_id`, if any).
+    pub fn register(&self, username: &str, app_password_id: Option<&str>) -> SessionGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut m) = self.inner.lock() {
+            m.insert(
+                id,
+                Entry {
+                    username: username.to_string(),
+                    app_password_id: app_password_id.map(str::to_string),
+                    kill: tx,
+                },
+            );
+        }
+        SessionGuard { id, sessions: self.clone(), killed: rx }
+    }
+
+    /// Ends the sessions of `username`; with `app_password_id`, only those opened with it.
+    /// Returns how many were ended.
+    pub fn kill(&self, username: &str, app_password_id: Option<&str>) -> usize {
+        let Ok(mut m) = self.inner.lock() else { return 0 };
+        let ids: Vec<u64> = m
+            .iter()
+            .filter(|(_, e)| {
+                e.username == username && app_password_id.is_none_or(|id| e.app_password_id.as_deref() == Some(id))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for id in &ids {
+            if let Some(e) = m.remove(id) {
+                let _ = e.kill.send(());
+            }
+        }
+        ids.len()
+    }
+
+    /// Ends the sessions of `username` that were opened with the account password.
+    pub fn kill_account_password_sessions(&self, username: &str) -> usize {
+        let Ok(mut m) = self.inner.lock() else { return 0 };
+        let ids: Vec<u64> =
+            m.iter().filter(|(_, e)| e.username == username && e.app_password_id.is_none()).map(|(k, _)| *k).collect();
+        for id in &ids {
+            if let Some(e) = m.remove(id) {
+                let _ = e.kill.send(());
+            }
+        }
+        ids.len()
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_by_app_password_and_by_account() {
+        let s = Sessions::default();
+        let mut a = s.register("a", Some("p1"));
+        let mut b = s.register("a", Some("p2"));
+        let _c = s.register("b", None);
+        assert_eq!(s.kill("a", Some("p1")), 1);
+        assert!(a.killed.try_recv().is_ok());
+        assert!(b.killed.try_recv().is_err());
+        assert_eq!(s.kill("a", None), 1);
+        assert!(b.killed.try_recv().is_ok());
+        drop(_c);
+        assert!(s.is_empty());
+    }
+}

@@ -1,0 +1,212 @@
+//! The store: accounts, app passwords, TOTP state and audit events.
+//!
+//! [`Store`] is the interface the rest of mailgate uses; [`sled_store::SledStore`] is the
+//! embedded implementation and the only code that imports sled (a shared backend can
+//! implement the same trait later). Values are JSON. Every change that is acknowledged
+//! to a person (account, password, app password, TOTP changes) is flushed to disk before
+//! the call returns; last-use updates and audit events are not (sled writes them within
+//! 500 ms), so a login never waits for an fsync.
+
+pub mod sled_store;
+
+use serde::{Deserialize, Serialize};
+
+/// The schema this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+/// App passwords one account may hold (bounds the list and the cost of a login).
+pub const MAX_APP_PASSWORDS: usize = 50;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database itself failed (disk, lock, corruption).
+    #[error("store: {0}")]
+    Backend(String),
+    /// A record could not be decoded.
+    #[error("store record {0} is corrupt")]
+    Corrupt(String),
+    /// The database was written by a different schema version.
+    #[error("store schema version {found} is not supported by this mailgate (expects {SCHEMA_VERSION})")]
+    Schema {
+        /// Version found on disk.
+        found: u32,
+    },
+    /// No such account / app password.
+    #[error("{0}")]
+    NotFound(String),
+    /// Duplicate account / label.
+    #[error("{0}")]
+    Conflict(String),
+    /// A limit was reached.
+    #[error("{0}")]
+    Limit(String),
+}
+
+/// What an app password may be used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// IMAP logins.
+    Imap,
+    /// SMTP submission.
+    Smtp,
+}
+
+impl Scope {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Imap => "imap",
+            Scope::Smtp => "smtp",
+        }
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Scope, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "imap" => Ok(Scope::Imap),
+            "smtp" => Ok(Scope::Smtp),
+            other => Err(format!("unknown scope `{other}` (expected imap or smtp)")),
+        }
+    }
+}
+
+/// TOTP state of an account.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TotpState {
+    /// The secret, encrypted with the key outside the store (see `auth::crypto`).
+    pub secret_enc: String,
+    /// When 2FA was turned on (unix seconds).
+    pub enabled_at: u64,
+    /// Last accepted time step; only later steps are accepted (replay protection).
+    pub last_step: u64,
+}
+
+/// An account (a mailbox user).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Account {
+    /// Login name, lower-case e-mail address.
+    pub username: String,
+    /// Other addresses the account may send as.
+    pub addresses: Vec<String>,
+    /// argon2id PHC string of the account password, if it has one.
+    pub password_hash: Option<String>,
+    /// TOTP, if enabled.
+    pub totp: Option<TotpState>,
+    /// Set while TOTP is on; if the TOTP record were ever lost, the account still refuses
+    /// its account password over IMAP/SMTP (fail closed).
+    #[serde(default)]
+    pub second_factor_required: bool,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub updated_at: u64,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("username", &self.username)
+            .field("addresses", &self.addresses)
+            .field("has_password", &self.password_hash.is_some())
+            .field("totp", &self.totp.is_some())
+            .finish()
+    }
+}
+
+impl Account {
+    /// Whether the account has two-factor authentication (and so never accepts its
+    /// account password over IMAP/SMTP).
+    pub fn has_second_factor(&self) -> bool {
+        self.totp.is_some() || self.second_factor_required
+    }
+}
+
+/// The last successful use of an app password.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LastUse {
+    /// Unix seconds.
+    pub at: u64,
+    /// Client address.
+    pub ip: String,
+    /// Client name from IMAP `ID`, if sent.
+    pub client: Option<String>,
+}
+
+/// An app password record. The secret itself is never stored, only its hash.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct AppPasswordRecord {
+    /// Public id: the first characters of the app password, selecting this record.
+    pub id: String,
+    /// Owner.
+    pub username: String,
+    /// Label given by its creator ("Thunderbird laptop").
+    pub label: String,
+    /// What it may be used for.
+    pub scopes: Vec<Scope>,
+    /// argon2id PHC string of the whole app password.
+    pub hash: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// "admin" or "web".
+    pub created_by: String,
+    /// Last successful use.
+    pub last_used: Option<LastUse>,
+}
+
+impl std::fmt::Debug for AppPasswordRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppPasswordRecord")
+            .field("id", &self.id)
+            .field("username", &self.username)
+            .field("label", &self.label)
+            .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+/// Something that happened to an account (shown to admins and to the owner).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Unix seconds.
+    pub at: u64,
+    /// Account.
+    pub username: String,
+    /// Kind, e.g. `login_ok`, `account_password_refused_2fa`, `app_password_revoked`.
+    pub kind: String,
+    /// Detail without secrets: ip, client name, label.
+    pub detail: String,
+}
+
+/// The storage interface.
+pub trait Store: Send + Sync {
+    /// One account.
+    fn get_account(&self, username: &str) -> Result<Option<Account>, StoreError>;
+    /// Creates an account; `Conflict` if it exists. Durable on return.
+    fn create_account(&self, account: &Account) -> Result<(), StoreError>;
+    /// Replaces an existing account record; `NotFound` if it does not exist. Durable on return.
+    fn put_account(&self, account: &Account) -> Result<(), StoreError>;
+    /// Removes an account and its app passwords. Durable on return.
+    fn remove_account(&self, username: &str) -> Result<(), StoreError>;
+    /// All accounts, by name.
+    fn list_accounts(&self) -> Result<Vec<Account>, StoreError>;
+    /// Adds an app password; `Conflict` on a duplicate label, `Limit` past
+    /// [`MAX_APP_PASSWORDS`]. Durable on return.
+    fn create_app_password(&self, record: &AppPasswordRecord) -> Result<(), StoreError>;
+    /// One app password by public id.
+    fn get_app_password(&self, id: &str) -> Result<Option<AppPasswordRecord>, StoreError>;
+    /// The account's app passwords, oldest first.
+    fn list_app_passwords(&self, username: &str) -> Result<Vec<AppPasswordRecord>, StoreError>;
+    /// Deletes an app password of that account. Durable on return.
+    fn revoke_app_password(&self, username: &str, id: &str) -> Result<AppPasswordRecord, StoreError>;
+    /// Records a successful use. Not flushed (written within sled's 500 ms background flush).
+    fn record_app_password_use(&self, id: &str, used: &LastUse) -> Result<(), StoreError>;
+    /// Appends an audit event. Not flushed.
+    fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
+    /// The account's most recent events, newest first.
+    fn recent_audit(&self, username: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,359 @@
+//! The embedded store on sled 0.34.7.
+//!
+//! Trees and keys:
+//! * `meta`: `schema_version` → u32 big-endian.
+//! * `accounts`: username → JSON [`Account`].
+//! * `app_passwords`: public id → JSON [`AppPasswordRecord`].
+//! * `account_app_passwords`: `username NUL id` → empty (index for listing).
+//! * `audit`: u64 big-endian sequence → JSON [`AuditEvent`].
+//!
+//! sled takes an exclusive lock on the directory: one process at a time (the admin CLI
+//! talks to a running server over its socket instead).
+
+use super::*;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use std::path::Path;
+use std::sync::Mutex;
+
+/// sled-backed [`Store`].
+pub struct SledStore {
+    db: sled::Db,
+    accounts: sled::Tree,
+    app_passwords: sled::Tree,
+    index: sled::Tree,
+    audit: sled::Tree,
+    /// Serialises app-password creation (label and count checks need a scan, which sled
+    /// transactions cannot do).
+    create_lock: Mutex<()>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|_| StoreError::Corrupt(what.to_string()))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(backend)
+}
+
+fn index_key(username: &str, id: &str) -> Vec<u8> {
+    let mut k = username.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => backend(e),
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `path`. Fails if another process holds it, or if
+    /// it was written by another schema version.
+    pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new().path(path).flush_every_ms(Some(500)).open().map_err(|e| {
+            let text = e.to_string();
+            if text.contains("lock") {
+                StoreError::Backend(format!("{} is in use by another mailgate process ({text})", path.display()))
+            } else {
+                StoreError::Backend(format!("cannot open {}: {text}", path.display()))
+            }
+        })?;
+        let meta = db.open_tree("meta").map_err(backend)?;
+        match meta.get("schema_version").map_err(backend)? {
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt("schema_version".into()))?;
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::Schema { found });
+                }
+            }
+            None => {
+                meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes()).map_err(backend)?;
+                db.flush().map_err(backend)?;
+            }
+        }
+        Ok(SledStore {
+            accounts: db.open_tree("accounts").map_err(backend)?,
+            app_passwords: db.open_tree("app_passwords").map_err(backend)?,
+            index: db.open_tree("account_app_passwords").map_err(backend)?,
+            audit: db.open_tree("audit").map_err(backend)?,
+            db,
+            create_lock: Mutex::new(()),
+        })
+    }
+
+    fn durable(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(backend)
+    }
+}
+
+impl Store for SledStore {
+    fn get_account(&self, username: &str) -> Result<Option<Account>, StoreError> {
+        match self.accounts.get(username).map_err(backend)? {
+            Some(v) => Ok(Some(decode(username, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn create_account(&self, account: &Account) -> Result<(), StoreError> {
+        let value = encode(account)?;
+        let swapped = self
+            .accounts
+            .compare_and_swap(account.username.as_bytes(), None as Option<&[u8]>, Some(value))
+            .map_err(backend)?;
+        if swapped.is_err() {
+            return Err(StoreError::Conflict(format!("account {} already exists", account.username)));
+        }
+        self.durable()
+    }
+
+    fn put_account(&self, account: &Account) -> Result<(), StoreError> {
+        let value = encode(account)?;
+        let res = self.accounts.transaction(|t| {
+            if t.get(account.username.as_bytes())?.is_none() {
+                return Err(ConflictableTransactionError::Abort(StoreError::NotFound(format!(
+                    "unknown user {}",
+                    account.username
+                ))));
+            }
+            t.insert(account.username.as_bytes(), value.clone())?;
+            Ok(())
+        });
+        res.map_err(tx_err)?;
+        self.durable()
+    }
+
+    fn remove_account(&self, username: &str) -> Result<(), StoreError> {
+        let ids: Vec<Vec<u8>> = self
+            .index
+            .scan_prefix(index_key(username, ""))
+            .keys()
+            .map(|k| k.map(|k| k.to_vec()))
+            .collect::<Result<_, _>>()
+            .map_err(backend)?;
+        let res = (&self.accounts, &self.app_passwords, &self.index).transaction(|(a, p, i)| {
+            if a.remove(username.as_bytes())?.is_none() {
+                return Err(ConflictableTransactionError::Abort(StoreError::NotFound(format!(
+                    "unknown user {username}"
+                ))));
+            }
+            for key in &ids {
+                let id = &key[username.len() + 1..];
+                p.remove(id)?;
+                i.remove(key.as_slice())?;
+            }
+            Ok(())
+        });
+        res.map_err(tx_err)?;
+        self.durable()
+    }
+
+    fn list_accounts(&self) -> Result<Vec<Account>, StoreError> {
+        self.accounts
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode(&String::from_utf8_lossy(&k), &v)
+            })
+            .collect()
+    }
+
+    fn create_app_password(&self, record: &AppPasswordRecord) -> Result<(), StoreError> {
+        let _guard = self.create_lock.lock().map_err(|_| backend("lock poisoned"))?;
+        let existing = self.list_app_passwords(&record.username)?;
+        if existing.len() >= MAX_APP_PASSWORDS {
+            return Err(StoreError::Limit(format!(
+                "{} already has {MAX_APP_PASSWORDS} app passwords; revoke one first",
+                record.username
+            )));
+        }
+        if existing.iter().any(|r| r.label.eq_ignore_ascii_case(&record.label)) {
+            return Err(StoreError::Conflict(format!(
+                "{} already has an app password labelled \"{}\"",
+                record.username, record.label
+            )));
+        }
+        let value = encode(record)?;
+        let res = (&self.accounts, &self.app_passwords, &self.index).transaction(|(a, p, i)| {
+            if a.get(record.username.as_bytes())?.is_none() {
+                return Err(ConflictableTransactionError::Abort(StoreError::NotFound(format!(
+                    "unknown user {}",
+                    record.username
+                ))));
+            }
+            if p.get(record.id.as_bytes())?.is_some() {
+                return Err(ConflictableTransactionError::Abort(StoreError::Conflict("id collision".into())));
+            }
+            p.insert(record.id.as_bytes(), value.clone())?;
+            i.insert(index_key(&record.username, &record.id), &[][..])?;
+            Ok(())
+        });
+        res.map_err(tx_err)?;
+        self.durable()
+    }
+
+    fn get_app_password(&self, id: &str) -> Result<Option<AppPasswordRecord>, StoreError> {
+        match self.app_passwords.get(id).map_err(backend)? {
+            Some(v) => Ok(Some(decode(id, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list_app_passwords(&self, username: &str) -> Result<Vec<AppPasswordRecord>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.index.scan_prefix(index_key(username, "")).keys() {
+            let key = key.map_err(backend)?;
+            let id = String::from_utf8_lossy(&key[username.len() + 1..]).to_string();
+            if let Some(r) = self.get_app_password(&id)? {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    fn revoke_app_password(&self, username: &str, id: &str) -> Result<AppPasswordRecord, StoreError> {
+        let res = (&self.app_passwords, &self.index).transaction(|(p, i)| {
+            let not_found = || {
+                ConflictableTransactionError::Abort(StoreError::NotFound(format!(
+                    "{username} has no app password with id {id}"
+                )))
+            };
+            let Some(v) = p.get(id.as_bytes())? else { return Err(not_found()) };
+            let rec: AppPasswordRecord = decode(id, &v).map_err(ConflictableTransactionError::Abort)?;
+            if rec.username != username {
+                return Err(not_found());
+            }
+            p.remove(id.as_bytes())?;
+            i.remove(index_key(username, id))?;
+            Ok(rec)
+        });
+        let rec = res.map_err(tx_err)?;
+        self.durable()?;
+        Ok(rec)
+    }
+
+    fn record_app_password_use(&self, id: &str, used: &LastUse) -> Result<(), StoreError> {
+        // Read-modify-write without flush; a concurrent revoke wins (the record is gone).
+        let _ = self
+            .app_passwords
+            .fetch_and_update(id.as_bytes(), |old| {
+                let old = old?;
+                let mut rec: AppPasswordRecord = serde_json::from_slice(old).ok()?;
+                rec.last_used = Some(used.clone());
+                serde_json::to_vec(&rec).ok()
+            })
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let seq = self.db.generate_id().map_err(backend)?;
+        self.audit.insert(seq.to_be_bytes(), encode(event)?).map_err(backend)?;
+        Ok(())
+    }
+
+    fn recent_audit(&self, username: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.audit.iter().rev() {
+            let (_, v) = kv.map_err(backend)?;
+            let ev: AuditEvent = decode("audit", &v)?;
+            if ev.username == username {
+                out.push(ev);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.durable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(name: &str) -> Account {
+        Account {
+            username: name.into(),
+            addresses: vec![],
+            password_hash: None,
+            totp: None,
+            second_factor_required: false,
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    fn app(id: &str, user: &str, label: &str) -> AppPasswordRecord {
+        AppPasswordRecord {
+            id: id.into(),
+            username: user.into(),
+            label: label.into(),
+            scopes: vec![Scope::Imap],
+            hash: "h".into(),
+            created_at: 5,
+            created_by: "admin".into(),
+            last_used: None,
+        }
+    }
+
+    #[test]
+    fn accounts_and_app_passwords() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.create_account(&account("a@x")).unwrap();
+        assert!(matches!(s.create_account(&account("a@x")), Err(StoreError::Conflict(_))));
+        s.create_app_password(&app("id1", "a@x", "Phone")).unwrap();
+        assert!(matches!(s.create_app_password(&app("id2", "a@x", "phone")), Err(StoreError::Conflict(_))));
+        assert!(matches!(s.create_app_password(&app("id3", "b@x", "L")), Err(StoreError::NotFound(_))));
+        assert_eq!(s.list_app_passwords("a@x").unwrap().len(), 1);
+        s.record_app_password_use("id1", &LastUse { at: 9, ip: "1.2.3.4".into(), client: None }).unwrap();
+        assert_eq!(s.get_app_password("id1").unwrap().unwrap().last_used.unwrap().at, 9);
+        assert!(matches!(s.revoke_app_password("b@x", "id1"), Err(StoreError::NotFound(_))));
+        s.revoke_app_password("a@x", "id1").unwrap();
+        assert!(s.get_app_password("id1").unwrap().is_none());
+        s.create_app_password(&app("id4", "a@x", "Laptop")).unwrap();
+        s.remove_account("a@x").unwrap();
+        assert!(s.get_app_password("id4").unwrap().is_none());
+        assert!(s.list_app_passwords("a@x").unwrap().is_empty());
+    }
+
+    #[test]
+    fn app_password_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.create_account(&account("a@x")).unwrap();
+        for n in 0..MAX_APP_PASSWORDS {
+            s.create_app_password(&app(&format!("id{n}"), "a@x", &format!("l{n}"))).unwrap();
+        }
+        assert!(matches!(s.create_app_password(&app("idz", "a@x", "z")), Err(StoreError::Limit(_))));
+    }
+
+    #[test]
+    fn reopen_keeps_data_and_checks_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.create_account(&account("a@x")).unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert!(s.get_account("a@x").unwrap().is_some());
+        s.db.open_tree("meta").unwrap().insert("schema_version", &7u32.to_be_bytes()).unwrap();
+        drop(s);
+        assert!(matches!(SledStore::open(dir.path()), Err(StoreError::Schema { found: 7 })));
+    }
+}
