@@ -1,1 +1,8 @@
+//! Integration tests: the real `mailgate` binary over loopback with real TLS, and
+//! interop tests against a real Dovecot started by the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admin_cli;
+mod imap_front;
+mod interop;
+mod support;

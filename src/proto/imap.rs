@@ -357,8 +357,10 @@ impl PreAuth {
                 }
                 self.buf.drain(..pos + 2);
                 self.state = State::Command;
-                if last[1] == b'}' {
-                    // A literal announced on a discarded line: its data would be read as commands.
+                if last == *b"+}" {
+                    // A non-synchronizing literal announced on a discarded line: its data is on
+                    // its way and would be read as commands. (A synchronizing one is harmless:
+                    // the client waits for a `+` that never comes.)
                     self.close_with("* BYE Invalid command\r\n");
                 }
                 None

@@ -1,1 +1,8 @@
+//! Test support: a real Dovecot, the real mailgate binary, throwaway certificates and a
+//! byte-exact IMAP client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod client;
 pub mod dovecot;
+pub mod mailgate;
+pub mod pki;

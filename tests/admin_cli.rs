@@ -1,0 +1,100 @@
+//! The admin CLI, as an admin uses it: while `serve` runs (through the admin socket) and
+//! without a server (on the store directly). Issue 2 points 3, 4 and 5.
+
+use crate::support::mailgate::{Mailgate, Options, cli_in};
+use std::os::unix::fs::PermissionsExt;
+
+#[test]
+fn commands_work_while_serving_and_errors_are_named() {
+    let mg = Mailgate::start(Options::default());
+    let socket = mg.dir.path().join("data/admin.sock");
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(mg.dir.path().join("data")).unwrap().permissions().mode() & 0o777, 0o700);
+    mg.add_user("Alice@Example.com", "alice-account-pw");
+    let out = mg.cli_stdin(&["user", "add", "alice@example.com", "--password-stdin"], "another-pw\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let out = mg.cli(&["app-password", "create", "nobody@example.com", "--label", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown user nobody@example.com"));
+    let pw = mg.app_password("alice@example.com", "Phone", "imap");
+    assert_eq!(pw.len(), 39, "{pw}");
+    assert!(pw.split(' ').all(|g| g.len() == 4 && g.bytes().all(|b| b"abcdefghjkmnpqrstuvwxyz23456789".contains(&b))));
+    let out = mg.cli(&["app-password", "create", "alice@example.com", "--label", "phone"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already has an app password labelled"));
+    let out = mg.cli(&["app-password", "create", "alice@example.com", "--label", "x", "--scope", "pop3"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown scope"));
+    let out = mg.cli(&["app-password", "revoke", "alice@example.com", "zzzzzz"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no app password with id zzzzzz"));
+    let json = mg.ok(&["app-password", "list", "alice@example.com", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v[0]["label"], "Phone");
+    assert_eq!(v[0]["scopes"], serde_json::json!(["imap"]));
+    assert!(v[0]["last_used"].is_null());
+    assert!(!json.contains(&pw.replace(' ', "")) && !json.contains("argon2"), "list leaks the secret or hash");
+    let users = mg.ok(&["user", "list"]);
+    assert!(users.contains("alice@example.com") && users.contains("app-passwords=1"), "{users}");
+    // The password never reaches the server's log.
+    assert!(!mg.log().contains(&pw) && !mg.log().contains(&pw.replace(' ', "")));
+    assert!(!mg.log().contains("alice-account-pw"));
+    let out = mg.cli(&["totp", "enable", "alice@example.com", "--secret", "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"]);
+    assert!(String::from_utf8_lossy(&out.stdout).lines().last().unwrap().contains("secret=JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"));
+    assert!(mg.ok(&["user", "list"]).contains("2fa=on"));
+    mg.ok(&["totp", "disable", "alice@example.com"]);
+    assert!(mg.ok(&["user", "list"]).contains("2fa=off"));
+}
+
+#[test]
+fn commands_work_without_a_server_and_survive_a_restart() {
+    let mut mg = Mailgate::start(Options::default());
+    mg.stop();
+    mg.add_user("bob@example.com", "bob-account-pw");
+    let pw = mg.app_password("bob@example.com", "Laptop", "imap,smtp");
+    assert_eq!(pw.len(), 39);
+    mg.restart();
+    let list = mg.ok(&["app-password", "list", "bob@example.com"]);
+    assert!(list.contains("Laptop") && list.contains("imap,smtp"), "{list}");
+    let id = pw.replace(' ', "")[..6].to_string();
+    mg.ok(&["app-password", "revoke", "bob@example.com", &id]);
+    mg.stop();
+    assert!(mg.ok(&["app-password", "list", "bob@example.com"]).contains("has no app passwords"));
+    mg.ok(&["user", "remove", "bob@example.com"]);
+    let out = cli_in(mg.dir.path(), &mg.config, &["user", "remove", "bob@example.com"], "");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown user"));
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let mg = Mailgate::start(Options::default());
+    // Move the first one's socket away so the CLI cannot reach it; the store lock still holds.
+    let out = std::process::Command::new(crate::support::mailgate::bin())
+        .current_dir(mg.dir.path())
+        .args(["--config", mg.config.to_str().unwrap(), "serve"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another mailgate process") || err.contains("lock"), "{err}");
+}
+
+#[test]
+fn embedded_defaults_serve_with_no_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(crate::support::mailgate::bin())
+        .current_dir(dir.path())
+        .arg("serve")
+        .env_remove("MAILGATE_CONFIG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect("127.0.0.1:9993").is_err() {
+        assert!(std::time::Instant::now() < deadline, "embedded defaults did not listen on 127.0.0.1:9993");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(dir.path().join("certs/cert.pem").exists() && dir.path().join("data/secret.key").exists());
+    let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("embedded defaults") && err.contains("127.0.0.1:9993") && err.contains("127.0.0.1:9143"), "{err}");
+}

@@ -1,0 +1,261 @@
+//! The IMAP front door: TLS, STARTTLS, ALPN, pre-auth answers, uniform refusals, limits.
+//! SECURITY.md sections A, C, D, E.
+
+use crate::support::client::{Client, tls_config};
+use crate::support::dovecot::{Dovecot, DovecotOptions};
+use crate::support::mailgate::{Mailgate, Options};
+use base64::Engine as _;
+use std::time::{Duration, Instant};
+
+fn b64(s: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// mailgate in front of a real Dovecot with alice, and an app password for her.
+pub fn with_dovecot() -> (Dovecot, Mailgate, String) {
+    with_dovecot_opts(Options::default())
+}
+
+pub fn with_dovecot_opts(mut opts: Options) -> (Dovecot, Mailgate, String) {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    opts.upstream = format!("127.0.0.1:{}", dovecot.port);
+    opts.master_password = "master-password".into();
+    let mg = Mailgate::start(opts);
+    mg.add_user("alice@example.com", "alice-account-pw");
+    let app = mg.app_password("alice@example.com", "test device", "imap");
+    (dovecot, mg, app)
+}
+
+fn tls(mg: &Mailgate) -> Client {
+    let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+    assert!(c.line().starts_with("* OK"));
+    c
+}
+
+#[test]
+fn greeting_and_capabilities_before_and_after_starttls() {
+    let mg = Mailgate::start(Options::default());
+    let mut c = Client::plain(mg.imap);
+    let greeting = c.line();
+    assert!(greeting.starts_with("* OK [CAPABILITY "), "{greeting}");
+    assert!(greeting.contains("STARTTLS") && greeting.contains("LOGINDISABLED") && !greeting.contains("AUTH="));
+    let caps = c.cmd("a", "CAPABILITY");
+    assert!(caps[0].contains("STARTTLS") && caps[0].contains("LOGINDISABLED") && !caps[0].contains("AUTH="));
+    // Credentials before TLS are refused without being checked.
+    let r = c.cmd("b", "LOGIN alice@example.com secret");
+    assert!(r[0].starts_with("b NO [PRIVACYREQUIRED]"), "{r:?}");
+    let r = c.cmd("b2", &format!("AUTHENTICATE PLAIN {}", b64(b"\0alice@example.com\0secret")));
+    assert!(r[0].starts_with("b2 NO [PRIVACYREQUIRED]"), "{r:?}");
+    assert_eq!(c.cmd("c", "STARTTLS"), vec!["c OK Begin TLS negotiation now"]);
+    c.starttls(tls_config(&mg.ca, &["imap"]));
+    let caps = c.cmd("d", "CAPABILITY");
+    assert!(caps[0].contains("AUTH=PLAIN") && caps[0].contains("AUTH=LOGIN") && caps[0].contains("SASL-IR"));
+    assert!(!caps[0].contains("STARTTLS") && !caps[0].contains("LOGINDISABLED"), "{caps:?}");
+    assert!(c.cmd("e", "STARTTLS")[0].starts_with("e BAD"));
+    // Implicit TLS: the same post-TLS capabilities, and STARTTLS is refused.
+    let mut t = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+    let g = t.line();
+    assert!(g.contains("AUTH=PLAIN") && !g.contains("STARTTLS") && !g.contains("PREAUTH"), "{g}");
+    assert!(t.cmd("f", "STARTTLS")[0].starts_with("f BAD"));
+}
+
+#[test]
+fn starttls_command_injection_is_discarded() {
+    // SECURITY.md case 1: the injected command is never executed inside TLS.
+    let mg = Mailgate::start(Options::default());
+    let mut c = Client::plain(mg.imap);
+    c.line();
+    c.send(b"A STARTTLS\r\nXYZAB NOOP\r\n");
+    assert_eq!(c.line(), "A OK Begin TLS negotiation now");
+    let leftover = c.starttls(tls_config(&mg.ca, &["imap"]));
+    assert!(leftover.is_empty(), "plaintext after the STARTTLS OK: {leftover:?}");
+    assert_eq!(c.line_within(Duration::from_secs(2)), None, "injected command was answered");
+    assert_eq!(c.cmd("C", "NOOP"), vec!["C OK NOOP completed"]);
+}
+
+#[test]
+fn starttls_injection_without_handshake_gets_silence() {
+    // SECURITY.md case 3: after the OK, plaintext is not a command.
+    let mg = Mailgate::start(Options { limits: "tls_handshake_timeout_secs = 2\n".into(), ..Default::default() });
+    let mut c = Client::plain(mg.imap);
+    c.line();
+    c.send(b"A STARTTLS\r\nB NOOP\r\n");
+    assert_eq!(c.line(), "A OK Begin TLS negotiation now");
+    assert_eq!(c.line_within(Duration::from_millis(1500)), None);
+    assert!(c.closed_within(Duration::from_secs(5)), "not closed after the handshake timeout");
+    assert!(!String::from_utf8_lossy(&c.transcript).contains("B OK"));
+}
+
+#[test]
+fn implicit_tls_port_takes_no_plaintext() {
+    // SECURITY.md case 10.
+    let mg = Mailgate::start(Options::default());
+    let mut c = Client::plain(mg.imaps);
+    c.send(b"a CAPABILITY\r\n");
+    assert!(c.closed_within(Duration::from_secs(5)));
+    assert!(!String::from_utf8_lossy(&c.transcript).contains("CAPABILITY"), "answered in plaintext");
+}
+
+#[test]
+fn alpn_other_protocols_are_refused() {
+    // SECURITY.md case 18 (ALPACA): http/1.1 refused; imap and no ALPN accepted.
+    let mg = Mailgate::start(Options::default());
+    assert!(Client::tls(mg.imaps, tls_config(&mg.ca, &["http/1.1"])).is_err());
+    assert!(Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).is_ok());
+    assert!(Client::tls(mg.imaps, tls_config(&mg.ca, &[])).is_ok());
+}
+
+#[test]
+fn refusals_are_uniform_and_delayed() {
+    // SECURITY.md case 41: unknown user, wrong password, revoked app password: one answer.
+    let (_d, mg, app) = with_dovecot_opts(Options { limits: "auth_failure_delay_ms = 500\n".into(), ..Default::default() });
+    let revoked = mg.app_password("alice@example.com", "old phone", "imap");
+    let id = revoked.replace(' ', "")[..6].to_string();
+    mg.ok(&["app-password", "revoke", "alice@example.com", &id]);
+    let mut answers = Vec::new();
+    for (user, pw) in [
+        ("nobody@example.com", "whatever-password"),
+        ("alice@example.com", "wrong-password"),
+        ("alice@example.com", revoked.as_str()),
+        ("nobody@example.com", app.as_str()),
+    ] {
+        let mut c = tls(&mg);
+        let start = Instant::now();
+        let r = c.cmd("a", &format!("LOGIN \"{user}\" \"{pw}\""));
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(450), "refusal came after {took:?}");
+        answers.push(r.join("\n"));
+    }
+    for a in &answers {
+        assert_eq!(a, "a NO [AUTHENTICATIONFAILED] Authentication failed.");
+    }
+}
+
+#[test]
+fn three_failures_close_the_connection() {
+    // SECURITY.md case 43.
+    let (_d, mg, _app) = with_dovecot();
+    let mut c = tls(&mg);
+    for t in ["a", "b"] {
+        assert!(c.cmd(t, "LOGIN alice@example.com nope-nope")[0].starts_with(&format!("{t} NO")));
+    }
+    let last = c.cmd("c", "LOGIN alice@example.com nope-nope");
+    assert!(last[0].starts_with("c NO"));
+    assert!(c.line().starts_with("* BYE"));
+    assert!(c.closed_within(Duration::from_secs(5)));
+}
+
+#[test]
+fn upstream_down_gives_unavailable_never_ok() {
+    // SECURITY.md case 56: nothing listens on the upstream port.
+    let mg = Mailgate::start(Options::default());
+    mg.add_user("alice@example.com", "alice-account-pw");
+    let app = mg.app_password("alice@example.com", "phone", "imap");
+    let mut c = tls(&mg);
+    let r = c.cmd("a", &format!("LOGIN alice@example.com \"{app}\""));
+    assert_eq!(r, vec!["a NO [UNAVAILABLE] Service temporarily unavailable, try again later."]);
+    assert!(mg.log().contains("upstream login failed"));
+}
+
+#[test]
+fn wrong_master_password_gives_unavailable() {
+    let (_d, mg, app) = with_dovecot();
+    std::fs::write(mg.dir.path().join("config/master.secret"), "not-the-master-password\n").unwrap();
+    let mut c = tls(&mg);
+    let r = c.cmd("a", &format!("LOGIN alice@example.com \"{app}\""));
+    assert!(r[0].starts_with("a NO [UNAVAILABLE]"), "{r:?}");
+}
+
+#[test]
+fn account_password_of_2fa_account_gets_one_alert() {
+    // Issue 2 point 6; CLIENTS.md: the alert once per connection.
+    let (_d, mg, app) = with_dovecot();
+    // Without 2FA the account password works.
+    let mut c = tls(&mg);
+    assert!(c.cmd("a", "LOGIN alice@example.com alice-account-pw").last().unwrap().starts_with("a OK"));
+    let out = mg.ok(&["totp", "enable", "alice@example.com"]);
+    assert!(out.lines().last().unwrap().starts_with("otpauth://totp/"));
+    let mut c = tls(&mg);
+    let r = c.cmd("b", "LOGIN alice@example.com alice-account-pw");
+    assert_eq!(r.len(), 1);
+    assert!(r[0].starts_with("b NO [ALERT] "), "{r:?}");
+    assert!(r[0].contains("https://mail.example.test/app-passwords"), "{r:?}");
+    let r = c.cmd("c", &format!("AUTHENTICATE PLAIN {}", b64(b"\0alice@example.com\0alice-account-pw")));
+    assert_eq!(r, vec!["c NO [AUTHENTICATIONFAILED] Authentication failed."]);
+    // The app password still works, and the refused device is recorded for the owner.
+    let mut c = tls(&mg);
+    assert!(c.cmd("d", &format!("LOGIN alice@example.com \"{app}\"")).last().unwrap().starts_with("d OK"));
+    let out = crate::support::mailgate::cli_in(mg.dir.path(), &mg.config, &["totp", "disable", "alice@example.com"], "");
+    assert!(out.status.success());
+}
+
+#[test]
+fn preauth_deadline_closes_slow_clients() {
+    // SECURITY.md case 66: a trickle of bytes does not keep a connection alive.
+    let mg = Mailgate::start(Options { limits: "preauth_timeout_secs = 2\n".into(), ..Default::default() });
+    let mut c = Client::plain(mg.imap);
+    c.line();
+    let start = Instant::now();
+    let mut closed = false;
+    while start.elapsed() < Duration::from_secs(6) {
+        c.send(b"a");
+        if c.closed_within(Duration::from_millis(300)) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "still open after 6 s");
+    assert!(start.elapsed() < Duration::from_secs(4));
+    assert!(String::from_utf8_lossy(&c.transcript).contains("* BYE"));
+}
+
+#[test]
+fn huge_literals_and_lines_are_refused() {
+    // SECURITY.md cases 24-28.
+    let mg = Mailgate::start(Options::default());
+    let mut c = tls(&mg);
+    c.send(b"a LOGIN {4294967296}\r\n");
+    let l = c.line();
+    assert!(l.starts_with("a BAD") || l.starts_with("* BAD"), "{l}");
+    assert!(!String::from_utf8_lossy(&c.transcript).contains("+ "));
+    c.send(b"b LOGIN {99999999999999999999999}\r\n");
+    let l = c.line();
+    assert!(l.contains("BAD"), "{l}");
+    let mut c = tls(&mg);
+    c.send(b"c LOGIN {5000+}\r\n");
+    assert!(c.line().starts_with("c BAD [TOOBIG]"));
+    assert!(c.closed_within(Duration::from_secs(5)));
+    let mut c = tls(&mg);
+    let line = vec![b'x'; 1024 * 1024];
+    c.send_lossy(&line);
+    assert!(c.closed_within(Duration::from_secs(5)), "a 1 MiB line did not close the connection");
+}
+
+#[test]
+fn config_errors_stop_before_any_port_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::support::mailgate::free_port();
+    let cfg = dir.path().join("bad.toml");
+    for (text, key) in [
+        (format!("[imap]\nlisten_tls = [\"127.0.0.1:{port}\"]\nlisten_tsl = []\n"), "listen_tsl"),
+        (format!("[imap]\nlisten_tls = [\"127.0.0.1:{port}\"]\n[upstream.imap]\ntls = \"sometimes\"\n"), "tls"),
+        (format!("[imap]\nlisten_tls = [\"127.0.0.1:{port}\"]\n[upstream.imap]\nlogin = \"xclient\"\n"), "upstream.imap.login"),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let out = std::process::Command::new(crate::support::mailgate::bin())
+            .current_dir(dir.path())
+            .args(["--config", cfg.to_str().unwrap(), "serve"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{err}");
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+        assert!(!dir.path().join("data").exists(), "data dir made despite a bad config");
+    }
+    let out = std::process::Command::new(crate::support::mailgate::bin())
+        .args(["--config", "/nonexistent/mailgate.toml", "serve"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}

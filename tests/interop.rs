@@ -1,0 +1,230 @@
+//! Interop against a real Dovecot started by the tests: real clients (Python imaplib,
+//! curl) through mailgate with app passwords, byte-exact APPEND/FETCH, IDLE, the
+//! client's address in Dovecot's log, both master-login styles, upstream TLS, and
+//! revocation ending live sessions. Issue 2 points 8 and 9.
+
+use crate::imap_front::{with_dovecot, with_dovecot_opts};
+use crate::support::client::{Client, tls_config};
+use crate::support::dovecot::{Dovecot, DovecotOptions};
+use crate::support::mailgate::{Mailgate, Options};
+use std::process::Command;
+use std::time::Duration;
+
+/// A 200 KB message with CRLF lines, long lines and 8-bit bytes.
+fn big_message() -> Vec<u8> {
+    let mut m = b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.com>\r\nSubject: big one\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n".to_vec();
+    let mut n = 0u32;
+    while m.len() < 200 * 1024 {
+        m.extend_from_slice(format!("line {n:06} ").as_bytes());
+        m.extend_from_slice("grüße — ".repeat((n % 7) as usize).as_bytes());
+        m.extend_from_slice(&[b'x'; 60]);
+        m.extend_from_slice(b"\r\n");
+        n += 1;
+    }
+    m
+}
+
+const PY_IMAPLIB: &str = r#"
+import imaplib, socket, ssl, sys
+host, port, user, pw, ca, src, path = sys.argv[1:8]
+class C(imaplib.IMAP4_SSL):
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(src, 0))
+        return self.ssl_context.wrap_socket(sock, server_hostname="localhost")
+ctx = ssl.create_default_context(cafile=ca)
+m = C(host, int(port), ssl_context=ctx, timeout=30)
+typ, data = m.login(user, pw)
+assert typ == "OK", data
+typ, caps = m.capability()
+assert typ == "OK" and b"IDLE" in caps[0], caps
+typ, data = m.select("INBOX")
+assert typ == "OK", data
+msg = open(path, "rb").read()
+typ, data = m.append("INBOX", None, None, msg)
+assert typ == "OK", data
+typ, data = m.search(None, "ALL")
+last = data[0].split()[-1]
+typ, data = m.fetch(last, "(BODY.PEEK[])")
+assert typ == "OK", data
+body = data[0][1]
+assert body == msg, (len(body), len(msg))
+typ, data = m.list()
+assert typ == "OK" and any(b"INBOX" in l for l in data), data
+m.logout()
+print("imaplib ok", len(body))
+"#;
+
+#[test]
+fn imaplib_and_curl_through_mailgate_to_dovecot() {
+    let (dovecot, mg, app) = with_dovecot();
+    let msg = big_message();
+    let path = mg.dir.path().join("big.eml");
+    std::fs::write(&path, &msg).unwrap();
+    let out = Command::new("python3")
+        .args(["-c", PY_IMAPLIB, "127.0.0.1", &mg.imaps.port().to_string(), "alice@example.com", &app])
+        .arg(&mg.ca)
+        .arg("127.0.0.5")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imaplib failed:\n{}\n{}\nmailgate log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        mg.log()
+    );
+    // Dovecot saw the client's address (from ID x-originating-ip), not mailgate's.
+    assert!(
+        dovecot.wait_for_log("user=<alice@example.com>, method=PLAIN, rip=127.0.0.5", Duration::from_secs(10)),
+        "{}",
+        dovecot.log()
+    );
+    // curl, with the app password typed without spaces, fetches the message back.
+    let compact = app.replace(' ', "");
+    let url = format!("imaps://localhost:{}/INBOX;UID=1", mg.imaps.port());
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--interface", "127.0.0.6"])
+        .args(["--resolve", &format!("localhost:{}:127.0.0.1", mg.imaps.port())])
+        .arg("--cacert")
+        .arg(&mg.ca)
+        .args(["-u", &format!("alice@example.com:{compact}"), &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, msg, "curl got different bytes");
+    assert!(dovecot.wait_for_log("rip=127.0.0.6", Duration::from_secs(10)));
+    // Last use is recorded: time, address, and the list shows it.
+    let list = mg.ok(&["app-password", "list", "alice@example.com", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let used = &v[0]["last_used"];
+    assert!(used["ip"] == "127.0.0.6" || used["ip"] == "127.0.0.5", "{list}");
+}
+
+#[test]
+fn idle_pipelining_and_upstream_capabilities() {
+    let (dovecot, mg, app) = with_dovecot();
+    let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+    c.line();
+    c.send(b"z ID (\"name\" \"TestClient\" \"version\" \"1.0\")\r\n");
+    c.until("z OK");
+    // LOGIN and SELECT pipelined in one write: SELECT belongs to the upstream session.
+    c.send(format!("a LOGIN alice@example.com \"{app}\"\r\nb SELECT INBOX\r\n").as_bytes());
+    let ok = c.line();
+    assert!(ok.starts_with("a OK [CAPABILITY IMAP4rev1"), "{ok}");
+    assert!(ok.contains("IDLE") && !ok.contains("AUTH="), "not upstream's post-login capabilities: {ok}");
+    let sel = c.until("b ");
+    assert!(sel.last().unwrap().starts_with("b OK"), "{sel:?}");
+    c.send(b"i IDLE\r\n");
+    assert!(c.line().starts_with("+ "));
+    dovecot.deliver("alice@example.com", b"From: x@example.com\r\nSubject: new\r\n\r\nhello\r\n");
+    let exists = c.line();
+    assert!(exists.ends_with("EXISTS"), "{exists}");
+    c.send(b"DONE\r\n");
+    assert!(c.until("i ").last().unwrap().starts_with("i OK"));
+    // A second LOGIN goes to upstream, which refuses it: no re-authentication as someone else.
+    let r = c.cmd("j", "LOGIN bob@example.com whatever");
+    assert!(!r.last().unwrap().starts_with("j OK"), "{r:?}");
+    assert!(c.cmd("k", "LOGOUT").iter().any(|l| l.starts_with("* BYE")));
+    let list = mg.ok(&["app-password", "list", "alice@example.com"]);
+    assert!(list.contains("(TestClient 1.0)"), "{list}");
+}
+
+#[test]
+fn revoking_an_app_password_ends_its_live_session() {
+    let (_dovecot, mg, app) = with_dovecot();
+    let other = mg.app_password("alice@example.com", "tablet", "imap");
+    let login = |pw: &str| {
+        let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+        c.line();
+        let r = c.cmd("a", &format!("LOGIN alice@example.com \"{pw}\""));
+        (c, r.last().unwrap().clone())
+    };
+    let (mut c, r) = login(&app);
+    assert!(r.starts_with("a OK"), "{r}");
+    c.cmd("b", "SELECT INBOX");
+    c.send(b"i IDLE\r\n");
+    assert!(c.line().starts_with("+ "));
+    let (mut c2, r2) = login(&other);
+    assert!(r2.starts_with("a OK"));
+    let id = app.replace(' ', "")[..6].to_string();
+    let out = mg.ok(&["app-password", "revoke", "alice@example.com", &id]);
+    assert!(out.contains("1 live sessions ended"), "{out}");
+    assert_eq!(c.line_within(Duration::from_secs(5)).as_deref(), Some("* BYE Access revoked"));
+    assert!(c.closed_within(Duration::from_secs(5)));
+    let (_c, r) = login(&app);
+    assert!(r.starts_with("a NO [AUTHENTICATIONFAILED]"), "{r}");
+    // The other device is untouched until the account is removed.
+    assert!(c2.cmd("n", "NOOP").last().unwrap().starts_with("n OK"));
+    mg.ok(&["user", "remove", "alice@example.com"]);
+    assert!(c2.closed_within(Duration::from_secs(5)));
+    let (_c, r) = login(&other);
+    assert!(r.starts_with("a NO [AUTHENTICATIONFAILED]"), "{r}");
+}
+
+#[test]
+fn master_separator_login_style() {
+    let (dovecot, mg, app) = with_dovecot_opts(Options {
+        upstream_extra: "login = \"master-separator\"\nmaster_separator = \"*\"\n".into(),
+        ..Default::default()
+    });
+    let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+    c.line();
+    let r = c.cmd("a", &format!("AUTHENTICATE PLAIN {}", {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("\0alice@example.com\0{app}"))
+    }));
+    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}\n{}", mg.log());
+    assert!(c.cmd("b", "SELECT INBOX").last().unwrap().starts_with("b OK"));
+    assert!(dovecot.wait_for_log("user=<alice@example.com>", Duration::from_secs(10)));
+}
+
+fn dovecot_with_tls() -> (Dovecot, crate::support::pki::Pki, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = crate::support::pki::make(dir.path(), "dovecot", &["localhost", "127.0.0.1"]);
+    let dovecot = Dovecot::start(DovecotOptions { tls: Some((pki.cert.clone(), pki.key.clone())), ..Default::default() });
+    (dovecot, pki, dir)
+}
+
+fn login_works(mg: &Mailgate, app: &str) -> String {
+    let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+    c.line();
+    c.cmd("a", &format!("LOGIN alice@example.com \"{app}\"")).last().unwrap().clone()
+}
+
+fn start_against(dovecot_addr: String, extra: String) -> (Mailgate, String) {
+    let mg = Mailgate::start(Options {
+        upstream: dovecot_addr,
+        upstream_extra: extra,
+        master_password: "master-password".into(),
+        ..Default::default()
+    });
+    mg.add_user("alice@example.com", "alice-account-pw");
+    let app = mg.app_password("alice@example.com", "laptop", "imap,smtp");
+    (mg, app)
+}
+
+#[test]
+fn upstream_starttls_and_implicit_tls_verify_the_certificate() {
+    let (dovecot, pki, _dir) = dovecot_with_tls();
+    let ca = pki.ca.display().to_string();
+    let (mg, app) = start_against(
+        format!("127.0.0.1:{}", dovecot.port),
+        format!("tls = \"starttls\"\nca_file = \"{ca}\"\nserver_name = \"localhost\"\n"),
+    );
+    assert!(login_works(&mg, &app).starts_with("a OK"), "{}", mg.log());
+    let (mg, app) = start_against(
+        format!("127.0.0.1:{}", dovecot.tls_port.unwrap()),
+        format!("tls = \"implicit\"\nca_file = \"{ca}\"\nserver_name = \"localhost\"\n"),
+    );
+    assert!(login_works(&mg, &app).starts_with("a OK"), "{}", mg.log());
+    // Not trusted (system roots only) or the wrong name: refused, never a false OK.
+    let (mg, app) = start_against(format!("127.0.0.1:{}", dovecot.tls_port.unwrap()), "tls = \"implicit\"\n".into());
+    assert!(login_works(&mg, &app).starts_with("a NO [UNAVAILABLE]"));
+    let (mg, app) = start_against(
+        format!("127.0.0.1:{}", dovecot.port),
+        format!("tls = \"starttls\"\nca_file = \"{ca}\"\nserver_name = \"imap.elsewhere.test\"\n"),
+    );
+    assert!(login_works(&mg, &app).starts_with("a NO [UNAVAILABLE]"));
+    assert!(mg.log().contains("upstream login failed"));
+}

@@ -1,0 +1,211 @@
+//! Runs the real `mailgate` binary with a config in a temporary directory, as an admin
+//! would, and stops it (by PID) on drop.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mailgate")
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// How to configure the mailgate under test.
+pub struct Options {
+    /// Upstream IMAP address.
+    pub upstream: String,
+    /// `[upstream.imap]` extra lines (tls, login, ca_file, …).
+    pub upstream_extra: String,
+    /// Master password written to the secret file.
+    pub master_password: String,
+    /// Extra `[limits]` lines.
+    pub limits: String,
+    /// Serve STARTTLS listener too.
+    pub public_url: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            upstream: format!("127.0.0.1:{}", free_port()),
+            upstream_extra: String::new(),
+            master_password: "master-secret".into(),
+            limits: "auth_failure_delay_ms = 200\n".into(),
+            public_url: "https://mail.example.test".into(),
+        }
+    }
+}
+
+/// A running mailgate.
+pub struct Mailgate {
+    child: Option<Child>,
+    /// Its working directory (config/, certs/, data/).
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+    /// IMAP implicit TLS.
+    pub imaps: SocketAddr,
+    /// IMAP STARTTLS.
+    pub imap: SocketAddr,
+    /// CA the test clients trust.
+    pub ca: PathBuf,
+    log: PathBuf,
+}
+
+impl Mailgate {
+    /// Writes the config, makes a CA-signed certificate, starts `mailgate serve` and waits
+    /// until both IMAP ports accept connections.
+    pub fn start(opts: Options) -> Mailgate {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("config")).unwrap();
+        std::fs::create_dir_all(dir.path().join("certs")).unwrap();
+        let pki = super::pki::make(&dir.path().join("certs"), "mailgate", &["localhost", "127.0.0.1"]);
+        std::fs::write(dir.path().join("config/master.secret"), format!("{}\n", opts.master_password)).unwrap();
+        let imaps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let imap: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.path().join("config/mailgate.toml");
+        let text = format!(
+            r#"[server]
+hostname = "mail.example.test"
+public_url = "{public_url}"
+data_dir = "data"
+[tls]
+cert = "{cert}"
+key = "{key}"
+[imap]
+listen_tls = ["{imaps}"]
+listen_starttls = ["{imap}"]
+[upstream.imap]
+address = "{upstream}"
+master_user = "mailgate"
+master_password_file = "config/master.secret"
+{extra}
+[limits]
+{limits}
+"#,
+            public_url = opts.public_url,
+            cert = pki.cert.display(),
+            key = pki.key.display(),
+            upstream = opts.upstream,
+            extra = opts.upstream_extra,
+            limits = opts.limits,
+        );
+        std::fs::write(&config, text).unwrap();
+        let log = dir.path().join("mailgate.log");
+        let mut mg = Mailgate { child: None, dir, config, imaps, imap, ca: pki.ca, log };
+        mg.spawn();
+        mg
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(bin())
+            .current_dir(self.dir.path())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .env("RUST_LOG", "debug,sled=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if TcpStream::connect(self.imaps).is_ok() && TcpStream::connect(self.imap).is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("mailgate exited with {status}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "mailgate did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL) and starts it again on the same config.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Stops the server.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// What the server logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `mailgate --config … ARGS` in the server's directory.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_stdin(args, "")
+    }
+
+    /// The same, with standard input.
+    pub fn cli_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        cli_in(self.dir.path(), &self.config, args, stdin)
+    }
+
+    /// Runs a CLI command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "mailgate {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Adds a user with an account password.
+    pub fn add_user(&self, email: &str, password: &str) {
+        let out = self.cli_stdin(&["user", "add", email, "--password-stdin"], &format!("{password}\n"));
+        assert!(out.status.success(), "user add: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Creates an app password and returns it (the last line of stdout).
+    pub fn app_password(&self, email: &str, label: &str, scope: &str) -> String {
+        let out = self.ok(&["app-password", "create", email, "--label", label, "--scope", scope]);
+        out.lines().last().unwrap().to_string()
+    }
+}
+
+/// Runs the CLI with a config, in a directory.
+pub fn cli_in(dir: &Path, config: &Path, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(bin())
+        .current_dir(dir)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+impl Drop for Mailgate {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
