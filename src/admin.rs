@@ -302,7 +302,27 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             if list.is_empty() {
                 lines.push(format!("{email} has no app passwords"));
             }
-            Ok(Response { ok: true, lines, json: Some(json.into()), error: None })
+            // Devices that still send the account password of a 2FA account (refused).
+            let mut stale: Vec<(String, u64)> = Vec::new();
+            for ev in store.recent_audit(&email, 500).map_err(store_err)? {
+                if ev.kind == "account_password_refused_2fa" && !stale.iter().any(|(d, _)| *d == ev.detail) {
+                    stale.push((ev.detail, ev.at));
+                }
+            }
+            stale.truncate(10);
+            for (detail, at) in &stale {
+                lines.push(format!(
+                    "refused account password (needs an app password): {detail}, last {}",
+                    fmt_time(*at)
+                ));
+            }
+            let stale_json: Vec<_> = stale.iter().map(|(d, at)| serde_json::json!({"device": d, "last": at})).collect();
+            Ok(Response {
+                ok: true,
+                lines,
+                json: Some(serde_json::json!({"app_passwords": json, "account_password_refusals": stale_json})),
+                error: None,
+            })
         }
         Request::AppPasswordRevoke { email, id } => {
             let email = check_email(&email)?;

@@ -28,6 +28,7 @@ fn commands_work_while_serving_and_errors_are_named() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no app password with id zzzzzz"));
     let json = mg.ok(&["app-password", "list", "alice@example.com", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let v = &v["app_passwords"];
     assert_eq!(v[0]["label"], "Phone");
     assert_eq!(v[0]["scopes"], serde_json::json!(["imap"]));
     assert!(v[0]["last_used"].is_null());
@@ -38,7 +39,13 @@ fn commands_work_while_serving_and_errors_are_named() {
     assert!(!mg.log().contains(&pw) && !mg.log().contains(&pw.replace(' ', "")));
     assert!(!mg.log().contains("alice-account-pw"));
     let out = mg.cli(&["totp", "enable", "alice@example.com", "--secret", "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"]);
-    assert!(String::from_utf8_lossy(&out.stdout).lines().last().unwrap().contains("secret=JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .contains("secret=JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
+    );
     assert!(mg.ok(&["user", "list"]).contains("2fa=on"));
     mg.ok(&["totp", "disable", "alice@example.com"]);
     assert!(mg.ok(&["user", "list"]).contains("2fa=off"));
@@ -96,5 +103,8 @@ fn embedded_defaults_serve_with_no_config_file() {
     let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("embedded defaults") && err.contains("127.0.0.1:9993") && err.contains("127.0.0.1:9143"), "{err}");
+    assert!(
+        err.contains("embedded defaults") && err.contains("127.0.0.1:9993") && err.contains("127.0.0.1:9143"),
+        "{err}"
+    );
 }

@@ -108,7 +108,8 @@ fn alpn_other_protocols_are_refused() {
 #[test]
 fn refusals_are_uniform_and_delayed() {
     // SECURITY.md case 41: unknown user, wrong password, revoked app password: one answer.
-    let (_d, mg, app) = with_dovecot_opts(Options { limits: "auth_failure_delay_ms = 500\n".into(), ..Default::default() });
+    let (_d, mg, app) =
+        with_dovecot_opts(Options { limits: "auth_failure_delay_ms = 500\n".into(), ..Default::default() });
     let revoked = mg.app_password("alice@example.com", "old phone", "imap");
     let id = revoked.replace(' ', "")[..6].to_string();
     mg.ok(&["app-password", "revoke", "alice@example.com", &id]);
@@ -185,8 +186,11 @@ fn account_password_of_2fa_account_gets_one_alert() {
     // The app password still works, and the refused device is recorded for the owner.
     let mut c = tls(&mg);
     assert!(c.cmd("d", &format!("LOGIN alice@example.com \"{app}\"")).last().unwrap().starts_with("d OK"));
-    let out = crate::support::mailgate::cli_in(mg.dir.path(), &mg.config, &["totp", "disable", "alice@example.com"], "");
-    assert!(out.status.success());
+    let list = mg.ok(&["app-password", "list", "alice@example.com"]);
+    assert!(list.contains("refused account password (needs an app password): 127.0.0.1 via Imap"), "{list}");
+    mg.ok(&["totp", "disable", "alice@example.com"]);
+    let mut c = tls(&mg);
+    assert!(c.cmd("e", "LOGIN alice@example.com alice-account-pw").last().unwrap().starts_with("e OK"));
 }
 
 #[test]
@@ -239,7 +243,10 @@ fn config_errors_stop_before_any_port_opens() {
     for (text, key) in [
         (format!("[imap]\nlisten_tls = [\"127.0.0.1:{port}\"]\nlisten_tsl = []\n"), "listen_tsl"),
         (format!("[imap]\nlisten_tls = [\"127.0.0.1:{port}\"]\n[upstream.imap]\ntls = \"sometimes\"\n"), "tls"),
-        (format!("[imap]\nlisten_tls = [\"127.0.0.1:{port}\"]\n[upstream.imap]\nlogin = \"xclient\"\n"), "upstream.imap.login"),
+        (
+            format!("[imap]\nlisten_tls = [\"127.0.0.1:{port}\"]\n[upstream.imap]\nlogin = \"xclient\"\n"),
+            "upstream.imap.login",
+        ),
     ] {
         std::fs::write(&cfg, text).unwrap();
         let out = std::process::Command::new(crate::support::mailgate::bin())

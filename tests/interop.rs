@@ -97,7 +97,7 @@ fn imaplib_and_curl_through_mailgate_to_dovecot() {
     // Last use is recorded: time, address, and the list shows it.
     let list = mg.ok(&["app-password", "list", "alice@example.com", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
-    let used = &v[0]["last_used"];
+    let used = &v["app_passwords"][0]["last_used"];
     assert!(used["ip"] == "127.0.0.6" || used["ip"] == "127.0.0.5", "{list}");
 }
 
@@ -170,10 +170,13 @@ fn master_separator_login_style() {
     });
     let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
     c.line();
-    let r = c.cmd("a", &format!("AUTHENTICATE PLAIN {}", {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(format!("\0alice@example.com\0{app}"))
-    }));
+    let r = c.cmd(
+        "a",
+        &format!("AUTHENTICATE PLAIN {}", {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(format!("\0alice@example.com\0{app}"))
+        }),
+    );
     assert!(r.last().unwrap().starts_with("a OK"), "{r:?}\n{}", mg.log());
     assert!(c.cmd("b", "SELECT INBOX").last().unwrap().starts_with("b OK"));
     assert!(dovecot.wait_for_log("user=<alice@example.com>", Duration::from_secs(10)));
@@ -182,7 +185,8 @@ fn master_separator_login_style() {
 fn dovecot_with_tls() -> (Dovecot, crate::support::pki::Pki, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let pki = crate::support::pki::make(dir.path(), "dovecot", &["localhost", "127.0.0.1"]);
-    let dovecot = Dovecot::start(DovecotOptions { tls: Some((pki.cert.clone(), pki.key.clone())), ..Default::default() });
+    let dovecot =
+        Dovecot::start(DovecotOptions { tls: Some((pki.cert.clone(), pki.key.clone())), ..Default::default() });
     (dovecot, pki, dir)
 }
 
@@ -227,4 +231,60 @@ fn upstream_starttls_and_implicit_tls_verify_the_certificate() {
     );
     assert!(login_works(&mg, &app).starts_with("a NO [UNAVAILABLE]"));
     assert!(mg.log().contains("upstream login failed"));
+}
+
+const PY_COMPRESS: &str = r#"
+import socket, ssl, sys, zlib
+host, port, user, pw, ca = sys.argv[1:6]
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection((host, int(port)), 30), server_hostname="localhost")
+buf = b""
+def until(tag, dec=None):
+    global buf
+    while True:
+        i = buf.find(b"\r\n" + tag) if not buf.startswith(tag) else 0
+        if i >= 0:
+            j = buf.find(b"\r\n", i + 2 if i else 0)
+            if j >= 0:
+                out, buf = buf[:j + 2], buf[j + 2:]
+                return out
+        data = s.recv(65536)
+        if not data:
+            raise SystemExit("closed: %r" % buf)
+        buf += dec.decompress(data) if dec else data
+until(b"* OK")
+s.sendall(b'a LOGIN "%s" "%s"\r\n' % (user.encode(), pw.encode()))
+r = until(b"a ")
+assert b"a OK" in r and b"COMPRESS=DEFLATE" in r, r
+s.sendall(b"c COMPRESS DEFLATE\r\n")
+r = until(b"c ")
+assert b"c OK" in r, r
+assert buf == b"", buf
+comp, dec = zlib.compressobj(wbits=-15), zlib.decompressobj(wbits=-15)
+def send(data):
+    s.sendall(comp.compress(data) + comp.flush(zlib.Z_SYNC_FLUSH))
+send(b"d SELECT INBOX\r\n")
+r = until(b"d ", dec)
+assert b"d OK" in r, r
+send(b"e LOGOUT\r\n")
+r = until(b"e ", dec)
+assert b"* BYE" in r and b"e OK" in r, r
+print("compress ok")
+"#;
+
+#[test]
+fn compress_deflate_passes_through() {
+    let (_dovecot, mg, app) = with_dovecot();
+    let out = Command::new("python3")
+        .args(["-c", PY_COMPRESS, "127.0.0.1", &mg.imaps.port().to_string(), "alice@example.com", &app])
+        .arg(&mg.ca)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        mg.log()
+    );
 }

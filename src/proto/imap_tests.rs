@@ -16,7 +16,9 @@ fn pump(p: &mut PreAuth) -> (String, Vec<Ev>) {
             Action::Write(b) => w.extend(b),
             Action::NeedInput => return (String::from_utf8_lossy(&w).into_owned(), ev),
             Action::StartTls => ev.push(Ev::StartTls),
-            Action::Authenticate(c) => ev.push(Ev::Auth { user: c.username.clone(), pass: c.password.expose().clone() }),
+            Action::Authenticate(c) => {
+                ev.push(Ev::Auth { user: c.username.clone(), pass: c.password.expose().clone() })
+            }
             Action::Refuse(r) => ev.push(Ev::Refuse(r)),
             Action::Close => {
                 ev.push(Ev::Close);
@@ -42,7 +44,14 @@ fn explore() {
     println!("{:?}", pump(&mut p));
     let mut p = PreAuth::new("mx", true, false);
     let _ = pump(&mut p);
-    for l in [&b"a COMPRESS DEFLATE\r\n"[..], b"b ENABLE CONDSTORE\r\n", b"c IDLE\r\n", b"d NOOP\n", b"e NOOP\rf NOOP\r\n", b"g LOGIN \"u\0\" p\r\n"] {
+    for l in [
+        &b"a COMPRESS DEFLATE\r\n"[..],
+        b"b ENABLE CONDSTORE\r\n",
+        b"c IDLE\r\n",
+        b"d NOOP\n",
+        b"e NOOP\rf NOOP\r\n",
+        b"g LOGIN \"u\0\" p\r\n",
+    ] {
         p.feed(l);
         println!("{:?}", pump(&mut p));
     }

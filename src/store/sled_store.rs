@@ -5,7 +5,8 @@
 //! * `accounts`: username → JSON [`Account`].
 //! * `app_passwords`: public id → JSON [`AppPasswordRecord`].
 //! * `account_app_passwords`: `username NUL id` → empty (index for listing).
-//! * `audit`: u64 big-endian sequence → JSON [`AuditEvent`].
+//! * `audit`: `username NUL` u64 big-endian sequence → JSON [`AuditEvent`] (per-account
+//!   prefix, so an account's recent events are read without scanning everyone's).
 //!
 //! sled takes an exclusive lock on the directory: one process at a time (the admin CLI
 //! talks to a running server over its socket instead).
@@ -258,20 +259,19 @@ impl Store for SledStore {
 
     fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
         let seq = self.db.generate_id().map_err(backend)?;
-        self.audit.insert(seq.to_be_bytes(), encode(event)?).map_err(backend)?;
+        let mut key = index_key(&event.username, "");
+        key.extend_from_slice(&seq.to_be_bytes());
+        self.audit.insert(key, encode(event)?).map_err(backend)?;
         Ok(())
     }
 
     fn recent_audit(&self, username: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.audit.iter().rev() {
+        for kv in self.audit.scan_prefix(index_key(username, "")).rev() {
             let (_, v) = kv.map_err(backend)?;
-            let ev: AuditEvent = decode("audit", &v)?;
-            if ev.username == username {
-                out.push(ev);
-                if out.len() >= limit {
-                    break;
-                }
+            out.push(decode("audit", &v)?);
+            if out.len() >= limit {
+                break;
             }
         }
         Ok(out)

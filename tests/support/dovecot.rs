@@ -505,8 +505,11 @@ userdb {{
 }}
 
 mail_location = maildir:~/Maildir
+# COMPRESS=DEFLATE after login, so the relay is tested with a compressed stream.
+mail_plugins = $mail_plugins zlib
 protocol imap {{
   mail_max_userip_connections = 1000
+  mail_plugins = $mail_plugins imap_zlib
 }}
 
 service imap-login {{
