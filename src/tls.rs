@@ -1,7 +1,9 @@
 //! TLS configuration: the server side (listeners) and the client side (upstream).
 //! Built once at start-up. No protocol knowledge.
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use std::path::Path;
 use std::sync::Arc;
@@ -45,16 +47,38 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
+/// Serves the one certificate to clients that send no SNI (they connect by address) or an
+/// SNI name the certificate is valid for; any other name aborts the handshake (ALPACA
+/// strict SNI). Nothing is cached per name, so random names cost no memory.
+#[derive(Debug)]
+struct StrictSni {
+    key: Arc<CertifiedKey>,
+    leaf: CertificateDer<'static>,
+}
+
+impl ResolvesServerCert for StrictSni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = hello.server_name() else { return Some(self.key.clone()) };
+        let name = ServerName::try_from(name).ok()?;
+        let leaf = webpki::EndEntityCert::try_from(&self.leaf).ok()?;
+        leaf.verify_is_valid_for_subject_name(&name).ok()?;
+        Some(self.key.clone())
+    }
+}
+
 /// The server configuration for one protocol; `alpn` is its IANA ALPN id ("imap", "smtp").
 /// A client that offers ALPN without it is refused (ALPACA); one that offers none is served.
 /// TLS 1.2 and 1.3 only, forward-secret suites (rustls' defaults).
 pub fn server_config(cert: &Path, key: &Path, alpn: &[&str]) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs(cert)?;
+    let leaf = certs.first().cloned().ok_or_else(|| pem_err(cert, "no certificate found"))?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?;
-    let mut cfg = ServerConfig::builder_with_provider(provider())
+    let provider = provider();
+    let certified = Arc::new(CertifiedKey::from_der(certs, key, &provider)?);
+    let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(Arc::new(StrictSni { key: certified, leaf }));
     cfg.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(Arc::new(cfg))
 }

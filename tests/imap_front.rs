@@ -106,6 +106,18 @@ fn alpn_other_protocols_are_refused() {
 }
 
 #[test]
+fn strict_sni() {
+    // SECURITY.md case 19: a name the certificate is not for aborts the handshake;
+    // no SNI (connecting by address) and the certificate's names are served.
+    let mg = Mailgate::start(Options::default());
+    let cfg = || tls_config(&mg.ca, &["imap"]);
+    assert!(Client::tls_named(mg.imaps, cfg(), "localhost").is_ok());
+    assert!(Client::tls_named(mg.imaps, cfg(), "127.0.0.1").is_ok());
+    let err = Client::tls_named(mg.imaps, cfg(), "attacker.example").err().expect("handshake must fail");
+    assert!(!err.to_string().contains("certificate"), "failed for the wrong reason: {err}");
+}
+
+#[test]
 fn refusals_are_uniform_and_delayed() {
     // SECURITY.md case 41: unknown user, wrong password, revoked app password: one answer.
     let (_d, mg, app) =
@@ -187,7 +199,7 @@ fn account_password_of_2fa_account_gets_one_alert() {
     let mut c = tls(&mg);
     assert!(c.cmd("d", &format!("LOGIN alice@example.com \"{app}\"")).last().unwrap().starts_with("d OK"));
     let list = mg.ok(&["app-password", "list", "alice@example.com"]);
-    assert!(list.contains("refused account password (needs an app password): 127.0.0.1 via Imap"), "{list}");
+    assert!(list.contains("refused account password (needs an app password): 127.0.0.1 via IMAP"), "{list}");
     mg.ok(&["totp", "disable", "alice@example.com"]);
     let mut c = tls(&mg);
     assert!(c.cmd("e", "LOGIN alice@example.com alice-account-pw").last().unwrap().starts_with("e OK"));

@@ -36,6 +36,15 @@ pub enum Protocol {
     Smtp,
 }
 
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Imap => "IMAP",
+            Protocol::Smtp => "SMTP",
+        })
+    }
+}
+
 impl Protocol {
     fn scope(self) -> Scope {
         match self {
@@ -145,7 +154,7 @@ pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protoco
         }
     };
     let who = format!(
-        "{} via {:?}{}",
+        "{} via {}{}",
         peer.ip,
         protocol,
         peer.client_name.as_deref().map(|c| format!(" ({c})")).unwrap_or_default()

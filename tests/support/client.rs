@@ -42,7 +42,11 @@ pub fn tls_config(ca: &Path, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
 }
 
 fn wrap(tcp: TcpStream, cfg: Arc<rustls::ClientConfig>) -> std::io::Result<Conn> {
-    let conn = rustls::ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap())
+    wrap_named(tcp, cfg, "localhost")
+}
+
+fn wrap_named(tcp: TcpStream, cfg: Arc<rustls::ClientConfig>, name: &str) -> std::io::Result<Conn> {
+    let conn = rustls::ClientConnection::new(cfg, ServerName::try_from(name.to_string()).unwrap())
         .map_err(std::io::Error::other)?;
     let mut s = rustls::StreamOwned::new(conn, tcp);
     // Drive the handshake now so that a refusal shows up here.
@@ -65,6 +69,13 @@ impl Client {
         let tcp = TcpStream::connect_timeout(&addr, TIMEOUT)?;
         tcp.set_read_timeout(Some(Duration::from_millis(200)))?;
         Ok(Client { conn: wrap(tcp, cfg)?, buf: Vec::new(), transcript: Vec::new() })
+    }
+
+    /// TLS with SNI `name` (an IP address sends no SNI).
+    pub fn tls_named(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>, name: &str) -> std::io::Result<Client> {
+        let tcp = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        tcp.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(Client { conn: wrap_named(tcp, cfg, name)?, buf: Vec::new(), transcript: Vec::new() })
     }
 
     /// Switches a plain connection to TLS (after a STARTTLS OK). Buffered unread bytes are
