@@ -84,19 +84,114 @@ pub enum AuthReply {
 #[derive(Debug)]
 enum State {
     Command,
-    DiscardLine { tail: [u8; 2] },
-    SaslPlain { tag: String },
-    SaslLoginUser { tag: String },
-    SaslLoginPass { tag: String, user: String },
-    Authenticating { tag: String },
+    /// Dropping the rest of a malformed line: `tail` holds its last two bytes (a `{N+}`
+    /// announcement there ends the connection), `dropped` counts it against [`MAX_LINE`].
+    DiscardLine {
+        tail: [u8; 2],
+        dropped: usize,
+    },
+    SaslPlain {
+        tag: String,
+    },
+    SaslLoginUser {
+        tag: String,
+    },
+    SaslLoginPass {
+        tag: String,
+        user: String,
+    },
+    Authenticating {
+        tag: String,
+    },
     TlsPending,
     AwaitTls,
     Done,
     Closed,
 }
 
-/// One client connection before authentication.
-#[derive(Debug)]
+/// Follows line boundaries outside literal data, independently of the decoder, so that a
+/// line's length is bounded however the bytes arrive (whole, split, with literal data).
+#[derive(Debug, Default)]
+struct Framer {
+    /// Bytes of `buf` scanned so far.
+    pos: usize,
+    /// Where the current line starts in `buf`.
+    line_begin: usize,
+    /// Literal bytes still expected before the next line starts.
+    literal_left: usize,
+}
+
+impl Framer {
+    /// Scans the new bytes of `buf`; `Err` when a line (without its CRLF) exceeds [`MAX_LINE`].
+    fn scan(&mut self, buf: &[u8]) -> Result<(), ()> {
+        while self.pos < buf.len() {
+            if self.literal_left > 0 {
+                let take = self.literal_left.min(buf.len() - self.pos);
+                self.pos += take;
+                self.literal_left -= take;
+                if self.literal_left == 0 {
+                    self.line_begin = self.pos;
+                }
+                continue;
+            }
+            let b = buf[self.pos];
+            self.pos += 1;
+            if b == b'\n' && self.pos >= self.line_begin + 2 && buf[self.pos - 2] == b'\r' {
+                let line = &buf[self.line_begin..self.pos - 2];
+                if line.len() > MAX_LINE {
+                    return Err(());
+                }
+                self.literal_left = trailing_literal(line).map(|(n, _)| n).unwrap_or(0);
+                self.line_begin = self.pos;
+            } else if self.pos - self.line_begin > MAX_LINE + 1 {
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The literal announced at the end of a line (`{N}` or `{N+}`): (N, non-synchronizing).
+fn trailing_literal(line: &[u8]) -> Option<(usize, bool)> {
+    let inner = line.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|b| *b == b'{')?;
+    let spec = &inner[open + 1..];
+    let (digits, nonsync) = match spec.strip_suffix(b"+") {
+        Some(d) => (d, true),
+        None => (spec, false),
+    };
+    if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = std::str::from_utf8(digits).ok()?.parse::<usize>().ok()?;
+    Some((n, nonsync))
+}
+
+/// Where the first command in `buf` ends (after its last line's CRLF), and whether literal
+/// data belongs to it. A synchronizing literal that was never answered with `+` (its
+/// announcement ends after `acked_upto`) carries no data: the command ends there.
+/// `None`: the command does not end within `buf`.
+fn first_command_end(buf: &[u8], acked_upto: usize) -> (Option<usize>, bool) {
+    let mut pos = 0;
+    let mut had_literal = false;
+    loop {
+        let Some(rel) = buf.get(pos..).and_then(find_crlf) else { return (None, had_literal) };
+        let line_end = pos + rel + 2;
+        match trailing_literal(&buf[pos..pos + rel]) {
+            Some((n, nonsync)) if nonsync || line_end <= acked_upto => {
+                had_literal = true;
+                pos = line_end.saturating_add(n);
+                if pos > buf.len() {
+                    return (None, true);
+                }
+            }
+            _ => return (Some(line_end), had_literal),
+        }
+    }
+}
+
+/// One client connection before authentication. `Debug` shows sizes and counters, never
+/// the buffered bytes (they may hold a password).
 pub struct PreAuth {
     state: State,
     buf: Vec<u8>,
@@ -109,9 +204,22 @@ pub struct PreAuth {
     alert_shown: bool,
     /// `buf.len()` when the last literal announcement was answered (or accepted silently).
     literal_seen_at: usize,
-    /// Where the current line starts in `buf` (after the last literal's data).
-    line_start: usize,
+    framer: Framer,
     client_name: Option<String>,
+}
+
+impl std::fmt::Debug for PreAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreAuth")
+            .field("state", &self.state)
+            .field("tls", &self.tls)
+            .field("buffered", &self.buf.len())
+            .field("pending_output", &self.out.len())
+            .field("bad", &self.bad)
+            .field("commands", &self.commands)
+            .field("failures", &self.failures)
+            .finish()
+    }
 }
 
 const CAPS_TLS: &str = "IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN";
@@ -132,7 +240,7 @@ impl PreAuth {
             failures: 0,
             alert_shown: false,
             literal_seen_at: 0,
-            line_start: 0,
+            framer: Framer::default(),
             client_name: None,
         };
         let caps = p.capabilities();
@@ -250,9 +358,10 @@ impl PreAuth {
         self.state = State::Closed;
     }
 
+    /// The buffer now starts at a command boundary (or was emptied).
     fn reset_literals(&mut self) {
         self.literal_seen_at = 0;
-        self.line_start = 0;
+        self.framer = Framer::default();
     }
 
     fn bad_command(&mut self, tag: &str, text: &str) {
@@ -266,6 +375,10 @@ impl PreAuth {
     fn step_command(&mut self) -> Option<Action> {
         if self.buf.is_empty() {
             return Some(Action::NeedInput);
+        }
+        if self.framer.scan(&self.buf).is_err() {
+            self.close_with("* BYE Command line too long\r\n");
+            return None;
         }
         let decoded = CommandCodec::default().decode(&self.buf);
         match decoded {
@@ -287,13 +400,7 @@ impl PreAuth {
                 }
                 action
             }
-            Err(CommandDecodeError::Incomplete) => {
-                if self.buf.len() > self.line_start && self.buf.len() - self.line_start > MAX_LINE + 2 {
-                    self.close_with("* BYE Command line too long\r\n");
-                    return None;
-                }
-                Some(Action::NeedInput)
-            }
+            Err(CommandDecodeError::Incomplete) => Some(Action::NeedInput),
             Err(CommandDecodeError::LiteralFound { tag, length, mode }) => {
                 if self.literal_seen_at == self.buf.len() {
                     return Some(Action::NeedInput);
@@ -320,7 +427,6 @@ impl PreAuth {
                             self.out.extend_from_slice(b"+ Ready for literal data\r\n");
                         }
                         self.literal_seen_at = self.buf.len();
-                        self.line_start = total;
                         Some(Action::NeedInput)
                     }
                 }
@@ -337,20 +443,32 @@ impl PreAuth {
         }
     }
 
-    /// Drops the rest of the current (malformed) line.
+    /// Drops the malformed command at the start of the buffer. If it ends within the
+    /// buffer, exactly its bytes go; if not, the rest of its line is discarded as it
+    /// arrives — unless it announced literals, whose data could not be told from commands:
+    /// then the connection ends.
     fn start_discard(&mut self) {
-        let from = self.line_start.min(self.buf.len());
-        let rest = self.buf.split_off(from);
-        self.buf.clear();
-        self.reset_literals();
-        self.state = State::DiscardLine { tail: [0, 0] };
-        self.buf = rest;
+        match first_command_end(&self.buf, self.literal_seen_at) {
+            (Some(end), _) => {
+                self.buf.drain(..end);
+                self.reset_literals();
+            }
+            (None, true) => self.close_with("* BYE Invalid command\r\n"),
+            (None, false) => {
+                self.reset_literals();
+                self.state = State::DiscardLine { tail: [0, 0], dropped: 0 };
+            }
+        }
     }
 
     fn step_discard(&mut self) -> Option<Action> {
-        let State::DiscardLine { tail } = &mut self.state else { return None };
+        let State::DiscardLine { tail, dropped } = &mut self.state else { return None };
         match find_crlf(&self.buf) {
             Some(pos) => {
+                if *dropped + pos > MAX_LINE {
+                    self.close_with("* BYE Command line too long\r\n");
+                    return None;
+                }
                 let mut last = *tail;
                 for b in &self.buf[..pos] {
                     last = [last[1], *b];
@@ -366,11 +484,17 @@ impl PreAuth {
                 None
             }
             None => {
-                // Keep a trailing CR (it may start the CRLF) and remember the last bytes.
-                for b in &self.buf {
+                // Keep a trailing CR (it may start the CRLF); remember the last bytes before it.
+                let keep_cr = self.buf.last() == Some(&b'\r');
+                let upto = self.buf.len() - usize::from(keep_cr);
+                for b in &self.buf[..upto] {
                     *tail = [tail[1], *b];
                 }
-                let keep_cr = self.buf.last() == Some(&b'\r');
+                *dropped += upto;
+                if *dropped > MAX_LINE {
+                    self.close_with("* BYE Command line too long\r\n");
+                    return None;
+                }
                 self.buf.clear();
                 if keep_cr {
                     self.buf.push(b'\r');

@@ -135,6 +135,9 @@ fn assert_tls_caps(caps: &[String]) {
 
 const FAILED: &str = "NO [AUTHENTICATIONFAILED] Authentication failed.\r\n";
 
+/// Splits the turn with the given index into reads.
+type Chunker<'a> = &'a dyn Fn(usize, &[u8]) -> Vec<Vec<u8>>;
+
 /// What a whole transcript produced: bytes written to the client, actions, and the bytes
 /// that went to upstream after a successful login.
 #[derive(Debug, PartialEq, Eq)]
@@ -152,7 +155,7 @@ const GOOD: &[u8] = b"right";
 /// each turn into reads. After each turn a pending StartTls is completed. Authenticate with
 /// [`GOOD`] succeeds (the bytes after that go to upstream), other credentials fail, and
 /// Refuse is answered with its reply.
-fn run_turns(tls: bool, turns: &[&[u8]], chunk: &dyn Fn(usize, &[u8]) -> Vec<Vec<u8>>) -> Transcript {
+fn run_turns(tls: bool, turns: &[&[u8]], chunk: Chunker<'_>) -> Transcript {
     let mut p = PreAuth::new(HOST, tls, !tls);
     let mut t = Transcript { written: String::new(), events: Vec::new(), relayed: Vec::new() };
     let mut done = false;
@@ -534,9 +537,8 @@ fn login_forms_table() {
         (b"a LOGIN \"al\\\"ice\" \"p\\\\w\"\r\n", "al\"ice", b"p\\w"),
         (b"a LOGIN alice@example.com {3+}\r\np\"w\r\n", "alice@example.com", b"p\"w"),
         (b"a LOGIN {5+}\r\nalice {3+}\r\npw1\r\n", "alice", b"pw1"),
-        (b"a LOGIN \"\xc3\xa9l\xc3\xa8ve\" pw\r\n", "\u{e9}l\u{e8}ve", b"pw"),
-        (b"a LOGIN {6+}\r\n\xc3\xa9l\xc3\xa8 {4+}\r\np\r\nw\r\n", "\u{e9}l\u{e8}", b"p\r\nw"),
-        (b"a LOGIN alice \"\xff\xfe\"\r\n", "alice", b"\xff\xfe"),
+        (b"a LOGIN {5+}\r\n\xc3\xa9l\xc3\xa8 {4+}\r\np\r\nw\r\n", "\u{e9}l\u{e8}", b"p\r\nw"),
+        (b"a LOGIN alice {2+}\r\n\xff\xfe\r\n", "alice", b"\xff\xfe"),
     ];
     for (input, user, pass) in cases {
         let mut p = session(true);
@@ -554,6 +556,8 @@ fn login_refused_before_password_check() {
         // Truncated / invalid UTF-8 username (case 30).
         b"a LOGIN {1+}\r\n\xc3 pw\r\n".to_vec(),
         b"a LOGIN \"\xc3\" pw\r\n".to_vec(),
+        b"a LOGIN \"\xc3\xa9\" pw\r\n".to_vec(),
+        b"a LOGIN alice \"\xff\xfe\"\r\n".to_vec(),
         // Control character in the username.
         b"a LOGIN {3+}\r\na\tb pw\r\n".to_vec(),
         // Empty fields.
@@ -602,7 +606,7 @@ fn login_with_sync_literals_bytewise() {
 #[test]
 fn literal_data_that_looks_like_commands_is_data() {
     let mut p = session(true);
-    assert_eq!(send(&mut p, b"a LOGIN alice {10}\r\n").0, "+ Ready for literal data\r\n");
+    assert_eq!(send(&mut p, b"a LOGIN alice {9}\r\n").0, "+ Ready for literal data\r\n");
     assert_eq!(send(&mut p, b"b NOOP\r\nx\r\n"), (String::new(), vec![auth("alice", "b NOOP\r\nx")]));
 }
 
@@ -652,8 +656,8 @@ fn sync_literal_limits() {
 fn sync_literals_bounded_per_command() {
     // Each literal is under the cap, but the command as a whole is over MAX_COMMAND.
     let mut p = session(true);
-    assert_eq!(send(&mut p, b"a LOGIN {8000}\r\n").0, "+ Ready for literal data\r\n");
-    let (w, ev) = send(&mut p, &[b'u'; 8000]);
+    assert_eq!(send(&mut p, b"a LOGIN {8192}\r\n").0, "+ Ready for literal data\r\n");
+    let (w, ev) = send(&mut p, &[b'u'; 8192]);
     assert_eq!((w.as_str(), ev.len()), ("", 0));
     let (w, ev) = send(&mut p, b" {8192}\r\n");
     assert_eq!(w, "a BAD [TOOBIG] Literal too big\r\n");
@@ -681,7 +685,8 @@ fn nonsync_literal_too_big_closes() {
             w.push_str(&w2);
             ev.extend(ev2);
             assert_eq!(w, "a BAD [TOOBIG] Literal too big\r\n* BYE Literal too big\r\n", "{size}");
-            assert_eq!(ev, vec![Ev::Close]);
+            assert_eq!(ev.first(), Some(&Ev::Close));
+            assert!(ev.iter().all(|e| *e == Ev::Close));
             assert!(p.buf.is_empty());
         }
     }
@@ -689,15 +694,40 @@ fn nonsync_literal_too_big_closes() {
 
 #[test]
 fn nonsync_literals_bounded_per_command() {
+    // Four literals of 4096 (the cap), each under the cap, but 16 KiB together. Each announcement
+    // ends a read (as when the client sends it in its own segment).
     let mut p = session(true);
-    let lit = |n: usize| format!("{{{n}+}}\r\n{}", "x".repeat(n));
-    // Four literals of 4000 under the cap each, but 16 KiB together.
-    let input = format!("a ID (\"a\" {} \"b\" {} \"c\" {} \"d\" ", lit(4000), lit(4000), lit(4000));
-    let (w, ev) = send(&mut p, input.as_bytes());
-    assert_eq!((w.as_str(), ev.len()), ("", 0));
-    let (w, ev) = send(&mut p, b"{4000+}\r\n");
+    for (i, key) in ["a ID (\"a\" ", " \"b\" ", " \"c\" "].iter().enumerate() {
+        let (w, ev) = send(&mut p, format!("{key}{{4096+}}\r\n").as_bytes());
+        assert_eq!((w.as_str(), ev.len()), ("", 0), "literal {i}");
+        let (w, ev) = send(&mut p, &[b'x'; 4096]);
+        assert_eq!((w.as_str(), ev.len()), ("", 0), "literal {i}");
+    }
+    let (w, ev) = send(&mut p, b" \"d\" {4096+}\r\n");
     assert_eq!(w, "a BAD [TOOBIG] Literal too big\r\n* BYE Literal too big\r\n");
     assert_eq!(ev, vec![Ev::Close]);
+}
+
+#[test]
+fn line_limit_does_not_count_literal_data() {
+    // Two 4000-octet literals and a 1000-octet one: 9 KiB of data, lines well under 8 KiB,
+    // command under MAX_COMMAND. Sent as one read (without the final `)\r\n`), then the rest.
+    let lit = |n: usize| format!("{{{n}+}}\r\n{}", "x".repeat(n));
+    let head = format!("a ID (\"a\" {} \"b\" {} \"c\" {}", lit(4000), lit(4000), lit(1000));
+    let mut p = session(true);
+    let (mut w, ev) = send(&mut p, head.as_bytes());
+    assert!(ev.is_empty(), "closed after the first read: {w}");
+    w.push_str(&send(&mut p, b")\r\n").0);
+    assert_eq!(w, "* ID (\"name\" \"mailgate\")\r\na OK ID completed\r\n");
+}
+
+#[test]
+fn literal_data_in_one_read_with_its_command_is_accepted() {
+    // The passing half of the case above: the same command complete in one read.
+    let lit = |n: usize| format!("{{{n}+}}\r\n{}", "x".repeat(n));
+    let cmd = format!("a ID (\"a\" {} \"b\" {} \"c\" {})\r\n", lit(4000), lit(4000), lit(1000));
+    let mut p = session(true);
+    assert_eq!(send(&mut p, cmd.as_bytes()).0, "* ID (\"name\" \"mailgate\")\r\na OK ID completed\r\n");
 }
 
 #[test]
@@ -748,32 +778,52 @@ fn literal_with_nul_is_bad() {
 
 #[test]
 fn literal_announced_on_a_discarded_line_closes() {
-    // nginx 501520905: the literal's data must not run as commands.
-    for input in [&b"a XFOO {10+}\r\nXYZ NOOP\r\n"[..], b"a XFOO {10}\r\nXYZ NOOP\r\n"] {
-        let mut p = session(true);
-        let (w, ev) = send(&mut p, input);
-        assert_eq!(w, "a BAD Invalid command\r\n* BYE Invalid command\r\n", "{}", text(input));
-        assert_eq!(ev, vec![Ev::Close]);
-        let mut p = session(true);
-        let (w, ev) = send_bytewise(&mut p, input);
-        assert_eq!(w, "a BAD Invalid command\r\n* BYE Invalid command\r\n", "{}", text(input));
-        assert_eq!(ev, vec![Ev::Close]);
-    }
-}
-
-#[test]
-#[ignore = "BUG: a literal announced on a discarded line is missed when the read splits between its CR and LF; \
-            the literal data then runs as a command"]
-fn literal_announced_on_a_discarded_line_closes_every_split() {
+    // nginx 501520905: a non-synchronizing literal's data is already on its way and must
+    // not run as commands.
     let input = b"a XFOO {10+}\r\nXYZ NOOP\r\n";
-    for cut in 0..=input.len() {
+    let mut p = session(true);
+    let (w, ev) = send(&mut p, input);
+    assert_eq!(w, "a BAD Invalid command\r\n* BYE Invalid command\r\n");
+    assert_eq!(ev, vec![Ev::Close]);
+    // Split anywhere except between the CR and LF that end the announcement (the test
+    // below covers that split).
+    let lf = input.iter().position(|b| *b == b'\n').unwrap();
+    for cut in (0..=input.len()).filter(|c| *c != lf) {
         let mut p = session(true);
         let (mut w, mut ev) = send(&mut p, &input[..cut]);
         let (w2, ev2) = send(&mut p, &input[cut..]);
         w.push_str(&w2);
         ev.extend(ev2);
         assert_eq!(w, "a BAD Invalid command\r\n* BYE Invalid command\r\n", "cut at {cut}");
-        assert_eq!(ev, vec![Ev::Close], "cut at {cut}");
+        assert_eq!(ev.first(), Some(&Ev::Close));
+    }
+}
+
+#[test]
+fn sync_literal_on_a_discarded_line_gets_no_continuation() {
+    // A compliant client waits for a `+` that never comes; the session goes on.
+    let mut p = session(true);
+    assert_eq!(send(&mut p, b"a XFOO {10}\r\n"), ("a BAD Invalid command\r\n".into(), vec![]));
+    assert_eq!(send(&mut p, b"b NOOP\r\n"), ("b OK NOOP completed\r\n".into(), vec![]));
+}
+
+#[test]
+fn literal_announced_on_a_discarded_line_closes_when_split_inside_crlf() {
+    // Read 1: `a XFOO {10+}\r` (the line fails, the discard keeps the CR);
+    // read 2: `\nXYZ NOOP\r\n`: the literal's data must not run as a command.
+    for input in [&b"a XFOO {10+}\r\nXYZ NOOP\r\n"[..], b"a LOGIN alice \"x {10+}\r\nXYZ NOOP\r\n"] {
+        let lf = input.iter().position(|b| *b == b'\n').unwrap();
+        let mut p = session(true);
+        let (mut w, mut ev) = send(&mut p, &input[..lf]);
+        let (w2, ev2) = send(&mut p, &input[lf..]);
+        w.push_str(&w2);
+        ev.extend(ev2);
+        assert_eq!(w, "a BAD Invalid command\r\n* BYE Invalid command\r\n", "{}", text(input));
+        assert_eq!(ev.first(), Some(&Ev::Close));
+        // Byte by byte hits the same split.
+        let mut p = session(true);
+        let (w, _) = send_bytewise(&mut p, input);
+        assert_eq!(w, "a BAD Invalid command\r\n* BYE Invalid command\r\n", "{}", text(input));
     }
 }
 
@@ -929,8 +979,6 @@ fn long_line_without_crlf_closes() {
 }
 
 #[test]
-#[ignore = "BUG: the line limit is only checked while a command is incomplete; a complete over-long line \
-            (up to MAX_COMMAND + MAX_SASL_LINE) in one read is executed, and 8193 octets pass even byte by byte"]
 fn line_over_8192_octets_is_refused_however_it_arrives() {
     for len in [MAX_LINE + 1, 9000, 16000] {
         let line = id_line(len);
@@ -995,8 +1043,6 @@ fn input_during_credential_check_is_bounded() {
 }
 
 #[test]
-#[ignore = "BUG: a line that failed to parse is discarded without a length limit, so 10 MB without CRLF \
-            after a bad command never closes (memory stays bounded; only the pre-auth deadline ends it)"]
 fn ten_megabytes_after_a_bad_command_closes() {
     let mut p = session(true);
     assert_eq!(send(&mut p, b"a XFOO ").0, "a BAD Invalid command\r\n");
@@ -1012,11 +1058,11 @@ fn ten_megabytes_after_a_bad_command_closes() {
 
 #[test]
 fn discarded_line_memory_is_bounded() {
-    // The passing half of the case above: the discard state keeps at most a CR.
+    // The discard state keeps at most a CR, and a discarded line up to the limit is survived.
     let mut p = session(true);
     let _ = send(&mut p, b"a XFOO ");
-    for _ in 0..64 {
-        let _ = send(&mut p, &[b'x'; 16 * 1024]);
+    for _ in 0..8 {
+        let _ = send(&mut p, &[b'x'; 1000]);
         assert!(p.buf.len() <= 1);
     }
     let _ = send(&mut p, b"\r");
@@ -1499,6 +1545,7 @@ fn long_tag_login_is_not_executed() {
 #[test]
 fn invalid_bytes_table() {
     // Case 30: NUL in a quoted string, bare CR, bare LF → BAD, never a login.
+    // A line without CRLF is not over until the next CRLF: the resync then takes one more line.
     let cases: &[(&[u8], &str)] = &[
         (b"a LOGIN \"us\0er\" \"p\"\r\n", "a BAD Invalid command\r\n"),
         (b"a LOGIN alice \"p\0w\"\r\n", "a BAD Invalid command\r\n"),
@@ -1518,6 +1565,9 @@ fn invalid_bytes_table() {
             assert_eq!(w, *want, "{} bytewise {bytewise}", text(input));
             assert!(ev.is_empty(), "{}: {ev:?}", text(input));
             // Resynchronised at the CRLF.
+            if !input.windows(2).any(|w| w == b"\r\n") {
+                assert_eq!(send(&mut p, b"y NOOP\r\n"), (String::new(), vec![]), "{}", text(input));
+            }
             assert_eq!(send(&mut p, b"z NOOP\r\n").0, "z OK NOOP completed\r\n", "{}", text(input));
         }
     }
@@ -1550,6 +1600,7 @@ fn id_name_table() {
         ("a ID (\"version\" \"1\")\r\n".into(), None),
         ("a ID (\"name\" NIL \"version\" \"1\")\r\n".into(), None),
         ("a ID (\"name\" \"x]\" \"version\" \"[1\")\r\n".into(), Some("x 1".into())),
+        // A NUL in a literal: BAD, and the connection ends (the literal can't be skipped safely).
         ("a ID (\"name\" {6+}\r\nA\r\nB\0C)\r\n".into(), None),
         ("a ID (\"name\" {6+}\r\nA\r\nB\tC)\r\n".into(), Some("ABC".into())),
         (format!("a ID (\"name\" \"{long}\")\r\n"), Some("n".repeat(64))),
@@ -1557,8 +1608,8 @@ fn id_name_table() {
     for (input, want) in cases {
         let mut p = session(true);
         let (w, ev) = send(&mut p, input.as_bytes());
-        assert!(ev.is_empty());
         if w.starts_with("* ID") {
+            assert!(ev.is_empty());
             assert_eq!(w, "* ID (\"name\" \"mailgate\")\r\na OK ID completed\r\n", "{input}");
         } else {
             assert!(w.starts_with("a BAD"), "{input}: {w}");
@@ -1636,8 +1687,6 @@ fn debug_of_preauth_never_contains_password_text() {
 }
 
 #[test]
-#[ignore = "BUG: PreAuth derives Debug, so a partly received LOGIN / SASL line in `buf` prints as a byte list \
-            that contains the password"]
 fn debug_of_preauth_does_not_leak_buffered_password_bytes() {
     let mut p = session(true);
     let _ = send(&mut p, format!("a LOGIN alice \"{SECRET}").as_bytes());
@@ -1760,6 +1809,60 @@ fn chunked(bytes: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Vec<V
     prop::collection::vec(bytes, 0..24)
 }
 
+/// Whole (mostly valid) command lines and SASL lines, so that random sessions get past
+/// the parser into STARTTLS, literals and the SASL states.
+fn imapish_line() -> impl Strategy<Value = Vec<u8>> {
+    let lines: Vec<&'static [u8]> = vec![
+        b"a STARTTLS\r\n",
+        b"a CAPABILITY\r\n",
+        b"a NOOP\r\n",
+        b"a LOGIN alice pw\r\n",
+        b"a LOGIN \"alice\" \"pw\"\r\n",
+        b"a LOGIN {5}\r\n",
+        b"a LOGIN {5+}\r\nalice {2+}\r\npw\r\n",
+        b"alice {2}\r\n",
+        b"pw\r\n",
+        b"a AUTHENTICATE PLAIN AGFsaWNlAHB3\r\n",
+        b"a AUTHENTICATE PLAIN\r\n",
+        b"a AUTHENTICATE PLAIN =\r\n",
+        b"a AUTHENTICATE LOGIN\r\n",
+        b"a AUTHENTICATE LOGIN YWxpY2U=\r\n",
+        b"AGFsaWNlAHB3\r\n",
+        b"dmljdGltAGFsaWNlAHB3\r\n",
+        b"YWxpY2U=\r\n",
+        b"*\r\n",
+        b"!!!\r\n",
+        b"a ID (\"name\" \"x\")\r\n",
+        b"a SELECT INBOX\r\n",
+        b"a XFOO {3+}\r\n",
+        b"a LOGIN {4097+}\r\n",
+        b"a LOGIN {9000}\r\n",
+        b"\r\n",
+    ];
+    prop::sample::select(lines).prop_map(|l| l.to_vec())
+}
+
+/// A stream of lines and tokens, cut into reads at random places.
+fn imapish_session() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    (
+        prop::collection::vec(prop_oneof![4 => imapish_line(), 1 => imapish_token()], 0..24),
+        prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+    )
+        .prop_map(|(parts, cuts)| {
+            let bytes = parts.concat();
+            let mut pos: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+            pos.sort_unstable();
+            let mut out = Vec::new();
+            let mut last = 0;
+            for p in pos {
+                out.push(bytes[last..p].to_vec());
+                last = p;
+            }
+            out.push(bytes[last..].to_vec());
+            out
+        })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
 
@@ -1778,6 +1881,11 @@ proptest! {
         tls in any::<bool>(),
         chunks in chunked(prop::collection::vec(imapish_token(), 0..12).prop_map(|v| v.concat())),
     ) {
+        drive_invariants(tls, &chunks)?;
+    }
+
+    #[test]
+    fn prop_imapish_sessions(tls in any::<bool>(), chunks in imapish_session()) {
         drive_invariants(tls, &chunks)?;
     }
 

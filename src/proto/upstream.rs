@@ -123,7 +123,7 @@ impl UpstreamLogin {
 
     /// Bytes read from upstream.
     pub fn feed(&mut self, bytes: &[u8]) {
-        if self.state != State::AwaitTls {
+        if !matches!(self.state, State::AwaitTls | State::Finished) {
             self.buf.extend_from_slice(bytes);
         }
     }
@@ -269,6 +269,9 @@ impl UpstreamLogin {
                     self.caps = Some(clean_caps(&text["* CAPABILITY ".len()..]));
                     return None;
                 }
+                if upper.starts_with("* BYE") {
+                    return Some(self.fail(UpstreamError::Protocol("BYE after login")));
+                }
                 if upper.starts_with("M4 OK") {
                     let caps = self.caps.clone().unwrap_or_default();
                     return Some(self.finish(caps));
@@ -309,6 +312,13 @@ impl UpstreamLogin {
             self.local.port()
         );
         self.out.extend_from_slice(id.as_bytes());
+        let printable = |s: &str| !s.is_empty() && !s.chars().any(char::is_control);
+        if !printable(&self.user) || !printable(&self.master_user) {
+            self.out.clear();
+            self.state = State::Finished;
+            self.unsendable = true;
+            return;
+        }
         match &self.style {
             LoginStyle::MasterSasl => {
                 let sasl_ir = self.greeting_caps.as_deref().is_none_or(|c| has_cap(c, "SASL-IR"));
