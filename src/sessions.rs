@@ -56,27 +56,19 @@ impl Sessions {
     /// Ends the sessions of `username`; with `app_password_id`, only those opened with it.
     /// Returns how many were ended.
     pub fn kill(&self, username: &str, app_password_id: Option<&str>) -> usize {
-        let Ok(mut m) = self.inner.lock() else { return 0 };
-        let ids: Vec<u64> = m
-            .iter()
-            .filter(|(_, e)| {
-                e.username == username && app_password_id.is_none_or(|id| e.app_password_id.as_deref() == Some(id))
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for id in &ids {
-            if let Some(e) = m.remove(id) {
-                let _ = e.kill.send(());
-            }
-        }
-        ids.len()
+        self.kill_where(|e| {
+            e.username == username && app_password_id.is_none_or(|id| e.app_password_id.as_deref() == Some(id))
+        })
     }
 
     /// Ends the sessions of `username` that were opened with the account password.
     pub fn kill_account_password_sessions(&self, username: &str) -> usize {
+        self.kill_where(|e| e.username == username && e.app_password_id.is_none())
+    }
+
+    fn kill_where(&self, pred: impl Fn(&Entry) -> bool) -> usize {
         let Ok(mut m) = self.inner.lock() else { return 0 };
-        let ids: Vec<u64> =
-            m.iter().filter(|(_, e)| e.username == username && e.app_password_id.is_none()).map(|(k, _)| *k).collect();
+        let ids: Vec<u64> = m.iter().filter(|(_, e)| pred(e)).map(|(k, _)| *k).collect();
         for id in &ids {
             if let Some(e) = m.remove(id) {
                 let _ = e.kill.send(());
@@ -113,5 +105,10 @@ mod tests {
         assert!(b.killed.try_recv().is_ok());
         drop(_c);
         assert!(s.is_empty());
+        let mut pw = s.register("a", None);
+        let mut app = s.register("a", Some("p3"));
+        assert_eq!(s.kill_account_password_sessions("a"), 1);
+        assert!(pw.killed.try_recv().is_ok());
+        assert!(app.killed.try_recv().is_err());
     }
 }
