@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests need from Debian's packages (Dovecot for the interop tests,
-# curl and Python for the real clients). Idempotent; needs root (or sudo) when
+# curl, Python and mbsync (isync) for the real clients). Idempotent; needs root (or sudo) when
 # something is missing.
 set -euo pipefail
 need=()
-for pkg in dovecot-imapd curl python3 ca-certificates; do
+for pkg in dovecot-imapd curl python3 isync ca-certificates; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

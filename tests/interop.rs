@@ -288,3 +288,41 @@ fn compress_deflate_passes_through() {
         mg.log()
     );
 }
+
+#[test]
+fn mbsync_pulls_the_inbox_through_mailgate() {
+    let (dovecot, mg, app) = with_dovecot();
+    dovecot.deliver("alice@example.com", b"From: bob@example.com\r\nSubject: for mbsync\r\n\r\nsynced body\r\n");
+    let dir = mg.dir.path();
+    let cfg = dir.join("mbsyncrc");
+    std::fs::create_dir_all(dir.join("mail")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "IMAPAccount mg\nHost localhost\nPort {port}\nUser alice@example.com\nPass \"{app}\"\nSSLType IMAPS\nCertificateFile {ca}\n\n\
+             IMAPStore remote\nAccount mg\n\n\
+             MaildirStore local\nPath {dir}/mail/\nInbox {dir}/mail/INBOX\n\n\
+             Channel sync\nFar :remote:\nNear :local:\nPatterns INBOX\nCreate Near\nSync Pull\nSyncState *\n",
+            port = mg.imaps.port(),
+            ca = mg.ca.display(),
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("mbsync").arg("-c").arg(&cfg).arg("-a").output().unwrap();
+    assert!(
+        out.status.success(),
+        "mbsync: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        mg.log()
+    );
+    let mut found = false;
+    for sub in ["new", "cur"] {
+        for entry in std::fs::read_dir(dir.join("mail/INBOX").join(sub)).unwrap() {
+            let body = std::fs::read(entry.unwrap().path()).unwrap();
+            found |= String::from_utf8_lossy(&body).contains("Subject: for mbsync");
+        }
+    }
+    assert!(found, "the message did not arrive in the local Maildir");
+}
