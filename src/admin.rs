@@ -219,8 +219,11 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             a.password_hash = Some(password_hash);
             a.updated_at = now_unix();
             store.put_account(&a).map_err(store_err)?;
+            let ended = ctx.sessions.as_ref().map(|s| s.kill_account_password_sessions(&email)).unwrap_or(0);
             audit(store, &email, "account_password_changed", "by admin".into());
-            Ok(Response::ok(vec![format!("password changed for {email}")]))
+            Ok(Response::ok(vec![format!(
+                "password changed for {email} ({ended} sessions opened with the old password ended)"
+            )]))
         }
         Request::UserRemove { email } => {
             let email = check_email(&email)?;
@@ -339,6 +342,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
         Request::TotpEnable { email, secret } => {
             let email = check_email(&email)?;
             let mut a = need_account(store, &email)?;
+            let replaced = a.totp.is_some();
             let en = auth::totp::enrol(&ctx.key, &ctx.issuer, &email, secret.as_deref())?;
             a.totp = Some(TotpState { secret_enc: en.sealed, enabled_at: now_unix(), last_step: 0 });
             a.second_factor_required = true;
@@ -347,8 +351,9 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             // Sessions opened with the account password end: from now on it is refused.
             let ended = ctx.sessions.as_ref().map(|s| s.kill_account_password_sessions(&email)).unwrap_or(0);
             audit(store, &email, "totp_enabled", "by admin".into());
+            let what = if replaced { "re-enrolled (the old TOTP secret no longer works)" } else { "enabled" };
             Ok(Response::ok(vec![
-                format!("two-factor authentication enabled for {email} ({ended} account-password sessions ended)"),
+                format!("two-factor authentication {what} for {email} ({ended} account-password sessions ended)"),
                 "Add this to an authenticator app (it is shown only this once):".into(),
                 en.uri.expose().clone(),
             ]))

@@ -15,16 +15,33 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-/// Creates the data directory (0700) and the TOTP key; returns the key.
-pub fn prepare_data_dir(config: &Config) -> anyhow::Result<SecretKey> {
+/// Creates the data directory (0700) if missing.
+pub fn prepare_data_dir(config: &Config) -> anyhow::Result<()> {
     crate::fsutil::private_dir(&config.data_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display()))?;
-    SecretKey::load_or_create(&config.secret_key_path()).map_err(anyhow::Error::msg)
+        .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display()))
 }
 
-/// Opens the embedded store.
+/// Opens the embedded store (making the data directory if needed).
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    prepare_data_dir(config)?;
     Ok(Arc::new(SledStore::open(&config.store_path())?))
+}
+
+/// Loads the key that seals TOTP secrets, making one only while no stored secret needs
+/// the old one: a lost key file is reported, never silently replaced.
+pub fn load_key(config: &Config, store: &dyn Store) -> anyhow::Result<SecretKey> {
+    let path = config.secret_key_path();
+    if !path.exists() {
+        let sealed = store.list_accounts()?.iter().filter(|a| a.totp.is_some()).count();
+        if sealed > 0 {
+            anyhow::bail!(
+                "{} is missing, but {sealed} accounts have TOTP secrets encrypted with it: restore it from a backup \
+                 (or disable TOTP for those accounts after moving the store aside)",
+                path.display()
+            );
+        }
+    }
+    SecretKey::load_or_create(&path).map_err(anyhow::Error::msg)
 }
 
 /// Listeners bound before serving (so a test can bind port 0 and read the addresses).

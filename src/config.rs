@@ -548,7 +548,7 @@ mod tests {
         let text = include_str!("../config/mailgate.example.toml");
         let c = Config::from_toml_str(text, "example").unwrap();
         assert_eq!(c.hostname, "mail.example.com");
-        assert_eq!(c.upstream_imap.address, "127.0.0.1:143");
+        assert_eq!(c.upstream_imap.address, "127.0.0.1:1143");
     }
 
     #[test]

@@ -20,9 +20,15 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Creates a directory (and parents) with mode 0700 if missing.
+/// An existing directory that others can read is narrowed to 0700 (it holds the store,
+/// the TOTP key and the admin socket).
 pub fn private_dir(path: &Path) -> std::io::Result<()> {
     if !path.exists() {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
+    }
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
 }

@@ -179,7 +179,10 @@ fn dev_cert_names(config: &Config) -> Vec<String> {
 }
 
 fn init(config: &Config) -> anyhow::Result<ExitCode> {
-    app::prepare_data_dir(config)?;
+    {
+        let store = app::open_store(config)?;
+        app::load_key(config, store.as_ref())?;
+    }
     println!("data directory: {} (store, secret.key, admin.sock)", config.data_dir.display());
     if mailgate::tls::ensure_dev_cert(&config.tls_cert, &config.tls_key, &dev_cert_names(config))? {
         println!(
@@ -228,11 +231,15 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let key = app::prepare_data_dir(&config)?;
-    // Fail on the certificate before opening any port.
+    // Fail on the certificates before opening any port.
     mailgate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])
         .with_context(|| "[tls] cert/key".to_string())?;
+    if config.upstream_imap.tls != mailgate::config::UpstreamTls::None {
+        mailgate::tls::client_config(config.upstream_imap.ca_file.as_deref())
+            .with_context(|| "[upstream.imap] ca_file".to_string())?;
+    }
     let store = app::open_store(&config)?;
+    let key = app::load_key(&config, store.as_ref())?;
     let master = &config.upstream_imap.master_password_file;
     if !master.exists() {
         eprintln!(
@@ -269,10 +276,10 @@ fn dispatch(config: &Config, req: Request) -> anyhow::Result<Response> {
     if let Some(resp) = admin::socket::request(&socket, &req).map_err(anyhow::Error::msg)? {
         return Ok(resp);
     }
-    let key = app::prepare_data_dir(config)?;
     let store = app::open_store(config).map_err(|e| {
         anyhow!("{e:#}\n(if `mailgate serve` is running, its admin socket {} did not answer)", socket.display())
     })?;
+    let key = app::load_key(config, store.as_ref())?;
     let ctx =
         admin::Context { store: store.clone(), key: Arc::new(key), issuer: config.hostname.clone(), sessions: None };
     let resp = admin::execute(&ctx, req);

@@ -109,8 +109,12 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsErr
 /// Makes a self-signed development certificate for `names` if `cert`/`key` do not exist.
 /// Returns true if it made one.
 pub fn ensure_dev_cert(cert: &Path, key: &Path, names: &[String]) -> Result<bool, TlsError> {
-    if cert.exists() && key.exists() {
-        return Ok(false);
+    match (cert.exists(), key.exists()) {
+        (true, true) => return Ok(false),
+        (false, false) => {}
+        // Never replace half of a real pair.
+        (true, false) => return Err(pem_err(key, "missing (the certificate exists; not making a new pair)")),
+        (false, true) => return Err(pem_err(cert, "missing (the key exists; not making a new pair)")),
     }
     let ck = rcgen::generate_simple_self_signed(names.to_vec()).map_err(|e| TlsError::Generate(e.to_string()))?;
     if let Some(dir) = cert.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -108,3 +108,36 @@ fn embedded_defaults_serve_with_no_config_file() {
         "{err}"
     );
 }
+
+#[test]
+fn init_never_replaces_half_a_certificate_pair() {
+    let mg = Mailgate::start(Options::default());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("certs")).unwrap();
+    std::fs::copy(mg.dir.path().join("certs/mailgate-cert.pem"), dir.path().join("certs/cert.pem")).unwrap();
+    let cfg = dir.path().join("mailgate.toml");
+    std::fs::write(&cfg, "[imap]\nlisten_tls = []\nlisten_starttls = []\n").unwrap();
+    let before = std::fs::read(dir.path().join("certs/cert.pem")).unwrap();
+    let out = cli_in(dir.path(), &cfg, &["init"], "");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("key.pem: missing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(dir.path().join("certs/cert.pem")).unwrap(), before);
+}
+
+#[test]
+fn a_lost_totp_key_is_reported_not_replaced() {
+    let mut mg = Mailgate::start(Options::default());
+    mg.add_user("alice@example.com", "alice-account-pw");
+    mg.ok(&["totp", "enable", "alice@example.com"]);
+    mg.stop();
+    std::fs::remove_file(mg.dir.path().join("data/secret.key")).unwrap();
+    let out = mg.cli(&["user", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("secret.key is missing") && err.contains("1 accounts have TOTP secrets"), "{err}");
+    assert!(!mg.dir.path().join("data/secret.key").exists());
+}

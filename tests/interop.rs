@@ -326,3 +326,22 @@ fn mbsync_pulls_the_inbox_through_mailgate() {
     }
     assert!(found, "the message did not arrive in the local Maildir");
 }
+
+#[test]
+fn changing_the_account_password_ends_sessions_opened_with_the_old_one() {
+    let (_dovecot, mg, app) = with_dovecot();
+    let login = |pw: &str| {
+        let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+        c.line();
+        let r = c.cmd("a", &format!("LOGIN alice@example.com \"{pw}\""));
+        assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
+        c
+    };
+    let mut with_password = login("alice-account-pw");
+    let mut with_app = login(&app);
+    let out = mg.cli_stdin(&["user", "passwd", "alice@example.com", "--password-stdin"], "a-new-password\n");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 sessions opened with the old password ended"));
+    assert!(with_password.closed_within(Duration::from_secs(5)));
+    assert!(with_app.cmd("n", "NOOP").last().unwrap().starts_with("n OK"));
+}

@@ -163,6 +163,7 @@ pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protoco
         match store.get_app_password(&id) {
             Ok(Some(rec)) if rec.username == account.username => {
                 if !password::verify(normalized.expose().as_bytes(), &rec.hash) {
+                    audit("login_failed", who);
                     return Verdict::Denied;
                 }
                 if !rec.scopes.contains(&protocol.scope()) {
@@ -173,6 +174,7 @@ pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protoco
                 if let Err(e) = store.record_app_password_use(&rec.id, &used) {
                     tracing::warn!(error = %e, "last-use write failed");
                 }
+                audit("login", format!("{who} with app password {} ({})", rec.label, rec.id));
                 return Verdict::Granted(Authenticated {
                     username: account.username.clone(),
                     app_password_id: Some(rec.id),
@@ -190,12 +192,14 @@ pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protoco
         return Verdict::Denied;
     };
     if !password::verify(password.expose(), hash) {
+        audit("login_failed", who);
         return Verdict::Denied;
     }
     if account.has_second_factor() {
         audit("account_password_refused_2fa", who);
         return Verdict::NeedsAppPassword;
     }
+    audit("login", format!("{who} with the account password"));
     Verdict::Granted(Authenticated { username: account.username.clone(), app_password_id: None })
 }
 
@@ -281,8 +285,9 @@ mod tests {
         assert!(matches!(decide(&s, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
         assert!(matches!(decide(&s, "a@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Granted(_)));
         let ev = s.recent_audit("a@x", 5).unwrap();
-        assert_eq!(ev[0].kind, "account_password_refused_2fa");
-        assert!(ev[0].detail.contains("192.0.2.1"));
+        let kinds: Vec<&str> = ev.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["login", "login_failed", "account_password_refused_2fa"]);
+        assert!(ev[2].detail.contains("192.0.2.1 via IMAP (Thunderbird)"), "{}", ev[2].detail);
         // Fail closed: the TOTP record lost, the marker still refuses.
         a.totp = None;
         s.put_account(&a).unwrap();

@@ -36,6 +36,9 @@ pub enum UpstreamError {
     /// STARTTLS was not offered or not accepted.
     #[error("upstream did not accept STARTTLS")]
     StartTls,
+    /// Upstream announced LOGINDISABLED on a plaintext connection (set `tls = "starttls"`).
+    #[error("upstream refuses logins without TLS (LOGINDISABLED); set tls = \"starttls\" or \"implicit\"")]
+    LoginDisabled,
     /// The master login was refused (wrong master credentials, unknown user, …).
     #[error("upstream refused the master login")]
     LoginRefused,
@@ -206,6 +209,12 @@ impl UpstreamLogin {
                     self.out.extend_from_slice(b"M1 STARTTLS\r\n");
                     self.state = State::StartTls;
                 } else {
+                    if let Some(caps) = &self.greeting_caps
+                        && has_cap(caps, "LOGINDISABLED")
+                    {
+                        // Upstream refuses logins on this channel: never send the master password.
+                        return Some(self.fail(UpstreamError::LoginDisabled));
+                    }
                     self.send_login();
                 }
                 None

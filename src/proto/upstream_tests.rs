@@ -798,3 +798,13 @@ fn errors_carry_no_upstream_text() {
     assert!(!e.to_string().contains("secret-detail"));
     assert!(!format!("{e:?}").contains("secret-detail"));
 }
+
+#[test]
+fn logindisabled_on_plaintext_never_sends_the_master_password() {
+    for style in [LoginStyle::MasterSasl, sep()] {
+        let mut u = new_login(style, false);
+        let (w, st) = send(&mut u, b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n");
+        assert_eq!(w, "", "wrote {w:?}");
+        assert_eq!(st, vec![St::Fail(UpstreamError::LoginDisabled)]);
+    }
+}

@@ -67,11 +67,11 @@ impl Mailgate {
         std::fs::create_dir_all(dir.path().join("certs")).unwrap();
         let pki = super::pki::make(&dir.path().join("certs"), "mailgate", &["localhost", "127.0.0.1"]);
         std::fs::write(dir.path().join("config/master.secret"), format!("{}\n", opts.master_password)).unwrap();
-        let imaps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let imap: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("config/mailgate.toml");
-        let text = format!(
-            r#"[server]
+        let log = dir.path().join("mailgate.log");
+        let write_config = |imaps: SocketAddr, imap: SocketAddr| {
+            let text = format!(
+                r#"[server]
 hostname = "mail.example.test"
 public_url = "{public_url}"
 data_dir = "data"
@@ -89,44 +89,36 @@ master_password_file = "config/master.secret"
 [limits]
 {limits}
 "#,
-            public_url = opts.public_url,
-            cert = pki.cert.display(),
-            key = pki.key.display(),
-            upstream = opts.upstream,
-            extra = opts.upstream_extra,
-            limits = opts.limits,
-        );
-        std::fs::write(&config, text).unwrap();
-        let log = dir.path().join("mailgate.log");
-        let mut mg = Mailgate { child: None, dir, config, imaps, imap, ca: pki.ca, log };
-        mg.spawn();
-        mg
+                public_url = opts.public_url,
+                cert = pki.cert.display(),
+                key = pki.key.display(),
+                upstream = opts.upstream,
+                extra = opts.upstream_extra,
+                limits = opts.limits,
+            );
+            std::fs::write(&config, text).unwrap();
+        };
+        // Free ports are picked by binding port 0 and letting go, so another test may take
+        // one in between: then try again with new ports.
+        let mut attempt = 0;
+        loop {
+            let imaps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let imap: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            write_config(imaps, imap);
+            match spawn_child(dir.path(), &config, &log, imaps, imap) {
+                Ok(child) => {
+                    return Mailgate { child: Some(child), dir, config, imaps, imap, ca: pki.ca, log };
+                }
+                Err(text) if attempt < 5 && text.contains("cannot listen on") => attempt += 1,
+                Err(text) => panic!("mailgate did not start:\n{text}"),
+            }
+        }
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(bin())
-            .current_dir(self.dir.path())
-            .arg("--config")
-            .arg(&self.config)
-            .arg("serve")
-            .env("RUST_LOG", "debug,sled=info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if TcpStream::connect(self.imaps).is_ok() && TcpStream::connect(self.imap).is_ok() {
-                return;
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("mailgate exited with {status}:\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "mailgate did not start:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
+        match spawn_child(self.dir.path(), &self.config, &self.log, self.imaps, self.imap) {
+            Ok(child) => self.child = Some(child),
+            Err(text) => panic!("mailgate did not start:\n{text}"),
         }
     }
 
@@ -184,6 +176,42 @@ master_password_file = "config/master.secret"
     pub fn app_password(&self, email: &str, label: &str, scope: &str) -> String {
         let out = self.ok(&["app-password", "create", email, "--label", label, "--scope", scope]);
         out.lines().last().unwrap().to_string()
+    }
+}
+
+/// Starts `mailgate serve` and waits until both ports accept connections; `Err(log)` if it
+/// exits or does not come up within 20 s.
+fn spawn_child(dir: &Path, config: &Path, log: &Path, imaps: SocketAddr, imap: SocketAddr) -> Result<Child, String> {
+    let served_before = std::fs::read_to_string(log).unwrap_or_default().matches("mailgate serving").count();
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let mut child = Command::new(bin())
+        .current_dir(dir)
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env("RUST_LOG", "debug,sled=info")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited with {status}:\n{}", std::fs::read_to_string(log).unwrap_or_default()));
+        }
+        // "mailgate serving" is logged once every listener is bound, so a port that some other
+        // process holds is never mistaken for ours.
+        let up = std::fs::read_to_string(log).unwrap_or_default().matches("mailgate serving").count() > served_before;
+        if up && TcpStream::connect(imaps).is_ok() && TcpStream::connect(imap).is_ok() {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("not up after 20 s:\n{}", std::fs::read_to_string(log).unwrap_or_default()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
