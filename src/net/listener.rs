@@ -70,7 +70,9 @@ pub async fn accept_loop<F, Fut>(
             _ = shutdown.changed() => return,
         };
         let (tcp, peer) = match accepted {
-            Ok(x) => x,
+            // IPv4 clients of a [::] listener arrive as ::ffff:a.b.c.d; use the plain form
+            // everywhere (limits, logs, the address passed upstream).
+            Ok((tcp, peer)) => (tcp, SocketAddr::new(peer.ip().to_canonical(), peer.port())),
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 warn!(error = %e, "accept failed");
