@@ -87,26 +87,35 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
 #[test]
 fn embedded_defaults_serve_with_no_config_file() {
     let dir = tempfile::tempdir().unwrap();
-    let child = std::process::Command::new(crate::support::mailgate::bin())
+    let log = dir.path().join("serve.log");
+    let mut child = std::process::Command::new(crate::support::mailgate::bin())
         .current_dir(dir.path())
         .arg("serve")
         .env_remove("MAILGATE_CONFIG")
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect("127.0.0.1:9993").is_err() {
-        assert!(std::time::Instant::now() < deadline, "embedded defaults did not listen on 127.0.0.1:9993");
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("mailgate serving") {
+            break text;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("serve exited with {status} (is 127.0.0.1:9993 taken?):\n{text}");
+        }
+        assert!(std::time::Instant::now() < deadline, "not serving after 20 s:\n{text}");
         std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    };
+    assert!(std::net::TcpStream::connect("127.0.0.1:9993").is_ok());
     assert!(dir.path().join("certs/cert.pem").exists() && dir.path().join("data/secret.key").exists());
-    let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("embedded defaults") && err.contains("127.0.0.1:9993") && err.contains("127.0.0.1:9143"),
-        "{err}"
+        text.contains("embedded defaults") && text.contains("127.0.0.1:9993") && text.contains("127.0.0.1:9143"),
+        "{text}"
     );
+    let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM should end serve cleanly: {status}");
 }
 
 #[test]

@@ -25,7 +25,6 @@ use crate::store::{AuditEvent, LastUse, Scope, Store};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 
 /// Which protocol asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,14 +93,20 @@ pub enum Verdict {
     Unavailable,
 }
 
-/// How long a login waits for a hashing slot before it is told to come back later.
+/// How long a login waits for its check before it is told to come back later.
 const HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Checks that may wait for a hashing thread; past this, logins get `Unavailable` at once.
+const HASH_QUEUE_LEN: usize = 1024;
+
+type Job = Box<dyn FnOnce() + Send>;
 
 /// Checks credentials against the store.
 #[derive(Clone)]
 pub struct Authenticator {
     store: Arc<dyn Store>,
-    hashing: Arc<Semaphore>,
+    /// Queue of the hashing threads: a fixed set, so argon2's 19 MiB working memory is
+    /// allocated once per thread and the number of hashes at once is bounded.
+    jobs: std::sync::mpsc::SyncSender<Job>,
 }
 
 /// Lower-cases and trims a login name.
@@ -110,27 +115,49 @@ pub fn normalize_username(name: &str) -> String {
 }
 
 impl Authenticator {
-    /// `max_hashes`: argon2 evaluations at once.
+    /// `max_hashes`: argon2 evaluations at once (one thread each).
     pub fn new(store: Arc<dyn Store>, max_hashes: usize) -> Authenticator {
-        Authenticator { store, hashing: Arc::new(Semaphore::new(max_hashes.max(1))) }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(HASH_QUEUE_LEN);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for n in 0..max_hashes.max(1) {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new().name(format!("mailgate-hash-{n}")).spawn(move || {
+                loop {
+                    // The lock is held only while taking a job, not while running it.
+                    let job = match rx.lock() {
+                        Ok(guard) => guard.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return, // every Authenticator is gone
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a hashing thread");
+            }
+        }
+        Authenticator { store, jobs: tx }
     }
 
     /// Checks a login.
     pub async fn verify(&self, creds: &Credentials, protocol: Protocol, peer: &Peer) -> Verdict {
-        let permit = match tokio::time::timeout(HASH_QUEUE_TIMEOUT, self.hashing.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            _ => return Verdict::Unavailable,
-        };
         let store = self.store.clone();
         let username = normalize_username(&creds.username);
         let password = SecretBytes::from(creds.password.expose().clone());
         let peer = peer.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            decide(store.as_ref(), &username, &password, protocol, &peer)
-        })
-        .await;
-        res.unwrap_or(Verdict::Unavailable)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(decide(store.as_ref(), &username, &password, protocol, &peer));
+        });
+        if self.jobs.try_send(job).is_err() {
+            return Verdict::Unavailable;
+        }
+        match tokio::time::timeout(HASH_QUEUE_TIMEOUT, rx).await {
+            Ok(Ok(v)) => v,
+            _ => Verdict::Unavailable,
+        }
     }
 }
 
