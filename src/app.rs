@@ -36,7 +36,7 @@ pub fn load_key(config: &Config, store: &dyn Store) -> anyhow::Result<SecretKey>
         if sealed > 0 {
             anyhow::bail!(
                 "{} is missing, but {sealed} accounts have TOTP secrets encrypted with it: restore it from a backup \
-                 (or disable TOTP for those accounts after moving the store aside)",
+                 (without one: see docs/configuration.md, \"A lost secret.key\")",
                 path.display()
             );
         }

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Make a development certificate, the data directory, the secret key and an upstream
-    /// master password file where missing. Safe to run again.
+    /// master password file where missing. Safe to run again (while `serve` is stopped).
     Init,
     /// Run the proxy.
     Serve,
