@@ -6,6 +6,7 @@ use crate::auth::{Authenticator, crypto::SecretKey};
 use crate::config::Config;
 use crate::net::imap::ImapService;
 use crate::net::listener::{ConnLimits, accept_loop};
+use crate::net::smtp::SmtpService;
 use crate::net::upstream::Connector;
 use crate::sessions::Sessions;
 use crate::store::{Store, sled_store::SledStore};
@@ -50,6 +51,10 @@ pub struct Listeners {
     pub imap_tls: Vec<TcpListener>,
     /// IMAP STARTTLS.
     pub imap_starttls: Vec<TcpListener>,
+    /// SMTP submission, implicit TLS.
+    pub smtp_tls: Vec<TcpListener>,
+    /// SMTP submission, STARTTLS.
+    pub smtp_starttls: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -67,6 +72,8 @@ impl Listeners {
         Ok(Listeners {
             imap_tls: all(&config.imap_tls, "imap.listen_tls").await?,
             imap_starttls: all(&config.imap_starttls, "imap.listen_starttls").await?,
+            smtp_tls: all(&config.smtp_tls, "smtp.listen_tls").await?,
+            smtp_starttls: all(&config.smtp_starttls, "smtp.listen_starttls").await?,
         })
     }
 }
@@ -87,8 +94,15 @@ pub async fn run(
     let service = Arc::new(ImapService {
         config: config.clone(),
         acceptor,
-        auth,
+        auth: auth.clone(),
         upstream: connector,
+        sessions: sessions.clone(),
+    });
+    let smtp = Arc::new(SmtpService {
+        config: config.clone(),
+        acceptor: TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["smtp"])?),
+        auth,
+        upstream: Arc::new(Connector::new(&config.upstream_smtp, config.limits.upstream_timeout)?),
         sessions: sessions.clone(),
     });
 
@@ -111,6 +125,17 @@ pub async fn run(
                 tracing::info!(address = %a, kind = if implicit { "implicit TLS" } else { "STARTTLS" }, "IMAP listening");
             }
             let svc = service.clone();
+            tasks.push(tokio::spawn(accept_loop(l, limits.clone(), stop_rx.clone(), move |tcp, peer| {
+                svc.clone().serve(tcp, peer, implicit)
+            })));
+        }
+    }
+    for (list, implicit) in [(listeners.smtp_tls, true), (listeners.smtp_starttls, false)] {
+        for l in list {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(address = %a, kind = if implicit { "implicit TLS" } else { "STARTTLS" }, "SMTP listening");
+            }
+            let svc = smtp.clone();
             tasks.push(tokio::spawn(accept_loop(l, limits.clone(), stop_rx.clone(), move |tcp, peer| {
                 svc.clone().serve(tcp, peer, implicit)
             })));

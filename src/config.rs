@@ -57,7 +57,7 @@ pub struct RawConfig {
     #[serde(default)]
     imap: RawListeners<ImapPorts>,
     #[serde(default)]
-    smtp: RawListeners<SmtpPorts>,
+    smtp: RawSmtp,
     #[serde(default)]
     web: RawWeb,
     #[serde(default)]
@@ -140,6 +140,23 @@ struct RawListeners<P: DefaultPorts> {
 impl<P: DefaultPorts> Default for RawListeners<P> {
     fn default() -> Self {
         RawListeners { listen_tls: None, listen_starttls: None, _p: std::marker::PhantomData }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSmtp {
+    listen_tls: Option<Vec<String>>,
+    listen_starttls: Option<Vec<String>>,
+    #[serde(default = "d_max_message_size")]
+    max_message_size: usize,
+}
+fn d_max_message_size() -> usize {
+    50 * 1024 * 1024
+}
+impl Default for RawSmtp {
+    fn default() -> Self {
+        RawSmtp { listen_tls: None, listen_starttls: None, max_message_size: d_max_message_size() }
     }
 }
 
@@ -347,6 +364,8 @@ pub struct Config {
     pub smtp_tls: Vec<SocketAddr>,
     /// SMTP STARTTLS listeners (served by the SMTP work).
     pub smtp_starttls: Vec<SocketAddr>,
+    /// Largest message accepted for submission (advertised as SIZE).
+    pub smtp_max_message_size: usize,
     /// HTTPS listeners of the web step.
     pub web_listen: Vec<SocketAddr>,
     /// Upstream IMAP server.
@@ -404,6 +423,10 @@ impl Config {
         let imap_starttls = addrs("imap.listen_starttls", raw.imap.listen_starttls, ImapPorts::STARTTLS)?;
         let smtp_tls = addrs("smtp.listen_tls", raw.smtp.listen_tls, SmtpPorts::TLS)?;
         let smtp_starttls = addrs("smtp.listen_starttls", raw.smtp.listen_starttls, SmtpPorts::STARTTLS)?;
+        let smtp_max_message_size = raw.smtp.max_message_size;
+        if !(1024..=(1 << 31)).contains(&smtp_max_message_size) {
+            return Err(invalid("smtp.max_message_size", "must be between 1024 and 2147483648 octets"));
+        }
         let web_listen = addrs("web.listen", Some(raw.web.listen), "")?;
         let upstream_imap = upstream("upstream.imap", raw.upstream.imap.unwrap_or_default(), "127.0.0.1:143", false)?;
         let upstream_smtp = upstream("upstream.smtp", raw.upstream.smtp.unwrap_or_default(), "127.0.0.1:587", true)?;
@@ -434,6 +457,7 @@ impl Config {
             imap_starttls,
             smtp_tls,
             smtp_starttls,
+            smtp_max_message_size,
             web_listen,
             upstream_imap,
             upstream_smtp,

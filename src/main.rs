@@ -234,9 +234,12 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
     // Fail on the certificates before opening any port.
     mailgate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])
         .with_context(|| "[tls] cert/key".to_string())?;
-    if config.upstream_imap.tls != mailgate::config::UpstreamTls::None {
-        mailgate::tls::client_config(config.upstream_imap.ca_file.as_deref())
-            .with_context(|| "[upstream.imap] ca_file".to_string())?;
+    for (up, key) in
+        [(&config.upstream_imap, "[upstream.imap] ca_file"), (&config.upstream_smtp, "[upstream.smtp] ca_file")]
+    {
+        if up.tls != mailgate::config::UpstreamTls::None {
+            mailgate::tls::client_config(up.ca_file.as_deref()).with_context(|| key.to_string())?;
+        }
     }
     let store = app::open_store(&config)?;
     let key = app::load_key(&config, store.as_ref())?;
@@ -256,12 +259,21 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
         for l in &listeners.imap_starttls {
             eprintln!("mailgate: IMAP (STARTTLS) on {}", l.local_addr()?);
         }
+        for l in &listeners.smtp_tls {
+            eprintln!("mailgate: SMTP submission (implicit TLS) on {}", l.local_addr()?);
+        }
+        for l in &listeners.smtp_starttls {
+            eprintln!("mailgate: SMTP submission (STARTTLS) on {}", l.local_addr()?);
+        }
         eprintln!(
-            "mailgate: upstream IMAP {} (tls {:?}, login {:?} as {}); data in {}; certificate {}",
+            "mailgate: upstream IMAP {} (tls {:?}, login {:?} as {}); upstream SMTP {} (tls {:?}, login {:?}); data in {}; certificate {}",
             config.upstream_imap.address,
             config.upstream_imap.tls,
             config.upstream_imap.login,
             config.upstream_imap.master_user,
+            config.upstream_smtp.address,
+            config.upstream_smtp.tls,
+            config.upstream_smtp.login,
             config.data_dir.display(),
             config.tls_cert.display()
         );

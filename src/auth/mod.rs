@@ -67,6 +67,7 @@ pub struct Peer {
 pub struct Authenticated {
     username: String,
     app_password_id: Option<String>,
+    senders: Vec<String>,
 }
 
 impl Authenticated {
@@ -77,6 +78,10 @@ impl Authenticated {
     /// The app password used, if any (`None`: the account password).
     pub fn app_password_id(&self) -> Option<&str> {
         self.app_password_id.as_deref()
+    }
+    /// The addresses the account may send as: its own and its aliases.
+    pub fn senders(&self) -> &[String] {
+        &self.senders
     }
 }
 
@@ -205,6 +210,7 @@ pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protoco
                 return Verdict::Granted(Authenticated {
                     username: account.username.clone(),
                     app_password_id: Some(rec.id),
+                    senders: senders(&account),
                 });
             }
             Ok(_) => {}
@@ -227,7 +233,15 @@ pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protoco
         return Verdict::NeedsAppPassword;
     }
     audit("login", format!("{who} with the account password"));
-    Verdict::Granted(Authenticated { username: account.username.clone(), app_password_id: None })
+    Verdict::Granted(Authenticated {
+        username: account.username.clone(),
+        app_password_id: None,
+        senders: senders(&account),
+    })
+}
+
+fn senders(account: &crate::store::Account) -> Vec<String> {
+    std::iter::once(account.username.clone()).chain(account.addresses.iter().cloned()).collect()
 }
 
 /// The text a person sees when their mail client sends the account password of a 2FA

@@ -3,5 +3,6 @@
 
 pub mod imap;
 pub mod listener;
+pub mod smtp;
 pub mod stream;
 pub mod upstream;

@@ -1,5 +1,6 @@
-//! Connecting to the upstream IMAP server and logging in as the user (drives
-//! [`crate::proto::upstream::UpstreamLogin`]).
+//! Connecting to an upstream server (TCP, TLS, the master password) and logging in to
+//! the upstream IMAP server as the user (drives [`crate::proto::upstream::UpstreamLogin`]).
+//! The SMTP side uses the same [`Connector`] with its own login exchange.
 
 use crate::config::{Upstream, UpstreamLogin as LoginMode, UpstreamTls};
 use crate::net::stream::MaybeTls;
@@ -19,9 +20,12 @@ pub enum UpstreamFailure {
     /// TCP connect or I/O failed.
     #[error("upstream I/O: {0}")]
     Io(#[from] std::io::Error),
-    /// The login exchange failed.
+    /// The IMAP login exchange failed.
     #[error("{0}")]
     Protocol(#[from] UpstreamError),
+    /// The SMTP login exchange failed.
+    #[error("{0}")]
+    Smtp(#[from] crate::proto::smtp_upstream::SmtpUpstreamError),
     /// Connect + login took longer than `limits.upstream_timeout_secs`.
     #[error("upstream did not answer in time")]
     Timeout,
@@ -83,6 +87,36 @@ impl Connector {
         }
     }
 
+    /// The upstream's settings.
+    pub fn config(&self) -> &Upstream {
+        &self.cfg
+    }
+
+    /// The connect/login deadline.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Reads the master password and opens the TCP connection (TLS at once for `implicit`).
+    pub async fn connect(&self) -> Result<(MaybeTls, SecretString), UpstreamFailure> {
+        let password = read_master_password(&self.cfg.master_password_file).map_err(UpstreamFailure::MasterPassword)?;
+        let tcp = TcpStream::connect(&self.cfg.address).await?;
+        tcp.set_nodelay(true)?;
+        let stream = match self.cfg.tls {
+            UpstreamTls::Implicit => self.tls_wrap(tcp).await?,
+            _ => MaybeTls::Plain(tcp),
+        };
+        Ok((stream, password))
+    }
+
+    /// TLS on a plain connection after STARTTLS, with the certificate checks.
+    pub async fn upgrade(&self, stream: MaybeTls) -> Result<MaybeTls, UpstreamFailure> {
+        let MaybeTls::Plain(tcp) = stream else {
+            return Err(UpstreamFailure::Io(std::io::Error::other("STARTTLS on a TLS connection")));
+        };
+        self.tls_wrap(tcp).await
+    }
+
     async fn tls_wrap(&self, tcp: TcpStream) -> Result<MaybeTls, UpstreamFailure> {
         let Some(tls) = &self.tls else { return Ok(MaybeTls::Plain(tcp)) };
         let name =
@@ -96,13 +130,7 @@ impl Connector {
         client: SocketAddr,
         local: SocketAddr,
     ) -> Result<UpstreamSession, UpstreamFailure> {
-        let password = read_master_password(&self.cfg.master_password_file).map_err(UpstreamFailure::MasterPassword)?;
-        let tcp = TcpStream::connect(&self.cfg.address).await?;
-        tcp.set_nodelay(true)?;
-        let mut stream = match self.cfg.tls {
-            UpstreamTls::Implicit => self.tls_wrap(tcp).await?,
-            _ => MaybeTls::Plain(tcp),
-        };
+        let (mut stream, password) = self.connect().await?;
         let style = match self.cfg.login {
             LoginMode::MasterSeparator => LoginStyle::MasterSeparator(self.cfg.master_separator.clone()),
             _ => LoginStyle::MasterSasl,
@@ -131,10 +159,7 @@ impl Connector {
                     login.feed(&buf[..n]);
                 }
                 Step::StartTls => {
-                    let MaybeTls::Plain(tcp) = stream else {
-                        return Err(UpstreamError::StartTls.into());
-                    };
-                    stream = self.tls_wrap(tcp).await?;
+                    stream = self.upgrade(stream).await?;
                     login.tls_started();
                 }
                 Step::Done(capabilities) => {

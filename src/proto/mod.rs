@@ -6,4 +6,6 @@
 
 pub mod imap;
 pub mod sasl;
+pub mod smtp;
+pub mod smtp_upstream;
 pub mod upstream;

@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub const SCHEMA_VERSION: u32 = 1;
 /// App passwords one account may hold (bounds the list and the cost of a login).
 pub const MAX_APP_PASSWORDS: usize = 50;
+/// Audit events kept per account (older ones are dropped).
+pub const MAX_AUDIT_PER_ACCOUNT: usize = 1000;
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]

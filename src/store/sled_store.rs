@@ -259,9 +259,20 @@ impl Store for SledStore {
 
     fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
         let seq = self.db.generate_id().map_err(backend)?;
-        let mut key = index_key(&event.username, "");
+        let prefix = index_key(&event.username, "");
+        let mut key = prefix.clone();
         key.extend_from_slice(&seq.to_be_bytes());
         self.audit.insert(key, encode(event)?).map_err(backend)?;
+        // Keep the newest MAX_AUDIT_PER_ACCOUNT events of each account; checked every
+        // 64th event so the cost stays small.
+        if seq % 64 == 0 {
+            let keys: Vec<sled::IVec> =
+                self.audit.scan_prefix(&prefix).keys().collect::<Result<_, _>>().map_err(backend)?;
+            let excess = keys.len().saturating_sub(MAX_AUDIT_PER_ACCOUNT);
+            for k in keys.into_iter().take(excess) {
+                self.audit.remove(k).map_err(backend)?;
+            }
+        }
         Ok(())
     }
 
@@ -330,6 +341,22 @@ mod tests {
         s.remove_account("a@x").unwrap();
         assert!(s.get_app_password("id4").unwrap().is_none());
         assert!(s.list_app_passwords("a@x").unwrap().is_empty());
+    }
+
+    #[test]
+    fn audit_is_pruned_per_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        for n in 0..(MAX_AUDIT_PER_ACCOUNT + 200) {
+            let ev = AuditEvent { at: n as u64, username: "a@x".into(), kind: "login".into(), detail: String::new() };
+            s.append_audit(&ev).unwrap();
+        }
+        let ev = AuditEvent { at: 0, username: "b@x".into(), kind: "login".into(), detail: String::new() };
+        s.append_audit(&ev).unwrap();
+        let kept = s.audit.scan_prefix(index_key("a@x", "")).count();
+        assert!((MAX_AUDIT_PER_ACCOUNT..MAX_AUDIT_PER_ACCOUNT + 64).contains(&kept), "{kept}");
+        assert_eq!(s.recent_audit("a@x", 1).unwrap()[0].at, (MAX_AUDIT_PER_ACCOUNT + 199) as u64);
+        assert_eq!(s.recent_audit("b@x", 5).unwrap().len(), 1);
     }
 
     #[test]

@@ -26,8 +26,14 @@ pub struct Options {
     pub master_password: String,
     /// Extra `[limits]` lines.
     pub limits: String,
-    /// Serve STARTTLS listener too.
+    /// `[server] public_url`.
     pub public_url: String,
+    /// Upstream SMTP address.
+    pub smtp_upstream: String,
+    /// `[upstream.smtp]` extra lines.
+    pub smtp_upstream_extra: String,
+    /// `[smtp]` extra lines.
+    pub smtp_extra: String,
 }
 
 impl Default for Options {
@@ -38,6 +44,9 @@ impl Default for Options {
             master_password: "master-secret".into(),
             limits: "auth_failure_delay_ms = 200\n".into(),
             public_url: "https://mail.example.test".into(),
+            smtp_upstream: format!("127.0.0.1:{}", free_port()),
+            smtp_upstream_extra: String::new(),
+            smtp_extra: String::new(),
         }
     }
 }
@@ -53,6 +62,10 @@ pub struct Mailgate {
     pub imaps: SocketAddr,
     /// IMAP STARTTLS.
     pub imap: SocketAddr,
+    /// SMTP submission, implicit TLS.
+    pub smtps: SocketAddr,
+    /// SMTP submission, STARTTLS.
+    pub submission: SocketAddr,
     /// CA the test clients trust.
     pub ca: PathBuf,
     log: PathBuf,
@@ -69,7 +82,7 @@ impl Mailgate {
         std::fs::write(dir.path().join("config/master.secret"), format!("{}\n", opts.master_password)).unwrap();
         let config = dir.path().join("config/mailgate.toml");
         let log = dir.path().join("mailgate.log");
-        let write_config = |imaps: SocketAddr, imap: SocketAddr| {
+        let write_config = |imaps: SocketAddr, imap: SocketAddr, smtps: SocketAddr, submission: SocketAddr| {
             let text = format!(
                 r#"[server]
 hostname = "mail.example.test"
@@ -81,6 +94,15 @@ key = "{key}"
 [imap]
 listen_tls = ["{imaps}"]
 listen_starttls = ["{imap}"]
+[smtp]
+listen_tls = ["{smtps}"]
+listen_starttls = ["{submission}"]
+{smtp_extra}
+[upstream.smtp]
+address = "{smtp_upstream}"
+master_user = "mailgate"
+master_password_file = "config/master.secret"
+{smtp_upstream_extra}
 [upstream.imap]
 address = "{upstream}"
 master_user = "mailgate"
@@ -95,6 +117,9 @@ master_password_file = "config/master.secret"
                 upstream = opts.upstream,
                 extra = opts.upstream_extra,
                 limits = opts.limits,
+                smtp_extra = opts.smtp_extra,
+                smtp_upstream = opts.smtp_upstream,
+                smtp_upstream_extra = opts.smtp_upstream_extra,
             );
             std::fs::write(&config, text).unwrap();
         };
@@ -104,10 +129,22 @@ master_password_file = "config/master.secret"
         loop {
             let imaps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let imap: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            write_config(imaps, imap);
+            let smtps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let submission: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            write_config(imaps, imap, smtps, submission);
             match spawn_child(dir.path(), &config, &log, imaps, imap) {
                 Ok(child) => {
-                    return Mailgate { child: Some(child), dir, config, imaps, imap, ca: pki.ca, log };
+                    return Mailgate {
+                        child: Some(child),
+                        dir,
+                        config,
+                        imaps,
+                        imap,
+                        smtps,
+                        submission,
+                        ca: pki.ca,
+                        log,
+                    };
                 }
                 Err(text) if attempt < 5 && text.contains("cannot listen on") => attempt += 1,
                 Err(text) => panic!("mailgate did not start:\n{text}"),

@@ -1,0 +1,363 @@
+//! One SMTP submission connection: TLS, the [`Session`] state machine, the credential
+//! check, the upstream login as the user, and the relay of each transaction step.
+
+use crate::auth::{self, Authenticated, Authenticator, Peer, Protocol, Verdict};
+use crate::config::{Config, UpstreamLogin as LoginMode, UpstreamTls};
+use crate::net::stream::MaybeTls;
+use crate::net::upstream::{Connector, UpstreamFailure};
+use crate::proto::smtp::{Action, AuthReply, Session};
+use crate::proto::smtp_upstream::{ReplyError, SmtpLogin, Step, Style, parse_reply};
+use crate::sessions::{SessionGuard, Sessions};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+/// Idle time allowed between client commands after authentication (RFC 5321 §4.5.3.2.7).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// Upstream's final reply to a message may take a while (RFC 5321 §4.5.3.2.6: 10 min).
+const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What every SMTP connection needs.
+pub struct SmtpService {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// TLS for clients (ALPN "smtp").
+    pub acceptor: TlsAcceptor,
+    /// Credential checks (shared with IMAP).
+    pub auth: Authenticator,
+    /// The upstream SMTP server.
+    pub upstream: Arc<Connector>,
+    /// Live sessions (for revocation).
+    pub sessions: Sessions,
+}
+
+/// A logged-in upstream SMTP connection with its read buffer.
+struct Upstream {
+    stream: MaybeTls,
+    buf: Vec<u8>,
+}
+
+impl Upstream {
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+
+    /// Reads one whole reply: (code, raw lines).
+    async fn reply(&mut self, wait: Duration) -> std::io::Result<(u16, Vec<u8>)> {
+        let deadline = Instant::now() + wait;
+        let mut tmp = [0u8; 4096];
+        loop {
+            match parse_reply(&self.buf) {
+                Ok(Some((code, len))) => return Ok((code, self.buf.drain(..len).collect())),
+                Ok(None) => {}
+                Err(ReplyError::TooLong | ReplyError::Malformed) => {
+                    return Err(std::io::Error::other("malformed upstream reply"));
+                }
+            }
+            let n = match timeout_at(deadline, self.stream.read(&mut tmp)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+            };
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    async fn quit(mut self) {
+        let _ = timeout(Duration::from_secs(2), async {
+            if self.send(b"QUIT\r\n").await.is_ok() {
+                let _ = self.reply(Duration::from_secs(2)).await;
+            }
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+impl SmtpService {
+    /// Logs in upstream as `user` (connect, EHLO, STARTTLS, XCLIENT, AUTH as configured).
+    async fn open_upstream(&self, user: &str, client: SocketAddr) -> Result<Upstream, UpstreamFailure> {
+        let connector = &self.upstream;
+        let fut = async {
+            let (mut stream, password) = connector.connect().await?;
+            let cfg = connector.config();
+            let style = if cfg.login == LoginMode::Xclient { Style::Xclient } else { Style::MasterSasl };
+            let mut login = SmtpLogin::new(
+                &self.config.hostname,
+                user,
+                &cfg.master_user,
+                password,
+                style,
+                cfg.tls == UpstreamTls::Starttls,
+                client,
+            );
+            let mut tmp = vec![0u8; 8192];
+            loop {
+                match login.poll() {
+                    Step::Write(b) => {
+                        stream.write_all(&b).await?;
+                        stream.flush().await?;
+                    }
+                    Step::NeedInput => {
+                        let n = stream.read(&mut tmp).await?;
+                        if n == 0 {
+                            return Err(UpstreamFailure::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                        }
+                        login.feed(&tmp[..n]);
+                    }
+                    Step::StartTls => {
+                        stream = connector.upgrade(stream).await?;
+                        login.tls_started();
+                    }
+                    Step::Done(_caps) => return Ok(Upstream { stream, buf: login.into_leftover() }),
+                    Step::Fail(e) => return Err(e.into()),
+                }
+            }
+        };
+        match timeout(connector.timeout(), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamFailure::Timeout),
+        }
+    }
+
+    /// Serves one accepted connection to its end. `implicit`: TLS from the first byte.
+    pub async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, implicit: bool) {
+        let _ = tcp.set_nodelay(true);
+        let limits = &self.config.limits;
+        let preauth_deadline = Instant::now() + limits.preauth_timeout;
+        let mut client = if implicit {
+            match timeout(limits.tls_handshake_timeout, self.acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => MaybeTls::Server(Box::new(s)),
+                _ => {
+                    debug!(%peer, "SMTP TLS handshake failed or timed out");
+                    return;
+                }
+            }
+        } else {
+            MaybeTls::Plain(tcp)
+        };
+        let mut session = Session::new(&self.config.hostname, implicit, !implicit, self.config.smtp_max_message_size);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut upstream: Option<Upstream> = None;
+        let mut granted: Option<Authenticated> = None;
+        let mut guard: Option<SessionGuard> = None;
+        loop {
+            let deadline = if granted.is_some() { Instant::now() + COMMAND_TIMEOUT } else { preauth_deadline };
+            match session.poll() {
+                Action::Write(bytes) => {
+                    if !matches!(timeout_at(deadline, client.write_all(&bytes)).await, Ok(Ok(()))) {
+                        break;
+                    }
+                }
+                Action::NeedInput => {
+                    let read = async {
+                        match guard.as_mut() {
+                            Some(g) => tokio::select! {
+                                r = timeout_at(deadline, client.read(&mut buf)) => Some(r),
+                                _ = &mut g.killed => None,
+                            },
+                            None => Some(timeout_at(deadline, client.read(&mut buf)).await),
+                        }
+                    };
+                    match read.await {
+                        None => {
+                            info!(%peer, "SMTP session ended: access revoked");
+                            let _ = timeout(Duration::from_secs(2), client.write_all(b"421 4.7.0 Access revoked\r\n"))
+                                .await;
+                            break;
+                        }
+                        Some(Ok(Ok(0))) | Some(Ok(Err(_))) => break,
+                        Some(Ok(Ok(n))) => session.feed(&buf[..n]),
+                        Some(Err(_)) => {
+                            let _ = timeout(
+                                Duration::from_secs(1),
+                                client.write_all(b"421 4.4.2 Timeout, closing connection\r\n"),
+                            )
+                            .await;
+                            break;
+                        }
+                    }
+                }
+                Action::StartTls => {
+                    let MaybeTls::Plain(tcp) = client else { break };
+                    match timeout(limits.tls_handshake_timeout, self.acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => {
+                            client = MaybeTls::Server(Box::new(s));
+                            session.tls_started();
+                        }
+                        _ => {
+                            debug!(%peer, "SMTP STARTTLS handshake failed or timed out");
+                            return;
+                        }
+                    }
+                }
+                Action::Refuse(reply) => {
+                    tokio::time::sleep(limits.auth_failure_delay).await;
+                    session.auth_failed(reply);
+                }
+                Action::Authenticate(creds) => {
+                    let who = Peer { ip: peer.ip(), client_name: None };
+                    let username = auth::normalize_username(&creds.username);
+                    match self.auth.verify(&creds, Protocol::Smtp, &who).await {
+                        Verdict::Granted(g) => match self.open_upstream(g.username(), peer).await {
+                            Ok(up) => {
+                                info!(%peer, user = %g.username(), app_password = g.app_password_id().unwrap_or("-"), "SMTP login");
+                                upstream = Some(up);
+                                guard = Some(self.sessions.register(g.username(), g.app_password_id()));
+                                session.auth_succeeded(g.senders().to_vec());
+                                granted = Some(g);
+                            }
+                            Err(e) => {
+                                warn!(%peer, user = %username, error = %e, "upstream SMTP login failed");
+                                session.auth_failed(AuthReply::Unavailable);
+                            }
+                        },
+                        Verdict::Denied => {
+                            info!(%peer, user = %username, "SMTP login refused");
+                            tokio::time::sleep(limits.auth_failure_delay).await;
+                            session.auth_failed(AuthReply::Failed);
+                        }
+                        Verdict::NeedsAppPassword => {
+                            info!(%peer, user = %username, "account password of a 2FA account refused; app password needed");
+                            tokio::time::sleep(limits.auth_failure_delay).await;
+                            session.auth_failed(AuthReply::NeedsAppPassword(auth::app_password_hint(
+                                &self.config.app_password_url(),
+                            )));
+                        }
+                        Verdict::Unavailable => session.auth_failed(AuthReply::Unavailable),
+                    }
+                }
+                Action::Forward(line) => {
+                    let is_rset = line.eq_ignore_ascii_case(b"RSET\r\n");
+                    if upstream.is_none() && is_rset {
+                        // No upstream connection, so no upstream transaction to reset.
+                        session.upstream_reply(250, b"250 2.0.0 OK\r\n");
+                        continue;
+                    }
+                    let Some(up) = self.ensure_upstream(&mut upstream, granted.as_ref(), peer).await else {
+                        session.upstream_failed();
+                        continue;
+                    };
+                    let wait = self.upstream.timeout();
+                    match async {
+                        up.send(&line).await?;
+                        up.reply(wait).await
+                    }
+                    .await
+                    {
+                        Ok((code, raw)) => session.upstream_reply(code, &raw),
+                        Err(e) => {
+                            warn!(%peer, error = %e, "upstream SMTP failed");
+                            upstream = None;
+                            session.upstream_failed();
+                        }
+                    }
+                }
+                Action::StartData { head, complete } => {
+                    let Some(up) = self.ensure_upstream(&mut upstream, granted.as_ref(), peer).await else {
+                        session.upstream_failed();
+                        continue;
+                    };
+                    let wait = self.upstream.timeout();
+                    let result = async {
+                        up.send(b"DATA\r\n").await?;
+                        let (code, raw) = up.reply(wait).await?;
+                        if code != 354 {
+                            return Ok(Some(Err(raw)));
+                        }
+                        up.send(&head).await?;
+                        if complete {
+                            let (code, raw) = up.reply(DATA_END_TIMEOUT).await?;
+                            return Ok(Some(Ok((code, raw))));
+                        }
+                        Ok::<_, std::io::Error>(None)
+                    }
+                    .await;
+                    match result {
+                        Ok(None) => session.data_accepted(),
+                        Ok(Some(Ok((code, raw)))) => session.upstream_reply(code, &raw),
+                        Ok(Some(Err(raw))) => session.data_refused(&raw),
+                        Err(e) => {
+                            warn!(%peer, error = %e, "upstream SMTP failed during DATA");
+                            upstream = None;
+                            session.upstream_failed();
+                        }
+                    }
+                }
+                Action::DataChunk(bytes) => {
+                    let ok = match upstream.as_mut() {
+                        Some(up) => up.send(&bytes).await.is_ok(),
+                        None => false,
+                    };
+                    if !ok {
+                        upstream = None;
+                        session.upstream_failed();
+                    }
+                }
+                Action::EndData(bytes) => {
+                    let result = match upstream.as_mut() {
+                        Some(up) => async {
+                            up.send(&bytes).await?;
+                            up.reply(DATA_END_TIMEOUT).await
+                        }
+                        .await
+                        .ok(),
+                        None => None,
+                    };
+                    match result {
+                        Some((code, raw)) => {
+                            if (200..300).contains(&code) {
+                                info!(%peer, user = %granted.as_ref().map(|g| g.username()).unwrap_or("-"), "message relayed");
+                            }
+                            session.upstream_reply(code, &raw);
+                        }
+                        None => {
+                            upstream = None;
+                            session.upstream_failed();
+                        }
+                    }
+                }
+                Action::AbortUpstream => {
+                    // Closing without the end-of-data line: upstream discards the message.
+                    if let Some(mut up) = upstream.take() {
+                        let _ = timeout(Duration::from_secs(2), up.stream.shutdown()).await;
+                    }
+                }
+                Action::Close => break,
+            }
+        }
+        if let Some(up) = upstream.take() {
+            up.quit().await;
+        }
+        let _ = timeout(Duration::from_secs(2), client.shutdown()).await;
+    }
+
+    /// The upstream connection, opened again (as the same user) if an earlier message
+    /// had to be abandoned. `None` if there is no authenticated user or it fails.
+    async fn ensure_upstream<'a>(
+        &self,
+        upstream: &'a mut Option<Upstream>,
+        granted: Option<&Authenticated>,
+        peer: SocketAddr,
+    ) -> Option<&'a mut Upstream> {
+        if upstream.is_none() {
+            let g = granted?;
+            match self.open_upstream(g.username(), peer).await {
+                Ok(up) => *upstream = Some(up),
+                Err(e) => {
+                    warn!(%peer, user = %g.username(), error = %e, "upstream SMTP login failed");
+                    return None;
+                }
+            }
+        }
+        upstream.as_mut()
+    }
+}

@@ -1,0 +1,920 @@
+//! The SMTP submission server, sans-IO: greeting, EHLO, STARTTLS, AUTH, and — once
+//! authenticated — the mail transaction with the sender policy applied.
+//!
+//! The driver feeds client bytes ([`Session::feed`]) and asks what to do
+//! ([`Session::poll`]). Before authentication everything is answered here. After it,
+//! MAIL, RCPT and RSET are checked here and forwarded upstream one at a time
+//! ([`Action::Forward`]); upstream's reply goes back to the client unchanged, so a step
+//! upstream refused is never reported as a success. DATA is answered `354` here; the
+//! header section (bounded) is checked against the sender policy, and only then is
+//! DATA sent upstream and the message streamed through byte for byte — a refused
+//! message never reaches upstream.
+//!
+//! Lines end with CRLF. A bare LF or bare CR is refused the same way everywhere:
+//! in a command line with `500 5.5.2`, in message data by refusing the message
+//! (SMTP smuggling: one end-of-data rule on both sides of the proxy).
+
+use crate::proto::imap::base64 as b64encode;
+use crate::proto::sasl::{self, Credentials, SaslError};
+use base64::Engine as _;
+use smtp_proto::{EhloResponse, Request};
+
+/// Bounds on what a client may send (SECURITY.md §F, §P).
+pub mod limits {
+    /// A command line including CRLF (RFC 5321 §4.5.3.1.4).
+    pub const MAX_LINE: usize = 512;
+    /// An AUTH command or SASL response line (RFC 4954 §4; Postfix `smtpd_sasl_response_limit`).
+    pub const MAX_AUTH_LINE: usize = 12_288;
+    /// The header section of a message, which is buffered for the sender check.
+    pub const MAX_HEADER: usize = 64 * 1024;
+    /// Errors before the connection is closed (Postfix `smtpd_hard_error_limit 20`).
+    pub const MAX_ERRORS: u32 = 20;
+    /// Failed authentications on one connection.
+    pub const MAX_AUTH_FAILURES: u32 = 3;
+    /// Commands of any kind before authentication (freenginx `max_commands 1000`).
+    pub const MAX_COMMANDS_PREAUTH: u32 = 1000;
+}
+use limits::*;
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Action {
+    /// Read more from the client.
+    NeedInput,
+    /// Write these bytes to the client.
+    Write(Vec<u8>),
+    /// Everything before is written; do the TLS handshake, then call [`Session::tls_started`].
+    StartTls,
+    /// Check these credentials, then call [`Session::auth_succeeded`] or [`Session::auth_failed`].
+    Authenticate(Credentials),
+    /// The exchange failed before any password check; apply the failure delay, then call
+    /// [`Session::auth_failed`] with this reply.
+    Refuse(AuthReply),
+    /// Send this command line (CRLF included) upstream, read the whole reply and give it
+    /// to [`Session::upstream_reply`]. The upstream session may have to be (re)opened first.
+    Forward(Vec<u8>),
+    /// Send `DATA` upstream. On `354`, send `head`; then if `complete` read the final reply
+    /// and call [`Session::upstream_reply`], else call [`Session::data_accepted`]. On any other
+    /// reply call [`Session::data_refused`] with it.
+    StartData {
+        /// The message so far (dot-stuffed, as the client sent it).
+        head: Vec<u8>,
+        /// `head` ends with the end-of-data line.
+        complete: bool,
+    },
+    /// More message bytes: send them upstream as they are.
+    DataChunk(Vec<u8>),
+    /// The last message bytes, end-of-data line included: send them, read the final reply,
+    /// call [`Session::upstream_reply`].
+    EndData(Vec<u8>),
+    /// The message being streamed must not be delivered: close the upstream connection
+    /// without sending end-of-data (upstream then discards it). Open a new one when needed.
+    AbortUpstream,
+    /// Close the connection (after writing what was returned before); say QUIT upstream.
+    Close,
+}
+
+/// How a failed authentication is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthReply {
+    /// `535 5.7.8`: wrong or unknown credentials (one answer for every cause).
+    Failed,
+    /// `535 5.7.8` too: the client asked to act as another user.
+    AuthzFailed,
+    /// `501`: cancelled or not base64.
+    Aborted(&'static str),
+    /// `534 5.7.9`: a 2FA account sent its account password; the text says where to make
+    /// an app password (the Gmail convention).
+    NeedsAppPassword(String),
+    /// `454 4.7.0`: try again later.
+    Unavailable,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Mech {
+    Plain,
+    LoginUser,
+    LoginPass(String),
+}
+
+#[derive(Debug)]
+enum State {
+    /// Reading command lines. `discarding`: dropping the rest of an over-long line.
+    Command {
+        discarding: bool,
+    },
+    Sasl(Mech),
+    Authenticating,
+    TlsPending,
+    AwaitTls,
+    /// A command was forwarded; waiting for upstream's reply.
+    Forwarded(Pending),
+    /// Collecting the header section of a message (after our `354`).
+    Header,
+    /// DATA sent upstream; waiting for its reply.
+    DataStarting {
+        complete: bool,
+    },
+    /// Streaming the message upstream.
+    Streaming,
+    /// Reading the rest of a refused message; then answer with `reply`.
+    Draining {
+        reply: String,
+    },
+    /// Upstream may still hold a transaction the client no longer has: send it RSET and
+    /// drop the reply.
+    SilentRset,
+    /// End-of-data sent; waiting for upstream's final reply.
+    DataEnding,
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Mail,
+    Rcpt,
+    Rset,
+}
+
+/// Byte-level scanner of message data: finds the end-of-data line (`CRLF . CRLF`), the
+/// end of the header section, and any bare CR or LF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    LineStart,
+    InLine,
+    Cr,
+    Dot,
+    DotCr,
+    EmptyCr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScanEvent {
+    /// The header section ended at this offset (after its blank line).
+    HeaderEnd(usize),
+    /// End-of-data; the message (and its end line) ends at this offset.
+    End(usize),
+    /// A bare CR or LF at this offset.
+    Bare,
+}
+
+/// The SMTP session of one client connection.
+pub struct Session {
+    state: State,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    hostname: String,
+    tls: bool,
+    starttls_allowed: bool,
+    ehlo_done: bool,
+    /// Addresses this account may send as (lower-case); empty until authenticated.
+    senders: Vec<String>,
+    authenticated: bool,
+    in_transaction: bool,
+    recipients: usize,
+    max_size: usize,
+    errors: u32,
+    commands: u32,
+    failures: u32,
+    alert_shown: bool,
+    scan: Scan,
+    /// Bytes of `buf` already scanned (Header state).
+    scan_pos: usize,
+    /// Octets of the current message seen so far.
+    message_len: usize,
+    header_seen: bool,
+    /// The pending RSET is ours, not the client's: its reply is not shown.
+    rset_silent: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("state", &self.state)
+            .field("tls", &self.tls)
+            .field("authenticated", &self.authenticated)
+            .field("buffered", &self.buf.len())
+            .field("errors", &self.errors)
+            .finish()
+    }
+}
+
+const TOO_MANY_ERRORS: &str = "421 4.7.0 Too many errors, closing connection\r\n";
+
+impl Session {
+    /// A new connection. `tls`: already encrypted (implicit TLS); `starttls_allowed`: this
+    /// listener offers STARTTLS; `max_size`: the SIZE limit in octets.
+    pub fn new(hostname: &str, tls: bool, starttls_allowed: bool, max_size: usize) -> Session {
+        let mut s = Session {
+            state: State::Command { discarding: false },
+            buf: Vec::new(),
+            out: Vec::new(),
+            hostname: hostname.to_string(),
+            tls,
+            starttls_allowed: starttls_allowed && !tls,
+            ehlo_done: false,
+            senders: Vec::new(),
+            authenticated: false,
+            in_transaction: false,
+            recipients: 0,
+            max_size,
+            errors: 0,
+            commands: 0,
+            failures: 0,
+            alert_shown: false,
+            scan: Scan::LineStart,
+            scan_pos: 0,
+            message_len: 0,
+            header_seen: false,
+            rset_silent: false,
+        };
+        s.reply(&format!("220 {hostname} ESMTP mailgate ready"));
+        s
+    }
+
+    fn reply(&mut self, line: &str) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    fn close_with(&mut self, text: &str) {
+        self.out.extend_from_slice(text.as_bytes());
+        self.buf.clear();
+        self.state = State::Closed;
+    }
+
+    /// Counts a protocol error; past [`MAX_ERRORS`] the connection closes.
+    fn error(&mut self, line: &str) {
+        self.reply(line);
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            self.close_with(TOO_MANY_ERRORS);
+        }
+    }
+
+    /// Bytes read from the client.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        match self.state {
+            // Plaintext that arrives while TLS is set up is never executed (CVE-2011-0411).
+            State::TlsPending | State::AwaitTls | State::Closed => {}
+            _ => self.buf.extend_from_slice(bytes),
+        }
+    }
+
+    /// The next thing to do.
+    pub fn poll(&mut self) -> Action {
+        loop {
+            if !self.out.is_empty() {
+                return Action::Write(std::mem::take(&mut self.out));
+            }
+            let step = match &self.state {
+                State::Closed => return Action::Close,
+                State::Authenticating
+                | State::AwaitTls
+                | State::Forwarded(_)
+                | State::DataStarting { .. }
+                | State::DataEnding => return Action::NeedInput,
+                State::TlsPending => {
+                    self.state = State::AwaitTls;
+                    self.buf.clear();
+                    return Action::StartTls;
+                }
+                State::Command { .. } => self.step_command(),
+                State::Sasl(_) => self.step_sasl(),
+                State::Header => self.step_header(),
+                State::Streaming => self.step_stream(),
+                State::Draining { .. } => self.step_drain(),
+                State::SilentRset => {
+                    self.rset_silent = true;
+                    self.state = State::Forwarded(Pending::Rset);
+                    return Action::Forward(b"RSET\r\n".to_vec());
+                }
+            };
+            if let Some(action) = step {
+                if matches!(action, Action::NeedInput) && !self.out.is_empty() {
+                    continue;
+                }
+                return action;
+            }
+        }
+    }
+
+    /// The TLS handshake after STARTTLS succeeded: the session starts over (RFC 3207 §4.2).
+    pub fn tls_started(&mut self) {
+        if matches!(self.state, State::AwaitTls) {
+            self.tls = true;
+            self.starttls_allowed = false;
+            self.ehlo_done = false;
+            self.buf.clear();
+            self.state = State::Command { discarding: false };
+        }
+    }
+
+    /// The credentials were accepted and the upstream session is open. `senders`: the
+    /// addresses the account may send as.
+    pub fn auth_succeeded(&mut self, senders: Vec<String>) {
+        if matches!(self.state, State::Authenticating) {
+            self.senders = senders.into_iter().map(|s| s.to_lowercase()).collect();
+            self.authenticated = true;
+            self.reply("235 2.7.0 Authentication successful");
+            self.state = State::Command { discarding: false };
+        }
+    }
+
+    /// The credentials were refused (or the exchange failed).
+    pub fn auth_failed(&mut self, reply: AuthReply) {
+        if !matches!(self.state, State::Authenticating) {
+            return;
+        }
+        self.state = State::Command { discarding: false };
+        let line = match reply {
+            AuthReply::Failed | AuthReply::AuthzFailed => "535 5.7.8 Authentication credentials invalid".to_string(),
+            AuthReply::Aborted(text) => format!("501 {text}"),
+            AuthReply::NeedsAppPassword(text) if !self.alert_shown => {
+                self.alert_shown = true;
+                format!("534 5.7.9 Application-specific password required. {}", one_line(&text))
+            }
+            AuthReply::NeedsAppPassword(_) => "535 5.7.8 Authentication credentials invalid".to_string(),
+            AuthReply::Unavailable => "454 4.7.0 Temporary authentication failure, try again later".to_string(),
+        };
+        self.reply(&line);
+        self.failures += 1;
+        if self.failures >= MAX_AUTH_FAILURES {
+            self.close_with("421 4.7.0 Too many authentication failures\r\n");
+        }
+    }
+
+    /// Upstream's whole reply to a forwarded command or to the end of a message.
+    /// `code` is its three-digit code; `raw` its lines (CRLF included).
+    pub fn upstream_reply(&mut self, code: u16, raw: &[u8]) {
+        let ok = (200..300).contains(&code);
+        match std::mem::replace(&mut self.state, State::Command { discarding: false }) {
+            State::Forwarded(Pending::Mail) => self.in_transaction = ok,
+            State::Forwarded(Pending::Rcpt) => self.recipients += usize::from(ok),
+            State::Forwarded(Pending::Rset) => {
+                self.reset_transaction();
+                if std::mem::take(&mut self.rset_silent) {
+                    return;
+                }
+            }
+            State::DataEnding | State::DataStarting { complete: true } => self.reset_transaction(),
+            other => {
+                self.state = other;
+                return;
+            }
+        }
+        self.out.extend_from_slice(raw);
+    }
+
+    /// Upstream answered `354` to DATA and has the head of the message: stream the rest.
+    pub fn data_accepted(&mut self) {
+        if matches!(self.state, State::DataStarting { complete: false }) {
+            self.state = State::Streaming;
+        }
+    }
+
+    /// Upstream refused DATA: read the rest of the message, then answer with its reply.
+    pub fn data_refused(&mut self, raw: &[u8]) {
+        if let State::DataStarting { complete } = self.state {
+            let reply = String::from_utf8_lossy(raw).trim_end().to_string();
+            let reply = if reply.is_empty() { "451 4.3.0 Upstream refused the message".into() } else { reply };
+            if complete {
+                self.reply(&reply);
+                self.reset_transaction();
+                self.state = State::SilentRset;
+            } else {
+                self.state = State::Draining { reply };
+            }
+        }
+    }
+
+    /// The upstream connection failed during a forwarded step: answer with a temporary
+    /// error and forget the transaction (it must be started again).
+    pub fn upstream_failed(&mut self) {
+        match std::mem::replace(&mut self.state, State::Command { discarding: false }) {
+            State::Forwarded(_) | State::DataEnding | State::DataStarting { complete: true } => {
+                self.reset_transaction();
+                self.reply("451 4.4.1 Upstream server unavailable, try again later");
+            }
+            State::DataStarting { complete: false } | State::Streaming => {
+                self.reset_transaction();
+                self.state = State::Draining { reply: "451 4.4.1 Upstream server unavailable, try again later".into() };
+            }
+            other => self.state = other,
+        }
+    }
+
+    fn reset_transaction(&mut self) {
+        self.in_transaction = false;
+        self.recipients = 0;
+    }
+
+    fn ehlo_reply(&self) -> Vec<u8> {
+        let mut e = EhloResponse::new(self.hostname.as_str());
+        e.capabilities = smtp_proto::EXT_PIPELINING
+            | smtp_proto::EXT_SIZE
+            | smtp_proto::EXT_8BIT_MIME
+            | smtp_proto::EXT_ENHANCED_STATUS_CODES
+            | smtp_proto::EXT_SMTP_UTF8;
+        e.size = self.max_size;
+        if self.tls {
+            e.capabilities |= smtp_proto::EXT_AUTH;
+            e.auth_mechanisms = smtp_proto::AUTH_PLAIN | smtp_proto::AUTH_LOGIN;
+        } else if self.starttls_allowed {
+            e.capabilities |= smtp_proto::EXT_START_TLS;
+        }
+        let mut out = Vec::new();
+        let _ = e.write(&mut out);
+        out
+    }
+
+    /// Takes the next complete line from `buf` (without CRLF). `Err(())`: a bare LF/CR.
+    fn take_line(&mut self, limit: usize) -> LineResult {
+        let Some(lf) = self.buf.iter().position(|b| *b == b'\n') else {
+            if self.buf.len() > limit {
+                return LineResult::TooLong;
+            }
+            return LineResult::Incomplete;
+        };
+        let line: Vec<u8> = self.buf.drain(..=lf).collect();
+        if line.len() > limit {
+            return LineResult::TooLongComplete;
+        }
+        let body = match line.strip_suffix(b"\r\n") {
+            Some(b) => b,
+            None => return LineResult::Bare,
+        };
+        if body.contains(&b'\r') {
+            return LineResult::Bare;
+        }
+        LineResult::Line(body.to_vec())
+    }
+
+    fn step_command(&mut self) -> Option<Action> {
+        if let State::Command { discarding: true } = self.state {
+            let Some(lf) = self.buf.iter().position(|b| *b == b'\n') else {
+                self.buf.clear();
+                return Some(Action::NeedInput);
+            };
+            self.buf.drain(..=lf);
+            self.state = State::Command { discarding: false };
+        }
+        if self.buf.is_empty() {
+            return Some(Action::NeedInput);
+        }
+        // AUTH lines may be long (initial responses); others may not.
+        let is_auth = self.buf.len() >= 5 && self.buf[..5].eq_ignore_ascii_case(b"AUTH ");
+        let limit = if is_auth { MAX_AUTH_LINE } else { MAX_LINE };
+        let line = match self.take_line(limit) {
+            LineResult::Incomplete => return Some(Action::NeedInput),
+            LineResult::TooLong => {
+                self.buf.clear();
+                self.state = State::Command { discarding: true };
+                self.error(if is_auth {
+                    "500 5.5.6 Authentication Exchange line is too long"
+                } else {
+                    "500 5.5.2 Line too long"
+                });
+                return None;
+            }
+            LineResult::TooLongComplete => {
+                self.error(if is_auth {
+                    "500 5.5.6 Authentication Exchange line is too long"
+                } else {
+                    "500 5.5.2 Line too long"
+                });
+                return None;
+            }
+            LineResult::Bare => {
+                self.error("500 5.5.2 Bare CR or LF is not allowed; lines end with CRLF");
+                return None;
+            }
+            LineResult::Line(l) => l,
+        };
+        self.commands += 1;
+        if !self.authenticated && self.commands > MAX_COMMANDS_PREAUTH {
+            self.close_with("421 4.7.0 Too many commands without authentication\r\n");
+            return None;
+        }
+        self.command(line)
+    }
+
+    fn command(&mut self, line: Vec<u8>) -> Option<Action> {
+        let mut with_crlf = line.clone();
+        with_crlf.extend_from_slice(b"\r\n");
+        let parsed = Request::parse(&mut with_crlf.iter());
+        let req = match parsed {
+            Ok(r) => r,
+            Err(smtp_proto::Error::UnknownCommand) => {
+                self.error("500 5.5.1 Unknown command");
+                return None;
+            }
+            Err(smtp_proto::Error::SyntaxError { syntax }) => {
+                self.error(&format!("501 5.5.4 Syntax: {syntax}"));
+                return None;
+            }
+            Err(smtp_proto::Error::InvalidSenderAddress) => {
+                self.error("501 5.1.7 Invalid sender address");
+                return None;
+            }
+            Err(smtp_proto::Error::InvalidRecipientAddress) => {
+                self.error("501 5.1.3 Invalid recipient address");
+                return None;
+            }
+            Err(smtp_proto::Error::UnsupportedParameter { .. } | smtp_proto::Error::InvalidParameter { .. }) => {
+                self.error("555 5.5.4 Unsupported parameter");
+                return None;
+            }
+            Err(_) => {
+                self.error("500 5.5.2 Syntax error");
+                return None;
+            }
+        };
+        match req {
+            Request::Ehlo { .. } => {
+                self.ehlo_done = true;
+                let ehlo = self.ehlo_reply();
+                self.out.extend_from_slice(&ehlo);
+                return self.abandon_transaction();
+            }
+            Request::Helo { .. } => {
+                self.ehlo_done = true;
+                let h = self.hostname.clone();
+                self.reply(&format!("250 {h}"));
+                return self.abandon_transaction();
+            }
+            Request::Lhlo { .. } => self.error("500 5.5.1 LHLO is for LMTP"),
+            Request::StartTls if self.tls => self.error("503 5.5.1 TLS is already active"),
+            Request::StartTls if !self.starttls_allowed => self.error("502 5.5.1 STARTTLS is not offered here"),
+            Request::StartTls => {
+                self.reply("220 2.0.0 Ready to start TLS");
+                // Anything pipelined after STARTTLS is dropped, never executed inside TLS.
+                self.buf.clear();
+                self.state = State::TlsPending;
+            }
+            Request::Auth { .. } if !self.tls => {
+                self.error("530 5.7.0 Must issue a STARTTLS command first");
+            }
+            Request::Auth { .. } if self.authenticated => self.error("503 5.5.1 Already authenticated"),
+            Request::Auth { .. } if self.in_transaction => self.error("503 5.5.1 Not during a mail transaction"),
+            Request::Auth { mechanism, initial_response } => {
+                let ir = initial_response.to_string();
+                return self.auth_start(mechanism, &ir);
+            }
+            Request::Noop { .. } => self.reply("250 2.0.0 OK"),
+            Request::Quit => {
+                self.reply(&format!("221 2.0.0 {} closing connection", self.hostname));
+                self.buf.clear();
+                self.state = State::Closed;
+            }
+            Request::Rset if self.authenticated => {
+                self.state = State::Forwarded(Pending::Rset);
+                return Some(Action::Forward(with_crlf));
+            }
+            Request::Rset => {
+                self.reset_transaction();
+                self.reply("250 2.0.0 OK");
+            }
+            Request::Help { .. } => self.reply("214 2.0.0 mailgate: see RFC 5321"),
+            Request::Vrfy { .. } => self.reply("252 2.5.0 Cannot VRFY user"),
+            Request::Mail { .. } | Request::Rcpt { .. } | Request::Data if !self.tls => {
+                self.error("530 5.7.0 Must issue a STARTTLS command first");
+            }
+            Request::Mail { .. } | Request::Rcpt { .. } | Request::Data if !self.authenticated => {
+                self.error("530 5.7.0 Authentication required");
+            }
+            Request::Mail { .. } if !self.ehlo_done => self.error("503 5.5.1 Send EHLO first"),
+            Request::Mail { .. } if self.in_transaction => self.error("503 5.5.1 Nested MAIL command"),
+            Request::Mail { from } => {
+                if from.size > self.max_size {
+                    self.reply(&format!("552 5.3.4 Message size exceeds the limit of {} bytes", self.max_size));
+                    return None;
+                }
+                let address = from.address.to_string();
+                if !self.may_send_as(&address) {
+                    let shown = if address.is_empty() { "<>".to_string() } else { address };
+                    self.reply(&format!("553 5.7.1 Sender address {} is not one of your addresses", one_line(&shown)));
+                    return None;
+                }
+                self.state = State::Forwarded(Pending::Mail);
+                return Some(Action::Forward(with_crlf));
+            }
+            Request::Rcpt { .. } if !self.in_transaction => self.error("503 5.5.1 Need MAIL command first"),
+            Request::Rcpt { .. } => {
+                self.state = State::Forwarded(Pending::Rcpt);
+                return Some(Action::Forward(with_crlf));
+            }
+            Request::Data if !self.in_transaction => self.error("503 5.5.1 Need MAIL command first"),
+            Request::Data if self.recipients == 0 => self.reply("554 5.5.1 No valid recipients"),
+            Request::Data => {
+                self.reply("354 End data with <CR><LF>.<CR><LF>");
+                self.scan = Scan::LineStart;
+                self.scan_pos = 0;
+                self.message_len = 0;
+                self.header_seen = false;
+                self.state = State::Header;
+            }
+            Request::Bdat { .. } => self.error("502 5.5.1 CHUNKING is not offered"),
+            other => self.error(&format!("502 5.5.1 {} is not implemented", other.name())),
+        }
+        None
+    }
+
+    /// EHLO/HELO reset the transaction; upstream must forget it too.
+    fn abandon_transaction(&mut self) -> Option<Action> {
+        if self.authenticated && self.in_transaction {
+            self.reset_transaction();
+            // Reply already written; upstream's RSET reply is dropped by `upstream_reply`.
+            self.state = State::Forwarded(Pending::Rset);
+            self.rset_silent = true;
+            return Some(Action::Forward(b"RSET\r\n".to_vec()));
+        }
+        self.reset_transaction();
+        None
+    }
+
+    fn may_send_as(&self, address: &str) -> bool {
+        let a = address.trim().to_lowercase();
+        !a.is_empty() && self.senders.iter().any(|s| *s == a)
+    }
+
+    fn auth_start(&mut self, mechanism: u64, ir: &str) -> Option<Action> {
+        let ir = ir.trim();
+        match mechanism {
+            smtp_proto::AUTH_PLAIN if ir.is_empty() => {
+                self.reply("334 ");
+                self.state = State::Sasl(Mech::Plain);
+                None
+            }
+            smtp_proto::AUTH_PLAIN => Some(self.sasl_data(Mech::Plain, ir.as_bytes())),
+            smtp_proto::AUTH_LOGIN if ir.is_empty() => {
+                self.reply(&format!("334 {}", b64encode(b"Username:")));
+                self.state = State::Sasl(Mech::LoginUser);
+                None
+            }
+            smtp_proto::AUTH_LOGIN => Some(self.sasl_data(Mech::LoginUser, ir.as_bytes())),
+            _ => {
+                self.error("504 5.5.4 Unrecognized authentication type");
+                None
+            }
+        }
+    }
+
+    fn step_sasl(&mut self) -> Option<Action> {
+        let line = match self.take_line(MAX_AUTH_LINE) {
+            LineResult::Incomplete => return Some(Action::NeedInput),
+            LineResult::TooLong | LineResult::TooLongComplete => {
+                self.buf.clear();
+                self.state = State::Command { discarding: true };
+                self.error("500 5.5.6 Authentication Exchange line is too long");
+                return None;
+            }
+            LineResult::Bare => {
+                self.state = State::Authenticating;
+                return Some(Action::Refuse(AuthReply::Aborted("5.5.2 Invalid authentication line")));
+            }
+            LineResult::Line(l) => crate::secret::SecretBytes::from(l),
+        };
+        let State::Sasl(mech) = std::mem::replace(&mut self.state, State::Authenticating) else { return None };
+        if line.expose().as_slice() == b"*" {
+            return Some(Action::Refuse(AuthReply::Aborted("5.7.0 Authentication cancelled")));
+        }
+        Some(self.sasl_data(mech, line.expose()))
+    }
+
+    /// One base64 SASL response for `mech`.
+    fn sasl_data(&mut self, mech: Mech, b64: &[u8]) -> Action {
+        self.state = State::Authenticating;
+        let decoded = if b64 == b"=" { Ok(Vec::new()) } else { base64::engine::general_purpose::STANDARD.decode(b64) };
+        let Ok(data) = decoded else {
+            return Action::Refuse(AuthReply::Aborted("5.5.2 Invalid base64 data"));
+        };
+        let data = crate::secret::SecretBytes::from(data);
+        match mech {
+            Mech::Plain => match sasl::decode_plain(data.expose()) {
+                Ok(c) => Action::Authenticate(c),
+                Err(SaslError::AuthzidRefused) => Action::Refuse(AuthReply::AuthzFailed),
+                Err(SaslError::Malformed) => Action::Refuse(AuthReply::Failed),
+            },
+            Mech::LoginUser => match sasl::check_username(data.expose()) {
+                Ok(user) => {
+                    self.reply(&format!("334 {}", b64encode(b"Password:")));
+                    self.state = State::Sasl(Mech::LoginPass(user));
+                    Action::NeedInput
+                }
+                Err(_) => Action::Refuse(AuthReply::Failed),
+            },
+            Mech::LoginPass(user) => match sasl::check_password(data.expose()) {
+                Ok(password) => Action::Authenticate(Credentials { username: user, password }),
+                Err(_) => Action::Refuse(AuthReply::Failed),
+            },
+        }
+    }
+
+    /// Scans `buf[from..]` and returns the first event with the offset just past it
+    /// (or the end of `buf`). Counts the scanned octets into `message_len`.
+    fn scan_data(&mut self, from: usize) -> (Option<ScanEvent>, usize) {
+        let mut i = from;
+        while let Some(&b) = self.buf.get(i) {
+            i += 1;
+            let (next, event) = match (self.scan, b) {
+                (Scan::LineStart, b'.') => (Scan::Dot, None),
+                (Scan::LineStart, b'\r') => (Scan::EmptyCr, None),
+                (Scan::EmptyCr, b'\n') if !self.header_seen => {
+                    self.header_seen = true;
+                    (Scan::LineStart, Some(ScanEvent::HeaderEnd(i)))
+                }
+                (Scan::Cr | Scan::EmptyCr, b'\n') => (Scan::LineStart, None),
+                (Scan::Dot, b'\r') => (Scan::DotCr, None),
+                (Scan::DotCr, b'\n') => (Scan::LineStart, Some(ScanEvent::End(i))),
+                (Scan::Cr | Scan::EmptyCr | Scan::DotCr, _) | (_, b'\n') => (Scan::InLine, Some(ScanEvent::Bare)),
+                (_, b'\r') => (Scan::Cr, None),
+                _ => (Scan::InLine, None),
+            };
+            self.scan = next;
+            if event.is_some() {
+                self.message_len += i - from;
+                return (event, i);
+            }
+        }
+        self.message_len += i - from;
+        (None, i)
+    }
+
+    fn too_big(&self) -> String {
+        format!("552 5.3.4 Message size exceeds the limit of {} bytes", self.max_size)
+    }
+
+    fn step_header(&mut self) -> Option<Action> {
+        let (event, at) = self.scan_data(self.scan_pos);
+        self.scan_pos = at;
+        if self.message_len > self.max_size {
+            return self.refuse_message(self.too_big());
+        }
+        match event {
+            None if self.buf.len() > MAX_HEADER => {
+                self.refuse_message("552 5.3.4 Header section too big to check the sender".into())
+            }
+            None => Some(Action::NeedInput),
+            Some(ScanEvent::Bare) => self.refuse_message(BARE_IN_DATA.into()),
+            Some(ScanEvent::HeaderEnd(pos)) => {
+                if let Err(reply) = self.check_headers(&self.buf[..pos]) {
+                    return self.refuse_message(reply);
+                }
+                let head: Vec<u8> = self.buf.drain(..pos).collect();
+                self.scan_pos = 0;
+                self.state = State::DataStarting { complete: false };
+                Some(Action::StartData { head, complete: false })
+            }
+            Some(ScanEvent::End(pos)) => {
+                // A message without a body: everything before the end line is header.
+                if let Err(reply) = self.check_headers(&self.buf[..pos.saturating_sub(3)]) {
+                    self.buf.drain(..pos);
+                    self.reply(&reply);
+                    self.reset_transaction();
+                    self.state = State::SilentRset;
+                    return None;
+                }
+                let head: Vec<u8> = self.buf.drain(..pos).collect();
+                self.scan_pos = 0;
+                self.state = State::DataStarting { complete: true };
+                Some(Action::StartData { head, complete: true })
+            }
+        }
+    }
+
+    /// The message will not be delivered: drop what was buffered, read the rest, then answer.
+    fn refuse_message(&mut self, reply: String) -> Option<Action> {
+        let scanned = self.scan_pos.min(self.buf.len());
+        self.buf.drain(..scanned);
+        self.scan_pos = 0;
+        self.state = State::Draining { reply };
+        None
+    }
+
+    fn step_stream(&mut self) -> Option<Action> {
+        if self.buf.is_empty() {
+            return Some(Action::NeedInput);
+        }
+        let (event, at) = loop {
+            match self.scan_data(0) {
+                // The header ended while streaming cannot happen (it was seen), but scanning
+                // continues past it all the same.
+                (Some(ScanEvent::HeaderEnd(_)), _) => continue,
+                other => break other,
+            }
+        };
+        if self.message_len > self.max_size {
+            self.buf.drain(..at);
+            self.state = State::Draining { reply: self.too_big() };
+            return Some(Action::AbortUpstream);
+        }
+        match event {
+            None | Some(ScanEvent::HeaderEnd(_)) => Some(Action::DataChunk(std::mem::take(&mut self.buf))),
+            Some(ScanEvent::End(pos)) => {
+                let chunk: Vec<u8> = self.buf.drain(..pos).collect();
+                self.state = State::DataEnding;
+                Some(Action::EndData(chunk))
+            }
+            Some(ScanEvent::Bare) => {
+                self.buf.drain(..at);
+                self.state = State::Draining { reply: BARE_IN_DATA.into() };
+                Some(Action::AbortUpstream)
+            }
+        }
+    }
+
+    fn step_drain(&mut self) -> Option<Action> {
+        loop {
+            let (event, at) = self.scan_data(0);
+            match event {
+                Some(ScanEvent::End(pos)) => {
+                    self.buf.drain(..pos);
+                    let State::Draining { reply } = std::mem::replace(&mut self.state, State::SilentRset) else {
+                        return None;
+                    };
+                    self.reply(&reply);
+                    self.reset_transaction();
+                    return None;
+                }
+                // Nothing else matters any more: keep looking for the end line.
+                Some(_) => {
+                    self.buf.drain(..at);
+                }
+                None => {
+                    self.buf.clear();
+                    return Some(Action::NeedInput);
+                }
+            }
+        }
+    }
+
+    /// The sender policy on the header section: exactly one `From:` whose every address is
+    /// the account's, and a `Sender:` (at most one), if present, that is too.
+    fn check_headers(&self, head: &[u8]) -> Result<(), String> {
+        let unstuffed = unstuff(head);
+        let Some(msg) = mail_parser::MessageParser::default().parse_headers(&unstuffed) else {
+            return Err("550 5.6.0 The message headers cannot be parsed".into());
+        };
+        for (name, header, required) in
+            [("From", mail_parser::HeaderName::From, true), ("Sender", mail_parser::HeaderName::Sender, false)]
+        {
+            let values: Vec<_> = msg.header_values(header).collect();
+            match values.len() {
+                0 if required => return Err(format!("550 5.7.1 The message has no {name}: header")),
+                0 => continue,
+                1 => {}
+                _ => return Err(format!("550 5.7.1 The message has more than one {name}: header")),
+            }
+            let addresses: Vec<String> = values
+                .first()
+                .and_then(|v| v.as_address())
+                .map(|a| a.iter().map(|addr| addr.address().unwrap_or("").to_string()).collect())
+                .unwrap_or_default();
+            if addresses.is_empty() {
+                return Err(format!("550 5.7.1 The {name}: header has no address"));
+            }
+            for a in addresses {
+                if !self.may_send_as(&a) {
+                    let shown = if a.is_empty() { "(none)".to_string() } else { one_line(&a) };
+                    return Err(format!("550 5.7.1 {name}: address {shown} is not one of your addresses"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+const BARE_IN_DATA: &str = "554 5.6.11 Bare CR or LF in message data is not allowed; lines end with CRLF";
+
+/// Undoes dot-stuffing of message lines (for parsing only; the bytes forwarded stay as sent).
+fn unstuff(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut at_line_start = true;
+    for &b in data {
+        if at_line_start && b == b'.' {
+            at_line_start = false;
+            continue;
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    out
+}
+
+enum LineResult {
+    Incomplete,
+    TooLong,
+    TooLongComplete,
+    Bare,
+    Line(Vec<u8>),
+}
+
+/// Printable ASCII on one line.
+fn one_line(s: &str) -> String {
+    s.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(400).collect()
+}
+
+#[cfg(test)]
+#[path = "smtp_tests.rs"]
+mod tests;
