@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # Installs what the tests need from Debian's packages (Dovecot for the interop tests,
-# curl, Python and mbsync (isync) for the real clients). Idempotent; needs root (or sudo) when
-# something is missing.
+# Dovecot submission and Postfix as real upstream SMTP servers; swaks with Perl's TLS
+# modules, curl, Python, mbsync (isync) and Thunderbird as real clients). Idempotent;
+# needs root (or sudo) when something is missing.
 set -euo pipefail
 need=()
-for pkg in dovecot-imapd curl python3 isync ca-certificates; do
+for pkg in dovecot-imapd dovecot-submissiond postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
+  curl python3 isync thunderbird ca-certificates; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  # postfix's postinst asks what kind of mail system this is: none. The tests run
+  # their own private Postfix (tests/support/postfix.rs); the system one stays unconfigured.
+  echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # The tests start their own Dovecot on free loopback ports; a system Dovecot that the
 # package may have started does not get in the way and is left alone.
 test -x /usr/sbin/dovecot || { echo "dovecot is not installed at /usr/sbin/dovecot" >&2; exit 1; }
+test -x /usr/lib/dovecot/submission || { echo "dovecot-submissiond is not installed" >&2; exit 1; }
+test -x /usr/lib/postfix/sbin/master || { echo "postfix is not installed" >&2; exit 1; }
+command -v thunderbird >/dev/null || { echo "thunderbird is not installed" >&2; exit 1; }

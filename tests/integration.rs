@@ -5,4 +5,5 @@
 mod admin_cli;
 mod imap_front;
 mod interop;
+mod smtp;
 mod support;

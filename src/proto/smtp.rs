@@ -635,7 +635,7 @@ impl Session {
 
     fn may_send_as(&self, address: &str) -> bool {
         let a = address.trim().to_lowercase();
-        !a.is_empty() && self.senders.iter().any(|s| *s == a)
+        !a.is_empty() && self.senders.contains(&a)
     }
 
     fn auth_start(&mut self, mechanism: u64, ir: &str) -> Option<Action> {

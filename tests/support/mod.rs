@@ -6,3 +6,6 @@ pub mod client;
 pub mod dovecot;
 pub mod mailgate;
 pub mod pki;
+pub mod postfix;
+pub mod sink;
+pub mod submission;
