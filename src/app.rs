@@ -104,7 +104,12 @@ pub async fn run(
         auth,
         upstream: Arc::new(Connector::new(&config.upstream_smtp, config.limits.upstream_timeout)?),
         sessions: sessions.clone(),
+        upstream_extensions: std::sync::RwLock::new(None),
     });
+    if !(config.smtp_tls.is_empty() && config.smtp_starttls.is_empty()) {
+        let probe = smtp.clone();
+        tokio::spawn(async move { probe.probe_upstream().await });
+    }
 
     let admin_ctx = Arc::new(admin::Context {
         store: store.clone(),

@@ -91,10 +91,11 @@ fn ehlo_starttls_and_auth_rules() {
     assert_eq!(c.line_within(Duration::from_secs(2)), None, "the injected EHLO was answered");
     assert!(cmd(&mut c, "MAIL FROM:<alice@example.com>")[0].starts_with("530"));
     let ehlo = cmd(&mut c, "EHLO client.example").join("\n");
-    for cap in ["AUTH PLAIN LOGIN", "SIZE 52428800", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES", "SMTPUTF8"] {
+    for cap in ["AUTH PLAIN LOGIN", "SIZE 52428800", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"] {
         assert!(ehlo.contains(cap), "{cap} missing: {ehlo}");
     }
-    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    // Nothing answers upstream here, so SMTPUTF8 is not promised.
+    assert!(!ehlo.contains("STARTTLS") && !ehlo.contains("SMTPUTF8"), "{ehlo}");
     assert!(cmd(&mut c, "STARTTLS")[0].starts_with("503"));
     assert!(cmd(&mut c, "FAKE x")[0].starts_with("500"));
     assert!(cmd(&mut c, "MAIL FROM:<alice@example.com>")[0].starts_with("530 5.7.0"));
@@ -299,6 +300,10 @@ fn pipelining_size_and_bare_lf() {
     c.send(b"From: alice@example.com\r\nSubject: smuggle\r\n\r\nhello\n.\nMAIL FROM:<x@evil>\r\n");
     assert!(cmd(&mut c, ".")[0].starts_with("554 5.6.11"));
     assert!(cmd(&mut c, "NOOP")[0].starts_with("250"));
+    // Dovecot submission does not offer SMTPUTF8, so neither does mailgate in front of it.
+    let ehlo = cmd(&mut c, "EHLO again").join("\n");
+    assert!(ehlo.contains("8BITMIME") && !ehlo.contains("SMTPUTF8"), "{ehlo}");
+    assert!(cmd(&mut c, "MAIL FROM:<alice@example.com> SMTPUTF8")[0].starts_with("555"));
     let got = sub.sink.wait_for_messages(2, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(sub.sink.messages().len(), 2, "{got:?}");
@@ -363,6 +368,9 @@ fn postfix_xclient_login_and_upstream_refusals() {
     assert!(pf.log().contains("[127.0.0.7]"), "Postfix did not see the client's address: {}", pf.log());
     // A recipient upstream refuses: its 5xx reaches the client, never a false 250.
     let mut c = smtps(&mg);
+    // Postfix offers SMTPUTF8 and SIZE 10240000: so does mailgate in front of it.
+    let ehlo = cmd(&mut c, "EHLO x").join("\n");
+    assert!(ehlo.contains("SMTPUTF8") && ehlo.contains("SIZE 10240000"), "{ehlo}");
     login(&mut c, &app);
     assert!(cmd(&mut c, "MAIL FROM:<alice@example.com>")[0].starts_with("250"));
     let r = cmd(&mut c, &format!("RCPT TO:<{}>", crate::support::postfix::REJECTED_RECIPIENT));
@@ -401,4 +409,42 @@ fn thunderbird_reads_and_sends_through_mailgate() {
     assert!(stdout.contains("PASS smtp-send") && stdout.contains("PASS bad-password"), "{stdout}");
     let got = sub.sink.wait_for_messages(1, Duration::from_secs(10));
     assert_eq!(got[0].mail_from, "alice@example.com");
+}
+
+#[test]
+fn upstream_smtp_over_starttls_and_implicit_tls_checks_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = crate::support::pki::make(dir.path(), "submission", &["localhost", "127.0.0.1"]);
+    let sub =
+        Submission::start(SubmissionOptions { tls: Some((pki.cert.clone(), pki.key.clone())), ..Default::default() });
+    let ca = pki.ca.display().to_string();
+    for (port, extra, works) in [
+        (sub.port, format!("tls = \"starttls\"\nca_file = \"{ca}\"\nserver_name = \"localhost\"\n"), true),
+        (sub.tls_port.unwrap(), format!("tls = \"implicit\"\nca_file = \"{ca}\"\nserver_name = \"localhost\"\n"), true),
+        (sub.tls_port.unwrap(), "tls = \"implicit\"\n".to_string(), false),
+        (sub.port, format!("tls = \"starttls\"\nca_file = \"{ca}\"\nserver_name = \"other.example\"\n"), false),
+    ] {
+        let mg = Mailgate::start(Options {
+            smtp_upstream: format!("127.0.0.1:{port}"),
+            smtp_upstream_extra: extra.clone(),
+            master_password: "master-password".into(),
+            ..Default::default()
+        });
+        mg.add_user("alice@example.com", "alice-account-pw");
+        let app = mg.app_password("alice@example.com", "x", "smtp");
+        let mut c = smtps(&mg);
+        cmd(&mut c, "EHLO x");
+        let r = cmd(&mut c, &format!("AUTH PLAIN {}", b64(format!("\0alice@example.com\0{app}").as_bytes())));
+        if works {
+            assert_eq!(r, vec!["235 2.7.0 Authentication successful"], "{extra}\n{}", mg.log());
+            assert!(cmd(&mut c, "MAIL FROM:<alice@example.com>")[0].starts_with("250"));
+            assert!(cmd(&mut c, "RCPT TO:<bob@example.net>")[0].starts_with("250"));
+            assert!(cmd(&mut c, "DATA")[0].starts_with("354"));
+            c.send(&message("alice@example.com", "over tls"));
+            assert!(cmd(&mut c, ".")[0].starts_with("250"));
+        } else {
+            assert!(r[0].starts_with("454 4.7.0"), "{extra}: {r:?}");
+        }
+    }
+    assert_eq!(sub.sink.wait_for_messages(2, Duration::from_secs(20)).len(), 2);
 }

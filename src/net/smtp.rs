@@ -5,8 +5,9 @@ use crate::auth::{self, Authenticated, Authenticator, Peer, Protocol, Verdict};
 use crate::config::{Config, UpstreamLogin as LoginMode, UpstreamTls};
 use crate::net::stream::MaybeTls;
 use crate::net::upstream::{Connector, UpstreamFailure};
-use crate::proto::smtp::{Action, AuthReply, Session};
+use crate::proto::smtp::{Action, AuthReply, Extensions, Session};
 use crate::proto::smtp_upstream::{ReplyError, SmtpLogin, Step, Style, parse_reply};
+use crate::secret::SecretString;
 use crate::sessions::{SessionGuard, Sessions};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +22,10 @@ use tracing::{debug, info, warn};
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 /// Upstream's final reply to a message may take a while (RFC 5321 §4.5.3.2.6: 10 min).
 const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
+/// Errors before auth after which every reply waits (Postfix `smtpd_soft_error_limit`).
+const SOFT_ERROR_LIMIT: u32 = 10;
+/// The wait (Postfix `smtpd_error_sleep_time`).
+const ERROR_SLEEP: Duration = Duration::from_secs(1);
 
 /// What every SMTP connection needs.
 pub struct SmtpService {
@@ -34,6 +39,8 @@ pub struct SmtpService {
     pub upstream: Arc<Connector>,
     /// Live sessions (for revocation).
     pub sessions: Sessions,
+    /// What upstream honours, from its latest EHLO (probed at start, refreshed at each login).
+    pub upstream_extensions: std::sync::RwLock<Option<Extensions>>,
 }
 
 /// A logged-in upstream SMTP connection with its read buffer.
@@ -83,13 +90,55 @@ impl Upstream {
 }
 
 impl SmtpService {
+    /// Asks upstream what it honours (greeting, STARTTLS if configured, EHLO; no login),
+    /// so the first clients are offered the right extensions.
+    pub async fn probe_upstream(&self) {
+        let client: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let result = async {
+            let stream = self.upstream.open_stream().await?;
+            self.exchange(stream, Style::Probe, "", SecretString::from(String::new()), client).await
+        };
+        match timeout(self.upstream.timeout(), result).await {
+            Ok(Ok(up)) => up.quit().await,
+            Ok(Err(e)) => {
+                warn!(error = %e, "could not ask the upstream SMTP server what it offers; offering 8BITMIME only until a login succeeds")
+            }
+            Err(_) => {
+                warn!("the upstream SMTP server did not answer in time; offering 8BITMIME only until a login succeeds")
+            }
+        }
+    }
+
+    fn extensions(&self) -> Extensions {
+        self.upstream_extensions.read().ok().and_then(|e| *e).unwrap_or_else(Extensions::unknown)
+    }
+
     /// Logs in upstream as `user` (connect, EHLO, STARTTLS, XCLIENT, AUTH as configured).
     async fn open_upstream(&self, user: &str, client: SocketAddr) -> Result<Upstream, UpstreamFailure> {
-        let connector = &self.upstream;
         let fut = async {
-            let (mut stream, password) = connector.connect().await?;
+            let (stream, password) = self.upstream.connect().await?;
+            let style =
+                if self.upstream.config().login == LoginMode::Xclient { Style::Xclient } else { Style::MasterSasl };
+            self.exchange(stream, style, user, password, client).await
+        };
+        match timeout(self.upstream.timeout(), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamFailure::Timeout),
+        }
+    }
+
+    /// Drives the upstream greeting/EHLO/STARTTLS/XCLIENT/AUTH exchange on `stream`.
+    async fn exchange(
+        &self,
+        mut stream: MaybeTls,
+        style: Style,
+        user: &str,
+        password: SecretString,
+        client: SocketAddr,
+    ) -> Result<Upstream, UpstreamFailure> {
+        let connector = &self.upstream;
+        {
             let cfg = connector.config();
-            let style = if cfg.login == LoginMode::Xclient { Style::Xclient } else { Style::MasterSasl };
             let mut login = SmtpLogin::new(
                 &self.config.hostname,
                 user,
@@ -117,14 +166,15 @@ impl SmtpService {
                         stream = connector.upgrade(stream).await?;
                         login.tls_started();
                     }
-                    Step::Done(_caps) => return Ok(Upstream { stream, buf: login.into_leftover() }),
+                    Step::Done(caps) => {
+                        if let Ok(mut ext) = self.upstream_extensions.write() {
+                            *ext = Some(Extensions::from_ehlo(&caps));
+                        }
+                        return Ok(Upstream { stream, buf: login.into_leftover() });
+                    }
                     Step::Fail(e) => return Err(e.into()),
                 }
             }
-        };
-        match timeout(connector.timeout(), fut).await {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamFailure::Timeout),
         }
     }
 
@@ -145,6 +195,7 @@ impl SmtpService {
             MaybeTls::Plain(tcp)
         };
         let mut session = Session::new(&self.config.hostname, implicit, !implicit, self.config.smtp_max_message_size);
+        session.set_upstream_extensions(self.extensions());
         let mut buf = vec![0u8; 16 * 1024];
         let mut upstream: Option<Upstream> = None;
         let mut granted: Option<Authenticated> = None;
@@ -153,6 +204,9 @@ impl SmtpService {
             let deadline = if granted.is_some() { Instant::now() + COMMAND_TIMEOUT } else { preauth_deadline };
             match session.poll() {
                 Action::Write(bytes) => {
+                    if granted.is_none() && session.errors() >= SOFT_ERROR_LIMIT {
+                        tokio::time::sleep(ERROR_SLEEP).await;
+                    }
                     if !matches!(timeout_at(deadline, client.write_all(&bytes)).await, Ok(Ok(()))) {
                         break;
                     }

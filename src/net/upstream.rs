@@ -97,16 +97,20 @@ impl Connector {
         self.timeout
     }
 
-    /// Reads the master password and opens the TCP connection (TLS at once for `implicit`).
+    /// Reads the master password and opens the connection.
     pub async fn connect(&self) -> Result<(MaybeTls, SecretString), UpstreamFailure> {
         let password = read_master_password(&self.cfg.master_password_file).map_err(UpstreamFailure::MasterPassword)?;
+        Ok((self.open_stream().await?, password))
+    }
+
+    /// Opens the TCP connection (TLS at once for `implicit`).
+    pub async fn open_stream(&self) -> Result<MaybeTls, UpstreamFailure> {
         let tcp = TcpStream::connect(&self.cfg.address).await?;
         tcp.set_nodelay(true)?;
-        let stream = match self.cfg.tls {
-            UpstreamTls::Implicit => self.tls_wrap(tcp).await?,
-            _ => MaybeTls::Plain(tcp),
-        };
-        Ok((stream, password))
+        match self.cfg.tls {
+            UpstreamTls::Implicit => self.tls_wrap(tcp).await,
+            _ => Ok(MaybeTls::Plain(tcp)),
+        }
     }
 
     /// TLS on a plain connection after STARTTLS, with the certificate checks.

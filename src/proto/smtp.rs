@@ -74,6 +74,34 @@ pub enum Action {
     Close,
 }
 
+/// What the upstream server honours, so that only that is offered to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extensions {
+    /// `8BITMIME`.
+    pub eight_bit_mime: bool,
+    /// `SMTPUTF8`.
+    pub smtputf8: bool,
+    /// Upstream's `SIZE` limit, if it announced one (0: none).
+    pub size: Option<usize>,
+}
+
+impl Extensions {
+    /// Reads upstream's EHLO keywords (upper-case, parameters kept).
+    pub fn from_ehlo(keywords: &[String]) -> Extensions {
+        let has = |k: &str| keywords.iter().any(|c| c.split_ascii_whitespace().next() == Some(k));
+        let size = keywords.iter().find_map(|c| {
+            let mut it = c.split_ascii_whitespace();
+            (it.next() == Some("SIZE")).then(|| it.next().and_then(|n| n.parse().ok())).flatten()
+        });
+        Extensions { eight_bit_mime: has("8BITMIME"), smtputf8: has("SMTPUTF8"), size }
+    }
+
+    /// Before upstream was ever asked: offer 8BITMIME (all current MTAs honour it), not SMTPUTF8.
+    pub fn unknown() -> Extensions {
+        Extensions { eight_bit_mime: true, smtputf8: false, size: None }
+    }
+}
+
 /// How a failed authentication is answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthReply {
@@ -185,6 +213,7 @@ pub struct Session {
     header_seen: bool,
     /// The pending RSET is ours, not the client's: its reply is not shown.
     rset_silent: bool,
+    ext: Extensions,
 }
 
 impl std::fmt::Debug for Session {
@@ -227,9 +256,23 @@ impl Session {
             message_len: 0,
             header_seen: false,
             rset_silent: false,
+            ext: Extensions { eight_bit_mime: true, smtputf8: true, size: None },
         };
         s.reply(&format!("220 {hostname} ESMTP mailgate ready"));
         s
+    }
+
+    /// Offer only what upstream honours end to end (call before the first EHLO).
+    pub fn set_upstream_extensions(&mut self, ext: Extensions) {
+        if let Some(limit) = ext.size.filter(|n| *n > 0) {
+            self.max_size = self.max_size.min(limit);
+        }
+        self.ext = ext;
+    }
+
+    /// Protocol errors so far (the driver slows down past 10, like Postfix).
+    pub fn errors(&self) -> u32 {
+        self.errors
     }
 
     fn reply(&mut self, line: &str) {
@@ -411,11 +454,13 @@ impl Session {
 
     fn ehlo_reply(&self) -> Vec<u8> {
         let mut e = EhloResponse::new(self.hostname.as_str());
-        e.capabilities = smtp_proto::EXT_PIPELINING
-            | smtp_proto::EXT_SIZE
-            | smtp_proto::EXT_8BIT_MIME
-            | smtp_proto::EXT_ENHANCED_STATUS_CODES
-            | smtp_proto::EXT_SMTP_UTF8;
+        e.capabilities = smtp_proto::EXT_PIPELINING | smtp_proto::EXT_SIZE | smtp_proto::EXT_ENHANCED_STATUS_CODES;
+        if self.ext.eight_bit_mime {
+            e.capabilities |= smtp_proto::EXT_8BIT_MIME;
+        }
+        if self.ext.smtputf8 {
+            e.capabilities |= smtp_proto::EXT_SMTP_UTF8;
+        }
         e.size = self.max_size;
         if self.tls {
             e.capabilities |= smtp_proto::EXT_AUTH;
@@ -586,6 +631,14 @@ impl Session {
             Request::Mail { .. } if !self.ehlo_done => self.error("503 5.5.1 Send EHLO first"),
             Request::Mail { .. } if self.in_transaction => self.error("503 5.5.1 Nested MAIL command"),
             Request::Mail { from } => {
+                if from.flags & smtp_proto::MAIL_SMTPUTF8 != 0 && !self.ext.smtputf8 {
+                    self.reply("555 5.5.4 SMTPUTF8 is not offered");
+                    return None;
+                }
+                if from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0 && !self.ext.eight_bit_mime {
+                    self.reply("555 5.5.4 BODY=8BITMIME is not offered");
+                    return None;
+                }
                 if from.size > self.max_size {
                     self.reply(&format!("552 5.3.4 Message size exceeds the limit of {} bytes", self.max_size));
                     return None;

@@ -88,6 +88,8 @@ pub enum Style {
     MasterSasl,
     /// XCLIENT LOGIN=user.
     Xclient,
+    /// No login: greet (and STARTTLS), report the EHLO keywords, stop.
+    Probe,
 }
 
 /// Why the upstream login failed. No variant carries upstream text or a secret.
@@ -305,6 +307,10 @@ impl SmtpLogin {
             self.state = State::StartTls;
             return None;
         }
+        if self.style == Style::Probe {
+            self.state = State::Finished;
+            return Some(Step::Done(self.caps.clone()));
+        }
         if self.user.chars().any(char::is_control) || self.user.is_empty() {
             return Some(self.fail(SmtpUpstreamError::Unsendable));
         }
@@ -340,7 +346,7 @@ impl SmtpLogin {
             }
         }
         match self.style {
-            Style::Xclient => {
+            Style::Xclient | Style::Probe => {
                 self.state = State::Finished;
                 Some(Step::Done(self.caps.clone()))
             }
