@@ -210,6 +210,8 @@ pub struct Session {
     scan_pos: usize,
     /// Octets of the current message seen so far.
     message_len: usize,
+    /// Of those, octets that do not count toward the size (stuffing dots, the end line).
+    excluded: usize,
     header_seen: bool,
     /// The pending RSET is ours, not the client's: its reply is not shown.
     rset_silent: bool,
@@ -254,6 +256,7 @@ impl Session {
             scan: Scan::LineStart,
             scan_pos: 0,
             message_len: 0,
+            excluded: 0,
             header_seen: false,
             rset_silent: false,
             ext: Extensions { eight_bit_mime: true, smtputf8: true, size: None },
@@ -434,6 +437,13 @@ impl Session {
     /// The upstream connection failed during a forwarded step: answer with a temporary
     /// error and forget the transaction (it must be started again).
     pub fn upstream_failed(&mut self) {
+        if matches!(self.state, State::Forwarded(Pending::Rset)) && self.rset_silent {
+            // Our own RSET: the client asked nothing, so it is told nothing.
+            self.rset_silent = false;
+            self.reset_transaction();
+            self.state = State::Command { discarding: false };
+            return;
+        }
         match std::mem::replace(&mut self.state, State::Command { discarding: false }) {
             State::Forwarded(_) | State::DataEnding | State::DataStarting { complete: true } => {
                 self.reset_transaction();
@@ -470,6 +480,13 @@ impl Session {
         }
         let mut out = Vec::new();
         let _ = e.write(&mut out);
+        // smtp-proto greets with a joke on the first line; say just the host name.
+        if let Some(end) = out.windows(2).position(|w| w == b"\r\n") {
+            let sep = out.get(3).copied().unwrap_or(b' ');
+            let mut first = format!("250{}{}", sep as char, self.hostname).into_bytes();
+            first.extend_from_slice(&out[end..]);
+            out = first;
+        }
         out
     }
 
@@ -639,7 +656,7 @@ impl Session {
                     self.reply("555 5.5.4 BODY=8BITMIME is not offered");
                     return None;
                 }
-                if from.size > self.max_size {
+                if from.size > self.max_size || size_param_overflows(&line) {
                     self.reply(&format!("552 5.3.4 Message size exceeds the limit of {} bytes", self.max_size));
                     return None;
                 }
@@ -664,6 +681,7 @@ impl Session {
                 self.scan = Scan::LineStart;
                 self.scan_pos = 0;
                 self.message_len = 0;
+                self.excluded = 0;
                 self.header_seen = false;
                 self.state = State::Header;
             }
@@ -716,9 +734,15 @@ impl Session {
     fn step_sasl(&mut self) -> Option<Action> {
         let line = match self.take_line(MAX_AUTH_LINE) {
             LineResult::Incomplete => return Some(Action::NeedInput),
-            LineResult::TooLong | LineResult::TooLongComplete => {
+            LineResult::TooLong => {
                 self.buf.clear();
                 self.state = State::Command { discarding: true };
+                self.error("500 5.5.6 Authentication Exchange line is too long");
+                return None;
+            }
+            LineResult::TooLongComplete => {
+                // The whole line was taken out: what follows is the next command.
+                self.state = State::Command { discarding: false };
                 self.error("500 5.5.6 Authentication Exchange line is too long");
                 return None;
             }
@@ -779,7 +803,15 @@ impl Session {
                 }
                 (Scan::Cr | Scan::EmptyCr, b'\n') => (Scan::LineStart, None),
                 (Scan::Dot, b'\r') => (Scan::DotCr, None),
-                (Scan::DotCr, b'\n') => (Scan::LineStart, Some(ScanEvent::End(i))),
+                (Scan::DotCr, b'\n') => {
+                    self.excluded += 3;
+                    (Scan::LineStart, Some(ScanEvent::End(i)))
+                }
+                (Scan::Dot, b) if b != b'\n' => {
+                    // A stuffing dot: it is not part of the message.
+                    self.excluded += 1;
+                    (if b == b'\r' { Scan::Cr } else { Scan::InLine }, None)
+                }
                 (Scan::Cr | Scan::EmptyCr | Scan::DotCr, _) | (_, b'\n') => (Scan::InLine, Some(ScanEvent::Bare)),
                 (_, b'\r') => (Scan::Cr, None),
                 _ => (Scan::InLine, None),
@@ -798,42 +830,53 @@ impl Session {
         format!("552 5.3.4 Message size exceeds the limit of {} bytes", self.max_size)
     }
 
+    /// The message size as RFC 1870 counts it: without stuffing dots and without the
+    /// end-of-data line (nor the start of one still arriving).
+    fn counted_size(&self) -> usize {
+        let pending = match self.scan {
+            Scan::Dot => 1,
+            Scan::DotCr => 2,
+            _ => 0,
+        };
+        self.message_len.saturating_sub(self.excluded + pending)
+    }
+
     fn step_header(&mut self) -> Option<Action> {
         let (event, at) = self.scan_data(self.scan_pos);
         self.scan_pos = at;
-        if self.message_len > self.max_size {
-            return self.refuse_message(self.too_big());
-        }
-        match event {
-            None if self.buf.len() > MAX_HEADER => {
-                self.refuse_message("552 5.3.4 Header section too big to check the sender".into())
+        let refusal = if self.counted_size() > self.max_size {
+            Some(self.too_big())
+        } else {
+            match event {
+                Some(ScanEvent::HeaderEnd(pos)) if pos > MAX_HEADER => Some(HEADER_TOO_BIG.to_string()),
+                None if self.buf.len() > MAX_HEADER => Some(HEADER_TOO_BIG.to_string()),
+                Some(ScanEvent::Bare) => Some(BARE_IN_DATA.to_string()),
+                Some(ScanEvent::HeaderEnd(pos)) => self.check_headers(&self.buf[..pos]).err(),
+                Some(ScanEvent::End(pos)) => self.check_headers(&self.buf[..pos.saturating_sub(3)]).err(),
+                None => return Some(Action::NeedInput),
             }
-            None => Some(Action::NeedInput),
-            Some(ScanEvent::Bare) => self.refuse_message(BARE_IN_DATA.into()),
-            Some(ScanEvent::HeaderEnd(pos)) => {
-                if let Err(reply) = self.check_headers(&self.buf[..pos]) {
-                    return self.refuse_message(reply);
-                }
-                let head: Vec<u8> = self.buf.drain(..pos).collect();
+        };
+        if let Some(reply) = refusal {
+            if let Some(ScanEvent::End(pos)) = event {
+                // The whole message is here: answer now (nothing was sent upstream).
+                self.buf.drain(..pos);
                 self.scan_pos = 0;
-                self.state = State::DataStarting { complete: false };
-                Some(Action::StartData { head, complete: false })
+                self.reply(&reply);
+                self.reset_transaction();
+                self.state = State::SilentRset;
+                return None;
             }
-            Some(ScanEvent::End(pos)) => {
-                // A message without a body: everything before the end line is header.
-                if let Err(reply) = self.check_headers(&self.buf[..pos.saturating_sub(3)]) {
-                    self.buf.drain(..pos);
-                    self.reply(&reply);
-                    self.reset_transaction();
-                    self.state = State::SilentRset;
-                    return None;
-                }
-                let head: Vec<u8> = self.buf.drain(..pos).collect();
-                self.scan_pos = 0;
-                self.state = State::DataStarting { complete: true };
-                Some(Action::StartData { head, complete: true })
-            }
+            return self.refuse_message(reply);
         }
+        let (pos, complete) = match event {
+            Some(ScanEvent::HeaderEnd(pos)) => (pos, false),
+            Some(ScanEvent::End(pos)) => (pos, true),
+            _ => return Some(Action::NeedInput),
+        };
+        let head: Vec<u8> = self.buf.drain(..pos).collect();
+        self.scan_pos = 0;
+        self.state = State::DataStarting { complete };
+        Some(Action::StartData { head, complete })
     }
 
     /// The message will not be delivered: drop what was buffered, read the rest, then answer.
@@ -849,31 +892,28 @@ impl Session {
         if self.buf.is_empty() {
             return Some(Action::NeedInput);
         }
-        let (event, at) = loop {
-            match self.scan_data(0) {
-                // The header ended while streaming cannot happen (it was seen), but scanning
-                // continues past it all the same.
-                (Some(ScanEvent::HeaderEnd(_)), _) => continue,
-                other => break other,
-            }
-        };
-        if self.message_len > self.max_size {
+        let (event, at) = self.scan_data(0);
+        if self.counted_size() > self.max_size || event == Some(ScanEvent::Bare) {
+            let reply = if event == Some(ScanEvent::Bare) { BARE_IN_DATA.to_string() } else { self.too_big() };
             self.buf.drain(..at);
-            self.state = State::Draining { reply: self.too_big() };
+            if let Some(ScanEvent::End(_)) = event {
+                // The end line came with it: answer now. The upstream connection is closed
+                // without the end line, so upstream discards what it got.
+                self.reply(&reply);
+                self.reset_transaction();
+                self.state = State::SilentRset;
+            } else {
+                self.state = State::Draining { reply };
+            }
             return Some(Action::AbortUpstream);
         }
         match event {
-            None | Some(ScanEvent::HeaderEnd(_)) => Some(Action::DataChunk(std::mem::take(&mut self.buf))),
             Some(ScanEvent::End(pos)) => {
                 let chunk: Vec<u8> = self.buf.drain(..pos).collect();
                 self.state = State::DataEnding;
                 Some(Action::EndData(chunk))
             }
-            Some(ScanEvent::Bare) => {
-                self.buf.drain(..at);
-                self.state = State::Draining { reply: BARE_IN_DATA.into() };
-                Some(Action::AbortUpstream)
-            }
+            _ => Some(Action::DataChunk(std::mem::take(&mut self.buf))),
         }
     }
 
@@ -906,6 +946,26 @@ impl Session {
     /// the account's, and a `Sender:` (at most one), if present, that is too.
     fn check_headers(&self, head: &[u8]) -> Result<(), String> {
         let unstuffed = unstuff(head);
+        // Only header fields and their continuation lines; no NUL or other control
+        // characters but TAB: readers differ on such lines (a hidden second From:).
+        for (n, line) in unstuffed.split(|b| *b == b'\n').enumerate() {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.is_empty() {
+                continue;
+            }
+            if line.iter().any(|b| (*b < 0x20 && *b != b'\t') || *b == 0x7f) {
+                return Err("550 5.6.0 The message headers contain control characters".into());
+            }
+            let continuation = matches!(line.first(), Some(b' ' | b'\t')) && n > 0;
+            // A field name, then (obsolete syntax) optional blanks, then the colon.
+            let field = line.iter().position(|b| *b == b':').is_some_and(|colon| {
+                let name = line[..colon].trim_ascii_end();
+                !name.is_empty() && name.iter().all(|b| (33..=126).contains(b))
+            });
+            if !continuation && !field {
+                return Err("550 5.6.0 The message has a malformed header line".into());
+            }
+        }
         let Some(msg) = mail_parser::MessageParser::default().parse_headers(&unstuffed) else {
             return Err("550 5.6.0 The message headers cannot be parsed".into());
         };
@@ -938,6 +998,7 @@ impl Session {
     }
 }
 
+const HEADER_TOO_BIG: &str = "552 5.3.4 Header section too big to check the sender";
 const BARE_IN_DATA: &str = "554 5.6.11 Bare CR or LF in message data is not allowed; lines end with CRLF";
 
 /// Undoes dot-stuffing of message lines (for parsing only; the bytes forwarded stay as sent).
@@ -961,6 +1022,15 @@ enum LineResult {
     TooLongComplete,
     Bare,
     Line(Vec<u8>),
+}
+
+/// A `SIZE=` parameter too long to be a real size (smtp-proto wraps such values).
+fn size_param_overflows(line: &[u8]) -> bool {
+    let upper = line.to_ascii_uppercase();
+    upper
+        .windows(6)
+        .position(|w| w == b" SIZE=")
+        .is_some_and(|p| upper[p + 6..].iter().take_while(|b| b.is_ascii_digit()).count() > 18)
 }
 
 /// Printable ASCII on one line.
