@@ -151,6 +151,73 @@ pub fn fmt_time(t: u64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 
+/// Creates an app password for `email` (label checked, scopes defaulting to both);
+/// durable on return. Shared by the CLI and the web step.
+pub fn create_app_password(
+    store: &dyn Store,
+    email: &str,
+    label: &str,
+    scopes: Vec<Scope>,
+    by: &str,
+) -> Result<(app_password::NewAppPassword, String, Vec<Scope>), String> {
+    let label = label.trim().to_string();
+    if label.is_empty() || label.chars().count() > 64 || label.chars().any(char::is_control) {
+        return Err("the label must be 1 to 64 characters without control characters".into());
+    }
+    let mut scopes = if scopes.is_empty() { vec![Scope::Imap, Scope::Smtp] } else { scopes };
+    scopes.sort();
+    scopes.dedup();
+    need_account(store, email)?;
+    let new = app_password::generate()?;
+    let hash = password::hash(new.password.expose().as_bytes())?;
+    let record = AppPasswordRecord {
+        id: new.id.clone(),
+        username: email.to_string(),
+        label: label.clone(),
+        scopes: scopes.clone(),
+        hash,
+        created_at: now_unix(),
+        created_by: by.into(),
+        last_used: None,
+    };
+    store.create_app_password(&record).map_err(store_err)?;
+    audit(store, email, "app_password_created", format!("{label} ({}) by {by}", new.id));
+    Ok((new, label, scopes))
+}
+
+/// Revokes an app password and ends the live sessions opened with it; returns the record
+/// and how many sessions ended. Durable on return.
+pub fn revoke_app_password(
+    store: &dyn Store,
+    sessions: Option<&Sessions>,
+    email: &str,
+    id: &str,
+    by: &str,
+) -> Result<(AppPasswordRecord, usize), String> {
+    let rec = store.revoke_app_password(email, id).map_err(store_err)?;
+    let ended = sessions.map(|s| s.kill(email, Some(id))).unwrap_or(0);
+    audit(store, email, "app_password_revoked", format!("{} ({id}) by {by}", rec.label));
+    Ok((rec, ended))
+}
+
+/// Devices that still send the account password of a 2FA account (refused), newest
+/// first, at most 10: (description, last time).
+pub fn stale_devices(store: &dyn Store, email: &str) -> Result<Vec<(String, u64)>, String> {
+    let mut stale: Vec<(String, u64)> = Vec::new();
+    for ev in store.recent_audit(email, 500).map_err(store_err)? {
+        if ev.kind == "account_password_refused_2fa" && !stale.iter().any(|(d, _)| *d == ev.detail) {
+            stale.push((ev.detail, ev.at));
+        }
+    }
+    stale.truncate(10);
+    Ok(stale)
+}
+
+/// Records an audit event (failures to write are logged, not fatal).
+pub fn audit_event(store: &dyn Store, username: &str, kind: &str, detail: String) {
+    audit(store, username, kind, detail);
+}
+
 /// Runs one command.
 pub fn execute(ctx: &Context, req: Request) -> Response {
     match run(ctx, req) {
@@ -181,6 +248,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
                     password_hash,
                     totp: None,
                     second_factor_required: false,
+                    backup_codes: None,
                     created_at: now,
                     updated_at: now,
                 })
@@ -233,28 +301,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
         }
         Request::AppPasswordCreate { email, label, scopes } => {
             let email = check_email(&email)?;
-            let label = label.trim().to_string();
-            if label.is_empty() || label.chars().count() > 64 || label.chars().any(char::is_control) {
-                return Err("the label must be 1 to 64 characters without control characters".into());
-            }
-            let mut scopes = if scopes.is_empty() { vec![Scope::Imap, Scope::Smtp] } else { scopes };
-            scopes.sort();
-            scopes.dedup();
-            need_account(store, &email)?;
-            let new = app_password::generate()?;
-            let hash = password::hash(new.password.expose().as_bytes())?;
-            let record = AppPasswordRecord {
-                id: new.id.clone(),
-                username: email.clone(),
-                label: label.clone(),
-                scopes: scopes.clone(),
-                hash,
-                created_at: now_unix(),
-                created_by: "admin".into(),
-                last_used: None,
-            };
-            store.create_app_password(&record).map_err(store_err)?;
-            audit(store, &email, "app_password_created", format!("{label} ({}) by admin", new.id));
+            let (new, label, scopes) = create_app_password(store, &email, &label, scopes, "admin")?;
             let scope_names: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
             Ok(Response {
                 ok: true,
@@ -305,14 +352,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             if list.is_empty() {
                 lines.push(format!("{email} has no app passwords"));
             }
-            // Devices that still send the account password of a 2FA account (refused).
-            let mut stale: Vec<(String, u64)> = Vec::new();
-            for ev in store.recent_audit(&email, 500).map_err(store_err)? {
-                if ev.kind == "account_password_refused_2fa" && !stale.iter().any(|(d, _)| *d == ev.detail) {
-                    stale.push((ev.detail, ev.at));
-                }
-            }
-            stale.truncate(10);
+            let stale = stale_devices(store, &email)?;
             for (detail, at) in &stale {
                 lines.push(format!(
                     "refused account password (needs an app password): {detail}, last {}",
@@ -331,9 +371,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             let email = check_email(&email)?;
             let id = id.trim().to_ascii_lowercase();
             need_account(store, &email)?;
-            let rec = store.revoke_app_password(&email, &id).map_err(store_err)?;
-            let ended = ctx.sessions.as_ref().map(|s| s.kill(&email, Some(&id))).unwrap_or(0);
-            audit(store, &email, "app_password_revoked", format!("{} ({id}) by admin", rec.label));
+            let (rec, ended) = revoke_app_password(store, ctx.sessions.as_ref(), &email, &id, "admin")?;
             Ok(Response::ok(vec![format!(
                 "revoked app password {id} \"{}\" of {email} ({ended} live sessions ended)",
                 rec.label
@@ -363,6 +401,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             let mut a = need_account(store, &email)?;
             a.totp = None;
             a.second_factor_required = false;
+            a.backup_codes = None;
             a.updated_at = now_unix();
             store.put_account(&a).map_err(store_err)?;
             audit(store, &email, "totp_disabled", "by admin".into());

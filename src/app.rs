@@ -55,6 +55,8 @@ pub struct Listeners {
     pub smtp_tls: Vec<TcpListener>,
     /// SMTP submission, STARTTLS.
     pub smtp_starttls: Vec<TcpListener>,
+    /// The web step (HTTPS).
+    pub web: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -74,6 +76,7 @@ impl Listeners {
             imap_starttls: all(&config.imap_starttls, "imap.listen_starttls").await?,
             smtp_tls: all(&config.smtp_tls, "smtp.listen_tls").await?,
             smtp_starttls: all(&config.smtp_starttls, "smtp.listen_starttls").await?,
+            web: all(&config.web_listen, "web.listen").await?,
         })
     }
 }
@@ -111,9 +114,21 @@ pub async fn run(
         tokio::spawn(async move { probe.probe_upstream().await });
     }
 
+    let key = Arc::new(key);
+    let web = Arc::new(crate::web::Web {
+        config: config.clone(),
+        auth: smtp.auth.clone(),
+        key: key.clone(),
+        sessions: sessions.clone(),
+        web_sessions: crate::web::WebSessions::default(),
+        clock: Arc::new(crate::auth::clock::SystemClock),
+    });
+    let router = crate::web::router(web);
+    let web_acceptor =
+        TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["h2", "http/1.1"])?);
     let admin_ctx = Arc::new(admin::Context {
         store: store.clone(),
-        key: Arc::new(key),
+        key,
         issuer: config.hostname.clone(),
         sessions: Some(sessions.clone()),
     });
@@ -145,6 +160,17 @@ pub async fn run(
                 svc.clone().serve(tcp, peer, implicit)
             })));
         }
+    }
+    for l in listeners.web {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(address = %a, "web step listening (HTTPS)");
+        }
+        let router = router.clone();
+        let acceptor = web_acceptor.clone();
+        let handshake = config.limits.tls_handshake_timeout;
+        tasks.push(tokio::spawn(accept_loop(l, limits.clone(), stop_rx.clone(), move |tcp, _peer| {
+            crate::web::serve_connection(router.clone(), acceptor.clone(), tcp, handshake)
+        })));
     }
     tracing::info!(
         upstream = %config.upstream_imap.address,

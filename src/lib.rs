@@ -35,3 +35,4 @@ pub mod secret;
 pub mod sessions;
 pub mod store;
 pub mod tls;
+pub mod web;

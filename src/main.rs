@@ -265,6 +265,9 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
         for l in &listeners.smtp_starttls {
             eprintln!("mailgate: SMTP submission (STARTTLS) on {}", l.local_addr()?);
         }
+        for l in &listeners.web {
+            eprintln!("mailgate: web step on https://{} (public URL {})", l.local_addr()?, config.public_url);
+        }
         eprintln!(
             "mailgate: upstream IMAP {} (tls {:?}, login {:?} as {}); upstream SMTP {} (tls {:?}, login {:?}); data in {}; certificate {}",
             config.upstream_imap.address,

@@ -14,6 +14,8 @@
 //! a semaphore so hashing cannot eat all memory and cores.
 
 pub mod app_password;
+pub mod backup_codes;
+pub mod clock;
 pub mod crypto;
 pub mod password;
 pub mod totp;
@@ -98,6 +100,17 @@ pub enum Verdict {
     Unavailable,
 }
 
+/// The outcome of the web step's password check.
+#[derive(Debug)]
+pub enum WebCheck {
+    /// The account password is right.
+    Ok(Box<crate::store::Account>),
+    /// Wrong password or unknown user (one answer).
+    Denied,
+    /// Try later.
+    Unavailable,
+}
+
 /// How long a login waits for its check before it is told to come back later.
 const HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Checks that may wait for a hashing thread; past this, logins get `Unavailable` at once.
@@ -144,6 +157,51 @@ impl Authenticator {
             }
         }
         Authenticator { store, jobs: tx }
+    }
+
+    /// Runs `f` on a hashing thread (for checks that hash: account passwords, backup codes).
+    /// `None`: the queue is full or the result did not come in time.
+    pub async fn run_blocking<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs.try_send(job).ok()?;
+        tokio::time::timeout(HASH_QUEUE_TIMEOUT, rx).await.ok()?.ok()
+    }
+
+    /// The web step's first factor: the account password only (app passwords never open
+    /// the web step). Unknown users cost the same hash.
+    pub async fn check_account_password(&self, username: &str, password: &SecretBytes) -> WebCheck {
+        let store = self.store.clone();
+        let username = normalize_username(username);
+        let password = SecretBytes::from(password.expose().clone());
+        self.run_blocking(move || match store.get_account(&username) {
+            Ok(Some(account)) => match account.password_hash.as_deref() {
+                Some(h) if password::verify(password.expose(), h) => WebCheck::Ok(Box::new(account)),
+                _ => {
+                    if account.password_hash.is_none() {
+                        password::dummy_verify(password.expose());
+                    }
+                    WebCheck::Denied
+                }
+            },
+            Ok(None) => {
+                password::dummy_verify(password.expose());
+                WebCheck::Denied
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store error during web sign-in");
+                WebCheck::Unavailable
+            }
+        })
+        .await
+        .unwrap_or(WebCheck::Unavailable)
+    }
+
+    /// The store behind this authenticator.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     /// Checks a login.
@@ -267,6 +325,7 @@ mod tests {
             password_hash: Some(password::hash(b"account-pw").unwrap()),
             totp: None,
             second_factor_required: false,
+            backup_codes: None,
             created_at: 0,
             updated_at: 0,
         })

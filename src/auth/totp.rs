@@ -46,3 +46,59 @@ mod tests {
         assert!(enrol(&key, "x", "a@x", Some("not base32!")).is_err());
     }
 }
+
+/// A fresh 160-bit TOTP secret for enrolment, as base32 (shown to the person) and the
+/// otpauth:// URI (shown as a QR code).
+pub fn new_secret(issuer: &str, account: &str) -> Result<(Secret<String>, Secret<String>), String> {
+    let secret = TotpSecret::generate();
+    let b32 = secret.to_base32();
+    let totp = Builder::new()
+        .with_secret(secret)
+        .with_issuer(Some(issuer))
+        .with_account_name(account)
+        .build()
+        .map_err(|e| format!("cannot make a TOTP secret: {e}"))?;
+    let uri = totp.to_url().map_err(|e| format!("cannot make the otpauth URI: {e}"))?;
+    Ok((Secret::new(b32), Secret::new(uri)))
+}
+
+/// The time step a 6-digit `code` is valid for at `now` (RFC 6238: SHA-1, 30 s, ±1 step),
+/// for the raw `secret`. `None`: not valid. Replay protection is the caller's (only a step
+/// later than the last accepted one may be accepted).
+pub fn matching_step(secret: &[u8], code: &str, now: u64) -> Option<u64> {
+    let code = code.trim();
+    if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let totp = Builder::new().with_secret(secret.to_vec()).build_noncompliant();
+    totp.check(code, now)
+}
+
+/// Seals a base32 secret for storage.
+pub fn seal_base32(key: &SecretKey, account: &str, base32: &str) -> Result<String, String> {
+    let secret = TotpSecret::try_from_base32(base32).map_err(|_| "the secret is not valid base32".to_string())?;
+    key.seal(secret.as_ref(), account)
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn window_is_plus_minus_one_step() {
+        let secret = b"12345678901234567890";
+        let totp = Builder::new().with_secret(secret.to_vec()).build_noncompliant();
+        let t = 2_000_000_010u64; // past 2038 fits: 64-bit steps
+        let code = totp.generate(t).to_string();
+        let step = t / 30;
+        assert_eq!(matching_step(secret, &code, t), Some(step));
+        assert_eq!(matching_step(secret, &code, t + 30), Some(step));
+        assert_eq!(matching_step(secret, &code, t - 30), Some(step));
+        assert_eq!(matching_step(secret, &code, t + 60), None);
+        assert_eq!(matching_step(secret, &code, t - 60), None);
+        assert_eq!(matching_step(secret, "12345", t), None);
+        assert_eq!(matching_step(secret, "abcdef", t), None);
+        // RFC 6238 test vector (SHA-1, T = 59 s): 94287082 → last 6 digits.
+        assert_eq!(matching_step(secret, "287082", 59), Some(1));
+    }
+}

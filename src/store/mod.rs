@@ -101,6 +101,9 @@ pub struct Account {
     /// its account password over IMAP/SMTP (fail closed).
     #[serde(default)]
     pub second_factor_required: bool,
+    /// Single-use backup codes (argon2id hashes; an empty string is a used code).
+    #[serde(default)]
+    pub backup_codes: Option<BackupCodes>,
     /// Unix seconds.
     pub created_at: u64,
     /// Unix seconds.
@@ -123,6 +126,22 @@ impl Account {
     /// account password over IMAP/SMTP).
     pub fn has_second_factor(&self) -> bool {
         self.totp.is_some() || self.second_factor_required
+    }
+}
+
+/// A set of backup codes.
+#[derive(Clone, Serialize, Deserialize, Default)]
+pub struct BackupCodes {
+    /// When the set was made (unix seconds).
+    pub generated_at: u64,
+    /// One argon2id hash per code; a used code's hash is replaced by an empty string.
+    pub hashes: Vec<String>,
+}
+
+impl BackupCodes {
+    /// Codes not used yet.
+    pub fn remaining(&self) -> usize {
+        self.hashes.iter().filter(|h| !h.is_empty()).count()
     }
 }
 
@@ -190,6 +209,15 @@ pub trait Store: Send + Sync {
     fn create_account(&self, account: &Account) -> Result<(), StoreError>;
     /// Replaces an existing account record; `NotFound` if it does not exist. Durable on return.
     fn put_account(&self, account: &Account) -> Result<(), StoreError>;
+    /// Changes an account atomically: `change` sees the current record and may refuse
+    /// (its error is returned, nothing is written). Concurrent changes are serialised, so
+    /// a check-and-set inside `change` (a TOTP step, a backup code) happens once.
+    /// Durable on return.
+    fn update_account(
+        &self,
+        username: &str,
+        change: &mut dyn FnMut(&mut Account) -> Result<(), StoreError>,
+    ) -> Result<Account, StoreError>;
     /// Removes an account and its app passwords. Durable on return.
     fn remove_account(&self, username: &str) -> Result<(), StoreError>;
     /// All accounts, by name.

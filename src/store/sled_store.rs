@@ -133,6 +133,29 @@ impl Store for SledStore {
         self.durable()
     }
 
+    fn update_account(
+        &self,
+        username: &str,
+        change: &mut dyn FnMut(&mut Account) -> Result<(), StoreError>,
+    ) -> Result<Account, StoreError> {
+        // One writer at a time for read-check-write changes (sled's optimistic
+        // transactions would re-run `change`, which may be an expensive hash check).
+        let _guard = self.create_lock.lock().map_err(|_| backend("lock poisoned"))?;
+        let Some(current) = self.accounts.get(username).map_err(backend)? else {
+            return Err(StoreError::NotFound(format!("unknown user {username}")));
+        };
+        let mut account: Account = decode(username, &current)?;
+        change(&mut account)?;
+        let value = encode(&account)?;
+        let swapped =
+            self.accounts.compare_and_swap(username.as_bytes(), Some(current), Some(value)).map_err(backend)?;
+        if swapped.is_err() {
+            return Err(StoreError::Conflict(format!("{username} was changed at the same time; try again")));
+        }
+        self.durable()?;
+        Ok(account)
+    }
+
     fn remove_account(&self, username: &str) -> Result<(), StoreError> {
         let ids: Vec<Vec<u8>> = self
             .index
@@ -304,6 +327,7 @@ mod tests {
             password_hash: None,
             totp: None,
             second_factor_required: false,
+            backup_codes: None,
             created_at: 1,
             updated_at: 1,
         }

@@ -66,6 +66,8 @@ pub struct Mailgate {
     pub smtps: SocketAddr,
     /// SMTP submission, STARTTLS.
     pub submission: SocketAddr,
+    /// The web step (HTTPS).
+    pub web: SocketAddr,
     /// CA the test clients trust.
     pub ca: PathBuf,
     log: PathBuf,
@@ -82,9 +84,10 @@ impl Mailgate {
         std::fs::write(dir.path().join("config/master.secret"), format!("{}\n", opts.master_password)).unwrap();
         let config = dir.path().join("config/mailgate.toml");
         let log = dir.path().join("mailgate.log");
-        let write_config = |imaps: SocketAddr, imap: SocketAddr, smtps: SocketAddr, submission: SocketAddr| {
-            let text = format!(
-                r#"[server]
+        let write_config =
+            |imaps: SocketAddr, imap: SocketAddr, smtps: SocketAddr, submission: SocketAddr, web: SocketAddr| {
+                let text = format!(
+                    r#"[server]
 hostname = "mail.example.test"
 public_url = "{public_url}"
 data_dir = "data"
@@ -94,6 +97,8 @@ key = "{key}"
 [imap]
 listen_tls = ["{imaps}"]
 listen_starttls = ["{imap}"]
+[web]
+listen = ["{web}"]
 [smtp]
 listen_tls = ["{smtps}"]
 listen_starttls = ["{submission}"]
@@ -111,18 +116,18 @@ master_password_file = "config/master.secret"
 [limits]
 {limits}
 "#,
-                public_url = opts.public_url,
-                cert = pki.cert.display(),
-                key = pki.key.display(),
-                upstream = opts.upstream,
-                extra = opts.upstream_extra,
-                limits = opts.limits,
-                smtp_extra = opts.smtp_extra,
-                smtp_upstream = opts.smtp_upstream,
-                smtp_upstream_extra = opts.smtp_upstream_extra,
-            );
-            std::fs::write(&config, text).unwrap();
-        };
+                    public_url = opts.public_url,
+                    cert = pki.cert.display(),
+                    key = pki.key.display(),
+                    upstream = opts.upstream,
+                    extra = opts.upstream_extra,
+                    limits = opts.limits,
+                    smtp_extra = opts.smtp_extra,
+                    smtp_upstream = opts.smtp_upstream,
+                    smtp_upstream_extra = opts.smtp_upstream_extra,
+                );
+                std::fs::write(&config, text).unwrap();
+            };
         // Free ports are picked by binding port 0 and letting go, so another test may take
         // one in between: then try again with new ports.
         let mut attempt = 0;
@@ -131,7 +136,8 @@ master_password_file = "config/master.secret"
             let imap: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let smtps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let submission: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            write_config(imaps, imap, smtps, submission);
+            let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            write_config(imaps, imap, smtps, submission, web);
             match spawn_child(dir.path(), &config, &log, imaps, imap) {
                 Ok(child) => {
                     return Mailgate {
@@ -142,6 +148,7 @@ master_password_file = "config/master.secret"
                         imap,
                         smtps,
                         submission,
+                        web,
                         ca: pki.ca,
                         log,
                     };

@@ -1,0 +1,101 @@
+//! The web step: sign-in with the account password and a TOTP code (or a backup code),
+//! TOTP enrolment by QR code, backup codes, self-service app passwords, and Thunderbird
+//! autoconfig. Pages are rendered on the server (askama), work without JavaScript, and
+//! carry their CSS from the binary.
+//!
+//! Sessions live on the server (an unguessable id in a `__Host-` cookie, a new id after
+//! each sign-in step, 30 min idle / 12 h absolute); every POST needs the session's
+//! synchronizer token and a same-origin request; changes of factors and new app
+//! passwords need a sign-in within the last 10 minutes. Depends on auth, store, sessions
+//! and config; not on proto or net.
+
+mod pages;
+mod session;
+
+use crate::auth::Authenticator;
+use crate::auth::clock::Clock;
+use crate::auth::crypto::SecretKey;
+use crate::config::Config;
+use crate::sessions::Sessions;
+use axum::Router;
+use axum::http::{HeaderValue, header};
+use axum::routing::{get, post};
+use std::sync::Arc;
+
+pub use session::{COOKIE, WebSessions};
+
+/// Everything the handlers need.
+pub struct Web {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// Credential checks and the store.
+    pub auth: Authenticator,
+    /// Key sealing TOTP secrets.
+    pub key: Arc<SecretKey>,
+    /// Live IMAP/SMTP sessions (revocation ends them).
+    pub sessions: Sessions,
+    /// Web sessions.
+    pub web_sessions: WebSessions,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// The router (tested with `oneshot`, served over TLS by `app`).
+pub fn router(web: Arc<Web>) -> Router {
+    Router::new()
+        .route("/", get(pages::root))
+        .route("/style.css", get(pages::style))
+        .route("/login", get(pages::login_form).post(pages::login))
+        .route("/login/totp", get(pages::totp_form).post(pages::totp))
+        .route("/login/backup", get(pages::backup_form).post(pages::backup))
+        .route("/logout", post(pages::logout))
+        .route("/app-passwords", get(pages::account).post(pages::create_app_password))
+        .route("/app-passwords/{id}/revoke", post(pages::revoke_app_password))
+        .route("/two-factor", get(pages::enrol_form).post(pages::enrol))
+        .route("/two-factor/disable", post(pages::disable_2fa))
+        .route("/backup-codes", post(pages::regenerate_codes))
+        .route("/backup-codes.txt", get(pages::download_codes))
+        .route("/password", get(pages::password_form).post(pages::change_password))
+        .route("/.well-known/autoconfig/mail/config-v1.1.xml", get(pages::autoconfig))
+        .route("/mail/config-v1.1.xml", get(pages::autoconfig))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(web)
+}
+
+/// Serves the web step over TLS on an accepted connection (HTTP/1.1 or HTTP/2).
+pub async fn serve_connection(
+    router: Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    handshake_timeout: std::time::Duration,
+) {
+    let Ok(Ok(tls)) = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await else { return };
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let _ = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service).await;
+}
+
+/// Headers on every response: HSTS, a strict CSP, no framing, no sniffing, no caching
+/// (pages show secrets and per-session tokens).
+async fn security_headers(mut resp: axum::response::Response) -> axum::response::Response {
+    let h = resp.headers_mut();
+    let set = |h: &mut axum::http::HeaderMap, k: header::HeaderName, v: &'static str| {
+        h.insert(k, HeaderValue::from_static(v));
+    };
+    set(h, header::STRICT_TRANSPORT_SECURITY, "max-age=31536000");
+    set(
+        h,
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    );
+    set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    set(h, header::X_FRAME_OPTIONS, "DENY");
+    set(h, header::REFERRER_POLICY, "no-referrer");
+    if !h.contains_key(header::CACHE_CONTROL) {
+        set(h, header::CACHE_CONTROL, "no-store");
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests;
