@@ -243,12 +243,18 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
     }
     let store = app::open_store(&config)?;
     let key = app::load_key(&config, store.as_ref())?;
-    let master = &config.upstream_imap.master_password_file;
-    if !master.exists() {
-        eprintln!(
-            "mailgate: warning: {} does not exist; upstream logins will fail until it does (run `mailgate init`)",
-            master.display()
-        );
+    let mut masters = vec![&config.upstream_imap.master_password_file];
+    if config.upstream_smtp.login != mailgate::config::UpstreamLogin::Xclient {
+        masters.push(&config.upstream_smtp.master_password_file);
+    }
+    masters.dedup();
+    for master in masters {
+        if !master.exists() {
+            eprintln!(
+                "mailgate: warning: {} does not exist; upstream logins will fail until it does (run `mailgate init`)",
+                master.display()
+            );
+        }
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

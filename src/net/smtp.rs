@@ -116,10 +116,13 @@ impl SmtpService {
     /// Logs in upstream as `user` (connect, EHLO, STARTTLS, XCLIENT, AUTH as configured).
     async fn open_upstream(&self, user: &str, client: SocketAddr) -> Result<Upstream, UpstreamFailure> {
         let fut = async {
+            if self.upstream.config().login == LoginMode::Xclient {
+                // XCLIENT sends no password: the master password file is not needed.
+                let stream = self.upstream.open_stream().await?;
+                return self.exchange(stream, Style::Xclient, user, SecretString::from(String::new()), client).await;
+            }
             let (stream, password) = self.upstream.connect().await?;
-            let style =
-                if self.upstream.config().login == LoginMode::Xclient { Style::Xclient } else { Style::MasterSasl };
-            self.exchange(stream, style, user, password, client).await
+            self.exchange(stream, Style::MasterSasl, user, password, client).await
         };
         match timeout(self.upstream.timeout(), fut).await {
             Ok(r) => r,

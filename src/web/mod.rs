@@ -59,7 +59,19 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/.well-known/autoconfig/mail/config-v1.1.xml", get(pages::autoconfig))
         .route("/mail/config-v1.1.xml", get(pages::autoconfig))
         .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::map_request(host_from_authority))
         .with_state(web)
+}
+
+/// HTTP/2 carries the host in the `:authority` pseudo-header, not in `Host`; copy it so
+/// the same-origin check sees it either way.
+async fn host_from_authority(mut req: axum::extract::Request) -> axum::extract::Request {
+    if !req.headers().contains_key(header::HOST)
+        && let Some(v) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    req
 }
 
 /// Serves the web step over TLS on an accepted connection (HTTP/1.1 or HTTP/2).
