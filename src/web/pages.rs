@@ -58,6 +58,7 @@ struct AccountPage<'a> {
     notice: Option<String>,
     passwords: Vec<Row>,
     stale: Vec<String>,
+    failed: Vec<String>,
     totp: bool,
     codes_left: usize,
     can_change_password: bool,
@@ -547,6 +548,16 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
         .into_iter()
         .map(|(d, at)| format!("{d}, last {}", fmt_time(at)))
         .collect();
+    // Someone knew the password but not the second factor (SECURITY.md case 83): say so.
+    let since = web.now().saturating_sub(30 * 24 * 3600);
+    let failed = store
+        .recent_audit(&username, 200)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.kind == "second_factor_failed" && e.at >= since)
+        .take(5)
+        .map(|e| format!("{} (wrong {})", fmt_time(e.at), e.detail))
+        .collect();
     let notice = web.take_notice(&ctx.id);
     html(
         AccountPage {
@@ -556,6 +567,7 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
             notice,
             passwords,
             stale,
+            failed,
             totp: account.has_second_factor(),
             codes_left: account.backup_codes.as_ref().map(|c| c.remaining()).unwrap_or(0),
             can_change_password: account.password_hash.is_some(),
