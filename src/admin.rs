@@ -249,6 +249,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
                     totp: None,
                     second_factor_required: false,
                     backup_codes: None,
+                    second_factor_failures: 0,
                     created_at: now,
                     updated_at: now,
                 })
@@ -384,6 +385,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             let en = auth::totp::enrol(&ctx.key, &ctx.issuer, &email, secret.as_deref())?;
             a.totp = Some(TotpState { secret_enc: en.sealed, enabled_at: now_unix(), last_step: 0 });
             a.second_factor_required = true;
+            a.second_factor_failures = 0;
             a.updated_at = now_unix();
             store.put_account(&a).map_err(store_err)?;
             // Sessions opened with the account password end: from now on it is refused.
@@ -402,6 +404,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             a.totp = None;
             a.second_factor_required = false;
             a.backup_codes = None;
+            a.second_factor_failures = 0;
             a.updated_at = now_unix();
             store.put_account(&a).map_err(store_err)?;
             audit(store, &email, "totp_disabled", "by admin".into());

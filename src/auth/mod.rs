@@ -326,6 +326,7 @@ mod tests {
             totp: None,
             second_factor_required: false,
             backup_codes: None,
+            second_factor_failures: 0,
             created_at: 0,
             updated_at: 0,
         })

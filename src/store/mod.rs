@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub const SCHEMA_VERSION: u32 = 1;
 /// App passwords one account may hold (bounds the list and the cost of a login).
 pub const MAX_APP_PASSWORDS: usize = 50;
+/// Consecutive wrong second-factor codes after which the account's web sign-in is locked.
+pub const MAX_SECOND_FACTOR_FAILURES: u32 = 100;
 /// Audit events kept per account (older ones are dropped).
 pub const MAX_AUDIT_PER_ACCOUNT: usize = 1000;
 
@@ -104,6 +106,11 @@ pub struct Account {
     /// Single-use backup codes (argon2id hashes; an empty string is a used code).
     #[serde(default)]
     pub backup_codes: Option<BackupCodes>,
+    /// Wrong second-factor codes in a row, across sign-ins (reset by a right one, or by
+    /// an admin turning TOTP off or on again). At [`MAX_SECOND_FACTOR_FAILURES`] the
+    /// second factor is locked (NIST SP 800-63B §5.2.2).
+    #[serde(default)]
+    pub second_factor_failures: u32,
     /// Unix seconds.
     pub created_at: u64,
     /// Unix seconds.

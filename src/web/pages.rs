@@ -17,6 +17,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 type W = State<Arc<Web>>;
+
+/// Without a second factor the account password opens IMAP/SMTP on its own: NIST SP
+/// 800-63B-4 §3.1.1.2 asks for at least 15 characters for such a password.
+const MIN_PASSWORD: usize = 15;
 type Fields = Form<HashMap<String, String>>;
 
 // ---------------------------------------------------------------------------------------
@@ -73,6 +77,7 @@ struct CreatedPage<'a> {
     label: &'a str,
     password: &'a str,
     imap_port: u16,
+    imap_security: &'a str,
     smtp_port: u16,
     smtp_security: &'a str,
 }
@@ -290,6 +295,12 @@ impl Web {
     /// Signs in fully: a new session id, the sign-in time for step-up.
     fn complete_sign_in(&self, ctx: &Ctx, username: &str) -> Response {
         let now = self.now();
+        let _ = self.auth.store().update_account(username, &mut |a: &mut Account| {
+            if a.second_factor_failures != 0 {
+                a.second_factor_failures = 0;
+            }
+            Ok(())
+        });
         self.web_sessions.with(&ctx.id, now, |s| {
             s.stage = Stage::SignedIn { username: username.to_string(), auth_at: now };
             s.wrong_codes = 0;
@@ -305,6 +316,11 @@ impl Web {
     async fn wrong_code(&self, ctx: &Ctx, username: &str, backup: bool) -> Response {
         tokio::time::sleep(self.config.limits.auth_failure_delay).await;
         self.audit(username, "second_factor_failed", if backup { "backup code" } else { "TOTP code" }.into());
+        // Count it on the account too: a new sign-in does not start the count again.
+        let _ = self.auth.store().update_account(username, &mut |a: &mut Account| {
+            a.second_factor_failures = a.second_factor_failures.saturating_add(1);
+            Ok(())
+        });
         let dropped = self
             .web_sessions
             .with(&ctx.id, self.now(), |s| {
@@ -417,6 +433,24 @@ pub(super) async fn login(State(web): W, headers: HeaderMap, Form(form): Fields)
     }
 }
 
+/// After too many wrong codes in a row the second factor is locked until an admin
+/// resets it (`mailgate totp disable` / `totp enable`).
+fn locked(web: &Web, username: &str) -> Option<Response> {
+    let failures = web.auth.store().get_account(username).ok().flatten()?.second_factor_failures;
+    (failures >= crate::store::MAX_SECOND_FACTOR_FAILURES).then(|| {
+        html(
+            MessagePage {
+                host: web.host(),
+                heading: "Sign-in locked",
+                text: "Too many wrong codes were entered for this account. Ask your mail administrator to unlock it.",
+                link: "/login",
+                link_text: "Back to sign-in",
+            },
+            StatusCode::FORBIDDEN,
+        )
+    })
+}
+
 fn pending(ctx: &Option<Ctx>) -> Option<(&Ctx, String)> {
     match ctx {
         Some(c @ Ctx { stage: Stage::SecondFactor { username, .. }, .. }) => Some((c, username.clone())),
@@ -440,6 +474,9 @@ pub(super) async fn totp(State(web): W, headers: HeaderMap, Form(form): Fields) 
     let ctx = web.load(&headers);
     let Some((ctx, username)) = pending(&ctx) else { return redirect("/login") };
     if let Err(r) = web.check_post(&headers, ctx, &form) {
+        return r;
+    }
+    if let Some(r) = locked(&web, &username) {
         return r;
     }
     let code: String = form.get("code").map(|c| c.chars().filter(|c| !c.is_whitespace()).collect()).unwrap_or_default();
@@ -469,6 +506,9 @@ pub(super) async fn backup(State(web): W, headers: HeaderMap, Form(form): Fields
     let ctx = web.load(&headers);
     let Some((ctx, username)) = pending(&ctx) else { return redirect("/login") };
     if let Err(r) = web.check_post(&headers, ctx, &form) {
+        return r;
+    }
+    if let Some(r) = locked(&web, &username) {
         return r;
     }
     let code = SecretString::from(form.get("code").cloned().unwrap_or_default());
@@ -593,8 +633,19 @@ fn post_user(
     Ok((ctx, username))
 }
 
-fn first_port(list: &[std::net::SocketAddr], default: u16) -> u16 {
-    list.first().map(|a| a.port()).unwrap_or(default)
+/// The port and security a mail app should use: implicit TLS if mailgate listens for it,
+/// else STARTTLS.
+fn endpoint(tls: &[std::net::SocketAddr], starttls: &[std::net::SocketAddr], tls_default: u16) -> (u16, &'static str) {
+    match (tls.first(), starttls.first()) {
+        (Some(t), _) => (t.port(), "SSL/TLS"),
+        (None, Some(s)) => (s.port(), "STARTTLS"),
+        (None, None) => (tls_default, "SSL/TLS"),
+    }
+}
+
+/// Text for an XML element.
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 pub(super) async fn create_app_password(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
@@ -620,11 +671,8 @@ pub(super) async fn create_app_password(State(web): W, headers: HeaderMap, Form(
         web.auth.run_blocking(move || admin::create_app_password(store.as_ref(), &user, &label, scopes, "web")).await;
     match made {
         Some(Ok((new, label, _))) => {
-            let (smtp_port, smtp_security) = match (web.config.smtp_starttls.first(), web.config.smtp_tls.first()) {
-                (_, Some(tls)) => (tls.port(), "SSL/TLS"),
-                (Some(st), None) => (st.port(), "STARTTLS"),
-                (None, None) => (465, "SSL/TLS"),
-            };
+            let (smtp_port, smtp_security) = endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465);
+            let (imap_port, imap_security) = endpoint(&web.config.imap_tls, &web.config.imap_starttls, 993);
             let grouped = new.grouped();
             html(
                 CreatedPage {
@@ -633,7 +681,8 @@ pub(super) async fn create_app_password(State(web): W, headers: HeaderMap, Form(
                     username: &username,
                     label: &label,
                     password: grouped.expose(),
-                    imap_port: first_port(&web.config.imap_tls, 993),
+                    imap_port,
+                    imap_security,
                     smtp_port,
                     smtp_security,
                 },
@@ -817,6 +866,10 @@ pub(super) async fn disable_2fa(State(web): W, headers: HeaderMap, Form(form): F
         return web.error("Two-step verification could not be turned off. Nothing was changed.");
     }
     web.audit(&username, "totp_disabled", "on the web".into());
+    web.web_sessions.with(&ctx.id, now, |s| {
+        s.shown_codes = None;
+        s.pending_totp = None;
+    });
     web.set_notice(&ctx.id, "Two-step verification is off. Your backup codes no longer work.");
     redirect("/app-passwords")
 }
@@ -911,8 +964,8 @@ pub(super) async fn change_password(State(web): W, headers: HeaderMap, Form(form
     let again = SecretString::from(form.get("again").cloned().unwrap_or_default());
     let problem = if new != again {
         Some("The two passwords are not the same.")
-    } else if new.expose().chars().count() < 12 {
-        Some("Choose a password of at least 12 characters.")
+    } else if new.expose().chars().count() < MIN_PASSWORD {
+        Some("Choose a password of at least 15 characters.")
     } else if new.expose().len() > 1024 {
         Some("That password is too long.")
     } else {
@@ -964,12 +1017,10 @@ pub(super) async fn change_password(State(web): W, headers: HeaderMap, Form(form
 
 pub(super) async fn autoconfig(State(web): W) -> Response {
     let host = web.host();
-    let imap = first_port(&web.config.imap_tls, 993);
-    let (smtp, smtp_socket) = match (web.config.smtp_tls.first(), web.config.smtp_starttls.first()) {
-        (Some(t), _) => (t.port(), "SSL"),
-        (None, Some(s)) => (s.port(), "STARTTLS"),
-        (None, None) => (465, "SSL"),
-    };
+    let socket = |security: &str| if security == "STARTTLS" { "STARTTLS" } else { "SSL" };
+    let (imap, imap_security) = endpoint(&web.config.imap_tls, &web.config.imap_starttls, 993);
+    let (smtp, smtp_security) = endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465);
+    let (imap_socket, smtp_socket) = (socket(imap_security), socket(smtp_security));
     let domain = host.split_once('.').map(|(_, d)| d).unwrap_or(host);
     let xml = format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
@@ -980,7 +1031,7 @@ pub(super) async fn autoconfig(State(web): W) -> Response {
     <incomingServer type="imap">
       <hostname>{host}</hostname>
       <port>{imap}</port>
-      <socketType>SSL</socketType>
+      <socketType>{imap_socket}</socketType>
       <authentication>password-cleartext</authentication>
       <username>%EMAILADDRESS%</username>
     </incomingServer>
@@ -997,7 +1048,7 @@ pub(super) async fn autoconfig(State(web): W) -> Response {
   </emailProvider>
 </clientConfig>
 "#,
-        url = web.config.public_url
+        url = xml_escape(&web.config.public_url)
     );
     ([(header::CONTENT_TYPE, "application/xml; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")], xml)
         .into_response()

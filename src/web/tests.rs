@@ -1,6 +1,1435 @@
+//! The web step driven through its router (`oneshot`), with a temporary sled store and a
+//! fake clock: sign-in, TOTP and backup codes, enrolment, app passwords, step-up, CSRF,
+//! session lifetime, password change, headers and autoconfig (SECURITY.md cases 72, 75–94).
+
 use super::*;
+use crate::admin;
+use crate::auth::clock::FakeClock;
+use crate::auth::{Peer, Protocol, Verdict, app_password, backup_codes, password};
+use crate::secret::SecretBytes;
+use crate::store::sled_store::SledStore;
+use crate::store::{Account, AuditEvent, LastUse, Scope, Store, TotpState};
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt as _;
+use tower::ServiceExt as _;
+
+const HOST: &str = "mail.example.test";
+const CONFIG: &str = "[limits]\nauth_failure_delay_ms = 0\n[server]\npublic_url = \"https://mail.example.test\"\nhostname = \"mail.example.test\"";
+/// Ten seconds into a TOTP step.
+const T0: u64 = 1_800_000_010;
+/// The TOTP secret of accounts made with `totp: true` (RFC 6238 test key).
+const SECRET: &[u8] = b"12345678901234567890";
+const ALICE: &str = "alice@example.test";
+const BOB: &str = "bob@example.test";
+const PW: &str = "alice's account password";
 
 #[test]
 fn cookie_name_is_host_prefixed() {
     assert!(COOKIE.starts_with("__Host-"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Harness
+
+struct Env {
+    web: Arc<Web>,
+    clock: FakeClock,
+    store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env::with_config(CONFIG)
+    }
+
+    fn with_config(toml: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let clock = FakeClock::at(T0);
+        let web = Arc::new(Web {
+            config: Arc::new(Config::from_toml_str(toml, "t").unwrap()),
+            auth: Authenticator::new(store.clone(), 2),
+            key: Arc::new(SecretKey::from_bytes(&[7; 32]).unwrap()),
+            sessions: Sessions::default(),
+            web_sessions: WebSessions::default(),
+            clock: Arc::new(clock.clone()),
+        });
+        Env { web, clock, store, _dir: dir }
+    }
+
+    fn client(&self) -> Client {
+        Client { web: self.web.clone(), cookie: None, csrf: None }
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    /// An account with a local password; with `totp`, TOTP on with [`SECRET`].
+    fn add_user(&self, name: &str, pw: &str, totp: bool) {
+        let totp = totp.then(|| TotpState {
+            secret_enc: self.web.key.seal(SECRET, name).unwrap(),
+            enabled_at: 1,
+            last_step: 0,
+        });
+        self.store
+            .create_account(&Account {
+                username: name.into(),
+                addresses: vec![],
+                password_hash: Some(password::hash(pw.as_bytes()).unwrap()),
+                second_factor_required: totp.is_some(),
+                totp,
+                backup_codes: None,
+                second_factor_failures: 0,
+                created_at: 1,
+                updated_at: 1,
+            })
+            .unwrap();
+    }
+
+    fn account(&self, name: &str) -> Account {
+        self.store.get_account(name).unwrap().unwrap()
+    }
+
+    /// An app password made by the admin: (id, grouped password).
+    fn app_password(&self, user: &str, label: &str) -> (String, String) {
+        let (new, _, _) = admin::create_app_password(self.store.as_ref(), user, label, vec![], "admin").unwrap();
+        (new.id.clone(), new.grouped().expose().clone())
+    }
+
+    /// Gives the account a fresh set of backup codes; returns them.
+    fn give_backup_codes(&self, user: &str) -> Vec<String> {
+        let (shown, set) = backup_codes::generate(self.now()).unwrap();
+        self.store
+            .update_account(user, &mut |a: &mut Account| {
+                a.backup_codes = Some(set.clone());
+                Ok(())
+            })
+            .unwrap();
+        shown.iter().map(|c| c.expose().clone()).collect()
+    }
+
+    fn app_password_count(&self, user: &str) -> usize {
+        self.store.list_app_passwords(user).unwrap().len()
+    }
+}
+
+/// Form fields or headers.
+type Fields<'a> = Vec<(&'a str, &'a str)>;
+/// Form fields with owned values.
+type OwnedFields<'a> = Vec<(&'a str, String)>;
+
+/// A browser: keeps the session cookie and the last synchronizer token it saw.
+struct Client {
+    web: Arc<Web>,
+    cookie: Option<String>,
+    csrf: Option<String>,
+}
+
+struct Resp {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    fn location(&self) -> &str {
+        self.header("location")
+    }
+
+    /// The raw `Set-Cookie` of the session cookie, if any.
+    fn session_set_cookie(&self) -> Option<String> {
+        self.headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with(&format!("{COOKIE}=")))
+            .map(str::to_string)
+    }
+
+    #[track_caller]
+    fn assert_redirect(&self, to: &str) {
+        assert_eq!(self.status, StatusCode::SEE_OTHER, "expected a redirect to {to}; body: {}", self.body);
+        assert_eq!(self.location(), to);
+    }
+
+    #[track_caller]
+    fn assert_ok(&self) {
+        assert_eq!(self.status, StatusCode::OK, "location {:?}; body: {}", self.location(), self.body);
+    }
+}
+
+fn between(text: &str, start: &str, end: &str) -> Option<String> {
+    let from = text.find(start)? + start.len();
+    let len = text[from..].find(end)?;
+    Some(text[from..from + len].to_string())
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn form(fields: &[(&str, &str)]) -> String {
+    fields.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect::<Vec<_>>().join("&")
+}
+
+impl Client {
+    async fn send(&mut self, method: Method, path: &str, body: Option<String>, headers: &[(&str, &str)]) -> Resp {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(c) = &self.cookie {
+            b = b.header(header::COOKIE, format!("{COOKIE}={c}"));
+        }
+        if body.is_some() {
+            b = b.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Body::from(body.unwrap_or_default())).unwrap();
+        let resp = router(self.web.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8(bytes.to_vec()).unwrap();
+        let r = Resp { status, headers, body };
+        if let Some(set) = r.session_set_cookie() {
+            let value = between(&set, "=", ";").unwrap_or_default();
+            self.cookie = (!value.is_empty()).then_some(value);
+        }
+        if let Some(t) = between(&r.body, "name=\"csrf\" value=\"", "\"") {
+            self.csrf = Some(t);
+        }
+        r
+    }
+
+    async fn get(&mut self, path: &str) -> Resp {
+        self.send(Method::GET, path, None, &[]).await
+    }
+
+    /// A same-origin form POST with the session's token.
+    async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Resp {
+        let csrf = self.csrf.clone().unwrap_or_default();
+        let mut all = vec![("csrf", csrf.as_str())];
+        all.extend_from_slice(fields);
+        self.send(Method::POST, path, Some(form(&all)), &[("sec-fetch-site", "same-origin")]).await
+    }
+
+    /// A POST exactly as given (no token added, only the given headers).
+    async fn post_raw(&mut self, path: &str, fields: &[(&str, &str)], headers: &[(&str, &str)]) -> Resp {
+        self.send(Method::POST, path, Some(form(fields)), headers).await
+    }
+
+    /// Opens the sign-in page and sends the password.
+    async fn login(&mut self, user: &str, pw: &str) -> Resp {
+        self.get("/login").await.assert_ok();
+        self.post("/login", &[("username", user), ("password", pw)]).await
+    }
+
+    async fn sign_in(&mut self, user: &str, pw: &str) {
+        self.login(user, pw).await.assert_redirect("/app-passwords");
+    }
+
+    async fn sign_in_2fa(&mut self, user: &str, pw: &str, code: &str) {
+        self.login(user, pw).await.assert_redirect("/login/totp");
+        self.post("/login/totp", &[("code", code)]).await.assert_redirect("/app-passwords");
+    }
+
+    /// Turns TOTP on through the pages; returns the secret and the backup codes shown.
+    async fn enrol(&mut self, now: u64) -> (Vec<u8>, Vec<String>) {
+        let page = self.get("/two-factor").await;
+        page.assert_ok();
+        let secret = secret_on(&page.body);
+        let r = self.post("/two-factor", &[("code", &code(&secret, now))]).await;
+        r.assert_ok();
+        let codes = codes_on(&r.body);
+        assert_eq!(codes.len(), backup_codes::COUNT, "{}", r.body);
+        (secret, codes)
+    }
+}
+
+/// The TOTP code of `secret` at `t`.
+fn code(secret: &[u8], t: u64) -> String {
+    totp_rs::Builder::new().with_secret(secret.to_vec()).build_noncompliant().generate(t).to_string()
+}
+
+/// A 6-digit code valid nowhere near `t` (±3 steps).
+fn bad_code(secret: &[u8], t: u64) -> String {
+    let near: Vec<String> = (0..7).map(|k| code(secret, t + k * 30 - 90)).collect();
+    (0..1000).map(|n| format!("{n:06}")).find(|c| !near.contains(c)).unwrap()
+}
+
+/// The raw TOTP secret shown on the enrolment page.
+fn secret_on(body: &str) -> Vec<u8> {
+    let b32 = between(body, "<code id=\"totp-secret\">", "</code>").unwrap();
+    totp_rs::Secret::try_from_base32(b32.trim()).unwrap().as_ref().to_vec()
+}
+
+/// The backup codes listed on a codes page.
+fn codes_on(body: &str) -> Vec<String> {
+    let list = between(body, "id=\"backup-codes\">", "</ol>").unwrap_or_default();
+    list.split("<code>").skip(1).filter_map(|s| s.split("</code>").next()).map(str::to_string).collect()
+}
+
+fn peer(client: &str) -> Peer {
+    Peer { ip: "192.0.2.1".parse().unwrap(), client_name: Some(client.to_string()) }
+}
+
+fn imap_login(env: &Env, user: &str, pw: &str) -> Verdict {
+    crate::auth::decide(
+        env.store.as_ref(),
+        user,
+        &SecretBytes::from(pw.as_bytes().to_vec()),
+        Protocol::Imap,
+        &peer("t"),
+    )
+}
+
+#[track_caller]
+fn assert_security_headers(r: &Resp, what: &str) {
+    let hsts = r.header("strict-transport-security");
+    let max_age: u64 = hsts
+        .strip_prefix("max-age=")
+        .and_then(|s| s.split(';').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(max_age >= 31_536_000, "{what}: HSTS `{hsts}`");
+    let csp = r.header("content-security-policy");
+    assert!(csp.contains("frame-ancestors 'none'"), "{what}: CSP `{csp}`");
+    assert!(csp.contains("base-uri 'none'"), "{what}: CSP `{csp}`");
+    assert!(csp.contains("object-src 'none'") || csp.contains("default-src 'none'"), "{what}: CSP `{csp}`");
+    assert_eq!(r.header("x-content-type-options"), "nosniff", "{what}");
+    assert!(!r.header("referrer-policy").is_empty(), "{what}: no Referrer-Policy");
+}
+
+// ---------------------------------------------------------------------------------------
+// Sign-in (cases 71, 82, 88, 93)
+
+#[tokio::test]
+async fn wrong_password_unknown_user_and_passwordless_account_look_the_same() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    env.store
+        .create_account(&Account {
+            username: BOB.into(),
+            addresses: vec![],
+            password_hash: None,
+            totp: None,
+            second_factor_required: false,
+            backup_codes: None,
+            second_factor_failures: 0,
+            created_at: 1,
+            updated_at: 1,
+        })
+        .unwrap();
+    let mut c = env.client();
+    c.get("/login").await.assert_ok();
+    let wrong = c.post("/login", &[("username", ALICE), ("password", "not the password")]).await;
+    let unknown = c.post("/login", &[("username", "nobody@example.test"), ("password", "not the password")]).await;
+    let no_pw = c.post("/login", &[("username", BOB), ("password", "not the password")]).await;
+    for r in [&wrong, &unknown, &no_pw] {
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert!(r.body.contains("The e-mail address or password is not right."), "{}", r.body);
+        assert!(r.session_set_cookie().is_none(), "a failed sign-in must not issue a session");
+    }
+    let norm = |r: &Resp, user: &str| r.body.replace(user, "USER");
+    assert_eq!(norm(&wrong, ALICE), norm(&unknown, "nobody@example.test"));
+    assert_eq!(norm(&wrong, ALICE), norm(&no_pw, BOB));
+    // Still signed out.
+    c.get("/app-passwords").await.assert_redirect("/login");
+}
+
+#[tokio::test]
+async fn app_password_never_opens_the_web_step() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let (_, app) = env.app_password(ALICE, "phone");
+    assert!(matches!(imap_login(&env, ALICE, &app), Verdict::Granted(_)), "control: the app password is valid");
+    let mut c = env.client();
+    for form in [app.clone(), app.replace(' ', ""), app.to_uppercase()] {
+        let r = c.login(ALICE, &form).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    }
+    c.get("/app-passwords").await.assert_redirect("/login");
+}
+
+#[tokio::test]
+async fn account_without_totp_goes_straight_to_app_passwords_with_a_new_session_id() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    let page = c.get("/login").await;
+    page.assert_ok();
+    let set = page.session_set_cookie().unwrap();
+    let parts: Vec<&str> = set.split(';').map(str::trim).collect();
+    assert!(parts[0].starts_with("__Host-mailgate="), "{set}");
+    for attr in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(parts.contains(&attr), "cookie lacks {attr}: {set}");
+    }
+    assert!(!set.to_ascii_lowercase().contains("domain="), "a __Host- cookie has no Domain: {set}");
+    let first = c.cookie.clone().unwrap();
+    assert!(first.len() >= 43, "session id of at least 256 bits: {first}");
+
+    // The username is case-insensitive and trimmed.
+    let r = c.post("/login", &[("username", " Alice@Example.TEST "), ("password", PW)]).await;
+    r.assert_redirect("/app-passwords");
+    let second = c.cookie.clone().unwrap();
+    assert_ne!(first, second, "the session id changes on sign-in");
+    let page = c.get("/app-passwords").await;
+    page.assert_ok();
+    assert!(page.body.contains(ALICE));
+
+    // The pre-sign-in id is dead: it opens nothing, and /login hands out a new one.
+    let mut old = env.client();
+    old.cookie = Some(first.clone());
+    old.get("/app-passwords").await.assert_redirect("/login");
+    let again = old.get("/login").await;
+    again.assert_ok();
+    assert!(again.session_set_cookie().is_some(), "the old id is unknown, so a new session is made");
+    assert_ne!(old.cookie.as_deref(), Some(first.as_str()));
+    // The root page sends signed-in people to their account.
+    c.get("/").await.assert_redirect("/app-passwords");
+    env.client().get("/").await.assert_redirect("/login");
+}
+
+#[tokio::test]
+async fn partial_sign_in_leads_nowhere_and_ids_rotate_at_each_step() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let (id, _) = env.app_password(ALICE, "phone");
+    let hash_before = env.account(ALICE).password_hash.clone();
+    let mut c = env.client();
+    c.get("/login").await.assert_ok();
+    let id0 = c.cookie.clone().unwrap();
+    c.post("/login", &[("username", ALICE), ("password", PW)]).await.assert_redirect("/login/totp");
+    let id1 = c.cookie.clone().unwrap();
+    assert_ne!(id0, id1, "new id after the password");
+
+    // Case 82: every protected URL sends the half-signed-in session to /login.
+    for path in ["/app-passwords", "/two-factor", "/backup-codes.txt", "/password", "/"] {
+        c.get(path).await.assert_redirect("/login");
+    }
+    let revoke = format!("/app-passwords/{id}/revoke");
+    let posts: [(&str, Vec<(&str, &str)>); 6] = [
+        ("/app-passwords", vec![("label", "attacker"), ("scope_imap", "1"), ("scope_smtp", "1")]),
+        ("/password", vec![("new", "a brand new password"), ("again", "a brand new password"), ("revoke_all", "1")]),
+        ("/two-factor", vec![("code", "123456")]),
+        ("/two-factor/disable", vec![]),
+        ("/backup-codes", vec![]),
+        (revoke.as_str(), vec![]),
+    ];
+    for (path, fields) in &posts {
+        c.post(path, fields).await.assert_redirect("/login");
+    }
+    let a = env.account(ALICE);
+    assert!(a.totp.is_some() && a.second_factor_required, "2FA unchanged");
+    assert!(a.backup_codes.is_none());
+    assert_eq!(a.password_hash, hash_before, "password unchanged");
+    assert_eq!(env.app_password_count(ALICE), 1, "no app password created or revoked");
+    assert_eq!(c.cookie.as_deref(), Some(id1.as_str()));
+
+    // The old (anonymous) id does not reach the second-factor step.
+    let mut old = env.client();
+    old.cookie = Some(id0);
+    old.get("/login/totp").await.assert_redirect("/login");
+
+    // The pending sign-in still works; the id changes again.
+    c.get("/login/totp").await.assert_ok();
+    c.post("/login/totp", &[("code", &code(SECRET, T0))]).await.assert_redirect("/app-passwords");
+    let id2 = c.cookie.clone().unwrap();
+    assert_ne!(id1, id2, "new id after the second factor");
+    c.get("/app-passwords").await.assert_ok();
+    let mut old = env.client();
+    old.cookie = Some(id1);
+    old.get("/app-passwords").await.assert_redirect("/login");
+    old.get("/login/totp").await.assert_redirect("/login");
+}
+
+// ---------------------------------------------------------------------------------------
+// TOTP (cases 75–79, 83)
+
+#[tokio::test]
+async fn totp_code_works_once_and_earlier_steps_stay_refused() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let now_code = code(SECRET, T0);
+    env.client().sign_in_2fa(ALICE, PW, &now_code).await;
+    assert_eq!(env.account(ALICE).totp.unwrap().last_step, T0 / 30);
+
+    // Case 75: the same code in a new sign-in (another browser) fails.
+    let mut b = env.client();
+    b.login(ALICE, PW).await.assert_redirect("/login/totp");
+    let r = b.post("/login/totp", &[("code", &now_code)]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.body.contains("That code is not right"), "{}", r.body);
+    // Case 76: the code of the previous step (still inside the window) fails too.
+    let r = b.post("/login/totp", &[("code", &code(SECRET, T0 - 30))]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // Case 83: the failures are recorded for the owner.
+    let failed = env.store.recent_audit(ALICE, 20).unwrap().iter().filter(|e| e.kind == "second_factor_failed").count();
+    assert_eq!(failed, 2);
+    // The next step's code works.
+    env.clock.advance(30);
+    b.post("/login/totp", &[("code", &code(SECRET, T0 + 30))]).await.assert_redirect("/app-passwords");
+    assert_eq!(env.account(ALICE).totp.unwrap().last_step, T0 / 30 + 1);
+}
+
+#[tokio::test]
+async fn totp_window_is_one_step_each_side() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let mut c = env.client();
+    c.login(ALICE, PW).await.assert_redirect("/login/totp");
+    for t in [T0 + 60, T0 - 60] {
+        let r = c.post("/login/totp", &[("code", &code(SECRET, t))]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "step {} from now must be refused", (t as i64 - T0 as i64) / 30);
+    }
+    // T−1, then T, then T+1 (in increasing order: each must be later than the last).
+    c.post("/login/totp", &[("code", &code(SECRET, T0 - 30))]).await.assert_redirect("/app-passwords");
+    env.client().sign_in_2fa(ALICE, PW, &code(SECRET, T0)).await;
+    env.client().sign_in_2fa(ALICE, PW, &code(SECRET, T0 + 30)).await;
+    assert_eq!(env.account(ALICE).totp.unwrap().last_step, T0 / 30 + 1);
+}
+
+#[tokio::test]
+async fn totp_step_boundary_and_times_past_2038() {
+    // Case 78: the step changes at 30.000 s, not before; 64-bit time.
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let boundary: u64 = 30 * 150_000_000; // 4.5e9 s > 2^32
+    env.clock.set(boundary - 1);
+    let mut c = env.client();
+    c.login(ALICE, PW).await.assert_redirect("/login/totp");
+    let next_next = code(SECRET, boundary + 30);
+    let r = c.post("/login/totp", &[("code", &next_next)]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "at 29.999 s that code is two steps ahead");
+    env.clock.set(boundary);
+    c.post("/login/totp", &[("code", &next_next)]).await.assert_redirect("/app-passwords");
+    assert_eq!(env.account(ALICE).totp.unwrap().last_step, boundary / 30 + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_of_one_totp_code_let_exactly_one_in() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let the_code = code(SECRET, T0);
+    let mut a = env.client();
+    let mut b = env.client();
+    a.login(ALICE, PW).await.assert_redirect("/login/totp");
+    b.login(ALICE, PW).await.assert_redirect("/login/totp");
+    let (ca, cb) = (the_code.clone(), the_code.clone());
+    let ta = tokio::spawn(async move { a.post("/login/totp", &[("code", &ca)]).await });
+    let tb = tokio::spawn(async move { b.post("/login/totp", &[("code", &cb)]).await });
+    let (ra, rb) = tokio::join!(ta, tb);
+    let results = [ra.unwrap(), rb.unwrap()];
+    let wins = results.iter().filter(|r| r.status == StatusCode::SEE_OTHER && r.location() == "/app-passwords").count();
+    let losses = results.iter().filter(|r| r.status == StatusCode::UNAUTHORIZED).count();
+    assert_eq!((wins, losses), (1, 1), "{:?}", results.iter().map(|r| r.status).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn five_wrong_codes_drop_the_pending_sign_in() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let wrong = bad_code(SECRET, T0);
+    let mut c = env.client();
+    c.login(ALICE, PW).await.assert_redirect("/login/totp");
+    for n in 1..5 {
+        let r = c.post("/login/totp", &[("code", &wrong)]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "wrong code {n}");
+    }
+    // A wrong backup code counts toward the same limit (case 86).
+    c.post("/login/backup", &[("code", "aaaa bbbb cccc dddd")]).await.assert_redirect("/login");
+    c.get("/login/totp").await.assert_redirect("/login");
+    // Even the right code no longer helps: the password must be entered again.
+    c.post("/login/totp", &[("code", &code(SECRET, T0))]).await.assert_redirect("/login");
+    let page = c.get("/login").await;
+    page.assert_ok();
+    assert!(page.body.contains("Too many wrong codes"), "{}", page.body);
+    c.get("/app-passwords").await.assert_redirect("/login");
+    assert_eq!(env.account(ALICE).totp.unwrap().last_step, 0, "the right code was not spent");
+    // A new sign-in starts a new count and the code works.
+    c.post("/login", &[("username", ALICE), ("password", PW)]).await.assert_redirect("/login/totp");
+    c.post("/login/totp", &[("code", &code(SECRET, T0))]).await.assert_redirect("/app-passwords");
+}
+
+#[tokio::test]
+async fn pending_sign_in_expires_after_five_minutes() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let mut a = env.client();
+    a.login(ALICE, PW).await.assert_redirect("/login/totp");
+    env.clock.advance(300);
+    a.post("/login/totp", &[("code", &code(SECRET, env.now()))]).await.assert_redirect("/app-passwords");
+
+    let mut b = env.client();
+    b.login(ALICE, PW).await.assert_redirect("/login/totp");
+    env.clock.advance(301);
+    b.get("/login/totp").await.assert_redirect("/login");
+    b.post("/login/totp", &[("code", &code(SECRET, env.now()))]).await.assert_redirect("/login");
+    b.get("/app-passwords").await.assert_redirect("/login");
+    assert_eq!(env.account(ALICE).totp.unwrap().last_step, (T0 + 300) / 30, "the late code was not spent");
+}
+
+#[tokio::test]
+async fn wrong_codes_count_per_account_across_sign_ins() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let wrong = bad_code(SECRET, T0);
+    // 20 sign-ins × 5 wrong codes = 100 consecutive failures for the account.
+    for _ in 0..20 {
+        let mut c = env.client();
+        c.login(ALICE, PW).await.assert_redirect("/login/totp");
+        for _ in 0..5 {
+            c.post("/login/totp", &[("code", &wrong)]).await;
+        }
+    }
+    let mut c = env.client();
+    let r = c.login(ALICE, PW).await;
+    let r = if r.location() == "/login/totp" { c.post("/login/totp", &[("code", &code(SECRET, T0))]).await } else { r };
+    assert_ne!(r.location(), "/app-passwords", "after 100 consecutive wrong codes the second factor must be locked");
+}
+
+// ---------------------------------------------------------------------------------------
+// Enrolment and backup codes (cases 81, 84–87)
+
+#[tokio::test]
+async fn enrolment_turns_totp_on_only_after_a_valid_code() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let page = c.get("/two-factor").await;
+    page.assert_ok();
+    assert_eq!(page.header("cache-control"), "no-store");
+    assert!(page.body.contains("<svg"), "inline QR code");
+    let secret = secret_on(&page.body);
+    assert_eq!(secret.len(), 20, "160-bit secret");
+    assert!(env.account(ALICE).totp.is_none(), "showing the QR code changes nothing");
+    assert!(!env.account(ALICE).has_second_factor());
+    // The same pending secret is shown again on reload.
+    assert_eq!(secret_on(&c.get("/two-factor").await.body), secret);
+
+    let r = c.post("/two-factor", &[("code", &bad_code(&secret, T0))]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body.contains("That code is not right"));
+    assert_eq!(secret_on(&r.body), secret, "a wrong code keeps the pending secret");
+    assert!(!env.account(ALICE).has_second_factor(), "a wrong code keeps 2FA off");
+    assert!(env.account(ALICE).backup_codes.is_none());
+    // Account password still opens IMAP.
+    assert!(matches!(imap_login(&env, ALICE, PW), Verdict::Granted(_)));
+
+    let enrol_code = code(&secret, T0);
+    let r = c.post("/two-factor", &[("code", &enrol_code)]).await;
+    r.assert_ok();
+    assert_eq!(codes_on(&r.body).len(), 10);
+    let a = env.account(ALICE);
+    let t = a.totp.clone().unwrap();
+    assert!(a.second_factor_required);
+    assert_eq!(t.last_step, T0 / 30, "the enrolment code counts as used");
+    assert_eq!(env.web.key.open(&t.secret_enc, ALICE).unwrap().expose(), &secret, "the page's key is stored sealed");
+    assert_eq!(a.backup_codes.unwrap().remaining(), 10);
+    assert!(matches!(imap_login(&env, ALICE, PW), Verdict::NeedsAppPassword));
+    assert!(env.store.recent_audit(ALICE, 10).unwrap().iter().any(|e| e.kind == "totp_enabled"));
+    // Once on, the enrolment page sends the person back.
+    c.get("/two-factor").await.assert_redirect("/app-passwords");
+
+    // The enrolment code cannot be replayed for a sign-in; the next step's can.
+    let mut d = env.client();
+    d.login(ALICE, PW).await.assert_redirect("/login/totp");
+    assert_eq!(d.post("/login/totp", &[("code", &enrol_code)]).await.status, StatusCode::UNAUTHORIZED);
+    env.clock.advance(30);
+    d.post("/login/totp", &[("code", &code(&secret, env.now()))]).await.assert_redirect("/app-passwords");
+}
+
+#[tokio::test]
+async fn enrolment_ends_account_password_sessions() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    env.add_user(BOB, PW, false);
+    let mut imap_pw = env.web.sessions.register(ALICE, None);
+    let mut smtp_pw = env.web.sessions.register(ALICE, None);
+    let mut imap_app = env.web.sessions.register(ALICE, Some("abcdef"));
+    let mut bobs = env.web.sessions.register(BOB, None);
+    let mut other_browser = env.client();
+    other_browser.sign_in(ALICE, PW).await;
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    c.enrol(T0).await;
+    assert!(imap_pw.killed.try_recv().is_ok(), "IMAP session opened with the account password ends");
+    assert!(smtp_pw.killed.try_recv().is_ok(), "SMTP session opened with the account password ends");
+    assert!(imap_app.killed.try_recv().is_err(), "app-password sessions stay");
+    assert!(bobs.killed.try_recv().is_err(), "other accounts are untouched");
+    other_browser.get("/app-passwords").await.assert_redirect("/login");
+    c.get("/app-passwords").await.assert_ok();
+}
+
+#[tokio::test]
+async fn backup_codes_page_download_and_single_use() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let (_, codes) = c.enrol(T0).await;
+    let unique: std::collections::HashSet<&String> = codes.iter().collect();
+    assert_eq!(unique.len(), 10);
+    for code in &codes {
+        let plain = code.replace(' ', "");
+        assert_eq!(plain.len(), backup_codes::LEN, "{code}");
+        assert!(plain.bytes().all(|b| app_password::ALPHABET.contains(&b)), "{code}");
+    }
+    let file = c.get("/backup-codes.txt").await;
+    file.assert_ok();
+    assert!(file.header("content-disposition").starts_with("attachment"), "{}", file.header("content-disposition"));
+    assert!(file.header("content-type").starts_with("text/plain"));
+    assert_eq!(file.header("cache-control"), "no-store");
+    for code in &codes {
+        assert!(file.body.contains(code.as_str()), "{code} missing from the download");
+    }
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("Backup codes left: <strong>10</strong>"), "{}", page.body);
+
+    // Sign in with a backup code (typed in upper case with dashes).
+    let mut d = env.client();
+    d.login(ALICE, PW).await.assert_redirect("/login/totp");
+    d.get("/login/backup").await.assert_ok();
+    let typed = codes[0].to_uppercase().replace(' ', "-");
+    d.post("/login/backup", &[("code", &typed)]).await.assert_redirect("/app-passwords");
+    let page = d.get("/app-passwords").await;
+    assert!(page.body.contains("9 backup codes are left"), "{}", page.body);
+    assert!(page.body.contains("Backup codes left: <strong>9</strong>"), "{}", page.body);
+    assert_eq!(env.account(ALICE).backup_codes.unwrap().remaining(), 9);
+    assert!(env.store.recent_audit(ALICE, 10).unwrap().iter().any(|e| e.kind == "backup_code_used"));
+
+    // Case 84: the same code again fails.
+    let mut e = env.client();
+    e.login(ALICE, PW).await.assert_redirect("/login/totp");
+    let r = e.post("/login/backup", &[("code", &codes[0])]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.body.contains("That backup code is not right or was used already."), "{}", r.body);
+    e.post("/login/backup", &[("code", &codes[1])]).await.assert_redirect("/app-passwords");
+    assert_eq!(env.account(ALICE).backup_codes.unwrap().remaining(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_use_of_one_backup_code_lets_exactly_one_in() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let codes = env.give_backup_codes(ALICE);
+    let mut a = env.client();
+    let mut b = env.client();
+    a.login(ALICE, PW).await.assert_redirect("/login/totp");
+    b.login(ALICE, PW).await.assert_redirect("/login/totp");
+    let (ca, cb) = (codes[5].clone(), codes[5].clone());
+    let ta = tokio::spawn(async move { a.post("/login/backup", &[("code", &ca)]).await });
+    let tb = tokio::spawn(async move { b.post("/login/backup", &[("code", &cb)]).await });
+    let (ra, rb) = tokio::join!(ta, tb);
+    let results = [ra.unwrap(), rb.unwrap()];
+    let wins = results.iter().filter(|r| r.status == StatusCode::SEE_OTHER && r.location() == "/app-passwords").count();
+    let losses = results.iter().filter(|r| r.status == StatusCode::UNAUTHORIZED).count();
+    assert_eq!((wins, losses), (1, 1), "{:?}", results.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert_eq!(env.account(ALICE).backup_codes.unwrap().remaining(), 9);
+}
+
+#[tokio::test]
+async fn regenerating_backup_codes_invalidates_the_old_set_at_once() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let (_, old) = c.enrol(T0).await;
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("action=\"/backup-codes\""));
+    let r = c.post("/backup-codes", &[]).await;
+    r.assert_ok();
+    let new = codes_on(&r.body);
+    assert_eq!(new.len(), 10);
+    assert!(old.iter().all(|o| !new.contains(o)));
+    let file = c.get("/backup-codes.txt").await;
+    assert!(new.iter().all(|n| file.body.contains(n.as_str())) && old.iter().all(|o| !file.body.contains(o.as_str())));
+    assert_eq!(env.account(ALICE).backup_codes.unwrap().remaining(), 10);
+    assert!(env.store.recent_audit(ALICE, 10).unwrap().iter().any(|e| e.kind == "backup_codes_generated"));
+
+    let mut d = env.client();
+    d.login(ALICE, PW).await.assert_redirect("/login/totp");
+    for o in &old[..3] {
+        assert_eq!(d.post("/login/backup", &[("code", o)]).await.status, StatusCode::UNAUTHORIZED, "old code {o}");
+    }
+    d.post("/login/backup", &[("code", &new[0])]).await.assert_redirect("/app-passwords");
+}
+
+#[tokio::test]
+async fn disabling_2fa_invalidates_totp_and_backup_codes() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let (secret, codes) = c.enrol(T0).await;
+    let r = c.post("/two-factor/disable", &[]).await;
+    r.assert_redirect("/app-passwords");
+    let a = env.account(ALICE);
+    assert!(a.totp.is_none() && !a.second_factor_required && a.backup_codes.is_none());
+    assert!(!a.has_second_factor());
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("Your backup codes no longer work"), "{}", page.body);
+    assert!(page.body.contains("Two-step verification is <strong>off</strong>"));
+    assert!(env.store.recent_audit(ALICE, 10).unwrap().iter().any(|e| e.kind == "totp_disabled"));
+    // Sign-in needs only the password now; the account password opens IMAP again.
+    env.client().sign_in(ALICE, PW).await;
+    assert!(matches!(imap_login(&env, ALICE, PW), Verdict::Granted(_)));
+
+    // Turning it on again: the old codes and the old secret are gone for good.
+    env.clock.advance(30);
+    let (secret2, _) = c.enrol(env.now()).await;
+    assert_ne!(secret, secret2);
+    let mut d = env.client();
+    d.login(ALICE, PW).await.assert_redirect("/login/totp");
+    assert_eq!(d.post("/login/backup", &[("code", &codes[0])]).await.status, StatusCode::UNAUTHORIZED);
+    env.clock.advance(30);
+    assert_eq!(
+        d.post("/login/totp", &[("code", &code(&secret, env.now()))]).await.status,
+        StatusCode::UNAUTHORIZED,
+        "the old secret's code"
+    );
+}
+
+#[tokio::test]
+async fn disabling_2fa_withdraws_the_backup_code_download() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    c.enrol(T0).await;
+    c.get("/backup-codes.txt").await.assert_ok();
+    c.post("/two-factor/disable", &[]).await.assert_redirect("/app-passwords");
+    let r = c.get("/backup-codes.txt").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "codes that no longer work are still offered:\n{}", r.body);
+}
+
+// ---------------------------------------------------------------------------------------
+// App passwords (cases 69–74)
+
+#[tokio::test]
+async fn app_password_create_list_and_revoke() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    env.add_user(BOB, PW, false);
+    let (bobs_id, _) = env.app_password(BOB, "bob's phone");
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+
+    let r =
+        c.post("/app-passwords", &[("label", "Thunderbird laptop"), ("scope_imap", "1"), ("scope_smtp", "1")]).await;
+    r.assert_ok();
+    assert_eq!(r.header("cache-control"), "no-store");
+    let shown = between(&r.body, "<p class=\"secret\" id=\"app-password\">", "</p>").unwrap();
+    let groups: Vec<&str> = shown.split(' ').collect();
+    assert_eq!(groups.len(), 8, "{shown}");
+    assert!(groups.iter().all(|g| g.len() == 4 && g.bytes().all(|b| app_password::ALPHABET.contains(&b))), "{shown}");
+    assert!(r.body.contains(&format!("{HOST}, port 9993, SSL/TLS")), "{}", r.body);
+    assert!(r.body.contains(&format!("{HOST}, port 9465, SSL/TLS")), "{}", r.body);
+    assert!(r.body.contains("Thunderbird laptop"));
+
+    // Stored hashed, made by "web", usable on IMAP and SMTP.
+    let list = env.store.list_app_passwords(ALICE).unwrap();
+    assert_eq!(list.len(), 1);
+    let rec = &list[0];
+    let (id, normalized) = app_password::parse(shown.as_bytes()).unwrap();
+    assert_eq!(rec.id, id);
+    assert_eq!(rec.label, "Thunderbird laptop");
+    assert_eq!(rec.scopes, vec![Scope::Imap, Scope::Smtp]);
+    assert_eq!(rec.created_by, "web");
+    assert!(rec.hash.starts_with("$argon2id$"));
+    assert!(!rec.hash.contains(normalized.expose().as_str()));
+    assert!(password::verify(normalized.expose().as_bytes(), &rec.hash));
+
+    // Shown once: the list has label, scopes, created, last used, and never the secret.
+    let page = c.get("/app-passwords").await;
+    page.assert_ok();
+    assert!(page.body.contains("<td>Thunderbird laptop</td><td>IMAP, SMTP</td>"), "{}", page.body);
+    assert!(page.body.contains(&admin::fmt_time(rec.created_at)));
+    assert!(page.body.contains("<td>never</td>"));
+    assert!(!page.body.contains(&shown) && !page.body.contains(normalized.expose().as_str()));
+    assert!(!page.body.contains("$argon2"));
+    // It works on IMAP, and the list shows that use.
+    assert!(matches!(imap_login(&env, ALICE, &shown), Verdict::Granted(_)));
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains(" from 192.0.2.1 (t)</td>"), "{}", page.body);
+    let used = LastUse { at: T0, ip: "192.0.2.7".into(), client: Some("Thunderbird".into()) };
+    env.store.record_app_password_use(&rec.id, &used).unwrap();
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains(&format!("{} from 192.0.2.7 (Thunderbird)", admin::fmt_time(T0))), "{}", page.body);
+
+    // IMAP-only.
+    let r = c.post("/app-passwords", &[("label", "Phone"), ("scope_imap", "1")]).await;
+    r.assert_ok();
+    let phone = env.store.list_app_passwords(ALICE).unwrap().into_iter().find(|r| r.label == "Phone").unwrap();
+    assert_eq!(phone.scopes, vec![Scope::Imap]);
+
+    // A duplicate label (any case) is refused with a message.
+    c.post("/app-passwords", &[("label", "thunderbird LAPTOP"), ("scope_imap", "1")])
+        .await
+        .assert_redirect("/app-passwords");
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("already has an app password labelled"), "{}", page.body);
+    assert_eq!(env.app_password_count(ALICE), 2);
+    // No scope: refused.
+    c.post("/app-passwords", &[("label", "Nothing")]).await.assert_redirect("/app-passwords");
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("Choose what the app password may be used for"), "{}", page.body);
+    assert_eq!(env.app_password_count(ALICE), 2);
+
+    // Revoke ends its live sessions, and only those.
+    let mut s1 = env.web.sessions.register(ALICE, Some(&rec.id));
+    let mut s2 = env.web.sessions.register(ALICE, Some(&rec.id));
+    let mut other = env.web.sessions.register(ALICE, Some(&phone.id));
+    c.post(&format!("/app-passwords/{}/revoke", rec.id), &[]).await.assert_redirect("/app-passwords");
+    assert!(env.store.get_app_password(&rec.id).unwrap().is_none());
+    assert!(s1.killed.try_recv().is_ok() && s2.killed.try_recv().is_ok());
+    assert!(other.killed.try_recv().is_err());
+    assert!(matches!(imap_login(&env, ALICE, &shown), Verdict::Denied));
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("is revoked. 2 of its connections were closed"), "{}", page.body);
+    assert!(!page.body.contains("<td>Thunderbird laptop</td>"));
+    assert!(env.store.recent_audit(ALICE, 10).unwrap().iter().any(|e| e.kind == "app_password_revoked"));
+
+    // Someone else's id: nothing happens.
+    c.post(&format!("/app-passwords/{bobs_id}/revoke"), &[]).await.assert_redirect("/app-passwords");
+    assert!(env.store.get_app_password(&bobs_id).unwrap().is_some());
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("does not exist"), "{}", page.body);
+}
+
+#[tokio::test]
+async fn labels_and_device_names_are_escaped() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    // The IMAP ID client name is chosen by whoever connects.
+    let evil = "<script>alert(1)</script>";
+    let pw = SecretBytes::from(PW.as_bytes().to_vec());
+    assert!(matches!(
+        crate::auth::decide(env.store.as_ref(), ALICE, &pw, Protocol::Imap, &peer(evil)),
+        Verdict::NeedsAppPassword
+    ));
+    let mut c = env.client();
+    c.sign_in_2fa(ALICE, PW, &code(SECRET, T0)).await;
+    let r = c.post("/app-passwords", &[("label", "<b>x</b>\"'"), ("scope_smtp", "1")]).await;
+    r.assert_ok();
+    assert!(!r.body.contains("<b>x</b>"));
+    let page = c.get("/app-passwords").await;
+    assert!(!page.body.contains("<script>") && !page.body.contains("<b>x</b>"), "{}", page.body);
+    assert!(
+        page.body.contains("&#60;script&#62;alert(1)") || page.body.contains("&lt;script&gt;alert(1)"),
+        "{}",
+        page.body
+    );
+}
+
+#[tokio::test]
+async fn account_page_lists_devices_still_using_the_account_password() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let mut c = env.client();
+    c.sign_in_2fa(ALICE, PW, &code(SECRET, T0)).await;
+    let page = c.get("/app-passwords").await;
+    assert!(!page.body.contains("Devices still using your account password"));
+
+    let pw = SecretBytes::from(PW.as_bytes().to_vec());
+    let refused = crate::auth::decide(env.store.as_ref(), ALICE, &pw, Protocol::Imap, &peer("Thunderbird"));
+    assert!(matches!(refused, Verdict::NeedsAppPassword));
+    let ev = AuditEvent {
+        at: T0,
+        username: ALICE.into(),
+        kind: "account_password_refused_2fa".into(),
+        detail: "198.51.100.4 via SMTP".into(),
+    };
+    env.store.append_audit(&ev).unwrap();
+    // Other kinds are not devices.
+    let other = AuditEvent { kind: "login_failed".into(), detail: "203.0.113.9 via IMAP".into(), ..ev.clone() };
+    env.store.append_audit(&other).unwrap();
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("Devices still using your account password"), "{}", page.body);
+    assert!(page.body.contains("192.0.2.1 via IMAP (Thunderbird)"), "{}", page.body);
+    assert!(page.body.contains(&format!("198.51.100.4 via SMTP, last {}", admin::fmt_time(T0))), "{}", page.body);
+    assert!(!page.body.contains("203.0.113.9"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Step-up (case 72)
+
+#[tokio::test]
+async fn factor_changes_need_a_sign_in_within_ten_minutes() {
+    let env = Env::new();
+    // Accounts without 2FA: new app password, enrolment (GET and POST), password change.
+    let plain: [(&str, Method, &str, Fields<'_>); 5] = [
+        ("a1@example.test", Method::POST, "/app-passwords", vec![("label", "late"), ("scope_imap", "1")]),
+        ("a2@example.test", Method::GET, "/two-factor", vec![]),
+        ("a3@example.test", Method::POST, "/two-factor", vec![]),
+        ("a4@example.test", Method::GET, "/password", vec![]),
+        (
+            "a5@example.test",
+            Method::POST,
+            "/password",
+            vec![("new", "another long password"), ("again", "another long password")],
+        ),
+    ];
+    for (user, method, path, fields) in plain {
+        env.clock.set(T0);
+        env.add_user(user, PW, false);
+        let hash = env.account(user).password_hash;
+        let mut c = env.client();
+        c.sign_in(user, PW).await;
+        let secret = if path == "/two-factor" { Some(secret_on(&c.get("/two-factor").await.body)) } else { None };
+        env.clock.advance(601);
+        let r = if method == Method::GET {
+            c.get(path).await
+        } else if let Some(s) = &secret {
+            c.post(path, &[("code", &code(s, env.now()))]).await
+        } else {
+            c.post(path, &fields).await
+        };
+        r.assert_redirect("/login");
+        let page = c.get("/login").await;
+        assert!(page.body.contains("For this change, please sign in again."), "{method} {path}: {}", page.body);
+        // Downgraded: nothing protected opens until the next sign-in.
+        c.get("/app-passwords").await.assert_redirect("/login");
+        let a = env.account(user);
+        assert!(!a.has_second_factor(), "{method} {path}");
+        assert_eq!(a.password_hash, hash, "{method} {path}");
+        assert_eq!(env.app_password_count(user), 0, "{method} {path}");
+        // Signing in again allows it.
+        c.post("/login", &[("username", user), ("password", PW)]).await.assert_redirect("/app-passwords");
+        if path == "/two-factor" {
+            c.get("/two-factor").await.assert_ok();
+        }
+    }
+
+    // Accounts with 2FA: turning it off, new backup codes.
+    for (n, path) in ["/two-factor/disable", "/backup-codes"].into_iter().enumerate() {
+        let user = format!("t{n}@example.test");
+        env.clock.set(T0);
+        env.add_user(&user, PW, true);
+        let codes = env.give_backup_codes(&user);
+        let mut c = env.client();
+        c.sign_in_2fa(&user, PW, &code(SECRET, T0)).await;
+        env.clock.advance(601);
+        c.post(path, &[]).await.assert_redirect("/login");
+        c.get("/app-passwords").await.assert_redirect("/login");
+        let a = env.account(&user);
+        assert!(a.totp.is_some() && a.second_factor_required, "{path}");
+        assert_eq!(a.backup_codes.unwrap().remaining(), 10, "{path}");
+        // The old codes still work, so no new set was made.
+        let mut d = env.client();
+        d.login(&user, PW).await.assert_redirect("/login/totp");
+        d.post("/login/backup", &[("code", &codes[0])]).await.assert_redirect("/app-passwords");
+    }
+}
+
+#[tokio::test]
+async fn step_up_boundary_and_revocation_without_step_up() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let (id, _) = env.app_password(ALICE, "old phone");
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    env.clock.advance(600);
+    c.post("/app-passwords", &[("label", "on time"), ("scope_imap", "1")]).await.assert_ok();
+    env.clock.advance(1);
+    // Revoking still works after 10 minutes, and keeps the session signed in.
+    let mut live = env.web.sessions.register(ALICE, Some(&id));
+    c.post(&format!("/app-passwords/{id}/revoke"), &[]).await.assert_redirect("/app-passwords");
+    assert!(env.store.get_app_password(&id).unwrap().is_none());
+    assert!(live.killed.try_recv().is_ok());
+    c.get("/app-passwords").await.assert_ok();
+    // Creating does not.
+    c.post("/app-passwords", &[("label", "too late"), ("scope_imap", "1")]).await.assert_redirect("/login");
+    assert_eq!(env.app_password_count(ALICE), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// CSRF (case 90)
+
+#[tokio::test]
+async fn cross_site_or_tokenless_posts_are_refused() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let (id, _) = env.app_password(ALICE, "phone");
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let token = c.csrf.clone().unwrap();
+    let create = [("label", "csrf"), ("scope_imap", "1")];
+    let with_token = |t: &str| {
+        let mut f = vec![("csrf", t.to_string())];
+        f.extend(create.iter().map(|(k, v)| (*k, v.to_string())));
+        f
+    };
+    let cases: Vec<(&str, OwnedFields<'_>, Fields<'_>)> = vec![
+        ("no token", with_token("").into_iter().skip(1).collect(), vec![("sec-fetch-site", "same-origin")]),
+        ("empty token", with_token(""), vec![("sec-fetch-site", "same-origin")]),
+        (
+            "wrong token",
+            with_token("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+            vec![("sec-fetch-site", "same-origin")],
+        ),
+        ("cross-site", with_token(&token), vec![("sec-fetch-site", "cross-site")]),
+        ("same-site", with_token(&token), vec![("sec-fetch-site", "same-site")]),
+        ("foreign origin", with_token(&token), vec![("origin", "https://evil.example")]),
+        ("null origin", with_token(&token), vec![("origin", "null")]),
+        ("http origin", with_token(&token), vec![("origin", "http://mail.example.test")]),
+        (
+            "cross-site, right origin",
+            with_token(&token),
+            vec![("sec-fetch-site", "cross-site"), ("origin", "https://mail.example.test")],
+        ),
+    ];
+    for (what, fields, headers) in &cases {
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        for path in ["/app-passwords".to_string(), format!("/app-passwords/{id}/revoke"), "/logout".into()] {
+            let r = c.post_raw(&path, &fields, headers).await;
+            assert_eq!(r.status, StatusCode::FORBIDDEN, "{what} POST {path}: {}", r.body);
+            assert!(r.body.contains("Request refused"));
+        }
+    }
+    assert_eq!(env.app_password_count(ALICE), 1, "nothing created, nothing revoked");
+    assert!(env.store.get_app_password(&id).unwrap().is_some());
+    c.get("/app-passwords").await.assert_ok(); // still signed in: logout was refused too
+
+    // Without Sec-Fetch-Site, the right Origin and token are accepted (older browsers).
+    let fields = with_token(&token);
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    c.post_raw("/app-passwords", &fields, &[("origin", "https://mail.example.test")]).await.assert_ok();
+    assert_eq!(env.app_password_count(ALICE), 2);
+}
+
+#[tokio::test]
+async fn factor_posts_without_a_token_change_nothing() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    env.give_backup_codes(ALICE);
+    let mut c = env.client();
+    c.sign_in_2fa(ALICE, PW, &code(SECRET, T0)).await;
+    let before = env.account(ALICE);
+    for path in ["/two-factor/disable", "/backup-codes", "/password"] {
+        let fields = [("new", "a long new password"), ("again", "a long new password")];
+        let r = c.post_raw(path, &fields, &[("sec-fetch-site", "same-origin")]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
+        let token = c.csrf.clone().unwrap();
+        let mut with = vec![("csrf", token.as_str())];
+        with.extend_from_slice(&fields);
+        let r = c.post_raw(path, &with, &[("sec-fetch-site", "cross-site")]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
+    }
+    let after = env.account(ALICE);
+    assert!(after.totp.is_some());
+    assert_eq!(after.password_hash, before.password_hash);
+    assert_eq!(after.backup_codes.unwrap().hashes, before.backup_codes.unwrap().hashes, "backup codes not regenerated");
+}
+
+#[tokio::test]
+async fn login_form_is_protected_against_login_csrf() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    // No session at all: nothing to sign in.
+    let r = c.post_raw("/login", &[("username", ALICE), ("password", PW)], &[]).await;
+    r.assert_redirect("/login");
+    assert!(c.cookie.is_none());
+    c.get("/login").await.assert_ok();
+    let token = c.csrf.clone().unwrap();
+    let cases: [(&str, &str, &str); 4] = [
+        ("", "sec-fetch-site", "same-origin"),
+        ("wrong-token", "sec-fetch-site", "same-origin"),
+        (&token, "sec-fetch-site", "cross-site"),
+        (&token, "origin", "https://evil.example"),
+    ];
+    for (t, h, v) in cases {
+        let r = c.post_raw("/login", &[("csrf", t), ("username", ALICE), ("password", PW)], &[(h, v)]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "token {t:?}, {h}: {v}");
+        assert!(r.session_set_cookie().is_none());
+    }
+    c.get("/app-passwords").await.assert_redirect("/login");
+    // The second-factor forms too.
+    env.add_user(BOB, PW, true);
+    let mut b = env.client();
+    b.login(BOB, PW).await.assert_redirect("/login/totp");
+    let r = b.post_raw("/login/totp", &[("code", &code(SECRET, T0))], &[("sec-fetch-site", "same-origin")]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = b.post_raw("/login/backup", &[("code", "aaaa bbbb cccc dddd")], &[]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(env.account(BOB).totp.unwrap().last_step, 0);
+    b.post("/login/totp", &[("code", &code(SECRET, T0))]).await.assert_redirect("/app-passwords");
+}
+
+#[tokio::test]
+async fn get_requests_never_change_state() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    env.give_backup_codes(ALICE);
+    let (id, _) = env.app_password(ALICE, "phone");
+    let mut c = env.client();
+    c.sign_in_2fa(ALICE, PW, &code(SECRET, T0)).await;
+    let token = c.csrf.clone().unwrap();
+    let before = env.account(ALICE);
+    for path in [
+        format!("/app-passwords/{id}/revoke?csrf={token}"),
+        format!("/two-factor/disable?csrf={token}"),
+        format!("/backup-codes?csrf={token}"),
+        format!("/logout?csrf={token}"),
+    ] {
+        let r = c.get(&path).await;
+        assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "GET {path}");
+    }
+    // A GET with form fields in the query creates nothing.
+    c.get(&format!("/app-passwords?csrf={token}&label=get&scope_imap=1")).await.assert_ok();
+    c.get(&format!("/password?csrf={token}&new=aaaaaaaaaaaaaaaa&again=aaaaaaaaaaaaaaaa")).await.assert_ok();
+    let after = env.account(ALICE);
+    assert!(after.totp.is_some());
+    assert_eq!(after.password_hash, before.password_hash);
+    assert_eq!(after.backup_codes.unwrap().hashes, before.backup_codes.unwrap().hashes);
+    assert_eq!(env.app_password_count(ALICE), 1);
+    c.get("/app-passwords").await.assert_ok();
+
+    // A second-factor code in a GET does not sign in.
+    let mut d = env.client();
+    d.login(ALICE, PW).await.assert_redirect("/login/totp");
+    let t = d.csrf.clone().unwrap();
+    d.get(&format!("/login/totp?csrf={t}&code={}", code(SECRET, T0 + 30))).await.assert_ok();
+    d.get("/app-passwords").await.assert_redirect("/login");
+    assert_eq!(env.account(ALICE).totp.unwrap().last_step, T0 / 30);
+}
+
+// ---------------------------------------------------------------------------------------
+// Session lifetime (case 89)
+
+#[tokio::test]
+async fn idle_sessions_end_after_thirty_minutes() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    env.clock.advance(30 * 60);
+    c.get("/app-passwords").await.assert_ok();
+    env.clock.advance(30 * 60 + 1);
+    c.get("/app-passwords").await.assert_redirect("/login");
+    let old = c.cookie.clone().unwrap();
+    assert!(env.web.web_sessions.with(&old, env.now(), |_| ()).is_none(), "removed on the server");
+    let r = c.get("/login").await;
+    r.assert_ok();
+    assert!(r.session_set_cookie().is_some(), "a new session replaces the expired one");
+}
+
+#[tokio::test]
+async fn sessions_end_after_twelve_hours_however_active() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let mut elapsed = 0;
+    while elapsed + 25 * 60 <= 12 * 3600 {
+        env.clock.advance(25 * 60);
+        elapsed += 25 * 60;
+        c.get("/app-passwords").await.assert_ok();
+    }
+    env.clock.advance(25 * 60);
+    c.get("/app-passwords").await.assert_redirect("/login");
+}
+
+#[tokio::test]
+async fn logout_ends_the_session_on_the_server() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let id = c.cookie.clone().unwrap();
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("action=\"/logout\""));
+    let r = c.post("/logout", &[]).await;
+    r.assert_redirect("/login");
+    let set = r.session_set_cookie().unwrap();
+    assert!(set.contains("Max-Age=0"), "{set}");
+    assert!(c.cookie.is_none());
+    assert!(env.web.web_sessions.with(&id, env.now(), |_| ()).is_none());
+    let mut replay = env.client();
+    replay.cookie = Some(id);
+    replay.get("/app-passwords").await.assert_redirect("/login");
+    replay.get("/password").await.assert_redirect("/login");
+}
+
+// ---------------------------------------------------------------------------------------
+// Password change (case 94)
+
+#[tokio::test]
+async fn password_change_checks_input_and_can_revoke_everything() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    env.app_password(ALICE, "phone");
+    env.app_password(ALICE, "laptop");
+    let mut pw_session = env.web.sessions.register(ALICE, None);
+    let mut other = env.client();
+    other.sign_in(ALICE, PW).await;
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("href=\"/password\""));
+    c.get("/password").await.assert_ok();
+    let hash = env.account(ALICE).password_hash;
+
+    let new = "a completely new password";
+    let r = c.post("/password", &[("new", new), ("again", "a completely new passwort")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body.contains("The two passwords are not the same."));
+    let r = c.post("/password", &[("new", "short pw"), ("again", "short pw")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body.contains("at least 15 characters"));
+    assert_eq!(env.account(ALICE).password_hash, hash);
+
+    c.post("/password", &[("new", new), ("again", new), ("revoke_all", "1")]).await.assert_redirect("/app-passwords");
+    let page = c.get("/app-passwords").await;
+    page.assert_ok();
+    assert!(page.body.contains("all 2 app passwords are revoked"), "{}", page.body);
+    assert_eq!(env.app_password_count(ALICE), 0);
+    assert!(pw_session.killed.try_recv().is_ok(), "sessions opened with the old password end");
+    other.get("/app-passwords").await.assert_redirect("/login");
+    assert!(env.store.recent_audit(ALICE, 10).unwrap().iter().any(|e| e.kind == "account_password_changed"));
+
+    assert_eq!(env.client().login(ALICE, PW).await.status, StatusCode::UNAUTHORIZED);
+    env.client().sign_in(ALICE, new).await;
+
+    // Without the box ticked, app passwords stay.
+    env.app_password(ALICE, "tablet");
+    let third = "yet another new password";
+    c.post("/password", &[("new", third), ("again", third)]).await.assert_redirect("/app-passwords");
+    assert_eq!(env.app_password_count(ALICE), 1);
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("Your password is changed."), "{}", page.body);
+    env.client().sign_in(ALICE, third).await;
+}
+
+#[tokio::test]
+async fn password_change_needs_a_local_password() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    // The admin removes the local password (e.g. the account moved to an external source).
+    env.store
+        .update_account(ALICE, &mut |a: &mut Account| {
+            a.password_hash = None;
+            Ok(())
+        })
+        .unwrap();
+    c.get("/password").await.assert_redirect("/app-passwords");
+    let page = c.get("/app-passwords").await;
+    assert!(!page.body.contains("href=\"/password\""));
+    let new = "a completely new password";
+    let r = c.post("/password", &[("new", new), ("again", new)]).await;
+    assert_ne!(r.location(), "/app-passwords", "no success");
+    assert!(env.account(ALICE).password_hash.is_none(), "no password was set");
+}
+
+// ---------------------------------------------------------------------------------------
+// Headers (case 91) and autoconfig
+
+#[tokio::test]
+async fn every_response_carries_the_security_headers() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    env.add_user(BOB, PW, true);
+    let mut c = env.client();
+    let mut pages = vec![("GET /", c.get("/").await), ("GET /login", c.get("/login").await)];
+    pages.push(("POST /login (wrong)", c.post("/login", &[("username", ALICE), ("password", "x")]).await));
+    pages.push(("POST /login (no token)", c.post_raw("/login", &[("username", ALICE)], &[]).await));
+    c.sign_in(ALICE, PW).await;
+    for path in ["/app-passwords", "/two-factor", "/password", "/backup-codes.txt"] {
+        pages.push((path, c.get(path).await));
+    }
+    let mut b = env.client();
+    b.login(BOB, PW).await.assert_redirect("/login/totp");
+    pages.push(("GET /login/totp", b.get("/login/totp").await));
+    pages.push(("GET /login/backup", b.get("/login/backup").await));
+    pages.push(("POST /login/totp (wrong)", b.post("/login/totp", &[("code", &bad_code(SECRET, T0))]).await));
+    for (what, r) in &pages {
+        assert_security_headers(r, what);
+        assert_eq!(r.header("cache-control"), "no-store", "{what}");
+        if r.header("content-type").starts_with("text/html") {
+            assert!(r.header("content-type").contains("charset=utf-8"), "{what}");
+        }
+    }
+    for path in ["/style.css", "/mail/config-v1.1.xml"] {
+        let r = c.get(path).await;
+        r.assert_ok();
+        assert_security_headers(&r, path);
+    }
+}
+
+#[tokio::test]
+async fn autoconfig_names_the_host_and_the_listener_ports() {
+    let cfg = format!(
+        "{CONFIG}\n[imap]\nlisten_tls = [\"0.0.0.0:993\"]\nlisten_starttls = [\"0.0.0.0:143\"]\n[smtp]\nlisten_tls = [\"0.0.0.0:465\"]\nlisten_starttls = [\"0.0.0.0:587\"]"
+    );
+    let env = Env::with_config(&cfg);
+    let mut c = env.client();
+    let a = c.get("/.well-known/autoconfig/mail/config-v1.1.xml").await;
+    let b = c.get("/mail/config-v1.1.xml").await;
+    a.assert_ok();
+    b.assert_ok();
+    assert_eq!(a.body, b.body);
+    assert!(a.header("content-type").starts_with("application/xml"));
+    let x = &a.body;
+    assert!(x.starts_with("<?xml"));
+    assert!(x.contains("<emailProvider id=\"mail.example.test\">"), "{x}");
+    assert!(x.contains("<domain>example.test</domain>"), "{x}");
+    assert_eq!(x.matches("<hostname>mail.example.test</hostname>").count(), 2, "{x}");
+    let incoming = between(x, "<incomingServer type=\"imap\">", "</incomingServer>").unwrap();
+    assert!(incoming.contains("<port>993</port>") && incoming.contains("<socketType>SSL</socketType>"), "{x}");
+    let outgoing = between(x, "<outgoingServer type=\"smtp\">", "</outgoingServer>").unwrap();
+    assert!(outgoing.contains("<port>465</port>") && outgoing.contains("<socketType>SSL</socketType>"), "{x}");
+    assert!(x.contains("<username>%EMAILADDRESS%</username>"));
+    assert!(x.contains("https://mail.example.test/app-passwords"));
+
+    // Only STARTTLS for submission: port 587 with STARTTLS.
+    let cfg = format!("{CONFIG}\n[smtp]\nlisten_tls = []\nlisten_starttls = [\"0.0.0.0:587\"]");
+    let env = Env::with_config(&cfg);
+    let x = env.client().get("/mail/config-v1.1.xml").await.body;
+    let outgoing = between(&x, "<outgoingServer type=\"smtp\">", "</outgoingServer>").unwrap();
+    assert!(outgoing.contains("<port>587</port>") && outgoing.contains("<socketType>STARTTLS</socketType>"), "{x}");
+    // Defaults: the embedded loopback ports.
+    let x = Env::new().client().get("/mail/config-v1.1.xml").await.body;
+    assert!(x.contains("<port>9993</port>") && x.contains("<port>9465</port>"), "{x}");
+}
+
+#[tokio::test]
+async fn autoconfig_with_only_imap_starttls() {
+    let cfg = format!("{CONFIG}\n[imap]\nlisten_tls = []\nlisten_starttls = [\"0.0.0.0:143\"]");
+    let env = Env::with_config(&cfg);
+    let x = env.client().get("/mail/config-v1.1.xml").await.body;
+    let incoming = between(&x, "<incomingServer type=\"imap\">", "</incomingServer>").unwrap();
+    assert!(incoming.contains("<port>143</port>"), "{x}");
+    assert!(incoming.contains("<socketType>STARTTLS</socketType>"), "{x}");
+}
+
+#[tokio::test]
+async fn single_factor_account_password_needs_fifteen_characters() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let fourteen = "fourteen chars";
+    assert_eq!(fourteen.chars().count(), 14);
+    let r = c.post("/password", &[("new", fourteen), ("again", fourteen)]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "location {:?}", r.location());
+    assert!(password::verify(PW.as_bytes(), &env.account(ALICE).password_hash.unwrap()));
 }
