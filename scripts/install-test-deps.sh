@@ -6,7 +6,7 @@
 set -euo pipefail
 need=()
 for pkg in dovecot-imapd dovecot-submissiond postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
-  curl python3 isync thunderbird ca-certificates; do
+  curl python3 isync thunderbird ca-certificates chromium chromium-driver; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -25,3 +25,4 @@ test -x /usr/sbin/dovecot || { echo "dovecot is not installed at /usr/sbin/dovec
 test -x /usr/lib/dovecot/submission || { echo "dovecot-submissiond is not installed" >&2; exit 1; }
 test -x /usr/lib/postfix/sbin/master || { echo "postfix is not installed" >&2; exit 1; }
 command -v thunderbird >/dev/null || { echo "thunderbird is not installed" >&2; exit 1; }
+command -v chromedriver >/dev/null || { echo "chromedriver (chromium-driver) is not installed" >&2; exit 1; }

@@ -7,3 +7,4 @@ mod imap_front;
 mod interop;
 mod smtp;
 mod support;
+mod web;

@@ -102,7 +102,10 @@ async fn security_headers(mut resp: axum::response::Response) -> axum::response:
     );
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::X_FRAME_OPTIONS, "DENY");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    // Not "no-referrer": with it, browsers send `Origin: null` on same-site form posts,
+    // and the same-origin check would refuse every form. "same-origin" keeps the
+    // Referer inside the site.
+    set(h, header::REFERRER_POLICY, "same-origin");
     if !h.contains_key(header::CACHE_CONTROL) {
         set(h, header::CACHE_CONTROL, "no-store");
     }

@@ -88,7 +88,7 @@ struct EnrolPage<'a> {
     host: &'a str,
     csrf: &'a str,
     username: &'a str,
-    secret: &'a str,
+    grouped: &'a str,
     qr: &'a str,
     error: Option<&'a str>,
 }
@@ -768,7 +768,7 @@ fn enrol_page(web: &Web, ctx: &Ctx, username: &str, error: Option<&str>) -> Resp
             host: web.host(),
             csrf: &ctx.csrf,
             username,
-            secret: secret.expose(),
+            grouped: crate::auth::app_password::group(secret.expose()).expose(),
             qr: &qr_svg(uri.expose()),
             error,
         },

@@ -275,7 +275,7 @@ fn bad_code(secret: &[u8], t: u64) -> String {
 /// The raw TOTP secret shown on the enrolment page.
 fn secret_on(body: &str) -> Vec<u8> {
     let b32 = between(body, "<code id=\"totp-secret\">", "</code>").unwrap();
-    totp_rs::Secret::try_from_base32(b32.trim()).unwrap().as_ref().to_vec()
+    totp_rs::Secret::try_from_base32(b32.replace(' ', "").to_uppercase()).unwrap().as_ref().to_vec()
 }
 
 /// The backup codes listed on a codes page.

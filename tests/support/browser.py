@@ -1,0 +1,606 @@
+#!/usr/bin/env python3
+"""Drives Debian's headless Chromium through chromedriver (W3C WebDriver over HTTP, Python
+standard library only) through mailgate's web step, as a person would:
+
+  full mode   sign in with the account password, turn on two-step verification (key read
+              from the page, TOTP computed here), read and download the backup codes, sign
+              out, sign in again with a backup code, make an app password; writes JSON
+              {app_password, backup_codes, used_backup_code, download, ...} to --out.
+  reuse mode  sign in with the account password and --backup-code, which must be refused.
+
+Every wait has a deadline and the whole run has one (--deadline, SIGALRM); chromedriver
+runs in its own process group and is ended by PID (with Chromium, its child) on any exit.
+Screenshots of each page go to --screenshots. Used by tests/web.rs.
+"""
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+HTTP_TIMEOUT = 30  # seconds for one WebDriver command
+WAIT = 15  # seconds for a page or element to show up
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+
+T0 = time.monotonic()
+
+
+def log(*args):
+    print(f"[{time.monotonic() - T0:6.2f}s]", *args, flush=True)
+
+
+class Failure(Exception):
+    pass
+
+
+class Refused(Failure):
+    """mailgate answered with an error page: no point waiting for the expected one."""
+
+
+# ---------------------------------------------------------------------------------------
+# TOTP (RFC 6238: HMAC-SHA-1, 6 digits, 30 s steps) and the certificate pin.
+
+
+def totp(base32_secret, at=None):
+    key = base32_secret.replace(" ", "").upper()
+    key = base64.b32decode(key + "=" * (-len(key) % 8))
+    step = int((time.time() if at is None else at) // 30)
+    mac = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
+    off = mac[-1] & 0x0F
+    value = struct.unpack(">I", mac[off : off + 4])[0] & 0x7FFFFFFF
+    return f"{value % 1_000_000:06d}"
+
+
+def _der(buf, pos):
+    """One DER TLV at pos: (tag, start of value, end of value)."""
+    tag = buf[pos]
+    length = buf[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        length = int.from_bytes(buf[pos : pos + n], "big")
+        pos += n
+    return tag, pos, pos + length
+
+
+def spki_pin(cert_pem_path):
+    """base64(SHA-256(SubjectPublicKeyInfo)) of the first certificate in a PEM file: what
+    Chromium's --ignore-certificate-errors-spki-list takes, so only that key is accepted."""
+    text = open(cert_pem_path, encoding="ascii").read()
+    body = text.split("-----BEGIN CERTIFICATE-----")[1].split("-----END CERTIFICATE-----")[0]
+    der = base64.b64decode("".join(body.split()))
+    _, cert_start, _ = _der(der, 0)  # Certificate
+    _, tbs, _ = _der(der, cert_start)  # TBSCertificate
+    pos = tbs
+    if der[pos] == 0xA0:  # [0] version
+        pos = _der(der, pos)[2]
+    for _ in range(5):  # serial, signature, issuer, validity, subject
+        pos = _der(der, pos)[2]
+    _, _, end = _der(der, pos)
+    return base64.b64encode(hashlib.sha256(der[pos:end]).digest()).decode()
+
+
+# ---------------------------------------------------------------------------------------
+# A minimal W3C WebDriver client.
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid):
+    """PIDs of pid's descendants (from /proc), children first."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in children.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+class Driver:
+    def __init__(self, workdir, pin, width, height):
+        self.workdir = workdir
+        self.downloads = os.path.join(workdir, "downloads")
+        os.makedirs(self.downloads, exist_ok=True)
+        self.port = free_port()
+        self.log_path = os.path.join(workdir, "chromedriver.log")
+        self.proc = subprocess.Popen(
+            [CHROMEDRIVER, f"--port={self.port}", f"--log-path={self.log_path}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: ended as a whole by PID
+        )
+        self.pids_file = os.environ.get("MAILGATE_BROWSER_PIDS")
+        if self.pids_file:
+            with open(self.pids_file, "w", encoding="ascii") as f:
+                f.write(f"{self.proc.pid}\n")
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.session = None
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                if self._http("GET", "/status").get("ready"):
+                    break
+            except (OSError, Failure):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise Failure(f"chromedriver did not start (exit {self.proc.poll()})\n{self.driver_log()}")
+            time.sleep(0.1)
+        args = [
+            "--headless=new",
+            "--no-sandbox",  # root in a container: no user namespaces for the sandbox
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            "--disable-default-apps",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--password-store=basic",
+            "--hide-scrollbars",
+            "--force-device-scale-factor=1",
+            f"--window-size={width},{height}",
+            f"--user-data-dir={os.path.join(workdir, 'profile')}",
+            f"--crash-dumps-dir={workdir}",
+        ]
+        # For debugging, e.g. MAILGATE_CHROMIUM_ARGS="--log-net-log=/tmp/net.json --net-log-capture-mode=Everything"
+        args += os.environ.get("MAILGATE_CHROMIUM_ARGS", "").split()
+        if pin:
+            # Accept exactly mailgate's test key, not any certificate.
+            args.append(f"--ignore-certificate-errors-spki-list={pin}")
+        else:
+            args.append("--ignore-certificate-errors")
+        caps = {
+            "capabilities": {
+                "alwaysMatch": {
+                    "browserName": "chrome",
+                    "acceptInsecureCerts": not pin,
+                    "pageLoadStrategy": "normal",
+                    "timeouts": {"implicit": 0, "pageLoad": WAIT * 1000, "script": 10_000},
+                    "goog:chromeOptions": {
+                        "binary": CHROMIUM,
+                        "args": args,
+                        "prefs": {
+                            "download.default_directory": self.downloads,
+                            "download.prompt_for_download": False,
+                            "download.directory_upgrade": True,
+                            "safebrowsing.enabled": False,
+                            "credentials_enable_service": False,
+                            "profile.password_manager_enabled": False,
+                        },
+                    },
+                }
+            }
+        }
+        value = self._http("POST", "/session", caps)
+        self.session = value["sessionId"]
+        log("chromium", value["capabilities"].get("browserVersion"), "via chromedriver on port", self.port)
+
+    def driver_log(self, lines=40):
+        """The end of chromedriver's log, long lines (screenshots) cut short."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                tail = f.read().splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "\n".join(line if len(line) < 300 else line[:300] + "…" for line in tail)
+
+    def _http(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json; charset=utf-8")
+        try:
+            with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as resp:
+                payload = json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            payload = json.loads(e.read() or b"{}")
+            value = payload.get("value", {})
+            raise Failure(f"{method} {path}: {value.get('error')}: {value.get('message', '')[:500]}") from None
+        return payload.get("value")
+
+    def cmd(self, method, path, body=None):
+        return self._http(method, f"/session/{self.session}{path}", body)
+
+    # Navigation and pages.
+
+    def go(self, url):
+        self.cmd("POST", "/url", {"url": url})
+
+    def url(self):
+        return self.cmd("GET", "/url")
+
+    def path(self):
+        return urllib.parse.urlsplit(self.url()).path
+
+    def title(self):
+        return self.cmd("GET", "/title")
+
+    def js(self, script, *args):
+        return self.cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def wait(self, what, check, timeout=WAIT):
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            try:
+                got = check()
+                if got:
+                    return got
+            except Refused:
+                raise
+            except Failure as e:
+                last = e
+            if time.monotonic() > deadline:
+                raise Failure(f"timed out after {timeout} s waiting for {what} (at {self.url()}: {last or ''})")
+            time.sleep(0.1)
+
+    def at(self, path, heading=None):
+        """Waits until the loaded page is `path` (and shows `heading` as its h1)."""
+
+        def loaded():
+            if self.js("return document.readyState") != "complete":
+                return False
+            h1 = self.js("const h = document.querySelector('h1'); return h ? h.textContent : ''")
+            if h1 in ("Request refused", "Something went wrong") and h1 != heading:
+                hint = ""
+                if h1 == "Request refused":
+                    # Chromium (and the Fetch standard) send "Origin: null" on a form POST
+                    # from a page served with "Referrer-Policy: no-referrer".
+                    hint = " (the same-origin check refused the browser's form POST: does it accept what browsers send?)"
+                text = self.js("return document.body.innerText")
+                raise Refused(f"mailgate answered {h1!r} at {self.url()}{hint}: {text}")
+            if self.path() != path:
+                return False
+            return heading is None or h1 == heading
+
+        self.wait(f"page {path}" + (f" with heading {heading!r}" if heading else ""), loaded)
+        # The stylesheet really applied (not a bare page): the header is styled by /style.css.
+        sheets = self.js("return Array.from(document.styleSheets).map(s => s.cssRules.length)")
+        if not sheets or not sheets[0]:
+            raise Failure(f"no CSS on {path}: {sheets}")
+
+    # Elements.
+
+    def find_all(self, css):
+        return [e[ELEMENT] for e in self.cmd("POST", "/elements", {"using": "css selector", "value": css})]
+
+    def find(self, css, timeout=WAIT):
+        return self.wait(f"element {css}", lambda: (self.find_all(css) or [None])[0], timeout)
+
+    def link(self, text):
+        found = lambda: [e[ELEMENT] for e in self.cmd("POST", "/elements", {"using": "link text", "value": text})]
+        return self.wait(f"link {text!r}", lambda: (found() or [None])[0])
+
+    def text(self, css):
+        return self.cmd("GET", f"/element/{self.find(css)}/text")
+
+    def body_text(self):
+        return self.text("body")
+
+    def type(self, css, value):
+        el = self.find(css)
+        self.cmd("POST", f"/element/{el}/clear", {})
+        self.cmd("POST", f"/element/{el}/value", {"text": value})
+
+    def click(self, element):
+        self.cmd("POST", f"/element/{element}/click", {})
+
+    # Screenshots and downloads.
+
+    def screenshot(self, directory, name, width):
+        """The whole page: the window is made as tall as the document first (measured in a
+        short window, so that the height is the content's, plus the window's own frame)."""
+        self.cmd("POST", "/window/rect", {"width": width, "height": 400})
+        content, frame = self.js(
+            "return [Math.ceil(document.documentElement.scrollHeight), window.outerHeight - window.innerHeight]"
+        )
+        self.cmd("POST", "/window/rect", {"width": width, "height": int(content) + 24 + max(int(frame), 0)})
+        png = base64.b64decode(self.cmd("GET", "/screenshot"))
+        if not png.startswith(b"\x89PNG"):
+            raise Failure(f"screenshot {name} is not a PNG")
+        path = os.path.join(directory, name)
+        with open(path, "wb") as f:
+            f.write(png)
+        log("screenshot", path, f"{len(png)} bytes")
+
+    def allow_downloads(self):
+        """Headless Chromium drops downloads unless told where to put them (CDP)."""
+        try:
+            self.cmd(
+                "POST",
+                "/goog/cdp/execute",
+                {"cmd": "Browser.setDownloadBehavior", "params": {"behavior": "allow", "downloadPath": self.downloads}},
+            )
+            return "prefs+cdp"
+        except Failure as e:
+            log("Browser.setDownloadBehavior failed, relying on prefs:", e)
+            return "prefs"
+
+    def wait_download(self, name, timeout=WAIT):
+        path = os.path.join(self.downloads, name)
+
+        def done():
+            files = os.listdir(self.downloads)
+            return os.path.exists(path) and not any(f.endswith(".crdownload") for f in files)
+
+        self.wait(f"download {name} (have {os.listdir(self.downloads)})", done, timeout)
+        with open(path, "rb") as f:
+            return f.read()
+
+    def quit(self):
+        """Ends the session (Chromium quits), then chromedriver and anything left, by PID."""
+        if self.session:
+            try:
+                self._http("DELETE", f"/session/{self.session}")
+            except (OSError, Failure) as e:
+                log("delete session:", e)
+            self.session = None
+        if self.proc:
+            pids = descendants(self.proc.pid)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for pid in [self.proc.pid, *pids]:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                try:
+                    self.proc.wait(timeout=5)
+                    if not any(os.path.exists(f"/proc/{p}") for p in pids):
+                        break
+                except subprocess.TimeoutExpired:
+                    pass
+            self.proc = None
+            if self.pids_file:
+                try:
+                    os.remove(self.pids_file)
+                except OSError:
+                    pass
+
+
+# ---------------------------------------------------------------------------------------
+# The flows.
+
+
+def sign_in(d, a, expect_path, shot=None):
+    """Fills in the sign-in form (screenshot `shot` of it filled in) and sends it."""
+    d.go(a.url + "/login")
+    d.at("/login", "Sign in")
+    d.type("#username", a.user)
+    d.type("#password", a.password)
+    if shot:
+        d.screenshot(a.screenshots, shot, a.width)
+    d.click(d.find('form[action="/login"] button[type="submit"]'))
+    d.at(expect_path)
+
+
+def sign_out(d):
+    d.click(d.find('form[action="/logout"] button'))
+    d.at("/login", "Sign in")
+
+
+def full(d, a, result):
+    timings = result["timings"]
+
+    def mark(what, since):
+        timings[what] = round(time.monotonic() - since, 2)
+        return time.monotonic()
+
+    t = time.monotonic()
+    # 1. The account password alone signs in: there is no second factor yet.
+    sign_in(d, a, "/app-passwords", "signin.png")
+    d.at("/app-passwords", "App passwords")
+    page = d.body_text()
+    if "Two-step verification is off" not in page:
+        raise Failure(f"expected 2FA off:\n{page}")
+    t = mark("sign_in", t)
+
+    # 2. Enrol TOTP: read the key from the page, type the current code.
+    d.click(d.link("Turn on two-step verification"))
+    d.at("/two-factor", "Turn on two-step verification")
+    secret = d.text("#totp-secret").strip()
+    if len(secret.replace(" ", "")) < 16:
+        raise Failure(f"TOTP key looks wrong: {secret!r}")
+    qr = d.js("const s = document.querySelector('figure.qr svg'); return s ? s.getBoundingClientRect().width : 0")
+    if not qr or qr < 150:
+        raise Failure(f"no QR code on the enrolment page (width {qr})")
+    d.screenshot(a.screenshots, "enrol.png", a.width)
+    # A code near the end of its 30-s step may expire on the way; wait for a fresh one.
+    if 30 - time.time() % 30 < 3:
+        time.sleep(30 - time.time() % 30 + 0.2)
+    d.type("#code", totp(secret))
+    d.click(d.find('form[action="/two-factor"] button[type="submit"]'))
+    d.at("/two-factor", "Your backup codes")
+    t = mark("enrol_totp", t)
+
+    # 3. The backup codes: on the page, and as a downloaded text file.
+    elements = d.find_all("#backup-codes li code")
+    codes = [d.cmd("GET", f"/element/{e}/text").strip() for e in elements]
+    if len(codes) != 10 or len(set(codes)) != 10:
+        raise Failure(f"expected 10 different backup codes, got {codes}")
+    d.screenshot(a.screenshots, "backup-codes.png", a.width)
+    result["download"] = d.allow_downloads()
+    d.click(d.find('a[href="/backup-codes.txt"]'))
+    text = d.wait_download("backup-codes.txt").decode("utf-8")
+    lines = [line.strip() for line in text.splitlines()]
+    in_file = [line for line in lines if line in codes]
+    if in_file != codes:
+        raise Failure(f"downloaded file does not list the codes shown:\n{text}\nshown: {codes}")
+    if a.user not in text:
+        raise Failure(f"downloaded file does not name the account:\n{text}")
+    result["download_file"] = text
+    # Still on the codes page after the download.
+    d.at("/two-factor", "Your backup codes")
+    t = mark("backup_codes", t)
+
+    # 4. Sign out.
+    sign_out(d)
+
+    # 5. Sign in again: the password now leads to the second step; use a backup code.
+    sign_in(d, a, "/login/totp")
+    d.at("/login/totp", "Two-step verification")
+    d.screenshot(a.screenshots, "second-factor.png", a.width)
+    d.click(d.link("Use a backup code instead"))
+    d.at("/login/backup", "Two-step verification")
+    used = codes[3]
+    d.type("#code", used)
+    d.screenshot(a.screenshots, "second-factor-backup.png", a.width)
+    d.click(d.find('form[action="/login/backup"] button[type="submit"]'))
+    d.at("/app-passwords", "App passwords")
+    page = d.body_text()
+    if "9 backup codes are left" not in page or "Backup codes left: 9" not in page:
+        raise Failure(f"expected 9 backup codes left:\n{page}")
+    if "Two-step verification is on" not in page:
+        raise Failure(f"expected 2FA on:\n{page}")
+    t = mark("sign_in_with_backup_code", t)
+
+    # 6. A new app password.
+    d.type("#label", a.label)
+    d.click(d.find('form[action="/app-passwords"] button[type="submit"]'))
+    d.at("/app-passwords", f"Your new app password for “{a.label}”")
+    app_password = d.text("#app-password").strip()
+    if len(app_password.replace(" ", "")) < 16:
+        raise Failure(f"app password looks wrong: {app_password!r}")
+    d.screenshot(a.screenshots, "app-password-created.png", a.width)
+    d.click(d.link("Done"))
+    d.at("/app-passwords", "App passwords")
+    rows = d.text("table tbody")
+    if a.label not in rows:
+        raise Failure(f"{a.label!r} is not in the list:\n{rows}")
+    d.screenshot(a.screenshots, "account.png", a.width)
+    mark("app_password", t)
+
+    result.update(
+        app_password=app_password,
+        backup_codes=codes,
+        used_backup_code=used,
+        totp_secret=secret,
+        app_password_rows=rows,
+    )
+
+
+def reuse(d, a, result):
+    """A backup code that was used once is refused the second time."""
+    sign_in(d, a, "/login/totp")
+    d.click(d.link("Use a backup code instead"))
+    d.at("/login/backup", "Two-step verification")
+    d.type("#code", a.backup_code)
+    d.click(d.find('form[action="/login/backup"] button[type="submit"]'))
+    d.at("/login/backup", "Two-step verification")
+    error = d.text("p.error")
+    result["error"] = error
+    d.screenshot(a.screenshots, "backup-code-refused.png", a.width)
+    if "That backup code is not right or was used already." not in error:
+        raise Failure(f"expected the backup code to be refused, got {error!r}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("url", help="https://localhost:PORT of mailgate's web step")
+    p.add_argument("user")
+    p.add_argument("password")
+    p.add_argument("screenshots", help="directory for PNG screenshots")
+    p.add_argument("out", help="JSON result file")
+    p.add_argument("--mode", choices=["full", "reuse"], default="full")
+    p.add_argument("--backup-code", help="reuse mode: the code that was used already")
+    p.add_argument("--cert", help="mailgate's certificate (PEM): accept only its key")
+    p.add_argument("--label", default="Browser test")
+    p.add_argument("--width", type=int, default=900)
+    p.add_argument("--deadline", type=int, default=150, help="seconds for the whole run")
+    a = p.parse_args()
+    a.url = a.url.rstrip("/")
+    os.makedirs(a.screenshots, exist_ok=True)
+
+    def give_up(signum, _frame):
+        raise Failure(f"signal {signum}: out of time or stopped")
+
+    signal.signal(signal.SIGALRM, give_up)
+    signal.signal(signal.SIGTERM, give_up)
+    signal.alarm(a.deadline)
+
+    result = {"mode": a.mode, "ok": False, "timings": {}}
+    workdir = tempfile.mkdtemp(prefix="mailgate-browser-")
+    d = None
+    code = 1
+    try:
+        pin = spki_pin(a.cert) if a.cert else None
+        t = time.monotonic()
+        d = Driver(workdir, pin, a.width, 800)
+        result["timings"]["start_browser"] = round(time.monotonic() - t, 2)
+        if a.mode == "full":
+            full(d, a, result)
+        else:
+            reuse(d, a, result)
+        result["ok"] = True
+        code = 0
+    except Exception as e:  # noqa: BLE001 - any failure is reported, then cleaned up
+        result["failure"] = f"{type(e).__name__}: {e}"
+        log("FAIL:", result["failure"])
+        if not isinstance(e, Failure):
+            traceback.print_exc(file=sys.stdout)
+        if d and d.session:
+            signal.alarm(20)  # a last look at the page, within bounds
+            try:
+                log("at", d.url(), "\n" + d.body_text()[:2000])
+                d.screenshot(a.screenshots, "failure.png", a.width)
+            except Exception as e2:  # noqa: BLE001
+                log(f"(no page: {e2})")
+            signal.alarm(0)
+        if d:
+            log("chromedriver log (tail):\n" + d.driver_log())
+    finally:
+        # Cleanup must not be interrupted by our own alarm; a SIGTERM from the test is
+        # followed by SIGKILL, and the test then ends the process group by PID too.
+        signal.alarm(0)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if d:
+            t = time.monotonic()
+            d.quit()
+            result["timings"]["quit_browser"] = round(time.monotonic() - t, 2)
+        result["timings"]["total"] = round(time.monotonic() - T0, 2)
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        shutil.rmtree(workdir, ignore_errors=True)
+    log("PASS" if code == 0 else "FAILED", a.mode, json.dumps(result["timings"]))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+//! End to end in a real browser: Debian's headless Chromium, driven through chromedriver by
+//! tests/support/browser.py (W3C WebDriver, Python standard library only), goes through the
+//! web step as a person would; then the app password it made logs in over IMAPS through
+//! mailgate to the real Dovecot.
+//!
+//! `MAILGATE_SCREENSHOTS=DIR` keeps the screenshots (signin.png, enrol.png, …) in DIR, e.g.
+//! to refresh docs/screenshots/; otherwise they go to the test's temporary directory.
+
+use crate::imap_front::with_dovecot;
+use crate::support::client::{Client, tls_config};
+use crate::support::mailgate::Mailgate;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The driver's own deadline is shorter; this only catches a driver that hangs anyway.
+const DRIVER_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn driver() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/browser.py")
+}
+
+/// What one run of the driver did.
+struct Run {
+    ok: bool,
+    /// What it wrote to its JSON file.
+    json: serde_json::Value,
+    /// Why it failed, in a line.
+    failure: String,
+}
+
+/// Runs the driver against `mg` with `extra` arguments. Its output goes to files (no pipe
+/// can fill up); past [`DRIVER_TIMEOUT`] it is stopped, and whatever chromedriver process
+/// group it left (the PID it wrote down) is killed.
+fn run_driver(mg: &Mailgate, shots: &Path, name: &str, extra: &[&str]) -> Run {
+    let dir = mg.dir.path();
+    let out = dir.join(format!("{name}.json"));
+    let log = dir.join(format!("{name}.log"));
+    let pids = dir.join(format!("{name}.pids"));
+    let url = format!("https://localhost:{}", mg.web.port());
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new("python3")
+        .arg(driver())
+        .arg(&url)
+        .args(["alice@example.com", "alice-account-pw"])
+        .arg(shots)
+        .arg(&out)
+        .arg("--cert")
+        .arg(dir.join("certs/mailgate-cert.pem"))
+        .args(extra)
+        .env("MAILGATE_BROWSER_PIDS", &pids)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + DRIVER_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            std::thread::sleep(Duration::from_secs(10));
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The driver removes this file after ending chromedriver and Chromium itself.
+    if let Ok(text) = std::fs::read_to_string(&pids)
+        && let Ok(pgid) = text.trim().parse::<u32>()
+    {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status();
+    }
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let json = std::fs::read_to_string(&out)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null);
+    println!("--- browser.py {name} ---\n{output}");
+    let failure = match (status, &json["failure"]) {
+        (None, _) => format!("browser.py did not finish within {DRIVER_TIMEOUT:?} and was stopped"),
+        (Some(_), serde_json::Value::String(f)) => f.clone(),
+        (Some(s), _) => format!("browser.py exited with {s} (see its output above)"),
+    };
+    Run { ok: status.is_some_and(|s| s.success()) && json["ok"] == true, json, failure }
+}
+
+fn imaps(mg: &Mailgate) -> Client {
+    let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+    assert!(c.line().starts_with("* OK"));
+    c
+}
+
+#[test]
+fn browser_enrols_totp_and_makes_an_app_password_that_works_over_imap() {
+    for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        assert!(Path::new(tool).exists(), "{tool} is missing: run scripts/install-test-deps.sh");
+    }
+    let started = Instant::now();
+    let (_dovecot, mg, _cli_app) = with_dovecot();
+    let shots = match std::env::var_os("MAILGATE_SCREENSHOTS") {
+        Some(d) => PathBuf::from(d),
+        None => mg.dir.path().join("screenshots"),
+    };
+    let setup = started.elapsed();
+
+    // The person's way through the pages, in the browser.
+    let t = Instant::now();
+    let run = run_driver(&mg, &shots, "full", &[]);
+    assert!(run.ok, "the browser run failed: {}\nmailgate log:\n{}", run.failure, mg.log());
+    let browser = t.elapsed();
+    let app = run.json["app_password"].as_str().unwrap().to_string();
+    let used = run.json["used_backup_code"].as_str().unwrap().to_string();
+    let codes = run.json["backup_codes"].as_array().unwrap();
+    assert_eq!(codes.len(), 10);
+    println!("downloads: {}", run.json["download"]);
+    for name in
+        ["signin.png", "enrol.png", "backup-codes.png", "second-factor.png", "account.png", "app-password-created.png"]
+    {
+        let png = std::fs::read(shots.join(name)).unwrap();
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 5_000, "{name}: {} bytes", png.len());
+    }
+
+    // The app password made in the browser reads mail through mailgate from Dovecot.
+    let t = Instant::now();
+    let mut c = imaps(&mg);
+    let r = c.cmd("a", &format!("LOGIN alice@example.com \"{app}\""));
+    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}\n{}", mg.log());
+    let r = c.cmd("b", "SELECT INBOX");
+    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    assert!(c.cmd("c", "LOGOUT").iter().any(|l| l.starts_with("c OK")));
+    // Two-step verification is on: the account password alone gets the alert.
+    let mut c = imaps(&mg);
+    let r = c.cmd("d", "LOGIN alice@example.com alice-account-pw");
+    assert!(r[0].starts_with("d NO [ALERT] "), "{r:?}");
+    let imap = t.elapsed();
+    // The store agrees with what the pages said.
+    let list = mg.ok(&["app-password", "list", "alice@example.com", "--json"]);
+    assert!(list.contains("Browser test"), "{list}");
+
+    // The backup code used to sign in does not work a second time.
+    let t = Instant::now();
+    let again = run_driver(&mg, &shots, "reuse", &["--mode", "reuse", "--backup-code", &used]);
+    assert!(again.ok, "the used backup code was not refused: {}\nmailgate log:\n{}", again.failure, mg.log());
+    let reuse = t.elapsed();
+    println!(
+        "timings: setup {setup:.1?}, browser {browser:.1?} ({}), imap {imap:.1?}, reuse {reuse:.1?} ({}), total {:.1?}",
+        run.json["timings"],
+        again.json["timings"],
+        started.elapsed()
+    );
+}
