@@ -92,7 +92,8 @@ pub async fn run(
     let acceptor = TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])?);
     let connector = Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?);
     let sessions = Sessions::default();
-    let auth = Authenticator::new(store.clone(), config.limits.max_concurrent_hashes);
+    let auth = Authenticator::new(store.clone(), config.limits.max_concurrent_hashes)
+        .with_upstream_check(config.accounts.clone(), connector.clone());
     let limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
     let service = Arc::new(ImapService {
         config: config.clone(),

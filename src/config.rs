@@ -64,6 +64,62 @@ pub struct RawConfig {
     upstream: RawUpstreams,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    accounts: RawAccounts,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccounts {
+    #[serde(default = "d_password_check")]
+    password_check: String,
+    #[serde(default)]
+    allowed_domains: Vec<String>,
+    #[serde(default = "d_verify_cache")]
+    verify_cache_secs: u64,
+}
+fn d_password_check() -> String {
+    "local".into()
+}
+fn d_verify_cache() -> u64 {
+    60
+}
+impl Default for RawAccounts {
+    fn default() -> Self {
+        RawAccounts { password_check: d_password_check(), allowed_domains: vec![], verify_cache_secs: d_verify_cache() }
+    }
+}
+
+/// Who checks account passwords.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordCheck {
+    /// mailgate keeps argon2id hashes (set with the CLI, the web step or `user import`).
+    Local,
+    /// The upstream IMAP server checks them: mailgate logs in there as the user.
+    Upstream,
+}
+
+/// How accounts and their passwords are handled.
+#[derive(Debug, Clone)]
+pub struct Accounts {
+    /// Who checks account passwords.
+    pub password_check: PasswordCheck,
+    /// With `upstream`: the domains whose users get a mailgate account on their first
+    /// successful login (lower case). Empty: every domain.
+    pub allowed_domains: Vec<String>,
+    /// How long a successful upstream check of a user + password is remembered.
+    pub verify_cache: Duration,
+}
+
+impl Accounts {
+    /// Whether an account for `username` may be created on its first successful login.
+    pub fn may_create(&self, username: &str) -> bool {
+        self.password_check == PasswordCheck::Upstream
+            && username.rsplit_once('@').is_some_and(|(local, domain)| {
+                !local.is_empty()
+                    && (self.allowed_domains.is_empty() || self.allowed_domains.iter().any(|d| d == domain))
+            })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,6 +430,8 @@ pub struct Config {
     pub upstream_smtp: Upstream,
     /// Limits.
     pub limits: Limits,
+    /// Account passwords and first-use accounts.
+    pub accounts: Accounts,
 }
 
 impl Config {
@@ -447,6 +505,27 @@ impl Config {
                 as usize,
             max_concurrent_hashes: positive("limits.max_concurrent_hashes", l.max_concurrent_hashes as u64)? as usize,
         };
+        let a = raw.accounts;
+        let password_check = match a.password_check.as_str() {
+            "local" => PasswordCheck::Local,
+            "upstream" => PasswordCheck::Upstream,
+            other => {
+                return Err(invalid("accounts.password_check", format!("`{other}` is not one of: local, upstream")));
+            }
+        };
+        let mut allowed_domains = Vec::new();
+        for d in a.allowed_domains {
+            let d = d.trim().trim_start_matches('@').to_ascii_lowercase();
+            if d.is_empty() || !d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
+                return Err(invalid("accounts.allowed_domains", format!("`{d}` is not a domain name")));
+            }
+            allowed_domains.push(d);
+        }
+        if a.verify_cache_secs > 3600 {
+            return Err(invalid("accounts.verify_cache_secs", "must be at most 3600 (a short lifetime)"));
+        }
+        let accounts =
+            Accounts { password_check, allowed_domains, verify_cache: Duration::from_secs(a.verify_cache_secs) };
         Ok(Config {
             hostname,
             public_url,
@@ -462,6 +541,7 @@ impl Config {
             upstream_imap,
             upstream_smtp,
             limits,
+            accounts,
         })
     }
 

@@ -20,6 +20,7 @@ pub mod crypto;
 pub mod password;
 pub mod totp;
 
+use crate::config::{Accounts, PasswordCheck};
 use crate::fsutil::now_unix;
 use crate::proto::sasl::Credentials;
 use crate::secret::SecretBytes;
@@ -98,6 +99,123 @@ pub enum Verdict {
     NeedsAppPassword,
     /// The check could not run (store error, overload); try later.
     Unavailable,
+    /// `password_check = "upstream"`: the account password must be checked by the
+    /// upstream server. For an account without a second factor, the driver logs in
+    /// upstream as the user with it (that login is the check and becomes the session);
+    /// for one with a second factor it only checks ([`Authenticator::check_upstream`]).
+    /// Either way it then calls [`Authenticator::confirm_upstream`].
+    CheckUpstream(UpstreamCheck),
+}
+
+/// An account password waiting for the upstream server's word.
+#[derive(Debug)]
+pub struct UpstreamCheck {
+    username: String,
+    password: SecretBytes,
+    second_factor: bool,
+    who: String,
+}
+
+impl UpstreamCheck {
+    /// The account.
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+    /// The password the client sent.
+    pub fn password(&self) -> &SecretBytes {
+        &self.password
+    }
+    /// The account has a second factor: check only, never open a session with it.
+    pub fn second_factor(&self) -> bool {
+        self.second_factor
+    }
+}
+
+/// What the upstream server said about a user + password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckResult {
+    /// It accepted them.
+    Valid,
+    /// It refused them.
+    Invalid,
+    /// It could not be asked (down, timeout, TLS failure).
+    Unavailable,
+}
+
+/// Checks a user's password by logging in to the upstream server with it (implemented in
+/// `net`, so that auth stays free of I/O code).
+pub trait PasswordChecker: Send + Sync {
+    /// Logs in as `username` with `password` and out again.
+    fn check(&self, username: String, password: SecretBytes) -> std::pin::Pin<Box<dyn std::future::Future<Output = CheckResult> + Send + '_>>;
+}
+
+/// Remembers successful upstream checks for a short time, keyed by a keyed hash of user
+/// *and* password (never the password itself), so a client retrying does not cost an
+/// upstream login each time. Dropped for a user at once when a check fails. Never used
+/// for TOTP or backup codes (SECURITY.md case 68).
+pub struct VerifyCache {
+    key: aws_lc_rs::hmac::Key,
+    ttl: Duration,
+    entries: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (String, std::time::Instant)>>,
+}
+
+/// Entries kept at most (each is a 32-byte tag and a name).
+const VERIFY_CACHE_MAX: usize = 100_000;
+
+impl VerifyCache {
+    /// A cache with a fresh random key.
+    pub fn new(ttl: Duration) -> Option<VerifyCache> {
+        let mut k = [0u8; 32];
+        getrandom::fill(&mut k).ok()?;
+        Some(VerifyCache {
+            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k),
+            ttl,
+            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    fn tag(&self, username: &str, password: &SecretBytes) -> Vec<u8> {
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.key);
+        ctx.update(username.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(password.expose());
+        ctx.sign().as_ref().to_vec()
+    }
+
+    /// Whether this user + password was checked successfully within the lifetime.
+    pub fn hit(&self, username: &str, password: &SecretBytes) -> bool {
+        if self.ttl.is_zero() {
+            return false;
+        }
+        let tag = self.tag(username, password);
+        let Ok(m) = self.entries.lock() else { return false };
+        m.get(&tag).is_some_and(|(u, at)| u == username && at.elapsed() < self.ttl)
+    }
+
+    /// Remembers a successful check.
+    pub fn remember(&self, username: &str, password: &SecretBytes) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let tag = self.tag(username, password);
+        if let Ok(mut m) = self.entries.lock() {
+            if m.len() >= VERIFY_CACHE_MAX {
+                let ttl = self.ttl;
+                m.retain(|_, (_, at)| at.elapsed() < ttl);
+                if m.len() >= VERIFY_CACHE_MAX {
+                    m.clear();
+                }
+            }
+            m.insert(tag, (username.to_string(), std::time::Instant::now()));
+        }
+    }
+
+    /// Forgets every entry of a user (failed check, password change, revocation).
+    pub fn forget(&self, username: &str) {
+        if let Ok(mut m) = self.entries.lock() {
+            m.retain(|_, (u, _)| u != username);
+        }
+    }
 }
 
 /// The outcome of the web step's password check.
@@ -125,6 +243,14 @@ pub struct Authenticator {
     /// Queue of the hashing threads: a fixed set, so argon2's 19 MiB working memory is
     /// allocated once per thread and the number of hashes at once is bounded.
     jobs: std::sync::mpsc::SyncSender<Job>,
+    /// `password_check = "upstream"`: the mode, the checker and its cache.
+    upstream: Option<Arc<UpstreamMode>>,
+}
+
+struct UpstreamMode {
+    accounts: Accounts,
+    checker: Arc<dyn PasswordChecker>,
+    cache: VerifyCache,
 }
 
 /// Lower-cases and trims a login name.
@@ -156,7 +282,82 @@ impl Authenticator {
                 tracing::error!(error = %e, "cannot start a hashing thread");
             }
         }
-        Authenticator { store, jobs: tx }
+        Authenticator { store, jobs: tx, upstream: None }
+    }
+
+    /// Account passwords are checked by the upstream server (`password_check = "upstream"`).
+    pub fn with_upstream_check(mut self, accounts: Accounts, checker: Arc<dyn PasswordChecker>) -> Authenticator {
+        if accounts.password_check == PasswordCheck::Upstream
+            && let Some(cache) = VerifyCache::new(accounts.verify_cache)
+        {
+            self.upstream = Some(Arc::new(UpstreamMode { accounts, checker, cache }));
+        }
+        self
+    }
+
+    /// Whether account passwords are checked upstream.
+    pub fn upstream_mode(&self) -> bool {
+        self.upstream.is_some()
+    }
+
+    /// Checks a user + password with the upstream server (only, no session), using the
+    /// cache. For accounts with a second factor and for the web step.
+    pub async fn check_upstream(&self, username: &str, password: &SecretBytes) -> CheckResult {
+        let Some(mode) = &self.upstream else { return CheckResult::Unavailable };
+        if mode.cache.hit(username, password) {
+            return CheckResult::Valid;
+        }
+        let result = mode.checker.check(username.to_string(), SecretBytes::from(password.expose().clone())).await;
+        match result {
+            CheckResult::Valid => mode.cache.remember(username, password),
+            CheckResult::Invalid => mode.cache.forget(username),
+            CheckResult::Unavailable => {}
+        }
+        result
+    }
+
+    /// Forgets cached checks of a user (password change, account removed).
+    pub fn forget(&self, username: &str) {
+        if let Some(mode) = &self.upstream {
+            mode.cache.forget(username);
+        }
+    }
+
+    /// The upstream server's word on a [`Verdict::CheckUpstream`]: grants (creating the
+    /// account on first use), refuses, or — for an account with a second factor and the
+    /// right password — [`Verdict::NeedsAppPassword`].
+    pub async fn confirm_upstream(&self, check: UpstreamCheck, result: CheckResult) -> Verdict {
+        let Some(mode) = self.upstream.clone() else { return Verdict::Unavailable };
+        match result {
+            CheckResult::Unavailable => return Verdict::Unavailable,
+            CheckResult::Invalid => {
+                mode.cache.forget(&check.username);
+                let store = self.store.clone();
+                let (user, who) = (check.username.clone(), check.who.clone());
+                let _ = self.run_blocking(move || record(store.as_ref(), &user, "login_failed", who)).await;
+                return Verdict::Denied;
+            }
+            CheckResult::Valid => mode.cache.remember(&check.username, &check.password),
+        }
+        let store = self.store.clone();
+        let accounts = mode.accounts.clone();
+        self.run_blocking(move || {
+            let Some(account) = ensure_account(store.as_ref(), &accounts, &check.username) else {
+                return Verdict::Denied;
+            };
+            if account.has_second_factor() {
+                record(store.as_ref(), &account.username, "account_password_refused_2fa", check.who.clone());
+                return Verdict::NeedsAppPassword;
+            }
+            record(store.as_ref(), &account.username, "login", format!("{} with the account password (checked upstream)", check.who));
+            Verdict::Granted(Authenticated {
+                username: account.username.clone(),
+                app_password_id: None,
+                senders: senders(&account),
+            })
+        })
+        .await
+        .unwrap_or(Verdict::Unavailable)
     }
 
     /// Runs `f` on a hashing thread (for checks that hash: account passwords, backup codes).
@@ -173,8 +374,11 @@ impl Authenticator {
     /// The web step's first factor: the account password only (app passwords never open
     /// the web step). Unknown users cost the same hash.
     pub async fn check_account_password(&self, username: &str, password: &SecretBytes) -> WebCheck {
-        let store = self.store.clone();
         let username = normalize_username(username);
+        if self.upstream.is_some() {
+            return self.check_account_password_upstream(&username, password).await;
+        }
+        let store = self.store.clone();
         let password = SecretBytes::from(password.expose().clone());
         self.run_blocking(move || match store.get_account(&username) {
             Ok(Some(account)) => match account.password_hash.as_deref() {
@@ -199,6 +403,31 @@ impl Authenticator {
         .unwrap_or(WebCheck::Unavailable)
     }
 
+    /// The web step in `password_check = "upstream"` mode: the upstream server checks the
+    /// password (cached briefly); the account is created on first use where allowed.
+    async fn check_account_password_upstream(&self, username: &str, password: &SecretBytes) -> WebCheck {
+        let Some(mode) = self.upstream.clone() else { return WebCheck::Unavailable };
+        let known = match self.store.get_account(username) {
+            Ok(a) => a.is_some(),
+            Err(_) => return WebCheck::Unavailable,
+        };
+        if !known && !mode.accounts.may_create(username) {
+            return WebCheck::Denied;
+        }
+        match self.check_upstream(username, password).await {
+            CheckResult::Valid => {
+                let store = self.store.clone();
+                let (user, accounts) = (username.to_string(), mode.accounts.clone());
+                match self.run_blocking(move || ensure_account(store.as_ref(), &accounts, &user)).await.flatten() {
+                    Some(a) => WebCheck::Ok(Box::new(a)),
+                    None => WebCheck::Unavailable,
+                }
+            }
+            CheckResult::Invalid => WebCheck::Denied,
+            CheckResult::Unavailable => WebCheck::Unavailable,
+        }
+    }
+
     /// The store behind this authenticator.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -211,8 +440,9 @@ impl Authenticator {
         let password = SecretBytes::from(creds.password.expose().clone());
         let peer = peer.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let accounts = self.upstream.as_ref().map(|m| m.accounts.clone());
         let job: Job = Box::new(move || {
-            let _ = tx.send(decide(store.as_ref(), &username, &password, protocol, &peer));
+            let _ = tx.send(decide_with(store.as_ref(), accounts.as_ref(), &username, &password, protocol, &peer));
         });
         if self.jobs.try_send(job).is_err() {
             return Verdict::Unavailable;
@@ -226,8 +456,30 @@ impl Authenticator {
 
 /// The decision, synchronous (runs on the blocking pool).
 pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protocol: Protocol, peer: &Peer) -> Verdict {
+    decide_with(store, None, username, password, protocol, peer)
+}
+
+/// The decision with the account mode: with `password_check = "upstream"`, an account
+/// password is not checked here but handed back as [`Verdict::CheckUpstream`].
+pub fn decide_with(
+    store: &dyn Store,
+    accounts: Option<&Accounts>,
+    username: &str,
+    password: &SecretBytes,
+    protocol: Protocol,
+    peer: &Peer,
+) -> Verdict {
+    let upstream_mode = accounts.is_some_and(|a| a.password_check == PasswordCheck::Upstream);
     let account = match store.get_account(username) {
         Ok(Some(a)) => a,
+        Ok(None) if upstream_mode && accounts.is_some_and(|a| a.may_create(username)) => {
+            return Verdict::CheckUpstream(UpstreamCheck {
+                username: username.to_string(),
+                password: SecretBytes::from(password.expose().clone()),
+                second_factor: false,
+                who: format!("{} via {protocol}", peer.ip),
+            });
+        }
         Ok(None) => {
             password::dummy_verify(password.expose());
             return Verdict::Denied;
@@ -278,6 +530,14 @@ pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protoco
             }
         }
     }
+    if upstream_mode {
+        return Verdict::CheckUpstream(UpstreamCheck {
+            username: account.username.clone(),
+            password: SecretBytes::from(password.expose().clone()),
+            second_factor: account.has_second_factor(),
+            who,
+        });
+    }
     let Some(hash) = account.password_hash.as_deref() else {
         password::dummy_verify(password.expose());
         return Verdict::Denied;
@@ -296,6 +556,44 @@ pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protoco
         app_password_id: None,
         senders: senders(&account),
     })
+}
+
+/// The account, created on its first successful upstream-checked login where allowed.
+/// `None`: not allowed, or the store failed.
+fn ensure_account(store: &dyn Store, accounts: &Accounts, username: &str) -> Option<crate::store::Account> {
+    match store.get_account(username) {
+        Ok(Some(a)) => Some(a),
+        Ok(None) if accounts.may_create(username) => {
+            let now = now_unix();
+            let account = crate::store::Account {
+                username: username.to_string(),
+                addresses: vec![],
+                password_hash: None,
+                totp: None,
+                second_factor_required: false,
+                backup_codes: None,
+                second_factor_failures: 0,
+                created_at: now,
+                updated_at: now,
+            };
+            match store.create_account(&account) {
+                Ok(()) => {
+                    record(store, username, "account_created", "on first login (password checked upstream)".into());
+                    Some(account)
+                }
+                // Created by a concurrent login in the meantime: use that one.
+                Err(_) => store.get_account(username).ok().flatten(),
+            }
+        }
+        _ => None,
+    }
+}
+
+fn record(store: &dyn Store, username: &str, kind: &str, detail: String) {
+    let ev = AuditEvent { at: now_unix(), username: username.into(), kind: kind.into(), detail };
+    if let Err(e) = store.append_audit(&ev) {
+        tracing::warn!(error = %e, "audit write failed");
+    }
 }
 
 fn senders(account: &crate::store::Account) -> Vec<String> {

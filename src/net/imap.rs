@@ -4,7 +4,8 @@
 use crate::auth::{self, Authenticated, Authenticator, Peer, Protocol, Verdict};
 use crate::config::Config;
 use crate::net::stream::MaybeTls;
-use crate::net::upstream::{Connector, UpstreamSession};
+use crate::net::upstream::{Connector, UpstreamFailure, UpstreamSession};
+use crate::proto::upstream::UpstreamError;
 use crate::proto::imap::{Action, AuthReply, PreAuth};
 use crate::sessions::{SessionGuard, Sessions};
 use std::net::SocketAddr;
@@ -100,14 +101,46 @@ impl ImapService {
                 Action::Authenticate(creds) => {
                     let who = Peer { ip: peer.ip(), client_name: machine.client_name().map(str::to_string) };
                     let username = auth::normalize_username(&creds.username);
-                    match self.auth.verify(&creds, Protocol::Imap, &who).await {
-                        Verdict::Granted(granted) => match self.upstream.open(granted.username(), peer, local).await {
-                            Ok(up) => break (granted, up),
-                            Err(e) => {
-                                warn!(%peer, user = %username, error = %e, "upstream login failed");
-                                machine.auth_failed(AuthReply::Unavailable);
+                    let mut verdict = self.auth.verify(&creds, Protocol::Imap, &who).await;
+                    let mut session_as_user = None;
+                    if let Verdict::CheckUpstream(check) = verdict {
+                        // password_check = "upstream": the upstream server checks the password.
+                        // Without a second factor, the check is the session's own login.
+                        verdict = if check.second_factor() {
+                            let result = self.auth.check_upstream(check.username(), check.password()).await;
+                            self.auth.confirm_upstream(check, result).await
+                        } else {
+                            match self.upstream.open_as_user(check.username(), check.password(), peer, local).await {
+                                Ok(up) => {
+                                    session_as_user = Some(up);
+                                    self.auth.confirm_upstream(check, auth::CheckResult::Valid).await
+                                }
+                                Err(UpstreamFailure::Protocol(UpstreamError::LoginRefused)) => {
+                                    self.auth.confirm_upstream(check, auth::CheckResult::Invalid).await
+                                }
+                                Err(e) => {
+                                    warn!(%peer, user = %username, error = %e, "upstream login failed");
+                                    Verdict::Unavailable
+                                }
                             }
-                        },
+                        };
+                    }
+                    match verdict {
+                        Verdict::Granted(granted) => {
+                            let opened = match session_as_user.take() {
+                                Some(up) => Ok(up),
+                                None => self.upstream.open(granted.username(), peer, local).await,
+                            };
+                            match opened {
+                                Ok(up) => break (granted, up),
+                                Err(e) => {
+                                    warn!(%peer, user = %username, error = %e, "upstream login failed");
+                                    machine.auth_failed(AuthReply::Unavailable);
+                                }
+                            }
+                        }
+                        // Handled above; only reachable if the upstream check was not configured.
+                        Verdict::CheckUpstream(_) => machine.auth_failed(AuthReply::Unavailable),
                         Verdict::Denied => {
                             info!(%peer, user = %username, "IMAP login refused");
                             tokio::time::sleep(limits.auth_failure_delay).await;

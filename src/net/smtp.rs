@@ -6,8 +6,8 @@ use crate::config::{Config, UpstreamLogin as LoginMode, UpstreamTls};
 use crate::net::stream::MaybeTls;
 use crate::net::upstream::{Connector, UpstreamFailure};
 use crate::proto::smtp::{Action, AuthReply, Extensions, Session};
-use crate::proto::smtp_upstream::{ReplyError, SmtpLogin, Step, Style, parse_reply};
-use crate::secret::SecretString;
+use crate::proto::smtp_upstream::{ReplyError, SmtpLogin, SmtpUpstreamError, Step, Style, parse_reply};
+use crate::secret::{SecretBytes, SecretString};
 use crate::sessions::{SessionGuard, Sessions};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -130,6 +130,26 @@ impl SmtpService {
         }
     }
 
+    /// Logs in upstream as `user` with the user's own password (AUTH PLAIN, no master).
+    async fn open_upstream_as_user(
+        &self,
+        user: &str,
+        password: &SecretBytes,
+        client: SocketAddr,
+    ) -> Result<Upstream, UpstreamFailure> {
+        let Ok(pw) = String::from_utf8(password.expose().clone()) else {
+            return Err(SmtpUpstreamError::LoginRefused(535).into());
+        };
+        let fut = async {
+            let stream = self.upstream.open_stream().await?;
+            self.exchange(stream, Style::User, user, SecretString::from(pw), client).await
+        };
+        match timeout(self.upstream.timeout(), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamFailure::Timeout),
+        }
+    }
+
     /// Drives the upstream greeting/EHLO/STARTTLS/XCLIENT/AUTH exchange on `stream`.
     async fn exchange(
         &self,
@@ -202,6 +222,9 @@ impl SmtpService {
         let mut buf = vec![0u8; 16 * 1024];
         let mut upstream: Option<Upstream> = None;
         let mut granted: Option<Authenticated> = None;
+        // password_check = "upstream" without a second factor: the session is the user's
+        // own upstream login, and so is any reconnect.
+        let mut user_password: Option<SecretBytes> = None;
         let mut guard: Option<SessionGuard> = None;
         loop {
             let deadline = if granted.is_some() { Instant::now() + COMMAND_TIMEOUT } else { preauth_deadline };
@@ -263,8 +286,39 @@ impl SmtpService {
                 Action::Authenticate(creds) => {
                     let who = Peer { ip: peer.ip(), client_name: None };
                     let username = auth::normalize_username(&creds.username);
-                    match self.auth.verify(&creds, Protocol::Smtp, &who).await {
-                        Verdict::Granted(g) => match self.open_upstream(g.username(), peer).await {
+                    let mut verdict = self.auth.verify(&creds, Protocol::Smtp, &who).await;
+                    let mut session_as_user = None;
+                    if let Verdict::CheckUpstream(check) = verdict {
+                        // password_check = "upstream". With master-sasl upstream, an account
+                        // without a second factor logs in to the SMTP server with its own
+                        // password (that is the check); otherwise the IMAP server checks it.
+                        let own_login = !check.second_factor() && self.upstream.config().login == LoginMode::MasterSasl;
+                        verdict = if own_login {
+                            match self.open_upstream_as_user(check.username(), check.password(), peer).await {
+                                Ok(up) => {
+                                    session_as_user = Some(up);
+                                    user_password = Some(SecretBytes::from(check.password().expose().clone()));
+                                    self.auth.confirm_upstream(check, auth::CheckResult::Valid).await
+                                }
+                                Err(UpstreamFailure::Smtp(SmtpUpstreamError::LoginRefused(_))) => {
+                                    self.auth.confirm_upstream(check, auth::CheckResult::Invalid).await
+                                }
+                                Err(e) => {
+                                    warn!(%peer, user = %username, error = %e, "upstream SMTP login failed");
+                                    Verdict::Unavailable
+                                }
+                            }
+                        } else {
+                            let result = self.auth.check_upstream(check.username(), check.password()).await;
+                            self.auth.confirm_upstream(check, result).await
+                        };
+                    }
+                    match verdict {
+                        Verdict::CheckUpstream(_) => session.auth_failed(AuthReply::Unavailable),
+                        Verdict::Granted(g) => match match session_as_user.take() {
+                            Some(up) => Ok(up),
+                            None => self.open_upstream(g.username(), peer).await,
+                        } {
                             Ok(up) => {
                                 info!(%peer, user = %g.username(), app_password = g.app_password_id().unwrap_or("-"), "SMTP login");
                                 upstream = Some(up);
@@ -299,7 +353,8 @@ impl SmtpService {
                         session.upstream_reply(250, b"250 2.0.0 OK\r\n");
                         continue;
                     }
-                    let Some(up) = self.ensure_upstream(&mut upstream, granted.as_ref(), peer).await else {
+                    let Some(up) = self.ensure_upstream(&mut upstream, granted.as_ref(), user_password.as_ref(), peer).await
+                    else {
                         session.upstream_failed();
                         continue;
                     };
@@ -319,7 +374,8 @@ impl SmtpService {
                     }
                 }
                 Action::StartData { head, complete } => {
-                    let Some(up) = self.ensure_upstream(&mut upstream, granted.as_ref(), peer).await else {
+                    let Some(up) = self.ensure_upstream(&mut upstream, granted.as_ref(), user_password.as_ref(), peer).await
+                    else {
                         session.upstream_failed();
                         continue;
                     };
@@ -403,11 +459,16 @@ impl SmtpService {
         &self,
         upstream: &'a mut Option<Upstream>,
         granted: Option<&Authenticated>,
+        user_password: Option<&SecretBytes>,
         peer: SocketAddr,
     ) -> Option<&'a mut Upstream> {
         if upstream.is_none() {
             let g = granted?;
-            match self.open_upstream(g.username(), peer).await {
+            let opened = match user_password {
+                Some(pw) => self.open_upstream_as_user(g.username(), pw, peer).await,
+                None => self.open_upstream(g.username(), peer).await,
+            };
+            match opened {
                 Ok(up) => *upstream = Some(up),
                 Err(e) => {
                     warn!(%peer, user = %g.username(), error = %e, "upstream SMTP login failed");

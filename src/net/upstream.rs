@@ -5,7 +5,7 @@
 use crate::config::{Upstream, UpstreamLogin as LoginMode, UpstreamTls};
 use crate::net::stream::MaybeTls;
 use crate::proto::upstream::{LoginStyle, Step, UpstreamError, UpstreamLogin};
-use crate::secret::SecretString;
+use crate::secret::{SecretBytes, SecretString};
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -81,7 +81,27 @@ impl Connector {
         client: SocketAddr,
         local: SocketAddr,
     ) -> Result<UpstreamSession, UpstreamFailure> {
-        match tokio::time::timeout(self.timeout, self.open_inner(user, client, local)).await {
+        match tokio::time::timeout(self.timeout, self.open_inner(user, None, client, local)).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamFailure::Timeout),
+        }
+    }
+
+    /// Connects and logs in as `user` with the user's own `password` (no master user).
+    /// A refusal is `UpstreamFailure::Protocol(UpstreamError::LoginRefused)`.
+    pub async fn open_as_user(
+        &self,
+        user: &str,
+        password: &SecretBytes,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<UpstreamSession, UpstreamFailure> {
+        let Ok(pw) = String::from_utf8(password.expose().clone()) else {
+            // IMAP credentials are UTF-8; anything else cannot be this user's password.
+            return Err(UpstreamError::LoginRefused.into());
+        };
+        let pw = SecretString::from(pw);
+        match tokio::time::timeout(self.timeout, self.open_inner(user, Some(pw), client, local)).await {
             Ok(r) => r,
             Err(_) => Err(UpstreamFailure::Timeout),
         }
@@ -131,13 +151,20 @@ impl Connector {
     async fn open_inner(
         &self,
         user: &str,
+        user_password: Option<SecretString>,
         client: SocketAddr,
         local: SocketAddr,
     ) -> Result<UpstreamSession, UpstreamFailure> {
-        let (mut stream, password) = self.connect().await?;
-        let style = match self.cfg.login {
-            LoginMode::MasterSeparator => LoginStyle::MasterSeparator(self.cfg.master_separator.clone()),
-            _ => LoginStyle::MasterSasl,
+        let (mut stream, password, style) = match user_password {
+            Some(pw) => (self.open_stream().await?, pw, LoginStyle::User),
+            None => {
+                let (stream, password) = self.connect().await?;
+                let style = match self.cfg.login {
+                    LoginMode::MasterSeparator => LoginStyle::MasterSeparator(self.cfg.master_separator.clone()),
+                    _ => LoginStyle::MasterSasl,
+                };
+                (stream, password, style)
+            }
         };
         let mut login = UpstreamLogin::new(
             user,
@@ -177,3 +204,32 @@ impl Connector {
 
 /// Shared handle.
 pub type SharedConnector = Arc<Connector>;
+
+/// The upstream IMAP server checks account passwords (`password_check = "upstream"`):
+/// log in as the user, then LOGOUT.
+impl crate::auth::PasswordChecker for Connector {
+    fn check(
+        &self,
+        username: String,
+        password: SecretBytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::auth::CheckResult> + Send + '_>> {
+        Box::pin(async move {
+            let nowhere: SocketAddr = ([127, 0, 0, 1], 0).into();
+            match self.open_as_user(&username, &password, nowhere, nowhere).await {
+                Ok(mut up) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        let _ = up.stream.write_all(b"L1 LOGOUT\r\n").await;
+                        let _ = up.stream.shutdown().await;
+                    })
+                    .await;
+                    crate::auth::CheckResult::Valid
+                }
+                Err(UpstreamFailure::Protocol(UpstreamError::LoginRefused)) => crate::auth::CheckResult::Invalid,
+                Err(e) => {
+                    tracing::warn!(user = %username, error = %e, "upstream password check failed");
+                    crate::auth::CheckResult::Unavailable
+                }
+            }
+        })
+    }
+}

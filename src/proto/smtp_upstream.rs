@@ -90,6 +90,9 @@ pub enum Style {
     Xclient,
     /// No login: greet (and STARTTLS), report the EHLO keywords, stop.
     Probe,
+    /// AUTH PLAIN as the user with the user's own password (passed as the master password;
+    /// the master user is not used).
+    User,
 }
 
 /// Why the upstream login failed. No variant carries upstream text or a secret.
@@ -350,15 +353,20 @@ impl SmtpLogin {
                 self.state = State::Finished;
                 Some(Step::Done(self.caps.clone()))
             }
-            Style::MasterSasl => {
+            Style::MasterSasl | Style::User => {
                 let plain = self.has("AUTH").is_some_and(|m| m.split_ascii_whitespace().any(|x| x == "PLAIN"));
                 if !plain {
                     return Some(self.fail(SmtpUpstreamError::NotOffered("AUTH PLAIN")));
                 }
                 let mut msg = Vec::new();
-                msg.extend_from_slice(self.user.as_bytes());
-                msg.push(0);
-                msg.extend_from_slice(self.master_user.as_bytes());
+                if self.style == Style::User {
+                    msg.push(0);
+                    msg.extend_from_slice(self.user.as_bytes());
+                } else {
+                    msg.extend_from_slice(self.user.as_bytes());
+                    msg.push(0);
+                    msg.extend_from_slice(self.master_user.as_bytes());
+                }
                 msg.push(0);
                 msg.extend_from_slice(self.master_password.expose().as_bytes());
                 let line = format!("AUTH PLAIN {}\r\n", base64(&msg));

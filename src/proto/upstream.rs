@@ -25,6 +25,9 @@ pub enum LoginStyle {
     MasterSasl,
     /// `LOGIN "<user><sep><master>" "<password>"`.
     MasterSeparator(String),
+    /// `AUTHENTICATE PLAIN` as the user with the user's own password (which is passed
+    /// in the `master_password` slot; `master_user` is not used).
+    User,
 }
 
 /// Why the upstream login failed. No variant carries text from upstream or a secret.
@@ -301,9 +304,15 @@ impl UpstreamLogin {
 
     fn plain_payload(&self) -> String {
         let mut msg = Vec::with_capacity(self.user.len() + self.master_user.len() + 64);
-        msg.extend_from_slice(self.user.as_bytes());
-        msg.push(0);
-        msg.extend_from_slice(self.master_user.as_bytes());
+        if let LoginStyle::User = self.style {
+            // authzid empty, authcid = the user.
+            msg.push(0);
+            msg.extend_from_slice(self.user.as_bytes());
+        } else {
+            msg.extend_from_slice(self.user.as_bytes());
+            msg.push(0);
+            msg.extend_from_slice(self.master_user.as_bytes());
+        }
         msg.push(0);
         msg.extend_from_slice(self.master_password.expose().as_bytes());
         let out = base64(&msg);
@@ -329,7 +338,7 @@ impl UpstreamLogin {
             return;
         }
         match &self.style {
-            LoginStyle::MasterSasl => {
+            LoginStyle::MasterSasl | LoginStyle::User => {
                 let sasl_ir = self.greeting_caps.as_deref().is_none_or(|c| has_cap(c, "SASL-IR"));
                 if sasl_ir {
                     let line = format!("M3 AUTHENTICATE PLAIN {}\r\n", self.plain_payload());

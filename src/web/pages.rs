@@ -610,7 +610,7 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
             failed,
             totp: account.has_second_factor(),
             codes_left: account.backup_codes.as_ref().map(|c| c.remaining()).unwrap_or(0),
-            can_change_password: account.password_hash.is_some(),
+            can_change_password: account.password_hash.is_some() && !web.auth.upstream_mode(),
         },
         StatusCode::OK,
     )
@@ -948,7 +948,7 @@ pub(super) async fn password_form(State(web): W, headers: HeaderMap) -> Response
         return r;
     }
     match web.account(&username) {
-        Ok(a) if a.password_hash.is_some() => {}
+        Ok(a) if a.password_hash.is_some() && !web.auth.upstream_mode() => {}
         Ok(_) => return redirect("/app-passwords"),
         Err(r) => return r,
     }
@@ -960,6 +960,10 @@ pub(super) async fn change_password(State(web): W, headers: HeaderMap, Form(form
         Ok(x) => x,
         Err(r) => return r,
     };
+    if web.auth.upstream_mode() {
+        // The upstream server owns the password (password_check = "upstream").
+        return redirect("/app-passwords");
+    }
     let new = SecretString::from(form.get("new").cloned().unwrap_or_default());
     let again = SecretString::from(form.get("again").cloned().unwrap_or_default());
     let problem = if new != again {

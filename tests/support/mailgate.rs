@@ -34,6 +34,8 @@ pub struct Options {
     pub smtp_upstream_extra: String,
     /// `[smtp]` extra lines.
     pub smtp_extra: String,
+    /// Whole extra sections appended at the end (e.g. `[accounts]`).
+    pub extra_sections: String,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             smtp_upstream: format!("127.0.0.1:{}", free_port()),
             smtp_upstream_extra: String::new(),
             smtp_extra: String::new(),
+            extra_sections: String::new(),
         }
     }
 }
@@ -115,6 +118,7 @@ master_password_file = "config/master.secret"
 {extra}
 [limits]
 {limits}
+{extra_sections}
 "#,
                     public_url = opts.public_url,
                     cert = pki.cert.display(),
@@ -125,6 +129,7 @@ master_password_file = "config/master.secret"
                     smtp_extra = opts.smtp_extra,
                     smtp_upstream = opts.smtp_upstream,
                     smtp_upstream_extra = opts.smtp_upstream_extra,
+                extra_sections = opts.extra_sections,
                 );
                 std::fs::write(&config, text).unwrap();
             };
