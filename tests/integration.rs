@@ -7,4 +7,5 @@ mod imap_front;
 mod interop;
 mod smtp;
 mod support;
+mod upstream_mode;
 mod web;

@@ -146,7 +146,11 @@ pub enum CheckResult {
 /// `net`, so that auth stays free of I/O code).
 pub trait PasswordChecker: Send + Sync {
     /// Logs in as `username` with `password` and out again.
-    fn check(&self, username: String, password: SecretBytes) -> std::pin::Pin<Box<dyn std::future::Future<Output = CheckResult> + Send + '_>>;
+    fn check(
+        &self,
+        username: String,
+        password: SecretBytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CheckResult> + Send + '_>>;
 }
 
 /// Remembers successful upstream checks for a short time, keyed by a keyed hash of user
@@ -349,7 +353,12 @@ impl Authenticator {
                 record(store.as_ref(), &account.username, "account_password_refused_2fa", check.who.clone());
                 return Verdict::NeedsAppPassword;
             }
-            record(store.as_ref(), &account.username, "login", format!("{} with the account password (checked upstream)", check.who));
+            record(
+                store.as_ref(),
+                &account.username,
+                "login",
+                format!("{} with the account password (checked upstream)", check.who),
+            );
             Verdict::Granted(Authenticated {
                 username: account.username.clone(),
                 app_password_id: None,
@@ -671,6 +680,24 @@ mod tests {
         b.username = "b@x".into();
         s.create_account(&b).unwrap();
         assert!(matches!(decide(&s, "b@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Denied));
+    }
+
+    #[test]
+    fn verify_cache_keys_user_and_secret_expires_and_forgets() {
+        let c = VerifyCache::new(Duration::from_millis(200)).unwrap();
+        c.remember("a@x", &pw("secret-1"));
+        assert!(c.hit("a@x", &pw("secret-1")));
+        assert!(!c.hit("a@x", &pw("secret-2")));
+        assert!(!c.hit("b@x", &pw("secret-1")), "another user with the same secret");
+        c.remember("b@x", &pw("secret-1"));
+        c.forget("a@x");
+        assert!(!c.hit("a@x", &pw("secret-1")));
+        assert!(c.hit("b@x", &pw("secret-1")));
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(!c.hit("b@x", &pw("secret-1")), "expired");
+        let off = VerifyCache::new(Duration::ZERO).unwrap();
+        off.remember("a@x", &pw("s"));
+        assert!(!off.hit("a@x", &pw("s")));
     }
 
     #[test]

@@ -353,7 +353,8 @@ impl SmtpService {
                         session.upstream_reply(250, b"250 2.0.0 OK\r\n");
                         continue;
                     }
-                    let Some(up) = self.ensure_upstream(&mut upstream, granted.as_ref(), user_password.as_ref(), peer).await
+                    let Some(up) =
+                        self.ensure_upstream(&mut upstream, granted.as_ref(), user_password.as_ref(), peer).await
                     else {
                         session.upstream_failed();
                         continue;
@@ -374,7 +375,8 @@ impl SmtpService {
                     }
                 }
                 Action::StartData { head, complete } => {
-                    let Some(up) = self.ensure_upstream(&mut upstream, granted.as_ref(), user_password.as_ref(), peer).await
+                    let Some(up) =
+                        self.ensure_upstream(&mut upstream, granted.as_ref(), user_password.as_ref(), peer).await
                     else {
                         session.upstream_failed();
                         continue;

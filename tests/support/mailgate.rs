@@ -129,7 +129,7 @@ master_password_file = "config/master.secret"
                     smtp_extra = opts.smtp_extra,
                     smtp_upstream = opts.smtp_upstream,
                     smtp_upstream_extra = opts.smtp_upstream_extra,
-                extra_sections = opts.extra_sections,
+                    extra_sections = opts.extra_sections,
                 );
                 std::fs::write(&config, text).unwrap();
             };
