@@ -28,6 +28,11 @@ pub enum Request {
         /// argon2id hash of the account password, if one was given.
         password_hash: Option<String>,
     },
+    /// `user import`: accounts with their (Dovecot) password hashes, all or none.
+    UserImport {
+        /// (address, stored hash).
+        users: Vec<(String, String)>,
+    },
     /// `user list`.
     UserList,
     /// `user passwd`.
@@ -257,6 +262,28 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             audit(store, &email, "account_created", String::new());
             let note = if has_pw { "" } else { " (no account password: app passwords only)" };
             Ok(Response::ok(vec![format!("added {email}{note}")]))
+        }
+        Request::UserImport { users } => {
+            let now = now_unix();
+            let accounts: Vec<Account> = users
+                .iter()
+                .map(|(email, hash)| Account {
+                    username: email.clone(),
+                    addresses: vec![],
+                    password_hash: Some(hash.clone()),
+                    totp: None,
+                    second_factor_required: false,
+                    backup_codes: None,
+                    second_factor_failures: 0,
+                    created_at: now,
+                    updated_at: now,
+                })
+                .collect();
+            store.create_accounts(&accounts).map_err(store_err)?;
+            for a in &accounts {
+                audit(store, &a.username, "account_created", "imported".into());
+            }
+            Ok(Response::ok(vec![format!("imported {} accounts", accounts.len())]))
         }
         Request::UserList => {
             let accounts = store.list_accounts().map_err(store_err)?;

@@ -29,6 +29,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod fsutil;
+pub mod import;
 pub mod net;
 pub mod proto;
 pub mod secret;

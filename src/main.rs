@@ -57,6 +57,15 @@ enum UserCmd {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// Import accounts with their passwords from a Dovecot passwd-file
+    /// (`user:{SCHEME}hash`; all or nothing).
+    Import {
+        /// The passwd-file.
+        file: PathBuf,
+        /// Domain for names without one (`alice` → `alice@DOMAIN`).
+        #[arg(long)]
+        domain: Option<String>,
+    },
     /// List accounts.
     List {
         /// Print JSON.
@@ -352,6 +361,22 @@ fn user(config: &Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
         UserCmd::Add { email, addresses, password_stdin } => {
             let password_hash = if password_stdin { Some(hash_password(read_password(false)?)?) } else { None };
             print(dispatch(config, Request::UserAdd { email, addresses, password_hash })?, false)
+        }
+        UserCmd::Import { file, domain } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let users = mailgate::import::parse_passwd_file(&text, domain.as_deref())
+                .map_err(|e| anyhow!("{} was not imported (nothing was):\n{e}", file.display()))?;
+            if users.is_empty() {
+                return Err(anyhow!("{} has no users", file.display()));
+            }
+            let plain = users.iter().filter(|u| u.was_plaintext).count();
+            if plain > 0 {
+                eprintln!(
+                    "mailgate: note: {plain} passwords in the file were in plain text; they are stored hashed (argon2id). Delete the file."
+                );
+            }
+            let users = users.into_iter().map(|u| (u.email, u.stored_hash)).collect();
+            print(dispatch(config, Request::UserImport { users })?, false)
         }
         UserCmd::List { json } => print(dispatch(config, Request::UserList)?, json),
         UserCmd::Passwd { email, password_stdin } => {

@@ -4,6 +4,7 @@
 
 mod admin_cli;
 mod imap_front;
+mod import;
 mod interop;
 mod smtp;
 mod support;

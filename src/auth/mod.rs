@@ -17,6 +17,7 @@ pub mod app_password;
 pub mod backup_codes;
 pub mod clock;
 pub mod crypto;
+pub mod legacy_hash;
 pub mod password;
 pub mod totp;
 
@@ -391,7 +392,10 @@ impl Authenticator {
         let password = SecretBytes::from(password.expose().clone());
         self.run_blocking(move || match store.get_account(&username) {
             Ok(Some(account)) => match account.password_hash.as_deref() {
-                Some(h) if password::verify(password.expose(), h) => WebCheck::Ok(Box::new(account)),
+                Some(h) if legacy_hash::verify(password.expose(), h) => {
+                    rehash_if_needed(store.as_ref(), &account, &password);
+                    WebCheck::Ok(Box::new(account))
+                }
                 _ => {
                     if account.password_hash.is_none() {
                         password::dummy_verify(password.expose());
@@ -551,10 +555,11 @@ pub fn decide_with(
         password::dummy_verify(password.expose());
         return Verdict::Denied;
     };
-    if !password::verify(password.expose(), hash) {
+    if !legacy_hash::verify(password.expose(), hash) {
         audit("login_failed", who);
         return Verdict::Denied;
     }
+    rehash_if_needed(store, &account, password);
     if account.has_second_factor() {
         audit("account_password_refused_2fa", who);
         return Verdict::NeedsAppPassword;
@@ -565,6 +570,27 @@ pub fn decide_with(
         app_password_id: None,
         senders: senders(&account),
     })
+}
+
+/// An imported hash (bcrypt, SHA-crypt, SSHA…) or one with weaker parameters is replaced
+/// by an argon2id hash of the password that just proved right.
+fn rehash_if_needed(store: &dyn Store, account: &crate::store::Account, password: &SecretBytes) {
+    let Some(old) = account.password_hash.as_deref() else { return };
+    if !legacy_hash::needs_rehash(old) {
+        return;
+    }
+    let Ok(new) = password::hash(password.expose()) else { return };
+    let old = old.to_string();
+    let result = store.update_account(&account.username, &mut |a| {
+        // Only if nobody changed the password meanwhile.
+        if a.password_hash.as_deref() == Some(old.as_str()) {
+            a.password_hash = Some(new.clone());
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        tracing::warn!(user = %account.username, error = %e, "could not upgrade the password hash");
+    }
 }
 
 /// The account, created on its first successful upstream-checked login where allowed.
@@ -680,6 +706,24 @@ mod tests {
         b.username = "b@x".into();
         s.create_account(&b).unwrap();
         assert!(matches!(decide(&s, "b@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Denied));
+    }
+
+    #[test]
+    fn imported_hashes_are_upgraded_to_argon2id_on_login() {
+        let (_d, s, _app) = setup();
+        let mut a = s.get_account("a@x").unwrap().unwrap();
+        // doveadm pw -s SHA512-CRYPT -p 'correct horse'
+        a.password_hash = Some(
+            "{SHA512-CRYPT}$6$LkYAziLPYynr.PmP$vjYNVvjz2joE6JhbOlaxkT0BfUvIVYgIrhqMPxmF7knjl4ZkXro7CshkWtQK1CsB9a94nNhE65TkZx5VsTxSA/".into(),
+        );
+        s.put_account(&a).unwrap();
+        assert!(matches!(decide(&s, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
+        assert!(s.get_account("a@x").unwrap().unwrap().password_hash.unwrap().starts_with("{SHA512-CRYPT}"));
+        let v = decide(&s, "a@x", &pw("correct horse"), Protocol::Imap, &peer());
+        assert!(matches!(v, Verdict::Granted(_)), "{v:?}");
+        let h = s.get_account("a@x").unwrap().unwrap().password_hash.unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        assert!(matches!(decide(&s, "a@x", &pw("correct horse"), Protocol::Imap, &peer()), Verdict::Granted(_)));
     }
 
     #[test]

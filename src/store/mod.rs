@@ -214,6 +214,9 @@ pub trait Store: Send + Sync {
     fn get_account(&self, username: &str) -> Result<Option<Account>, StoreError>;
     /// Creates an account; `Conflict` if it exists. Durable on return.
     fn create_account(&self, account: &Account) -> Result<(), StoreError>;
+    /// Creates several accounts, all or none: `Conflict` naming the existing ones if any
+    /// exists already. Durable on return.
+    fn create_accounts(&self, accounts: &[Account]) -> Result<(), StoreError>;
     /// Replaces an existing account record; `NotFound` if it does not exist. Durable on return.
     fn put_account(&self, account: &Account) -> Result<(), StoreError>;
     /// Changes an account atomically: `change` sees the current record and may refuse

@@ -117,6 +117,31 @@ impl Store for SledStore {
         self.durable()
     }
 
+    fn create_accounts(&self, accounts: &[Account]) -> Result<(), StoreError> {
+        let values: Vec<(String, Vec<u8>)> =
+            accounts.iter().map(|a| Ok((a.username.clone(), encode(a)?))).collect::<Result<_, StoreError>>()?;
+        let res = self.accounts.transaction(|t| {
+            let mut existing = Vec::new();
+            for (name, _) in &values {
+                if t.get(name.as_bytes())?.is_some() {
+                    existing.push(name.clone());
+                }
+            }
+            if !existing.is_empty() {
+                return Err(ConflictableTransactionError::Abort(StoreError::Conflict(format!(
+                    "these accounts exist already: {}",
+                    existing.join(", ")
+                ))));
+            }
+            for (name, value) in &values {
+                t.insert(name.as_bytes(), value.clone())?;
+            }
+            Ok(())
+        });
+        res.map_err(tx_err)?;
+        self.durable()
+    }
+
     fn put_account(&self, account: &Account) -> Result<(), StoreError> {
         let value = encode(account)?;
         let res = self.accounts.transaction(|t| {
