@@ -42,6 +42,11 @@ pub enum Request {
         /// argon2id hash of the new password.
         password_hash: String,
     },
+    /// `user unlock`: clears the failed-login lock.
+    UserUnlock {
+        /// Address.
+        email: String,
+    },
     /// `user remove`.
     UserRemove {
         /// Address.
@@ -255,6 +260,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
                     second_factor_required: false,
                     backup_codes: None,
                     second_factor_failures: 0,
+                    failed_logins: 0,
                     created_at: now,
                     updated_at: now,
                 })
@@ -275,6 +281,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
                     second_factor_required: false,
                     backup_codes: None,
                     second_factor_failures: 0,
+                    failed_logins: 0,
                     created_at: now,
                     updated_at: now,
                 })
@@ -319,6 +326,22 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             audit(store, &email, "account_password_changed", "by admin".into());
             Ok(Response::ok(vec![format!(
                 "password changed for {email} ({ended} sessions opened with the old password ended)"
+            )]))
+        }
+        Request::UserUnlock { email } => {
+            let email = check_email(&email)?;
+            let before = need_account(store, &email)?;
+            store
+                .update_account(&email, &mut |a| {
+                    a.failed_logins = 0;
+                    a.second_factor_failures = 0;
+                    Ok(())
+                })
+                .map_err(store_err)?;
+            audit(store, &email, "account_unlocked", "by admin".into());
+            Ok(Response::ok(vec![format!(
+                "unlocked {email} (it had {} failed logins and {} wrong codes in a row)",
+                before.failed_logins, before.second_factor_failures
             )]))
         }
         Request::UserRemove { email } => {

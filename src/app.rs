@@ -93,6 +93,7 @@ pub async fn run(
     let connector = Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?);
     let sessions = Sessions::default();
     let auth = Authenticator::new(store.clone(), config.limits.max_concurrent_hashes)
+        .with_failure_delays(config.limits.auth_failure_delay, config.limits.ip_penalty_max)
         .with_upstream_check(config.accounts.clone(), connector.clone());
     let limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
     let service = Arc::new(ImapService {
@@ -169,8 +170,8 @@ pub async fn run(
         let router = router.clone();
         let acceptor = web_acceptor.clone();
         let handshake = config.limits.tls_handshake_timeout;
-        tasks.push(tokio::spawn(accept_loop(l, limits.clone(), stop_rx.clone(), move |tcp, _peer| {
-            crate::web::serve_connection(router.clone(), acceptor.clone(), tcp, handshake)
+        tasks.push(tokio::spawn(accept_loop(l, limits.clone(), stop_rx.clone(), move |tcp, peer| {
+            crate::web::serve_connection(router.clone(), acceptor.clone(), tcp, peer.ip(), handshake)
         })));
     }
     tracing::info!(

@@ -287,6 +287,8 @@ impl Default for RawUpstream {
 struct RawLimits {
     #[serde(default = "d_failure_delay_ms")]
     auth_failure_delay_ms: u64,
+    #[serde(default = "d_ip_penalty_max_ms")]
+    ip_penalty_max_ms: u64,
     #[serde(default = "d_preauth_timeout")]
     preauth_timeout_secs: u64,
     #[serde(default = "d_handshake_timeout")]
@@ -302,6 +304,9 @@ struct RawLimits {
 }
 fn d_failure_delay_ms() -> u64 {
     2000
+}
+fn d_ip_penalty_max_ms() -> u64 {
+    15_000
 }
 fn d_preauth_timeout() -> u64 {
     60
@@ -325,6 +330,7 @@ impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
             auth_failure_delay_ms: d_failure_delay_ms(),
+            ip_penalty_max_ms: d_ip_penalty_max_ms(),
             preauth_timeout_secs: d_preauth_timeout(),
             tls_handshake_timeout_secs: d_handshake_timeout(),
             upstream_timeout_secs: d_upstream_timeout(),
@@ -383,8 +389,11 @@ pub struct Upstream {
 /// Numeric limits. Each default has a precedent (see docs/configuration.md).
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Delay before any failed-authentication answer (Dovecot `auth_failure_delay = 2s`).
+    /// Delay before any failed-authentication answer (Dovecot `auth_failure_delay = 2s`);
+    /// it doubles with each further failure from the same address.
     pub auth_failure_delay: Duration,
+    /// The most an address's failures make a refusal wait (Dovecot's penalty cap, 15 s).
+    pub ip_penalty_max: Duration,
     /// Total time a connection may stay unauthenticated (nginx mail `timeout 60s`).
     pub preauth_timeout: Duration,
     /// TLS handshake deadline (Dovecot CVE-2014-3430: stalled handshakes must end).
@@ -494,6 +503,7 @@ impl Config {
         };
         let limits = Limits {
             auth_failure_delay: Duration::from_millis(l.auth_failure_delay_ms),
+            ip_penalty_max: Duration::from_millis(l.ip_penalty_max_ms.max(l.auth_failure_delay_ms)),
             preauth_timeout: Duration::from_secs(positive("limits.preauth_timeout_secs", l.preauth_timeout_secs)?),
             tls_handshake_timeout: Duration::from_secs(positive(
                 "limits.tls_handshake_timeout_secs",

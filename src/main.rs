@@ -80,6 +80,11 @@ enum UserCmd {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// Unlock an account locked after too many failed logins or wrong codes.
+    Unlock {
+        /// The account.
+        email: String,
+    },
     /// Remove an account and its app passwords; its live sessions end.
     Remove {
         /// The account.
@@ -384,6 +389,7 @@ fn user(config: &Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
             print(dispatch(config, Request::UserPasswd { email, password_hash })?, false)
         }
         UserCmd::Remove { email } => print(dispatch(config, Request::UserRemove { email })?, false),
+        UserCmd::Unlock { email } => print(dispatch(config, Request::UserUnlock { email })?, false),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod clock;
 pub mod crypto;
 pub mod legacy_hash;
 pub mod password;
+pub mod throttle;
 pub mod totp;
 
 use crate::config::{Accounts, PasswordCheck};
@@ -250,6 +251,8 @@ pub struct Authenticator {
     jobs: std::sync::mpsc::SyncSender<Job>,
     /// `password_check = "upstream"`: the mode, the checker and its cache.
     upstream: Option<Arc<UpstreamMode>>,
+    /// Failure delays per address and account.
+    throttle: Arc<throttle::Throttle>,
 }
 
 struct UpstreamMode {
@@ -287,7 +290,40 @@ impl Authenticator {
                 tracing::error!(error = %e, "cannot start a hashing thread");
             }
         }
-        Authenticator { store, jobs: tx, upstream: None }
+        Authenticator {
+            store,
+            jobs: tx,
+            upstream: None,
+            throttle: Arc::new(throttle::Throttle::new(Duration::ZERO, Duration::ZERO)),
+        }
+    }
+
+    /// Failure delays: `base` for a first failure, doubling per address up to `max`.
+    pub fn with_failure_delays(mut self, base: Duration, max: Duration) -> Authenticator {
+        self.throttle = Arc::new(throttle::Throttle::new(base, max));
+        self
+    }
+
+    /// Records a refused guess (wrong password or app password) of `username` from `ip`
+    /// and returns how long to wait before answering (SECURITY.md §H).
+    pub fn failure_delay(&self, ip: IpAddr, username: &str, secret: &[u8]) -> Duration {
+        self.throttle.fail(ip, &normalize_username(username), secret)
+    }
+
+    /// The wait before a refusal that is not a guess (malformed exchange, the account
+    /// password of a 2FA account).
+    pub fn base_delay(&self) -> Duration {
+        self.throttle.base()
+    }
+
+    /// A successful login clears the address's penalty and the account's delay.
+    pub fn succeeded(&self, ip: IpAddr, username: &str) {
+        self.throttle.succeed(ip, username);
+    }
+
+    /// Clears an account's in-memory failure delay (admin unlock).
+    pub fn forget_failures(&self, username: &str) {
+        self.throttle.forget_user(username);
     }
 
     /// Account passwords are checked by the upstream server (`password_check = "upstream"`).
@@ -339,7 +375,14 @@ impl Authenticator {
                 mode.cache.forget(&check.username);
                 let store = self.store.clone();
                 let (user, who) = (check.username.clone(), check.who.clone());
-                let _ = self.run_blocking(move || record(store.as_ref(), &user, "login_failed", who)).await;
+                let _ = self
+                    .run_blocking(move || {
+                        record(store.as_ref(), &user, "login_failed", who);
+                        if let Ok(Some(a)) = store.get_account(&user) {
+                            count_failures(store.as_ref(), &a, &Verdict::Denied);
+                        }
+                    })
+                    .await;
                 return Verdict::Denied;
             }
             CheckResult::Valid => mode.cache.remember(&check.username, &check.password),
@@ -350,6 +393,9 @@ impl Authenticator {
             let Some(account) = ensure_account(store.as_ref(), &accounts, &check.username) else {
                 return Verdict::Denied;
             };
+            if account.failed_logins >= crate::store::MAX_FAILED_LOGINS {
+                return Verdict::Denied;
+            }
             if account.has_second_factor() {
                 record(store.as_ref(), &account.username, "account_password_refused_2fa", check.who.clone());
                 return Verdict::NeedsAppPassword;
@@ -360,11 +406,13 @@ impl Authenticator {
                 "login",
                 format!("{} with the account password (checked upstream)", check.who),
             );
-            Verdict::Granted(Authenticated {
+            let granted = Verdict::Granted(Authenticated {
                 username: account.username.clone(),
                 app_password_id: None,
                 senders: senders(&account),
-            })
+            });
+            count_failures(store.as_ref(), &account, &granted);
+            granted
         })
         .await
         .unwrap_or(Verdict::Unavailable)
@@ -391,6 +439,8 @@ impl Authenticator {
         let store = self.store.clone();
         let password = SecretBytes::from(password.expose().clone());
         self.run_blocking(move || match store.get_account(&username) {
+            // The web step stays open to a locked account: signing in there (with the second
+            // factor) is how its owner unlocks it (SECURITY.md case 62).
             Ok(Some(account)) => match account.password_hash.as_deref() {
                 Some(h) if legacy_hash::verify(password.expose(), h) => {
                     rehash_if_needed(store.as_ref(), &account, &password);
@@ -400,6 +450,7 @@ impl Authenticator {
                     if account.password_hash.is_none() {
                         password::dummy_verify(password.expose());
                     }
+                    count_failures(store.as_ref(), &account, &Verdict::Denied);
                     WebCheck::Denied
                 }
             },
@@ -508,6 +559,43 @@ pub fn decide_with(
             tracing::warn!(error = %e, "audit write failed");
         }
     };
+    if account.failed_logins >= crate::store::MAX_FAILED_LOGINS {
+        // Locked: a cheap refusal, before any hashing (SECURITY.md case 60).
+        audit("login_refused_locked", format!("{} via {protocol}", peer.ip));
+        return Verdict::Denied;
+    }
+    let verdict = decide_account(store, &account, password, protocol, peer, upstream_mode, &audit);
+    count_failures(store, &account, &verdict);
+    verdict
+}
+
+/// Keeps the account's persistent count of consecutive failures.
+fn count_failures(store: &dyn Store, account: &crate::store::Account, verdict: &Verdict) {
+    let change: Option<fn(&mut crate::store::Account)> = match verdict {
+        Verdict::Denied => Some(|a| a.failed_logins = a.failed_logins.saturating_add(1)),
+        Verdict::Granted(_) if account.failed_logins > 0 => Some(|a| a.failed_logins = 0),
+        _ => None,
+    };
+    if let Some(change) = change
+        && let Err(e) = store.update_account(&account.username, &mut |a| {
+            change(a);
+            Ok(())
+        })
+    {
+        tracing::warn!(user = %account.username, error = %e, "could not count a login failure");
+    }
+}
+
+/// The decision for an existing, unlocked account.
+fn decide_account(
+    store: &dyn Store,
+    account: &crate::store::Account,
+    password: &SecretBytes,
+    protocol: Protocol,
+    peer: &Peer,
+    upstream_mode: bool,
+    audit: &dyn Fn(&str, String),
+) -> Verdict {
     let who = format!(
         "{} via {}{}",
         peer.ip,
@@ -533,7 +621,7 @@ pub fn decide_with(
                 return Verdict::Granted(Authenticated {
                     username: account.username.clone(),
                     app_password_id: Some(rec.id),
-                    senders: senders(&account),
+                    senders: senders(account),
                 });
             }
             Ok(_) => {}
@@ -559,7 +647,7 @@ pub fn decide_with(
         audit("login_failed", who);
         return Verdict::Denied;
     }
-    rehash_if_needed(store, &account, password);
+    rehash_if_needed(store, account, password);
     if account.has_second_factor() {
         audit("account_password_refused_2fa", who);
         return Verdict::NeedsAppPassword;
@@ -568,7 +656,7 @@ pub fn decide_with(
     Verdict::Granted(Authenticated {
         username: account.username.clone(),
         app_password_id: None,
-        senders: senders(&account),
+        senders: senders(account),
     })
 }
 
@@ -608,6 +696,7 @@ fn ensure_account(store: &dyn Store, accounts: &Accounts, username: &str) -> Opt
                 second_factor_required: false,
                 backup_codes: None,
                 second_factor_failures: 0,
+                failed_logins: 0,
                 created_at: now,
                 updated_at: now,
             };
@@ -660,6 +749,7 @@ mod tests {
             second_factor_required: false,
             backup_codes: None,
             second_factor_failures: 0,
+            failed_logins: 0,
             created_at: 0,
             updated_at: 0,
         })
@@ -724,6 +814,37 @@ mod tests {
         let h = s.get_account("a@x").unwrap().unwrap().password_hash.unwrap();
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
         assert!(matches!(decide(&s, "a@x", &pw("correct horse"), Protocol::Imap, &peer()), Verdict::Granted(_)));
+    }
+
+    #[test]
+    fn hundred_failures_lock_the_account_until_unlocked() {
+        let (_d, s, app) = setup();
+        for n in 0..crate::store::MAX_FAILED_LOGINS {
+            let guess = format!("guess {n}");
+            assert!(matches!(decide(&s, "a@x", &pw(&guess), Protocol::Imap, &peer()), Verdict::Denied));
+        }
+        assert_eq!(s.get_account("a@x").unwrap().unwrap().failed_logins, crate::store::MAX_FAILED_LOGINS);
+        // Locked: the right password and the app password are refused too.
+        assert!(matches!(decide(&s, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::Denied));
+        assert!(matches!(decide(&s, "a@x", &pw(&app), Protocol::Smtp, &peer()), Verdict::Denied));
+        // Unlocked (web sign-in or `mailgate user unlock` reset the count): works again.
+        s.update_account("a@x", &mut |a| {
+            a.failed_logins = 0;
+            Ok(())
+        })
+        .unwrap();
+        assert!(matches!(decide(&s, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::Granted(_)));
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_count() {
+        let (_d, s, app) = setup();
+        for _ in 0..5 {
+            decide(&s, "a@x", &pw("nope"), Protocol::Imap, &peer());
+        }
+        assert_eq!(s.get_account("a@x").unwrap().unwrap().failed_logins, 5);
+        assert!(matches!(decide(&s, "a@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Granted(_)));
+        assert_eq!(s.get_account("a@x").unwrap().unwrap().failed_logins, 0);
     }
 
     #[test]

@@ -95,7 +95,7 @@ impl ImapService {
                     }
                 }
                 Action::Refuse(reply) => {
-                    tokio::time::sleep(limits.auth_failure_delay).await;
+                    tokio::time::sleep(self.auth.base_delay()).await;
                     machine.auth_failed(reply);
                 }
                 Action::Authenticate(creds) => {
@@ -132,7 +132,10 @@ impl ImapService {
                                 None => self.upstream.open(granted.username(), peer, local).await,
                             };
                             match opened {
-                                Ok(up) => break (granted, up),
+                                Ok(up) => {
+                                    self.auth.succeeded(peer.ip(), granted.username());
+                                    break (granted, up);
+                                }
                                 Err(e) => {
                                     warn!(%peer, user = %username, error = %e, "upstream login failed");
                                     machine.auth_failed(AuthReply::Unavailable);
@@ -143,12 +146,13 @@ impl ImapService {
                         Verdict::CheckUpstream(_) => machine.auth_failed(AuthReply::Unavailable),
                         Verdict::Denied => {
                             info!(%peer, user = %username, "IMAP login refused");
-                            tokio::time::sleep(limits.auth_failure_delay).await;
+                            let delay = self.auth.failure_delay(peer.ip(), &username, creds.password.expose());
+                            tokio::time::sleep(delay).await;
                             machine.auth_failed(AuthReply::Failed);
                         }
                         Verdict::NeedsAppPassword => {
                             info!(%peer, user = %username, "account password of a 2FA account refused; app password needed");
-                            tokio::time::sleep(limits.auth_failure_delay).await;
+                            tokio::time::sleep(self.auth.base_delay()).await;
                             machine.auth_failed(AuthReply::NeedsAppPassword(auth::app_password_hint(
                                 &self.config.app_password_url(),
                             )));

@@ -280,7 +280,7 @@ impl SmtpService {
                     }
                 }
                 Action::Refuse(reply) => {
-                    tokio::time::sleep(limits.auth_failure_delay).await;
+                    tokio::time::sleep(self.auth.base_delay()).await;
                     session.auth_failed(reply);
                 }
                 Action::Authenticate(creds) => {
@@ -321,6 +321,7 @@ impl SmtpService {
                         } {
                             Ok(up) => {
                                 info!(%peer, user = %g.username(), app_password = g.app_password_id().unwrap_or("-"), "SMTP login");
+                                self.auth.succeeded(peer.ip(), g.username());
                                 upstream = Some(up);
                                 guard = Some(self.sessions.register(g.username(), g.app_password_id()));
                                 session.auth_succeeded(g.senders().to_vec());
@@ -333,12 +334,13 @@ impl SmtpService {
                         },
                         Verdict::Denied => {
                             info!(%peer, user = %username, "SMTP login refused");
-                            tokio::time::sleep(limits.auth_failure_delay).await;
+                            let delay = self.auth.failure_delay(peer.ip(), &username, creds.password.expose());
+                            tokio::time::sleep(delay).await;
                             session.auth_failed(AuthReply::Failed);
                         }
                         Verdict::NeedsAppPassword => {
                             info!(%peer, user = %username, "account password of a 2FA account refused; app password needed");
-                            tokio::time::sleep(limits.auth_failure_delay).await;
+                            tokio::time::sleep(self.auth.base_delay()).await;
                             session.auth_failed(AuthReply::NeedsAppPassword(auth::app_password_hint(
                                 &self.config.app_password_url(),
                             )));

@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub const SCHEMA_VERSION: u32 = 1;
 /// App passwords one account may hold (bounds the list and the cost of a login).
 pub const MAX_APP_PASSWORDS: usize = 50;
+/// Consecutive failed logins after which an account is locked (NIST SP 800-63B §5.2.2).
+pub const MAX_FAILED_LOGINS: u32 = 100;
 /// Consecutive wrong second-factor codes after which the account's web sign-in is locked.
 pub const MAX_SECOND_FACTOR_FAILURES: u32 = 100;
 /// Audit events kept per account (older ones are dropped).
@@ -111,6 +113,12 @@ pub struct Account {
     /// second factor is locked (NIST SP 800-63B §5.2.2).
     #[serde(default)]
     pub second_factor_failures: u32,
+    /// Failed IMAP/SMTP/web logins in a row (wrong password or app password), across
+    /// addresses and restarts. At [`MAX_FAILED_LOGINS`] the account refuses every
+    /// password and app password until its owner signs in on the web step (password and
+    /// second factor) or an admin runs `mailgate user unlock`.
+    #[serde(default)]
+    pub failed_logins: u32,
     /// Unix seconds.
     pub created_at: u64,
     /// Unix seconds.

@@ -354,6 +354,7 @@ mod tests {
             second_factor_required: false,
             backup_codes: None,
             second_factor_failures: 0,
+            failed_logins: 0,
             created_at: 1,
             updated_at: 1,
         }

@@ -24,6 +24,10 @@ use std::sync::Arc;
 
 pub use session::{COOKIE, WebSessions};
 
+/// The client's address, added to every request by [`serve_connection`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub std::net::IpAddr);
+
 /// Everything the handlers need.
 pub struct Web {
     /// Configuration.
@@ -79,10 +83,11 @@ pub async fn serve_connection(
     router: Router,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
+    peer: std::net::IpAddr,
     handshake_timeout: std::time::Duration,
 ) {
     let Ok(Ok(tls)) = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await else { return };
-    let service = hyper_util::service::TowerToHyperService::new(router);
+    let service = hyper_util::service::TowerToHyperService::new(router.layer(axum::Extension(ClientIp(peer))));
     let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     let _ = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service).await;
 }

@@ -3,6 +3,7 @@
 // handlers. Boxing every early response would only add allocations.
 #![allow(clippy::result_large_err)]
 
+use super::ClientIp;
 use super::Web;
 use super::session::{COOKIE, ENROL_SECS, MAX_WRONG_CODES, STEP_UP_SECS, Stage};
 use crate::admin;
@@ -10,10 +11,11 @@ use crate::auth::{WebCheck, backup_codes, password, totp};
 use crate::secret::{SecretBytes, SecretString, ct_eq};
 use crate::store::{Account, Scope, StoreError, TotpState};
 use askama::Template;
-use axum::extract::{Form, Path, State};
+use axum::extract::{Extension, Form, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 type W = State<Arc<Web>>;
@@ -295,10 +297,10 @@ impl Web {
     /// Signs in fully: a new session id, the sign-in time for step-up.
     fn complete_sign_in(&self, ctx: &Ctx, username: &str) -> Response {
         let now = self.now();
+        // A full sign-in (password and, where set, second factor) unlocks the account.
         let _ = self.auth.store().update_account(username, &mut |a: &mut Account| {
-            if a.second_factor_failures != 0 {
-                a.second_factor_failures = 0;
-            }
+            a.second_factor_failures = 0;
+            a.failed_logins = 0;
             Ok(())
         });
         self.web_sessions.with(&ctx.id, now, |s| {
@@ -313,8 +315,8 @@ impl Web {
     }
 
     /// A wrong second factor: count it, maybe drop the pending sign-in.
-    async fn wrong_code(&self, ctx: &Ctx, username: &str, backup: bool) -> Response {
-        tokio::time::sleep(self.config.limits.auth_failure_delay).await;
+    async fn wrong_code(&self, ctx: &Ctx, username: &str, backup: bool, ip: IpAddr, code: &[u8]) -> Response {
+        tokio::time::sleep(self.auth.failure_delay(ip, username, code)).await;
         self.audit(username, "second_factor_failed", if backup { "backup code" } else { "TOTP code" }.into());
         // Count it on the account too: a new sign-in does not start the count again.
         let _ = self.auth.store().update_account(username, &mut |a: &mut Account| {
@@ -391,7 +393,18 @@ pub(super) async fn login_form(State(web): W, headers: HeaderMap) -> Response {
     if new { with_cookie(page, &ctx.id) } else { page }
 }
 
-pub(super) async fn login(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
+/// The client's address, put into each request by the connection (absent in handler tests).
+fn client_ip(ip: &Option<Extension<ClientIp>>) -> IpAddr {
+    ip.as_ref().map(|e| e.0.0).unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
+pub(super) async fn login(
+    State(web): W,
+    ip: Option<Extension<ClientIp>>,
+    headers: HeaderMap,
+    Form(form): Fields,
+) -> Response {
+    let ip = client_ip(&ip);
     let Some(ctx) = web.load(&headers) else { return redirect("/login") };
     if let Err(r) = web.check_post(&headers, &ctx, &form) {
         return r;
@@ -405,7 +418,7 @@ pub(super) async fn login(State(web): W, headers: HeaderMap, Form(form): Fields)
         )
     };
     if username.is_empty() || username.len() > 254 || password.expose().is_empty() || password.expose().len() > 1024 {
-        tokio::time::sleep(web.config.limits.auth_failure_delay).await;
+        tokio::time::sleep(web.auth.base_delay()).await;
         return refuse(&web, "The e-mail address or password is not right.", StatusCode::UNAUTHORIZED);
     }
     match web.auth.check_account_password(&username, &password).await {
@@ -422,7 +435,7 @@ pub(super) async fn login(State(web): W, headers: HeaderMap, Form(form): Fields)
         }
         WebCheck::Ok(account) => web.complete_sign_in(&ctx, &account.username),
         WebCheck::Denied => {
-            tokio::time::sleep(web.config.limits.auth_failure_delay).await;
+            tokio::time::sleep(web.auth.failure_delay(ip, &username, password.expose())).await;
             refuse(&web, "The e-mail address or password is not right.", StatusCode::UNAUTHORIZED)
         }
         WebCheck::Unavailable => refuse(
@@ -470,7 +483,13 @@ pub(super) async fn backup_form(State(web): W, headers: HeaderMap) -> Response {
     html(SecondFactorPage { host: web.host(), csrf: &ctx.csrf, error: None, backup: true }, StatusCode::OK)
 }
 
-pub(super) async fn totp(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
+pub(super) async fn totp(
+    State(web): W,
+    ip: Option<Extension<ClientIp>>,
+    headers: HeaderMap,
+    Form(form): Fields,
+) -> Response {
+    let ip = client_ip(&ip);
     let ctx = web.load(&headers);
     let Some((ctx, username)) = pending(&ctx) else { return redirect("/login") };
     if let Err(r) = web.check_post(&headers, ctx, &form) {
@@ -498,11 +517,17 @@ pub(super) async fn totp(State(web): W, headers: HeaderMap, Form(form): Fields) 
     });
     match accepted {
         Ok(_) => web.complete_sign_in(ctx, &username),
-        Err(_) => web.wrong_code(ctx, &username, false).await,
+        Err(_) => web.wrong_code(ctx, &username, false, ip, code.as_bytes()).await,
     }
 }
 
-pub(super) async fn backup(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
+pub(super) async fn backup(
+    State(web): W,
+    ip: Option<Extension<ClientIp>>,
+    headers: HeaderMap,
+    Form(form): Fields,
+) -> Response {
+    let ip = client_ip(&ip);
     let ctx = web.load(&headers);
     let Some((ctx, username)) = pending(&ctx) else { return redirect("/login") };
     if let Err(r) = web.check_post(&headers, ctx, &form) {
@@ -512,6 +537,7 @@ pub(super) async fn backup(State(web): W, headers: HeaderMap, Form(form): Fields
         return r;
     }
     let code = SecretString::from(form.get("code").cloned().unwrap_or_default());
+    let typed = SecretString::from(code.expose().clone());
     let store = web.auth.store().clone();
     let user = username.clone();
     let used = web
@@ -537,7 +563,7 @@ pub(super) async fn backup(State(web): W, headers: HeaderMap, Form(form): Fields
             web.set_notice(&ctx.id, format!("You signed in with a backup code. {left} backup codes are left."));
             web.complete_sign_in(ctx, &username)
         }
-        None => web.wrong_code(ctx, &username, true).await,
+        None => web.wrong_code(ctx, &username, true, ip, typed.expose().as_bytes()).await,
     }
 }
 
@@ -810,7 +836,7 @@ pub(super) async fn enrol(State(web): W, headers: HeaderMap, Form(form): Fields)
         Err(_) => return web.error("Could not read the new secret."),
     };
     let Some(step) = totp::matching_step(raw.expose(), &code, now) else {
-        tokio::time::sleep(web.config.limits.auth_failure_delay).await;
+        tokio::time::sleep(web.auth.base_delay()).await;
         return enrol_page(&web, &ctx, &username, Some("That code is not right. Enter the code your app shows now."));
     };
     let sealed = match web.key.seal(raw.expose(), &username) {

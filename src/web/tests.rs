@@ -83,6 +83,7 @@ impl Env {
                 totp,
                 backup_codes: None,
                 second_factor_failures: 0,
+                failed_logins: 0,
                 created_at: 1,
                 updated_at: 1,
             })
@@ -331,6 +332,7 @@ async fn wrong_password_unknown_user_and_passwordless_account_look_the_same() {
             second_factor_required: false,
             backup_codes: None,
             second_factor_failures: 0,
+            failed_logins: 0,
             created_at: 1,
             updated_at: 1,
         })
