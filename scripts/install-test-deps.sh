@@ -6,7 +6,7 @@
 set -euo pipefail
 need=()
 for pkg in dovecot-imapd dovecot-submissiond postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
-  curl python3 isync thunderbird ca-certificates chromium chromium-driver; do
+  curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
