@@ -301,6 +301,11 @@ struct RawLimits {
     max_connections_per_ip: usize,
     #[serde(default = "d_max_hashes")]
     max_concurrent_hashes: usize,
+    #[serde(default = "d_max_user_ip")]
+    max_sessions_per_user_ip: usize,
+}
+fn d_max_user_ip() -> usize {
+    10
 }
 fn d_failure_delay_ms() -> u64 {
     2000
@@ -337,6 +342,7 @@ impl Default for RawLimits {
             max_connections: d_max_connections(),
             max_connections_per_ip: d_max_per_ip(),
             max_concurrent_hashes: d_max_hashes(),
+            max_sessions_per_user_ip: d_max_user_ip(),
         }
     }
 }
@@ -406,6 +412,8 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// Password hashes computed at once (each argon2id hash holds 19 MiB).
     pub max_concurrent_hashes: usize,
+    /// Live sessions of one account from one address (Dovecot `mail_max_userip_connections = 10`).
+    pub max_sessions_per_user_ip: usize,
 }
 
 /// The validated configuration.
@@ -514,6 +522,8 @@ impl Config {
             max_connections_per_ip: positive("limits.max_connections_per_ip", l.max_connections_per_ip as u64)?
                 as usize,
             max_concurrent_hashes: positive("limits.max_concurrent_hashes", l.max_concurrent_hashes as u64)? as usize,
+            max_sessions_per_user_ip: positive("limits.max_sessions_per_user_ip", l.max_sessions_per_user_ip as u64)?
+                as usize,
         };
         let a = raw.accounts;
         let password_check = match a.password_check.as_str() {

@@ -9,6 +9,7 @@ use tokio::sync::oneshot;
 struct Entry {
     username: String,
     app_password_id: Option<String>,
+    ip: Option<std::net::IpAddr>,
     kill: oneshot::Sender<()>,
 }
 
@@ -46,11 +47,41 @@ impl Sessions {
                 Entry {
                     username: username.to_string(),
                     app_password_id: app_password_id.map(str::to_string),
+                    ip: None,
                     kill: tx,
                 },
             );
         }
         SessionGuard { id, sessions: self.clone(), killed: rx }
+    }
+
+    /// Registers a session from `ip`, unless `username` already has `max` live sessions
+    /// from that address (Dovecot's `mail_max_userip_connections`); `None` then.
+    pub fn register_from(
+        &self,
+        username: &str,
+        app_password_id: Option<&str>,
+        ip: std::net::IpAddr,
+        max: usize,
+    ) -> Option<SessionGuard> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let mut m = self.inner.lock().ok()?;
+        let live = m.values().filter(|e| e.username == username && e.ip == Some(ip)).count();
+        if live >= max {
+            return None;
+        }
+        m.insert(
+            id,
+            Entry {
+                username: username.to_string(),
+                app_password_id: app_password_id.map(str::to_string),
+                ip: Some(ip),
+                kill: tx,
+            },
+        );
+        drop(m);
+        Some(SessionGuard { id, sessions: self.clone(), killed: rx })
     }
 
     /// Ends the sessions of `username`; with `app_password_id`, only those opened with it.
@@ -105,6 +136,14 @@ mod tests {
         assert!(b.killed.try_recv().is_ok());
         drop(_c);
         assert!(s.is_empty());
+        let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let g1 = s.register_from("u", None, ip, 2).unwrap();
+        let _g2 = s.register_from("u", None, ip, 2).unwrap();
+        assert!(s.register_from("u", None, ip, 2).is_none(), "third from the same address");
+        assert!(s.register_from("u", None, "192.0.2.2".parse().unwrap(), 2).is_some(), "another address");
+        assert!(s.register_from("v", None, ip, 2).is_some(), "another user");
+        drop(g1);
+        assert!(s.register_from("u", None, ip, 2).is_some(), "a slot came free");
         let mut pw = s.register("a", None);
         let mut app = s.register("a", Some("p3"));
         assert_eq!(s.kill_account_password_sessions("a"), 1);

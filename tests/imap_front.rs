@@ -278,3 +278,26 @@ fn config_errors_stop_before_any_port_opens() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[test]
+fn sessions_per_account_and_address_are_capped() {
+    // SECURITY.md case 65 (Dovecot mail_max_userip_connections).
+    let (_d, mg, app) = with_dovecot_opts(Options {
+        limits: "auth_failure_delay_ms = 200\nmax_sessions_per_user_ip = 2\n".into(),
+        ..Default::default()
+    });
+    let login = || {
+        let mut c = tls(&mg);
+        let r = c.cmd("a", &format!("LOGIN alice@example.com \"{app}\""));
+        (c, r.last().unwrap().clone())
+    };
+    let (c1, r1) = login();
+    let (_c2, r2) = login();
+    assert!(r1.starts_with("a OK") && r2.starts_with("a OK"));
+    let (_c3, r3) = login();
+    assert_eq!(r3, "a NO [LIMIT] Too many connections for this account from your address.");
+    drop(c1);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_c4, r4) = login();
+    assert!(r4.starts_with("a OK"), "a freed slot is usable again: {r4}");
+}

@@ -61,7 +61,7 @@ impl ImapService {
         };
         let mut machine = PreAuth::new(&self.config.hostname, implicit, !implicit);
         let mut buf = vec![0u8; 16 * 1024];
-        let (granted, upstream) = loop {
+        let (granted, upstream, guard) = loop {
             match machine.poll() {
                 Action::Write(bytes) => {
                     if !matches!(timeout_at(deadline, stream.write_all(&bytes)).await, Ok(Ok(()))) {
@@ -127,6 +127,16 @@ impl ImapService {
                     }
                     match verdict {
                         Verdict::Granted(granted) => {
+                            let Some(guard) = self.sessions.register_from(
+                                granted.username(),
+                                granted.app_password_id(),
+                                peer.ip(),
+                                limits.max_sessions_per_user_ip,
+                            ) else {
+                                info!(%peer, user = %granted.username(), "too many sessions from this address");
+                                machine.auth_failed(AuthReply::TooMany);
+                                continue;
+                            };
                             let opened = match session_as_user.take() {
                                 Some(up) => Ok(up),
                                 None => self.upstream.open(granted.username(), peer, local).await,
@@ -134,7 +144,7 @@ impl ImapService {
                             match opened {
                                 Ok(up) => {
                                     self.auth.succeeded(peer.ip(), granted.username());
-                                    break (granted, up);
+                                    break (granted, up, guard);
                                 }
                                 Err(e) => {
                                     warn!(%peer, user = %username, error = %e, "upstream login failed");
@@ -174,7 +184,6 @@ impl ImapService {
                 return;
             }
         }
-        let guard = self.sessions.register(granted.username(), granted.app_password_id());
         relay(stream, upstream, pipelined, guard, &granted).await;
     }
 }

@@ -319,14 +319,26 @@ impl SmtpService {
                             Some(up) => Ok(up),
                             None => self.open_upstream(g.username(), peer).await,
                         } {
-                            Ok(up) => {
-                                info!(%peer, user = %g.username(), app_password = g.app_password_id().unwrap_or("-"), "SMTP login");
-                                self.auth.succeeded(peer.ip(), g.username());
-                                upstream = Some(up);
-                                guard = Some(self.sessions.register(g.username(), g.app_password_id()));
-                                session.auth_succeeded(g.senders().to_vec());
-                                granted = Some(g);
-                            }
+                            Ok(up) => match self.sessions.register_from(
+                                g.username(),
+                                g.app_password_id(),
+                                peer.ip(),
+                                limits.max_sessions_per_user_ip,
+                            ) {
+                                Some(slot) => {
+                                    info!(%peer, user = %g.username(), app_password = g.app_password_id().unwrap_or("-"), "SMTP login");
+                                    self.auth.succeeded(peer.ip(), g.username());
+                                    upstream = Some(up);
+                                    guard = Some(slot);
+                                    session.auth_succeeded(g.senders().to_vec());
+                                    granted = Some(g);
+                                }
+                                None => {
+                                    info!(%peer, user = %g.username(), "too many sessions from this address");
+                                    up.quit().await;
+                                    session.auth_failed(AuthReply::TooMany);
+                                }
+                            },
                             Err(e) => {
                                 warn!(%peer, user = %username, error = %e, "upstream SMTP login failed");
                                 session.auth_failed(AuthReply::Unavailable);

@@ -79,6 +79,8 @@ pub enum AuthReply {
     NeedsAppPassword(String),
     /// `NO [UNAVAILABLE]`: throttled or upstream unavailable; try again later.
     Unavailable,
+    /// `NO [LIMIT]`: this account has too many sessions from this address.
+    TooMany,
 }
 
 #[derive(Debug)]
@@ -343,6 +345,9 @@ impl PreAuth {
             AuthReply::NeedsAppPassword(_) => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
             AuthReply::Unavailable => {
                 format!("{tag} NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
+            }
+            AuthReply::TooMany => {
+                format!("{tag} NO [LIMIT] Too many connections for this account from your address.\r\n")
             }
         };
         self.out.extend_from_slice(line.as_bytes());

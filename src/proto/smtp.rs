@@ -116,6 +116,8 @@ pub enum AuthReply {
     NeedsAppPassword(String),
     /// `454 4.7.0`: try again later.
     Unavailable,
+    /// `421 4.7.0`-like refusal: too many sessions of this account from this address.
+    TooMany,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -382,6 +384,7 @@ impl Session {
             }
             AuthReply::NeedsAppPassword(_) => "535 5.7.8 Authentication credentials invalid".to_string(),
             AuthReply::Unavailable => "454 4.7.0 Temporary authentication failure, try again later".to_string(),
+            AuthReply::TooMany => "454 4.7.0 Too many connections for this account from your address".to_string(),
         };
         self.reply(&line);
         self.failures += 1;
