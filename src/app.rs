@@ -96,6 +96,7 @@ pub async fn run(
         .with_failure_delays(config.limits.auth_failure_delay, config.limits.ip_penalty_max)
         .with_upstream_check(config.accounts.clone(), connector.clone());
     let limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
+    let web_limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
     let service = Arc::new(ImapService {
         config: config.clone(),
         acceptor,
@@ -170,7 +171,9 @@ pub async fn run(
         let router = router.clone();
         let acceptor = web_acceptor.clone();
         let handshake = config.limits.tls_handshake_timeout;
-        tasks.push(tokio::spawn(accept_loop(l, limits.clone(), stop_rx.clone(), move |tcp, peer| {
+        // The web step counts its connections apart from IMAP and SMTP, so that browsers
+        // (or someone holding HTTPS connections) cannot use up the mail connection slots.
+        tasks.push(tokio::spawn(accept_loop(l, web_limits.clone(), stop_rx.clone(), move |tcp, peer| {
             crate::web::serve_connection(router.clone(), acceptor.clone(), tcp, peer.ip(), handshake)
         })));
     }

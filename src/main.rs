@@ -362,6 +362,18 @@ fn hash_password(pw: String) -> anyhow::Result<String> {
 }
 
 fn user(config: &Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
+    let upstream = config.accounts.password_check == mailgate::config::PasswordCheck::Upstream;
+    let owned_upstream = || {
+        anyhow!(
+            "[accounts] password_check = \"upstream\": account passwords are checked by the upstream server; set or change them there (mailgate keeps none)"
+        )
+    };
+    match &cmd {
+        UserCmd::Passwd { .. } | UserCmd::Add { password_stdin: true, .. } | UserCmd::Import { .. } if upstream => {
+            return Err(owned_upstream());
+        }
+        _ => {}
+    }
     match cmd {
         UserCmd::Add { email, addresses, password_stdin } => {
             let password_hash = if password_stdin { Some(hash_password(read_password(false)?)?) } else { None };

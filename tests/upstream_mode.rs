@@ -137,6 +137,11 @@ fn upstream_password_changes_and_deletions_take_effect_at_once() {
 #[test]
 fn only_allowed_domains_get_accounts() {
     let (_dovecot, _sub, mg) = setup();
+    // mailgate keeps no passwords in this mode: the CLI says so instead of storing one.
+    let out = mg.cli_stdin(&["user", "passwd", "carol@example.com", "--password-stdin"], "carol-local-pass-9\n");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("password_check = \"upstream\""));
+    let out = mg.cli_stdin(&["user", "add", "frank@example.com", "--password-stdin"], "frank-local-pass\n");
+    assert!(!out.status.success());
     let (_c, r) = imap_login(&mg, "mallory@other.example", "mallory-dovecot-password");
     assert!(r.starts_with("a NO [AUTHENTICATIONFAILED]"), "{r}");
     assert!(!mg.ok(&["user", "list"]).contains("mallory"));

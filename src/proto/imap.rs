@@ -125,7 +125,7 @@ struct Framer {
 
 impl Framer {
     /// Scans the new bytes of `buf`; `Err` when a line (without its CRLF) exceeds [`MAX_LINE`].
-    fn scan(&mut self, buf: &[u8]) -> Result<(), ()> {
+    fn scan(&mut self, buf: &[u8]) -> Result<(), FrameError> {
         while self.pos < buf.len() {
             if self.literal_left > 0 {
                 let take = self.literal_left.min(buf.len() - self.pos);
@@ -141,16 +141,36 @@ impl Framer {
             if b == b'\n' && self.pos >= self.line_begin + 2 && buf[self.pos - 2] == b'\r' {
                 let line = &buf[self.line_begin..self.pos - 2];
                 if line.len() > MAX_LINE {
-                    return Err(());
+                    return Err(FrameError::LineTooLong);
                 }
-                self.literal_left = trailing_literal(line).map(|(n, _)| n).unwrap_or(0);
+                let literal = trailing_literal(line);
+                match literal {
+                    // Its bytes follow without waiting: refuse now, however the reads fell.
+                    Some((n, true)) if n > MAX_NONSYNC_LITERAL => return Err(FrameError::LiteralTooBig),
+                    // Data sent before our `+` for a literal we will refuse: the client does
+                    // not wait, so its bytes cannot be told from commands either.
+                    Some((n, false)) if n > MAX_LITERAL && self.pos < buf.len() => {
+                        return Err(FrameError::LiteralTooBig);
+                    }
+                    _ => {}
+                }
+                self.literal_left = literal.map(|(n, _)| n).unwrap_or(0);
                 self.line_begin = self.pos;
             } else if self.pos - self.line_begin > MAX_LINE + 1 {
-                return Err(());
+                return Err(FrameError::LineTooLong);
             }
         }
         Ok(())
     }
+}
+
+/// Why framing refused the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrameError {
+    /// A line (outside literal data) over [`MAX_LINE`].
+    LineTooLong,
+    /// A literal over the limit whose data is already arriving.
+    LiteralTooBig,
 }
 
 /// The literal announced at the end of a line (`{N}` or `{N+}`): (N, non-synchronizing).
@@ -381,9 +401,18 @@ impl PreAuth {
         if self.buf.is_empty() {
             return Some(Action::NeedInput);
         }
-        if self.framer.scan(&self.buf).is_err() {
-            self.close_with("* BYE Command line too long\r\n");
-            return None;
+        match self.framer.scan(&self.buf) {
+            Ok(()) => {}
+            Err(FrameError::LineTooLong) => {
+                self.close_with("* BYE Command line too long\r\n");
+                return None;
+            }
+            Err(FrameError::LiteralTooBig) => {
+                let tag = guess_tag(&self.buf);
+                self.out.extend_from_slice(format!("{tag} BAD [TOOBIG] Literal too big\r\n").as_bytes());
+                self.close_with("* BYE Literal too big\r\n");
+                return None;
+            }
         }
         let decoded = CommandCodec::default().decode(&self.buf);
         match decoded {

@@ -1954,3 +1954,32 @@ fn valid_transcript_reference() {
     );
     assert_eq!(t.relayed, b"h SELECT INBOX\r\n");
 }
+
+#[test]
+fn oversized_literals_are_refused_however_the_reads_fall() {
+    // Found by a review: with the data in the same read as `{N+}\r\n`, the limit was missed.
+    for input in [&b"a LOGIN {4097+}\r\nxxxxxxxxxx"[..], b"a LOGIN {5000+}\r\n"] {
+        let mut p = session(true);
+        let (w, ev) = send(&mut p, input);
+        assert!(w.starts_with("a BAD [TOOBIG]"), "{input:?}: {w:?}");
+        assert!(ev.contains(&Ev::Close), "{input:?}");
+    }
+    let mut big = b"a LOGIN {5000+}\r\n".to_vec();
+    big.extend(vec![b'x'; 5000]);
+    big.extend(b" password\r\n");
+    let mut p = session(true);
+    let (w, ev) = send(&mut p, &big);
+    assert!(w.starts_with("a BAD [TOOBIG]") && ev.contains(&Ev::Close), "{w:?}");
+    // A synchronizing literal over the limit whose data comes without waiting for `+`.
+    let mut sync = b"b LOGIN {9000}\r\n".to_vec();
+    sync.extend(vec![b'y'; 100]);
+    let mut p = session(true);
+    let (w, _) = send(&mut p, &sync);
+    assert!(w.starts_with("b BAD [TOOBIG]"), "{w:?}");
+    // Within the limits, however split, nothing changes.
+    let mut ok = b"c LOGIN {5+}\r\nalice {4+}\r\npass\r\n".to_vec();
+    let mut p = session(true);
+    let (_, ev) = send(&mut p, &ok);
+    assert!(matches!(ev.first(), Some(Ev::Auth { .. })), "{ev:?}");
+    ok.clear();
+}

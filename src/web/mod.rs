@@ -24,6 +24,13 @@ use std::sync::Arc;
 
 pub use session::{COOKIE, WebSessions};
 
+/// Time allowed for a request's headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// The longest one HTTPS connection is kept.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(120);
+/// The largest request head (request line and headers).
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// The client's address, added to every request by [`serve_connection`].
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIp(pub std::net::IpAddr);
@@ -88,8 +95,18 @@ pub async fn serve_connection(
 ) {
     let Ok(Ok(tls)) = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await else { return };
     let service = hyper_util::service::TowerToHyperService::new(router.layer(axum::Extension(ClientIp(peer))));
-    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    let _ = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service).await;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // A request's headers must arrive within HEADER_TIMEOUT, and no connection lives
+    // longer than CONNECTION_LIFETIME (browsers simply open a new one): idle or trickling
+    // connections cannot hold connection slots.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    builder.http2().timer(hyper_util::rt::TokioTimer::new()).max_header_list_size(MAX_REQUEST_HEAD as u32);
+    let serve = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, serve).await;
 }
 
 /// Headers on every response: HSTS, a strict CSP, no framing, no sniffing, no caching

@@ -21,6 +21,10 @@ pub const MAX_WRONG_CODES: u32 = 5;
 pub const ENROL_SECS: u64 = 10 * 60;
 /// Sessions kept at once (bounds memory; expired ones are purged first).
 pub const MAX_SESSIONS: usize = 100_000;
+/// Sessions that have not signed in yet (a visit to the sign-in page makes one). Past
+/// this the oldest of them is dropped: a flood of page visits can never keep people
+/// from signing in (it can at most make a slow visitor load the page again).
+pub const MAX_ANONYMOUS: usize = 20_000;
 
 /// Where a session is in the sign-in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,8 +88,19 @@ impl WebSessions {
         let mut m = self.map.lock().ok()?;
         if m.len() >= MAX_SESSIONS {
             m.retain(|_, s| !expired(s, now));
-            if m.len() >= MAX_SESSIONS {
-                return None;
+        }
+        let anonymous = || m.values().filter(|s| s.stage == Stage::Anonymous).count();
+        if m.len() >= MAX_SESSIONS || anonymous() >= MAX_ANONYMOUS {
+            let oldest = m
+                .iter()
+                .filter(|(_, s)| s.stage == Stage::Anonymous)
+                .min_by_key(|(_, s)| s.last_seen)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => {
+                    m.remove(&k);
+                }
+                None => return None,
             }
         }
         m.insert(

@@ -1435,3 +1435,17 @@ async fn single_factor_account_password_needs_fifteen_characters() {
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "location {:?}", r.location());
     assert!(password::verify(PW.as_bytes(), &env.account(ALICE).password_hash.unwrap()));
 }
+
+#[test]
+fn a_flood_of_sign_in_page_visits_never_locks_anyone_out() {
+    use super::session::{MAX_ANONYMOUS, Stage};
+    let s = WebSessions::default();
+    let signed = s.create(1).unwrap();
+    s.with(&signed, 1, |x| x.stage = Stage::SignedIn { username: "a@x".into(), auth_at: 1 });
+    for n in 0..(MAX_ANONYMOUS + 50) {
+        assert!(s.create(2 + n as u64 / 1000).is_some(), "visit {n} got no session");
+    }
+    assert!(s.with(&signed, 30, |x| x.stage.clone()).is_some(), "a signed-in session was dropped");
+    let fresh = s.create(40).unwrap();
+    assert!(s.with(&fresh, 40, |_| ()).is_some());
+}
