@@ -189,6 +189,13 @@ pub async fn run(
     for t in tasks {
         let _ = t.await;
     }
+    // Tell the clients of live sessions (IMAP `* BYE`, SMTP `421`) and give them a moment.
+    let ended = sessions.end_all();
+    if ended > 0 {
+        tracing::info!(sessions = ended, "ending live sessions");
+        // The sessions' tasks write their goodbye at once (each write is bounded to 2 s).
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
     admin_task.abort();
     let _ = std::fs::remove_file(&socket_path);
     store.flush()?;

@@ -10,7 +10,16 @@ struct Entry {
     username: String,
     app_password_id: Option<String>,
     ip: Option<std::net::IpAddr>,
-    kill: oneshot::Sender<()>,
+    kill: oneshot::Sender<EndReason>,
+}
+
+/// Why a live session is ended from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Its app password was revoked, its account removed or its password changed.
+    Revoked,
+    /// mailgate is shutting down.
+    Shutdown,
 }
 
 /// The registry of live sessions.
@@ -25,7 +34,7 @@ pub struct SessionGuard {
     id: u64,
     sessions: Sessions,
     /// Fires when the session must end.
-    pub killed: oneshot::Receiver<()>,
+    pub killed: oneshot::Receiver<EndReason>,
 }
 
 impl Drop for SessionGuard {
@@ -97,12 +106,21 @@ impl Sessions {
         self.kill_where(|e| e.username == username && e.app_password_id.is_none())
     }
 
+    /// Ends every live session (shutdown); returns how many.
+    pub fn end_all(&self) -> usize {
+        self.kill_where_because(|_| true, EndReason::Shutdown)
+    }
+
     fn kill_where(&self, pred: impl Fn(&Entry) -> bool) -> usize {
+        self.kill_where_because(pred, EndReason::Revoked)
+    }
+
+    fn kill_where_because(&self, pred: impl Fn(&Entry) -> bool, reason: EndReason) -> usize {
         let Ok(mut m) = self.inner.lock() else { return 0 };
         let ids: Vec<u64> = m.iter().filter(|(_, e)| pred(e)).map(|(k, _)| *k).collect();
         for id in &ids {
             if let Some(e) = m.remove(id) {
-                let _ = e.kill.send(());
+                let _ = e.kill.send(reason);
             }
         }
         ids.len()

@@ -345,3 +345,27 @@ fn changing_the_account_password_ends_sessions_opened_with_the_old_one() {
     assert!(with_password.closed_within(Duration::from_secs(5)));
     assert!(with_app.cmd("n", "NOOP").last().unwrap().starts_with("n OK"));
 }
+
+#[test]
+fn sigterm_says_goodbye_to_live_sessions_and_keeps_the_data() {
+    // SECURITY.md case 112.
+    let (_dovecot, mut mg, app) = with_dovecot();
+    let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+    c.line();
+    assert!(c.cmd("a", &format!("LOGIN alice@example.com \"{app}\"")).last().unwrap().starts_with("a OK"));
+    c.send(b"i IDLE\r\n");
+    assert!(c.line().starts_with("+ "));
+    let started = std::time::Instant::now();
+    mg.stop();
+    assert!(started.elapsed() < Duration::from_secs(8), "shutdown took {:?}", started.elapsed());
+    let rest = String::from_utf8_lossy(&c.transcript).to_string();
+    let _ = c.closed_within(Duration::from_secs(2));
+    let all = rest + &String::from_utf8_lossy(&c.transcript);
+    assert!(all.contains("* BYE Server shutting down"), "{all}");
+    assert!(mg.log().contains("ending live sessions"), "{}", mg.log());
+    // A restart serves at once with everything that was there.
+    mg.restart();
+    let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+    c.line();
+    assert!(c.cmd("b", &format!("LOGIN alice@example.com \"{app}\"")).last().unwrap().starts_with("b OK"));
+}

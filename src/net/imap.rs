@@ -210,9 +210,15 @@ async fn relay(
                 debug!(user = %who.username(), error = %e, "relay ended");
             }
         }
-        _ = &mut guard.killed => {
-            info!(user = %who.username(), "session ended: access revoked");
-            let _ = timeout(Duration::from_secs(2), client.write_all(b"* BYE Access revoked\r\n")).await;
+        reason = &mut guard.killed => {
+            let bye: &[u8] = match reason {
+                Ok(crate::sessions::EndReason::Shutdown) => b"* BYE Server shutting down, please reconnect\r\n",
+                _ => {
+                    info!(user = %who.username(), "session ended: access revoked");
+                    b"* BYE Access revoked\r\n"
+                }
+            };
+            let _ = timeout(Duration::from_secs(2), client.write_all(bye)).await;
         }
         _ = tokio::time::sleep(MAX_SESSION) => {
             let _ = timeout(Duration::from_secs(2), client.write_all(b"* BYE Session too long\r\n")).await;

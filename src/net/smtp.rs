@@ -8,7 +8,7 @@ use crate::net::upstream::{Connector, UpstreamFailure};
 use crate::proto::smtp::{Action, AuthReply, Extensions, Session};
 use crate::proto::smtp_upstream::{ReplyError, SmtpLogin, SmtpUpstreamError, Step, Style, parse_reply};
 use crate::secret::{SecretBytes, SecretString};
-use crate::sessions::{SessionGuard, Sessions};
+use crate::sessions::{EndReason, SessionGuard, Sessions};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -241,22 +241,26 @@ impl SmtpService {
                     let read = async {
                         match guard.as_mut() {
                             Some(g) => tokio::select! {
-                                r = timeout_at(deadline, client.read(&mut buf)) => Some(r),
-                                _ = &mut g.killed => None,
+                                r = timeout_at(deadline, client.read(&mut buf)) => Ok(r),
+                                reason = &mut g.killed => Err(reason.unwrap_or(EndReason::Revoked)),
                             },
-                            None => Some(timeout_at(deadline, client.read(&mut buf)).await),
+                            None => Ok(timeout_at(deadline, client.read(&mut buf)).await),
                         }
                     };
                     match read.await {
-                        None => {
-                            info!(%peer, "SMTP session ended: access revoked");
-                            let _ = timeout(Duration::from_secs(2), client.write_all(b"421 4.7.0 Access revoked\r\n"))
-                                .await;
+                        Err(reason) => {
+                            let line: &[u8] = if reason == EndReason::Shutdown {
+                                b"421 4.3.2 Server shutting down, please reconnect\r\n"
+                            } else {
+                                info!(%peer, "SMTP session ended: access revoked");
+                                b"421 4.7.0 Access revoked\r\n"
+                            };
+                            let _ = timeout(Duration::from_secs(2), client.write_all(line)).await;
                             break;
                         }
-                        Some(Ok(Ok(0))) | Some(Ok(Err(_))) => break,
-                        Some(Ok(Ok(n))) => session.feed(&buf[..n]),
-                        Some(Err(_)) => {
+                        Ok(Ok(Ok(0))) | Ok(Ok(Err(_))) => break,
+                        Ok(Ok(Ok(n))) => session.feed(&buf[..n]),
+                        Ok(Err(_)) => {
                             let _ = timeout(
                                 Duration::from_secs(1),
                                 client.write_all(b"421 4.4.2 Timeout, closing connection\r\n"),
