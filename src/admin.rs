@@ -35,6 +35,13 @@ pub enum Request {
     },
     /// `user list`.
     UserList,
+    /// `store export`: the whole store (the answer's json).
+    StoreExport,
+    /// `store import`: a dump into an empty store.
+    StoreImport {
+        /// The dump.
+        dump: Box<crate::store::Dump>,
+    },
     /// `user passwd`.
     UserPasswd {
         /// Address.
@@ -292,6 +299,30 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             }
             Ok(Response::ok(vec![format!("imported {} accounts", accounts.len())]))
         }
+        Request::StoreExport => {
+            let dump = store.export().map_err(store_err)?;
+            let json = serde_json::to_value(&dump).map_err(|e| e.to_string())?;
+            Ok(Response {
+                ok: true,
+                lines: vec![format!(
+                    "{} accounts, {} app passwords, {} audit events",
+                    dump.accounts.len(),
+                    dump.app_passwords.len(),
+                    dump.audit.len()
+                )],
+                json: Some(json),
+                error: None,
+            })
+        }
+        Request::StoreImport { dump } => {
+            store.import(&dump).map_err(store_err)?;
+            Ok(Response::ok(vec![format!(
+                "imported {} accounts, {} app passwords, {} audit events",
+                dump.accounts.len(),
+                dump.app_passwords.len(),
+                dump.audit.len()
+            )]))
+        }
         Request::UserList => {
             let accounts = store.list_accounts().map_err(store_err)?;
             let mut lines = Vec::new();
@@ -471,8 +502,9 @@ pub mod socket {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::{UnixListener, UnixStream};
 
-    /// Longest request line (the biggest request is a few hundred bytes).
-    const MAX_REQUEST: usize = 64 * 1024;
+    /// Longest request line: a `store import` carries the whole dump (the socket is the
+    /// owner's only).
+    const MAX_REQUEST: usize = 256 * 1024 * 1024;
 
     /// Binds the socket with mode 0600 (replacing a stale one).
     pub fn bind(path: &Path) -> std::io::Result<UnixListener> {

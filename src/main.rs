@@ -42,6 +42,25 @@ enum Command {
     /// Manage TOTP two-factor authentication.
     #[command(subcommand)]
     Totp(TotpCmd),
+    /// Export or import the whole store (to move it, or across a store format change).
+    #[command(subcommand)]
+    Store(StoreCmd),
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Write everything in the store to FILE (mode 0600). Hashes and sealed TOTP secrets
+    /// stay as they are; back up data/secret.key separately.
+    Export {
+        /// The file to write.
+        file: PathBuf,
+    },
+    /// Load FILE (made by `store export`) into an empty store. Copy the old
+    /// data/secret.key first, or the TOTP secrets cannot be opened.
+    Import {
+        /// The file to read.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -174,6 +193,7 @@ fn main() -> ExitCode {
         Command::User(c) => user(&config, c),
         Command::AppPassword(c) => app_password(&config, c),
         Command::Totp(c) => totp(&config, c),
+        Command::Store(c) => store_cmd(&config, c),
     };
     match result {
         Ok(code) => code,
@@ -418,6 +438,27 @@ fn app_password(config: &Config, cmd: AppCmd) -> anyhow::Result<ExitCode> {
         }
         AppCmd::List { email, json } => print(dispatch(config, Request::AppPasswordList { email })?, json),
         AppCmd::Revoke { email, id } => print(dispatch(config, Request::AppPasswordRevoke { email, id })?, false),
+    }
+}
+
+fn store_cmd(config: &Config, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        StoreCmd::Export { file } => {
+            let resp = dispatch(config, Request::StoreExport)?;
+            if !resp.ok {
+                return print(resp, false);
+            }
+            let text = serde_json::to_vec_pretty(&resp.json.clone().unwrap_or_default())?;
+            mailgate::fsutil::write_private(&file, &text).with_context(|| format!("writing {}", file.display()))?;
+            println!("{} -> {}", resp.lines.join(" "), file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCmd::Import { file } => {
+            let text = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let dump: mailgate::store::Dump = serde_json::from_slice(&text)
+                .map_err(|e| anyhow!("{} is not a mailgate store export: {e}", file.display()))?;
+            print(dispatch(config, Request::StoreImport { dump: Box::new(dump) })?, false)
+        }
     }
 }
 

@@ -155,3 +155,47 @@ fn a_lost_totp_key_is_reported_not_replaced() {
     assert!(err.contains("secret.key is missing") && err.contains("1 accounts have TOTP secrets"), "{err}");
     assert!(!mg.dir.path().join("data/secret.key").exists());
 }
+
+#[test]
+fn store_export_and_import_round_trip() {
+    // SECURITY.md cases 100 and 101: owner-only file, secrets still sealed, all valid after.
+    let mut mg = Mailgate::start(Options::default());
+    mg.add_user("alice@example.com", "alice-account-pw");
+    let app = mg.app_password("alice@example.com", "Phone", "imap");
+    let out = mg.ok(&["totp", "enable", "alice@example.com", "--secret", "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"]);
+    assert!(out.contains("otpauth://"));
+    let file = mg.dir.path().join("export.json");
+    let out = mg.ok(&["store", "export", file.to_str().unwrap()]);
+    assert!(out.contains("1 accounts, 1 app passwords"), "{out}");
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("JBSWY3DPEHPK3PXP"), "the TOTP secret is in the clear");
+    assert!(!text.contains(&app.replace(' ', "")), "an app password is in the clear");
+    // Into a new data directory, with the old secret.key copied beside it.
+    mg.stop();
+    let data = mg.dir.path().join("data");
+    std::fs::rename(&data, mg.dir.path().join("data-old")).unwrap();
+    std::fs::create_dir(&data).unwrap();
+    std::fs::copy(mg.dir.path().join("data-old/secret.key"), data.join("secret.key")).unwrap();
+    let out = mg.ok(&["store", "import", file.to_str().unwrap()]);
+    assert!(out.contains("imported 1 accounts, 1 app passwords"), "{out}");
+    let out = mg.cli(&["store", "import", file.to_str().unwrap()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not empty"));
+    let users = mg.ok(&["user", "list"]);
+    assert!(
+        users.contains("alice@example.com") && users.contains("2fa=on") && users.contains("app-passwords=1"),
+        "{users}"
+    );
+    // The imported account keeps its TOTP state (commands run: the key is there).
+    let out = mg.ok(&["totp", "enable", "alice@example.com"]);
+    assert!(out.contains("re-enrolled"), "{out}");
+    // And the imported app password logs in (no upstream here: the refusal is only
+    // the upstream being down, after the password was accepted).
+    mg.restart();
+    let mut c =
+        crate::support::client::Client::tls(mg.imaps, crate::support::client::tls_config(&mg.ca, &["imap"])).unwrap();
+    c.line();
+    let r = c.cmd("a", &format!("LOGIN alice@example.com \"{app}\""));
+    assert!(r.last().unwrap().starts_with("a NO [UNAVAILABLE]"), "{r:?}");
+    assert!(mg.log().contains("upstream login failed"), "the app password was not accepted");
+}

@@ -216,6 +216,21 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+/// Everything in a store, for `mailgate store export` / `import` (sled's format will change
+/// before its 1.0; this is the way across). Secrets stay as stored: password and app
+/// password hashes, TOTP secrets sealed with `secret.key` (not in the dump).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dump {
+    /// [`SCHEMA_VERSION`] of the store that wrote it.
+    pub schema_version: u32,
+    /// All accounts.
+    pub accounts: Vec<Account>,
+    /// All app passwords.
+    pub app_passwords: Vec<AppPasswordRecord>,
+    /// All audit events, oldest first per account.
+    pub audit: Vec<AuditEvent>,
+}
+
 /// The storage interface.
 pub trait Store: Send + Sync {
     /// One account.
@@ -257,4 +272,8 @@ pub trait Store: Send + Sync {
     fn recent_audit(&self, username: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// Everything in the store.
+    fn export(&self) -> Result<Dump, StoreError>;
+    /// Loads a dump into an empty store (`Conflict` if it holds any account). Durable on return.
+    fn import(&self, dump: &Dump) -> Result<(), StoreError>;
 }

@@ -339,6 +339,46 @@ impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
         self.durable()
     }
+
+    fn export(&self) -> Result<Dump, StoreError> {
+        let app_passwords = self
+            .app_passwords
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode(&String::from_utf8_lossy(&k), &v)
+            })
+            .collect::<Result<Vec<AppPasswordRecord>, _>>()?;
+        let audit = self
+            .audit
+            .iter()
+            .map(|kv| {
+                let (_, v) = kv.map_err(backend)?;
+                decode("audit", &v)
+            })
+            .collect::<Result<Vec<AuditEvent>, _>>()?;
+        Ok(Dump { schema_version: SCHEMA_VERSION, accounts: self.list_accounts()?, app_passwords, audit })
+    }
+
+    fn import(&self, dump: &Dump) -> Result<(), StoreError> {
+        if dump.schema_version != SCHEMA_VERSION {
+            return Err(StoreError::Schema { found: dump.schema_version });
+        }
+        if !self.accounts.is_empty() {
+            return Err(StoreError::Conflict("the store is not empty; import only into a new data directory".into()));
+        }
+        for a in &dump.accounts {
+            self.accounts.insert(a.username.as_bytes(), encode(a)?).map_err(backend)?;
+        }
+        for r in &dump.app_passwords {
+            self.app_passwords.insert(r.id.as_bytes(), encode(r)?).map_err(backend)?;
+            self.index.insert(index_key(&r.username, &r.id), &[][..]).map_err(backend)?;
+        }
+        for e in &dump.audit {
+            self.append_audit(e)?;
+        }
+        self.durable()
+    }
 }
 
 #[cfg(test)]
@@ -408,6 +448,30 @@ mod tests {
         assert!((MAX_AUDIT_PER_ACCOUNT..MAX_AUDIT_PER_ACCOUNT + 64).contains(&kept), "{kept}");
         assert_eq!(s.recent_audit("a@x", 1).unwrap()[0].at, (MAX_AUDIT_PER_ACCOUNT + 199) as u64);
         assert_eq!(s.recent_audit("b@x", 5).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn export_import_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let mut a = account("a@x");
+        a.totp = Some(TotpState { secret_enc: "sealed".into(), enabled_at: 3, last_step: 77 });
+        s.create_account(&a).unwrap();
+        s.create_app_password(&app("id1", "a@x", "Phone")).unwrap();
+        s.append_audit(&AuditEvent { at: 5, username: "a@x".into(), kind: "login".into(), detail: String::new() })
+            .unwrap();
+        let dump = s.export().unwrap();
+        let dir2 = tempfile::tempdir().unwrap();
+        let t = SledStore::open(dir2.path()).unwrap();
+        t.import(&dump).unwrap();
+        assert_eq!(t.get_account("a@x").unwrap().unwrap().totp.unwrap().last_step, 77);
+        assert_eq!(t.list_app_passwords("a@x").unwrap()[0].label, "Phone");
+        assert_eq!(t.recent_audit("a@x", 5).unwrap().len(), 1);
+        assert!(matches!(t.import(&dump), Err(StoreError::Conflict(_))), "not into a non-empty store");
+        let mut other = dump.clone();
+        other.schema_version = 9;
+        let dir3 = tempfile::tempdir().unwrap();
+        assert!(matches!(SledStore::open(dir3.path()).unwrap().import(&other), Err(StoreError::Schema { found: 9 })));
     }
 
     #[test]
