@@ -4,6 +4,7 @@
 
 mod admin_cli;
 mod crash;
+mod faults;
 mod imap_front;
 mod import;
 mod interop;
