@@ -1,7 +1,9 @@
 //! Upstream faults (SECURITY.md cases 56, 111; issue 6 point 5): an IMAP upstream that
 //! stalls before its greeting, greets with BYE, sends a 10 MB line, refuses the master
 //! login, or closes in the middle of a literal. Each client gets a clean answer within
-//! the upstream timeout, memory stays bounded, nothing hangs.
+//! the upstream timeout, memory stays bounded, nothing hangs. An SMTP upstream that
+//! drops at each step (greeting, EHLO, AUTH, MAIL, RCPT, DATA, mid-body) gets the
+//! client a prompt 454/451, never a 250 for a message that was not delivered.
 
 use crate::support::client::{Client, tls_config};
 use crate::support::mailgate::{Mailgate, Options};
@@ -117,4 +119,127 @@ fn upstream_closing_in_the_middle_of_a_literal_closes_the_client_cleanly() {
     c.send(b"f FETCH 1 BODY[]\r\n");
     assert!(c.closed_within(Duration::from_secs(5)), "the client was not closed");
     assert!(String::from_utf8_lossy(&c.transcript).contains("only part of it"));
+}
+
+/// A fake SMTP submission upstream that answers like Dovecot until it sees the
+/// command `drop_at` (or, for `"body"`, the first line of the message), then closes
+/// without a reply.
+fn fake_smtp_upstream(drop_at: &'static str) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                if drop_at == "greeting" {
+                    return;
+                }
+                let _ = s.write_all(b"220 sub ESMTP\r\n");
+                let mut pending = String::new();
+                let mut in_data = false;
+                loop {
+                    let got = read_some(&mut s);
+                    if got.is_empty() {
+                        return;
+                    }
+                    pending.push_str(&got);
+                    while let Some(i) = pending.find("\r\n") {
+                        let line: String = pending.drain(..i + 2).collect();
+                        let verb = line.split([' ', ':', '\r']).next().unwrap_or("").to_ascii_uppercase();
+                        if in_data {
+                            if drop_at == "body" {
+                                return;
+                            }
+                            if line == ".\r\n" {
+                                in_data = false;
+                                let _ = s.write_all(b"250 2.0.0 queued\r\n");
+                            }
+                            continue;
+                        }
+                        if verb == drop_at {
+                            return;
+                        }
+                        let reply: &[u8] = match verb.as_str() {
+                            "EHLO" => b"250-sub\r\n250-8BITMIME\r\n250 AUTH PLAIN\r\n",
+                            "AUTH" => b"235 2.7.0 Logged in\r\n",
+                            "DATA" => {
+                                in_data = true;
+                                b"354 go ahead\r\n"
+                            }
+                            "QUIT" => b"221 bye\r\n",
+                            _ => b"250 2.1.0 ok\r\n",
+                        };
+                        let _ = s.write_all(reply);
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Reads one SMTP reply (all its lines); `None` when the connection closed or stalled.
+fn smtp_reply(c: &mut Client) -> Option<String> {
+    let mut all = String::new();
+    loop {
+        let l = c.line_within(Duration::from_secs(5))?;
+        let last = l.len() < 4 || l.as_bytes()[3] != b'-';
+        all.push_str(&l);
+        if last {
+            return Some(all);
+        }
+    }
+}
+
+#[test]
+fn smtp_upstream_dropping_at_each_step_never_gets_a_false_250() {
+    use base64::Engine;
+    for drop_at in ["greeting", "EHLO", "AUTH", "MAIL", "RCPT", "DATA", "body"] {
+        let mg = Mailgate::start(Options {
+            smtp_upstream: format!("127.0.0.1:{}", fake_smtp_upstream(drop_at)),
+            limits: "auth_failure_delay_ms = 0\nupstream_timeout_secs = 2\n".into(),
+            ..Default::default()
+        });
+        mg.add_user("alice@example.com", "alice-account-pw");
+        let app = mg.app_password("alice@example.com", "laptop", "smtp");
+        let mut c = Client::tls(mg.smtps, tls_config(&mg.ca, &["smtp"])).unwrap();
+        assert!(c.line().starts_with("220 "));
+        c.send(b"EHLO client.example\r\n");
+        smtp_reply(&mut c);
+        let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0alice@example.com\0{app}"));
+        c.send(format!("AUTH PLAIN {plain}\r\n").as_bytes());
+        let t = Instant::now();
+        let auth = smtp_reply(&mut c).unwrap_or_default();
+        if ["greeting", "EHLO", "AUTH"].contains(&drop_at) {
+            assert!(auth.starts_with("454 4.7.0"), "drop at {drop_at}: AUTH got {auth:?}");
+            assert!(t.elapsed() < Duration::from_secs(5), "drop at {drop_at}: took {:?}", t.elapsed());
+            continue;
+        }
+        assert!(auth.starts_with("235"), "drop at {drop_at}: {auth:?}");
+        // From here on the client talks as smtplib does; the first non-2xx/3xx reply
+        // (or a closed connection) ends the transaction, and it must come promptly.
+        let steps: [&[u8]; 4] = [
+            b"MAIL FROM:<alice@example.com>\r\n",
+            b"RCPT TO:<bob@example.net>\r\n",
+            b"DATA\r\n",
+            b"From: <alice@example.com>\r\nSubject: t\r\n\r\nhello\r\n.\r\n",
+        ];
+        let mut outcome = None;
+        for step in steps {
+            c.send_lossy(step);
+            let t = Instant::now();
+            let r = smtp_reply(&mut c);
+            assert!(t.elapsed() < Duration::from_secs(5), "drop at {drop_at}: stalled {:?}", t.elapsed());
+            match r {
+                Some(r) if r.starts_with('2') || r.starts_with('3') => continue,
+                other => {
+                    outcome = Some(other);
+                    break;
+                }
+            }
+        }
+        let outcome = outcome.unwrap_or_else(|| panic!("drop at {drop_at}: the message was accepted"));
+        if let Some(r) = outcome {
+            assert!(r.starts_with('4'), "drop at {drop_at}: expected a temporary failure, got {r:?}");
+        }
+    }
 }
