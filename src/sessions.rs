@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 struct Entry {
     username: String,
@@ -23,10 +23,31 @@ pub enum EndReason {
 }
 
 /// The registry of live sessions.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct Sessions {
     inner: Arc<Mutex<HashMap<u64, Entry>>>,
     next: Arc<AtomicU64>,
+    /// Turns true at shutdown, for connections that have not logged in yet.
+    stopping: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions { inner: Arc::default(), next: Arc::default(), stopping: Arc::new(watch::channel(false).0) }
+    }
+}
+
+/// Held by a connection that has not logged in yet: completes when mailgate shuts down,
+/// so the client gets a goodbye (`* BYE`, `421`) instead of a bare close.
+pub struct StopNotice(watch::Receiver<bool>);
+
+impl StopNotice {
+    /// Completes once mailgate is shutting down; never otherwise.
+    pub async fn wait(&mut self) {
+        if self.0.wait_for(|stopping| *stopping).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Held by a live session; dropping it unregisters the session.
@@ -106,9 +127,17 @@ impl Sessions {
         self.kill_where(|e| e.username == username && e.app_password_id.is_none())
     }
 
-    /// Ends every live session (shutdown); returns how many.
+    /// A notice for a connection that has not logged in yet (see [`StopNotice`]).
+    pub fn stop_notice(&self) -> StopNotice {
+        StopNotice(self.stopping.subscribe())
+    }
+
+    /// Ends every live session and tells connections still logging in (shutdown);
+    /// returns how many connections were told.
     pub fn end_all(&self) -> usize {
-        self.kill_where_because(|_| true, EndReason::Shutdown)
+        self.stopping.send_replace(true);
+        let waiting = self.stopping.receiver_count();
+        self.kill_where_because(|_| true, EndReason::Shutdown) + waiting
     }
 
     fn kill_where(&self, pred: impl Fn(&Entry) -> bool) -> usize {

@@ -348,13 +348,18 @@ fn changing_the_account_password_ends_sessions_opened_with_the_old_one() {
 
 #[test]
 fn sigterm_says_goodbye_to_live_sessions_and_keeps_the_data() {
-    // SECURITY.md case 112.
+    // SECURITY.md case 112: live sessions and connections still logging in get a goodbye.
     let (_dovecot, mut mg, app) = with_dovecot();
     let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
     c.line();
     assert!(c.cmd("a", &format!("LOGIN alice@example.com \"{app}\"")).last().unwrap().starts_with("a OK"));
     c.send(b"i IDLE\r\n");
     assert!(c.line().starts_with("+ "));
+    // Connections still logging in are told too.
+    let mut greeted = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+    assert!(greeted.line().starts_with("* OK"));
+    let mut smtp = Client::tls(mg.smtps, tls_config(&mg.ca, &["smtp"])).unwrap();
+    assert!(smtp.line().starts_with("220 "));
     let started = std::time::Instant::now();
     mg.stop();
     assert!(started.elapsed() < Duration::from_secs(8), "shutdown took {:?}", started.elapsed());
@@ -363,6 +368,14 @@ fn sigterm_says_goodbye_to_live_sessions_and_keeps_the_data() {
     let all = rest + &String::from_utf8_lossy(&c.transcript);
     assert!(all.contains("* BYE Server shutting down"), "{all}");
     assert!(mg.log().contains("ending live sessions"), "{}", mg.log());
+    assert_eq!(
+        greeted.line_within(Duration::from_secs(2)).as_deref(),
+        Some("* BYE Server shutting down, please reconnect")
+    );
+    assert_eq!(
+        smtp.line_within(Duration::from_secs(2)).as_deref(),
+        Some("421 4.3.2 Server shutting down, please reconnect")
+    );
     // A restart serves at once with everything that was there.
     mg.restart();
     let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();

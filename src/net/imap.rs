@@ -61,6 +61,7 @@ impl ImapService {
         };
         let mut machine = PreAuth::new(&self.config.hostname, implicit, !implicit);
         let mut buf = vec![0u8; 16 * 1024];
+        let mut stop = self.sessions.stop_notice();
         let (granted, upstream, guard) = loop {
             match machine.poll() {
                 Action::Write(bytes) => {
@@ -68,7 +69,17 @@ impl ImapService {
                         return;
                     }
                 }
-                Action::NeedInput => match timeout_at(deadline, stream.read(&mut buf)).await {
+                Action::NeedInput => match tokio::select! {
+                    r = timeout_at(deadline, stream.read(&mut buf)) => r,
+                    () = stop.wait() => {
+                        let _ = timeout(Duration::from_secs(1), async {
+                            let _ = stream.write_all(b"* BYE Server shutting down, please reconnect\r\n").await;
+                            let _ = stream.shutdown().await;
+                        })
+                        .await;
+                        return;
+                    }
+                } {
                     Ok(Ok(0)) | Ok(Err(_)) => return,
                     Ok(Ok(n)) => machine.feed(&buf[..n]),
                     Err(_) => {

@@ -226,6 +226,7 @@ impl SmtpService {
         // own upstream login, and so is any reconnect.
         let mut user_password: Option<SecretBytes> = None;
         let mut guard: Option<SessionGuard> = None;
+        let mut stop = self.sessions.stop_notice();
         loop {
             let deadline = if granted.is_some() { Instant::now() + COMMAND_TIMEOUT } else { preauth_deadline };
             match session.poll() {
@@ -244,7 +245,10 @@ impl SmtpService {
                                 r = timeout_at(deadline, client.read(&mut buf)) => Ok(r),
                                 reason = &mut g.killed => Err(reason.unwrap_or(EndReason::Revoked)),
                             },
-                            None => Ok(timeout_at(deadline, client.read(&mut buf)).await),
+                            None => tokio::select! {
+                                r = timeout_at(deadline, client.read(&mut buf)) => Ok(r),
+                                () = stop.wait() => Err(EndReason::Shutdown),
+                            },
                         }
                     };
                     match read.await {
