@@ -9,3 +9,10 @@ pub mod sasl;
 pub mod smtp;
 pub mod smtp_upstream;
 pub mod upstream;
+
+/// Proptest case count for the fuzz-style property tests: `default` in a normal
+/// `cargo test`, or `MAILGATE_FUZZ_CASES` for a long run (docs/security.md, "Fuzzing").
+#[cfg(test)]
+pub(crate) fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("MAILGATE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}

@@ -104,4 +104,28 @@ mod tests {
         let c = decode_plain(b"\0alice\0sup3rsecret").unwrap();
         assert!(!format!("{c:?}").contains("sup3rsecret"));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: crate::proto::fuzz_cases(2048),
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// SASL PLAIN decoding of arbitrary bytes: never panics; what it accepts has a
+        /// clean username and exactly the bytes after the second NUL as password.
+        #[test]
+        fn prop_decode_plain_arbitrary(
+            msg in proptest::collection::vec(
+                proptest::prop_oneof![proptest::prelude::Just(0u8), proptest::prelude::any::<u8>(), b'a'..=b'z'],
+                0..300,
+            )
+        ) {
+            if let Ok(c) = decode_plain(&msg) {
+                proptest::prop_assert!(!c.username.is_empty());
+                proptest::prop_assert!(!c.username.chars().any(char::is_control), "{:?}", c.username);
+                let pw = msg.rsplit(|b| *b == 0).next().unwrap_or_default();
+                proptest::prop_assert_eq!(c.password.expose(), pw);
+            }
+        }
+    }
 }

@@ -2558,7 +2558,7 @@ fn some_max() -> impl Strategy<Value = usize> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1024, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::proto::fuzz_cases(1024), .. ProptestConfig::default() })]
 
     #[test]
     fn prop_random_bytes(tls in any::<bool>(), chunks in chunked(prop::collection::vec(any::<u8>(), 0..96))) {

@@ -498,4 +498,34 @@ mod tests {
         let l = new(Style::MasterSasl, false);
         assert!(!format!("{l:?}").contains("master-pw"));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: crate::proto::fuzz_cases(2048),
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// The SMTP reply parser on arbitrary bytes: never panics; a complete reply it
+        /// reports has a 3-digit code and ends inside the buffer on a line end.
+        #[test]
+        fn prop_parse_reply_arbitrary(
+            buf in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::Just(b'\n'),
+                    proptest::prelude::Just(b'\r'),
+                    proptest::prelude::Just(b'-'),
+                    proptest::prelude::Just(b' '),
+                    b'0'..=b'9',
+                    proptest::prelude::any::<u8>(),
+                ],
+                0..400,
+            )
+        ) {
+            if let Ok(Some((code, used))) = parse_reply(&buf) {
+                proptest::prop_assert!((100..=599).contains(&code), "code {}", code);
+                proptest::prop_assert!(used <= buf.len());
+                proptest::prop_assert_eq!(buf[used - 1], b'\n');
+            }
+        }
+    }
 }

@@ -808,3 +808,82 @@ fn logindisabled_on_plaintext_never_sends_the_master_password() {
         assert_eq!(st, vec![St::Fail(UpstreamError::LoginDisabled)]);
     }
 }
+
+fn upstreamish_token() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(b"* OK [CAPABILITY IMAP4rev1 SASL-IR STARTTLS ID] hi\r\n".to_vec()),
+        Just(b"* OK hi\r\n".to_vec()),
+        Just(b"* BYE go away\r\n".to_vec()),
+        Just(b"* CAPABILITY IMAP4rev1 IDLE\r\n".to_vec()),
+        Just(b"* ID NIL\r\n".to_vec()),
+        Just(b"M1 OK go\r\n".to_vec()),
+        Just(b"M2 OK ID\r\n".to_vec()),
+        Just(b"M3 OK [CAPABILITY IMAP4rev1] in\r\n".to_vec()),
+        Just(b"M3 NO [AUTHENTICATIONFAILED] no\r\n".to_vec()),
+        Just(b"M4 OK done\r\n".to_vec()),
+        Just(b"+ \r\n".to_vec()),
+        Just(b"* 1 FETCH (BODY[] {5}\r\n".to_vec()),
+        Just(b"\r\n".to_vec()),
+        prop::collection::vec(any::<u8>(), 0..40),
+    ]
+}
+
+use proptest::strategy::Strategy as _;
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: crate::proto::fuzz_cases(1024),
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// The upstream-response parser on arbitrary upstream bytes in arbitrary chunks:
+    /// never panics, never buffers more than a line over [`MAX_LINE`] plus one read,
+    /// never sends the master password before TLS when STARTTLS is required, and ends
+    /// (Done or Fail) or waits for input — no busy loop.
+    #[test]
+    fn prop_upstream_login_arbitrary_replies(
+        starttls in proptest::prelude::any::<bool>(),
+        style in 0u8..3,
+        chunks in proptest::collection::vec(
+            proptest::collection::vec(upstreamish_token(), 0..6).prop_map(|v: Vec<Vec<u8>>| v.concat()),
+            0..8,
+        ),
+    ) {
+        use proptest::prelude::*;
+        let style = match style { 0 => LoginStyle::MasterSasl, 1 => sep(), _ => LoginStyle::User };
+        let mut u = new_login(style, starttls);
+        let mut chunks = chunks.into_iter();
+        let mut written = Vec::new();
+        let mut tls = false;
+        let mut steps = 0;
+        loop {
+            steps += 1;
+            prop_assert!(steps < 10_000, "busy loop");
+            match u.poll() {
+                Step::Write(w) => {
+                    if starttls && !tls {
+                        prop_assert!(!String::from_utf8_lossy(&w).contains("AUTHENTICATE"), "login before TLS");
+                        prop_assert!(!String::from_utf8_lossy(&w).contains(" LOGIN "), "login before TLS");
+                    }
+                    written.extend_from_slice(&w);
+                }
+                Step::StartTls => {
+                    prop_assert!(starttls);
+                    tls = true;
+                    u.tls_started();
+                }
+                Step::Done(_) | Step::Fail(_) => break,
+                Step::NeedInput => match chunks.next() {
+                    Some(c) => {
+                        u.feed(&c);
+                        prop_assert!(u.buf.len() <= MAX_LINE + 2 + c.len() + 64 * 1024);
+                    }
+                    None => break,
+                },
+            }
+            prop_assert!(u.buf.len() <= 2 * MAX_LINE + 64 * 1024, "buffer {}", u.buf.len());
+        }
+        let _ = written;
+    }
+}
