@@ -55,18 +55,35 @@ fn tx_err(e: TransactionError<StoreError>) -> StoreError {
     }
 }
 
+/// How long [`SledStore::open`] waits for another process to release the store.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl SledStore {
     /// Opens (or creates) the store in `path`. Fails if another process holds it, or if
     /// it was written by another schema version.
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
-        let db = sled::Config::new().path(path).flush_every_ms(Some(500)).open().map_err(|e| {
-            let text = e.to_string();
-            if text.contains("lock") {
-                StoreError::Backend(format!("{} is in use by another mailgate process ({text})", path.display()))
-            } else {
-                StoreError::Backend(format!("cannot open {}: {text}", path.display()))
+        // A process that just exited (a restart, an admin command in direct mode right
+        // after the server stopped) can hold the lock for a moment while its last
+        // threads wind down; wait briefly before calling the store busy.
+        let give_up = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match sled::Config::new().path(path).flush_every_ms(Some(500)).open() {
+                Ok(db) => break db,
+                Err(e) => {
+                    let text = e.to_string();
+                    if !text.contains("lock") {
+                        return Err(StoreError::Backend(format!("cannot open {}: {text}", path.display())));
+                    }
+                    if std::time::Instant::now() >= give_up {
+                        return Err(StoreError::Backend(format!(
+                            "{} is in use by another mailgate process ({text})",
+                            path.display()
+                        )));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
             }
-        })?;
+        };
         let meta = db.open_tree("meta").map_err(backend)?;
         match meta.get("schema_version").map_err(backend)? {
             Some(v) => {
