@@ -1983,3 +1983,17 @@ fn oversized_literals_are_refused_however_the_reads_fall() {
     assert!(matches!(ev.first(), Some(Ev::Auth { .. })), "{ev:?}");
     ok.clear();
 }
+
+/// The committed corpus (fuzz/corpus/imap) replays under `cargo test`.
+#[test]
+fn corpus_replays() {
+    let cases = crate::proto::corpus_cuts("imap");
+    assert!(cases.len() >= 12, "corpus missing: {}", cases.len());
+    for (name, chunks) in cases {
+        for tls in [false, true] {
+            if let Err(e) = drive_invariants(tls, &chunks) {
+                panic!("{name} (tls {tls}): {e}");
+            }
+        }
+    }
+}

@@ -16,3 +16,21 @@ pub mod upstream;
 pub(crate) fn fuzz_cases(default: u32) -> u32 {
     std::env::var("MAILGATE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
+
+/// The committed fuzz corpus for `kind` (`fuzz/corpus/<kind>/*`), each input cut into
+/// reads in several ways: whole, byte by byte, and at every 7th byte.
+#[cfg(test)]
+pub(crate) fn corpus_cuts(kind: &str) -> Vec<(String, Vec<Vec<u8>>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(kind);
+    let mut out = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    files.sort();
+    for path in files {
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        let name = path.display().to_string();
+        out.push((format!("{name} whole"), vec![bytes.clone()]));
+        out.push((format!("{name} bytewise"), bytes.iter().map(|b| vec![*b]).collect()));
+        out.push((format!("{name} by 7"), bytes.chunks(7).map(<[u8]>::to_vec).collect()));
+    }
+    out
+}

@@ -2682,3 +2682,17 @@ fn valid_session_reference() {
         "334 VXNlcm5hbWU6\r\n{R_CANCELLED}{R235}{R250}{R250}{R354}{QUEUED}221 2.0.0 mail.example.com closing connection\r\n"
     )));
 }
+
+/// The committed corpus (fuzz/corpus/smtp) replays under `cargo test`.
+#[test]
+fn corpus_replays() {
+    let cases = crate::proto::corpus_cuts("smtp");
+    assert!(cases.len() >= 9, "corpus missing: {}", cases.len());
+    for (name, chunks) in cases {
+        for tls in [false, true] {
+            if let Err(e) = drive_invariants(tls, MAX, None, &chunks) {
+                panic!("{name} (tls {tls}): {e}");
+            }
+        }
+    }
+}
