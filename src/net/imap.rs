@@ -72,11 +72,7 @@ impl ImapService {
                 Action::NeedInput => match tokio::select! {
                     r = timeout_at(deadline, stream.read(&mut buf)) => r,
                     () = stop.wait() => {
-                        let _ = timeout(Duration::from_secs(1), async {
-                            let _ = stream.write_all(b"* BYE Server shutting down, please reconnect\r\n").await;
-                            let _ = stream.shutdown().await;
-                        })
-                        .await;
+                        goodbye(&mut stream, b"* BYE Server shutting down, please reconnect\r\n").await;
                         return;
                     }
                 } {
@@ -84,11 +80,7 @@ impl ImapService {
                     Ok(Ok(n)) => machine.feed(&buf[..n]),
                     Err(_) => {
                         debug!(%peer, "pre-auth deadline reached");
-                        let _ = timeout(Duration::from_secs(1), async {
-                            let _ = stream.write_all(b"* BYE Autologout: authentication took too long\r\n").await;
-                            let _ = stream.shutdown().await;
-                        })
-                        .await;
+                        goodbye(&mut stream, b"* BYE Autologout: authentication took too long\r\n").await;
                         return;
                     }
                 },
@@ -201,6 +193,15 @@ impl ImapService {
 
 /// Copies bytes both ways until either side closes, the session is revoked, or
 /// [`MAX_SESSION`] passes. Needs the proof of authentication.
+/// Writes a last line to a client that has not logged in and closes, bounded to 1 s.
+async fn goodbye(stream: &mut MaybeTls, line: &[u8]) {
+    let _ = timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(line).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
 async fn relay(
     mut client: MaybeTls,
     up: UpstreamSession,
