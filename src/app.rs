@@ -94,7 +94,8 @@ pub async fn run(
     let sessions = Sessions::default();
     let auth = Authenticator::new(store.clone(), config.limits.max_concurrent_hashes)
         .with_failure_delays(config.limits.auth_failure_delay, config.limits.ip_penalty_max)
-        .with_upstream_check(config.accounts.clone(), connector.clone());
+        .with_upstream_check(config.accounts.clone(), connector.clone())
+        .with_verify_cache(config.accounts.verify_cache);
     let limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
     let web_limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
     let service = Arc::new(ImapService {

@@ -303,7 +303,14 @@ struct RawLimits {
     max_concurrent_hashes: usize,
     #[serde(default = "d_max_user_ip")]
     max_sessions_per_user_ip: usize,
+    #[serde(default = "d_imap_idle")]
+    imap_idle_timeout_secs: u64,
 }
+fn d_imap_idle() -> u64 {
+    IMAP_IDLE_MIN_SECS
+}
+/// RFC 9051 §5.4: an inactivity autologout timer is at least 30 minutes.
+const IMAP_IDLE_MIN_SECS: u64 = 30 * 60;
 fn d_max_user_ip() -> usize {
     10
 }
@@ -343,6 +350,7 @@ impl Default for RawLimits {
             max_connections_per_ip: d_max_per_ip(),
             max_concurrent_hashes: d_max_hashes(),
             max_sessions_per_user_ip: d_max_user_ip(),
+            imap_idle_timeout_secs: d_imap_idle(),
         }
     }
 }
@@ -414,6 +422,9 @@ pub struct Limits {
     pub max_concurrent_hashes: usize,
     /// Live sessions of one account from one address (Dovecot `mail_max_userip_connections = 10`).
     pub max_sessions_per_user_ip: usize,
+    /// A logged-in IMAP client that sends nothing for this long is logged out
+    /// (RFC 9051 §5.4: at least 30 minutes; IDLE clients re-issue IDLE within 29).
+    pub imap_idle_timeout: Duration,
 }
 
 /// The validated configuration.
@@ -524,6 +535,14 @@ impl Config {
             max_concurrent_hashes: positive("limits.max_concurrent_hashes", l.max_concurrent_hashes as u64)? as usize,
             max_sessions_per_user_ip: positive("limits.max_sessions_per_user_ip", l.max_sessions_per_user_ip as u64)?
                 as usize,
+            imap_idle_timeout: if l.imap_idle_timeout_secs < IMAP_IDLE_MIN_SECS {
+                return Err(invalid(
+                    "limits.imap_idle_timeout_secs",
+                    "must be at least 1800 (RFC 9051 §5.4: 30 minutes; IDLE clients refresh every 29)",
+                ));
+            } else {
+                Duration::from_secs(l.imap_idle_timeout_secs)
+            },
         };
         let a = raw.accounts;
         let password_check = match a.password_check.as_str() {
@@ -689,6 +708,7 @@ mod tests {
             ("[upstream.imap]\naddress = \"host\"", "upstream.imap.address"),
             ("[server]\npublic_url = \"ftp://x\"", "server.public_url"),
             ("[limits]\npreauth_timeout_secs = 0", "limits.preauth_timeout_secs"),
+            ("[limits]\nimap_idle_timeout_secs = 600", "limits.imap_idle_timeout_secs"),
         ] {
             let e = Config::from_toml_str(text, "t").unwrap_err().to_string();
             assert!(e.contains(key), "{text} -> {e}");

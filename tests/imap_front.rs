@@ -301,3 +301,60 @@ fn sessions_per_account_and_address_are_capped() {
     let (_c4, r4) = login();
     assert!(r4.starts_with("a OK"), "a freed slot is usable again: {r4}");
 }
+
+#[test]
+fn a_login_storm_keeps_hashing_memory_bounded_and_real_logins_answered() {
+    // SECURITY.md case 63: 200 concurrent LOGINs with random passwords. At most
+    // max_concurrent_hashes argon2 evaluations (19 MiB each) run at once, so memory stays
+    // near base + 2 × 19 MiB; every client gets an answer; real logins during the storm
+    // get in. Failure delays are off here to put the whole storm on the hashing queue.
+    let (_d, mg, _app) = with_dovecot_opts(Options {
+        limits: "auth_failure_delay_ms = 0\nmax_connections_per_ip = 1000\nmax_concurrent_hashes = 2\n".into(),
+        ..Options::default()
+    });
+    let before = mg.peak_rss_kib().unwrap();
+    let cfg = tls_config(&mg.ca, &["imap"]);
+    let addr = mg.imaps;
+    let storm: Vec<_> = (0..200)
+        .map(|i| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let mut c = Client::tls_patient(addr, cfg, Duration::from_secs(30)).unwrap();
+                let greeting = c.line_within(Duration::from_secs(30)).unwrap_or_default();
+                assert!(greeting.starts_with("* OK"), "greeting after {:?}: {greeting:?}", t0.elapsed());
+                // Names that do not exist cost the same dummy hash and do not lock alice
+                // (100 failures in a row would: case 60).
+                c.send(format!("a LOGIN user{i}@example.com random-{i}-{}\r\n", i * 7919).as_bytes());
+                loop {
+                    match c.line_within(Duration::from_secs(60)) {
+                        Some(l) if l.starts_with("a ") => return l,
+                        Some(_) => {}
+                        None => return format!("no answer after {:?}", t0.elapsed()),
+                    }
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut real = Vec::new();
+    for t in 0..3 {
+        let begun = Instant::now();
+        let mut c = tls(&mg);
+        let r = c.cmd("r", "LOGIN alice@example.com alice-account-pw");
+        assert!(r.last().unwrap().starts_with("r OK"), "real login {t} during the storm: {r:?}");
+        real.push(begun.elapsed());
+    }
+    let mut answers = std::collections::BTreeMap::new();
+    for t in storm {
+        let last = t.join().unwrap();
+        assert!(last.starts_with("a NO [AUTHENTICATIONFAILED]") || last.starts_with("a NO [UNAVAILABLE]"), "{last}");
+        *answers.entry(last).or_insert(0) += 1;
+    }
+    let peak = mg.peak_rss_kib().unwrap();
+    eprintln!(
+        "login storm: {answers:?} in {:?}; real logins took {real:?}; peak RSS {before} → {peak} KiB",
+        started.elapsed()
+    );
+    assert!(peak < before + 2 * 19 * 1024 + 80 * 1024, "peak RSS {peak} KiB (before {before} KiB)");
+}

@@ -29,6 +29,7 @@ use crate::secret::SecretBytes;
 use crate::store::{AuditEvent, LastUse, Scope, Store};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Which protocol asks.
@@ -180,30 +181,43 @@ impl VerifyCache {
         })
     }
 
-    fn tag(&self, username: &str, password: &SecretBytes) -> Vec<u8> {
+    fn tag(&self, username: &str, parts: &[&[u8]]) -> Vec<u8> {
         let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.key);
         ctx.update(username.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(password.expose());
+        for p in parts {
+            // Length-prefixed, so no two part lists give the same input.
+            ctx.update(&(p.len() as u64).to_be_bytes());
+            ctx.update(p);
+        }
         ctx.sign().as_ref().to_vec()
     }
 
     /// Whether this user + password was checked successfully within the lifetime.
     pub fn hit(&self, username: &str, password: &SecretBytes) -> bool {
+        self.hit_parts(username, &[password.expose()])
+    }
+
+    /// Whether this user + these secret parts were checked successfully within the lifetime.
+    pub fn hit_parts(&self, username: &str, parts: &[&[u8]]) -> bool {
         if self.ttl.is_zero() {
             return false;
         }
-        let tag = self.tag(username, password);
+        let tag = self.tag(username, parts);
         let Ok(m) = self.entries.lock() else { return false };
         m.get(&tag).is_some_and(|(u, at)| u == username && at.elapsed() < self.ttl)
     }
 
     /// Remembers a successful check.
     pub fn remember(&self, username: &str, password: &SecretBytes) {
+        self.remember_parts(username, &[password.expose()]);
+    }
+
+    /// Remembers a successful check of a user + these secret parts.
+    pub fn remember_parts(&self, username: &str, parts: &[&[u8]]) {
         if self.ttl.is_zero() {
             return;
         }
-        let tag = self.tag(username, password);
+        let tag = self.tag(username, parts);
         if let Ok(mut m) = self.entries.lock() {
             if m.len() >= VERIFY_CACHE_MAX {
                 let ttl = self.ttl;
@@ -253,6 +267,16 @@ pub struct Authenticator {
     upstream: Option<Arc<UpstreamMode>>,
     /// Failure delays per address and account.
     throttle: Arc<throttle::Throttle>,
+    /// Recently verified app passwords (see [`Authenticator::with_verify_cache`]).
+    app_cache: Option<Arc<VerifyCache>>,
+    /// Checks running on the hashing threads now, and the most at once.
+    gauge: Arc<HashGauge>,
+}
+
+#[derive(Default)]
+struct HashGauge {
+    active: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 struct UpstreamMode {
@@ -271,8 +295,10 @@ impl Authenticator {
     pub fn new(store: Arc<dyn Store>, max_hashes: usize) -> Authenticator {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(HASH_QUEUE_LEN);
         let rx = Arc::new(std::sync::Mutex::new(rx));
+        let gauge = Arc::new(HashGauge::default());
         for n in 0..max_hashes.max(1) {
             let rx = rx.clone();
+            let gauge = gauge.clone();
             let spawned = std::thread::Builder::new().name(format!("mailgate-hash-{n}")).spawn(move || {
                 loop {
                     // The lock is held only while taking a job, not while running it.
@@ -281,7 +307,12 @@ impl Authenticator {
                         Err(_) => return,
                     };
                     match job {
-                        Ok(job) => job(),
+                        Ok(job) => {
+                            let now = gauge.active.fetch_add(1, Ordering::SeqCst) + 1;
+                            gauge.peak.fetch_max(now, Ordering::SeqCst);
+                            job();
+                            gauge.active.fetch_sub(1, Ordering::SeqCst);
+                        }
                         Err(_) => return, // every Authenticator is gone
                     }
                 }
@@ -295,7 +326,26 @@ impl Authenticator {
             jobs: tx,
             upstream: None,
             throttle: Arc::new(throttle::Throttle::new(Duration::ZERO, Duration::ZERO)),
+            app_cache: None,
+            gauge,
         }
+    }
+
+    /// The most checks that have run at once on the hashing threads (SECURITY.md case 63).
+    pub fn hashing_peak(&self) -> usize {
+        self.gauge.peak.load(Ordering::SeqCst)
+    }
+
+    /// Remembers verified app passwords for `ttl`, so a mail app that opens several
+    /// connections, or reconnects, does not cost an argon2 hash each time (mail apps do
+    /// this all day). The entry is an HMAC, under a key that lives only in memory, of
+    /// the user, the app password *and* its stored hash; it counts only while the record
+    /// still exists with that hash, the account is not locked and the scope allows the
+    /// protocol, so a revoked or replaced app password stops working at once. Account
+    /// passwords, TOTP and backup codes are never cached (SECURITY.md case 68).
+    pub fn with_verify_cache(mut self, ttl: Duration) -> Authenticator {
+        self.app_cache = VerifyCache::new(ttl).map(Arc::new);
+        self
     }
 
     /// Failure delays: `base` for a first failure, doubling per address up to `max`.
@@ -497,16 +547,31 @@ impl Authenticator {
         &self.store
     }
 
-    /// Checks a login.
+    /// Checks a login. A recently verified app password is granted at once (a few store
+    /// reads); everything else waits for a hashing thread.
     pub async fn verify(&self, creds: &Credentials, protocol: Protocol, peer: &Peer) -> Verdict {
         let store = self.store.clone();
         let username = normalize_username(&creds.username);
+        if let Some(cache) = &self.app_cache
+            && let Some(v) = cached_app_password(store.as_ref(), cache, &username, &creds.password, protocol, peer)
+        {
+            return v;
+        }
         let password = SecretBytes::from(creds.password.expose().clone());
         let peer = peer.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let accounts = self.upstream.as_ref().map(|m| m.accounts.clone());
+        let cache = self.app_cache.clone();
         let job: Job = Box::new(move || {
-            let _ = tx.send(decide_with(store.as_ref(), accounts.as_ref(), &username, &password, protocol, &peer));
+            let _ = tx.send(decide_cached(
+                store.as_ref(),
+                accounts.as_ref(),
+                cache.as_deref(),
+                &username,
+                &password,
+                protocol,
+                &peer,
+            ));
         });
         if self.jobs.try_send(job).is_err() {
             return Verdict::Unavailable;
@@ -528,6 +593,19 @@ pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protoco
 pub fn decide_with(
     store: &dyn Store,
     accounts: Option<&Accounts>,
+    username: &str,
+    password: &SecretBytes,
+    protocol: Protocol,
+    peer: &Peer,
+) -> Verdict {
+    decide_cached(store, accounts, None, username, password, protocol, peer)
+}
+
+/// [`decide_with`], remembering a verified app password in `cache`.
+fn decide_cached(
+    store: &dyn Store,
+    accounts: Option<&Accounts>,
+    cache: Option<&VerifyCache>,
     username: &str,
     password: &SecretBytes,
     protocol: Protocol,
@@ -564,9 +642,82 @@ pub fn decide_with(
         audit("login_refused_locked", format!("{} via {protocol}", peer.ip));
         return Verdict::Denied;
     }
-    let verdict = decide_account(store, &account, password, protocol, peer, upstream_mode, &audit);
+    let mode = Mode { upstream: upstream_mode, cache };
+    let verdict = decide_account(store, &account, password, protocol, peer, mode, &audit);
     count_failures(store, &account, &verdict);
     verdict
+}
+
+/// How account passwords are checked, and where verified app passwords are remembered.
+#[derive(Clone, Copy)]
+struct Mode<'a> {
+    /// `password_check = "upstream"`.
+    upstream: bool,
+    cache: Option<&'a VerifyCache>,
+}
+
+/// The fast path: an app password verified within the cache lifetime, whose record
+/// still exists unchanged. `None`: not cached (or anything unusual) — take the full check.
+fn cached_app_password(
+    store: &dyn Store,
+    cache: &VerifyCache,
+    username: &str,
+    password: &SecretBytes,
+    protocol: Protocol,
+    peer: &Peer,
+) -> Option<Verdict> {
+    let (id, normalized) = app_password::parse(password.expose())?;
+    let account = store.get_account(username).ok()??;
+    if account.failed_logins >= crate::store::MAX_FAILED_LOGINS {
+        return None;
+    }
+    let rec = store.get_app_password(&id).ok()??;
+    if rec.username != account.username
+        || !rec.scopes.contains(&protocol.scope())
+        || !cache.hit_parts(&account.username, &[normalized.expose().as_bytes(), rec.hash.as_bytes()])
+    {
+        return None;
+    }
+    let audit = |kind: &str, detail: String| {
+        let ev = AuditEvent { at: now_unix(), username: account.username.clone(), kind: kind.into(), detail };
+        if let Err(e) = store.append_audit(&ev) {
+            tracing::warn!(error = %e, "audit write failed");
+        }
+    };
+    let verdict = grant_app_password(store, &account, rec, protocol, peer, &audit);
+    count_failures(store, &account, &verdict);
+    Some(verdict)
+}
+
+/// How a login is described in the audit log: address, protocol and the client's name.
+fn who(peer: &Peer, protocol: Protocol) -> String {
+    format!(
+        "{} via {}{}",
+        peer.ip,
+        protocol,
+        peer.client_name.as_deref().map(|c| format!(" ({c})")).unwrap_or_default()
+    )
+}
+
+/// A verified app password: its last use and the audit event are recorded.
+fn grant_app_password(
+    store: &dyn Store,
+    account: &crate::store::Account,
+    rec: crate::store::AppPasswordRecord,
+    protocol: Protocol,
+    peer: &Peer,
+    audit: &dyn Fn(&str, String),
+) -> Verdict {
+    let used = LastUse { at: now_unix(), ip: peer.ip.to_string(), client: peer.client_name.clone() };
+    if let Err(e) = store.record_app_password_use(&rec.id, &used) {
+        tracing::warn!(error = %e, "last-use write failed");
+    }
+    audit("login", format!("{} with app password {} ({})", who(peer, protocol), rec.label, rec.id));
+    Verdict::Granted(Authenticated {
+        username: account.username.clone(),
+        app_password_id: Some(rec.id),
+        senders: senders(account),
+    })
 }
 
 /// Keeps the account's persistent count of consecutive failures.
@@ -593,15 +744,11 @@ fn decide_account(
     password: &SecretBytes,
     protocol: Protocol,
     peer: &Peer,
-    upstream_mode: bool,
+    mode: Mode<'_>,
     audit: &dyn Fn(&str, String),
 ) -> Verdict {
-    let who = format!(
-        "{} via {}{}",
-        peer.ip,
-        protocol,
-        peer.client_name.as_deref().map(|c| format!(" ({c})")).unwrap_or_default()
-    );
+    let Mode { upstream: upstream_mode, cache } = mode;
+    let who = who(peer, protocol);
     if let Some((id, normalized)) = app_password::parse(password.expose()) {
         match store.get_app_password(&id) {
             Ok(Some(rec)) if rec.username == account.username => {
@@ -613,16 +760,10 @@ fn decide_account(
                     audit("app_password_wrong_scope", format!("{} ({}) from {who}", rec.label, rec.id));
                     return Verdict::Denied;
                 }
-                let used = LastUse { at: now_unix(), ip: peer.ip.to_string(), client: peer.client_name.clone() };
-                if let Err(e) = store.record_app_password_use(&rec.id, &used) {
-                    tracing::warn!(error = %e, "last-use write failed");
+                if let Some(cache) = cache {
+                    cache.remember_parts(&account.username, &[normalized.expose().as_bytes(), rec.hash.as_bytes()]);
                 }
-                audit("login", format!("{who} with app password {} ({})", rec.label, rec.id));
-                return Verdict::Granted(Authenticated {
-                    username: account.username.clone(),
-                    app_password_id: Some(rec.id),
-                    senders: senders(account),
-                });
+                return grant_app_password(store, account, rec, protocol, peer, audit);
             }
             Ok(_) => {}
             Err(e) => {
@@ -775,6 +916,179 @@ mod tests {
 
     fn pw(s: &str) -> SecretBytes {
         s.as_bytes().to_vec().into()
+    }
+
+    /// A verified app password is served from the cache even while every hashing thread
+    /// is busy; a different scope, a wrong password, another user's name, a revoked
+    /// record or a locked account never are (SECURITY.md case 68).
+    #[tokio::test]
+    async fn verified_app_passwords_skip_the_hash_until_revoked() {
+        let (_dir, s, good) = setup();
+        let store: Arc<dyn Store> = Arc::new(s);
+        store
+            .create_account(&Account {
+                username: "b@x".into(),
+                addresses: vec![],
+                password_hash: None,
+                totp: None,
+                second_factor_required: false,
+                backup_codes: None,
+                second_factor_failures: 0,
+                failed_logins: 0,
+                created_at: 0,
+                updated_at: 0,
+            })
+            .unwrap();
+        let auth = Authenticator::new(store.clone(), 1).with_verify_cache(Duration::from_secs(60));
+        let creds = |user: &str, p: &str| Credentials { username: user.into(), password: pw(p) };
+        let quick = |c: Credentials, proto: Protocol| {
+            let auth = auth.clone();
+            async move { tokio::time::timeout(Duration::from_millis(300), auth.verify(&c, proto, &peer())).await }
+        };
+        // First login: hashed, remembered.
+        assert!(matches!(auth.verify(&creds("a@x", &good), Protocol::Imap, &peer()).await, Verdict::Granted(_)));
+        // Occupy the only hashing thread.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let busy = auth.clone();
+        let blocker = tokio::spawn(async move { busy.run_blocking(move || held.recv()).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Cached: granted at once, with separators or without, and the use is recorded.
+        let plain: String = good.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+        for p in [good.as_str(), plain.as_str()] {
+            match quick(creds("A@X ", p), Protocol::Imap).await {
+                Ok(Verdict::Granted(a)) => assert_eq!(a.username(), "a@x"),
+                other => panic!("not served from the cache: {other:?}"),
+            }
+        }
+        // Not cached: these wait for the (busy) hashing thread.
+        let mut wrong = good.clone();
+        let last = wrong.pop().unwrap();
+        wrong.push(if last == 'a' { 'b' } else { 'a' });
+        assert!(quick(creds("a@x", &wrong), Protocol::Imap).await.is_err(), "wrong password served");
+        assert!(quick(creds("a@x", &good), Protocol::Smtp).await.is_err(), "scope ignored");
+        assert!(quick(creds("b@x", &good), Protocol::Imap).await.is_err(), "other user's name served");
+        // Locked account.
+        store
+            .update_account("a@x", &mut |a| {
+                a.failed_logins = crate::store::MAX_FAILED_LOGINS;
+                Ok(())
+            })
+            .unwrap();
+        assert!(quick(creds("a@x", &good), Protocol::Imap).await.is_err(), "locked account served");
+        store
+            .update_account("a@x", &mut |a| {
+                a.failed_logins = 0;
+                Ok(())
+            })
+            .unwrap();
+        assert!(matches!(quick(creds("a@x", &good), Protocol::Imap).await, Ok(Verdict::Granted(_))));
+        // Revoked: refused at once by the cache path, whatever was remembered.
+        let (id, _) = app_password::parse(good.as_bytes()).unwrap();
+        store.revoke_app_password("a@x", &id).unwrap();
+        assert!(quick(creds("a@x", &good), Protocol::Imap).await.is_err(), "revoked app password served");
+        release.send(()).unwrap();
+        let _ = blocker.await;
+        assert!(matches!(auth.verify(&creds("a@x", &good), Protocol::Imap, &peer()).await, Verdict::Denied));
+        let used = store.recent_audit("a@x", 100).unwrap();
+        assert!(used.iter().filter(|e| e.kind == "login").count() >= 4, "cached logins are audited");
+    }
+
+    /// 200 logins with random passwords at once: never more hashes at once than the
+    /// threads, every one answered, and a real login in the middle still gets in
+    /// (SECURITY.md case 63). The per-IP and per-account delays are applied by the
+    /// drivers after the verdict; here the bare hashing budget is measured.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_login_storm_is_bounded_by_the_hashing_threads() {
+        let (_dir, s, good) = setup();
+        let store: Arc<dyn Store> = Arc::new(s);
+        let auth = Authenticator::new(store, 2);
+        let mut storm = Vec::new();
+        for i in 0..200 {
+            let auth = auth.clone();
+            storm.push(tokio::spawn(async move {
+                let user = if i % 2 == 0 { "a@x".to_string() } else { format!("nobody{i}@x") };
+                let c = Credentials { username: user, password: pw(&format!("random-{i}-{}", i * 7919)) };
+                auth.verify(&c, Protocol::Imap, &peer()).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let real = Credentials { username: "a@x".into(), password: pw(&good) };
+        let started = std::time::Instant::now();
+        let v = auth.verify(&real, Protocol::Imap, &peer()).await;
+        assert!(matches!(v, Verdict::Granted(_)), "real login during the storm: {v:?}");
+        let waited = started.elapsed();
+        let mut denied = 0;
+        for t in storm {
+            match t.await.unwrap() {
+                Verdict::Denied => denied += 1,
+                Verdict::Unavailable => {}
+                other => panic!("a random password got {other:?}"),
+            }
+        }
+        assert!(auth.hashing_peak() <= 2, "{} hashes at once", auth.hashing_peak());
+        assert!(denied > 0);
+        eprintln!("200 concurrent bad logins: {denied} denied, real login answered after {waited:?}");
+    }
+
+    /// A check that cannot get a hashing thread within the queue deadline is told to come
+    /// back later (`NO [UNAVAILABLE]`), not left waiting.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_stuck_in_the_queue_is_unavailable() {
+        let (_dir, s, good) = setup();
+        let auth = Authenticator::new(Arc::new(s), 1);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let busy = auth.clone();
+        let blocker = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move { busy.run_blocking(move || held.recv()).await })
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let real = Credentials { username: "a@x".into(), password: pw(&good) };
+        let before = tokio::time::Instant::now();
+        assert!(matches!(auth.verify(&real, Protocol::Imap, &peer()).await, Verdict::Unavailable));
+        assert!(before.elapsed() >= HASH_QUEUE_TIMEOUT);
+        release.send(()).unwrap();
+        let _ = blocker.join();
+    }
+
+    /// One check costs one argon2 evaluation, whether the account has 1 or 50 app
+    /// passwords, for a wrong app password, a wrong account password or an unknown user
+    /// (SECURITY.md case 64).
+    #[test]
+    fn one_hash_per_attempt_with_fifty_app_passwords() {
+        let (_dir, s, good) = setup();
+        for i in 0..49 {
+            let p = app_password::generate().unwrap();
+            s.create_app_password(&AppPasswordRecord {
+                id: p.id.clone(),
+                username: "a@x".into(),
+                label: format!("device {i}"),
+                scopes: vec![Scope::Imap],
+                hash: password::hash(p.password.expose().as_bytes()).unwrap(),
+                created_at: 0,
+                created_by: "admin".into(),
+                last_used: None,
+            })
+            .unwrap();
+        }
+        assert_eq!(s.list_app_passwords("a@x").unwrap().len(), 50);
+        let mut wrong_app = good.clone();
+        let last = wrong_app.pop().unwrap();
+        wrong_app.push(if last == 'a' { 'b' } else { 'a' });
+        let other_shape = app_password::generate().unwrap().grouped().expose().clone();
+        for (user, secret) in [
+            ("a@x", good.as_str()),
+            ("a@x", wrong_app.as_str()),
+            ("a@x", other_shape.as_str()),
+            ("a@x", "not the account password"),
+            ("nobody@x", "whatever"),
+            ("nobody@x", good.as_str()),
+        ] {
+            let before = password::evaluations_on_this_thread();
+            let _ = decide(&s, user, &pw(secret), Protocol::Imap, &peer());
+            let n = password::evaluations_on_this_thread() - before;
+            assert_eq!(n, 1, "{user} / {secret}: {n} evaluations");
+        }
     }
 
     #[test]

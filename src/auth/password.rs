@@ -27,8 +27,19 @@ thread_local! {
     static BLOCKS: std::cell::RefCell<Vec<Block>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// Password hashes evaluated on this thread (tests count the work of one check).
+    static EVALUATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// argon2 evaluations made so far by the calling thread.
+pub fn evaluations_on_this_thread() -> u64 {
+    EVALUATIONS.with(|c| c.get())
+}
+
 /// Checks a password against a PHC string in constant time. A malformed hash never matches.
 pub fn verify(password: &[u8], phc: &str) -> bool {
+    EVALUATIONS.with(|c| c.set(c.get() + 1));
     let Ok(parsed) = PasswordHash::new(phc) else { return false };
     let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else { return false };
     let Ok(params) = Params::try_from(&parsed) else { return false };

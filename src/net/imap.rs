@@ -3,6 +3,7 @@
 
 use crate::auth::{self, Authenticated, Authenticator, Peer, Protocol, Verdict};
 use crate::config::Config;
+use crate::net::relay::{Relay, RelayEnd};
 use crate::net::stream::MaybeTls;
 use crate::net::upstream::{Connector, UpstreamFailure, UpstreamSession};
 use crate::proto::imap::{Action, AuthReply, PreAuth};
@@ -187,12 +188,14 @@ impl ImapService {
                 return;
             }
         }
-        relay(stream, upstream, pipelined, guard, &granted).await;
+        // Nothing from the login phase stays allocated for the life of the session.
+        drop(machine);
+        drop(buf);
+        drop(stop);
+        relay(stream, upstream, pipelined, guard, &granted, limits.imap_idle_timeout).await;
     }
 }
 
-/// Copies bytes both ways until either side closes, the session is revoked, or
-/// [`MAX_SESSION`] passes. Needs the proof of authentication.
 /// Writes a last line to a client that has not logged in and closes, bounded to 1 s.
 async fn goodbye(stream: &mut MaybeTls, line: &[u8]) {
     let _ = timeout(Duration::from_secs(1), async {
@@ -202,39 +205,52 @@ async fn goodbye(stream: &mut MaybeTls, line: &[u8]) {
     .await;
 }
 
+/// Copies bytes both ways until either side closes, the session is revoked, the client
+/// is silent for the autologout time, or [`MAX_SESSION`] passes. Needs the proof of
+/// authentication. Relay buffers exist only while data flows ([`crate::net::relay`]).
 async fn relay(
     mut client: MaybeTls,
     up: UpstreamSession,
     pipelined: Vec<u8>,
     mut guard: SessionGuard,
     who: &Authenticated,
+    idle: Duration,
 ) {
-    let UpstreamSession { stream: mut upstream, leftover, .. } = up;
+    let UpstreamSession { stream: mut upstream, leftover, capabilities } = up;
+    drop(capabilities);
     if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
         return;
     }
+    drop(leftover);
     if !pipelined.is_empty() && upstream.write_all(&pipelined).await.is_err() {
         return;
     }
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-            if let Err(e) = r {
-                debug!(user = %who.username(), error = %e, "relay ended");
+    drop(pipelined);
+    let mut relay = Relay::new(&mut client, &mut upstream, idle);
+    let last: Option<&[u8]> = tokio::select! {
+        r = &mut relay => match r {
+            Ok(RelayEnd::Closed) => None,
+            Ok(RelayEnd::Idle) => {
+                info!(user = %who.username(), "session ended: idle too long");
+                Some(b"* BYE Autologout; idle for too long\r\n")
             }
-        }
-        reason = &mut guard.killed => {
-            let bye: &[u8] = match reason {
-                Ok(crate::sessions::EndReason::Shutdown) => b"* BYE Server shutting down, please reconnect\r\n",
-                _ => {
-                    info!(user = %who.username(), "session ended: access revoked");
-                    b"* BYE Access revoked\r\n"
-                }
-            };
-            let _ = timeout(Duration::from_secs(2), client.write_all(bye)).await;
-        }
-        _ = tokio::time::sleep(MAX_SESSION) => {
-            let _ = timeout(Duration::from_secs(2), client.write_all(b"* BYE Session too long\r\n")).await;
-        }
+            Err(e) => {
+                debug!(user = %who.username(), error = %e, "relay ended");
+                None
+            }
+        },
+        reason = &mut guard.killed => match reason {
+            Ok(crate::sessions::EndReason::Shutdown) => Some(b"* BYE Server shutting down, please reconnect\r\n"),
+            _ => {
+                info!(user = %who.username(), "session ended: access revoked");
+                Some(b"* BYE Access revoked\r\n")
+            }
+        },
+        _ = tokio::time::sleep(MAX_SESSION) => Some(b"* BYE Session too long\r\n"),
+    };
+    drop(relay);
+    if let Some(line) = last {
+        let _ = timeout(Duration::from_secs(2), client.write_all(line)).await;
     }
     let _ = timeout(Duration::from_secs(2), client.shutdown()).await;
     let _ = timeout(Duration::from_secs(2), upstream.shutdown()).await;

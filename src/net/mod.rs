@@ -3,6 +3,7 @@
 
 pub mod imap;
 pub mod listener;
+pub mod relay;
 pub mod smtp;
 pub mod stream;
 pub mod upstream;

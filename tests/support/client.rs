@@ -71,6 +71,18 @@ impl Client {
         Ok(Client { conn: wrap(tcp, cfg)?, buf: Vec::new(), transcript: Vec::new() })
     }
 
+    /// TLS from the first byte, waiting up to `wait` for the handshake (a loaded server).
+    pub fn tls_patient(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>, wait: Duration) -> std::io::Result<Client> {
+        let tcp = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        tcp.set_read_timeout(Some(wait))?;
+        let conn = wrap(tcp, cfg)?;
+        let client = Client { conn, buf: Vec::new(), transcript: Vec::new() };
+        if let Conn::Tls(s) = &client.conn {
+            s.sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        }
+        Ok(client)
+    }
+
     /// TLS with SNI `name` (an IP address sends no SNI).
     pub fn tls_named(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>, name: &str) -> std::io::Result<Client> {
         let tcp = TcpStream::connect_timeout(&addr, TIMEOUT)?;
