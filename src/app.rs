@@ -81,6 +81,35 @@ impl Listeners {
     }
 }
 
+/// Raises the soft limit on open files towards what `max_connections` needs (a relayed
+/// session holds two sockets), as far as the hard limit allows; warns when it falls short.
+/// systemd starts services with a soft limit of 1024, which would cap mailgate at about
+/// 500 sessions whatever `max_connections` says.
+pub fn raise_fd_limit(max_connections: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let want = (max_connections as u64).saturating_mul(2).saturating_add(256);
+    let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
+    let soft = current.unwrap_or(u64::MAX);
+    if soft >= want {
+        return;
+    }
+    let target = maximum.map_or(want, |hard| hard.min(want));
+    let got = if target > soft && setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum }).is_ok() {
+        target
+    } else {
+        soft
+    };
+    if got < want {
+        tracing::warn!(
+            open_files = got,
+            needed = want,
+            "the open-file limit is below what limits.max_connections needs; raise it (systemd: LimitNOFILE=)"
+        );
+    } else {
+        tracing::info!(open_files = got, "raised the open-file limit");
+    }
+}
+
 /// Serves until `shutdown` completes. The store must be open already.
 pub async fn run(
     config: Arc<Config>,
@@ -89,6 +118,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    raise_fd_limit(config.limits.max_connections);
     let acceptor = TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])?);
     let connector = Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?);
     let sessions = Sessions::default();

@@ -358,3 +358,52 @@ fn a_login_storm_keeps_hashing_memory_bounded_and_real_logins_answered() {
     );
     assert!(peak < before + 2 * 19 * 1024 + 80 * 1024, "peak RSS {peak} KiB (before {before} KiB)");
 }
+
+#[test]
+fn a_low_open_file_limit_is_raised_for_max_connections() {
+    // systemd starts services with a soft limit of 1024 open files, which would hold
+    // about 500 relayed sessions whatever limits.max_connections says.
+    let mut mg = Mailgate::start(Options {
+        limits: "auth_failure_delay_ms = 200\nmax_connections = 3000\n".into(),
+        ..Options::default()
+    });
+    mg.stop();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 1024 && exec {} --config {} serve",
+            crate::support::mailgate::bin(),
+            mg.config.display()
+        ))
+        .current_dir(mg.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let soft = loop {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap_or_default();
+        let soft: u64 = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap_or_default();
+        if comm.trim() == "mailgate" && soft != 1024 && soft != 0 || Instant::now() > deadline {
+            break soft;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    // 2 × 3000 + 256, or the hard limit if that is lower.
+    let hard: u64 = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert_eq!(soft, hard.min(6256), "soft open-file limit after start");
+}
