@@ -2,6 +2,7 @@
 //! Case numbers refer to SECURITY.md.
 
 use super::*;
+use crate::proto::chunked;
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------
@@ -1803,10 +1804,6 @@ fn imapish_token() -> impl Strategy<Value = Vec<u8>> {
         b"\\",
     ];
     prop::sample::select(tokens).prop_map(|t| t.to_vec())
-}
-
-fn chunked(bytes: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Vec<Vec<u8>>> {
-    prop::collection::vec(bytes, 0..24)
 }
 
 /// Whole (mostly valid) command lines and SASL lines, so that random sessions get past

@@ -17,6 +17,14 @@ pub(crate) fn fuzz_cases(default: u32) -> u32 {
     std::env::var("MAILGATE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// A session as arbitrary reads: up to 24 chunks drawn from `bytes` (fuzz targets).
+#[cfg(test)]
+pub(crate) fn chunked(
+    bytes: impl proptest::strategy::Strategy<Value = Vec<u8>>,
+) -> impl proptest::strategy::Strategy<Value = Vec<Vec<u8>>> {
+    proptest::collection::vec(bytes, 0..24)
+}
+
 /// The committed fuzz corpus for `kind` (`fuzz/corpus/<kind>/*`), each input cut into
 /// reads in several ways: whole, byte by byte, and at every 7th byte.
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! refer to SECURITY.md.
 
 use super::*;
+use crate::proto::chunked;
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------
@@ -2547,10 +2548,6 @@ fn smtpish_turns() -> impl Strategy<Value = Vec<Vec<Vec<u8>>>> {
                 .collect()
         },
     )
-}
-
-fn chunked(bytes: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Vec<Vec<u8>>> {
-    prop::collection::vec(bytes, 0..24)
 }
 
 fn some_max() -> impl Strategy<Value = usize> {
