@@ -1,0 +1,1238 @@
+#!/usr/bin/python3
+"""mailgate benchmark: mailgate and its peers side by side, in one run, on loopback.
+
+Started by bench/run (which installs the Debian packages and builds mailgate). Everything
+runs from a private temporary directory with its own configuration files; the daemons run
+in the foreground as children of this process and are stopped by PID (and their process
+group) at the end, also on errors and Ctrl-C. See docs/performance.md.
+"""
+
+import argparse
+import base64
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import clients  # noqa: E402
+
+import argon2  # noqa: E402
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH_DIR)
+PEERS = ["mailgate", "nginx", "haproxy", "dovecot_proxy", "dovecot"]
+PROXIES = ["mailgate", "nginx", "haproxy", "dovecot_proxy"]
+DOMAIN = "bench.test"
+N_LOGIN_USERS = 16
+N_IDLE_USERS = 20
+IDLE_MSGS = 20  # 20 x ~52 KB = ~1.05 MB per session for the "after 1 MB" variant
+MASTER = "proxymaster"
+ARGON2 = argon2.PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32, salt_len=16)
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def rand_pw(n=20):
+    return "".join(random.SystemRandom().choice(string.ascii_letters + string.digits) for _ in range(n))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def pct(xs, p):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, int(round(p / 100.0 * len(xs) + 0.5)) - 1))
+    return xs[k]
+
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stats():
+    """pid -> (ppid, pgrp, cpu ticks incl. reaped children) for every process."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rfind(b")") + 2:].split()
+        # fields from 3 (state): ppid=4 pgrp=5 utime=14 stime=15 cutime=16 cstime=17
+        out[int(d)] = (int(rest[1]), int(rest[2]), int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14]))
+    return out
+
+
+def tree(root, stats=None):
+    stats = stats or _proc_stats()
+    kids = {}
+    for pid, (ppid, _, _) in stats.items():
+        kids.setdefault(ppid, []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            out.append(p)
+            todo.extend(kids.get(p, []))
+    return out
+
+
+def cpu_secs(roots):
+    """user+sys seconds of the process trees under `roots` (reaped children included)."""
+    stats = _proc_stats()
+    total = 0
+    for r in roots:
+        for p in tree(r, stats):
+            total += stats[p][2]
+    return total / CLK
+
+
+def pss_kib(roots):
+    stats = _proc_stats()
+    total, nproc = 0, 0
+    for r in roots:
+        for p in tree(r, stats):
+            try:
+                with open(f"/proc/{p}/smaps_rollup") as f:
+                    for line in f:
+                        if line.startswith("Pss:"):
+                            total += int(line.split()[1])
+                            nproc += 1
+                            break
+            except OSError:
+                pass
+    return total, nproc
+
+
+def cpu_idle_sample(secs):
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])
+
+    i0, t0 = read()
+    time.sleep(secs)
+    i1, t1 = read()
+    return 100.0 * (i1 - i0) / max(1, t1 - t0)
+
+
+def quiet_wait(min_idle=90.0, timeout=30.0):
+    """Waits until the CPUs are >= min_idle % idle over 0.5 s (or timeout); returns the idle %."""
+    deadline = time.time() + timeout
+    while True:
+        idle = cpu_idle_sample(0.5)
+        if idle >= min_idle or time.time() >= deadline:
+            return round(idle, 1)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+class Daemon:
+    def __init__(self, name, cmd, cwd, logfile, env=None):
+        self.name = name
+        self.log = open(logfile, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        self.pid = self.proc.pid
+        self.logfile = logfile
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        # Anything left in its process group (by group id = its PID), then check.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            left = [p for p, (_, g, _) in _proc_stats().items() if g == self.pid]
+            if not left:
+                break
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(1.0)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        left = [p for p, (_, g, _) in _proc_stats().items() if g == self.pid]
+        self.log.close()
+        return left
+
+
+def wait_greeting(port, tls_ctx=None, timeout=30.0, name=""):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            if tls_ctx:
+                c = clients.Conn(tls_ctx, port, timeout=5)
+                c.handshake_done_greeting()
+                c.close()
+            else:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    data = s.recv(1024)
+                    if not data.startswith(b"* OK"):
+                        raise RuntimeError(f"greeting {data[:80]!r}")
+            return
+        except Exception as e:  # noqa: BLE001 - retried until the deadline
+            last = e
+            time.sleep(0.2)
+    raise RuntimeError(f"{name} on port {port} did not greet within {timeout}s: {last}")
+
+
+def run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stdout[-800:]} {r.stderr[-800:]}")
+    return r.stdout
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_messages(n, seed=7):
+    rnd = random.Random(seed)
+    msgs = []
+    for i in range(n):
+        payload = base64.encodebytes(rnd.randbytes(37500)).replace(b"\n", b"\r\n")
+        text = (f"Message {i} of the mailgate benchmark mailbox.\r\n" * 12).encode()
+        m = (
+            f"From: Bench Sender <sender@{DOMAIN}>\r\nTo: <bulk@{DOMAIN}>\r\n"
+            f"Subject: bench message {i}\r\nDate: Mon, 2 Nov 2026 10:00:00 +0000\r\n"
+            f"Message-ID: <bench-{i}@{DOMAIN}>\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+            "--b1\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+        ).encode() + text + (
+            b"\r\n--b1\r\nContent-Type: application/octet-stream; name=\"data.bin\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n"
+        ) + payload + b"\r\n--b1--\r\n"
+        msgs.append(m)
+    return msgs
+
+
+def write_maildir(home, messages, uid, gid):
+    md = os.path.join(home, "Maildir")
+    for d in (home, md, md + "/cur", md + "/new", md + "/tmp"):
+        os.makedirs(d, exist_ok=True)
+        os.chmod(d, 0o700)
+        os.chown(d, uid, gid)
+    t = int(time.time())
+    for i, m in enumerate(messages):
+        p = f"{md}/cur/{t}.M{i}P{os.getpid()}.bench,S={len(m)}:2,S"
+        with open(p, "wb") as f:
+            f.write(m)
+        os.chown(p, uid, gid)
+
+
+class Setup:
+    """Users, passwords, mailboxes, certificates and the five servers."""
+
+    def __init__(self, args, work):
+        self.args = args
+        self.w = work
+        self.daemons = {}
+        self.ports = {}
+        self.versions = {}
+        self.specs = {}
+
+    # --- accounts
+    def make_users(self):
+        self.master_pw = rand_pw(24)
+        self.argon_users = []  # (user, password, phc)
+        for i in range(N_LOGIN_USERS):
+            u, p = f"a{i + 1:02d}@{DOMAIN}", rand_pw()
+            self.argon_users.append((u, p, ARGON2.hash(p)))
+        self.idle_users = [(f"i{i + 1:02d}@{DOMAIN}", rand_pw()) for i in range(N_IDLE_USERS)]
+        self.bulk = (f"bulk@{DOMAIN}", rand_pw())
+        self.cost_users = [(f"one@{DOMAIN}", rand_pw()), (f"fifty@{DOMAIN}", rand_pw())]
+        self.app = {}  # user -> [app passwords] (mailgate)
+
+    def passwd_lines(self, proxy_port=None):
+        lines = []
+        extra = ""
+
+        def ex(u):
+            if proxy_port is None:
+                return ""
+            return f"::::::proxy=y host=127.0.0.1 port={proxy_port} destuser={u}*{MASTER} pass={self.master_pw}"
+
+        for u, _, phc in self.argon_users:
+            lines.append(f"{u}:{{ARGON2ID}}{phc}{ex(u)}")
+        for u, p in self.idle_users + [self.bulk] + self.cost_users:
+            lines.append(f"{u}:{{PLAIN}}{p}{ex(u)}")
+        del extra
+        return "\n".join(lines) + "\n"
+
+    # --- TLS
+    def make_cert(self):
+        d = os.path.join(self.w, "tls")
+        os.makedirs(d)
+        self.cert, self.key = f"{d}/cert.pem", f"{d}/key.pem"
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", self.key, "-out", self.cert, "-days", "3", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        os.chmod(self.key, 0o600)
+        self.combined = f"{d}/combined.pem"
+        with open(self.combined, "w") as f:
+            f.write(open(self.cert).read() + open(self.key).read())
+        os.chmod(self.combined, 0o600)
+        self.ctx = clients.tls_context(self.cert)
+
+    # --- Dovecot backend (also the "dovecot" peer: its implicit-TLS listener)
+    def start_backend(self, messages):
+        d = os.path.join(self.w, "dovecot")
+        os.makedirs(d + "/run")
+        os.makedirs(d + "/state")
+        os.makedirs(d + "/home")
+        import pwd
+        import grp
+        uid = pwd.getpwnam("nobody").pw_uid
+        try:
+            gid = grp.getgrnam("nogroup").gr_gid
+            gname = "nogroup"
+        except KeyError:
+            gid, gname = pwd.getpwnam("nobody").pw_gid, "nobody"
+        os.chmod(d, 0o755)
+        os.chown(d + "/home", uid, gid)
+        with open(d + "/users", "w") as f:
+            f.write(self.passwd_lines())
+        with open(d + "/master-users", "w") as f:
+            f.write(f"mailgate:{{PLAIN}}{self.master_pw}\n{MASTER}:{{PLAIN}}{self.master_pw}\n")
+        for p in ("users", "master-users"):
+            os.chmod(f"{d}/{p}", 0o644)
+        log("writing the mailboxes (bulk: %d messages, %.1f MB)" % (len(messages), sum(map(len, messages)) / 1e6))
+        write_maildir(f"{d}/home/{self.bulk[0]}", messages, uid, gid)
+        for u, _ in self.idle_users:
+            write_maildir(f"{d}/home/{u}", messages[:IDLE_MSGS], uid, gid)
+        plain, tls = free_port(), free_port()
+        self.ports["backend_plain"], self.ports["dovecot"] = plain, tls
+        conf = f"""# mailgate bench backend (generated)
+base_dir = {d}/run
+state_dir = {d}/state
+instance_name = mgbench-backend-{plain}
+listen = 127.0.0.1
+protocols = imap
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot-info.log
+ssl = yes
+ssl_cert = <{self.cert}
+ssl_key = <{self.key}
+ssl_min_protocol = TLSv1.2
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_master_user_separator = *
+login_trusted_networks = 127.0.0.0/8
+auth_failure_delay = 0
+mail_fsync = never
+passdb {{
+  driver = passwd-file
+  master = yes
+  pass = yes
+  args = {d}/master-users
+}}
+passdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid={gname} home={d}/home/%u allow_all_users=yes
+}}
+mail_location = maildir:~/Maildir
+protocol imap {{
+  mail_max_userip_connections = 100000
+}}
+default_process_limit = 6000
+default_client_limit = 30000
+default_vsz_limit = 2G
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {plain}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {tls}
+    ssl = yes
+  }}
+  service_count = 0
+  process_min_avail = 2
+  process_limit = 2
+  client_limit = 15000
+}}
+service imap {{
+  process_limit = 6000
+  client_limit = 1
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    path = anvil-auth-penalty-disabled
+  }}
+}}
+"""
+        with open(d + "/dovecot.conf", "w") as f:
+            f.write(conf)
+        run(["dovecot", "-n", "-c", d + "/dovecot.conf"])
+        self.launch("backend", ["dovecot", "-F", "-c", d + "/dovecot.conf"], d, d + "/stdout.log", [plain, tls])
+
+    def start_dovecot_proxy(self):
+        d = os.path.join(self.w, "dovecot-proxy")
+        for s in ("run", "state"):
+            os.makedirs(f"{d}/{s}")
+        os.chmod(d, 0o755)
+        with open(d + "/users", "w") as f:
+            f.write(self.passwd_lines(proxy_port=self.ports["backend_plain"]))
+        os.chmod(d + "/users", 0o644)
+        port = free_port()
+        self.ports["dovecot_proxy"] = port
+        conf = f"""# mailgate bench: Dovecot in proxy mode (generated)
+base_dir = {d}/run
+state_dir = {d}/state
+instance_name = mgbench-proxy-{port}
+listen = 127.0.0.1
+protocols = imap
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot-info.log
+ssl = yes
+ssl_cert = <{self.cert}
+ssl_key = <{self.key}
+ssl_min_protocol = TLSv1.2
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_failure_delay = 0
+passdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home=/nonexistent allow_all_users=yes
+}}
+default_process_limit = 6000
+default_client_limit = 30000
+default_vsz_limit = 2G
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {port}
+    ssl = yes
+  }}
+  service_count = 0
+  process_min_avail = 2
+  process_limit = 2
+  client_limit = 15000
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    path = anvil-auth-penalty-disabled
+  }}
+}}
+"""
+        with open(d + "/dovecot.conf", "w") as f:
+            f.write(conf)
+        run(["dovecot", "-n", "-c", d + "/dovecot.conf"])
+        self.launch("dovecot_proxy", ["dovecot", "-F", "-c", d + "/dovecot.conf"], d, d + "/stdout.log", [port])
+
+    def start_nginx(self):
+        d = os.path.join(self.w, "nginx")
+        os.makedirs(d + "/logs")
+        os.chmod(d, 0o755)
+        auth_port, port = free_port(), free_port()
+        self.ports["nginx"], self.ports["auth_http"] = port, auth_port
+        with open(d + "/users", "w") as f:
+            f.write(self.passwd_lines())
+        with open(d + "/master.secret", "w") as f:
+            f.write(self.master_pw + "\n")
+        self.daemons["auth_http"] = Daemon(
+            "auth_http", [sys.executable, os.path.join(BENCH_DIR, "auth_http.py"), str(auth_port), d + "/users",
+                          "127.0.0.1", str(self.ports["backend_plain"]), MASTER, d + "/master.secret"],
+            d, d + "/auth_http.log")
+        conf = f"""# mailgate bench: nginx mail proxy (generated)
+load_module /usr/lib/nginx/modules/ngx_mail_module.so;
+user nobody nogroup;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+daemon off;
+events {{
+  worker_connections 9000;
+}}
+mail {{
+  server_name localhost;
+  auth_http 127.0.0.1:{auth_port}/auth;
+  proxy_pass_error_message on;
+  proxy_buffer 64k;
+  ssl_certificate {self.cert};
+  ssl_certificate_key {self.key};
+  ssl_protocols TLSv1.2 TLSv1.3;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    protocol imap;
+    imap_auth plain login;
+  }}
+}}
+"""
+        with open(d + "/nginx.conf", "w") as f:
+            f.write(conf)
+        run(["nginx", "-t", "-q", "-p", d, "-e", d + "/logs/error.log", "-c", d + "/nginx.conf"])
+        self.launch("nginx", ["nginx", "-p", d, "-e", d + "/logs/error.log", "-c", d + "/nginx.conf"], d,
+                    d + "/stdout.log", [port])
+
+    def start_haproxy(self):
+        d = os.path.join(self.w, "haproxy")
+        os.makedirs(d)
+        port = free_port()
+        self.ports["haproxy"] = port
+        conf = f"""# mailgate bench: haproxy TLS termination, TCP mode (generated)
+global
+  maxconn 9000
+  nbthread 2
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  maxconn 9000
+frontend imaps
+  bind 127.0.0.1:{port} ssl crt {self.combined}
+  default_backend dovecot
+backend dovecot
+  server d1 127.0.0.1:{self.ports['backend_plain']} maxconn 9000
+"""
+        with open(d + "/haproxy.cfg", "w") as f:
+            f.write(conf)
+        run(["haproxy", "-c", "-q", "-f", d + "/haproxy.cfg"])
+        self.launch("haproxy", ["haproxy", "-db", "-f", d + "/haproxy.cfg"], d, d + "/stdout.log", [port])
+
+    def mailgate(self, *args, stdin=None):
+        cmd = [self.mg_bin, "--config", self.mg_conf, *args]
+        r = subprocess.run(cmd, cwd=self.mg_dir, input=stdin, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"mailgate {' '.join(args)} failed ({r.returncode}): {r.stderr[-800:]}")
+        return r.stdout
+
+    def start_mailgate(self):
+        d = os.path.join(self.w, "mailgate")
+        os.makedirs(d)
+        self.mg_dir = d
+        # A private copy: the shared target/ may be rebuilt while the bench runs.
+        self.mg_bin = d + "/mailgate"
+        shutil.copy2(self.args.mailgate, self.mg_bin)
+        port = free_port()
+        self.ports["mailgate"] = port
+        with open(d + "/master.secret", "w") as f:
+            f.write(self.master_pw + "\n")
+        os.chmod(d + "/master.secret", 0o600)
+        self.mg_conf = d + "/mailgate.toml"
+        conf = f"""# mailgate bench (generated)
+[server]
+hostname = "localhost"
+public_url = "https://localhost"
+data_dir = "{d}/data"
+
+[tls]
+cert = "{self.cert}"
+key = "{self.key}"
+
+[imap]
+listen_tls = ["127.0.0.1:{port}"]
+listen_starttls = []
+
+[smtp]
+listen_tls = []
+listen_starttls = []
+
+[web]
+listen = []
+
+[upstream.imap]
+address = "127.0.0.1:{self.ports['backend_plain']}"
+tls = "none"
+login = "master-sasl"
+master_user = "mailgate"
+master_password_file = "{d}/master.secret"
+
+[upstream.smtp]
+address = "127.0.0.1:1"
+tls = "none"
+login = "master-sasl"
+master_user = "mailgate"
+master_password_file = "{d}/master.secret"
+
+[limits]
+auth_failure_delay_ms = 0
+max_connections = 30000
+max_connections_per_ip = 30000
+max_sessions_per_user_ip = 30000
+"""
+        with open(self.mg_conf, "w") as f:
+            f.write(conf)
+        self.mailgate("init")
+        log("mailgate: adding %d accounts and their app passwords" % (
+            len(self.argon_users) + len(self.idle_users) + 3))
+        for u, p, _ in self.argon_users:
+            self.mailgate("user", "add", u, "--password-stdin", stdin=p + "\n")
+        for u, p in self.idle_users + [self.bulk] + self.cost_users:
+            self.mailgate("user", "add", u, "--password-stdin", stdin=p + "\n")
+        for u in [x[0] for x in self.argon_users] + [x[0] for x in self.idle_users] + [self.bulk[0],
+                                                                                       self.cost_users[0][0]]:
+            self.app[u] = [self.app_password(u, "bench")]
+        fifty = self.cost_users[1][0]
+        self.app[fifty] = [self.app_password(fifty, f"device {k}") for k in range(50)]
+        self.launch("mailgate", [self.mg_bin, "--config", self.mg_conf, "serve"], d, d + "/mailgate.log",
+                    [port])
+
+    def launch(self, name, cmd, cwd, logfile, ports):
+        """Starts a server (foreground, own process group) and waits for its greeting(s)."""
+        self.specs[name] = (cmd, cwd, logfile, ports)
+        self.daemons[name] = Daemon(name, cmd, cwd, logfile)
+        for i, port in enumerate(ports):
+            plain = name == "backend" and i == 0
+            wait_greeting(port, None if plain else self.ctx, name=name)
+
+    def restart(self, peer):
+        """Stops and starts a peer's server again (fresh process, same config and ports)."""
+        name = "backend" if peer == "dovecot" else peer
+        left = self.daemons.pop(name).stop()
+        if left:
+            raise RuntimeError(f"{name}: processes {left} still running after stop")
+        self.launch(name, *self.specs[name])
+
+    def app_password(self, user, label):
+        out = self.mailgate("app-password", "create", user, "--label", label).strip().splitlines()[-1]
+        pw = out.replace(" ", "").replace("-", "").strip()
+        if len(pw) != 32:
+            raise RuntimeError(f"unexpected app password line {out!r}")
+        return pw
+
+    # --- per-peer credentials and CPU roots
+    def creds(self, peer, kind):
+        """kind: argon2 | app | bulk | idle. Peers have no app passwords: for them a device
+        password is a password checked against an argon2id hash, i.e. the argon2 users."""
+        if kind == "bulk":
+            return [(self.bulk[0], self.app[self.bulk[0]][0] if peer == "mailgate" else self.bulk[1])]
+        if kind == "idle":
+            if peer == "mailgate":
+                return [(u, self.app[u][0]) for u, _ in self.idle_users]
+            return list(self.idle_users)
+        if kind == "app" and peer == "mailgate":
+            return [(u, self.app[u][0]) for u, _, _ in self.argon_users]
+        return [(u, p) for u, p, _ in self.argon_users]
+
+    def front_roots(self, peer):
+        if peer == "mailgate":
+            return [self.daemons["mailgate"].pid]
+        if peer == "nginx":
+            return [self.daemons["nginx"].pid, self.daemons["auth_http"].pid]
+        if peer == "haproxy":
+            return [self.daemons["haproxy"].pid]
+        if peer == "dovecot_proxy":
+            return [self.daemons["dovecot_proxy"].pid]
+        return [self.daemons["backend"].pid]  # dovecot direct: the server itself
+
+    def mem_roots(self, peer):
+        if peer == "nginx":
+            return [self.daemons["nginx"].pid]
+        return self.front_roots(peer)
+
+    def backend_roots(self):
+        return [self.daemons["backend"].pid]
+
+    def check_alive(self):
+        dead = [n for n, d in self.daemons.items() if not d.alive()]
+        if dead:
+            raise RuntimeError(f"server(s) exited: {dead} (logs under {self.w})")
+
+    def stop_all(self):
+        leftovers = {}
+        for name in ["mailgate", "haproxy", "nginx", "auth_http", "dovecot_proxy", "backend"]:
+            d = self.daemons.pop(name, None)
+            if d:
+                left = d.stop()
+                if left:
+                    leftovers[name] = left
+        return leftovers
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+class Bench:
+    def __init__(self, args, s, messages):
+        self.a = args
+        self.s = s
+        self.messages = messages
+        self.records = []
+        self.errors = []
+
+    def rec(self, **kw):
+        self.records.append(kw)
+        return kw
+
+    def wait(self):
+        return quiet_wait(self.a.min_idle, self.a.quiet_timeout)
+
+    def greeting(self, peer, rnd):
+        idle = self.wait()
+        lat = clients.greeting_latency(self.s.ctx, self.s.ports[peer], self.a.greetings)
+        r = self.rec(kind="greeting", peer=peer, round=rnd, idle_cpu_pct=idle, n=len(lat),
+                     median_ms=round(statistics.median(lat), 3), min_ms=round(min(lat), 3),
+                     max_ms=round(max(lat), 3))
+        log(f"  greeting  {peer:14s} {r['median_ms']:8.3f} ms (idle {idle}%)")
+
+    def bulk(self, peer, rnd):
+        idle = self.wait()
+        roots, back = self.s.front_roots(peer), self.s.backend_roots()
+        user, pw = self.s.creds(peer, "bulk")[0]
+        c0, b0 = cpu_secs(roots), cpu_secs(back)
+        res = clients.fetch_all(self.s.ctx, self.s.ports[peer], user, pw, self.a.fetches)
+        c1, b1 = cpu_secs(roots), cpu_secs(back)
+        nbytes = sum(n for n, _ in res)
+        secs = sum(t for _, t in res)
+        gb = nbytes / 1e9
+        r = self.rec(kind="bulk", peer=peer, round=rnd, idle_cpu_pct=idle, bytes=nbytes, secs=round(secs, 4),
+                     mb_s=round(nbytes / 1e6 / secs, 1),
+                     per_fetch_mb_s=[round(n / 1e6 / t, 1) for n, t in res],
+                     front_cpu_ms_per_gb=round((c1 - c0) * 1000 / gb, 1),
+                     backend_cpu_ms_per_gb=round((b1 - b0) * 1000 / gb, 1))
+        log(f"  bulk      {peer:14s} {r['mb_s']:8.1f} MB/s  front {r['front_cpu_ms_per_gb']:7.0f} ms/GB"
+            f"  backend {r['backend_cpu_ms_per_gb']:6.0f} ms/GB (idle {idle}%)")
+
+    def append(self, peer, rnd):
+        idle = self.wait()
+        roots, back = self.s.front_roots(peer), self.s.backend_roots()
+        user, pw = self.s.creds(peer, "bulk")[0]
+        c0, b0 = cpu_secs(roots), cpu_secs(back)
+        nbytes, secs = clients.append_all(self.s.ctx, self.s.ports[peer], user, pw, f"up-{peer}-{rnd}",
+                                          self.messages[:self.a.append_messages])
+        c1, b1 = cpu_secs(roots), cpu_secs(back)
+        gb = nbytes / 1e9
+        r = self.rec(kind="append", peer=peer, round=rnd, idle_cpu_pct=idle, bytes=nbytes, secs=round(secs, 4),
+                     mb_s=round(nbytes / 1e6 / secs, 1),
+                     front_cpu_ms_per_gb_incl_delete=round((c1 - c0) * 1000 / gb, 1),
+                     backend_cpu_ms_per_gb_incl_delete=round((b1 - b0) * 1000 / gb, 1))
+        log(f"  append    {peer:14s} {r['mb_s']:8.1f} MB/s (idle {idle}%)")
+
+    def logins(self, peer, rnd, kind, clients_n, creds=None, label=None):
+        idle = self.wait()
+        roots, back = self.s.front_roots(peer), self.s.backend_roots()
+        creds = creds or self.s.creds(peer, kind)
+        ctx = mp.get_context("fork")
+        start_at = time.time() + 0.5
+        procs, pipes = [], []
+        for w in range(clients_n):
+            # One user per worker when there are enough; otherwise each worker cycles through all.
+            mine = [creds[w]] if len(creds) >= clients_n else creds[w % len(creds):] + creds[:w % len(creds)]
+            rd, wr = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=clients.login_worker,
+                            args=(self.s.cert, self.s.ports[peer], mine, start_at, self.a.login_secs, wr))
+            p.start()
+            wr.close()
+            procs.append(p)
+            pipes.append(rd)
+        c0, b0 = cpu_secs(roots), cpu_secs(back)
+        lat, errors, first = [], 0, None
+        for rd in pipes:
+            lw, e, f = rd.recv()
+            lat += lw
+            errors += e
+            first = first or f
+        t_end = time.time()
+        for p in procs:
+            p.join()
+        c1, b1 = cpu_secs(roots), cpu_secs(back)
+        secs = max(self.a.login_secs, t_end - start_at)
+        n = len(lat)
+        r = self.rec(kind="logins", what=label or kind, peer=peer, round=rnd, clients=clients_n, idle_cpu_pct=idle,
+                     logins=n, errors=errors, first_error=first, secs=round(secs, 2),
+                     logins_per_s=round(n / secs, 1), p50_ms=round(pct(lat, 50), 2) if lat else None,
+                     p99_ms=round(pct(lat, 99), 2) if lat else None,
+                     front_cpu_ms_per_login=round((c1 - c0) * 1000 / n, 3) if n else None,
+                     backend_cpu_ms_per_login=round((b1 - b0) * 1000 / n, 3) if n else None)
+        if errors:
+            self.errors.append(f"{label or kind} logins via {peer}, {clients_n} clients, round {rnd}: "
+                               f"{errors} errors, first: {first}")
+        log(f"  logins    {peer:14s} {label or kind:7s} c{clients_n:<2d} {r['logins_per_s']:7.1f}/s "
+            f"p50 {r['p50_ms']} p99 {r['p99_ms']} ms front {r['front_cpu_ms_per_login']} ms/login"
+            f" errors {errors} (idle {idle}%)")
+        return r
+
+    def idle(self, peer, rnd, after_1mb):
+        # A fresh server for each memory measurement: memory kept from earlier loads (pools,
+        # allocator caches) would otherwise be reused and hide the per-session cost.
+        self.s.restart(peer)
+        u, pw = self.s.creds(peer, "idle")[0]
+        c = clients.Conn(self.s.ctx, self.s.ports[peer])
+        c.handshake_done_greeting()
+        c.login(u, pw)
+        c.command("z", "LOGOUT")
+        c.close()
+        time.sleep(0.5)
+        idle = self.wait()
+        roots = self.s.mem_roots(peer)
+        creds = self.s.creds(peer, "idle")
+        n = self.a.idle_sessions
+        workers = self.a.idle_workers
+        pss0, _ = pss_kib(roots)
+        ctx = mp.get_context("fork")
+        procs, pipes = [], []
+        t0 = time.time()
+        for w in range(workers):
+            cnt = n // workers + (1 if w < n % workers else 0)
+            mine = creds[w % len(creds):] + creds[:w % len(creds)]
+            a, b = ctx.Pipe()
+            p = ctx.Process(target=clients.idle_worker,
+                            args=(self.s.cert, self.s.ports[peer], mine, cnt,
+                                  f"1:{IDLE_MSGS}" if after_1mb else None, b))
+            p.start()
+            procs.append(p)
+            pipes.append(a)
+        ready, errors, first = 0, 0, None
+        for a in pipes:
+            msg = a.recv()
+            ready += msg[1]
+            errors += msg[2]
+            first = first or msg[3]
+        setup_secs = time.time() - t0
+        time.sleep(self.a.idle_settle)
+        pss1, nproc = pss_kib(roots)
+        for a in pipes:
+            a.send("close")
+        for a in pipes:
+            a.recv()
+        for p in procs:
+            p.join()
+        per = (pss1 - pss0) / max(1, ready)
+        variant = "idle_after_1mb" if after_1mb else "idle"
+        r = self.rec(kind=variant, peer=peer, round=rnd, idle_cpu_pct=idle, sessions=ready, errors=errors,
+                     first_error=first, pss_before_kib=pss0, pss_loaded_kib=pss1, processes=nproc,
+                     kib_per_session=round(per, 2), setup_secs=round(setup_secs, 1))
+        if errors or ready != n:
+            self.errors.append(f"{variant} via {peer}, round {rnd}: {ready}/{n} sessions, {errors} errors, "
+                               f"first: {first}")
+        log(f"  {variant:15s} {peer:14s} {per:8.2f} KiB/session ({ready} sessions, {nproc} processes, "
+            f"setup {setup_secs:.1f}s, idle {idle}%)")
+        # Let the servers close the sessions before the next measurement.
+        time.sleep(1.0)
+
+
+def rotate(xs, k):
+    k %= len(xs)
+    return xs[k:] + xs[:k]
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(b, args):
+    recs = b.records
+
+    def vals(kind, peer, field, **match):
+        out = []
+        for r in recs:
+            if r["kind"] == kind and r["peer"] == peer and all(r.get(k) == v for k, v in match.items()):
+                if r.get(field) is not None:
+                    out.append(r[field])
+        return out
+
+    def fig(kind, field, peers, **match):
+        med_, spread = {}, {}
+        for p in peers:
+            v = vals(kind, p, field, **match)
+            if v:
+                med_[p] = round(med(v), 3)
+                spread[p] = [round(min(v), 3), round(med(v), 3), round(max(v), 3)]
+        return med_, spread
+
+    out, spread = {}, {}
+
+    def put(name, kind, field, peers, **match):
+        out[name], spread[name] = fig(kind, field, peers, **match)
+
+    put("bulk_mb_s", "bulk", "mb_s", PEERS)
+    put("append_mb_s", "append", "mb_s", PEERS)
+    put("proxy_cpu_ms_per_gb", "bulk", "front_cpu_ms_per_gb", PROXIES)
+    put("server_cpu_ms_per_gb_dovecot_direct", "bulk", "front_cpu_ms_per_gb", ["dovecot"])
+    put("backend_cpu_ms_per_gb", "bulk", "backend_cpu_ms_per_gb", PROXIES)
+    put("append_proxy_cpu_ms_per_gb", "append", "front_cpu_ms_per_gb_incl_delete", PROXIES)
+    for what, key in (("app", "app_password"), ("argon2", "argon2")):
+        for c in (16, 1):
+            put(f"{key}_logins_per_s_c{c}", "logins", "logins_per_s", PEERS, what=what, clients=c)
+            put(f"{key}_login_p50_ms_c{c}", "logins", "p50_ms", PEERS, what=what, clients=c)
+            put(f"{key}_login_p99_ms_c{c}", "logins", "p99_ms", PEERS, what=what, clients=c)
+            put(f"{key}_front_cpu_ms_per_login_c{c}", "logins", "front_cpu_ms_per_login", PEERS, what=what,
+                clients=c)
+            put(f"{key}_backend_cpu_ms_per_login_c{c}", "logins", "backend_cpu_ms_per_login", PEERS, what=what,
+                clients=c)
+    # The peers have no app passwords: a device password is checked against an argon2id hash.
+    for key in [k for k in out if k.startswith("app_password_")]:
+        akey = "argon2_" + key[len("app_password_"):]
+        for p in PEERS:
+            if p != "mailgate" and p in out.get(akey, {}):
+                out[key][p] = out[akey][p]
+                spread[key][p] = spread[akey][p]
+    put("greeting_ms_after_handshake", "greeting", "median_ms", PEERS)
+    put("idle_kib_per_session", "idle", "kib_per_session", PEERS)
+    put("idle_kib_per_session_after_1mb", "idle_after_1mb", "kib_per_session", PEERS)
+    one = vals("logins", "mailgate", "front_cpu_ms_per_login", what="app_1")
+    fifty = vals("logins", "mailgate", "front_cpu_ms_per_login", what="app_50")
+    one_r = vals("logins", "mailgate", "logins_per_s", what="app_1")
+    fifty_r = vals("logins", "mailgate", "logins_per_s", what="app_50")
+    out["login_cost_ratio_50_vs_1_app_passwords"] = round(med(fifty) / med(one), 3) if one and fifty else None
+    out["login_rate_ratio_50_vs_1_app_passwords"] = round(med(fifty_r) / med(one_r), 3) if one_r and fifty_r else None
+    out["login_cost_ms_1_app_password"] = med(one)
+    out["login_cost_ms_50_app_passwords"] = med(fifty)
+
+    def ratio(a, b_):
+        return round(a / b_, 3) if a is not None and b_ else None
+
+    g = lambda name, p: out.get(name, {}).get(p)  # noqa: E731
+    targets = [
+        ("B1", "bulk FETCH MB/s >= 1.2x haproxy", ratio(g("bulk_mb_s", "mailgate"), g("bulk_mb_s", "haproxy")),
+         ">=", 1.2),
+        ("B2", "proxy CPU per GB <= 0.75x haproxy",
+         ratio(g("proxy_cpu_ms_per_gb", "mailgate"), g("proxy_cpu_ms_per_gb", "haproxy")), "<=", 0.75),
+        ("L2", "app-password logins/s, 16 clients >= 3x nginx+auth_http (argon2id)",
+         ratio(g("app_password_logins_per_s_c16", "mailgate"), g("app_password_logins_per_s_c16", "nginx")),
+         ">=", 3.0),
+        ("L2-p99", "app-password login p99 at 16 clients <= 80 ms", g("app_password_login_p99_ms_c16", "mailgate"),
+         "<=", 80.0),
+        ("L1", "argon2id account-password logins/s, 16 clients >= 1.0x Dovecot proxy",
+         ratio(g("argon2_logins_per_s_c16", "mailgate"), g("argon2_logins_per_s_c16", "dovecot_proxy")), ">=", 1.0),
+        ("L4", "greeting <= 1 ms after the TLS handshake", g("greeting_ms_after_handshake", "mailgate"), "<=", 1.0),
+        ("M1", "idle session <= 16 KiB PSS", g("idle_kib_per_session", "mailgate"), "<=", 16.0),
+        ("M1-1MB", "idle session after 1 MB <= 16 KiB PSS", g("idle_kib_per_session_after_1mb", "mailgate"),
+         "<=", 16.0),
+        ("A1", "login cost with 50 app passwords <= 1.1x with 1 (CPU per login)",
+         out["login_cost_ratio_50_vs_1_app_passwords"], "<=", 1.1),
+    ]
+    tlist = []
+    for tid, goal, v, op, thr in targets:
+        ok = None if v is None else (v >= thr if op == ">=" else v <= thr)
+        tlist.append({"id": tid, "goal": goal, "measured": v, "op": op, "threshold": thr,
+                      "result": "PASS" if ok else ("MISS" if ok is False else "N/A")})
+    out["targets"] = tlist
+    out["spread_min_median_max"] = spread
+    return out
+
+
+ROWS = [
+    ("bulk_mb_s", "bulk FETCH MB/s", 1),
+    ("proxy_cpu_ms_per_gb", "proxy CPU ms/GB (fetch)", 0),
+    ("server_cpu_ms_per_gb_dovecot_direct", "Dovecot direct server CPU ms/GB", 0),
+    ("backend_cpu_ms_per_gb", "backend CPU ms/GB (fetch)", 0),
+    ("append_mb_s", "APPEND MB/s", 1),
+    ("append_proxy_cpu_ms_per_gb", "proxy CPU ms/GB (append)", 0),
+    ("app_password_logins_per_s_c16", "app-pw logins/s, 16 cl.", 1),
+    ("app_password_login_p50_ms_c16", "app-pw login p50 ms, 16 cl.", 1),
+    ("app_password_login_p99_ms_c16", "app-pw login p99 ms, 16 cl.", 1),
+    ("app_password_front_cpu_ms_per_login_c16", "app-pw proxy CPU ms/login, 16", 2),
+    ("app_password_logins_per_s_c1", "app-pw logins/s, 1 cl.", 1),
+    ("app_password_login_p50_ms_c1", "app-pw login p50 ms, 1 cl.", 1),
+    ("app_password_login_p99_ms_c1", "app-pw login p99 ms, 1 cl.", 1),
+    ("app_password_front_cpu_ms_per_login_c1", "app-pw proxy CPU ms/login, 1", 2),
+    ("argon2_logins_per_s_c16", "argon2 logins/s, 16 cl.", 1),
+    ("argon2_login_p50_ms_c16", "argon2 login p50 ms, 16 cl.", 1),
+    ("argon2_login_p99_ms_c16", "argon2 login p99 ms, 16 cl.", 1),
+    ("argon2_front_cpu_ms_per_login_c16", "argon2 proxy CPU ms/login, 16", 2),
+    ("argon2_backend_cpu_ms_per_login_c16", "argon2 backend CPU ms/login, 16", 2),
+    ("argon2_logins_per_s_c1", "argon2 logins/s, 1 cl.", 1),
+    ("argon2_login_p50_ms_c1", "argon2 login p50 ms, 1 cl.", 1),
+    ("argon2_login_p99_ms_c1", "argon2 login p99 ms, 1 cl.", 1),
+    ("argon2_front_cpu_ms_per_login_c1", "argon2 proxy CPU ms/login, 1", 2),
+    ("greeting_ms_after_handshake", "greeting ms after handshake", 3),
+    ("idle_kib_per_session", "idle KiB PSS/session", 1),
+    ("idle_kib_per_session_after_1mb", "idle KiB PSS/session after 1MB", 1),
+]
+
+
+def table(summary, markdown=False):
+    lines = []
+    if markdown:
+        lines.append("| figure | " + " | ".join(PEERS) + " |")
+        lines.append("| --- | " + " | ".join("---:" for _ in PEERS) + " |")
+    else:
+        lines.append(f"{'figure':34s}" + "".join(f"{p:>15s}" for p in PEERS))
+    for key, label, nd in ROWS:
+        vals = summary.get(key, {})
+        cells = []
+        for p in PEERS:
+            v = vals.get(p)
+            cells.append("–" if v is None else f"{v:,.{nd}f}")
+        if markdown:
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        else:
+            lines.append(f"{label:34s}" + "".join(f"{c:>15s}" for c in cells))
+    return "\n".join(lines)
+
+
+def targets_text(summary, markdown=False):
+    lines = []
+    if markdown:
+        lines.append("| id | target | measured | result |")
+        lines.append("| --- | --- | ---: | --- |")
+    for t in summary["targets"]:
+        v = "n/a" if t["measured"] is None else f"{t['measured']:.3f}"
+        if markdown:
+            lines.append(f"| {t['id']} | {t['goal']} | {v} ({t['op']} {t['threshold']}) | **{t['result']}** |")
+        else:
+            lines.append(f"{t['result']:5s} {t['id']:7s} {t['goal']:70s} measured {v} ({t['op']} {t['threshold']})")
+    return "\n".join(lines)
+
+
+def machine_info():
+    info = {"cores": os.cpu_count(), "kernel": platform.release()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            info["mem_gib"] = round(int(f.readline().split()[1]) / 1024 / 1024, 1)
+        with open("/etc/debian_version") as f:
+            info["debian"] = f.read().strip()
+    except OSError:
+        pass
+    return info
+
+
+def versions(mg_bin):
+    def out(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except Exception:  # noqa: BLE001
+            return None
+
+    v = {
+        "dovecot": out(["dovecot", "--version"]),
+        "nginx": out(["nginx", "-v"]),
+        "haproxy": out(["haproxy", "-v"]),
+        "openssl": out(["openssl", "version"]),
+        "python": sys.version.split()[0],
+        "python_ssl": __import__("ssl").OPENSSL_VERSION,
+        "argon2_cffi": getattr(argon2, "__version__", None),
+        "mailgate_binary": mg_bin,
+        "mailgate_binary_sha256": (subprocess.run(["sha256sum", mg_bin], capture_output=True, text=True).stdout
+                                   .split() or [None])[0],
+    }
+    try:
+        v["git_commit"] = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                                         text=True).stdout.strip()
+        v["git_src_dirty"] = bool(subprocess.run(["git", "-C", REPO, "status", "--porcelain", "src", "Cargo.toml",
+                                                  "Cargo.lock"], capture_output=True, text=True).stdout.strip())
+    except OSError:
+        pass
+    return v
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 round, short loads (for development)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--login-secs", type=float, default=10.0)
+    ap.add_argument("--fetches", type=int, default=3, help="full-mailbox FETCHes per bulk measurement")
+    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--idle-sessions", type=int, default=2000)
+    ap.add_argument("--idle-workers", type=int, default=4)
+    ap.add_argument("--idle-settle", type=float, default=3.0)
+    ap.add_argument("--greetings", type=int, default=50)
+    ap.add_argument("--min-idle", type=float, default=90.0, help="quiet wait: idle CPU %% before each measurement")
+    ap.add_argument("--quiet-timeout", type=float, default=30.0)
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--skip", default="", help="comma list of: greeting,bulk,append,logins,cost,idle")
+    ap.add_argument("--mailgate", default=os.path.join(REPO, "target/release/mailgate"))
+    ap.add_argument("--results", default=os.path.join(BENCH_DIR, "results"))
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.login_secs, args.fetches = 1, 3.0, 1
+        args.idle_sessions, args.greetings, args.quiet_timeout = 400, 20, 10.0
+    args.append_messages = args.messages
+    peers = [p for p in args.peers.split(",") if p]
+    skip = set(x for x in args.skip.split(",") if x)
+    if os.geteuid() != 0:
+        sys.exit("bench: must run as root (Dovecot and nginx drop privileges)")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 200000), max(hard, 200000)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # no CAP_SYS_RESOURCE: the hard limit
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 4 * args.idle_sessions + 1000:
+        sys.exit(f"bench: open-files limit {resource.getrlimit(resource.RLIMIT_NOFILE)} too low")
+    mg = os.path.abspath(args.mailgate)
+    args.mailgate = mg
+    if "mailgate" in peers and not os.access(mg, os.X_OK):
+        sys.exit(f"bench: {mg} not found (cargo build --release)")
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    work = tempfile.mkdtemp(prefix="mailgate-bench-")
+    os.chmod(work, 0o755)
+    log(f"work dir {work}")
+    s = Setup(args, work)
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    t_start = time.time()
+    summary = None
+    b = None
+    leftovers = {}
+    try:
+        s.make_users()
+        s.make_cert()
+        messages = make_messages(args.messages)
+        s.start_backend(messages)
+        s.start_dovecot_proxy()
+        s.start_nginx()
+        s.start_haproxy()
+        if "mailgate" in peers:
+            s.start_mailgate()
+        log("servers up: " + ", ".join(f"{k}={v}" for k, v in s.ports.items()))
+        b = Bench(args, s, messages)
+        # Warm-up: index the mailbox, fill the page cache, one pass through every path.
+        log("warm-up")
+        clients.fetch_all(s.ctx, s.ports["dovecot"], s.bulk[0], s.bulk[1], 1)
+        for p in peers:
+            u, pw = s.creds(p, "bulk")[0]
+            c = clients.Conn(s.ctx, s.ports[p])
+            c.handshake_done_greeting()
+            c.login(u, pw)
+            c.command("z", "LOGOUT")
+            c.close()
+        for rnd in range(args.rounds):
+            log(f"round {rnd + 1}/{args.rounds}")
+            order = rotate(peers, rnd)
+            if "greeting" not in skip:
+                for p in order:
+                    b.greeting(p, rnd)
+            if "bulk" not in skip:
+                for p in order:
+                    b.bulk(p, rnd)
+            if "append" not in skip:
+                for p in order:
+                    b.append(p, rnd)
+            if "logins" not in skip:
+                for c in (16, 1):
+                    for p in order:
+                        if p == "mailgate":
+                            b.logins(p, rnd, "app", c)
+                        b.logins(p, rnd, "argon2", c)
+            if "cost" not in skip and "mailgate" in peers:
+                one = s.cost_users[0][0]
+                fifty = s.cost_users[1][0]
+                fa = s.app[fifty]
+                b.logins("mailgate", rnd, "app", 16, creds=[(one, s.app[one][0])], label="app_1")
+                b.logins("mailgate", rnd, "app", 16, creds=[(fifty, fa[0]), (fifty, fa[25]), (fifty, fa[49])],
+                         label="app_50")
+            if "idle" not in skip:
+                for after in (False, True):
+                    for p in order:
+                        b.idle(p, rnd, after)
+            s.check_alive()
+        summary = summarize(b, args)
+    finally:
+        leftovers = s.stop_all()
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.time() - t_start
+    protocol_errors = list(b.errors) if b else []
+    result = {
+        "schema": 1,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "elapsed_secs": round(elapsed, 1),
+        "valid": not protocol_errors and not leftovers,
+        "protocol_errors": protocol_errors,
+        "leftover_processes": leftovers,
+        "machine": machine_info(),
+        "versions": versions(mg),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("mailgate", "results")},
+        "method": {
+            "client": "Python %s (ssl, TLS 1.3, ECDSA P-256 self-signed), multiprocessing workers for logins"
+                      % sys.version.split()[0],
+            "cpu": "user+sys of each server's process tree from /proc/PID/stat incl. reaped children",
+            "memory": "PSS from /proc/PID/smaps_rollup over the proxy's process tree, loaded minus before",
+            "quiet_wait": f">= {args.min_idle}% idle CPU over 0.5 s before each measurement "
+                          f"(timeout {args.quiet_timeout} s); idle_cpu_pct recorded per measurement",
+            "peers_app_passwords": "the peers have no app passwords: their app_password_* figures are their "
+                                   "argon2id logins (a device password checked against an argon2id hash)",
+            "login_cost_ratio": "mailgate proxy CPU ms per login, account with 50 app passwords (logging in with "
+                                "the 1st, 26th and 50th) / account with 1, 16 clients",
+        },
+    }
+    result.update(summary or {})
+    result["measurements"] = b.records if b else []
+    os.makedirs(args.results, exist_ok=True)
+    name = started.strftime("%Y%m%dT%H%M%SZ") + ("-quick" if args.quick else "") + ".json"
+    path = os.path.join(args.results, name)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    print()
+    print(f"mailgate bench: {args.rounds} round(s), medians, {elapsed / 60:.1f} min, "
+          f"{'VALID' if result['valid'] else 'INVALID'}")
+    if summary:
+        print(table(summary))
+        print()
+        print(targets_text(summary))
+    for e in protocol_errors:
+        print("ERROR:", e)
+    if leftovers:
+        print("ERROR: processes left running:", leftovers)
+    print(f"\nresults: {path}")
+    return 0 if result["valid"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""IMAP clients of the benchmark: TLS 1.3, raw sockets, as little parsing as possible.
+
+Every reply is checked; anything other than the expected tagged OK raises ImapError, which
+the callers count as an error (a run with errors is invalid).
+"""
+
+import os
+import socket
+import ssl
+import time
+
+HOST = "127.0.0.1"
+SERVER_NAME = "localhost"
+
+
+class ImapError(Exception):
+    pass
+
+
+def tls_context(cafile):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(cafile)
+    ctx.check_hostname = True
+    return ctx
+
+
+class Conn:
+    """One TLS connection with a small line reader."""
+
+    def __init__(self, ctx, port, timeout=60.0):
+        raw = socket.create_connection((HOST, port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = ctx.wrap_socket(raw, server_hostname=SERVER_NAME, do_handshake_on_connect=False)
+        self.sock.do_handshake()
+        self.buf = b""
+
+    def handshake_done_greeting(self):
+        line = self.readline()
+        if not line.startswith(b"* OK"):
+            raise ImapError(f"greeting: {line[:120]!r}")
+        return line
+
+    def readline(self):
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i >= 0:
+                line, self.buf = self.buf[: i + 2], self.buf[i + 2:]
+                return line
+            data = self.sock.recv(65536)
+            if not data:
+                raise ImapError(f"connection closed (pending {self.buf[:120]!r})")
+            self.buf += data
+
+    def command(self, tag, text):
+        """Sends `tag text` and reads up to the tagged reply, which must be OK."""
+        self.sock.sendall(f"{tag} {text}\r\n".encode())
+        return self.expect_tagged(tag)
+
+    def expect_tagged(self, tag):
+        t = tag.encode() + b" "
+        while True:
+            line = self.readline()
+            if line.startswith(t):
+                if line[len(t):len(t) + 2] != b"OK":
+                    raise ImapError(f"{tag}: {line[:200]!r}")
+                return line
+
+    def login(self, user, password):
+        self.command("a", f'LOGIN "{user}" "{password}"')
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def read_to_tagged(sock, tag, buf):
+    """Reads raw bytes with recv_into until the tagged reply line of `tag` has arrived.
+    No parsing: looks only at the end of the stream. Returns the bytes received."""
+    mv = memoryview(buf)
+    ok = b"\r\n" + tag.encode() + b" OK"
+    bad = (b"\r\n" + tag.encode() + b" NO", b"\r\n" + tag.encode() + b" BAD")
+    tail = b"\r\n"
+    total = 0
+    while True:
+        n = sock.recv_into(mv)
+        if n == 0:
+            raise ImapError(f"{tag}: connection closed after {total} bytes")
+        total += n
+        seg = tail + bytes(mv[max(0, n - 256):n])
+        tail = seg[-256:]
+        if seg.endswith(b"\r\n"):
+            if ok in seg:
+                return total
+            for b in bad:
+                if b in seg:
+                    raise ImapError(f"{tag}: {seg[seg.find(b) + 2:][:200]!r}")
+
+
+def fetch_all(ctx, port, user, password, repeats, buf_size=1 << 20):
+    """Bulk: FETCH 1:* BODY.PEEK[] `repeats` times on one connection. Returns
+    [(bytes, seconds)] per fetch."""
+    c = Conn(ctx, port)
+    c.handshake_done_greeting()
+    c.login(user, password)
+    c.command("e", "EXAMINE INBOX")
+    buf = bytearray(buf_size)
+    out = []
+    for i in range(repeats):
+        tag = f"F{i}x"
+        t0 = time.perf_counter()
+        c.sock.sendall(f"{tag} FETCH 1:* BODY.PEEK[]\r\n".encode())
+        n = read_to_tagged(c.sock, tag, buf)
+        out.append((n, time.perf_counter() - t0))
+    c.command("z", "LOGOUT")
+    c.close()
+    return out
+
+
+def append_all(ctx, port, user, password, mailbox, messages, batch=20):
+    """Upload: APPEND every message (LITERAL+, `batch` commands in flight). Returns
+    (payload bytes, seconds)."""
+    c = Conn(ctx, port)
+    c.handshake_done_greeting()
+    c.login(user, password)
+    c.command("c", f'CREATE "{mailbox}"')
+    total = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(messages), batch):
+        chunk = messages[start:start + batch]
+        parts = []
+        for k, m in enumerate(chunk):
+            parts.append(f"U{start + k} APPEND \"{mailbox}\" {{{len(m)}+}}\r\n".encode())
+            parts.append(m)
+            parts.append(b"\r\n")
+            total += len(m)
+        c.sock.sendall(b"".join(parts))
+        for k in range(len(chunk)):
+            c.expect_tagged(f"U{start + k}")
+    secs = time.perf_counter() - t0
+    c.command("d", f'DELETE "{mailbox}"')
+    c.command("z", "LOGOUT")
+    c.close()
+    return total, secs
+
+
+def greeting_latency(ctx, port, count):
+    """Time from the end of the client's TLS handshake to the complete greeting line (ms)."""
+    out = []
+    for _ in range(count):
+        raw = socket.create_connection((HOST, port), timeout=10)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s = ctx.wrap_socket(raw, server_hostname=SERVER_NAME, do_handshake_on_connect=False)
+        s.do_handshake()
+        t0 = time.perf_counter()
+        buf = b""
+        while b"\r\n" not in buf:
+            d = s.recv(4096)
+            if not d:
+                raise ImapError("closed before greeting")
+            buf += d
+        out.append((time.perf_counter() - t0) * 1000.0)
+        if not buf.startswith(b"* OK"):
+            raise ImapError(f"greeting: {buf[:100]!r}")
+        try:
+            s.sendall(b"q LOGOUT\r\n")
+            s.recv(4096)
+        except OSError:
+            pass
+        s.close()
+        time.sleep(0.002)
+    return out
+
+
+def login_worker(cafile, port, creds, start_at, secs, conn):
+    """Process body: connect + TLS + greeting + LOGIN + LOGOUT + close, in a loop for
+    `secs` from `start_at`. Sends (latencies_ms, errors, first_error) over `conn`."""
+    ctx = tls_context(cafile)
+    lat = []
+    errors = 0
+    first = None
+    i = 0
+    delay = start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    end = start_at + secs
+    while time.time() < end:
+        user, password = creds[i % len(creds)]
+        i += 1
+        t0 = time.perf_counter()
+        c = None
+        try:
+            c = Conn(ctx, port, timeout=30)
+            c.handshake_done_greeting()
+            c.login(user, password)
+            c.command("b", "LOGOUT")
+            lat.append((time.perf_counter() - t0) * 1000.0)
+        except (OSError, ImapError, ssl.SSLError) as e:
+            errors += 1
+            if first is None:
+                first = f"{type(e).__name__}: {e}"
+            time.sleep(0.05)
+        finally:
+            if c is not None:
+                c.close()
+    conn.send((lat, errors, first))
+    conn.close()
+
+
+def idle_worker(cafile, port, creds, count, fetch_range, conn):
+    """Process body: opens `count` sessions (LOGIN, EXAMINE, optional FETCH of
+    `fetch_range`, IDLE), reports ('ready', n, errors, first_error), waits for 'close',
+    closes everything and reports ('closed',)."""
+    ctx = tls_context(cafile)
+    sessions = []
+    errors = 0
+    first = None
+    buf = bytearray(1 << 20)
+    for i in range(count):
+        user, password = creds[i % len(creds)]
+        c = None
+        try:
+            c = Conn(ctx, port, timeout=120)
+            c.handshake_done_greeting()
+            c.login(user, password)
+            c.command("e", "EXAMINE INBOX")
+            if fetch_range:
+                if c.buf:
+                    raise ImapError("unexpected data before FETCH")
+                c.sock.sendall(f"f FETCH {fetch_range} BODY.PEEK[]\r\n".encode())
+                read_to_tagged(c.sock, "f", buf)
+            c.sock.sendall(b"i IDLE\r\n")
+            line = c.readline()
+            if not line.startswith(b"+"):
+                raise ImapError(f"IDLE: {line[:100]!r}")
+            sessions.append(c)
+        except (OSError, ImapError, ssl.SSLError) as e:
+            errors += 1
+            if first is None:
+                first = f"{type(e).__name__}: {e}"
+            if c is not None:
+                c.close()
+    conn.send(("ready", len(sessions), errors, first))
+    conn.recv()
+    for c in sessions:
+        c.close()
+    conn.send(("closed",))
+    conn.close()
+    os._exit(0)
