@@ -45,6 +45,9 @@ pub struct DovecotOptions {
     /// (certificate PEM chain, private key PEM). If set: `ssl = yes`,
     /// STARTTLS on the plain port and an implicit-TLS (imaps) listener.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Lines appended at the end of dovecot.conf (e.g. higher process and client limits
+    /// for load tests). Empty by default.
+    pub extra_config: String,
 }
 
 impl Default for DovecotOptions {
@@ -54,6 +57,7 @@ impl Default for DovecotOptions {
             master_user: "mailgate".to_owned(),
             master_password: "master-password".to_owned(),
             tls: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -370,7 +374,9 @@ fn try_start(opts: &DovecotOptions) -> Result<Dovecot, StartError> {
     };
 
     let (port, tls_port) = pick_ports(tls.is_some()).map_err(|e| fatal("pick free ports", e))?;
-    let conf = render_config(&root, port, tls_port, tls.as_ref().map(|(c, k)| (c.as_path(), k.as_path())), uid, gid);
+    let mut conf =
+        render_config(&root, port, tls_port, tls.as_ref().map(|(c, k)| (c.as_path(), k.as_path())), uid, gid);
+    conf.push_str(&opts.extra_config);
     let conf_path = root.join("dovecot.conf");
     fs::write(&conf_path, conf).map_err(|e| fatal("write dovecot.conf", e))?;
 
