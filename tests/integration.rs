@@ -8,6 +8,7 @@ mod faults;
 mod imap_front;
 mod import;
 mod interop;
+mod load;
 mod smtp;
 mod support;
 mod upstream_mode;
