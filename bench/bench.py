@@ -730,6 +730,7 @@ class Bench:
         user, pw = self.s.creds(peer, "bulk")[0]
         c0, b0 = cpu_secs(roots), cpu_secs(back)
         res = clients.fetch_all(self.s.ctx, self.s.ports[peer], user, pw, self.a.fetches)
+        time.sleep(self.a.cpu_settle)  # let the servers finish closing and reap exited children
         c1, b1 = cpu_secs(roots), cpu_secs(back)
         nbytes = sum(n for n, _ in res)
         secs = sum(t for _, t in res)
@@ -749,6 +750,7 @@ class Bench:
         c0, b0 = cpu_secs(roots), cpu_secs(back)
         nbytes, secs = clients.append_all(self.s.ctx, self.s.ports[peer], user, pw, f"up-{peer}-{rnd}",
                                           self.messages[:self.a.append_messages])
+        time.sleep(self.a.cpu_settle)  # let the servers finish closing and reap exited children
         c1, b1 = cpu_secs(roots), cpu_secs(back)
         gb = nbytes / 1e9
         r = self.rec(kind="append", peer=peer, round=rnd, idle_cpu_pct=idle, bytes=nbytes, secs=round(secs, 4),
@@ -757,10 +759,11 @@ class Bench:
                      backend_cpu_ms_per_gb_incl_delete=round((b1 - b0) * 1000 / gb, 1))
         log(f"  append    {peer:14s} {r['mb_s']:8.1f} MB/s (idle {idle}%)")
 
-    def logins(self, peer, rnd, kind, clients_n, creds=None, label=None):
+    def logins(self, peer, rnd, kind, clients_n, creds=None, label=None, secs=None):
         idle = self.wait()
         roots, back = self.s.front_roots(peer), self.s.backend_roots()
         creds = creds or self.s.creds(peer, kind)
+        secs = secs or self.a.login_secs
         ctx = mp.get_context("fork")
         start_at = time.time() + 0.5
         procs, pipes = [], []
@@ -769,7 +772,7 @@ class Bench:
             mine = [creds[w]] if len(creds) >= clients_n else creds[w % len(creds):] + creds[:w % len(creds)]
             rd, wr = ctx.Pipe(duplex=False)
             p = ctx.Process(target=clients.login_worker,
-                            args=(self.s.cert, self.s.ports[peer], mine, start_at, self.a.login_secs, wr))
+                            args=(self.s.cert, self.s.ports[peer], mine, start_at, secs, wr))
             p.start()
             wr.close()
             procs.append(p)
@@ -784,8 +787,9 @@ class Bench:
         t_end = time.time()
         for p in procs:
             p.join()
+        time.sleep(self.a.cpu_settle)  # let the servers finish closing and reap exited children
         c1, b1 = cpu_secs(roots), cpu_secs(back)
-        secs = max(self.a.login_secs, t_end - start_at)
+        secs = max(secs, t_end - start_at)
         n = len(lat)
         r = self.rec(kind="logins", what=label or kind, peer=peer, round=rnd, clients=clients_n, idle_cpu_pct=idle,
                      logins=n, errors=errors, first_error=first, secs=round(secs, 2),
@@ -1083,10 +1087,14 @@ def main():
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--idle-sessions", type=int, default=2000)
     ap.add_argument("--idle-workers", type=int, default=4)
+    ap.add_argument("--idle-rounds", type=int, default=1,
+                    help="rounds (the first N) that measure idle memory; it is deterministic and slow")
+    ap.add_argument("--cost-secs", type=float, default=5.0, help="seconds per 1-vs-50 app password cell")
     ap.add_argument("--idle-settle", type=float, default=3.0)
     ap.add_argument("--greetings", type=int, default=50)
+    ap.add_argument("--cpu-settle", type=float, default=0.5, help="seconds after a load before reading CPU")
     ap.add_argument("--min-idle", type=float, default=90.0, help="quiet wait: idle CPU %% before each measurement")
-    ap.add_argument("--quiet-timeout", type=float, default=30.0)
+    ap.add_argument("--quiet-timeout", type=float, default=15.0)
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--skip", default="", help="comma list of: greeting,bulk,append,logins,cost,idle")
     ap.add_argument("--mailgate", default=os.path.join(REPO, "target/release/mailgate"))
@@ -1095,7 +1103,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.login_secs, args.fetches = 1, 3.0, 1
-        args.idle_sessions, args.greetings, args.quiet_timeout = 400, 20, 10.0
+        args.idle_sessions, args.greetings, args.quiet_timeout, args.cost_secs = 400, 20, 10.0, 3.0
     args.append_messages = args.messages
     peers = [p for p in args.peers.split(",") if p]
     skip = set(x for x in args.skip.split(",") if x)
@@ -1171,12 +1179,15 @@ def main():
                 one = s.cost_users[0][0]
                 fifty = s.cost_users[1][0]
                 fa = s.app[fifty]
-                b.logins("mailgate", rnd, "app", 16, creds=[(one, s.app[one][0])], label="app_1")
+                b.logins("mailgate", rnd, "app", 16, creds=[(one, s.app[one][0])], label="app_1",
+                         secs=args.cost_secs)
                 b.logins("mailgate", rnd, "app", 16, creds=[(fifty, fa[0]), (fifty, fa[25]), (fifty, fa[49])],
-                         label="app_50")
-            if "idle" not in skip:
+                         label="app_50", secs=args.cost_secs)
+            if "idle" not in skip and rnd < args.idle_rounds:
                 for after in (False, True):
                     for p in order:
+                        if after and p == "dovecot":
+                            continue  # not a proxy: its sessions hold no relay buffers (and it is slow)
                         b.idle(p, rnd, after)
             s.check_alive()
         summary = summarize(b, args)

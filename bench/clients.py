@@ -119,26 +119,30 @@ def fetch_all(ctx, port, user, password, repeats, buf_size=1 << 20):
     return out
 
 
-def append_all(ctx, port, user, password, mailbox, messages, batch=20):
-    """Upload: APPEND every message (LITERAL+, `batch` commands in flight). Returns
-    (payload bytes, seconds)."""
+def append_all(ctx, port, user, password, mailbox, messages, batch=100):
+    """Upload: MULTIAPPEND (RFC 3502) with LITERAL+, `batch` messages per command, two
+    commands in flight. Returns (payload bytes, seconds)."""
     c = Conn(ctx, port)
     c.handshake_done_greeting()
     c.login(user, password)
     c.command("c", f'CREATE "{mailbox}"')
     total = 0
+    pending = []
     t0 = time.perf_counter()
     for start in range(0, len(messages), batch):
-        chunk = messages[start:start + batch]
-        parts = []
-        for k, m in enumerate(chunk):
-            parts.append(f"U{start + k} APPEND \"{mailbox}\" {{{len(m)}+}}\r\n".encode())
+        tag = f"U{start}"
+        parts = [f'{tag} APPEND "{mailbox}"'.encode()]
+        for m in messages[start:start + batch]:
+            parts.append(f" {{{len(m)}+}}\r\n".encode())
             parts.append(m)
-            parts.append(b"\r\n")
             total += len(m)
+        parts.append(b"\r\n")
         c.sock.sendall(b"".join(parts))
-        for k in range(len(chunk)):
-            c.expect_tagged(f"U{start + k}")
+        pending.append(tag)
+        if len(pending) > 1:
+            c.expect_tagged(pending.pop(0))
+    for tag in pending:
+        c.expect_tagged(tag)
     secs = time.perf_counter() - t0
     c.command("d", f'DELETE "{mailbox}"')
     c.command("z", "LOGOUT")
