@@ -127,6 +127,10 @@ pub struct Context {
     pub issuer: String,
     /// Live sessions, when a server runs.
     pub sessions: Option<Sessions>,
+    /// The server's hashing threads, when a server runs: requests (which hash passwords,
+    /// app passwords and backup codes) run there, so hashing memory stays bounded by
+    /// `limits.max_concurrent_hashes` × 19 MiB (PERFORMANCE.md M2).
+    pub hashing: Option<crate::auth::Authenticator>,
 }
 
 /// Checks and normalises an e-mail address given on the command line.
@@ -535,9 +539,15 @@ pub mod socket {
         let resp = match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
                 let ctx2 = ctx.clone();
-                tokio::task::spawn_blocking(move || execute(&ctx2, req))
-                    .await
-                    .unwrap_or_else(|_| Response::err("internal error"))
+                match &ctx.hashing {
+                    Some(auth) => auth
+                        .run_hashing(move || execute(&ctx2, req))
+                        .await
+                        .unwrap_or_else(|| Response::err("the server is too busy; try again")),
+                    None => tokio::task::spawn_blocking(move || execute(&ctx2, req))
+                        .await
+                        .unwrap_or_else(|_| Response::err("internal error")),
+                }
             }
             Err(e) => Response::err(format!("bad request: {e}")),
         };

@@ -165,6 +165,7 @@ pub async fn run(
         key,
         issuer: config.hostname.clone(),
         sessions: Some(sessions.clone()),
+        hashing: Some(smtp.auth.clone()),
     });
     let socket_path = config.admin_socket_path();
     let admin_listener = admin::socket::bind(&socket_path)
@@ -173,15 +174,25 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let pp = &config.proxy_protocol;
+    let policy = Arc::new(crate::net::listener::ProxyPolicy {
+        trusted: pp.trusted.clone(),
+        timeout: config.limits.tls_handshake_timeout,
+    });
+    let proxy = |on: bool| on.then(|| policy.clone());
     for (list, implicit) in [(listeners.imap_tls, true), (listeners.imap_starttls, false)] {
         for l in list {
             if let Ok(a) = l.local_addr() {
                 tracing::info!(address = %a, kind = if implicit { "implicit TLS" } else { "STARTTLS" }, "IMAP listening");
             }
             let svc = service.clone();
-            tasks.push(tokio::spawn(accept_loop(l, limits.clone(), stop_rx.clone(), move |tcp, peer| {
-                svc.clone().serve(tcp, peer, implicit)
-            })));
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                limits.clone(),
+                stop_rx.clone(),
+                proxy(pp.imap),
+                move |tcp, peer| svc.clone().serve(tcp, peer, implicit),
+            )));
         }
     }
     for (list, implicit) in [(listeners.smtp_tls, true), (listeners.smtp_starttls, false)] {
@@ -190,9 +201,13 @@ pub async fn run(
                 tracing::info!(address = %a, kind = if implicit { "implicit TLS" } else { "STARTTLS" }, "SMTP listening");
             }
             let svc = smtp.clone();
-            tasks.push(tokio::spawn(accept_loop(l, limits.clone(), stop_rx.clone(), move |tcp, peer| {
-                svc.clone().serve(tcp, peer, implicit)
-            })));
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                limits.clone(),
+                stop_rx.clone(),
+                proxy(pp.smtp),
+                move |tcp, peer| svc.clone().serve(tcp, peer, implicit),
+            )));
         }
     }
     for l in listeners.web {
@@ -204,9 +219,13 @@ pub async fn run(
         let handshake = config.limits.tls_handshake_timeout;
         // The web step counts its connections apart from IMAP and SMTP, so that browsers
         // (or someone holding HTTPS connections) cannot use up the mail connection slots.
-        tasks.push(tokio::spawn(accept_loop(l, web_limits.clone(), stop_rx.clone(), move |tcp, peer| {
-            crate::web::serve_connection(router.clone(), acceptor.clone(), tcp, peer.ip(), handshake)
-        })));
+        tasks.push(tokio::spawn(accept_loop(
+            l,
+            web_limits.clone(),
+            stop_rx.clone(),
+            proxy(pp.web),
+            move |tcp, peer| crate::web::serve_connection(router.clone(), acceptor.clone(), tcp, peer.ip(), handshake),
+        )));
     }
     tracing::info!(
         upstream = %config.upstream_imap.address,

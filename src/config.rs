@@ -66,6 +66,35 @@ pub struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     accounts: RawAccounts,
+    #[serde(default)]
+    proxy_protocol: RawProxyProtocol,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProxyProtocol {
+    #[serde(default)]
+    imap: bool,
+    #[serde(default)]
+    smtp: bool,
+    #[serde(default)]
+    web: bool,
+    #[serde(default)]
+    trusted: Vec<String>,
+}
+
+/// Listeners behind a load balancer that starts every connection with a PROXY protocol
+/// header (v1 or v2) carrying the client's address.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyProtocol {
+    /// The IMAP listeners expect the header.
+    pub imap: bool,
+    /// The SMTP listeners expect the header.
+    pub smtp: bool,
+    /// The web listeners expect the header.
+    pub web: bool,
+    /// The only addresses allowed to connect to those listeners.
+    pub trusted: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -460,6 +489,8 @@ pub struct Config {
     pub limits: Limits,
     /// Account passwords and first-use accounts.
     pub accounts: Accounts,
+    /// PROXY protocol on the listeners behind a load balancer.
+    pub proxy_protocol: ProxyProtocol,
 }
 
 impl Config {
@@ -565,6 +596,22 @@ impl Config {
         }
         let accounts =
             Accounts { password_check, allowed_domains, verify_cache: Duration::from_secs(a.verify_cache_secs) };
+        let p = raw.proxy_protocol;
+        let mut trusted = Vec::new();
+        for t in &p.trusted {
+            let net = t
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| invalid("proxy_protocol.trusted", format!("`{t}` is not an address or address/prefix")))?;
+            trusted.push(net);
+        }
+        if (p.imap || p.smtp || p.web) && trusted.is_empty() {
+            return Err(invalid(
+                "proxy_protocol.trusted",
+                "must list the load balancers' addresses when a listener expects PROXY headers",
+            ));
+        }
+        let proxy_protocol = ProxyProtocol { imap: p.imap, smtp: p.smtp, web: p.web, trusted };
         Ok(Config {
             hostname,
             public_url,
@@ -581,6 +628,7 @@ impl Config {
             upstream_smtp,
             limits,
             accounts,
+            proxy_protocol,
         })
     }
 
@@ -709,6 +757,8 @@ mod tests {
             ("[server]\npublic_url = \"ftp://x\"", "server.public_url"),
             ("[limits]\npreauth_timeout_secs = 0", "limits.preauth_timeout_secs"),
             ("[limits]\nimap_idle_timeout_secs = 600", "limits.imap_idle_timeout_secs"),
+            ("[proxy_protocol]\nimap = true", "proxy_protocol.trusted"),
+            ("[proxy_protocol]\ntrusted = [\"10.0.0.300\"]", "proxy_protocol.trusted"),
         ] {
             let e = Config::from_toml_str(text, "t").unwrap_err().to_string();
             assert!(e.contains(key), "{text} -> {e}");

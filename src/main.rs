@@ -335,8 +335,13 @@ fn dispatch(config: &Config, req: Request) -> anyhow::Result<Response> {
         anyhow!("{e:#}\n(if `mailgate serve` is running, its admin socket {} did not answer)", socket.display())
     })?;
     let key = app::load_key(config, store.as_ref())?;
-    let ctx =
-        admin::Context { store: store.clone(), key: Arc::new(key), issuer: config.hostname.clone(), sessions: None };
+    let ctx = admin::Context {
+        store: store.clone(),
+        key: Arc::new(key),
+        issuer: config.hostname.clone(),
+        sessions: None,
+        hashing: None,
+    };
     let resp = admin::execute(&ctx, req);
     store.flush()?;
     Ok(resp)

@@ -407,3 +407,87 @@ fn a_low_open_file_limit_is_raised_for_max_connections() {
         .unwrap_or(u64::MAX);
     assert_eq!(soft, hard.min(6256), "soft open-file limit after start");
 }
+
+/// A TCP connection to `dst` from the loopback address `src` (127.0.0.0/8).
+fn connect_from(src: &str, dst: std::net::SocketAddr) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let tcp = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        s.connect(dst).await.unwrap().into_std().unwrap()
+    });
+    tcp.set_nonblocking(false).unwrap();
+    tcp
+}
+
+#[test]
+fn proxy_protocol_from_the_load_balancer_only_and_limits_by_the_real_client() {
+    // Issue 8 point 4: a listener behind haproxy takes PROXY v1/v2 headers from the
+    // trusted load balancer only; throttling, last-used addresses and the address passed
+    // upstream are the client's.
+    use std::io::Write as _;
+    let (dovecot, mg, app) = with_dovecot_opts(Options {
+        limits: "auth_failure_delay_ms = 200\nmax_connections_per_ip = 2\n".into(),
+        extra_sections: "[proxy_protocol]\nimap = true\ntrusted = [\"127.0.0.2\"]\n".into(),
+        ..Options::default()
+    });
+    let cfg = tls_config(&mg.ca, &["imap"]);
+    let via_lb = |client: &str, v2: bool| {
+        let mut tcp = connect_from("127.0.0.2", mg.imaps);
+        let header = if v2 {
+            // v2, TCP over IPv4: client:40000 → 127.0.0.1:993.
+            let ip: std::net::Ipv4Addr = client.parse().unwrap();
+            let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+            h.extend_from_slice(&ip.octets());
+            h.extend_from_slice(&[127, 0, 0, 1]);
+            h.extend_from_slice(&40000u16.to_be_bytes());
+            h.extend_from_slice(&993u16.to_be_bytes());
+            h
+        } else {
+            format!("PROXY TCP4 {client} 127.0.0.1 40000 993\r\n").into_bytes()
+        };
+        tcp.write_all(&header).unwrap();
+        Client::tls_over(tcp, cfg.clone())
+    };
+    // Not the load balancer: refused before TLS.
+    let direct = Client::tls(mg.imaps, cfg.clone()).map(|mut c| c.line_within(Duration::from_secs(2)));
+    assert!(!matches!(direct, Ok(Some(_))), "a direct connection was served: {direct:?}");
+    // The load balancer without a header: refused.
+    let bare = Client::tls_over(connect_from("127.0.0.2", mg.imaps), cfg.clone())
+        .map(|mut c| c.line_within(Duration::from_secs(7)));
+    assert!(!matches!(bare, Ok(Some(_))), "a connection without a header was served: {bare:?}");
+    // v1 and v2 headers: the client's address reaches Dovecot and the app-password list.
+    let mut a = via_lb("198.51.100.7", false).unwrap();
+    assert!(a.line().starts_with("* OK"));
+    assert!(a.cmd("a", &format!("LOGIN alice@example.com \"{app}\"")).last().unwrap().starts_with("a OK"));
+    assert!(dovecot.wait_for_log("rip=198.51.100.7", Duration::from_secs(10)), "{}\n{}", dovecot.log(), mg.log());
+    let list = mg.ok(&["app-password", "list", "alice@example.com", "--json"]);
+    assert!(list.contains("198.51.100.7"), "{list}");
+    let mut b = via_lb("198.51.100.7", true).unwrap();
+    assert!(b.line().starts_with("* OK"));
+    // The per-address cap counts the client, not the load balancer: a third connection
+    // for 198.51.100.7 is refused, one for 198.51.100.8 is not.
+    let third = via_lb("198.51.100.7", true).map(|mut c| c.line_within(Duration::from_secs(2)));
+    assert!(!matches!(third, Ok(Some(_))), "cap not applied to the client: {third:?}");
+    let mut other = via_lb("198.51.100.8", false).unwrap();
+    assert!(other.line().starts_with("* OK"));
+    assert!(mg.log().contains("PROXY"), "refusals are logged");
+}
+
+#[test]
+fn creating_app_passwords_on_a_running_server_keeps_hashing_memory_bounded() {
+    // PERFORMANCE.md M2: hashing memory ≤ hashing threads × 19 MiB. Admin requests used
+    // to hash on tokio's blocking pool with a fresh 19 MiB block each; glibc kept them
+    // (RSS grew by 12–14 MB per app password created, to ~280 MB after 20).
+    let mg = Mailgate::start(Options {
+        limits: "auth_failure_delay_ms = 200\nmax_concurrent_hashes = 2\n".into(),
+        ..Options::default()
+    });
+    mg.add_user("alice@example.com", "alice-account-pw");
+    for i in 0..20 {
+        mg.app_password("alice@example.com", &format!("device {i}"), "imap");
+    }
+    let peak = mg.peak_rss_kib().unwrap();
+    eprintln!("peak RSS after 20 app passwords: {peak} KiB");
+    assert!(peak < 2 * 19 * 1024 + 50 * 1024, "peak RSS {peak} KiB");
+}

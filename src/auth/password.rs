@@ -11,9 +11,55 @@ fn hasher() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// Hashes a password into a PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`).
+/// Hashes a password into a PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`), in this
+/// thread's reused working memory (see [`BLOCKS`]).
 pub fn hash(password: &[u8]) -> Result<String, String> {
-    hasher().hash_password(password).map(|h| h.to_string()).map_err(|e| format!("password hashing failed: {e}"))
+    use base64::Engine as _;
+    let argon2 = hasher();
+    let params = argon2.params().clone();
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| format!("no random salt: {e}"))?;
+    let mut out = [0u8; 32];
+    let hashed = with_blocks(params.block_count(), |blocks| {
+        argon2.hash_password_into_with_memory(password, &salt, &mut out, blocks)
+    });
+    match hashed {
+        Some(Ok(())) => {}
+        Some(Err(e)) => return Err(format!("password hashing failed: {e}")),
+        None => {
+            // Re-entered on this thread (cannot happen): fall back to a buffer of its own.
+            return hasher()
+                .hash_password(password)
+                .map(|h| h.to_string())
+                .map_err(|e| format!("password hashing failed: {e}"));
+        }
+    }
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
+    let phc = format!(
+        "$argon2id$v=19$m={},t={},p={}${}${}",
+        params.m_cost(),
+        params.t_cost(),
+        params.p_cost(),
+        b64.encode(salt),
+        b64.encode(out)
+    );
+    zeroize::Zeroize::zeroize(&mut out);
+    Ok(phc)
+}
+
+/// Runs `f` with this thread's reused argon2 working memory of `blocks` blocks;
+/// `None` if it is already in use on this thread or too large to keep.
+fn with_blocks<R>(blocks: usize, f: impl FnOnce(&mut [Block]) -> R) -> Option<R> {
+    if blocks > MAX_REUSED_BLOCKS {
+        return None;
+    }
+    BLOCKS.with(|cell| {
+        let mut buf = cell.try_borrow_mut().ok()?;
+        if buf.len() < blocks {
+            buf.resize(blocks, Block::default());
+        }
+        Some(f(&mut buf[..blocks]))
+    })
 }
 
 /// Largest argon2 memory (in 1 KiB blocks) kept in a thread's reusable buffer (64 MiB);
@@ -51,16 +97,11 @@ pub fn verify(password: &[u8], phc: &str) -> bool {
     let blocks = params.block_count();
     let argon2 = Argon2::new(algorithm, version, params);
     let mut out = vec![0u8; expected.as_bytes().len()];
-    let hashed = if blocks <= MAX_REUSED_BLOCKS {
-        BLOCKS.with(|cell| {
-            let Ok(mut buf) = cell.try_borrow_mut() else { return false };
-            if buf.len() < blocks {
-                buf.resize(blocks, Block::default());
-            }
-            argon2.hash_password_into_with_memory(password, salt.as_ref(), &mut out, &mut buf[..blocks]).is_ok()
-        })
-    } else {
-        argon2.hash_password_into(password, salt.as_ref(), &mut out).is_ok()
+    let hashed = match with_blocks(blocks, |buf| {
+        argon2.hash_password_into_with_memory(password, salt.as_ref(), &mut out, buf).is_ok()
+    }) {
+        Some(ok) => ok,
+        None => argon2.hash_password_into(password, salt.as_ref(), &mut out).is_ok(),
     };
     let ok = hashed && crate::secret::ct_eq(&out, expected.as_bytes());
     zeroize::Zeroize::zeroize(&mut out);

@@ -1,9 +1,12 @@
 //! Accept loops: connection caps (global and per client address), one task per connection.
 
+use crate::proto::proxy;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, warn};
@@ -44,6 +47,11 @@ impl ConnLimits {
     /// A slot for a connection from `ip`, or `None` if a cap is reached.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
         let permit = self.global.clone().try_acquire_owned().ok()?;
+        self.admit_with(permit, ip)
+    }
+
+    /// The per-address part of [`ConnLimits::admit`], for a connection already counted.
+    fn admit_with(self: &Arc<Self>, permit: tokio::sync::OwnedSemaphorePermit, ip: IpAddr) -> Option<ConnGuard> {
         let mut m = self.per_ip.lock().ok()?;
         let n = m.entry(ip).or_insert(0);
         if *n >= self.max_per_ip {
@@ -54,22 +62,62 @@ impl ConnLimits {
     }
 }
 
+/// PROXY protocol on a listener (`[proxy_protocol]`): only the load balancers may connect,
+/// and each connection must start with a header naming the client.
+pub struct ProxyPolicy {
+    /// Addresses allowed to connect.
+    pub trusted: Vec<ipnet::IpNet>,
+    /// How long the header may take.
+    pub timeout: Duration,
+}
+
+impl ProxyPolicy {
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Reads a PROXY header byte-exact (the client's first bytes stay in the socket).
+/// `Ok(None)`: a LOCAL header (the load balancer's own health check).
+async fn read_proxy_header(tcp: &mut TcpStream, wait: Duration) -> Result<Option<SocketAddr>, String> {
+    let read = async {
+        let mut buf = Vec::with_capacity(64);
+        loop {
+            match proxy::need(&buf).map_err(|e| e.to_string())? {
+                0 => return proxy::client(&buf).map_err(|e| e.to_string()),
+                n => {
+                    let start = buf.len();
+                    buf.resize(start + n, 0);
+                    tcp.read_exact(&mut buf[start..]).await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(wait, read).await {
+        Ok(r) => r,
+        Err(_) => Err("no PROXY header in time".into()),
+    }
+}
+
 /// Accepts on `listener` until `shutdown` turns true; runs `serve` for each connection.
+/// With a `proxy` policy, `serve` gets the client's address from the PROXY header.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     limits: Arc<ConnLimits>,
     mut shutdown: watch::Receiver<bool>,
+    proxy: Option<Arc<ProxyPolicy>>,
     serve: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let serve = Arc::new(serve);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.changed() => return,
         };
-        let (tcp, peer) = match accepted {
+        let (mut tcp, peer) = match accepted {
             // IPv4 clients of a [::] listener arrive as ::ffff:a.b.c.d; use the plain form
             // everywhere (limits, logs, the address passed upstream).
             Ok((tcp, peer)) => (tcp, SocketAddr::new(peer.ip().to_canonical(), peer.port())),
@@ -80,6 +128,36 @@ pub async fn accept_loop<F, Fut>(
                 continue;
             }
         };
+        if let Some(policy) = &proxy {
+            if !policy.trusts(peer.ip()) {
+                warn!(%peer, "connection refused: this listener takes PROXY protocol connections from its load balancers only");
+                continue;
+            }
+            // The load balancer's connections share its address: the per-address cap
+            // applies to the client named in the header.
+            let Ok(permit) = limits.global.clone().try_acquire_owned() else {
+                debug!(%peer, "connection refused: too many connections");
+                continue;
+            };
+            let (limits, policy, serve) = (limits.clone(), policy.clone(), serve.clone());
+            tokio::spawn(async move {
+                let client = match read_proxy_header(&mut tcp, policy.timeout).await {
+                    Ok(Some(client)) => SocketAddr::new(client.ip().to_canonical(), client.port()),
+                    Ok(None) => peer,
+                    Err(e) => {
+                        warn!(%peer, error = %e, "connection refused: bad PROXY header");
+                        return;
+                    }
+                };
+                let Some(guard) = limits.admit_with(permit, client.ip()) else {
+                    debug!(%client, "connection refused: too many connections");
+                    return;
+                };
+                let _guard = guard;
+                serve(tcp, client).await;
+            });
+            continue;
+        }
         let Some(guard) = limits.admit(peer.ip()) else {
             debug!(%peer, "connection refused: too many connections");
             drop(tcp);

@@ -5,6 +5,7 @@
 //! (a CI check keeps tokio, rustls and sled out of this folder).
 
 pub mod imap;
+pub mod proxy;
 pub mod sasl;
 pub mod smtp;
 pub mod smtp_upstream;

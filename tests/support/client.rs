@@ -83,6 +83,12 @@ impl Client {
         Ok(client)
     }
 
+    /// TLS over a connection already made (e.g. after writing a PROXY header on it).
+    pub fn tls_over(tcp: TcpStream, cfg: Arc<rustls::ClientConfig>) -> std::io::Result<Client> {
+        tcp.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(Client { conn: wrap(tcp, cfg)?, buf: Vec::new(), transcript: Vec::new() })
+    }
+
     /// TLS with SNI `name` (an IP address sends no SNI).
     pub fn tls_named(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>, name: &str) -> std::io::Result<Client> {
         let tcp = TcpStream::connect_timeout(&addr, TIMEOUT)?;
