@@ -22,10 +22,19 @@ pub fn prepare_data_dir(config: &Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display()))
 }
 
-/// Opens the embedded store (making the data directory if needed).
+/// Opens the configured store: the embedded one in `data_dir` (made if needed), or the
+/// shared PostgreSQL database (schema created or migrated).
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     prepare_data_dir(config)?;
-    Ok(Arc::new(SledStore::open(&config.store_path())?))
+    match &config.store {
+        crate::config::StoreBackend::Sled => Ok(Arc::new(SledStore::open(&config.store_path())?)),
+        crate::config::StoreBackend::Postgres { url, ca_file } => {
+            let url = url.resolve().map_err(anyhow::Error::msg)?;
+            let store = crate::store::pg_store::PgStore::open(&url, ca_file.as_deref())
+                .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL store: {e}"))?;
+            Ok(Arc::new(store))
+        }
+    }
 }
 
 /// Loads the key that seals TOTP secrets, making one only while no stored secret needs
@@ -122,6 +131,28 @@ pub async fn run(
     let acceptor = TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])?);
     let connector = Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?);
     let sessions = Sessions::default();
+    // Several nodes on one database: session-ending changes travel both ways.
+    if let Some(mut events) = store.subscribe() {
+        let publisher = store.clone();
+        sessions.share_with(Arc::new(move |ev| publisher.publish(ev)));
+        let local = sessions.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(ev) => {
+                        let ended = local.apply(&ev);
+                        if ended > 0 {
+                            tracing::info!(?ev, ended, "sessions ended by a change on another node");
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "missed session events from other nodes");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
     let auth = Authenticator::new(store.clone(), config.limits.max_concurrent_hashes)
         .with_failure_delays(config.limits.auth_failure_delay, config.limits.ip_penalty_max)
         .with_upstream_check(config.accounts.clone(), connector.clone())

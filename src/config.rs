@@ -68,6 +68,69 @@ pub struct RawConfig {
     accounts: RawAccounts,
     #[serde(default)]
     proxy_protocol: RawProxyProtocol,
+    #[serde(default)]
+    store: RawStore,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    backend: Option<String>,
+    url: Option<String>,
+    url_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for RawStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold the database password.
+        f.debug_struct("RawStore").field("backend", &self.backend).finish_non_exhaustive()
+    }
+}
+
+/// Where accounts, app passwords and TOTP state live.
+#[derive(Debug, Clone, Default)]
+pub enum StoreBackend {
+    /// The embedded sled database in `data_dir` (one node).
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by several nodes.
+    Postgres {
+        /// The URL as written, or read from `url_file` when the server starts.
+        url: PostgresUrl,
+        /// CA file for TLS to the database (else the system roots).
+        ca_file: Option<PathBuf>,
+    },
+}
+
+/// A PostgreSQL URL (it may carry the password), or the file holding it.
+#[derive(Clone)]
+pub enum PostgresUrl {
+    /// Written in the config file.
+    Inline(String),
+    /// Read from this file (first line).
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PostgresUrl::Inline(_) => f.write_str("Inline(<redacted>)"),
+            PostgresUrl::File(p) => write!(f, "File({})", p.display()),
+        }
+    }
+}
+
+impl PostgresUrl {
+    /// The URL (read from its file if configured so).
+    pub fn resolve(&self) -> Result<String, String> {
+        match self {
+            PostgresUrl::Inline(u) => Ok(u.clone()),
+            PostgresUrl::File(p) => std::fs::read_to_string(p)
+                .map(|t| t.lines().next().unwrap_or("").trim().to_string())
+                .map_err(|e| format!("cannot read store.url_file {}: {e}", p.display())),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -491,6 +554,8 @@ pub struct Config {
     pub accounts: Accounts,
     /// PROXY protocol on the listeners behind a load balancer.
     pub proxy_protocol: ProxyProtocol,
+    /// The store backend.
+    pub store: StoreBackend,
 }
 
 impl Config {
@@ -612,6 +677,32 @@ impl Config {
             ));
         }
         let proxy_protocol = ProxyProtocol { imap: p.imap, smtp: p.smtp, web: p.web, trusted };
+        let st = raw.store;
+        let store = match st.backend.as_deref().unwrap_or("sled") {
+            "sled" => {
+                if st.url.is_some() || st.url_file.is_some() || st.ca_file.is_some() {
+                    return Err(invalid("store.url", "is only used with backend = \"postgres\""));
+                }
+                StoreBackend::Sled
+            }
+            "postgres" => {
+                let url = match (st.url, st.url_file) {
+                    (Some(u), None) => {
+                        if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                            return Err(invalid("store.url", "must be a postgres:// URL"));
+                        }
+                        PostgresUrl::Inline(u)
+                    }
+                    (None, Some(f)) => PostgresUrl::File(f),
+                    (Some(_), Some(_)) => return Err(invalid("store.url", "give url or url_file, not both")),
+                    (None, None) => {
+                        return Err(invalid("store.url", "backend = \"postgres\" needs url or url_file"));
+                    }
+                };
+                StoreBackend::Postgres { url, ca_file: st.ca_file }
+            }
+            other => return Err(invalid("store.backend", format!("`{other}` is not one of: sled, postgres"))),
+        };
         Ok(Config {
             hostname,
             public_url,
@@ -629,6 +720,7 @@ impl Config {
             limits,
             accounts,
             proxy_protocol,
+            store,
         })
     }
 
@@ -758,6 +850,9 @@ mod tests {
             ("[limits]\npreauth_timeout_secs = 0", "limits.preauth_timeout_secs"),
             ("[limits]\nimap_idle_timeout_secs = 600", "limits.imap_idle_timeout_secs"),
             ("[proxy_protocol]\nimap = true", "proxy_protocol.trusted"),
+            ("[store]\nbackend = \"mysql\"", "store.backend"),
+            ("[store]\nbackend = \"postgres\"", "store.url"),
+            ("[store]\nbackend = \"postgres\"\nurl = \"mysql://x\"", "store.url"),
             ("[proxy_protocol]\ntrusted = [\"10.0.0.300\"]", "proxy_protocol.trusted"),
         ] {
             let e = Config::from_toml_str(text, "t").unwrap_err().to_string();

@@ -1,6 +1,7 @@
 //! Live proxied sessions, so that revoking an app password or removing an account
 //! ends the sessions that used it at once.
 
+use crate::store::SessionEvent;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,11 +30,20 @@ pub struct Sessions {
     next: Arc<AtomicU64>,
     /// Turns true at shutdown, for connections that have not logged in yet.
     stopping: Arc<watch::Sender<bool>>,
+    /// Tells the other nodes sharing the store (see [`Sessions::share_with`]).
+    others: Arc<std::sync::OnceLock<Publisher>>,
 }
+
+type Publisher = Arc<dyn Fn(&SessionEvent) + Send + Sync>;
 
 impl Default for Sessions {
     fn default() -> Self {
-        Sessions { inner: Arc::default(), next: Arc::default(), stopping: Arc::new(watch::channel(false).0) }
+        Sessions {
+            inner: Arc::default(),
+            next: Arc::default(),
+            stopping: Arc::new(watch::channel(false).0),
+            others: Arc::default(),
+        }
     }
 }
 
@@ -114,17 +124,46 @@ impl Sessions {
         Some(SessionGuard { id, sessions: self.clone(), killed: rx })
     }
 
-    /// Ends the sessions of `username`; with `app_password_id`, only those opened with it.
-    /// Returns how many were ended.
+    /// Ends the sessions of `username`; with `app_password_id`, only those opened with it,
+    /// here and on the other nodes sharing the store. Returns how many were ended here.
     pub fn kill(&self, username: &str, app_password_id: Option<&str>) -> usize {
-        self.kill_where(|e| {
-            e.username == username && app_password_id.is_none_or(|id| e.app_password_id.as_deref() == Some(id))
-        })
+        let ev =
+            SessionEvent::End { username: username.to_string(), app_password_id: app_password_id.map(str::to_string) };
+        self.tell_others(&ev);
+        self.apply(&ev)
     }
 
-    /// Ends the sessions of `username` that were opened with the account password.
+    /// Ends the sessions of `username` that were opened with the account password, here
+    /// and on the other nodes sharing the store.
     pub fn kill_account_password_sessions(&self, username: &str) -> usize {
-        self.kill_where(|e| e.username == username && e.app_password_id.is_none())
+        let ev = SessionEvent::EndAccountPassword { username: username.to_string() };
+        self.tell_others(&ev);
+        self.apply(&ev)
+    }
+
+    /// Ends the local sessions an event names (an event from another node, or our own).
+    pub fn apply(&self, ev: &SessionEvent) -> usize {
+        match ev {
+            SessionEvent::End { username, app_password_id } => self.kill_where(|e| {
+                &e.username == username
+                    && app_password_id.as_deref().is_none_or(|id| e.app_password_id.as_deref() == Some(id))
+            }),
+            SessionEvent::EndAccountPassword { username } => {
+                self.kill_where(|e| &e.username == username && e.app_password_id.is_none())
+            }
+        }
+    }
+
+    /// Several nodes share the store: session-ending changes made here are also sent to
+    /// them with `publish`.
+    pub fn share_with(&self, publish: Publisher) {
+        let _ = self.others.set(publish);
+    }
+
+    fn tell_others(&self, ev: &SessionEvent) {
+        if let Some(publish) = self.others.get() {
+            publish(ev);
+        }
     }
 
     /// A notice for a connection that has not logged in yet (see [`StopNotice`]).

@@ -7,6 +7,8 @@
 //! the call returns; last-use updates and audit events are not (sled writes them within
 //! 500 ms), so a login never waits for an fsync.
 
+pub mod conformance;
+pub mod pg_store;
 pub mod sled_store;
 
 use serde::{Deserialize, Serialize};
@@ -276,4 +278,30 @@ pub trait Store: Send + Sync {
     fn export(&self) -> Result<Dump, StoreError>;
     /// Loads a dump into an empty store (`Conflict` if it holds any account). Durable on return.
     fn import(&self, dump: &Dump) -> Result<(), StoreError>;
+    /// Tells the other nodes sharing this store to end sessions. The embedded store has
+    /// no other nodes.
+    fn publish(&self, _event: &SessionEvent) {}
+    /// Session events published by nodes sharing this store (revocations, removals,
+    /// password changes made there). `None` for the embedded store.
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<SessionEvent>> {
+        None
+    }
+}
+
+/// A change that ends live sessions on every node sharing the store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "end", rename_all = "snake_case")]
+pub enum SessionEvent {
+    /// End the sessions of `username`; with an app password id, only those opened with it.
+    End {
+        /// The account.
+        username: String,
+        /// Only the sessions of this app password.
+        app_password_id: Option<String>,
+    },
+    /// End the sessions of `username` opened with the account password.
+    EndAccountPassword {
+        /// The account.
+        username: String,
+    },
 }

@@ -401,105 +401,50 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::conformance::{self as suite, account};
+    use std::sync::Arc;
 
-    fn account(name: &str) -> Account {
-        Account {
-            username: name.into(),
-            addresses: vec![],
-            password_hash: None,
-            totp: None,
-            second_factor_required: false,
-            backup_codes: None,
-            second_factor_failures: 0,
-            failed_logins: 0,
-            created_at: 1,
-            updated_at: 1,
-        }
-    }
-
-    fn app(id: &str, user: &str, label: &str) -> AppPasswordRecord {
-        AppPasswordRecord {
-            id: id.into(),
-            username: user.into(),
-            label: label.into(),
-            scopes: vec![Scope::Imap],
-            hash: "h".into(),
-            created_at: 5,
-            created_by: "admin".into(),
-            last_used: None,
-        }
+    fn open() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        (dir, s)
     }
 
     #[test]
     fn accounts_and_app_passwords() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
-        s.create_account(&account("a@x")).unwrap();
-        assert!(matches!(s.create_account(&account("a@x")), Err(StoreError::Conflict(_))));
-        s.create_app_password(&app("id1", "a@x", "Phone")).unwrap();
-        assert!(matches!(s.create_app_password(&app("id2", "a@x", "phone")), Err(StoreError::Conflict(_))));
-        assert!(matches!(s.create_app_password(&app("id3", "b@x", "L")), Err(StoreError::NotFound(_))));
-        assert_eq!(s.list_app_passwords("a@x").unwrap().len(), 1);
-        s.record_app_password_use("id1", &LastUse { at: 9, ip: "1.2.3.4".into(), client: None }).unwrap();
-        assert_eq!(s.get_app_password("id1").unwrap().unwrap().last_used.unwrap().at, 9);
-        assert!(matches!(s.revoke_app_password("b@x", "id1"), Err(StoreError::NotFound(_))));
-        s.revoke_app_password("a@x", "id1").unwrap();
-        assert!(s.get_app_password("id1").unwrap().is_none());
-        s.create_app_password(&app("id4", "a@x", "Laptop")).unwrap();
-        s.remove_account("a@x").unwrap();
-        assert!(s.get_app_password("id4").unwrap().is_none());
-        assert!(s.list_app_passwords("a@x").unwrap().is_empty());
-    }
-
-    #[test]
-    fn audit_is_pruned_per_account() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
-        for n in 0..(MAX_AUDIT_PER_ACCOUNT + 200) {
-            let ev = AuditEvent { at: n as u64, username: "a@x".into(), kind: "login".into(), detail: String::new() };
-            s.append_audit(&ev).unwrap();
-        }
-        let ev = AuditEvent { at: 0, username: "b@x".into(), kind: "login".into(), detail: String::new() };
-        s.append_audit(&ev).unwrap();
-        let kept = s.audit.scan_prefix(index_key("a@x", "")).count();
-        assert!((MAX_AUDIT_PER_ACCOUNT..MAX_AUDIT_PER_ACCOUNT + 64).contains(&kept), "{kept}");
-        assert_eq!(s.recent_audit("a@x", 1).unwrap()[0].at, (MAX_AUDIT_PER_ACCOUNT + 199) as u64);
-        assert_eq!(s.recent_audit("b@x", 5).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn export_import_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
-        let mut a = account("a@x");
-        a.totp = Some(TotpState { secret_enc: "sealed".into(), enabled_at: 3, last_step: 77 });
-        s.create_account(&a).unwrap();
-        s.create_app_password(&app("id1", "a@x", "Phone")).unwrap();
-        s.append_audit(&AuditEvent { at: 5, username: "a@x".into(), kind: "login".into(), detail: String::new() })
-            .unwrap();
-        let dump = s.export().unwrap();
-        let dir2 = tempfile::tempdir().unwrap();
-        let t = SledStore::open(dir2.path()).unwrap();
-        t.import(&dump).unwrap();
-        assert_eq!(t.get_account("a@x").unwrap().unwrap().totp.unwrap().last_step, 77);
-        assert_eq!(t.list_app_passwords("a@x").unwrap()[0].label, "Phone");
-        assert_eq!(t.recent_audit("a@x", 5).unwrap().len(), 1);
-        assert!(matches!(t.import(&dump), Err(StoreError::Conflict(_))), "not into a non-empty store");
-        let mut other = dump.clone();
-        other.schema_version = 9;
-        let dir3 = tempfile::tempdir().unwrap();
-        assert!(matches!(SledStore::open(dir3.path()).unwrap().import(&other), Err(StoreError::Schema { found: 9 })));
+        suite::accounts_and_app_passwords(&open().1);
     }
 
     #[test]
     fn app_password_cap() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
-        s.create_account(&account("a@x")).unwrap();
-        for n in 0..MAX_APP_PASSWORDS {
-            s.create_app_password(&app(&format!("id{n}"), "a@x", &format!("l{n}"))).unwrap();
-        }
-        assert!(matches!(s.create_app_password(&app("idz", "a@x", "z")), Err(StoreError::Limit(_))));
+        suite::app_password_cap(&open().1);
+    }
+
+    #[test]
+    fn audit_is_kept_per_account() {
+        let (_d, s) = open();
+        suite::audit_is_kept_per_account(&s);
+        let kept = s.audit.scan_prefix(index_key("a@x", "")).count();
+        assert!((MAX_AUDIT_PER_ACCOUNT..MAX_AUDIT_PER_ACCOUNT + 64).contains(&kept), "{kept}");
+    }
+
+    #[test]
+    fn update_is_check_and_set() {
+        let (_d, s) = open();
+        suite::update_is_check_and_set(Arc::new(s), &[]);
+    }
+
+    #[test]
+    fn concurrent_creation_keeps_the_cap() {
+        let (_d, s) = open();
+        suite::concurrent_creation_keeps_the_cap(Arc::new(s), &[]);
+    }
+
+    #[test]
+    fn export_import_round_trips() {
+        let (_d, s) = open();
+        let (_d2, t) = open();
+        suite::export_import_round_trips(&s, &t);
     }
 
     #[test]

@@ -1,0 +1,194 @@
+//! The store test suite: the same checks for every [`Store`] backend, so sled and
+//! PostgreSQL keep the same semantics. Run on sled by the unit tests and on a real
+//! PostgreSQL by the integration tests (`tests/pg_store.rs`). Each check takes an empty
+//! store (or stores sharing one database, for the concurrency checks) and panics on a
+//! difference; it is test code compiled into the library so both test kinds can use it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use super::*;
+use std::sync::Arc;
+
+/// An account record with nothing set.
+pub fn account(name: &str) -> Account {
+    Account {
+        username: name.into(),
+        addresses: vec![],
+        password_hash: None,
+        totp: None,
+        second_factor_required: false,
+        backup_codes: None,
+        second_factor_failures: 0,
+        failed_logins: 0,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+/// An app password record (the hash is not a real one: stores do not look at it).
+pub fn app(id: &str, user: &str, label: &str) -> AppPasswordRecord {
+    AppPasswordRecord {
+        id: id.into(),
+        username: user.into(),
+        label: label.into(),
+        scopes: vec![Scope::Imap],
+        hash: "h".into(),
+        created_at: 5,
+        created_by: "admin".into(),
+        last_used: None,
+    }
+}
+
+/// Accounts and app passwords: conflicts, not-found, last use, revocation, removal.
+pub fn accounts_and_app_passwords(s: &dyn Store) {
+    s.create_account(&account("a@x")).unwrap();
+    assert!(matches!(s.create_account(&account("a@x")), Err(StoreError::Conflict(_))));
+    assert!(matches!(s.put_account(&account("nobody@x")), Err(StoreError::NotFound(_))));
+    s.create_accounts(&[account("c@x"), account("d@x")]).unwrap();
+    match s.create_accounts(&[account("e@x"), account("c@x")]) {
+        Err(StoreError::Conflict(m)) => assert!(m.contains("c@x"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.get_account("e@x").unwrap().is_none(), "all or none");
+    let names: Vec<String> = s.list_accounts().unwrap().into_iter().map(|a| a.username).collect();
+    assert_eq!(names, ["a@x", "c@x", "d@x"]);
+    s.create_app_password(&app("id1", "a@x", "Phone")).unwrap();
+    assert!(matches!(s.create_app_password(&app("id2", "a@x", "phone")), Err(StoreError::Conflict(_))));
+    assert!(matches!(s.create_app_password(&app("id3", "b@x", "L")), Err(StoreError::NotFound(_))));
+    assert!(matches!(s.create_app_password(&app("id1", "c@x", "Other")), Err(StoreError::Conflict(_))));
+    assert_eq!(s.list_app_passwords("a@x").unwrap().len(), 1);
+    s.record_app_password_use("id1", &LastUse { at: 9, ip: "1.2.3.4".into(), client: None }).unwrap();
+    assert_eq!(s.get_app_password("id1").unwrap().unwrap().last_used.unwrap().at, 9);
+    assert_eq!(s.list_app_passwords("a@x").unwrap()[0].last_used.as_ref().unwrap().ip, "1.2.3.4");
+    assert!(matches!(s.revoke_app_password("b@x", "id1"), Err(StoreError::NotFound(_))));
+    assert_eq!(s.revoke_app_password("a@x", "id1").unwrap().label, "Phone");
+    assert!(s.get_app_password("id1").unwrap().is_none());
+    assert!(matches!(s.revoke_app_password("a@x", "id1"), Err(StoreError::NotFound(_))));
+    s.record_app_password_use("id1", &LastUse { at: 10, ip: "x".into(), client: None }).unwrap();
+    assert!(s.get_app_password("id1").unwrap().is_none(), "a use does not bring a revoked record back");
+    s.create_app_password(&app("id4", "a@x", "Laptop")).unwrap();
+    s.remove_account("a@x").unwrap();
+    assert!(matches!(s.remove_account("a@x"), Err(StoreError::NotFound(_))));
+    assert!(s.get_app_password("id4").unwrap().is_none());
+    assert!(s.list_app_passwords("a@x").unwrap().is_empty());
+}
+
+/// At most [`MAX_APP_PASSWORDS`] per account.
+pub fn app_password_cap(s: &dyn Store) {
+    s.create_account(&account("a@x")).unwrap();
+    for n in 0..MAX_APP_PASSWORDS {
+        s.create_app_password(&app(&format!("id{n}"), "a@x", &format!("l{n}"))).unwrap();
+    }
+    assert!(matches!(s.create_app_password(&app("idz", "a@x", "z")), Err(StoreError::Limit(_))));
+}
+
+/// The newest [`MAX_AUDIT_PER_ACCOUNT`] events per account are kept, newest first.
+pub fn audit_is_kept_per_account(s: &dyn Store) {
+    for n in 0..(MAX_AUDIT_PER_ACCOUNT + 200) {
+        let ev = AuditEvent { at: n as u64, username: "a@x".into(), kind: "login".into(), detail: String::new() };
+        s.append_audit(&ev).unwrap();
+    }
+    let ev = AuditEvent { at: 0, username: "b@x".into(), kind: "login".into(), detail: String::new() };
+    s.append_audit(&ev).unwrap();
+    let kept = s.recent_audit("a@x", usize::MAX >> 1).unwrap().len();
+    assert!((MAX_AUDIT_PER_ACCOUNT..MAX_AUDIT_PER_ACCOUNT + 64).contains(&kept), "{kept}");
+    assert_eq!(s.recent_audit("a@x", 1).unwrap()[0].at, (MAX_AUDIT_PER_ACCOUNT + 199) as u64);
+    assert_eq!(s.recent_audit("b@x", 5).unwrap().len(), 1);
+}
+
+/// `update_account` is a check-and-set: many threads (or nodes, with `others`) taking
+/// the same TOTP step at once, exactly one wins; increments are not lost.
+pub fn update_is_check_and_set(s: Arc<dyn Store>, others: &[Arc<dyn Store>]) {
+    let mut a = account("t@x");
+    a.totp = Some(TotpState { secret_enc: "sealed".into(), enabled_at: 1, last_step: 100 });
+    s.create_account(&a).unwrap();
+    let stores: Vec<Arc<dyn Store>> = std::iter::once(s.clone()).chain(others.iter().cloned()).collect();
+    let mut threads = Vec::new();
+    for i in 0..8 {
+        let store = stores[i % stores.len()].clone();
+        threads.push(std::thread::spawn(move || {
+            // Every thread presents the code of step 101.
+            let accepted = store.update_account("t@x", &mut |acc| {
+                let totp = acc.totp.as_mut().unwrap();
+                if totp.last_step >= 101 {
+                    return Err(StoreError::Conflict("code used".into()));
+                }
+                totp.last_step = 101;
+                Ok(())
+            });
+            // And counts a failure.
+            for _ in 0..5 {
+                store
+                    .update_account("t@x", &mut |acc| {
+                        acc.failed_logins += 1;
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+            accepted.is_ok()
+        }));
+    }
+    let winners = threads.into_iter().map(|t| t.join().unwrap()).filter(|ok| *ok).count();
+    assert_eq!(winners, 1, "one TOTP code accepted {winners} times");
+    let a = s.get_account("t@x").unwrap().unwrap();
+    assert_eq!(a.totp.unwrap().last_step, 101);
+    assert_eq!(a.failed_logins, 40, "lost updates");
+    assert!(matches!(s.update_account("nobody@x", &mut |_| Ok(())), Err(StoreError::NotFound(_))));
+    // A refused change writes nothing.
+    let before = s.get_account("t@x").unwrap().unwrap().failed_logins;
+    let r = s.update_account("t@x", &mut |acc| {
+        acc.failed_logins = 0;
+        Err(StoreError::Conflict("no".into()))
+    });
+    assert!(r.is_err());
+    assert_eq!(s.get_account("t@x").unwrap().unwrap().failed_logins, before);
+}
+
+/// Creating app passwords at once from many threads (or nodes): never past the cap,
+/// never two with one label.
+pub fn concurrent_creation_keeps_the_cap(s: Arc<dyn Store>, others: &[Arc<dyn Store>]) {
+    s.create_account(&account("c@x")).unwrap();
+    let stores: Vec<Arc<dyn Store>> = std::iter::once(s.clone()).chain(others.iter().cloned()).collect();
+    let threads: Vec<_> = (0..(MAX_APP_PASSWORDS + 20))
+        .map(|n| {
+            let store = stores[n % stores.len()].clone();
+            // Labels repeat: 10 threads per label for the last 20.
+            let label = if n < MAX_APP_PASSWORDS - 2 { format!("l{n}") } else { format!("dup{}", n % 2) };
+            std::thread::spawn(move || store.create_app_password(&app(&format!("id{n}"), "c@x", &label)).is_ok())
+        })
+        .collect();
+    let made = threads.into_iter().map(|t| t.join().unwrap()).filter(|ok| *ok).count();
+    let list = s.list_app_passwords("c@x").unwrap();
+    assert_eq!(list.len(), made);
+    assert!(made <= MAX_APP_PASSWORDS);
+    let mut labels: Vec<String> = list.iter().map(|r| r.label.to_lowercase()).collect();
+    labels.sort();
+    let n = labels.len();
+    labels.dedup();
+    assert_eq!(labels.len(), n, "two app passwords with one label");
+}
+
+/// Export from one store, import into an empty one: everything comes across; not into a
+/// store that has accounts; not from another schema version.
+pub fn export_import_round_trips(s: &dyn Store, empty: &dyn Store) {
+    let mut a = account("a@x");
+    a.totp = Some(TotpState { secret_enc: "sealed".into(), enabled_at: 3, last_step: 77 });
+    a.backup_codes = Some(BackupCodes { generated_at: 4, hashes: vec!["h1".into(), String::new()] });
+    s.create_account(&a).unwrap();
+    s.create_app_password(&app("id1", "a@x", "Phone")).unwrap();
+    s.record_app_password_use("id1", &LastUse { at: 9, ip: "1.2.3.4".into(), client: Some("TB".into()) }).unwrap();
+    s.append_audit(&AuditEvent { at: 5, username: "a@x".into(), kind: "login".into(), detail: String::new() }).unwrap();
+    let dump = s.export().unwrap();
+    let mut other = dump.clone();
+    other.schema_version = 9;
+    assert!(matches!(empty.import(&other), Err(StoreError::Schema { found: 9 })));
+    empty.import(&dump).unwrap();
+    let got = empty.get_account("a@x").unwrap().unwrap();
+    assert_eq!(got.totp.unwrap().last_step, 77);
+    assert_eq!(got.backup_codes.unwrap().remaining(), 1);
+    let apps = empty.list_app_passwords("a@x").unwrap();
+    assert_eq!(apps[0].label, "Phone");
+    assert_eq!(apps[0].last_used.as_ref().unwrap().client.as_deref(), Some("TB"));
+    assert_eq!(empty.recent_audit("a@x", 5).unwrap().len(), 1);
+    assert!(matches!(empty.import(&dump), Err(StoreError::Conflict(_))), "not into a non-empty store");
+    assert!(matches!(empty.create_app_password(&app("id2", "a@x", "phone")), Err(StoreError::Conflict(_))));
+}

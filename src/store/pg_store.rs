@@ -1,0 +1,580 @@
+//! The shared store on PostgreSQL, for several mailgate nodes (`[store] backend = "postgres"`).
+//!
+//! Tables (schema managed by mailgate, see [`MIGRATIONS`]):
+//! * `mailgate_schema(version)`: the migrations applied.
+//! * `accounts(username PK, data, version)`: JSON [`Account`]; `version` counts changes,
+//!   so a read-check-write ([`Store::update_account`]: a TOTP step, a backup code, a
+//!   failure count) is one compare-and-set statement. Two nodes accepting the same TOTP
+//!   code at once: one update wins, the other re-reads and finds the step used.
+//! * `app_passwords(id PK, username → accounts ON DELETE CASCADE, label_key, data,
+//!   last_used)`: JSON [`AppPasswordRecord`]; `UNIQUE(username, label_key)`.
+//! * `audit(seq, username, data)`.
+//!
+//! Every change is committed before the call returns (PostgreSQL's commit is durable with
+//! the default `synchronous_commit`). Session-ending events are sent with `NOTIFY` on the
+//! channel `mailgate_sessions` so every node ends the affected live sessions.
+//!
+//! The [`Store`] trait is synchronous (it is called from the hashing threads and from
+//! async code alike); the queries run on a small runtime of the store's own, and callers
+//! wait on a channel, at most [`OP_TIMEOUT`]. An unreachable database is a
+//! [`StoreError::Backend`] error, which refuses logins as "temporarily unavailable".
+
+use super::*;
+use std::future::Future;
+use std::time::Duration;
+use tokio_postgres::error::SqlState;
+
+/// The longest one store operation may take (queueing for a connection included).
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections per node.
+const POOL_SIZE: usize = 16;
+/// Compare-and-set rounds before an update gives up under contention.
+const CAS_ROUNDS: usize = 50;
+/// The NOTIFY channel for [`SessionEvent`]s.
+const CHANNEL: &str = "mailgate_sessions";
+/// Advisory lock key held while migrating (any constant shared by all nodes).
+const MIGRATION_LOCK: i64 = 0x6d61_696c_6761_7465; // "mailgate"
+
+/// Versioned migrations, applied in order, each once, in one transaction under an
+/// advisory lock, so several nodes starting at once migrate exactly once.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE accounts (
+        username text PRIMARY KEY,
+        data text NOT NULL,
+        version bigint NOT NULL DEFAULT 0
+    );
+    CREATE TABLE app_passwords (
+        id text PRIMARY KEY,
+        username text NOT NULL REFERENCES accounts(username) ON DELETE CASCADE,
+        label_key text NOT NULL,
+        data text NOT NULL,
+        last_used text,
+        UNIQUE (username, label_key)
+    );
+    CREATE TABLE audit (
+        seq bigserial PRIMARY KEY,
+        username text NOT NULL,
+        data text NOT NULL
+    );
+    CREATE INDEX audit_by_user ON audit (username, seq);",
+)];
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    // The database's own message, never the connection string.
+    match e.as_db_error() {
+        Some(db) => StoreError::Backend(format!("database: {}", db.message())),
+        None => StoreError::Backend(format!("database unavailable: {e}")),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|_| StoreError::Corrupt(what.to_string()))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(backend)
+}
+
+fn label_key(label: &str) -> String {
+    label.to_ascii_lowercase()
+}
+
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+/// PostgreSQL-backed [`Store`].
+pub struct PgStore {
+    pool: deadpool_postgres::Pool,
+    runtime: Option<tokio::runtime::Runtime>,
+    events: tokio::sync::broadcast::Sender<SessionEvent>,
+}
+
+impl PgStore {
+    /// Connects, checks the server is reachable and migrates the schema. `url` is a
+    /// libpq-style URL (`postgres://user:password@host/db?sslmode=require`); TLS is used
+    /// when its `sslmode` asks, with the system roots or `ca_file`.
+    pub fn open(url: &str, ca_file: Option<&std::path::Path>) -> Result<PgStore, StoreError> {
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::Backend(format!("the database URL is not valid: {e}")))?;
+        let tls_config = crate::tls::client_config(ca_file).map_err(backend)?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config).clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("mailgate-db")
+            .enable_all()
+            .build()
+            .map_err(backend)?;
+        let manager = deadpool_postgres::Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager).max_size(POOL_SIZE).build().map_err(backend)?;
+        let (events, _) = tokio::sync::broadcast::channel(1024);
+        let store = PgStore { pool, runtime: Some(runtime), events };
+        store.run(|pool| async move { migrate(&pool).await })?;
+        store.listen(config, tls);
+        Ok(store)
+    }
+
+    /// Runs `f` with the pool on the store's runtime and waits for its result.
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Pool) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let Some(rt) = &self.runtime else { return Err(backend("store closed")) };
+        let fut = f(self.pool.clone());
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let r = match tokio::time::timeout(OP_TIMEOUT, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(backend("database unavailable: no answer in time")),
+            };
+            let _ = tx.send(r);
+        });
+        rx.recv_timeout(OP_TIMEOUT + Duration::from_secs(1))
+            .unwrap_or_else(|_| Err(backend("database unavailable: no answer in time")))
+    }
+
+    /// Keeps one connection LISTENing for other nodes' session events (reconnecting
+    /// after a database outage) and hands them to [`Store::subscribe`]rs.
+    fn listen(&self, config: tokio_postgres::Config, tls: tokio_postgres_rustls::MakeRustlsConnect) {
+        let Some(rt) = &self.runtime else { return };
+        let events = self.events.clone();
+        rt.spawn(async move {
+            loop {
+                match config.connect(tls.clone()).await {
+                    Ok((client, mut connection)) => {
+                        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                        let driver = tokio::spawn(async move {
+                            while let Some(msg) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                                match msg {
+                                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                        let _ = tx.send(n.payload().to_string());
+                                    }
+                                    Ok(_) => {}
+                                    Err(_) => break,
+                                }
+                            }
+                        });
+                        if client.batch_execute(&format!("LISTEN {CHANNEL}")).await.is_ok() {
+                            while let Some(payload) = rx.recv().await {
+                                if let Ok(ev) = serde_json::from_str::<SessionEvent>(&payload) {
+                                    let _ = events.send(ev);
+                                }
+                            }
+                        }
+                        driver.abort();
+                        tracing::warn!(
+                            "lost the database connection that listens for other nodes' events; reconnecting"
+                        );
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot listen for other nodes' events; retrying"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one's context would panic.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn client(pool: &deadpool_postgres::Pool) -> Result<deadpool_postgres::Object, StoreError> {
+    pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(e) => match e.as_db_error() {
+            // Refused by the server (password, missing database, permissions): its words.
+            Some(db) => StoreError::Backend(format!("database unavailable: {}", db.message())),
+            None => StoreError::Backend(format!("database unavailable: {e}")),
+        },
+        e => StoreError::Backend(format!("database unavailable: {e}")),
+    })
+}
+
+async fn migrate(pool: &deadpool_postgres::Pool) -> Result<(), StoreError> {
+    let mut c = client(pool).await?;
+    let tx = c.transaction().await.map_err(pg)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS mailgate_schema (version integer NOT NULL)").await.map_err(pg)?;
+    let row = tx.query_one("SELECT coalesce(max(version), 0) FROM mailgate_schema", &[]).await.map_err(pg)?;
+    let current: i32 = row.get(0);
+    let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    if current > latest {
+        return Err(StoreError::Schema { found: current as u32 });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.batch_execute(sql).await.map_err(pg)?;
+        tx.execute("INSERT INTO mailgate_schema (version) VALUES ($1)", &[version]).await.map_err(pg)?;
+        tracing::info!(version, "database schema migrated");
+    }
+    tx.commit().await.map_err(pg)
+}
+
+/// Sends a session event to every node (delivered when the transaction commits).
+async fn notify(c: &impl deadpool_postgres::GenericClient, ev: &SessionEvent) -> Result<(), StoreError> {
+    let payload = encode(ev)?;
+    c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload]).await.map_err(pg)?;
+    Ok(())
+}
+
+fn app_record(data: &str, last_used: Option<String>, id: &str) -> Result<AppPasswordRecord, StoreError> {
+    let mut rec: AppPasswordRecord = decode(id, data)?;
+    rec.last_used = match last_used {
+        Some(l) => Some(decode(id, &l)?),
+        None => None,
+    };
+    Ok(rec)
+}
+
+impl Store for PgStore {
+    fn get_account(&self, username: &str) -> Result<Option<Account>, StoreError> {
+        let username = username.to_string();
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let row = c.query_opt("SELECT data FROM accounts WHERE username = $1", &[&username]).await.map_err(pg)?;
+            row.map(|r| decode(&username, r.get::<_, &str>(0))).transpose()
+        })
+    }
+
+    fn create_account(&self, account: &Account) -> Result<(), StoreError> {
+        self.create_accounts(std::slice::from_ref(account)).map_err(|e| match e {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("account {} already exists", account.username)),
+            e => e,
+        })
+    }
+
+    fn create_accounts(&self, accounts: &[Account]) -> Result<(), StoreError> {
+        let rows: Vec<(String, String)> =
+            accounts.iter().map(|a| Ok((a.username.clone(), encode(a)?))).collect::<Result<_, StoreError>>()?;
+        self.run(|pool| async move {
+            let mut c = client(&pool).await?;
+            let tx = c.transaction().await.map_err(pg)?;
+            let names: Vec<&str> = rows.iter().map(|(n, _)| n.as_str()).collect();
+            let existing = tx
+                .query("SELECT username FROM accounts WHERE username = ANY($1) ORDER BY username", &[&names])
+                .await
+                .map_err(pg)?;
+            if !existing.is_empty() {
+                let names: Vec<String> = existing.iter().map(|r| r.get(0)).collect();
+                return Err(StoreError::Conflict(format!("these accounts exist already: {}", names.join(", "))));
+            }
+            for (name, data) in &rows {
+                if let Err(e) = tx.execute("INSERT INTO accounts (username, data) VALUES ($1, $2)", &[name, data]).await
+                {
+                    return Err(if is_unique_violation(&e) {
+                        StoreError::Conflict(format!("these accounts exist already: {name}"))
+                    } else {
+                        pg(e)
+                    });
+                }
+            }
+            tx.commit().await.map_err(pg)
+        })
+    }
+
+    fn put_account(&self, account: &Account) -> Result<(), StoreError> {
+        let (name, data) = (account.username.clone(), encode(account)?);
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let n = c
+                .execute("UPDATE accounts SET data = $2, version = version + 1 WHERE username = $1", &[&name, &data])
+                .await
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("unknown user {name}")));
+            }
+            Ok(())
+        })
+    }
+
+    fn update_account(
+        &self,
+        username: &str,
+        change: &mut dyn FnMut(&mut Account) -> Result<(), StoreError>,
+    ) -> Result<Account, StoreError> {
+        for _ in 0..CAS_ROUNDS {
+            let name = username.to_string();
+            let current = self.run(|pool| async move {
+                let c = client(&pool).await?;
+                let row = c
+                    .query_opt("SELECT data, version FROM accounts WHERE username = $1", &[&name])
+                    .await
+                    .map_err(pg)?;
+                Ok(row.map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))))
+            })?;
+            let Some((data, version)) = current else {
+                return Err(StoreError::NotFound(format!("unknown user {username}")));
+            };
+            let mut account: Account = decode(username, &data)?;
+            change(&mut account)?;
+            let (name, data) = (username.to_string(), encode(&account)?);
+            let swapped = self.run(|pool| async move {
+                let c = client(&pool).await?;
+                c.execute(
+                    "UPDATE accounts SET data = $2, version = version + 1 WHERE username = $1 AND version = $3",
+                    &[&name, &data, &version],
+                )
+                .await
+                .map_err(pg)
+            })?;
+            if swapped == 1 {
+                return Ok(account);
+            }
+            // Changed by someone else meanwhile (another node): read again and re-check.
+        }
+        Err(StoreError::Conflict(format!("{username} was changed at the same time; try again")))
+    }
+
+    fn remove_account(&self, username: &str) -> Result<(), StoreError> {
+        let name = username.to_string();
+        self.run(|pool| async move {
+            let mut c = client(&pool).await?;
+            let tx = c.transaction().await.map_err(pg)?;
+            let n = tx.execute("DELETE FROM accounts WHERE username = $1", &[&name]).await.map_err(pg)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("unknown user {name}")));
+            }
+            notify(&tx, &SessionEvent::End { username: name.clone(), app_password_id: None }).await?;
+            tx.commit().await.map_err(pg)
+        })
+    }
+
+    fn list_accounts(&self) -> Result<Vec<Account>, StoreError> {
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let rows = c.query("SELECT username, data FROM accounts ORDER BY username", &[]).await.map_err(pg)?;
+            rows.iter().map(|r| decode(r.get::<_, &str>(0), r.get::<_, &str>(1))).collect()
+        })
+    }
+
+    fn create_app_password(&self, record: &AppPasswordRecord) -> Result<(), StoreError> {
+        let mut stored = record.clone();
+        stored.last_used = None;
+        let (id, name, key, data) =
+            (record.id.clone(), record.username.clone(), label_key(&record.label), encode(&stored)?);
+        let label = record.label.clone();
+        self.run(|pool| async move {
+            let mut c = client(&pool).await?;
+            let tx = c.transaction().await.map_err(pg)?;
+            // The account row is locked: creations for one account (on any node) queue,
+            // so the count and label checks hold.
+            let exists =
+                tx.query_opt("SELECT 1 FROM accounts WHERE username = $1 FOR UPDATE", &[&name]).await.map_err(pg)?;
+            if exists.is_none() {
+                return Err(StoreError::NotFound(format!("unknown user {name}")));
+            }
+            let row = tx
+                .query_one(
+                    "SELECT count(*), count(*) FILTER (WHERE label_key = $2) FROM app_passwords WHERE username = $1",
+                    &[&name, &key],
+                )
+                .await
+                .map_err(pg)?;
+            let (count, same_label): (i64, i64) = (row.get(0), row.get(1));
+            if count as usize >= MAX_APP_PASSWORDS {
+                return Err(StoreError::Limit(format!(
+                    "{name} already has {MAX_APP_PASSWORDS} app passwords; revoke one first"
+                )));
+            }
+            if same_label > 0 {
+                return Err(StoreError::Conflict(format!("{name} already has an app password labelled \"{label}\"")));
+            }
+            if let Err(e) = tx
+                .execute(
+                    "INSERT INTO app_passwords (id, username, label_key, data) VALUES ($1, $2, $3, $4)",
+                    &[&id, &name, &key, &data],
+                )
+                .await
+            {
+                return Err(if is_unique_violation(&e) { StoreError::Conflict("id collision".into()) } else { pg(e) });
+            }
+            tx.commit().await.map_err(pg)
+        })
+    }
+
+    fn get_app_password(&self, id: &str) -> Result<Option<AppPasswordRecord>, StoreError> {
+        let id = id.to_string();
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let row =
+                c.query_opt("SELECT data, last_used FROM app_passwords WHERE id = $1", &[&id]).await.map_err(pg)?;
+            row.map(|r| app_record(r.get(0), r.get(1), &id)).transpose()
+        })
+    }
+
+    fn list_app_passwords(&self, username: &str) -> Result<Vec<AppPasswordRecord>, StoreError> {
+        let name = username.to_string();
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let rows = c
+                .query("SELECT id, data, last_used FROM app_passwords WHERE username = $1", &[&name])
+                .await
+                .map_err(pg)?;
+            let mut out =
+                rows.iter().map(|r| app_record(r.get(1), r.get(2), r.get(0))).collect::<Result<Vec<_>, _>>()?;
+            out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+            Ok(out)
+        })
+    }
+
+    fn revoke_app_password(&self, username: &str, id: &str) -> Result<AppPasswordRecord, StoreError> {
+        let (name, id) = (username.to_string(), id.to_string());
+        self.run(|pool| async move {
+            let mut c = client(&pool).await?;
+            let tx = c.transaction().await.map_err(pg)?;
+            let row = tx
+                .query_opt(
+                    "DELETE FROM app_passwords WHERE id = $1 AND username = $2 RETURNING data, last_used",
+                    &[&id, &name],
+                )
+                .await
+                .map_err(pg)?;
+            let Some(row) = row else {
+                return Err(StoreError::NotFound(format!("{name} has no app password with id {id}")));
+            };
+            let rec = app_record(row.get(0), row.get(1), &id)?;
+            notify(&tx, &SessionEvent::End { username: name.clone(), app_password_id: Some(id.clone()) }).await?;
+            tx.commit().await.map_err(pg)?;
+            Ok(rec)
+        })
+    }
+
+    fn record_app_password_use(&self, id: &str, used: &LastUse) -> Result<(), StoreError> {
+        let (id, used) = (id.to_string(), encode(used)?);
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            c.execute("UPDATE app_passwords SET last_used = $2 WHERE id = $1", &[&id, &used]).await.map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let (name, data) = (event.username.clone(), encode(event)?);
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let row = c
+                .query_one("INSERT INTO audit (username, data) VALUES ($1, $2) RETURNING seq", &[&name, &data])
+                .await
+                .map_err(pg)?;
+            let seq: i64 = row.get(0);
+            // Keep the newest MAX_AUDIT_PER_ACCOUNT events of each account, checked every
+            // 64th event so the cost stays small.
+            if seq % 64 == 0 {
+                c.execute(
+                    "DELETE FROM audit WHERE username = $1 AND seq <= (SELECT seq FROM audit WHERE username = $1 \
+                     ORDER BY seq DESC OFFSET $2 LIMIT 1)",
+                    &[&name, &(MAX_AUDIT_PER_ACCOUNT as i64)],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn recent_audit(&self, username: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        let name = username.to_string();
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let rows = c
+                .query("SELECT data FROM audit WHERE username = $1 ORDER BY seq DESC LIMIT $2", &[&name, &limit])
+                .await
+                .map_err(pg)?;
+            rows.iter().map(|r| decode("audit", r.get::<_, &str>(0))).collect()
+        })
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        // Every change was committed (durable) before its call returned.
+        Ok(())
+    }
+
+    fn export(&self) -> Result<Dump, StoreError> {
+        let accounts = self.list_accounts()?;
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let rows = c.query("SELECT id, data, last_used FROM app_passwords ORDER BY id", &[]).await.map_err(pg)?;
+            let app_passwords =
+                rows.iter().map(|r| app_record(r.get(1), r.get(2), r.get(0))).collect::<Result<Vec<_>, _>>()?;
+            let rows = c.query("SELECT data FROM audit ORDER BY username, seq", &[]).await.map_err(pg)?;
+            let audit = rows.iter().map(|r| decode("audit", r.get::<_, &str>(0))).collect::<Result<Vec<_>, _>>()?;
+            Ok(Dump { schema_version: SCHEMA_VERSION, accounts, app_passwords, audit })
+        })
+    }
+
+    fn import(&self, dump: &Dump) -> Result<(), StoreError> {
+        if dump.schema_version != SCHEMA_VERSION {
+            return Err(StoreError::Schema { found: dump.schema_version });
+        }
+        let dump = dump.clone();
+        self.run(|pool| async move {
+            let mut c = client(&pool).await?;
+            let tx = c.transaction().await.map_err(pg)?;
+            let any = tx.query_opt("SELECT 1 FROM accounts LIMIT 1", &[]).await.map_err(pg)?;
+            if any.is_some() {
+                return Err(StoreError::Conflict("the store is not empty; import only into a new database".into()));
+            }
+            for a in &dump.accounts {
+                tx.execute("INSERT INTO accounts (username, data) VALUES ($1, $2)", &[&a.username, &encode(a)?])
+                    .await
+                    .map_err(pg)?;
+            }
+            for r in &dump.app_passwords {
+                let mut stored = r.clone();
+                stored.last_used = None;
+                let last = r.last_used.as_ref().map(encode).transpose()?;
+                tx.execute(
+                    "INSERT INTO app_passwords (id, username, label_key, data, last_used) VALUES ($1, $2, $3, $4, $5)",
+                    &[&r.id, &r.username, &label_key(&r.label), &encode(&stored)?, &last],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            for e in &dump.audit {
+                tx.execute("INSERT INTO audit (username, data) VALUES ($1, $2)", &[&e.username, &encode(e)?])
+                    .await
+                    .map_err(pg)?;
+            }
+            tx.commit().await.map_err(pg)
+        })
+    }
+
+    fn publish(&self, event: &SessionEvent) {
+        // Not awaited: the caller (a web request, an admin command) does not wait for it.
+        let Some(rt) = &self.runtime else { return };
+        let (pool, ev) = (self.pool.clone(), event.clone());
+        rt.spawn(async move {
+            let sent = match tokio::time::timeout(OP_TIMEOUT, async {
+                let c = client(&pool).await?;
+                notify(&c, &ev).await
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(backend("no answer in time")),
+            };
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "could not tell the other nodes to end sessions");
+            }
+        });
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<SessionEvent>> {
+        Some(self.events.subscribe())
+    }
+}
