@@ -409,7 +409,7 @@ fn a_low_open_file_limit_is_raised_for_max_connections() {
 }
 
 /// A TCP connection to `dst` from the loopback address `src` (127.0.0.0/8).
-fn connect_from(src: &str, dst: std::net::SocketAddr) -> std::net::TcpStream {
+pub fn connect_from(src: &str, dst: std::net::SocketAddr) -> std::net::TcpStream {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let tcp = rt.block_on(async {
         let s = tokio::net::TcpSocket::new_v4().unwrap();

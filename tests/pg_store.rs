@@ -134,3 +134,127 @@ fn session_events_reach_the_other_nodes() {
     want.sort();
     assert_eq!(got, want);
 }
+
+/// Two mailgate nodes on one PostgreSQL database, each behind haproxy (PROXY v2), in
+/// front of the real Dovecot (issue 8 point 6).
+mod two_nodes {
+    use super::*;
+    use crate::imap_front::connect_from;
+    use crate::support::client::{Client, tls_config};
+    use crate::support::dovecot::{Dovecot, DovecotOptions};
+    use crate::support::haproxy::Haproxy;
+    use crate::support::mailgate::{Mailgate, Options};
+
+    fn node(dovecot: &Dovecot, url: &str) -> Mailgate {
+        Mailgate::start(Options {
+            upstream: format!("127.0.0.1:{}", dovecot.port),
+            master_password: "master-password".into(),
+            limits: "auth_failure_delay_ms = 0\nip_penalty_max_ms = 0\n".into(),
+            extra_sections: format!(
+                "[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n[proxy_protocol]\nimap = true\ntrusted = [\"127.0.0.1\"]\n"
+            ),
+            ..Options::default()
+        })
+    }
+
+    /// A client from `src` through haproxy frontend `i` (node `mg` behind it).
+    fn via(lb: &Haproxy, i: usize, mg: &Mailgate, src: &str) -> Client {
+        let tcp = connect_from(src, lb.addr(i));
+        let mut c = Client::tls_over(tcp, tls_config(&mg.ca, &["imap"])).unwrap();
+        let greeting = c.line();
+        assert!(greeting.starts_with("* OK"), "{greeting}");
+        c
+    }
+
+    fn login(c: &mut Client, secret: &str) -> String {
+        c.cmd("l", &format!("LOGIN alice@example.com \"{secret}\"")).last().unwrap().clone()
+    }
+
+    #[test]
+    fn app_passwords_revocation_and_lockout_are_shared_and_a_node_can_die() {
+        let pg = Postgres::start();
+        let url = fresh_db(&pg);
+        let dovecot = Dovecot::start(DovecotOptions::default());
+        let mut a = node(&dovecot, &url);
+        let b = node(&dovecot, &url);
+        let lb = Haproxy::start(&[(0, vec![a.imaps], true), (0, vec![b.imaps], true)]);
+
+        // Made on A (its admin socket), used on B; the client's address travels in the
+        // PROXY header to B, to Dovecot and into the app-password list.
+        a.add_user("alice@example.com", "alice-account-pw");
+        let app = a.app_password("alice@example.com", "laptop", "imap");
+        let mut on_b = via(&lb, 1, &b, "127.0.0.3");
+        assert!(login(&mut on_b, &app).starts_with("l OK"), "{}", b.log());
+        assert!(dovecot.wait_for_log("rip=127.0.0.3", Duration::from_secs(10)), "{}", dovecot.log());
+        let list = b.ok(&["app-password", "list", "alice@example.com", "--json"]);
+        assert!(list.contains("127.0.0.3"), "{list}");
+
+        // An IDLE session on A ends within 5 s when B revokes the app password.
+        let mut on_a = via(&lb, 0, &a, "127.0.0.4");
+        assert!(login(&mut on_a, &app).starts_with("l OK"));
+        assert!(on_a.cmd("s", "SELECT INBOX").last().unwrap().starts_with("s OK"));
+        on_a.send(b"i IDLE\r\n");
+        assert!(on_a.line().starts_with("+ "));
+        let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let id = v["app_passwords"][0]["id"].as_str().unwrap().to_string();
+        let revoked = Instant::now();
+        b.ok(&["app-password", "revoke", "alice@example.com", &id]);
+        let mut ended = false;
+        while revoked.elapsed() < Duration::from_secs(5) {
+            match on_a.line_within(Duration::from_millis(200)) {
+                Some(l) if l.starts_with("* BYE") => {
+                    ended = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert!(ended, "A's session outlived the revocation on B by 5 s\nA: {}", a.log());
+        let mut again = via(&lb, 0, &a, "127.0.0.4");
+        assert!(login(&mut again, &app).starts_with("l NO"), "the revoked app password still works on A");
+
+        // Failures spread over both nodes count against one per-account limit (100).
+        for n in 0..100 {
+            let (i, mg) = if n % 2 == 0 { (0, &a) } else { (1, &b) };
+            let mut c = via(&lb, i, mg, "127.0.0.5");
+            assert!(login(&mut c, &format!("wrong-{n}")).starts_with("l NO"));
+        }
+        let fresh = a.app_password("alice@example.com", "phone", "imap");
+        for (i, mg) in [(0, &a), (1, &b)] {
+            let mut c = via(&lb, i, mg, "127.0.0.6");
+            assert!(login(&mut c, &fresh).starts_with("l NO"), "locked account logged in");
+        }
+        b.ok(&["user", "unlock", "alice@example.com"]);
+        let mut c = via(&lb, 0, &a, "127.0.0.6");
+        assert!(login(&mut c, &fresh).starts_with("l OK"), "unlock on B did not reach A");
+
+        // Node A dies mid-load; B keeps serving and nothing acknowledged is lost.
+        let extra = b.app_password("alice@example.com", "tablet", "imap");
+        let load: Vec<_> = (0..4)
+            .map(|t| {
+                let (addr, ca) = (lb.addr(1), b.ca.clone());
+                let secret = fresh.clone();
+                std::thread::spawn(move || {
+                    let mut ok = 0;
+                    for _ in 0..10 {
+                        let tcp = connect_from(&format!("127.0.1.{t}"), addr);
+                        let mut c = Client::tls_over(tcp, tls_config(&ca, &["imap"])).unwrap();
+                        assert!(c.line().starts_with("* OK"));
+                        if login(&mut c, &secret).starts_with("l OK") {
+                            ok += 1;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        a.kill();
+        let ok: usize = load.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(ok, 40, "B failed logins while A died");
+        let list = b.ok(&["app-password", "list", "alice@example.com"]);
+        assert!(list.contains("phone") && list.contains("tablet"), "{list}");
+        let mut c = via(&lb, 1, &b, "127.0.0.7");
+        assert!(login(&mut c, &extra).starts_with("l OK"));
+    }
+}

@@ -115,6 +115,11 @@ impl Throttle {
         };
         let ip_failures = bump(Key::Ip(ip_key(ip)), false);
         let user_failures = bump(Key::User(username.to_string()), false);
+        if self.base.is_zero() {
+            // `auth_failure_delay_ms = 0` turns every delay off (the stored lock at
+            // MAX_FAILED_LOGINS still applies).
+            return Duration::ZERO;
+        }
         self.ip_delay(ip_failures).max(account_delay(user_failures))
     }
 
@@ -185,10 +190,19 @@ mod tests {
     }
 
     #[test]
-    fn account_delay_grows_after_ten_failures_from_anywhere() {
+    fn no_delays_at_all_when_the_base_delay_is_zero() {
         let t = Throttle::new(Duration::ZERO, Duration::ZERO);
+        for n in 0..60 {
+            assert_eq!(t.fail(ip("192.0.2.1"), "a@x", format!("g{n}").as_bytes()), Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn account_delay_grows_after_ten_failures_from_anywhere() {
+        // A 1 ms address penalty, to see the account's delay alone.
+        let t = Throttle::new(Duration::from_millis(1), Duration::from_millis(1));
         for n in 0..10 {
-            assert_eq!(t.fail(ip(&format!("192.0.2.{n}")), "a@x", format!("g{n}").as_bytes()), Duration::ZERO);
+            assert_eq!(t.fail(ip(&format!("192.0.2.{n}")), "a@x", format!("g{n}").as_bytes()).as_secs(), 0);
         }
         assert_eq!(t.fail(ip("198.51.100.1"), "a@x", b"g10").as_secs(), 1);
         for n in 11..60 {

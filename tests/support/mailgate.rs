@@ -193,6 +193,14 @@ master_password_file = "config/master.secret"
         }
     }
 
+    /// Kills the server at once (SIGKILL): a node that dies.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
