@@ -258,3 +258,40 @@ mod two_nodes {
         assert!(login(&mut c, &extra).starts_with("l OK"));
     }
 }
+
+/// A sled deployment moves to PostgreSQL with `store export` / `store import` without
+/// resetting anyone's app passwords or TOTP (issue 8 point 5).
+#[test]
+fn a_sled_deployment_moves_to_postgres_keeping_app_passwords_and_totp() {
+    use crate::imap_front::with_dovecot;
+    use crate::support::client::{Client, tls_config};
+    let pg = Postgres::start();
+    let url = fresh_db(&pg);
+    let (_dovecot, mut old, app) = with_dovecot();
+    old.add_user("bob@example.com", "bob-account-pw");
+    old.ok(&["totp", "enable", "bob@example.com", "--secret", "jbsw y3dp ehpk 3pxp jbsw y3dp ehpk 3pxp"]);
+    let dump = old.dir.path().join("export.json");
+    old.ok(&["store", "export", dump.to_str().unwrap()]);
+    old.stop();
+    // The same data directory (secret.key) now pointed at PostgreSQL.
+    let config = std::fs::read_to_string(&old.config).unwrap();
+    std::fs::write(&old.config, format!("{config}\n[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n")).unwrap();
+    let out = old.ok(&["store", "import", dump.to_str().unwrap()]);
+    assert!(out.contains("imported 2 accounts, 1 app passwords"), "{out}");
+    // A second import is refused: the database is not empty.
+    let again = old.cli(&["store", "import", dump.to_str().unwrap()]);
+    assert!(!again.status.success());
+    old.restart();
+    let mut c = Client::tls(old.imaps, tls_config(&old.ca, &["imap"])).unwrap();
+    assert!(c.line().starts_with("* OK"));
+    let r = c.cmd("a", &format!("LOGIN alice@example.com \"{app}\""));
+    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}\n{}", old.log());
+    // bob still has TOTP: his account password is refused over IMAP with the alert.
+    let mut c = Client::tls(old.imaps, tls_config(&old.ca, &["imap"])).unwrap();
+    assert!(c.line().starts_with("* OK"));
+    let r = c.cmd("b", "LOGIN bob@example.com bob-account-pw");
+    assert!(r.iter().any(|l| l.contains("[ALERT]")), "{r:?}");
+    let users = old.ok(&["user", "list", "--json"]);
+    assert!(users.contains("bob@example.com"), "{users}");
+    assert_eq!(pg.psql_db(url.rsplit('/').next().unwrap(), "SELECT count(*) FROM accounts").trim(), "2");
+}
