@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the tests need from Debian's packages (Dovecot for the interop tests,
 # Dovecot submission and Postfix as real upstream SMTP servers; swaks with Perl's TLS
-# modules, curl, Python, mbsync (isync) and Thunderbird as real clients). Idempotent;
-# needs root (or sudo) when something is missing.
+# modules, curl, Python, mbsync (isync) and Thunderbird as real clients; PostgreSQL 15
+# for the PostgreSQL store tests and HAProxy as a real PROXY-protocol load balancer).
+# Idempotent; needs root (or sudo) when something is missing.
 set -euo pipefail
 need=()
 for pkg in dovecot-imapd dovecot-submissiond postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
-  curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux; do
+  curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux \
+  postgresql-15 haproxy; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -18,6 +20,23 @@ if ((${#need[@]})); then
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # The tests run their own PostgreSQL clusters (tests/support/postgres.rs) and HAProxy
+  # instances (tests/support/haproxy.rs) on free loopback ports. Where the packages'
+  # postinst could start services (no policy-rc.d, no systemd in CI containers: init
+  # scripts), stop what this run just installed: the `main` cluster on 5432 and the
+  # system haproxy. A PostgreSQL or HAProxy that was already installed is left alone.
+  for pkg in "${need[@]}"; do
+    case "$pkg" in
+      postgresql-15)
+        $SUDO pg_ctlcluster 15 main stop >/dev/null 2>&1 || true
+        $SUDO update-rc.d postgresql disable >/dev/null 2>&1 || true
+        ;;
+      haproxy)
+        $SUDO service haproxy stop >/dev/null 2>&1 || true
+        $SUDO update-rc.d haproxy disable >/dev/null 2>&1 || true
+        ;;
+    esac
+  done
 fi
 # The tests start their own Dovecot on free loopback ports; a system Dovecot that the
 # package may have started does not get in the way and is left alone.
@@ -26,3 +45,7 @@ test -x /usr/lib/dovecot/submission || { echo "dovecot-submissiond is not instal
 test -x /usr/lib/postfix/sbin/master || { echo "postfix is not installed" >&2; exit 1; }
 command -v thunderbird >/dev/null || { echo "thunderbird is not installed" >&2; exit 1; }
 command -v chromedriver >/dev/null || { echo "chromedriver (chromium-driver) is not installed" >&2; exit 1; }
+test -x /usr/lib/postgresql/15/bin/postgres || { echo "postgresql-15 is not installed" >&2; exit 1; }
+test -x /usr/lib/postgresql/15/bin/pg_isready || { echo "postgresql-client-15 is not installed" >&2; exit 1; }
+test -x /usr/sbin/haproxy || { echo "haproxy is not installed at /usr/sbin/haproxy" >&2; exit 1; }
+getent passwd postgres >/dev/null || { echo "the postgres system user is missing (postgresql-common)" >&2; exit 1; }

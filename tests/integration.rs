@@ -9,6 +9,7 @@ mod imap_front;
 mod import;
 mod interop;
 mod load;
+mod pg_harness;
 mod smtp;
 mod support;
 mod upstream_mode;

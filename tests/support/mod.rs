@@ -4,8 +4,10 @@
 
 pub mod client;
 pub mod dovecot;
+pub mod haproxy;
 pub mod mailgate;
 pub mod pki;
 pub mod postfix;
+pub mod postgres;
 pub mod sink;
 pub mod submission;
