@@ -77,6 +77,9 @@ impl ProxyPolicy {
     }
 }
 
+/// What [`read_proxy_header`] says of a connection closed before its first byte.
+const CLOSED_QUIETLY: &str = "closed before sending anything";
+
 /// Reads a PROXY header byte-exact (the client's first bytes stay in the socket).
 /// `Ok(None)`: a LOCAL header (the load balancer's own health check).
 async fn read_proxy_header(tcp: &mut TcpStream, wait: Duration) -> Result<Option<SocketAddr>, String> {
@@ -88,7 +91,13 @@ async fn read_proxy_header(tcp: &mut TcpStream, wait: Duration) -> Result<Option
                 n => {
                     let start = buf.len();
                     buf.resize(start + n, 0);
-                    tcp.read_exact(&mut buf[start..]).await.map_err(|e| e.to_string())?;
+                    if let Err(e) = tcp.read_exact(&mut buf[start..]).await {
+                        // A health check: connected and closed without a byte.
+                        if start == 0 && e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            return Err(CLOSED_QUIETLY.into());
+                        }
+                        return Err(e.to_string());
+                    }
                 }
             }
         }
@@ -144,6 +153,10 @@ pub async fn accept_loop<F, Fut>(
                 let client = match read_proxy_header(&mut tcp, policy.timeout).await {
                     Ok(Some(client)) => SocketAddr::new(client.ip().to_canonical(), client.port()),
                     Ok(None) => peer,
+                    Err(e) if e == CLOSED_QUIETLY => {
+                        debug!(%peer, "load balancer health check");
+                        return;
+                    }
                     Err(e) => {
                         warn!(%peer, error = %e, "connection refused: bad PROXY header");
                         return;
