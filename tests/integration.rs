@@ -10,6 +10,7 @@ mod import;
 mod interop;
 mod load;
 mod pg_harness;
+mod pg_store;
 mod smtp;
 mod support;
 mod upstream_mode;
