@@ -222,7 +222,7 @@ fn preauth_deadline_closes_slow_clients() {
     }
     assert!(closed, "still open after 6 s");
     assert!(start.elapsed() < Duration::from_secs(4));
-    assert!(String::from_utf8_lossy(&c.transcript).contains("* BYE"));
+    assert!(String::from_utf8_lossy(&c.transcript).contains("* BYE Autologout: authentication took too long"));
 }
 
 #[test]
