@@ -263,18 +263,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             let now = now_unix();
             let has_pw = password_hash.is_some();
             store
-                .create_account(&Account {
-                    username: email.clone(),
-                    addresses: aliases,
-                    password_hash,
-                    totp: None,
-                    second_factor_required: false,
-                    backup_codes: None,
-                    second_factor_failures: 0,
-                    failed_logins: 0,
-                    created_at: now,
-                    updated_at: now,
-                })
+                .create_account(&Account { addresses: aliases, password_hash, ..Account::new(&email, now) })
                 .map_err(store_err)?;
             audit(store, &email, "account_created", String::new());
             let note = if has_pw { "" } else { " (no account password: app passwords only)" };
@@ -284,18 +273,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             let now = now_unix();
             let accounts: Vec<Account> = users
                 .iter()
-                .map(|(email, hash)| Account {
-                    username: email.clone(),
-                    addresses: vec![],
-                    password_hash: Some(hash.clone()),
-                    totp: None,
-                    second_factor_required: false,
-                    backup_codes: None,
-                    second_factor_failures: 0,
-                    failed_logins: 0,
-                    created_at: now,
-                    updated_at: now,
-                })
+                .map(|(email, hash)| Account { password_hash: Some(hash.clone()), ..Account::new(email, now) })
                 .collect();
             store.create_accounts(&accounts).map_err(store_err)?;
             for a in &accounts {

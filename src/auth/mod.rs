@@ -840,18 +840,7 @@ fn ensure_account(store: &dyn Store, accounts: &Accounts, username: &str) -> Opt
         Ok(Some(a)) => Some(a),
         Ok(None) if accounts.may_create(username) => {
             let now = now_unix();
-            let account = crate::store::Account {
-                username: username.to_string(),
-                addresses: vec![],
-                password_hash: None,
-                totp: None,
-                second_factor_required: false,
-                backup_codes: None,
-                second_factor_failures: 0,
-                failed_logins: 0,
-                created_at: now,
-                updated_at: now,
-            };
+            let account = crate::store::Account::new(username, now);
             match store.create_account(&account) {
                 Ok(()) => {
                     record(store, username, "account_created", "on first login (password checked upstream)".into());
@@ -894,16 +883,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
         s.create_account(&Account {
-            username: "a@x".into(),
-            addresses: vec![],
             password_hash: Some(password::hash(b"account-pw").unwrap()),
-            totp: None,
-            second_factor_required: false,
-            backup_codes: None,
-            second_factor_failures: 0,
-            failed_logins: 0,
-            created_at: 0,
-            updated_at: 0,
+            ..Account::new("a@x", 0)
         })
         .unwrap();
         let p = app_password::generate().unwrap();
@@ -936,20 +917,7 @@ mod tests {
     async fn verified_app_passwords_skip_the_hash_until_revoked() {
         let (_dir, s, good) = setup();
         let store: Arc<dyn Store> = Arc::new(s);
-        store
-            .create_account(&Account {
-                username: "b@x".into(),
-                addresses: vec![],
-                password_hash: None,
-                totp: None,
-                second_factor_required: false,
-                backup_codes: None,
-                second_factor_failures: 0,
-                failed_logins: 0,
-                created_at: 0,
-                updated_at: 0,
-            })
-            .unwrap();
+        store.create_account(&Account::new("b@x", 0)).unwrap();
         let auth = Authenticator::new(store.clone(), 1).with_verify_cache(Duration::from_secs(60));
         let creds = |user: &str, p: &str| Credentials { username: user.into(), password: pw(p) };
         let quick = |c: Credentials, proto: Protocol| {

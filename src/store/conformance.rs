@@ -10,18 +10,7 @@ use std::sync::Arc;
 
 /// An account record with nothing set.
 pub fn account(name: &str) -> Account {
-    Account {
-        username: name.into(),
-        addresses: vec![],
-        password_hash: None,
-        totp: None,
-        second_factor_required: false,
-        backup_codes: None,
-        second_factor_failures: 0,
-        failed_logins: 0,
-        created_at: 1,
-        updated_at: 1,
-    }
+    Account::new(name, 1)
 }
 
 /// An app password record (the hash is not a real one: stores do not look at it).

@@ -127,6 +127,24 @@ pub struct Account {
     pub updated_at: u64,
 }
 
+impl Account {
+    /// A new account: no password, no second factor, no failures.
+    pub fn new(username: &str, now: u64) -> Account {
+        Account {
+            username: username.to_string(),
+            addresses: vec![],
+            password_hash: None,
+            totp: None,
+            second_factor_required: false,
+            backup_codes: None,
+            second_factor_failures: 0,
+            failed_logins: 0,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 impl std::fmt::Debug for Account {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Account")

@@ -76,16 +76,10 @@ impl Env {
         });
         self.store
             .create_account(&Account {
-                username: name.into(),
-                addresses: vec![],
                 password_hash: Some(password::hash(pw.as_bytes()).unwrap()),
                 second_factor_required: totp.is_some(),
                 totp,
-                backup_codes: None,
-                second_factor_failures: 0,
-                failed_logins: 0,
-                created_at: 1,
-                updated_at: 1,
+                ..Account::new(name, 1)
             })
             .unwrap();
     }
@@ -323,20 +317,7 @@ fn assert_security_headers(r: &Resp, what: &str) {
 async fn wrong_password_unknown_user_and_passwordless_account_look_the_same() {
     let env = Env::new();
     env.add_user(ALICE, PW, false);
-    env.store
-        .create_account(&Account {
-            username: BOB.into(),
-            addresses: vec![],
-            password_hash: None,
-            totp: None,
-            second_factor_required: false,
-            backup_codes: None,
-            second_factor_failures: 0,
-            failed_logins: 0,
-            created_at: 1,
-            updated_at: 1,
-        })
-        .unwrap();
+    env.store.create_account(&Account::new(BOB, 1)).unwrap();
     let mut c = env.client();
     c.get("/login").await.assert_ok();
     let wrong = c.post("/login", &[("username", ALICE), ("password", "not the password")]).await;
