@@ -20,26 +20,28 @@
 //! listening sockets among haproxy's own file descriptors, so no probe connection
 //! ever reaches a backend).
 //!
-//! Only std and `tempfile` are used.
+//! Only std and `tempfile` are used; the helpers shared with the other harnesses are in
+//! [`super::daemon`].
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use super::daemon::{
+    START_ATTEMPTS, STOP_TIMEOUT, StartError, check_running, pick_ports, poll, read_log, retry_start, spawn_logged,
+    tail, terminate, try_poll,
+};
+
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
 /// Default location of the HAProxy binary (Debian `haproxy`).
 pub const DEFAULT_HAPROXY_BIN: &str = "/usr/sbin/haproxy";
-/// How long [`Haproxy::start`] waits for the listeners.
+/// How long [`Haproxy::start`] waits for the listeners. ([`Drop`] waits
+/// [`STOP_TIMEOUT`], 5 s, after SIGTERM before sending SIGKILL.)
 const START_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long [`Drop`] waits after SIGTERM before sending SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Attempts when a picked port got taken between picking and binding.
-const START_ATTEMPTS: usize = 5;
 
 /// One frontend: (listen port on 127.0.0.1, 0 = pick a free one; backends, balanced
 /// round-robin; send a PROXY protocol v2 header to the backends).
@@ -53,11 +55,6 @@ pub struct Haproxy {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     pid: u32,
-}
-
-enum StartError {
-    PortTaken(String),
-    Fatal(String),
 }
 
 impl Haproxy {
@@ -77,15 +74,15 @@ impl Haproxy {
                 panic!("haproxy: frontend {i} has no backends");
             }
         }
-        let mut last = String::new();
-        for _ in 0..START_ATTEMPTS {
-            match try_start(frontends) {
-                Ok(h) => return h,
-                Err(StartError::PortTaken(msg)) if frontends.iter().any(|f| f.0 == 0) => last = msg,
-                Err(StartError::PortTaken(msg) | StartError::Fatal(msg)) => panic!("{msg}"),
-            }
-        }
-        panic!("haproxy: could not bind free ports after {START_ATTEMPTS} attempts\n{last}");
+        // Only a picked port may have been taken by someone else: retry then.
+        let picked = frontends.iter().any(|f| f.0 == 0);
+        retry_start(|| {
+            try_start(frontends).map_err(|e| match e {
+                StartError::PortTaken(msg) if !picked => StartError::Fatal(msg),
+                e => e,
+            })
+        })
+        .unwrap_or_else(|last| panic!("haproxy: could not bind free ports after {START_ATTEMPTS} attempts\n{last}"))
     }
 
     /// PID of the haproxy process.
@@ -114,45 +111,20 @@ impl Haproxy {
     /// Everything HAProxy wrote: warnings/alerts and one tcplog line per finished
     /// connection (`127.0.0.1:41234 [..] fe0 be0/s1 1/0/5003 42 -- 1/1/0/0/0 0/0`).
     pub fn log(&self) -> String {
-        fs::read_to_string(self.log_path()).unwrap_or_default()
+        read_log(&self.log_path())
     }
 
     /// Poll the log until it contains `needle` (true) or `timeout` passes (false).
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            sleep(Duration::from_millis(25));
-        }
+        poll(timeout, || self.log().contains(needle))
     }
 
     /// Stop now (same as dropping, but keeps `dir` around for inspection).
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // Only signal while un-reaped: the PID cannot have been reused yet.
-        if matches!(child.try_wait(), Ok(None)) {
+        if let Some(mut child) = self.child.take() {
             // SIGTERM = hard stop: listeners closed, connections cut.
-            if signal(child.id(), "TERM") {
-                let deadline = Instant::now() + STOP_TIMEOUT;
-                while Instant::now() < deadline {
-                    match child.try_wait() {
-                        Ok(Some(_)) | Err(_) => break,
-                        Ok(None) => sleep(Duration::from_millis(20)),
-                    }
-                }
-            }
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-            }
+            terminate(&mut child, "TERM", STOP_TIMEOUT);
         }
-        let _ = child.wait();
     }
 }
 
@@ -167,34 +139,17 @@ fn try_start(frontends: &[Frontend]) -> Result<Haproxy, StartError> {
     let dir =
         tempfile::Builder::new().prefix("mailgate-haproxy-").tempdir().map_err(|e| fatal("create temp dir", e))?;
 
-    // Hold all picked listeners at once so the free ports differ, then release them.
-    let mut held = Vec::new();
-    let mut ports = Vec::new();
-    for (port, _, _) in frontends {
-        if *port == 0 {
-            let l = TcpListener::bind("127.0.0.1:0").map_err(|e| fatal("pick a free port", e))?;
-            ports.push(l.local_addr().map_err(|e| fatal("local_addr", e))?.port());
-            held.push(l);
-        } else {
-            ports.push(*port);
-        }
-    }
-    drop(held);
+    // Distinct free ports for the frontends given as 0.
+    let mut free = pick_ports(frontends.iter().filter(|f| f.0 == 0).count())
+        .map_err(|e| fatal("pick a free port", e))?
+        .into_iter();
+    let ports: Vec<u16> = frontends.iter().map(|f| if f.0 == 0 { free.next().unwrap_or(0) } else { f.0 }).collect();
 
     let conf_path = dir.path().join("haproxy.cfg");
     fs::write(&conf_path, render_config(frontends, &ports)).map_err(|e| fatal("write haproxy.cfg", e))?;
-    let out = fs::File::create(dir.path().join("haproxy.log")).map_err(|e| fatal("create log", e))?;
-    let err = out.try_clone().map_err(|e| fatal("dup log", e))?;
-    let child = Command::new(haproxy_bin())
-        .arg("-db")
-        .arg("-f")
-        .arg(&conf_path)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| fatal(&format!("spawn {}", haproxy_bin().display()), e))?;
+    let mut cmd = Command::new(haproxy_bin());
+    cmd.arg("-db").arg("-f").arg(&conf_path).current_dir(dir.path());
+    let child = spawn_logged(&mut cmd, &dir.path().join("haproxy.log"), "log").map_err(|(what, e)| fatal(&what, e))?;
     let pid = child.id();
     let mut h = Haproxy { ports, dir, child: Some(child), pid };
 
@@ -220,25 +175,15 @@ fn try_start(frontends: &[Frontend]) -> Result<Haproxy, StartError> {
 
 /// Ready when every frontend port is a listening socket held by our process.
 fn wait_ready(h: &mut Haproxy) -> Result<(), String> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Some(child) = h.child.as_mut() {
-            match child.try_wait() {
-                Ok(Some(status)) => return Err(format!("haproxy exited early: {status}")),
-                Ok(None) => {}
-                Err(e) => return Err(format!("waitpid: {e}")),
-            }
-        }
+    let ready = try_poll(START_TIMEOUT, Duration::from_millis(25), || {
+        check_running(h.child.as_mut(), "haproxy")?;
         let inodes = socket_inodes(h.pid);
         let listening = listening_inodes();
-        if h.ports.iter().all(|p| listening.iter().any(|(port, ino)| port == p && inodes.contains(ino))) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("ports {:?} not listening within {START_TIMEOUT:?}", h.ports));
-        }
-        sleep(Duration::from_millis(25));
-    }
+        Ok::<bool, String>(
+            h.ports.iter().all(|p| listening.iter().any(|(port, ino)| port == p && inodes.contains(ino))),
+        )
+    })?;
+    if ready { Ok(()) } else { Err(format!("ports {:?} not listening within {START_TIMEOUT:?}", h.ports)) }
 }
 
 /// Socket inodes among /proc/<pid>/fd.
@@ -306,24 +251,6 @@ defaults
     c
 }
 
-/// `kill -<sig> <pid>`; true if the command succeeded.
-fn signal(pid: u32, sig: &str) -> bool {
-    Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
 fn haproxy_bin() -> PathBuf {
     std::env::var_os("MAILGATE_TEST_HAPROXY").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_HAPROXY_BIN))
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

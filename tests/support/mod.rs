@@ -1,8 +1,10 @@
-//! Test support: a real Dovecot, the real mailgate binary, throwaway certificates and a
-//! byte-exact IMAP client.
+//! Test support: private servers on loopback (Dovecot IMAP and submission, Postfix,
+//! PostgreSQL, HAProxy, an SMTP sink; what they share is in `daemon`), the real mailgate
+//! binary, throwaway certificates and a byte-exact IMAP client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod client;
+pub mod daemon;
 pub mod dovecot;
 pub mod haproxy;
 pub mod mailgate;

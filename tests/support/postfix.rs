@@ -46,23 +46,24 @@
 //!
 //! Requirements: Debian `postfix` (`/usr/sbin/postfix`, `/usr/lib/postfix/sbin/master`),
 //! the `postfix` user and `postdrop` group, Dovecot (`/usr/sbin/dovecot`, or
-//! `MAILGATE_TEST_DOVECOT`), running as root. Only std and `tempfile`.
+//! `MAILGATE_TEST_DOVECOT`), running as root. Only std and `tempfile`; the helpers
+//! shared with the other harnesses are in [`super::daemon`].
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-pub use super::sink::{Delivered, REJECTED_RECIPIENT, Sink};
-use super::sink::{
-    effective_uid, lookup_id, pick_ports, poll, set_mode, smtp_greeting_ok, stop_child, tail, traversable_tmp,
+use super::daemon::{
+    START_ATTEMPTS, StartError, check_running, dovecot_bin, effective_uid, lookup_id, mail_ids, pick_ports, poll,
+    push_section, read_log, retry_start, set_mode, smtp_greeting_ok, spawn_dovecot, spawn_logged, start_failure,
+    stop_child, tail, temp_dir, try_poll, write_passwd_files,
 };
-use super::submission::{dovecot_bin, mail_ids, plain_password, write_secret};
+pub use super::sink::{Delivered, REJECTED_RECIPIENT, Sink};
 
-use std::fmt::Write as _;
 use std::fs;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The `postfix` command (Debian `postfix`).
 const POSTFIX_BIN: &str = "/usr/sbin/postfix";
@@ -77,7 +78,6 @@ pub const POSTFIX_REJECT_REPLY: &str =
 const REJECT_ACTION: &str = "550 5.7.1 refused by the test";
 /// How long [`Postfix::start`] waits for the greeting.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-const START_ATTEMPTS: usize = 5;
 
 /// What to configure in the test Postfix.
 #[derive(Clone, Debug)]
@@ -136,25 +136,14 @@ pub struct Postfix {
     sasl: Option<Child>,
 }
 
-enum StartError {
-    PortTaken(String),
-    Fatal(String),
-}
-
 impl Postfix {
     /// Start the sink and Postfix, wait (max 30 s) until the smtpd greets with
     /// `220 `. Panics with the log tail if it cannot start.
     pub fn start(opts: PostfixOptions) -> Postfix {
         preflight();
-        let mut last = String::new();
-        for _ in 0..START_ATTEMPTS {
-            match try_start(&opts) {
-                Ok(p) => return p,
-                Err(StartError::PortTaken(msg)) => last = msg,
-                Err(StartError::Fatal(msg)) => panic!("{msg}"),
-            }
-        }
-        panic!("postfix: could not bind a free port after {START_ATTEMPTS} attempts\n{last}");
+        retry_start(|| try_start(&opts)).unwrap_or_else(|last| {
+            panic!("postfix: could not bind a free port after {START_ATTEMPTS} attempts\n{last}")
+        })
     }
 
     /// PID of the master daemon.
@@ -185,23 +174,16 @@ impl Postfix {
     /// stdout/stderr if non-empty, then the sink's SMTP transcript. Written
     /// asynchronously: use [`Postfix::wait_for_log`].
     pub fn log(&self) -> String {
-        let mut out = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let mut out = read_log(&self.log_path());
         for (name, file) in [
             ("postfix check", "check.out"),
             ("master stdout/stderr", "master.stderr"),
             ("dovecot SASL log", "sasl/dovecot.log"),
             ("dovecot SASL stdout/stderr", "sasl/dovecot.stderr"),
         ] {
-            let s = fs::read_to_string(self.dir.path().join(file)).unwrap_or_default();
-            if !s.trim().is_empty() {
-                let _ = write!(out, "--- {name} ---\n{s}");
-            }
+            push_section(&mut out, name, &read_log(&self.dir.path().join(file)));
         }
-        let t = self.sink.transcript();
-        if !t.is_empty() {
-            out.push_str("--- relay sink transcript ---\n");
-            out.push_str(&t);
-        }
+        push_section(&mut out, "relay sink transcript", &self.sink.transcript());
         out
     }
 
@@ -261,10 +243,7 @@ fn preflight() {
 fn try_start(opts: &PostfixOptions) -> Result<Postfix, StartError> {
     let fatal = |what: &str, e: std::io::Error| StartError::Fatal(format!("postfix: {what}: {e}"));
 
-    let dir = tempfile::Builder::new()
-        .prefix("mailgate-postfix-")
-        .tempdir_in(traversable_tmp())
-        .map_err(|e| fatal("create temp dir", e))?;
+    let dir = temp_dir("mailgate-postfix-").map_err(|e| fatal("create temp dir", e))?;
     let root = dir.path().to_path_buf();
     // Daemons running as `postfix` use absolute paths below it (data_directory,
     // the SASL socket).
@@ -281,14 +260,7 @@ fn try_start(opts: &PostfixOptions) -> Result<Postfix, StartError> {
     let mut p = Postfix { port, dir, sink, child: None, pid: 0, sasl: None };
     let fail = |p: &mut Postfix, reason: String| -> StartError {
         p.stop();
-        let log = p.log();
-        let msg = format!(
-            "postfix failed to start ({reason})\n--- {}/main.cf ---\n{}\n--- log tail ---\n{}",
-            p.config_dir().display(),
-            fs::read_to_string(p.config_dir().join("main.cf")).unwrap_or_default().trim_end(),
-            tail(&log, 40)
-        );
-        if log.contains("Address already in use") { StartError::PortTaken(msg) } else { StartError::Fatal(msg) }
+        start_failure("postfix", &reason, &p.config_dir().join("main.cf"), &p.log())
     };
 
     // 1. Dovecot, auth service only, for smtpd_sasl_type = dovecot.
@@ -343,18 +315,10 @@ fn try_start(opts: &PostfixOptions) -> Result<Postfix, StartError> {
 
     // 4. The master daemon, in the foreground (without -w it does not fork; it
     //    only calls setsid()).
-    let out = fs::File::create(root.join("master.stderr")).map_err(|e| fatal("create master.stderr", e))?;
-    let err = out.try_clone().map_err(|e| fatal("dup master.stderr", e))?;
-    let child = Command::new(MASTER_BIN)
-        .arg("-c")
-        .arg(&etc)
-        .arg("-s")
-        .env("MAIL_CONFIG", &etc)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| fatal(&format!("spawn {MASTER_BIN}"), e))?;
+    let mut master = Command::new(MASTER_BIN);
+    master.arg("-c").arg(&etc).arg("-s").env("MAIL_CONFIG", &etc);
+    let child =
+        spawn_logged(&mut master, &root.join("master.stderr"), "master.stderr").map_err(|(what, e)| fatal(&what, e))?;
     p.pid = child.id();
     p.child = Some(child);
 
@@ -372,42 +336,22 @@ fn start_sasl(p: &mut Postfix, opts: &PostfixOptions) -> Result<(), String> {
         return Err(format!("{} not found (install dovecot-core, or set MAILGATE_TEST_DOVECOT)", bin.display()));
     }
     let d = p.dir.path().join("sasl");
-    let users: String = opts.users.iter().map(|(u, pw)| format!("{u}:{}\n", plain_password(pw))).collect();
-    write_secret(&d.join("users"), &users)?;
-    write_secret(
-        &d.join("master-users"),
-        &format!("{}:{}\n", opts.master_user, plain_password(&opts.master_password)),
-    )?;
+    write_passwd_files(&d, &opts.users, (&opts.master_user, &opts.master_password))?;
     let (uid, gid) = mail_ids();
     let conf = render_sasl_config(&d, p.port, uid, gid);
     let conf_path = d.join("dovecot.conf");
     fs::write(&conf_path, conf).map_err(|e| format!("write {}: {e}", conf_path.display()))?;
-    let out = fs::File::create(d.join("dovecot.stderr")).map_err(|e| format!("create dovecot.stderr: {e}"))?;
-    let err = out.try_clone().map_err(|e| format!("dup: {e}"))?;
-    let child = Command::new(&bin)
-        .arg("-F")
-        .arg("-c")
-        .arg(&conf_path)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+    let child = spawn_dovecot(&conf_path, &d.join("dovecot.stderr"), "dovecot.stderr")
+        .map_err(|(what, e)| format!("{what}: {e}"))?;
     p.sasl = Some(child);
     let socket = d.join("auth");
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
+    let ready = try_poll(START_TIMEOUT, Duration::from_millis(50), || {
         if let Some(Ok(Some(status))) = p.sasl.as_mut().map(Child::try_wait) {
             return Err(format!("dovecot (SASL) exited early: {status}"));
         }
-        if socket.exists() && UnixStream::connect(&socket).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("dovecot (SASL): no socket {} within {START_TIMEOUT:?}", socket.display()));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        Ok(socket.exists() && UnixStream::connect(&socket).is_ok())
+    })?;
+    if ready { Ok(()) } else { Err(format!("dovecot (SASL): no socket {} within {START_TIMEOUT:?}", socket.display())) }
 }
 
 fn render_sasl_config(d: &Path, port: u16, uid: u32, gid: u32) -> String {
@@ -458,24 +402,12 @@ service anvil {{
 }
 
 fn wait_ready(p: &mut Postfix) -> Result<(), String> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Some(child) = p.child.as_mut() {
-            match child.try_wait() {
-                Ok(Some(status)) => return Err(format!("master exited early: {status}")),
-                Ok(None) => {}
-                Err(e) => return Err(format!("waitpid: {e}")),
-            }
-        }
+    let ready = try_poll(START_TIMEOUT, Duration::from_millis(50), || {
+        check_running(p.child.as_mut(), "master")?;
         // The master opens all listeners before logging "daemon started".
-        if p.log().contains("daemon started") && smtp_greeting_ok(p.addr()) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("no \"220 \" greeting on 127.0.0.1:{} within {START_TIMEOUT:?}", p.port));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        Ok::<bool, String>(p.log().contains("daemon started") && smtp_greeting_ok(p.addr()))
+    })?;
+    if ready { Ok(()) } else { Err(format!("no \"220 \" greeting on 127.0.0.1:{} within {START_TIMEOUT:?}", p.port)) }
 }
 
 fn render_main_cf(root: &Path, sink_port: u16, opts: &PostfixOptions) -> String {

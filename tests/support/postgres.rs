@@ -31,15 +31,20 @@
 //! `postgresql-15`; override the directory with `MAILGATE_TEST_PG_BIN`), the
 //! `postgres` system user (created by the package), and running as root.
 //!
-//! Only std and `tempfile` are used.
+//! Only std and `tempfile` are used; the helpers shared with the other harnesses are in
+//! [`super::daemon`].
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use super::daemon::{
+    START_ATTEMPTS, StartError, check_running, child_processes, effective_uid, free_port, poll, proc_state, read_log,
+    retry_start, signal, signal_and_wait, still_alive, tail, temp_dir, try_chown, try_poll, try_set_mode,
+};
 
 use std::ffi::OsString;
 use std::fs;
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::PermissionsExt;
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -58,8 +63,6 @@ pub const APP_DB: &str = "mailgate";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long [`Postgres::stop`] waits after SIGINT (fast shutdown) before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Attempts when a picked port got taken between picking and binding.
-const START_ATTEMPTS: usize = 5;
 
 /// A private PostgreSQL cluster; stopped and removed on drop.
 pub struct Postgres {
@@ -74,22 +77,13 @@ pub struct Postgres {
     pid: u32,
 }
 
-enum StartError {
-    /// The TCP port was taken after we picked it: retry with another one.
-    PortTaken(String),
-    Fatal(String),
-}
-
 impl Postgres {
     /// Create, start and provision a cluster (role and database `mailgate`); wait
     /// (max 30 s) until it accepts TCP connections. Panics with the log tail on failure.
     pub fn start() -> Postgres {
         preflight();
         let (uid, gid) = postgres_ids();
-        let dir = tempfile::Builder::new()
-            .prefix("mailgate-postgres-")
-            .tempdir_in(traversable_tmp())
-            .unwrap_or_else(|e| panic!("postgres: create temp dir: {e}"));
+        let dir = temp_dir("mailgate-postgres-").unwrap_or_else(|e| panic!("postgres: create temp dir: {e}"));
         let root = dir.path().to_path_buf();
         set_mode(&root, 0o700);
         chown(&root, uid, gid);
@@ -104,19 +98,13 @@ impl Postgres {
         };
         pg.initdb();
 
-        let mut last = String::new();
-        for _ in 0..START_ATTEMPTS {
+        retry_start(|| {
             pg.port = free_port().unwrap_or_else(|e| panic!("postgres: pick a free port: {e}"));
-            match pg.spawn_and_wait() {
-                Ok(()) => {
-                    pg.provision();
-                    return pg;
-                }
-                Err(StartError::PortTaken(msg)) => last = msg,
-                Err(StartError::Fatal(msg)) => panic!("{msg}"),
-            }
-        }
-        panic!("postgres: could not bind a free port after {START_ATTEMPTS} attempts\n{last}");
+            pg.spawn_and_wait()
+        })
+        .unwrap_or_else(|last| panic!("postgres: could not bind a free port after {START_ATTEMPTS} attempts\n{last}"));
+        pg.provision();
+        pg
     }
 
     /// `postgres://mailgate:<pw>@127.0.0.1:<port>/mailgate` (password auth over TCP).
@@ -166,21 +154,12 @@ impl Postgres {
     /// The server log of every start so far (postmaster stderr: `%m [%p] ` prefixed
     /// lines, connections are logged), preceded by initdb's output if initdb failed.
     pub fn log(&self) -> String {
-        fs::read_to_string(self.log_path()).unwrap_or_default()
+        read_log(&self.log_path())
     }
 
     /// Poll the log until it contains `needle` (true) or `timeout` passes (false).
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            sleep(Duration::from_millis(25));
-        }
+        poll(timeout, || self.log().contains(needle))
     }
 
     /// Run `sql` (any number of statements; psql meta-commands allowed) with psql as
@@ -209,16 +188,7 @@ impl Postgres {
             let _ = child.wait();
             return;
         }
-        if signal(&[child.id()], "INT") {
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while Instant::now() < deadline {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) => sleep(Duration::from_millis(20)),
-                }
-            }
-        }
-        if matches!(child.try_wait(), Ok(None)) {
+        if signal_and_wait(&mut child, "INT", STOP_TIMEOUT) {
             kill_with_children(&mut child);
         }
         let _ = child.wait();
@@ -244,18 +214,16 @@ impl Postgres {
     /// stays taken (retries for ~5 s) or the server does not come up.
     pub fn restart(&mut self) {
         self.stop();
-        let mut last = String::new();
-        for _ in 0..START_ATTEMPTS {
-            match self.spawn_and_wait() {
-                Ok(()) => return,
-                Err(StartError::PortTaken(msg)) => {
-                    last = msg;
-                    sleep(Duration::from_secs(1));
-                }
-                Err(StartError::Fatal(msg)) => panic!("{msg}"),
+        let started = retry_start(|| {
+            let r = self.spawn_and_wait();
+            if matches!(r, Err(StartError::PortTaken(_))) {
+                sleep(Duration::from_secs(1));
             }
+            r
+        });
+        if let Err(last) = started {
+            panic!("postgres: restart: port {} stays taken\n{last}", self.port);
         }
-        panic!("postgres: restart: port {} stays taken\n{last}", self.port);
     }
 
     fn bin_cmd(&self, name: &str) -> Command {
@@ -355,11 +323,7 @@ impl Postgres {
                     self.port,
                     tail(&new_log, 40)
                 );
-                if new_log.contains("Address already in use") {
-                    Err(StartError::PortTaken(msg))
-                } else {
-                    Err(StartError::Fatal(msg))
-                }
+                Err(StartError::from_log(&new_log, msg))
             }
         }
     }
@@ -368,25 +332,13 @@ impl Postgres {
     /// this run (so a server answering on the port is ours), and `pg_isready` over TCP
     /// says it accepts connections.
     fn wait_ready(&mut self, log_start: u64) -> Result<(), String> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                match child.try_wait() {
-                    Ok(Some(status)) => return Err(format!("postmaster exited early: {status}")),
-                    Ok(None) => {}
-                    Err(e) => return Err(format!("waitpid: {e}")),
-                }
-            }
+        let ready = try_poll(START_TIMEOUT, Duration::from_millis(50), || {
+            check_running(self.child.as_mut(), "postmaster")?;
             let ready_logged =
                 self.log().get(log_start as usize..).is_some_and(|l| l.contains("ready to accept connections"));
-            if ready_logged && self.pg_isready() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("not accepting TCP connections within {START_TIMEOUT:?}"));
-            }
-            sleep(Duration::from_millis(50));
-        }
+            Ok::<bool, String>(ready_logged && self.pg_isready())
+        })?;
+        if ready { Ok(()) } else { Err(format!("not accepting TCP connections within {START_TIMEOUT:?}")) }
     }
 
     fn pg_isready(&self) -> bool {
@@ -490,56 +442,9 @@ fn kill_with_children(child: &mut Child) {
     // Children already exited or are dying; wait so the next start does not find
     // the old shared memory still attached.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline
-        && children.iter().any(|(pid, start)| proc_stat(*pid).is_some_and(|(_, s)| s == *start))
-    {
+    while Instant::now() < deadline && !still_alive(&children).is_empty() {
         sleep(Duration::from_millis(20));
     }
-}
-
-/// `kill -<sig> <pids>`; true if the command succeeded.
-fn signal(pids: &[u32], sig: &str) -> bool {
-    Command::new("kill")
-        .arg(format!("-{sig}"))
-        .args(pids.iter().map(u32::to_string))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// (pid, start time) of the direct children of `parent`.
-fn child_processes(parent: u32) -> Vec<(u32, u64)> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let (ppid, start) = proc_stat(pid)?;
-            (ppid == parent).then_some((pid, start))
-        })
-        .collect()
-}
-
-/// State letter (R, S, T, Z, ...) from /proc/<pid>/stat; None if the process is gone.
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
-}
-
-/// (ppid, starttime) from /proc/<pid>/stat; None if the process is gone or a zombie.
-fn proc_stat(pid: u32) -> Option<(u32, u64)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    if f.first() == Some(&"Z") {
-        return None;
-    }
-    Some((f.get(1)?.parse().ok()?, f.get(19)?.parse().ok()?))
 }
 
 fn pg_bin() -> PathBuf {
@@ -584,12 +489,6 @@ fn lookup_passwd(name: &str) -> Option<(u32, u32)> {
     })
 }
 
-/// A free loopback port (the listener is released again; the postmaster binds it
-/// soon after, and a start that loses the race is retried with another port).
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// 32 hex digits from the clock, the PID and a counter: unique per cluster, URL-safe.
 fn random_password() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -615,31 +514,12 @@ fn write_as_postgres(path: &Path, content: &str) {
     chown(path, uid, gid);
 }
 
-fn effective_uid() -> Option<u32> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
-
-/// TMPDIR if every ancestor is world-traversable (the server runs as postgres),
-/// else /tmp.
-fn traversable_tmp() -> PathBuf {
-    let t = std::env::temp_dir();
-    let ok = t.ancestors().all(|p| fs::metadata(p).map(|m| m.permissions().mode() & 0o001 != 0).unwrap_or(false));
-    if ok { t } else { PathBuf::from("/tmp") }
-}
-
+/// chmod, panicking with a `postgres:` message.
 fn set_mode(path: &Path, mode: u32) {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("postgres: chmod {mode:o} {}: {e}", path.display()));
+    try_set_mode(path, mode).unwrap_or_else(|e| panic!("postgres: {e}"));
 }
 
+/// chown, panicking with a `postgres:` message.
 fn chown(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .unwrap_or_else(|e| panic!("postgres: chown {uid}:{gid} {}: {e}", path.display()));
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    try_chown(path, uid, gid).unwrap_or_else(|e| panic!("postgres: {e}"));
 }

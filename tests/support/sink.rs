@@ -1,5 +1,6 @@
-//! Test support: a tiny SMTP sink that records every accepted message byte for byte,
-//! plus small process/file helpers shared by `submission.rs` and `postfix.rs`.
+//! Test support: a tiny SMTP sink that records every accepted message byte for byte.
+//! It also re-exports, under their old names here, the process/file helpers of
+//! [`super::daemon`] that other tests use from this module (e.g. [`poll`]).
 //!
 //! The [`Sink`] is the relay host of the test Dovecot submission server and of the test
 //! Postfix: whatever they accept ends up here as a [`Delivered`] with the exact
@@ -16,12 +17,16 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::fs;
+// The helpers submission.rs, postfix.rs and tests used from here before they moved to
+// `daemon`; still part of this module's API.
+#[allow(unused_imports)]
+pub use super::daemon::{
+    STOP_TIMEOUT, child_processes, chown, effective_uid, lookup_id, pick_ports, poll, proc_stat, set_mode, signal,
+    smtp_greeting_ok, stop_child, tail, traversable_tmp,
+};
+
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, sleep};
@@ -343,174 +348,4 @@ fn read_data(reader: &mut BufReader<TcpStream>) -> std::io::Result<Vec<u8>> {
         let l = if line.first() == Some(&b'.') { &line[1..] } else { &line[..] };
         data.extend_from_slice(l);
     }
-}
-
-// ---------------------------------------------------------------------------
-// Small helpers shared by submission.rs and postfix.rs (copies of dovecot.rs's
-// private ones, which are left untouched).
-
-/// How long [`stop_child`] waits after SIGTERM before sending SIGKILL.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// SIGTERM the un-reaped `child` (and, after it exited, its former direct children
-/// that are still alive: PID + start time are remembered, so a reused PID is never
-/// signalled), SIGKILL what is left, reap.
-pub fn stop_child(child: &mut Child) {
-    if !matches!(child.try_wait(), Ok(None)) {
-        return;
-    }
-    let master = child.id();
-    let children = child_processes(master);
-    if signal(&[master], "TERM") {
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            match child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) => sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-    if matches!(child.try_wait(), Ok(None)) {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-    let alive = |procs: &[(u32, u64)]| -> Vec<u32> {
-        procs
-            .iter()
-            .filter(|(pid, start)| proc_stat(*pid).is_some_and(|(_, s)| s == *start))
-            .map(|(pid, _)| *pid)
-            .collect()
-    };
-    let left = alive(&children);
-    if left.is_empty() {
-        return;
-    }
-    signal(&left, "TERM");
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline && !alive(&children).is_empty() {
-        sleep(Duration::from_millis(20));
-    }
-    let left = alive(&children);
-    if !left.is_empty() {
-        signal(&left, "KILL");
-    }
-}
-
-/// `kill -<sig> <pids>`; true if the command succeeded.
-pub fn signal(pids: &[u32], sig: &str) -> bool {
-    Command::new("kill")
-        .arg(format!("-{sig}"))
-        .args(pids.iter().map(u32::to_string))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// (pid, start time) of the direct children of `parent`.
-pub fn child_processes(parent: u32) -> Vec<(u32, u64)> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let (ppid, start) = proc_stat(pid)?;
-            (ppid == parent).then_some((pid, start))
-        })
-        .collect()
-}
-
-/// (ppid, starttime) from /proc/<pid>/stat; None if gone or a zombie.
-pub fn proc_stat(pid: u32) -> Option<(u32, u64)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    if f.first() == Some(&"Z") {
-        return None;
-    }
-    Some((f.get(1)?.parse().ok()?, f.get(19)?.parse().ok()?))
-}
-
-/// `n` distinct free loopback ports (all listeners held at once, then released).
-pub fn pick_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    let ls = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
-    ls.iter().map(|l| Ok(l.local_addr()?.port())).collect()
-}
-
-/// Third field of the `name:` line of a passwd/group style file.
-pub fn lookup_id(file: &str, name: &str) -> Option<u32> {
-    let text = fs::read_to_string(file).ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        if f.next()? != name {
-            return None;
-        }
-        f.nth(1)?.parse().ok()
-    })
-}
-
-pub fn effective_uid() -> Option<u32> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
-
-/// TMPDIR if every ancestor is world-traversable (the servers drop privileges),
-/// else /tmp.
-pub fn traversable_tmp() -> PathBuf {
-    let t = std::env::temp_dir();
-    let ok = t.ancestors().all(|p| fs::metadata(p).map(|m| m.permissions().mode() & 0o001 != 0).unwrap_or(false));
-    if ok { t } else { PathBuf::from("/tmp") }
-}
-
-pub fn set_mode(path: &Path, mode: u32) {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
-}
-
-pub fn chown(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .unwrap_or_else(|e| panic!("chown {uid}:{gid} {}: {e}", path.display()));
-}
-
-/// Last `n` lines of `s`.
-pub fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Poll `f` every 25 ms until it is true (true) or `timeout` passes (false).
-pub fn poll(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        sleep(Duration::from_millis(25));
-    }
-}
-
-/// Connect and check that the first reply line starts with `220 `, then QUIT.
-pub fn smtp_greeting_ok(addr: SocketAddr) -> bool {
-    let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-    let mut reader = BufReader::new(&stream);
-    let mut line = String::new();
-    let ok = reader.read_line(&mut line).is_ok() && line.starts_with("220 ");
-    if ok {
-        let mut w = &stream;
-        let _ = w.write_all(b"QUIT\r\n");
-        let _ = reader.read_line(&mut line);
-    }
-    ok
 }

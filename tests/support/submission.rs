@@ -43,24 +43,28 @@
 //!
 //! Requirements: `/usr/sbin/dovecot` (override with `MAILGATE_TEST_DOVECOT`) with the
 //! submission service (Debian `dovecot-submissiond`), the Debian `dovecot`/`dovenull`
-//! users, running as root. Only std and `tempfile`.
+//! users, running as root. Only std and `tempfile`; the helpers shared with the other
+//! harnesses are in [`super::daemon`].
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-pub use super::sink::{Delivered, Sink};
-use super::sink::{
-    chown, effective_uid, lookup_id, pick_ports, poll, set_mode, smtp_greeting_ok, stop_child, tail, traversable_tmp,
+// Part of this module's API (postfix.rs used them from here) since before the shared
+// code moved to `daemon`.
+#[allow(unused_imports)]
+pub use super::daemon::{DEFAULT_DOVECOT_BIN, base64, dovecot_bin, mail_ids, plain_password, write_secret};
+use super::daemon::{
+    START_ATTEMPTS, StartError, check_dovecot_options, dovecot_instance_dir, dovecot_log, pick_ports, poll,
+    push_section, retry_start, spawn_dovecot, start_failure, stop_child, tail, wait_dovecot_ready,
 };
+pub use super::sink::{Delivered, Sink};
 
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
-/// Default location of the Dovecot binary (Debian `dovecot-core`).
-pub const DEFAULT_DOVECOT_BIN: &str = "/usr/sbin/dovecot";
 /// The submission service binary from Debian `dovecot-submissiond`.
 const SUBMISSION_BIN: &str = "/usr/lib/dovecot/submission";
 /// `hostname` of the test server: in the greeting, EHLO reply and Received header.
@@ -71,8 +75,6 @@ pub const SUBMISSION_HOSTNAME: &str = "submission.mailgate.test";
 pub const SUBMISSION_REJECT_REPLY: &str = "550 5.1.1 <reject@example.com> Recipient refused by the test sink";
 /// How long [`Submission::start`] waits for the greeting.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
-/// Attempts when a picked port got stolen between picking and binding.
-const START_ATTEMPTS: usize = 5;
 
 /// What to configure in the test submission server.
 #[derive(Clone, Debug)]
@@ -130,25 +132,14 @@ pub struct Submission {
     pid: u32,
 }
 
-enum StartError {
-    PortTaken(String),
-    Fatal(String),
-}
-
 impl Submission {
     /// Start the sink and Dovecot, wait (max 20 s) until the plain port greets
     /// with `220 `. Panics with the log tail if it cannot start.
     pub fn start(opts: SubmissionOptions) -> Submission {
         preflight(&opts);
-        let mut last = String::new();
-        for _ in 0..START_ATTEMPTS {
-            match try_start(&opts) {
-                Ok(s) => return s,
-                Err(StartError::PortTaken(msg)) => last = msg,
-                Err(StartError::Fatal(msg)) => panic!("{msg}"),
-            }
-        }
-        panic!("submission: could not bind free ports after {START_ATTEMPTS} attempts\n{last}");
+        retry_start(|| try_start(&opts)).unwrap_or_else(|last| {
+            panic!("submission: could not bind free ports after {START_ATTEMPTS} attempts\n{last}")
+        })
     }
 
     /// PID of the Dovecot master process.
@@ -181,17 +172,8 @@ impl Submission {
     /// the sink's SMTP transcript. Written asynchronously: use
     /// [`Submission::wait_for_log`] right after an action.
     pub fn log(&self) -> String {
-        let mut out = fs::read_to_string(self.log_path()).unwrap_or_default();
-        let stderr = fs::read_to_string(self.dir.path().join("dovecot.stderr")).unwrap_or_default();
-        if !stderr.trim().is_empty() {
-            out.push_str("--- dovecot stdout/stderr ---\n");
-            out.push_str(&stderr);
-        }
-        let t = self.sink.transcript();
-        if !t.is_empty() {
-            out.push_str("--- relay sink transcript ---\n");
-            out.push_str(&t);
-        }
+        let mut out = dovecot_log(self.dir.path());
+        push_section(&mut out, "relay sink transcript", &self.sink.transcript());
         out
     }
 
@@ -231,11 +213,6 @@ impl Drop for Submission {
     }
 }
 
-/// The Dovecot binary (`MAILGATE_TEST_DOVECOT` or [`DEFAULT_DOVECOT_BIN`]).
-pub fn dovecot_bin() -> PathBuf {
-    std::env::var_os("MAILGATE_TEST_DOVECOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_DOVECOT_BIN))
-}
-
 fn preflight(opts: &SubmissionOptions) {
     let bin = dovecot_bin();
     if !bin.exists() {
@@ -244,70 +221,21 @@ fn preflight(opts: &SubmissionOptions) {
     if !Path::new(SUBMISSION_BIN).exists() {
         panic!("submission: {SUBMISSION_BIN} not found (install dovecot-submissiond)");
     }
-    if effective_uid() != Some(0) {
-        panic!(
-            "submission: the Dovecot test harness must run as root (Dovecot drops to \
-             nobody/dovecot/dovenull users); effective uid is {:?}",
-            effective_uid()
-        );
-    }
-    let check_name = |what: &str, name: &str| {
-        if name.is_empty() || name.chars().any(|c| c == ':' || c == '*' || c.is_whitespace() || c.is_control()) {
-            panic!("submission: invalid {what} {name:?} (must be non-empty, without ':', '*', whitespace)");
-        }
-    };
-    for (user, _) in &opts.users {
-        check_name("username", user);
-    }
-    check_name("master user", &opts.master_user);
-    if let Some((cert, key)) = &opts.tls {
-        for p in [cert, key] {
-            if !p.is_file() {
-                panic!("submission: TLS file {} does not exist", p.display());
-            }
-        }
-    }
+    check_dovecot_options("submission", &opts.users, &opts.master_user, opts.tls.as_ref());
 }
 
 fn try_start(opts: &SubmissionOptions) -> Result<Submission, StartError> {
     let fatal = |what: &str, e: std::io::Error| StartError::Fatal(format!("submission: {what}: {e}"));
 
-    let dir = tempfile::Builder::new()
-        .prefix("mailgate-submission-")
-        .tempdir_in(traversable_tmp())
-        .map_err(|e| fatal("create temp dir", e))?;
+    let (dir, tls) = dovecot_instance_dir(
+        "submission",
+        "mailgate-submission-",
+        &opts.users,
+        (&opts.master_user, &opts.master_password),
+        opts.tls.as_ref(),
+    )?;
     let root = dir.path().to_path_buf();
-    set_mode(&root, 0o755);
-
     let (uid, gid) = mail_ids();
-    let home = root.join("home");
-    fs::create_dir(&home).map_err(|e| fatal("mkdir home", e))?;
-    set_mode(&home, 0o755);
-    chown(&home, uid, gid);
-    for sub in ["run", "state"] {
-        fs::create_dir(root.join(sub)).map_err(|e| fatal("mkdir", e))?;
-    }
-
-    let users: String = opts.users.iter().map(|(u, p)| format!("{u}:{}\n", plain_password(p))).collect();
-    let secret = |name: &str, content: &str| {
-        write_secret(&root.join(name), content).map_err(|e| StartError::Fatal(format!("submission: {e}")))
-    };
-    secret("users", &users)?;
-    secret("master-users", &format!("{}:{}\n", opts.master_user, plain_password(&opts.master_password)))?;
-
-    let tls = match &opts.tls {
-        None => None,
-        Some((cert, key)) => {
-            let tls_dir = root.join("tls");
-            fs::create_dir(&tls_dir).map_err(|e| fatal("mkdir tls", e))?;
-            set_mode(&tls_dir, 0o700);
-            let (c, k) = (tls_dir.join("cert.pem"), tls_dir.join("key.pem"));
-            fs::copy(cert, &c).map_err(|e| fatal("copy TLS cert", e))?;
-            fs::copy(key, &k).map_err(|e| fatal("copy TLS key", e))?;
-            set_mode(&k, 0o600);
-            Some((c, k))
-        }
-    };
 
     let sink = Sink::start();
     let ports = pick_ports(if tls.is_some() { 2 } else { 1 }).map_err(|e| fatal("pick free ports", e))?;
@@ -324,62 +252,17 @@ fn try_start(opts: &SubmissionOptions) -> Result<Submission, StartError> {
     let conf_path = root.join("dovecot.conf");
     fs::write(&conf_path, conf).map_err(|e| fatal("write dovecot.conf", e))?;
 
-    let out = fs::File::create(root.join("dovecot.stderr")).map_err(|e| fatal("create stderr file", e))?;
-    let err = out.try_clone().map_err(|e| fatal("dup stderr file", e))?;
-    let child = Command::new(dovecot_bin())
-        .arg("-F")
-        .arg("-c")
-        .arg(&conf_path)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| fatal(&format!("spawn {}", dovecot_bin().display()), e))?;
+    let child =
+        spawn_dovecot(&conf_path, &root.join("dovecot.stderr"), "stderr file").map_err(|(what, e)| fatal(&what, e))?;
     let pid = child.id();
     let mut s = Submission { port, tls_port, dir, sink, child: Some(child), pid };
 
-    match wait_ready(&mut s) {
+    match wait_dovecot_ready(&mut s.child, &root, (port, tls_port), ("220 ", b"QUIT\r\n"), START_TIMEOUT) {
         Ok(()) => Ok(s),
         Err(reason) => {
             s.stop();
-            let log = s.log();
-            let msg = format!(
-                "dovecot submission failed to start ({reason})\n--- {} ---\n{}\n--- log tail ---\n{}",
-                s.config_path().display(),
-                fs::read_to_string(s.config_path()).unwrap_or_default().trim_end(),
-                tail(&log, 40)
-            );
-            if log.contains("Address already in use") {
-                Err(StartError::PortTaken(msg))
-            } else {
-                Err(StartError::Fatal(msg))
-            }
+            Err(start_failure("dovecot submission", &reason, &s.config_path(), &s.log()))
         }
-    }
-}
-
-fn wait_ready(s: &mut Submission) -> Result<(), String> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Some(child) = s.child.as_mut() {
-            match child.try_wait() {
-                Ok(Some(status)) => return Err(format!("master exited early: {status}")),
-                Ok(None) => {}
-                Err(e) => return Err(format!("waitpid: {e}")),
-            }
-        }
-        // The master binds all listeners before logging "starting up".
-        if s.log().contains("starting up") && smtp_greeting_ok(s.addr()) {
-            match s.tls_addr() {
-                None => return Ok(()),
-                Some(a) if TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok() => return Ok(()),
-                Some(_) => {}
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("no \"220 \" greeting on 127.0.0.1:{} within {START_TIMEOUT:?}", s.port));
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -481,55 +364,8 @@ service anvil {
     c
 }
 
-/// `{PLAIN}pw`, or `{PLAIN.b64}...` when the password would break the passwd-file format.
-pub fn plain_password(pw: &str) -> String {
-    if pw.contains([':', '\n', '\r']) || pw.starts_with(char::is_whitespace) || pw.ends_with(char::is_whitespace) {
-        format!("{{PLAIN.b64}}{}", base64(pw.as_bytes()))
-    } else {
-        format!("{{PLAIN}}{pw}")
-    }
-}
-
-/// Standard base64 with padding (e.g. for `AUTH PLAIN`).
-pub fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// `AUTH PLAIN` initial response for logging in as `user` with the master user's
 /// credentials: `base64(user \0 master \0 password)`.
 pub fn master_plain(user: &str, master: &str, password: &str) -> String {
     base64(format!("{user}\0{master}\0{password}").as_bytes())
-}
-
-/// Write a passwd-file readable by Dovecot's auth process (root:dovecot 0640).
-pub fn write_secret(path: &Path, content: &str) -> Result<(), String> {
-    fs::write(path, content).map_err(|e| format!("write {}: {e}", path.display()))?;
-    match lookup_id("/etc/group", "dovecot") {
-        Some(dovecot_gid) => {
-            chown(path, 0, dovecot_gid);
-            set_mode(path, 0o640);
-        }
-        None => set_mode(path, 0o644),
-    }
-    Ok(())
-}
-
-/// uid of `nobody` and gid of `nogroup` (or `nobody`).
-pub fn mail_ids() -> (u32, u32) {
-    let uid = lookup_id("/etc/passwd", "nobody").unwrap_or(65534);
-    let gid = lookup_id("/etc/group", "nogroup").or_else(|| lookup_id("/etc/group", "nobody")).unwrap_or(65534);
-    (uid, gid)
 }
