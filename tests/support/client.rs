@@ -48,11 +48,18 @@ fn wrap(tcp: TcpStream, cfg: Arc<rustls::ClientConfig>) -> std::io::Result<Conn>
 fn wrap_named(tcp: TcpStream, cfg: Arc<rustls::ClientConfig>, name: &str) -> std::io::Result<Conn> {
     let conn = rustls::ClientConnection::new(cfg, ServerName::try_from(name.to_string()).unwrap())
         .map_err(std::io::Error::other)?;
+    // Drive the handshake now so that a refusal shows up here. A loaded machine (CI runs
+    // tests in parallel on 2 cores) may take longer than the short read timeout the
+    // scripts use afterwards, so the handshake gets at least TIMEOUT.
+    let after = tcp.read_timeout()?;
+    if after.is_some_and(|t| t < TIMEOUT) {
+        tcp.set_read_timeout(Some(TIMEOUT))?;
+    }
     let mut s = rustls::StreamOwned::new(conn, tcp);
-    // Drive the handshake now so that a refusal shows up here.
     while s.conn.is_handshaking() {
         s.conn.complete_io(&mut s.sock)?;
     }
+    s.sock.set_read_timeout(after)?;
     Ok(Conn::Tls(Box::new(s)))
 }
 
@@ -71,7 +78,8 @@ impl Client {
         Ok(Client { conn: wrap(tcp, cfg)?, buf: Vec::new(), transcript: Vec::new() })
     }
 
-    /// TLS from the first byte, waiting up to `wait` for the handshake (a loaded server).
+    /// TLS from the first byte, waiting up to `wait` (more than [`TIMEOUT`]) for the
+    /// handshake: a server under a deliberate storm.
     pub fn tls_patient(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>, wait: Duration) -> std::io::Result<Client> {
         let tcp = TcpStream::connect_timeout(&addr, TIMEOUT)?;
         tcp.set_read_timeout(Some(wait))?;
