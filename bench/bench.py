@@ -1182,6 +1182,8 @@ def main():
 
     signal.signal(signal.SIGTERM, on_signal)
     t_start = time.time()
+    # Before anything else: which mailgate (the shared tree may move on while the bench runs).
+    run_versions = versions(mg)
     summary = None
     b = None
     leftovers = {}
@@ -1257,7 +1259,7 @@ def main():
         "protocol_errors": protocol_errors,
         "leftover_processes": leftovers,
         "machine": machine_info(),
-        "versions": versions(mg),
+        "versions": run_versions,
         "settings": {k: v for k, v in vars(args).items() if k not in ("mailgate", "results")},
         "method": {
             "client": "Python %s (ssl, TLS 1.3, ECDSA P-256 self-signed), multiprocessing workers for logins"
