@@ -300,6 +300,7 @@ impl Authenticator {
             let rx = rx.clone();
             let gauge = gauge.clone();
             let spawned = std::thread::Builder::new().name(format!("mailgate-hash-{n}")).spawn(move || {
+                password::reserve_working_memory();
                 loop {
                     // The lock is held only while taking a job, not while running it.
                     let job = match rx.lock() {
