@@ -643,12 +643,7 @@ fn decide_cached(
             return Verdict::Unavailable;
         }
     };
-    let audit = |kind: &str, detail: String| {
-        let ev = AuditEvent { at: now_unix(), username: account.username.clone(), kind: kind.into(), detail };
-        if let Err(e) = store.append_audit(&ev) {
-            tracing::warn!(error = %e, "audit write failed");
-        }
-    };
+    let audit = |kind: &str, detail: String| record(store, &account.username, kind, detail);
     if account.failed_logins >= crate::store::MAX_FAILED_LOGINS {
         // Locked: a cheap refusal, before any hashing (SECURITY.md case 60).
         audit("login_refused_locked", format!("{} via {protocol}", peer.ip));
@@ -690,12 +685,7 @@ fn cached_app_password(
     {
         return None;
     }
-    let audit = |kind: &str, detail: String| {
-        let ev = AuditEvent { at: now_unix(), username: account.username.clone(), kind: kind.into(), detail };
-        if let Err(e) = store.append_audit(&ev) {
-            tracing::warn!(error = %e, "audit write failed");
-        }
-    };
+    let audit = |kind: &str, detail: String| record(store, &account.username, kind, detail);
     let verdict = grant_app_password(store, &account, rec, protocol, peer, &audit);
     count_failures(store, &account, &verdict);
     Some(verdict)
@@ -888,11 +878,17 @@ mod tests {
             ..Account::new("a@x", 0)
         })
         .unwrap();
+        let good = add_app_password(&s, "phone");
+        (dir, s, good)
+    }
+
+    /// Gives a@x a new IMAP app password labelled `label`; returns it, grouped.
+    fn add_app_password(s: &SledStore, label: &str) -> String {
         let p = app_password::generate().unwrap();
         s.create_app_password(&AppPasswordRecord {
             id: p.id.clone(),
             username: "a@x".into(),
-            label: "phone".into(),
+            label: label.into(),
             scopes: vec![Scope::Imap],
             hash: password::hash(p.password.expose().as_bytes()).unwrap(),
             created_at: 0,
@@ -900,7 +896,7 @@ mod tests {
             last_used: None,
         })
         .unwrap();
-        (dir, s, p.grouped().expose().clone())
+        p.grouped().expose().clone()
     }
 
     fn peer() -> Peer {
@@ -1039,18 +1035,7 @@ mod tests {
     fn one_hash_per_attempt_with_fifty_app_passwords() {
         let (_dir, s, good) = setup();
         for i in 0..49 {
-            let p = app_password::generate().unwrap();
-            s.create_app_password(&AppPasswordRecord {
-                id: p.id.clone(),
-                username: "a@x".into(),
-                label: format!("device {i}"),
-                scopes: vec![Scope::Imap],
-                hash: password::hash(p.password.expose().as_bytes()).unwrap(),
-                created_at: 0,
-                created_by: "admin".into(),
-                last_used: None,
-            })
-            .unwrap();
+            add_app_password(&s, &format!("device {i}"));
         }
         assert_eq!(s.list_app_passwords("a@x").unwrap().len(), 50);
         let mut wrong_app = good.clone();

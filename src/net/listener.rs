@@ -77,26 +77,31 @@ impl ProxyPolicy {
     }
 }
 
-/// What [`read_proxy_header`] says of a connection closed before its first byte.
-const CLOSED_QUIETLY: &str = "closed before sending anything";
+/// Why no client address came from a PROXY-protocol connection.
+enum HeaderError {
+    /// Connected and closed without a byte: a load balancer's health check.
+    Closed,
+    /// Anything else, in words for the log.
+    Bad(String),
+}
 
 /// Reads a PROXY header byte-exact (the client's first bytes stay in the socket).
 /// `Ok(None)`: a LOCAL header (the load balancer's own health check).
-async fn read_proxy_header(tcp: &mut TcpStream, wait: Duration) -> Result<Option<SocketAddr>, String> {
+async fn read_proxy_header(tcp: &mut TcpStream, wait: Duration) -> Result<Option<SocketAddr>, HeaderError> {
     let read = async {
         let mut buf = Vec::with_capacity(64);
         loop {
-            match proxy::need(&buf).map_err(|e| e.to_string())? {
-                0 => return proxy::client(&buf).map_err(|e| e.to_string()),
+            match proxy::need(&buf).map_err(|e| HeaderError::Bad(e.to_string()))? {
+                0 => return proxy::client(&buf).map_err(|e| HeaderError::Bad(e.to_string())),
                 n => {
                     let start = buf.len();
                     buf.resize(start + n, 0);
                     if let Err(e) = tcp.read_exact(&mut buf[start..]).await {
                         // A health check: connected and closed without a byte.
                         if start == 0 && e.kind() == std::io::ErrorKind::UnexpectedEof {
-                            return Err(CLOSED_QUIETLY.into());
+                            return Err(HeaderError::Closed);
                         }
-                        return Err(e.to_string());
+                        return Err(HeaderError::Bad(e.to_string()));
                     }
                 }
             }
@@ -104,7 +109,7 @@ async fn read_proxy_header(tcp: &mut TcpStream, wait: Duration) -> Result<Option
     };
     match tokio::time::timeout(wait, read).await {
         Ok(r) => r,
-        Err(_) => Err("no PROXY header in time".into()),
+        Err(_) => Err(HeaderError::Bad("no PROXY header in time".into())),
     }
 }
 
@@ -153,11 +158,11 @@ pub async fn accept_loop<F, Fut>(
                 let client = match read_proxy_header(&mut tcp, policy.timeout).await {
                     Ok(Some(client)) => SocketAddr::new(client.ip().to_canonical(), client.port()),
                     Ok(None) => peer,
-                    Err(e) if e == CLOSED_QUIETLY => {
+                    Err(HeaderError::Closed) => {
                         debug!(%peer, "load balancer health check");
                         return;
                     }
-                    Err(e) => {
+                    Err(HeaderError::Bad(e)) => {
                         warn!(%peer, error = %e, "connection refused: bad PROXY header");
                         return;
                     }
