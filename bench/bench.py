@@ -327,6 +327,23 @@ class Setup:
         self.ctx = clients.tls_context(self.cert)
 
     # --- Dovecot backend (also the "dovecot" peer: its implicit-TLS listener)
+    def dovecot_head(self, d, name):
+        """The settings both Dovecot instances (backend and proxy) start with."""
+        return f"""base_dir = {d}/run
+state_dir = {d}/state
+instance_name = {name}
+listen = 127.0.0.1
+protocols = imap
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot-info.log
+ssl = yes
+ssl_cert = <{self.cert}
+ssl_key = <{self.key}
+ssl_min_protocol = TLSv1.2
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+"""
+
     def start_backend(self, messages):
         d = os.path.join(self.w, "dovecot")
         os.makedirs(d + "/run")
@@ -355,20 +372,7 @@ class Setup:
         plain, tls = free_port(), free_port()
         self.ports["backend_plain"], self.ports["dovecot"] = plain, tls
         conf = f"""# mailgate bench backend (generated)
-base_dir = {d}/run
-state_dir = {d}/state
-instance_name = mgbench-backend-{plain}
-listen = 127.0.0.1
-protocols = imap
-log_path = {d}/dovecot.log
-info_log_path = {d}/dovecot-info.log
-ssl = yes
-ssl_cert = <{self.cert}
-ssl_key = <{self.key}
-ssl_min_protocol = TLSv1.2
-disable_plaintext_auth = no
-auth_mechanisms = plain login
-auth_master_user_separator = *
+{self.dovecot_head(d, f"mgbench-backend-{plain}")}auth_master_user_separator = *
 login_trusted_networks = 127.0.0.0/8
 auth_failure_delay = 0
 mail_fsync = never
@@ -434,20 +438,7 @@ service anvil {{
         port = free_port()
         self.ports["dovecot_proxy"] = port
         conf = f"""# mailgate bench: Dovecot in proxy mode (generated)
-base_dir = {d}/run
-state_dir = {d}/state
-instance_name = mgbench-proxy-{port}
-listen = 127.0.0.1
-protocols = imap
-log_path = {d}/dovecot.log
-info_log_path = {d}/dovecot-info.log
-ssl = yes
-ssl_cert = <{self.cert}
-ssl_key = <{self.key}
-ssl_min_protocol = TLSv1.2
-disable_plaintext_auth = no
-auth_mechanisms = plain login
-auth_failure_delay = 0
+{self.dovecot_head(d, f"mgbench-proxy-{port}")}auth_failure_delay = 0
 passdb {{
   driver = passwd-file
   args = {d}/users
