@@ -185,7 +185,7 @@ pub async fn run(
         auth: smtp.auth.clone(),
         key: key.clone(),
         sessions: sessions.clone(),
-        web_sessions: crate::web::WebSessions::default(),
+        web_sessions: crate::web::WebSessions::new(store.clone(), key.clone()),
         clock: Arc::new(crate::auth::clock::SystemClock),
     });
     let router = crate::web::router(web);

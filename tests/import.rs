@@ -10,19 +10,6 @@ fn doveadm(scheme: &str, pw: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-fn webclient(mg: &Mailgate, user: &str, pw: &str) -> serde_json::Value {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/webclient.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(format!("https://localhost:{}", mg.web.port()))
-        .arg(&mg.ca)
-        .args([user, pw, "signin"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn import_of_a_dovecot_passwd_file_with_mixed_schemes() {
     let mg = Mailgate::start(Options::default());
@@ -56,12 +43,12 @@ fn import_of_a_dovecot_passwd_file_with_mixed_schemes() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("exist already"));
     for (user, _, pw) in users {
         let user = if user.contains('@') { user.to_string() } else { format!("{user}@example.com") };
-        let got = webclient(&mg, &user, pw);
+        let got = mg.web(&user, pw, &["signin"]);
         assert_eq!(got["signin"][1], "/app-passwords", "{user} could not sign in with the old password");
-        let got = webclient(&mg, &user, "not the password");
+        let got = mg.web(&user, "not the password", &["signin"]);
         assert_eq!(got["signin"][0], 401, "{user}");
         // The hash was upgraded to argon2id on that sign-in; the password still works.
-        let got = webclient(&mg, &user, pw);
+        let got = mg.web(&user, pw, &["signin"]);
         assert_eq!(got["signin"][1], "/app-passwords", "{user} after the upgrade");
     }
 }

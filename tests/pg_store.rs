@@ -39,6 +39,60 @@ fn the_store_suite_passes_on_postgres() {
     suite::concurrent_creation_keeps_the_cap(open(&url), &[open(&url)]);
 }
 
+/// Web sessions are in the database, so any node serves any request of a browser: the
+/// suite the in-memory sessions pass, run on two nodes; the anonymous cap and the purge;
+/// nothing readable in the table.
+#[test]
+fn web_sessions_are_shared_by_the_nodes() {
+    use mailgate::auth::crypto::SecretKey;
+    use mailgate::store::WebSessionRow;
+    use mailgate::web::WebSessions;
+    let pg = Postgres::start();
+    let url = fresh_db(&pg);
+    let key = Arc::new(SecretKey::from_bytes(&[9; 32]).unwrap());
+    let (a, b) = (WebSessions::new(open(&url), key.clone()), WebSessions::new(open(&url), key));
+    suite::web_sessions(&a, &b);
+    // A TOTP secret being enrolled and the form token are sealed in the table.
+    let id = a.create(10).unwrap();
+    a.with(&id, 10, |s| s.pending_totp = Some(("JBSWY3DPEHPK3PXP".to_string().into(), 10))).unwrap();
+    let csrf = a.with(&id, 10, |s| s.csrf.clone()).unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let table = pg.psql_db(&db, "SELECT key, sealed FROM web_sessions");
+    assert!(!table.contains("JBSWY3DP") && !table.contains(&csrf) && !table.contains(&id), "{table}");
+
+    // The store's side: expired rows go, anonymous ones past the cap go least recent first.
+    let store = open(&fresh_db(&pg));
+    let shared = store.web_sessions().unwrap();
+    let row = |anonymous: bool, last_seen: u64, expires_at: u64| WebSessionRow {
+        sealed: "x".into(),
+        username: (!anonymous).then(|| "a@x".to_string()),
+        anonymous,
+        last_seen,
+        expires_at,
+    };
+    shared.insert_web_session("old", &row(false, 1, 50), 1, 3).unwrap();
+    shared.insert_web_session("signed", &row(false, 1, 500), 1, 3).unwrap();
+    for n in 0..5u64 {
+        shared.insert_web_session(&format!("anon{n}"), &row(true, 100 + n, 500), 100, 3).unwrap();
+    }
+    let left: Vec<String> = (0..5)
+        .map(|n| format!("anon{n}"))
+        .chain(["old".into(), "signed".into()])
+        .filter(|k| shared.get_web_session(k).unwrap().is_some())
+        .collect();
+    assert_eq!(left, ["anon2", "anon3", "anon4", "signed"]);
+    let (got, version) = shared.get_web_session("signed").unwrap().unwrap();
+    assert_eq!(got, row(false, 1, 500));
+    assert!(shared.replace_web_session("signed", version, &row(false, 2, 600)).unwrap());
+    assert!(!shared.replace_web_session("signed", version, &row(false, 3, 700)).unwrap(), "stale version won");
+    assert!(shared.rename_web_session("signed", "renamed").unwrap());
+    assert!(!shared.rename_web_session("signed", "again").unwrap());
+    shared.delete_web_sessions_of("a@x", Some("renamed")).unwrap();
+    assert!(shared.get_web_session("renamed").unwrap().is_some());
+    shared.delete_web_sessions_of("a@x", None).unwrap();
+    assert!(shared.get_web_session("renamed").unwrap().is_none());
+}
+
 #[test]
 fn nodes_starting_together_migrate_once_and_a_newer_schema_is_refused() {
     let pg = Postgres::start();
@@ -54,7 +108,7 @@ fn nodes_starting_together_migrate_once_and_a_newer_schema_is_refused() {
     }
     let db = url.rsplit('/').next().unwrap().to_string();
     let versions = pg.psql_db(&db, "SELECT count(*) FROM mailgate_schema");
-    assert_eq!(versions.trim(), "1", "migrations applied {versions} times");
+    assert_eq!(versions.trim(), "2", "two migrations applied {versions} times");
     pg.psql_db(&db, "INSERT INTO mailgate_schema VALUES (99)");
     match PgStore::open(&url, None) {
         Err(StoreError::Schema { found: 99 }) => {}
@@ -143,7 +197,8 @@ mod two_nodes {
     use crate::support::client::{Client, tls_config};
     use crate::support::dovecot::{Dovecot, DovecotOptions};
     use crate::support::haproxy::Haproxy;
-    use crate::support::mailgate::{Mailgate, Options};
+    use crate::support::mailgate::{Mailgate, Options, webclient};
+    use std::time::{SystemTime, UNIX_EPOCH};
 
     fn node(dovecot: &Dovecot, url: &str) -> Mailgate {
         Mailgate::start(Options {
@@ -176,8 +231,18 @@ mod two_nodes {
         let url = fresh_db(&pg);
         let dovecot = Dovecot::start(DovecotOptions::default());
         let mut a = node(&dovecot, &url);
-        let b = node(&dovecot, &url);
-        let lb = Haproxy::start(&[(0, vec![a.imaps], true), (0, vec![b.imaps], true)]);
+        let mut b = node(&dovecot, &url);
+        // The nodes share secret.key (it seals TOTP secrets and web sessions) and, for
+        // the web step behind one name, the certificate.
+        b.stop();
+        for f in std::fs::read_dir(a.dir.path().join("certs")).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), b.dir.path().join("certs").join(f.file_name())).unwrap();
+        }
+        let key = "data/secret.key";
+        std::fs::copy(a.dir.path().join(key), b.dir.path().join(key)).unwrap();
+        b.restart();
+        let lb = Haproxy::start(&[(0, vec![a.imaps], true), (0, vec![b.imaps], true), (0, vec![a.web, b.web], false)]);
 
         // Made on A (its admin socket), used on B; the client's address travels in the
         // PROXY header to B, to Dovecot and into the app-password list.
@@ -227,6 +292,32 @@ mod two_nodes {
         b.ok(&["user", "unlock", "alice@example.com"]);
         let mut c = via(&lb, 0, &a, "127.0.0.6");
         assert!(login(&mut c, &fresh).starts_with("l OK"), "unlock on B did not reach A");
+
+        // The web step through haproxy, round robin: each request of the browser goes to
+        // the other node, so its session (form token, the TOTP secret being enrolled) must
+        // be in the database.
+        let web = |port: u16, actions: &[&str]| {
+            webclient(port, &a.ca, "alice@example.com", "alice-account-pw", actions)
+                .unwrap_or_else(|e| panic!("{e}\nA: {}\nB: {}", a.log(), b.log()))
+        };
+        let got = web(lb.port(2), &["signin", "enrol", "app-password:web-made"]);
+        let secret = got["totp_secret"].as_str().unwrap().to_string();
+        let made = got["app_password"].as_str().unwrap().to_string();
+        for (i, mg) in [(0, &a), (1, &b)] {
+            let mut c = via(&lb, i, mg, "127.0.0.8");
+            assert!(login(&mut c, &made).starts_with("l OK"), "the web-made app password fails on node {i}");
+        }
+        // One TOTP code: accepted on A, refused on B. (Enrolment spent this time step's
+        // code: wait for the next step, with time for both sign-ins in it.)
+        let step_left = || 30 - SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() % 30;
+        let wait = step_left() + if step_left() < 10 { 30 } else { 0 };
+        std::thread::sleep(Duration::from_secs(wait) + Duration::from_millis(300));
+        let code = format!("totp:{secret}");
+        let on_a = web(a.web.port(), &["signin", &code]);
+        assert_eq!(on_a["totp"], serde_json::json!([303, "/app-passwords"]), "{on_a}");
+        let on_b = web(b.web.port(), &["signin", &code]);
+        assert_eq!(on_b["signin"][1], "/login/totp");
+        assert_ne!(on_b["totp"][1], "/app-passwords", "B accepted the code A had accepted");
 
         // Node A dies mid-load; B keeps serving and nothing acknowledged is lost.
         let extra = b.app_password("alice@example.com", "tablet", "imap");

@@ -56,26 +56,6 @@ fn set_dovecot_password(d: &Dovecot, user: &str, pw: Option<&str>) {
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
 }
 
-fn web(mg: &Mailgate, user: &str, pw: &str, actions: &[&str]) -> serde_json::Value {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/webclient.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(format!("https://localhost:{}", mg.web.port()))
-        .arg(&mg.ca)
-        .args([user, pw])
-        .args(actions)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        mg.log()
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn a_dovecot_only_user_logs_in_everywhere_and_2fa_then_needs_app_passwords() {
     let (dovecot, sub, mg) = setup();
@@ -101,8 +81,7 @@ fn a_dovecot_only_user_logs_in_everywhere_and_2fa_then_needs_app_passwords() {
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), mg.log());
     assert_eq!(sub.sink.wait_for_messages(1, Duration::from_secs(20))[0].mail_from, "bob@example.com");
     // The web step with the Dovecot password: enrol TOTP, make an app password.
-    let got =
-        web(&mg, "bob@example.com", "bob-dovecot-password", &["signin", "enrol", "app-password:laptop", "account"]);
+    let got = mg.web("bob@example.com", "bob-dovecot-password", &["signin", "enrol", "app-password:laptop", "account"]);
     assert_eq!(got["signin"][1], "/app-passwords");
     assert!(
         !got["account_page"].as_str().unwrap().contains("href=\"/password\""),
@@ -115,7 +94,7 @@ fn a_dovecot_only_user_logs_in_everywhere_and_2fa_then_needs_app_passwords() {
     let (_c, r) = imap_login(&mg, "bob@example.com", &app);
     assert!(r.starts_with("a OK"), "{r}");
     // And the web sign-in now asks for the second factor.
-    let got = web(&mg, "bob@example.com", "bob-dovecot-password", &["signin"]);
+    let got = mg.web("bob@example.com", "bob-dovecot-password", &["signin"]);
     assert_eq!(got["signin"][1], "/login/totp");
 }
 
@@ -155,19 +134,19 @@ fn only_allowed_domains_get_accounts() {
 fn repeated_checks_are_cached_and_a_failure_drops_the_cache() {
     let (dovecot, _sub, mg) = setup();
     let logins = || dovecot.log().matches("Login: user=<carol@example.com>").count();
-    web(&mg, "carol@example.com", "carol-dovecot-password", &["signin"]);
+    mg.web("carol@example.com", "carol-dovecot-password", &["signin"]);
     assert!(dovecot.wait_for_log("Login: user=<carol@example.com>", Duration::from_secs(5)));
     let after_first = logins();
     for _ in 0..3 {
-        let got = web(&mg, "carol@example.com", "carol-dovecot-password", &["signin"]);
+        let got = mg.web("carol@example.com", "carol-dovecot-password", &["signin"]);
         assert_eq!(got["signin"][1], "/app-passwords");
     }
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(logins(), after_first, "each web sign-in logged in upstream again");
     // A wrong password is checked upstream (never answered from the cache) and drops it.
-    let got = web(&mg, "carol@example.com", "wrong-password", &["signin"]);
+    let got = mg.web("carol@example.com", "wrong-password", &["signin"]);
     assert_eq!(got["signin"][0], 401);
-    web(&mg, "carol@example.com", "carol-dovecot-password", &["signin"]);
+    mg.web("carol@example.com", "carol-dovecot-password", &["signin"]);
     assert!(
         crate::support::sink::poll(Duration::from_secs(5), || logins() > after_first),
         "the cache survived a failed check"

@@ -181,3 +181,69 @@ pub fn export_import_round_trips(s: &dyn Store, empty: &dyn Store) {
     assert!(matches!(empty.import(&dump), Err(StoreError::Conflict(_))), "not into a non-empty store");
     assert!(matches!(empty.create_app_password(&app("id2", "a@x", "phone")), Err(StoreError::Conflict(_))));
 }
+
+/// Web sessions behave the same in memory on one node and in a shared store: `a` and `b`
+/// are two nodes (the same value for one node). A change on one is seen on the other; a
+/// new id ends the old one; signing out everywhere keeps the current session; sessions
+/// expire; concurrent changes to one session are not lost.
+pub fn web_sessions(a: &crate::web::WebSessions, b: &crate::web::WebSessions) {
+    use crate::web::session::{IDLE_SECS, SECOND_FACTOR_SECS, Stage};
+    let t = 1_000_000;
+    let id = a.create(t).unwrap();
+    let csrf = a.with(&id, t, |s| s.csrf.clone()).unwrap();
+    assert_eq!(b.with(&id, t, |s| s.csrf.clone()), Some(csrf));
+    assert!(b.with("no-such-session", t, |_| ()).is_none());
+    b.with(&id, t + 1, |s| {
+        s.stage = Stage::SecondFactor { username: "a@x".into(), since: t + 1 };
+        s.pending_totp = Some(("JBSWY3DPEHPK3PXP".to_string().into(), t + 1));
+        s.notice = Some("hello".into());
+    })
+    .unwrap();
+    let new = a.rotate(&id).unwrap();
+    assert!(b.with(&id, t + 2, |_| ()).is_none(), "the old id still works");
+    let (stage, pending, notice) = b
+        .with(&new, t + 2, |s| {
+            (s.stage.clone(), s.pending_totp.as_ref().map(|(p, _)| p.expose().clone()), s.notice.take())
+        })
+        .unwrap();
+    assert_eq!(stage, Stage::SecondFactor { username: "a@x".into(), since: t + 1 });
+    assert_eq!(pending.as_deref(), Some("JBSWY3DPEHPK3PXP"));
+    assert_eq!(notice.as_deref(), Some("hello"));
+    assert_eq!(a.with(&new, t + 2, |s| s.notice.clone()), Some(None), "a taken notice came back");
+    // A pending second factor ends after SECOND_FACTOR_SECS.
+    assert!(a.with(&new, t + 2 + SECOND_FACTOR_SECS, |_| ()).is_none());
+    assert!(b.with(&new, t + 3, |_| ()).is_none(), "an expired session came back");
+
+    // Signed in twice; "sign out everywhere else" from one keeps it and ends the other.
+    let signed = |n: &crate::web::WebSessions| {
+        let id = n.create(t).unwrap();
+        n.with(&id, t, |s| s.stage = Stage::SignedIn { username: "a@x".into(), auth_at: t }).unwrap();
+        id
+    };
+    let (one, two, other) = (signed(a), signed(b), a.create(t).unwrap());
+    a.with(&other, t, |s| s.stage = Stage::SignedIn { username: "b@x".into(), auth_at: t }).unwrap();
+    b.end_all_of("a@x", Some(&two));
+    assert!(a.with(&one, t + 1, |_| ()).is_none(), "the other session of a@x lives on");
+    assert!(a.with(&two, t + 1, |_| ()).is_some());
+    assert!(b.with(&other, t + 1, |_| ()).is_some(), "b@x was signed out");
+    // Idle timeout (a shared store records a request that changes nothing to within
+    // half a minute), then sign-out.
+    assert!(a.with(&two, t + IDLE_SECS - 60, |_| ()).is_some(), "idle for less than the limit");
+    assert!(b.with(&two, t + 2 * IDLE_SECS, |_| ()).is_none(), "idle past the limit");
+    b.remove(&other);
+    assert!(a.with(&other, t + 2, |_| ()).is_none());
+
+    // Requests of one browser changing its session at once, on both nodes: no change lost.
+    let id = a.create(t).unwrap();
+    std::thread::scope(|scope| {
+        for n in [a, b, a, b] {
+            let id = &id;
+            scope.spawn(move || {
+                for _ in 0..10 {
+                    n.with(id, t, |s| s.wrong_codes += 1).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(a.with(&id, t, |s| s.wrong_codes), Some(40), "lost changes");
+}

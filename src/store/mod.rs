@@ -304,6 +304,54 @@ pub trait Store: Send + Sync {
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<SessionEvent>> {
         None
     }
+    /// Web sessions kept in the store for every node sharing it. `None` for the embedded
+    /// store: its one node keeps them in memory.
+    fn web_sessions(&self) -> Option<&dyn SharedWebSessions> {
+        None
+    }
+}
+
+/// A web session as a shared store keeps it (see `web::WebSessions`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebSessionRow {
+    /// The session's state, sealed with `secret.key` (its form token, a TOTP secret being
+    /// enrolled, backup codes just shown).
+    pub sealed: String,
+    /// The account, once its password was checked (to end all of its sessions).
+    pub username: Option<String>,
+    /// Not signed in: these are capped, the least recently seen go first.
+    pub anonymous: bool,
+    /// Last request (unix seconds).
+    pub last_seen: u64,
+    /// When it ends at the latest (unix seconds); purged after that.
+    pub expires_at: u64,
+}
+
+/// Web sessions in a store shared by several nodes, so that any node serves any request
+/// of a browser (no sticky load balancing needed). Rows are keyed by a hash of the
+/// session id: reading the database does not give anyone a usable cookie.
+pub trait SharedWebSessions: Send + Sync {
+    /// Adds a session. Sessions expired at `now` are purged, and the least recently seen
+    /// anonymous ones beyond `max_anonymous` (a flood of sign-in page visits can never
+    /// crowd out signed-in people).
+    fn insert_web_session(
+        &self,
+        key: &str,
+        row: &WebSessionRow,
+        now: u64,
+        max_anonymous: usize,
+    ) -> Result<(), StoreError>;
+    /// A session and its version (which counts its changes).
+    fn get_web_session(&self, key: &str) -> Result<Option<(WebSessionRow, i64)>, StoreError>;
+    /// Replaces a session if it is still at `version`: `false` if it changed meanwhile
+    /// (another request of the same browser) or is gone.
+    fn replace_web_session(&self, key: &str, version: i64, row: &WebSessionRow) -> Result<bool, StoreError>;
+    /// Moves a session to a new key (a new id after a sign-in step); `false` if it is gone.
+    fn rename_web_session(&self, old: &str, new: &str) -> Result<bool, StoreError>;
+    /// Ends a session.
+    fn delete_web_session(&self, key: &str) -> Result<(), StoreError>;
+    /// Ends every session of `username` but the one at `keep`.
+    fn delete_web_sessions_of(&self, username: &str, keep: Option<&str>) -> Result<(), StoreError>;
 }
 
 /// A change that ends live sessions on every node sharing the store.

@@ -9,6 +9,9 @@
 //! * `app_passwords(id PK, username → accounts ON DELETE CASCADE, label_key, data,
 //!   last_used)`: JSON [`AppPasswordRecord`]; `UNIQUE(username, label_key)`.
 //! * `audit(seq, username, data)`.
+//! * `web_sessions(key PK, sealed, username, anonymous, last_seen, expires_at, version)`:
+//!   the web step's sessions, so any node serves any request ([`SharedWebSessions`]);
+//!   `key` is a hash of the session id, `sealed` the state sealed with `secret.key`.
 //!
 //! Every change is committed before the call returns (PostgreSQL's commit is durable with
 //! the default `synchronous_commit`). Session-ending events are sent with `NOTIFY` on the
@@ -37,9 +40,10 @@ const MIGRATION_LOCK: i64 = 0x6d61_696c_6761_7465; // "mailgate"
 
 /// Versioned migrations, applied in order, each once, in one transaction under an
 /// advisory lock, so several nodes starting at once migrate exactly once.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE accounts (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE accounts (
         username text PRIMARY KEY,
         data text NOT NULL,
         version bigint NOT NULL DEFAULT 0
@@ -58,7 +62,23 @@ const MIGRATIONS: &[(i32, &str)] = &[(
         data text NOT NULL
     );
     CREATE INDEX audit_by_user ON audit (username, seq);",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE web_sessions (
+        key text PRIMARY KEY,
+        sealed text NOT NULL,
+        username text,
+        anonymous boolean NOT NULL,
+        last_seen bigint NOT NULL,
+        expires_at bigint NOT NULL,
+        version bigint NOT NULL DEFAULT 0
+    );
+    CREATE INDEX web_sessions_by_user ON web_sessions (username);
+    CREATE INDEX web_sessions_by_expiry ON web_sessions (expires_at);
+    CREATE INDEX web_sessions_anonymous ON web_sessions (last_seen) WHERE anonymous;",
+    ),
+];
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -576,5 +596,128 @@ impl Store for PgStore {
 
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<SessionEvent>> {
         Some(self.events.subscribe())
+    }
+
+    fn web_sessions(&self) -> Option<&dyn SharedWebSessions> {
+        Some(self)
+    }
+}
+
+fn secs(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+impl SharedWebSessions for PgStore {
+    fn insert_web_session(
+        &self,
+        key: &str,
+        row: &WebSessionRow,
+        now: u64,
+        max_anonymous: usize,
+    ) -> Result<(), StoreError> {
+        let (key, row) = (key.to_string(), row.clone());
+        let keep = i64::try_from(max_anonymous.saturating_sub(1)).unwrap_or(i64::MAX);
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            c.execute("DELETE FROM web_sessions WHERE expires_at < $1", &[&secs(now)]).await.map_err(pg)?;
+            if row.anonymous {
+                c.execute(
+                    "DELETE FROM web_sessions WHERE key IN (SELECT key FROM web_sessions WHERE anonymous \
+                     ORDER BY last_seen DESC OFFSET $1)",
+                    &[&keep],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            c.execute(
+                "INSERT INTO web_sessions (key, sealed, username, anonymous, last_seen, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&key, &row.sealed, &row.username, &row.anonymous, &secs(row.last_seen), &secs(row.expires_at)],
+            )
+            .await
+            .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn get_web_session(&self, key: &str) -> Result<Option<(WebSessionRow, i64)>, StoreError> {
+        let key = key.to_string();
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let row = c
+                .query_opt(
+                    "SELECT sealed, username, anonymous, last_seen, expires_at, version FROM web_sessions \
+                     WHERE key = $1",
+                    &[&key],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(row.map(|r| {
+                let row = WebSessionRow {
+                    sealed: r.get(0),
+                    username: r.get(1),
+                    anonymous: r.get(2),
+                    last_seen: u64::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+                    expires_at: u64::try_from(r.get::<_, i64>(4)).unwrap_or(0),
+                };
+                (row, r.get(5))
+            }))
+        })
+    }
+
+    fn replace_web_session(&self, key: &str, version: i64, row: &WebSessionRow) -> Result<bool, StoreError> {
+        let (key, row) = (key.to_string(), row.clone());
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let n = c
+                .execute(
+                    "UPDATE web_sessions SET sealed = $3, username = $4, anonymous = $5, last_seen = $6, \
+                     expires_at = $7, version = version + 1 WHERE key = $1 AND version = $2",
+                    &[
+                        &key,
+                        &version,
+                        &row.sealed,
+                        &row.username,
+                        &row.anonymous,
+                        &secs(row.last_seen),
+                        &secs(row.expires_at),
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn rename_web_session(&self, old: &str, new: &str) -> Result<bool, StoreError> {
+        let (old, new) = (old.to_string(), new.to_string());
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let n = c
+                .execute("UPDATE web_sessions SET key = $2, version = version + 1 WHERE key = $1", &[&old, &new])
+                .await
+                .map_err(pg)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn delete_web_session(&self, key: &str) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            c.execute("DELETE FROM web_sessions WHERE key = $1", &[&key]).await.map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn delete_web_sessions_of(&self, username: &str, keep: Option<&str>) -> Result<(), StoreError> {
+        let (username, keep) = (username.to_string(), keep.map(str::to_string));
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            c.execute("DELETE FROM web_sessions WHERE username = $1 AND key IS DISTINCT FROM $2", &[&username, &keep])
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
     }
 }

@@ -10,7 +10,7 @@
 //! and config; not on proto or net.
 
 mod pages;
-mod session;
+pub(crate) mod session;
 
 use crate::auth::Authenticator;
 use crate::auth::clock::Clock;

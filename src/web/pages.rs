@@ -209,7 +209,7 @@ impl Web {
 
     fn set_notice(&self, id: &str, text: impl Into<String>) {
         let text = text.into();
-        self.web_sessions.with(id, self.now(), |s| s.notice = Some(text));
+        self.web_sessions.with(id, self.now(), |s| s.notice = Some(text.clone()));
     }
 
     /// CSRF: the session's token in the form, and a same-origin request
@@ -870,7 +870,7 @@ fn codes_page(web: &Web, ctx: &Ctx, username: &str, shown: Vec<SecretString>) ->
     let resp = html(CodesPage { host: web.host(), csrf: &ctx.csrf, username, codes }, StatusCode::OK);
     web.web_sessions.with(&ctx.id, web.now(), |s| {
         s.pending_totp = None;
-        s.shown_codes = Some(shown);
+        s.shown_codes = Some(shown.clone());
     });
     resp
 }

@@ -1,9 +1,13 @@
-//! Server-side web sessions.
+//! Server-side web sessions: in memory on one node, in the store when nodes share it.
 
+use crate::auth::crypto::SecretKey;
 use crate::secret::SecretString;
+use crate::store::{Store, WebSessionRow};
 use base64::Engine as _;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use zeroize::{Zeroize, Zeroizing};
 
 /// The session cookie (`__Host-`: Secure, Path=/, no Domain).
 pub const COOKIE: &str = "__Host-mailgate";
@@ -27,7 +31,7 @@ pub const MAX_SESSIONS: usize = 100_000;
 pub const MAX_ANONYMOUS: usize = 20_000;
 
 /// Where a session is in the sign-in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stage {
     /// Nothing proven.
     Anonymous,
@@ -48,6 +52,7 @@ pub enum Stage {
 }
 
 /// One web session.
+#[derive(Clone, PartialEq)]
 pub struct WebSession {
     /// Synchronizer token for forms.
     pub csrf: String,
@@ -67,6 +72,38 @@ pub struct WebSession {
     pub notice: Option<String>,
 }
 
+impl WebSession {
+    fn new(csrf: String, now: u64) -> WebSession {
+        WebSession {
+            csrf,
+            created: now,
+            last_seen: now,
+            stage: Stage::Anonymous,
+            pending_totp: None,
+            shown_codes: None,
+            wrong_codes: 0,
+            notice: None,
+        }
+    }
+
+    /// The account whose password was checked in this session, if any.
+    fn username(&self) -> Option<&str> {
+        match &self.stage {
+            Stage::Anonymous => None,
+            Stage::SecondFactor { username, .. } | Stage::SignedIn { username, .. } => Some(username),
+        }
+    }
+
+    /// When the session ends at the latest, if no request comes.
+    fn expires_at(&self) -> u64 {
+        let mut at = self.last_seen.saturating_add(IDLE_SECS).min(self.created.saturating_add(ABSOLUTE_SECS));
+        if let Stage::SecondFactor { since, .. } = self.stage {
+            at = at.min(since.saturating_add(SECOND_FACTOR_SECS));
+        }
+        at
+    }
+}
+
 /// A random token: 32 bytes, base64url.
 pub fn token() -> Option<String> {
     let mut b = [0u8; 32];
@@ -74,88 +111,250 @@ pub fn token() -> Option<String> {
     Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
 }
 
-/// All web sessions, in memory (a restart signs everyone out).
-#[derive(Default)]
+/// A shared store writes a session again for a request that changes nothing only when
+/// its last write is this old (the idle timeout is 30 minutes).
+const TOUCH_SECS: u64 = 30;
+/// Rounds of read-change-compare-and-set when requests of one browser change its
+/// session at the same time.
+const CAS_ROUNDS: usize = 16;
+/// Associated data of a sealed session.
+const SEAL_CONTEXT: &str = "mailgate web session";
+
+/// The web sessions: in memory on a single node (a restart signs everyone out), or in
+/// the store when it is shared by several nodes ([`Store::web_sessions`]), so that any
+/// node serves any request.
 pub struct WebSessions {
-    map: Mutex<HashMap<String, WebSession>>,
+    backend: Backend,
+}
+
+enum Backend {
+    Memory(Mutex<HashMap<String, WebSession>>),
+    Shared { store: Arc<dyn Store>, key: Arc<SecretKey> },
+}
+
+impl Default for WebSessions {
+    fn default() -> Self {
+        WebSessions { backend: Backend::Memory(Mutex::default()) }
+    }
 }
 
 impl WebSessions {
-    /// Makes a session; returns its id. `None` if no randomness or too many sessions.
+    /// Sessions in `store` if it shares them with other nodes, else in memory. `key`
+    /// seals what a shared store keeps.
+    pub fn new(store: Arc<dyn Store>, key: Arc<SecretKey>) -> WebSessions {
+        if store.web_sessions().is_some() {
+            WebSessions { backend: Backend::Shared { store, key } }
+        } else {
+            WebSessions::default()
+        }
+    }
+
+    /// Makes a session; returns its id. `None` if no randomness, too many sessions or the
+    /// shared store failed.
     pub fn create(&self, now: u64) -> Option<String> {
         let id = token()?;
-        let csrf = token()?;
-        let mut m = self.map.lock().ok()?;
-        if m.len() >= MAX_SESSIONS {
-            m.retain(|_, s| !expired(s, now));
-        }
-        let anonymous = || m.values().filter(|s| s.stage == Stage::Anonymous).count();
-        if m.len() >= MAX_SESSIONS || anonymous() >= MAX_ANONYMOUS {
-            let oldest = m
-                .iter()
-                .filter(|(_, s)| s.stage == Stage::Anonymous)
-                .min_by_key(|(_, s)| s.last_seen)
-                .map(|(k, _)| k.clone());
-            match oldest {
-                Some(k) => {
-                    m.remove(&k);
+        let session = WebSession::new(token()?, now);
+        match &self.backend {
+            Backend::Memory(map) => {
+                let mut m = map.lock().ok()?;
+                if m.len() >= MAX_SESSIONS {
+                    m.retain(|_, s| !expired(s, now));
                 }
-                None => return None,
+                let anonymous = || m.values().filter(|s| s.stage == Stage::Anonymous).count();
+                if m.len() >= MAX_SESSIONS || anonymous() >= MAX_ANONYMOUS {
+                    let oldest = m
+                        .iter()
+                        .filter(|(_, s)| s.stage == Stage::Anonymous)
+                        .min_by_key(|(_, s)| s.last_seen)
+                        .map(|(k, _)| k.clone());
+                    m.remove(&oldest?);
+                }
+                m.insert(id.clone(), session);
+            }
+            Backend::Shared { store, key } => {
+                let row = seal(key, &session)?;
+                let shared = store.web_sessions()?;
+                if let Err(e) = shared.insert_web_session(&row_key(&id), &row, now, MAX_ANONYMOUS) {
+                    tracing::warn!(error = %e, "cannot store a web session");
+                    return None;
+                }
             }
         }
-        m.insert(
-            id.clone(),
-            WebSession {
-                csrf,
-                created: now,
-                last_seen: now,
-                stage: Stage::Anonymous,
-                pending_totp: None,
-                shown_codes: None,
-                wrong_codes: 0,
-                notice: None,
-            },
-        );
         Some(id)
     }
 
-    /// Runs `f` on a live session (touching it); `None` if unknown or expired (then removed).
-    pub fn with<T>(&self, id: &str, now: u64, f: impl FnOnce(&mut WebSession) -> T) -> Option<T> {
-        let mut m = self.map.lock().ok()?;
-        let s = m.get_mut(id)?;
-        if expired(s, now) {
-            m.remove(id);
-            return None;
+    /// Runs `f` on a live session (touching it); `None` if unknown or expired (then
+    /// removed). With a shared store, `f` runs again on the newer state if another
+    /// request changed the session meanwhile.
+    pub fn with<T>(&self, id: &str, now: u64, mut f: impl FnMut(&mut WebSession) -> T) -> Option<T> {
+        let (store, key) = match &self.backend {
+            Backend::Memory(map) => {
+                let mut m = map.lock().ok()?;
+                let s = m.get_mut(id)?;
+                if expired(s, now) {
+                    m.remove(id);
+                    return None;
+                }
+                s.last_seen = now;
+                return Some(f(s));
+            }
+            Backend::Shared { store, key } => (store, key),
+        };
+        let shared = store.web_sessions()?;
+        let row_key = row_key(id);
+        for _ in 0..CAS_ROUNDS {
+            let (row, version) = shared.get_web_session(&row_key).ok()??;
+            let Some(before) = open(key, &row) else {
+                tracing::warn!("a stored web session does not open (another secret.key?); ended");
+                let _ = shared.delete_web_session(&row_key);
+                return None;
+            };
+            if expired(&before, now) {
+                let _ = shared.delete_web_session(&row_key);
+                return None;
+            }
+            let mut s = before.clone();
+            let out = f(&mut s);
+            let changed = s != before;
+            if !changed && now.saturating_sub(before.last_seen) < TOUCH_SECS {
+                return Some(out);
+            }
+            s.last_seen = now;
+            match shared.replace_web_session(&row_key, version, &seal(key, &s)?) {
+                // A touch lost to another request's write loses nothing.
+                Ok(true) => return Some(out),
+                Ok(false) if !changed => return Some(out),
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot store a web session");
+                    return None;
+                }
+            }
         }
-        s.last_seen = now;
-        Some(f(s))
+        None
     }
 
     /// Gives the session a new id (after each sign-in step); the old id stops working.
     pub fn rotate(&self, id: &str) -> Option<String> {
         let new = token()?;
-        let mut m = self.map.lock().ok()?;
-        let s = m.remove(id)?;
-        m.insert(new.clone(), s);
+        match &self.backend {
+            Backend::Memory(map) => {
+                let mut m = map.lock().ok()?;
+                let s = m.remove(id)?;
+                m.insert(new.clone(), s);
+            }
+            Backend::Shared { store, .. } => {
+                if !store.web_sessions()?.rename_web_session(&row_key(id), &row_key(&new)).ok()? {
+                    return None;
+                }
+            }
+        }
         Some(new)
     }
 
     /// Ends a session.
     pub fn remove(&self, id: &str) {
-        if let Ok(mut m) = self.map.lock() {
-            m.remove(id);
+        match &self.backend {
+            Backend::Memory(map) => {
+                if let Ok(mut m) = map.lock() {
+                    m.remove(id);
+                }
+            }
+            Backend::Shared { store, .. } => {
+                if let Some(shared) = store.web_sessions()
+                    && let Err(e) = shared.delete_web_session(&row_key(id))
+                {
+                    tracing::warn!(error = %e, "cannot end a web session");
+                }
+            }
         }
     }
 
     /// Ends every web session of `username` except `keep` (password change, 2FA change).
     pub fn end_all_of(&self, username: &str, keep: Option<&str>) {
-        if let Ok(mut m) = self.map.lock() {
-            m.retain(|id, s| {
-                Some(id.as_str()) == keep
-                    || !matches!(&s.stage, Stage::SignedIn { username: u, .. } | Stage::SecondFactor { username: u, .. } if u == username)
-            });
+        match &self.backend {
+            Backend::Memory(map) => {
+                if let Ok(mut m) = map.lock() {
+                    m.retain(|id, s| Some(id.as_str()) == keep || s.username() != Some(username));
+                }
+            }
+            Backend::Shared { store, .. } => {
+                let keep = keep.map(row_key);
+                if let Some(shared) = store.web_sessions()
+                    && let Err(e) = shared.delete_web_sessions_of(username, keep.as_deref())
+                {
+                    tracing::warn!(error = %e, "cannot end the web sessions of an account");
+                }
+            }
         }
     }
+}
+
+/// The row key of a session id: SHA-256, hex.
+fn row_key(id: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(id.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A session as stored (only ever sealed; wiped when dropped).
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    csrf: String,
+    created: u64,
+    last_seen: u64,
+    stage: Stage,
+    pending_totp: Option<(String, u64)>,
+    shown_codes: Option<Vec<String>>,
+    wrong_codes: u32,
+    notice: Option<String>,
+}
+
+impl Drop for Stored {
+    fn drop(&mut self) {
+        self.csrf.zeroize();
+        if let Some((t, _)) = &mut self.pending_totp {
+            t.zeroize();
+        }
+        if let Some(codes) = &mut self.shown_codes {
+            codes.iter_mut().for_each(Zeroize::zeroize);
+        }
+    }
+}
+
+fn seal(key: &SecretKey, s: &WebSession) -> Option<WebSessionRow> {
+    let stored = Stored {
+        csrf: s.csrf.clone(),
+        created: s.created,
+        last_seen: s.last_seen,
+        stage: s.stage.clone(),
+        pending_totp: s.pending_totp.as_ref().map(|(t, at)| (t.expose().clone(), *at)),
+        shown_codes: s.shown_codes.as_ref().map(|c| c.iter().map(|c| c.expose().clone()).collect()),
+        wrong_codes: s.wrong_codes,
+        notice: s.notice.clone(),
+    };
+    let json = Zeroizing::new(serde_json::to_vec(&stored).ok()?);
+    Some(WebSessionRow {
+        sealed: key.seal(&json, SEAL_CONTEXT).ok()?,
+        username: s.username().map(str::to_string),
+        anonymous: s.stage == Stage::Anonymous,
+        last_seen: s.last_seen,
+        expires_at: s.expires_at(),
+    })
+}
+
+fn open(key: &SecretKey, row: &WebSessionRow) -> Option<WebSession> {
+    let json = key.open(&row.sealed, SEAL_CONTEXT).ok()?;
+    let mut stored: Stored = serde_json::from_slice(json.expose()).ok()?;
+    Some(WebSession {
+        csrf: std::mem::take(&mut stored.csrf),
+        created: stored.created,
+        last_seen: stored.last_seen,
+        stage: stored.stage.clone(),
+        pending_totp: stored.pending_totp.take().map(|(t, at)| (SecretString::from(t), at)),
+        shown_codes: stored.shown_codes.take().map(|c| c.into_iter().map(SecretString::from).collect()),
+        wrong_codes: stored.wrong_codes,
+        notice: stored.notice.take(),
+    })
 }
 
 fn expired(s: &WebSession, now: u64) -> bool {

@@ -1430,3 +1430,9 @@ fn a_flood_of_sign_in_page_visits_never_locks_anyone_out() {
     let fresh = s.create(40).unwrap();
     assert!(s.with(&fresh, 40, |_| ()).is_some());
 }
+
+#[test]
+fn web_sessions_in_memory_pass_the_store_suite() {
+    let s = WebSessions::default();
+    crate::store::conformance::web_sessions(&s, &s);
+}

@@ -241,6 +241,12 @@ master_password_file = "config/master.secret"
         assert!(out.status.success(), "user add: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// [`webclient`] against this server's web step.
+    pub fn web(&self, user: &str, password: &str, actions: &[&str]) -> serde_json::Value {
+        webclient(self.web.port(), &self.ca, user, password, actions)
+            .unwrap_or_else(|e| panic!("web client: {e}\nmailgate: {}", self.log()))
+    }
+
     /// Creates an app password and returns it (the last line of stdout).
     pub fn app_password(&self, email: &str, label: &str, scope: &str) -> String {
         let out = self.ok(&["app-password", "create", email, "--label", label, "--scope", scope]);
@@ -282,6 +288,32 @@ fn spawn_child(dir: &Path, config: &Path, log: &Path, imaps: SocketAddr, imap: S
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The web step's real pages without a browser: `tests/support/webclient.py` against
+/// `https://localhost:{port}` (its actions: signin, enrol, totp:SECRET, app-password:LABEL,
+/// account). What it learnt, or its output when it failed.
+pub fn webclient(
+    port: u16,
+    ca: &Path,
+    user: &str,
+    password: &str,
+    actions: &[&str],
+) -> Result<serde_json::Value, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/webclient.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("https://localhost:{port}"))
+        .arg(ca)
+        .args([user, password])
+        .args(actions)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = || format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        return Err(text());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|_| text())
 }
 
 /// Runs the CLI with a config, in a directory.
