@@ -153,8 +153,10 @@ pub async fn run(
             }
         });
     }
+    let key = Arc::new(key);
     let auth = Authenticator::new(store.clone(), config.limits.max_concurrent_hashes)
         .with_failure_delays(config.limits.auth_failure_delay, config.limits.ip_penalty_max)
+        .with_shared_failure_counts(key.clone())
         .with_upstream_check(config.accounts.clone(), connector.clone())
         .with_verify_cache(config.accounts.verify_cache);
     let limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
@@ -179,7 +181,6 @@ pub async fn run(
         tokio::spawn(async move { probe.probe_upstream().await });
     }
 
-    let key = Arc::new(key);
     let web = Arc::new(crate::web::Web {
         config: config.clone(),
         auth: smtp.auth.clone(),

@@ -189,6 +189,67 @@ fn session_events_reach_the_other_nodes() {
     assert_eq!(got, want);
 }
 
+/// Failure counts are in the database: guesses from one address spread over two nodes
+/// meet the doubling penalty that guesses sent to one node meet (SECURITY.md §H).
+#[test]
+fn failure_counts_are_shared_by_the_nodes() {
+    use mailgate::auth::crypto::SecretKey;
+    use mailgate::auth::throttle::Throttle;
+    let pg = Postgres::start();
+    let url = fresh_db(&pg);
+    // The store's side: a repeated tag does not count, old counts start again, clear.
+    let store = open(&url);
+    let counts = store.failure_counts().unwrap();
+    let keys = ["ip:192.0.2.1".to_string(), "user:a@x".to_string()];
+    assert_eq!(counts.count_failures(&keys, b"t1", 1000, 3600).unwrap(), [1, 1]);
+    assert_eq!(counts.count_failures(&keys, b"t1", 1001, 3600).unwrap(), [1, 1], "the same secret again");
+    assert_eq!(counts.count_failures(&keys, b"t2", 1002, 3600).unwrap(), [2, 2]);
+    assert_eq!(counts.count_failures(&keys[..1], b"t3", 1003, 3600).unwrap(), [3]);
+    assert_eq!(counts.count_failures(&keys, b"t4", 1003 + 3600, 3600).unwrap(), [1, 1], "an hour later");
+    counts.clear_failures(keys.to_vec());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counts.count_failures(&keys[1..], b"t5", 5000, 3600).unwrap() != [1] {
+        assert!(Instant::now() < deadline, "not cleared");
+        counts.clear_failures(keys[1..].to_vec());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Two nodes with the same secret.key, one address guessing on both in turn.
+    let key = Arc::new(SecretKey::from_bytes(&[3; 32]).unwrap());
+    let nodes: Vec<Throttle> = (0..2)
+        .map(|_| {
+            let t = Throttle::new(Duration::from_secs(2), Duration::from_secs(15));
+            t.share(open(&url), key.clone());
+            t
+        })
+        .collect();
+    let ip: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+    let delays: Vec<u64> = (0..5).map(|n| nodes[n % 2].fail(ip, &format!("user{n}@x"), b"guess").as_secs()).collect();
+    assert_eq!(delays, [2, 4, 8, 15, 15], "the penalty did not follow the address across nodes");
+    // The same wrong password again, on the other node: not raised (the tag is the same).
+    let again = nodes[1].fail("203.0.113.9".parse().unwrap(), "b@x", b"old password");
+    assert_eq!(nodes[0].fail("203.0.113.9".parse().unwrap(), "b@x", b"old password"), again);
+    // A success on node 0 clears the address for node 1.
+    nodes[0].succeed(ip, "user0@x");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let d = nodes[1].fail(ip, "user9@x", format!("{:?}", Instant::now()).as_bytes()).as_secs();
+        if d == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the success on node 0 did not clear node 1's count ({d} s)");
+        nodes[0].succeed(ip, "user9@x");
+    }
+    // Account delays add up over the nodes too: after 10 failures, 1 s more each.
+    for n in 0..12 {
+        let addr: std::net::IpAddr = format!("192.0.2.{}", 10 + n).parse().unwrap();
+        let d = nodes[n % 2].fail(addr, "c@x", format!("g{n}").as_bytes());
+        let want = if n < 10 { Duration::from_secs(2) } else { Duration::from_secs(n as u64 - 9) };
+        assert_eq!(d, want.max(Duration::from_secs(2)), "failure {n}");
+    }
+}
+
 /// Two mailgate nodes on one PostgreSQL database, each behind haproxy (PROXY v2), in
 /// front of the real Dovecot (issue 8 point 6).
 mod two_nodes {

@@ -9,8 +9,12 @@ use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKe
 use base64::Engine as _;
 use std::path::Path;
 
-/// The key that seals TOTP secrets.
-pub struct SecretKey(LessSafeKey);
+/// The key that seals TOTP secrets (and, with a store shared by several nodes, web
+/// sessions), and a key derived from it for tags the nodes must agree on.
+pub struct SecretKey {
+    aead: LessSafeKey,
+    tags: aws_lc_rs::hmac::Key,
+}
 
 impl std::fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -36,7 +40,12 @@ impl SecretKey {
             return Err("secret key must be 32 bytes".into());
         }
         let key = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| "invalid secret key".to_string())?;
-        Ok(SecretKey(LessSafeKey::new(key)))
+        let derive = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, bytes);
+        let tag_key = aws_lc_rs::hmac::sign(&derive, b"mailgate: tags of failed secrets");
+        Ok(SecretKey {
+            aead: LessSafeKey::new(key),
+            tags: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, tag_key.as_ref()),
+        })
     }
 
     /// Seals `plain`; `context` (the username) is bound as associated data, so a sealed
@@ -45,7 +54,7 @@ impl SecretKey {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|e| format!("no OS randomness: {e}"))?;
         let mut buf = plain.to_vec();
-        self.0
+        self.aead
             .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(context.as_bytes()), &mut buf)
             .map_err(|_| "encryption failed".to_string())?;
         let mut out = nonce.to_vec();
@@ -64,12 +73,26 @@ impl SecretKey {
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| "corrupt sealed value")?;
         let mut buf = ct.to_vec();
         let plain = self
-            .0
+            .aead
             .open_in_place(nonce, Aad::from(context.as_bytes()), &mut buf)
             .map_err(|_| "cannot decrypt (wrong key or corrupt value)".to_string())?
             .to_vec();
         zeroize::Zeroize::zeroize(&mut buf);
         Ok(Secret::new(plain))
+    }
+}
+
+impl SecretKey {
+    /// HMAC-SHA256 of `parts` (each length-prefixed) under a key derived from this one:
+    /// the same on every node with the same `secret.key`, and nothing an attacker who
+    /// reads the database can test password guesses against.
+    pub fn tag(&self, parts: &[&[u8]]) -> Vec<u8> {
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.tags);
+        for p in parts {
+            ctx.update(&(p.len() as u64).to_be_bytes());
+            ctx.update(p);
+        }
+        ctx.sign().as_ref().to_vec()
     }
 }
 

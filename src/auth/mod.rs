@@ -355,6 +355,13 @@ impl Authenticator {
         self
     }
 
+    /// Keeps the failure counts in `store` when several nodes share it (see
+    /// [`throttle::Throttle::share`]).
+    pub fn with_shared_failure_counts(self, key: Arc<crate::auth::crypto::SecretKey>) -> Authenticator {
+        self.throttle.share(self.store.clone(), key);
+        self
+    }
+
     /// Records a refused guess (wrong password or app password) of `username` from `ip`
     /// and returns how long to wait before answering (SECURITY.md §H).
     pub fn failure_delay(&self, ip: IpAddr, username: &str, secret: &[u8]) -> Duration {

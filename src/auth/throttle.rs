@@ -8,11 +8,17 @@
 //!   each, up to 30 s). The persistent count that locks an account lives in the store
 //!   (`Account::failed_logins`), so it survives a restart; this one is in memory.
 //!
+//! With a store shared by several nodes ([`Throttle::share`]), both counts are kept in the
+//! store, so guesses spread over the nodes meet the penalty guesses sent to one would;
+//! if the store cannot be reached, each node's own count is used meanwhile.
+//!
 //! Nothing here sleeps: callers ask for the delay and wait themselves.
 
+use crate::auth::crypto::SecretKey;
+use crate::store::Store;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// An address's penalty is forgotten after this long without failures (Dovecot: 1 h).
@@ -42,6 +48,13 @@ pub struct Throttle {
     max: Duration,
     key: aws_lc_rs::hmac::Key,
     map: Mutex<HashMap<Key, Entry>>,
+    shared: OnceLock<Shared>,
+}
+
+/// Counts in a store shared by the nodes; tags under a key all nodes have.
+struct Shared {
+    store: Arc<dyn Store>,
+    key: Arc<SecretKey>,
 }
 
 impl std::fmt::Debug for Throttle {
@@ -71,6 +84,39 @@ impl Throttle {
             max: max.max(base),
             key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k),
             map: Mutex::new(HashMap::new()),
+            shared: OnceLock::new(),
+        }
+    }
+
+    /// Keeps the counts in `store` if it is shared by several nodes (else nothing changes).
+    /// `key` (the nodes' common `secret.key`) makes the tags of failed secrets.
+    pub fn share(&self, store: Arc<dyn Store>, key: Arc<SecretKey>) {
+        if store.failure_counts().is_some() {
+            let _ = self.shared.set(Shared { store, key });
+        }
+    }
+
+    /// The shared counts of this failure (address, account), if the store answers.
+    fn count_shared(&self, ip: IpAddr, username: &str, secret: &[u8]) -> Option<(u32, u32)> {
+        let shared = self.shared.get()?;
+        let counts = shared.store.failure_counts()?;
+        let tag = shared.key.tag(&[username.as_bytes(), secret]);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+        match counts.count_failures(&shared_keys(ip, Some(username)), &tag, now, FORGET_AFTER.as_secs()) {
+            Ok(c) => Some((*c.first()?, *c.get(1)?)),
+            Err(e) => {
+                tracing::warn!(error = %e, "shared failure counts unavailable; counting on this node");
+                None
+            }
+        }
+    }
+
+    fn clear_shared(&self, keys: Vec<String>) {
+        if self.base.is_zero() {
+            return;
+        }
+        if let Some(counts) = self.shared.get().and_then(|s| s.store.failure_counts()) {
+            counts.clear_failures(keys);
         }
     }
 
@@ -113,12 +159,16 @@ impl Throttle {
             e.last_tag = Some(tag.clone());
             e.failures
         };
-        let ip_failures = bump(Key::Ip(ip_key(ip)), false);
-        let user_failures = bump(Key::User(username.to_string()), false);
+        let mut ip_failures = bump(Key::Ip(ip_key(ip)), false);
+        let mut user_failures = bump(Key::User(username.to_string()), false);
+        drop(m);
         if self.base.is_zero() {
             // `auth_failure_delay_ms = 0` turns every delay off (the stored lock at
             // MAX_FAILED_LOGINS still applies).
             return Duration::ZERO;
+        }
+        if let Some((ip_shared, user_shared)) = self.count_shared(ip, username, secret) {
+            (ip_failures, user_failures) = (ip_shared, user_shared);
         }
         self.ip_delay(ip_failures).max(account_delay(user_failures))
     }
@@ -129,6 +179,7 @@ impl Throttle {
             m.remove(&Key::Ip(ip_key(ip)));
             m.remove(&Key::User(username.to_string()));
         }
+        self.clear_shared(shared_keys(ip, Some(username)));
     }
 
     /// Clears an account's in-memory count (admin unlock).
@@ -136,6 +187,7 @@ impl Throttle {
         if let Ok(mut m) = self.map.lock() {
             m.remove(&Key::User(username.to_string()));
         }
+        self.clear_shared(vec![format!("user:{username}")]);
     }
 
     /// base × 2^(n−1), capped.
@@ -146,6 +198,11 @@ impl Throttle {
         let factor = 1u32 << (failures - 1).min(16);
         self.base.saturating_mul(factor).min(self.max)
     }
+}
+
+/// The keys of the shared counts: the throttled address, then the account.
+fn shared_keys(ip: IpAddr, username: Option<&str>) -> Vec<String> {
+    std::iter::once(format!("ip:{}", ip_key(ip))).chain(username.map(|u| format!("user:{u}"))).collect()
 }
 
 fn account_delay(failures: u32) -> Duration {

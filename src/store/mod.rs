@@ -309,6 +309,24 @@ pub trait Store: Send + Sync {
     fn web_sessions(&self) -> Option<&dyn SharedWebSessions> {
         None
     }
+    /// Failure counts (per-address penalties, per-account delays) kept in the store for
+    /// every node sharing it. `None` for the embedded store: its one node counts in memory.
+    fn failure_counts(&self) -> Option<&dyn SharedFailureCounts> {
+        None
+    }
+}
+
+/// Failure counts in a store shared by several nodes, so that guesses spread over the
+/// nodes meet the same penalty as guesses sent to one (SECURITY.md §H).
+pub trait SharedFailureCounts: Send + Sync {
+    /// Counts one failure under each key (an address, an account) and returns the counts,
+    /// in order. A failure with the same `tag` as the key's last one (a mail app retrying
+    /// the same wrong password) does not raise its count; a count whose last failure is
+    /// `forget_after` seconds old starts again. Counts that old are purged.
+    fn count_failures(&self, keys: &[String], tag: &[u8], now: u64, forget_after: u64) -> Result<Vec<u32>, StoreError>;
+    /// Clears counts (a success, an admin unlock). May return before the change is
+    /// written.
+    fn clear_failures(&self, keys: Vec<String>);
 }
 
 /// A web session as a shared store keeps it (see `web::WebSessions`).

@@ -12,6 +12,9 @@
 //! * `web_sessions(key PK, sealed, username, anonymous, last_seen, expires_at, version)`:
 //!   the web step's sessions, so any node serves any request ([`SharedWebSessions`]);
 //!   `key` is a hash of the session id, `sealed` the state sealed with `secret.key`.
+//! * `failure_counts(key PK, failures, last_at, last_tag)`: per-address and per-account
+//!   failure counts for the login delays ([`SharedFailureCounts`]); `last_tag` is an HMAC
+//!   under a key derived from `secret.key`, never a hash of the password alone.
 //!
 //! Every change is committed before the call returns (PostgreSQL's commit is durable with
 //! the default `synchronous_commit`). Session-ending events are sent with `NOTIFY` on the
@@ -76,7 +79,14 @@ const MIGRATIONS: &[(i32, &str)] = &[
     );
     CREATE INDEX web_sessions_by_user ON web_sessions (username);
     CREATE INDEX web_sessions_by_expiry ON web_sessions (expires_at);
-    CREATE INDEX web_sessions_anonymous ON web_sessions (last_seen) WHERE anonymous;",
+    CREATE INDEX web_sessions_anonymous ON web_sessions (last_seen) WHERE anonymous;
+    CREATE TABLE failure_counts (
+        key text PRIMARY KEY,
+        failures integer NOT NULL,
+        last_at bigint NOT NULL,
+        last_tag bytea NOT NULL
+    );
+    CREATE INDEX failure_counts_by_age ON failure_counts (last_at);",
     ),
 ];
 
@@ -601,6 +611,10 @@ impl Store for PgStore {
     fn web_sessions(&self) -> Option<&dyn SharedWebSessions> {
         Some(self)
     }
+
+    fn failure_counts(&self) -> Option<&dyn SharedFailureCounts> {
+        Some(self)
+    }
 }
 
 fn secs(t: u64) -> i64 {
@@ -719,5 +733,51 @@ impl SharedWebSessions for PgStore {
                 .map_err(pg)?;
             Ok(())
         })
+    }
+}
+
+impl SharedFailureCounts for PgStore {
+    fn count_failures(&self, keys: &[String], tag: &[u8], now: u64, forget_after: u64) -> Result<Vec<u32>, StoreError> {
+        let (keys, tag) = (keys.to_vec(), tag.to_vec());
+        let (now, forget) = (secs(now), secs(forget_after));
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            c.execute("DELETE FROM failure_counts WHERE last_at <= $1::bigint - $2::bigint", &[&now, &forget])
+                .await
+                .map_err(pg)?;
+            let mut counts = Vec::with_capacity(keys.len());
+            for key in &keys {
+                let row = c
+                    .query_one(
+                        "INSERT INTO failure_counts AS f (key, failures, last_at, last_tag) VALUES ($1, 1, $2, $3) \
+                         ON CONFLICT (key) DO UPDATE SET \
+                         failures = CASE WHEN f.last_at <= $2::bigint - $4::bigint THEN 1 \
+                                         WHEN f.last_tag = $3 THEN f.failures \
+                                         ELSE f.failures + 1 END, \
+                         last_at = $2, last_tag = $3 \
+                         RETURNING failures",
+                        &[key, &now, &tag, &forget],
+                    )
+                    .await
+                    .map_err(pg)?;
+                counts.push(u32::try_from(row.get::<_, i32>(0)).unwrap_or(0));
+            }
+            Ok(counts)
+        })
+    }
+
+    fn clear_failures(&self, keys: Vec<String>) {
+        // A login does not wait for this: it is sent and done in the background.
+        let Some(rt) = &self.runtime else { return };
+        let pool = self.pool.clone();
+        rt.spawn(async move {
+            let r = async {
+                let c = client(&pool).await?;
+                c.execute("DELETE FROM failure_counts WHERE key = ANY($1)", &[&keys]).await.map_err(pg)
+            };
+            if let Err(e) = tokio::time::timeout(OP_TIMEOUT, r).await.unwrap_or_else(|_| Err(backend("timeout"))) {
+                tracing::warn!(error = %e, "cannot clear failure counts");
+            }
+        });
     }
 }
