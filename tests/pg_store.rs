@@ -189,6 +189,36 @@ fn session_events_reach_the_other_nodes() {
     assert_eq!(got, want);
 }
 
+/// TLS to the database where the URL asks for it, checked against `ca_file`; a server
+/// that only takes TLS refuses a plain connection with its own words.
+#[test]
+fn tls_to_the_database_when_the_url_asks_for_it() {
+    let mut pg = Postgres::start();
+    let ca = pg.require_tls();
+    let url = fresh_db(&pg);
+    let err = |url: &str, ca: Option<&std::path::Path>| match PgStore::open(url, ca) {
+        Ok(_) => panic!("{url} opened"),
+        Err(e) => e.to_string(),
+    };
+    let plain = err(&format!("{url}?sslmode=disable"), None);
+    assert!(plain.contains("no pg_hba.conf entry") && plain.contains("no encryption"), "{plain}");
+    // The server's certificate is not signed by a system root: refused, not trusted blindly.
+    // (Without sslmode, TLS is used when the server offers it: the same check.)
+    for url in [format!("{url}?sslmode=require"), url.clone()] {
+        let unknown = err(&url, None);
+        assert!(unknown.contains("database unavailable") && unknown.contains("UnknownIssuer"), "{unknown}");
+        assert!(unknown.contains("ca_file"), "no hint: {unknown}");
+    }
+    let store = PgStore::open(&format!("{url}?sslmode=require"), Some(&ca)).unwrap_or_else(|e| panic!("{e}"));
+    store.create_account(&suite::account("a@x")).unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let encrypted = pg.psql(&format!(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.usename = 'mailgate' AND a.datname = '{db}' AND s.ssl AND s.version = 'TLSv1.3'"
+    ));
+    assert!(encrypted.trim().parse::<u32>().unwrap() >= 1, "no TLS 1.3 connection from mailgate: {encrypted}");
+}
+
 /// Failure counts are in the database: guesses from one address spread over two nodes
 /// meet the doubling penalty that guesses sent to one node meet (SECURITY.md §H).
 #[test]

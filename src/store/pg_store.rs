@@ -98,8 +98,26 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
     // The database's own message, never the connection string.
     match e.as_db_error() {
         Some(db) => StoreError::Backend(format!("database: {}", db.message())),
-        None => StoreError::Backend(format!("database unavailable: {e}")),
+        None => StoreError::Backend(format!("database unavailable: {}", unreachable(&e))),
     }
+}
+
+/// Why the database could not be reached, with the causes (a TLS failure says which
+/// check failed) and, for TLS, what to change.
+fn unreachable(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    if text.contains("TLS") {
+        text.push_str(
+            " (the database offered TLS and its certificate was checked: set [store] ca_file to the CA \
+             that signed it, or sslmode=disable in the URL for a database reached without TLS)",
+        );
+    }
+    text
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, StoreError> {
@@ -229,7 +247,7 @@ async fn client(pool: &deadpool_postgres::Pool) -> Result<deadpool_postgres::Obj
         deadpool_postgres::PoolError::Backend(e) => match e.as_db_error() {
             // Refused by the server (password, missing database, permissions): its words.
             Some(db) => StoreError::Backend(format!("database unavailable: {}", db.message())),
-            None => StoreError::Backend(format!("database unavailable: {e}")),
+            None => StoreError::Backend(format!("database unavailable: {}", unreachable(&e))),
         },
         e => StoreError::Backend(format!("database unavailable: {e}")),
     })

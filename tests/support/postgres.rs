@@ -226,6 +226,29 @@ impl Postgres {
         }
     }
 
+    /// Turns TLS on (a certificate for 127.0.0.1 from a fresh test CA) and allows TCP
+    /// connections only over TLS (`hostssl`); restarts. Returns the CA's PEM file.
+    pub fn require_tls(&mut self) -> PathBuf {
+        let (uid, gid) = postgres_ids();
+        let pki = super::pki::make(self.dir.path(), "postgres", &["127.0.0.1", "localhost"]);
+        for f in [&pki.cert, &pki.key, &pki.ca] {
+            chown(f, uid, gid);
+        }
+        set_mode(&pki.key, 0o600);
+        let conf_path = self.data_dir().join("postgresql.conf");
+        let mut conf = fs::read_to_string(&conf_path).unwrap();
+        conf.push_str(&format!(
+            "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            pki.cert.display(),
+            pki.key.display()
+        ));
+        write_as_postgres(&conf_path, &conf);
+        let hba = "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n";
+        write_as_postgres(&self.data_dir().join("pg_hba.conf"), hba);
+        self.restart();
+        pki.ca
+    }
+
     fn bin_cmd(&self, name: &str) -> Command {
         let mut cmd = Command::new(pg_bin().join(name));
         clean_env(&mut cmd);
