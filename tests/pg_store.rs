@@ -289,6 +289,7 @@ mod two_nodes {
     use crate::support::dovecot::{Dovecot, DovecotOptions};
     use crate::support::haproxy::Haproxy;
     use crate::support::mailgate::{Mailgate, Options, webclient};
+    use base64::Engine as _;
     use std::time::{SystemTime, UNIX_EPOCH};
 
     fn node(dovecot: &Dovecot, url: &str) -> Mailgate {
@@ -314,6 +315,69 @@ mod two_nodes {
 
     fn login(c: &mut Client, secret: &str) -> String {
         c.cmd("l", &format!("LOGIN alice@example.com \"{secret}\"")).last().unwrap().clone()
+    }
+
+    /// A database outage while a node runs: IMAP logins get `NO [UNAVAILABLE]`, SMTP AUTH
+    /// `454 4.7.0`, the web step a "try again" page — never a login let through, also
+    /// for an app password the node verified a moment before — and all work again when
+    /// the database is back.
+    #[test]
+    fn a_database_outage_refuses_logins_and_they_work_again() {
+        use crate::support::submission::{Submission, SubmissionOptions};
+        let mut pg = Postgres::start();
+        let url = fresh_db(&pg);
+        let dovecot = Dovecot::start(DovecotOptions::default());
+        let sub = Submission::start(SubmissionOptions::default());
+        let mg = Mailgate::start(Options {
+            upstream: format!("127.0.0.1:{}", dovecot.port),
+            smtp_upstream: format!("127.0.0.1:{}", sub.port),
+            master_password: "master-password".into(),
+            limits: "auth_failure_delay_ms = 0\n".into(),
+            extra_sections: format!("[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n"),
+            ..Options::default()
+        });
+        mg.add_user("alice@example.com", "alice-account-pw");
+        let app = mg.app_password("alice@example.com", "laptop", "imap,smtp");
+        let imap = |secret: &str| {
+            let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+            assert!(c.line().starts_with("* OK"));
+            login(&mut c, secret)
+        };
+        let smtp_auth = |secret: &str| {
+            let mut c = Client::tls(mg.smtps, tls_config(&mg.ca, &["smtp"])).unwrap();
+            assert!(c.line().starts_with("220 "));
+            c.send(b"EHLO x\r\n");
+            while !c.line().starts_with("250 ") {}
+            let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0alice@example.com\0{secret}"));
+            c.send(format!("AUTH PLAIN {plain}\r\n").as_bytes());
+            c.line()
+        };
+        assert!(imap(&app).starts_with("l OK"), "{}", mg.log());
+        assert!(smtp_auth(&app).starts_with("235 "));
+
+        pg.stop();
+        let started = Instant::now();
+        for secret in [app.as_str(), "wrong-password", "alice-account-pw"] {
+            let r = imap(secret);
+            assert!(r.starts_with("l NO [UNAVAILABLE]"), "{secret}: {r}");
+            let r = smtp_auth(secret);
+            assert!(r.starts_with("454 4.7.0"), "{secret}: {r}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+        let page = webclient(mg.web.port(), &mg.ca, "alice@example.com", "alice-account-pw", &["signin"]);
+        let page = page.expect_err("the web step worked without its database");
+        assert!(page.contains("GET /login: 503"), "{page}");
+
+        pg.restart();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !imap(&app).starts_with("l OK") {
+            assert!(Instant::now() < deadline, "logins did not come back\n{}", mg.log());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert!(smtp_auth(&app).starts_with("235 "));
+        assert!(imap("wrong-password").starts_with("l NO [AUTHENTICATIONFAILED]"));
+        let got = mg.web("alice@example.com", "alice-account-pw", &["signin"]);
+        assert_eq!(got["signin"][1], "/app-passwords");
     }
 
     #[test]

@@ -384,7 +384,19 @@ pub(super) async fn style() -> Response {
 }
 
 pub(super) async fn login_form(State(web): W, headers: HeaderMap) -> Response {
-    let Some((ctx, new)) = web.load_or_create(&headers) else { return web.error("Too many sessions; try later.") };
+    let Some((ctx, new)) = web.load_or_create(&headers) else {
+        // Too many sessions, or the shared store is unreachable.
+        return html(
+            MessagePage {
+                host: web.host(),
+                heading: "Try again in a minute",
+                text: "Signing in is not possible right now. Try again in a minute.",
+                link: "/login",
+                link_text: "Try again",
+            },
+            StatusCode::SERVICE_UNAVAILABLE,
+        );
+    };
     if let Stage::SignedIn { .. } = ctx.stage {
         return redirect("/app-passwords");
     }
