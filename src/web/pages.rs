@@ -290,6 +290,20 @@ impl Web {
         )
     }
 
+    /// Something needed is not there right now (the store, a hashing thread).
+    fn unavailable(&self) -> Response {
+        html(
+            MessagePage {
+                host: self.host(),
+                heading: "Try again in a minute",
+                text: "Signing in is not possible right now. Try again in a minute.",
+                link: "/login",
+                link_text: "Try again",
+            },
+            StatusCode::SERVICE_UNAVAILABLE,
+        )
+    }
+
     fn audit(&self, username: &str, kind: &str, detail: String) {
         admin::audit_event(self.auth.store().as_ref(), username, kind, detail);
     }
@@ -384,19 +398,8 @@ pub(super) async fn style() -> Response {
 }
 
 pub(super) async fn login_form(State(web): W, headers: HeaderMap) -> Response {
-    let Some((ctx, new)) = web.load_or_create(&headers) else {
-        // Too many sessions, or the shared store is unreachable.
-        return html(
-            MessagePage {
-                host: web.host(),
-                heading: "Try again in a minute",
-                text: "Signing in is not possible right now. Try again in a minute.",
-                link: "/login",
-                link_text: "Try again",
-            },
-            StatusCode::SERVICE_UNAVAILABLE,
-        );
-    };
+    // None: too many sessions, or the shared store is unreachable.
+    let Some((ctx, new)) = web.load_or_create(&headers) else { return web.unavailable() };
     if let Stage::SignedIn { .. } = ctx.stage {
         return redirect("/app-passwords");
     }
@@ -476,23 +479,64 @@ fn locked(web: &Web, username: &str) -> Option<Response> {
     })
 }
 
-fn pending(ctx: &Option<Ctx>) -> Option<(&Ctx, String)> {
-    match ctx {
-        Some(c @ Ctx { stage: Stage::SecondFactor { username, .. }, .. }) => Some((c, username.clone())),
-        _ => None,
-    }
+/// A sign-in waiting for its second factor, and its account.
+fn pending(ctx: Option<Ctx>) -> Option<(Ctx, String)> {
+    let ctx = ctx?;
+    let Stage::SecondFactor { username, .. } = &ctx.stage else { return None };
+    let username = username.clone();
+    Some((ctx, username))
+}
+
+fn second_factor_form(web: &Web, headers: &HeaderMap, backup: bool) -> Response {
+    let Some((ctx, _)) = pending(web.load(headers)) else { return redirect("/login") };
+    html(SecondFactorPage { host: web.host(), csrf: &ctx.csrf, error: None, backup }, StatusCode::OK)
 }
 
 pub(super) async fn totp_form(State(web): W, headers: HeaderMap) -> Response {
-    let ctx = web.load(&headers);
-    let Some((ctx, _)) = pending(&ctx) else { return redirect("/login") };
-    html(SecondFactorPage { host: web.host(), csrf: &ctx.csrf, error: None, backup: false }, StatusCode::OK)
+    second_factor_form(&web, &headers, false)
 }
 
 pub(super) async fn backup_form(State(web): W, headers: HeaderMap) -> Response {
-    let ctx = web.load(&headers);
-    let Some((ctx, _)) = pending(&ctx) else { return redirect("/login") };
-    html(SecondFactorPage { host: web.host(), csrf: &ctx.csrf, error: None, backup: true }, StatusCode::OK)
+    second_factor_form(&web, &headers, true)
+}
+
+/// A second-factor form sent: the pending sign-in and its account, unless the form is
+/// refused (no pending sign-in, a forged form, a locked second factor).
+fn second_factor_post(
+    web: &Web,
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+) -> Result<(Ctx, String), Response> {
+    let Some((ctx, username)) = pending(web.load(headers)) else { return Err(redirect("/login")) };
+    web.check_post(headers, &ctx, form)?;
+    if let Some(r) = locked(web, &username) {
+        return Err(r);
+    }
+    Ok((ctx, username))
+}
+
+/// What a TOTP or backup code came to: signed in (with the backup codes left, for a
+/// backup code), a wrong code (counted), or no answer from the store ("try again";
+/// nothing counted).
+async fn second_factor_outcome(
+    web: &Web,
+    (ctx, username): (Ctx, String),
+    ip: IpAddr,
+    typed: &[u8],
+    backup: bool,
+    result: Result<Option<usize>, StoreError>,
+) -> Response {
+    match result {
+        Ok(left) => {
+            if let Some(left) = left {
+                web.audit(&username, "backup_code_used", format!("{left} left"));
+                web.set_notice(&ctx.id, format!("You signed in with a backup code. {left} backup codes are left."));
+            }
+            web.complete_sign_in(&ctx, &username)
+        }
+        Err(StoreError::Backend(_)) => web.unavailable(),
+        Err(_) => web.wrong_code(&ctx, &username, backup, ip, typed).await,
+    }
 }
 
 pub(super) async fn totp(
@@ -501,22 +545,17 @@ pub(super) async fn totp(
     headers: HeaderMap,
     Form(form): Fields,
 ) -> Response {
-    let ip = client_ip(&ip);
-    let ctx = web.load(&headers);
-    let Some((ctx, username)) = pending(&ctx) else { return redirect("/login") };
-    if let Err(r) = web.check_post(&headers, ctx, &form) {
-        return r;
-    }
-    if let Some(r) = locked(&web, &username) {
-        return r;
-    }
+    let pending = match second_factor_post(&web, &headers, &form) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
     let code: String = form.get("code").map(|c| c.chars().filter(|c| !c.is_whitespace()).collect()).unwrap_or_default();
     let now = web.now();
     let key = web.key.clone();
-    let user = username.clone();
+    let user = pending.1.clone();
     // Verify and move the last accepted step forward in one atomic change: the same code
     // (or an earlier one) never works twice, and of two concurrent submissions one wins.
-    let accepted = web.auth.store().update_account(&username, &mut |a: &mut Account| {
+    let accepted = web.auth.store().update_account(&user, &mut |a: &mut Account| {
         let Some(t) = a.totp.as_mut() else { return Err(StoreError::Conflict("no TOTP".into())) };
         let secret = key.open(&t.secret_enc, &user).map_err(|_| StoreError::Corrupt("totp secret".into()))?;
         match totp::matching_step(secret.expose(), &code, now) {
@@ -527,10 +566,8 @@ pub(super) async fn totp(
             _ => Err(StoreError::Conflict("wrong code".into())),
         }
     });
-    match accepted {
-        Ok(_) => web.complete_sign_in(ctx, &username),
-        Err(_) => web.wrong_code(ctx, &username, false, ip, code.as_bytes()).await,
-    }
+    let result = accepted.map(|_| None);
+    second_factor_outcome(&web, pending, client_ip(&ip), code.as_bytes(), false, result).await
 }
 
 pub(super) async fn backup(
@@ -539,20 +576,15 @@ pub(super) async fn backup(
     headers: HeaderMap,
     Form(form): Fields,
 ) -> Response {
-    let ip = client_ip(&ip);
-    let ctx = web.load(&headers);
-    let Some((ctx, username)) = pending(&ctx) else { return redirect("/login") };
-    if let Err(r) = web.check_post(&headers, ctx, &form) {
-        return r;
-    }
-    if let Some(r) = locked(&web, &username) {
-        return r;
-    }
+    let pending = match second_factor_post(&web, &headers, &form) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
     let code = SecretString::from(form.get("code").cloned().unwrap_or_default());
     let typed = SecretString::from(code.expose().clone());
     let store = web.auth.store().clone();
-    let user = username.clone();
-    let used = web
+    let user = pending.1.clone();
+    let result = web
         .auth
         .run_blocking(move || {
             let mut left = 0;
@@ -565,18 +597,11 @@ pub(super) async fn backup(
                     Err(StoreError::Conflict("wrong code".into()))
                 }
             });
-            r.ok().map(|_| left)
+            r.map(|_| Some(left))
         })
         .await
-        .flatten();
-    match used {
-        Some(left) => {
-            web.audit(&username, "backup_code_used", format!("{left} left"));
-            web.set_notice(&ctx.id, format!("You signed in with a backup code. {left} backup codes are left."));
-            web.complete_sign_in(ctx, &username)
-        }
-        None => web.wrong_code(ctx, &username, true, ip, typed.expose().as_bytes()).await,
-    }
+        .unwrap_or_else(|| Err(StoreError::Backend("the hashing queue is full".into())));
+    second_factor_outcome(&web, pending, client_ip(&ip), typed.expose().as_bytes(), true, result).await
 }
 
 pub(super) async fn logout(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
