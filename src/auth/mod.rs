@@ -761,7 +761,14 @@ fn decide_account(
     if let Some((id, normalized)) = app_password::parse(password.expose()) {
         match store.get_app_password(&id) {
             Ok(Some(rec)) if rec.username == account.username => {
-                if !password::verify(normalized.expose().as_bytes(), &rec.hash) {
+                // A burst of connections with the same new app password (a client opening
+                // its folders, or many clients at once) queues one check each; the first
+                // to finish remembers it, and the rest are served from the cache here
+                // instead of each costing an argon2 hash.
+                let parts = [normalized.expose().as_bytes(), rec.hash.as_bytes()];
+                let verified = cache.is_some_and(|c| c.hit_parts(&account.username, &parts))
+                    || password::verify(normalized.expose().as_bytes(), &rec.hash);
+                if !verified {
                     audit("login_failed", who);
                     return Verdict::Denied;
                 }
@@ -770,7 +777,7 @@ fn decide_account(
                     return Verdict::Denied;
                 }
                 if let Some(cache) = cache {
-                    cache.remember_parts(&account.username, &[normalized.expose().as_bytes(), rec.hash.as_bytes()]);
+                    cache.remember_parts(&account.username, &parts);
                 }
                 return grant_app_password(store, account, rec, protocol, peer, audit);
             }
@@ -974,6 +981,29 @@ mod tests {
         assert!(matches!(auth.verify(&creds("a@x", &good), Protocol::Imap, &peer()).await, Verdict::Denied));
         let used = store.recent_audit("a@x", 100).unwrap();
         assert!(used.iter().filter(|e| e.kind == "login").count() >= 4, "cached logins are audited");
+    }
+
+    /// Many connections at once with the same new app password (a mail client opening
+    /// its folders) cost one argon2 hash, not one each: the checks queued behind the first
+    /// find it remembered.
+    #[tokio::test]
+    async fn a_burst_with_one_new_app_password_costs_one_hash() {
+        let (_dir, s, good) = setup();
+        let store: Arc<dyn Store> = Arc::new(s);
+        let auth = Authenticator::new(store, 1).with_verify_cache(Duration::from_secs(60));
+        let hashes = || auth.run_blocking(password::evaluations_on_this_thread);
+        let before = hashes().await.unwrap();
+        let logins: Vec<_> = (0..16)
+            .map(|_| {
+                let auth = auth.clone();
+                let c = Credentials { username: "a@x".into(), password: pw(&good) };
+                tokio::spawn(async move { auth.verify(&c, Protocol::Imap, &peer()).await })
+            })
+            .collect();
+        for l in logins {
+            assert!(matches!(l.await.unwrap(), Verdict::Granted(_)));
+        }
+        assert_eq!(hashes().await.unwrap() - before, 1);
     }
 
     /// 200 logins with random passwords at once: never more hashes at once than the
