@@ -371,6 +371,9 @@ auth_mechanisms = plain login
             write_maildir(f"{d}/home/{u}", messages[:IDLE_MSGS], uid, gid)
         plain, tls = free_port(), free_port()
         self.ports["backend_plain"], self.ports["dovecot"] = plain, tls
+        # --dovecot-imap-reuse: imap processes serve one session after another instead of one
+        # process per session (all mailboxes belong to one uid here), a much cheaper backend login.
+        imap_reuse = "  service_count = 0\n  process_min_avail = 16\n" if self.args.dovecot_imap_reuse else ""
         conf = f"""# mailgate bench backend (generated)
 {self.dovecot_head(d, f"mgbench-backend-{plain}")}auth_master_user_separator = *
 login_trusted_networks = 127.0.0.0/8
@@ -415,7 +418,7 @@ service imap-login {{
 service imap {{
   process_limit = 6000
   client_limit = 1
-}}
+{imap_reuse}}}
 service anvil {{
   unix_listener anvil-auth-penalty {{
     path = anvil-auth-penalty-disabled
@@ -1133,6 +1136,9 @@ def main():
     ap.add_argument("--retries", type=int, default=1, help="repeats of a disturbed measurement")
     ap.add_argument("--min-idle", type=float, default=90.0, help="quiet wait: idle CPU %% before each measurement")
     ap.add_argument("--quiet-timeout", type=float, default=15.0)
+    ap.add_argument("--dovecot-imap-reuse", action="store_true",
+                    help="the backend Dovecot reuses imap processes (service_count = 0) instead of one per "
+                         "session: a cheaper backend login, for comparison (not the default)")
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--skip", default="", help="comma list of: greeting,bulk,append,logins,cost,idle")
     ap.add_argument("--mailgate", default=os.path.join(REPO, "target/release/mailgate"))
