@@ -60,7 +60,8 @@ fn web_sessions_are_shared_by_the_nodes() {
     let table = pg.psql_db(&db, "SELECT key, sealed FROM web_sessions");
     assert!(!table.contains("JBSWY3DP") && !table.contains(&csrf) && !table.contains(&id), "{table}");
 
-    // The store's side: expired rows go, anonymous ones past the cap go least recent first.
+    // The store's side: when asked to purge, expired rows go, anonymous ones past the cap
+    // go least recent first; without, nothing goes.
     let store = open(&fresh_db(&pg));
     let shared = store.web_sessions().unwrap();
     let row = |anonymous: bool, last_seen: u64, expires_at: u64| WebSessionRow {
@@ -70,10 +71,10 @@ fn web_sessions_are_shared_by_the_nodes() {
         last_seen,
         expires_at,
     };
-    shared.insert_web_session("old", &row(false, 1, 50), 1, 3).unwrap();
-    shared.insert_web_session("signed", &row(false, 1, 500), 1, 3).unwrap();
+    shared.insert_web_session("old", &row(false, 1, 50), 1, Some(3)).unwrap();
+    shared.insert_web_session("signed", &row(false, 1, 500), 1, Some(3)).unwrap();
     for n in 0..5u64 {
-        shared.insert_web_session(&format!("anon{n}"), &row(true, 100 + n, 500), 100, 3).unwrap();
+        shared.insert_web_session(&format!("anon{n}"), &row(true, 100 + n, 500), 100, Some(3)).unwrap();
     }
     let left: Vec<String> = (0..5)
         .map(|n| format!("anon{n}"))
@@ -81,6 +82,12 @@ fn web_sessions_are_shared_by_the_nodes() {
         .filter(|k| shared.get_web_session(k).unwrap().is_some())
         .collect();
     assert_eq!(left, ["anon2", "anon3", "anon4", "signed"]);
+    shared.insert_web_session("unpurged", &row(true, 99, 500), 100, None).unwrap();
+    assert!(shared.get_web_session("unpurged").unwrap().is_some(), "purged without being asked");
+    shared.insert_web_session("anon5", &row(true, 105, 500), 100, Some(3)).unwrap();
+    for (k, kept) in [("unpurged", false), ("anon2", false), ("anon4", true), ("anon5", true)] {
+        assert_eq!(shared.get_web_session(k).unwrap().is_some(), kept, "{k}");
+    }
     let (got, version) = shared.get_web_session("signed").unwrap().unwrap();
     assert_eq!(got, row(false, 1, 500));
     assert!(shared.replace_web_session("signed", version, &row(false, 2, 600)).unwrap());

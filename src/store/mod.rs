@@ -349,15 +349,15 @@ pub struct WebSessionRow {
 /// of a browser (no sticky load balancing needed). Rows are keyed by a hash of the
 /// session id: reading the database does not give anyone a usable cookie.
 pub trait SharedWebSessions: Send + Sync {
-    /// Adds a session. Sessions expired at `now` are purged, and the least recently seen
-    /// anonymous ones beyond `max_anonymous` (a flood of sign-in page visits can never
-    /// crowd out signed-in people).
+    /// Adds a session. With `purge` (callers ask every so often, it costs a scan), sessions
+    /// expired at `now` are deleted first, and the least recently seen anonymous ones beyond
+    /// `max_anonymous` (a flood of sign-in page visits can never crowd out signed-in people).
     fn insert_web_session(
         &self,
         key: &str,
         row: &WebSessionRow,
         now: u64,
-        max_anonymous: usize,
+        purge: Option<usize>,
     ) -> Result<(), StoreError>;
     /// A session and its version (which counts its changes).
     fn get_web_session(&self, key: &str) -> Result<Option<(WebSessionRow, i64)>, StoreError>;

@@ -645,14 +645,14 @@ impl SharedWebSessions for PgStore {
         key: &str,
         row: &WebSessionRow,
         now: u64,
-        max_anonymous: usize,
+        purge: Option<usize>,
     ) -> Result<(), StoreError> {
         let (key, row) = (key.to_string(), row.clone());
-        let keep = i64::try_from(max_anonymous.saturating_sub(1)).unwrap_or(i64::MAX);
         self.run(|pool| async move {
             let c = client(&pool).await?;
-            c.execute("DELETE FROM web_sessions WHERE expires_at < $1", &[&secs(now)]).await.map_err(pg)?;
-            if row.anonymous {
+            if let Some(max_anonymous) = purge {
+                let keep = i64::try_from(max_anonymous.saturating_sub(1)).unwrap_or(i64::MAX);
+                c.execute("DELETE FROM web_sessions WHERE expires_at < $1", &[&secs(now)]).await.map_err(pg)?;
                 c.execute(
                     "DELETE FROM web_sessions WHERE key IN (SELECT key FROM web_sessions WHERE anonymous \
                      ORDER BY last_seen DESC OFFSET $1)",

@@ -6,6 +6,7 @@ use crate::store::{Store, WebSessionRow};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -117,6 +118,10 @@ const TOUCH_SECS: u64 = 30;
 /// Rounds of read-change-compare-and-set when requests of one browser change its
 /// session at the same time.
 const CAS_ROUNDS: usize = 16;
+/// A shared store purges expired sessions and caps anonymous ones on one new session in
+/// this many (the cap query scans the anonymous sessions), so between purges each node may
+/// add this many more than [`MAX_ANONYMOUS`].
+const PURGE_EVERY: u64 = 32;
 /// Associated data of a sealed session.
 const SEAL_CONTEXT: &str = "mailgate web session";
 
@@ -129,7 +134,7 @@ pub struct WebSessions {
 
 enum Backend {
     Memory(Mutex<HashMap<String, WebSession>>),
-    Shared { store: Arc<dyn Store>, key: Arc<SecretKey> },
+    Shared { store: Arc<dyn Store>, key: Arc<SecretKey>, creates: AtomicU64 },
 }
 
 impl Default for WebSessions {
@@ -143,7 +148,7 @@ impl WebSessions {
     /// seals what a shared store keeps.
     pub fn new(store: Arc<dyn Store>, key: Arc<SecretKey>) -> WebSessions {
         if store.web_sessions().is_some() {
-            WebSessions { backend: Backend::Shared { store, key } }
+            WebSessions { backend: Backend::Shared { store, key, creates: AtomicU64::new(0) } }
         } else {
             WebSessions::default()
         }
@@ -171,10 +176,11 @@ impl WebSessions {
                 }
                 m.insert(id.clone(), session);
             }
-            Backend::Shared { store, key } => {
+            Backend::Shared { store, key, creates } => {
                 let row = seal(key, &session)?;
                 let shared = store.web_sessions()?;
-                if let Err(e) = shared.insert_web_session(&row_key(&id), &row, now, MAX_ANONYMOUS) {
+                let purge = (creates.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == 0).then_some(MAX_ANONYMOUS);
+                if let Err(e) = shared.insert_web_session(&row_key(&id), &row, now, purge) {
                     tracing::warn!(error = %e, "cannot store a web session");
                     return None;
                 }
@@ -198,7 +204,7 @@ impl WebSessions {
                 s.last_seen = now;
                 return Some(f(s));
             }
-            Backend::Shared { store, key } => (store, key),
+            Backend::Shared { store, key, .. } => (store, key),
         };
         let shared = store.web_sessions()?;
         let row_key = row_key(id);
