@@ -305,7 +305,7 @@ mod two_nodes {
             master_password: "master-password".into(),
             limits: "auth_failure_delay_ms = 0\nip_penalty_max_ms = 0\n".into(),
             extra_sections: format!(
-                "[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n[proxy_protocol]\nimap = true\ntrusted = [\"127.0.0.1\"]\n"
+                "[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n[proxy_protocol]\nimap = true\nsmtp = true\nweb = true\ntrusted = [\"127.0.0.1\"]\n"
             ),
             ..Options::default()
         })
@@ -404,7 +404,28 @@ mod two_nodes {
         let key = "data/secret.key";
         std::fs::copy(a.dir.path().join(key), b.dir.path().join(key)).unwrap();
         b.restart();
-        let lb = Haproxy::start(&[(0, vec![a.imaps], true), (0, vec![b.imaps], true), (0, vec![a.web, b.web], false)]);
+        // Frontends: 0 IMAPS → A, 1 IMAPS → B, 2 web → A and B in turn, 3 web → A, 4 web → B,
+        // 5 SMTPS → A; all with PROXY v2, as in docs/multi-node.md.
+        let lb = Haproxy::start(&[
+            (0, vec![a.imaps], true),
+            (0, vec![b.imaps], true),
+            (0, vec![a.web, b.web], true),
+            (0, vec![a.web], true),
+            (0, vec![b.web], true),
+            (0, vec![a.smtps], true),
+        ]);
+        // Every listener takes connections from the load balancer only, with the header.
+        for (addr, alpn) in [(a.imaps, "imap"), (a.web, "http/1.1"), (a.smtps, "smtp")] {
+            let direct = Client::tls(addr, tls_config(&a.ca, &[alpn])).map(|mut c| {
+                if alpn == "http/1.1" {
+                    c.send(b"GET /login HTTP/1.1\r\nHost: localhost\r\n\r\n");
+                }
+                c.line_within(Duration::from_secs(2))
+            });
+            assert!(!matches!(direct, Ok(Some(_))), "{alpn} served a direct connection: {direct:?}");
+        }
+        let mut smtp = Client::tls_over(connect_from("127.0.0.9", lb.addr(5)), tls_config(&a.ca, &["smtp"])).unwrap();
+        assert!(smtp.line().starts_with("220 "), "SMTP through the load balancer");
 
         // Made on A (its admin socket), used on B; the client's address travels in the
         // PROXY header to B, to Dovecot and into the app-password list.
@@ -475,9 +496,9 @@ mod two_nodes {
         let wait = step_left() + if step_left() < 10 { 30 } else { 0 };
         std::thread::sleep(Duration::from_secs(wait) + Duration::from_millis(300));
         let code = format!("totp:{secret}");
-        let on_a = web(a.web.port(), &["signin", &code]);
+        let on_a = web(lb.port(3), &["signin", &code]);
         assert_eq!(on_a["totp"], serde_json::json!([303, "/app-passwords"]), "{on_a}");
-        let on_b = web(b.web.port(), &["signin", &code]);
+        let on_b = web(lb.port(4), &["signin", &code]);
         assert_eq!(on_b["signin"][1], "/login/totp");
         assert_ne!(on_b["totp"][1], "/app-passwords", "B accepted the code A had accepted");
 
