@@ -166,30 +166,43 @@ impl PgStore {
         let pool = deadpool_postgres::Pool::builder(manager).max_size(POOL_SIZE).build().map_err(backend)?;
         let (events, _) = tokio::sync::broadcast::channel(1024);
         let store = PgStore { pool, runtime: Some(runtime), events };
-        store.run(|pool| async move { migrate(&pool).await })?;
+        store.run(migrate)?;
         store.listen(config, tls);
         Ok(store)
     }
 
-    /// Runs `f` with the pool on the store's runtime and waits for its result.
+    /// Runs `f` with a connection from the pool on the store's runtime and waits for its
+    /// result, at most [`OP_TIMEOUT`] (waiting for a connection included).
     fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(deadpool_postgres::Pool) -> Fut,
+        F: FnOnce(Client) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let Some(rt) = &self.runtime else { return Err(backend("store closed")) };
-        let fut = f(self.pool.clone());
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let pool = self.pool.clone();
         rt.spawn(async move {
-            let r = match tokio::time::timeout(OP_TIMEOUT, fut).await {
-                Ok(r) => r,
-                Err(_) => Err(backend("database unavailable: no answer in time")),
-            };
-            let _ = tx.send(r);
+            let _ = tx.send(with_client(pool, f).await);
         });
         rx.recv_timeout(OP_TIMEOUT + Duration::from_secs(1))
             .unwrap_or_else(|_| Err(backend("database unavailable: no answer in time")))
+    }
+
+    /// Runs `f` with a connection in the background, for a change nobody waits for; a
+    /// failure is logged as `what`.
+    fn run_in_background<F, Fut>(&self, what: &'static str, f: F)
+    where
+        F: FnOnce(Client) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), StoreError>> + Send + 'static,
+    {
+        let Some(rt) = &self.runtime else { return };
+        let pool = self.pool.clone();
+        rt.spawn(async move {
+            if let Err(e) = with_client(pool, f).await {
+                tracing::warn!(error = %e, "{what}");
+            }
+        });
     }
 
     /// Keeps one connection LISTENing for other nodes' session events (reconnecting
@@ -253,8 +266,23 @@ async fn client(pool: &deadpool_postgres::Pool) -> Result<deadpool_postgres::Obj
     })
 }
 
-async fn migrate(pool: &deadpool_postgres::Pool) -> Result<(), StoreError> {
-    let mut c = client(pool).await?;
+/// A pooled connection.
+type Client = deadpool_postgres::Object;
+
+/// `f` with a connection from `pool`, at most [`OP_TIMEOUT`] (waiting for the connection
+/// included).
+async fn with_client<T, F, Fut>(pool: deadpool_postgres::Pool, f: F) -> Result<T, StoreError>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    match tokio::time::timeout(OP_TIMEOUT, async { f(client(&pool).await?).await }).await {
+        Ok(r) => r,
+        Err(_) => Err(backend("database unavailable: no answer in time")),
+    }
+}
+
+async fn migrate(mut c: Client) -> Result<(), StoreError> {
     let tx = c.transaction().await.map_err(pg)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg)?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS mailgate_schema (version integer NOT NULL)").await.map_err(pg)?;
@@ -291,8 +319,7 @@ fn app_record(data: &str, last_used: Option<String>, id: &str) -> Result<AppPass
 impl Store for PgStore {
     fn get_account(&self, username: &str) -> Result<Option<Account>, StoreError> {
         let username = username.to_string();
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             let row = c.query_opt("SELECT data FROM accounts WHERE username = $1", &[&username]).await.map_err(pg)?;
             row.map(|r| decode(&username, r.get::<_, &str>(0))).transpose()
         })
@@ -308,8 +335,7 @@ impl Store for PgStore {
     fn create_accounts(&self, accounts: &[Account]) -> Result<(), StoreError> {
         let rows: Vec<(String, String)> =
             accounts.iter().map(|a| Ok((a.username.clone(), encode(a)?))).collect::<Result<_, StoreError>>()?;
-        self.run(|pool| async move {
-            let mut c = client(&pool).await?;
+        self.run(move |mut c| async move {
             let tx = c.transaction().await.map_err(pg)?;
             let names: Vec<&str> = rows.iter().map(|(n, _)| n.as_str()).collect();
             let existing = tx
@@ -336,8 +362,7 @@ impl Store for PgStore {
 
     fn put_account(&self, account: &Account) -> Result<(), StoreError> {
         let (name, data) = (account.username.clone(), encode(account)?);
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             let n = c
                 .execute("UPDATE accounts SET data = $2, version = version + 1 WHERE username = $1", &[&name, &data])
                 .await
@@ -356,8 +381,7 @@ impl Store for PgStore {
     ) -> Result<Account, StoreError> {
         for _ in 0..CAS_ROUNDS {
             let name = username.to_string();
-            let current = self.run(|pool| async move {
-                let c = client(&pool).await?;
+            let current = self.run(move |c| async move {
                 let row = c
                     .query_opt("SELECT data, version FROM accounts WHERE username = $1", &[&name])
                     .await
@@ -370,8 +394,7 @@ impl Store for PgStore {
             let mut account: Account = decode(username, &data)?;
             change(&mut account)?;
             let (name, data) = (username.to_string(), encode(&account)?);
-            let swapped = self.run(|pool| async move {
-                let c = client(&pool).await?;
+            let swapped = self.run(move |c| async move {
                 c.execute(
                     "UPDATE accounts SET data = $2, version = version + 1 WHERE username = $1 AND version = $3",
                     &[&name, &data, &version],
@@ -389,8 +412,7 @@ impl Store for PgStore {
 
     fn remove_account(&self, username: &str) -> Result<(), StoreError> {
         let name = username.to_string();
-        self.run(|pool| async move {
-            let mut c = client(&pool).await?;
+        self.run(move |mut c| async move {
             let tx = c.transaction().await.map_err(pg)?;
             let n = tx.execute("DELETE FROM accounts WHERE username = $1", &[&name]).await.map_err(pg)?;
             if n == 0 {
@@ -402,8 +424,7 @@ impl Store for PgStore {
     }
 
     fn list_accounts(&self) -> Result<Vec<Account>, StoreError> {
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             let rows = c.query("SELECT username, data FROM accounts ORDER BY username", &[]).await.map_err(pg)?;
             rows.iter().map(|r| decode(r.get::<_, &str>(0), r.get::<_, &str>(1))).collect()
         })
@@ -415,8 +436,7 @@ impl Store for PgStore {
         let (id, name, key, data) =
             (record.id.clone(), record.username.clone(), label_key(&record.label), encode(&stored)?);
         let label = record.label.clone();
-        self.run(|pool| async move {
-            let mut c = client(&pool).await?;
+        self.run(move |mut c| async move {
             let tx = c.transaction().await.map_err(pg)?;
             // The account row is locked: creations for one account (on any node) queue,
             // so the count and label checks hold.
@@ -456,8 +476,7 @@ impl Store for PgStore {
 
     fn get_app_password(&self, id: &str) -> Result<Option<AppPasswordRecord>, StoreError> {
         let id = id.to_string();
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             let row =
                 c.query_opt("SELECT data, last_used FROM app_passwords WHERE id = $1", &[&id]).await.map_err(pg)?;
             row.map(|r| app_record(r.get(0), r.get(1), &id)).transpose()
@@ -466,8 +485,7 @@ impl Store for PgStore {
 
     fn list_app_passwords(&self, username: &str) -> Result<Vec<AppPasswordRecord>, StoreError> {
         let name = username.to_string();
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             let rows = c
                 .query("SELECT id, data, last_used FROM app_passwords WHERE username = $1", &[&name])
                 .await
@@ -481,8 +499,7 @@ impl Store for PgStore {
 
     fn revoke_app_password(&self, username: &str, id: &str) -> Result<AppPasswordRecord, StoreError> {
         let (name, id) = (username.to_string(), id.to_string());
-        self.run(|pool| async move {
-            let mut c = client(&pool).await?;
+        self.run(move |mut c| async move {
             let tx = c.transaction().await.map_err(pg)?;
             let row = tx
                 .query_opt(
@@ -503,8 +520,7 @@ impl Store for PgStore {
 
     fn record_app_password_use(&self, id: &str, used: &LastUse) -> Result<(), StoreError> {
         let (id, used) = (id.to_string(), encode(used)?);
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             c.execute("UPDATE app_passwords SET last_used = $2 WHERE id = $1", &[&id, &used]).await.map_err(pg)?;
             Ok(())
         })
@@ -512,8 +528,7 @@ impl Store for PgStore {
 
     fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
         let (name, data) = (event.username.clone(), encode(event)?);
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             let row = c
                 .query_one("INSERT INTO audit (username, data) VALUES ($1, $2) RETURNING seq", &[&name, &data])
                 .await
@@ -537,8 +552,7 @@ impl Store for PgStore {
     fn recent_audit(&self, username: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
         let name = username.to_string();
         let limit = limit.min(i64::MAX as usize) as i64;
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             let rows = c
                 .query("SELECT data FROM audit WHERE username = $1 ORDER BY seq DESC LIMIT $2", &[&name, &limit])
                 .await
@@ -554,8 +568,7 @@ impl Store for PgStore {
 
     fn export(&self) -> Result<Dump, StoreError> {
         let accounts = self.list_accounts()?;
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             let rows = c.query("SELECT id, data, last_used FROM app_passwords ORDER BY id", &[]).await.map_err(pg)?;
             let app_passwords =
                 rows.iter().map(|r| app_record(r.get(1), r.get(2), r.get(0))).collect::<Result<Vec<_>, _>>()?;
@@ -570,8 +583,7 @@ impl Store for PgStore {
             return Err(StoreError::Schema { found: dump.schema_version });
         }
         let dump = dump.clone();
-        self.run(|pool| async move {
-            let mut c = client(&pool).await?;
+        self.run(move |mut c| async move {
             let tx = c.transaction().await.map_err(pg)?;
             let any = tx.query_opt("SELECT 1 FROM accounts LIMIT 1", &[]).await.map_err(pg)?;
             if any.is_some() {
@@ -604,21 +616,9 @@ impl Store for PgStore {
 
     fn publish(&self, event: &SessionEvent) {
         // Not awaited: the caller (a web request, an admin command) does not wait for it.
-        let Some(rt) = &self.runtime else { return };
-        let (pool, ev) = (self.pool.clone(), event.clone());
-        rt.spawn(async move {
-            let sent = match tokio::time::timeout(OP_TIMEOUT, async {
-                let c = client(&pool).await?;
-                notify(&c, &ev).await
-            })
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(backend("no answer in time")),
-            };
-            if let Err(e) = sent {
-                tracing::warn!(error = %e, "could not tell the other nodes to end sessions");
-            }
+        let ev = event.clone();
+        self.run_in_background("could not tell the other nodes to end sessions", move |c| async move {
+            notify(&c, &ev).await
         });
     }
 
@@ -648,8 +648,7 @@ impl SharedWebSessions for PgStore {
         purge: Option<usize>,
     ) -> Result<(), StoreError> {
         let (key, row) = (key.to_string(), row.clone());
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             if let Some(max_anonymous) = purge {
                 let keep = i64::try_from(max_anonymous.saturating_sub(1)).unwrap_or(i64::MAX);
                 c.execute("DELETE FROM web_sessions WHERE expires_at < $1", &[&secs(now)]).await.map_err(pg)?;
@@ -674,8 +673,7 @@ impl SharedWebSessions for PgStore {
 
     fn get_web_session(&self, key: &str) -> Result<Option<(WebSessionRow, i64)>, StoreError> {
         let key = key.to_string();
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             let row = c
                 .query_opt(
                     "SELECT sealed, username, anonymous, last_seen, expires_at, version FROM web_sessions \
@@ -699,8 +697,7 @@ impl SharedWebSessions for PgStore {
 
     fn replace_web_session(&self, key: &str, version: i64, row: &WebSessionRow) -> Result<bool, StoreError> {
         let (key, row) = (key.to_string(), row.clone());
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             let n = c
                 .execute(
                     "UPDATE web_sessions SET sealed = $3, username = $4, anonymous = $5, last_seen = $6, \
@@ -723,8 +720,7 @@ impl SharedWebSessions for PgStore {
 
     fn rename_web_session(&self, old: &str, new: &str) -> Result<bool, StoreError> {
         let (old, new) = (old.to_string(), new.to_string());
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             let n = c
                 .execute("UPDATE web_sessions SET key = $2, version = version + 1 WHERE key = $1", &[&old, &new])
                 .await
@@ -735,8 +731,7 @@ impl SharedWebSessions for PgStore {
 
     fn delete_web_session(&self, key: &str) -> Result<(), StoreError> {
         let key = key.to_string();
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             c.execute("DELETE FROM web_sessions WHERE key = $1", &[&key]).await.map_err(pg)?;
             Ok(())
         })
@@ -744,8 +739,7 @@ impl SharedWebSessions for PgStore {
 
     fn delete_web_sessions_of(&self, username: &str, keep: Option<&str>) -> Result<(), StoreError> {
         let (username, keep) = (username.to_string(), keep.map(str::to_string));
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             c.execute("DELETE FROM web_sessions WHERE username = $1 AND key IS DISTINCT FROM $2", &[&username, &keep])
                 .await
                 .map_err(pg)?;
@@ -758,8 +752,7 @@ impl SharedFailureCounts for PgStore {
     fn count_failures(&self, keys: &[String], tag: &[u8], now: u64, forget_after: u64) -> Result<Vec<u32>, StoreError> {
         let (keys, tag) = (keys.to_vec(), tag.to_vec());
         let (now, forget) = (secs(now), secs(forget_after));
-        self.run(|pool| async move {
-            let c = client(&pool).await?;
+        self.run(move |c| async move {
             c.execute("DELETE FROM failure_counts WHERE last_at <= $1::bigint - $2::bigint", &[&now, &forget])
                 .await
                 .map_err(pg)?;
@@ -786,16 +779,9 @@ impl SharedFailureCounts for PgStore {
 
     fn clear_failures(&self, keys: Vec<String>) {
         // A login does not wait for this: it is sent and done in the background.
-        let Some(rt) = &self.runtime else { return };
-        let pool = self.pool.clone();
-        rt.spawn(async move {
-            let r = async {
-                let c = client(&pool).await?;
-                c.execute("DELETE FROM failure_counts WHERE key = ANY($1)", &[&keys]).await.map_err(pg)
-            };
-            if let Err(e) = tokio::time::timeout(OP_TIMEOUT, r).await.unwrap_or_else(|_| Err(backend("timeout"))) {
-                tracing::warn!(error = %e, "cannot clear failure counts");
-            }
+        self.run_in_background("cannot clear failure counts", move |c| async move {
+            c.execute("DELETE FROM failure_counts WHERE key = ANY($1)", &[&keys]).await.map_err(pg)?;
+            Ok(())
         });
     }
 }
