@@ -102,7 +102,7 @@ impl Throttle {
         let counts = shared.store.failure_counts()?;
         let tag = shared.key.tag(&[username.as_bytes(), secret]);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
-        match counts.count_failures(&shared_keys(ip, Some(username)), &tag, now, FORGET_AFTER.as_secs()) {
+        match counts.count_failures(&shared_keys(ip, username), &tag, now, FORGET_AFTER.as_secs()) {
             Ok(c) => Some((*c.first()?, *c.get(1)?)),
             Err(e) => {
                 tracing::warn!(error = %e, "shared failure counts unavailable; counting on this node");
@@ -179,7 +179,7 @@ impl Throttle {
             m.remove(&Key::Ip(ip_key(ip)));
             m.remove(&Key::User(username.to_string()));
         }
-        self.clear_shared(shared_keys(ip, Some(username)));
+        self.clear_shared(shared_keys(ip, username));
     }
 
     /// Clears an account's in-memory count (admin unlock).
@@ -187,7 +187,7 @@ impl Throttle {
         if let Ok(mut m) = self.map.lock() {
             m.remove(&Key::User(username.to_string()));
         }
-        self.clear_shared(vec![format!("user:{username}")]);
+        self.clear_shared(vec![shared_user_key(username)]);
     }
 
     /// base × 2^(n−1), capped.
@@ -201,8 +201,12 @@ impl Throttle {
 }
 
 /// The keys of the shared counts: the throttled address, then the account.
-fn shared_keys(ip: IpAddr, username: Option<&str>) -> Vec<String> {
-    std::iter::once(format!("ip:{}", ip_key(ip))).chain(username.map(|u| format!("user:{u}"))).collect()
+fn shared_keys(ip: IpAddr, username: &str) -> Vec<String> {
+    vec![format!("ip:{}", ip_key(ip)), shared_user_key(username)]
+}
+
+fn shared_user_key(username: &str) -> String {
+    format!("user:{username}")
 }
 
 fn account_delay(failures: u32) -> Duration {
