@@ -126,9 +126,9 @@ impl PostgresUrl {
     pub fn resolve(&self) -> Result<String, String> {
         match self {
             PostgresUrl::Inline(u) => Ok(u.clone()),
-            PostgresUrl::File(p) => std::fs::read_to_string(p)
-                .map(|t| t.lines().next().unwrap_or("").trim().to_string())
-                .map_err(|e| format!("cannot read store.url_file {}: {e}", p.display())),
+            PostgresUrl::File(p) => crate::secret::read_secret_line(p)
+                .map(|u| u.expose().trim().to_string())
+                .map_err(|e| format!("cannot read store.url_file {e}")),
         }
     }
 }
@@ -866,6 +866,24 @@ mod tests {
     fn smtp_accepts_xclient() {
         let c = Config::from_toml_str("[upstream.smtp]\nlogin = \"xclient\"", "t").unwrap();
         assert_eq!(c.upstream_smtp.login, UpstreamLogin::Xclient);
+    }
+
+    #[test]
+    fn the_store_url_comes_from_url_file_without_reaching_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("store-url.secret");
+        std::fs::write(&file, "postgres://mailgate:s3cret@db/mailgate?sslmode=require\r\nignored\n").unwrap();
+        let toml = format!("[store]\nbackend = \"postgres\"\nurl_file = \"{}\"\n", file.display());
+        let c = Config::from_toml_str(&toml, "t").unwrap();
+        let StoreBackend::Postgres { url, .. } = &c.store else { panic!("{:?}", c.store) };
+        assert_eq!(url.resolve().unwrap(), "postgres://mailgate:s3cret@db/mailgate?sslmode=require");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        std::fs::write(&file, "\n").unwrap();
+        assert!(url.resolve().unwrap_err().contains("is empty"));
+        std::fs::remove_file(&file).unwrap();
+        assert!(url.resolve().unwrap_err().starts_with("cannot read store.url_file "));
+        let inline = Config::from_toml_str("[store]\nbackend = \"postgres\"\nurl = \"postgres://u:pw@h/d\"", "t");
+        assert!(!format!("{:?}", inline.unwrap()).contains("pw@"));
     }
 
     #[test]

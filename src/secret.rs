@@ -63,6 +63,17 @@ impl From<String> for SecretString {
     }
 }
 
+/// The first line of a file that holds a secret (a password, a URL with one), without
+/// its line end. An empty first line is an error.
+pub fn read_secret_line(path: &std::path::Path) -> Result<SecretString, String> {
+    let text = SecretString::from(std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?);
+    let line = text.expose().lines().next().unwrap_or("").trim_end_matches('\r').to_string();
+    if line.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(SecretString::from(line))
+}
+
 /// Constant-time equality of two byte strings.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()

@@ -335,12 +335,16 @@ mod two_nodes {
         let url = fresh_db(&pg);
         let dovecot = Dovecot::start(DovecotOptions::default());
         let sub = Submission::start(SubmissionOptions::default());
+        let secrets = tempfile::tempdir().unwrap();
+        let url_file = secrets.path().join("store-url.secret");
+        std::fs::write(&url_file, format!("{url}\n")).unwrap();
         let mg = Mailgate::start(Options {
             upstream: format!("127.0.0.1:{}", dovecot.port),
             smtp_upstream: format!("127.0.0.1:{}", sub.port),
             master_password: "master-password".into(),
             limits: "auth_failure_delay_ms = 0\n".into(),
-            extra_sections: format!("[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n"),
+            // The URL from a file, as docs/multi-node.md advises.
+            extra_sections: format!("[store]\nbackend = \"postgres\"\nurl_file = \"{}\"\n", url_file.display()),
             ..Options::default()
         });
         mg.add_user("alice@example.com", "alice-account-pw");

@@ -54,16 +54,6 @@ pub struct Connector {
     timeout: Duration,
 }
 
-/// Reads the first line of the master password file.
-pub fn read_master_password(path: &std::path::Path) -> Result<SecretString, String> {
-    let text = SecretString::from(std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?);
-    let line = text.expose().lines().next().unwrap_or("").trim_end_matches('\r').to_string();
-    if line.is_empty() {
-        return Err(format!("{} is empty", path.display()));
-    }
-    Ok(SecretString::from(line))
-}
-
 impl Connector {
     /// Builds the connector (TLS client configuration included).
     pub fn new(cfg: &Upstream, timeout: Duration) -> Result<Connector, crate::tls::TlsError> {
@@ -119,7 +109,8 @@ impl Connector {
 
     /// Reads the master password and opens the connection.
     pub async fn connect(&self) -> Result<(MaybeTls, SecretString), UpstreamFailure> {
-        let password = read_master_password(&self.cfg.master_password_file).map_err(UpstreamFailure::MasterPassword)?;
+        let password =
+            crate::secret::read_secret_line(&self.cfg.master_password_file).map_err(UpstreamFailure::MasterPassword)?;
         Ok((self.open_stream().await?, password))
     }
 
