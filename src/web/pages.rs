@@ -181,7 +181,11 @@ impl Web {
     }
 
     fn load(&self, headers: &HeaderMap) -> Option<Ctx> {
-        let id = cookie_id(headers)?;
+        self.ctx(cookie_id(headers)?)
+    }
+
+    /// The session `id`, if it is live.
+    fn ctx(&self, id: String) -> Option<Ctx> {
         self.web_sessions.with(&id, self.now(), |s| Ctx {
             id: id.clone(),
             csrf: s.csrf.clone(),
@@ -195,12 +199,7 @@ impl Web {
             return Some((c, false));
         }
         let id = self.web_sessions.create(self.now())?;
-        let ctx = self.web_sessions.with(&id, self.now(), |s| Ctx {
-            id: id.clone(),
-            csrf: s.csrf.clone(),
-            stage: s.stage.clone(),
-        })?;
-        Some((ctx, true))
+        Some((self.ctx(id)?, true))
     }
 
     fn take_notice(&self, id: &str) -> Option<String> {
