@@ -49,8 +49,6 @@ pub fn initial_account() -> Account {
         totp: Some(TotpState { secret_enc: "sealed-test-secret".into(), enabled_at: 1, last_step: 0 }),
         second_factor_required: true,
         backup_codes: None,
-        second_factor_failures: 0,
-        failed_logins: 0,
         created_at: 1,
         updated_at: 1,
     }

@@ -343,18 +343,17 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
         }
         Request::UserUnlock { email } => {
             let email = check_email(&email)?;
-            let before = need_account(store, &email)?;
-            store
-                .update_account(&email, &mut |a| {
-                    a.failed_logins = 0;
-                    a.second_factor_failures = 0;
-                    Ok(())
-                })
-                .map_err(store_err)?;
+            need_account(store, &email)?;
+            // The account's guess budgets (in the store, shared by the nodes) and, when a
+            // server runs, its in-memory failure delay: the next login is answered at once.
+            match &ctx.hashing {
+                Some(auth) => auth.forget_failures(&email),
+                None => auth::budget::Budgets::clear_account(store, &email),
+            }
+            .map_err(store_err)?;
             audit(store, &email, "account_unlocked", "by admin".into());
             Ok(Response::ok(vec![format!(
-                "unlocked {email} (it had {} failed logins and {} wrong codes in a row)",
-                before.failed_logins, before.second_factor_failures
+                "unlocked {email}: its password and code guess budgets are full again and its failure delay is cleared"
             )]))
         }
         Request::UserRemove { email } => {
@@ -448,7 +447,6 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             let en = auth::totp::enrol(&ctx.key, &ctx.issuer, &email, secret.as_deref())?;
             a.totp = Some(TotpState { secret_enc: en.sealed, enabled_at: now_unix(), last_step: 0 });
             a.second_factor_required = true;
-            a.second_factor_failures = 0;
             a.updated_at = now_unix();
             store.put_account(&a).map_err(store_err)?;
             // Sessions opened with the account password end: from now on it is refused.
@@ -467,7 +465,6 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             a.totp = None;
             a.second_factor_required = false;
             a.backup_codes = None;
-            a.second_factor_failures = 0;
             a.updated_at = now_unix();
             store.put_account(&a).map_err(store_err)?;
             audit(store, &email, "totp_disabled", "by admin".into());

@@ -37,6 +37,8 @@ fn the_store_suite_passes_on_postgres() {
     suite::update_is_check_and_set(open(&url), &[open(&url), open(&url)]);
     let url = fresh_db(&pg);
     suite::concurrent_creation_keeps_the_cap(open(&url), &[open(&url)]);
+    let url = fresh_db(&pg);
+    suite::budgets_are_never_overdrawn(open(&url), &[open(&url), open(&url)]);
 }
 
 /// Web sessions are in the database, so any node serves any request of a browser: the

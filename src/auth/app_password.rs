@@ -37,12 +37,13 @@ pub fn group(s: &str) -> SecretString {
 }
 
 /// Draws `n` symbols uniformly from [`ALPHABET`] with the OS CSPRNG (rejection sampling).
-fn random_symbols(n: usize) -> Result<String, String> {
+/// App passwords and backup codes are made of them.
+pub fn random_chars(n: usize) -> Result<String, getrandom::Error> {
     let mut out = String::with_capacity(n);
     let limit = 256 - (256 % ALPHABET.len()); // 248: keeps the draw uniform
     while out.len() < n {
         let mut bytes = [0u8; 64];
-        getrandom::fill(&mut bytes).map_err(|e| format!("no OS randomness: {e}"))?;
+        getrandom::fill(&mut bytes)?;
         for b in bytes {
             if (b as usize) < limit && out.len() < n {
                 out.push(ALPHABET[b as usize % ALPHABET.len()] as char);
@@ -54,7 +55,7 @@ fn random_symbols(n: usize) -> Result<String, String> {
 
 /// Generates a fresh app password.
 pub fn generate() -> Result<NewAppPassword, String> {
-    let password = random_symbols(LEN)?;
+    let password = random_chars(LEN).map_err(|e| format!("no OS randomness: {e}"))?;
     Ok(NewAppPassword { id: password[..ID_LEN].to_string(), password: password.into() })
 }
 
@@ -114,7 +115,7 @@ mod tests {
 
     #[test]
     fn symbols_are_spread() {
-        let s = random_symbols(31 * 200).unwrap();
+        let s = random_chars(31 * 200).unwrap();
         for c in ALPHABET {
             let n = s.bytes().filter(|b| b == c).count();
             assert!(n > 100 && n < 320, "{} appeared {n} times", *c as char);

@@ -5,8 +5,10 @@
 //!   Repeating the *same* wrong user + secret (a misconfigured client) does not raise it.
 //!   A success from the address clears it; it fades after an hour without failures.
 //! * Per account: consecutive failures also lengthen the wait (after 10, one more second
-//!   each, up to 30 s). The persistent count that locks an account lives in the store
-//!   (`Account::failed_logins`), so it survives a restart; this one is in memory.
+//!   each, up to 30 s).
+//!
+//! These are only delays, so concurrent requests do not wait for each other: what bounds
+//! the number of guesses is [`crate::auth::budget`], taken before a guess is compared.
 //!
 //! With a store shared by several nodes ([`Throttle::share`]), both counts are kept in the
 //! store, so guesses spread over the nodes meet the penalty guesses sent to one would;
@@ -171,6 +173,15 @@ impl Throttle {
             (ip_failures, user_failures) = (ip_shared, user_shared);
         }
         self.ip_delay(ip_failures).max(account_delay(user_failures))
+    }
+
+    /// Whether `username` + `secret` is the last failure recorded for `ip` (a mail app
+    /// retrying a stale password): checked before [`Throttle::fail`] records this one.
+    pub fn repeats_last(&self, ip: IpAddr, username: &str, secret: &[u8]) -> bool {
+        let tag = self.tag(&crate::auth::normalize_username(username), secret);
+        let Ok(m) = self.map.lock() else { return false };
+        m.get(&Key::Ip(ip_key(ip)))
+            .is_some_and(|e| e.last.elapsed() < FORGET_AFTER && e.last_tag.as_deref() == Some(tag.as_slice()))
     }
 
     /// A successful login: the address's penalty and the account's count are cleared.

@@ -114,7 +114,15 @@ impl ImapService {
                 Action::Authenticate(creds) => {
                     let who = Peer { ip: peer.ip(), client_name: machine.client_name().map(str::to_string) };
                     let username = auth::normalize_username(&creds.username);
-                    let mut verdict = self.auth.verify(&creds, Protocol::Imap, &who).await;
+                    // A client that leaves while its check waits for a hashing thread gives up its
+                    // turn: the job is dropped before it runs.
+                    let mut verdict = tokio::select! {
+                        v = self.auth.verify(&creds, Protocol::Imap, &who) => v,
+                        () = stream.peer_gone() => {
+                            debug!(%peer, "client left during its login check");
+                            return None;
+                        }
+                    };
                     let mut session_as_user = None;
                     if let Verdict::CheckUpstream(check) = verdict {
                         // password_check = "upstream": the upstream server checks the password.
@@ -168,7 +176,7 @@ impl ImapService {
                         // Handled above; only reachable if the upstream check was not configured.
                         Verdict::CheckUpstream(_) => machine.auth_failed(AuthReply::Unavailable),
                         Verdict::Denied => {
-                            info!(%peer, user = %username, "IMAP login refused");
+                            self.auth.log_refusal(auth::refusals::Kind::LoginFailed, peer.ip(), &username);
                             let delay = self.auth.failure_delay(peer.ip(), &username, creds.password.expose());
                             tokio::time::sleep(delay).await;
                             machine.auth_failed(AuthReply::Failed);

@@ -294,7 +294,15 @@ impl SmtpService {
                 Action::Authenticate(creds) => {
                     let who = Peer { ip: peer.ip(), client_name: None };
                     let username = auth::normalize_username(&creds.username);
-                    let mut verdict = self.auth.verify(&creds, Protocol::Smtp, &who).await;
+                    // A client that leaves while its check waits for a hashing thread gives up its
+                    // turn: the job is dropped before it runs.
+                    let mut verdict = tokio::select! {
+                        v = self.auth.verify(&creds, Protocol::Smtp, &who) => v,
+                        () = client.peer_gone() => {
+                            debug!(%peer, "client left during its login check");
+                            return;
+                        }
+                    };
                     let mut session_as_user = None;
                     if let Verdict::CheckUpstream(check) = verdict {
                         // password_check = "upstream". With master-sasl upstream, an account
@@ -353,7 +361,7 @@ impl SmtpService {
                             }
                         },
                         Verdict::Denied => {
-                            info!(%peer, user = %username, "SMTP login refused");
+                            self.auth.log_refusal(auth::refusals::Kind::LoginFailed, peer.ip(), &username);
                             let delay = self.auth.failure_delay(peer.ip(), &username, creds.password.expose());
                             tokio::time::sleep(delay).await;
                             session.auth_failed(AuthReply::Failed);

@@ -15,6 +15,26 @@ pub enum MaybeTls {
     Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl MaybeTls {
+    /// Resolves when the peer has closed the connection (end of stream or reset, seen
+    /// without reading anything the peer sent): a login waiting for a hashing thread is
+    /// given up, so its job is dropped before it runs (SECURITY.md §H). Pending data
+    /// (a pipelined command, a TLS close_notify) means the peer may still be there: then
+    /// this never resolves, and the queue's own deadline applies.
+    pub async fn peer_gone(&self) {
+        let tcp = match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Server(s) => s.get_ref().0,
+            MaybeTls::Client(s) => s.get_ref().0,
+        };
+        let mut byte = [0u8; 1];
+        match tcp.peek(&mut byte).await {
+            Ok(0) | Err(_) => {}
+            Ok(_) => std::future::pending::<()>().await,
+        }
+    }
+}
+
 impl AsyncRead for MaybeTls {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {

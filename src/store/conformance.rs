@@ -108,7 +108,7 @@ pub fn update_is_check_and_set(s: Arc<dyn Store>, others: &[Arc<dyn Store>]) {
             for _ in 0..5 {
                 store
                     .update_account("t@x", &mut |acc| {
-                        acc.failed_logins += 1;
+                        acc.addresses.push(String::new());
                         Ok(())
                     })
                     .unwrap();
@@ -120,16 +120,16 @@ pub fn update_is_check_and_set(s: Arc<dyn Store>, others: &[Arc<dyn Store>]) {
     assert_eq!(winners, 1, "one TOTP code accepted {winners} times");
     let a = s.get_account("t@x").unwrap().unwrap();
     assert_eq!(a.totp.unwrap().last_step, 101);
-    assert_eq!(a.failed_logins, 40, "lost updates");
+    assert_eq!(a.addresses.len(), 40, "lost updates");
     assert!(matches!(s.update_account("nobody@x", &mut |_| Ok(())), Err(StoreError::NotFound(_))));
     // A refused change writes nothing.
-    let before = s.get_account("t@x").unwrap().unwrap().failed_logins;
+    let before = s.get_account("t@x").unwrap().unwrap().addresses.len();
     let r = s.update_account("t@x", &mut |acc| {
-        acc.failed_logins = 0;
+        acc.addresses.clear();
         Err(StoreError::Conflict("no".into()))
     });
     assert!(r.is_err());
-    assert_eq!(s.get_account("t@x").unwrap().unwrap().failed_logins, before);
+    assert_eq!(s.get_account("t@x").unwrap().unwrap().addresses.len(), before);
 }
 
 /// Creating app passwords at once from many threads (or nodes): never past the cap,
@@ -246,4 +246,43 @@ pub fn web_sessions(a: &crate::web::WebSessions, b: &crate::web::WebSessions) {
         }
     });
     assert_eq!(a.with(&id, t, |s| s.wrong_codes), Some(40), "lost changes");
+}
+
+/// Guess budgets: many threads (or nodes, with `others`) taking from the same budgets at
+/// once never take more than the burst, a take is all or none over its budgets, given-back
+/// and refilled slots can be taken again, and familiar addresses are remembered.
+pub fn budgets_are_never_overdrawn(s: Arc<dyn Store>, others: &[Arc<dyn Store>]) {
+    let shared = Budget { key: "pw-user:a@x".into(), burst: 7, refill_secs: 100 };
+    let stores: Vec<Arc<dyn Store>> = std::iter::once(s.clone()).chain(others.iter().cloned()).collect();
+    let threads: Vec<_> = (0..24)
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let own = Budget { key: format!("pw-ip:192.0.2.{i}"), burst: 3, refill_secs: 100 };
+                (0..3).filter(|_| store.take_attempt(&[own.clone(), shared.clone()], 1000).unwrap().is_none()).count()
+            })
+        })
+        .collect();
+    let taken: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(taken, 7, "the shared budget was overdrawn or under-used");
+    // All or none: the shared budget is empty, so an address with room takes nothing.
+    let fresh = Budget { key: "pw-ip:203.0.113.1".into(), burst: 1, refill_secs: 100 };
+    assert_eq!(s.take_attempt(&[fresh.clone(), shared.clone()], 1000).unwrap(), Some(1));
+    assert_eq!(s.take_attempt(std::slice::from_ref(&fresh), 1000).unwrap(), None, "nothing was taken before");
+    // One slot back after a refill period, one given back.
+    assert_eq!(s.take_attempt(std::slice::from_ref(&shared), 1099).unwrap(), Some(0));
+    assert_eq!(s.take_attempt(std::slice::from_ref(&shared), 1100).unwrap(), None);
+    assert_eq!(s.take_attempt(std::slice::from_ref(&shared), 1100).unwrap(), Some(0));
+    s.give_back_attempt(std::slice::from_ref(&shared), 1100).unwrap();
+    assert_eq!(s.take_attempt(std::slice::from_ref(&shared), 1100).unwrap(), None);
+    s.clear_attempts(std::slice::from_ref(&shared.key)).unwrap();
+    for _ in 0..7 {
+        assert_eq!(s.take_attempt(std::slice::from_ref(&shared), 1100).unwrap(), None);
+    }
+    assert!(s.familiar_since("a@x 192.0.2.1").unwrap().is_none());
+    s.remember_familiar("a@x 192.0.2.1", 500).unwrap();
+    for o in &stores {
+        assert_eq!(o.familiar_since("a@x 192.0.2.1").unwrap(), Some(500));
+    }
 }

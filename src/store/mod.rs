@@ -17,12 +17,70 @@ use serde::{Deserialize, Serialize};
 pub const SCHEMA_VERSION: u32 = 1;
 /// App passwords one account may hold (bounds the list and the cost of a login).
 pub const MAX_APP_PASSWORDS: usize = 50;
-/// Consecutive failed logins after which an account is locked (NIST SP 800-63B §5.2.2).
-pub const MAX_FAILED_LOGINS: u32 = 100;
-/// Consecutive wrong second-factor codes after which the account's web sign-in is locked.
-pub const MAX_SECOND_FACTOR_FAILURES: u32 = 100;
+/// An address an account signed in from counts as familiar this long after the last
+/// sign-in from it.
+pub const FAMILIAR_KEEP_SECS: u64 = 90 * 86_400;
 /// Audit events kept per account (older ones are dropped).
 pub const MAX_AUDIT_PER_ACCOUNT: usize = 1000;
+
+/// A budget of attempts (guesses of an account password, a TOTP code, a backup code),
+/// shared by every node of the store: at most `burst` at once, and one more every
+/// `refill_secs` (a leaky bucket). Taken *before* the guess is compared, so requests sent
+/// at the same time cannot all be compared (SECURITY.md §H).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    /// What it limits, e.g. `pw-ip:192.0.2.1` or `2fa-user:a@example.com`.
+    pub key: String,
+    /// Attempts that may be used at once.
+    pub burst: u32,
+    /// One used attempt comes back every this many seconds.
+    pub refill_secs: u64,
+}
+
+/// A budget as stored: attempts in use, and the time from which they refill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BudgetUse {
+    /// Attempts in use.
+    pub used: u32,
+    /// When `used` was last brought up to date (unix seconds).
+    pub at: u64,
+}
+
+impl BudgetUse {
+    /// The use at `now`: one attempt back for every `refill_secs` since `at`.
+    pub fn refilled(self, now: u64, refill_secs: u64) -> BudgetUse {
+        if self.used == 0 {
+            return BudgetUse { used: 0, at: now };
+        }
+        if refill_secs == 0 {
+            return BudgetUse { used: 0, at: now };
+        }
+        let back = now.saturating_sub(self.at) / refill_secs;
+        if back >= u64::from(self.used) {
+            BudgetUse { used: 0, at: now }
+        } else {
+            // Whole refills only: the part of a refill already waited for is kept.
+            BudgetUse { used: self.used - back as u32, at: self.at + back * refill_secs }
+        }
+    }
+
+    /// When every attempt is back (the entry can be forgotten then).
+    pub fn empty_at(self, refill_secs: u64) -> u64 {
+        self.at.saturating_add(u64::from(self.used).saturating_mul(refill_secs))
+    }
+
+    /// Takes one attempt of `budget` at `now`, if one is left.
+    pub fn take(self, budget: &Budget, now: u64) -> Option<BudgetUse> {
+        let cur = self.refilled(now, budget.refill_secs);
+        (cur.used < budget.burst).then_some(BudgetUse { used: cur.used + 1, at: cur.at })
+    }
+
+    /// Gives one attempt back at `now`.
+    pub fn give_back(self, budget: &Budget, now: u64) -> BudgetUse {
+        let cur = self.refilled(now, budget.refill_secs);
+        BudgetUse { used: cur.used.saturating_sub(1), at: if cur.used <= 1 { now } else { cur.at } }
+    }
+}
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -107,20 +165,9 @@ pub struct Account {
     /// its account password over IMAP/SMTP (fail closed).
     #[serde(default)]
     pub second_factor_required: bool,
-    /// Single-use backup codes (argon2id hashes; an empty string is a used code).
+    /// Single-use backup codes (keyed hashes; an empty string is a used code).
     #[serde(default)]
     pub backup_codes: Option<BackupCodes>,
-    /// Wrong second-factor codes in a row, across sign-ins (reset by a right one, or by
-    /// an admin turning TOTP off or on again). At [`MAX_SECOND_FACTOR_FAILURES`] the
-    /// second factor is locked (NIST SP 800-63B §5.2.2).
-    #[serde(default)]
-    pub second_factor_failures: u32,
-    /// Failed IMAP/SMTP/web logins in a row (wrong password or app password), across
-    /// addresses and restarts. At [`MAX_FAILED_LOGINS`] the account refuses every
-    /// password and app password until its owner signs in on the web step (password and
-    /// second factor) or an admin runs `mailgate user unlock`.
-    #[serde(default)]
-    pub failed_logins: u32,
     /// Unix seconds.
     pub created_at: u64,
     /// Unix seconds.
@@ -137,8 +184,6 @@ impl Account {
             totp: None,
             second_factor_required: false,
             backup_codes: None,
-            second_factor_failures: 0,
-            failed_logins: 0,
             created_at: now,
             updated_at: now,
         }
@@ -309,6 +354,19 @@ pub trait Store: Send + Sync {
     fn web_sessions(&self) -> Option<&dyn SharedWebSessions> {
         None
     }
+    /// Takes one attempt from each of `budgets`, all or none, atomically with every other
+    /// taker (other requests, other nodes). `Ok(None)`: taken. `Ok(Some(i))`: `budgets[i]`
+    /// has none left; nothing was taken.
+    fn take_attempt(&self, budgets: &[Budget], now: u64) -> Result<Option<usize>, StoreError>;
+    /// Gives one attempt back to each of `budgets` (the attempt was not a wrong guess).
+    fn give_back_attempt(&self, budgets: &[Budget], now: u64) -> Result<(), StoreError>;
+    /// Gives every attempt of these budgets back (a success from that address, an admin
+    /// unlock).
+    fn clear_attempts(&self, keys: &[String]) -> Result<(), StoreError>;
+    /// Remembers that `key` (an account and an address it signed in from) was seen at `now`.
+    fn remember_familiar(&self, key: &str, now: u64) -> Result<(), StoreError>;
+    /// When `key` was last remembered, if it was.
+    fn familiar_since(&self, key: &str) -> Result<Option<u64>, StoreError>;
     /// Failure counts (per-address penalties, per-account delays) kept in the store for
     /// every node sharing it. `None` for the embedded store: its one node counts in memory.
     fn failure_counts(&self) -> Option<&dyn SharedFailureCounts> {

@@ -15,6 +15,9 @@
 //! * `failure_counts(key PK, failures, last_at, last_tag)`: per-address and per-account
 //!   failure counts for the login delays ([`SharedFailureCounts`]); `last_tag` is an HMAC
 //!   under a key derived from `secret.key`, never a hash of the password alone.
+//! * `attempts(key PK, used, at, until)`: budgets of guesses ([`Budget`]), taken in one
+//!   transaction with the rows locked, so nodes taking at once never overdraw one.
+//! * `familiar(key PK, at)`: addresses an account signed in from.
 //!
 //! Every change is committed before the call returns (PostgreSQL's commit is durable with
 //! the default `synchronous_commit`). Session-ending events are sent with `NOTIFY` on the
@@ -88,7 +91,26 @@ const MIGRATIONS: &[(i32, &str)] = &[
     );
     CREATE INDEX failure_counts_by_age ON failure_counts (last_at);",
     ),
+    (
+        3,
+        "CREATE TABLE attempts (
+        key text PRIMARY KEY,
+        used integer NOT NULL,
+        at bigint NOT NULL,
+        until bigint NOT NULL
+    );
+    CREATE INDEX attempts_by_until ON attempts (until);
+    CREATE TABLE familiar (
+        key text PRIMARY KEY,
+        at bigint NOT NULL
+    );
+    CREATE INDEX familiar_by_at ON familiar (at);",
+    ),
 ];
+
+/// Refilled budget entries (and familiar addresses too old to count) are purged on one
+/// take in this many.
+const PURGE_EVERY: u64 = 1024;
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -141,6 +163,8 @@ pub struct PgStore {
     pool: deadpool_postgres::Pool,
     runtime: Option<tokio::runtime::Runtime>,
     events: tokio::sync::broadcast::Sender<SessionEvent>,
+    /// Budget takes, for the occasional purge.
+    takes: std::sync::atomic::AtomicU64,
 }
 
 impl PgStore {
@@ -165,7 +189,7 @@ impl PgStore {
         );
         let pool = deadpool_postgres::Pool::builder(manager).max_size(POOL_SIZE).build().map_err(backend)?;
         let (events, _) = tokio::sync::broadcast::channel(1024);
-        let store = PgStore { pool, runtime: Some(runtime), events };
+        let store = PgStore { pool, runtime: Some(runtime), events, takes: Default::default() };
         store.run(migrate)?;
         store.listen(config, tls);
         Ok(store)
@@ -611,6 +635,117 @@ impl Store for PgStore {
                     .map_err(pg)?;
             }
             tx.commit().await.map_err(pg)
+        })
+    }
+
+    fn take_attempt(&self, budgets: &[Budget], now: u64) -> Result<Option<usize>, StoreError> {
+        if self.takes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
+            let (now, keep) = (secs(now), secs(FAMILIAR_KEEP_SECS));
+            self.run_in_background("cannot purge attempt budgets", move |c| async move {
+                c.execute("DELETE FROM attempts WHERE until <= $1", &[&now]).await.map_err(pg)?;
+                c.execute("DELETE FROM familiar WHERE at <= $1::bigint - $2::bigint", &[&now, &keep])
+                    .await
+                    .map_err(pg)?;
+                Ok(())
+            });
+        }
+        let budgets = budgets.to_vec();
+        self.run(move |mut c| async move {
+            let keys: Vec<String> = budgets.iter().map(|b| b.key.clone()).collect();
+            let tx = c.transaction().await.map_err(pg)?;
+            tx.execute(
+                "INSERT INTO attempts (key, used, at, until) SELECT k, 0, $2, 0 FROM unnest($1::text[]) AS k \
+                 ON CONFLICT (key) DO NOTHING",
+                &[&keys, &secs(now)],
+            )
+            .await
+            .map_err(pg)?;
+            // The rows stay locked until the commit: a concurrent taker (any node) waits
+            // and then sees this take.
+            let rows = tx
+                .query("SELECT key, used, at FROM attempts WHERE key = ANY($1) ORDER BY key FOR UPDATE", &[&keys])
+                .await
+                .map_err(pg)?;
+            let current = |key: &str| {
+                rows.iter().find(|r| r.get::<_, &str>(0) == key).map(|r| BudgetUse {
+                    used: u32::try_from(r.get::<_, i32>(1)).unwrap_or(0),
+                    at: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                })
+            };
+            let mut new = Vec::with_capacity(budgets.len());
+            for (i, b) in budgets.iter().enumerate() {
+                match current(&b.key).unwrap_or_default().take(b, now) {
+                    Some(u) => new.push(u),
+                    None => return Ok(Some(i)), // dropping the transaction rolls it back
+                }
+            }
+            for (b, u) in budgets.iter().zip(new) {
+                tx.execute(
+                    "UPDATE attempts SET used = $2, at = $3, until = $4 WHERE key = $1",
+                    &[&b.key, &(u.used as i32), &secs(u.at), &secs(u.empty_at(b.refill_secs))],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            tx.commit().await.map_err(pg)?;
+            Ok(None)
+        })
+    }
+
+    fn give_back_attempt(&self, budgets: &[Budget], now: u64) -> Result<(), StoreError> {
+        let budgets = budgets.to_vec();
+        self.run(move |mut c| async move {
+            let keys: Vec<String> = budgets.iter().map(|b| b.key.clone()).collect();
+            let tx = c.transaction().await.map_err(pg)?;
+            let rows = tx
+                .query("SELECT key, used, at FROM attempts WHERE key = ANY($1) ORDER BY key FOR UPDATE", &[&keys])
+                .await
+                .map_err(pg)?;
+            for r in &rows {
+                let key: &str = r.get(0);
+                let Some(b) = budgets.iter().find(|b| b.key == key) else { continue };
+                let cur = BudgetUse {
+                    used: u32::try_from(r.get::<_, i32>(1)).unwrap_or(0),
+                    at: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                };
+                let u = cur.give_back(b, now);
+                tx.execute(
+                    "UPDATE attempts SET used = $2, at = $3, until = $4 WHERE key = $1",
+                    &[&b.key, &(u.used as i32), &secs(u.at), &secs(u.empty_at(b.refill_secs))],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            tx.commit().await.map_err(pg)
+        })
+    }
+
+    fn clear_attempts(&self, keys: &[String]) -> Result<(), StoreError> {
+        let keys = keys.to_vec();
+        self.run(move |c| async move {
+            c.execute("DELETE FROM attempts WHERE key = ANY($1)", &[&keys]).await.map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn remember_familiar(&self, key: &str, now: u64) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.run(move |c| async move {
+            c.execute(
+                "INSERT INTO familiar (key, at) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET at = $2",
+                &[&key, &secs(now)],
+            )
+            .await
+            .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn familiar_since(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let key = key.to_string();
+        self.run(move |c| async move {
+            let row = c.query_opt("SELECT at FROM familiar WHERE key = $1", &[&key]).await.map_err(pg)?;
+            Ok(row.map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0)))
         })
     }
 

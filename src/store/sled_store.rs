@@ -7,6 +7,9 @@
 //! * `account_app_passwords`: `username NUL id` → empty (index for listing).
 //! * `audit`: `username NUL` u64 big-endian sequence → JSON [`AuditEvent`] (per-account
 //!   prefix, so an account's recent events are read without scanning everyone's).
+//! * `attempts`: budget key → used (u32) and its time (u64), big-endian, then the time
+//!   every attempt is back (u64), by which entries are purged ([`Budget`]).
+//! * `familiar`: `account address` → unix seconds of the last sign-in from there.
 //!
 //! sled takes an exclusive lock on the directory: one process at a time (the admin CLI
 //! talks to a running server over its socket instead).
@@ -24,6 +27,10 @@ pub struct SledStore {
     app_passwords: sled::Tree,
     index: sled::Tree,
     audit: sled::Tree,
+    attempts: sled::Tree,
+    familiar: sled::Tree,
+    /// Budget takes since the last purge of refilled entries.
+    takes: std::sync::atomic::AtomicU64,
     /// Serialises app-password creation (label and count checks need a scan, which sled
     /// transactions cannot do).
     create_lock: Mutex<()>,
@@ -104,6 +111,9 @@ impl SledStore {
             app_passwords: db.open_tree("app_passwords").map_err(backend)?,
             index: db.open_tree("account_app_passwords").map_err(backend)?,
             audit: db.open_tree("audit").map_err(backend)?,
+            attempts: db.open_tree("attempts").map_err(backend)?,
+            familiar: db.open_tree("familiar").map_err(backend)?,
+            takes: std::sync::atomic::AtomicU64::new(0),
             db,
             create_lock: Mutex::new(()),
         })
@@ -112,9 +122,100 @@ impl SledStore {
     fn durable(&self) -> Result<(), StoreError> {
         self.db.flush().map(|_| ()).map_err(backend)
     }
+
+    /// Drops budget entries whose attempts are all back, and familiar addresses not seen
+    /// for [`FAMILIAR_KEEP_SECS`]. Run every [`PURGE_EVERY`] takes.
+    fn purge(&self, now: u64) {
+        for entry in self.attempts.iter().flatten() {
+            if decode_use(&entry.1).is_none_or(|(_, until)| until <= now) {
+                let _ = self.attempts.compare_and_swap(&entry.0, Some(entry.1), None as Option<&[u8]>);
+            }
+        }
+        for entry in self.familiar.iter().flatten() {
+            let at = <[u8; 8]>::try_from(entry.1.as_ref()).map(u64::from_be_bytes).unwrap_or(0);
+            if at.saturating_add(FAMILIAR_KEEP_SECS) <= now {
+                let _ = self.familiar.remove(&entry.0);
+            }
+        }
+    }
+}
+
+/// Budget entries are purged on one take in this many.
+const PURGE_EVERY: u64 = 4096;
+
+fn encode_use(u: BudgetUse, until: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20);
+    v.extend_from_slice(&u.used.to_be_bytes());
+    v.extend_from_slice(&u.at.to_be_bytes());
+    v.extend_from_slice(&until.to_be_bytes());
+    v
+}
+
+fn decode_use(v: &[u8]) -> Option<(BudgetUse, u64)> {
+    let used = u32::from_be_bytes(v.get(0..4)?.try_into().ok()?);
+    let at = u64::from_be_bytes(v.get(4..12)?.try_into().ok()?);
+    let until = u64::from_be_bytes(v.get(12..20)?.try_into().ok()?);
+    Some((BudgetUse { used, at }, until))
 }
 
 impl Store for SledStore {
+    fn take_attempt(&self, budgets: &[Budget], now: u64) -> Result<Option<usize>, StoreError> {
+        if self.takes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
+            self.purge(now);
+        }
+        // One transaction over every key: all taken or none, and concurrent takers of
+        // the same key are serialised (a conflicting one runs again on the new value).
+        let r = self.attempts.transaction(|t| {
+            let mut new = Vec::with_capacity(budgets.len());
+            for (i, b) in budgets.iter().enumerate() {
+                let cur = t.get(b.key.as_bytes())?.and_then(|v| decode_use(&v)).map(|u| u.0).unwrap_or_default();
+                match cur.take(b, now) {
+                    Some(u) => new.push(encode_use(u, u.empty_at(b.refill_secs))),
+                    None => return Ok(Some(i)),
+                }
+            }
+            for (b, v) in budgets.iter().zip(new) {
+                t.insert(b.key.as_bytes(), v)?;
+            }
+            Ok(None)
+        });
+        r.map_err(|e: TransactionError<StoreError>| tx_err(e))
+    }
+
+    fn give_back_attempt(&self, budgets: &[Budget], now: u64) -> Result<(), StoreError> {
+        let r = self.attempts.transaction(|t| {
+            for b in budgets {
+                if let Some((cur, _)) = t.get(b.key.as_bytes())?.and_then(|v| decode_use(&v)) {
+                    let u = cur.give_back(b, now);
+                    t.insert(b.key.as_bytes(), encode_use(u, u.empty_at(b.refill_secs)))?;
+                }
+            }
+            Ok(())
+        });
+        r.map_err(|e: TransactionError<StoreError>| tx_err(e))
+    }
+
+    fn clear_attempts(&self, keys: &[String]) -> Result<(), StoreError> {
+        for k in keys {
+            self.attempts.remove(k.as_bytes()).map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    fn remember_familiar(&self, key: &str, now: u64) -> Result<(), StoreError> {
+        self.familiar.insert(key.as_bytes(), &now.to_be_bytes()).map_err(backend)?;
+        Ok(())
+    }
+
+    fn familiar_since(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .familiar
+            .get(key.as_bytes())
+            .map_err(backend)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
     fn get_account(&self, username: &str) -> Result<Option<Account>, StoreError> {
         match self.accounts.get(username).map_err(backend)? {
             Some(v) => Ok(Some(decode(username, &v)?)),
@@ -432,6 +533,12 @@ mod tests {
     fn update_is_check_and_set() {
         let (_d, s) = open();
         suite::update_is_check_and_set(Arc::new(s), &[]);
+    }
+
+    #[test]
+    fn budgets_are_never_overdrawn() {
+        let (_d, s) = open();
+        suite::budgets_are_never_overdrawn(Arc::new(s), &[]);
     }
 
     #[test]

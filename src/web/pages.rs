@@ -310,12 +310,6 @@ impl Web {
     /// Signs in fully: a new session id, the sign-in time for step-up.
     fn complete_sign_in(&self, ctx: &Ctx, username: &str) -> Response {
         let now = self.now();
-        // A full sign-in (password and, where set, second factor) unlocks the account.
-        let _ = self.auth.store().update_account(username, &mut |a: &mut Account| {
-            a.second_factor_failures = 0;
-            a.failed_logins = 0;
-            Ok(())
-        });
         self.web_sessions.with(&ctx.id, now, |s| {
             s.stage = Stage::SignedIn { username: username.to_string(), auth_at: now };
             s.wrong_codes = 0;
@@ -327,25 +321,20 @@ impl Web {
         }
     }
 
-    /// A wrong second factor: count it, maybe drop the pending sign-in.
+    /// A wrong second factor (its slot was taken before it was compared): after the
+    /// delay, the pending sign-in is dropped if that was its last slot.
     async fn wrong_code(&self, ctx: &Ctx, username: &str, backup: bool, ip: IpAddr, code: &[u8]) -> Response {
-        tokio::time::sleep(self.auth.failure_delay(ip, username, code)).await;
         self.audit(username, "second_factor_failed", if backup { "backup code" } else { "TOTP code" }.into());
-        // Count it on the account too: a new sign-in does not start the count again.
-        let _ = self.auth.store().update_account(username, &mut |a: &mut Account| {
-            a.second_factor_failures = a.second_factor_failures.saturating_add(1);
-            Ok(())
-        });
+        self.auth.log_refusal(crate::auth::refusals::Kind::SecondFactor, ip, username);
+        tokio::time::sleep(self.auth.failure_delay(ip, username, code)).await;
         let dropped = self
             .web_sessions
             .with(&ctx.id, self.now(), |s| {
-                s.wrong_codes += 1;
                 if s.wrong_codes >= MAX_WRONG_CODES {
-                    s.stage = Stage::Anonymous;
-                    s.notice = Some("Too many wrong codes. Sign in again.".into());
+                    drop_pending(s);
                     true
                 } else {
-                    false
+                    !matches!(s.stage, Stage::SecondFactor { .. })
                 }
             })
             .unwrap_or(true);
@@ -435,7 +424,7 @@ pub(super) async fn login(
         tokio::time::sleep(web.auth.base_delay()).await;
         return refuse(&web, "The e-mail address or password is not right.", StatusCode::UNAUTHORIZED);
     }
-    match web.auth.check_account_password(&username, &password).await {
+    match web.auth.check_account_password(&username, &password, ip).await {
         WebCheck::Ok(account) if account.has_second_factor() => {
             let now = web.now();
             web.web_sessions.with(&ctx.id, now, |s| {
@@ -460,22 +449,27 @@ pub(super) async fn login(
     }
 }
 
-/// After too many wrong codes in a row the second factor is locked until an admin
-/// resets it (`mailgate totp disable` / `totp enable`).
-fn locked(web: &Web, username: &str) -> Option<Response> {
-    let failures = web.auth.store().get_account(username).ok().flatten()?.second_factor_failures;
-    (failures >= crate::store::MAX_SECOND_FACTOR_FAILURES).then(|| {
-        html(
-            MessagePage {
-                host: web.host(),
-                heading: "Sign-in locked",
-                text: "Too many wrong codes were entered for this account. Ask your mail administrator to unlock it.",
-                link: "/login",
-                link_text: "Back to sign-in",
-            },
-            StatusCode::FORBIDDEN,
-        )
-    })
+/// A pending sign-in that used its code slots ends: sign in again.
+fn drop_pending(s: &mut super::session::WebSession) {
+    s.stage = Stage::Anonymous;
+    s.wrong_codes = 0;
+    s.notice = Some("Too many wrong codes. Sign in again.".into());
+}
+
+/// The page shown when a budget of second-factor guesses is used up.
+fn codes_used_up(web: &Web, which: crate::auth::budget::Exhausted) -> Response {
+    let text = match which {
+        crate::auth::budget::Exhausted::Account => {
+            "Too many wrong codes were entered for this account. Try again in an hour, or ask your mail administrator to unlock it."
+        }
+        crate::auth::budget::Exhausted::Address => {
+            "Too many wrong codes were entered from your network. Try again in a few minutes."
+        }
+    };
+    html(
+        MessagePage { host: web.host(), heading: "Sign-in paused", text, link: "/login", link_text: "Back to sign-in" },
+        StatusCode::TOO_MANY_REQUESTS,
+    )
 }
 
 /// A sign-in waiting for its second factor, and its account.
@@ -499,27 +493,59 @@ pub(super) async fn backup_form(State(web): W, headers: HeaderMap) -> Response {
     second_factor_form(&web, &headers, true)
 }
 
-/// A second-factor form sent: the pending sign-in and its account, unless the form is
-/// refused (no pending sign-in, a forged form, a locked second factor).
-fn second_factor_post(
+/// A second-factor code arrived: the pending sign-in, with one of its code slots and one
+/// slot of the address's and the account's code budgets taken **before** anything is
+/// compared (SECURITY.md §H), so codes sent at the same time cannot all be compared.
+/// `Err`: refused uncompared (no pending sign-in, a forged form, no slot left).
+async fn second_factor_slot(
     web: &Web,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
-) -> Result<(Ctx, String), Response> {
+    ip: IpAddr,
+) -> Result<(Ctx, String, crate::auth::budget::Ticket), Response> {
     let Some((ctx, username)) = pending(web.load(headers)) else { return Err(redirect("/login")) };
     web.check_post(headers, &ctx, form)?;
-    if let Some(r) = locked(web, &username) {
-        return Err(r);
+    // The sign-in's own slots: one atomic change of the session (on every node).
+    let reserved = web
+        .web_sessions
+        .with(&ctx.id, web.now(), |s| {
+            if !matches!(s.stage, Stage::SecondFactor { .. }) {
+                return false;
+            }
+            if s.wrong_codes >= MAX_WRONG_CODES {
+                drop_pending(s);
+                return false;
+            }
+            s.wrong_codes += 1;
+            true
+        })
+        .unwrap_or(false);
+    if !reserved {
+        return Err(redirect("/login"));
     }
-    Ok((ctx, username))
+    match web.auth.take_slot(crate::auth::budget::Secret::SecondFactor, &username, ip).await {
+        Ok(ticket) => Ok((ctx, username, ticket)),
+        Err(no) => {
+            give_back_code_slot(web, &ctx);
+            Err(match no {
+                crate::auth::NoSlot::Exhausted(which) => codes_used_up(web, which),
+                crate::auth::NoSlot::Unavailable => web.unavailable(),
+            })
+        }
+    }
+}
+
+/// A code slot of the sign-in that was not used after all.
+fn give_back_code_slot(web: &Web, ctx: &Ctx) {
+    web.web_sessions.with(&ctx.id, web.now(), |s| s.wrong_codes = s.wrong_codes.saturating_sub(1));
 }
 
 /// What a TOTP or backup code came to: signed in (with the backup codes left, for a
-/// backup code), a wrong code (counted), or no answer from the store ("try again";
-/// nothing counted).
+/// backup code), a wrong code (its slots stay used), or no answer from the store ("try
+/// again"; the slots come back).
 async fn second_factor_outcome(
     web: &Web,
-    (ctx, username): (Ctx, String),
+    (ctx, username, ticket): (Ctx, String, crate::auth::budget::Ticket),
     ip: IpAddr,
     typed: &[u8],
     backup: bool,
@@ -527,14 +553,22 @@ async fn second_factor_outcome(
 ) -> Response {
     match result {
         Ok(left) => {
+            web.auth.settle(ticket, crate::auth::Outcome::Right).await;
             if let Some(left) = left {
                 web.audit(&username, "backup_code_used", format!("{left} left"));
                 web.set_notice(&ctx.id, format!("You signed in with a backup code. {left} backup codes are left."));
             }
             web.complete_sign_in(&ctx, &username)
         }
-        Err(StoreError::Backend(_)) => web.unavailable(),
-        Err(_) => web.wrong_code(&ctx, &username, backup, ip, typed).await,
+        Err(StoreError::Backend(_)) => {
+            web.auth.settle(ticket, crate::auth::Outcome::NotCompared).await;
+            give_back_code_slot(web, &ctx);
+            web.unavailable()
+        }
+        Err(_) => {
+            web.auth.settle(ticket, crate::auth::Outcome::Wrong).await;
+            web.wrong_code(&ctx, &username, backup, ip, typed).await
+        }
     }
 }
 
@@ -544,14 +578,15 @@ pub(super) async fn totp(
     headers: HeaderMap,
     Form(form): Fields,
 ) -> Response {
-    let pending = match second_factor_post(&web, &headers, &form) {
+    let ip = client_ip(&ip);
+    let slot = match second_factor_slot(&web, &headers, &form, ip).await {
         Ok(p) => p,
         Err(r) => return r,
     };
     let code: String = form.get("code").map(|c| c.chars().filter(|c| !c.is_whitespace()).collect()).unwrap_or_default();
     let now = web.now();
     let key = web.key.clone();
-    let user = pending.1.clone();
+    let user = slot.1.clone();
     // Verify and move the last accepted step forward in one atomic change: the same code
     // (or an earlier one) never works twice, and of two concurrent submissions one wins.
     let accepted = web.auth.store().update_account(&user, &mut |a: &mut Account| {
@@ -566,7 +601,7 @@ pub(super) async fn totp(
         }
     });
     let result = accepted.map(|_| None);
-    second_factor_outcome(&web, pending, client_ip(&ip), code.as_bytes(), false, result).await
+    second_factor_outcome(&web, slot, ip, code.as_bytes(), false, result).await
 }
 
 pub(super) async fn backup(
@@ -575,32 +610,48 @@ pub(super) async fn backup(
     headers: HeaderMap,
     Form(form): Fields,
 ) -> Response {
-    let pending = match second_factor_post(&web, &headers, &form) {
+    let ip = client_ip(&ip);
+    let slot = match second_factor_slot(&web, &headers, &form, ip).await {
         Ok(p) => p,
         Err(r) => return r,
     };
     let code = SecretString::from(form.get("code").cloned().unwrap_or_default());
-    let typed = SecretString::from(code.expose().clone());
-    let store = web.auth.store().clone();
-    let user = pending.1.clone();
-    let result = web
-        .auth
-        .run_blocking(move || {
-            let mut left = 0;
-            let r = store.update_account(&user, &mut |a: &mut Account| {
-                let Some(set) = a.backup_codes.as_mut() else { return Err(StoreError::Conflict("no codes".into())) };
-                if backup_codes::consume(set, code.expose()) {
-                    left = set.remaining();
-                    Ok(())
-                } else {
-                    Err(StoreError::Conflict("wrong code".into()))
-                }
-            });
-            r.map(|_| Some(left))
-        })
-        .await
-        .unwrap_or_else(|| Err(StoreError::Backend("the hashing queue is full".into())));
-    second_factor_outcome(&web, pending, client_ip(&ip), typed.expose().as_bytes(), true, result).await
+    let result = spend_backup_code(&web, &slot.1, &code, ip).await;
+    second_factor_outcome(&web, slot, ip, code.expose().as_bytes(), true, result).await
+}
+
+/// Finds the typed backup code in the account's set (one HMAC; outside any store lock),
+/// then spends it in one atomic change if it is still unused. `Ok(left)`: spent.
+async fn spend_backup_code(
+    web: &Web,
+    username: &str,
+    code: &SecretString,
+    ip: IpAddr,
+) -> Result<Option<usize>, StoreError> {
+    let wrong = || StoreError::Conflict("wrong code".into());
+    let account = web.auth.store().get_account(username)?.ok_or_else(wrong)?;
+    let set = account.backup_codes.ok_or_else(wrong)?;
+    let found = if backup_codes::needs_hashing(&set) {
+        // A set from before keyed hashes: argon2 per code, on a hashing thread.
+        let (key, typed) = (web.key.clone(), SecretString::from(code.expose().clone()));
+        web.auth
+            .run_blocking(ip, move || backup_codes::find(&set, typed.expose(), &key))
+            .await
+            .ok_or_else(|| StoreError::Backend("the hashing queue is busy".into()))?
+    } else {
+        backup_codes::find(&set, code.expose(), &web.key)
+    };
+    let found = found.ok_or_else(wrong)?;
+    let mut left = 0;
+    web.auth.store().update_account(username, &mut |a: &mut Account| {
+        let Some(set) = a.backup_codes.as_mut() else { return Err(wrong()) };
+        if !backup_codes::spend(set, &found) {
+            return Err(wrong());
+        }
+        left = set.remaining();
+        Ok(())
+    })?;
+    Ok(Some(left))
 }
 
 pub(super) async fn logout(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
@@ -710,7 +761,13 @@ fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-pub(super) async fn create_app_password(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
+pub(super) async fn create_app_password(
+    State(web): W,
+    ip: Option<Extension<ClientIp>>,
+    headers: HeaderMap,
+    Form(form): Fields,
+) -> Response {
+    let ip = client_ip(&ip);
     let (ctx, username) = match post_user(&web, &headers, &form, true) {
         Ok(x) => x,
         Err(r) => return r,
@@ -729,8 +786,10 @@ pub(super) async fn create_app_password(State(web): W, headers: HeaderMap, Form(
     let label = form.get("label").cloned().unwrap_or_default();
     let store = web.auth.store().clone();
     let user = username.clone();
-    let made =
-        web.auth.run_blocking(move || admin::create_app_password(store.as_ref(), &user, &label, scopes, "web")).await;
+    let made = web
+        .auth
+        .run_blocking(ip, move || admin::create_app_password(store.as_ref(), &user, &label, scopes, "web"))
+        .await;
     match made {
         Some(Ok((new, label, _))) => {
             let (smtp_port, smtp_security) = endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465);
@@ -879,7 +938,7 @@ pub(super) async fn enrol(State(web): W, headers: HeaderMap, Form(form): Fields)
         Ok(s) => s,
         Err(_) => return web.error("Could not store the new secret."),
     };
-    let Some(Ok((shown, set))) = web.auth.run_blocking(move || backup_codes::generate(now)).await else {
+    let Ok((shown, set)) = backup_codes::generate(now, &web.key) else {
         return web.error("Could not make backup codes.");
     };
     let result = web.auth.store().update_account(&username, &mut |a: &mut Account| {
@@ -942,7 +1001,7 @@ pub(super) async fn regenerate_codes(State(web): W, headers: HeaderMap, Form(for
         Err(r) => return r,
     };
     let now = web.now();
-    let Some(Ok((shown, set))) = web.auth.run_blocking(move || backup_codes::generate(now)).await else {
+    let Ok((shown, set)) = backup_codes::generate(now, &web.key) else {
         return web.error("Could not make backup codes.");
     };
     let result = web.auth.store().update_account(&username, &mut |a: &mut Account| {
@@ -1017,7 +1076,13 @@ pub(super) async fn password_form(State(web): W, headers: HeaderMap) -> Response
     html(PasswordPage { host: web.host(), csrf: &ctx.csrf, username: &username, error: None }, StatusCode::OK)
 }
 
-pub(super) async fn change_password(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
+pub(super) async fn change_password(
+    State(web): W,
+    ip: Option<Extension<ClientIp>>,
+    headers: HeaderMap,
+    Form(form): Fields,
+) -> Response {
+    let ip = client_ip(&ip);
     let (ctx, username) = match post_user(&web, &headers, &form, true) {
         Ok(x) => x,
         Err(r) => return r,
@@ -1043,7 +1108,7 @@ pub(super) async fn change_password(State(web): W, headers: HeaderMap, Form(form
             StatusCode::UNPROCESSABLE_ENTITY,
         );
     }
-    let Some(Ok(hash)) = web.auth.run_blocking(move || password::hash(new.expose().as_bytes())).await else {
+    let Some(Ok(hash)) = web.auth.run_blocking(ip, move || password::hash(new.expose().as_bytes())).await else {
         return web.error("The password could not be changed right now.");
     };
     let now = web.now();

@@ -50,7 +50,7 @@ impl Env {
         let clock = FakeClock::at(T0);
         let web = Arc::new(Web {
             config: Arc::new(Config::from_toml_str(toml, "t").unwrap()),
-            auth: Authenticator::new(store.clone(), 2),
+            auth: Authenticator::new(store.clone(), 2).with_clock(Arc::new(clock.clone())),
             key: Arc::new(SecretKey::from_bytes(&[7; 32]).unwrap()),
             sessions: Sessions::default(),
             web_sessions: WebSessions::default(),
@@ -60,7 +60,7 @@ impl Env {
     }
 
     fn client(&self) -> Client {
-        Client { web: self.web.clone(), cookie: None, csrf: None }
+        Client { web: self.web.clone(), cookie: None, csrf: None, ip: None }
     }
 
     fn now(&self) -> u64 {
@@ -96,7 +96,7 @@ impl Env {
 
     /// Gives the account a fresh set of backup codes; returns them.
     fn give_backup_codes(&self, user: &str) -> Vec<String> {
-        let (shown, set) = backup_codes::generate(self.now()).unwrap();
+        let (shown, set) = backup_codes::generate(self.now(), &self.web.key).unwrap();
         self.store
             .update_account(user, &mut |a: &mut Account| {
                 a.backup_codes = Some(set.clone());
@@ -121,6 +121,8 @@ struct Client {
     web: Arc<Web>,
     cookie: Option<String>,
     csrf: Option<String>,
+    /// The client's address, as the connection would add it (none: 0.0.0.0).
+    ip: Option<std::net::IpAddr>,
 }
 
 struct Resp {
@@ -193,6 +195,9 @@ impl Client {
         }
         for (k, v) in headers {
             b = b.header(*k, *v);
+        }
+        if let Some(ip) = self.ip {
+            b = b.extension(crate::web::ClientIp(ip));
         }
         let req = b.body(Body::from(body.unwrap_or_default())).unwrap();
         let resp = router(self.web.clone()).oneshot(req).await.unwrap();
@@ -572,18 +577,100 @@ async fn wrong_codes_count_per_account_across_sign_ins() {
     let env = Env::new();
     env.add_user(ALICE, PW, true);
     let wrong = bad_code(SECRET, T0);
-    // 20 sign-ins × 5 wrong codes = 100 consecutive failures for the account.
-    for _ in 0..20 {
+    // Sign-ins of 5 wrong codes each use up the account's code budget: a new sign-in does
+    // not start the account's count again, and the owner's right code is not compared.
+    for n in 0..(crate::auth::budget::CODE_PER_ACCOUNT / 5 + 1) {
         let mut c = env.client();
+        c.ip = Some(std::net::IpAddr::from([192, 0, 2, n as u8]));
         c.login(ALICE, PW).await.assert_redirect("/login/totp");
         for _ in 0..5 {
             c.post("/login/totp", &[("code", &wrong)]).await;
         }
     }
     let mut c = env.client();
-    let r = c.login(ALICE, PW).await;
-    let r = if r.location() == "/login/totp" { c.post("/login/totp", &[("code", &code(SECRET, T0))]).await } else { r };
-    assert_ne!(r.location(), "/app-passwords", "after 100 consecutive wrong codes the second factor must be locked");
+    c.login(ALICE, PW).await.assert_redirect("/login/totp");
+    let r = c.post("/login/totp", &[("code", &code(SECRET, T0))]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    assert!(r.body.contains("Too many wrong codes were entered for this account"), "{}", r.body);
+    assert_eq!(failed_codes(&env), crate::auth::budget::CODE_PER_ACCOUNT as usize);
+    assert_eq!(env.account(ALICE).totp.unwrap().last_step, 0, "the right code was not compared");
+    // An hour later one more code may be tried: the right one gets in.
+    env.clock.advance(crate::auth::budget::CODE_PER_ACCOUNT_REFILL);
+    let mut c = env.client();
+    c.login(ALICE, PW).await.assert_redirect("/login/totp");
+    c.post("/login/totp", &[("code", &code(SECRET, env.now()))]).await.assert_redirect("/app-passwords");
+}
+
+/// 400 distinct wrong passwords at once from one address (issue 13 point 5): at most the
+/// address's budget is compared, the right password from that address is refused after
+/// them, and from another address it signs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_password_guesses_compare_at_most_the_address_budget() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let attacker = std::net::IpAddr::from([192, 0, 2, 66]);
+    let mut c = env.client();
+    c.ip = Some(attacker);
+    c.get("/login").await.assert_ok();
+    let tasks: Vec<_> = (0..400)
+        .map(|i| {
+            let mut each =
+                Client { web: env.web.clone(), cookie: c.cookie.clone(), csrf: c.csrf.clone(), ip: Some(attacker) };
+            tokio::spawn(async move {
+                each.post("/login", &[("username", ALICE), ("password", &format!("guess number {i}"))]).await.status
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::UNAUTHORIZED);
+    }
+    let compared =
+        env.store.recent_audit(ALICE, 1000).unwrap().iter().filter(|e| e.kind == "web_sign_in_failed").count();
+    assert!(compared <= crate::auth::budget::PASSWORD_PER_ADDRESS as usize, "{compared} passwords compared");
+    assert_eq!(c.post("/login", &[("username", ALICE), ("password", PW)]).await.status, StatusCode::UNAUTHORIZED);
+    let mut owner = env.client();
+    owner.ip = Some(std::net::IpAddr::from([198, 51, 100, 1]));
+    owner.login(ALICE, PW).await.assert_redirect("/app-passwords");
+}
+
+/// Second-factor codes compared for ALICE so far (one audit event per compared code).
+fn failed_codes(env: &Env) -> usize {
+    env.store.recent_audit(ALICE, 1000).unwrap().iter().filter(|e| e.kind == "second_factor_failed").count()
+}
+
+/// 300 distinct wrong codes at once on one pending sign-in (SECURITY.md §H, issue 13
+/// point 1): at most its 5 slots are compared, and the right code sent afterwards is
+/// refused. Today's attack compared every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_codes_compare_at_most_the_sign_ins_slots() {
+    for backup in [false, true] {
+        let env = Env::new();
+        env.add_user(ALICE, PW, true);
+        let codes = env.give_backup_codes(ALICE);
+        let mut c = env.client();
+        c.login(ALICE, PW).await.assert_redirect("/login/totp");
+        let (path, right) =
+            if backup { ("/login/backup", codes[0].clone()) } else { ("/login/totp", code(SECRET, T0)) };
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let mut each =
+                    Client { web: env.web.clone(), cookie: c.cookie.clone(), csrf: c.csrf.clone(), ip: None };
+                let guess = if backup {
+                    format!("aaaa bbbb cccc {:04}", i % 10_000).replace('0', "2").replace('1', "3")
+                } else {
+                    format!("{:06}", (i * 7919) % 1_000_000)
+                };
+                tokio::spawn(async move { each.post(path, &[("code", &guess)]).await.status })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let compared = failed_codes(&env);
+        assert!(compared <= crate::web::session::MAX_WRONG_CODES as usize, "{compared} codes compared");
+        c.post(path, &[("code", &right)]).await.assert_redirect("/login");
+        c.get("/app-passwords").await.assert_redirect("/login");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
