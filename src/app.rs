@@ -159,8 +159,10 @@ pub async fn run(
         .with_shared_failure_counts(key.clone())
         .with_upstream_check(config.accounts.clone(), connector.clone())
         .with_verify_cache(config.accounts.verify_cache);
-    let limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
-    let web_limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
+    let limits =
+        ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip, config.limits.ipv6_prefix);
+    let web_limits =
+        ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip, config.limits.ipv6_prefix);
     let service = Arc::new(ImapService {
         config: config.clone(),
         acceptor,
