@@ -188,7 +188,8 @@ pub async fn run(
         auth: smtp.auth.clone(),
         key: key.clone(),
         sessions: sessions.clone(),
-        web_sessions: crate::web::WebSessions::new(store.clone(), key.clone()),
+        web_sessions: crate::web::WebSessions::new(store.clone(), key.clone())
+            .with_ipv6_prefix(config.limits.ipv6_prefix),
         clock: Arc::new(crate::auth::clock::SystemClock),
     });
     let router = crate::web::router(web);

@@ -193,12 +193,12 @@ impl Web {
         })
     }
 
-    /// The request's session, or a new one (`true`: the cookie must be set).
-    fn load_or_create(&self, headers: &HeaderMap) -> Option<(Ctx, bool)> {
+    /// The request's session, or a new one for `client` (`true`: the cookie must be set).
+    fn load_or_create(&self, headers: &HeaderMap, client: IpAddr) -> Option<(Ctx, bool)> {
         if let Some(c) = self.load(headers) {
             return Some((c, false));
         }
-        let id = self.web_sessions.create(self.now())?;
+        let id = self.web_sessions.create(self.now(), client)?;
         Some((self.ctx(id)?, true))
     }
 
@@ -396,9 +396,9 @@ pub(super) async fn style() -> Response {
         .into_response()
 }
 
-pub(super) async fn login_form(State(web): W, headers: HeaderMap) -> Response {
+pub(super) async fn login_form(State(web): W, ip: Option<Extension<ClientIp>>, headers: HeaderMap) -> Response {
     // None: too many sessions, or the shared store is unreachable.
-    let Some((ctx, new)) = web.load_or_create(&headers) else { return web.unavailable() };
+    let Some((ctx, new)) = web.load_or_create(&headers, client_ip(&ip)) else { return web.unavailable() };
     if let Stage::SignedIn { .. } = ctx.stage {
         return redirect("/app-passwords");
     }
