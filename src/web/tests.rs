@@ -805,6 +805,45 @@ async fn disabling_2fa_withdraws_the_backup_code_download() {
 // ---------------------------------------------------------------------------------------
 // App passwords (cases 69–74)
 
+/// Issue 13 item 12: a label with a bidi control ("U+202E gnp.exe" shows as "exe.png"),
+/// an invisible or a control character is refused with the reason; the form comes back
+/// with what was typed, and nothing is created.
+#[tokio::test]
+async fn labels_with_bidi_invisible_or_control_characters_are_refused_and_kept_in_the_form() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let typed = "\u{202E}gnp.exe";
+    let r = c.post("/app-passwords", &[("label", typed), ("scope_imap", "1")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "location {:?}; body: {}", r.location(), r.body);
+    assert!(
+        r.body.contains("The app password was not created: the label contains U+202E, a bidirectional text control"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains(&format!("value=\"{typed}\" aria-invalid=\"true\"")), "typed label not kept: {}", r.body);
+    assert!(r.body.contains(r#"name="scope_imap" value="1" checked>"#), "{}", r.body);
+    assert!(r.body.contains(r#"name="scope_smtp" value="1">"#), "an unticked scope came back ticked: {}", r.body);
+    assert_eq!(env.app_password_count(ALICE), 0);
+    for (typed, why) in [
+        ("Lap\u{200B}top", "U+200B, an invisible formatting character"),
+        ("\u{FEFF}Phone", "U+FEFF, an invisible formatting character"),
+        ("Lap\u{00AD}top", "U+00AD, an invisible formatting character"),
+        ("a\u{2067}b", "U+2067, a bidirectional text control"),
+        ("Tab\there", "U+0009, a control character"),
+    ] {
+        let r = c.post("/app-passwords", &[("label", typed), ("scope_imap", "1"), ("scope_smtp", "1")]).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{typed:?}");
+        assert!(r.body.contains(why), "{typed:?}: {}", r.body);
+        assert!(r.body.contains(&format!("value=\"{}\"", typed.replace('"', "&quot;"))), "{typed:?}");
+    }
+    assert_eq!(env.app_password_count(ALICE), 0);
+    // The refused page's form works: a clean label is accepted.
+    c.post("/app-passwords", &[("label", "gnp.exe"), ("scope_imap", "1")]).await.assert_ok();
+    assert_eq!(env.store.list_app_passwords(ALICE).unwrap()[0].label, "gnp.exe");
+}
+
 #[tokio::test]
 async fn app_password_create_list_and_revoke() {
     let env = Env::new();
