@@ -172,8 +172,81 @@ pub fn fmt_time(t: u64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 
-/// Creates an app password for `email` (label checked, scopes defaulting to both);
-/// durable on return. Shared by the CLI and the web step.
+/// The longest app-password label, in characters.
+pub const MAX_LABEL_CHARS: usize = 64;
+
+/// A character, shown as `U+XXXX` (an error message must not contain the character it
+/// refuses: a bidi control in it would reorder the message itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodePoint(pub char);
+
+impl std::fmt::Display for CodePoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "U+{:04X}", u32::from(self.0))
+    }
+}
+
+/// Why an app-password label is refused ([`check_label`]). Labels are shown to the account
+/// owner (web page, `app-password list`, audit events) to tell devices apart before one is
+/// revoked, so a label must look like what it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    /// Empty, or white space only.
+    #[error("the label must not be empty")]
+    Empty,
+    /// More than [`MAX_LABEL_CHARS`] characters.
+    #[error("the label must be at most {MAX_LABEL_CHARS} characters")]
+    TooLong,
+    /// A control character (Unicode category Cc: tab, newline, escape, ...): it breaks the
+    /// tab-separated list and can drive a terminal.
+    #[error("the label contains {0}, a control character; leave it out")]
+    Control(CodePoint),
+    /// A bidirectional text control: it reorders what follows, so that "U+202E gnp.exe"
+    /// shows as "exe.png".
+    #[error(
+        "the label contains {0}, a bidirectional text control, which can make a label show as something it is not \
+         (\"exe.png\" for \"gnp.exe\"); leave it out"
+    )]
+    Bidi(CodePoint),
+    /// Another invisible character (category Cf: zero-width space and joiners, soft
+    /// hyphen, byte order mark, ...; or a line or paragraph separator, Zl/Zp): two labels
+    /// that look the same could differ.
+    #[error("the label contains {0}, an invisible formatting character; leave it out")]
+    Invisible(CodePoint),
+}
+
+/// Checks an app-password label, for the CLI and the web step alike; returns it without
+/// surrounding white space. 1 to [`MAX_LABEL_CHARS`] characters, none of them a control
+/// character (Cc), a bidirectional text control (U+202A–U+202E, U+2066–U+2069, U+200E,
+/// U+200F, U+061C) or another invisible one (Cf, Zl, Zp). General categories come from the
+/// `unicode-properties` tables.
+pub fn check_label(label: &str) -> Result<&str, LabelError> {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
+    let label = label.trim();
+    if label.is_empty() {
+        return Err(LabelError::Empty);
+    }
+    for c in label.chars() {
+        // Every bidi control is also Cf: named first, for the clearer message.
+        if matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}') {
+            return Err(LabelError::Bidi(CodePoint(c)));
+        }
+        match c.general_category() {
+            GeneralCategory::Control => return Err(LabelError::Control(CodePoint(c))),
+            GeneralCategory::Format | GeneralCategory::LineSeparator | GeneralCategory::ParagraphSeparator => {
+                return Err(LabelError::Invisible(CodePoint(c)));
+            }
+            _ => {}
+        }
+    }
+    if label.chars().count() > MAX_LABEL_CHARS {
+        return Err(LabelError::TooLong);
+    }
+    Ok(label)
+}
+
+/// Creates an app password for `email` (label checked by [`check_label`], scopes
+/// defaulting to both); durable on return. Shared by the CLI and the web step.
 pub fn create_app_password(
     store: &dyn Store,
     email: &str,
@@ -181,10 +254,7 @@ pub fn create_app_password(
     scopes: Vec<Scope>,
     by: &str,
 ) -> Result<(app_password::NewAppPassword, String, Vec<Scope>), String> {
-    let label = label.trim().to_string();
-    if label.is_empty() || label.chars().count() > 64 || label.chars().any(char::is_control) {
-        return Err("the label must be 1 to 64 characters without control characters".into());
-    }
+    let label = check_label(label).map_err(|e| e.to_string())?.to_string();
     let mut scopes = if scopes.is_empty() { vec![Scope::Imap, Scope::Smtp] } else { scopes };
     scopes.sort();
     scopes.dedup();
@@ -549,5 +619,73 @@ pub mod socket {
         let mut resp = String::new();
         std::io::BufReader::new(conn).read_line(&mut resp).map_err(|e| format!("admin socket: {e}"))?;
         serde_json::from_str(&resp).map(Some).map_err(|e| format!("admin socket: bad answer: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 13 item 12: labels that do not look like what they are are refused, each
+    /// with a message naming the character by its code point.
+    #[test]
+    fn labels_with_bidi_invisible_or_control_characters_are_refused() {
+        for (label, want) in [
+            ("\u{202E}gnp.exe", LabelError::Bidi(CodePoint('\u{202E}'))),
+            ("Phone \u{202A}x", LabelError::Bidi(CodePoint('\u{202A}'))),
+            ("a\u{202B}b", LabelError::Bidi(CodePoint('\u{202B}'))),
+            ("a\u{202C}b", LabelError::Bidi(CodePoint('\u{202C}'))),
+            ("a\u{202D}b", LabelError::Bidi(CodePoint('\u{202D}'))),
+            ("a\u{2066}b", LabelError::Bidi(CodePoint('\u{2066}'))),
+            ("a\u{2067}b", LabelError::Bidi(CodePoint('\u{2067}'))),
+            ("a\u{2068}b", LabelError::Bidi(CodePoint('\u{2068}'))),
+            ("a\u{2069}b", LabelError::Bidi(CodePoint('\u{2069}'))),
+            ("a\u{200E}b", LabelError::Bidi(CodePoint('\u{200E}'))),
+            ("a\u{200F}b", LabelError::Bidi(CodePoint('\u{200F}'))),
+            ("a\u{061C}b", LabelError::Bidi(CodePoint('\u{061C}'))),
+            ("Lap\u{200B}top", LabelError::Invisible(CodePoint('\u{200B}'))),
+            ("Lap\u{200C}top", LabelError::Invisible(CodePoint('\u{200C}'))),
+            ("Lap\u{200D}top", LabelError::Invisible(CodePoint('\u{200D}'))),
+            ("\u{FEFF}Laptop", LabelError::Invisible(CodePoint('\u{FEFF}'))),
+            ("Lap\u{2060}top", LabelError::Invisible(CodePoint('\u{2060}'))),
+            ("Lap\u{2064}top", LabelError::Invisible(CodePoint('\u{2064}'))),
+            ("Lap\u{00AD}top", LabelError::Invisible(CodePoint('\u{00AD}'))),
+            ("Lap\u{E0041}top", LabelError::Invisible(CodePoint('\u{E0041}'))),
+            ("Lap\u{2028}top", LabelError::Invisible(CodePoint('\u{2028}'))),
+            ("Lap\ttop", LabelError::Control(CodePoint('\t'))),
+            ("Lap\ntop", LabelError::Control(CodePoint('\n'))),
+            ("Lap\u{1B}[31mtop", LabelError::Control(CodePoint('\u{1B}'))),
+            ("Lap\u{0}top", LabelError::Control(CodePoint('\u{0}'))),
+            ("Lap\u{7F}top", LabelError::Control(CodePoint('\u{7F}'))),
+            ("Lap\u{85}top", LabelError::Control(CodePoint('\u{85}'))),
+            ("", LabelError::Empty),
+            (" \t ", LabelError::Empty),
+            (&"x".repeat(MAX_LABEL_CHARS + 1), LabelError::TooLong),
+        ] {
+            assert_eq!(check_label(label), Err(want.clone()), "{label:?}");
+        }
+        let e = check_label("\u{202E}gnp.exe").unwrap_err().to_string();
+        assert!(e.contains("U+202E") && e.contains("bidirectional text control"), "{e}");
+        assert!(!e.contains('\u{202E}'), "the message carries the character itself: {e:?}");
+        assert!(check_label("a\u{200B}b").unwrap_err().to_string().contains("U+200B, an invisible"));
+        assert!(check_label("a\u{7}b").unwrap_err().to_string().contains("U+0007, a control character"));
+    }
+
+    #[test]
+    fn ordinary_labels_in_any_script_are_accepted_and_trimmed() {
+        for (label, want) in [
+            ("Thunderbird laptop", "Thunderbird laptop"),
+            ("  Phone  ", "Phone"),
+            ("Téléphone de Zoë", "Téléphone de Zoë"),
+            ("هاتف", "هاتف"),
+            ("עבודה", "עבודה"),
+            ("携帯電話", "携帯電話"),
+            ("Ноутбук", "Ноутбук"),
+            ("iPad 📱", "iPad 📱"),
+            ("👩\u{1F3FD}", "👩\u{1F3FD}"),
+        ] {
+            assert_eq!(check_label(label), Ok(want), "{label:?}");
+        }
+        assert!(check_label(&"é".repeat(MAX_LABEL_CHARS)).is_ok(), "the limit counts characters, not bytes");
     }
 }

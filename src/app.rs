@@ -155,12 +155,15 @@ pub async fn run(
     }
     let key = Arc::new(key);
     let auth = Authenticator::new(store.clone(), config.limits.max_concurrent_hashes)
+        .with_ipv6_prefix(config.limits.ipv6_prefix)
         .with_failure_delays(config.limits.auth_failure_delay, config.limits.ip_penalty_max)
         .with_shared_failure_counts(key.clone())
         .with_upstream_check(config.accounts.clone(), connector.clone())
         .with_verify_cache(config.accounts.verify_cache);
-    let limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
-    let web_limits = ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
+    let limits =
+        ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip, config.limits.ipv6_prefix);
+    let web_limits =
+        ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip, config.limits.ipv6_prefix);
     let service = Arc::new(ImapService {
         config: config.clone(),
         acceptor,
@@ -186,7 +189,8 @@ pub async fn run(
         auth: smtp.auth.clone(),
         key: key.clone(),
         sessions: sessions.clone(),
-        web_sessions: crate::web::WebSessions::new(store.clone(), key.clone()),
+        web_sessions: crate::web::WebSessions::new(store.clone(), key.clone())
+            .with_ipv6_prefix(config.limits.ipv6_prefix),
         clock: Arc::new(crate::auth::clock::SystemClock),
     });
     let router = crate::web::router(web);

@@ -397,6 +397,11 @@ struct RawLimits {
     max_sessions_per_user_ip: usize,
     #[serde(default = "d_imap_idle")]
     imap_idle_timeout_secs: u64,
+    #[serde(default = "d_ipv6_prefix")]
+    ipv6_prefix: u64,
+}
+fn d_ipv6_prefix() -> u64 {
+    u64::from(crate::addr::DEFAULT_IPV6_PREFIX)
 }
 fn d_imap_idle() -> u64 {
     IMAP_IDLE_MIN_SECS
@@ -443,6 +448,7 @@ impl Default for RawLimits {
             max_concurrent_hashes: d_max_hashes(),
             max_sessions_per_user_ip: d_max_user_ip(),
             imap_idle_timeout_secs: d_imap_idle(),
+            ipv6_prefix: d_ipv6_prefix(),
         }
     }
 }
@@ -517,6 +523,9 @@ pub struct Limits {
     /// A logged-in IMAP client that sends nothing for this long is logged out
     /// (RFC 9051 §5.4: at least 30 minutes; IDLE clients re-issue IDLE within 29).
     pub imap_idle_timeout: Duration,
+    /// IPv6 clients are counted per prefix of this length (1..=128) by the per-address
+    /// limits: a client picks any address in its /64 at no cost (see [`crate::addr`]).
+    pub ipv6_prefix: u8,
 }
 
 /// The validated configuration.
@@ -638,6 +647,15 @@ impl Config {
                 ));
             } else {
                 Duration::from_secs(l.imap_idle_timeout_secs)
+            },
+            ipv6_prefix: match u8::try_from(l.ipv6_prefix) {
+                Ok(p @ 1..=128) => p,
+                _ => {
+                    return Err(invalid(
+                        "limits.ipv6_prefix",
+                        "must be between 1 and 128 (the IPv6 prefix length counted as one client, usually 64)",
+                    ));
+                }
             },
         };
         let a = raw.accounts;
@@ -849,6 +867,9 @@ mod tests {
             ("[server]\npublic_url = \"ftp://x\"", "server.public_url"),
             ("[limits]\npreauth_timeout_secs = 0", "limits.preauth_timeout_secs"),
             ("[limits]\nimap_idle_timeout_secs = 600", "limits.imap_idle_timeout_secs"),
+            ("[limits]\nipv6_prefix = 0", "limits.ipv6_prefix"),
+            ("[limits]\nipv6_prefix = 129", "limits.ipv6_prefix"),
+            ("[limits]\nipv6_prefix = 4294967296", "limits.ipv6_prefix"),
             ("[proxy_protocol]\nimap = true", "proxy_protocol.trusted"),
             ("[store]\nbackend = \"mysql\"", "store.backend"),
             ("[store]\nbackend = \"postgres\"", "store.url"),
@@ -860,6 +881,15 @@ mod tests {
         }
         let e = Config::from_toml_str("[upstream.imap]\ntls = \"maybe\"", "t").unwrap_err().to_string();
         assert!(e.contains("tls") && e.contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_prefix_defaults_to_64_and_takes_1_to_128() {
+        assert_eq!(Config::from_raw(RawConfig::default()).unwrap().limits.ipv6_prefix, 64);
+        for p in [1u8, 48, 56, 128] {
+            let c = Config::from_toml_str(&format!("[limits]\nipv6_prefix = {p}"), "t").unwrap();
+            assert_eq!(c.limits.ipv6_prefix, p);
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!
 //! # Layout
 //! * `secret`: secret newtypes (redacted, zeroized, constant-time compared). Leaf.
+//! * `addr`: the client address key every per-address limit counts by. Leaf.
 //! * `config`: the TOML configuration, validated before any port opens.
 //! * `proto`: sans-IO protocol state machines (IMAP pre-auth, SASL, upstream login). No I/O.
 //! * `auth`: credential checks, app passwords, password hashing, TOTP secrets.
@@ -24,6 +25,7 @@
 //! * `admin`: what the CLI does, and the admin socket.
 //! * `app`: wiring.
 
+pub mod addr;
 pub mod admin;
 pub mod app;
 pub mod auth;

@@ -54,6 +54,34 @@ fn commands_work_while_serving_and_errors_are_named() {
     assert!(!mg.cli(&["user", "unlock", "nobody@example.com"]).status.success());
 }
 
+/// Issue 13 item 12: `--label $'\u202egnp.exe'` ("exe.png" on screen) and labels with other
+/// invisible or control characters are refused with a message naming the character, and
+/// nothing is created: through a running server and on the store directly.
+#[test]
+fn labels_with_bidi_invisible_or_control_characters_are_refused() {
+    let mut mg = Mailgate::start(Options::default());
+    mg.add_user("alice@example.com", "alice-account-pw");
+    for serving in [true, false] {
+        if !serving {
+            mg.stop();
+        }
+        for (label, why) in [
+            ("\u{202e}gnp.exe", "the label contains U+202E, a bidirectional text control"),
+            ("Lap\u{200b}top", "the label contains U+200B, an invisible formatting character"),
+            ("Lap\u{1b}[8mtop", "the label contains U+001B, a control character"),
+        ] {
+            let out = mg.cli(&["app-password", "create", "alice@example.com", "--label", label]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "serving={serving} {label:?} was accepted: {stderr}");
+            assert!(stderr.contains(why), "serving={serving} {label:?}: {stderr}");
+            assert!(!stderr.contains('\u{202e}'), "the message reorders itself: {stderr:?}");
+            assert!(!String::from_utf8_lossy(&out.stdout).contains("created app password"));
+        }
+        let list = mg.ok(&["app-password", "list", "alice@example.com"]);
+        assert!(list.contains("has no app passwords"), "serving={serving}: {list}");
+    }
+}
+
 #[test]
 fn commands_work_without_a_server_and_survive_a_restart() {
     let mut mg = Mailgate::start(Options::default());

@@ -54,8 +54,9 @@ fn web_sessions_are_shared_by_the_nodes() {
     let key = Arc::new(SecretKey::from_bytes(&[9; 32]).unwrap());
     let (a, b) = (WebSessions::new(open(&url), key.clone()), WebSessions::new(open(&url), key));
     suite::web_sessions(&a, &b);
+    suite::anonymous_web_sessions_are_capped_per_client(&a, &b);
     // A TOTP secret being enrolled and the form token are sealed in the table.
-    let id = a.create(10).unwrap();
+    let id = a.create(10, "192.0.2.1".parse().unwrap()).unwrap();
     a.with(&id, 10, |s| s.pending_totp = Some(("JBSWY3DPEHPK3PXP".to_string().into(), 10))).unwrap();
     let csrf = a.with(&id, 10, |s| s.csrf.clone()).unwrap();
     let db = url.rsplit('/').next().unwrap().to_string();
@@ -70,13 +71,18 @@ fn web_sessions_are_shared_by_the_nodes() {
         sealed: "x".into(),
         username: (!anonymous).then(|| "a@x".to_string()),
         anonymous,
+        client_key: None,
         last_seen,
         expires_at,
     };
-    shared.insert_web_session("old", &row(false, 1, 50), 1, Some(3)).unwrap();
-    shared.insert_web_session("signed", &row(false, 1, 500), 1, Some(3)).unwrap();
+    // No cap per client here (`usize::MAX`): these rows test the purge.
+    let insert = |key: &str, row: &WebSessionRow, now: u64, purge: Option<usize>| {
+        shared.insert_web_session(key, row, now, usize::MAX, purge).unwrap()
+    };
+    insert("old", &row(false, 1, 50), 1, Some(3));
+    insert("signed", &row(false, 1, 500), 1, Some(3));
     for n in 0..5u64 {
-        shared.insert_web_session(&format!("anon{n}"), &row(true, 100 + n, 500), 100, Some(3)).unwrap();
+        insert(&format!("anon{n}"), &row(true, 100 + n, 500), 100, Some(3));
     }
     let left: Vec<String> = (0..5)
         .map(|n| format!("anon{n}"))
@@ -84,9 +90,9 @@ fn web_sessions_are_shared_by_the_nodes() {
         .filter(|k| shared.get_web_session(k).unwrap().is_some())
         .collect();
     assert_eq!(left, ["anon2", "anon3", "anon4", "signed"]);
-    shared.insert_web_session("unpurged", &row(true, 99, 500), 100, None).unwrap();
+    insert("unpurged", &row(true, 99, 500), 100, None);
     assert!(shared.get_web_session("unpurged").unwrap().is_some(), "purged without being asked");
-    shared.insert_web_session("anon5", &row(true, 105, 500), 100, Some(3)).unwrap();
+    insert("anon5", &row(true, 105, 500), 100, Some(3));
     for (k, kept) in [("unpurged", false), ("anon2", false), ("anon4", true), ("anon5", true)] {
         assert_eq!(shared.get_web_session(k).unwrap().is_some(), kept, "{k}");
     }
@@ -100,6 +106,52 @@ fn web_sessions_are_shared_by_the_nodes() {
     assert!(shared.get_web_session("renamed").unwrap().is_some());
     shared.delete_web_sessions_of("a@x", None).unwrap();
     assert!(shared.get_web_session("renamed").unwrap().is_none());
+}
+
+/// Issue 13 item 9 on the store's side: on every insert of an anonymous session, the
+/// anonymous sessions of its client beyond the cap go, least recently seen first, the new
+/// one always kept; other clients' sessions, signed-in ones of the same client and rows
+/// without a client key (stored before schema 3) are never touched; the key round-trips.
+#[test]
+fn anonymous_web_sessions_are_capped_per_client_in_the_table() {
+    use mailgate::store::WebSessionRow;
+    let pg = Postgres::start();
+    let url = fresh_db(&pg);
+    let store = open(&url);
+    let shared = store.web_sessions().unwrap();
+    let flooder: std::net::IpAddr = "2001:db8:1:2::".parse().unwrap();
+    let other: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+    let row = |anonymous: bool, client_key: Option<std::net::IpAddr>, last_seen: u64| WebSessionRow {
+        sealed: "x".into(),
+        username: (!anonymous).then(|| "a@x".to_string()),
+        anonymous,
+        client_key,
+        last_seen,
+        expires_at: 10_000,
+    };
+    let insert = |key: &str, row: &WebSessionRow| shared.insert_web_session(key, row, 100, 3, None).unwrap();
+    let live = |key: &str| shared.get_web_session(key).unwrap().is_some();
+    insert("other", &row(true, Some(other), 1));
+    insert("legacy", &row(true, None, 1));
+    insert("signed", &row(false, Some(flooder), 1));
+    for n in 0..3u64 {
+        insert(&format!("f{n}"), &row(true, Some(flooder), 10 + n));
+    }
+    assert!(["f0", "f1", "f2"].iter().all(|k| live(k)), "trimmed below the cap");
+    // Seen at the same time as the newest, and at an older time: the new one stays.
+    insert("f3", &row(true, Some(flooder), 12));
+    insert("f4", &row(true, Some(flooder), 5));
+    for (k, kept) in [("f0", false), ("f1", false), ("f2", true), ("f3", true), ("f4", true)] {
+        assert_eq!(live(k), kept, "{k}");
+    }
+    for k in ["other", "legacy", "signed"] {
+        assert!(live(k), "{k} went");
+    }
+    assert_eq!(shared.get_web_session("f2").unwrap().unwrap().0.client_key, Some(flooder));
+    assert_eq!(shared.get_web_session("legacy").unwrap().unwrap().0.client_key, None);
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let n = pg.psql_db(&db, "SELECT count(*) FROM web_sessions WHERE client_key = '2001:db8:1:2::' AND anonymous");
+    assert_eq!(n.trim(), "3");
 }
 
 #[test]
@@ -117,7 +169,7 @@ fn nodes_starting_together_migrate_once_and_a_newer_schema_is_refused() {
     }
     let db = url.rsplit('/').next().unwrap().to_string();
     let versions = pg.psql_db(&db, "SELECT count(*) FROM mailgate_schema");
-    assert_eq!(versions.trim(), "2", "two migrations applied {versions} times");
+    assert_eq!(versions.trim(), "4", "four migrations applied {versions} times");
     pg.psql_db(&db, "INSERT INTO mailgate_schema VALUES (99)");
     match PgStore::open(&url, None) {
         Err(StoreError::Schema { found: 99 }) => {}

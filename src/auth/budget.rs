@@ -99,7 +99,7 @@ fn address_budget(secret: Secret, ip: IpAddr) -> Budget {
         Secret::AccountPassword => (PASSWORD_PER_ADDRESS, PASSWORD_PER_ADDRESS_REFILL),
         Secret::SecondFactor => (CODE_PER_ADDRESS, CODE_PER_ADDRESS_REFILL),
     };
-    Budget { key: format!("{}-ip:{}", secret.prefix(), crate::auth::throttle::ip_key(ip)), burst, refill_secs }
+    Budget { key: format!("{}-ip:{}", secret.prefix(), ip), burst, refill_secs }
 }
 
 fn account_budget(secret: Secret, username: &str) -> Budget {
@@ -113,12 +113,12 @@ fn account_budget(secret: Secret, username: &str) -> Budget {
 /// The key under which an account's familiar address is remembered. Names are escaped
 /// (a client may send any bytes as a name; the keys are text in PostgreSQL).
 fn familiar_key(username: &str, ip: IpAddr) -> String {
-    format!("{} {}", username.escape_debug(), crate::auth::throttle::ip_key(ip))
+    format!("{} {ip}", username.escape_debug())
 }
 
 impl Budgets {
-    /// Takes a slot for one guess of `secret` of `username` from `ip`, before it is
-    /// compared. `Ok(Err(_))`: a budget is empty, so the guess must be refused uncompared.
+    /// Takes a slot for one guess of `secret` of `username` from the client `ip` (its
+    /// client key, [`crate::addr::client_key`]), before it is compared. `Ok(Err(_))`: a budget is empty, so the guess must be refused uncompared.
     pub fn take(
         store: &dyn Store,
         secret: Secret,
@@ -266,11 +266,11 @@ mod tests {
     fn refill_and_settling() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
-        let a = ip("2001:db8::1");
+        let a = ip("2001:db8::");
         for _ in 0..CODE_PER_ADDRESS {
             Budgets::take(&s, Secret::SecondFactor, "a@x", a, 0).unwrap().unwrap().wrong();
         }
-        let same_64 = ip("2001:db8::ffff");
+        let same_64 = ip("2001:db8::"); // the client key of 2001:db8::ffff
         assert_eq!(
             Budgets::take(&s, Secret::SecondFactor, "b@x", same_64, 0).unwrap().unwrap_err(),
             Exhausted::Address

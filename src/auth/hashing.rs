@@ -25,7 +25,7 @@ pub const MAX_WAITING: usize = 16_384;
 /// Who a job is for: the fairness unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Owner {
-    /// A client address, as keyed by [`crate::auth::throttle::ip_key`].
+    /// A client, by its client key ([`crate::addr::client_key`]).
     Address(IpAddr),
     /// The admin socket (imports, password changes).
     Admin,

@@ -276,6 +276,8 @@ pub struct Authenticator {
     refusals: Arc<refusals::RefusalLog>,
     /// The time of the guess budgets.
     clock: Arc<dyn clock::Clock>,
+    /// IPv6 clients are one client per prefix of this length (`[limits] ipv6_prefix`).
+    v6_prefix: u8,
 }
 
 struct UpstreamMode {
@@ -320,7 +322,20 @@ impl Authenticator {
             app_cache: None,
             refusals: Arc::new(refusals::RefusalLog::default()),
             clock: Arc::new(clock::SystemClock),
+            v6_prefix: crate::addr::DEFAULT_IPV6_PREFIX,
         }
+    }
+
+    /// Counts IPv6 clients per prefix of `bits` in every per-address limit (budgets,
+    /// hashing turns, failure delays). Call before [`Authenticator::with_failure_delays`].
+    pub fn with_ipv6_prefix(mut self, bits: u8) -> Authenticator {
+        self.v6_prefix = bits;
+        self
+    }
+
+    /// The key `ip` is counted under.
+    fn client(&self, ip: IpAddr) -> IpAddr {
+        crate::addr::client_key(ip, self.v6_prefix)
     }
 
     /// The clock of the guess budgets (tests move it).
@@ -353,7 +368,7 @@ impl Authenticator {
 
     /// Failure delays: `base` for a first failure, doubling per address up to `max`.
     pub fn with_failure_delays(mut self, base: Duration, max: Duration) -> Authenticator {
-        self.throttle = Arc::new(throttle::Throttle::new(base, max));
+        self.throttle = Arc::new(throttle::Throttle::new(base, max).with_ipv6_prefix(self.v6_prefix));
         self
     }
 
@@ -444,7 +459,8 @@ impl Authenticator {
         let store = self.store.clone();
         let user = username.to_string();
         let now = self.clock.now();
-        let taken = self.blocking(move || budget::Budgets::take(store.as_ref(), secret, &user, ip, now)).await;
+        let client = self.client(ip);
+        let taken = self.blocking(move || budget::Budgets::take(store.as_ref(), secret, &user, client, now)).await;
         match taken {
             Some(Ok(Ok(t))) => Ok(t),
             Some(Ok(Err(which))) => {
@@ -510,6 +526,7 @@ impl Authenticator {
             self.settle(t, Outcome::Right).await;
         }
         let accounts = mode.accounts.clone();
+        let client = self.client(ip);
         self.blocking(move || {
             let Some(account) = ensure_account(store.as_ref(), &accounts, &username) else {
                 return Verdict::Denied;
@@ -524,7 +541,7 @@ impl Authenticator {
                 "login",
                 format!("{who} with the account password (checked upstream)"),
             );
-            budget::Budgets::signed_in(store.as_ref(), &account.username, ip, now_unix());
+            budget::Budgets::signed_in(store.as_ref(), &account.username, client, now_unix());
             Verdict::Granted(Authenticated {
                 username: account.username.clone(),
                 app_password_id: None,
@@ -543,7 +560,7 @@ impl Authenticator {
         ip: IpAddr,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
-        let owner = hashing::Owner::Address(throttle::ip_key(ip));
+        let owner = hashing::Owner::Address(self.client(ip));
         self.hash(owner, f).await
     }
 
@@ -647,6 +664,7 @@ impl Authenticator {
         if let Some(cache) = &self.app_cache
             && let Some(v) = cached_app_password(store.as_ref(), cache, &username, &creds.password, protocol, peer)
         {
+            self.note_signed_in(&v, peer.ip).await;
             return v;
         }
         let app_password_of_account = app_password::parse(creds.password.expose())
@@ -672,7 +690,10 @@ impl Authenticator {
             })
             .await
             .unwrap_or(Verdict::Unavailable);
-        let Some(ticket) = ticket else { return verdict };
+        let Some(ticket) = ticket else {
+            self.note_signed_in(&verdict, peer.ip).await;
+            return verdict;
+        };
         match verdict {
             Verdict::CheckUpstream(mut check) => {
                 check.ticket = Some(ticket);
@@ -691,6 +712,18 @@ impl Authenticator {
                 self.settle(ticket, outcome).await;
                 v
             }
+        }
+    }
+}
+
+impl Authenticator {
+    /// A login granted without a guess-budget slot (an app password): its address becomes
+    /// familiar to the account (a slot's settlement does this for the others).
+    async fn note_signed_in(&self, verdict: &Verdict, ip: IpAddr) {
+        if let Verdict::Granted(a) = verdict {
+            let (store, user, client, now) =
+                (self.store.clone(), a.username.clone(), self.client(ip), self.clock.now());
+            self.blocking(move || budget::Budgets::signed_in(store.as_ref(), &user, client, now)).await;
         }
     }
 }
@@ -842,7 +875,6 @@ fn grant_app_password(
         tracing::warn!(error = %e, "last-use write failed");
     }
     audit("login", format!("{} with app password {} ({})", who(peer, protocol), rec.label, rec.id));
-    budget::Budgets::signed_in(store, &account.username, peer.ip, used.at);
     Verdict::Granted(Authenticated {
         username: account.username.clone(),
         app_password_id: Some(rec.id),
@@ -916,7 +948,6 @@ fn decide_account(
         return Verdict::NeedsAppPassword;
     }
     audit("login", format!("{who} with the account password"));
-    budget::Budgets::signed_in(store, &account.username, peer.ip, now_unix());
     Verdict::Granted(Authenticated {
         username: account.username.clone(),
         app_password_id: None,

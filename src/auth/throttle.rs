@@ -1,6 +1,6 @@
 //! Failure throttling shared by IMAP, SMTP and the web step (SECURITY.md §H).
 //!
-//! * Per client address (IPv4, or the IPv6 /48): each failed login makes the next refusal
+//! * Per client (IPv4 address, or IPv6 prefix: `[limits] ipv6_prefix`, /64 by default): each failed login makes the next refusal
 //!   wait longer — the base delay, doubling, capped (Dovecot's auth penalty: 2, 4, 8, 15 s).
 //!   Repeating the *same* wrong user + secret (a misconfigured client) does not raise it.
 //!   A success from the address clears it; it fades after an hour without failures.
@@ -51,6 +51,8 @@ pub struct Throttle {
     key: aws_lc_rs::hmac::Key,
     map: Mutex<HashMap<Key, Entry>>,
     shared: OnceLock<Shared>,
+    /// IPv6 clients are counted per prefix of this length ([`crate::addr::client_key`]).
+    v6_prefix: u8,
 }
 
 /// Counts in a store shared by the nodes; tags under a key all nodes have.
@@ -65,17 +67,6 @@ impl std::fmt::Debug for Throttle {
     }
 }
 
-/// The address as throttled: IPv4 as is, IPv6 by its /48 (a /64 is easy to rotate through).
-pub fn ip_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0))
-        }
-        v4 => v4,
-    }
-}
-
 impl Throttle {
     /// `base`: the delay of a first failure; `max`: the cap of the address penalty.
     pub fn new(base: Duration, max: Duration) -> Throttle {
@@ -87,7 +78,18 @@ impl Throttle {
             key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k),
             map: Mutex::new(HashMap::new()),
             shared: OnceLock::new(),
+            v6_prefix: crate::addr::DEFAULT_IPV6_PREFIX,
         }
+    }
+
+    /// Counts IPv6 clients per prefix of `bits` (`[limits] ipv6_prefix`).
+    pub fn with_ipv6_prefix(mut self, bits: u8) -> Throttle {
+        self.v6_prefix = bits;
+        self
+    }
+
+    fn ip_key(&self, ip: IpAddr) -> IpAddr {
+        crate::addr::client_key(ip, self.v6_prefix)
     }
 
     /// Keeps the counts in `store` if it is shared by several nodes (else nothing changes).
@@ -104,7 +106,7 @@ impl Throttle {
         let counts = shared.store.failure_counts()?;
         let tag = shared.key.tag(&[username.as_bytes(), secret]);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
-        match counts.count_failures(&shared_keys(ip, username), &tag, now, FORGET_AFTER.as_secs()) {
+        match counts.count_failures(&shared_keys(self.ip_key(ip), username), &tag, now, FORGET_AFTER.as_secs()) {
             Ok(c) => Some((*c.first()?, *c.get(1)?)),
             Err(e) => {
                 tracing::warn!(error = %e, "shared failure counts unavailable; counting on this node");
@@ -161,7 +163,7 @@ impl Throttle {
             e.last_tag = Some(tag.clone());
             e.failures
         };
-        let mut ip_failures = bump(Key::Ip(ip_key(ip)), false);
+        let mut ip_failures = bump(Key::Ip(self.ip_key(ip)), false);
         let mut user_failures = bump(Key::User(username.to_string()), false);
         drop(m);
         if self.base.is_zero() {
@@ -180,17 +182,17 @@ impl Throttle {
     pub fn repeats_last(&self, ip: IpAddr, username: &str, secret: &[u8]) -> bool {
         let tag = self.tag(&crate::auth::normalize_username(username), secret);
         let Ok(m) = self.map.lock() else { return false };
-        m.get(&Key::Ip(ip_key(ip)))
+        m.get(&Key::Ip(self.ip_key(ip)))
             .is_some_and(|e| e.last.elapsed() < FORGET_AFTER && e.last_tag.as_deref() == Some(tag.as_slice()))
     }
 
     /// A successful login: the address's penalty and the account's count are cleared.
     pub fn succeed(&self, ip: IpAddr, username: &str) {
         if let Ok(mut m) = self.map.lock() {
-            m.remove(&Key::Ip(ip_key(ip)));
+            m.remove(&Key::Ip(self.ip_key(ip)));
             m.remove(&Key::User(username.to_string()));
         }
-        self.clear_shared(shared_keys(ip, username));
+        self.clear_shared(shared_keys(self.ip_key(ip), username));
     }
 
     /// Clears an account's in-memory count (admin unlock).
@@ -211,9 +213,9 @@ impl Throttle {
     }
 }
 
-/// The keys of the shared counts: the throttled address, then the account.
-fn shared_keys(ip: IpAddr, username: &str) -> Vec<String> {
-    vec![format!("ip:{}", ip_key(ip)), shared_user_key(username)]
+/// The keys of the shared counts: the client key, then the account.
+fn shared_keys(client: IpAddr, username: &str) -> Vec<String> {
+    vec![format!("ip:{client}"), shared_user_key(username)]
 }
 
 fn shared_user_key(username: &str) -> String {
@@ -253,12 +255,16 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_is_throttled_by_48() {
+    fn ipv6_is_throttled_by_its_prefix() {
         let t = Throttle::new(Duration::from_secs(2), Duration::from_secs(15));
         assert_eq!(t.fail(ip("2001:db8:1:1::1"), "a@x", b"1").as_secs(), 2);
-        assert_eq!(t.fail(ip("2001:db8:1:ffff::9"), "b@x", b"2").as_secs(), 4, "same /48");
-        assert_eq!(t.fail(ip("2001:db8:2::1"), "c@x", b"3").as_secs(), 2, "another /48");
-        assert_eq!(ip_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(t.fail(ip("2001:db8:1:1:ffff::9"), "b@x", b"2").as_secs(), 4, "same /64");
+        assert_eq!(t.fail(ip("2001:db8:1:2::1"), "c@x", b"3").as_secs(), 2, "another /64");
+        let t48 = Throttle::new(Duration::from_secs(2), Duration::from_secs(15)).with_ipv6_prefix(48);
+        assert_eq!(t48.fail(ip("2001:db8:1:1::1"), "a@x", b"1").as_secs(), 2);
+        assert_eq!(t48.fail(ip("2001:db8:1:ffff::9"), "b@x", b"2").as_secs(), 4, "same /48");
+        assert_eq!(t.fail(ip("::ffff:192.0.2.7"), "d@x", b"4").as_secs(), 2);
+        assert_eq!(t.fail(ip("192.0.2.7"), "e@x", b"5").as_secs(), 4, "mapped IPv4 is the same client");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Accept loops: connection caps (global and per client address), one task per connection.
 
+use crate::addr::client_key;
 use crate::proto::proxy;
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,34 +15,45 @@ use tracing::{debug, warn};
 /// Caps on open connections.
 pub struct ConnLimits {
     global: Arc<Semaphore>,
+    /// Open connections per client key ([`client_key`]: an IPv4 address or an IPv6 prefix).
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     max_per_ip: usize,
+    /// IPv6 clients are counted per prefix of this length (`[limits] ipv6_prefix`).
+    v6_prefix: u8,
 }
 
 /// Held while a connection is open.
 pub struct ConnGuard {
     limits: Arc<ConnLimits>,
-    ip: IpAddr,
+    /// The client key the connection is counted under.
+    key: IpAddr,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         if let Ok(mut m) = self.limits.per_ip.lock()
-            && let Some(n) = m.get_mut(&self.ip)
+            && let Some(n) = m.get_mut(&self.key)
         {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.ip);
+                m.remove(&self.key);
             }
         }
     }
 }
 
 impl ConnLimits {
-    /// `max`: all connections; `max_per_ip`: from one address.
-    pub fn new(max: usize, max_per_ip: usize) -> Arc<ConnLimits> {
-        Arc::new(ConnLimits { global: Arc::new(Semaphore::new(max)), per_ip: Mutex::new(HashMap::new()), max_per_ip })
+    /// `max`: all connections; `max_per_ip`: from one client, that is one IPv4 address or
+    /// one IPv6 prefix of `v6_prefix` bits (a client with a /64 would otherwise open
+    /// `max_per_ip` connections from each of its addresses).
+    pub fn new(max: usize, max_per_ip: usize, v6_prefix: u8) -> Arc<ConnLimits> {
+        Arc::new(ConnLimits {
+            global: Arc::new(Semaphore::new(max)),
+            per_ip: Mutex::new(HashMap::new()),
+            max_per_ip,
+            v6_prefix,
+        })
     }
 
     /// A slot for a connection from `ip`, or `None` if a cap is reached.
@@ -52,13 +64,14 @@ impl ConnLimits {
 
     /// The per-address part of [`ConnLimits::admit`], for a connection already counted.
     fn admit_with(self: &Arc<Self>, permit: tokio::sync::OwnedSemaphorePermit, ip: IpAddr) -> Option<ConnGuard> {
+        let key = client_key(ip, self.v6_prefix);
         let mut m = self.per_ip.lock().ok()?;
-        let n = m.entry(ip).or_insert(0);
+        let n = m.entry(key).or_insert(0);
         if *n >= self.max_per_ip {
             return None;
         }
         *n += 1;
-        Some(ConnGuard { limits: self.clone(), ip, _permit: permit })
+        Some(ConnGuard { limits: self.clone(), key, _permit: permit })
     }
 }
 
@@ -186,5 +199,92 @@ pub async fn accept_loop<F, Fut>(
             let _guard = guard;
             fut.await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Issue 13 item 11: a client with an IPv6 /64 is one client for the per-address cap;
+    /// IPv4 and the IPv4-mapped form of the same address are one client too.
+    #[test]
+    fn addresses_in_one_ipv6_prefix_share_the_per_address_cap() {
+        let limits = ConnLimits::new(100, 2, 64);
+        let a = limits.admit(ip("2001:db8:1:2::1")).unwrap();
+        let _b = limits.admit(ip("2001:db8:1:2:ffff:ffff:ffff:fffe")).unwrap();
+        assert!(limits.admit(ip("2001:db8:1:2:abcd::9")).is_none(), "a third address of the /64 got in");
+        // Another /64 is another client.
+        let _c = limits.admit(ip("2001:db8:1:3::1")).unwrap();
+        // A slot given back is free again for any address of the prefix.
+        drop(a);
+        let _d = limits.admit(ip("2001:db8:1:2::77")).unwrap();
+        assert!(limits.admit(ip("2001:db8:1:2::78")).is_none());
+
+        let _v4 = limits.admit(ip("192.0.2.7")).unwrap();
+        let _mapped = limits.admit(ip("::ffff:192.0.2.7")).unwrap();
+        assert!(limits.admit(ip("192.0.2.7")).is_none(), "the IPv4-mapped form is a different client");
+        assert!(limits.admit(ip("192.0.2.8")).is_some(), "IPv4 is counted per address");
+
+        // With `ipv6_prefix = 128` every IPv6 address is its own client again.
+        let full = ConnLimits::new(100, 1, 128);
+        let _e = full.admit(ip("2001:db8::1")).unwrap();
+        assert!(full.admit(ip("2001:db8::2")).is_some());
+        assert!(full.admit(ip("2001:db8::1")).is_none());
+        // Every slot given back: nothing is left counted.
+        drop((_b, _c, _d, _v4, _mapped, _e));
+        assert!(limits.per_ip.lock().unwrap().is_empty());
+    }
+
+    /// The same through the accept loop: the clients arrive through a load balancer
+    /// (PROXY protocol), the only way to get several IPv6 sources onto loopback.
+    #[tokio::test]
+    async fn the_accept_loop_caps_an_ipv6_prefix_as_one_client() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let policy = ProxyPolicy { trusted: vec!["127.0.0.1/32".parse().unwrap()], timeout: Duration::from_secs(5) };
+        let (held_tx, held_rx) = watch::channel(false);
+        tokio::spawn(accept_loop(
+            listener,
+            ConnLimits::new(100, 1, 64),
+            shutdown,
+            Some(Arc::new(policy)),
+            move |mut tcp: TcpStream, client: SocketAddr| {
+                let mut held = held_rx.clone();
+                async move {
+                    let _ = tcp.write_all(format!("hello {}\n", client.ip()).as_bytes()).await;
+                    // Keep the connection (and its slot) until the test ends.
+                    let _ = held.changed().await;
+                }
+            },
+        ));
+        let connect = |source: &'static str| async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(format!("PROXY TCP6 {source} 2001:db8::ff 40000 993\r\n").as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            // The greeting line, or the close of a refused connection.
+            while !got.ends_with(b"\n") {
+                match tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.unwrap().unwrap() {
+                    0 => break,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            (tcp, String::from_utf8(got).unwrap())
+        };
+        let (_first, greeting) = connect("2001:db8:1:2::1").await;
+        assert_eq!(greeting, "hello 2001:db8:1:2::1\n");
+        let (_second, greeting) = connect("2001:db8:1:2::2").await;
+        assert_eq!(greeting, "", "a second address of the same /64 was served");
+        let (_third, greeting) = connect("2001:db8:1:3::1").await;
+        assert_eq!(greeting, "hello 2001:db8:1:3::1\n");
+        let _ = held_tx.send(true);
+        let _ = stop.send(true);
     }
 }

@@ -189,7 +189,7 @@ pub fn export_import_round_trips(s: &dyn Store, empty: &dyn Store) {
 pub fn web_sessions(a: &crate::web::WebSessions, b: &crate::web::WebSessions) {
     use crate::web::session::{IDLE_SECS, SECOND_FACTOR_SECS, Stage};
     let t = 1_000_000;
-    let id = a.create(t).unwrap();
+    let id = a.create(t, VISITOR).unwrap();
     let csrf = a.with(&id, t, |s| s.csrf.clone()).unwrap();
     assert_eq!(b.with(&id, t, |s| s.csrf.clone()), Some(csrf));
     assert!(b.with("no-such-session", t, |_| ()).is_none());
@@ -216,11 +216,11 @@ pub fn web_sessions(a: &crate::web::WebSessions, b: &crate::web::WebSessions) {
 
     // Signed in twice; "sign out everywhere else" from one keeps it and ends the other.
     let signed = |n: &crate::web::WebSessions| {
-        let id = n.create(t).unwrap();
+        let id = n.create(t, VISITOR).unwrap();
         n.with(&id, t, |s| s.stage = Stage::SignedIn { username: "a@x".into(), auth_at: t }).unwrap();
         id
     };
-    let (one, two, other) = (signed(a), signed(b), a.create(t).unwrap());
+    let (one, two, other) = (signed(a), signed(b), a.create(t, VISITOR).unwrap());
     a.with(&other, t, |s| s.stage = Stage::SignedIn { username: "b@x".into(), auth_at: t }).unwrap();
     b.end_all_of("a@x", Some(&two));
     assert!(a.with(&one, t + 1, |_| ()).is_none(), "the other session of a@x lives on");
@@ -234,7 +234,7 @@ pub fn web_sessions(a: &crate::web::WebSessions, b: &crate::web::WebSessions) {
     assert!(a.with(&other, t + 2, |_| ()).is_none());
 
     // Requests of one browser changing its session at once, on both nodes: no change lost.
-    let id = a.create(t).unwrap();
+    let id = a.create(t, VISITOR).unwrap();
     std::thread::scope(|scope| {
         for n in [a, b, a, b] {
             let id = &id;
@@ -285,4 +285,35 @@ pub fn budgets_are_never_overdrawn(s: Arc<dyn Store>, others: &[Arc<dyn Store>])
     for o in &stores {
         assert_eq!(o.familiar_since("a@x 192.0.2.1").unwrap(), Some(500));
     }
+}
+
+/// The address of the web sessions of [`web_sessions`].
+const VISITOR: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7));
+
+/// Anonymous web sessions are capped per client, in memory and in a shared store alike
+/// (issue 13 item 9): a flood of sign-in page visits from the addresses of one IPv6 /64,
+/// spread over both nodes `a` and `b`, keeps only the flood's newest
+/// [`MAX_ANONYMOUS_PER_CLIENT`](crate::web::session::MAX_ANONYMOUS_PER_CLIENT) sessions,
+/// and leaves alone both a visitor from another address (the least recently seen session
+/// of all) and a signed-in session of the flooding client.
+pub fn anonymous_web_sessions_are_capped_per_client(a: &crate::web::WebSessions, b: &crate::web::WebSessions) {
+    use crate::web::session::{MAX_ANONYMOUS_PER_CLIENT, Stage};
+    let flooder = |n: usize| std::net::IpAddr::from([0x2001, 0xdb8, 1, 2, 0, 0, (n >> 16) as u16, n as u16]);
+    let t = 2_000_000;
+    let visitor = a.create(t, VISITOR).unwrap();
+    let signed = b.create(t, flooder(0)).unwrap();
+    b.with(&signed, t, |s| s.stage = Stage::SignedIn { username: "a@x".into(), auth_at: t }).unwrap();
+    let flood: Vec<String> = (0..MAX_ANONYMOUS_PER_CLIENT + 40)
+        .map(|n| {
+            let node = if n % 2 == 0 { a } else { b };
+            node.create(t + 1 + n as u64, flooder(n)).unwrap()
+        })
+        .collect();
+    let now = t + 1 + flood.len() as u64;
+    assert_eq!(b.with(&visitor, now, |s| s.stage.clone()), Some(Stage::Anonymous), "another client's visitor went");
+    assert!(a.with(&signed, now, |_| ()).is_some(), "a signed-in session went");
+    let live: Vec<bool> = flood.iter().map(|id| a.with(id, now, |_| ()).is_some()).collect();
+    let (dropped, kept) = live.split_at(flood.len() - MAX_ANONYMOUS_PER_CLIENT);
+    assert!(kept.iter().all(|l| *l), "the flood's newest sessions were not all kept: {live:?}");
+    assert!(dropped.iter().all(|l| !*l), "the flood kept more than its cap: {live:?}");
 }

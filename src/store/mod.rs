@@ -397,6 +397,9 @@ pub struct WebSessionRow {
     pub username: Option<String>,
     /// Not signed in: these are capped, the least recently seen go first.
     pub anonymous: bool,
+    /// The client that opened it (an IPv4 address or an IPv6 prefix, `addr::client_key`):
+    /// anonymous sessions are also capped per client. `None` in rows stored before keys were.
+    pub client_key: Option<std::net::IpAddr>,
     /// Last request (unix seconds).
     pub last_seen: u64,
     /// When it ends at the latest (unix seconds); purged after that.
@@ -407,7 +410,10 @@ pub struct WebSessionRow {
 /// of a browser (no sticky load balancing needed). Rows are keyed by a hash of the
 /// session id: reading the database does not give anyone a usable cookie.
 pub trait SharedWebSessions: Send + Sync {
-    /// Adds a session. With `purge` (callers ask every so often, it costs a scan), sessions
+    /// Adds a session. If it is anonymous, the least recently seen anonymous sessions of
+    /// its `client_key` beyond `max_per_client` (the new one counted, and kept) are deleted:
+    /// a flood of sign-in page visits from one client only pushes out that client's own
+    /// sessions. With `purge` (callers ask every so often, it costs a scan), sessions
     /// expired at `now` are deleted first, and the least recently seen anonymous ones beyond
     /// `max_anonymous` (a flood of sign-in page visits can never crowd out signed-in people).
     fn insert_web_session(
@@ -415,6 +421,7 @@ pub trait SharedWebSessions: Send + Sync {
         key: &str,
         row: &WebSessionRow,
         now: u64,
+        max_per_client: usize,
         purge: Option<usize>,
     ) -> Result<(), StoreError>;
     /// A session and its version (which counts its changes).

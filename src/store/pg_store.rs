@@ -9,9 +9,11 @@
 //! * `app_passwords(id PK, username → accounts ON DELETE CASCADE, label_key, data,
 //!   last_used)`: JSON [`AppPasswordRecord`]; `UNIQUE(username, label_key)`.
 //! * `audit(seq, username, data)`.
-//! * `web_sessions(key PK, sealed, username, anonymous, last_seen, expires_at, version)`:
-//!   the web step's sessions, so any node serves any request ([`SharedWebSessions`]);
-//!   `key` is a hash of the session id, `sealed` the state sealed with `secret.key`.
+//! * `web_sessions(key PK, sealed, username, anonymous, last_seen, expires_at, version,
+//!   client_key)`: the web step's sessions, so any node serves any request
+//!   ([`SharedWebSessions`]); `key` is a hash of the session id, `sealed` the state sealed
+//!   with `secret.key`, `client_key` the client's address key (`inet`; an IPv6 prefix is
+//!   stored as its first address) for the cap on anonymous sessions per client.
 //! * `failure_counts(key PK, failures, last_at, last_tag)`: per-address and per-account
 //!   failure counts for the login delays ([`SharedFailureCounts`]); `last_tag` is an HMAC
 //!   under a key derived from `secret.key`, never a hash of the password alone.
@@ -93,6 +95,11 @@ const MIGRATIONS: &[(i32, &str)] = &[
     ),
     (
         3,
+        "ALTER TABLE web_sessions ADD COLUMN client_key inet;
+    CREATE INDEX web_sessions_anonymous_by_client ON web_sessions (client_key, last_seen) WHERE anonymous;",
+    ),
+    (
+        4,
         "CREATE TABLE attempts (
         key text PRIMARY KEY,
         used integer NOT NULL,
@@ -780,6 +787,7 @@ impl SharedWebSessions for PgStore {
         key: &str,
         row: &WebSessionRow,
         now: u64,
+        max_per_client: usize,
         purge: Option<usize>,
     ) -> Result<(), StoreError> {
         let (key, row) = (key.to_string(), row.clone());
@@ -796,12 +804,34 @@ impl SharedWebSessions for PgStore {
                 .map_err(pg)?;
             }
             c.execute(
-                "INSERT INTO web_sessions (key, sealed, username, anonymous, last_seen, expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&key, &row.sealed, &row.username, &row.anonymous, &secs(row.last_seen), &secs(row.expires_at)],
+                "INSERT INTO web_sessions (key, sealed, username, anonymous, last_seen, expires_at, client_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &key,
+                    &row.sealed,
+                    &row.username,
+                    &row.anonymous,
+                    &secs(row.last_seen),
+                    &secs(row.expires_at),
+                    &row.client_key,
+                ],
             )
             .await
             .map_err(pg)?;
+            // The cap per client, after the insert: of concurrent inserts for one client
+            // (on any node) each trims after its own row is in, so once they are done the
+            // client has at most `max_per_client`. The new row is kept first, then the most
+            // recently seen (the index on (client_key, last_seen) WHERE anonymous serves it).
+            if let (true, Some(client)) = (row.anonymous, row.client_key) {
+                let keep = i64::try_from(max_per_client).unwrap_or(i64::MAX);
+                c.execute(
+                    "DELETE FROM web_sessions WHERE key IN (SELECT key FROM web_sessions \
+                     WHERE anonymous AND client_key = $1 ORDER BY key = $2 DESC, last_seen DESC OFFSET $3)",
+                    &[&client, &key, &keep],
+                )
+                .await
+                .map_err(pg)?;
+            }
             Ok(())
         })
     }
@@ -811,8 +841,8 @@ impl SharedWebSessions for PgStore {
         self.run(move |c| async move {
             let row = c
                 .query_opt(
-                    "SELECT sealed, username, anonymous, last_seen, expires_at, version FROM web_sessions \
-                     WHERE key = $1",
+                    "SELECT sealed, username, anonymous, last_seen, expires_at, version, client_key \
+                     FROM web_sessions WHERE key = $1",
                     &[&key],
                 )
                 .await
@@ -822,6 +852,7 @@ impl SharedWebSessions for PgStore {
                     sealed: r.get(0),
                     username: r.get(1),
                     anonymous: r.get(2),
+                    client_key: r.get(6),
                     last_seen: u64::try_from(r.get::<_, i64>(3)).unwrap_or(0),
                     expires_at: u64::try_from(r.get::<_, i64>(4)).unwrap_or(0),
                 };
@@ -836,7 +867,7 @@ impl SharedWebSessions for PgStore {
             let n = c
                 .execute(
                     "UPDATE web_sessions SET sealed = $3, username = $4, anonymous = $5, last_seen = $6, \
-                     expires_at = $7, version = version + 1 WHERE key = $1 AND version = $2",
+                     expires_at = $7, client_key = $8, version = version + 1 WHERE key = $1 AND version = $2",
                     &[
                         &key,
                         &version,
@@ -845,6 +876,7 @@ impl SharedWebSessions for PgStore {
                         &row.anonymous,
                         &secs(row.last_seen),
                         &secs(row.expires_at),
+                        &row.client_key,
                     ],
                 )
                 .await

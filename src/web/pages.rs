@@ -68,6 +68,23 @@ struct AccountPage<'a> {
     totp: bool,
     codes_left: usize,
     can_change_password: bool,
+    /// The new-app-password form as sent, when it was refused.
+    draft: Draft,
+}
+
+/// The new-app-password form: empty with both scopes ticked, or as the user sent it with
+/// what was wrong.
+struct Draft {
+    label: String,
+    imap: bool,
+    smtp: bool,
+    error: Option<String>,
+}
+
+impl Default for Draft {
+    fn default() -> Draft {
+        Draft { label: String::new(), imap: true, smtp: true, error: None }
+    }
 }
 
 #[derive(Template)]
@@ -193,12 +210,12 @@ impl Web {
         })
     }
 
-    /// The request's session, or a new one (`true`: the cookie must be set).
-    fn load_or_create(&self, headers: &HeaderMap) -> Option<(Ctx, bool)> {
+    /// The request's session, or a new one for `client` (`true`: the cookie must be set).
+    fn load_or_create(&self, headers: &HeaderMap, client: IpAddr) -> Option<(Ctx, bool)> {
         if let Some(c) = self.load(headers) {
             return Some((c, false));
         }
-        let id = self.web_sessions.create(self.now())?;
+        let id = self.web_sessions.create(self.now(), client)?;
         Some((self.ctx(id)?, true))
     }
 
@@ -385,9 +402,9 @@ pub(super) async fn style() -> Response {
         .into_response()
 }
 
-pub(super) async fn login_form(State(web): W, headers: HeaderMap) -> Response {
+pub(super) async fn login_form(State(web): W, ip: Option<Extension<ClientIp>>, headers: HeaderMap) -> Response {
     // None: too many sessions, or the shared store is unreachable.
-    let Some((ctx, new)) = web.load_or_create(&headers) else { return web.unavailable() };
+    let Some((ctx, new)) = web.load_or_create(&headers, client_ip(&ip)) else { return web.unavailable() };
     if let Stage::SignedIn { .. } = ctx.stage {
         return redirect("/app-passwords");
     }
@@ -671,13 +688,19 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
         Err(r) => return r,
     };
     let Some(ctx) = ctx else { return redirect("/login") };
+    account_page(&web, &ctx, &username, Draft::default())
+}
+
+/// The account page; `draft`: the new-app-password form to show again (422 if it has an
+/// error).
+fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response {
     let store = web.auth.store();
-    let account = match web.account(&username) {
+    let account = match web.account(username) {
         Ok(a) => a,
         Err(r) => return r,
     };
     let passwords = store
-        .list_app_passwords(&username)
+        .list_app_passwords(username)
         .unwrap_or_default()
         .into_iter()
         .map(|r| Row {
@@ -696,7 +719,7 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
             },
         })
         .collect();
-    let stale = admin::stale_devices(store.as_ref(), &username)
+    let stale = admin::stale_devices(store.as_ref(), username)
         .unwrap_or_default()
         .into_iter()
         .map(|(d, at)| format!("{d}, last {}", fmt_time(at)))
@@ -704,7 +727,7 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
     // Someone knew the password but not the second factor (SECURITY.md case 83): say so.
     let since = web.now().saturating_sub(30 * 24 * 3600);
     let failed = store
-        .recent_audit(&username, 200)
+        .recent_audit(username, 200)
         .unwrap_or_default()
         .into_iter()
         .filter(|e| e.kind == "second_factor_failed" && e.at >= since)
@@ -712,11 +735,12 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
         .map(|e| format!("{} (wrong {})", fmt_time(e.at), e.detail))
         .collect();
     let notice = web.take_notice(&ctx.id);
+    let status = if draft.error.is_some() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
     html(
         AccountPage {
             host: web.host(),
             csrf: &ctx.csrf,
-            username: &username,
+            username,
             notice,
             passwords,
             stale,
@@ -724,8 +748,9 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
             totp: account.has_second_factor(),
             codes_left: account.backup_codes.as_ref().map(|c| c.remaining()).unwrap_or(0),
             can_change_password: account.password_hash.is_some() && !web.auth.upstream_mode(),
+            draft,
         },
-        StatusCode::OK,
+        status,
     )
 }
 
@@ -784,6 +809,17 @@ pub(super) async fn create_app_password(
         return redirect("/app-passwords");
     }
     let label = form.get("label").cloned().unwrap_or_default();
+    // Refused labels come back in the form as typed, with the reason (the same check
+    // runs again in admin::create_app_password, for the CLI too).
+    if let Err(e) = admin::check_label(&label) {
+        let draft = Draft {
+            imap: scopes.contains(&Scope::Imap),
+            smtp: scopes.contains(&Scope::Smtp),
+            error: Some(format!("The app password was not created: {e}.")),
+            label,
+        };
+        return account_page(&web, &ctx, &username, draft);
+    }
     let store = web.auth.store().clone();
     let user = username.clone();
     let made = web

@@ -1,11 +1,13 @@
 //! Server-side web sessions: in memory on one node, in the store when nodes share it.
 
+use crate::addr::client_key;
 use crate::auth::crypto::SecretKey;
 use crate::secret::SecretString;
 use crate::store::{Store, WebSessionRow};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use zeroize::{Zeroize, Zeroizing};
@@ -30,6 +32,13 @@ pub const MAX_SESSIONS: usize = 100_000;
 /// this the oldest of them is dropped: a flood of page visits can never keep people
 /// from signing in (it can at most make a slow visitor load the page again).
 pub const MAX_ANONYMOUS: usize = 20_000;
+/// Sessions not signed in yet from one client (an IPv4 address or an IPv6 prefix, see
+/// [`crate::addr`]). Past this, that client's own least recently seen one is dropped, so a
+/// flood of page visits from one address only churns its own sessions and never pushes out
+/// a visitor from another address still typing. 64 leaves room for many people behind one
+/// NAT opening the page within the 30-minute idle time; one who is pushed out by them just
+/// loads the page again.
+pub const MAX_ANONYMOUS_PER_CLIENT: usize = 64;
 
 /// Where a session is in the sign-in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,10 +80,13 @@ pub struct WebSession {
     pub wrong_codes: u32,
     /// A message for the next page.
     pub notice: Option<String>,
+    /// The key of the client that opened the session ([`client_key`]), for the cap on
+    /// anonymous sessions per client. `None` for a shared session stored before keys were.
+    pub client: Option<IpAddr>,
 }
 
 impl WebSession {
-    fn new(csrf: String, now: u64) -> WebSession {
+    fn new(csrf: String, now: u64, client: IpAddr) -> WebSession {
         WebSession {
             csrf,
             created: now,
@@ -84,6 +96,7 @@ impl WebSession {
             shown_codes: None,
             wrong_codes: 0,
             notice: None,
+            client: Some(client),
         }
     }
 
@@ -120,7 +133,9 @@ const TOUCH_SECS: u64 = 30;
 const CAS_ROUNDS: usize = 16;
 /// A shared store purges expired sessions and caps anonymous ones on one new session in
 /// this many (the cap query scans the anonymous sessions), so between purges each node may
-/// add this many more than [`MAX_ANONYMOUS`].
+/// add this many more than [`MAX_ANONYMOUS`]. The cap per client
+/// ([`MAX_ANONYMOUS_PER_CLIENT`]) is applied on every new session: it reads only that
+/// client's sessions.
 const PURGE_EVERY: u64 = 32;
 /// Associated data of a sealed session.
 const SEAL_CONTEXT: &str = "mailgate web session";
@@ -130,6 +145,8 @@ const SEAL_CONTEXT: &str = "mailgate web session";
 /// node serves any request.
 pub struct WebSessions {
     backend: Backend,
+    /// IPv6 clients are one client per prefix of this length (`[limits] ipv6_prefix`).
+    v6_prefix: u8,
 }
 
 enum Backend {
@@ -139,7 +156,7 @@ enum Backend {
 
 impl Default for WebSessions {
     fn default() -> Self {
-        WebSessions { backend: Backend::Memory(Mutex::default()) }
+        WebSessions { backend: Backend::Memory(Mutex::default()), v6_prefix: crate::addr::DEFAULT_IPV6_PREFIX }
     }
 }
 
@@ -148,31 +165,64 @@ impl WebSessions {
     /// seals what a shared store keeps.
     pub fn new(store: Arc<dyn Store>, key: Arc<SecretKey>) -> WebSessions {
         if store.web_sessions().is_some() {
-            WebSessions { backend: Backend::Shared { store, key, creates: AtomicU64::new(0) } }
+            WebSessions {
+                backend: Backend::Shared { store, key, creates: AtomicU64::new(0) },
+                v6_prefix: crate::addr::DEFAULT_IPV6_PREFIX,
+            }
         } else {
             WebSessions::default()
         }
     }
 
-    /// Makes a session; returns its id. `None` if no randomness, too many sessions or the
-    /// shared store failed.
-    pub fn create(&self, now: u64) -> Option<String> {
+    /// Counts IPv6 clients per prefix of `bits` (`[limits] ipv6_prefix`; default 64).
+    pub fn with_ipv6_prefix(mut self, bits: u8) -> WebSessions {
+        self.v6_prefix = bits;
+        self
+    }
+
+    /// Makes a session for a request from `client`; returns its id. `None` if no
+    /// randomness, too many sessions or the shared store failed. Past
+    /// [`MAX_ANONYMOUS_PER_CLIENT`] anonymous sessions of the client, its least recently
+    /// seen one goes; past [`MAX_ANONYMOUS`] in all, the least recently seen of all.
+    pub fn create(&self, now: u64, client: IpAddr) -> Option<String> {
         let id = token()?;
-        let session = WebSession::new(token()?, now);
+        let client = client_key(client, self.v6_prefix);
+        let session = WebSession::new(token()?, now, client);
         match &self.backend {
             Backend::Memory(map) => {
                 let mut m = map.lock().ok()?;
                 if m.len() >= MAX_SESSIONS {
                     m.retain(|_, s| !expired(s, now));
                 }
-                let anonymous = || m.values().filter(|s| s.stage == Stage::Anonymous).count();
-                if m.len() >= MAX_SESSIONS || anonymous() >= MAX_ANONYMOUS {
-                    let oldest = m
-                        .iter()
-                        .filter(|(_, s)| s.stage == Stage::Anonymous)
-                        .min_by_key(|(_, s)| s.last_seen)
-                        .map(|(k, _)| k.clone());
-                    m.remove(&oldest?);
+                // One pass: the anonymous sessions in all and of this client, and the least
+                // recently seen of each.
+                let (mut anonymous, mut oldest) = (0, None::<(&String, u64)>);
+                let (mut of_client, mut oldest_of_client) = (0, None::<(&String, u64)>);
+                for (k, s) in m.iter().filter(|(_, s)| s.stage == Stage::Anonymous) {
+                    anonymous += 1;
+                    if oldest.is_none_or(|(_, seen)| s.last_seen < seen) {
+                        oldest = Some((k, s.last_seen));
+                    }
+                    if s.client == Some(client) {
+                        of_client += 1;
+                        if oldest_of_client.is_none_or(|(_, seen)| s.last_seen < seen) {
+                            oldest_of_client = Some((k, s.last_seen));
+                        }
+                    }
+                }
+                // The client's own first: then the total shrinks too, and no other
+                // client's session goes for this one.
+                let evict = if of_client >= MAX_ANONYMOUS_PER_CLIENT {
+                    Some(oldest_of_client)
+                } else if m.len() >= MAX_SESSIONS || anonymous >= MAX_ANONYMOUS {
+                    Some(oldest)
+                } else {
+                    None
+                };
+                if let Some(evict) = evict {
+                    // Full of signed-in sessions: no room.
+                    let k = evict?.0.clone();
+                    m.remove(&k);
                 }
                 m.insert(id.clone(), session);
             }
@@ -180,7 +230,7 @@ impl WebSessions {
                 let row = seal(key, &session)?;
                 let shared = store.web_sessions()?;
                 let purge = (creates.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == 0).then_some(MAX_ANONYMOUS);
-                if let Err(e) = shared.insert_web_session(&row_key(&id), &row, now, purge) {
+                if let Err(e) = shared.insert_web_session(&row_key(&id), &row, now, MAX_ANONYMOUS_PER_CLIENT, purge) {
                     tracing::warn!(error = %e, "cannot store a web session");
                     return None;
                 }
@@ -343,6 +393,7 @@ fn seal(key: &SecretKey, s: &WebSession) -> Option<WebSessionRow> {
         sealed: key.seal(&json, SEAL_CONTEXT).ok()?,
         username: s.username().map(str::to_string),
         anonymous: s.stage == Stage::Anonymous,
+        client_key: s.client,
         last_seen: s.last_seen,
         expires_at: s.expires_at(),
     })
@@ -360,6 +411,8 @@ fn open(key: &SecretKey, row: &WebSessionRow) -> Option<WebSession> {
         shown_codes: stored.shown_codes.take().map(|c| c.into_iter().map(SecretString::from).collect()),
         wrong_codes: stored.wrong_codes,
         notice: stored.notice.take(),
+        // Not sealed: the row keeps it in the clear, for the cap query.
+        client: row.client_key,
     })
 }
 

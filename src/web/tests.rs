@@ -892,6 +892,45 @@ async fn disabling_2fa_withdraws_the_backup_code_download() {
 // ---------------------------------------------------------------------------------------
 // App passwords (cases 69–74)
 
+/// Issue 13 item 12: a label with a bidi control ("U+202E gnp.exe" shows as "exe.png"),
+/// an invisible or a control character is refused with the reason; the form comes back
+/// with what was typed, and nothing is created.
+#[tokio::test]
+async fn labels_with_bidi_invisible_or_control_characters_are_refused_and_kept_in_the_form() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let typed = "\u{202E}gnp.exe";
+    let r = c.post("/app-passwords", &[("label", typed), ("scope_imap", "1")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "location {:?}; body: {}", r.location(), r.body);
+    assert!(
+        r.body.contains("The app password was not created: the label contains U+202E, a bidirectional text control"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains(&format!("value=\"{typed}\" aria-invalid=\"true\"")), "typed label not kept: {}", r.body);
+    assert!(r.body.contains(r#"name="scope_imap" value="1" checked>"#), "{}", r.body);
+    assert!(r.body.contains(r#"name="scope_smtp" value="1">"#), "an unticked scope came back ticked: {}", r.body);
+    assert_eq!(env.app_password_count(ALICE), 0);
+    for (typed, why) in [
+        ("Lap\u{200B}top", "U+200B, an invisible formatting character"),
+        ("\u{FEFF}Phone", "U+FEFF, an invisible formatting character"),
+        ("Lap\u{00AD}top", "U+00AD, an invisible formatting character"),
+        ("a\u{2067}b", "U+2067, a bidirectional text control"),
+        ("Tab\there", "U+0009, a control character"),
+    ] {
+        let r = c.post("/app-passwords", &[("label", typed), ("scope_imap", "1"), ("scope_smtp", "1")]).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{typed:?}");
+        assert!(r.body.contains(why), "{typed:?}: {}", r.body);
+        assert!(r.body.contains(&format!("value=\"{}\"", typed.replace('"', "&quot;"))), "{typed:?}");
+    }
+    assert_eq!(env.app_password_count(ALICE), 0);
+    // The refused page's form works: a clean label is accepted.
+    c.post("/app-passwords", &[("label", "gnp.exe"), ("scope_imap", "1")]).await.assert_ok();
+    assert_eq!(env.store.list_app_passwords(ALICE).unwrap()[0].label, "gnp.exe");
+}
+
 #[tokio::test]
 async fn app_password_create_list_and_revoke() {
     let env = Env::new();
@@ -1504,22 +1543,54 @@ async fn single_factor_account_password_needs_fifteen_characters() {
     assert!(password::verify(PW.as_bytes(), &env.account(ALICE).password_hash.unwrap()));
 }
 
+/// A distinct address for each `n` (no two in one client key).
+fn nth_address(n: usize) -> std::net::IpAddr {
+    std::net::IpAddr::from([10, (n >> 16) as u8, (n >> 8) as u8, n as u8])
+}
+
 #[test]
 fn a_flood_of_sign_in_page_visits_never_locks_anyone_out() {
     use super::session::{MAX_ANONYMOUS, Stage};
     let s = WebSessions::default();
-    let signed = s.create(1).unwrap();
+    let signed = s.create(1, nth_address(0)).unwrap();
     s.with(&signed, 1, |x| x.stage = Stage::SignedIn { username: "a@x".into(), auth_at: 1 });
-    for n in 0..(MAX_ANONYMOUS + 50) {
-        assert!(s.create(2 + n as u64 / 1000).is_some(), "visit {n} got no session");
-    }
+    // From as many addresses as there are visits: only the cap in all applies.
+    let flood: Vec<String> = (0..(MAX_ANONYMOUS + 50))
+        .map(|n| s.create(2 + n as u64 / 1000, nth_address(n)).unwrap_or_else(|| panic!("visit {n} got no session")))
+        .collect();
     assert!(s.with(&signed, 30, |x| x.stage.clone()).is_some(), "a signed-in session was dropped");
-    let fresh = s.create(40).unwrap();
+    let live = flood.iter().filter(|id| s.with(id, 30, |_| ()).is_some()).count();
+    assert_eq!(live, MAX_ANONYMOUS, "the cap on anonymous sessions in all does not hold");
+    let fresh = s.create(40, nth_address(1)).unwrap();
     assert!(s.with(&fresh, 40, |_| ()).is_some());
+}
+
+/// Issue 13 item 9: 200,000 visits at 2,300/s from one address used to push out, once
+/// past the cap of all anonymous sessions, a visitor from another address who took 20 s
+/// to type. Now the flood only pushes out its own sessions.
+#[test]
+fn a_flood_from_one_address_never_pushes_out_a_visitor_from_another() {
+    use super::session::{MAX_ANONYMOUS, MAX_ANONYMOUS_PER_CLIENT, Stage};
+    let s = WebSessions::default();
+    let t = 1_000;
+    let visitor = s.create(t, "198.51.100.7".parse().unwrap()).unwrap();
+    // The IPv4-mapped form is the same client as the flooding address.
+    let flooder: std::net::IpAddr = "203.0.113.9".parse().unwrap();
+    let mapped: std::net::IpAddr = "::ffff:203.0.113.9".parse().unwrap();
+    let flood: Vec<String> = (0..MAX_ANONYMOUS + 50)
+        .map(|n| s.create(t + n as u64 / 2300, if n % 2 == 0 { flooder } else { mapped }).unwrap())
+        .collect();
+    // 20 s of typing later the visitor's session is there, still anonymous.
+    let now = t + (MAX_ANONYMOUS as u64 + 50) / 2300 + 20;
+    assert_eq!(s.with(&visitor, now, |x| x.stage.clone()), Some(Stage::Anonymous), "the visitor was pushed out");
+    let live = flood.iter().filter(|id| s.with(id, now, |_| ()).is_some()).count();
+    assert_eq!(live, MAX_ANONYMOUS_PER_CLIENT, "the flooding address kept more than its cap");
+    // The cap in all: `a_flood_of_sign_in_page_visits_never_locks_anyone_out`.
 }
 
 #[test]
 fn web_sessions_in_memory_pass_the_store_suite() {
     let s = WebSessions::default();
     crate::store::conformance::web_sessions(&s, &s);
+    crate::store::conformance::anonymous_web_sessions_are_capped_per_client(&s, &s);
 }
