@@ -689,3 +689,41 @@ mod tests {
         assert!(check_label(&"é".repeat(MAX_LABEL_CHARS)).is_ok(), "the limit counts characters, not bytes");
     }
 }
+
+#[cfg(test)]
+mod unlock_tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Issue 13 item 8: `user unlock` on a running server clears the account's in-memory
+    /// failure delay (it used to stay: nothing called `forget_failures`) and refills its
+    /// guess budgets.
+    #[tokio::test]
+    async fn unlock_clears_the_delay_and_the_budgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::sled_store::SledStore::open(dir.path()).unwrap());
+        store.create_account(&Account::new("a@x", 0)).unwrap();
+        let auth = crate::auth::Authenticator::new(store.clone(), 1)
+            .with_failure_delays(Duration::from_millis(1), Duration::from_millis(1));
+        for n in 0..40u8 {
+            let _ = auth.failure_delay(std::net::IpAddr::from([192, 0, 2, n]), "a@x", format!("g{n}").as_bytes());
+            if let Ok(t) = auth.take_slot(crate::auth::budget::Secret::AccountPassword, "a@x", [192, 0, 2, n].into()).await {
+                auth.settle(t, crate::auth::Outcome::Wrong).await;
+            }
+        }
+        let stranger = std::net::IpAddr::from([203, 0, 113, 1]);
+        assert!(auth.failure_delay(stranger, "a@x", b"x") >= Duration::from_secs(20), "the account delay grew");
+        assert!(auth.take_slot(crate::auth::budget::Secret::AccountPassword, "a@x", stranger).await.is_err());
+        let ctx = Context {
+            store: store.clone(),
+            key: Arc::new(SecretKey::from_bytes(&[7; 32]).unwrap()),
+            issuer: "mail.example.test".into(),
+            sessions: None,
+            hashing: Some(auth.clone()),
+        };
+        let out = execute(&ctx, Request::UserUnlock { email: "a@x".into() });
+        assert!(out.ok, "{:?}", out.error);
+        assert!(auth.failure_delay(stranger, "a@x", b"y") < Duration::from_secs(1), "the delay was left in place");
+        assert!(auth.take_slot(crate::auth::budget::Secret::AccountPassword, "a@x", stranger).await.is_ok());
+    }
+}

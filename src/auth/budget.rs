@@ -13,10 +13,10 @@
 //! The budgets (burst, then one more per refill period):
 //! * account password, per address (IMAP, SMTP and the web together): 10, then 1 per 6 min;
 //! * account password, per account, from addresses it never signed in from: 30, then 1 per
-//!   2 min. Addresses it signed in from within 90 days ("familiar") draw only on their own
+//!   10 min. Addresses it signed in from within 90 days ("familiar") draw only on their own
 //!   address budget, so an attack from elsewhere never locks the owner out;
 //! * second factor (TOTP or backup code), per address: 10, then 1 per 6 min; per account:
-//!   20, then 1 per hour; per pending sign-in: 5 ([`crate::web`]).
+//!   20, then 1 per 4 hours; per pending sign-in: 5 ([`crate::web`]).
 //!
 //! App passwords (≥ 100 bits) and, later, OAuth tokens draw on no budget: guessing them
 //! is hopeless, and an attack on the account password must never stop them.
@@ -31,7 +31,7 @@ pub const PASSWORD_PER_ADDRESS_REFILL: u64 = 360;
 /// Account-password guesses at one account from unfamiliar addresses, at once.
 pub const PASSWORD_PER_ACCOUNT: u32 = 30;
 /// Seconds until the account budget gets one guess back.
-pub const PASSWORD_PER_ACCOUNT_REFILL: u64 = 120;
+pub const PASSWORD_PER_ACCOUNT_REFILL: u64 = 600;
 /// Second-factor codes one address may try at once.
 pub const CODE_PER_ADDRESS: u32 = 10;
 /// Seconds until an address gets one code back.
@@ -39,7 +39,7 @@ pub const CODE_PER_ADDRESS_REFILL: u64 = 360;
 /// Second-factor codes tried at one account at once.
 pub const CODE_PER_ACCOUNT: u32 = 20;
 /// Seconds until an account gets one code back.
-pub const CODE_PER_ACCOUNT_REFILL: u64 = 3600;
+pub const CODE_PER_ACCOUNT_REFILL: u64 = 4 * 3600;
 /// A familiar address is remembered again after this long (one write a day at most).
 const FAMILIAR_TOUCH_SECS: u64 = 86_400;
 
@@ -253,11 +253,12 @@ mod tests {
         owner.right(&s, now);
         let stranger = Budgets::take(&s, Secret::AccountPassword, "a@x", ip("203.0.113.1"), now).unwrap();
         assert_eq!(stranger.unwrap_err(), Exhausted::Account, "the owner's success refunded nobody");
-        // Two minutes later one guess is back.
-        let later = Budgets::take(&s, Secret::AccountPassword, "a@x", ip("203.0.113.1"), now + 120).unwrap();
-        assert!(later.is_ok());
+        // One refill period later one guess is back.
+        let later = now + PASSWORD_PER_ACCOUNT_REFILL;
+        assert!(Budgets::take(&s, Secret::AccountPassword, "a@x", ip("203.0.113.1"), later).unwrap().is_ok());
+        assert!(Budgets::take(&s, Secret::AccountPassword, "a@x", ip("203.0.113.2"), later).unwrap().is_err());
         Budgets::clear_account(&s, "a@x").unwrap();
-        assert!(Budgets::take(&s, Secret::AccountPassword, "a@x", ip("203.0.113.2"), now + 120).unwrap().is_ok());
+        assert!(Budgets::take(&s, Secret::AccountPassword, "a@x", ip("203.0.113.2"), later).unwrap().is_ok());
     }
 
     /// A right answer empties the address's own budget; a wrong one keeps its slot; the

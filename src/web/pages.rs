@@ -477,7 +477,7 @@ fn drop_pending(s: &mut super::session::WebSession) {
 fn codes_used_up(web: &Web, which: crate::auth::budget::Exhausted) -> Response {
     let text = match which {
         crate::auth::budget::Exhausted::Account => {
-            "Too many wrong codes were entered for this account. Try again in an hour, or ask your mail administrator to unlock it."
+            "Too many wrong codes were entered for this account. Try again in a few hours, or ask your mail administrator to unlock it."
         }
         crate::auth::budget::Exhausted::Address => {
             "Too many wrong codes were entered from your network. Try again in a few minutes."

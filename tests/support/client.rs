@@ -91,6 +91,18 @@ impl Client {
         Ok(client)
     }
 
+    /// [`Client::tls_patient`] over a connection already made (e.g. from a chosen source
+    /// address).
+    pub fn tls_patient_over(tcp: TcpStream, cfg: Arc<rustls::ClientConfig>, wait: Duration) -> std::io::Result<Client> {
+        tcp.set_read_timeout(Some(wait))?;
+        let conn = wrap(tcp, cfg)?;
+        let client = Client { conn, buf: Vec::new(), transcript: Vec::new() };
+        if let Conn::Tls(s) = &client.conn {
+            s.sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        }
+        Ok(client)
+    }
+
     /// TLS over a connection already made (e.g. after writing a PROXY header on it).
     pub fn tls_over(tcp: TcpStream, cfg: Arc<rustls::ClientConfig>) -> std::io::Result<Client> {
         tcp.set_read_timeout(Some(Duration::from_millis(200)))?;
