@@ -14,6 +14,7 @@
 //! in a command line with `500 5.5.2`, in message data by refusing the message
 //! (SMTP smuggling: one end-of-data rule on both sides of the proxy).
 
+use crate::proto::from_header::{self, Ambiguity};
 use crate::proto::imap::base64 as b64encode;
 use crate::proto::sasl::{self, Credentials, SaslError};
 use base64::Engine as _;
@@ -945,8 +946,9 @@ impl Session {
         }
     }
 
-    /// The sender policy on the header section: exactly one `From:` whose every address is
-    /// the account's, and a `Sender:` (at most one), if present, that is too.
+    /// The sender policy on the header section: exactly one `From:` and at most one
+    /// `Sender:`, each with one reading ([`from_header::one_reading`]: one mailbox that every
+    /// common reader agrees on) whose address is the account's.
     fn check_headers(&self, head: &[u8]) -> Result<(), String> {
         let unstuffed = unstuff(head);
         // Only header fields and their continuation lines; no NUL or other control
@@ -975,26 +977,29 @@ impl Session {
         for (name, header, required) in
             [("From", mail_parser::HeaderName::From, true), ("Sender", mail_parser::HeaderName::Sender, false)]
         {
-            let values: Vec<_> = msg.header_values(header).collect();
-            match values.len() {
-                0 if required => return Err(format!("550 5.7.1 The message has no {name}: header")),
-                0 => continue,
-                1 => {}
+            // The raw value of each such field, as mail-parser delimited it.
+            let values: Vec<&[u8]> = msg
+                .headers()
+                .iter()
+                .filter(|h| h.name == header)
+                .map(|h| unstuffed.get(h.offset_start as usize..h.offset_end as usize).unwrap_or_default())
+                .collect();
+            let raw = match values.as_slice() {
+                [] if required => return Err(format!("550 5.7.1 The message has no {name}: header")),
+                [] => continue,
+                [raw] => *raw,
                 _ => return Err(format!("550 5.7.1 The message has more than one {name}: header")),
-            }
-            let addresses: Vec<String> = values
-                .first()
-                .and_then(|v| v.as_address())
-                .map(|a| a.iter().map(|addr| addr.address().unwrap_or("").to_string()).collect())
-                .unwrap_or_default();
-            if addresses.is_empty() {
-                return Err(format!("550 5.7.1 The {name}: header has no address"));
-            }
-            for a in addresses {
-                if !self.may_send_as(&a) {
-                    let shown = if a.is_empty() { "(none)".to_string() } else { one_line(&a) };
-                    return Err(format!("550 5.7.1 {name}: address {shown} is not one of your addresses"));
-                }
+            };
+            let mailbox = match from_header::one_reading(raw) {
+                Ok(mailbox) => mailbox,
+                Err(Ambiguity::NoAddress) => return Err(format!("550 5.7.1 The {name}: header has no address")),
+                Err(e) => return Err(one_line(&format!("550 5.7.1 The {name}: header is ambiguous: {e}"))),
+            };
+            if !self.may_send_as(&mailbox.address) {
+                return Err(format!(
+                    "550 5.7.1 {name}: address {} is not one of your addresses",
+                    one_line(&mailbox.address)
+                ));
             }
         }
         Ok(())

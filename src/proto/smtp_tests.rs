@@ -1537,6 +1537,14 @@ fn assert_accepted(header: &str) {
     d.deliver(m.as_bytes());
 }
 
+const ADDRESS_LIKE_AT: &str = "the display name contains \"@\" (address-like text)";
+const MULTIPLE: &str = "it has more than one address";
+const GROUP: &str = "group syntax (':') is not accepted; send one address";
+
+fn ambiguous(name: &str, why: &str) -> String {
+    format!("550 5.7.1 The {name}: header is ambiguous: {why}")
+}
+
 #[test]
 fn header_policy_refusals() {
     let forged = |name: &str, a: &str| format!("550 5.7.1 {name}: address {a} is not one of your addresses");
@@ -1548,14 +1556,19 @@ fn header_policy_refusals() {
         ),
         ("From: evil@example.net", forged("From", "evil@example.net")),
         ("From: Alice <evil@example.net>", forged("From", "evil@example.net")),
-        ("From: \"alice@example.com\" <evil@example.net>", forged("From", "evil@example.net")),
-        ("From: alice@example.com <evil@example.net>", forged("From", "evil@example.net")),
-        ("From: =?utf-8?q?alice=40example=2Ecom?= <evil@example.net>", forged("From", "evil@example.net")),
+        ("From: \"alice@example.com\" <evil@example.net>", ambiguous("From", ADDRESS_LIKE_AT)),
+        ("From: alice@example.com <evil@example.net>", ambiguous("From", ADDRESS_LIKE_AT)),
+        ("From: =?utf-8?q?alice=40example=2Ecom?= <evil@example.net>", ambiguous("From", ADDRESS_LIKE_AT)),
         ("From: =?utf-8?b?QWxpY2U=?= <evil@example.net>", forged("From", "evil@example.net")),
-        ("From: alice@example.com, evil@example.net", forged("From", "evil@example.net")),
-        ("From: alice@example.com,\r\n evil@example.net", forged("From", "evil@example.net")),
-        ("From: team: alice@example.com, evil@example.net;", forged("From", "evil@example.net")),
-        ("From: undisclosed-recipients:;", "550 5.7.1 The From: header has no address".into()),
+        ("From: alice@example.com, evil@example.net", ambiguous("From", MULTIPLE)),
+        ("From: alice@example.com,\r\n evil@example.net", ambiguous("From", MULTIPLE)),
+        ("From: team: alice@example.com, evil@example.net;", ambiguous("From", GROUP)),
+        ("From: undisclosed-recipients:;", ambiguous("From", GROUP)),
+        // One mailbox only, even if every one is the account's (issue 13, item 3).
+        ("From: alice@example.com, Alias <alias@example.org>", ambiguous("From", MULTIPLE)),
+        ("From: team: alice@example.com, alias@example.org;", ambiguous("From", GROUP)),
+        ("From: alice@example.com (a comment)", ambiguous("From", "comments in parentheses are not accepted")),
+        ("From: Alice", "550 5.7.1 The From: header has no address".into()),
         ("From: <>", "550 5.7.1 The From: header has no address".into()),
         ("From:", "550 5.7.1 The From: header has no address".into()),
         ("from: evil@example.net", forged("From", "evil@example.net")),
@@ -1604,15 +1617,66 @@ fn header_policy_accepts_own_addresses() {
         "From: alias@example.org",
         "From: \"Alice A.\" <alias@example.org>",
         "From: =?utf-8?q?Al=C3=AFce?= <alice@example.com>",
-        "From: alice@example.com, Alias <alias@example.org>",
         "From: alice@example.com\r\nSender: alias@example.org",
+        "From: alice@example.com\r\nSender: \"Last, First\" <alias@example.org>",
         "from: alice@example.com",
-        "From: alice@example.com (a comment)",
         "Subject: x\r\nFrom:\r\n alice@example.com\r\nTo: bob@example.net",
-        "From: team: alice@example.com, alias@example.org;",
+        "From: <alice@example.com>",
+        "From: \"Last, First\" <alice@example.com>",
+        "From: \"alice@example.com\" <alice@example.com>",
+        "From: Alice A. Smith\r\n <alice@example.com>",
+        "From: J\u{f6}rg M\u{fc}ller <alice@example.com>",
         "Received: from x\r\n\tby y; Mon, 1 Jan 2024 00:00:00 +0000\r\nFrom: alice@example.com",
     ] {
         assert_accepted(header);
+    }
+}
+
+/// Issue 13, item 3: logged in as alice, these From: fields read as alice to mail-parser
+/// (the old check) but as ceo to Dovecot's ENVELOPE and (three of them) to Python. Each is
+/// refused at the end of DATA, saying why, and nothing reaches upstream.
+#[test]
+fn issue_13_from_fields_that_readers_split_on_are_refused_at_the_end_of_data() {
+    for (header, why) in [
+        ("From: ceo@example.com <alice@example.com>", ADDRESS_LIKE_AT),
+        (
+            "From: =?utf-8?q?<ceo@example.com>?= <alice@example.com>",
+            "the display name contains \"<\" (address-like text)",
+        ),
+        ("From: ceo@example.com:alice@example.com", GROUP),
+        ("From: <ceo@example.com>: alice@example.com;", GROUP),
+    ] {
+        assert_refused(header, &ambiguous("From", why));
+        // The same in Sender:, with a good From:.
+        let sender = header.replacen("From:", "Sender:", 1);
+        assert_refused(&format!("From: alice@example.com\r\n{sender}"), &ambiguous("Sender", why));
+    }
+}
+
+/// Every entry of the committed corpus (src/proto/from_header_corpus.txt) through the
+/// session: accepted ones reach upstream byte for byte, refused ones get a 550 5.7.1 that
+/// names the From: header, and nothing of them reaches upstream.
+#[test]
+fn from_corpus_through_the_session() {
+    let mut d = authed();
+    for e in crate::proto::from_header::corpus() {
+        let mut m = b"From:".to_vec();
+        m.extend_from_slice(&e.value);
+        m.extend_from_slice(b"\r\nTo: bob@example.net\r\nSubject: corpus\r\n\r\nbody\r\n.\r\n");
+        if e.accept {
+            d.deliver(&m);
+        } else {
+            d.begin();
+            let reply = d.send(&m);
+            assert!(
+                reply.starts_with("550 5.7.1 The From: header is ambiguous: ")
+                    || reply == "550 5.7.1 The From: header has no address\r\n",
+                "line {}: {reply:?}",
+                e.line
+            );
+            assert_eq!(d.new_upstream(), "RSET\r\n", "line {}", e.line);
+            d.clear();
+        }
     }
 }
 
@@ -2460,6 +2524,12 @@ fn smtpish_message() -> impl Strategy<Value = Vec<u8>> {
     let bad: Vec<&'static [u8]> = vec![
         b"From: alice@example.com\r\n",
         b"From: evil@example.net\r\n",
+        // Issue 13: fields that some readers read as evil.
+        b"From: evil@example.net <alice@example.com>\r\n",
+        b"From: =?utf-8?q?<evil@example.net>?= <alice@example.com>\r\n",
+        b"From: evil@example.net:alice@example.com\r\n",
+        b"From: <evil@example.net>: alice@example.com;\r\n",
+        b"Sender: evil@example.net <alias@example.org>\r\n",
         b"Sender: evil@example.net\r\n",
         b".From: evil@example.net\r\n",
         b"From: alice@example.com\n",
