@@ -452,7 +452,7 @@ fn upstream_smtp_over_starttls_and_implicit_tls_checks_the_certificate() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Issue 13, item 3: one reading of From:
+// Issue 13, items 3 and 7: one reading of From:, and no AUTH= from the client
 // ---------------------------------------------------------------------------------------
 
 /// The corpus shared with the unit tests: (line, accept, address or kind, From: value).
@@ -571,12 +571,13 @@ fn envelope(c: &mut Client, n: usize) -> (String, Vec<String>, bool) {
     (subject, addresses, group)
 }
 
-/// Issue 13, item 3, through the real binary: every entry of the committed corpus
+/// Issue 13, items 3 and 7, through the real binary: every entry of the committed corpus
 /// (src/proto/from_header_corpus.txt) is sent through mailgate to Postfix. The refused ones
 /// (the four forms of the issue among them) get `550 5.7.1` at the end of DATA and never
 /// arrive. For every accepted one, the copy Postfix delivered is read by Python's `email`
 /// and by Dovecot's IMAP `FETCH ENVELOPE` (the copy dropped into a real Dovecot's INBOX),
-/// and both read exactly the one address mailgate accepted.
+/// and both read exactly the one address mailgate accepted. Then `AUTH=<ceo@…>` on MAIL
+/// does not reach Postfix (no `sasl_sender=` in its log), and the message still arrives.
 #[test]
 fn from_header_has_one_reading_through_postfix_python_and_dovecot() {
     let pf = Postfix::start(PostfixOptions::default());
@@ -625,11 +626,23 @@ fn from_header_has_one_reading_through_postfix_python_and_dovecot() {
         }
     }
 
+    // Item 7: AUTH= on MAIL does not become Postfix's sasl_sender.
+    assert!(cmd(&mut c, "MAIL FROM:<alice@example.com> AUTH=<ceo@example.com>")[0].starts_with("250"));
+    assert!(cmd(&mut c, "RCPT TO:<bob@example.net>")[0].starts_with("250"));
+    assert!(cmd(&mut c, "DATA")[0].starts_with("354"));
+    c.send(b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: auth param\r\n\r\nbody\r\n");
+    assert!(cmd(&mut c, ".")[0].starts_with("250"));
     assert!(cmd(&mut c, "QUIT")[0].starts_with("221"));
 
-    let delivered = pf.wait_for_messages(accepted.len(), Duration::from_secs(60));
+    let delivered = pf.wait_for_messages(accepted.len() + 1, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(pf.messages().len(), accepted.len(), "a refused message arrived");
+    assert_eq!(pf.messages().len(), accepted.len() + 1, "a refused message arrived");
+    assert!(pf.wait_for_log("sasl_username=alice@example.com", Duration::from_secs(5)), "{}", pf.log());
+    assert!(
+        !pf.wait_for_log("sasl_sender=", Duration::from_secs(2)),
+        "the client's AUTH= reached Postfix: {}",
+        pf.log().lines().filter(|l| l.contains("sasl_sender=")).collect::<Vec<_>>().join("\n")
+    );
 
     // The delivered copies: Python's reading.
     let dir = tempfile::tempdir().unwrap();
