@@ -450,3 +450,248 @@ fn upstream_smtp_over_starttls_and_implicit_tls_checks_the_certificate() {
     }
     assert_eq!(sub.sink.wait_for_messages(2, Duration::from_secs(20)).len(), 2);
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 13, items 3 and 7: one reading of From:, and no AUTH= from the client
+// ---------------------------------------------------------------------------------------
+
+/// The corpus shared with the unit tests: (line, accept, address or kind, From: value).
+fn from_corpus() -> Vec<(usize, bool, String, Vec<u8>)> {
+    include_str!("../src/proto/from_header_corpus.txt")
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|(n, l)| {
+            let mut parts = l.splitn(3, '|');
+            let accept = parts.next().unwrap().trim() == "accept";
+            let expect = parts.next().unwrap().trim().to_string();
+            let value = parts.next().unwrap();
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            let value = format!(" {value}").replace("{CRLF}", "\r\n").replace("{TAB}", "\t");
+            (n + 1, accept, expect, value.into_bytes())
+        })
+        .collect()
+}
+
+/// Python's reading: `email.message_from_bytes(..., policy=email.policy.default)['From']`,
+/// for each file: its addresses and the names of any groups.
+const PY_FROM: &str = r#"
+import email, email.policy, json, os, sys
+fix = lambda s: s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+out = {}
+for path in sys.argv[1:]:
+    m = email.message_from_bytes(open(path, "rb").read(), policy=email.policy.default)
+    h = m["From"]
+    out[os.path.basename(path)] = {
+        "addresses": [fix(a.addr_spec) for a in h.addresses],
+        "groups": [fix(g.display_name) for g in h.groups if g.display_name is not None],
+    }
+print(json.dumps(out))
+"#;
+
+/// An IMAP value: NIL, a string (quoted or literal), an atom, or a list.
+#[derive(Debug, Clone, PartialEq)]
+enum Sx {
+    Nil,
+    Str(String),
+    List(Vec<Sx>),
+}
+
+fn parse_sx(b: &[u8], i: &mut usize) -> Sx {
+    while b[*i] == b' ' {
+        *i += 1;
+    }
+    match b[*i] {
+        b'(' => {
+            *i += 1;
+            let mut items = Vec::new();
+            loop {
+                while b[*i] == b' ' {
+                    *i += 1;
+                }
+                if b[*i] == b')' {
+                    *i += 1;
+                    return Sx::List(items);
+                }
+                items.push(parse_sx(b, i));
+            }
+        }
+        b'"' => {
+            *i += 1;
+            let mut s = Vec::new();
+            while b[*i] != b'"' {
+                if b[*i] == b'\\' {
+                    *i += 1;
+                }
+                s.push(b[*i]);
+                *i += 1;
+            }
+            *i += 1;
+            Sx::Str(String::from_utf8_lossy(&s).into_owned())
+        }
+        b'{' => {
+            let close = *i + b[*i..].iter().position(|c| *c == b'}').unwrap();
+            let n: usize = std::str::from_utf8(&b[*i + 1..close]).unwrap().trim_end_matches('+').parse().unwrap();
+            let start = close + 3; // "}\r\n"
+            *i = start + n;
+            Sx::Str(String::from_utf8_lossy(&b[start..start + n]).into_owned())
+        }
+        _ => {
+            let end = *i + b[*i..].iter().position(|c| matches!(c, b' ' | b')' | b'(')).unwrap();
+            let atom = String::from_utf8_lossy(&b[*i..end]).into_owned();
+            *i = end;
+            if atom.eq_ignore_ascii_case("NIL") { Sx::Nil } else { Sx::Str(atom) }
+        }
+    }
+}
+
+/// Dovecot's IMAP `FETCH n (ENVELOPE)`: (subject, the from addresses as mailbox@host, and
+/// whether the from list had group markers).
+fn envelope(c: &mut Client, n: usize) -> (String, Vec<String>, bool) {
+    let lines = c.cmd(&format!("f{n}"), &format!("FETCH {n} (ENVELOPE)"));
+    assert!(lines.last().unwrap().starts_with(&format!("f{n} OK")), "{lines:?}");
+    let all = lines[..lines.len() - 1].join("\r\n").into_bytes();
+    let at = all.windows(9).position(|w| w == b"ENVELOPE ").unwrap() + 9;
+    let Sx::List(fields) = parse_sx(&all, &mut at.clone()) else { panic!("{}", String::from_utf8_lossy(&all)) };
+    let subject = match &fields[1] {
+        Sx::Str(s) => s.clone(),
+        other => panic!("subject {other:?}"),
+    };
+    let mut addresses = Vec::new();
+    let mut group = false;
+    if let Sx::List(from) = &fields[2] {
+        for a in from {
+            let Sx::List(parts) = a else { panic!("{a:?}") };
+            match (&parts[2], &parts[3]) {
+                (Sx::Str(mailbox), Sx::Str(host)) => addresses.push(format!("{mailbox}@{host}")),
+                _ => group = true,
+            }
+        }
+    }
+    (subject, addresses, group)
+}
+
+/// Issue 13, items 3 and 7, through the real binary: every entry of the committed corpus
+/// (src/proto/from_header_corpus.txt) is sent through mailgate to Postfix. The refused ones
+/// (the four forms of the issue among them) get `550 5.7.1` at the end of DATA and never
+/// arrive. For every accepted one, the copy Postfix delivered is read by Python's `email`
+/// and by Dovecot's IMAP `FETCH ENVELOPE` (the copy dropped into a real Dovecot's INBOX),
+/// and both read exactly the one address mailgate accepted. Then `AUTH=<ceo@…>` on MAIL
+/// does not reach Postfix (no `sasl_sender=` in its log), and the message still arrives.
+#[test]
+fn from_header_has_one_reading_through_postfix_python_and_dovecot() {
+    let pf = Postfix::start(PostfixOptions::default());
+    let dovecot = crate::support::dovecot::Dovecot::start(crate::support::dovecot::DovecotOptions::default());
+    let mg = Mailgate::start(Options {
+        smtp_upstream: format!("127.0.0.1:{}", pf.port),
+        smtp_upstream_extra: "login = \"xclient\"\n".into(),
+        ..Default::default()
+    });
+    let out = mg.cli_stdin(
+        &["user", "add", "alice@example.com", "--address", "alias@example.org", "--password-stdin"],
+        "alice-account-pw\n",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let app = mg.app_password("alice@example.com", "corpus", "smtp");
+    let mut c = smtps(&mg);
+    let ehlo = cmd(&mut c, "EHLO client.example").join("\n");
+    assert!(ehlo.contains("SMTPUTF8"), "{ehlo}");
+    login(&mut c, &app);
+
+    let corpus = from_corpus();
+    let mut accepted = Vec::new();
+    for (line, accept, expect, value) in &corpus {
+        // Pipelined envelope (RFC 2920), then the message and its end line in one write.
+        c.send(b"MAIL FROM:<alice@example.com> SMTPUTF8\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n");
+        for code in ["250", "250", "354"] {
+            assert!(reply(&mut c)[0].starts_with(code), "line {line}");
+        }
+        let mut m = b"From:".to_vec();
+        m.extend_from_slice(value);
+        m.extend_from_slice(
+            format!("\r\nTo: bob@example.net\r\nSubject: corpus L{line}\r\n\r\nbody\r\n.\r\n").as_bytes(),
+        );
+        c.send(&m);
+        let r = reply(&mut c);
+        let shown = String::from_utf8_lossy(value).to_string();
+        if *accept {
+            assert!(r[0].starts_with("250"), "line {line} {shown:?} should be accepted: {r:?}\n{}", mg.log());
+            accepted.push((*line, expect.clone()));
+        } else {
+            assert!(
+                r[0].starts_with("550 5.7.1 The From: header is ambiguous: ")
+                    || r[0] == "550 5.7.1 The From: header has no address",
+                "line {line} {shown:?} ({expect}) should be refused: {r:?}"
+            );
+        }
+    }
+
+    // Item 7: AUTH= on MAIL does not become Postfix's sasl_sender.
+    assert!(cmd(&mut c, "MAIL FROM:<alice@example.com> AUTH=<ceo@example.com>")[0].starts_with("250"));
+    assert!(cmd(&mut c, "RCPT TO:<bob@example.net>")[0].starts_with("250"));
+    assert!(cmd(&mut c, "DATA")[0].starts_with("354"));
+    c.send(b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: auth param\r\n\r\nbody\r\n");
+    assert!(cmd(&mut c, ".")[0].starts_with("250"));
+    assert!(cmd(&mut c, "QUIT")[0].starts_with("221"));
+
+    let delivered = pf.wait_for_messages(accepted.len() + 1, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pf.messages().len(), accepted.len() + 1, "a refused message arrived");
+    assert!(pf.wait_for_log("sasl_username=alice@example.com", Duration::from_secs(5)), "{}", pf.log());
+    assert!(
+        !pf.wait_for_log("sasl_sender=", Duration::from_secs(2)),
+        "the client's AUTH= reached Postfix: {}",
+        pf.log().lines().filter(|l| l.contains("sasl_sender=")).collect::<Vec<_>>().join("\n")
+    );
+
+    // The delivered copies: Python's reading.
+    let dir = tempfile::tempdir().unwrap();
+    let mut by_subject = std::collections::HashMap::new();
+    let mut files = Vec::new();
+    for d in &delivered {
+        let text = String::from_utf8_lossy(&d.data).to_string();
+        let Some(subject) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) else { continue };
+        let Some(line) = subject.strip_prefix("corpus L") else { continue };
+        let path = dir.path().join(format!("{line}.eml"));
+        std::fs::write(&path, d.data_with_final_crlf()).unwrap();
+        files.push(path);
+        by_subject.insert(subject.to_string(), d.data_with_final_crlf());
+    }
+    assert_eq!(files.len(), accepted.len());
+    let out = Command::new("python3").arg("-c").arg(PY_FROM).args(&files).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let python: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    // Dovecot's reading: each copy into a real Dovecot's INBOX, then FETCH ENVELOPE.
+    for (line, _) in &accepted {
+        dovecot.deliver("alice@example.com", &by_subject[&format!("corpus L{line}")]);
+    }
+    let mut imap = Client::plain(dovecot.addr());
+    assert!(imap.line().starts_with("* OK"));
+    assert!(imap.cmd("a", "LOGIN alice@example.com alice-password").last().unwrap().starts_with("a OK"));
+    assert!(imap.cmd("b", "SELECT INBOX").last().unwrap().starts_with("b OK"));
+    let mut dovecot_reading = std::collections::HashMap::new();
+    for n in 1..=accepted.len() {
+        let (subject, addresses, group) = envelope(&mut imap, n);
+        assert!(!group, "{subject}: Dovecot sees a group");
+        dovecot_reading.insert(subject, addresses);
+    }
+
+    let mut disagreements = Vec::new();
+    for (line, want) in &accepted {
+        let py: Vec<String> = python[format!("{line}.eml")]["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        let py_groups = python[format!("{line}.eml")]["groups"].as_array().unwrap().len();
+        let dv = &dovecot_reading[&format!("corpus L{line}")];
+        if py != std::slice::from_ref(want) || py_groups != 0 || dv != std::slice::from_ref(want) {
+            disagreements
+                .push(format!("line {line}: mailgate {want}, Python {py:?} (groups {py_groups}), Dovecot {dv:?}"));
+        }
+    }
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+    eprintln!("{} accepted forms read alike by mailgate, Python and Dovecot", accepted.len());
+}

@@ -14,6 +14,7 @@
 //! in a command line with `500 5.5.2`, in message data by refusing the message
 //! (SMTP smuggling: one end-of-data rule on both sides of the proxy).
 
+use crate::proto::from_header::{self, Ambiguity};
 use crate::proto::imap::base64 as b64encode;
 use crate::proto::sasl::{self, Credentials, SaslError};
 use base64::Engine as _;
@@ -669,8 +670,25 @@ impl Session {
                     self.reply(&format!("553 5.7.1 Sender address {} is not one of your addresses", one_line(&shown)));
                     return None;
                 }
+                // AUTH=<someone> would make upstream record that someone as the
+                // authenticated submitter (Postfix: sasl_sender). Upstream knows who logged
+                // in; the parameter is dropped and the rest of the line goes as sent.
+                let forward = if from.auth.is_some() {
+                    match without_auth_param(&line) {
+                        Ok(mut rewritten) => {
+                            rewritten.extend_from_slice(b"\r\n");
+                            rewritten
+                        }
+                        Err(_) => {
+                            self.error("501 5.5.4 Syntax: MAIL FROM:<reverse-path> [parameters]");
+                            return None;
+                        }
+                    }
+                } else {
+                    with_crlf
+                };
                 self.state = State::Forwarded(Pending::Mail);
-                return Some(Action::Forward(with_crlf));
+                return Some(Action::Forward(forward));
             }
             Request::Rcpt { .. } if !self.in_transaction => self.error("503 5.5.1 Need MAIL command first"),
             Request::Rcpt { .. } => {
@@ -945,8 +963,9 @@ impl Session {
         }
     }
 
-    /// The sender policy on the header section: exactly one `From:` whose every address is
-    /// the account's, and a `Sender:` (at most one), if present, that is too.
+    /// The sender policy on the header section: exactly one `From:` and at most one
+    /// `Sender:`, each with one reading ([`from_header::one_reading`]: one mailbox that every
+    /// common reader agrees on) whose address is the account's.
     fn check_headers(&self, head: &[u8]) -> Result<(), String> {
         let unstuffed = unstuff(head);
         // Only header fields and their continuation lines; no NUL or other control
@@ -975,26 +994,29 @@ impl Session {
         for (name, header, required) in
             [("From", mail_parser::HeaderName::From, true), ("Sender", mail_parser::HeaderName::Sender, false)]
         {
-            let values: Vec<_> = msg.header_values(header).collect();
-            match values.len() {
-                0 if required => return Err(format!("550 5.7.1 The message has no {name}: header")),
-                0 => continue,
-                1 => {}
+            // The raw value of each such field, as mail-parser delimited it.
+            let values: Vec<&[u8]> = msg
+                .headers()
+                .iter()
+                .filter(|h| h.name == header)
+                .map(|h| unstuffed.get(h.offset_start as usize..h.offset_end as usize).unwrap_or_default())
+                .collect();
+            let raw = match values.as_slice() {
+                [] if required => return Err(format!("550 5.7.1 The message has no {name}: header")),
+                [] => continue,
+                [raw] => *raw,
                 _ => return Err(format!("550 5.7.1 The message has more than one {name}: header")),
-            }
-            let addresses: Vec<String> = values
-                .first()
-                .and_then(|v| v.as_address())
-                .map(|a| a.iter().map(|addr| addr.address().unwrap_or("").to_string()).collect())
-                .unwrap_or_default();
-            if addresses.is_empty() {
-                return Err(format!("550 5.7.1 The {name}: header has no address"));
-            }
-            for a in addresses {
-                if !self.may_send_as(&a) {
-                    let shown = if a.is_empty() { "(none)".to_string() } else { one_line(&a) };
-                    return Err(format!("550 5.7.1 {name}: address {shown} is not one of your addresses"));
-                }
+            };
+            let mailbox = match from_header::one_reading(raw) {
+                Ok(mailbox) => mailbox,
+                Err(Ambiguity::NoAddress) => return Err(format!("550 5.7.1 The {name}: header has no address")),
+                Err(e) => return Err(one_line(&format!("550 5.7.1 The {name}: header is ambiguous: {e}"))),
+            };
+            if !self.may_send_as(&mailbox.address) {
+                return Err(format!(
+                    "550 5.7.1 {name}: address {} is not one of your addresses",
+                    one_line(&mailbox.address)
+                ));
             }
         }
         Ok(())
@@ -1025,6 +1047,78 @@ enum LineResult {
     TooLongComplete,
     Bare,
     Line(Vec<u8>),
+}
+
+/// Why a `MAIL` line could not be rewritten without its `AUTH=` parameter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MailParamError {
+    /// No `<reverse-path>` closed by `>` was found.
+    #[error("no <reverse-path> in the MAIL command")]
+    NoPath,
+    /// The rewritten line does not parse as the same command minus `AUTH=`.
+    #[error("the MAIL command reads differently without AUTH=")]
+    Changed,
+}
+
+/// `line` (a `MAIL FROM:<…> params` command without CRLF) with every `AUTH=` parameter
+/// removed, with the blanks that separated it; every other byte stays as sent. The result
+/// is parsed again and must be the same command without `AUTH=`.
+pub fn without_auth_param(line: &[u8]) -> Result<Vec<u8>, MailParamError> {
+    let open = line.iter().position(|b| *b == b'<').ok_or(MailParamError::NoPath)?;
+    // The path ends at the first ">" outside a quoted local part.
+    let mut in_quote = false;
+    let mut escaped = false;
+    let mut close = None;
+    for (i, &b) in line.iter().enumerate().skip(open + 1) {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if in_quote => escaped = true,
+            b'"' => in_quote = !in_quote,
+            b'>' if !in_quote => {
+                close = Some(i);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let close = close.ok_or(MailParamError::NoPath)?;
+    let (path, params) = line.split_at(close + 1);
+    let mut out = path.to_vec();
+    // The parameters as (blanks before, word); a parameter after a dropped AUTH= keeps the
+    // blanks that were before the AUTH= (where they were valid), trailing blanks stay.
+    let mut carried: Option<&[u8]> = None;
+    let mut rest = params;
+    while !rest.is_empty() {
+        let blank_end = rest.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(rest.len());
+        let word_end = rest[blank_end..].iter().position(u8::is_ascii_whitespace).map_or(rest.len(), |n| blank_end + n);
+        let (blank, word) = (&rest[..blank_end], &rest[blank_end..word_end]);
+        rest = &rest[word_end..];
+        if word.len() >= 5 && word[..5].eq_ignore_ascii_case(b"AUTH=") {
+            carried = carried.or(Some(blank));
+        } else if word.is_empty() {
+            out.extend_from_slice(blank);
+        } else {
+            out.extend_from_slice(carried.take().unwrap_or(blank));
+            out.extend_from_slice(word);
+        }
+    }
+    // The same command, minus AUTH=, or nothing.
+    let mut check_before = line.to_vec();
+    check_before.extend_from_slice(b"\r\n");
+    let mut check_after = out.clone();
+    check_after.extend_from_slice(b"\r\n");
+    match (Request::parse(&mut check_before.iter()), Request::parse(&mut check_after.iter())) {
+        (Ok(Request::Mail { from: before }), Ok(Request::Mail { from: after }))
+            if after.auth.is_none()
+                && after.address == before.address
+                && after.flags == before.flags
+                && after.size == before.size
+                && after.env_id == before.env_id =>
+        {
+            Ok(out)
+        }
+        _ => Err(MailParamError::Changed),
+    }
 }
 
 /// A `SIZE=` parameter too long to be a real size (smtp-proto wraps such values).
