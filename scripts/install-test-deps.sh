@@ -2,13 +2,14 @@
 # Installs what the tests need from Debian's packages (Dovecot for the interop tests,
 # Dovecot submission and Postfix as real upstream SMTP servers; swaks with Perl's TLS
 # modules, curl, Python, mbsync (isync) and Thunderbird as real clients; PostgreSQL 15
-# for the PostgreSQL store tests and HAProxy as a real PROXY-protocol load balancer).
+# for the PostgreSQL store tests, HAProxy as a real PROXY-protocol load balancer, and
+# nghttp2's h2load for HTTP/2 bursts on the web step).
 # Idempotent; needs root (or sudo) when something is missing.
 set -euo pipefail
 need=()
 for pkg in dovecot-imapd dovecot-submissiond postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
   curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux \
-  postgresql-15 haproxy; do
+  postgresql-15 haproxy nghttp2-client; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -48,4 +49,5 @@ command -v chromedriver >/dev/null || { echo "chromedriver (chromium-driver) is 
 test -x /usr/lib/postgresql/15/bin/postgres || { echo "postgresql-15 is not installed" >&2; exit 1; }
 test -x /usr/lib/postgresql/15/bin/pg_isready || { echo "postgresql-client-15 is not installed" >&2; exit 1; }
 test -x /usr/sbin/haproxy || { echo "haproxy is not installed at /usr/sbin/haproxy" >&2; exit 1; }
+command -v h2load >/dev/null || { echo "h2load (nghttp2-client) is not installed" >&2; exit 1; }
 getent passwd postgres >/dev/null || { echo "the postgres system user is missing (postgresql-common)" >&2; exit 1; }

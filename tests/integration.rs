@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admin_cli;
+mod concurrency;
 mod crash;
 mod faults;
 mod imap_front;
