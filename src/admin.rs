@@ -707,7 +707,9 @@ mod unlock_tests {
             .with_failure_delays(Duration::from_millis(1), Duration::from_millis(1));
         for n in 0..40u8 {
             let _ = auth.failure_delay(std::net::IpAddr::from([192, 0, 2, n]), "a@x", format!("g{n}").as_bytes());
-            if let Ok(t) = auth.take_slot(crate::auth::budget::Secret::AccountPassword, "a@x", [192, 0, 2, n].into()).await {
+            if let Ok(t) =
+                auth.take_slot(crate::auth::budget::Secret::AccountPassword, "a@x", [192, 0, 2, n].into()).await
+            {
                 auth.settle(t, crate::auth::Outcome::Wrong).await;
             }
         }

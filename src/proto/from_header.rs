@@ -528,7 +528,9 @@ fn display_name(phrase: &[Tok<'_>], address: &str) -> Result<Option<String>, Amb
             if (matches!(c, '@' | '<' | '>') || LOOKALIKES.contains(&c)) && !is_the_address {
                 return Err(Ambiguity::AddressLikeName(c));
             }
-            if *kind == WordKind::Encoded && ":;,\"()[]\\".contains(c) {
+            // A comma is allowed: Thunderbird encodes "Müller, Jörg" as one encoded-word,
+            // and readers split a list before they decode its words.
+            if *kind == WordKind::Encoded && ":;\"()[]\\".contains(c) {
                 return Err(Ambiguity::SpecialInEncodedWord(c));
             }
         }

@@ -115,7 +115,7 @@ fn refusal_texts_say_what_is_wrong() {
         (" alice@example.com (Alice)", "comments in parentheses are not accepted"),
         (" <@evil.example:alice@example.com>", "source routes (\"@host:\") are not accepted"),
         (" ceo\u{FF20}example.com <alice@example.com>", "the display name contains U+FF20 (address-like text)"),
-        (" =?utf-8?q?Last=2C_First?= <alice@example.com>", "an encoded-word in the display name decodes to \",\""),
+        (" =?utf-8?q?Last=3B?= <alice@example.com>", "an encoded-word in the display name decodes to \";\""),
         (" \"=?utf-8?q?x?=\" <alice@example.com>", "an encoded-word inside a quoted string"),
         (" =?utf-7?q?+AEA-?= <alice@example.com>", "an encoded-word in charset utf-7, which mailgate does not check"),
         (" \"alice\"@example.com", "the address is not a plain user@domain (a quoted local part)"),
