@@ -269,6 +269,11 @@ fn web_password_guesses_from_one_address_are_bounded() {
         show(&right_other)
     );
     burst.assert_all(|r| !r.passed_password(), "a refusal");
+    // Issue 13 (10): the flood leaves a trace, one line a minute per kind and address.
+    let log = mg.log();
+    let shape = format!("refused web_sign_in_failed from {attacker}");
+    let lines = log.lines().filter(|l| l.contains(&shape)).count();
+    assert!((1..=3).contains(&lines), "{lines} lines of {shape:?} for 400 refusals");
 }
 
 /// Issue 13 (6): 120 wrong account passwords on IMAP from 40 addresses (3 each, all at

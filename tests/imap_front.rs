@@ -362,6 +362,11 @@ fn a_login_storm_keeps_hashing_memory_bounded_and_real_logins_answered() {
         started.elapsed()
     );
     assert!(peak < before + 2 * 19 * 1024 + 80 * 1024, "peak RSS {peak} KiB (before {before} KiB)");
+    // The storm leaves a trace (issue 13 item 10): one line per kind of refusal and
+    // address a minute, not one per refusal.
+    let log = mg.log();
+    let lines = log.lines().filter(|l| l.contains("refused login_failed from 127.0.0.")).count();
+    assert!((1..=60).contains(&lines), "{lines} refusal lines for 200 refusals from 20 addresses");
 }
 
 #[test]

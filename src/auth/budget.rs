@@ -81,7 +81,7 @@ impl Exhausted {
 }
 
 /// A slot taken: settle it with [`Ticket::wrong`], [`Ticket::right`] or
-/// [`Ticket::not_compared`]. Dropping it unsettled counts it as a wrong guess.
+/// [`Ticket::not_compared`]. Dropping it unsettled leaves the slot used, as a wrong guess.
 #[derive(Debug)]
 #[must_use = "a taken slot must be settled"]
 pub struct Ticket {
@@ -160,16 +160,8 @@ impl Budgets {
 }
 
 impl Ticket {
-    /// The guess was wrong: the slot stays used.
-    pub fn wrong(self) {
-        std::mem::forget(self.budgets);
-    }
-
-    /// The guess was wrong but repeats this address's previous wrong guess (a mail app
-    /// retrying a stale password): no new information for anyone, so the slot comes back.
-    pub fn repeated(self, store: &dyn Store, now: u64) {
-        self.not_compared(store, now);
-    }
+    /// The guess was wrong: the slot stays used (nothing to write).
+    pub fn wrong(self) {}
 
     /// The secret was right: the slot comes back and the address's budget is emptied (it
     /// proved it knows the secret); the account's budget keeps what others used. The
