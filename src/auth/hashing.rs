@@ -17,8 +17,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-/// Jobs one owner may have waiting or running at once.
-pub const PER_OWNER: usize = 16;
+/// Jobs one owner may have waiting or running at once. Turns, not this cap, make the
+/// queue fair; the cap keeps one address from filling [`MAX_WAITING`], and is high
+/// enough for an office behind one NAT address whose mail apps all log in at once.
+pub const PER_OWNER: usize = 128;
 /// Jobs waiting in all (memory bound; reached only with more than a thousand owners).
 pub const MAX_WAITING: usize = 16_384;
 
