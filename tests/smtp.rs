@@ -156,7 +156,15 @@ fn refusals_2fa_scope_and_unavailable() {
     let r = auth(&mut c, "alice-account-pw");
     assert_eq!(r.len(), 1);
     assert!(r[0].starts_with("534 5.7.9 ") && r[0].contains("https://mail.example.test/app-passwords"), "{r:?}");
+    // Every such refusal carries the link, not only the first (issue 14).
+    let r = auth(&mut c, "alice-account-pw");
+    assert!(r[0].starts_with("534 5.7.9 ") && r[0].contains("https://mail.example.test/app-passwords"), "{r:?}");
     assert!(auth(&mut c, &app)[0].starts_with("235"));
+    // smtplib falls back from PLAIN to LOGIN and shows only the last reply: the person
+    // sees the link (it saw a bare 535 before).
+    let out = smtplib(&mg, "ssl", "alice-account-pw", "alice@example.com", &message("alice@example.com", "2fa"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("534") && err.contains("app-passwords"), "{err}");
     assert!(auth(&mut c, &app)[0].starts_with("503"), "second AUTH");
     // Upstream down: a temporary failure, never a success.
     let mg2 = Mailgate::start(Options::default());

@@ -1070,8 +1070,8 @@ mod tests {
     }
 
     /// A verified app password is served from the cache even while every hashing thread
-    /// is busy; a different scope, a wrong password, another user's name, a revoked
-    /// record or a locked account never are (SECURITY.md case 68).
+    /// is busy; a different scope, a wrong password, another user's name or a revoked
+    /// record never are (SECURITY.md case 68).
     #[tokio::test]
     async fn verified_app_passwords_skip_the_hash_until_revoked() {
         let (_dir, s, good) = setup();

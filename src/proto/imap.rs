@@ -653,13 +653,16 @@ impl PreAuth {
                     _ => self.refuse(tag, AuthReply::Failed),
                 });
             }
-            Parsed::Authenticate(Mech::Plain, Some(ir)) if !ir.expose().is_empty() => {
+            // RFC 4959: `=` is an empty initial response (not "none"): the client has
+            // sent its PLAIN message, and an empty one is malformed.
+            Parsed::Authenticate(Mech::Plain, Some(ir)) => {
                 return Some(self.plain(tag, ir.expose()));
             }
             Parsed::Authenticate(Mech::Plain, _) => {
                 self.out.extend_from_slice(b"+ \r\n");
                 self.state = State::SaslPlain { tag };
             }
+            // LOGIN (not a standard mechanism) asks for the user name on `=`, as before.
             Parsed::Authenticate(Mech::Login, Some(ir)) if !ir.expose().is_empty() => {
                 match sasl::check_username(ir.expose()) {
                     Ok(user) => {

@@ -909,8 +909,9 @@ fn every_split_sasl() {
         ]
     );
     assert_eq!(t.relayed, b"d NOOP\r\n");
-    let t = assert_split_invariant(true, &[format!("a AUTHENTICATE PLAIN =\r\n{ok}\r\n").as_bytes()]);
-    assert_eq!(t.events, vec![auth("alice", "right")]);
+    // `=` is an empty initial response (RFC 4959): refused at once, never a continuation.
+    let t = assert_split_invariant(true, &[b"a AUTHENTICATE PLAIN =\r\n"]);
+    assert_eq!(t.events, vec![Ev::Refuse(AuthReply::Failed)]);
 }
 
 #[test]
@@ -1129,13 +1130,26 @@ fn authenticate_plain_with_initial_response() {
 #[test]
 fn authenticate_plain_with_continuation() {
     for (msg, want) in plain_table() {
-        for cmd in [&b"a AUTHENTICATE PLAIN\r\n"[..], b"a AUTHENTICATE PLAIN =\r\n", b"a authenticate plain\r\n"] {
+        for cmd in [&b"a AUTHENTICATE PLAIN\r\n"[..], b"a authenticate plain\r\n"] {
             let mut p = session(true);
             assert_eq!(send(&mut p, cmd), ("+ \r\n".into(), vec![]), "{}", text(cmd));
             let (w, ev) = send(&mut p, format!("{}\r\n", base64(&msg)).as_bytes());
             assert_eq!(w, "");
             assert_eq!(ev, vec![want.clone()], "{msg:?}");
         }
+    }
+}
+
+/// RFC 4959: `AUTHENTICATE PLAIN =` carries an empty initial response, which is a
+/// malformed PLAIN message: refused, with no continuation (it used to be taken as "no
+/// initial response" and answered `+ `).
+#[test]
+fn an_empty_initial_response_is_a_response() {
+    for cmd in [&b"a AUTHENTICATE PLAIN =\r\n"[..], b"a authenticate plain =\r\n"] {
+        let mut p = session(true);
+        let (w, ev) = send(&mut p, cmd);
+        assert!(!w.starts_with('+'), "{}: {w:?}", text(cmd));
+        assert_eq!(ev, vec![Ev::Refuse(AuthReply::Failed)], "{}", text(cmd));
     }
 }
 

@@ -207,7 +207,6 @@ pub struct Session {
     errors: u32,
     commands: u32,
     failures: u32,
-    alert_shown: bool,
     scan: Scan,
     /// Bytes of `buf` already scanned (Header state).
     scan_pos: usize,
@@ -255,7 +254,6 @@ impl Session {
             errors: 0,
             commands: 0,
             failures: 0,
-            alert_shown: false,
             scan: Scan::LineStart,
             scan_pos: 0,
             message_len: 0,
@@ -379,11 +377,12 @@ impl Session {
         let line = match reply {
             AuthReply::Failed | AuthReply::AuthzFailed => "535 5.7.8 Authentication credentials invalid".to_string(),
             AuthReply::Aborted(text) => format!("501 {text}"),
-            AuthReply::NeedsAppPassword(text) if !self.alert_shown => {
-                self.alert_shown = true;
+            // Every time: SMTP clients show only the last reply (smtplib and many apps
+            // fall back from PLAIN to LOGIN, and a bare 535 then hides the link). IMAP
+            // keeps its one [ALERT] per connection: Thunderbird shows each as a dialog.
+            AuthReply::NeedsAppPassword(text) => {
                 format!("534 5.7.9 Application-specific password required. {}", one_line(&text))
             }
-            AuthReply::NeedsAppPassword(_) => "535 5.7.8 Authentication credentials invalid".to_string(),
             AuthReply::Unavailable => "454 4.7.0 Temporary authentication failure, try again later".to_string(),
             AuthReply::TooMany => "454 4.7.0 Too many connections for this account from your address".to_string(),
         };

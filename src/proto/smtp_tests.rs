@@ -995,15 +995,17 @@ fn pipelined_failures_after_close_are_ignored() {
     );
 }
 
+/// Every refusal of a 2FA account's password answers 534 with the link: a client that
+/// falls back from PLAIN to LOGIN (smtplib, many apps) shows only its last reply, which
+/// was a bare 535 (issue 14).
 #[test]
-fn app_password_hint_only_once() {
+fn app_password_hint_on_every_refusal() {
     let mut d = Driver::new(true);
     d.verdict = Some(AuthReply::NeedsAppPassword("Create one at https://mail.example.com/app-passwords".into()));
-    assert_eq!(
-        d.send(format!("AUTH PLAIN {GOOD_PLAIN}\r\n").as_bytes()),
-        "534 5.7.9 Application-specific password required. Create one at https://mail.example.com/app-passwords\r\n"
-    );
-    assert_eq!(d.send(format!("AUTH PLAIN {GOOD_PLAIN}\r\n").as_bytes()), R535);
+    let hint =
+        "534 5.7.9 Application-specific password required. Create one at https://mail.example.com/app-passwords\r\n";
+    assert_eq!(d.send(format!("AUTH PLAIN {GOOD_PLAIN}\r\n").as_bytes()), hint);
+    assert_eq!(d.send(format!("AUTH PLAIN {GOOD_PLAIN}\r\n").as_bytes()), hint);
 }
 
 #[test]
