@@ -77,14 +77,15 @@ for v in "${PORT_VARS[@]}"; do
     [[ $p =~ ^[0-9]+$ ]] && ((p >= 1 && p <= 65535)) || die "$v=$p is not a port number"
     [[ -z ${seen[$p]:-} ]] || die "$v and ${seen[$p]} are both $p"
     seen[$p]=$v
-    ! port_in_use "$p" || die "127.0.0.1:$p ($v) is in use; choose other ports with PORT_BASE=… or $v=…"
+    ! port_in_use "$p" ||
+        die "127.0.0.1:$p ($v) is in use (by an earlier try still running?); stop that, or choose other ports with PORT_BASE=… or $v=…"
 done
 
 cat <<EOF
 mailgate try: a private Dovecot and mailgate in front of it, on 127.0.0.1, until Ctrl-C.
 EOF
 if [[ -z ${MAILGATE_BIN:-} ]]; then
-    say "the first build (cargo build --release) takes several minutes, about 15 on two cores; later runs take seconds"
+    say "the first build (cargo build --release) takes several minutes, up to 15 on two cores; later runs take seconds"
 fi
 
 # --- Dovecot from Debian, if missing -------------------------------------------
@@ -113,12 +114,13 @@ fi
 
 # --- mailgate ----------------------------------------------------------------
 if [[ -n ${MAILGATE_BIN:-} ]]; then
-    BIN=$MAILGATE_BIN
-    [[ -x $BIN ]] || die "MAILGATE_BIN=$BIN is not an executable file"
+    [[ -f $MAILGATE_BIN && -x $MAILGATE_BIN ]] || die "MAILGATE_BIN=$MAILGATE_BIN is not an executable file"
+    BIN=$(readlink -f "$MAILGATE_BIN")
 else
-    command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs), or set MAILGATE_BIN"
+    command -v cargo >/dev/null ||
+        die "cargo not found (sudo may have left it out of PATH): build as yourself with \`cargo build --release\`, then run \`sudo MAILGATE_BIN=target/release/mailgate bash scripts/try.sh\` (Rust: https://rustup.rs)"
     say "building: cargo build --release (in $REPO)"
-    (cd "$REPO" && cargo build --release --quiet --bin mailgate) || die "the build failed"
+    (cd "$REPO" && cargo build --release --bin mailgate) || die "the build failed"
     BIN=$REPO/target/release/mailgate
 fi
 
