@@ -99,7 +99,8 @@ enum UserCmd {
         #[arg(long)]
         password_stdin: bool,
     },
-    /// Unlock an account locked after too many failed logins or wrong codes.
+    /// Refill an account's password and code guess budgets and clear its failure delay
+    /// (there is no account lock; see docs/security.md#throttling).
     Unlock {
         /// The account.
         email: String,

@@ -14,5 +14,6 @@ mod pg_harness;
 mod pg_store;
 mod smtp;
 mod support;
+mod try_it;
 mod upstream_mode;
 mod web;
