@@ -501,3 +501,26 @@ fn creating_app_passwords_on_a_running_server_keeps_hashing_memory_bounded() {
     eprintln!("peak RSS after 20 app passwords: {peak} KiB");
     assert!(peak < 2 * 19 * 1024 + 50 * 1024, "peak RSS {peak} KiB");
 }
+
+/// Cross-protocol requests (issue 14): an HTTP request a web page made a browser send, or
+/// a TLS ClientHello on the plaintext port, as the first line on IMAP and SMTP ports: the
+/// connection is closed at once and nothing of what the client sent comes back.
+#[test]
+fn another_protocols_request_is_closed_without_an_echo() {
+    let mg = Mailgate::start(Options::default());
+    let http = b"POST /submit HTTP/1.1\r\nHost: mail.example.test\r\nContent-Length: 40\r\n\r\na LOGIN alice pw\r\nb LIST \"\" *\r\n";
+    let mut c = tls(&mg);
+    c.send(http);
+    assert!(c.closed_within(Duration::from_secs(20)), "IMAPS left it open");
+    assert!(c.pending().is_empty(), "IMAPS echoed {:?}", String::from_utf8_lossy(c.pending()));
+    let mut p = Client::plain(mg.imap);
+    assert!(p.line().starts_with("* OK"));
+    p.send(b"\x16\x03\x01\x00\xf4\x01\x00\x00\xf0\x03\x03");
+    assert!(p.closed_within(Duration::from_secs(20)), "IMAP left a ClientHello open");
+    assert!(p.pending().is_empty(), "IMAP answered {:?}", String::from_utf8_lossy(p.pending()));
+    let mut s = Client::tls(mg.smtps, tls_config(&mg.ca, &["smtp"])).unwrap();
+    assert!(s.line().starts_with("220 "));
+    s.send(http);
+    assert!(s.closed_within(Duration::from_secs(20)), "SMTPS left it open");
+    assert!(s.pending().is_empty(), "SMTPS echoed {:?}", String::from_utf8_lossy(s.pending()));
+}

@@ -222,6 +222,9 @@ pub struct PreAuth {
     starttls_allowed: bool,
     bad: u32,
     commands: u32,
+    /// The first line (of the connection, or after STARTTLS) was checked for another
+    /// protocol's request ([`crate::proto::foreign`]).
+    first_line_checked: bool,
     failures: u32,
     alert_shown: bool,
     /// `buf.len()` when the last literal announcement was answered (or accepted silently).
@@ -259,6 +262,7 @@ impl PreAuth {
             starttls_allowed: starttls_allowed && !tls,
             bad: 0,
             commands: 0,
+            first_line_checked: false,
             failures: 0,
             alert_shown: false,
             literal_seen_at: 0,
@@ -329,6 +333,7 @@ impl PreAuth {
             self.buf.clear();
             self.reset_literals();
             self.state = State::Command;
+            self.first_line_checked = false;
         }
     }
 
@@ -400,6 +405,18 @@ impl PreAuth {
     fn step_command(&mut self) -> Option<Action> {
         if self.buf.is_empty() {
             return Some(Action::NeedInput);
+        }
+        if !self.first_line_checked {
+            match crate::proto::foreign::first_line(&self.buf) {
+                crate::proto::foreign::FirstLine::NeedMore => return Some(Action::NeedInput),
+                // Another protocol's request: closed at once, nothing of it echoed.
+                crate::proto::foreign::FirstLine::Foreign => {
+                    self.buf.clear();
+                    self.state = State::Closed;
+                    return Some(Action::Close);
+                }
+                crate::proto::foreign::FirstLine::Own => self.first_line_checked = true,
+            }
         }
         match self.framer.scan(&self.buf) {
             Ok(()) => {}

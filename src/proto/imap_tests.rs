@@ -2009,3 +2009,37 @@ fn corpus_replays() {
         }
     }
 }
+
+/// A browser's HTTP request (ALPACA) or a TLS ClientHello as the first line, on the plain
+/// port or after STARTTLS, closes the connection at once and echoes nothing of it: no tag,
+/// no word (issue 14). An IMAP tag that happens to be `GET` is still IMAP.
+#[test]
+fn another_protocols_first_line_closes_without_an_echo() {
+    for first in [
+        &b"POST / HTTP/1.1\r\nHost: mail.example.com\r\nContent-Length: 30\r\n\r\na LOGIN alice pw\r\n"[..],
+        b"GET /?<script> HTTP/1.0\r\n\r\n",
+        b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 143\r\na NOOP\r\n",
+        b"\x16\x03\x01\x00\xf4\x01\x00\x00\xf0\x03\x03",
+    ] {
+        for tls in [false, true] {
+            let mut p = session(tls);
+            let (w, ev) = send(&mut p, first);
+            assert_eq!((w.as_str(), ev), ("", vec![Ev::Close]), "{}", text(first));
+        }
+    }
+    // After STARTTLS the first line is checked again.
+    let mut p = session(false);
+    let _ = send(&mut p, b"a NOOP\r\n");
+    let _ = send(&mut p, b"s STARTTLS\r\n");
+    p.tls_started();
+    let (w, ev) = send(&mut p, b"POST / HTTP/1.1\r\n");
+    assert_eq!((w.as_str(), ev), ("", vec![Ev::Close]));
+    // Only the first line: later lines are IMAP's business (a BAD, no close).
+    let mut p = session(true);
+    let _ = send(&mut p, b"a NOOP\r\n");
+    let (w, _) = send(&mut p, b"GET / HTTP/1.1\r\n");
+    assert!(w.starts_with("GET BAD"), "{w:?}");
+    let mut p = session(true);
+    let (w, _) = send(&mut p, b"GET NOOP\r\n");
+    assert_eq!(w, "GET OK NOOP completed\r\n");
+}

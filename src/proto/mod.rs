@@ -4,6 +4,7 @@
 //! driver in `net` does the I/O. Depends on `secret` and protocol crates only
 //! (a CI check keeps tokio, rustls and sled out of this folder).
 
+pub mod foreign;
 pub mod from_header;
 pub mod imap;
 pub mod proxy;

@@ -206,6 +206,9 @@ pub struct Session {
     max_size: usize,
     errors: u32,
     commands: u32,
+    /// The first line (of the connection, or after STARTTLS) was checked for another
+    /// protocol's request ([`crate::proto::foreign`]).
+    first_line_checked: bool,
     failures: u32,
     scan: Scan,
     /// Bytes of `buf` already scanned (Header state).
@@ -253,6 +256,7 @@ impl Session {
             max_size,
             errors: 0,
             commands: 0,
+            first_line_checked: false,
             failures: 0,
             scan: Scan::LineStart,
             scan_pos: 0,
@@ -354,6 +358,7 @@ impl Session {
             self.ehlo_done = false;
             self.buf.clear();
             self.state = State::Command { discarding: false };
+            self.first_line_checked = false;
         }
     }
 
@@ -526,6 +531,18 @@ impl Session {
         }
         if self.buf.is_empty() {
             return Some(Action::NeedInput);
+        }
+        if !self.first_line_checked {
+            match crate::proto::foreign::first_line(&self.buf) {
+                crate::proto::foreign::FirstLine::NeedMore => return Some(Action::NeedInput),
+                // Another protocol's request: closed at once, nothing of it echoed.
+                crate::proto::foreign::FirstLine::Foreign => {
+                    self.buf.clear();
+                    self.state = State::Closed;
+                    return Some(Action::Close);
+                }
+                crate::proto::foreign::FirstLine::Own => self.first_line_checked = true,
+            }
         }
         // AUTH lines may be long (initial responses); others may not.
         let is_auth = self.buf.len() >= 5 && self.buf[..5].eq_ignore_ascii_case(b"AUTH ");

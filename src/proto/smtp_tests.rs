@@ -2866,3 +2866,26 @@ fn corpus_replays() {
         }
     }
 }
+
+/// A browser's HTTP request (ALPACA) or a TLS ClientHello as the first line closes the
+/// connection at once and echoes nothing of it (issue 14); later lines are SMTP's.
+#[test]
+fn another_protocols_first_line_closes_without_an_echo() {
+    for first in [
+        &b"POST /x HTTP/1.1\r\nHost: mail.example.com\r\n\r\nEHLO x\r\nMAIL FROM:<a@b>\r\n"[..],
+        b"GET / HTTP/1.1\r\n",
+        b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 587\r\nEHLO x\r\n",
+        b"\x16\x03\x01\x00\xf4\x01\x00\x00\xf0\x03\x03",
+    ] {
+        for tls in [false, true] {
+            let mut d = Driver::new(tls);
+            assert_eq!(d.send(first), "", "{}", String::from_utf8_lossy(first));
+            assert_eq!(d.new_events(), vec![Ev::Close], "{}", String::from_utf8_lossy(first));
+        }
+    }
+    let mut d = Driver::new(true);
+    assert!(d.send(b"EHLO x\r\n").starts_with("250"));
+    let later = d.send(b"GET / HTTP/1.1\r\n");
+    assert!(later.starts_with("5") && !later.contains("GET"), "{later:?}");
+    assert!(d.new_events().is_empty(), "only the first line closes");
+}
