@@ -16,7 +16,9 @@
 //! are counted, not named: when someone else at the same address (behind one NAT) entered
 //! wrong codes within the same five minutes, as many of that address's failures as the
 //! sign-in had typos are left out, and the others are shown. Events written before the
-//! address was recorded (detail `TOTP code`) are shown without one. Depends on store only.
+//! address was recorded (detail `TOTP code`) are shown without one. A wrong code pushed
+//! out of the store's audit log (the newest [`EVENTS_READ`] events of the account) is not
+//! shown any more. Depends on store only.
 
 use crate::store::AuditEvent;
 use std::net::IpAddr;
@@ -29,8 +31,10 @@ pub(super) const SIGN_IN: &str = "web_sign_in";
 pub(super) const SEEN: &str = "security_notice_seen";
 /// Wrong codes older than this are not shown (30 days).
 pub(super) const WINDOW_SECS: u64 = 30 * 24 * 3600;
-/// Audit events read for the notice (newest first).
-pub(super) const EVENTS_READ: usize = 200;
+/// Audit events read for the notice (newest first): all the store keeps, since every
+/// IMAP/SMTP login adds one, and a busy phone would push a wrong code out of a shorter
+/// window within a day.
+pub(super) const EVENTS_READ: usize = crate::store::MAX_AUDIT_PER_ACCOUNT;
 
 /// Detail of a [`FAILED`] event.
 pub(super) fn failed_detail(backup: bool, ip: IpAddr) -> String {

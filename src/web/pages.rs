@@ -1206,12 +1206,13 @@ pub(super) async fn disable_2fa_form(State(web): W, headers: HeaderMap) -> Respo
         "Signing in here will need only your account password.".to_string(),
         "Mail apps will be able to sign in with your account password again, so anyone who learns it can read and send your mail. App passwords keep working.".to_string(),
     ];
-    if left > 0 {
-        paragraphs.push(format!(
-            "Your {} stop working, and your authenticator app's codes too. To turn it on again later, you scan a new QR code.",
-            count(left, "backup code", "backup codes")
-        ));
-    }
+    paragraphs.push(match left {
+        0 => "Your authenticator app's codes stop working. To turn it on again later, you scan a new QR code.".into(),
+        n => format!(
+            "Your authenticator app's codes and your {} stop working. To turn it on again later, you scan a new QR code.",
+            count(n, "backup code", "backup codes")
+        ),
+    });
     html(
         ConfirmPage {
             site: web.site(),
@@ -1246,7 +1247,7 @@ pub(super) async fn regenerate_codes_form(State(web): W, headers: HeaderMap) -> 
             username: &username,
             heading: "Make new backup codes?",
             paragraphs: vec![
-                format!("You get {} new ones, shown once. {old}", backup_codes::COUNT),
+                format!("You get {} new backup codes, shown only once. {old}", backup_codes::COUNT),
                 "Have somewhere ready to keep the new codes before you go on.".into(),
             ],
             action: "/backup-codes",

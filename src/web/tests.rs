@@ -1734,7 +1734,7 @@ async fn turning_2fa_off_and_new_backup_codes_ask_first() {
     let ask = c.get("/two-factor/disable").await;
     ask.assert_ok();
     assert!(ask.body.contains("<h1>Turn off two-step verification?</h1>"), "{}", ask.body);
-    assert!(ask.body.contains("Your 10 backup codes stop working"), "{}", ask.body);
+    assert!(ask.body.contains("codes and your 10 backup codes stop working"), "{}", ask.body);
     assert!(ask.body.contains("action=\"/two-factor/disable\"") && ask.body.contains("href=\"/app-passwords\">Cancel"));
     // Asking changed nothing.
     let a = env.account(ALICE);
