@@ -42,6 +42,10 @@ pub enum ConfigError {
     },
 }
 
+/// The longest `[web] organisation`: it shares the header with the account name on a
+/// phone's 390-px-wide screen.
+const MAX_ORGANISATION: usize = 60;
+
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.to_string(), reason: reason.into() }
 }
@@ -313,13 +317,14 @@ impl Default for RawSmtp {
 struct RawWeb {
     #[serde(default = "d_web_listen")]
     listen: Vec<String>,
+    organisation: Option<String>,
 }
 fn d_web_listen() -> Vec<String> {
     vec!["127.0.0.1:8443".into()]
 }
 impl Default for RawWeb {
     fn default() -> Self {
-        RawWeb { listen: d_web_listen() }
+        RawWeb { listen: d_web_listen(), organisation: None }
     }
 }
 
@@ -553,6 +558,9 @@ pub struct Config {
     pub smtp_max_message_size: usize,
     /// HTTPS listeners of the web step.
     pub web_listen: Vec<SocketAddr>,
+    /// The organisation's name in the web step's header and page titles (`None`: the host
+    /// name is shown).
+    pub web_organisation: Option<String>,
     /// Upstream IMAP server.
     pub upstream_imap: Upstream,
     /// Upstream SMTP submission server.
@@ -619,6 +627,16 @@ impl Config {
             return Err(invalid("smtp.max_message_size", "must be between 1024 and 2147483648 octets"));
         }
         let web_listen = addrs("web.listen", Some(raw.web.listen), "")?;
+        let web_organisation = match raw.web.organisation.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(o) if o.chars().count() > MAX_ORGANISATION || o.chars().any(char::is_control) => {
+                return Err(invalid(
+                    "web.organisation",
+                    format!("must be at most {MAX_ORGANISATION} characters on one line (it heads every page)"),
+                ));
+            }
+            Some(o) => Some(o.to_string()),
+        };
         let upstream_imap = upstream("upstream.imap", raw.upstream.imap.unwrap_or_default(), "127.0.0.1:143", false)?;
         let upstream_smtp = upstream("upstream.smtp", raw.upstream.smtp.unwrap_or_default(), "127.0.0.1:587", true)?;
         let l = raw.limits;
@@ -733,6 +751,7 @@ impl Config {
             smtp_starttls,
             smtp_max_message_size,
             web_listen,
+            web_organisation,
             upstream_imap,
             upstream_smtp,
             limits,
@@ -889,6 +908,19 @@ mod tests {
         for p in [1u8, 48, 56, 128] {
             let c = Config::from_toml_str(&format!("[limits]\nipv6_prefix = {p}"), "t").unwrap();
             assert_eq!(c.limits.ipv6_prefix, p);
+        }
+    }
+
+    #[test]
+    fn web_organisation_is_optional_trimmed_and_one_short_line() {
+        assert_eq!(Config::from_raw(RawConfig::default()).unwrap().web_organisation, None);
+        let c = Config::from_toml_str("[web]\norganisation = \"  Example Mail  \"", "t").unwrap();
+        assert_eq!(c.web_organisation.as_deref(), Some("Example Mail"));
+        let c = Config::from_toml_str("[web]\norganisation = \" \"", "t").unwrap();
+        assert_eq!(c.web_organisation, None);
+        for bad in ["\"a\\nb\"", &format!("\"{}\"", "x".repeat(61))] {
+            let e = Config::from_toml_str(&format!("[web]\norganisation = {bad}"), "t").unwrap_err().to_string();
+            assert!(e.contains("web.organisation"), "{bad} -> {e}");
         }
     }
 

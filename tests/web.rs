@@ -1,20 +1,41 @@
 //! End to end in a real browser: Debian's headless Chromium, driven through chromedriver by
 //! tests/support/browser.py (W3C WebDriver, Python standard library only), goes through the
 //! web step as a person would; then the app password it made logs in over IMAPS through
-//! mailgate to the real Dovecot.
+//! mailgate to the real Dovecot; then, with that connection open, the browser revokes the
+//! app password, makes new backup codes and turns two-step verification off.
 //!
-//! `MAILGATE_SCREENSHOTS=DIR` keeps the screenshots (signin.png, enrol.png, …) in DIR, e.g.
-//! to refresh docs/screenshots/; otherwise they go to the test's temporary directory.
+//! Every page it checks is shot at 390 px (a phone) and 1280 px (a desktop) and must not be
+//! wider than the window. `MAILGATE_SCREENSHOTS=DIR` keeps the screenshots
+//! (signin-390.png, signin-1280.png, enrol-390.png, …) in DIR, e.g. to refresh
+//! docs/screenshots/; otherwise they go to the test's temporary directory.
 
-use crate::imap_front::with_dovecot;
+use crate::imap_front::with_dovecot_opts;
 use crate::support::client::{Client, tls_config};
-use crate::support::mailgate::Mailgate;
+use crate::support::mailgate::{Mailgate, Options};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The driver's own deadline is shorter; this only catches a driver that hangs anyway.
-const DRIVER_TIMEOUT: Duration = Duration::from_secs(240);
+const DRIVER_TIMEOUT: Duration = Duration::from_secs(300);
+/// `[web] organisation`: the browser checks it heads the pages and ends their titles.
+const ORGANISATION: &str = "Example Mail";
+/// The screenshots of the first run (each at 390 and 1280 px).
+const SHOTS: [&str; 11] = [
+    "signin",
+    "enrol",
+    "backup-codes",
+    "signed-out",
+    "second-factor",
+    "sign-in-cancelled",
+    "second-factor-backup",
+    "security-notice",
+    "app-password-no-scope",
+    "app-password-created",
+    "account",
+];
+/// The screenshots of the last run.
+const SHOTS_AFTER: [&str; 4] = ["revoked", "confirm-backup-codes", "confirm-turn-off", "account-2fa-off"];
 
 fn driver() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/browser.py")
@@ -47,6 +68,7 @@ fn run_driver(mg: &Mailgate, shots: &Path, name: &str, extra: &[&str]) -> Run {
         .arg(&out)
         .arg("--cert")
         .arg(dir.join("certs/mailgate-cert.pem"))
+        .args(["--organisation", ORGANISATION])
         .args(extra)
         .env("MAILGATE_BROWSER_PIDS", &pids)
         .stdin(Stdio::null())
@@ -100,7 +122,8 @@ fn browser_enrols_totp_and_makes_an_app_password_that_works_over_imap() {
         assert!(Path::new(tool).exists(), "{tool} is missing: run scripts/install-test-deps.sh");
     }
     let started = Instant::now();
-    let (_dovecot, mg, _cli_app) = with_dovecot();
+    let opts = Options { web_extra: format!("organisation = \"{ORGANISATION}\""), ..Options::default() };
+    let (_dovecot, mg, _cli_app) = with_dovecot_opts(opts);
     let shots = match std::env::var_os("MAILGATE_SCREENSHOTS") {
         Some(d) => PathBuf::from(d),
         None => mg.dir.path().join("screenshots"),
@@ -117,12 +140,9 @@ fn browser_enrols_totp_and_makes_an_app_password_that_works_over_imap() {
     let codes = run.json["backup_codes"].as_array().unwrap();
     assert_eq!(codes.len(), 10);
     println!("downloads: {}", run.json["download"]);
-    for name in
-        ["signin.png", "enrol.png", "backup-codes.png", "second-factor.png", "account.png", "app-password-created.png"]
-    {
-        let png = std::fs::read(shots.join(name)).unwrap();
-        assert!(png.starts_with(b"\x89PNG") && png.len() > 5_000, "{name}: {} bytes", png.len());
-    }
+    assert_shots(&shots, &SHOTS);
+    let notice = run.json["security_notice"].as_array().unwrap();
+    assert!(notice.len() == 1 && notice[0].as_str().unwrap().contains("127.0.0.1"), "{notice:?}");
 
     // The app password made in the browser reads mail through mailgate from Dovecot.
     let t = Instant::now();
@@ -132,6 +152,9 @@ fn browser_enrols_totp_and_makes_an_app_password_that_works_over_imap() {
     let r = c.cmd("b", "SELECT INBOX");
     assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
     assert!(c.cmd("c", "LOGOUT").iter().any(|l| l.starts_with("c OK")));
+    // Closed from this side too, so that its session is over before the revocation below
+    // counts the connections that use the app password.
+    drop(c);
     // Two-step verification is on: the account password alone gets the alert.
     let mut c = imaps(&mg);
     let r = c.cmd("d", "LOGIN alice@example.com alice-account-pw");
@@ -146,10 +169,43 @@ fn browser_enrols_totp_and_makes_an_app_password_that_works_over_imap() {
     let again = run_driver(&mg, &shots, "reuse", &["--mode", "reuse", "--backup-code", &used]);
     assert!(again.ok, "the used backup code was not refused: {}\nmailgate log:\n{}", again.failure, mg.log());
     let reuse = t.elapsed();
+
+    // With a connection open on the app password: the browser revokes it (one connection
+    // ends: said in the singular), makes new backup codes and turns 2FA off, each after
+    // its question; the refused account-password login above is listed until then.
+    let t = Instant::now();
+    let mut open = imaps(&mg);
+    let r = open.cmd("e", &format!("LOGIN alice@example.com \"{app}\""));
+    assert!(r.last().unwrap().starts_with("e OK"), "{r:?}");
+    let unused = codes[4].as_str().unwrap();
+    let last = run_driver(&mg, &shots, "after", &["--mode", "after", "--backup-code", unused]);
+    assert!(last.ok, "the browser run after the IMAP checks failed: {}\nmailgate log:\n{}", last.failure, mg.log());
+    assert_shots(&shots, &SHOTS_AFTER);
+    assert!(open.closed_within(Duration::from_secs(10)), "the revoked app password's connection is still open");
+    // 2FA is off: the account password opens IMAP again.
+    let mut c = imaps(&mg);
+    let r = c.cmd("f", "LOGIN alice@example.com alice-account-pw");
+    assert!(r.last().unwrap().starts_with("f OK"), "{r:?}");
+    let after = t.elapsed();
     println!(
-        "timings: setup {setup:.1?}, browser {browser:.1?} ({}), imap {imap:.1?}, reuse {reuse:.1?} ({}), total {:.1?}",
+        "timings: setup {setup:.1?}, browser {browser:.1?} ({}), imap {imap:.1?}, reuse {reuse:.1?} ({}), after {after:.1?} ({}), total {:.1?}",
         run.json["timings"],
         again.json["timings"],
+        last.json["timings"],
         started.elapsed()
     );
+}
+
+/// Each of `names` was shot at both widths.
+fn assert_shots(dir: &Path, names: &[&str]) {
+    for name in names {
+        for width in [390, 1280] {
+            let file = format!("{name}-{width}.png");
+            let png = std::fs::read(dir.join(&file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert!(png.starts_with(b"\x89PNG") && png.len() > 5_000, "{file}: {} bytes", png.len());
+            // The IHDR width: the shot is as wide as asked.
+            let w = u32::from_be_bytes([png[16], png[17], png[18], png[19]]);
+            assert_eq!(w, width, "{file}");
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! passwords need a sign-in within the last 10 minutes. Depends on auth, store, sessions
 //! and config; not on proto or net.
 
+mod notice;
 mod pages;
 pub(crate) mod session;
 
@@ -59,12 +60,14 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/login/totp", get(pages::totp_form).post(pages::totp))
         .route("/login/backup", get(pages::backup_form).post(pages::backup))
+        .route("/login/cancel", post(pages::cancel_sign_in))
         .route("/logout", post(pages::logout))
         .route("/app-passwords", get(pages::account).post(pages::create_app_password))
         .route("/app-passwords/{id}/revoke", post(pages::revoke_app_password))
         .route("/two-factor", get(pages::enrol_form).post(pages::enrol))
-        .route("/two-factor/disable", post(pages::disable_2fa))
-        .route("/backup-codes", post(pages::regenerate_codes))
+        .route("/two-factor/disable", get(pages::disable_2fa_form).post(pages::disable_2fa))
+        .route("/backup-codes", get(pages::regenerate_codes_form).post(pages::regenerate_codes))
+        .route("/security-notice", post(pages::dismiss_alert))
         .route("/backup-codes.txt", get(pages::download_codes))
         .route("/password", get(pages::password_form).post(pages::change_password))
         .route("/.well-known/autoconfig/mail/config-v1.1.xml", get(pages::autoconfig))

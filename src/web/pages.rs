@@ -5,13 +5,14 @@
 
 use super::ClientIp;
 use super::Web;
-use super::session::{COOKIE, ENROL_SECS, MAX_WRONG_CODES, STEP_UP_SECS, Stage};
+use super::notice;
+use super::session::{COOKIE, ENROL_SECS, MAX_WRONG_CODES, SECOND_FACTOR_SECS, STEP_UP_SECS, Stage};
 use crate::admin;
 use crate::auth::{WebCheck, backup_codes, password, totp};
 use crate::secret::{SecretBytes, SecretString, ct_eq};
-use crate::store::{Account, Scope, StoreError, TotpState};
+use crate::store::{Account, AuditEvent, Scope, StoreError, TotpState};
 use askama::Template;
-use axum::extract::{Extension, Form, Path, State};
+use axum::extract::{Extension, Form, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
@@ -28,10 +29,19 @@ type Fields = Form<HashMap<String, String>>;
 // ---------------------------------------------------------------------------------------
 // Templates
 
+/// What the header and the title of every page show.
+#[derive(Clone, Copy)]
+struct Site<'a> {
+    /// The server's host name (the settings for mail apps name it).
+    host: &'a str,
+    /// The name in the header and the page titles: `[web] organisation`, else the host.
+    name: &'a str,
+}
+
 #[derive(Template)]
 #[template(path = "login.html")]
 struct LoginPage<'a> {
-    host: &'a str,
+    site: Site<'a>,
     csrf: &'a str,
     error: Option<&'a str>,
     notice: Option<String>,
@@ -41,8 +51,10 @@ struct LoginPage<'a> {
 #[derive(Template)]
 #[template(path = "second_factor.html")]
 struct SecondFactorPage<'a> {
-    host: &'a str,
+    site: Site<'a>,
     csrf: &'a str,
+    /// The account signing in.
+    username: &'a str,
     error: Option<&'a str>,
     backup: bool,
 }
@@ -55,16 +67,31 @@ struct Row {
     last_used: String,
 }
 
+/// The security notice: wrong codes after the right password, not yet dismissed.
+struct Alert {
+    /// "Your account password was entered correctly, then a wrong code:"
+    intro: String,
+    /// One line per wrong code (at most [`ALERT_LINES`]), newest first.
+    lines: Vec<String>,
+    /// "… and 3 more."
+    more: Option<String>,
+    /// The newest time shown; the dismiss form sends it back.
+    up_to: u64,
+}
+
+/// Wrong codes listed one by one in the security notice; more are counted.
+const ALERT_LINES: usize = 5;
+
 #[derive(Template)]
 #[template(path = "account.html")]
 struct AccountPage<'a> {
-    host: &'a str,
+    site: Site<'a>,
     csrf: &'a str,
     username: &'a str,
     notice: Option<String>,
+    alert: Option<Alert>,
     passwords: Vec<Row>,
     stale: Vec<String>,
-    failed: Vec<String>,
     totp: bool,
     codes_left: usize,
     can_change_password: bool,
@@ -78,23 +105,38 @@ struct Draft {
     label: String,
     imap: bool,
     smtp: bool,
-    error: Option<String>,
+    /// What is wrong with the name.
+    label_error: Option<String>,
+    /// No scope ticked.
+    scope_error: Option<String>,
+    /// Anything else (the store, a busy hashing queue).
+    form_error: Option<String>,
 }
 
 impl Default for Draft {
     fn default() -> Draft {
-        Draft { label: String::new(), imap: true, smtp: true, error: None }
+        Draft { label: String::new(), imap: true, smtp: true, label_error: None, scope_error: None, form_error: None }
+    }
+}
+
+impl Draft {
+    fn has_error(&self) -> bool {
+        self.label_error.is_some() || self.scope_error.is_some() || self.form_error.is_some()
     }
 }
 
 #[derive(Template)]
 #[template(path = "created.html")]
 struct CreatedPage<'a> {
-    host: &'a str,
+    site: Site<'a>,
     csrf: &'a str,
     username: &'a str,
     label: &'a str,
     password: &'a str,
+    /// May read mail: the IMAP settings are shown.
+    imap: bool,
+    /// May send mail: the SMTP settings are shown.
+    smtp: bool,
     imap_port: u16,
     imap_security: &'a str,
     smtp_port: u16,
@@ -104,7 +146,7 @@ struct CreatedPage<'a> {
 #[derive(Template)]
 #[template(path = "enrol.html")]
 struct EnrolPage<'a> {
-    host: &'a str,
+    site: Site<'a>,
     csrf: &'a str,
     username: &'a str,
     grouped: &'a str,
@@ -115,16 +157,32 @@ struct EnrolPage<'a> {
 #[derive(Template)]
 #[template(path = "codes.html")]
 struct CodesPage<'a> {
-    host: &'a str,
+    site: Site<'a>,
     csrf: &'a str,
     username: &'a str,
     codes: Vec<&'a str>,
+    /// Two-step verification was turned on just now (else: a new set of codes).
+    turned_on: bool,
+}
+
+/// A change that asks first: what it does, and a button that does it.
+#[derive(Template)]
+#[template(path = "confirm.html")]
+struct ConfirmPage<'a> {
+    site: Site<'a>,
+    csrf: &'a str,
+    username: &'a str,
+    heading: &'a str,
+    paragraphs: Vec<String>,
+    action: &'a str,
+    button: &'a str,
+    danger: bool,
 }
 
 #[derive(Template)]
 #[template(path = "password.html")]
 struct PasswordPage<'a> {
-    host: &'a str,
+    site: Site<'a>,
     csrf: &'a str,
     username: &'a str,
     error: Option<&'a str>,
@@ -133,7 +191,7 @@ struct PasswordPage<'a> {
 #[derive(Template)]
 #[template(path = "message.html")]
 struct MessagePage<'a> {
-    host: &'a str,
+    site: Site<'a>,
     heading: &'a str,
     text: &'a str,
     link: &'a str,
@@ -197,6 +255,10 @@ impl Web {
         &self.config.hostname
     }
 
+    fn site(&self) -> Site<'_> {
+        Site { host: self.host(), name: self.config.web_organisation.as_deref().unwrap_or(self.host()) }
+    }
+
     fn load(&self, headers: &HeaderMap) -> Option<Ctx> {
         self.ctx(cookie_id(headers)?)
     }
@@ -234,7 +296,7 @@ impl Web {
         let forbidden = || {
             html(
                 MessagePage {
-                    host: self.host(),
+                    site: self.site(),
                     heading: "Request refused",
                     text: "This form was sent from another site or has expired. Go back, reload the page and try again.",
                     link: "/",
@@ -296,7 +358,7 @@ impl Web {
     fn error(&self, text: &str) -> Response {
         html(
             MessagePage {
-                host: self.host(),
+                site: self.site(),
                 heading: "Something went wrong",
                 text,
                 link: "/",
@@ -310,7 +372,7 @@ impl Web {
     fn unavailable(&self) -> Response {
         html(
             MessagePage {
-                host: self.host(),
+                site: self.site(),
                 heading: "Try again in a minute",
                 text: "Signing in is not possible right now. Try again in a minute.",
                 link: "/login",
@@ -320,18 +382,29 @@ impl Web {
         )
     }
 
+    /// Records an audit event at the web step's time (which the security notice compares
+    /// with); a failure to write is logged, not fatal.
     fn audit(&self, username: &str, kind: &str, detail: String) {
-        admin::audit_event(self.auth.store().as_ref(), username, kind, detail);
+        let ev = AuditEvent { at: self.now(), username: username.into(), kind: kind.into(), detail };
+        if let Err(e) = self.auth.store().append_audit(&ev) {
+            tracing::warn!(error = %e, kind, "cannot write an audit event");
+        }
     }
 
-    /// Signs in fully: a new session id, the sign-in time for step-up.
-    fn complete_sign_in(&self, ctx: &Ctx, username: &str) -> Response {
+    /// Signs in fully: a new session id, the sign-in time for step-up. The audit event
+    /// says how many wrong codes this sign-in had before (the person's own typos, left
+    /// out of the security notice).
+    fn complete_sign_in(&self, ctx: &Ctx, username: &str, ip: IpAddr) -> Response {
         let now = self.now();
-        self.web_sessions.with(&ctx.id, now, |s| {
-            s.stage = Stage::SignedIn { username: username.to_string(), auth_at: now };
-            s.wrong_codes = 0;
-        });
-        self.audit(username, "web_sign_in", String::new());
+        let typos = self
+            .web_sessions
+            .with(&ctx.id, now, |s| {
+                s.stage = Stage::SignedIn { username: username.to_string(), auth_at: now };
+                s.wrong_codes = 0;
+                std::mem::take(&mut s.failed_codes)
+            })
+            .unwrap_or(0);
+        self.audit(username, notice::SIGN_IN, notice::sign_in_detail(ip, typos));
         match self.web_sessions.rotate(&ctx.id) {
             Some(new) => with_cookie(redirect("/app-passwords"), &new),
             None => self.error("Sign-in failed."),
@@ -341,12 +414,15 @@ impl Web {
     /// A wrong second factor (its slot was taken before it was compared): after the
     /// delay, the pending sign-in is dropped if that was its last slot.
     async fn wrong_code(&self, ctx: &Ctx, username: &str, backup: bool, ip: IpAddr, code: &[u8]) -> Response {
-        self.audit(username, "second_factor_failed", if backup { "backup code" } else { "TOTP code" }.into());
+        self.audit(username, notice::FAILED, notice::failed_detail(backup, ip));
         self.auth.log_refusal(crate::auth::refusals::Kind::SecondFactor, ip, username);
         tokio::time::sleep(self.auth.failure_delay(ip, username, code)).await;
         let dropped = self
             .web_sessions
             .with(&ctx.id, self.now(), |s| {
+                if matches!(s.stage, Stage::SecondFactor { .. }) {
+                    s.failed_codes = s.failed_codes.saturating_add(1);
+                }
                 if s.wrong_codes >= MAX_WRONG_CODES {
                     drop_pending(s);
                     true
@@ -360,8 +436,9 @@ impl Web {
         }
         html(
             SecondFactorPage {
-                host: self.host(),
+                site: self.site(),
                 csrf: &ctx.csrf,
+                username,
                 error: Some(if backup {
                     "That backup code is not right or was used already."
                 } else {
@@ -402,14 +479,25 @@ pub(super) async fn style() -> Response {
         .into_response()
 }
 
-pub(super) async fn login_form(State(web): W, ip: Option<Extension<ClientIp>>, headers: HeaderMap) -> Response {
+pub(super) async fn login_form(
+    State(web): W,
+    ip: Option<Extension<ClientIp>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     // None: too many sessions, or the shared store is unreachable.
     let Some((ctx, new)) = web.load_or_create(&headers, client_ip(&ip)) else { return web.unavailable() };
     if let Stage::SignedIn { .. } = ctx.stage {
         return redirect("/app-passwords");
     }
-    let notice = web.take_notice(&ctx.id);
-    let page = html(LoginPage { host: web.host(), csrf: &ctx.csrf, error: None, notice, username: "" }, StatusCode::OK);
+    // Sign-out and Cancel end the session, so their word comes in the address; only
+    // these fixed texts can be shown this way.
+    let notice = web.take_notice(&ctx.id).or_else(|| match query.as_deref() {
+        Some("signed-out") => Some("You are signed out.".to_string()),
+        Some("cancelled") => Some("The sign-in was cancelled. Sign in again when you are ready.".to_string()),
+        _ => None,
+    });
+    let page = html(LoginPage { site: web.site(), csrf: &ctx.csrf, error: None, notice, username: "" }, StatusCode::OK);
     if new { with_cookie(page, &ctx.id) } else { page }
 }
 
@@ -433,7 +521,7 @@ pub(super) async fn login(
     let password = SecretBytes::from(form.get("password").cloned().unwrap_or_default().into_bytes());
     let refuse = |web: &Web, text: &'static str, status| {
         html(
-            LoginPage { host: web.host(), csrf: &ctx.csrf, error: Some(text), notice: None, username: &username },
+            LoginPage { site: web.site(), csrf: &ctx.csrf, error: Some(text), notice: None, username: &username },
             status,
         )
     };
@@ -447,13 +535,14 @@ pub(super) async fn login(
             web.web_sessions.with(&ctx.id, now, |s| {
                 s.stage = Stage::SecondFactor { username: account.username.clone(), since: now };
                 s.wrong_codes = 0;
+                s.failed_codes = 0;
             });
             match web.web_sessions.rotate(&ctx.id) {
                 Some(new) => with_cookie(redirect("/login/totp"), &new),
                 None => web.error("Sign-in failed."),
             }
         }
-        WebCheck::Ok(account) => web.complete_sign_in(&ctx, &account.username),
+        WebCheck::Ok(account) => web.complete_sign_in(&ctx, &account.username, ip),
         WebCheck::Denied => {
             tokio::time::sleep(web.auth.failure_delay(ip, &username, password.expose())).await;
             refuse(&web, "The e-mail address or password is not right.", StatusCode::UNAUTHORIZED)
@@ -466,10 +555,36 @@ pub(super) async fn login(
     }
 }
 
+/// What the account page says after a sign-in with a backup code.
+fn backup_codes_left(left: usize) -> String {
+    match left {
+        0 => "You signed in with your last backup code. Make new backup codes below.".into(),
+        1 => "You signed in with a backup code. 1 backup code is left.".into(),
+        n => format!("You signed in with a backup code. {n} backup codes are left."),
+    }
+}
+
+/// `1 connection` or `2 connections`.
+fn count(n: usize, one: &str, many: &str) -> String {
+    if n == 1 { format!("1 {one}") } else { format!("{n} {many}") }
+}
+
+/// Ends a sign-in that waits for its second factor (the person chose Cancel): the session
+/// goes, as on sign-out.
+pub(super) async fn cancel_sign_in(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
+    let Some((ctx, _)) = pending(web.load(&headers)) else { return redirect("/login") };
+    if let Err(r) = web.check_post(&headers, &ctx, &form) {
+        return r;
+    }
+    web.web_sessions.remove(&ctx.id);
+    clear_cookie(redirect("/login?cancelled"))
+}
+
 /// A pending sign-in that used its code slots ends: sign in again.
 fn drop_pending(s: &mut super::session::WebSession) {
     s.stage = Stage::Anonymous;
     s.wrong_codes = 0;
+    s.failed_codes = 0;
     s.notice = Some("Too many wrong codes. Sign in again.".into());
 }
 
@@ -484,7 +599,7 @@ fn codes_used_up(web: &Web, which: crate::auth::budget::Exhausted) -> Response {
         }
     };
     html(
-        MessagePage { host: web.host(), heading: "Sign-in paused", text, link: "/login", link_text: "Back to sign-in" },
+        MessagePage { site: web.site(), heading: "Sign-in paused", text, link: "/login", link_text: "Back to sign-in" },
         StatusCode::TOO_MANY_REQUESTS,
     )
 }
@@ -498,8 +613,11 @@ fn pending(ctx: Option<Ctx>) -> Option<(Ctx, String)> {
 }
 
 fn second_factor_form(web: &Web, headers: &HeaderMap, backup: bool) -> Response {
-    let Some((ctx, _)) = pending(web.load(headers)) else { return redirect("/login") };
-    html(SecondFactorPage { host: web.host(), csrf: &ctx.csrf, error: None, backup }, StatusCode::OK)
+    let Some((ctx, username)) = pending(web.load(headers)) else { return redirect("/login") };
+    html(
+        SecondFactorPage { site: web.site(), csrf: &ctx.csrf, username: &username, error: None, backup },
+        StatusCode::OK,
+    )
 }
 
 pub(super) async fn totp_form(State(web): W, headers: HeaderMap) -> Response {
@@ -573,9 +691,9 @@ async fn second_factor_outcome(
             web.auth.settle(ticket, crate::auth::Outcome::Right).await;
             if let Some(left) = left {
                 web.audit(&username, "backup_code_used", format!("{left} left"));
-                web.set_notice(&ctx.id, format!("You signed in with a backup code. {left} backup codes are left."));
+                web.set_notice(&ctx.id, backup_codes_left(left));
             }
-            web.complete_sign_in(&ctx, &username)
+            web.complete_sign_in(&ctx, &username, ip)
         }
         Err(StoreError::Backend(_)) => {
             web.auth.settle(ticket, crate::auth::Outcome::NotCompared).await;
@@ -678,7 +796,7 @@ pub(super) async fn logout(State(web): W, headers: HeaderMap, Form(form): Fields
         }
         web.web_sessions.remove(&ctx.id);
     }
-    clear_cookie(redirect("/login"))
+    clear_cookie(redirect("/login?signed-out"))
 }
 
 pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
@@ -719,39 +837,80 @@ fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response 
             },
         })
         .collect();
-    let stale = admin::stale_devices(store.as_ref(), username)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(d, at)| format!("{d}, last {}", fmt_time(at)))
-        .collect();
-    // Someone knew the password but not the second factor (SECURITY.md case 83): say so.
-    let since = web.now().saturating_sub(30 * 24 * 3600);
-    let failed = store
-        .recent_audit(username, 200)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| e.kind == "second_factor_failed" && e.at >= since)
-        .take(5)
-        .map(|e| format!("{} (wrong {})", fmt_time(e.at), e.detail))
-        .collect();
+    // Devices refused for sending the account password matter only while two-step
+    // verification is on, and only refusals since it was turned on.
+    let stale = if account.has_second_factor() {
+        let since = account.totp.as_ref().map(|t| t.enabled_at).unwrap_or(0);
+        admin::stale_devices(store.as_ref(), username)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, at)| *at >= since)
+            .map(|(d, at)| format!("{d}, last {}", fmt_time(at)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let can_change_password = account.password_hash.is_some() && !web.auth.upstream_mode();
     let notice = web.take_notice(&ctx.id);
-    let status = if draft.error.is_some() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
+    let status = if draft.has_error() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
     html(
         AccountPage {
-            host: web.host(),
+            site: web.site(),
             csrf: &ctx.csrf,
             username,
             notice,
+            alert: security_alert(web, username),
             passwords,
             stale,
-            failed,
             totp: account.has_second_factor(),
             codes_left: account.backup_codes.as_ref().map(|c| c.remaining()).unwrap_or(0),
-            can_change_password: account.password_hash.is_some() && !web.auth.upstream_mode(),
+            can_change_password,
             draft,
         },
         status,
     )
+}
+
+/// Someone knew the password but not the second factor (SECURITY.md case 83): the wrong
+/// codes the person has not dismissed yet, without their own typos ([`notice`]).
+fn security_alert(web: &Web, username: &str) -> Option<Alert> {
+    let events = web.auth.store().recent_audit(username, notice::EVENTS_READ).unwrap_or_default();
+    let codes = notice::unseen(&events, web.now(), SECOND_FACTOR_SECS).codes;
+    let up_to = codes.first()?.at;
+    let lines = codes
+        .iter()
+        .take(ALERT_LINES)
+        .map(|c| {
+            let what = if c.what == "backup code" { "a wrong backup code" } else { "a wrong 6-digit code" };
+            match &c.from {
+                Some(from) => format!("{}: {what}, from {from}", fmt_time(c.at)),
+                None => format!("{}: {what}", fmt_time(c.at)),
+            }
+        })
+        .collect();
+    let intro = if codes.len() == 1 {
+        "Your account password was entered correctly, then a wrong code:".to_string()
+    } else {
+        format!("Your account password was entered correctly, then a wrong code — {} times:", codes.len())
+    };
+    let more = (codes.len() > ALERT_LINES).then(|| format!("… and {} more.", codes.len() - ALERT_LINES));
+    Some(Alert { intro, lines, more, up_to })
+}
+
+/// The person has seen the security notice: it stays away until a newer wrong code. The
+/// form says up to which time it showed codes, so one written meanwhile still shows.
+pub(super) async fn dismiss_alert(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
+    let (_, username) = match post_user(&web, &headers, &form, false) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let shown = form.get("seen").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0).min(web.now());
+    let events = web.auth.store().recent_audit(&username, notice::EVENTS_READ).unwrap_or_default();
+    let before = notice::unseen(&events, web.now(), SECOND_FACTOR_SECS).seen_up_to;
+    if shown > before {
+        web.audit(&username, notice::SEEN, notice::seen_detail(shown));
+    }
+    redirect("/app-passwords")
 }
 
 /// The signed-in user of a POST whose token checks out; `fresh`: also a recent sign-in.
@@ -797,47 +956,47 @@ pub(super) async fn create_app_password(
         Ok(x) => x,
         Err(r) => return r,
     };
-    let mut scopes = Vec::new();
-    if form.contains_key("scope_imap") {
-        scopes.push(Scope::Imap);
-    }
-    if form.contains_key("scope_smtp") {
-        scopes.push(Scope::Smtp);
-    }
-    if scopes.is_empty() {
-        web.set_notice(&ctx.id, "Choose what the app password may be used for (reading, sending or both).");
-        return redirect("/app-passwords");
-    }
+    let imap = form.contains_key("scope_imap");
+    let smtp = form.contains_key("scope_smtp");
     let label = form.get("label").cloned().unwrap_or_default();
-    // Refused labels come back in the form as typed, with the reason (the same check
-    // runs again in admin::create_app_password, for the CLI too).
-    if let Err(e) = admin::check_label(&label) {
-        let draft = Draft {
-            imap: scopes.contains(&Scope::Imap),
-            smtp: scopes.contains(&Scope::Smtp),
-            error: Some(format!("The app password was not created: {e}.")),
-            label,
-        };
+    // Every refusal shows the form again as it was sent, with the reason next to the field
+    // (the label check runs again in admin::create_app_password, for the CLI too).
+    let mut draft = Draft { label, imap, smtp, ..Draft::default() };
+    draft.label_error = match admin::check_label(&draft.label) {
+        Err(e) => Some(format!("The app password was not created: {e}.")),
+        Ok(label) if has_label(&web, &username, label) => {
+            Some(format!("You already have an app password called “{label}”. Choose another name."))
+        }
+        Ok(_) => None,
+    };
+    if !imap && !smtp {
+        draft.scope_error =
+            Some("Choose what the app password may be used for: reading mail, sending mail or both.".into());
+    }
+    if draft.has_error() {
         return account_page(&web, &ctx, &username, draft);
     }
+    let scopes = [(imap, Scope::Imap), (smtp, Scope::Smtp)].into_iter().filter_map(|(on, s)| on.then_some(s)).collect();
     let store = web.auth.store().clone();
-    let user = username.clone();
+    let (user, label) = (username.clone(), draft.label.clone());
     let made = web
         .auth
         .run_blocking(ip, move || admin::create_app_password(store.as_ref(), &user, &label, scopes, "web"))
         .await;
     match made {
-        Some(Ok((new, label, _))) => {
+        Some(Ok((new, label, scopes))) => {
             let (smtp_port, smtp_security) = endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465);
             let (imap_port, imap_security) = endpoint(&web.config.imap_tls, &web.config.imap_starttls, 993);
             let grouped = new.grouped();
             html(
                 CreatedPage {
-                    host: web.host(),
+                    site: web.site(),
                     csrf: &ctx.csrf,
                     username: &username,
                     label: &label,
                     password: grouped.expose(),
+                    imap: scopes.contains(&Scope::Imap),
+                    smtp: scopes.contains(&Scope::Smtp),
                     imap_port,
                     imap_security,
                     smtp_port,
@@ -847,11 +1006,21 @@ pub(super) async fn create_app_password(
             )
         }
         Some(Err(e)) => {
-            web.set_notice(&ctx.id, format!("The app password was not created: {e}."));
-            redirect("/app-passwords")
+            draft.form_error = Some(format!("The app password was not created: {e}."));
+            account_page(&web, &ctx, &username, draft)
         }
-        None => web.error("The app password could not be created right now. Try again in a minute."),
+        None => {
+            draft.form_error = Some("The app password could not be created right now. Try again in a minute.".into());
+            account_page(&web, &ctx, &username, draft)
+        }
     }
+}
+
+/// Whether the account has an app password with this label (in any case, as the store
+/// compares them).
+fn has_label(web: &Web, username: &str, label: &str) -> bool {
+    let list = web.auth.store().list_app_passwords(username).unwrap_or_default();
+    list.iter().any(|r| r.label.eq_ignore_ascii_case(label))
 }
 
 pub(super) async fn revoke_app_password(
@@ -865,13 +1034,19 @@ pub(super) async fn revoke_app_password(
         Err(r) => return r,
     };
     match admin::revoke_app_password(web.auth.store().as_ref(), Some(&web.sessions), &username, &id, "web") {
-        Ok((rec, ended)) => web.set_notice(
-            &ctx.id,
-            format!("“{}” is revoked. {ended} of its connections were closed; it can no longer sign in.", rec.label),
-        ),
+        Ok((rec, ended)) => web.set_notice(&ctx.id, revoked_text(&rec.label, ended)),
         Err(_) => web.set_notice(&ctx.id, "That app password does not exist (any more)."),
     }
     redirect("/app-passwords")
+}
+
+/// What the account page says after a revocation that closed `ended` connections.
+fn revoked_text(label: &str, ended: usize) -> String {
+    match ended {
+        0 => format!("“{label}” is revoked and can no longer sign in."),
+        1 => format!("“{label}” is revoked and can no longer sign in. The connection that used it was closed."),
+        n => format!("“{label}” is revoked and can no longer sign in. The {n} connections that used it were closed."),
+    }
 }
 
 fn qr_svg(uri: &str) -> String {
@@ -922,7 +1097,7 @@ fn enrol_page(web: &Web, ctx: &Ctx, username: &str, error: Option<&str>) -> Resp
     };
     let mut resp = html(
         EnrolPage {
-            host: web.host(),
+            site: web.site(),
             csrf: &ctx.csrf,
             username,
             grouped: crate::auth::app_password::group(secret.expose()).expose(),
@@ -992,18 +1167,95 @@ pub(super) async fn enrol(State(web): W, headers: HeaderMap, Form(form): Fields)
     web.sessions.kill_account_password_sessions(&username);
     web.web_sessions.end_all_of(&username, Some(&ctx.id));
     web.audit(&username, "totp_enabled", "on the web".into());
-    codes_page(&web, &ctx, &username, shown)
+    codes_page(&web, &ctx, &username, shown, true)
 }
 
-fn codes_page(web: &Web, ctx: &Ctx, username: &str, shown: Vec<SecretString>) -> Response {
+/// The backup codes just made; `turned_on`: with two-step verification, just now.
+fn codes_page(web: &Web, ctx: &Ctx, username: &str, shown: Vec<SecretString>, turned_on: bool) -> Response {
     let texts: Vec<String> = shown.iter().map(|c| c.expose().clone()).collect();
     let codes: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let resp = html(CodesPage { host: web.host(), csrf: &ctx.csrf, username, codes }, StatusCode::OK);
+    let resp = html(CodesPage { site: web.site(), csrf: &ctx.csrf, username, codes, turned_on }, StatusCode::OK);
     web.web_sessions.with(&ctx.id, web.now(), |s| {
         s.pending_totp = None;
         s.shown_codes = Some(shown.clone());
     });
     resp
+}
+
+/// The signed-in user of a page that leads to a factor change: signed in recently, with
+/// two-step verification on (else back to the account page).
+fn factor_change_user(web: &Web, headers: &HeaderMap) -> Result<(Ctx, String, Account), Response> {
+    let ctx = web.load(headers);
+    let (username, auth_at) = web.user(&ctx)?;
+    let Some(ctx) = ctx else { return Err(redirect("/login")) };
+    web.fresh(&ctx, auth_at)?;
+    match web.account(&username)? {
+        a if a.has_second_factor() => Ok((ctx, username, a)),
+        _ => Err(redirect("/app-passwords")),
+    }
+}
+
+/// Asks before turning two-step verification off.
+pub(super) async fn disable_2fa_form(State(web): W, headers: HeaderMap) -> Response {
+    let (ctx, username, account) = match factor_change_user(&web, &headers) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let left = account.backup_codes.as_ref().map(|c| c.remaining()).unwrap_or(0);
+    let mut paragraphs = vec![
+        "Signing in here will need only your account password.".to_string(),
+        "Mail apps will be able to sign in with your account password again, so anyone who learns it can read and send your mail. App passwords keep working.".to_string(),
+    ];
+    paragraphs.push(match left {
+        0 => "Your authenticator app's codes stop working. To turn it on again later, you scan a new QR code.".into(),
+        n => format!(
+            "Your authenticator app's codes and your {} stop working. To turn it on again later, you scan a new QR code.",
+            count(n, "backup code", "backup codes")
+        ),
+    });
+    html(
+        ConfirmPage {
+            site: web.site(),
+            csrf: &ctx.csrf,
+            username: &username,
+            heading: "Turn off two-step verification?",
+            paragraphs,
+            action: "/two-factor/disable",
+            button: "Turn off two-step verification",
+            danger: true,
+        },
+        StatusCode::OK,
+    )
+}
+
+/// Asks before replacing the backup codes.
+pub(super) async fn regenerate_codes_form(State(web): W, headers: HeaderMap) -> Response {
+    let (ctx, username, account) = match factor_change_user(&web, &headers) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let left = account.backup_codes.as_ref().map(|c| c.remaining()).unwrap_or(0);
+    let old = match left {
+        0 => "You have no backup codes left.".to_string(),
+        1 => "Your 1 remaining backup code stops working at once.".to_string(),
+        n => format!("Your {n} remaining backup codes stop working at once."),
+    };
+    html(
+        ConfirmPage {
+            site: web.site(),
+            csrf: &ctx.csrf,
+            username: &username,
+            heading: "Make new backup codes?",
+            paragraphs: vec![
+                format!("You get {} new backup codes, shown only once. {old}", backup_codes::COUNT),
+                "Have somewhere ready to keep the new codes before you go on.".into(),
+            ],
+            action: "/backup-codes",
+            button: "Make new backup codes",
+            danger: false,
+        },
+        StatusCode::OK,
+    )
 }
 
 pub(super) async fn disable_2fa(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
@@ -1051,7 +1303,7 @@ pub(super) async fn regenerate_codes(State(web): W, headers: HeaderMap, Form(for
         return redirect("/app-passwords");
     }
     web.audit(&username, "backup_codes_generated", "on the web".into());
-    codes_page(&web, &ctx, &username, shown)
+    codes_page(&web, &ctx, &username, shown, false)
 }
 
 pub(super) async fn download_codes(State(web): W, headers: HeaderMap) -> Response {
@@ -1109,7 +1361,7 @@ pub(super) async fn password_form(State(web): W, headers: HeaderMap) -> Response
         Ok(_) => return redirect("/app-passwords"),
         Err(r) => return r,
     }
-    html(PasswordPage { host: web.host(), csrf: &ctx.csrf, username: &username, error: None }, StatusCode::OK)
+    html(PasswordPage { site: web.site(), csrf: &ctx.csrf, username: &username, error: None }, StatusCode::OK)
 }
 
 pub(super) async fn change_password(
@@ -1140,7 +1392,7 @@ pub(super) async fn change_password(
     };
     if let Some(p) = problem {
         return html(
-            PasswordPage { host: web.host(), csrf: &ctx.csrf, username: &username, error: Some(p) },
+            PasswordPage { site: web.site(), csrf: &ctx.csrf, username: &username, error: Some(p) },
             StatusCode::UNPROCESSABLE_ENTITY,
         );
     }
@@ -1173,10 +1425,12 @@ pub(super) async fn change_password(
     web.audit(&username, "account_password_changed", "on the web".into());
     web.set_notice(
         &ctx.id,
-        if revoked > 0 {
-            format!("Your password is changed and all {revoked} app passwords are revoked. Make new ones for your mail apps.")
-        } else {
-            "Your password is changed.".to_string()
+        match revoked {
+            0 => "Your password is changed.".to_string(),
+            1 => "Your password is changed and your app password is revoked. Make a new one for your mail app.".into(),
+            n => format!(
+                "Your password is changed and all {n} app passwords are revoked. Make new ones for your mail apps."
+            ),
         },
     );
     redirect("/app-passwords")

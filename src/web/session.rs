@@ -78,6 +78,10 @@ pub struct WebSession {
     pub shown_codes: Option<Vec<SecretString>>,
     /// Wrong second-factor codes in this sign-in.
     pub wrong_codes: u32,
+    /// Codes of this pending sign-in that were compared and found wrong (unlike
+    /// `wrong_codes`, which counts the slots taken): if the sign-in then succeeds, they
+    /// were the person's own typos, and the security notice leaves them out.
+    pub failed_codes: u32,
     /// A message for the next page.
     pub notice: Option<String>,
     /// The key of the client that opened the session ([`client_key`]), for the cap on
@@ -95,6 +99,7 @@ impl WebSession {
             pending_totp: None,
             shown_codes: None,
             wrong_codes: 0,
+            failed_codes: 0,
             notice: None,
             client: Some(client),
         }
@@ -362,6 +367,9 @@ struct Stored {
     pending_totp: Option<(String, u64)>,
     shown_codes: Option<Vec<String>>,
     wrong_codes: u32,
+    /// Absent in sessions stored before it was.
+    #[serde(default)]
+    failed_codes: u32,
     notice: Option<String>,
 }
 
@@ -386,6 +394,7 @@ fn seal(key: &SecretKey, s: &WebSession) -> Option<WebSessionRow> {
         pending_totp: s.pending_totp.as_ref().map(|(t, at)| (t.expose().clone(), *at)),
         shown_codes: s.shown_codes.as_ref().map(|c| c.iter().map(|c| c.expose().clone()).collect()),
         wrong_codes: s.wrong_codes,
+        failed_codes: s.failed_codes,
         notice: s.notice.clone(),
     };
     let json = Zeroizing::new(serde_json::to_vec(&stored).ok()?);
@@ -410,6 +419,7 @@ fn open(key: &SecretKey, row: &WebSessionRow) -> Option<WebSession> {
         pending_totp: stored.pending_totp.take().map(|(t, at)| (SecretString::from(t), at)),
         shown_codes: stored.shown_codes.take().map(|c| c.into_iter().map(SecretString::from).collect()),
         wrong_codes: stored.wrong_codes,
+        failed_codes: stored.failed_codes,
         notice: stored.notice.take(),
         // Not sealed: the row keeps it in the clear, for the cap query.
         client: row.client_key,

@@ -821,8 +821,8 @@ async fn regenerating_backup_codes_invalidates_the_old_set_at_once() {
     let mut c = env.client();
     c.sign_in(ALICE, PW).await;
     let (_, old) = c.enrol(T0).await;
-    let page = c.get("/app-passwords").await;
-    assert!(page.body.contains("action=\"/backup-codes\""));
+    assert!(c.get("/app-passwords").await.body.contains("href=\"/backup-codes\""));
+    assert!(c.get("/backup-codes").await.body.contains("action=\"/backup-codes\""));
     let r = c.post("/backup-codes", &[]).await;
     r.assert_ok();
     let new = codes_on(&r.body);
@@ -989,15 +989,13 @@ async fn app_password_create_list_and_revoke() {
     assert_eq!(phone.scopes, vec![Scope::Imap]);
 
     // A duplicate label (any case) is refused with a message.
-    c.post("/app-passwords", &[("label", "thunderbird LAPTOP"), ("scope_imap", "1")])
-        .await
-        .assert_redirect("/app-passwords");
-    let page = c.get("/app-passwords").await;
-    assert!(page.body.contains("already has an app password labelled"), "{}", page.body);
+    let page = c.post("/app-passwords", &[("label", "thunderbird LAPTOP"), ("scope_imap", "1")]).await;
+    assert_eq!(page.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(page.body.contains("You already have an app password called “thunderbird LAPTOP”"), "{}", page.body);
     assert_eq!(env.app_password_count(ALICE), 2);
     // No scope: refused.
-    c.post("/app-passwords", &[("label", "Nothing")]).await.assert_redirect("/app-passwords");
-    let page = c.get("/app-passwords").await;
+    let page = c.post("/app-passwords", &[("label", "Nothing")]).await;
+    assert_eq!(page.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(page.body.contains("Choose what the app password may be used for"), "{}", page.body);
     assert_eq!(env.app_password_count(ALICE), 2);
 
@@ -1011,7 +1009,11 @@ async fn app_password_create_list_and_revoke() {
     assert!(other.killed.try_recv().is_err());
     assert!(matches!(imap_login(&env, ALICE, &shown), Verdict::Denied));
     let page = c.get("/app-passwords").await;
-    assert!(page.body.contains("is revoked. 2 of its connections were closed"), "{}", page.body);
+    assert!(
+        page.body.contains("is revoked and can no longer sign in. The 2 connections that used it were closed."),
+        "{}",
+        page.body
+    );
     assert!(!page.body.contains("<td>Thunderbird laptop</td>"));
     assert!(env.store.recent_audit(ALICE, 10).unwrap().iter().any(|e| e.kind == "app_password_revoked"));
 
@@ -1292,14 +1294,13 @@ async fn get_requests_never_change_state() {
     c.sign_in_2fa(ALICE, PW, &code(SECRET, T0)).await;
     let token = c.csrf.clone().unwrap();
     let before = env.account(ALICE);
-    for path in [
-        format!("/app-passwords/{id}/revoke?csrf={token}"),
-        format!("/two-factor/disable?csrf={token}"),
-        format!("/backup-codes?csrf={token}"),
-        format!("/logout?csrf={token}"),
-    ] {
+    for path in [format!("/app-passwords/{id}/revoke?csrf={token}"), format!("/logout?csrf={token}")] {
         let r = c.get(&path).await;
         assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "GET {path}");
+    }
+    // These two only ask first (issue 15): the change needs the POST from that page.
+    for path in [format!("/two-factor/disable?csrf={token}"), format!("/backup-codes?csrf={token}")] {
+        c.get(&path).await.assert_ok();
     }
     // A GET with form fields in the query creates nothing.
     c.get(&format!("/app-passwords?csrf={token}&label=get&scope_imap=1")).await.assert_ok();
@@ -1366,7 +1367,7 @@ async fn logout_ends_the_session_on_the_server() {
     let page = c.get("/app-passwords").await;
     assert!(page.body.contains("action=\"/logout\""));
     let r = c.post("/logout", &[]).await;
-    r.assert_redirect("/login");
+    r.assert_redirect("/login?signed-out");
     let set = r.session_set_cookie().unwrap();
     assert!(set.contains("Max-Age=0"), "{set}");
     assert!(c.cookie.is_none());
@@ -1593,4 +1594,380 @@ fn web_sessions_in_memory_pass_the_store_suite() {
     let s = WebSessions::default();
     crate::store::conformance::web_sessions(&s, &s);
     crate::store::conformance::anonymous_web_sessions_are_capped_per_client(&s, &s);
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 15 item 4: the web step without rough edges
+
+/// The security notice on an account page, if there is one.
+fn security_notice(body: &str) -> Option<String> {
+    between(body, "id=\"security-notice\">", "</section>")
+}
+
+/// A client at `ip`.
+fn client_at(env: &Env, ip: [u8; 4]) -> Client {
+    let mut c = env.client();
+    c.ip = Some(std::net::IpAddr::from(ip));
+    c
+}
+
+/// Password right, then `wrong` wrong TOTP codes; the sign-in is left pending.
+async fn wrong_codes(c: &mut Client, wrong: usize) {
+    c.login(ALICE, PW).await.assert_redirect("/login/totp");
+    for _ in 0..wrong {
+        let r = c.post("/login/totp", &[("code", &bad_code(SECRET, T0))]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    }
+}
+
+#[tokio::test]
+async fn security_notice_names_time_and_address_and_goes_away_once_dismissed() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let mut attacker = client_at(&env, [203, 0, 113, 5]);
+    wrong_codes(&mut attacker, 1).await;
+    env.clock.advance(60);
+    let mut owner = client_at(&env, [198, 51, 100, 1]);
+    owner.sign_in_2fa(ALICE, PW, &code(SECRET, env.now())).await;
+    let page = owner.get("/app-passwords").await;
+    let notice = security_notice(&page.body).unwrap_or_else(|| panic!("no security notice: {}", page.body));
+    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 203.0.113.5", admin::fmt_time(T0))), "{notice}");
+    assert!(notice.contains("href=\"/password\""), "{notice}");
+    // It stays until it is dismissed …
+    let page = owner.get("/app-passwords").await;
+    assert!(security_notice(&page.body).is_some());
+    let seen = between(&page.body, "name=\"seen\" value=\"", "\"").unwrap();
+    assert_eq!(seen, T0.to_string());
+    // … with the page's token: a forged dismissal changes nothing.
+    let r = owner.post_raw("/security-notice", &[("seen", &seen)], &[("sec-fetch-site", "same-origin")]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(security_notice(&owner.get("/app-passwords").await.body).is_some());
+    owner.post("/security-notice", &[("seen", &seen)]).await.assert_redirect("/app-passwords");
+    assert!(security_notice(&owner.get("/app-passwords").await.body).is_none(), "dismissed");
+    assert!(env.store.recent_audit(ALICE, 10).unwrap().iter().any(|e| e.kind == "security_notice_seen"));
+    // Stored: another sign-in (another browser, later) does not see it either.
+    env.clock.advance(30);
+    let mut other = client_at(&env, [198, 51, 100, 2]);
+    other.sign_in_2fa(ALICE, PW, &code(SECRET, env.now())).await;
+    assert!(security_notice(&other.get("/app-passwords").await.body).is_none(), "came back");
+    // A newer wrong code brings it back, with that code only.
+    env.clock.advance(60);
+    let again = env.now();
+    wrong_codes(&mut attacker, 1).await;
+    let notice = security_notice(&owner.get("/app-passwords").await.body).unwrap();
+    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 203.0.113.5", admin::fmt_time(again))));
+    assert!(!notice.contains(&admin::fmt_time(T0)), "{notice}");
+}
+
+#[tokio::test]
+async fn own_wrong_codes_in_a_sign_in_that_then_succeeds_are_no_security_notice() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let home = [192, 0, 2, 10];
+    // A typo, then the right code: the person's own, no notice.
+    let mut c = client_at(&env, home);
+    wrong_codes(&mut c, 1).await;
+    c.post("/login/totp", &[("code", &code(SECRET, env.now()))]).await.assert_redirect("/app-passwords");
+    let page = c.get("/app-passwords").await;
+    assert!(security_notice(&page.body).is_none(), "own typo shown: {}", page.body);
+    // A sign-in from the same address that gave up after a wrong code is shown; the next
+    // sign-in's own two typos are not.
+    env.clock.advance(60);
+    let gave_up = env.now();
+    wrong_codes(&mut client_at(&env, home), 1).await;
+    env.clock.advance(30);
+    let mut d = client_at(&env, home);
+    wrong_codes(&mut d, 2).await;
+    d.post("/login/totp", &[("code", &code(SECRET, env.now()))]).await.assert_redirect("/app-passwords");
+    let notice = security_notice(&d.get("/app-passwords").await.body).unwrap();
+    assert_eq!(notice.matches("<li>").count(), 1, "{notice}");
+    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 192.0.2.10", admin::fmt_time(gave_up))));
+    // A backup-code sign-in after a wrong TOTP code: the typo is its own too.
+    let codes = env.give_backup_codes(ALICE);
+    let seen = between(&d.get("/app-passwords").await.body, "name=\"seen\" value=\"", "\"").unwrap();
+    d.post("/security-notice", &[("seen", &seen)]).await.assert_redirect("/app-passwords");
+    env.clock.advance(60);
+    let mut e = client_at(&env, home);
+    wrong_codes(&mut e, 1).await;
+    e.post("/login/backup", &[("code", &codes[0])]).await.assert_redirect("/app-passwords");
+    assert!(security_notice(&e.get("/app-passwords").await.body).is_none());
+}
+
+#[tokio::test]
+async fn turning_2fa_on_says_it_is_on_and_that_account_password_mail_apps_stop_now() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let page = c.get("/two-factor").await;
+    let secret = secret_on(&page.body);
+    let r = c.post("/two-factor", &[("code", &code(&secret, T0))]).await;
+    r.assert_ok();
+    assert!(r.body.contains("<h1>Two-step verification is on</h1>"), "{}", r.body);
+    assert!(r.body.contains("Mail apps that use your account password stop working now."), "{}", r.body);
+    assert!(r.body.contains("<title>Two-step verification is on · "), "{}", r.body);
+    assert_eq!(codes_on(&r.body).len(), 10);
+    // A new set later is only that.
+    let r = c.post("/backup-codes", &[]).await;
+    r.assert_ok();
+    assert!(r.body.contains("<h1>Your new backup codes</h1>") && !r.body.contains("stop working now"), "{}", r.body);
+}
+
+#[tokio::test]
+async fn turning_2fa_off_and_new_backup_codes_ask_first() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let codes = env.give_backup_codes(ALICE);
+    let mut c = env.client();
+    c.sign_in_2fa(ALICE, PW, &code(SECRET, T0)).await;
+    let page = c.get("/app-passwords").await;
+    // The account page only links to the questions; no form there acts on one click.
+    assert!(!page.body.contains("action=\"/two-factor/disable\"") && !page.body.contains("action=\"/backup-codes\""));
+    assert!(page.body.contains("href=\"/two-factor/disable\"") && page.body.contains("href=\"/backup-codes\""));
+    let before = env.account(ALICE);
+
+    let ask = c.get("/backup-codes").await;
+    ask.assert_ok();
+    assert!(ask.body.contains("<h1>Make new backup codes?</h1>"), "{}", ask.body);
+    assert!(ask.body.contains("Your 10 remaining backup codes stop working at once."), "{}", ask.body);
+    assert!(ask.body.contains("action=\"/backup-codes\"") && ask.body.contains("href=\"/app-passwords\">Cancel"));
+    let ask = c.get("/two-factor/disable").await;
+    ask.assert_ok();
+    assert!(ask.body.contains("<h1>Turn off two-step verification?</h1>"), "{}", ask.body);
+    assert!(ask.body.contains("codes and your 10 backup codes stop working"), "{}", ask.body);
+    assert!(ask.body.contains("action=\"/two-factor/disable\"") && ask.body.contains("href=\"/app-passwords\">Cancel"));
+    // Asking changed nothing.
+    let a = env.account(ALICE);
+    assert!(a.totp.is_some() && a.second_factor_required);
+    assert_eq!(a.backup_codes.unwrap().hashes, before.backup_codes.unwrap().hashes);
+    let mut d = env.client();
+    d.login(ALICE, PW).await.assert_redirect("/login/totp");
+    d.post("/login/backup", &[("code", &codes[0])]).await.assert_redirect("/app-passwords");
+
+    // The question's own button does it.
+    c.post("/two-factor/disable", &[]).await.assert_redirect("/app-passwords");
+    assert!(!env.account(ALICE).has_second_factor());
+    // With 2FA off there is nothing to ask about.
+    c.get("/two-factor/disable").await.assert_redirect("/app-passwords");
+    c.get("/backup-codes").await.assert_redirect("/app-passwords");
+    // The questions need a recent sign-in, like the changes.
+    env.add_user(BOB, PW, true);
+    let mut b = env.client();
+    b.sign_in_2fa(BOB, PW, &code(SECRET, T0 + 30)).await;
+    env.clock.advance(601);
+    b.get("/backup-codes").await.assert_redirect("/login");
+}
+
+#[tokio::test]
+async fn the_enrolment_page_reads_in_the_order_of_its_steps() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let page = c.get("/two-factor").await;
+    let b = &page.body;
+    let at = |s: &str| b.find(s).unwrap_or_else(|| panic!("{s} missing: {b}"));
+    // Step 1 holds the QR code, step 2 the key, step 3 the form.
+    assert!(at("id=\"step-scan\"") < at("<svg") && at("<svg") < at("id=\"step-key\""), "{b}");
+    assert!(at("id=\"step-key\"") < at("id=\"totp-secret\"") && at("id=\"totp-secret\"") < at("id=\"step-code\""));
+    assert!(at("id=\"step-code\"") < at("action=\"/two-factor\""), "{b}");
+}
+
+#[tokio::test]
+async fn the_second_step_names_the_account_and_cancel_ends_the_pending_sign_in() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let mut c = env.client();
+    c.login(ALICE, PW).await.assert_redirect("/login/totp");
+    for path in ["/login/totp", "/login/backup"] {
+        let page = c.get(path).await;
+        assert!(page.body.contains(&format!("Signing in as <strong>{ALICE}</strong>")), "{path}: {}", page.body);
+        assert!(page.body.contains("action=\"/login/cancel\""), "{path}: {}", page.body);
+    }
+    let r = c.post("/login/totp", &[("code", &bad_code(SECRET, T0))]).await;
+    assert!(r.body.contains(&format!("Signing in as <strong>{ALICE}</strong>")), "{}", r.body);
+    // Cancel needs the token, like every form.
+    let r = c.post_raw("/login/cancel", &[], &[("sec-fetch-site", "same-origin")]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    c.get("/login/totp").await.assert_ok();
+    let id = c.cookie.clone().unwrap();
+    let r = c.post("/login/cancel", &[]).await;
+    r.assert_redirect("/login?cancelled");
+    assert!(r.session_set_cookie().unwrap().contains("Max-Age=0"));
+    assert!(env.web.web_sessions.with(&id, env.now(), |_| ()).is_none(), "the pending sign-in is gone");
+    let mut old = env.client();
+    old.cookie = Some(id);
+    old.post("/login/totp", &[("code", &code(SECRET, T0))]).await.assert_redirect("/login");
+    let page = c.get("/login?cancelled").await;
+    assert!(page.body.contains("The sign-in was cancelled."), "{}", page.body);
+    assert_eq!(env.account(ALICE).totp.unwrap().last_step, 0, "no code was accepted");
+}
+
+#[tokio::test]
+async fn sign_out_lands_on_the_sign_in_page_saying_so() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let r = c.post("/logout", &[]).await;
+    let page = c.get(r.location()).await;
+    page.assert_ok();
+    assert!(page.body.contains("<h1>Sign in</h1>"), "{}", page.body);
+    assert!(page.body.contains("<p class=\"notice\" role=\"status\">You are signed out.</p>"), "{}", page.body);
+    // Only that fixed text comes from the address.
+    let page = c.get("/login?You+were+hacked").await;
+    assert!(!page.body.contains("class=\"notice\"") && !page.body.contains("hacked"), "{}", page.body);
+}
+
+#[tokio::test]
+async fn the_organisation_heads_every_page_and_title() {
+    let env = Env::with_config(&format!("{CONFIG}\n[web]\norganisation = \"Example & Co Mail\""));
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    let page = c.get("/login").await;
+    assert!(page.body.contains("<title>Sign in · Example &#38; Co Mail</title>"), "{}", page.body);
+    assert!(page.body.contains("<span class=\"brand\">Example &#38; Co Mail</span>"), "{}", page.body);
+    c.sign_in(ALICE, PW).await;
+    for path in ["/app-passwords", "/two-factor", "/password"] {
+        let page = c.get(path).await;
+        assert!(page.body.contains(" · Example &#38; Co Mail</title>"), "{path}: {}", page.body);
+        assert!(page.body.contains("<span class=\"brand\">Example &#38; Co Mail</span>"), "{path}");
+    }
+    // Mail apps still get the host name.
+    let r = c.post("/app-passwords", &[("label", "Phone"), ("scope_imap", "1")]).await;
+    assert!(r.body.contains(&format!("<dd>{HOST}, port 9993, SSL/TLS</dd>")), "{}", r.body);
+    // Without the setting: the host name.
+    let page = Env::new().client().get("/login").await;
+    assert!(page.body.contains(&format!("<title>Sign in · {HOST}</title>")), "{}", page.body);
+}
+
+#[tokio::test]
+async fn the_settings_for_a_new_app_password_match_what_it_may_do() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let imap_only = c.post("/app-passwords", &[("label", "Reader"), ("scope_imap", "1")]).await;
+    imap_only.assert_ok();
+    assert!(imap_only.body.contains("Incoming mail (IMAP)"), "{}", imap_only.body);
+    assert!(!imap_only.body.contains("Outgoing mail (SMTP)") && !imap_only.body.contains("9465"), "{}", imap_only.body);
+    assert!(imap_only.body.contains("It can only read mail (IMAP); it cannot send."), "{}", imap_only.body);
+    let smtp_only = c.post("/app-passwords", &[("label", "Printer"), ("scope_smtp", "1")]).await;
+    smtp_only.assert_ok();
+    assert!(smtp_only.body.contains("Outgoing mail (SMTP)") && !smtp_only.body.contains("Incoming mail (IMAP)"));
+    assert!(smtp_only.body.contains("It can only send mail (SMTP); it cannot read."), "{}", smtp_only.body);
+    let both = c.post("/app-passwords", &[("label", "Laptop"), ("scope_imap", "1"), ("scope_smtp", "1")]).await;
+    assert!(both.body.contains("Incoming mail (IMAP)") && both.body.contains("Outgoing mail (SMTP)"));
+    assert!(both.body.contains("It can read and send mail."), "{}", both.body);
+}
+
+#[tokio::test]
+async fn devices_using_the_account_password_are_not_listed_while_2fa_is_off() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, true);
+    let refusal = |at: u64| AuditEvent {
+        at,
+        username: ALICE.into(),
+        kind: "account_password_refused_2fa".into(),
+        detail: "198.51.100.4 via IMAP (Thunderbird)".into(),
+    };
+    env.store.append_audit(&refusal(T0)).unwrap();
+    let mut c = env.client();
+    c.sign_in_2fa(ALICE, PW, &code(SECRET, T0)).await;
+    assert!(c.get("/app-passwords").await.body.contains("Devices still using your account password"));
+    c.post("/two-factor/disable", &[]).await.assert_redirect("/app-passwords");
+    let page = c.get("/app-passwords").await;
+    assert!(!page.body.contains("Devices still using your account password"), "{}", page.body);
+    assert!(!page.body.contains("198.51.100.4"), "{}", page.body);
+    // On again later: refusals from before do not come back; new ones are listed.
+    env.clock.advance(120);
+    c.enrol(env.now()).await;
+    assert!(!c.get("/app-passwords").await.body.contains("Devices still using your account password"));
+    env.store.append_audit(&refusal(env.now())).unwrap();
+    assert!(c.get("/app-passwords").await.body.contains("Devices still using your account password"));
+}
+
+#[tokio::test]
+async fn counts_of_one_are_singular() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let (id, _) = env.app_password(ALICE, "phone");
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let _live = env.web.sessions.register(ALICE, Some(&id));
+    c.post(&format!("/app-passwords/{id}/revoke"), &[]).await.assert_redirect("/app-passwords");
+    let page = c.get("/app-passwords").await;
+    assert!(
+        page.body.contains("“phone” is revoked and can no longer sign in. The connection that used it was closed."),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains("1 of its connections were"), "{}", page.body);
+    let (id, _) = env.app_password(ALICE, "tablet");
+    c.post(&format!("/app-passwords/{id}/revoke"), &[]).await;
+    assert!(c.get("/app-passwords").await.body.contains("“tablet” is revoked and can no longer sign in.</p>"));
+
+    // One app password revoked with a password change.
+    env.app_password(ALICE, "laptop");
+    let new = "a completely new password";
+    c.post("/password", &[("new", new), ("again", new), ("revoke_all", "1")]).await.assert_redirect("/app-passwords");
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("Your password is changed and your app password is revoked."), "{}", page.body);
+
+    // One backup code left, and none.
+    env.add_user(BOB, PW, true);
+    let codes = env.give_backup_codes(BOB);
+    env.store
+        .update_account(BOB, &mut |a: &mut Account| {
+            let set = a.backup_codes.as_mut().unwrap();
+            for h in set.hashes.iter_mut().skip(2) {
+                h.clear();
+            }
+            Ok(())
+        })
+        .unwrap();
+    for (code, says) in [
+        (&codes[0], "You signed in with a backup code. 1 backup code is left."),
+        (&codes[1], "You signed in with your last backup code. Make new backup codes below."),
+    ] {
+        let mut b = env.client();
+        b.login(BOB, PW).await.assert_redirect("/login/totp");
+        b.post("/login/backup", &[("code", code)]).await.assert_redirect("/app-passwords");
+        let page = b.get("/app-passwords").await;
+        assert!(page.body.contains(says), "{}", page.body);
+    }
+    // Asking before a new set names one code as one.
+    let mut b = env.client();
+    b.sign_in_2fa(BOB, PW, &code(SECRET, T0)).await;
+    env.store
+        .update_account(BOB, &mut |a: &mut Account| {
+            a.backup_codes.as_mut().unwrap().hashes[0] = "x".into();
+            Ok(())
+        })
+        .unwrap();
+    assert!(b.get("/backup-codes").await.body.contains("Your 1 remaining backup code stops working at once."));
+}
+
+#[tokio::test]
+async fn a_refused_new_app_password_keeps_what_was_typed() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    // No scope ticked.
+    let r = c.post("/app-passwords", &[("label", "Phone in the kitchen")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "location {:?}", r.location());
+    assert!(r.body.contains("value=\"Phone in the kitchen\""), "name field cleared: {}", r.body);
+    assert!(r.body.contains("id=\"scope-error\">Choose what the app password may be used for"), "{}", r.body);
+    assert!(r.body.contains(r#"name="scope_imap" value="1">"#) && r.body.contains(r#"name="scope_smtp" value="1">"#));
+    // The same name twice: the name and the scopes as sent.
+    c.post("/app-passwords", &[("label", "Laptop"), ("scope_imap", "1"), ("scope_smtp", "1")]).await.assert_ok();
+    let r = c.post("/app-passwords", &[("label", "laptop"), ("scope_smtp", "1")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body.contains("value=\"laptop\" aria-invalid=\"true\""), "{}", r.body);
+    assert!(
+        r.body.contains(r#"name="scope_imap" value="1">"#)
+            && r.body.contains(r#"name="scope_smtp" value="1" checked>"#)
+    );
+    assert_eq!(env.app_password_count(ALICE), 1);
 }

@@ -3,10 +3,22 @@
 standard library only) through mailgate's web step, as a person would:
 
   full mode   sign in with the account password, turn on two-step verification (key read
-              from the page, TOTP computed here), read and download the backup codes, sign
-              out, sign in again with a backup code, make an app password; writes JSON
+              from the page, TOTP computed here; the page must say it is on and that mail
+              apps using the account password stop now), read and download the backup
+              codes, sign out ("signed out"), leave a sign-in with a wrong code by Cancel,
+              sign in again with a typo and a backup code (the security notice lists the
+              cancelled sign-in's code only; dismiss it), make an app password (no scope
+              first: the name is kept; then IMAP only: only IMAP settings); writes JSON
               {app_password, backup_codes, used_backup_code, download, ...} to --out.
   reuse mode  sign in with the account password and --backup-code, which must be refused.
+  after mode  sign in with the unused --backup-code (the notice lists reuse mode's wrong
+              code; dismiss it), revoke the app password (one open connection: singular),
+              make new backup codes and turn two-step verification off, each after its
+              question; the refused devices list goes with 2FA.
+
+Each page is shot at 390 and 1280 px (--widths; NAME-390.png, NAME-1280.png), and fails
+if it is wider than the window; with --organisation, each checked page's header and title
+must show it.
 
 Every wait has a deadline and the whole run has one (--deadline, SIGALRM); chromedriver
 runs in its own process group and is ended by PID (with Chromium, its child) on any exit.
@@ -321,13 +333,24 @@ class Driver:
 
     # Screenshots and downloads.
 
-    def screenshot(self, directory, name, width):
+    def screenshot(self, directory, name, width, check=True):
         """The whole page: the window is made as tall as the document first (measured in a
-        short window, so that the height is the content's, plus the window's own frame)."""
+        short window, so that the height is the content's, plus the window's own frame).
+        Fails if the page is wider than the window (a horizontal scroll bar)."""
         self.cmd("POST", "/window/rect", {"width": width, "height": 400})
-        content, frame = self.js(
-            "return [Math.ceil(document.documentElement.scrollHeight), window.outerHeight - window.innerHeight]"
+        content, frame, scroll_width, inner_width = self.js(
+            "return [Math.ceil(document.documentElement.scrollHeight), window.outerHeight - window.innerHeight,"
+            " document.documentElement.scrollWidth, window.innerWidth]"
         )
+        if check and inner_width != width:
+            raise Failure(f"{name}: the window is {inner_width} px wide, not {width}")
+        if check and scroll_width > inner_width:
+            wide = self.js(
+                "return Array.from(document.querySelectorAll('body *'))"
+                ".filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5)"
+                ".slice(0, 5).map(e => e.tagName + (e.id ? '#' + e.id : '') + ' ' + Math.round(e.getBoundingClientRect().right))"
+            )
+            raise Failure(f"{name}: the page is {scroll_width} px wide in a {width}-px window: {wide}")
         self.cmd("POST", "/window/rect", {"width": width, "height": int(content) + 24 + max(int(frame), 0)})
         png = base64.b64decode(self.cmd("GET", "/screenshot"))
         if not png.startswith(b"\x89PNG"):
@@ -336,6 +359,13 @@ class Driver:
         with open(path, "wb") as f:
             f.write(png)
         log("screenshot", path, f"{len(png)} bytes")
+
+    def shots(self, a, name):
+        """Screenshots NAME-390.png and NAME-1280.png (each of a.widths), each checked for
+        a page wider than the window; then the window goes back to a.width."""
+        for width in a.widths:
+            self.screenshot(a.screenshots, f"{name}-{width}.png", width)
+        self.cmd("POST", "/window/rect", {"width": a.width, "height": 800})
 
     def allow_downloads(self):
         """Headless Chromium drops downloads unless told where to put them (CDP)."""
@@ -400,13 +430,13 @@ class Driver:
 
 
 def sign_in(d, a, expect_path, shot=None):
-    """Fills in the sign-in form (screenshot `shot` of it filled in) and sends it."""
+    """Fills in the sign-in form (screenshots `shot` of it filled in) and sends it."""
     d.go(a.url + "/login")
     d.at("/login", "Sign in")
     d.type("#username", a.user)
     d.type("#password", a.password)
     if shot:
-        d.screenshot(a.screenshots, shot, a.width)
+        d.shots(a, shot)
     d.click(d.find('form[action="/login"] button[type="submit"]'))
     d.at(expect_path)
 
@@ -414,6 +444,45 @@ def sign_in(d, a, expect_path, shot=None):
 def sign_out(d):
     d.click(d.find('form[action="/logout"] button'))
     d.at("/login", "Sign in")
+
+
+def submit(d, form_action):
+    d.click(d.find(f'form[action="{form_action}"] button[type="submit"]'))
+
+
+def expect(d, what, *texts, absent=()):
+    """The page shows each of `texts` and none of `absent`; returns its text."""
+    page = d.body_text()
+    for t in texts:
+        if t not in page:
+            raise Failure(f"{what}: expected {t!r} at {d.path()}:\n{page}")
+    for t in absent:
+        if t in page:
+            raise Failure(f"{what}: did not expect {t!r} at {d.path()}:\n{page}")
+    return page
+
+
+def check_site(d, a):
+    """`[web] organisation` heads the page and ends its title."""
+    if not a.organisation:
+        return
+    title = d.title()
+    if not title.endswith(f" · {a.organisation}"):
+        raise Failure(f"the title {title!r} does not end with the organisation {a.organisation!r}")
+    brand = d.text("header .brand").strip()
+    if brand != a.organisation:
+        raise Failure(f"the header shows {brand!r}, not the organisation {a.organisation!r}")
+
+
+def wrong_totp(secret):
+    """A 6-digit code that is not valid now (nor two steps either side)."""
+    now = time.time()
+    near = {totp(secret, now + k * 30) for k in range(-2, 3)}
+    return next(c for c in (f"{n:06d}" for n in range(1000)) if c not in near)
+
+
+def checked(d, css):
+    return d.cmd("GET", f"/element/{d.find(css)}/selected")
 
 
 def full(d, a, result):
@@ -425,29 +494,37 @@ def full(d, a, result):
 
     t = time.monotonic()
     # 1. The account password alone signs in: there is no second factor yet.
-    sign_in(d, a, "/app-passwords", "signin.png")
+    sign_in(d, a, "/app-passwords", "signin")
     d.at("/app-passwords", "App passwords")
-    page = d.body_text()
-    if "Two-step verification is off" not in page:
-        raise Failure(f"expected 2FA off:\n{page}")
+    check_site(d, a)
+    expect(d, "2FA off", "Two-step verification is off")
     t = mark("sign_in", t)
 
-    # 2. Enrol TOTP: read the key from the page, type the current code.
+    # 2. Enrol TOTP: the steps in the order they are read (the QR code in step 1); read
+    # the key from the page, type the current code.
     d.click(d.link("Turn on two-step verification"))
     d.at("/two-factor", "Turn on two-step verification")
+    check_site(d, a)
     secret = d.text("#totp-secret").strip()
     if len(secret.replace(" ", "")) < 16:
         raise Failure(f"TOTP key looks wrong: {secret!r}")
-    qr = d.js("const s = document.querySelector('figure.qr svg'); return s ? s.getBoundingClientRect().width : 0")
+    qr = d.js("const s = document.querySelector('#step-scan figure.qr svg'); return s ? s.getBoundingClientRect().width : 0")
     if not qr or qr < 150:
-        raise Failure(f"no QR code on the enrolment page (width {qr})")
-    d.screenshot(a.screenshots, "enrol.png", a.width)
+        raise Failure(f"no QR code in step 1 of the enrolment page (width {qr})")
+    tops = d.js(
+        "return ['#step-scan', '#step-scan svg', '#step-key', '#totp-secret', '#step-code', '#code']"
+        ".map(s => document.querySelector(s).getBoundingClientRect().top)"
+    )
+    if tops != sorted(tops):
+        raise Failure(f"the enrolment page is not in the order of its steps: {tops}")
+    d.shots(a, "enrol")
     # A code near the end of its 30-s step may expire on the way; wait for a fresh one.
     if 30 - time.time() % 30 < 3:
         time.sleep(30 - time.time() % 30 + 0.2)
     d.type("#code", totp(secret))
-    d.click(d.find('form[action="/two-factor"] button[type="submit"]'))
-    d.at("/two-factor", "Your backup codes")
+    submit(d, "/two-factor")
+    d.at("/two-factor", "Two-step verification is on")
+    expect(d, "2FA turned on", "Mail apps that use your account password stop working now.")
     t = mark("enrol_totp", t)
 
     # 3. The backup codes: on the page, and as a downloaded text file.
@@ -455,7 +532,7 @@ def full(d, a, result):
     codes = [d.cmd("GET", f"/element/{e}/text").strip() for e in elements]
     if len(codes) != 10 or len(set(codes)) != 10:
         raise Failure(f"expected 10 different backup codes, got {codes}")
-    d.screenshot(a.screenshots, "backup-codes.png", a.width)
+    d.shots(a, "backup-codes")
     result["download"] = d.allow_downloads()
     d.click(d.find('a[href="/backup-codes.txt"]'))
     text = d.wait_download("backup-codes.txt").decode("utf-8")
@@ -467,44 +544,84 @@ def full(d, a, result):
         raise Failure(f"downloaded file does not name the account:\n{text}")
     result["download_file"] = text
     # Still on the codes page after the download.
-    d.at("/two-factor", "Your backup codes")
+    d.at("/two-factor", "Two-step verification is on")
     t = mark("backup_codes", t)
 
-    # 4. Sign out.
+    # 4. Sign out: the sign-in page says so.
     sign_out(d)
+    expect(d, "signed out", "You are signed out.")
+    d.shots(a, "signed-out")
 
-    # 5. Sign in again: the password now leads to the second step; use a backup code.
+    # 5. A sign-in that gets a wrong code and is cancelled, as someone who knows the
+    # password but not the code might leave it: the second step names the account.
     sign_in(d, a, "/login/totp")
     d.at("/login/totp", "Two-step verification")
-    d.screenshot(a.screenshots, "second-factor.png", a.width)
+    expect(d, "second step", f"Signing in as {a.user}.", "Cancel sign-in")
+    d.shots(a, "second-factor")
+    d.type("#code", wrong_totp(secret))
+    submit(d, "/login/totp")
+    d.wait("the wrong-code message", lambda: "That code is not right" in d.body_text())
+    d.click(d.find('form[action="/login/cancel"] button'))
+    d.at("/login", "Sign in")
+    expect(d, "cancelled", "The sign-in was cancelled.")
+    d.shots(a, "sign-in-cancelled")
+    t = mark("cancelled_sign_in", t)
+
+    # 6. Sign in again: a typo of one's own, then a backup code.
+    sign_in(d, a, "/login/totp")
+    d.type("#code", wrong_totp(secret))
+    submit(d, "/login/totp")
+    d.wait("the wrong-code message", lambda: "That code is not right" in d.body_text())
     d.click(d.link("Use a backup code instead"))
     d.at("/login/backup", "Two-step verification")
     used = codes[3]
     d.type("#code", used)
-    d.screenshot(a.screenshots, "second-factor-backup.png", a.width)
-    d.click(d.find('form[action="/login/backup"] button[type="submit"]'))
+    d.shots(a, "second-factor-backup")
+    submit(d, "/login/backup")
     d.at("/app-passwords", "App passwords")
-    page = d.body_text()
-    if "9 backup codes are left" not in page or "Backup codes left: 9" not in page:
-        raise Failure(f"expected 9 backup codes left:\n{page}")
-    if "Two-step verification is on" not in page:
-        raise Failure(f"expected 2FA on:\n{page}")
+    expect(d, "backup code sign-in", "9 backup codes are left", "Backup codes left: 9", "Two-step verification is on")
+    # The security notice: the cancelled sign-in's wrong code with its time and address,
+    # not this sign-in's own typo.
+    items = [d.cmd("GET", f"/element/{e}/text") for e in d.find_all("#security-notice li")]
+    if len(items) != 1 or "127.0.0.1" not in items[0] or "UTC" not in items[0]:
+        raise Failure(f"expected the security notice to list one wrong code from 127.0.0.1, got {items}")
+    d.shots(a, "security-notice")
+    submit(d, "/security-notice")
+    d.at("/app-passwords", "App passwords")
+    d.go(a.url + "/app-passwords")
+    d.at("/app-passwords", "App passwords")
+    if d.find_all("#security-notice"):
+        raise Failure("the security notice came back after it was dismissed")
+    result["security_notice"] = items
     t = mark("sign_in_with_backup_code", t)
 
-    # 6. A new app password.
+    # 7. A new app password: with no scope ticked the form comes back as typed; then
+    # reading only, and the settings name only the IMAP server.
     d.type("#label", a.label)
-    d.click(d.find('form[action="/app-passwords"] button[type="submit"]'))
+    for box in ('input[name="scope_imap"]', 'input[name="scope_smtp"]'):
+        if checked(d, box):
+            d.click(d.find(box))
+    submit(d, "/app-passwords")
+    d.at("/app-passwords", "App passwords")
+    d.wait("the scope message", lambda: d.find_all("#scope-error"))
+    kept = d.cmd("GET", f"/element/{d.find('#label')}/property/value")
+    if kept != a.label:
+        raise Failure(f"the name field came back as {kept!r}, not {a.label!r}")
+    d.shots(a, "app-password-no-scope")
+    d.click(d.find('input[name="scope_imap"]'))
+    submit(d, "/app-passwords")
     d.at("/app-passwords", f"Your new app password for “{a.label}”")
+    expect(d, "IMAP-only settings", "Incoming mail (IMAP)", "It can only read mail", absent=["Outgoing mail (SMTP)"])
     app_password = d.text("#app-password").strip()
     if len(app_password.replace(" ", "")) < 16:
         raise Failure(f"app password looks wrong: {app_password!r}")
-    d.screenshot(a.screenshots, "app-password-created.png", a.width)
+    d.shots(a, "app-password-created")
     d.click(d.link("Done"))
     d.at("/app-passwords", "App passwords")
     rows = d.text("table tbody")
     if a.label not in rows:
         raise Failure(f"{a.label!r} is not in the list:\n{rows}")
-    d.screenshot(a.screenshots, "account.png", a.width)
+    d.shots(a, "account")
     mark("app_password", t)
 
     result.update(
@@ -522,13 +639,56 @@ def reuse(d, a, result):
     d.click(d.link("Use a backup code instead"))
     d.at("/login/backup", "Two-step verification")
     d.type("#code", a.backup_code)
-    d.click(d.find('form[action="/login/backup"] button[type="submit"]'))
+    submit(d, "/login/backup")
     d.at("/login/backup", "Two-step verification")
     error = d.text("p.error")
     result["error"] = error
-    d.screenshot(a.screenshots, "backup-code-refused.png", a.width)
+    d.shots(a, "backup-code-refused")
     if "That backup code is not right or was used already." not in error:
         raise Failure(f"expected the backup code to be refused, got {error!r}")
+
+
+def after(d, a, result):
+    """After the test used the app password over IMAP (a connection it keeps open) and
+    tried the account password (refused): revoke, new backup codes, 2FA off."""
+    sign_in(d, a, "/login/totp")
+    d.click(d.link("Use a backup code instead"))
+    d.at("/login/backup", "Two-step verification")
+    d.type("#code", a.backup_code)
+    submit(d, "/login/backup")
+    d.at("/app-passwords", "App passwords")
+    expect(d, "after the IMAP checks", "8 backup codes are left", "Devices still using your account password")
+    # The reuse run's refused backup code is a wrong code of a sign-in that never
+    # succeeded: in the notice, until dismissed.
+    items = [d.cmd("GET", f"/element/{e}/text") for e in d.find_all("#security-notice li")]
+    if len(items) != 1 or "a wrong backup code, from 127.0.0.1" not in items[0]:
+        raise Failure(f"expected the security notice to list the reused backup code, got {items}")
+    submit(d, "/security-notice")
+    d.at("/app-passwords", "App passwords")
+    # Revoking ends the one connection the test holds: said in the singular.
+    d.click(d.find(f'button[aria-label="Revoke {a.label}"]'))
+    d.at("/app-passwords", "App passwords")
+    said = f"“{a.label}” is revoked and can no longer sign in. The connection that used it was closed."
+    expect(d, "revoked", said)
+    result["revoked"] = said
+    d.shots(a, "revoked")
+    # New backup codes: asked first.
+    d.click(d.link("Make new backup codes"))
+    d.at("/backup-codes", "Make new backup codes?")
+    expect(d, "asked", "Your 8 remaining backup codes stop working at once.")
+    d.shots(a, "confirm-backup-codes")
+    submit(d, "/backup-codes")
+    d.at("/backup-codes", "Your new backup codes")
+    d.click(d.link("Done"))
+    d.at("/app-passwords", "App passwords")
+    # Turning two-step verification off: asked first; then no devices to fix are listed.
+    d.click(d.link("Turn off two-step verification"))
+    d.at("/two-factor/disable", "Turn off two-step verification?")
+    d.shots(a, "confirm-turn-off")
+    submit(d, "/two-factor/disable")
+    d.at("/app-passwords", "App passwords")
+    expect(d, "2FA off", "Two-step verification is off", absent=["Devices still using your account password"])
+    d.shots(a, "account-2fa-off")
 
 
 def main():
@@ -538,14 +698,17 @@ def main():
     p.add_argument("password")
     p.add_argument("screenshots", help="directory for PNG screenshots")
     p.add_argument("out", help="JSON result file")
-    p.add_argument("--mode", choices=["full", "reuse"], default="full")
-    p.add_argument("--backup-code", help="reuse mode: the code that was used already")
+    p.add_argument("--mode", choices=["full", "reuse", "after"], default="full")
+    p.add_argument("--backup-code", help="reuse mode: the code that was used already; after mode: an unused one")
     p.add_argument("--cert", help="mailgate's certificate (PEM): accept only its key")
     p.add_argument("--label", default="Browser test")
-    p.add_argument("--width", type=int, default=900)
-    p.add_argument("--deadline", type=int, default=150, help="seconds for the whole run")
+    p.add_argument("--organisation", help="[web] organisation: expected in the header and the titles")
+    p.add_argument("--width", type=int, default=1280, help="the window's width while it works")
+    p.add_argument("--widths", default="390,1280", help="the widths of the screenshots, each checked for overflow")
+    p.add_argument("--deadline", type=int, default=240, help="seconds for the whole run")
     a = p.parse_args()
     a.url = a.url.rstrip("/")
+    a.widths = [int(w) for w in a.widths.split(",")]
     os.makedirs(a.screenshots, exist_ok=True)
 
     def give_up(signum, _frame):
@@ -564,10 +727,7 @@ def main():
         t = time.monotonic()
         d = Driver(workdir, pin, a.width, 800)
         result["timings"]["start_browser"] = round(time.monotonic() - t, 2)
-        if a.mode == "full":
-            full(d, a, result)
-        else:
-            reuse(d, a, result)
+        {"full": full, "reuse": reuse, "after": after}[a.mode](d, a, result)
         result["ok"] = True
         code = 0
     except Exception as e:  # noqa: BLE001 - any failure is reported, then cleaned up
@@ -579,7 +739,7 @@ def main():
             signal.alarm(20)  # a last look at the page, within bounds
             try:
                 log("at", d.url(), "\n" + d.body_text()[:2000])
-                d.screenshot(a.screenshots, "failure.png", a.width)
+                d.screenshot(a.screenshots, "failure.png", a.width, check=False)
             except Exception as e2:  # noqa: BLE001
                 log(f"(no page: {e2})")
             signal.alarm(0)

@@ -36,6 +36,8 @@ pub struct Options {
     pub smtp_extra: String,
     /// Whole extra sections appended at the end (e.g. `[accounts]`).
     pub extra_sections: String,
+    /// `[web]` extra lines (e.g. `organisation = "…"`).
+    pub web_extra: String,
 }
 
 impl Default for Options {
@@ -50,6 +52,7 @@ impl Default for Options {
             smtp_upstream_extra: String::new(),
             smtp_extra: String::new(),
             extra_sections: String::new(),
+            web_extra: String::new(),
         }
     }
 }
@@ -102,6 +105,7 @@ listen_tls = ["{imaps}"]
 listen_starttls = ["{imap}"]
 [web]
 listen = ["{web}"]
+{web_extra}
 [smtp]
 listen_tls = ["{smtps}"]
 listen_starttls = ["{submission}"]
@@ -130,6 +134,7 @@ master_password_file = "config/master.secret"
                     smtp_upstream = opts.smtp_upstream,
                     smtp_upstream_extra = opts.smtp_upstream_extra,
                     extra_sections = opts.extra_sections,
+                    web_extra = opts.web_extra,
                 );
                 std::fs::write(&config, text).unwrap();
             };
