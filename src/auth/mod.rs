@@ -251,6 +251,10 @@ pub enum WebCheck {
     Ok(Box<crate::store::Account>),
     /// Wrong password or unknown user (one answer).
     Denied,
+    /// Not checked: a budget of password guesses is used up (the address's, or the
+    /// account's for addresses it never signed in from). Tells nothing about the password
+    /// or the account: the budgets exist for every name.
+    Paused(budget::Exhausted),
     /// Try later.
     Unavailable,
 }
@@ -598,7 +602,7 @@ impl Authenticator {
         let username = normalize_username(username);
         let ticket = match self.take_slot(budget::Secret::AccountPassword, &username, ip).await {
             Ok(t) => t,
-            Err(NoSlot::Exhausted(_)) => return WebCheck::Denied,
+            Err(NoSlot::Exhausted(which)) => return WebCheck::Paused(which),
             Err(NoSlot::Unavailable) => return WebCheck::Unavailable,
         };
         let check = if self.upstream.is_some() {
@@ -614,7 +618,7 @@ impl Authenticator {
         let outcome = match &check {
             WebCheck::Ok(_) => Outcome::Right,
             WebCheck::Denied => Outcome::Wrong,
-            WebCheck::Unavailable => Outcome::NotCompared,
+            WebCheck::Unavailable | WebCheck::Paused(_) => Outcome::NotCompared,
         };
         if let WebCheck::Denied = check {
             self.log_refusal(refusals::Kind::WebPassword, ip, &username);

@@ -552,6 +552,23 @@ pub(super) async fn login(
             "Signing in is not possible right now. Try again in a minute.",
             StatusCode::SERVICE_UNAVAILABLE,
         ),
+        // The password was not checked: say so, and when to come back (a wrong-password
+        // answer here would tell a person with the right password that it is wrong).
+        WebCheck::Paused(which) => {
+            tokio::time::sleep(web.auth.base_delay()).await;
+            refuse(
+                &web,
+                match which {
+                    crate::auth::budget::Exhausted::Address => {
+                        "Too many sign-in attempts came from your network. Your password was not checked; try again in a few minutes."
+                    }
+                    crate::auth::budget::Exhausted::Account => {
+                        "Too many sign-in attempts for this account came from places it has not been used from. Your password was not checked; try again later, or sign in from a device you have used before."
+                    }
+                },
+                StatusCode::TOO_MANY_REQUESTS,
+            )
+        }
     }
 }
 
