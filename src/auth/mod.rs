@@ -679,8 +679,10 @@ impl Authenticator {
         } else {
             match self.take_slot(budget::Secret::AccountPassword, &username, peer.ip).await {
                 Ok(t) => Some(t),
-                Err(NoSlot::Exhausted(_)) => return Verdict::Denied,
-                Err(NoSlot::Unavailable) => return Verdict::Unavailable,
+                // Not checked: "try again later" (IMAP `NO [UNAVAILABLE]`, SMTP `454`), not
+                // "wrong", so a mail app with the right password does not ask its person
+                // for another one, and nobody learns anything about the password.
+                Err(NoSlot::Exhausted(_) | NoSlot::Unavailable) => return Verdict::Unavailable,
             }
         };
         let password = SecretBytes::from(creds.password.expose().clone());
@@ -1204,10 +1206,11 @@ mod tests {
         for g in guesses {
             assert!(matches!(g.await.unwrap(), Verdict::Denied | Verdict::Unavailable));
         }
+        // Refused uncompared: "try later", never a grant, whatever the password.
         let compared = store.recent_audit("a@x", 1000).unwrap().iter().filter(|e| e.kind == "login_failed").count();
         assert!(compared <= budget::PASSWORD_PER_ADDRESS as usize, "{compared} guesses compared");
         let right = Credentials { username: "a@x".into(), password: pw("account-pw") };
-        assert!(matches!(auth.verify(&right, Protocol::Imap, &attacker).await, Verdict::Denied));
+        assert!(matches!(auth.verify(&right, Protocol::Imap, &attacker).await, Verdict::Unavailable));
         let owner = Peer { ip: ip("198.51.100.1"), client_name: None };
         assert!(matches!(auth.verify(&right, Protocol::Imap, &owner).await, Verdict::Granted(_)));
     }
@@ -1227,7 +1230,8 @@ mod tests {
             for k in 0..3 {
                 let c = Credentials { username: "a@x".into(), password: pw(&format!("guess-{n}-{k}")) };
                 let from = Peer { ip: ip(&format!("192.0.2.{n}")), client_name: None };
-                assert!(matches!(auth.verify(&c, Protocol::Imap, &from).await, Verdict::Denied));
+                // Wrong (compared), or not compared once the account's budget is used up.
+                assert!(matches!(auth.verify(&c, Protocol::Imap, &from).await, Verdict::Denied | Verdict::Unavailable));
             }
         }
         let compared = store.recent_audit("a@x", 1000).unwrap().iter().filter(|e| e.kind == "login_failed").count();
@@ -1239,7 +1243,7 @@ mod tests {
         // An address that never signed in is held by the account's budget (the one that
         // just used the app password is the owner's now).
         let new = Peer { ip: ip("203.0.113.10"), client_name: None };
-        assert!(matches!(auth.verify(&right, Protocol::Imap, &new).await, Verdict::Denied));
+        assert!(matches!(auth.verify(&right, Protocol::Imap, &new).await, Verdict::Unavailable));
         // An admin unlock empties the account's budget.
         auth.forget_failures("a@x").unwrap();
         assert!(matches!(auth.verify(&right, Protocol::Imap, &new).await, Verdict::Granted(_)));
