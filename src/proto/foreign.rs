@@ -63,6 +63,33 @@ pub fn first_line(buf: &[u8]) -> FirstLine {
     if method && http_version { FirstLine::Foreign } else { FirstLine::Own }
 }
 
+/// What a mail machine does with what it has read so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Handle it as a command of the protocol.
+    Go,
+    /// Read more first.
+    Wait,
+    /// Close without a word.
+    Close,
+}
+
+/// The check a mail machine makes before each command: on the first line only (until
+/// `*checked` is set), whether it is another protocol's request.
+pub fn gate(checked: &mut bool, buf: &[u8]) -> Gate {
+    if *checked {
+        return Gate::Go;
+    }
+    match first_line(buf) {
+        FirstLine::NeedMore => Gate::Wait,
+        FirstLine::Foreign => Gate::Close,
+        FirstLine::Own => {
+            *checked = true;
+            Gate::Go
+        }
+    }
+}
+
 /// Whether `word` is a (case-insensitive) prefix of `name`.
 fn starts_like(name: &[u8], word: &[u8]) -> bool {
     word.len() <= name.len() && name[..word.len()].eq_ignore_ascii_case(word)

@@ -532,16 +532,14 @@ impl Session {
         if self.buf.is_empty() {
             return Some(Action::NeedInput);
         }
-        if !self.first_line_checked {
-            match crate::proto::foreign::first_line(&self.buf) {
-                crate::proto::foreign::FirstLine::NeedMore => return Some(Action::NeedInput),
-                // Another protocol's request: closed at once, nothing of it echoed.
-                crate::proto::foreign::FirstLine::Foreign => {
-                    self.buf.clear();
-                    self.state = State::Closed;
-                    return Some(Action::Close);
-                }
-                crate::proto::foreign::FirstLine::Own => self.first_line_checked = true,
+        match crate::proto::foreign::gate(&mut self.first_line_checked, &self.buf) {
+            crate::proto::foreign::Gate::Go => {}
+            crate::proto::foreign::Gate::Wait => return Some(Action::NeedInput),
+            // Another protocol's request: closed at once, nothing of it echoed.
+            crate::proto::foreign::Gate::Close => {
+                self.buf.clear();
+                self.state = State::Closed;
+                return Some(Action::Close);
             }
         }
         // AUTH lines may be long (initial responses); others may not.
