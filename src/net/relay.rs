@@ -49,7 +49,6 @@ fn give_buf(b: Box<[u8]>) {
     }
 }
 
-
 /// One direction of the relay.
 #[derive(Default)]
 struct Half {

@@ -42,6 +42,11 @@ pub mod limits {
     pub const MAX_AUTH_FAILURES: u32 = 3;
     /// ID parameters (RFC 2971: at most 30 pairs).
     pub const MAX_ID_PARAMS: usize = 30;
+    /// An `ID` command line: RFC 2971 allows 30 field/value pairs of up to 1024 octets
+    /// each (about 32 KB); every other command keeps [`MAX_LINE`].
+    pub const MAX_ID_LINE: usize = 40 * 1024;
+    /// What may be buffered before authentication: the longest command line and a SASL line.
+    pub const MAX_BUFFERED: usize = MAX_ID_LINE + MAX_SASL_LINE;
 }
 use limits::*;
 
@@ -121,12 +126,17 @@ struct Framer {
     line_begin: usize,
     /// Literal bytes still expected before the next line starts.
     literal_left: usize,
+    /// The first command in `buf` is complete: what follows it is not scanned (it is the
+    /// next command's, scanned when that one is up, or the mailbox session's after a
+    /// login, which no pre-login limit applies to).
+    complete: bool,
 }
 
 impl Framer {
-    /// Scans the new bytes of `buf`; `Err` when a line (without its CRLF) exceeds [`MAX_LINE`].
+    /// Scans the new bytes of the first command in `buf`; `Err` when a line (without its
+    /// CRLF) exceeds its limit ([`MAX_LINE`], or [`MAX_ID_LINE`] for an `ID` command).
     fn scan(&mut self, buf: &[u8]) -> Result<(), FrameError> {
-        while self.pos < buf.len() {
+        while self.pos < buf.len() && !self.complete {
             if self.literal_left > 0 {
                 let take = self.literal_left.min(buf.len() - self.pos);
                 self.pos += take;
@@ -140,7 +150,7 @@ impl Framer {
             self.pos += 1;
             if b == b'\n' && self.pos >= self.line_begin + 2 && buf[self.pos - 2] == b'\r' {
                 let line = &buf[self.line_begin..self.pos - 2];
-                if line.len() > MAX_LINE {
+                if line.len() > self.line_limit(buf) {
                     return Err(FrameError::LineTooLong);
                 }
                 let literal = trailing_literal(line);
@@ -156,12 +166,25 @@ impl Framer {
                 }
                 self.literal_left = literal.map(|(n, _)| n).unwrap_or(0);
                 self.line_begin = self.pos;
-            } else if self.pos - self.line_begin > MAX_LINE + 1 {
+                // A line without a literal ends the command.
+                self.complete = literal.is_none();
+            } else if self.pos - self.line_begin > self.line_limit(buf) + 1 {
                 return Err(FrameError::LineTooLong);
             }
         }
         Ok(())
     }
+
+    /// The limit of the current line: an `ID` command's first line may be longer.
+    fn line_limit(&self, buf: &[u8]) -> usize {
+        if self.line_begin == 0 && is_id_command(buf) { MAX_ID_LINE } else { MAX_LINE }
+    }
+}
+
+/// Whether `buf` starts with `<tag> ID ` (any case).
+fn is_id_command(buf: &[u8]) -> bool {
+    let Some(sp) = buf.iter().take(MAX_TAG + 1).position(|b| *b == b' ') else { return false };
+    buf.get(sp + 1..sp + 4).is_some_and(|w| w.eq_ignore_ascii_case(b"ID "))
 }
 
 /// Why framing refused the input.
@@ -290,7 +313,7 @@ impl PreAuth {
             State::TlsPending | State::AwaitTls | State::Done | State::Closed => {}
             _ => {
                 self.buf.extend_from_slice(bytes);
-                if self.buf.len() > MAX_COMMAND + MAX_SASL_LINE {
+                if self.buf.len() > MAX_BUFFERED {
                     self.close_with("* BYE Input too long\r\n");
                 }
             }

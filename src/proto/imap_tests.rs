@@ -966,10 +966,29 @@ fn line_of_8192_octets_is_accepted() {
     }
 }
 
+/// A LOGIN line of `len` octets (without its CRLF), then CRLF: not an `ID`, so the 8 KiB
+/// line limit applies.
+fn login_line(len: usize) -> Vec<u8> {
+    let head = b"a LOGIN \"";
+    let tail = b"\" pw";
+    let mut v = head.to_vec();
+    v.extend(vec![b'x'; len - head.len() - tail.len()]);
+    v.extend(tail);
+    assert_eq!(v.len(), len);
+    v.extend(b"\r\n");
+    v
+}
+
 #[test]
 fn long_line_without_crlf_closes() {
-    for len in [MAX_LINE + 3, 9000, 65536] {
-        let mut line = id_line(len);
+    for (len, line) in [
+        (MAX_LINE + 3, login_line(MAX_LINE + 3)),
+        (9000, login_line(9000)),
+        (65536, login_line(65536)),
+        (MAX_ID_LINE + 3, id_line(MAX_ID_LINE + 3)),
+        (65536, id_line(65536)),
+    ] {
+        let mut line = line;
         line.truncate(len);
         let mut p = session(true);
         let (w, ev) = send_bytewise(&mut p, &line);
@@ -984,19 +1003,70 @@ fn long_line_without_crlf_closes() {
 #[test]
 fn line_over_8192_octets_is_refused_however_it_arrives() {
     for len in [MAX_LINE + 1, 9000, 16000] {
-        let line = id_line(len);
+        let line = login_line(len);
         for bytewise in [false, true] {
             let mut p = session(true);
-            let (w, _) = if bytewise { send_bytewise(&mut p, &line) } else { send(&mut p, &line) };
-            assert!(!w.contains("a OK"), "{len} bytes (bytewise: {bytewise}) accepted: {w}");
+            let (w, ev) = if bytewise { send_bytewise(&mut p, &line) } else { send(&mut p, &line) };
+            assert_eq!((w.as_str(), ev), ("* BYE Command line too long\r\n", vec![Ev::Close]), "{len} {bytewise}");
         }
+    }
+    // An ID longer than RFC 2971 allows, too.
+    let mut p = session(true);
+    let (w, _) = send(&mut p, &id_line(MAX_ID_LINE + 1));
+    assert_eq!(w, "* BYE Command line too long\r\n");
+}
+
+/// RFC 2971 allows 30 field/value pairs of up to 1024 octets (about 32 KB); such an ID
+/// was refused by the 8 KiB line limit (imaptest's `id` test). Other commands keep it.
+#[test]
+fn an_rfc_sized_id_is_accepted() {
+    let mut line = b"a ID (".to_vec();
+    for n in 0..MAX_ID_PARAMS {
+        if n > 0 {
+            line.push(b' ');
+        }
+        line.extend(format!("\"field-{n:02}\" \"").as_bytes());
+        line.extend(vec![if n == 0 { b'T' } else { b'v' }; 1024]);
+        line.push(b'"');
+    }
+    line.extend(b")\r\n");
+    assert!(line.len() > 31_000 && line.len() < MAX_ID_LINE, "{}", line.len());
+    for bytewise in [false, true] {
+        let mut p = session(true);
+        let (w, ev) = if bytewise { send_bytewise(&mut p, &line) } else { send(&mut p, &line) };
+        assert!(w.ends_with("a OK ID completed\r\n"), "{w}");
+        assert!(ev.is_empty());
+    }
+}
+
+/// What a client pipelines behind LOGIN belongs to the mailbox session (issue 14): a
+/// 9.5 KB `UID FETCH` line or an `APPEND` with a 6 KB non-synchronizing literal after the
+/// LOGIN in the same write got `* BYE Command line too long` or `BAD [TOOBIG]` with the
+/// LOGIN's tag. Now LOGIN is answered and the rest goes upstream byte for byte.
+#[test]
+fn what_is_pipelined_behind_login_goes_upstream_untouched() {
+    let mut fetch = b"b UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (".to_vec();
+    while fetch.len() < 9500 {
+        fetch.extend(b"X-SOME-HEADER ");
+    }
+    fetch.extend(b")])\r\n");
+    let mut append = b"b APPEND INBOX {6049+}\r\n".to_vec();
+    append.extend(vec![b'm'; 6049]);
+    append.extend(b"\r\nc NOOP\r\n");
+    for rest in [fetch, append] {
+        let mut bytes = b"a LOGIN u pw\r\n".to_vec();
+        bytes.extend(&rest);
+        let mut p = session(true);
+        assert_eq!(send(&mut p, &bytes), (String::new(), vec![auth("u", "pw")]));
+        assert_eq!(p.auth_succeeded("IMAP4rev1"), rest);
+        assert_eq!(pump(&mut p).0, "a OK [CAPABILITY IMAP4rev1] Logged in\r\n");
     }
 }
 
 #[test]
 fn ten_megabytes_without_crlf_closes_early_with_bounded_buffer() {
     let chunk = vec![b'x'; 16 * 1024];
-    let bound = MAX_COMMAND + MAX_SASL_LINE;
+    let bound = MAX_BUFFERED;
     for prefix in [&b""[..], b"a LOGIN ", b"a ID (\"name\" \""] {
         let mut p = session(true);
         p.feed(prefix);
@@ -1010,7 +1080,9 @@ fn ten_megabytes_without_crlf_closes_early_with_bounded_buffer() {
                 closed_after = Some(i);
             }
         }
-        assert_eq!(closed_after, Some(0), "{}", text(prefix));
+        // An ID line may reach MAX_ID_LINE (40 KiB): three 16 KiB reads.
+        let within = if prefix.starts_with(b"a ID") { 2 } else { 0 };
+        assert_eq!(closed_after, Some(within), "{}", text(prefix));
         assert!(p.buf.is_empty());
     }
 }
@@ -1037,7 +1109,7 @@ fn input_during_credential_check_is_bounded() {
     let mut closed = false;
     for _ in 0..64 {
         p.feed(&chunk);
-        assert!(p.buf.len() <= MAX_COMMAND + MAX_SASL_LINE);
+        assert!(p.buf.len() <= MAX_BUFFERED);
         if matches!(p.state, State::Closed) {
             closed = true;
         }
@@ -1053,7 +1125,7 @@ fn ten_megabytes_after_a_bad_command_closes() {
     let mut closed = false;
     for _ in 0..640 {
         let (_, ev) = send(&mut p, &chunk);
-        assert!(p.buf.len() <= MAX_COMMAND + MAX_SASL_LINE);
+        assert!(p.buf.len() <= MAX_BUFFERED);
         closed |= ev.contains(&Ev::Close);
     }
     assert!(closed, "10 MB on one discarded line and still open");
@@ -1716,7 +1788,7 @@ fn debug_of_preauth_does_not_leak_buffered_password_bytes() {
 
 /// Drives a session over `chunks` like a driver would, checking invariants at every step.
 fn drive_invariants(tls: bool, chunks: &[Vec<u8>]) -> Result<(), TestCaseError> {
-    let bound = MAX_COMMAND + MAX_SASL_LINE;
+    let bound = MAX_BUFFERED;
     let mut p = PreAuth::new(HOST, tls, !tls);
     let mut encrypted = tls;
     let mut closed = false;
