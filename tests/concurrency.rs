@@ -977,7 +977,7 @@ fn tail(s: &str, n: usize) -> String {
 /// thousands of sockets; mailgate inherits the limit).
 fn check_nofile(want: usize) {
     // Up to the hard limit, as mailgate itself does at start.
-    mailgate::app::raise_fd_limit(want / 2);
+    let _ = mailgate::app::raise_fd_limit(want / 2, true);
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) else { return };
     let soft = line.split_whitespace().nth(3).unwrap_or("0");

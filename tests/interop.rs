@@ -339,7 +339,7 @@ fn changing_the_account_password_ends_sessions_opened_with_the_old_one() {
     };
     let mut with_password = login("alice-account-pw");
     let mut with_app = login(&app);
-    let out = mg.cli_stdin(&["user", "passwd", "alice@example.com", "--password-stdin"], "a-new-password\n");
+    let out = mg.cli_stdin(&["user", "passwd", "alice@example.com", "--password-stdin"], "a-new-account-password\n");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 sessions opened with the old password ended"));
     assert!(with_password.closed_within(Duration::from_secs(5)));

@@ -604,7 +604,7 @@ fn a_sled_deployment_moves_to_postgres_keeping_app_passwords_and_totp() {
     let pg = Postgres::start();
     let url = fresh_db(&pg);
     let (_dovecot, mut old, app) = with_dovecot();
-    old.add_user("bob@example.com", "bob-account-pw");
+    old.add_user("bob@example.com", "bob-account-password");
     old.ok(&["totp", "enable", "bob@example.com", "--secret", "jbsw y3dp ehpk 3pxp jbsw y3dp ehpk 3pxp"]);
     let dump = old.dir.path().join("export.json");
     old.ok(&["store", "export", dump.to_str().unwrap()]);
@@ -625,7 +625,7 @@ fn a_sled_deployment_moves_to_postgres_keeping_app_passwords_and_totp() {
     // bob still has TOTP: his account password is refused over IMAP with the alert.
     let mut c = Client::tls(old.imaps, tls_config(&old.ca, &["imap"])).unwrap();
     assert!(c.line().starts_with("* OK"));
-    let r = c.cmd("b", "LOGIN bob@example.com bob-account-pw");
+    let r = c.cmd("b", "LOGIN bob@example.com bob-account-password");
     assert!(r.iter().any(|l| l.contains("[ALERT]")), "{r:?}");
     let users = old.ok(&["user", "list", "--json"]);
     assert!(users.contains("bob@example.com"), "{users}");
