@@ -21,4 +21,31 @@ echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 
 echo "== cargo test"
-cargo test --locked
+# Every test binary runs even when an earlier one fails (--no-fail-fast), and the run ends
+# with one line over all of them: "N passed, N failed, N skipped" (CI tooling reads it;
+# ignored tests count as skipped). cargo's own output is shown as it comes.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked --no-fail-fast 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+read -r passed failed skipped < <(
+  awk '/^test result: /{
+         for (i = 1; i <= NF; i++) {
+           n = $i + 0
+           if ($(i + 1) ~ /^passed/) p += n
+           if ($(i + 1) ~ /^failed/) f += n
+           if ($(i + 1) ~ /^ignored/) s += n
+         }
+       }
+       END { print p + 0, f + 0, s + 0 }' "$log"
+)
+# A binary that crashed or did not build reports no "test result:" line: count it failed.
+if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
+  failed=1
+  echo "cargo test exited with $rc without a failing test result (a build error or a crashed test binary)" >&2
+fi
+echo
+echo "${passed} passed, ${failed} failed, ${skipped} skipped"
+[ "$rc" -eq 0 ] && [ "$failed" -eq 0 ]

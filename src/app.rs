@@ -90,17 +90,66 @@ impl Listeners {
     }
 }
 
+/// Open files that `max_connections` connections need: two sockets for a relayed session
+/// (client and upstream), and 256 for everything else (listeners, the store, logs).
+pub fn fds_needed(max_connections: usize) -> u64 {
+    (max_connections as u64).saturating_mul(2).saturating_add(256)
+}
+
+/// What [`raise_fd_limit`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdLimit {
+    /// The soft limit already covered what `max_connections` needs.
+    Enough,
+    /// The soft limit was raised to cover it.
+    Raised {
+        /// The new soft limit.
+        to: u64,
+    },
+    /// The hard limit (or a refused `setrlimit`) leaves the soft limit below the need.
+    Short {
+        /// The soft limit now.
+        got: u64,
+        /// What `max_connections` needs ([`fds_needed`]).
+        needed: u64,
+    },
+}
+
+impl FdLimit {
+    /// The start-up warning, if one is due: only when the open-file limit is short of a
+    /// `max_connections` the admin set (`configured`). A shortfall against the default
+    /// (10,000 connections, 20,256 files; many machines have a hard limit of 20,000 or
+    /// less) is no warning: nobody asked for that many, and [`raise_fd_limit`] logs it as
+    /// information instead.
+    pub fn warning(&self, configured: bool) -> Option<String> {
+        match *self {
+            FdLimit::Short { got, needed } if configured => Some(format!(
+                "the open-file limit ({got}) is below what limits.max_connections needs ({needed}): about {} \
+                 relayed sessions fit; raise it (systemd: LimitNOFILE=) or lower limits.max_connections",
+                sessions_held(got)
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Relayed sessions that `open_files` file descriptors hold.
+fn sessions_held(open_files: u64) -> u64 {
+    open_files.saturating_sub(256) / 2
+}
+
 /// Raises the soft limit on open files towards what `max_connections` needs (a relayed
-/// session holds two sockets), as far as the hard limit allows; warns when it falls short.
-/// systemd starts services with a soft limit of 1024, which would cap mailgate at about
-/// 500 sessions whatever `max_connections` says.
-pub fn raise_fd_limit(max_connections: usize) {
+/// session holds two sockets), as far as the hard limit allows. systemd starts services
+/// with a soft limit of 1024, which would cap mailgate at about 500 sessions whatever
+/// `max_connections` says. Warns only when the result is short of a `max_connections`
+/// the admin set (`configured`; see [`FdLimit::warning`]).
+pub fn raise_fd_limit(max_connections: usize, configured: bool) -> FdLimit {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let want = (max_connections as u64).saturating_mul(2).saturating_add(256);
+    let want = fds_needed(max_connections);
     let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
     let soft = current.unwrap_or(u64::MAX);
     if soft >= want {
-        return;
+        return FdLimit::Enough;
     }
     let target = maximum.map_or(want, |hard| hard.min(want));
     let got = if target > soft && setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum }).is_ok() {
@@ -108,15 +157,17 @@ pub fn raise_fd_limit(max_connections: usize) {
     } else {
         soft
     };
-    if got < want {
-        tracing::warn!(
+    let found = if got < want { FdLimit::Short { got, needed: want } } else { FdLimit::Raised { to: got } };
+    match (found.warning(configured), found) {
+        (Some(w), _) => tracing::warn!("{w}"),
+        (None, FdLimit::Short { got, .. }) => tracing::info!(
             open_files = got,
-            needed = want,
-            "the open-file limit is below what limits.max_connections needs; raise it (systemd: LimitNOFILE=)"
-        );
-    } else {
-        tracing::info!(open_files = got, "raised the open-file limit");
+            sessions = sessions_held(got),
+            "the open-file limit holds fewer relayed sessions than the default limits.max_connections"
+        ),
+        (None, _) => tracing::info!(open_files = got, "raised the open-file limit"),
     }
+    found
 }
 
 /// Serves until `shutdown` completes. The store must be open already.
@@ -127,7 +178,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    raise_fd_limit(config.limits.max_connections);
+    raise_fd_limit(config.limits.max_connections, config.limits.max_connections_set);
     let acceptor = TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])?);
     let connector = Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?);
     let sessions = Sessions::default();
@@ -301,5 +352,26 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FdLimit, fds_needed};
+
+    /// The open-file warning comes only when the limit is short of a `max_connections` the
+    /// admin set; the default (10,000 → 20,256 files) on a machine whose hard limit is
+    /// 20,000 starts without one.
+    #[test]
+    fn the_open_file_warning_is_for_limits_that_were_set() {
+        assert_eq!(fds_needed(10_000), 20_256);
+        let short = FdLimit::Short { got: 20_000, needed: fds_needed(10_000) };
+        assert_eq!(short.warning(false), None, "the default on a normal machine");
+        let w = short.warning(true).unwrap();
+        assert!(w.contains("(20000)") && w.contains("(20256)") && w.contains("about 9872 relayed sessions"), "{w}");
+        for fine in [FdLimit::Enough, FdLimit::Raised { to: 6256 }] {
+            assert_eq!(fine.warning(true), None);
+            assert_eq!(fine.warning(false), None);
+        }
     }
 }

@@ -392,8 +392,9 @@ struct RawLimits {
     tls_handshake_timeout_secs: u64,
     #[serde(default = "d_upstream_timeout")]
     upstream_timeout_secs: u64,
-    #[serde(default = "d_max_connections")]
-    max_connections: usize,
+    /// `None`: not in the file (the default applies; see [`Limits::max_connections_set`]).
+    #[serde(default)]
+    max_connections: Option<usize>,
     #[serde(default = "d_max_per_ip")]
     max_connections_per_ip: usize,
     #[serde(default = "d_max_hashes")]
@@ -448,7 +449,7 @@ impl Default for RawLimits {
             preauth_timeout_secs: d_preauth_timeout(),
             tls_handshake_timeout_secs: d_handshake_timeout(),
             upstream_timeout_secs: d_upstream_timeout(),
-            max_connections: d_max_connections(),
+            max_connections: None,
             max_connections_per_ip: d_max_per_ip(),
             max_concurrent_hashes: d_max_hashes(),
             max_sessions_per_user_ip: d_max_user_ip(),
@@ -480,6 +481,29 @@ pub enum UpstreamLogin {
     MasterSeparator,
     /// Postfix `XCLIENT LOGIN=` (SMTP only).
     Xclient,
+}
+
+impl std::fmt::Display for UpstreamTls {
+    /// The admin's words: "plain", "STARTTLS", "TLS".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UpstreamTls::None => "plain",
+            UpstreamTls::Starttls => "STARTTLS",
+            UpstreamTls::Implicit => "TLS",
+        })
+    }
+}
+
+impl std::fmt::Display for UpstreamLogin {
+    /// The admin's words: "master user (SASL PLAIN)", "master user (LOGIN with a
+    /// separator)", "XCLIENT".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UpstreamLogin::MasterSasl => "master user (SASL PLAIN)",
+            UpstreamLogin::MasterSeparator => "master user (LOGIN with a separator)",
+            UpstreamLogin::Xclient => "XCLIENT",
+        })
+    }
 }
 
 /// One upstream server, validated.
@@ -519,6 +543,10 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     /// Connections open at once, all listeners together.
     pub max_connections: usize,
+    /// Whether `max_connections` was written in the file (else it is the default): an
+    /// open-file limit too low for a value the admin chose is worth a warning at start, one
+    /// too low for the default on this machine is not (see `app::raise_fd_limit`).
+    pub max_connections_set: bool,
     /// Connections open at once from one client address (Postfix `smtpd_client_connection_count_limit = 50`).
     pub max_connections_per_ip: usize,
     /// Password hashes computed at once (each argon2id hash holds 19 MiB).
@@ -575,7 +603,35 @@ pub struct Config {
     pub store: StoreBackend,
 }
 
+impl Upstream {
+    /// One phrase for the start-up summary, e.g. `127.0.0.1:143, plain, master user
+    /// "mailgate" (SASL PLAIN)` or `127.0.0.1:587, STARTTLS, XCLIENT`.
+    pub fn summary(&self) -> String {
+        let how = match self.login {
+            UpstreamLogin::MasterSasl => format!("master user \"{}\" (SASL PLAIN)", self.master_user),
+            UpstreamLogin::MasterSeparator => {
+                format!(
+                    "master user \"{}\" (LOGIN user{}{})",
+                    self.master_user, self.master_separator, self.master_user
+                )
+            }
+            UpstreamLogin::Xclient => "XCLIENT".to_string(),
+        };
+        format!("{}, {}, {how}", self.address, self.tls)
+    }
+}
+
 impl Config {
+    /// What `serve` says about its upstream servers and files before it starts, one line
+    /// each, in plain words (no Rust names).
+    pub fn startup_summary(&self) -> Vec<String> {
+        vec![
+            format!("upstream IMAP {}", self.upstream_imap.summary()),
+            format!("upstream SMTP {}", self.upstream_smtp.summary()),
+            format!("data in {}, certificate {}", self.data_dir.display(), self.tls_cert.display()),
+        ]
+    }
+
     /// The embedded defaults: loopback listeners on unprivileged ports, data in `data/`.
     pub fn embedded_defaults() -> Config {
         match Config::from_raw(RawConfig::default()) {
@@ -652,7 +708,11 @@ impl Config {
                 l.tls_handshake_timeout_secs,
             )?),
             upstream_timeout: Duration::from_secs(positive("limits.upstream_timeout_secs", l.upstream_timeout_secs)?),
-            max_connections: positive("limits.max_connections", l.max_connections as u64)? as usize,
+            max_connections: positive(
+                "limits.max_connections",
+                l.max_connections.unwrap_or_else(d_max_connections) as u64,
+            )? as usize,
+            max_connections_set: l.max_connections.is_some(),
             max_connections_per_ip: positive("limits.max_connections_per_ip", l.max_connections_per_ip as u64)?
                 as usize,
             max_concurrent_hashes: positive("limits.max_concurrent_hashes", l.max_concurrent_hashes as u64)? as usize,
@@ -861,6 +921,48 @@ mod tests {
         assert!(c.imap_tls[0].ip().is_loopback());
         assert_eq!(c.upstream_imap.login, UpstreamLogin::MasterSasl);
         assert_eq!(c.app_password_url(), "https://localhost:8443/app-passwords");
+    }
+
+    /// The start-up summary is in the admin's words: no Rust names like `None` or
+    /// `MasterSasl`.
+    #[test]
+    fn the_startup_summary_uses_plain_words() {
+        let c = Config::embedded_defaults();
+        assert_eq!(
+            c.startup_summary(),
+            [
+                "upstream IMAP 127.0.0.1:143, plain, master user \"mailgate\" (SASL PLAIN)",
+                "upstream SMTP 127.0.0.1:587, plain, master user \"mailgate\" (SASL PLAIN)",
+                "data in data, certificate certs/cert.pem",
+            ]
+        );
+        let c = Config::from_toml_str(
+            "[upstream.imap]\naddress = \"imap.example.com:993\"\ntls = \"implicit\"\nlogin = \"master-separator\"\n\
+             [upstream.smtp]\naddress = \"smtp.example.com:587\"\ntls = \"starttls\"\nlogin = \"xclient\"\n",
+            "test",
+        )
+        .unwrap();
+        let lines = c.startup_summary();
+        assert_eq!(lines[0], "upstream IMAP imap.example.com:993, TLS, master user \"mailgate\" (LOGIN user*mailgate)");
+        assert_eq!(lines[1], "upstream SMTP smtp.example.com:587, STARTTLS, XCLIENT");
+        for l in &lines {
+            for rust in ["None", "Some(", "Implicit", "Starttls", "MasterSasl", "MasterSeparator", "Xclient"] {
+                assert!(!l.contains(rust), "{l}");
+            }
+        }
+        assert_eq!(UpstreamLogin::MasterSasl.to_string(), "master user (SASL PLAIN)");
+        assert_eq!(UpstreamTls::None.to_string(), "plain");
+    }
+
+    /// `limits.max_connections` written in the file is told apart from the default (the
+    /// open-file warning is only for a value the admin chose).
+    #[test]
+    fn max_connections_set_or_default() {
+        let d = Config::embedded_defaults();
+        assert_eq!((d.limits.max_connections, d.limits.max_connections_set), (10_000, false));
+        let c = Config::from_toml_str("[limits]\nmax_connections = 3000\n", "test").unwrap();
+        assert_eq!((c.limits.max_connections, c.limits.max_connections_set), (3000, true));
+        assert!(Config::from_toml_str("[limits]\nmax_connections = 0\n", "test").is_err());
     }
 
     #[test]

@@ -6,11 +6,13 @@ use mailgate::admin::{self, Request, Response};
 use mailgate::app;
 use mailgate::auth::password;
 use mailgate::config::{Config, DEFAULT_CONFIG_PATH};
+use mailgate::secret::SecretString;
 use mailgate::store::Scope;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use zeroize::Zeroize as _;
 
 /// Exit code for a configuration error (EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -72,7 +74,11 @@ enum UserCmd {
         /// Another address the account may send as (repeatable).
         #[arg(long = "address")]
         addresses: Vec<String>,
-        /// Read the account password from the first line of standard input.
+        /// Give the account a password: asked twice, not shown, on a terminal.
+        #[arg(long, conflicts_with = "password_stdin")]
+        password: bool,
+        /// Read the account password from the first line of standard input, without a
+        /// prompt (for scripts).
         #[arg(long)]
         password_stdin: bool,
     },
@@ -91,11 +97,12 @@ enum UserCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Set an account password (read from standard input).
+    /// Set an account password (asked twice, not shown, on a terminal).
     Passwd {
         /// The account.
         email: String,
-        /// Read the password from the first line of standard input without a prompt.
+        /// Read the password from the first line of standard input without a prompt (for
+        /// scripts).
         #[arg(long)]
         password_stdin: bool,
     },
@@ -179,6 +186,22 @@ fn load_config(cli_path: Option<PathBuf>) -> Result<(Config, Source), String> {
     Config::load(&path).map(|c| (c, Source::File(path))).map_err(|e| e.to_string())
 }
 
+/// rustls' notes on what a client's ClientHello carried (e.g. an IP address as the TLS
+/// server name, which OpenSSL-based clients send) are WARN lines, one per connection, of an
+/// ordinary client quirk: half of an imaptest run's log. They are left out unless
+/// `RUST_LOG` names rustls.
+const QUIET_CLIENT_QUIRKS: &str = "rustls::msgs::handshake=error";
+
+/// The log filter: `RUST_LOG` (default `info`), without rustls' client-quirk notes unless
+/// it asks for rustls.
+fn log_filter(rust_log: Option<&str>) -> String {
+    match rust_log {
+        Some(v) if v.contains("rustls") => v.to_string(),
+        Some(v) if !v.trim().is_empty() => format!("{v},{QUIET_CLIENT_QUIRKS}"),
+        _ => format!("info,{QUIET_CLIENT_QUIRKS}"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config, source) = match load_config(cli.config) {
@@ -213,47 +236,67 @@ fn dev_cert_names(config: &Config) -> Vec<String> {
     names
 }
 
+/// One line of `init`'s report: what it made or kept, and where.
+fn init_line(made: bool, what: &str, detail: &str) -> String {
+    format!("{} {what}: {detail}", if made { "made" } else { "kept" })
+}
+
 fn init(config: &Config) -> anyhow::Result<ExitCode> {
+    let had_data_dir = config.data_dir.exists();
+    let key_path = config.secret_key_path();
+    let had_key = key_path.exists();
     {
         let store = app::open_store(config)?;
         app::load_key(config, store.as_ref())?;
     }
-    println!("data directory: {} (store, secret.key, admin.sock)", config.data_dir.display());
-    if mailgate::tls::ensure_dev_cert(&config.tls_cert, &config.tls_key, &dev_cert_names(config))? {
-        println!(
-            "made a self-signed development certificate: {} / {}",
-            config.tls_cert.display(),
-            config.tls_key.display()
-        );
+    println!(
+        "{}",
+        init_line(
+            !had_data_dir,
+            "data directory",
+            &format!("{} (mode 0700; store, admin socket)", config.data_dir.display())
+        )
+    );
+    println!("{}", init_line(!had_key, "secret key", &format!("{} (mode 0600; back it up)", key_path.display())));
+    let names = dev_cert_names(config);
+    let pair = format!("{} / {}", config.tls_cert.display(), config.tls_key.display());
+    if mailgate::tls::ensure_dev_cert(&config.tls_cert, &config.tls_key, &names)? {
+        println!("{}", init_line(true, "certificate", &format!("{pair} (self-signed, for {})", names.join(", "))));
     } else {
-        println!("certificate: {} / {}", config.tls_cert.display(), config.tls_key.display());
+        println!("{}", init_line(false, "certificate", &pair));
     }
     let secret = &config.upstream_imap.master_password_file;
     if !secret.exists() {
         let mut bytes = [0u8; 24];
         getrandom::fill(&mut bytes).map_err(|e| anyhow!("no OS randomness: {e}"))?;
-        let pw: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        mailgate::fsutil::write_private(secret, format!("{pw}\n").as_bytes())
-            .with_context(|| format!("writing {}", secret.display()))?;
+        let mut pw: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        bytes.zeroize();
+        let written = mailgate::fsutil::write_private(secret, format!("{pw}\n").as_bytes());
+        pw.zeroize();
+        written.with_context(|| format!("writing {}", secret.display()))?;
         println!(
-            "made an upstream master password in {} (give it to Dovecot's master user `{}`: see docs/dovecot.md)",
-            secret.display(),
-            config.upstream_imap.master_user
+            "{}",
+            init_line(
+                true,
+                "upstream master password",
+                &format!(
+                    "{} (give it to Dovecot's master user `{}`: see docs/dovecot.md)",
+                    secret.display(),
+                    config.upstream_imap.master_user
+                )
+            )
         );
     } else {
-        println!("upstream master password file: {}", secret.display());
+        println!("{}", init_line(false, "upstream master password", &secret.display().to_string()));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::new(log_filter(std::env::var("RUST_LOG").ok().as_deref())))
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(log_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR")))
         .init();
     match &source {
         Source::File(p) => eprintln!("mailgate: configuration {}", p.display()),
@@ -309,18 +352,9 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
         for l in &listeners.web {
             eprintln!("mailgate: web step on https://{} (public URL {})", l.local_addr()?, config.public_url);
         }
-        eprintln!(
-            "mailgate: upstream IMAP {} (tls {:?}, login {:?} as {}); upstream SMTP {} (tls {:?}, login {:?}); data in {}; certificate {}",
-            config.upstream_imap.address,
-            config.upstream_imap.tls,
-            config.upstream_imap.login,
-            config.upstream_imap.master_user,
-            config.upstream_smtp.address,
-            config.upstream_smtp.tls,
-            config.upstream_smtp.login,
-            config.data_dir.display(),
-            config.tls_cert.display()
-        );
+        for line in config.startup_summary() {
+            eprintln!("mailgate: {line}");
+        }
         app::run(Arc::new(config), store, key, listeners, app::shutdown_signal()).await
     })?;
     Ok(ExitCode::SUCCESS)
@@ -363,27 +397,41 @@ fn print(resp: Response, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reads a password from standard input (first line), prompting on a terminal.
-fn read_password(prompt: bool) -> anyhow::Result<String> {
-    let stdin = std::io::stdin();
-    if prompt && stdin.is_terminal() {
-        eprint!("New password (shown as you type; use --password-stdin to pipe it): ");
-        std::io::stderr().flush()?;
-    }
-    let mut line = String::new();
-    stdin.lock().read_line(&mut line)?;
-    let pw = line.trim_end_matches(['\r', '\n']).to_string();
-    if pw.chars().count() < 8 {
-        return Err(anyhow!("the password must have at least 8 characters"));
-    }
-    if pw.len() > mailgate::proto::sasl::MAX_FIELD {
-        return Err(anyhow!("the password is too long (at most {} bytes)", mailgate::proto::sasl::MAX_FIELD));
-    }
-    Ok(pw)
+/// Whether log lines get ANSI colours: only on a terminal, and never when `NO_COLOR` is
+/// set to anything but the empty string (https://no-color.org).
+fn log_colour(to_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    to_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
-fn hash_password(pw: String) -> anyhow::Result<String> {
-    let pw = mailgate::secret::SecretString::from(pw);
+/// A new account password: from the first line of standard input when `from_stdin` or when
+/// standard input is not a terminal (no prompt), else asked twice on the terminal without
+/// echo. Either way it must pass the password policy (`auth::password::policy`).
+fn new_password(from_stdin: bool) -> anyhow::Result<SecretString> {
+    if from_stdin || !std::io::stdin().is_terminal() {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        let pw = SecretString::from(line.trim_end_matches(['\r', '\n']).to_string());
+        line.zeroize();
+        password::policy(pw.expose())?;
+        return Ok(pw);
+    }
+    ask_twice(|prompt| rpassword::prompt_password(prompt).map(SecretString::from))
+}
+
+/// Asks for a new password, checks it against the policy, and asks for it again; the two
+/// must be the same. `ask` shows a prompt and reads one answer (on a terminal: without
+/// echo). Nothing is changed when this fails.
+fn ask_twice(mut ask: impl FnMut(&str) -> std::io::Result<SecretString>) -> anyhow::Result<SecretString> {
+    let first = ask("New password: ")?;
+    password::policy(first.expose())?;
+    let again = ask("The same password again: ")?;
+    if first != again {
+        return Err(anyhow!("the two passwords are not the same; nothing was changed"));
+    }
+    Ok(first)
+}
+
+fn hash_password(pw: SecretString) -> anyhow::Result<String> {
     password::hash(pw.expose().as_bytes()).map_err(anyhow::Error::msg)
 }
 
@@ -395,14 +443,20 @@ fn user(config: &Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
         )
     };
     match &cmd {
-        UserCmd::Passwd { .. } | UserCmd::Add { password_stdin: true, .. } | UserCmd::Import { .. } if upstream => {
+        UserCmd::Passwd { .. }
+        | UserCmd::Add { password_stdin: true, .. }
+        | UserCmd::Add { password: true, .. }
+        | UserCmd::Import { .. }
+            if upstream =>
+        {
             return Err(owned_upstream());
         }
         _ => {}
     }
     match cmd {
-        UserCmd::Add { email, addresses, password_stdin } => {
-            let password_hash = if password_stdin { Some(hash_password(read_password(false)?)?) } else { None };
+        UserCmd::Add { email, addresses, password, password_stdin } => {
+            let password_hash =
+                if password || password_stdin { Some(hash_password(new_password(password_stdin)?)?) } else { None };
             print(dispatch(config, Request::UserAdd { email, addresses, password_hash })?, false)
         }
         UserCmd::Import { file, domain } => {
@@ -423,7 +477,7 @@ fn user(config: &Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
         }
         UserCmd::List { json } => print(dispatch(config, Request::UserList)?, json),
         UserCmd::Passwd { email, password_stdin } => {
-            let password_hash = hash_password(read_password(!password_stdin)?)?;
+            let password_hash = hash_password(new_password(password_stdin)?)?;
             print(dispatch(config, Request::UserPasswd { email, password_hash })?, false)
         }
         UserCmd::Remove { email } => print(dispatch(config, Request::UserRemove { email })?, false),
@@ -472,5 +526,66 @@ fn totp(config: &Config, cmd: TotpCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         TotpCmd::Enable { email, secret } => print(dispatch(config, Request::TotpEnable { email, secret })?, false),
         TotpCmd::Disable { email } => print(dispatch(config, Request::TotpDisable { email })?, false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    /// Colour only on a terminal, and not when NO_COLOR is set (to anything but "").
+    #[test]
+    fn log_colour_only_on_a_terminal_without_no_color() {
+        assert!(log_colour(true, None));
+        assert!(log_colour(true, Some(OsString::new())), "an empty NO_COLOR does not count");
+        assert!(!log_colour(true, Some(OsString::from("1"))));
+        assert!(!log_colour(false, None), "a pipe or a file gets no escape codes");
+        assert!(!log_colour(false, Some(OsString::from("1"))));
+    }
+
+    fn answers(list: &[&str]) -> impl FnMut(&str) -> std::io::Result<SecretString> {
+        let mut list: Vec<String> = list.iter().rev().map(|s| s.to_string()).collect();
+        move |_prompt| list.pop().map(SecretString::from).ok_or_else(|| std::io::ErrorKind::UnexpectedEof.into())
+    }
+
+    /// The terminal prompt asks twice; two different answers, or a first answer that fails
+    /// the policy (then it does not ask again), change nothing.
+    #[test]
+    fn a_new_password_is_asked_twice_and_checked() {
+        let pw = ask_twice(answers(&["a-long-enough-password", "a-long-enough-password"])).unwrap();
+        assert_eq!(pw.expose(), "a-long-enough-password");
+        let e = ask_twice(answers(&["a-long-enough-password", "a-long-enough-passwort"])).unwrap_err();
+        assert_eq!(e.to_string(), "the two passwords are not the same; nothing was changed");
+        let mut asked = 0;
+        let e = ask_twice(|_| {
+            asked += 1;
+            Ok(SecretString::from("short".to_string()))
+        })
+        .unwrap_err();
+        assert_eq!(asked, 1, "a refused password is not asked for again");
+        assert_eq!(e.to_string(), "the password must have at least 15 characters");
+        let e = ask_twice(answers(&["passwordpassword", "passwordpassword"])).unwrap_err();
+        assert!(e.to_string().contains("too easy to guess"), "{e}");
+        assert!(ask_twice(answers(&["a-long-enough-password"])).is_err(), "end of input");
+    }
+
+    #[test]
+    fn init_says_made_or_kept() {
+        assert_eq!(init_line(true, "secret key", "data/secret.key"), "made secret key: data/secret.key");
+        assert_eq!(init_line(false, "certificate", "a / b"), "kept certificate: a / b");
+    }
+}
+
+#[cfg(test)]
+mod log_filter_tests {
+    use super::log_filter;
+
+    #[test]
+    fn rustls_client_quirks_are_left_out_unless_asked_for() {
+        assert_eq!(log_filter(None), "info,rustls::msgs::handshake=error");
+        assert_eq!(log_filter(Some("debug,sled=info")), "debug,sled=info,rustls::msgs::handshake=error");
+        assert_eq!(log_filter(Some("info,rustls=debug")), "info,rustls=debug");
+        assert_eq!(log_filter(Some(" ")), "info,rustls::msgs::handshake=error");
     }
 }

@@ -64,8 +64,12 @@ const ACCOUNT_BURST: usize = 30;
 const LIMITS: &str = "auth_failure_delay_ms = 200\nmax_connections_per_ip = 5000\n";
 /// The longest one request of a burst may go unanswered: catches hangs, times nothing.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
-/// A generous bound for a legitimate login during a flood (the machine may be loaded).
-const LEGIT_BOUND: Duration = Duration::from_secs(20);
+/// A hang guard for a legitimate login during a flood, not a measurement. What proves
+/// that the flood did not starve it is that it is *granted*: a check that waited for a
+/// hashing thread past the 10 s queue deadline would be refused UNAVAILABLE. 60 s leaves
+/// room for the web sign-in's several requests on a loaded machine (the suite must pass
+/// under `nice` beside `stress-ng --cpu 4` on 2 cores).
+const LEGIT_BOUND: Duration = Duration::from_secs(60);
 /// The session cookie.
 const COOKIE: &str = "__Host-mailgate";
 
@@ -977,7 +981,7 @@ fn tail(s: &str, n: usize) -> String {
 /// thousands of sockets; mailgate inherits the limit).
 fn check_nofile(want: usize) {
     // Up to the hard limit, as mailgate itself does at start.
-    mailgate::app::raise_fd_limit(want / 2);
+    let _ = mailgate::app::raise_fd_limit(want / 2, true);
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) else { return };
     let soft = line.split_whitespace().nth(3).unwrap_or("0");

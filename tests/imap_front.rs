@@ -1,7 +1,7 @@
 //! The IMAP front door: TLS, STARTTLS, ALPN, pre-auth answers, uniform refusals, limits.
 //! SECURITY.md sections A, C, D, E.
 
-use crate::support::client::{Client, tls_config};
+use crate::support::client::{Client, PROMPTLY, tls_config};
 use crate::support::dovecot::{Dovecot, DovecotOptions};
 use crate::support::mailgate::{Mailgate, Options};
 use base64::Engine as _;
@@ -82,7 +82,7 @@ fn starttls_injection_without_handshake_gets_silence() {
     c.send(b"A STARTTLS\r\nB NOOP\r\n");
     assert_eq!(c.line(), "A OK Begin TLS negotiation now");
     assert_eq!(c.line_within(Duration::from_millis(1500)), None);
-    assert!(c.closed_within(Duration::from_secs(5)), "not closed after the handshake timeout");
+    assert!(c.closed_within(PROMPTLY), "not closed after the handshake timeout");
     assert!(!String::from_utf8_lossy(&c.transcript).contains("B OK"));
 }
 
@@ -92,7 +92,7 @@ fn implicit_tls_port_takes_no_plaintext() {
     let mg = Mailgate::start(Options::default());
     let mut c = Client::plain(mg.imaps);
     c.send(b"a CAPABILITY\r\n");
-    assert!(c.closed_within(Duration::from_secs(5)));
+    assert!(c.closed_within(PROMPTLY));
     assert!(!String::from_utf8_lossy(&c.transcript).contains("CAPABILITY"), "answered in plaintext");
 }
 
@@ -115,6 +115,21 @@ fn strict_sni() {
     assert!(Client::tls_named(mg.imaps, cfg(), "127.0.0.1").is_ok());
     let err = Client::tls_named(mg.imaps, cfg(), "attacker.example").err().expect("handshake must fail");
     assert!(!err.to_string().contains("certificate"), "failed for the wrong reason: {err}");
+    // A client that sends an IP address as the server name (OpenSSL's clients, imaptest)
+    // is served and leaves no WARN line per connection (issue 14: half of an imaptest
+    // run's log was rustls' note about it).
+    for _ in 0..3 {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &mg.imaps.to_string(), "-servername", "127.0.0.1", "-CAfile"])
+            .arg(&mg.ca)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Verify return code: 0 (ok)"), "no handshake with an IP as server name: {text}");
+    }
+    let log = mg.log();
+    assert!(!log.contains("Illegal SNI"), "{log}");
 }
 
 #[test]
@@ -155,7 +170,7 @@ fn three_failures_close_the_connection() {
     let last = c.cmd("c", "LOGIN alice@example.com nope-nope");
     assert!(last[0].starts_with("c NO"));
     assert!(c.line().starts_with("* BYE"));
-    assert!(c.closed_within(Duration::from_secs(5)));
+    assert!(c.closed_within(PROMPTLY));
 }
 
 #[test]
@@ -211,17 +226,20 @@ fn preauth_deadline_closes_slow_clients() {
     let mg = Mailgate::start(Options { limits: "preauth_timeout_secs = 2\n".into(), ..Default::default() });
     let mut c = Client::plain(mg.imap);
     c.line();
+    // A byte every 300 ms for up to 30 s: were the deadline an idle timer that each byte
+    // resets, the connection would outlive the trickle (the pre-auth deadline is 2 s, the
+    // handshake timeout does not apply to plain IMAP). The in-process test with paused
+    // time (net::imap) pins the deadline itself; here no wall-clock bound is needed.
     let start = Instant::now();
     let mut closed = false;
-    while start.elapsed() < Duration::from_secs(6) {
-        c.send(b"a");
+    while start.elapsed() < Duration::from_secs(30) {
+        c.send_lossy(b"a");
         if c.closed_within(Duration::from_millis(300)) {
             closed = true;
             break;
         }
     }
-    assert!(closed, "still open after 6 s");
-    assert!(start.elapsed() < Duration::from_secs(4));
+    assert!(closed, "still open after a 30 s trickle with a 2 s pre-auth deadline");
     assert!(String::from_utf8_lossy(&c.transcript).contains("* BYE Autologout: authentication took too long"));
 }
 
@@ -240,11 +258,11 @@ fn huge_literals_and_lines_are_refused() {
     let mut c = tls(&mg);
     c.send(b"c LOGIN {5000+}\r\n");
     assert!(c.line().starts_with("c BAD [TOOBIG]"));
-    assert!(c.closed_within(Duration::from_secs(5)));
+    assert!(c.closed_within(PROMPTLY));
     let mut c = tls(&mg);
     let line = vec![b'x'; 1024 * 1024];
     c.send_lossy(&line);
-    assert!(c.closed_within(Duration::from_secs(5)), "a 1 MiB line did not close the connection");
+    assert!(c.closed_within(PROMPTLY), "a 1 MiB line did not close the connection");
 }
 
 #[test]
@@ -297,9 +315,19 @@ fn sessions_per_account_and_address_are_capped() {
     let (_c3, r3) = login();
     assert_eq!(r3, "a NO [LIMIT] Too many connections for this account from your address.");
     drop(c1);
-    std::thread::sleep(Duration::from_millis(300));
-    let (_c4, r4) = login();
-    assert!(r4.starts_with("a OK"), "a freed slot is usable again: {r4}");
+    // The slot is freed when mailgate sees the close, which a loaded machine may delay:
+    // retry (each refusal is the same [LIMIT] answer) rather than sleep a fixed time.
+    let deadline = Instant::now() + PROMPTLY;
+    let r4 = loop {
+        let (c4, r4) = login();
+        if r4.starts_with("a OK") || Instant::now() > deadline {
+            break (c4, r4);
+        }
+        assert_eq!(r4, "a NO [LIMIT] Too many connections for this account from your address.");
+        drop(c4);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(r4.1.starts_with("a OK"), "a freed slot is usable again: {}", r4.1);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! revocation ending live sessions. Issue 2 points 8 and 9.
 
 use crate::imap_front::{with_dovecot, with_dovecot_opts};
-use crate::support::client::{Client, tls_config};
+use crate::support::client::{Client, PROMPTLY, tls_config};
 use crate::support::dovecot::{Dovecot, DovecotOptions};
 use crate::support::mailgate::{Mailgate, Options};
 use std::process::Command;
@@ -93,7 +93,7 @@ fn imaplib_and_curl_through_mailgate_to_dovecot() {
         .unwrap();
     assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.stdout, msg, "curl got different bytes");
-    assert!(dovecot.wait_for_log("rip=127.0.0.6", Duration::from_secs(10)));
+    assert!(dovecot.wait_for_log("rip=127.0.0.6", PROMPTLY));
     // Last use is recorded: time, address, and the list shows it.
     let list = mg.ok(&["app-password", "list", "alice@example.com", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
@@ -150,14 +150,14 @@ fn revoking_an_app_password_ends_its_live_session() {
     let id = app.replace(' ', "")[..6].to_string();
     let out = mg.ok(&["app-password", "revoke", "alice@example.com", &id]);
     assert!(out.contains("1 live sessions ended"), "{out}");
-    assert_eq!(c.line_within(Duration::from_secs(5)).as_deref(), Some("* BYE Access revoked"));
-    assert!(c.closed_within(Duration::from_secs(5)));
+    assert_eq!(c.line_within(PROMPTLY).as_deref(), Some("* BYE Access revoked"));
+    assert!(c.closed_within(PROMPTLY));
     let (_c, r) = login(&app);
     assert!(r.starts_with("a NO [AUTHENTICATIONFAILED]"), "{r}");
     // The other device is untouched until the account is removed.
     assert!(c2.cmd("n", "NOOP").last().unwrap().starts_with("n OK"));
     mg.ok(&["user", "remove", "alice@example.com"]);
-    assert!(c2.closed_within(Duration::from_secs(5)));
+    assert!(c2.closed_within(PROMPTLY));
     let (_c, r) = login(&other);
     assert!(r.starts_with("a NO [AUTHENTICATIONFAILED]"), "{r}");
 }
@@ -179,7 +179,7 @@ fn master_separator_login_style() {
     );
     assert!(r.last().unwrap().starts_with("a OK"), "{r:?}\n{}", mg.log());
     assert!(c.cmd("b", "SELECT INBOX").last().unwrap().starts_with("b OK"));
-    assert!(dovecot.wait_for_log("user=<alice@example.com>", Duration::from_secs(10)));
+    assert!(dovecot.wait_for_log("user=<alice@example.com>", PROMPTLY));
 }
 
 fn dovecot_with_tls() -> (Dovecot, crate::support::pki::Pki, tempfile::TempDir) {
@@ -339,10 +339,10 @@ fn changing_the_account_password_ends_sessions_opened_with_the_old_one() {
     };
     let mut with_password = login("alice-account-pw");
     let mut with_app = login(&app);
-    let out = mg.cli_stdin(&["user", "passwd", "alice@example.com", "--password-stdin"], "a-new-password\n");
+    let out = mg.cli_stdin(&["user", "passwd", "alice@example.com", "--password-stdin"], "a-new-account-password\n");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 sessions opened with the old password ended"));
-    assert!(with_password.closed_within(Duration::from_secs(5)));
+    assert!(with_password.closed_within(PROMPTLY));
     assert!(with_app.cmd("n", "NOOP").last().unwrap().starts_with("n OK"));
 }
 
@@ -360,9 +360,9 @@ fn sigterm_says_goodbye_to_live_sessions_and_keeps_the_data() {
     assert!(greeted.line().starts_with("* OK"));
     let mut smtp = Client::tls(mg.smtps, tls_config(&mg.ca, &["smtp"])).unwrap();
     assert!(smtp.line().starts_with("220 "));
-    let started = std::time::Instant::now();
-    mg.stop();
-    assert!(started.elapsed() < Duration::from_secs(8), "shutdown took {:?}", started.elapsed());
+    // It ends by itself, cleanly: the IDLE session (idle timeout 30 min) does not hold it.
+    let status = mg.terminate();
+    assert!(status.is_some_and(|s| s.success()), "SIGTERM did not end serve cleanly: {status:?}");
     let rest = String::from_utf8_lossy(&c.transcript).to_string();
     let _ = c.closed_within(Duration::from_secs(2));
     let all = rest + &String::from_utf8_lossy(&c.transcript);

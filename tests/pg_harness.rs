@@ -5,6 +5,7 @@
 //! across restart and crash recovery, parallel clusters, and HAProxy's round-robin
 //! with a PROXY protocol v2 header in front of the backends.
 
+use crate::support::client::PROMPTLY;
 use crate::support::haproxy::Haproxy;
 use crate::support::postgres::{Postgres, psql_url};
 use std::io::{Read, Write};
@@ -193,7 +194,7 @@ fn haproxy_send_proxy_v2_to_backend() {
     assert_eq!(&got[header_len..], payload);
 
     drop(c);
-    assert!(hap.wait_for_log("fe0 be0/s0", Duration::from_secs(5)), "{}", hap.log());
+    assert!(hap.wait_for_log("fe0 be0/s0", PROMPTLY), "{}", hap.log());
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! SASL login) and Postfix (XCLIENT), each relaying to a sink the test reads. Real
 //! clients: Python smtplib and swaks. Issue 3; SECURITY.md A, F, G, H.
 
-use crate::support::client::{Client, tls_config};
+use crate::support::client::{Client, PROMPTLY, tls_config};
 use crate::support::mailgate::{Mailgate, Options};
 use crate::support::postfix::{Postfix, PostfixOptions};
 use crate::support::submission::{Submission, SubmissionOptions};
@@ -134,7 +134,7 @@ fn line_limits_and_error_budget() {
     }
     c.send(b"FAKE\r\n");
     let all = String::from_utf8_lossy(&c.transcript).to_string();
-    assert!(c.closed_within(Duration::from_secs(5)));
+    assert!(c.closed_within(PROMPTLY));
     let all = all + &String::from_utf8_lossy(&c.transcript);
     assert!(all.contains("421 4.7.0"), "{all}");
 }
@@ -233,7 +233,7 @@ fn smtplib_and_swaks_through_dovecot_submission_arrive_intact() {
     expected.extend_from_slice(b"\r\n");
     assert!(got[1].original_message() == expected, "swaks' message changed on the way");
     // Dovecot submission saw the client's address (XCLIENT ADDR from mailgate), not mailgate's.
-    assert!(sub.wait_for_log("rip=127.0.0.7", Duration::from_secs(5)), "{}", sub.log());
+    assert!(sub.wait_for_log("rip=127.0.0.7", PROMPTLY), "{}", sub.log());
 }
 
 #[test]
@@ -326,8 +326,8 @@ fn revoking_the_app_password_ends_the_smtp_session() {
     let id = app.replace(' ', "")[..6].to_string();
     let out = mg.ok(&["app-password", "revoke", "alice@example.com", &id]);
     assert!(out.contains("1 live sessions ended"), "{out}");
-    assert_eq!(c.line_within(Duration::from_secs(5)).as_deref(), Some("421 4.7.0 Access revoked"));
-    assert!(c.closed_within(Duration::from_secs(5)));
+    assert_eq!(c.line_within(PROMPTLY).as_deref(), Some("421 4.7.0 Access revoked"));
+    assert!(c.closed_within(PROMPTLY));
 }
 
 #[test]
@@ -645,7 +645,7 @@ fn from_header_has_one_reading_through_postfix_python_and_dovecot() {
     let delivered = pf.wait_for_messages(accepted.len() + 1, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(pf.messages().len(), accepted.len() + 1, "a refused message arrived");
-    assert!(pf.wait_for_log("sasl_username=alice@example.com", Duration::from_secs(5)), "{}", pf.log());
+    assert!(pf.wait_for_log("sasl_username=alice@example.com", PROMPTLY), "{}", pf.log());
     assert!(
         !pf.wait_for_log("sasl_sender=", Duration::from_secs(2)),
         "the client's AUTH= reached Postfix: {}",

@@ -3,7 +3,7 @@
 //! mailgate account on first use, and after enrolling TOTP on the web need app
 //! passwords. Issue 5.
 
-use crate::support::client::{Client, tls_config};
+use crate::support::client::{Client, PROMPTLY, tls_config};
 use crate::support::dovecot::{Dovecot, DovecotOptions};
 use crate::support::mailgate::{Mailgate, Options};
 use crate::support::submission::{Submission, SubmissionOptions};
@@ -64,7 +64,7 @@ fn a_dovecot_only_user_logs_in_everywhere_and_2fa_then_needs_app_passwords() {
     let (mut c, r) = imap_login(&mg, "bob@example.com", "bob-dovecot-password");
     assert!(r.starts_with("a OK"), "{r}\n{}", mg.log());
     assert!(c.cmd("b", "SELECT INBOX").last().unwrap().starts_with("b OK"));
-    assert!(dovecot.wait_for_log("user=<bob@example.com>, method=PLAIN", Duration::from_secs(5)));
+    assert!(dovecot.wait_for_log("user=<bob@example.com>, method=PLAIN", PROMPTLY));
     assert!(!dovecot.log().contains("master_user=<mailgate>"), "bob's session used the master user");
     let list = mg.ok(&["user", "list"]);
     assert!(list.contains("bob@example.com") && list.contains("password=none"), "{list}");
@@ -135,7 +135,7 @@ fn repeated_checks_are_cached_and_a_failure_drops_the_cache() {
     let (dovecot, _sub, mg) = setup();
     let logins = || dovecot.log().matches("Login: user=<carol@example.com>").count();
     mg.web("carol@example.com", "carol-dovecot-password", &["signin"]);
-    assert!(dovecot.wait_for_log("Login: user=<carol@example.com>", Duration::from_secs(5)));
+    assert!(dovecot.wait_for_log("Login: user=<carol@example.com>", PROMPTLY));
     let after_first = logins();
     for _ in 0..3 {
         let got = mg.web("carol@example.com", "carol-dovecot-password", &["signin"]);

@@ -1091,6 +1091,11 @@ mod tests {
         };
         // First login: hashed, remembered.
         assert!(matches!(auth.verify(&creds("a@x", &good), Protocol::Imap, &peer()).await, Verdict::Granted(_)));
+        // From here until the hashing thread is released, tokio's clock is paused: "at
+        // once" means before the 300 ms timer could fire on an otherwise idle runtime (the
+        // clock jumps as soon as everything waits for the busy hashing thread), whatever the
+        // machine's load. Store reads go through spawn_blocking, which holds the clock.
+        tokio::time::pause();
         // Occupy the only hashing thread.
         let (release, held) = std::sync::mpsc::channel::<()>();
         let busy = auth.clone();
@@ -1116,6 +1121,7 @@ mod tests {
         let (id, _) = app_password::parse(good.as_bytes()).unwrap();
         store.revoke_app_password("a@x", &id).unwrap();
         assert!(quick(creds("a@x", &good), Protocol::Imap).await.is_err(), "revoked app password served");
+        tokio::time::resume();
         release.send(()).unwrap();
         let _ = blocker.await;
         assert!(matches!(auth.verify(&creds("a@x", &good), Protocol::Imap, &peer()).await, Verdict::Denied));
@@ -1340,7 +1346,9 @@ mod tests {
 
     #[test]
     fn verify_cache_keys_user_and_secret_expires_and_forgets() {
-        let c = VerifyCache::new(Duration::from_millis(200)).unwrap();
+        // A lifetime no loaded machine outlasts between two lines for the hits, and a short
+        // one for the expiry (load can only make that wait longer, never shorter).
+        let c = VerifyCache::new(Duration::from_secs(600)).unwrap();
         c.remember("a@x", &pw("secret-1"));
         assert!(c.hit("a@x", &pw("secret-1")));
         assert!(!c.hit("a@x", &pw("secret-2")));
@@ -1349,8 +1357,10 @@ mod tests {
         c.forget("a@x");
         assert!(!c.hit("a@x", &pw("secret-1")));
         assert!(c.hit("b@x", &pw("secret-1")));
-        std::thread::sleep(Duration::from_millis(250));
-        assert!(!c.hit("b@x", &pw("secret-1")), "expired");
+        let short = VerifyCache::new(Duration::from_millis(50)).unwrap();
+        short.remember("b@x", &pw("secret-1"));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!short.hit("b@x", &pw("secret-1")), "expired");
         let off = VerifyCache::new(Duration::ZERO).unwrap();
         off.remember("a@x", &pw("s"));
         assert!(!off.hit("a@x", &pw("s")));

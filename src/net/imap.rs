@@ -309,4 +309,54 @@ mod tests {
         assert!(size <= 1536, "serve future: {size} bytes");
         drop(c);
     }
+
+    /// The pre-auth deadline is a total, not an idle timer: a client that trickles a byte
+    /// every 300 ms is still closed, with the autologout BYE, when the deadline passes.
+    /// On tokio's paused clock, so the 2 s are measured exactly whatever the machine's
+    /// load (SECURITY.md case 66; `tests/imap_front.rs` checks the same end to end).
+    #[tokio::test(start_paused = true)]
+    async fn a_trickle_does_not_extend_the_preauth_deadline() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        crate::tls::ensure_dev_cert(&cert, &key, &["localhost".into()]).unwrap();
+        let config = Arc::new(Config::from_toml_str("[limits]\npreauth_timeout_secs = 2\n", "test").unwrap());
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(crate::store::sled_store::SledStore::open(&dir.path().join("store")).unwrap());
+        let svc = Arc::new(ImapService {
+            config: config.clone(),
+            acceptor: TlsAcceptor::from(crate::tls::server_config(&cert, &key, &["imap"]).unwrap()),
+            auth: Authenticator::new(store, 1),
+            upstream: Arc::new(Connector::new(&config.upstream_imap, Duration::from_secs(5)).unwrap()),
+            sessions: Sessions::default(),
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        // Each byte goes out at once: with Nagle, a byte would wait for the last one's
+        // (real-time, delayed) ACK while the paused clock runs on.
+        c.set_nodelay(true).unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        let start = tokio::time::Instant::now();
+        let server = tokio::spawn(svc.serve(s, peer, false));
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let _ = c.write_all(b"a").await;
+            match tokio::time::timeout(Duration::from_millis(300), c.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "still open after 60 s of trickle");
+        }
+        let closed_at = start.elapsed();
+        let seen = String::from_utf8_lossy(&seen);
+        assert!(seen.starts_with("* OK"), "{seen}");
+        assert!(seen.contains("* BYE Autologout: authentication took too long"), "{seen}");
+        assert!(
+            closed_at >= Duration::from_secs(2) && closed_at < Duration::from_millis(2_500),
+            "closed at {closed_at:?}"
+        );
+        server.await.unwrap();
+    }
 }

@@ -271,7 +271,7 @@ mod tests {
             let mut buf = [0u8; 64];
             // The greeting line, or the close of a refused connection.
             while !got.ends_with(b"\n") {
-                match tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.unwrap().unwrap() {
+                match tokio::time::timeout(Duration::from_secs(30), tcp.read(&mut buf)).await.unwrap().unwrap() {
                     0 => break,
                     n => got.extend_from_slice(&buf[..n]),
                 }

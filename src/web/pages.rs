@@ -21,9 +21,6 @@ use std::sync::Arc;
 
 type W = State<Arc<Web>>;
 
-/// Without a second factor the account password opens IMAP/SMTP on its own: NIST SP
-/// 800-63B-4 §3.1.1.2 asks for at least 15 characters for such a password.
-const MIN_PASSWORD: usize = 15;
 type Fields = Form<HashMap<String, String>>;
 
 // ---------------------------------------------------------------------------------------
@@ -1400,12 +1397,9 @@ pub(super) async fn change_password(
     let again = SecretString::from(form.get("again").cloned().unwrap_or_default());
     let problem = if new != again {
         Some("The two passwords are not the same.")
-    } else if new.expose().chars().count() < MIN_PASSWORD {
-        Some("Choose a password of at least 15 characters.")
-    } else if new.expose().len() > 1024 {
-        Some("That password is too long.")
     } else {
-        None
+        // The one password policy, shared with the CLI (auth::password::policy).
+        password::policy(new.expose()).err().map(|e| e.sentence())
     };
     if let Some(p) = problem {
         return html(

@@ -8,8 +8,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Default wait for an expected line.
-pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// Default wait for an expected line: a hang guard, not a measurement. A wait ends as
+/// soon as the line comes; 30 s leaves room for a machine loaded far beyond its cores
+/// (the suite must pass under `nice` beside `stress-ng --cpu 4` on 2 cores).
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The wait for something the server does at once (a close after an error, a goodbye, a
+/// log line of an upstream server): it ends when that happens, normally within
+/// milliseconds, so 20 s costs nothing on a good day and survives a loaded machine. It
+/// stays below the 30 s TLS-handshake and 60 s pre-auth deadlines that would close a
+/// connection anyway, so a test that waits this long still proves what closed it.
+pub const PROMPTLY: Duration = Duration::from_secs(20);
 
 enum Conn {
     Plain(TcpStream),
