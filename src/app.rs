@@ -4,10 +4,11 @@
 use crate::admin;
 use crate::auth::{Authenticator, crypto::SecretKey};
 use crate::config::Config;
+use crate::net::gate::Gate;
 use crate::net::imap::ImapService;
 use crate::net::listener::{ConnLimits, accept_loop};
 use crate::net::smtp::SmtpService;
-use crate::net::upstream::Connector;
+use crate::net::upstream::{Connector, ImapUpstream};
 use crate::sessions::Sessions;
 use crate::store::{Store, sled_store::SledStore};
 use std::future::Future;
@@ -180,7 +181,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     raise_fd_limit(config.limits.max_connections, config.limits.max_connections_set);
     let acceptor = TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])?);
-    let connector = Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?);
+    let connector = ImapUpstream(Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?));
     let sessions = Sessions::default();
     // Several nodes on one database: session-ending changes travel both ways.
     if let Some(mut events) = store.subscribe() {
@@ -209,25 +210,20 @@ pub async fn run(
         .with_ipv6_prefix(config.limits.ipv6_prefix)
         .with_failure_delays(config.limits.auth_failure_delay, config.limits.ip_penalty_max)
         .with_shared_failure_counts(key.clone())
-        .with_upstream_check(config.accounts.clone(), connector.clone())
+        .with_upstream_check(config.accounts.clone(), Arc::new(connector.clone()))
         .with_verify_cache(config.accounts.verify_cache);
     let limits =
         ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip, config.limits.ipv6_prefix);
     let web_limits =
         ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip, config.limits.ipv6_prefix);
-    let service = Arc::new(ImapService {
-        config: config.clone(),
-        acceptor,
-        auth: auth.clone(),
-        upstream: connector,
-        sessions: sessions.clone(),
-    });
+    let gate =
+        Gate::new(auth.clone(), sessions.clone(), config.app_password_url(), config.limits.max_sessions_per_user_ip);
+    let service = Arc::new(ImapService { config: config.clone(), acceptor, gate: gate.clone(), upstream: connector });
     let smtp = Arc::new(SmtpService {
         config: config.clone(),
         acceptor: TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["smtp"])?),
-        auth,
+        gate,
         upstream: Arc::new(Connector::new(&config.upstream_smtp, config.limits.upstream_timeout)?),
-        sessions: sessions.clone(),
         upstream_extensions: std::sync::RwLock::new(None),
     });
     if !(config.smtp_tls.is_empty() && config.smtp_starttls.is_empty()) {
@@ -237,7 +233,7 @@ pub async fn run(
 
     let web = Arc::new(crate::web::Web {
         config: config.clone(),
-        auth: smtp.auth.clone(),
+        auth: auth.clone(),
         key: key.clone(),
         sessions: sessions.clone(),
         web_sessions: crate::web::WebSessions::new(store.clone(), key.clone())
@@ -252,7 +248,7 @@ pub async fn run(
         key,
         issuer: config.hostname.clone(),
         sessions: Some(sessions.clone()),
-        hashing: Some(smtp.auth.clone()),
+        hashing: Some(auth.clone()),
     });
     let socket_path = config.admin_socket_path();
     let admin_listener = admin::socket::bind(&socket_path)
@@ -260,6 +256,7 @@ pub async fn run(
     let admin_task = tokio::spawn(admin::socket::serve(admin_listener, admin_ctx));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (tasks_guard, all_done) = crate::net::listener::task_guard();
     let mut tasks = Vec::new();
     let pp = &config.proxy_protocol;
     let policy = Arc::new(crate::net::listener::ProxyPolicy {
@@ -278,7 +275,8 @@ pub async fn run(
                 limits.clone(),
                 stop_rx.clone(),
                 proxy(pp.imap),
-                move |tcp, peer| svc.clone().serve(tcp, peer, implicit),
+                tasks_guard.clone(),
+                move |tcp, peer| svc.clone().serve_tcp(tcp, peer, implicit),
             )));
         }
     }
@@ -293,7 +291,8 @@ pub async fn run(
                 limits.clone(),
                 stop_rx.clone(),
                 proxy(pp.smtp),
-                move |tcp, peer| svc.clone().serve(tcp, peer, implicit),
+                tasks_guard.clone(),
+                move |tcp, peer| svc.clone().serve_tcp(tcp, peer, implicit),
             )));
         }
     }
@@ -311,6 +310,8 @@ pub async fn run(
             web_limits.clone(),
             stop_rx.clone(),
             proxy(pp.web),
+            // Browsers keep idle connections open: shutdown does not wait for them.
+            crate::net::listener::task_guard().0,
             move |tcp, peer| crate::web::serve_connection(router.clone(), acceptor.clone(), tcp, peer.ip(), handshake),
         )));
     }
@@ -326,18 +327,26 @@ pub async fn run(
     for t in tasks {
         let _ = t.await;
     }
-    // Tell the clients of live sessions (IMAP `* BYE`, SMTP `421`) and give them a moment.
+    // Tell the clients of live sessions (IMAP `* BYE`, SMTP `421`; those not logged in
+    // saw the stop signal) and wait until every connection task has ended. Each goodbye
+    // is bounded to 2 s; a session waiting on upstream (a message being accepted) is
+    // given up after SHUTDOWN_WAIT.
     let ended = sessions.end_all();
     if ended > 0 {
         tracing::info!(sessions = ended, "ending live sessions");
-        // The sessions' tasks write their goodbye at once (each write is bounded to 2 s).
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    drop(tasks_guard);
+    if tokio::time::timeout(SHUTDOWN_WAIT, all_done.wait()).await.is_err() {
+        tracing::warn!("some connections did not end in time; closing them");
     }
     admin_task.abort();
     let _ = std::fs::remove_file(&socket_path);
     store.flush()?;
     Ok(())
 }
+
+/// The longest shutdown waits for connections to say goodbye.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

@@ -1,6 +1,7 @@
 //! Live proxied sessions, so that revoking an app password or removing an account
 //! ends the sessions that used it at once.
 
+use crate::auth::Authenticated;
 use crate::store::SessionEvent;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,14 +62,21 @@ impl StopNotice {
 }
 
 /// Held by a live session; dropping it unregisters the session.
-pub struct SessionGuard {
+pub struct LiveGuard {
     id: u64,
     sessions: Sessions,
     /// Fires when the session must end.
-    pub killed: oneshot::Receiver<EndReason>,
+    pub(crate) killed: oneshot::Receiver<EndReason>,
 }
 
-impl Drop for SessionGuard {
+impl LiveGuard {
+    /// Completes when the session must end, with the reason.
+    pub async fn ended(&mut self) -> EndReason {
+        (&mut self.killed).await.unwrap_or(EndReason::Revoked)
+    }
+}
+
+impl Drop for LiveGuard {
     fn drop(&mut self) {
         if let Ok(mut m) = self.sessions.inner.lock() {
             m.remove(&self.id);
@@ -78,7 +86,8 @@ impl Drop for SessionGuard {
 
 impl Sessions {
     /// Registers a session of `username` (opened with app password `app_password_id`, if any).
-    pub fn register(&self, username: &str, app_password_id: Option<&str>) -> SessionGuard {
+    #[cfg(test)]
+    pub(crate) fn register(&self, username: &str, app_password_id: Option<&str>) -> LiveGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut m) = self.inner.lock() {
@@ -92,18 +101,14 @@ impl Sessions {
                 },
             );
         }
-        SessionGuard { id, sessions: self.clone(), killed: rx }
+        LiveGuard { id, sessions: self.clone(), killed: rx }
     }
 
-    /// Registers a session from `ip`, unless `username` already has `max` live sessions
-    /// from that address (Dovecot's `mail_max_userip_connections`); `None` then.
-    pub fn register_from(
-        &self,
-        username: &str,
-        app_password_id: Option<&str>,
-        ip: std::net::IpAddr,
-        max: usize,
-    ) -> Option<SessionGuard> {
+    /// Registers the session of a verified login from `ip`, unless its account already
+    /// has `max` live sessions from that address (Dovecot's `mail_max_userip_connections`);
+    /// `None` then. Only a verified login ([`Authenticated`]) can be registered.
+    pub fn register_from(&self, who: &Authenticated, ip: std::net::IpAddr, max: usize) -> Option<LiveGuard> {
+        let (username, app_password_id) = (who.username(), who.app_password_id());
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let mut m = self.inner.lock().ok()?;
@@ -121,7 +126,7 @@ impl Sessions {
             },
         );
         drop(m);
-        Some(SessionGuard { id, sessions: self.clone(), killed: rx })
+        Some(LiveGuard { id, sessions: self.clone(), killed: rx })
     }
 
     /// Ends the sessions of `username`; with `app_password_id`, only those opened with it,
@@ -223,13 +228,14 @@ mod tests {
         drop(_c);
         assert!(s.is_empty());
         let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
-        let g1 = s.register_from("u", None, ip, 2).unwrap();
-        let _g2 = s.register_from("u", None, ip, 2).unwrap();
-        assert!(s.register_from("u", None, ip, 2).is_none(), "third from the same address");
-        assert!(s.register_from("u", None, "192.0.2.2".parse().unwrap(), 2).is_some(), "another address");
-        assert!(s.register_from("v", None, ip, 2).is_some(), "another user");
+        let (u, v) = (Authenticated::for_tests("u", None), Authenticated::for_tests("v", None));
+        let g1 = s.register_from(&u, ip, 2).unwrap();
+        let _g2 = s.register_from(&u, ip, 2).unwrap();
+        assert!(s.register_from(&u, ip, 2).is_none(), "third from the same address");
+        assert!(s.register_from(&u, "192.0.2.2".parse().unwrap(), 2).is_some(), "another address");
+        assert!(s.register_from(&v, ip, 2).is_some(), "another user");
         drop(g1);
-        assert!(s.register_from("u", None, ip, 2).is_some(), "a slot came free");
+        assert!(s.register_from(&u, ip, 2).is_some(), "a slot came free");
         let mut pw = s.register("a", None);
         let mut app = s.register("a", Some("p3"));
         assert_eq!(s.kill_account_password_sessions("a"), 1);

@@ -91,6 +91,15 @@ impl Authenticated {
     pub fn senders(&self) -> &[String] {
         &self.senders
     }
+    /// A proof for unit tests of the modules that take one.
+    #[cfg(test)]
+    pub(crate) fn for_tests(username: &str, app_password_id: Option<&str>) -> Authenticated {
+        Authenticated {
+            username: username.into(),
+            app_password_id: app_password_id.map(str::to_string),
+            senders: vec![username.into()],
+        }
+    }
 }
 
 /// The outcome of a check.

@@ -1,22 +1,24 @@
-//! One IMAP client connection: TLS, the pre-auth state machine, the credential check,
-//! the upstream login, then the byte relay. The only I/O around [`PreAuth`].
+//! One IMAP client connection: the pre-auth machine on the driver, the login gate,
+//! then the byte relay. The only I/O around [`PreAuth`].
 
-use crate::auth::{self, Authenticated, Authenticator, Peer, Protocol, Verdict};
+use crate::auth::{Authenticated, Protocol};
 use crate::config::Config;
+use crate::net::driver::{Conn, DriveError, Tls, Watch};
+use crate::net::gate::{Admitted, Attempt, Gate, Refusal};
 use crate::net::relay::{Relay, RelayEnd};
-use crate::net::stream::MaybeTls;
-use crate::net::upstream::{Connector, UpstreamFailure, UpstreamSession};
-use crate::proto::imap::{Action, AuthReply, PreAuth};
-use crate::proto::upstream::UpstreamError;
-use crate::sessions::{SessionGuard, Sessions};
+use crate::net::stream::{MaybeTls, Transport};
+use crate::net::upstream::{ImapUpstream, UpstreamSession};
+use crate::proto::imap::{Action, AuthReply, PreAuth, goodbye};
+use crate::proto::{Goodbye, Next};
+use crate::sessions::LiveGuard;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// The longest a proxied session lives (nginx `proxy_timeout 24h`).
 const MAX_SESSION: Duration = Duration::from_secs(24 * 3600);
@@ -27,284 +29,186 @@ pub struct ImapService {
     pub config: Arc<Config>,
     /// TLS for clients (ALPN "imap").
     pub acceptor: TlsAcceptor,
-    /// Credential checks.
-    pub auth: Authenticator,
+    /// The login gate (credential checks, live sessions).
+    pub gate: Gate,
     /// Upstream logins.
-    pub upstream: Arc<Connector>,
-    /// Live sessions (for revocation).
-    pub sessions: Sessions,
+    pub upstream: ImapUpstream,
+}
+
+/// How a refusal is answered in IMAP.
+fn reply_for(refusal: Refusal) -> AuthReply {
+    match refusal {
+        Refusal::Failed | Refusal::Gone => AuthReply::Failed,
+        Refusal::NeedsAppPassword(text) => AuthReply::NeedsAppPassword(text),
+        Refusal::Unavailable => AuthReply::Unavailable,
+        Refusal::TooMany => AuthReply::TooMany,
+    }
 }
 
 impl ImapService {
-    /// Serves one accepted connection to its end. `implicit`: TLS from the first byte.
-    pub async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, implicit: bool) {
+    /// Serves one accepted TCP connection to its end. `implicit`: TLS from the first byte.
+    pub async fn serve_tcp(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        implicit: bool,
+    ) -> Result<(), DriveError> {
+        let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr()?;
+        self.serve(tcp, peer, local, implicit).await
+    }
+
+    /// Serves one connection over any transport (TCP, or a duplex pipe in tests).
+    pub async fn serve<S: Transport>(
+        self: Arc<Self>,
+        transport: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        implicit: bool,
+    ) -> Result<(), DriveError> {
         // The login phase (TLS handshake, pre-auth machine, buffers, upstream login) is a
         // large future; boxed, it is freed when login ends, and a session in the relay
         // holds only the relay's state (PERFORMANCE.md M1).
-        let Some(s) = Box::pin(self.login(tcp, peer, implicit)).await else { return };
-        relay(s.client, s.upstream, s.pipelined, s.guard, &s.granted, self.config.limits.imap_idle_timeout).await;
+        let Some(s) = Box::pin(self.login(transport, peer, local, implicit)).await? else { return Ok(()) };
+        let Admitted { who, upstream, live, own_password } = s.admitted;
+        drop(own_password);
+        relay(s.client, upstream, s.pipelined, live, &who, self.config.limits.imap_idle_timeout).await
     }
 
-    /// Everything up to a logged-in upstream session; `None` when the connection ended.
-    async fn login(&self, tcp: TcpStream, peer: SocketAddr, implicit: bool) -> Option<LoggedIn> {
-        let _ = tcp.set_nodelay(true);
-        let local = match tcp.local_addr() {
-            Ok(a) => a,
-            Err(_) => return None,
-        };
+    /// Everything up to a logged-in upstream session; `None` when the client left.
+    async fn login<S: Transport>(
+        &self,
+        transport: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        implicit: bool,
+    ) -> Result<Option<LoggedIn<S>>, DriveError> {
         let limits = &self.config.limits;
         let deadline = Instant::now() + limits.preauth_timeout;
-        let mut stream = if implicit {
-            match timeout(limits.tls_handshake_timeout, self.acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => MaybeTls::Server(Box::new(s)),
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return None;
-                }
-                Err(_) => {
-                    debug!(%peer, "TLS handshake timed out");
-                    return None;
-                }
-            }
-        } else {
-            MaybeTls::Plain(tcp)
-        };
+        let tls = Tls::Server { acceptor: self.acceptor.clone(), handshake: limits.tls_handshake_timeout };
+        let mut conn =
+            if implicit { Conn::accept_tls(transport, tls).await? } else { Conn::new(MaybeTls::Plain(transport), tls) };
+        conn.set_deadline(Some(deadline));
+        conn.watch(Watch::Shutdown(self.gate.sessions().stop_notice()));
         let mut machine = PreAuth::new(&self.config.hostname, implicit, !implicit);
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut stop = self.sessions.stop_notice();
-        let (granted, upstream, guard) = loop {
-            match machine.poll() {
-                Action::Write(bytes) => {
-                    if !matches!(timeout_at(deadline, stream.write_all(&bytes)).await, Ok(Ok(()))) {
-                        return None;
-                    }
-                }
-                Action::NeedInput => match tokio::select! {
-                    r = timeout_at(deadline, stream.read(&mut buf)) => r,
-                    () = stop.wait() => {
-                        goodbye(&mut stream, b"* BYE Server shutting down, please reconnect\r\n").await;
-                        return None;
-                    }
-                } {
-                    Ok(Ok(0)) | Ok(Err(_)) => return None,
-                    Ok(Ok(n)) => machine.feed(&buf[..n]),
-                    Err(_) => {
-                        debug!(%peer, "pre-auth deadline reached");
-                        goodbye(&mut stream, b"* BYE Autologout: authentication took too long\r\n").await;
-                        return None;
-                    }
-                },
-                Action::StartTls => {
-                    let MaybeTls::Plain(tcp) = stream else { return None };
-                    match timeout(limits.tls_handshake_timeout, self.acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => {
-                            stream = MaybeTls::Server(Box::new(s));
-                            machine.tls_started();
-                        }
-                        _ => {
-                            debug!(%peer, "STARTTLS handshake failed or timed out");
-                            return None;
-                        }
-                    }
-                }
+        let admitted = loop {
+            match conn.next(&mut machine).await? {
                 Action::Refuse(reply) => {
-                    tokio::time::sleep(self.auth.base_delay()).await;
+                    self.gate.refused_early().await;
                     machine.auth_failed(reply);
                 }
                 Action::Authenticate(creds) => {
-                    let who = Peer { ip: peer.ip(), client_name: machine.client_name().map(str::to_string) };
-                    let username = auth::normalize_username(&creds.username);
-                    // A client that leaves while its check waits for a hashing thread gives up its
-                    // turn: the job is dropped before it runs.
-                    let mut verdict = tokio::select! {
-                        v = self.auth.verify(&creds, Protocol::Imap, &who) => v,
-                        () = stream.peer_gone() => {
-                            debug!(%peer, "client left during its login check");
-                            return None;
-                        }
+                    let attempt = Attempt {
+                        creds: &creds,
+                        protocol: Protocol::Imap,
+                        client: peer,
+                        local,
+                        client_name: machine.client_name().map(str::to_string),
                     };
-                    let mut session_as_user = None;
-                    if let Verdict::CheckUpstream(check) = verdict {
-                        // password_check = "upstream": the upstream server checks the password.
-                        // Without a second factor, the check is the session's own login.
-                        verdict = if check.second_factor() {
-                            let result = self.auth.check_upstream(check.username(), check.password()).await;
-                            self.auth.confirm_upstream(check, result).await
-                        } else {
-                            match self.upstream.open_as_user(check.username(), check.password(), peer, local).await {
-                                Ok(up) => {
-                                    session_as_user = Some(up);
-                                    self.auth.confirm_upstream(check, auth::CheckResult::Valid).await
-                                }
-                                Err(UpstreamFailure::Protocol(UpstreamError::LoginRefused)) => {
-                                    self.auth.confirm_upstream(check, auth::CheckResult::Invalid).await
-                                }
-                                Err(e) => {
-                                    warn!(%peer, user = %username, error = %e, "upstream login failed");
-                                    Verdict::Unavailable
-                                }
-                            }
-                        };
+                    match self.gate.login(&self.upstream, attempt, conn.peer_gone()).await {
+                        Ok(admitted) => break admitted,
+                        Err(Refusal::Gone) => return Ok(None),
+                        Err(refusal) => machine.auth_failed(reply_for(refusal)),
                     }
-                    match verdict {
-                        Verdict::Granted(granted) => {
-                            let Some(guard) = self.sessions.register_from(
-                                granted.username(),
-                                granted.app_password_id(),
-                                peer.ip(),
-                                limits.max_sessions_per_user_ip,
-                            ) else {
-                                info!(%peer, user = %granted.username(), "too many sessions from this address");
-                                machine.auth_failed(AuthReply::TooMany);
-                                continue;
-                            };
-                            let opened = match session_as_user.take() {
-                                Some(up) => Ok(up),
-                                None => self.upstream.open(granted.username(), peer, local).await,
-                            };
-                            match opened {
-                                Ok(up) => {
-                                    self.auth.succeeded(peer.ip(), granted.username());
-                                    break (granted, up, guard);
-                                }
-                                Err(e) => {
-                                    warn!(%peer, user = %username, error = %e, "upstream login failed");
-                                    machine.auth_failed(AuthReply::Unavailable);
-                                }
-                            }
-                        }
-                        // Handled above; only reachable if the upstream check was not configured.
-                        Verdict::CheckUpstream(_) => machine.auth_failed(AuthReply::Unavailable),
-                        Verdict::Denied => {
-                            self.auth.log_refusal(auth::refusals::Kind::LoginFailed, peer.ip(), &username);
-                            let delay = self.auth.failure_delay(peer.ip(), &username, creds.password.expose());
-                            tokio::time::sleep(delay).await;
-                            machine.auth_failed(AuthReply::Failed);
-                        }
-                        Verdict::NeedsAppPassword => {
-                            info!(%peer, user = %username, "account password of a 2FA account refused; app password needed");
-                            tokio::time::sleep(self.auth.base_delay()).await;
-                            machine.auth_failed(AuthReply::NeedsAppPassword(auth::app_password_hint(
-                                &self.config.app_password_url(),
-                            )));
-                        }
-                        Verdict::Unavailable => machine.auth_failed(AuthReply::Unavailable),
-                    }
-                }
-                Action::Close => {
-                    let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
-                    return None;
                 }
             }
         };
-        info!(%peer, user = %granted.username(), app_password = granted.app_password_id().unwrap_or("-"), "IMAP login");
-        let pipelined = machine.auth_succeeded(&upstream.capabilities);
-        // The tagged OK, then whatever upstream already sent, then the relay.
-        while let Action::Write(bytes) = machine.poll() {
-            if stream.write_all(&bytes).await.is_err() {
-                return None;
-            }
+        let pipelined = machine.auth_succeeded(&admitted.upstream.capabilities);
+        // The tagged OK; then whatever upstream already sent, in the relay.
+        while let Next::Write(bytes) = machine.poll() {
+            conn.send(&bytes).await?;
         }
-        Some(LoggedIn { client: stream, granted, upstream, pipelined, guard })
+        let Some((client, _)) = conn.into_parts() else { return Ok(None) };
+        Ok(Some(LoggedIn { client, admitted, pipelined }))
     }
 }
 
 /// A client logged in, its upstream session open.
-struct LoggedIn {
-    client: MaybeTls,
-    granted: Authenticated,
-    upstream: UpstreamSession,
+struct LoggedIn<S: Transport> {
+    client: MaybeTls<S>,
+    admitted: Admitted<UpstreamSession>,
     pipelined: Vec<u8>,
-    guard: SessionGuard,
-}
-
-/// Writes a last line to a client that has not logged in and closes, bounded to 1 s.
-async fn goodbye(stream: &mut MaybeTls, line: &[u8]) {
-    let _ = timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(line).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
 }
 
 /// Copies bytes both ways until either side closes, the session is revoked, the client
 /// is silent for the autologout time, or [`MAX_SESSION`] passes. Needs the proof of
 /// authentication. Relay buffers exist only while data flows ([`crate::net::relay`]).
-async fn relay(
-    mut client: MaybeTls,
-    up: UpstreamSession,
+async fn relay<S: Transport>(
+    mut client: MaybeTls<S>,
+    upstream: UpstreamSession,
     pipelined: Vec<u8>,
-    mut guard: SessionGuard,
+    mut live: LiveGuard,
     who: &Authenticated,
     idle: Duration,
-) {
-    let UpstreamSession { stream: mut upstream, leftover, capabilities } = up;
+) -> Result<(), DriveError> {
+    let UpstreamSession { stream: mut upstream, leftover, capabilities } = upstream;
     drop(capabilities);
-    if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
-        return;
+    if !leftover.is_empty() {
+        client.write_all(&leftover).await?;
     }
     drop(leftover);
-    if !pipelined.is_empty() && upstream.write_all(&pipelined).await.is_err() {
-        return;
+    if !pipelined.is_empty() {
+        upstream.write_all(&pipelined).await?;
     }
     drop(pipelined);
-    let mut relay = Relay::new(&mut client, &mut upstream, idle);
-    let last: Option<&[u8]> = tokio::select! {
+    let last = carry(&mut client, &mut upstream, &mut live, who, idle).await;
+    if let Some(why) = last {
+        let _ = timeout(Duration::from_secs(2), client.write_all(goodbye(why))).await;
+    }
+    let _ = timeout(Duration::from_secs(2), client.shutdown()).await;
+    let _ = timeout(Duration::from_secs(2), upstream.shutdown()).await;
+    Ok(())
+}
+
+/// The relay itself, raced against revocation and the session's longest life; the
+/// goodbye to send, if the session is ended by mailgate.
+async fn carry<S: Transport>(
+    client: &mut MaybeTls<S>,
+    upstream: &mut MaybeTls,
+    live: &mut LiveGuard,
+    who: &Authenticated,
+    idle: Duration,
+) -> Option<Goodbye> {
+    let mut relay = Relay::new(client, upstream, idle, who);
+    tokio::select! {
         r = &mut relay => match r {
             Ok(RelayEnd::Closed) => None,
             Ok(RelayEnd::Idle) => {
                 info!(user = %who.username(), "session ended: idle too long");
-                Some(b"* BYE Autologout; idle for too long\r\n")
+                Some(Goodbye::Idle)
             }
             Err(e) => {
                 debug!(user = %who.username(), error = %e, "relay ended");
                 None
             }
         },
-        reason = &mut guard.killed => match reason {
-            Ok(crate::sessions::EndReason::Shutdown) => Some(b"* BYE Server shutting down, please reconnect\r\n"),
-            _ => {
+        reason = live.ended() => match reason {
+            crate::sessions::EndReason::Shutdown => Some(Goodbye::Shutdown),
+            crate::sessions::EndReason::Revoked => {
                 info!(user = %who.username(), "session ended: access revoked");
-                Some(b"* BYE Access revoked\r\n")
+                Some(Goodbye::Revoked)
             }
         },
-        _ = tokio::time::sleep(MAX_SESSION) => Some(b"* BYE Session too long\r\n"),
-    };
-    drop(relay);
-    if let Some(line) = last {
-        let _ = timeout(Duration::from_secs(2), client.write_all(line)).await;
+        _ = tokio::time::sleep(MAX_SESSION) => Some(Goodbye::TooLong),
     }
-    let _ = timeout(Duration::from_secs(2), client.shutdown()).await;
-    let _ = timeout(Duration::from_secs(2), upstream.shutdown()).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::testkit::*;
+    use tokio::io::AsyncWriteExt;
 
     /// A logged-in session's task holds the relay's state only: the login phase (TLS
     /// handshake, pre-auth machine, upstream login) is boxed and freed when it ends.
     /// Thousands of idle sessions pay this size each (PERFORMANCE.md M1; it was 3.4 KB).
     #[tokio::test]
     async fn a_session_task_stays_small() {
-        let dir = tempfile::tempdir().unwrap();
-        let cert = dir.path().join("c.pem");
-        let key = dir.path().join("k.pem");
-        crate::tls::ensure_dev_cert(&cert, &key, &["localhost".into()]).unwrap();
-        let config = Arc::new(Config::embedded_defaults());
-        let store: Arc<dyn crate::store::Store> =
-            Arc::new(crate::store::sled_store::SledStore::open(dir.path()).unwrap());
-        let svc = Arc::new(ImapService {
-            config: config.clone(),
-            acceptor: TlsAcceptor::from(crate::tls::server_config(&cert, &key, &["imap"]).unwrap()),
-            auth: Authenticator::new(store, 1),
-            upstream: Arc::new(Connector::new(&config.upstream_imap, Duration::from_secs(5)).unwrap()),
-            sessions: Sessions::default(),
-        });
+        let kit = Kit::new(addr("127.0.0.1:9"), "");
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, peer) = l.accept().await.unwrap();
-        let fut = svc.clone().serve(s, peer, true);
+        let fut = kit.imap().serve_tcp(s, peer, true);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 1536, "serve future: {size} bytes");
         drop(c);
@@ -316,28 +220,11 @@ mod tests {
     /// load (SECURITY.md case 66; `tests/imap_front.rs` checks the same end to end).
     #[tokio::test(start_paused = true)]
     async fn a_trickle_does_not_extend_the_preauth_deadline() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-        crate::tls::ensure_dev_cert(&cert, &key, &["localhost".into()]).unwrap();
-        let config = Arc::new(Config::from_toml_str("[limits]\npreauth_timeout_secs = 2\n", "test").unwrap());
-        let store: Arc<dyn crate::store::Store> =
-            Arc::new(crate::store::sled_store::SledStore::open(&dir.path().join("store")).unwrap());
-        let svc = Arc::new(ImapService {
-            config: config.clone(),
-            acceptor: TlsAcceptor::from(crate::tls::server_config(&cert, &key, &["imap"]).unwrap()),
-            auth: Authenticator::new(store, 1),
-            upstream: Arc::new(Connector::new(&config.upstream_imap, Duration::from_secs(5)).unwrap()),
-            sessions: Sessions::default(),
-        });
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        // Each byte goes out at once: with Nagle, a byte would wait for the last one's
-        // (real-time, delayed) ACK while the paused clock runs on.
-        c.set_nodelay(true).unwrap();
-        let (s, peer) = l.accept().await.unwrap();
+        use tokio::io::AsyncReadExt;
+        let kit = Kit::new(addr("127.0.0.1:9"), "[limits]\npreauth_timeout_secs = 2\n");
+        let (server, mut c) = pipe();
         let start = tokio::time::Instant::now();
-        let server = tokio::spawn(svc.serve(s, peer, false));
+        let task = tokio::spawn(kit.imap().serve(server, addr(CLIENT), addr(LOCAL), false));
         let mut seen = Vec::new();
         let mut buf = [0u8; 1024];
         loop {
@@ -357,6 +244,76 @@ mod tests {
             closed_at >= Duration::from_secs(2) && closed_at < Duration::from_millis(2_500),
             "closed at {closed_at:?}"
         );
-        server.await.unwrap();
+        assert!(matches!(task.await.unwrap(), Err(DriveError::Timeout)));
+    }
+
+    /// STARTTLS through the driver: the same connection goes TLS, the capabilities after
+    /// the handshake offer AUTH (before it, LOGINDISABLED), and a login works over it.
+    #[tokio::test]
+    async fn starttls_then_login_over_a_pipe() {
+        let up = FakeImap::start().await;
+        let kit = Kit::new(up.addr, "");
+        let (server, mut c) = pipe();
+        tokio::spawn(kit.imap().serve(server, addr(CLIENT), addr(LOCAL), false));
+        let greeting = read_until(&mut c, "\r\n").await;
+        assert!(greeting.contains("LOGINDISABLED") && greeting.contains("STARTTLS"), "{greeting}");
+        c.write_all(b"a STARTTLS\r\n").await.unwrap();
+        assert!(read_until(&mut c, "a OK").await.contains("a OK"));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = kit.tls_client().connect(name, c).await.unwrap();
+        tls.write_all(b"b CAPABILITY\r\n").await.unwrap();
+        let caps = read_until(&mut tls, "b OK").await;
+        assert!(caps.contains("AUTH=PLAIN") && !caps.contains("LOGINDISABLED"), "{caps}");
+        tls.write_all(format!("c LOGIN {USER} \"{PASSWORD}\"\r\n").as_bytes()).await.unwrap();
+        let ok = read_until(&mut tls, "c OK").await;
+        assert!(ok.contains("c OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in"), "{ok}");
+    }
+
+    /// What a client pipelines behind its LOGIN goes to the upstream session untouched,
+    /// whatever its size (here a 9.5 KB line, over the pre-login line limit).
+    #[tokio::test]
+    async fn what_is_pipelined_behind_login_reaches_upstream() {
+        let up = FakeImap::start().await;
+        let kit = Kit::new(up.addr, "");
+        let (server, c) = pipe();
+        tokio::spawn(kit.imap().serve(server, addr(CLIENT), addr(LOCAL), true));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = kit.tls_client().connect(name, c).await.unwrap();
+        read_until(&mut tls, "\r\n").await;
+        let long = format!("f UID FETCH {} (FLAGS)\r\n", vec!["1"; 4750].join(","));
+        let both = format!("l LOGIN {USER} \"{PASSWORD}\"\r\n{long}");
+        tls.write_all(both.as_bytes()).await.unwrap();
+        let got = read_until(&mut tls, "f OK").await;
+        assert!(got.contains("l OK [CAPABILITY") && got.contains("f OK done"), "{got}");
+        assert_eq!(up.seen.lock().unwrap().first(), Some(&long));
+    }
+
+    /// Shutdown: a client that has not logged in gets the goodbye and the close; one in
+    /// the relay gets its BYE too.
+    #[tokio::test]
+    async fn shutdown_says_goodbye_before_and_after_login() {
+        let up = FakeImap::start().await;
+        let kit = Kit::new(up.addr, "");
+        let svc = kit.imap();
+        let (s1, mut waiting) = pipe();
+        let t1 = tokio::spawn(svc.clone().serve(s1, addr(CLIENT), addr(LOCAL), false));
+        read_until(&mut waiting, "\r\n").await;
+        let (s2, mut c2) = pipe();
+        let t2 = tokio::spawn(svc.clone().serve(s2, addr(CLIENT), addr(LOCAL), false));
+        read_until(&mut c2, "\r\n").await;
+        c2.write_all(b"a STARTTLS\r\n").await.unwrap();
+        read_until(&mut c2, "a OK").await;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut live = kit.tls_client().connect(name, c2).await.unwrap();
+        live.write_all(format!("b LOGIN {USER} \"{PASSWORD}\"\r\n").as_bytes()).await.unwrap();
+        read_until(&mut live, "b OK").await;
+        // One live session and one waiting to log in.
+        assert_eq!(kit.sessions.end_all(), 2);
+        let bye = read_to_end(&mut waiting).await;
+        assert!(bye.ends_with("* BYE Server shutting down, please reconnect\r\n"), "{bye}");
+        let bye = read_to_end(&mut live).await;
+        assert!(bye.ends_with("* BYE Server shutting down, please reconnect\r\n"), "{bye}");
+        assert!(matches!(t1.await.unwrap(), Err(DriveError::Ended(crate::sessions::EndReason::Shutdown))));
+        assert!(t2.await.unwrap().is_ok());
     }
 }

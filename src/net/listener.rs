@@ -1,7 +1,9 @@
 //! Accept loops: connection caps (global and per client address), one task per connection.
 
 use crate::addr::client_key;
+use crate::net::driver::DriveError;
 use crate::proto::proxy;
+use crate::sessions::EndReason;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -9,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
-use tracing::{debug, warn};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{debug, info, warn};
 
 /// Caps on open connections.
 pub struct ConnLimits {
@@ -126,17 +128,62 @@ async fn read_proxy_header(tcp: &mut TcpStream, wait: Duration) -> Result<Option
     }
 }
 
+/// How a connection task ended, logged once where the task was spawned.
+pub trait ConnEnd: Send + 'static {
+    /// Writes the log line, if the end is worth one.
+    fn log(&self, peer: SocketAddr);
+}
+
+impl ConnEnd for () {
+    fn log(&self, _peer: SocketAddr) {}
+}
+
+impl ConnEnd for Result<(), DriveError> {
+    fn log(&self, peer: SocketAddr) {
+        match self {
+            Ok(()) | Err(DriveError::PeerClosed | DriveError::Finished) => {}
+            Err(DriveError::Ended(EndReason::Revoked)) => info!(%peer, "session ended: access revoked"),
+            Err(e @ DriveError::Timeout) => debug!(%peer, reason = %e, "connection ended"),
+            Err(e) => debug!(%peer, error = %e, "connection failed"),
+        }
+    }
+}
+
+/// Held by every connection task; shutdown waits until the last one is dropped
+/// (mini-redis's `shutdown_complete`), so every client has had its goodbye.
+#[derive(Clone)]
+pub struct TaskGuard(#[allow(dead_code)] mpsc::Sender<()>);
+
+/// Completes once every [`TaskGuard`] is gone.
+pub struct AllDone(mpsc::Receiver<()>);
+
+impl AllDone {
+    /// Waits for the last connection task.
+    pub async fn wait(mut self) {
+        let _ = self.0.recv().await;
+    }
+}
+
+/// A guard to hand to the accept loops and what completes when all its clones are gone.
+pub fn task_guard() -> (TaskGuard, AllDone) {
+    let (tx, rx) = mpsc::channel(1);
+    (TaskGuard(tx), AllDone(rx))
+}
+
 /// Accepts on `listener` until `shutdown` turns true; runs `serve` for each connection.
 /// With a `proxy` policy, `serve` gets the client's address from the PROXY header.
+/// Each connection task holds a clone of `tasks`.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     limits: Arc<ConnLimits>,
     mut shutdown: watch::Receiver<bool>,
     proxy: Option<Arc<ProxyPolicy>>,
+    tasks: TaskGuard,
     serve: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: ConnEnd,
 {
     let serve = Arc::new(serve);
     loop {
@@ -166,8 +213,9 @@ pub async fn accept_loop<F, Fut>(
                 debug!(%peer, "connection refused: too many connections");
                 continue;
             };
-            let (limits, policy, serve) = (limits.clone(), policy.clone(), serve.clone());
+            let (limits, policy, serve, task) = (limits.clone(), policy.clone(), serve.clone(), tasks.clone());
             tokio::spawn(async move {
+                let _task = task;
                 let client = match read_proxy_header(&mut tcp, policy.timeout).await {
                     Ok(Some(client)) => SocketAddr::new(client.ip().to_canonical(), client.port()),
                     Ok(None) => peer,
@@ -185,7 +233,7 @@ pub async fn accept_loop<F, Fut>(
                     return;
                 };
                 let _guard = guard;
-                serve(tcp, client).await;
+                serve(tcp, client).await.log(client);
             });
             continue;
         }
@@ -195,9 +243,10 @@ pub async fn accept_loop<F, Fut>(
             continue;
         };
         let fut = serve(tcp, peer);
+        let task = tasks.clone();
         tokio::spawn(async move {
-            let _guard = guard;
-            fut.await;
+            let (_guard, _task) = (guard, task);
+            fut.await.log(peer);
         });
     }
 }
@@ -255,6 +304,7 @@ mod tests {
             ConnLimits::new(100, 1, 64),
             shutdown,
             Some(Arc::new(policy)),
+            task_guard().0,
             move |mut tcp: TcpStream, client: SocketAddr| {
                 let mut held = held_rx.clone();
                 async move {

@@ -1,9 +1,14 @@
-//! All mail-side I/O: listeners, the client stream (plain → TLS), the IMAP session
-//! driver, the upstream connection and the relay. Depends on proto, auth, tls, config.
+//! All mail-side I/O: listeners, the one driver that runs every protocol machine, the
+//! login gate, the protocol fronts (IMAP, SMTP), the upstream connections and the
+//! relay. Depends on proto, auth, tls, config, sessions.
 
+pub mod driver;
+pub mod gate;
 pub mod imap;
 pub mod listener;
 pub mod relay;
 pub mod smtp;
 pub mod stream;
+#[cfg(test)]
+pub(crate) mod testkit;
 pub mod upstream;

@@ -15,6 +15,7 @@
 //! It also keeps the time of the client's last byte, for the IMAP autologout timer
 //! (RFC 9051 §5.4, SECURITY.md case 59).
 
+use crate::auth::Authenticated;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -179,8 +180,28 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    /// A relay; `idle` is the client inactivity limit.
-    pub fn new(client: &'a mut C, upstream: &'a mut U, idle: Duration) -> Self {
+    /// A relay for the verified login `who`; `idle` is the client inactivity limit.
+    ///
+    /// Only a login that passed the gate is relayed: the proof cannot be made outside
+    /// `auth`, and a name will not do.
+    ///
+    /// ```compile_fail
+    /// # async fn f(mut client: tokio::io::DuplexStream, mut upstream: tokio::io::DuplexStream) {
+    /// use mailgate::net::relay::Relay;
+    /// let idle = std::time::Duration::from_secs(60);
+    /// let relay = Relay::new(&mut client, &mut upstream, idle, "alice@example.com");
+    /// # }
+    /// ```
+    ///
+    /// ```compile_fail
+    /// # async fn f(mut client: tokio::io::DuplexStream, mut upstream: tokio::io::DuplexStream) {
+    /// use mailgate::{auth::Authenticated, net::relay::Relay};
+    /// let who = Authenticated { username: "alice@example.com".into(), app_password_id: None, senders: vec![] };
+    /// let relay = Relay::new(&mut client, &mut upstream, std::time::Duration::from_secs(60), &who);
+    /// # }
+    /// ```
+    pub fn new(client: &'a mut C, upstream: &'a mut U, idle: Duration, who: &Authenticated) -> Self {
+        let _ = who;
         let now = Instant::now();
         Relay {
             client,
@@ -237,6 +258,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn who() -> Authenticated {
+        Authenticated::for_tests("alice@example.com", None)
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
     #[tokio::test]
@@ -244,7 +269,7 @@ mod tests {
         let (mut client, mut client_far) = duplex(1024);
         let (mut upstream, mut upstream_far) = duplex(1024);
         let task = tokio::spawn(async move {
-            let mut relay = Relay::new(&mut client_far, &mut upstream_far, Duration::from_secs(60));
+            let mut relay = Relay::new(&mut client_far, &mut upstream_far, Duration::from_secs(60), &who());
             let end = (&mut relay).await;
             (end.map_err(|e| e.to_string()), relay.carried())
         });
@@ -281,7 +306,7 @@ mod tests {
         let (mut upstream, mut upstream_far) = duplex(1 << 20);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(bool, bool)>(4);
         let task = tokio::spawn(async move {
-            let mut relay = Relay::new(&mut client_far, &mut upstream_far, Duration::from_secs(60));
+            let mut relay = Relay::new(&mut client_far, &mut upstream_far, Duration::from_secs(60), &who());
             loop {
                 tokio::select! {
                     r = &mut relay => return r.map_err(|e| e.to_string()),
@@ -323,7 +348,7 @@ mod tests {
         let idle = Duration::from_secs(30 * 60);
         let started = Instant::now();
         let task = tokio::spawn(async move {
-            let mut relay = Relay::new(&mut client_far, &mut upstream_far, idle);
+            let mut relay = Relay::new(&mut client_far, &mut upstream_far, idle, &who());
             (&mut relay).await.map_err(|e| e.to_string())
         });
         // The client speaks at 20 min; upstream says "still here" every 2 min throughout.

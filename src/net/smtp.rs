@@ -1,31 +1,27 @@
-//! One SMTP submission connection: TLS, the [`Session`] state machine, the credential
-//! check, the upstream login as the user, and the relay of each transaction step.
+//! One SMTP submission connection: the [`Session`] machine on the driver, the login
+//! gate, and each transaction step relayed to the upstream server, logged in as the user.
 
-use crate::auth::{self, Authenticated, Authenticator, Peer, Protocol, Verdict};
+use crate::auth::{Authenticated, Protocol, UpstreamCheck};
 use crate::config::{Config, UpstreamLogin as LoginMode, UpstreamTls};
-use crate::net::stream::MaybeTls;
+use crate::net::driver::{Conn, DriveError, Tls, Watch};
+use crate::net::gate::{Attempt, Gate, Refusal};
+use crate::net::stream::{MaybeTls, Transport};
 use crate::net::upstream::{Connector, UpstreamFailure};
 use crate::proto::smtp::{Action, AuthReply, Extensions, Session};
-use crate::proto::smtp_upstream::{ReplyError, SmtpLogin, SmtpUpstreamError, Step, Style, parse_reply};
+use crate::proto::smtp_upstream::{Replies, SmtpLogin, SmtpUpstreamError, Style};
 use crate::secret::{SecretBytes, SecretString};
-use crate::sessions::{EndReason, SessionGuard, Sessions};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// Idle time allowed between client commands after authentication (RFC 5321 §4.5.3.2.7).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 /// Upstream's final reply to a message may take a while (RFC 5321 §4.5.3.2.6: 10 min).
 const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
-/// Errors before auth after which every reply waits (Postfix `smtpd_soft_error_limit`).
-const SOFT_ERROR_LIMIT: u32 = 10;
-/// The wait (Postfix `smtpd_error_sleep_time`).
-const ERROR_SLEEP: Duration = Duration::from_secs(1);
 
 /// What every SMTP connection needs.
 pub struct SmtpService {
@@ -33,59 +29,66 @@ pub struct SmtpService {
     pub config: Arc<Config>,
     /// TLS for clients (ALPN "smtp").
     pub acceptor: TlsAcceptor,
-    /// Credential checks (shared with IMAP).
-    pub auth: Authenticator,
+    /// The login gate (shared with IMAP).
+    pub gate: Gate,
     /// The upstream SMTP server.
     pub upstream: Arc<Connector>,
-    /// Live sessions (for revocation).
-    pub sessions: Sessions,
     /// What upstream honours, from its latest EHLO (probed at start, refreshed at each login).
     pub upstream_extensions: std::sync::RwLock<Option<Extensions>>,
 }
 
-/// A logged-in upstream SMTP connection with its read buffer.
-struct Upstream {
-    stream: MaybeTls,
-    buf: Vec<u8>,
+/// A logged-in upstream SMTP connection and its reply reader.
+pub struct Upstream {
+    conn: Conn,
+    replies: Replies,
 }
 
 impl Upstream {
-    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await?;
-        self.stream.flush().await
+    /// Sends `bytes` (nothing read).
+    async fn send(&mut self, bytes: &[u8], wait: Duration) -> Result<(), UpstreamFailure> {
+        self.conn.set_deadline(Some(Instant::now() + wait));
+        Ok(self.conn.send(bytes).await?)
     }
 
     /// Reads one whole reply: (code, raw lines).
-    async fn reply(&mut self, wait: Duration) -> std::io::Result<(u16, Vec<u8>)> {
-        let deadline = Instant::now() + wait;
-        let mut tmp = [0u8; 4096];
-        loop {
-            match parse_reply(&self.buf) {
-                Ok(Some((code, len))) => return Ok((code, self.buf.drain(..len).collect())),
-                Ok(None) => {}
-                Err(ReplyError::TooLong | ReplyError::Malformed) => {
-                    return Err(std::io::Error::other("malformed upstream reply"));
-                }
-            }
-            let n = match timeout_at(deadline, self.stream.read(&mut tmp)).await {
-                Ok(r) => r?,
-                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-            };
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            self.buf.extend_from_slice(&tmp[..n]);
+    async fn reply(&mut self, wait: Duration) -> Result<(u16, Vec<u8>), UpstreamFailure> {
+        self.conn.set_deadline(Some(Instant::now() + wait));
+        match self.conn.next(&mut self.replies).await? {
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(SmtpUpstreamError::Protocol(e).into()),
         }
     }
 
+    /// Sends `bytes` and reads the reply.
+    async fn command(&mut self, bytes: &[u8], wait: Duration) -> Result<(u16, Vec<u8>), UpstreamFailure> {
+        self.send(bytes, wait).await?;
+        self.reply(wait).await
+    }
+
     async fn quit(mut self) {
-        let _ = timeout(Duration::from_secs(2), async {
-            if self.send(b"QUIT\r\n").await.is_ok() {
-                let _ = self.reply(Duration::from_secs(2)).await;
-            }
-            let _ = self.stream.shutdown().await;
-        })
-        .await;
+        let wait = Duration::from_secs(2);
+        let _ = self.command(b"QUIT\r\n", wait).await;
+        self.conn.close().await;
+    }
+}
+
+/// What one client connection has, besides its machine.
+#[derive(Default)]
+struct Client {
+    upstream: Option<Upstream>,
+    granted: Option<Authenticated>,
+    /// `password_check = "upstream"` without a second factor: the session is the
+    /// user's own upstream login, and so is any reconnect.
+    own_password: Option<SecretBytes>,
+}
+
+/// How a refusal is answered in SMTP.
+fn reply_for(refusal: Refusal) -> AuthReply {
+    match refusal {
+        Refusal::Failed | Refusal::Gone => AuthReply::Failed,
+        Refusal::NeedsAppPassword(text) => AuthReply::NeedsAppPassword(text),
+        Refusal::Unavailable => AuthReply::Unavailable,
+        Refusal::TooMany => AuthReply::TooMany,
     }
 }
 
@@ -94,17 +97,13 @@ impl SmtpService {
     /// so the first clients are offered the right extensions.
     pub async fn probe_upstream(&self) {
         let client: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let result = async {
-            let stream = self.upstream.open_stream().await?;
-            self.exchange(stream, Style::Probe, "", SecretString::from(String::new()), client).await
-        };
-        match timeout(self.upstream.timeout(), result).await {
-            Ok(Ok(up)) => up.quit().await,
-            Ok(Err(e)) => {
-                warn!(error = %e, "could not ask the upstream SMTP server what it offers; offering 8BITMIME only until a login succeeds")
-            }
-            Err(_) => {
+        match self.exchange(Style::Probe, "", SecretString::from(String::new()), client).await {
+            Ok(up) => up.quit().await,
+            Err(UpstreamFailure::Timeout) => {
                 warn!("the upstream SMTP server did not answer in time; offering 8BITMIME only until a login succeeds")
+            }
+            Err(e) => {
+                warn!(error = %e, "could not ask the upstream SMTP server what it offers; offering 8BITMIME only until a login succeeds")
             }
         }
     }
@@ -113,21 +112,14 @@ impl SmtpService {
         self.upstream_extensions.read().ok().and_then(|e| *e).unwrap_or_else(Extensions::unknown)
     }
 
-    /// Logs in upstream as `user` (connect, EHLO, STARTTLS, XCLIENT, AUTH as configured).
+    /// Logs in upstream as `user` (EHLO, STARTTLS, XCLIENT, AUTH as configured).
     async fn open_upstream(&self, user: &str, client: SocketAddr) -> Result<Upstream, UpstreamFailure> {
-        let fut = async {
-            if self.upstream.config().login == LoginMode::Xclient {
-                // XCLIENT sends no password: the master password file is not needed.
-                let stream = self.upstream.open_stream().await?;
-                return self.exchange(stream, Style::Xclient, user, SecretString::from(String::new()), client).await;
-            }
-            let (stream, password) = self.upstream.connect().await?;
-            self.exchange(stream, Style::MasterSasl, user, password, client).await
-        };
-        match timeout(self.upstream.timeout(), fut).await {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamFailure::Timeout),
+        if self.upstream.config().login == LoginMode::Xclient {
+            // XCLIENT sends no password: the master password file is not needed.
+            return self.exchange(Style::Xclient, user, SecretString::from(String::new()), client).await;
         }
+        let password = self.upstream.master_password()?;
+        self.exchange(Style::MasterSasl, user, password, client).await
     }
 
     /// Logs in upstream as `user` with the user's own password (AUTH PLAIN, no master).
@@ -140,374 +132,330 @@ impl SmtpService {
         let Ok(pw) = String::from_utf8(password.expose().clone()) else {
             return Err(SmtpUpstreamError::LoginRefused(535).into());
         };
-        let fut = async {
-            let stream = self.upstream.open_stream().await?;
-            self.exchange(stream, Style::User, user, SecretString::from(pw), client).await
-        };
-        match timeout(self.upstream.timeout(), fut).await {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamFailure::Timeout),
-        }
+        self.exchange(Style::User, user, SecretString::from(pw), client).await
     }
 
-    /// Drives the upstream greeting/EHLO/STARTTLS/XCLIENT/AUTH exchange on `stream`.
+    /// Connects and runs the upstream login machine on the driver.
     async fn exchange(
         &self,
-        mut stream: MaybeTls,
         style: Style,
         user: &str,
         password: SecretString,
         client: SocketAddr,
     ) -> Result<Upstream, UpstreamFailure> {
-        let connector = &self.upstream;
-        {
-            let cfg = connector.config();
-            let mut login = SmtpLogin::new(
-                &self.config.hostname,
-                user,
-                &cfg.master_user,
-                password,
-                style,
-                cfg.tls == UpstreamTls::Starttls,
-                client,
-            );
-            let mut tmp = vec![0u8; 8192];
-            loop {
-                match login.poll() {
-                    Step::Write(b) => {
-                        stream.write_all(&b).await?;
-                        stream.flush().await?;
+        let cfg = self.upstream.config();
+        let starttls = cfg.tls == UpstreamTls::Starttls;
+        let mut login =
+            SmtpLogin::new(&self.config.hostname, user, &cfg.master_user, password, style, starttls, client);
+        let mut conn = self.upstream.connect().await?;
+        let caps = match conn.next(&mut login).await {
+            Ok(done) => done?,
+            Err(DriveError::Timeout) => return Err(UpstreamFailure::Timeout),
+            Err(e) => return Err(e.into()),
+        };
+        if let Ok(mut ext) = self.upstream_extensions.write() {
+            *ext = Some(Extensions::from_ehlo(&caps));
+        }
+        Ok(Upstream { conn, replies: Replies::new(login.into_leftover()) })
+    }
+
+    /// Serves one accepted TCP connection to its end. `implicit`: TLS from the first byte.
+    pub async fn serve_tcp(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        implicit: bool,
+    ) -> Result<(), DriveError> {
+        let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr()?;
+        self.serve(tcp, peer, local, implicit).await
+    }
+
+    /// Serves one connection over any transport (TCP, or a duplex pipe in tests).
+    pub async fn serve<S: Transport>(
+        self: Arc<Self>,
+        transport: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        implicit: bool,
+    ) -> Result<(), DriveError> {
+        let limits = &self.config.limits;
+        let deadline = Instant::now() + limits.preauth_timeout;
+        let tls = Tls::Server { acceptor: self.acceptor.clone(), handshake: limits.tls_handshake_timeout };
+        let mut conn =
+            if implicit { Conn::accept_tls(transport, tls).await? } else { Conn::new(MaybeTls::Plain(transport), tls) };
+        conn.set_deadline(Some(deadline));
+        conn.watch(Watch::Shutdown(self.gate.sessions().stop_notice()));
+        let mut session = Session::new(&self.config.hostname, implicit, !implicit, self.config.smtp_max_message_size);
+        session.set_upstream_extensions(self.extensions());
+        let mut state = Client::default();
+        let ended = loop {
+            let action = match conn.next(&mut session).await {
+                Ok(action) => action,
+                Err(e) => break e,
+            };
+            self.act(action, &mut conn, &mut session, &mut state, peer, local).await;
+        };
+        if let Some(up) = state.upstream.take() {
+            up.quit().await;
+        }
+        conn.close().await;
+        Err(ended)
+    }
+
+    /// Acts on one event of the client's session.
+    async fn act<S: Transport>(
+        &self,
+        action: Action,
+        conn: &mut Conn<S>,
+        session: &mut Session,
+        state: &mut Client,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) {
+        match action {
+            Action::Refuse(reply) => {
+                self.gate.refused_early().await;
+                session.auth_failed(reply);
+            }
+            Action::Authenticate(creds) => {
+                let attempt =
+                    Attempt { creds: &creds, protocol: Protocol::Smtp, client: peer, local, client_name: None };
+                match self.gate.login(self, attempt, conn.peer_gone()).await {
+                    Ok(admitted) => {
+                        conn.set_deadline(None);
+                        conn.set_idle(Some(COMMAND_TIMEOUT));
+                        conn.watch(Watch::Live(admitted.live));
+                        session.auth_succeeded(admitted.who.senders().to_vec());
+                        state.upstream = Some(admitted.upstream);
+                        state.own_password = admitted.own_password;
+                        state.granted = Some(admitted.who);
                     }
-                    Step::NeedInput => {
-                        let n = stream.read(&mut tmp).await?;
-                        if n == 0 {
-                            return Err(UpstreamFailure::Io(std::io::ErrorKind::UnexpectedEof.into()));
-                        }
-                        login.feed(&tmp[..n]);
-                    }
-                    Step::StartTls => {
-                        stream = connector.upgrade(stream).await?;
-                        login.tls_started();
-                    }
-                    Step::Done(caps) => {
-                        if let Ok(mut ext) = self.upstream_extensions.write() {
-                            *ext = Some(Extensions::from_ehlo(&caps));
-                        }
-                        return Ok(Upstream { stream, buf: login.into_leftover() });
-                    }
-                    Step::Fail(e) => return Err(e.into()),
+                    // Nothing to answer; the next read sees the close.
+                    Err(Refusal::Gone) => session.auth_failed(AuthReply::Failed),
+                    Err(refusal) => session.auth_failed(reply_for(refusal)),
+                }
+            }
+            Action::Forward(line) => self.forward(line, session, state, peer).await,
+            Action::StartData { head, complete } => self.start_data(head, complete, session, state, peer).await,
+            Action::DataChunk(bytes) => {
+                let wait = self.upstream.timeout();
+                let sent = match state.upstream.as_mut() {
+                    Some(up) => up.send(&bytes, wait).await.is_ok(),
+                    None => false,
+                };
+                if !sent {
+                    state.upstream = None;
+                    session.upstream_failed();
+                }
+            }
+            Action::EndData(bytes) => self.end_data(bytes, session, state, peer).await,
+            Action::AbortUpstream => {
+                // Closing without the end-of-data line: upstream discards the message.
+                if let Some(mut up) = state.upstream.take() {
+                    up.conn.close().await;
                 }
             }
         }
     }
 
-    /// Serves one accepted connection to its end. `implicit`: TLS from the first byte.
-    pub async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, implicit: bool) {
-        let _ = tcp.set_nodelay(true);
-        let limits = &self.config.limits;
-        let preauth_deadline = Instant::now() + limits.preauth_timeout;
-        let mut client = if implicit {
-            match timeout(limits.tls_handshake_timeout, self.acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => MaybeTls::Server(Box::new(s)),
-                _ => {
-                    debug!(%peer, "SMTP TLS handshake failed or timed out");
-                    return;
-                }
-            }
-        } else {
-            MaybeTls::Plain(tcp)
+    /// A command line for upstream; its reply goes back to the session.
+    async fn forward(&self, line: Vec<u8>, session: &mut Session, state: &mut Client, peer: SocketAddr) {
+        if state.upstream.is_none() && line.eq_ignore_ascii_case(b"RSET\r\n") {
+            // No upstream connection, so no upstream transaction to reset.
+            session.upstream_reply(250, b"250 2.0.0 OK\r\n");
+            return;
+        }
+        let Some(up) = self.ensure_upstream(state, peer).await else {
+            session.upstream_failed();
+            return;
         };
-        let mut session = Session::new(&self.config.hostname, implicit, !implicit, self.config.smtp_max_message_size);
-        session.set_upstream_extensions(self.extensions());
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut upstream: Option<Upstream> = None;
-        let mut granted: Option<Authenticated> = None;
-        // password_check = "upstream" without a second factor: the session is the user's
-        // own upstream login, and so is any reconnect.
-        let mut user_password: Option<SecretBytes> = None;
-        let mut guard: Option<SessionGuard> = None;
-        let mut stop = self.sessions.stop_notice();
-        loop {
-            let deadline = if granted.is_some() { Instant::now() + COMMAND_TIMEOUT } else { preauth_deadline };
-            match session.poll() {
-                Action::Write(bytes) => {
-                    if granted.is_none() && session.errors() >= SOFT_ERROR_LIMIT {
-                        tokio::time::sleep(ERROR_SLEEP).await;
-                    }
-                    if !matches!(timeout_at(deadline, client.write_all(&bytes)).await, Ok(Ok(()))) {
-                        break;
-                    }
-                }
-                Action::NeedInput => {
-                    let read = async {
-                        match guard.as_mut() {
-                            Some(g) => tokio::select! {
-                                r = timeout_at(deadline, client.read(&mut buf)) => Ok(r),
-                                reason = &mut g.killed => Err(reason.unwrap_or(EndReason::Revoked)),
-                            },
-                            None => tokio::select! {
-                                r = timeout_at(deadline, client.read(&mut buf)) => Ok(r),
-                                () = stop.wait() => Err(EndReason::Shutdown),
-                            },
-                        }
-                    };
-                    match read.await {
-                        Err(reason) => {
-                            let line: &[u8] = if reason == EndReason::Shutdown {
-                                b"421 4.3.2 Server shutting down, please reconnect\r\n"
-                            } else {
-                                info!(%peer, "SMTP session ended: access revoked");
-                                b"421 4.7.0 Access revoked\r\n"
-                            };
-                            let _ = timeout(Duration::from_secs(2), client.write_all(line)).await;
-                            break;
-                        }
-                        Ok(Ok(Ok(0))) | Ok(Ok(Err(_))) => break,
-                        Ok(Ok(Ok(n))) => session.feed(&buf[..n]),
-                        Ok(Err(_)) => {
-                            let _ = timeout(
-                                Duration::from_secs(1),
-                                client.write_all(b"421 4.4.2 Timeout, closing connection\r\n"),
-                            )
-                            .await;
-                            break;
-                        }
-                    }
-                }
-                Action::StartTls => {
-                    let MaybeTls::Plain(tcp) = client else { break };
-                    match timeout(limits.tls_handshake_timeout, self.acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => {
-                            client = MaybeTls::Server(Box::new(s));
-                            session.tls_started();
-                        }
-                        _ => {
-                            debug!(%peer, "SMTP STARTTLS handshake failed or timed out");
-                            return;
-                        }
-                    }
-                }
-                Action::Refuse(reply) => {
-                    tokio::time::sleep(self.auth.base_delay()).await;
-                    session.auth_failed(reply);
-                }
-                Action::Authenticate(creds) => {
-                    let who = Peer { ip: peer.ip(), client_name: None };
-                    let username = auth::normalize_username(&creds.username);
-                    // A client that leaves while its check waits for a hashing thread gives up its
-                    // turn: the job is dropped before it runs.
-                    let mut verdict = tokio::select! {
-                        v = self.auth.verify(&creds, Protocol::Smtp, &who) => v,
-                        () = client.peer_gone() => {
-                            debug!(%peer, "client left during its login check");
-                            return;
-                        }
-                    };
-                    let mut session_as_user = None;
-                    if let Verdict::CheckUpstream(check) = verdict {
-                        // password_check = "upstream". With master-sasl upstream, an account
-                        // without a second factor logs in to the SMTP server with its own
-                        // password (that is the check); otherwise the IMAP server checks it.
-                        let own_login = !check.second_factor() && self.upstream.config().login == LoginMode::MasterSasl;
-                        verdict = if own_login {
-                            match self.open_upstream_as_user(check.username(), check.password(), peer).await {
-                                Ok(up) => {
-                                    session_as_user = Some(up);
-                                    user_password = Some(SecretBytes::from(check.password().expose().clone()));
-                                    self.auth.confirm_upstream(check, auth::CheckResult::Valid).await
-                                }
-                                Err(UpstreamFailure::Smtp(SmtpUpstreamError::LoginRefused(_))) => {
-                                    self.auth.confirm_upstream(check, auth::CheckResult::Invalid).await
-                                }
-                                Err(e) => {
-                                    warn!(%peer, user = %username, error = %e, "upstream SMTP login failed");
-                                    Verdict::Unavailable
-                                }
-                            }
-                        } else {
-                            let result = self.auth.check_upstream(check.username(), check.password()).await;
-                            self.auth.confirm_upstream(check, result).await
-                        };
-                    }
-                    match verdict {
-                        Verdict::CheckUpstream(_) => session.auth_failed(AuthReply::Unavailable),
-                        Verdict::Granted(g) => match match session_as_user.take() {
-                            Some(up) => Ok(up),
-                            None => self.open_upstream(g.username(), peer).await,
-                        } {
-                            Ok(up) => match self.sessions.register_from(
-                                g.username(),
-                                g.app_password_id(),
-                                peer.ip(),
-                                limits.max_sessions_per_user_ip,
-                            ) {
-                                Some(slot) => {
-                                    info!(%peer, user = %g.username(), app_password = g.app_password_id().unwrap_or("-"), "SMTP login");
-                                    self.auth.succeeded(peer.ip(), g.username());
-                                    upstream = Some(up);
-                                    guard = Some(slot);
-                                    session.auth_succeeded(g.senders().to_vec());
-                                    granted = Some(g);
-                                }
-                                None => {
-                                    info!(%peer, user = %g.username(), "too many sessions from this address");
-                                    up.quit().await;
-                                    session.auth_failed(AuthReply::TooMany);
-                                }
-                            },
-                            Err(e) => {
-                                warn!(%peer, user = %username, error = %e, "upstream SMTP login failed");
-                                session.auth_failed(AuthReply::Unavailable);
-                            }
-                        },
-                        Verdict::Denied => {
-                            self.auth.log_refusal(auth::refusals::Kind::LoginFailed, peer.ip(), &username);
-                            let delay = self.auth.failure_delay(peer.ip(), &username, creds.password.expose());
-                            tokio::time::sleep(delay).await;
-                            session.auth_failed(AuthReply::Failed);
-                        }
-                        Verdict::NeedsAppPassword => {
-                            info!(%peer, user = %username, "account password of a 2FA account refused; app password needed");
-                            tokio::time::sleep(self.auth.base_delay()).await;
-                            session.auth_failed(AuthReply::NeedsAppPassword(auth::app_password_hint(
-                                &self.config.app_password_url(),
-                            )));
-                        }
-                        Verdict::Unavailable => session.auth_failed(AuthReply::Unavailable),
-                    }
-                }
-                Action::Forward(line) => {
-                    let is_rset = line.eq_ignore_ascii_case(b"RSET\r\n");
-                    if upstream.is_none() && is_rset {
-                        // No upstream connection, so no upstream transaction to reset.
-                        session.upstream_reply(250, b"250 2.0.0 OK\r\n");
-                        continue;
-                    }
-                    let Some(up) =
-                        self.ensure_upstream(&mut upstream, granted.as_ref(), user_password.as_ref(), peer).await
-                    else {
-                        session.upstream_failed();
-                        continue;
-                    };
-                    let wait = self.upstream.timeout();
-                    match async {
-                        up.send(&line).await?;
-                        up.reply(wait).await
-                    }
-                    .await
-                    {
-                        Ok((code, raw)) => session.upstream_reply(code, &raw),
-                        Err(e) => {
-                            warn!(%peer, error = %e, "upstream SMTP failed");
-                            upstream = None;
-                            session.upstream_failed();
-                        }
-                    }
-                }
-                Action::StartData { head, complete } => {
-                    let Some(up) =
-                        self.ensure_upstream(&mut upstream, granted.as_ref(), user_password.as_ref(), peer).await
-                    else {
-                        session.upstream_failed();
-                        continue;
-                    };
-                    let wait = self.upstream.timeout();
-                    let result = async {
-                        up.send(b"DATA\r\n").await?;
-                        let (code, raw) = up.reply(wait).await?;
-                        if code != 354 {
-                            return Ok(Some(Err(raw)));
-                        }
-                        up.send(&head).await?;
-                        if complete {
-                            let (code, raw) = up.reply(DATA_END_TIMEOUT).await?;
-                            return Ok(Some(Ok((code, raw))));
-                        }
-                        Ok::<_, std::io::Error>(None)
-                    }
-                    .await;
-                    match result {
-                        Ok(None) => session.data_accepted(),
-                        Ok(Some(Ok((code, raw)))) => session.upstream_reply(code, &raw),
-                        Ok(Some(Err(raw))) => session.data_refused(&raw),
-                        Err(e) => {
-                            warn!(%peer, error = %e, "upstream SMTP failed during DATA");
-                            upstream = None;
-                            session.upstream_failed();
-                        }
-                    }
-                }
-                Action::DataChunk(bytes) => {
-                    let ok = match upstream.as_mut() {
-                        Some(up) => up.send(&bytes).await.is_ok(),
-                        None => false,
-                    };
-                    if !ok {
-                        upstream = None;
-                        session.upstream_failed();
-                    }
-                }
-                Action::EndData(bytes) => {
-                    let result = match upstream.as_mut() {
-                        Some(up) => async {
-                            up.send(&bytes).await?;
-                            up.reply(DATA_END_TIMEOUT).await
-                        }
-                        .await
-                        .ok(),
-                        None => None,
-                    };
-                    match result {
-                        Some((code, raw)) => {
-                            if (200..300).contains(&code) {
-                                info!(%peer, user = %granted.as_ref().map(|g| g.username()).unwrap_or("-"), "message relayed");
-                            }
-                            session.upstream_reply(code, &raw);
-                        }
-                        None => {
-                            upstream = None;
-                            session.upstream_failed();
-                        }
-                    }
-                }
-                Action::AbortUpstream => {
-                    // Closing without the end-of-data line: upstream discards the message.
-                    if let Some(mut up) = upstream.take() {
-                        let _ = timeout(Duration::from_secs(2), up.stream.shutdown()).await;
-                    }
-                }
-                Action::Close => break,
+        match up.command(&line, self.upstream.timeout()).await {
+            Ok((code, raw)) => session.upstream_reply(code, &raw),
+            Err(e) => {
+                warn!(%peer, error = %e, "upstream SMTP failed");
+                state.upstream = None;
+                session.upstream_failed();
             }
         }
-        if let Some(up) = upstream.take() {
-            up.quit().await;
+    }
+
+    /// `DATA` upstream, then the message so far.
+    async fn start_data(
+        &self,
+        head: Vec<u8>,
+        complete: bool,
+        session: &mut Session,
+        state: &mut Client,
+        peer: SocketAddr,
+    ) {
+        let Some(up) = self.ensure_upstream(state, peer).await else {
+            session.upstream_failed();
+            return;
+        };
+        let wait = self.upstream.timeout();
+        let result = async {
+            let (code, raw) = up.command(b"DATA\r\n", wait).await?;
+            if code != 354 {
+                return Ok(Some(Err(raw)));
+            }
+            if complete {
+                return Ok(Some(Ok(up.command(&head, DATA_END_TIMEOUT).await?)));
+            }
+            up.send(&head, wait).await?;
+            Ok::<_, UpstreamFailure>(None)
         }
-        let _ = timeout(Duration::from_secs(2), client.shutdown()).await;
+        .await;
+        match result {
+            Ok(None) => session.data_accepted(),
+            Ok(Some(Ok((code, raw)))) => self.final_reply(code, &raw, session, state, peer),
+            Ok(Some(Err(raw))) => session.data_refused(&raw),
+            Err(e) => {
+                warn!(%peer, error = %e, "upstream SMTP failed during DATA");
+                state.upstream = None;
+                session.upstream_failed();
+            }
+        }
+    }
+
+    /// The last message bytes and upstream's final reply.
+    async fn end_data(&self, bytes: Vec<u8>, session: &mut Session, state: &mut Client, peer: SocketAddr) {
+        let result = match state.upstream.as_mut() {
+            Some(up) => up.command(&bytes, DATA_END_TIMEOUT).await.ok(),
+            None => None,
+        };
+        match result {
+            Some((code, raw)) => self.final_reply(code, &raw, session, state, peer),
+            None => {
+                state.upstream = None;
+                session.upstream_failed();
+            }
+        }
+    }
+
+    fn final_reply(&self, code: u16, raw: &[u8], session: &mut Session, state: &Client, peer: SocketAddr) {
+        if (200..300).contains(&code) {
+            info!(%peer, user = %state.granted.as_ref().map(|g| g.username()).unwrap_or("-"), "message relayed");
+        }
+        session.upstream_reply(code, raw);
     }
 
     /// The upstream connection, opened again (as the same user) if an earlier message
     /// had to be abandoned. `None` if there is no authenticated user or it fails.
-    async fn ensure_upstream<'a>(
-        &self,
-        upstream: &'a mut Option<Upstream>,
-        granted: Option<&Authenticated>,
-        user_password: Option<&SecretBytes>,
-        peer: SocketAddr,
-    ) -> Option<&'a mut Upstream> {
-        if upstream.is_none() {
-            let g = granted?;
-            let opened = match user_password {
+    async fn ensure_upstream<'a>(&self, state: &'a mut Client, peer: SocketAddr) -> Option<&'a mut Upstream> {
+        if state.upstream.is_none() {
+            let g = state.granted.as_ref()?;
+            let opened = match &state.own_password {
                 Some(pw) => self.open_upstream_as_user(g.username(), pw, peer).await,
                 None => self.open_upstream(g.username(), peer).await,
             };
             match opened {
-                Ok(up) => *upstream = Some(up),
+                Ok(up) => state.upstream = Some(up),
                 Err(e) => {
-                    warn!(%peer, user = %g.username(), error = %e, "upstream SMTP login failed");
+                    warn!(%peer, user = %g.username(), error = %e, "upstream login failed");
                     return None;
                 }
             }
         }
-        upstream.as_mut()
+        state.upstream.as_mut()
+    }
+}
+
+/// The upstream submission server, for the login gate.
+impl crate::net::gate::Upstream for SmtpService {
+    type Session = Upstream;
+
+    async fn open(
+        &self,
+        who: &Authenticated,
+        client: SocketAddr,
+        _local: SocketAddr,
+    ) -> Result<Upstream, UpstreamFailure> {
+        self.open_upstream(who.username(), client).await
+    }
+
+    async fn open_as_user(
+        &self,
+        check: &UpstreamCheck,
+        client: SocketAddr,
+        _local: SocketAddr,
+    ) -> Result<Upstream, UpstreamFailure> {
+        self.open_upstream_as_user(check.username(), check.password(), client).await
+    }
+
+    /// With master-sasl upstream, an account without a second factor logs in to the SMTP
+    /// server with its own password (that is the check); otherwise the IMAP server checks it.
+    fn checks_passwords(&self) -> bool {
+        self.upstream.config().login == LoginMode::MasterSasl
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::testkit::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn plain() -> String {
+        crate::proto::sasl::encode_plain("", USER, &SecretString::from(PASSWORD.to_string()))
+    }
+
+    /// A whole submission over a pipe through the driver: EHLO, AUTH, one message
+    /// (reaching upstream byte for byte), QUIT.
+    #[tokio::test]
+    async fn a_message_is_submitted_over_a_pipe() {
+        let up = FakeSmtp::start().await;
+        let kit = Kit::new(up.addr, "");
+        let (server, c) = pipe();
+        let task = tokio::spawn(kit.smtp().serve(server, addr(CLIENT), addr(LOCAL), true));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = kit.tls_client().connect(name, c).await.unwrap();
+        assert!(read_until(&mut tls, "\r\n").await.starts_with("220 "));
+        tls.write_all(b"EHLO client.example\r\n").await.unwrap();
+        assert!(read_until(&mut tls, "250 ").await.contains("AUTH PLAIN"));
+        tls.write_all(format!("AUTH PLAIN {}\r\n", plain()).as_bytes()).await.unwrap();
+        assert!(read_until(&mut tls, "\r\n").await.starts_with("235 "));
+        let message = format!("From: {USER}\r\nTo: bob@example.com\r\nSubject: hi\r\n\r\nHello.\r\n.\r\n");
+        let commands = format!("MAIL FROM:<{USER}>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n");
+        tls.write_all(commands.as_bytes()).await.unwrap();
+        assert!(read_until(&mut tls, "354").await.contains("354"));
+        tls.write_all(message.as_bytes()).await.unwrap();
+        assert!(read_until(&mut tls, "queued").await.contains("250 2.0.0 queued"));
+        tls.write_all(b"QUIT\r\n").await.unwrap();
+        assert!(read_to_end(&mut tls).await.starts_with("221"));
+        assert!(matches!(task.await.unwrap(), Err(DriveError::Finished)));
+        assert_eq!(up.messages.lock().unwrap().as_slice(), [message]);
+    }
+
+    /// A revoked session hears `421 4.7.0 Access revoked` at once, while it waits for
+    /// its client's next command.
+    #[tokio::test]
+    async fn a_revoked_session_is_told_and_closed() {
+        let up = FakeSmtp::start().await;
+        let kit = Kit::new(up.addr, "");
+        let (server, mut c) = pipe();
+        let task = tokio::spawn(kit.smtp().serve(server, addr(CLIENT), addr(LOCAL), false));
+        read_until(&mut c, "\r\n").await;
+        c.write_all(b"EHLO client.example\r\nSTARTTLS\r\n").await.unwrap();
+        read_until(&mut c, "220 2.0.0").await;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = kit.tls_client().connect(name, c).await.unwrap();
+        tls.write_all(format!("EHLO again\r\nAUTH PLAIN {}\r\n", plain()).as_bytes()).await.unwrap();
+        assert!(read_until(&mut tls, "235 ").await.contains("235 "));
+        assert_eq!(kit.sessions.kill(USER, None), 1);
+        assert_eq!(read_to_end(&mut tls).await, "421 4.7.0 Access revoked\r\n");
+        assert!(matches!(task.await.unwrap(), Err(DriveError::Ended(crate::sessions::EndReason::Revoked))));
+    }
+
+    /// Before login the deadline is a total; the client hears the SMTP goodbye.
+    #[tokio::test(start_paused = true)]
+    async fn the_preauth_deadline_ends_with_421() {
+        let kit = Kit::new(addr("127.0.0.1:9"), "[limits]\npreauth_timeout_secs = 2\n");
+        let (server, mut c) = pipe();
+        let task = tokio::spawn(kit.smtp().serve(server, addr(CLIENT), addr(LOCAL), false));
+        c.write_all(b"EHLO client.example\r\n").await.unwrap();
+        let all = read_to_end(&mut c).await;
+        assert!(all.starts_with("220 ") && all.ends_with("421 4.4.2 Timeout, closing connection\r\n"), "{all}");
+        assert!(matches!(task.await.unwrap(), Err(DriveError::Timeout)));
     }
 }

@@ -1,25 +1,31 @@
 //! Connecting to an upstream server (TCP, TLS, the master password) and logging in to
-//! the upstream IMAP server as the user (drives [`crate::proto::upstream::UpstreamLogin`]).
-//! The SMTP side uses the same [`Connector`] with its own login exchange.
+//! the upstream IMAP server as the user ([`ImapUpstream`], which runs
+//! [`crate::proto::imap_upstream::UpstreamLogin`] on the driver). The SMTP side uses the
+//! same [`Connector`] with its own login machine (`net::smtp`).
 
+use crate::auth::{Authenticated, UpstreamCheck};
 use crate::config::{Upstream, UpstreamLogin as LoginMode, UpstreamTls};
+use crate::net::driver::{Conn, DriveError, Tls};
 use crate::net::stream::MaybeTls;
-use crate::proto::upstream::{LoginStyle, Step, UpstreamError, UpstreamLogin};
+use crate::proto::imap_upstream::{LoginStyle, UpstreamError, UpstreamLogin};
 use crate::secret::{SecretBytes, SecretString};
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// Why an upstream session could not be opened. Logged; the client only gets `NO [UNAVAILABLE]`.
+/// Why an upstream session could not be opened. Logged; the client only gets a
+/// temporary error.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamFailure {
     /// TCP connect or I/O failed.
     #[error("upstream I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The connection failed during the exchange.
+    #[error("upstream connection: {0}")]
+    Conn(#[from] DriveError),
     /// The IMAP login exchange failed.
     #[error("{0}")]
     Protocol(#[from] UpstreamError),
@@ -37,7 +43,18 @@ pub enum UpstreamFailure {
     Name(String),
 }
 
-/// An open, logged-in upstream session.
+impl UpstreamFailure {
+    /// Upstream refused the user's own login: the password is wrong.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            UpstreamFailure::Protocol(UpstreamError::LoginRefused)
+                | UpstreamFailure::Smtp(crate::proto::smtp_upstream::SmtpUpstreamError::LoginRefused(_))
+        )
+    }
+}
+
+/// An open, logged-in upstream IMAP session.
 pub struct UpstreamSession {
     /// The connection.
     pub stream: MaybeTls,
@@ -47,7 +64,7 @@ pub struct UpstreamSession {
     pub leftover: Vec<u8>,
 }
 
-/// Opens upstream sessions for one upstream server.
+/// Connections to one upstream server.
 pub struct Connector {
     cfg: Upstream,
     tls: Option<TlsConnector>,
@@ -64,39 +81,6 @@ impl Connector {
         Ok(Connector { cfg: cfg.clone(), tls, timeout })
     }
 
-    /// Connects and logs in as `user`, telling upstream the client's address.
-    pub async fn open(
-        &self,
-        user: &str,
-        client: SocketAddr,
-        local: SocketAddr,
-    ) -> Result<UpstreamSession, UpstreamFailure> {
-        match tokio::time::timeout(self.timeout, self.open_inner(user, None, client, local)).await {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamFailure::Timeout),
-        }
-    }
-
-    /// Connects and logs in as `user` with the user's own `password` (no master user).
-    /// A refusal is `UpstreamFailure::Protocol(UpstreamError::LoginRefused)`.
-    pub async fn open_as_user(
-        &self,
-        user: &str,
-        password: &SecretBytes,
-        client: SocketAddr,
-        local: SocketAddr,
-    ) -> Result<UpstreamSession, UpstreamFailure> {
-        let Ok(pw) = String::from_utf8(password.expose().clone()) else {
-            // IMAP credentials are UTF-8; anything else cannot be this user's password.
-            return Err(UpstreamError::LoginRefused.into());
-        };
-        let pw = SecretString::from(pw);
-        match tokio::time::timeout(self.timeout, self.open_inner(user, Some(pw), client, local)).await {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamFailure::Timeout),
-        }
-    }
-
     /// The upstream's settings.
     pub fn config(&self) -> &Upstream {
         &self.cfg
@@ -107,98 +91,109 @@ impl Connector {
         self.timeout
     }
 
-    /// Reads the master password and opens the connection.
-    pub async fn connect(&self) -> Result<(MaybeTls, SecretString), UpstreamFailure> {
-        let password =
-            crate::secret::read_secret_line(&self.cfg.master_password_file).map_err(UpstreamFailure::MasterPassword)?;
-        Ok((self.open_stream().await?, password))
+    /// The master password (first line of its file).
+    pub fn master_password(&self) -> Result<SecretString, UpstreamFailure> {
+        crate::secret::read_secret_line(&self.cfg.master_password_file).map_err(UpstreamFailure::MasterPassword)
     }
 
-    /// Opens the TCP connection (TLS at once for `implicit`).
-    pub async fn open_stream(&self) -> Result<MaybeTls, UpstreamFailure> {
-        let tcp = TcpStream::connect(&self.cfg.address).await?;
+    /// Opens the connection, TLS at once for `implicit`, ready for STARTTLS otherwise.
+    /// Every read and write must be done within the login deadline.
+    pub async fn connect(&self) -> Result<Conn, UpstreamFailure> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(&self.cfg.address)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(UpstreamFailure::Timeout),
+        };
         tcp.set_nodelay(true)?;
-        match self.cfg.tls {
-            UpstreamTls::Implicit => self.tls_wrap(tcp).await,
-            _ => Ok(MaybeTls::Plain(tcp)),
-        }
-    }
-
-    /// TLS on a plain connection after STARTTLS, with the certificate checks.
-    pub async fn upgrade(&self, stream: MaybeTls) -> Result<MaybeTls, UpstreamFailure> {
-        let MaybeTls::Plain(tcp) = stream else {
-            return Err(UpstreamFailure::Io(std::io::Error::other("STARTTLS on a TLS connection")));
+        let tls = match &self.tls {
+            Some(connector) => Tls::Client {
+                connector: connector.clone(),
+                name: ServerName::try_from(self.cfg.server_name.clone())
+                    .map_err(|e| UpstreamFailure::Name(e.to_string()))?,
+            },
+            None => Tls::None,
         };
-        self.tls_wrap(tcp).await
-    }
-
-    async fn tls_wrap(&self, tcp: TcpStream) -> Result<MaybeTls, UpstreamFailure> {
-        let Some(tls) = &self.tls else { return Ok(MaybeTls::Plain(tcp)) };
-        let name =
-            ServerName::try_from(self.cfg.server_name.clone()).map_err(|e| UpstreamFailure::Name(e.to_string()))?;
-        Ok(MaybeTls::Client(Box::new(tls.connect(name, tcp).await?)))
-    }
-
-    async fn open_inner(
-        &self,
-        user: &str,
-        user_password: Option<SecretString>,
-        client: SocketAddr,
-        local: SocketAddr,
-    ) -> Result<UpstreamSession, UpstreamFailure> {
-        let (mut stream, password, style) = match user_password {
-            Some(pw) => (self.open_stream().await?, pw, LoginStyle::User),
-            None => {
-                let (stream, password) = self.connect().await?;
-                let style = match self.cfg.login {
-                    LoginMode::MasterSeparator => LoginStyle::MasterSeparator(self.cfg.master_separator.clone()),
-                    _ => LoginStyle::MasterSasl,
-                };
-                (stream, password, style)
-            }
-        };
-        let mut login = UpstreamLogin::new(
-            user,
-            &self.cfg.master_user,
-            password,
-            style,
-            self.cfg.tls == UpstreamTls::Starttls,
-            client,
-            local,
-        );
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            match login.poll() {
-                Step::Write(bytes) => {
-                    stream.write_all(&bytes).await?;
-                    stream.flush().await?;
-                }
-                Step::NeedInput => {
-                    let n = stream.read(&mut buf).await?;
-                    if n == 0 {
-                        return Err(UpstreamFailure::Io(std::io::ErrorKind::UnexpectedEof.into()));
-                    }
-                    login.feed(&buf[..n]);
-                }
-                Step::StartTls => {
-                    stream = self.upgrade(stream).await?;
-                    login.tls_started();
-                }
-                Step::Done(capabilities) => {
-                    return Ok(UpstreamSession { stream, capabilities, leftover: login.into_leftover() });
-                }
-                Step::Fail(e) => return Err(e.into()),
-            }
+        let mut conn = Conn::new(MaybeTls::Plain(tcp), tls);
+        conn.set_deadline(Some(deadline));
+        if self.cfg.tls == UpstreamTls::Implicit {
+            conn.start_tls().await?;
         }
+        Ok(conn)
     }
 }
 
-/// Shared handle.
-pub type SharedConnector = Arc<Connector>;
+/// The upstream IMAP server: logs in as the user (master login, or the user's own
+/// password with `password_check = "upstream"`).
+#[derive(Clone)]
+pub struct ImapUpstream(pub Arc<Connector>);
+
+impl ImapUpstream {
+    /// Connects and logs in as `user`, telling upstream the client's address. With
+    /// `own_password`, as the user with it (a refusal is `UpstreamError::LoginRefused`).
+    async fn login(
+        &self,
+        user: &str,
+        own_password: Option<&SecretBytes>,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<UpstreamSession, UpstreamFailure> {
+        let cfg = self.0.config();
+        let (password, style) = match own_password {
+            Some(pw) => match String::from_utf8(pw.expose().clone()) {
+                Ok(pw) => (SecretString::from(pw), LoginStyle::User),
+                // IMAP credentials are UTF-8; anything else cannot be this user's password.
+                Err(_) => return Err(UpstreamError::LoginRefused.into()),
+            },
+            None => {
+                let style = match cfg.login {
+                    LoginMode::MasterSeparator => LoginStyle::MasterSeparator(cfg.master_separator.clone()),
+                    _ => LoginStyle::MasterSasl,
+                };
+                (self.0.master_password()?, style)
+            }
+        };
+        let starttls = cfg.tls == UpstreamTls::Starttls;
+        let mut login = UpstreamLogin::new(user, &cfg.master_user, password, style, starttls, client, local);
+        let mut conn = self.0.connect().await?;
+        let capabilities = match conn.next(&mut login).await {
+            Ok(done) => done?,
+            Err(DriveError::Timeout) => return Err(UpstreamFailure::Timeout),
+            Err(e) => return Err(e.into()),
+        };
+        let (stream, _) = conn.into_parts().ok_or(UpstreamFailure::Conn(DriveError::PeerClosed))?;
+        Ok(UpstreamSession { stream, capabilities, leftover: login.into_leftover() })
+    }
+}
+
+impl crate::net::gate::Upstream for ImapUpstream {
+    type Session = UpstreamSession;
+
+    async fn open(
+        &self,
+        who: &Authenticated,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<UpstreamSession, UpstreamFailure> {
+        self.login(who.username(), None, client, local).await
+    }
+
+    async fn open_as_user(
+        &self,
+        check: &UpstreamCheck,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<UpstreamSession, UpstreamFailure> {
+        self.login(check.username(), Some(check.password()), client, local).await
+    }
+
+    fn checks_passwords(&self) -> bool {
+        true
+    }
+}
 
 /// The upstream IMAP server checks account passwords (`password_check = "upstream"`):
 /// log in as the user, then LOGOUT.
-impl crate::auth::PasswordChecker for Connector {
+impl crate::auth::PasswordChecker for ImapUpstream {
     fn check(
         &self,
         username: String,
@@ -206,16 +201,15 @@ impl crate::auth::PasswordChecker for Connector {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::auth::CheckResult> + Send + '_>> {
         Box::pin(async move {
             let nowhere: SocketAddr = ([127, 0, 0, 1], 0).into();
-            match self.open_as_user(&username, &password, nowhere, nowhere).await {
-                Ok(mut up) => {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        let _ = up.stream.write_all(b"L1 LOGOUT\r\n").await;
-                        let _ = up.stream.shutdown().await;
-                    })
-                    .await;
+            match self.login(&username, Some(&password), nowhere, nowhere).await {
+                Ok(up) => {
+                    let mut conn = Conn::new(up.stream, Tls::None);
+                    conn.set_idle(Some(Duration::from_secs(2)));
+                    let _ = conn.send(b"L1 LOGOUT\r\n").await;
+                    conn.close().await;
                     crate::auth::CheckResult::Valid
                 }
-                Err(UpstreamFailure::Protocol(UpstreamError::LoginRefused)) => crate::auth::CheckResult::Invalid,
+                Err(e) if e.is_refusal() => crate::auth::CheckResult::Invalid,
                 Err(e) => {
                     tracing::warn!(user = %username, error = %e, "upstream password check failed");
                     crate::auth::CheckResult::Unavailable

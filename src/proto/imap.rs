@@ -11,6 +11,7 @@
 //! plus `TlsPending`/`AwaitTls` around STARTTLS and `Closed`.
 
 use crate::proto::sasl::{self, Credentials, SaslError};
+use crate::proto::{Goodbye, Machine, Next};
 use base64::Engine as _;
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
 use imap_codec::imap_types::command::CommandBody;
@@ -50,23 +51,44 @@ pub mod limits {
 }
 use limits::*;
 
-/// What the driver must do next.
+/// What only the driver can act on (see [`Machine`]).
 #[derive(Debug)]
 pub enum Action {
-    /// Read more bytes from the client and [`PreAuth::feed`] them.
-    NeedInput,
-    /// Write these bytes to the client.
-    Write(Vec<u8>),
-    /// Everything before has been written; perform the TLS handshake now, then call
-    /// [`PreAuth::tls_started`]. Bytes the client sent before the handshake were discarded.
-    StartTls,
     /// Check these credentials, then call [`PreAuth::auth_succeeded`] or [`PreAuth::auth_failed`].
     Authenticate(Credentials),
     /// The exchange failed before any password check (malformed SASL, foreign authzid,
     /// cancel). Apply the failure delay, then call [`PreAuth::auth_failed`] with this reply.
     Refuse(AuthReply),
-    /// Close the connection (after writing what was returned before).
-    Close,
+}
+
+/// What [`PreAuth::poll`] returns.
+pub type Step = Next<Action>;
+
+/// The last line of an IMAP connection that mailgate ends (RFC 9051 §7.1.5 BYE).
+pub fn goodbye(why: Goodbye) -> &'static [u8] {
+    match why {
+        Goodbye::Timeout => b"* BYE Autologout: authentication took too long\r\n",
+        Goodbye::Shutdown => b"* BYE Server shutting down, please reconnect\r\n",
+        Goodbye::Revoked => b"* BYE Access revoked\r\n",
+        Goodbye::Idle => b"* BYE Autologout; idle for too long\r\n",
+        Goodbye::TooLong => b"* BYE Session too long\r\n",
+    }
+}
+
+impl Machine for PreAuth {
+    type Event = Action;
+    fn feed(&mut self, bytes: &[u8]) {
+        PreAuth::feed(self, bytes);
+    }
+    fn next(&mut self) -> Step {
+        self.poll()
+    }
+    fn tls_started(&mut self) {
+        PreAuth::tls_started(self);
+    }
+    fn goodbye(&self, why: Goodbye) -> Option<&'static [u8]> {
+        Some(goodbye(why))
+    }
 }
 
 /// How a failed authentication is answered.
@@ -320,27 +342,27 @@ impl PreAuth {
         }
     }
 
-    /// Next thing to do. Call again until it returns [`Action::NeedInput`] (or another
+    /// Next thing to do. Call again until it returns [`Next::NeedInput`] (or another
     /// action that needs the driver).
-    pub fn poll(&mut self) -> Action {
+    pub fn poll(&mut self) -> Step {
         loop {
             if !self.out.is_empty() {
-                return Action::Write(std::mem::take(&mut self.out));
+                return Next::Write(std::mem::take(&mut self.out));
             }
             let step = match &self.state {
-                State::Closed => return Action::Close,
-                State::Done | State::AwaitTls | State::Authenticating { .. } => return Action::NeedInput,
+                State::Closed => return Next::Close,
+                State::Done | State::AwaitTls | State::Authenticating { .. } => return Next::NeedInput,
                 State::TlsPending => {
                     self.state = State::AwaitTls;
                     self.buf.clear();
-                    return Action::StartTls;
+                    return Next::StartTls;
                 }
                 State::Command => self.step_command(),
                 State::DiscardLine { .. } => self.step_discard(),
                 State::SaslPlain { .. } | State::SaslLoginUser { .. } | State::SaslLoginPass { .. } => self.step_sasl(),
             };
             if let Some(action) = step {
-                if matches!(action, Action::NeedInput) && !self.out.is_empty() {
+                if matches!(action, Next::NeedInput) && !self.out.is_empty() {
                     continue;
                 }
                 return action;
@@ -425,18 +447,18 @@ impl PreAuth {
         }
     }
 
-    fn step_command(&mut self) -> Option<Action> {
+    fn step_command(&mut self) -> Option<Step> {
         if self.buf.is_empty() {
-            return Some(Action::NeedInput);
+            return Some(Next::NeedInput);
         }
         match crate::proto::foreign::gate(&mut self.first_line_checked, &self.buf) {
             crate::proto::foreign::Gate::Go => {}
-            crate::proto::foreign::Gate::Wait => return Some(Action::NeedInput),
+            crate::proto::foreign::Gate::Wait => return Some(Next::NeedInput),
             // Another protocol's request: closed at once, nothing of it echoed.
             crate::proto::foreign::Gate::Close => {
                 self.buf.clear();
                 self.state = State::Closed;
-                return Some(Action::Close);
+                return Some(Next::Close);
             }
         }
         match self.framer.scan(&self.buf) {
@@ -472,10 +494,10 @@ impl PreAuth {
                 }
                 action
             }
-            Err(CommandDecodeError::Incomplete) => Some(Action::NeedInput),
+            Err(CommandDecodeError::Incomplete) => Some(Next::NeedInput),
             Err(CommandDecodeError::LiteralFound { tag, length, mode }) => {
                 if self.literal_seen_at == self.buf.len() {
-                    return Some(Action::NeedInput);
+                    return Some(Next::NeedInput);
                 }
                 let tag = tag.as_ref().to_string();
                 let length = length as usize;
@@ -499,7 +521,7 @@ impl PreAuth {
                             self.out.extend_from_slice(b"+ Ready for literal data\r\n");
                         }
                         self.literal_seen_at = self.buf.len();
-                        Some(Action::NeedInput)
+                        Some(Next::NeedInput)
                     }
                 }
             }
@@ -533,7 +555,7 @@ impl PreAuth {
         }
     }
 
-    fn step_discard(&mut self) -> Option<Action> {
+    fn step_discard(&mut self) -> Option<Step> {
         let State::DiscardLine { tail, dropped } = &mut self.state else { return None };
         match find_crlf(&self.buf) {
             Some(pos) => {
@@ -571,18 +593,18 @@ impl PreAuth {
                 if keep_cr {
                     self.buf.push(b'\r');
                 }
-                Some(Action::NeedInput)
+                Some(Next::NeedInput)
             }
         }
     }
 
-    fn step_sasl(&mut self) -> Option<Action> {
+    fn step_sasl(&mut self) -> Option<Step> {
         let Some(pos) = find_crlf(&self.buf) else {
             if self.buf.len() > MAX_SASL_LINE + 2 {
                 self.close_with("* BYE Authentication line too long\r\n");
                 return None;
             }
-            return Some(Action::NeedInput);
+            return Some(Next::NeedInput);
         };
         let line_len = pos + 2;
         if line_len > MAX_SASL_LINE + 2 {
@@ -628,17 +650,17 @@ impl PreAuth {
         }
     }
 
-    fn refuse(&mut self, tag: String, reply: AuthReply) -> Action {
+    fn refuse(&mut self, tag: String, reply: AuthReply) -> Step {
         self.state = State::Authenticating { tag };
-        Action::Refuse(reply)
+        Next::Event(Action::Refuse(reply))
     }
 
-    fn authenticate(&mut self, tag: String, creds: Credentials) -> Action {
+    fn authenticate(&mut self, tag: String, creds: Credentials) -> Step {
         self.state = State::Authenticating { tag };
-        Action::Authenticate(creds)
+        Next::Event(Action::Authenticate(creds))
     }
 
-    fn plain(&mut self, tag: String, msg: &[u8]) -> Action {
+    fn plain(&mut self, tag: String, msg: &[u8]) -> Step {
         match sasl::decode_plain(msg) {
             Ok(creds) => self.authenticate(tag, creds),
             Err(SaslError::AuthzidRefused) => self.refuse(tag, AuthReply::AuthzFailed),
@@ -646,7 +668,7 @@ impl PreAuth {
         }
     }
 
-    fn handle(&mut self, tag: String, cmd: Parsed) -> Option<Action> {
+    fn handle(&mut self, tag: String, cmd: Parsed) -> Option<Step> {
         match cmd {
             Parsed::Capability => {
                 let caps = self.capabilities();

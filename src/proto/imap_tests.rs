@@ -29,17 +29,17 @@ fn pump(p: &mut PreAuth) -> (String, Vec<Ev>) {
     let mut ev = Vec::new();
     for _ in 0..100_000 {
         match p.poll() {
-            Action::Write(b) => {
+            Next::Write(b) => {
                 assert!(!b.is_empty(), "empty Write");
                 w.extend(b);
             }
-            Action::NeedInput => return (text(&w), ev),
-            Action::StartTls => ev.push(Ev::StartTls),
-            Action::Authenticate(c) => {
+            Next::NeedInput => return (text(&w), ev),
+            Next::StartTls => ev.push(Ev::StartTls),
+            Next::Event(Action::Authenticate(c)) => {
                 ev.push(Ev::Auth { user: c.username.clone(), pass: c.password.expose().clone() })
             }
-            Action::Refuse(r) => ev.push(Ev::Refuse(r)),
-            Action::Close => {
+            Next::Event(Action::Refuse(r)) => ev.push(Ev::Refuse(r)),
+            Next::Close => {
                 ev.push(Ev::Close);
                 return (text(&w), ev);
             }
@@ -374,10 +374,10 @@ fn nothing_written_between_starttls_ok_and_handshake() {
     let mut p = session(false);
     let _ = send(&mut p, b"A STARTTLS\r\nB NOOP\r\n");
     for _ in 0..5 {
-        assert!(matches!(p.poll(), Action::NeedInput));
+        assert!(matches!(p.poll(), Next::NeedInput));
     }
     p.feed(b"C NOOP\r\n");
-    assert!(matches!(p.poll(), Action::NeedInput));
+    assert!(matches!(p.poll(), Next::NeedInput));
 }
 
 /// All plaintext bytes are fed (split as given) before the handshake; then `C NOOP`.
@@ -1746,7 +1746,7 @@ fn debug_of_authenticate_action_hides_password() {
     let mut p = session(true);
     p.feed(format!("a LOGIN alice {SECRET}\r\n").as_bytes());
     let action = p.poll();
-    assert!(matches!(action, Action::Authenticate(_)));
+    assert!(matches!(action, Next::Event(Action::Authenticate(_))));
     let dbg = format!("{action:?} {action:#?}");
     assert!(dbg.contains("alice"));
     assert!(!dbg.contains(SECRET), "{dbg}");
@@ -1799,7 +1799,7 @@ fn drive_invariants(tls: bool, chunks: &[Vec<u8>]) -> Result<(), TestCaseError> 
         prop_assert!(p.buf.len() <= bound);
         if await_tls {
             // Plaintext after STARTTLS, before the handshake: nothing happens.
-            prop_assert!(matches!(p.poll(), Action::NeedInput));
+            prop_assert!(matches!(p.poll(), Next::NeedInput));
             prop_assert!(p.buf.is_empty());
             p.tls_started();
             encrypted = true;
@@ -1810,24 +1810,24 @@ fn drive_invariants(tls: bool, chunks: &[Vec<u8>]) -> Result<(), TestCaseError> 
             let a = p.poll();
             prop_assert!(p.buf.len() <= bound);
             match a {
-                Action::NeedInput => break,
-                Action::Write(b) => {
+                Next::NeedInput => break,
+                Next::Write(b) => {
                     prop_assert!(!closed, "write after Close");
                     written.extend(b);
                 }
-                Action::StartTls => {
+                Next::StartTls => {
                     prop_assert!(!encrypted, "StartTls inside TLS");
                     await_tls = true;
                 }
-                Action::Authenticate(_) => {
+                Next::Event(Action::Authenticate(_)) => {
                     prop_assert!(encrypted, "Authenticate before TLS");
                     p.auth_failed(AuthReply::Failed);
                 }
-                Action::Refuse(r) => {
+                Next::Event(Action::Refuse(r)) => {
                     prop_assert!(encrypted, "Refuse (SASL exchange) before TLS");
                     p.auth_failed(r);
                 }
-                Action::Close => {
+                Next::Close => {
                     closed = true;
                     break;
                 }

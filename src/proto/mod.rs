@@ -7,11 +7,70 @@
 pub mod foreign;
 pub mod from_header;
 pub mod imap;
+pub mod imap_upstream;
 pub mod proxy;
 pub mod sasl;
 pub mod smtp;
 pub mod smtp_upstream;
-pub mod upstream;
+
+/// What a sans-IO machine asks of the one driver (`net::driver`) next. Every protocol
+/// machine (the IMAP and SMTP fronts, the upstream IMAP and SMTP logins, the upstream
+/// SMTP reply reader) answers [`Machine::next`] with one of these.
+#[derive(Debug)]
+pub enum Next<E> {
+    /// Read more bytes from the peer and [`Machine::feed`] them.
+    NeedInput,
+    /// Write these bytes to the peer.
+    Write(Vec<u8>),
+    /// Everything before has been written; do the TLS handshake now, then call
+    /// [`Machine::tls_started`]. Bytes the peer sent before it were discarded.
+    StartTls,
+    /// Close the connection (after writing what was returned before).
+    Close,
+    /// Something only the caller can act on (a login to check, a line for upstream, the
+    /// end of an upstream login); the caller reports back through the machine's methods.
+    Event(E),
+}
+
+/// Why the driver ends a connection from outside the protocol exchange; each protocol
+/// words its own last line for it ([`Machine::goodbye`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goodbye {
+    /// The deadline for logging in (or between commands) passed.
+    Timeout,
+    /// mailgate is shutting down.
+    Shutdown,
+    /// The session's access was revoked (app password, account, password change).
+    Revoked,
+    /// A logged-in session was silent for too long.
+    Idle,
+    /// A session reached the longest time one may last.
+    TooLong,
+}
+
+/// A sans-IO protocol machine: bytes in, [`Next`] out. The driver in `net` runs any of
+/// them over any stream; the machine never reads a clock or touches a socket.
+pub trait Machine {
+    /// What the caller must act on.
+    type Event;
+    /// Bytes read from the peer.
+    fn feed(&mut self, bytes: &[u8]);
+    /// The next thing to do; call again after acting on it.
+    fn next(&mut self) -> Next<Self::Event>;
+    /// The TLS handshake asked for by [`Next::StartTls`] completed.
+    fn tls_started(&mut self);
+    /// Whether the driver should pause before the next write (a client that keeps
+    /// sending errors is slowed down, Postfix's `smtpd_soft_error_limit`).
+    fn slow_down(&self) -> bool {
+        false
+    }
+    /// The line the driver sends when it ends the connection for `why`; `None`: close
+    /// without a word (an upstream connection).
+    fn goodbye(&self, why: Goodbye) -> Option<&'static [u8]> {
+        let _ = why;
+        None
+    }
+}
 
 /// Proptest case count for the fuzz-style property tests: `default` in a normal
 /// `cargo test`, or `MAILGATE_FUZZ_CASES` for a long run (docs/security.md, "Fuzzing").

@@ -30,6 +30,21 @@ pub enum SaslError {
     AuthzidRefused,
 }
 
+/// Encodes a PLAIN message (RFC 4616) as base64: `authzid NUL authcid NUL passwd`.
+/// An empty `authzid` logs in as `authcid` itself; a master login sets it to the user.
+/// The clear message is wiped once encoded.
+pub fn encode_plain(authzid: &str, authcid: &str, password: &crate::secret::SecretString) -> String {
+    let mut msg = Vec::with_capacity(authzid.len() + authcid.len() + password.expose().len() + 2);
+    msg.extend_from_slice(authzid.as_bytes());
+    msg.push(0);
+    msg.extend_from_slice(authcid.as_bytes());
+    msg.push(0);
+    msg.extend_from_slice(password.expose().as_bytes());
+    let out = crate::proto::imap::base64(&msg);
+    zeroize::Zeroize::zeroize(&mut msg);
+    out
+}
+
 /// Decodes a PLAIN message `authzid NUL authcid NUL passwd`.
 /// An authzid equal to the authcid is the same as an empty one; any other is refused.
 pub fn decode_plain(msg: &[u8]) -> Result<Credentials, SaslError> {

@@ -17,6 +17,7 @@
 use crate::proto::from_header::{self, Ambiguity};
 use crate::proto::imap::base64 as b64encode;
 use crate::proto::sasl::{self, Credentials, SaslError};
+use crate::proto::{Goodbye, Machine, Next};
 use base64::Engine as _;
 use smtp_proto::{EhloResponse, Request};
 
@@ -37,15 +38,9 @@ pub mod limits {
 }
 use limits::*;
 
-/// What the driver must do next.
+/// What only the driver can act on (see [`Machine`]).
 #[derive(Debug)]
 pub enum Action {
-    /// Read more from the client.
-    NeedInput,
-    /// Write these bytes to the client.
-    Write(Vec<u8>),
-    /// Everything before is written; do the TLS handshake, then call [`Session::tls_started`].
-    StartTls,
     /// Check these credentials, then call [`Session::auth_succeeded`] or [`Session::auth_failed`].
     Authenticate(Credentials),
     /// The exchange failed before any password check; apply the failure delay, then call
@@ -71,8 +66,42 @@ pub enum Action {
     /// The message being streamed must not be delivered: close the upstream connection
     /// without sending end-of-data (upstream then discards it). Open a new one when needed.
     AbortUpstream,
-    /// Close the connection (after writing what was returned before); say QUIT upstream.
-    Close,
+}
+
+/// What [`Session::poll`] returns. After [`Next::Close`], say QUIT upstream.
+pub type Step = Next<Action>;
+
+/// Protocol errors before authentication after which every reply waits (Postfix
+/// `smtpd_soft_error_limit`; the wait is the driver's).
+pub const SOFT_ERROR_LIMIT: u32 = 10;
+
+/// The last reply of an SMTP connection that mailgate ends.
+pub fn goodbye(why: Goodbye) -> &'static [u8] {
+    match why {
+        Goodbye::Timeout | Goodbye::Idle => b"421 4.4.2 Timeout, closing connection\r\n",
+        Goodbye::Shutdown => b"421 4.3.2 Server shutting down, please reconnect\r\n",
+        Goodbye::Revoked => b"421 4.7.0 Access revoked\r\n",
+        Goodbye::TooLong => b"421 4.4.2 Session too long\r\n",
+    }
+}
+
+impl Machine for Session {
+    type Event = Action;
+    fn feed(&mut self, bytes: &[u8]) {
+        Session::feed(self, bytes);
+    }
+    fn next(&mut self) -> Step {
+        self.poll()
+    }
+    fn tls_started(&mut self) {
+        Session::tls_started(self);
+    }
+    fn slow_down(&self) -> bool {
+        !self.authenticated && self.errors >= SOFT_ERROR_LIMIT
+    }
+    fn goodbye(&self, why: Goodbye) -> Option<&'static [u8]> {
+        Some(goodbye(why))
+    }
 }
 
 /// What the upstream server honours, so that only that is offered to clients.
@@ -313,22 +342,22 @@ impl Session {
     }
 
     /// The next thing to do.
-    pub fn poll(&mut self) -> Action {
+    pub fn poll(&mut self) -> Step {
         loop {
             if !self.out.is_empty() {
-                return Action::Write(std::mem::take(&mut self.out));
+                return Next::Write(std::mem::take(&mut self.out));
             }
             let step = match &self.state {
-                State::Closed => return Action::Close,
+                State::Closed => return Next::Close,
                 State::Authenticating
                 | State::AwaitTls
                 | State::Forwarded(_)
                 | State::DataStarting { .. }
-                | State::DataEnding => return Action::NeedInput,
+                | State::DataEnding => return Next::NeedInput,
                 State::TlsPending => {
                     self.state = State::AwaitTls;
                     self.buf.clear();
-                    return Action::StartTls;
+                    return Next::StartTls;
                 }
                 State::Command { .. } => self.step_command(),
                 State::Sasl(_) => self.step_sasl(),
@@ -338,11 +367,11 @@ impl Session {
                 State::SilentRset => {
                     self.rset_silent = true;
                     self.state = State::Forwarded(Pending::Rset);
-                    return Action::Forward(b"RSET\r\n".to_vec());
+                    return Next::Event(Action::Forward(b"RSET\r\n".to_vec()));
                 }
             };
             if let Some(action) = step {
-                if matches!(action, Action::NeedInput) && !self.out.is_empty() {
+                if matches!(action, Next::NeedInput) && !self.out.is_empty() {
                     continue;
                 }
                 return action;
@@ -520,33 +549,33 @@ impl Session {
         LineResult::Line(body.to_vec())
     }
 
-    fn step_command(&mut self) -> Option<Action> {
+    fn step_command(&mut self) -> Option<Step> {
         if let State::Command { discarding: true } = self.state {
             let Some(lf) = self.buf.iter().position(|b| *b == b'\n') else {
                 self.buf.clear();
-                return Some(Action::NeedInput);
+                return Some(Next::NeedInput);
             };
             self.buf.drain(..=lf);
             self.state = State::Command { discarding: false };
         }
         if self.buf.is_empty() {
-            return Some(Action::NeedInput);
+            return Some(Next::NeedInput);
         }
         match crate::proto::foreign::gate(&mut self.first_line_checked, &self.buf) {
             crate::proto::foreign::Gate::Go => {}
-            crate::proto::foreign::Gate::Wait => return Some(Action::NeedInput),
+            crate::proto::foreign::Gate::Wait => return Some(Next::NeedInput),
             // Another protocol's request: closed at once, nothing of it echoed.
             crate::proto::foreign::Gate::Close => {
                 self.buf.clear();
                 self.state = State::Closed;
-                return Some(Action::Close);
+                return Some(Next::Close);
             }
         }
         // AUTH lines may be long (initial responses); others may not.
         let is_auth = self.buf.len() >= 5 && self.buf[..5].eq_ignore_ascii_case(b"AUTH ");
         let limit = if is_auth { MAX_AUTH_LINE } else { MAX_LINE };
         let line = match self.take_line(limit) {
-            LineResult::Incomplete => return Some(Action::NeedInput),
+            LineResult::Incomplete => return Some(Next::NeedInput),
             LineResult::TooLong => {
                 self.buf.clear();
                 self.state = State::Command { discarding: true };
@@ -579,7 +608,7 @@ impl Session {
         self.command(line)
     }
 
-    fn command(&mut self, line: Vec<u8>) -> Option<Action> {
+    fn command(&mut self, line: Vec<u8>) -> Option<Step> {
         let mut with_crlf = line.clone();
         with_crlf.extend_from_slice(b"\r\n");
         let parsed = Request::parse(&mut with_crlf.iter());
@@ -649,7 +678,7 @@ impl Session {
             }
             Request::Rset if self.authenticated => {
                 self.state = State::Forwarded(Pending::Rset);
-                return Some(Action::Forward(with_crlf));
+                return Some(Next::Event(Action::Forward(with_crlf)));
             }
             Request::Rset => {
                 self.reset_transaction();
@@ -702,12 +731,12 @@ impl Session {
                     with_crlf
                 };
                 self.state = State::Forwarded(Pending::Mail);
-                return Some(Action::Forward(forward));
+                return Some(Next::Event(Action::Forward(forward)));
             }
             Request::Rcpt { .. } if !self.in_transaction => self.error("503 5.5.1 Need MAIL command first"),
             Request::Rcpt { .. } => {
                 self.state = State::Forwarded(Pending::Rcpt);
-                return Some(Action::Forward(with_crlf));
+                return Some(Next::Event(Action::Forward(with_crlf)));
             }
             Request::Data if !self.in_transaction => self.error("503 5.5.1 Need MAIL command first"),
             Request::Data if self.recipients == 0 => self.reply("554 5.5.1 No valid recipients"),
@@ -727,13 +756,13 @@ impl Session {
     }
 
     /// EHLO/HELO reset the transaction; upstream must forget it too.
-    fn abandon_transaction(&mut self) -> Option<Action> {
+    fn abandon_transaction(&mut self) -> Option<Step> {
         if self.authenticated && self.in_transaction {
             self.reset_transaction();
             // Reply already written; upstream's RSET reply is dropped by `upstream_reply`.
             self.state = State::Forwarded(Pending::Rset);
             self.rset_silent = true;
-            return Some(Action::Forward(b"RSET\r\n".to_vec()));
+            return Some(Next::Event(Action::Forward(b"RSET\r\n".to_vec())));
         }
         self.reset_transaction();
         None
@@ -744,7 +773,7 @@ impl Session {
         !a.is_empty() && self.senders.contains(&a)
     }
 
-    fn auth_start(&mut self, mechanism: u64, ir: &str) -> Option<Action> {
+    fn auth_start(&mut self, mechanism: u64, ir: &str) -> Option<Step> {
         let ir = ir.trim();
         match mechanism {
             smtp_proto::AUTH_PLAIN if ir.is_empty() => {
@@ -766,9 +795,9 @@ impl Session {
         }
     }
 
-    fn step_sasl(&mut self) -> Option<Action> {
+    fn step_sasl(&mut self) -> Option<Step> {
         let line = match self.take_line(MAX_AUTH_LINE) {
-            LineResult::Incomplete => return Some(Action::NeedInput),
+            LineResult::Incomplete => return Some(Next::NeedInput),
             LineResult::TooLong => {
                 self.buf.clear();
                 self.state = State::Command { discarding: true };
@@ -783,42 +812,42 @@ impl Session {
             }
             LineResult::Bare => {
                 self.state = State::Authenticating;
-                return Some(Action::Refuse(AuthReply::Aborted("5.5.2 Invalid authentication line")));
+                return Some(Next::Event(Action::Refuse(AuthReply::Aborted("5.5.2 Invalid authentication line"))));
             }
             LineResult::Line(l) => crate::secret::SecretBytes::from(l),
         };
         let State::Sasl(mech) = std::mem::replace(&mut self.state, State::Authenticating) else { return None };
         if line.expose().as_slice() == b"*" {
-            return Some(Action::Refuse(AuthReply::Aborted("5.7.0 Authentication cancelled")));
+            return Some(Next::Event(Action::Refuse(AuthReply::Aborted("5.7.0 Authentication cancelled"))));
         }
         Some(self.sasl_data(mech, line.expose()))
     }
 
     /// One base64 SASL response for `mech`.
-    fn sasl_data(&mut self, mech: Mech, b64: &[u8]) -> Action {
+    fn sasl_data(&mut self, mech: Mech, b64: &[u8]) -> Step {
         self.state = State::Authenticating;
         let decoded = if b64 == b"=" { Ok(Vec::new()) } else { base64::engine::general_purpose::STANDARD.decode(b64) };
         let Ok(data) = decoded else {
-            return Action::Refuse(AuthReply::Aborted("5.5.2 Invalid base64 data"));
+            return Next::Event(Action::Refuse(AuthReply::Aborted("5.5.2 Invalid base64 data")));
         };
         let data = crate::secret::SecretBytes::from(data);
         match mech {
             Mech::Plain => match sasl::decode_plain(data.expose()) {
-                Ok(c) => Action::Authenticate(c),
-                Err(SaslError::AuthzidRefused) => Action::Refuse(AuthReply::AuthzFailed),
-                Err(SaslError::Malformed) => Action::Refuse(AuthReply::Failed),
+                Ok(c) => Next::Event(Action::Authenticate(c)),
+                Err(SaslError::AuthzidRefused) => Next::Event(Action::Refuse(AuthReply::AuthzFailed)),
+                Err(SaslError::Malformed) => Next::Event(Action::Refuse(AuthReply::Failed)),
             },
             Mech::LoginUser => match sasl::check_username(data.expose()) {
                 Ok(user) => {
                     self.reply(&format!("334 {}", b64encode(b"Password:")));
                     self.state = State::Sasl(Mech::LoginPass(user));
-                    Action::NeedInput
+                    Next::NeedInput
                 }
-                Err(_) => Action::Refuse(AuthReply::Failed),
+                Err(_) => Next::Event(Action::Refuse(AuthReply::Failed)),
             },
             Mech::LoginPass(user) => match sasl::check_password(data.expose()) {
-                Ok(password) => Action::Authenticate(Credentials { username: user, password }),
-                Err(_) => Action::Refuse(AuthReply::Failed),
+                Ok(password) => Next::Event(Action::Authenticate(Credentials { username: user, password })),
+                Err(_) => Next::Event(Action::Refuse(AuthReply::Failed)),
             },
         }
     }
@@ -876,7 +905,7 @@ impl Session {
         self.message_len.saturating_sub(self.excluded + pending)
     }
 
-    fn step_header(&mut self) -> Option<Action> {
+    fn step_header(&mut self) -> Option<Step> {
         let (event, at) = self.scan_data(self.scan_pos);
         self.scan_pos = at;
         let refusal = if self.counted_size() > self.max_size {
@@ -888,7 +917,7 @@ impl Session {
                 Some(ScanEvent::Bare) => Some(BARE_IN_DATA.to_string()),
                 Some(ScanEvent::HeaderEnd(pos)) => self.check_headers(&self.buf[..pos]).err(),
                 Some(ScanEvent::End(pos)) => self.check_headers(&self.buf[..pos.saturating_sub(3)]).err(),
-                None => return Some(Action::NeedInput),
+                None => return Some(Next::NeedInput),
             }
         };
         if let Some(reply) = refusal {
@@ -906,16 +935,16 @@ impl Session {
         let (pos, complete) = match event {
             Some(ScanEvent::HeaderEnd(pos)) => (pos, false),
             Some(ScanEvent::End(pos)) => (pos, true),
-            _ => return Some(Action::NeedInput),
+            _ => return Some(Next::NeedInput),
         };
         let head: Vec<u8> = self.buf.drain(..pos).collect();
         self.scan_pos = 0;
         self.state = State::DataStarting { complete };
-        Some(Action::StartData { head, complete })
+        Some(Next::Event(Action::StartData { head, complete }))
     }
 
     /// The message will not be delivered: drop what was buffered, read the rest, then answer.
-    fn refuse_message(&mut self, reply: String) -> Option<Action> {
+    fn refuse_message(&mut self, reply: String) -> Option<Step> {
         let scanned = self.scan_pos.min(self.buf.len());
         self.buf.drain(..scanned);
         self.scan_pos = 0;
@@ -923,9 +952,9 @@ impl Session {
         None
     }
 
-    fn step_stream(&mut self) -> Option<Action> {
+    fn step_stream(&mut self) -> Option<Step> {
         if self.buf.is_empty() {
-            return Some(Action::NeedInput);
+            return Some(Next::NeedInput);
         }
         let (event, at) = self.scan_data(0);
         if self.counted_size() > self.max_size || event == Some(ScanEvent::Bare) {
@@ -940,19 +969,19 @@ impl Session {
             } else {
                 self.state = State::Draining { reply };
             }
-            return Some(Action::AbortUpstream);
+            return Some(Next::Event(Action::AbortUpstream));
         }
         match event {
             Some(ScanEvent::End(pos)) => {
                 let chunk: Vec<u8> = self.buf.drain(..pos).collect();
                 self.state = State::DataEnding;
-                Some(Action::EndData(chunk))
+                Some(Next::Event(Action::EndData(chunk)))
             }
-            _ => Some(Action::DataChunk(std::mem::take(&mut self.buf))),
+            _ => Some(Next::Event(Action::DataChunk(std::mem::take(&mut self.buf)))),
         }
     }
 
-    fn step_drain(&mut self) -> Option<Action> {
+    fn step_drain(&mut self) -> Option<Step> {
         loop {
             let (event, at) = self.scan_data(0);
             match event {
@@ -971,7 +1000,7 @@ impl Session {
                 }
                 None => {
                     self.buf.clear();
-                    return Some(Action::NeedInput);
+                    return Some(Next::NeedInput);
                 }
             }
         }

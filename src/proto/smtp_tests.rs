@@ -188,23 +188,23 @@ impl Driver {
     /// real driver does, and checks the invariants that hold in every test.
     fn pump(&mut self) {
         if self.closed {
-            assert!(matches!(self.s.poll(), Action::Close), "a closed session came back to life");
+            assert!(matches!(self.s.poll(), Next::Close), "a closed session came back to life");
             return;
         }
         for _ in 0..1_000_000 {
             match self.s.poll() {
-                Action::Write(b) => {
+                Next::Write(b) => {
                     assert!(!b.is_empty(), "empty Write");
                     assert!(!self.tls_pending, "written between StartTls and the handshake: {:?}", text(&b));
                     self.client.extend(b);
                 }
-                Action::NeedInput => return,
-                Action::StartTls => {
+                Next::NeedInput => return,
+                Next::StartTls => {
                     assert!(!self.tls, "StartTls inside TLS");
                     self.events.push(Ev::StartTls);
                     self.tls_pending = true;
                 }
-                Action::Authenticate(c) => {
+                Next::Event(Action::Authenticate(c)) => {
                     assert!(self.tls, "Authenticate before TLS");
                     assert!(!self.authed, "Authenticate after success");
                     let good = c.password.expose().as_slice() == b"right";
@@ -219,12 +219,12 @@ impl Driver {
                         self.s.auth_failed(AuthReply::Failed);
                     }
                 }
-                Action::Refuse(r) => {
+                Next::Event(Action::Refuse(r)) => {
                     assert!(self.tls, "a SASL exchange before TLS");
                     self.events.push(Ev::Refuse(r.clone()));
                     self.s.auth_failed(r);
                 }
-                Action::Forward(line) => {
+                Next::Event(Action::Forward(line)) => {
                     assert!(self.authed, "Forward before authentication: {:?}", text(&line));
                     assert!(line.ends_with(b"\r\n"), "{line:?}");
                     self.events.push(Ev::Forward(text(&line)));
@@ -241,7 +241,7 @@ impl Driver {
                     let (code, raw) = upstream_answer(&line);
                     self.s.upstream_reply(code, raw.as_bytes());
                 }
-                Action::StartData { head, complete } => {
+                Next::Event(Action::StartData { head, complete }) => {
                     assert!(self.authed, "StartData before authentication");
                     self.events.push(Ev::StartData { complete });
                     self.conn = true;
@@ -264,7 +264,7 @@ impl Driver {
                         self.s.data_accepted();
                     }
                 }
-                Action::DataChunk(b) => {
+                Next::Event(Action::DataChunk(b)) => {
                     assert!(self.authed && self.conn, "DataChunk without an upstream message");
                     assert!(!b.is_empty(), "empty DataChunk");
                     self.largest_chunk = self.largest_chunk.max(b.len());
@@ -272,7 +272,7 @@ impl Driver {
                     self.current.extend_from_slice(&b);
                     self.take_fail(Fail::Chunk);
                 }
-                Action::EndData(b) => {
+                Next::Event(Action::EndData(b)) => {
                     assert!(self.authed && self.conn, "EndData without an upstream message");
                     self.events.push(Ev::EndData);
                     self.send_upstream(&b);
@@ -286,18 +286,18 @@ impl Driver {
                     let (code, raw) = self.end_reply.clone();
                     self.s.upstream_reply(code, raw.as_bytes());
                 }
-                Action::AbortUpstream => {
+                Next::Event(Action::AbortUpstream) => {
                     self.events.push(Ev::Abort);
                     self.kept.truncate(self.data_start);
                     self.kept.extend_from_slice(b"[aborted]");
                     self.conn = false;
                     self.current.clear();
                 }
-                Action::Close => {
+                Next::Close => {
                     self.events.push(Ev::Close);
                     self.closed = true;
                     for _ in 0..3 {
-                        assert!(matches!(self.s.poll(), Action::Close), "poll after Close");
+                        assert!(matches!(self.s.poll(), Next::Close), "poll after Close");
                     }
                     return;
                 }
@@ -500,8 +500,8 @@ fn assert_split_invariant(tls: bool, max: usize, turns: &[&[u8]]) -> Transcript 
 #[test]
 fn greeting() {
     let mut s = Session::new("mail.example.com", false, true, 1_000_000);
-    assert!(matches!(s.poll(), Action::Write(w) if w.starts_with(b"220 mail.example.com ESMTP")));
-    assert!(matches!(s.poll(), Action::NeedInput));
+    assert!(matches!(s.poll(), Next::Write(w) if w.starts_with(b"220 mail.example.com ESMTP")));
+    assert!(matches!(s.poll(), Next::NeedInput));
 }
 
 #[test]
@@ -675,7 +675,7 @@ fn injection_without_handshake_gets_silence() {
     assert_eq!(d.out(), R220_TLS);
     for _ in 0..3 {
         d.feed(b"NOOP\r\n");
-        assert!(matches!(d.s.poll(), Action::NeedInput));
+        assert!(matches!(d.s.poll(), Next::NeedInput));
     }
     assert_eq!(d.out(), "");
     assert_eq!(d.new_events(), vec![Ev::StartTls]);
@@ -2411,7 +2411,7 @@ fn debug_never_shows_the_password() {
     s.feed(format!("AUTH PLAIN {plain}\r\n").as_bytes());
     check(&format!("{s:?}"));
     let a = s.poll();
-    assert!(matches!(a, Action::Authenticate(_)));
+    assert!(matches!(a, Next::Event(Action::Authenticate(_))));
     check(&format!("{a:?}"));
     check(&format!("{a:#?}"));
     check(&format!("{s:?}"));
@@ -2419,12 +2419,12 @@ fn debug_never_shows_the_password() {
     let mut s = Session::new(HOST, true, false, MAX);
     s.poll();
     s.feed(b"AUTH LOGIN YWxpY2U=\r\n");
-    while !matches!(s.poll(), Action::NeedInput) {}
+    while !matches!(s.poll(), Next::NeedInput) {}
     s.feed(format!("{login}\r\n").as_bytes());
     check(&format!("{s:?}"));
     let a = s.poll();
     check(&format!("{a:?}"));
-    assert!(matches!(a, Action::Authenticate(c) if c.password.expose().as_slice() == secret.as_bytes()));
+    assert!(matches!(a, Next::Event(Action::Authenticate(c)) if c.password.expose().as_slice() == secret.as_bytes()));
     // A refused exchange.
     let mut s = Session::new(HOST, true, false, MAX);
     s.poll();
@@ -2438,7 +2438,7 @@ fn auth_line_is_not_left_in_the_buffer() {
     let mut s = Session::new(HOST, true, false, MAX);
     s.poll();
     s.feed(format!("AUTH PLAIN {GOOD_PLAIN}\r\nNOOP\r\n").as_bytes());
-    assert!(matches!(s.poll(), Action::Authenticate(_)));
+    assert!(matches!(s.poll(), Next::Event(Action::Authenticate(_))));
     assert_eq!(s.buf, b"NOOP\r\n");
 }
 

@@ -8,7 +8,7 @@
 //! never raw client strings). Optional STARTTLS first; capabilities seen before TLS are
 //! forgotten. Replies are read with a hard size bound.
 
-use crate::proto::imap::base64;
+use crate::proto::{Machine, Next, sasl};
 use crate::secret::SecretString;
 use std::net::{IpAddr, SocketAddr};
 
@@ -124,20 +124,10 @@ pub enum SmtpUpstreamError {
     Protocol(#[from] ReplyError),
 }
 
-/// What the driver must do next.
-#[derive(Debug)]
-pub enum Step {
-    /// Read from upstream and feed.
-    NeedInput,
-    /// Write to upstream.
-    Write(Vec<u8>),
-    /// Do the TLS handshake now, then call [`SmtpLogin::tls_started`].
-    StartTls,
-    /// Logged in as the user; upstream's EHLO keywords (upper-case, parameters kept).
-    Done(Vec<String>),
-    /// Give up; the client gets a temporary error.
-    Fail(SmtpUpstreamError),
-}
+/// What [`SmtpLogin::poll`] returns; the event ends the login: `Ok` — logged in,
+/// with upstream's capabilities (EHLO keywords, upper-case, parameters kept); `Err` — give up (the client
+/// gets a temporary error).
+pub type Step = Next<Result<Vec<String>, SmtpUpstreamError>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -231,7 +221,7 @@ impl SmtpLogin {
 
     fn fail(&mut self, e: SmtpUpstreamError) -> Step {
         self.state = State::Finished;
-        Step::Fail(e)
+        Next::Event(Err(e))
     }
 
     fn has(&self, keyword: &str) -> Option<&str> {
@@ -246,16 +236,16 @@ impl SmtpLogin {
     pub fn poll(&mut self) -> Step {
         loop {
             if !self.out.is_empty() {
-                return Step::Write(std::mem::take(&mut self.out));
+                return Next::Write(std::mem::take(&mut self.out));
             }
             match self.state {
-                State::AwaitTls => return Step::NeedInput,
-                State::Finished => return Step::Fail(SmtpUpstreamError::Protocol(ReplyError::Malformed)),
+                State::AwaitTls => return Next::NeedInput,
+                State::Finished => return Next::Event(Err(SmtpUpstreamError::Protocol(ReplyError::Malformed))),
                 _ => {}
             }
             let (code, len) = match parse_reply(&self.buf) {
                 Ok(Some(r)) => r,
-                Ok(None) => return Step::NeedInput,
+                Ok(None) => return Next::NeedInput,
                 Err(e) => return self.fail(e.into()),
             };
             let raw: Vec<u8> = self.buf.drain(..len).collect();
@@ -282,7 +272,7 @@ impl SmtpLogin {
                 if !self.buf.is_empty() {
                     return Some(self.fail(ReplyError::Malformed.into()));
                 }
-                Some(Step::StartTls)
+                Some(Next::StartTls)
             }
             State::StartTls => Some(self.fail(SmtpUpstreamError::StartTls)),
             State::Xclient if code == 220 => {
@@ -294,7 +284,7 @@ impl SmtpLogin {
             State::Xclient => Some(self.fail(SmtpUpstreamError::XclientRefused(code))),
             State::Auth if code == 235 => {
                 self.state = State::Finished;
-                Some(Step::Done(self.caps.clone()))
+                Some(Next::Event(Ok(self.caps.clone())))
             }
             State::Auth => Some(self.fail(SmtpUpstreamError::LoginRefused(code))),
             State::AwaitTls | State::Finished => None,
@@ -312,7 +302,7 @@ impl SmtpLogin {
         }
         if self.style == Style::Probe {
             self.state = State::Finished;
-            return Some(Step::Done(self.caps.clone()));
+            return Some(Next::Event(Ok(self.caps.clone())));
         }
         if self.user.chars().any(char::is_control) || self.user.is_empty() {
             return Some(self.fail(SmtpUpstreamError::Unsendable));
@@ -351,26 +341,19 @@ impl SmtpLogin {
         match self.style {
             Style::Xclient | Style::Probe => {
                 self.state = State::Finished;
-                Some(Step::Done(self.caps.clone()))
+                Some(Next::Event(Ok(self.caps.clone())))
             }
             Style::MasterSasl | Style::User => {
                 let plain = self.has("AUTH").is_some_and(|m| m.split_ascii_whitespace().any(|x| x == "PLAIN"));
                 if !plain {
                     return Some(self.fail(SmtpUpstreamError::NotOffered("AUTH PLAIN")));
                 }
-                let mut msg = Vec::new();
-                if self.style == Style::User {
-                    msg.push(0);
-                    msg.extend_from_slice(self.user.as_bytes());
+                let payload = if self.style == Style::User {
+                    sasl::encode_plain("", &self.user, &self.master_password)
                 } else {
-                    msg.extend_from_slice(self.user.as_bytes());
-                    msg.push(0);
-                    msg.extend_from_slice(self.master_user.as_bytes());
-                }
-                msg.push(0);
-                msg.extend_from_slice(self.master_password.expose().as_bytes());
-                let line = format!("AUTH PLAIN {}\r\n", base64(&msg));
-                zeroize::Zeroize::zeroize(&mut msg);
+                    sasl::encode_plain(&self.user, &self.master_user, &self.master_password)
+                };
+                let line = format!("AUTH PLAIN {payload}\r\n");
                 self.out.extend_from_slice(line.as_bytes());
                 self.state = State::Auth;
                 None
@@ -379,9 +362,55 @@ impl SmtpLogin {
     }
 }
 
+impl Machine for SmtpLogin {
+    type Event = Result<Vec<String>, SmtpUpstreamError>;
+    fn feed(&mut self, bytes: &[u8]) {
+        SmtpLogin::feed(self, bytes);
+    }
+    fn next(&mut self) -> Step {
+        self.poll()
+    }
+    fn tls_started(&mut self) {
+        SmtpLogin::tls_started(self);
+    }
+}
+
+/// Reads upstream's replies once logged in: one whole reply per event, `(code, the raw
+/// lines)`; a malformed or over-long reply is an `Err` and ends the connection.
+#[derive(Debug, Default)]
+pub struct Replies {
+    buf: Vec<u8>,
+}
+
+impl Replies {
+    /// Starts with what the login read past its last reply.
+    pub fn new(leftover: Vec<u8>) -> Replies {
+        Replies { buf: leftover }
+    }
+}
+
+impl Machine for Replies {
+    type Event = Result<(u16, Vec<u8>), ReplyError>;
+    fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+    fn next(&mut self) -> Next<Self::Event> {
+        match parse_reply(&self.buf) {
+            Ok(Some((code, len))) => Next::Event(Ok((code, self.buf.drain(..len).collect()))),
+            Ok(None) => Next::NeedInput,
+            Err(e) => {
+                self.buf.clear();
+                Next::Event(Err(e))
+            }
+        }
+    }
+    fn tls_started(&mut self) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::imap::base64;
 
     #[test]
     fn replies() {
@@ -412,8 +441,8 @@ mod tests {
         let mut steps = Vec::new();
         loop {
             match login.poll() {
-                Step::Write(b) => w.extend(b),
-                Step::NeedInput => break,
+                Next::Write(b) => w.extend(b),
+                Next::NeedInput => break,
                 other => {
                     steps.push(format!("{other:?}"));
                     break;
@@ -445,7 +474,7 @@ mod tests {
         let (w, _) = run(&mut l, b"250-sub\r\n250-8BITMIME\r\n250 AUTH PLAIN LOGIN\r\n");
         assert_eq!(w, format!("AUTH PLAIN {}\r\n", base64(b"alice@example.com\0mailgate\0master-pw")));
         let (_, steps) = run(&mut l, b"235 2.7.0 ok\r\n");
-        assert!(steps[0].starts_with("Done([\"8BITMIME\""), "{steps:?}");
+        assert!(steps[0].starts_with("Event(Ok([\"8BITMIME\""), "{steps:?}");
     }
 
     #[test]
@@ -456,7 +485,7 @@ mod tests {
         assert_eq!(w, "XCLIENT LOGIN=alice@example.com ADDR=192.0.2.7 PORT=4567\r\n");
         assert_eq!(run(&mut l, b"220 postfix\r\n").0, "EHLO mail.example.com\r\n");
         let (_, steps) = run(&mut l, b"250-postfix\r\n250 8BITMIME\r\n");
-        assert!(steps[0].starts_with("Done("), "{steps:?}");
+        assert!(steps[0].starts_with("Event(Ok("), "{steps:?}");
         let mut l = new(Style::Xclient, false);
         run(&mut l, b"220 postfix\r\n");
         run(&mut l, b"250-postfix\r\n250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN\r\n250 8BITMIME\r\n");

@@ -11,7 +11,7 @@
 //! word of tagged lines and the CAPABILITY list are needed, and imap-codec's response
 //! parser would reject harmless server quirks that the relay must let through.
 
-use crate::proto::imap::base64;
+use crate::proto::{Machine, Next, sasl};
 use crate::secret::SecretString;
 use std::net::SocketAddr;
 
@@ -28,6 +28,19 @@ pub enum LoginStyle {
     /// `AUTHENTICATE PLAIN` as the user with the user's own password (which is passed
     /// in the `master_password` slot; `master_user` is not used).
     User,
+}
+
+impl Machine for UpstreamLogin {
+    type Event = Result<String, UpstreamError>;
+    fn feed(&mut self, bytes: &[u8]) {
+        UpstreamLogin::feed(self, bytes);
+    }
+    fn next(&mut self) -> Step {
+        self.poll()
+    }
+    fn tls_started(&mut self) {
+        UpstreamLogin::tls_started(self);
+    }
 }
 
 /// Why the upstream login failed. No variant carries text from upstream or a secret.
@@ -53,20 +66,10 @@ pub enum UpstreamError {
     Protocol(&'static str),
 }
 
-/// What the driver must do next.
-#[derive(Debug)]
-pub enum Step {
-    /// Read from upstream and feed.
-    NeedInput,
-    /// Write these bytes to upstream.
-    Write(Vec<u8>),
-    /// Do the TLS handshake with upstream now, then call [`UpstreamLogin::tls_started`].
-    StartTls,
-    /// Logged in; these are upstream's capabilities (printable ASCII, may be empty).
-    Done(String),
-    /// Give up; the client gets `NO [UNAVAILABLE]`.
-    Fail(UpstreamError),
-}
+/// What [`UpstreamLogin::poll`] returns; the event ends the login: `Ok` — logged in,
+/// with upstream's capabilities (printable ASCII, may be empty); `Err` — give up (the client
+/// gets a temporary error).
+pub type Step = Next<Result<String, UpstreamError>>;
 
 #[derive(Debug, PartialEq, Eq)]
 enum State {
@@ -149,20 +152,20 @@ impl UpstreamLogin {
     pub fn poll(&mut self) -> Step {
         loop {
             if self.unsendable {
-                return Step::Fail(UpstreamError::Unsendable);
+                return Next::Event(Err(UpstreamError::Unsendable));
             }
             if !self.out.is_empty() {
-                return Step::Write(std::mem::take(&mut self.out));
+                return Next::Write(std::mem::take(&mut self.out));
             }
             if self.state == State::AwaitTls {
-                return Step::NeedInput;
+                return Next::NeedInput;
             }
             if self.state == State::Finished {
-                return Step::Fail(UpstreamError::Protocol("poll after finish"));
+                return Next::Event(Err(UpstreamError::Protocol("poll after finish")));
             }
             let line = match self.next_line() {
                 Ok(Some(line)) => line,
-                Ok(None) => return Step::NeedInput,
+                Ok(None) => return Next::NeedInput,
                 Err(e) => return self.fail(e),
             };
             if let Some(step) = self.on_line(&line) {
@@ -173,7 +176,7 @@ impl UpstreamLogin {
 
     fn fail(&mut self, e: UpstreamError) -> Step {
         self.state = State::Finished;
-        Step::Fail(e)
+        Next::Event(Err(e))
     }
 
     fn next_line(&mut self) -> Result<Option<Vec<u8>>, UpstreamError> {
@@ -233,7 +236,7 @@ impl UpstreamLogin {
                         // Bytes after the OK, before the handshake: injected.
                         return Some(self.fail(UpstreamError::Protocol("data after STARTTLS OK")));
                     }
-                    return Some(Step::StartTls);
+                    return Some(Next::StartTls);
                 }
                 Some(self.fail(UpstreamError::StartTls))
             }
@@ -299,25 +302,15 @@ impl UpstreamLogin {
 
     fn finish(&mut self, caps: String) -> Step {
         self.state = State::Finished;
-        Step::Done(caps)
+        Next::Event(Ok(caps))
     }
 
     fn plain_payload(&self) -> String {
-        let mut msg = Vec::with_capacity(self.user.len() + self.master_user.len() + 64);
-        if let LoginStyle::User = self.style {
+        match self.style {
             // authzid empty, authcid = the user.
-            msg.push(0);
-            msg.extend_from_slice(self.user.as_bytes());
-        } else {
-            msg.extend_from_slice(self.user.as_bytes());
-            msg.push(0);
-            msg.extend_from_slice(self.master_user.as_bytes());
+            LoginStyle::User => sasl::encode_plain("", &self.user, &self.master_password),
+            _ => sasl::encode_plain(&self.user, &self.master_user, &self.master_password),
         }
-        msg.push(0);
-        msg.extend_from_slice(self.master_password.expose().as_bytes());
-        let out = base64(&msg);
-        zeroize::Zeroize::zeroize(&mut msg);
-        out
     }
 
     /// Sends ID (client address) and the login, pipelined.
@@ -404,5 +397,5 @@ impl UpstreamLogin {
 }
 
 #[cfg(test)]
-#[path = "upstream_tests.rs"]
+#[path = "imap_upstream_tests.rs"]
 mod tests;

@@ -2,6 +2,7 @@
 //! Case numbers refer to SECURITY.md §B.
 
 use super::*;
+use crate::proto::imap::base64;
 
 const USER: &str = "alice@example.com";
 const MASTER: &str = "mailgate";
@@ -42,25 +43,26 @@ fn pump(u: &mut UpstreamLogin) -> (String, Vec<St>) {
     let mut st = Vec::new();
     for _ in 0..10_000 {
         match u.poll() {
-            Step::Write(b) => {
+            Next::Write(b) => {
                 assert!(!b.is_empty());
                 w.extend(b);
             }
-            Step::NeedInput => break,
-            Step::StartTls => {
+            Next::NeedInput => break,
+            Next::StartTls => {
                 st.push(St::StartTls);
                 // Until tls_started, nothing else happens.
-                assert!(matches!(u.poll(), Step::NeedInput));
+                assert!(matches!(u.poll(), Next::NeedInput));
                 break;
             }
-            Step::Done(c) => {
+            Next::Event(Ok(c)) => {
                 st.push(St::Done(c));
                 break;
             }
-            Step::Fail(e) => {
+            Next::Event(Err(e)) => {
                 st.push(St::Fail(e));
                 break;
             }
+            Next::Close => unreachable!("an upstream login never asks to close"),
         }
     }
     (String::from_utf8_lossy(&w).into_owned(), st)
@@ -249,7 +251,7 @@ fn master_separator_unsendable() {
             "{user:?}"
         );
         // And it stays failed.
-        assert!(matches!(u.poll(), Step::Fail(UpstreamError::Unsendable)));
+        assert!(matches!(u.poll(), Next::Event(Err(UpstreamError::Unsendable))));
     }
 }
 
@@ -348,7 +350,7 @@ fn greeting_table() {
                     String::from_utf8_lossy(greeting)
                 );
                 // Finished: polling again does not revive it.
-                assert!(matches!(u.poll(), Step::Fail(_)));
+                assert!(matches!(u.poll(), Next::Event(Err(_))));
             }
         }
     }
@@ -374,7 +376,7 @@ fn login_refused_table() {
             let mut u = new_login(style.clone(), false);
             let _ = send(&mut u, GREETING_SASL_IR);
             assert_eq!(send(&mut u, reply), (String::new(), vec![want.clone()]), "{}", String::from_utf8_lossy(reply));
-            assert!(matches!(u.poll(), Step::Fail(_)));
+            assert!(matches!(u.poll(), Next::Event(Err(_))));
         }
     }
 }
@@ -459,7 +461,7 @@ fn starttls_exchange() {
     assert_eq!(send(&mut u, GREETING_STARTTLS), ("M1 STARTTLS\r\n".into(), vec![]));
     assert_eq!(send(&mut u, b"M1 OK Begin TLS negotiation now.\r\n"), (String::new(), vec![St::StartTls]));
     // Nothing is written until the handshake is done.
-    assert!(matches!(u.poll(), Step::NeedInput));
+    assert!(matches!(u.poll(), Next::NeedInput));
     u.tls_started();
     assert_eq!(pump(&mut u), (format!("{}M3 AUTHENTICATE PLAIN {}\r\n", id_line(), plain_b64()), vec![]));
     assert_eq!(send(&mut u, format!("M2 OK\r\n{}", logged_in()).as_bytes()).1, vec![St::Done(POST_LOGIN_CAPS.into())]);
@@ -564,7 +566,7 @@ fn bytes_after_starttls_ok_in_same_read_fail() {
             String::from_utf8_lossy(extra)
         );
         // No handshake, no credentials.
-        assert!(matches!(u.poll(), Step::Fail(_)));
+        assert!(matches!(u.poll(), Next::Event(Err(_))));
     }
 }
 
@@ -774,8 +776,8 @@ fn debug_never_shows_the_master_password() {
                 let s_dbg = format!("{s:?}");
                 assert!(!s_dbg.contains(MASTER_PW));
                 match s {
-                    Step::Write(_) => continue,
-                    Step::StartTls => {
+                    Next::Write(_) => continue,
+                    Next::StartTls => {
                         u.tls_started();
                         check(&u);
                     }
@@ -861,20 +863,20 @@ proptest::proptest! {
             steps += 1;
             prop_assert!(steps < 10_000, "busy loop");
             match u.poll() {
-                Step::Write(w) => {
+                Next::Write(w) => {
                     if starttls && !tls {
                         prop_assert!(!String::from_utf8_lossy(&w).contains("AUTHENTICATE"), "login before TLS");
                         prop_assert!(!String::from_utf8_lossy(&w).contains(" LOGIN "), "login before TLS");
                     }
                     written.extend_from_slice(&w);
                 }
-                Step::StartTls => {
+                Next::StartTls => {
                     prop_assert!(starttls);
                     tls = true;
                     u.tls_started();
                 }
-                Step::Done(_) | Step::Fail(_) => break,
-                Step::NeedInput => match chunks.next() {
+                Next::Event(Ok(_)) | Next::Event(Err(_)) | Next::Close => break,
+                Next::NeedInput => match chunks.next() {
                     Some(c) => {
                         u.feed(&c);
                         prop_assert!(u.buf.len() <= MAX_LINE + 2 + c.len() + 64 * 1024);

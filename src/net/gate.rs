@@ -1,0 +1,220 @@
+//! The one login gate: every protocol's login goes through [`Gate::login`].
+//!
+//! Credentials, the client and the protocol go in; out comes either the verified login
+//! ([`Authenticated`]) with its upstream session open and its place in the live-session
+//! registry, or a [`Refusal`] that each protocol words in its own syntax. The check
+//! itself is `auth`'s; the gate adds what needs I/O — with `password_check = "upstream"`
+//! the upstream server's word (for an account without a second factor, the user's own
+//! upstream login is both the check and the session) — and applies the waits, the
+//! refusal log and the per-address session cap the same way for every protocol. What
+//! differs between protocols is data: the [`Upstream`] implementation they pass.
+
+use crate::auth::{self, Authenticated, Authenticator, CheckResult, Peer, Protocol, UpstreamCheck, Verdict};
+use crate::net::upstream::UpstreamFailure;
+use crate::proto::sasl::Credentials;
+use crate::secret::SecretBytes;
+use crate::sessions::{LiveGuard, Sessions};
+use std::future::Future;
+use std::net::SocketAddr;
+use tracing::{debug, info, warn};
+
+/// Opens the upstream session of a login; one implementation per protocol.
+pub trait Upstream: Send + Sync {
+    /// An open, logged-in upstream session.
+    type Session: Send;
+    /// Logs in upstream as the verified user (master login or XCLIENT).
+    fn open(
+        &self,
+        who: &Authenticated,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> impl Future<Output = Result<Self::Session, UpstreamFailure>> + Send;
+    /// Logs in upstream as the user with the password the client sent
+    /// (`password_check = "upstream"`, an account without a second factor).
+    fn open_as_user(
+        &self,
+        check: &UpstreamCheck,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> impl Future<Output = Result<Self::Session, UpstreamFailure>> + Send;
+    /// Whether this protocol's own upstream login can check account passwords (else the
+    /// upstream IMAP server checks them and the session is a master login).
+    fn checks_passwords(&self) -> bool;
+}
+
+/// Why a login was refused; each protocol words it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Wrong credentials, unknown user, or anything else that is one answer for all.
+    Failed,
+    /// The right account password of an account with a second factor: these words tell
+    /// the person where to make an app password.
+    NeedsAppPassword(String),
+    /// The check or the upstream login could not run; try later.
+    Unavailable,
+    /// The account has too many live sessions from this address.
+    TooMany,
+    /// The client left while its check waited; nothing to answer.
+    Gone,
+}
+
+/// A login that passed the gate.
+pub struct Admitted<S> {
+    /// The proof.
+    pub who: Authenticated,
+    /// Its upstream session.
+    pub upstream: S,
+    /// Its place in the live-session registry (ends it on revocation).
+    pub live: LiveGuard,
+    /// The password the session logged in upstream with, when it is the user's own
+    /// (`password_check = "upstream"`): a reconnect needs it again.
+    pub own_password: Option<SecretBytes>,
+}
+
+/// Who is logging in, from where.
+pub struct Attempt<'a> {
+    /// What the client sent.
+    pub creds: &'a Credentials,
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The mailgate address it connected to.
+    pub local: SocketAddr,
+    /// The client's name (IMAP `ID`), for the owner's log of logins.
+    pub client_name: Option<String>,
+}
+
+/// The login gate shared by every protocol.
+#[derive(Clone)]
+pub struct Gate {
+    auth: Authenticator,
+    sessions: Sessions,
+    /// Where the person makes an app password (in the 2FA refusal).
+    app_password_url: String,
+    /// Live sessions per account and client address.
+    max_per_address: usize,
+}
+
+impl Gate {
+    /// A gate over `auth`'s checks, registering sessions in `sessions`.
+    pub fn new(auth: Authenticator, sessions: Sessions, app_password_url: String, max_per_address: usize) -> Gate {
+        Gate { auth, sessions, app_password_url, max_per_address }
+    }
+
+    /// The credential checks.
+    pub fn auth(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    /// The live-session registry.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// Waits before answering an exchange that failed before any check (malformed SASL,
+    /// a cancel): a refusal costs the same time whatever its cause.
+    pub async fn refused_early(&self) {
+        tokio::time::sleep(self.auth.base_delay()).await;
+    }
+
+    /// Decides one login. `gone` resolves if the client leaves: a check still waiting for
+    /// a hashing thread is then dropped before it runs.
+    pub async fn login<U: Upstream>(
+        &self,
+        upstream: &U,
+        attempt: Attempt<'_>,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Admitted<U::Session>, Refusal> {
+        let Attempt { creds, protocol, client, local, client_name } = attempt;
+        let who = Peer { ip: client.ip(), client_name };
+        let username = auth::normalize_username(&creds.username);
+        let verdict = tokio::select! {
+            v = self.auth.verify(creds, protocol, &who) => v,
+            () = gone => {
+                debug!(%client, "client left during its login check");
+                return Err(Refusal::Gone);
+            }
+        };
+        let (verdict, opened) = match verdict {
+            Verdict::CheckUpstream(check) => self.ask_upstream(upstream, check, client, local).await,
+            v => (v, None),
+        };
+        match verdict {
+            Verdict::Granted(granted) => self.admit(upstream, granted, opened, client, local, protocol).await,
+            Verdict::Denied => {
+                self.auth.log_refusal(auth::refusals::Kind::LoginFailed, client.ip(), &username);
+                let delay = self.auth.failure_delay(client.ip(), &username, creds.password.expose());
+                tokio::time::sleep(delay).await;
+                Err(Refusal::Failed)
+            }
+            Verdict::NeedsAppPassword => {
+                info!(%client, user = %username, "account password of a 2FA account refused; app password needed");
+                tokio::time::sleep(self.auth.base_delay()).await;
+                Err(Refusal::NeedsAppPassword(auth::app_password_hint(&self.app_password_url)))
+            }
+            Verdict::Unavailable | Verdict::CheckUpstream(_) => Err(Refusal::Unavailable),
+        }
+    }
+
+    /// `password_check = "upstream"`: the upstream server's word on the account password.
+    /// Without a second factor, and where this protocol's upstream can check it, the
+    /// user's own upstream login is the check and becomes the session.
+    async fn ask_upstream<U: Upstream>(
+        &self,
+        upstream: &U,
+        check: UpstreamCheck,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> (Verdict, Option<(U::Session, SecretBytes)>) {
+        if check.second_factor() || !upstream.checks_passwords() {
+            let result = self.auth.check_upstream(check.username(), check.password()).await;
+            return (self.auth.confirm_upstream(check, result).await, None);
+        }
+        match upstream.open_as_user(&check, client, local).await {
+            Ok(session) => {
+                let password = SecretBytes::from(check.password().expose().clone());
+                (self.auth.confirm_upstream(check, CheckResult::Valid).await, Some((session, password)))
+            }
+            Err(e) if e.is_refusal() => (self.auth.confirm_upstream(check, CheckResult::Invalid).await, None),
+            Err(e) => {
+                warn!(%client, user = %check.username(), error = %e, "upstream login failed");
+                (Verdict::Unavailable, None)
+            }
+        }
+    }
+
+    /// A granted login: its place among the live sessions, then its upstream session.
+    async fn admit<U: Upstream>(
+        &self,
+        upstream: &U,
+        who: Authenticated,
+        opened: Option<(U::Session, SecretBytes)>,
+        client: SocketAddr,
+        local: SocketAddr,
+        protocol: Protocol,
+    ) -> Result<Admitted<U::Session>, Refusal> {
+        let Some(live) = self.sessions.register_from(&who, client.ip(), self.max_per_address) else {
+            info!(%client, user = %who.username(), "too many sessions from this address");
+            return Err(Refusal::TooMany);
+        };
+        let (session, own_password) = match opened {
+            Some((session, password)) => (session, Some(password)),
+            None => match upstream.open(&who, client, local).await {
+                Ok(session) => (session, None),
+                Err(e) => {
+                    warn!(%client, user = %who.username(), %protocol, error = %e, "upstream login failed");
+                    return Err(Refusal::Unavailable);
+                }
+            },
+        };
+        self.auth.succeeded(client.ip(), who.username());
+        info!(
+            %client,
+            user = %who.username(),
+            app_password = who.app_password_id().unwrap_or("-"),
+            "{protocol} login"
+        );
+        Ok(Admitted { who, upstream: session, live, own_password })
+    }
+}

@@ -1,0 +1,229 @@
+//! In-process connection tests: the IMAP and SMTP fronts served over
+//! `tokio::io::duplex`, with a scripted upstream on loopback. (The binary is tested
+//! end to end against real Dovecot and Postfix in `tests/`.)
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::net::gate::Gate;
+use crate::net::imap::ImapService;
+use crate::net::smtp::SmtpService;
+use crate::net::upstream::{Connector, ImapUpstream};
+use crate::sessions::Sessions;
+use crate::store::{Account, Store};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, DuplexStream};
+use tokio_rustls::TlsAcceptor;
+
+pub const USER: &str = "alice@example.com";
+pub const PASSWORD: &str = "correct horse battery staple";
+pub const CLIENT: &str = "192.0.2.7:50000";
+pub const LOCAL: &str = "127.0.0.1:993";
+
+/// A scripted upstream IMAP server: logs everyone in, answers every other command `OK`
+/// and records the lines it got after the login.
+pub struct FakeImap {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeImap {
+    pub async fn start() -> FakeImap {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                tokio::spawn(fake_imap_session(tcp, log.clone()));
+            }
+        });
+        FakeImap { addr, seen }
+    }
+}
+
+async fn fake_imap_session(tcp: tokio::net::TcpStream, seen: Arc<Mutex<Vec<String>>>) {
+    let (r, mut w) = tcp.into_split();
+    let mut r = BufReader::new(r);
+    let _ = w.write_all(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN ID] fake ready\r\n").await;
+    let mut logged_in = false;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let tag = line.split(' ').next().unwrap_or("*").to_string();
+        let upper = line.to_ascii_uppercase();
+        let reply = if !logged_in && upper.contains(" ID ") {
+            format!("* ID NIL\r\n{tag} OK ID done\r\n")
+        } else if !logged_in && (upper.contains(" AUTHENTICATE ") || upper.contains(" LOGIN ")) {
+            logged_in = true;
+            format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n")
+        } else {
+            seen.lock().unwrap().push(line.clone());
+            if upper.contains(" LOGOUT") {
+                let _ = w.write_all(format!("* BYE bye\r\n{tag} OK done\r\n").as_bytes()).await;
+                return;
+            }
+            format!("{tag} OK done\r\n")
+        };
+        if w.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A scripted upstream submission server (XCLIENT, as Postfix): accepts every
+/// command and message and records the messages.
+pub struct FakeSmtp {
+    pub addr: SocketAddr,
+    pub messages: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeSmtp {
+    pub async fn start() -> FakeSmtp {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let log = messages.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                tokio::spawn(fake_smtp_session(tcp, log.clone()));
+            }
+        });
+        FakeSmtp { addr, messages }
+    }
+}
+
+async fn fake_smtp_session(tcp: tokio::net::TcpStream, messages: Arc<Mutex<Vec<String>>>) {
+    let (r, mut w) = tcp.into_split();
+    let mut r = BufReader::new(r);
+    let _ = w.write_all(b"220 fake ESMTP\r\n").await;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let upper = line.to_ascii_uppercase();
+        let reply = if upper.starts_with("EHLO") {
+            "250-fake\r\n250-XCLIENT LOGIN ADDR PORT NAME\r\n250-8BITMIME\r\n250 SIZE 10000000\r\n".to_string()
+        } else if upper.starts_with("XCLIENT") {
+            "220 fake ESMTP\r\n".to_string()
+        } else if upper.starts_with("DATA") {
+            let _ = w.write_all(b"354 go ahead\r\n").await;
+            let mut message = String::new();
+            while !message.ends_with("\r\n.\r\n") {
+                if r.read_line(&mut message).await.unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+            messages.lock().unwrap().push(message);
+            "250 2.0.0 queued\r\n".to_string()
+        } else if upper.starts_with("QUIT") {
+            let _ = w.write_all(b"221 2.0.0 bye\r\n").await;
+            return;
+        } else {
+            "250 2.0.0 ok\r\n".to_string()
+        };
+        if w.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Everything a front needs, on a temporary directory.
+pub struct Kit {
+    _dir: tempfile::TempDir,
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub sessions: Sessions,
+    pub acceptor: TlsAcceptor,
+    pub ca: std::path::PathBuf,
+}
+
+impl Kit {
+    /// `extra`: more TOML; the upstreams point at `upstream`.
+    pub fn new(upstream: SocketAddr, extra: &str) -> Kit {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        crate::tls::ensure_dev_cert(&cert, &key, &["localhost".into()]).unwrap();
+        let secret = dir.path().join("master.secret");
+        std::fs::write(&secret, "master-pw\n").unwrap();
+        let toml = format!(
+            "{extra}\n[upstream.imap]\naddress = \"{upstream}\"\nmaster_password_file = \"{}\"\n\
+             [upstream.smtp]\naddress = \"{upstream}\"\nlogin = \"xclient\"\n",
+            secret.display()
+        );
+        let config = Arc::new(Config::from_toml_str(&toml, "test").unwrap());
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::sled_store::SledStore::open(&dir.path().join("store")).unwrap());
+        let hash = crate::auth::password::hash(PASSWORD.as_bytes()).unwrap();
+        store.create_account(&Account { password_hash: Some(hash), ..Account::new(USER, 0) }).unwrap();
+        let acceptor = TlsAcceptor::from(crate::tls::server_config(&cert, &key, &["imap", "smtp"]).unwrap());
+        Kit { config, store, sessions: Sessions::default(), acceptor, ca: cert, _dir: dir }
+    }
+
+    fn gate(&self) -> Gate {
+        let auth = Authenticator::new(self.store.clone(), 1);
+        Gate::new(auth, self.sessions.clone(), self.config.app_password_url(), 10)
+    }
+
+    pub fn imap(&self) -> Arc<ImapService> {
+        let connector = Connector::new(&self.config.upstream_imap, Duration::from_secs(30)).unwrap();
+        Arc::new(ImapService {
+            config: self.config.clone(),
+            acceptor: self.acceptor.clone(),
+            gate: self.gate(),
+            upstream: ImapUpstream(Arc::new(connector)),
+        })
+    }
+
+    pub fn smtp(&self) -> Arc<SmtpService> {
+        Arc::new(SmtpService {
+            config: self.config.clone(),
+            acceptor: self.acceptor.clone(),
+            gate: self.gate(),
+            upstream: Arc::new(Connector::new(&self.config.upstream_smtp, Duration::from_secs(30)).unwrap()),
+            upstream_extensions: std::sync::RwLock::new(None),
+        })
+    }
+
+    /// A TLS client for the front's certificate.
+    pub fn tls_client(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(crate::tls::client_config(Some(&self.ca)).unwrap())
+    }
+}
+
+/// A pipe: the server's end and the client's.
+pub fn pipe() -> (DuplexStream, DuplexStream) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    (a, b)
+}
+
+pub fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Reads until `want` has been seen (or the stream ends), up to 60 s (a hang guard).
+pub async fn read_until<R: tokio::io::AsyncRead + Unpin>(r: &mut R, want: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(want) {
+        match tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("nothing more after 60 s; got {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Reads to the end of the stream (hang guard 60 s).
+pub async fn read_to_end<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> String {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut got)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
