@@ -26,16 +26,14 @@ pub trait Upstream: Send + Sync {
     fn open(
         &self,
         who: &Authenticated,
-        client: SocketAddr,
-        local: SocketAddr,
+        origin: &Origin<'_>,
     ) -> impl Future<Output = Result<Self::Session, UpstreamFailure>> + Send;
     /// Logs in upstream as the user with the password the client sent
     /// (`password_check = "upstream"`, an account without a second factor).
     fn open_as_user(
         &self,
         check: &UpstreamCheck,
-        client: SocketAddr,
-        local: SocketAddr,
+        origin: &Origin<'_>,
     ) -> impl Future<Output = Result<Self::Session, UpstreamFailure>> + Send;
     /// Whether this protocol's own upstream login can check account passwords (else the
     /// upstream IMAP server checks them and the session is a master login).
@@ -71,16 +69,25 @@ pub struct Admitted<S> {
     pub own_password: Option<SecretBytes>,
 }
 
+/// Where a login comes from, as upstream is told.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The mailgate address it connected to.
+    pub local: SocketAddr,
+    /// The client's own `ID` fields (IMAP), passed on to upstream.
+    pub id: &'a [(String, String)],
+}
+
 /// Who is logging in, from where.
 pub struct Attempt<'a> {
     /// What the client sent.
     pub creds: &'a Credentials,
     /// The protocol.
     pub protocol: Protocol,
-    /// The client's address.
-    pub client: SocketAddr,
-    /// The mailgate address it connected to.
-    pub local: SocketAddr,
+    /// Where from.
+    pub origin: Origin<'a>,
     /// The client's name (IMAP `ID`), for the owner's log of logins.
     pub client_name: Option<String>,
 }
@@ -126,22 +133,23 @@ impl Gate {
         attempt: Attempt<'_>,
         gone: impl Future<Output = ()>,
     ) -> Result<Admitted<U::Session>, Refusal> {
-        let Attempt { creds, protocol, client, local, client_name } = attempt;
+        let Attempt { creds, protocol, origin, client_name } = attempt;
+        let client = origin.client;
         let who = Peer { ip: client.ip(), client_name };
         let username = auth::normalize_username(&creds.username);
         let verdict = tokio::select! {
             v = self.auth.verify(creds, protocol, &who) => v,
             () = gone => {
-                debug!(%client, "client left during its login check");
+                debug!(peer = %client, "client left during its login check");
                 return Err(Refusal::Gone);
             }
         };
         let (verdict, opened) = match verdict {
-            Verdict::CheckUpstream(check) => self.ask_upstream(upstream, check, client, local).await,
+            Verdict::CheckUpstream(check) => self.ask_upstream(upstream, check, &origin).await,
             v => (v, None),
         };
         match verdict {
-            Verdict::Granted(granted) => self.admit(upstream, granted, opened, client, local, protocol).await,
+            Verdict::Granted(granted) => self.admit(upstream, granted, opened, &origin, protocol).await,
             Verdict::Denied => {
                 self.auth.log_refusal(auth::refusals::Kind::LoginFailed, client.ip(), &username);
                 let delay = self.auth.failure_delay(client.ip(), &username, creds.password.expose());
@@ -149,7 +157,7 @@ impl Gate {
                 Err(Refusal::Failed)
             }
             Verdict::NeedsAppPassword => {
-                info!(%client, user = %username, "account password of a 2FA account refused; app password needed");
+                info!(peer = %client, user = %username, "account password of a 2FA account refused; app password needed");
                 tokio::time::sleep(self.auth.base_delay()).await;
                 Err(Refusal::NeedsAppPassword(auth::app_password_hint(&self.app_password_url)))
             }
@@ -164,21 +172,21 @@ impl Gate {
         &self,
         upstream: &U,
         check: UpstreamCheck,
-        client: SocketAddr,
-        local: SocketAddr,
+        origin: &Origin<'_>,
     ) -> (Verdict, Option<(U::Session, SecretBytes)>) {
+        let client = origin.client;
         if check.second_factor() || !upstream.checks_passwords() {
             let result = self.auth.check_upstream(check.username(), check.password()).await;
             return (self.auth.confirm_upstream(check, result).await, None);
         }
-        match upstream.open_as_user(&check, client, local).await {
+        match upstream.open_as_user(&check, origin).await {
             Ok(session) => {
                 let password = SecretBytes::from(check.password().expose().clone());
                 (self.auth.confirm_upstream(check, CheckResult::Valid).await, Some((session, password)))
             }
             Err(e) if e.is_refusal() => (self.auth.confirm_upstream(check, CheckResult::Invalid).await, None),
             Err(e) => {
-                warn!(%client, user = %check.username(), error = %e, "upstream login failed");
+                warn!(peer = %client, user = %check.username(), error = %e, "upstream login failed");
                 (Verdict::Unavailable, None)
             }
         }
@@ -190,27 +198,27 @@ impl Gate {
         upstream: &U,
         who: Authenticated,
         opened: Option<(U::Session, SecretBytes)>,
-        client: SocketAddr,
-        local: SocketAddr,
+        origin: &Origin<'_>,
         protocol: Protocol,
     ) -> Result<Admitted<U::Session>, Refusal> {
+        let client = origin.client;
         let Some(live) = self.sessions.register_from(&who, client.ip(), self.max_per_address) else {
-            info!(%client, user = %who.username(), "too many sessions from this address");
+            info!(peer = %client, user = %who.username(), "too many sessions from this address");
             return Err(Refusal::TooMany);
         };
         let (session, own_password) = match opened {
             Some((session, password)) => (session, Some(password)),
-            None => match upstream.open(&who, client, local).await {
+            None => match upstream.open(&who, origin).await {
                 Ok(session) => (session, None),
                 Err(e) => {
-                    warn!(%client, user = %who.username(), %protocol, error = %e, "upstream login failed");
+                    warn!(peer = %client, user = %who.username(), %protocol, error = %e, "upstream login failed");
                     return Err(Refusal::Unavailable);
                 }
             },
         };
         self.auth.succeeded(client.ip(), who.username());
         info!(
-            %client,
+            peer = %client,
             user = %who.username(),
             app_password = who.app_password_id().unwrap_or("-"),
             "{protocol} login"

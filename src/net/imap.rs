@@ -4,7 +4,7 @@
 use crate::auth::{Authenticated, Protocol};
 use crate::config::Config;
 use crate::net::driver::{Conn, DriveError, Tls, Watch};
-use crate::net::gate::{Admitted, Attempt, Gate, Refusal};
+use crate::net::gate::{Admitted, Attempt, Gate, Origin, Refusal};
 use crate::net::relay::{Relay, RelayEnd};
 use crate::net::stream::{MaybeTls, Transport};
 use crate::net::upstream::{ImapUpstream, UpstreamSession};
@@ -101,8 +101,7 @@ impl ImapService {
                     let attempt = Attempt {
                         creds: &creds,
                         protocol: Protocol::Imap,
-                        client: peer,
-                        local,
+                        origin: Origin { client: peer, local, id: machine.client_id() },
                         client_name: machine.client_name().map(str::to_string),
                     };
                     match self.gate.login(&self.upstream, attempt, conn.peer_gone()).await {

@@ -4,7 +4,7 @@
 use crate::auth::{Authenticated, Protocol, UpstreamCheck};
 use crate::config::{Config, UpstreamLogin as LoginMode, UpstreamTls};
 use crate::net::driver::{Conn, DriveError, Tls, Watch};
-use crate::net::gate::{Attempt, Gate, Refusal};
+use crate::net::gate::{Attempt, Gate, Origin, Refusal};
 use crate::net::stream::{MaybeTls, Transport};
 use crate::net::upstream::{Connector, UpstreamFailure};
 use crate::proto::smtp::{Action, AuthReply, Extensions, Session};
@@ -219,8 +219,8 @@ impl SmtpService {
                 session.auth_failed(reply);
             }
             Action::Authenticate(creds) => {
-                let attempt =
-                    Attempt { creds: &creds, protocol: Protocol::Smtp, client: peer, local, client_name: None };
+                let origin = Origin { client: peer, local, id: &[] };
+                let attempt = Attempt { creds: &creds, protocol: Protocol::Smtp, origin, client_name: None };
                 match self.gate.login(self, attempt, conn.peer_gone()).await {
                     Ok(admitted) => {
                         conn.set_deadline(None);
@@ -365,22 +365,12 @@ impl SmtpService {
 impl crate::net::gate::Upstream for SmtpService {
     type Session = Upstream;
 
-    async fn open(
-        &self,
-        who: &Authenticated,
-        client: SocketAddr,
-        _local: SocketAddr,
-    ) -> Result<Upstream, UpstreamFailure> {
-        self.open_upstream(who.username(), client).await
+    async fn open(&self, who: &Authenticated, origin: &Origin<'_>) -> Result<Upstream, UpstreamFailure> {
+        self.open_upstream(who.username(), origin.client).await
     }
 
-    async fn open_as_user(
-        &self,
-        check: &UpstreamCheck,
-        client: SocketAddr,
-        _local: SocketAddr,
-    ) -> Result<Upstream, UpstreamFailure> {
-        self.open_upstream_as_user(check.username(), check.password(), client).await
+    async fn open_as_user(&self, check: &UpstreamCheck, origin: &Origin<'_>) -> Result<Upstream, UpstreamFailure> {
+        self.open_upstream_as_user(check.username(), check.password(), origin.client).await
     }
 
     /// With master-sasl upstream, an account without a second factor logs in to the SMTP

@@ -6,6 +6,7 @@
 use crate::auth::{Authenticated, UpstreamCheck};
 use crate::config::{Upstream, UpstreamLogin as LoginMode, UpstreamTls};
 use crate::net::driver::{Conn, DriveError, Tls};
+use crate::net::gate::Origin;
 use crate::net::stream::MaybeTls;
 use crate::proto::imap_upstream::{LoginStyle, UpstreamError, UpstreamLogin};
 use crate::secret::{SecretBytes, SecretString};
@@ -134,8 +135,7 @@ impl ImapUpstream {
         &self,
         user: &str,
         own_password: Option<&SecretBytes>,
-        client: SocketAddr,
-        local: SocketAddr,
+        origin: &Origin<'_>,
     ) -> Result<UpstreamSession, UpstreamFailure> {
         let cfg = self.0.config();
         let (password, style) = match own_password {
@@ -153,7 +153,9 @@ impl ImapUpstream {
             }
         };
         let starttls = cfg.tls == UpstreamTls::Starttls;
-        let mut login = UpstreamLogin::new(user, &cfg.master_user, password, style, starttls, client, local);
+        let (client, local) = (origin.client, origin.local);
+        let mut login = UpstreamLogin::new(user, &cfg.master_user, password, style, starttls, client, local)
+            .with_client_id(origin.id);
         let mut conn = self.0.connect().await?;
         let capabilities = match conn.next(&mut login).await {
             Ok(done) => done?,
@@ -168,22 +170,16 @@ impl ImapUpstream {
 impl crate::net::gate::Upstream for ImapUpstream {
     type Session = UpstreamSession;
 
-    async fn open(
-        &self,
-        who: &Authenticated,
-        client: SocketAddr,
-        local: SocketAddr,
-    ) -> Result<UpstreamSession, UpstreamFailure> {
-        self.login(who.username(), None, client, local).await
+    async fn open(&self, who: &Authenticated, origin: &Origin<'_>) -> Result<UpstreamSession, UpstreamFailure> {
+        self.login(who.username(), None, origin).await
     }
 
     async fn open_as_user(
         &self,
         check: &UpstreamCheck,
-        client: SocketAddr,
-        local: SocketAddr,
+        origin: &Origin<'_>,
     ) -> Result<UpstreamSession, UpstreamFailure> {
-        self.login(check.username(), Some(check.password()), client, local).await
+        self.login(check.username(), Some(check.password()), origin).await
     }
 
     fn checks_passwords(&self) -> bool {
@@ -201,7 +197,8 @@ impl crate::auth::PasswordChecker for ImapUpstream {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::auth::CheckResult> + Send + '_>> {
         Box::pin(async move {
             let nowhere: SocketAddr = ([127, 0, 0, 1], 0).into();
-            match self.login(&username, Some(&password), nowhere, nowhere).await {
+            let origin = Origin { client: nowhere, local: nowhere, id: &[] };
+            match self.login(&username, Some(&password), &origin).await {
                 Ok(up) => {
                     let mut conn = Conn::new(up.stream, Tls::None);
                     conn.set_idle(Some(Duration::from_secs(2)));

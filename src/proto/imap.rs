@@ -276,6 +276,8 @@ pub struct PreAuth {
     literal_seen_at: usize,
     framer: Framer,
     client_name: Option<String>,
+    /// The client's `ID` fields that are passed on to upstream ([`PreAuth::client_id`]).
+    client_id: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for PreAuth {
@@ -313,6 +315,7 @@ impl PreAuth {
             literal_seen_at: 0,
             framer: Framer::default(),
             client_name: None,
+            client_id: Vec::new(),
         };
         let caps = p.capabilities();
         p.out.extend_from_slice(format!("* OK [CAPABILITY {caps}] {hostname} mailgate ready\r\n").as_bytes());
@@ -322,6 +325,14 @@ impl PreAuth {
     /// The client's name from its `ID` command (e.g. "Thunderbird 128.0"), if it sent one.
     pub fn client_name(&self) -> Option<&str> {
         self.client_name.as_deref()
+    }
+
+    /// The fields of the client's `ID` (name, version, os, …) to pass on to upstream, so
+    /// its log shows the real client. Lower-case keys; fields that are not printable
+    /// ASCII, and every `x-…` field (upstream trusts mailgate's `x-originating-ip`, so a
+    /// client must not set those), are left out.
+    pub fn client_id(&self) -> &[(String, String)] {
+        &self.client_id
     }
 
     fn capabilities(&self) -> &'static str {
@@ -682,10 +693,11 @@ impl PreAuth {
                 self.state = State::Closed;
             }
             Parsed::Id(None) => self.bad_command(&tag, "Too many ID parameters"),
-            Parsed::Id(Some(name)) => {
+            Parsed::Id(Some((name, fields))) => {
                 if name.is_some() {
                     self.client_name = name;
                 }
+                self.client_id = fields;
                 self.out
                     .extend_from_slice(format!("* ID (\"name\" \"mailgate\")\r\n{tag} OK ID completed\r\n").as_bytes());
             }
@@ -754,7 +766,8 @@ enum Parsed {
     Noop,
     Logout,
     /// `None`: too many parameters; `Some(name)`: the client's name, if given.
-    Id(Option<Option<String>>),
+    /// `None`: too many parameters; else the client's name and the fields to pass on.
+    Id(Option<(Option<String>, Vec<(String, String)>)>),
     StartTls,
     Login(Vec<u8>, Vec<u8>),
     Authenticate(Mech, Option<crate::secret::SecretBytes>),
@@ -783,7 +796,17 @@ impl From<CommandBody<'_>> for Parsed {
                     (Some(n), Some(v)) => Some(format!("{n} {v}")),
                     (n, _) => n,
                 };
-                Parsed::Id(Some(name.map(|n| n.chars().take(64).collect())))
+                let fields = params
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        let key = std::str::from_utf8(k.as_ref()).ok()?.to_ascii_lowercase();
+                        let value = std::str::from_utf8(v.0.as_ref()?.as_ref()).ok()?;
+                        let printable = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b));
+                        (!key.starts_with("x-") && printable(&key) && printable(value))
+                            .then(|| (key, value.to_string()))
+                    })
+                    .collect();
+                Parsed::Id(Some((name.map(|n| n.chars().take(64).collect()), fields)))
             }
             CommandBody::Login { username, password } => {
                 Parsed::Login(username.as_ref().to_vec(), password.declassify().as_ref().to_vec())

@@ -2115,3 +2115,18 @@ fn another_protocols_first_line_closes_without_an_echo() {
     let (w, _) = send(&mut p, b"GET NOOP\r\n");
     assert_eq!(w, "GET OK NOOP completed\r\n");
 }
+
+/// The client's own ID fields are kept to be passed on to upstream (issue 14), without
+/// the `x-` ones a client could use to pose as another address (upstream trusts them
+/// from mailgate), and without fields that have no value.
+#[test]
+fn id_fields_are_kept_for_upstream_without_x_fields() {
+    let mut p = session(false);
+    send(
+        &mut p,
+        b"a ID (\"name\" \"Thunderbird\" \"Version\" \"128.0\" \"os\" \"Linux\" \"x-originating-ip\" \"10.0.0.1\" \"X-Session-Id\" \"s\" \"vendor\" NIL)\r\n",
+    );
+    let want: Vec<(String, String)> =
+        [("name", "Thunderbird"), ("version", "128.0"), ("os", "Linux")].map(|(k, v)| (k.into(), v.into())).into();
+    assert_eq!(p.client_id(), want.as_slice());
+}

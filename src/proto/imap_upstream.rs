@@ -100,6 +100,7 @@ pub struct UpstreamLogin {
     greeting_caps: Option<String>,
     caps: Option<String>,
     unsendable: bool,
+    client_id: Vec<(String, String)>,
 }
 
 impl UpstreamLogin {
@@ -127,7 +128,22 @@ impl UpstreamLogin {
             greeting_caps: None,
             caps: None,
             unsendable: false,
+            client_id: Vec::new(),
         }
+    }
+
+    /// The client's own `ID` fields (name, version, os, …), sent upstream before the
+    /// `x-originating-*` ones so that upstream's log shows the real client. A field that
+    /// cannot be sent as a quoted string, and any `x-…` field, is left out.
+    pub fn with_client_id(mut self, fields: &[(String, String)]) -> UpstreamLogin {
+        self.client_id = fields
+            .iter()
+            .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("x-"))
+            .filter_map(|(k, v)| Some((quoted(k)?, quoted(v)?)))
+            // With the four x- fields, within RFC 2971's 30 pairs.
+            .take(26)
+            .collect();
+        self
     }
 
     /// Bytes read from upstream.
@@ -315,8 +331,9 @@ impl UpstreamLogin {
 
     /// Sends ID (client address) and the login, pipelined.
     fn send_login(&mut self) {
+        let own: String = self.client_id.iter().map(|(k, v)| format!("{k} {v} ")).collect();
         let id = format!(
-            "M2 ID (\"x-originating-ip\" \"{}\" \"x-originating-port\" \"{}\" \"x-connected-ip\" \"{}\" \"x-connected-port\" \"{}\")\r\n",
+            "M2 ID ({own}\"x-originating-ip\" \"{}\" \"x-originating-port\" \"{}\" \"x-connected-ip\" \"{}\" \"x-connected-port\" \"{}\")\r\n",
             self.client.ip(),
             self.client.port(),
             self.local.ip(),

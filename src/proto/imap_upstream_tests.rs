@@ -889,3 +889,19 @@ proptest::proptest! {
         let _ = written;
     }
 }
+
+/// The client's ID fields go upstream first, then mailgate's own `x-originating-*`;
+/// an `x-` field or one that cannot be quoted never does.
+#[test]
+fn the_clients_id_fields_go_upstream_before_the_originating_address() {
+    let fields: Vec<(String, String)> =
+        [("name", "Thunderbird"), ("version", "128.0"), ("x-originating-ip", "10.0.0.1"), ("os", "Li\"nux")]
+            .map(|(k, v)| (k.into(), v.into()))
+            .into();
+    let mut u = new_login(LoginStyle::MasterSasl, false).with_client_id(&fields);
+    let (w, _) = send(&mut u, GREETING_SASL_IR);
+    let want =
+        id_line().replace("M2 ID (", "M2 ID (\"name\" \"Thunderbird\" \"version\" \"128.0\" \"os\" \"Li\\\"nux\" ");
+    assert!(w.starts_with(&want), "{w}");
+    assert_eq!(w.matches("x-originating-ip").count(), 1, "{w}");
+}
