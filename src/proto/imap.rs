@@ -64,6 +64,9 @@ pub enum Action {
 /// What [`PreAuth::poll`] returns.
 pub type Step = Next<Action>;
 
+/// `ID` fields: (lower-case key, value).
+pub type IdFields = Vec<(String, String)>;
+
 /// The last line of an IMAP connection that mailgate ends (RFC 9051 §7.1.5 BYE).
 pub fn goodbye(why: Goodbye) -> &'static [u8] {
     match why {
@@ -277,7 +280,7 @@ pub struct PreAuth {
     framer: Framer,
     client_name: Option<String>,
     /// The client's `ID` fields that are passed on to upstream ([`PreAuth::client_id`]).
-    client_id: Vec<(String, String)>,
+    client_id: IdFields,
 }
 
 impl std::fmt::Debug for PreAuth {
@@ -767,7 +770,7 @@ enum Parsed {
     Logout,
     /// `None`: too many parameters; `Some(name)`: the client's name, if given.
     /// `None`: too many parameters; else the client's name and the fields to pass on.
-    Id(Option<(Option<String>, Vec<(String, String)>)>),
+    Id(Option<(Option<String>, IdFields)>),
     StartTls,
     Login(Vec<u8>, Vec<u8>),
     Authenticate(Mech, Option<crate::secret::SecretBytes>),
