@@ -21,20 +21,20 @@ use tracing::{debug, info, warn};
 /// Opens the upstream session of a login; one implementation per protocol.
 pub trait Upstream: Send + Sync {
     /// An open, logged-in upstream session.
-    type Session: Send;
+    type Connection: Send;
     /// Logs in upstream as the verified user (master login or XCLIENT).
     fn open(
         &self,
         who: &Authenticated,
         origin: &Origin<'_>,
-    ) -> impl Future<Output = Result<Self::Session, UpstreamFailure>> + Send;
+    ) -> impl Future<Output = Result<Self::Connection, UpstreamFailure>> + Send;
     /// Logs in upstream as the user with the password the client sent
     /// (`password_check = "upstream"`, an account without a second factor).
     fn open_as_user(
         &self,
         check: &UpstreamCheck,
         origin: &Origin<'_>,
-    ) -> impl Future<Output = Result<Self::Session, UpstreamFailure>> + Send;
+    ) -> impl Future<Output = Result<Self::Connection, UpstreamFailure>> + Send;
     /// Whether this protocol's own upstream login can check account passwords (else the
     /// upstream IMAP server checks them and the session is a master login).
     fn checks_passwords(&self) -> bool;
@@ -132,7 +132,7 @@ impl Gate {
         upstream: &U,
         attempt: Attempt<'_>,
         gone: impl Future<Output = ()>,
-    ) -> Result<Admitted<U::Session>, Refusal> {
+    ) -> Result<Admitted<U::Connection>, Refusal> {
         let Attempt { creds, protocol, origin, client_name } = attempt;
         let client = origin.client;
         let who = Peer { ip: client.ip(), client_name };
@@ -173,7 +173,7 @@ impl Gate {
         upstream: &U,
         check: UpstreamCheck,
         origin: &Origin<'_>,
-    ) -> (Verdict, Option<(U::Session, SecretBytes)>) {
+    ) -> (Verdict, Option<(U::Connection, SecretBytes)>) {
         let client = origin.client;
         if check.second_factor() || !upstream.checks_passwords() {
             let result = self.auth.check_upstream(check.username(), check.password()).await;
@@ -197,10 +197,10 @@ impl Gate {
         &self,
         upstream: &U,
         who: Authenticated,
-        opened: Option<(U::Session, SecretBytes)>,
+        opened: Option<(U::Connection, SecretBytes)>,
         origin: &Origin<'_>,
         protocol: Protocol,
-    ) -> Result<Admitted<U::Session>, Refusal> {
+    ) -> Result<Admitted<U::Connection>, Refusal> {
         let client = origin.client;
         let Some(live) = self.sessions.register_from(&who, client.ip(), self.max_per_address) else {
             info!(peer = %client, user = %who.username(), "too many sessions from this address");

@@ -7,7 +7,7 @@ use crate::net::driver::{Conn, DriveError, Tls, Watch};
 use crate::net::gate::{Admitted, Attempt, Gate, Origin, Refusal};
 use crate::net::relay::{Relay, RelayEnd};
 use crate::net::stream::{MaybeTls, Transport};
-use crate::net::upstream::{ImapUpstream, UpstreamSession};
+use crate::net::upstream::{ImapUpstream, UpstreamImap};
 use crate::proto::imap::{Action, AuthReply, PreAuth, goodbye};
 use crate::proto::{Goodbye, Next};
 use crate::sessions::LiveGuard;
@@ -125,7 +125,7 @@ impl ImapService {
 /// A client logged in, its upstream session open.
 struct LoggedIn<S: Transport> {
     client: MaybeTls<S>,
-    admitted: Admitted<UpstreamSession>,
+    admitted: Admitted<UpstreamImap>,
     pipelined: Vec<u8>,
 }
 
@@ -134,13 +134,13 @@ struct LoggedIn<S: Transport> {
 /// authentication. Relay buffers exist only while data flows ([`crate::net::relay`]).
 async fn relay<S: Transport>(
     mut client: MaybeTls<S>,
-    upstream: UpstreamSession,
+    upstream: UpstreamImap,
     pipelined: Vec<u8>,
     mut live: LiveGuard,
     who: &Authenticated,
     idle: Duration,
 ) -> Result<(), DriveError> {
-    let UpstreamSession { stream: mut upstream, leftover, capabilities } = upstream;
+    let UpstreamImap { stream: mut upstream, leftover, capabilities } = upstream;
     drop(capabilities);
     if !leftover.is_empty() {
         client.write_all(&leftover).await?;

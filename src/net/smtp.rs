@@ -1,4 +1,4 @@
-//! One SMTP submission connection: the [`Session`] machine on the driver, the login
+//! One SMTP submission connection: the [`Submission`] machine on the driver, the login
 //! gate, and each transaction step relayed to the upstream server, logged in as the user.
 
 use crate::auth::{Authenticated, Protocol, UpstreamCheck};
@@ -7,7 +7,7 @@ use crate::net::driver::{Conn, DriveError, Tls, Watch};
 use crate::net::gate::{Attempt, Gate, Origin, Refusal};
 use crate::net::stream::{MaybeTls, Transport};
 use crate::net::upstream::{Connector, UpstreamFailure};
-use crate::proto::smtp::{Action, AuthReply, Extensions, Session};
+use crate::proto::smtp::{Action, AuthReply, Extensions, Submission};
 use crate::proto::smtp_upstream::{Replies, SmtpLogin, SmtpUpstreamError, Style};
 use crate::secret::{SecretBytes, SecretString};
 use std::net::SocketAddr;
@@ -186,7 +186,8 @@ impl SmtpService {
             if implicit { Conn::accept_tls(transport, tls).await? } else { Conn::new(MaybeTls::Plain(transport), tls) };
         conn.set_deadline(Some(deadline));
         conn.watch(Watch::Shutdown(self.gate.sessions().stop_notice()));
-        let mut session = Session::new(&self.config.hostname, implicit, !implicit, self.config.smtp_max_message_size);
+        let mut session =
+            Submission::new(&self.config.hostname, implicit, !implicit, self.config.smtp_max_message_size);
         session.set_upstream_extensions(self.extensions());
         let mut state = Client::default();
         let ended = loop {
@@ -208,7 +209,7 @@ impl SmtpService {
         &self,
         action: Action,
         conn: &mut Conn<S>,
-        session: &mut Session,
+        session: &mut Submission,
         state: &mut Client,
         peer: SocketAddr,
         local: SocketAddr,
@@ -260,7 +261,7 @@ impl SmtpService {
     }
 
     /// A command line for upstream; its reply goes back to the session.
-    async fn forward(&self, line: Vec<u8>, session: &mut Session, state: &mut Client, peer: SocketAddr) {
+    async fn forward(&self, line: Vec<u8>, session: &mut Submission, state: &mut Client, peer: SocketAddr) {
         if state.upstream.is_none() && line.eq_ignore_ascii_case(b"RSET\r\n") {
             // No upstream connection, so no upstream transaction to reset.
             session.upstream_reply(250, b"250 2.0.0 OK\r\n");
@@ -285,7 +286,7 @@ impl SmtpService {
         &self,
         head: Vec<u8>,
         complete: bool,
-        session: &mut Session,
+        session: &mut Submission,
         state: &mut Client,
         peer: SocketAddr,
     ) {
@@ -319,7 +320,7 @@ impl SmtpService {
     }
 
     /// The last message bytes and upstream's final reply.
-    async fn end_data(&self, bytes: Vec<u8>, session: &mut Session, state: &mut Client, peer: SocketAddr) {
+    async fn end_data(&self, bytes: Vec<u8>, session: &mut Submission, state: &mut Client, peer: SocketAddr) {
         let result = match state.upstream.as_mut() {
             Some(up) => up.command(&bytes, DATA_END_TIMEOUT).await.ok(),
             None => None,
@@ -333,7 +334,7 @@ impl SmtpService {
         }
     }
 
-    fn final_reply(&self, code: u16, raw: &[u8], session: &mut Session, state: &Client, peer: SocketAddr) {
+    fn final_reply(&self, code: u16, raw: &[u8], session: &mut Submission, state: &Client, peer: SocketAddr) {
         if (200..300).contains(&code) {
             info!(%peer, user = %state.granted.as_ref().map(|g| g.username()).unwrap_or("-"), "message relayed");
         }
@@ -363,7 +364,7 @@ impl SmtpService {
 
 /// The upstream submission server, for the login gate.
 impl crate::net::gate::Upstream for SmtpService {
-    type Session = Upstream;
+    type Connection = Upstream;
 
     async fn open(&self, who: &Authenticated, origin: &Origin<'_>) -> Result<Upstream, UpstreamFailure> {
         self.open_upstream(who.username(), origin.client).await

@@ -56,7 +56,7 @@ impl UpstreamFailure {
 }
 
 /// An open, logged-in upstream IMAP session.
-pub struct UpstreamSession {
+pub struct UpstreamImap {
     /// The connection.
     pub stream: MaybeTls,
     /// Upstream's capabilities after login.
@@ -136,7 +136,7 @@ impl ImapUpstream {
         user: &str,
         own_password: Option<&SecretBytes>,
         origin: &Origin<'_>,
-    ) -> Result<UpstreamSession, UpstreamFailure> {
+    ) -> Result<UpstreamImap, UpstreamFailure> {
         let cfg = self.0.config();
         let (password, style) = match own_password {
             Some(pw) => match String::from_utf8(pw.expose().clone()) {
@@ -163,22 +163,18 @@ impl ImapUpstream {
             Err(e) => return Err(e.into()),
         };
         let (stream, _) = conn.into_parts().ok_or(UpstreamFailure::Conn(DriveError::PeerClosed))?;
-        Ok(UpstreamSession { stream, capabilities, leftover: login.into_leftover() })
+        Ok(UpstreamImap { stream, capabilities, leftover: login.into_leftover() })
     }
 }
 
 impl crate::net::gate::Upstream for ImapUpstream {
-    type Session = UpstreamSession;
+    type Connection = UpstreamImap;
 
-    async fn open(&self, who: &Authenticated, origin: &Origin<'_>) -> Result<UpstreamSession, UpstreamFailure> {
+    async fn open(&self, who: &Authenticated, origin: &Origin<'_>) -> Result<UpstreamImap, UpstreamFailure> {
         self.login(who.username(), None, origin).await
     }
 
-    async fn open_as_user(
-        &self,
-        check: &UpstreamCheck,
-        origin: &Origin<'_>,
-    ) -> Result<UpstreamSession, UpstreamFailure> {
+    async fn open_as_user(&self, check: &UpstreamCheck, origin: &Origin<'_>) -> Result<UpstreamImap, UpstreamFailure> {
         self.login(check.username(), Some(check.password()), origin).await
     }
 

@@ -1,8 +1,8 @@
 //! The SMTP submission server, sans-IO: greeting, EHLO, STARTTLS, AUTH, and — once
 //! authenticated — the mail transaction with the sender policy applied.
 //!
-//! The driver feeds client bytes ([`Session::feed`]) and asks what to do
-//! ([`Session::poll`]). Before authentication everything is answered here. After it,
+//! The driver feeds client bytes ([`Submission::feed`]) and asks what to do
+//! ([`Submission::poll`]). Before authentication everything is answered here. After it,
 //! MAIL, RCPT and RSET are checked here and forwarded upstream one at a time
 //! ([`Action::Forward`]); upstream's reply goes back to the client unchanged, so a step
 //! upstream refused is never reported as a success. DATA is answered `354` here; the
@@ -41,17 +41,17 @@ use limits::*;
 /// What only the driver can act on (see [`Machine`]).
 #[derive(Debug)]
 pub enum Action {
-    /// Check these credentials, then call [`Session::auth_succeeded`] or [`Session::auth_failed`].
+    /// Check these credentials, then call [`Submission::auth_succeeded`] or [`Submission::auth_failed`].
     Authenticate(Credentials),
     /// The exchange failed before any password check; apply the failure delay, then call
-    /// [`Session::auth_failed`] with this reply.
+    /// [`Submission::auth_failed`] with this reply.
     Refuse(AuthReply),
     /// Send this command line (CRLF included) upstream, read the whole reply and give it
-    /// to [`Session::upstream_reply`]. The upstream session may have to be (re)opened first.
+    /// to [`Submission::upstream_reply`]. The upstream session may have to be (re)opened first.
     Forward(Vec<u8>),
     /// Send `DATA` upstream. On `354`, send `head`; then if `complete` read the final reply
-    /// and call [`Session::upstream_reply`], else call [`Session::data_accepted`]. On any other
-    /// reply call [`Session::data_refused`] with it.
+    /// and call [`Submission::upstream_reply`], else call [`Submission::data_accepted`]. On any other
+    /// reply call [`Submission::data_refused`] with it.
     StartData {
         /// The message so far (dot-stuffed, as the client sent it).
         head: Vec<u8>,
@@ -61,14 +61,14 @@ pub enum Action {
     /// More message bytes: send them upstream as they are.
     DataChunk(Vec<u8>),
     /// The last message bytes, end-of-data line included: send them, read the final reply,
-    /// call [`Session::upstream_reply`].
+    /// call [`Submission::upstream_reply`].
     EndData(Vec<u8>),
     /// The message being streamed must not be delivered: close the upstream connection
     /// without sending end-of-data (upstream then discards it). Open a new one when needed.
     AbortUpstream,
 }
 
-/// What [`Session::poll`] returns. After [`Next::Close`], say QUIT upstream.
+/// What [`Submission::poll`] returns. After [`Next::Close`], say QUIT upstream.
 pub type Step = Next<Action>;
 
 /// Protocol errors before authentication after which every reply waits (Postfix
@@ -85,16 +85,16 @@ pub fn goodbye(why: Goodbye) -> &'static [u8] {
     }
 }
 
-impl Machine for Session {
+impl Machine for Submission {
     type Event = Action;
     fn feed(&mut self, bytes: &[u8]) {
-        Session::feed(self, bytes);
+        Submission::feed(self, bytes);
     }
     fn next(&mut self) -> Step {
         self.poll()
     }
     fn tls_started(&mut self) {
-        Session::tls_started(self);
+        Submission::tls_started(self);
     }
     fn slow_down(&self) -> bool {
         !self.authenticated && self.errors >= SOFT_ERROR_LIMIT
@@ -219,7 +219,7 @@ enum ScanEvent {
 }
 
 /// The SMTP session of one client connection.
-pub struct Session {
+pub struct Submission {
     state: State,
     buf: Vec<u8>,
     out: Vec<u8>,
@@ -252,9 +252,9 @@ pub struct Session {
     ext: Extensions,
 }
 
-impl std::fmt::Debug for Session {
+impl std::fmt::Debug for Submission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session")
+        f.debug_struct("Submission")
             .field("state", &self.state)
             .field("tls", &self.tls)
             .field("authenticated", &self.authenticated)
@@ -266,11 +266,11 @@ impl std::fmt::Debug for Session {
 
 const TOO_MANY_ERRORS: &str = "421 4.7.0 Too many errors, closing connection\r\n";
 
-impl Session {
+impl Submission {
     /// A new connection. `tls`: already encrypted (implicit TLS); `starttls_allowed`: this
     /// listener offers STARTTLS; `max_size`: the SIZE limit in octets.
-    pub fn new(hostname: &str, tls: bool, starttls_allowed: bool, max_size: usize) -> Session {
-        let mut s = Session {
+    pub fn new(hostname: &str, tls: bool, starttls_allowed: bool, max_size: usize) -> Submission {
+        let mut s = Submission {
             state: State::Command { discarding: false },
             buf: Vec::new(),
             out: Vec::new(),

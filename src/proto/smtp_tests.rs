@@ -75,9 +75,9 @@ enum Fail {
     EndData,
 }
 
-/// Plays `net::smtp` against a [`Session`] and records everything.
+/// Plays `net::smtp` against a [`Submission`] and records everything.
 struct Driver {
-    s: Session,
+    s: Submission,
     /// Every byte written to the client.
     client: Vec<u8>,
     client_seen: usize,
@@ -131,7 +131,7 @@ impl Driver {
     /// A session whose greeting is not read yet.
     fn raw(tls: bool, starttls: bool, max: usize) -> Driver {
         Driver {
-            s: Session::new(HOST, tls, starttls, max),
+            s: Submission::new(HOST, tls, starttls, max),
             client: Vec::new(),
             client_seen: 0,
             events: Vec::new(),
@@ -499,7 +499,7 @@ fn assert_split_invariant(tls: bool, max: usize, turns: &[&[u8]]) -> Transcript 
 
 #[test]
 fn greeting() {
-    let mut s = Session::new("mail.example.com", false, true, 1_000_000);
+    let mut s = Submission::new("mail.example.com", false, true, 1_000_000);
     assert!(matches!(s.poll(), Next::Write(w) if w.starts_with(b"220 mail.example.com ESMTP")));
     assert!(matches!(s.poll(), Next::NeedInput));
 }
@@ -2406,7 +2406,7 @@ fn debug_never_shows_the_password() {
         assert!(!what.contains(&login), "{what}");
     };
     // PLAIN with initial response, fed but not yet polled, then as an action.
-    let mut s = Session::new(HOST, true, false, MAX);
+    let mut s = Submission::new(HOST, true, false, MAX);
     s.poll();
     s.feed(format!("AUTH PLAIN {plain}\r\n").as_bytes());
     check(&format!("{s:?}"));
@@ -2416,7 +2416,7 @@ fn debug_never_shows_the_password() {
     check(&format!("{a:#?}"));
     check(&format!("{s:?}"));
     // LOGIN: the password line in the buffer and at the prompt.
-    let mut s = Session::new(HOST, true, false, MAX);
+    let mut s = Submission::new(HOST, true, false, MAX);
     s.poll();
     s.feed(b"AUTH LOGIN YWxpY2U=\r\n");
     while !matches!(s.poll(), Next::NeedInput) {}
@@ -2426,7 +2426,7 @@ fn debug_never_shows_the_password() {
     check(&format!("{a:?}"));
     assert!(matches!(a, Next::Event(Action::Authenticate(c)) if c.password.expose().as_slice() == secret.as_bytes()));
     // A refused exchange.
-    let mut s = Session::new(HOST, true, false, MAX);
+    let mut s = Submission::new(HOST, true, false, MAX);
     s.poll();
     s.feed(format!("AUTH PLAIN {}\r\n", b64(format!("bob\0alice\0{secret}").as_bytes())).as_bytes());
     let a = s.poll();
@@ -2435,7 +2435,7 @@ fn debug_never_shows_the_password() {
 
 #[test]
 fn auth_line_is_not_left_in_the_buffer() {
-    let mut s = Session::new(HOST, true, false, MAX);
+    let mut s = Submission::new(HOST, true, false, MAX);
     s.poll();
     s.feed(format!("AUTH PLAIN {GOOD_PLAIN}\r\nNOOP\r\n").as_bytes());
     assert!(matches!(s.poll(), Next::Event(Action::Authenticate(_))));
@@ -2447,7 +2447,7 @@ fn auth_line_is_not_left_in_the_buffer() {
 // ---------------------------------------------------------------------------------------
 
 /// The buffer bound that must hold after `poll` returned NeedInput.
-fn buf_bound(s: &Session) -> usize {
+fn buf_bound(s: &Submission) -> usize {
     match s.state {
         State::Command { .. } => {
             let auth = s.buf.len() >= 5 && s.buf[..5].eq_ignore_ascii_case(b"AUTH ");
