@@ -1,8 +1,10 @@
-//! Credential checks, shared by IMAP, SMTP and (later) the web step.
+//! Credential checks, shared by IMAP, SMTP (through the login gate, `net::gate`) and
+//! the web step.
 //!
 //! [`Authenticator::verify`] takes what a mail client sent and returns a [`Verdict`].
-//! Only this module can make an [`Authenticated`] proof, and the relay needs one, so
-//! a path that skips the check does not compile (the rustls capability pattern).
+//! Only this module can make an [`Authenticated`] proof, and the relay, the upstream
+//! login and the live-session registry each take one, so a path that skips the check
+//! does not compile (the rustls capability pattern).
 //!
 //! Rules: an app password (recognised by its shape, selected by its public id) must
 //! belong to the account and carry the protocol's scope. The account password works
@@ -10,8 +12,10 @@
 //! [`Verdict::NeedsAppPassword`] (after checking it is right, so the answer reveals
 //! nothing to someone who does not know it) and recorded for the owner to see.
 //! Every other failure is the same [`Verdict::Denied`]. Each attempt costs at most one
-//! argon2id hash (a dummy one for unknown users), computed on the blocking pool behind
-//! a semaphore so hashing cannot eat all memory and cores.
+//! argon2id hash (a dummy one for unknown users), computed on the hashing threads
+//! ([`hashing`]), shared fairly per client address, so hashing cannot eat all memory
+//! and cores. Every guess of a secret a person can remember first takes a slot of the
+//! guess budgets ([`budget`]).
 
 pub mod app_password;
 pub mod backup_codes;
@@ -701,7 +705,7 @@ impl Authenticator {
         let user = username.clone();
         let verdict = self
             .run_blocking(peer.ip, move || {
-                decide_cached(store.as_ref(), accounts.as_ref(), cache.as_deref(), &user, &password, protocol, &who)
+                decide(store.as_ref(), accounts.as_ref(), cache.as_deref(), &user, &password, protocol, &who)
             })
             .await
             .unwrap_or(Verdict::Unavailable);
@@ -780,26 +784,10 @@ fn web_password(store: &dyn Store, username: &str, password: &SecretBytes, ip: I
     }
 }
 
-/// The decision, synchronous (runs on the blocking pool).
-pub fn decide(store: &dyn Store, username: &str, password: &SecretBytes, protocol: Protocol, peer: &Peer) -> Verdict {
-    decide_with(store, None, username, password, protocol, peer)
-}
-
-/// The decision with the account mode: with `password_check = "upstream"`, an account
-/// password is not checked here but handed back as [`Verdict::CheckUpstream`].
-pub fn decide_with(
-    store: &dyn Store,
-    accounts: Option<&Accounts>,
-    username: &str,
-    password: &SecretBytes,
-    protocol: Protocol,
-    peer: &Peer,
-) -> Verdict {
-    decide_cached(store, accounts, None, username, password, protocol, peer)
-}
-
-/// [`decide_with`], remembering a verified app password in `cache`.
-fn decide_cached(
+/// The decision, synchronous (runs on a hashing thread). With the account mode
+/// `password_check = "upstream"`, an account password is not checked here but handed
+/// back as [`Verdict::CheckUpstream`]; a verified app password is remembered in `cache`.
+fn decide(
     store: &dyn Store,
     accounts: Option<&Accounts>,
     cache: Option<&VerifyCache>,
@@ -1308,7 +1296,7 @@ mod tests {
             ("nobody@x", good.as_str()),
         ] {
             let before = password::evaluations_on_this_thread();
-            let _ = decide(&s, user, &pw(secret), Protocol::Imap, &peer());
+            let _ = decide(&s, None, None, user, &pw(secret), Protocol::Imap, &peer());
             let n = password::evaluations_on_this_thread() - before;
             assert_eq!(n, 1, "{user} / {secret}: {n} evaluations");
         }
@@ -1318,21 +1306,21 @@ mod tests {
     fn table() {
         let (_d, s, app) = setup();
         assert!(
-            matches!(decide(&s, "a@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Granted(a) if a.app_password_id().is_some())
+            matches!(decide(&s, None, None, "a@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Granted(a) if a.app_password_id().is_some())
         );
         let used = s.list_app_passwords("a@x").unwrap()[0].last_used.clone().unwrap();
         assert_eq!(used.client.as_deref(), Some("Thunderbird"));
-        assert!(matches!(decide(&s, "a@x", &pw(&app), Protocol::Smtp, &peer()), Verdict::Denied));
+        assert!(matches!(decide(&s, None, None, "a@x", &pw(&app), Protocol::Smtp, &peer()), Verdict::Denied));
         assert!(
-            matches!(decide(&s, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::Granted(a) if a.app_password_id().is_none())
+            matches!(decide(&s, None, None, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::Granted(a) if a.app_password_id().is_none())
         );
-        assert!(matches!(decide(&s, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
-        assert!(matches!(decide(&s, "nobody@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Denied));
+        assert!(matches!(decide(&s, None, None, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
+        assert!(matches!(decide(&s, None, None, "nobody@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Denied));
         // Another account's app password does not open this one.
         let mut b = s.get_account("a@x").unwrap().unwrap();
         b.username = "b@x".into();
         s.create_account(&b).unwrap();
-        assert!(matches!(decide(&s, "b@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Denied));
+        assert!(matches!(decide(&s, None, None, "b@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Denied));
     }
 
     #[test]
@@ -1344,13 +1332,16 @@ mod tests {
             "{SHA512-CRYPT}$6$LkYAziLPYynr.PmP$vjYNVvjz2joE6JhbOlaxkT0BfUvIVYgIrhqMPxmF7knjl4ZkXro7CshkWtQK1CsB9a94nNhE65TkZx5VsTxSA/".into(),
         );
         s.put_account(&a).unwrap();
-        assert!(matches!(decide(&s, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
+        assert!(matches!(decide(&s, None, None, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
         assert!(s.get_account("a@x").unwrap().unwrap().password_hash.unwrap().starts_with("{SHA512-CRYPT}"));
-        let v = decide(&s, "a@x", &pw("correct horse"), Protocol::Imap, &peer());
+        let v = decide(&s, None, None, "a@x", &pw("correct horse"), Protocol::Imap, &peer());
         assert!(matches!(v, Verdict::Granted(_)), "{v:?}");
         let h = s.get_account("a@x").unwrap().unwrap().password_hash.unwrap();
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
-        assert!(matches!(decide(&s, "a@x", &pw("correct horse"), Protocol::Imap, &peer()), Verdict::Granted(_)));
+        assert!(matches!(
+            decide(&s, None, None, "a@x", &pw("correct horse"), Protocol::Imap, &peer()),
+            Verdict::Granted(_)
+        ));
     }
 
     #[test]
@@ -1382,9 +1373,12 @@ mod tests {
         a.totp = Some(TotpState { secret_enc: String::new(), enabled_at: 1, last_step: 0 });
         a.second_factor_required = true;
         s.put_account(&a).unwrap();
-        assert!(matches!(decide(&s, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::NeedsAppPassword));
-        assert!(matches!(decide(&s, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
-        assert!(matches!(decide(&s, "a@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Granted(_)));
+        assert!(matches!(
+            decide(&s, None, None, "a@x", &pw("account-pw"), Protocol::Imap, &peer()),
+            Verdict::NeedsAppPassword
+        ));
+        assert!(matches!(decide(&s, None, None, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
+        assert!(matches!(decide(&s, None, None, "a@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Granted(_)));
         let ev = s.recent_audit("a@x", 5).unwrap();
         let kinds: Vec<&str> = ev.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["login", "login_failed", "account_password_refused_2fa"]);
@@ -1392,6 +1386,9 @@ mod tests {
         // Fail closed: the TOTP record lost, the marker still refuses.
         a.totp = None;
         s.put_account(&a).unwrap();
-        assert!(matches!(decide(&s, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::NeedsAppPassword));
+        assert!(matches!(
+            decide(&s, None, None, "a@x", &pw("account-pw"), Protocol::Imap, &peer()),
+            Verdict::NeedsAppPassword
+        ));
     }
 }
