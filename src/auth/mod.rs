@@ -787,7 +787,7 @@ fn web_password(store: &dyn Store, username: &str, password: &SecretBytes, ip: I
 /// The decision, synchronous (runs on a hashing thread). With the account mode
 /// `password_check = "upstream"`, an account password is not checked here but handed
 /// back as [`Verdict::CheckUpstream`]; a verified app password is remembered in `cache`.
-fn decide(
+pub(crate) fn decide(
     store: &dyn Store,
     accounts: Option<&Accounts>,
     cache: Option<&VerifyCache>,

@@ -291,6 +291,8 @@ fn peer(client: &str) -> Peer {
 fn imap_login(env: &Env, user: &str, pw: &str) -> Verdict {
     crate::auth::decide(
         env.store.as_ref(),
+        None,
+        None,
         user,
         &SecretBytes::from(pw.as_bytes().to_vec()),
         Protocol::Imap,
@@ -1037,7 +1039,7 @@ async fn labels_and_device_names_are_escaped() {
     let evil = "<script>alert(1)</script>";
     let pw = SecretBytes::from(PW.as_bytes().to_vec());
     assert!(matches!(
-        crate::auth::decide(env.store.as_ref(), ALICE, &pw, Protocol::Imap, &peer(evil)),
+        crate::auth::decide(env.store.as_ref(), None, None, ALICE, &pw, Protocol::Imap, &peer(evil)),
         Verdict::NeedsAppPassword
     ));
     let mut c = env.client();
