@@ -1066,7 +1066,7 @@ async fn account_page_lists_devices_still_using_the_account_password() {
     assert!(!page.body.contains("Devices still using your account password"));
 
     let pw = SecretBytes::from(PW.as_bytes().to_vec());
-    let refused = crate::auth::decide(env.store.as_ref(), ALICE, &pw, Protocol::Imap, &peer("Thunderbird"));
+    let refused = crate::auth::decide(env.store.as_ref(), None, None, ALICE, &pw, Protocol::Imap, &peer("Thunderbird"));
     assert!(matches!(refused, Verdict::NeedsAppPassword));
     let ev = AuditEvent {
         at: T0,
