@@ -4,6 +4,7 @@
 use crate::admin;
 use crate::auth::{Authenticator, crypto::SecretKey};
 use crate::config::Config;
+use crate::net::driver::serve_tcp;
 use crate::net::gate::Gate;
 use crate::net::imap::ImapService;
 use crate::net::listener::{ConnLimits, accept_loop};
@@ -276,7 +277,7 @@ pub async fn run(
                 stop_rx.clone(),
                 proxy(pp.imap),
                 tasks_guard.clone(),
-                move |tcp, peer| svc.clone().serve_tcp(tcp, peer, implicit),
+                move |tcp, peer| serve_tcp(svc.clone(), tcp, peer, implicit),
             )));
         }
     }
@@ -292,7 +293,7 @@ pub async fn run(
                 stop_rx.clone(),
                 proxy(pp.smtp),
                 tasks_guard.clone(),
-                move |tcp, peer| svc.clone().serve_tcp(tcp, peer, implicit),
+                move |tcp, peer| serve_tcp(svc.clone(), tcp, peer, implicit),
             )));
         }
     }

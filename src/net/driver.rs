@@ -68,6 +68,31 @@ impl Watch {
     }
 }
 
+/// A protocol front (IMAP, SMTP): serves one client connection over any transport.
+pub trait Front: Send + Sync + 'static {
+    /// Serves one connection to its end; `local` is the mailgate address it reached,
+    /// `implicit` means TLS from the first byte.
+    fn serve<S: Transport>(
+        self: std::sync::Arc<Self>,
+        transport: S,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+        implicit: bool,
+    ) -> impl std::future::Future<Output = Result<(), DriveError>> + Send;
+}
+
+/// Serves one accepted TCP connection with `front` (what the accept loops run).
+pub async fn serve_tcp<F: Front>(
+    front: std::sync::Arc<F>,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    implicit: bool,
+) -> Result<(), DriveError> {
+    let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr()?;
+    front.serve(tcp, peer, local, implicit).await
+}
+
 /// Why [`Conn::next`] returned no event.
 #[derive(Debug, thiserror::Error)]
 pub enum DriveError {
@@ -115,10 +140,23 @@ impl<S: Transport> Conn<S> {
         Conn { stream: Some(stream), tls, buf: Vec::new(), deadline: None, idle: None, watch: Watch::Nothing }
     }
 
-    /// Accepts TLS from a client at once (implicit TLS), then a connection as [`Conn::new`].
-    pub async fn accept_tls(transport: S, tls: Tls) -> Result<Conn<S>, DriveError> {
+    /// A client's connection as every front starts it: TLS at once when `implicit`
+    /// (else on STARTTLS), the pre-auth deadline from now, and shutdown watched.
+    pub async fn client(
+        transport: S,
+        implicit: bool,
+        acceptor: &TlsAcceptor,
+        limits: &crate::config::Limits,
+        stop: StopNotice,
+    ) -> Result<Conn<S>, DriveError> {
+        let deadline = Instant::now() + limits.preauth_timeout;
+        let tls = Tls::Server { acceptor: acceptor.clone(), handshake: limits.tls_handshake_timeout };
         let mut conn = Conn::new(MaybeTls::Plain(transport), tls);
-        conn.start_tls().await?;
+        if implicit {
+            conn.start_tls().await?;
+        }
+        conn.set_deadline(Some(deadline));
+        conn.watch(Watch::Shutdown(stop));
         Ok(conn)
     }
 

@@ -3,7 +3,7 @@
 
 use crate::auth::{Authenticated, Protocol};
 use crate::config::Config;
-use crate::net::driver::{Conn, DriveError, Tls, Watch};
+use crate::net::driver::{Conn, DriveError, Front};
 use crate::net::gate::{Admitted, Attempt, Gate, Origin, Refusal};
 use crate::net::relay::{Relay, RelayEnd};
 use crate::net::stream::{MaybeTls, Transport};
@@ -15,8 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
@@ -46,35 +45,6 @@ fn reply_for(refusal: Refusal) -> AuthReply {
 }
 
 impl ImapService {
-    /// Serves one accepted TCP connection to its end. `implicit`: TLS from the first byte.
-    pub async fn serve_tcp(
-        self: Arc<Self>,
-        tcp: TcpStream,
-        peer: SocketAddr,
-        implicit: bool,
-    ) -> Result<(), DriveError> {
-        let _ = tcp.set_nodelay(true);
-        let local = tcp.local_addr()?;
-        self.serve(tcp, peer, local, implicit).await
-    }
-
-    /// Serves one connection over any transport (TCP, or a duplex pipe in tests).
-    pub async fn serve<S: Transport>(
-        self: Arc<Self>,
-        transport: S,
-        peer: SocketAddr,
-        local: SocketAddr,
-        implicit: bool,
-    ) -> Result<(), DriveError> {
-        // The login phase (TLS handshake, pre-auth machine, buffers, upstream login) is a
-        // large future; boxed, it is freed when login ends, and a session in the relay
-        // holds only the relay's state (PERFORMANCE.md M1).
-        let Some(s) = Box::pin(self.login(transport, peer, local, implicit)).await? else { return Ok(()) };
-        let Admitted { who, upstream, live, own_password } = s.admitted;
-        drop(own_password);
-        relay(s.client, upstream, s.pipelined, live, &who, self.config.limits.imap_idle_timeout).await
-    }
-
     /// Everything up to a logged-in upstream session; `None` when the client left.
     async fn login<S: Transport>(
         &self,
@@ -83,13 +53,8 @@ impl ImapService {
         local: SocketAddr,
         implicit: bool,
     ) -> Result<Option<LoggedIn<S>>, DriveError> {
-        let limits = &self.config.limits;
-        let deadline = Instant::now() + limits.preauth_timeout;
-        let tls = Tls::Server { acceptor: self.acceptor.clone(), handshake: limits.tls_handshake_timeout };
-        let mut conn =
-            if implicit { Conn::accept_tls(transport, tls).await? } else { Conn::new(MaybeTls::Plain(transport), tls) };
-        conn.set_deadline(Some(deadline));
-        conn.watch(Watch::Shutdown(self.gate.sessions().stop_notice()));
+        let stop = self.gate.sessions().stop_notice();
+        let mut conn = Conn::client(transport, implicit, &self.acceptor, &self.config.limits, stop).await?;
         let mut machine = PreAuth::new(&self.config.hostname, implicit, !implicit);
         let admitted = loop {
             match conn.next(&mut machine).await? {
@@ -192,6 +157,24 @@ async fn carry<S: Transport>(
     }
 }
 
+impl Front for ImapService {
+    async fn serve<S: Transport>(
+        self: Arc<Self>,
+        transport: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        implicit: bool,
+    ) -> Result<(), DriveError> {
+        // The login phase (TLS handshake, pre-auth machine, buffers, upstream login) is a
+        // large future; boxed, it is freed when login ends, and a session in the relay
+        // holds only the relay's state (PERFORMANCE.md M1).
+        let Some(s) = Box::pin(self.login(transport, peer, local, implicit)).await? else { return Ok(()) };
+        let Admitted { who, upstream, live, own_password } = s.admitted;
+        drop(own_password);
+        relay(s.client, upstream, s.pipelined, live, &who, self.config.limits.imap_idle_timeout).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,9 +188,9 @@ mod tests {
     async fn a_session_task_stays_small() {
         let kit = Kit::new(addr("127.0.0.1:9"), "");
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, peer) = l.accept().await.unwrap();
-        let fut = kit.imap().serve_tcp(s, peer, true);
+        let fut = crate::net::driver::serve_tcp(kit.imap(), s, peer, true);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 1536, "serve future: {size} bytes");
         drop(c);

@@ -3,9 +3,9 @@
 
 use crate::auth::{Authenticated, Protocol, UpstreamCheck};
 use crate::config::{Config, UpstreamLogin as LoginMode, UpstreamTls};
-use crate::net::driver::{Conn, DriveError, Tls, Watch};
+use crate::net::driver::{Conn, DriveError, Front, Watch};
 use crate::net::gate::{Attempt, Gate, Origin, Refusal};
-use crate::net::stream::{MaybeTls, Transport};
+use crate::net::stream::Transport;
 use crate::net::upstream::{Connector, UpstreamFailure};
 use crate::proto::smtp::{Action, AuthReply, Extensions, Submission};
 use crate::proto::smtp_upstream::{Replies, SmtpLogin, SmtpUpstreamError, Style};
@@ -13,7 +13,6 @@ use crate::secret::{SecretBytes, SecretString};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
@@ -157,51 +156,6 @@ impl SmtpService {
             *ext = Some(Extensions::from_ehlo(&caps));
         }
         Ok(Upstream { conn, replies: Replies::new(login.into_leftover()) })
-    }
-
-    /// Serves one accepted TCP connection to its end. `implicit`: TLS from the first byte.
-    pub async fn serve_tcp(
-        self: Arc<Self>,
-        tcp: TcpStream,
-        peer: SocketAddr,
-        implicit: bool,
-    ) -> Result<(), DriveError> {
-        let _ = tcp.set_nodelay(true);
-        let local = tcp.local_addr()?;
-        self.serve(tcp, peer, local, implicit).await
-    }
-
-    /// Serves one connection over any transport (TCP, or a duplex pipe in tests).
-    pub async fn serve<S: Transport>(
-        self: Arc<Self>,
-        transport: S,
-        peer: SocketAddr,
-        local: SocketAddr,
-        implicit: bool,
-    ) -> Result<(), DriveError> {
-        let limits = &self.config.limits;
-        let deadline = Instant::now() + limits.preauth_timeout;
-        let tls = Tls::Server { acceptor: self.acceptor.clone(), handshake: limits.tls_handshake_timeout };
-        let mut conn =
-            if implicit { Conn::accept_tls(transport, tls).await? } else { Conn::new(MaybeTls::Plain(transport), tls) };
-        conn.set_deadline(Some(deadline));
-        conn.watch(Watch::Shutdown(self.gate.sessions().stop_notice()));
-        let mut session =
-            Submission::new(&self.config.hostname, implicit, !implicit, self.config.smtp_max_message_size);
-        session.set_upstream_extensions(self.extensions());
-        let mut state = Client::default();
-        let ended = loop {
-            let action = match conn.next(&mut session).await {
-                Ok(action) => action,
-                Err(e) => break e,
-            };
-            self.act(action, &mut conn, &mut session, &mut state, peer, local).await;
-        };
-        if let Some(up) = state.upstream.take() {
-            up.quit().await;
-        }
-        conn.close().await;
-        Err(ended)
     }
 
     /// Acts on one event of the client's session.
@@ -378,6 +332,35 @@ impl crate::net::gate::Upstream for SmtpService {
     /// server with its own password (that is the check); otherwise the IMAP server checks it.
     fn checks_passwords(&self) -> bool {
         self.upstream.config().login == LoginMode::MasterSasl
+    }
+}
+
+impl Front for SmtpService {
+    async fn serve<S: Transport>(
+        self: Arc<Self>,
+        transport: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        implicit: bool,
+    ) -> Result<(), DriveError> {
+        let stop = self.gate.sessions().stop_notice();
+        let mut conn = Conn::client(transport, implicit, &self.acceptor, &self.config.limits, stop).await?;
+        let mut session =
+            Submission::new(&self.config.hostname, implicit, !implicit, self.config.smtp_max_message_size);
+        session.set_upstream_extensions(self.extensions());
+        let mut state = Client::default();
+        let ended = loop {
+            let action = match conn.next(&mut session).await {
+                Ok(action) => action,
+                Err(e) => break e,
+            };
+            self.act(action, &mut conn, &mut session, &mut state, peer, local).await;
+        };
+        if let Some(up) = state.upstream.take() {
+            up.quit().await;
+        }
+        conn.close().await;
+        Err(ended)
     }
 }
 

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A byte stream the driver can run a protocol over.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     /// Resolves when the peer has closed the connection (end of stream or reset), seen
     /// without reading anything the peer sent. Pending data (a pipelined command, a TLS
     /// close_notify) means the peer may still be there: then this never resolves. A
