@@ -432,4 +432,23 @@ mod tests {
         assert!(all.starts_with("220 ") && all.ends_with("421 4.4.2 Timeout, closing connection\r\n"), "{all}");
         assert!(matches!(task.await.unwrap(), Err(DriveError::Timeout)));
     }
+
+    /// Past ten errors before login every reply waits a second (Postfix's
+    /// `smtpd_soft_error_limit`, SECURITY.md case 50); before that, none does. Paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn replies_slow_down_after_ten_errors() {
+        let kit = Kit::new(addr("127.0.0.1:9"), "");
+        let (server, mut c) = pipe();
+        tokio::spawn(kit.smtp().serve(server, addr(CLIENT), addr(LOCAL), false));
+        read_until(&mut c, "\r\n").await;
+        let start = tokio::time::Instant::now();
+        for n in 1..=12u64 {
+            c.write_all(b"FOO\r\n").await.unwrap();
+            let reply = read_until(&mut c, "\r\n").await;
+            assert!(reply.starts_with("5"), "{reply}");
+            let waited = start.elapsed();
+            let slowed = n.saturating_sub(10);
+            assert_eq!(waited.as_secs(), slowed, "after error {n}: {waited:?}");
+        }
+    }
 }

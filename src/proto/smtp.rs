@@ -97,7 +97,7 @@ impl Machine for Submission {
         Submission::tls_started(self);
     }
     fn slow_down(&self) -> bool {
-        !self.authenticated && self.errors >= SOFT_ERROR_LIMIT
+        !self.authenticated && self.errors > SOFT_ERROR_LIMIT
     }
     fn goodbye(&self, why: Goodbye) -> Option<&'static [u8]> {
         Some(goodbye(why))
