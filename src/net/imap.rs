@@ -9,7 +9,7 @@ use crate::net::relay::{Relay, RelayEnd};
 use crate::net::stream::{MaybeTls, Transport};
 use crate::net::upstream::{ImapUpstream, UpstreamImap};
 use crate::proto::imap::{Action, AuthReply, PreAuth, goodbye};
-use crate::proto::{Goodbye, Next};
+use crate::proto::{Goodbye, Machine, Next};
 use crate::sessions::LiveGuard;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,7 +79,7 @@ impl ImapService {
         };
         let pipelined = machine.auth_succeeded(&admitted.upstream.capabilities);
         // The tagged OK; then whatever upstream already sent, in the relay.
-        while let Next::Write(bytes) = machine.poll() {
+        while let Next::Write(bytes) = machine.next() {
             conn.send(&bytes).await?;
         }
         let Some((client, _)) = conn.into_parts() else { return Ok(None) };

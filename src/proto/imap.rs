@@ -1,7 +1,7 @@
 //! The IMAP pre-authentication server, sans-IO.
 //!
-//! The driver feeds the bytes the client sent ([`PreAuth::feed`]) and asks what to do
-//! next ([`PreAuth::poll`]): write bytes, read more, start TLS, check credentials, close.
+//! The driver feeds the bytes the client sent ([`Machine::feed`]) and asks what to do
+//! next ([`Machine::next`]): write bytes, read more, start TLS, check credentials, close.
 //! Commands are parsed with imap-codec. Before authentication only CAPABILITY, NOOP,
 //! LOGOUT, ID, STARTTLS, LOGIN and AUTHENTICATE PLAIN/LOGIN are served; every size,
 //! count and byte a peer controls is bounded ([`limits`]).
@@ -61,7 +61,7 @@ pub enum Action {
     Refuse(AuthReply),
 }
 
-/// What [`PreAuth::poll`] returns.
+/// What [`Machine::next`] returns.
 pub type Step = Next<Action>;
 
 /// `ID` fields: (lower-case key, value).
@@ -80,14 +80,56 @@ pub fn goodbye(why: Goodbye) -> &'static [u8] {
 
 impl Machine for PreAuth {
     type Event = Action;
+    /// Bytes read from the client.
     fn feed(&mut self, bytes: &[u8]) {
-        PreAuth::feed(self, bytes);
+        match self.state {
+            // Plaintext that arrives while TLS is being set up is never executed (CVE-2011-0411).
+            State::TlsPending | State::AwaitTls | State::Done | State::Closed => {}
+            _ => {
+                self.buf.extend_from_slice(bytes);
+                if self.buf.len() > MAX_BUFFERED {
+                    self.close_with("* BYE Input too long\r\n");
+                }
+            }
+        }
     }
+    /// Next thing to do. Call again until it returns [`Next::NeedInput`] (or another
+    /// action that needs the driver).
     fn next(&mut self) -> Step {
-        self.poll()
+        loop {
+            if !self.out.is_empty() {
+                return Next::Write(std::mem::take(&mut self.out));
+            }
+            let step = match &self.state {
+                State::Closed => return Next::Close,
+                State::Done | State::AwaitTls | State::Authenticating { .. } => return Next::NeedInput,
+                State::TlsPending => {
+                    self.state = State::AwaitTls;
+                    self.buf.clear();
+                    return Next::StartTls;
+                }
+                State::Command => self.step_command(),
+                State::DiscardLine { .. } => self.step_discard(),
+                State::SaslPlain { .. } | State::SaslLoginUser { .. } | State::SaslLoginPass { .. } => self.step_sasl(),
+            };
+            if let Some(action) = step {
+                if matches!(action, Next::NeedInput) && !self.out.is_empty() {
+                    continue;
+                }
+                return action;
+            }
+        }
     }
+    /// The TLS handshake after STARTTLS succeeded: the session starts over, encrypted.
     fn tls_started(&mut self) {
-        PreAuth::tls_started(self);
+        if matches!(self.state, State::AwaitTls) {
+            self.tls = true;
+            self.starttls_allowed = false;
+            self.buf.clear();
+            self.reset_literals();
+            self.state = State::Command;
+            self.first_line_checked = false;
+        }
     }
     fn goodbye(&self, why: Goodbye) -> Option<&'static [u8]> {
         Some(goodbye(why))
@@ -340,60 +382,6 @@ impl PreAuth {
 
     fn capabilities(&self) -> &'static str {
         if self.tls { CAPS_TLS } else { CAPS_PLAIN }
-    }
-
-    /// Bytes read from the client.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        match self.state {
-            // Plaintext that arrives while TLS is being set up is never executed (CVE-2011-0411).
-            State::TlsPending | State::AwaitTls | State::Done | State::Closed => {}
-            _ => {
-                self.buf.extend_from_slice(bytes);
-                if self.buf.len() > MAX_BUFFERED {
-                    self.close_with("* BYE Input too long\r\n");
-                }
-            }
-        }
-    }
-
-    /// Next thing to do. Call again until it returns [`Next::NeedInput`] (or another
-    /// action that needs the driver).
-    pub fn poll(&mut self) -> Step {
-        loop {
-            if !self.out.is_empty() {
-                return Next::Write(std::mem::take(&mut self.out));
-            }
-            let step = match &self.state {
-                State::Closed => return Next::Close,
-                State::Done | State::AwaitTls | State::Authenticating { .. } => return Next::NeedInput,
-                State::TlsPending => {
-                    self.state = State::AwaitTls;
-                    self.buf.clear();
-                    return Next::StartTls;
-                }
-                State::Command => self.step_command(),
-                State::DiscardLine { .. } => self.step_discard(),
-                State::SaslPlain { .. } | State::SaslLoginUser { .. } | State::SaslLoginPass { .. } => self.step_sasl(),
-            };
-            if let Some(action) = step {
-                if matches!(action, Next::NeedInput) && !self.out.is_empty() {
-                    continue;
-                }
-                return action;
-            }
-        }
-    }
-
-    /// The TLS handshake after STARTTLS succeeded: the session starts over, encrypted.
-    pub fn tls_started(&mut self) {
-        if matches!(self.state, State::AwaitTls) {
-            self.tls = true;
-            self.starttls_allowed = false;
-            self.buf.clear();
-            self.reset_literals();
-            self.state = State::Command;
-            self.first_line_checked = false;
-        }
     }
 
     /// The credentials were accepted and the upstream session is open. Queues the tagged

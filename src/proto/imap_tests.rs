@@ -28,7 +28,7 @@ fn pump(p: &mut PreAuth) -> (String, Vec<Ev>) {
     let mut w = Vec::new();
     let mut ev = Vec::new();
     for _ in 0..100_000 {
-        match p.poll() {
+        match p.next() {
             Next::Write(b) => {
                 assert!(!b.is_empty(), "empty Write");
                 w.extend(b);
@@ -374,10 +374,10 @@ fn nothing_written_between_starttls_ok_and_handshake() {
     let mut p = session(false);
     let _ = send(&mut p, b"A STARTTLS\r\nB NOOP\r\n");
     for _ in 0..5 {
-        assert!(matches!(p.poll(), Next::NeedInput));
+        assert!(matches!(p.next(), Next::NeedInput));
     }
     p.feed(b"C NOOP\r\n");
-    assert!(matches!(p.poll(), Next::NeedInput));
+    assert!(matches!(p.next(), Next::NeedInput));
 }
 
 /// All plaintext bytes are fed (split as given) before the handshake; then `C NOOP`.
@@ -1745,7 +1745,7 @@ fn secret_as_debug_bytes(s: &[u8]) -> String {
 fn debug_of_authenticate_action_hides_password() {
     let mut p = session(true);
     p.feed(format!("a LOGIN alice {SECRET}\r\n").as_bytes());
-    let action = p.poll();
+    let action = p.next();
     assert!(matches!(action, Next::Event(Action::Authenticate(_))));
     let dbg = format!("{action:?} {action:#?}");
     assert!(dbg.contains("alice"));
@@ -1799,7 +1799,7 @@ fn drive_invariants(tls: bool, chunks: &[Vec<u8>]) -> Result<(), TestCaseError> 
         prop_assert!(p.buf.len() <= bound);
         if await_tls {
             // Plaintext after STARTTLS, before the handshake: nothing happens.
-            prop_assert!(matches!(p.poll(), Next::NeedInput));
+            prop_assert!(matches!(p.next(), Next::NeedInput));
             prop_assert!(p.buf.is_empty());
             p.tls_started();
             encrypted = true;
@@ -1807,7 +1807,7 @@ fn drive_invariants(tls: bool, chunks: &[Vec<u8>]) -> Result<(), TestCaseError> 
             continue;
         }
         for _ in 0..10_000 {
-            let a = p.poll();
+            let a = p.next();
             prop_assert!(p.buf.len() <= bound);
             match a {
                 Next::NeedInput => break,

@@ -32,14 +32,46 @@ pub enum LoginStyle {
 
 impl Machine for UpstreamLogin {
     type Event = Result<String, UpstreamError>;
+    /// Bytes read from upstream.
     fn feed(&mut self, bytes: &[u8]) {
-        UpstreamLogin::feed(self, bytes);
+        if !matches!(self.state, State::AwaitTls | State::Finished) {
+            self.buf.extend_from_slice(bytes);
+        }
     }
+    /// The next step.
     fn next(&mut self) -> Step {
-        self.poll()
+        loop {
+            if self.unsendable {
+                return Next::Event(Err(UpstreamError::Unsendable));
+            }
+            if !self.out.is_empty() {
+                return Next::Write(std::mem::take(&mut self.out));
+            }
+            if self.state == State::AwaitTls {
+                return Next::NeedInput;
+            }
+            if self.state == State::Finished {
+                return Next::Event(Err(UpstreamError::Protocol("poll after finish")));
+            }
+            let line = match self.next_line() {
+                Ok(Some(line)) => line,
+                Ok(None) => return Next::NeedInput,
+                Err(e) => return self.fail(e),
+            };
+            if let Some(step) = self.on_line(&line) {
+                return step;
+            }
+        }
     }
+    /// The TLS handshake after STARTTLS completed; continue inside TLS.
     fn tls_started(&mut self) {
-        UpstreamLogin::tls_started(self);
+        if self.state == State::AwaitTls {
+            self.buf.clear();
+            // Capabilities seen before TLS are forgotten (RFC 9051 §6.2.1).
+            self.greeting_caps = None;
+            self.caps = None;
+            self.send_login();
+        }
     }
 }
 
@@ -66,7 +98,7 @@ pub enum UpstreamError {
     Protocol(&'static str),
 }
 
-/// What [`UpstreamLogin::poll`] returns; the event ends the login: `Ok` — logged in,
+/// What [`Machine::next`] returns; the event ends the login: `Ok` — logged in,
 /// with upstream's capabilities (printable ASCII, may be empty); `Err` — give up (the client
 /// gets a temporary error).
 pub type Step = Next<Result<String, UpstreamError>>;
@@ -144,50 +176,6 @@ impl UpstreamLogin {
             .take(26)
             .collect();
         self
-    }
-
-    /// Bytes read from upstream.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        if !matches!(self.state, State::AwaitTls | State::Finished) {
-            self.buf.extend_from_slice(bytes);
-        }
-    }
-
-    /// The TLS handshake after STARTTLS completed; continue inside TLS.
-    pub fn tls_started(&mut self) {
-        if self.state == State::AwaitTls {
-            self.buf.clear();
-            // Capabilities seen before TLS are forgotten (RFC 9051 §6.2.1).
-            self.greeting_caps = None;
-            self.caps = None;
-            self.send_login();
-        }
-    }
-
-    /// The next step.
-    pub fn poll(&mut self) -> Step {
-        loop {
-            if self.unsendable {
-                return Next::Event(Err(UpstreamError::Unsendable));
-            }
-            if !self.out.is_empty() {
-                return Next::Write(std::mem::take(&mut self.out));
-            }
-            if self.state == State::AwaitTls {
-                return Next::NeedInput;
-            }
-            if self.state == State::Finished {
-                return Next::Event(Err(UpstreamError::Protocol("poll after finish")));
-            }
-            let line = match self.next_line() {
-                Ok(Some(line)) => line,
-                Ok(None) => return Next::NeedInput,
-                Err(e) => return self.fail(e),
-            };
-            if let Some(step) = self.on_line(&line) {
-                return step;
-            }
-        }
     }
 
     fn fail(&mut self, e: UpstreamError) -> Step {

@@ -42,7 +42,7 @@ fn pump(u: &mut UpstreamLogin) -> (String, Vec<St>) {
     let mut w = Vec::new();
     let mut st = Vec::new();
     for _ in 0..10_000 {
-        match u.poll() {
+        match u.next() {
             Next::Write(b) => {
                 assert!(!b.is_empty());
                 w.extend(b);
@@ -51,7 +51,7 @@ fn pump(u: &mut UpstreamLogin) -> (String, Vec<St>) {
             Next::StartTls => {
                 st.push(St::StartTls);
                 // Until tls_started, nothing else happens.
-                assert!(matches!(u.poll(), Next::NeedInput));
+                assert!(matches!(u.next(), Next::NeedInput));
                 break;
             }
             Next::Event(Ok(c)) => {
@@ -251,7 +251,7 @@ fn master_separator_unsendable() {
             "{user:?}"
         );
         // And it stays failed.
-        assert!(matches!(u.poll(), Next::Event(Err(UpstreamError::Unsendable))));
+        assert!(matches!(u.next(), Next::Event(Err(UpstreamError::Unsendable))));
     }
 }
 
@@ -350,7 +350,7 @@ fn greeting_table() {
                     String::from_utf8_lossy(greeting)
                 );
                 // Finished: polling again does not revive it.
-                assert!(matches!(u.poll(), Next::Event(Err(_))));
+                assert!(matches!(u.next(), Next::Event(Err(_))));
             }
         }
     }
@@ -376,7 +376,7 @@ fn login_refused_table() {
             let mut u = new_login(style.clone(), false);
             let _ = send(&mut u, GREETING_SASL_IR);
             assert_eq!(send(&mut u, reply), (String::new(), vec![want.clone()]), "{}", String::from_utf8_lossy(reply));
-            assert!(matches!(u.poll(), Next::Event(Err(_))));
+            assert!(matches!(u.next(), Next::Event(Err(_))));
         }
     }
 }
@@ -461,7 +461,7 @@ fn starttls_exchange() {
     assert_eq!(send(&mut u, GREETING_STARTTLS), ("M1 STARTTLS\r\n".into(), vec![]));
     assert_eq!(send(&mut u, b"M1 OK Begin TLS negotiation now.\r\n"), (String::new(), vec![St::StartTls]));
     // Nothing is written until the handshake is done.
-    assert!(matches!(u.poll(), Next::NeedInput));
+    assert!(matches!(u.next(), Next::NeedInput));
     u.tls_started();
     assert_eq!(pump(&mut u), (format!("{}M3 AUTHENTICATE PLAIN {}\r\n", id_line(), plain_b64()), vec![]));
     assert_eq!(send(&mut u, format!("M2 OK\r\n{}", logged_in()).as_bytes()).1, vec![St::Done(POST_LOGIN_CAPS.into())]);
@@ -566,7 +566,7 @@ fn bytes_after_starttls_ok_in_same_read_fail() {
             String::from_utf8_lossy(extra)
         );
         // No handshake, no credentials.
-        assert!(matches!(u.poll(), Next::Event(Err(_))));
+        assert!(matches!(u.next(), Next::Event(Err(_))));
     }
 }
 
@@ -771,7 +771,7 @@ fn debug_never_shows_the_master_password() {
             u.feed(if starttls { GREETING_STARTTLS } else { GREETING_SASL_IR });
             check(&u);
             loop {
-                let s = u.poll();
+                let s = u.next();
                 check(&u);
                 let s_dbg = format!("{s:?}");
                 assert!(!s_dbg.contains(MASTER_PW));
@@ -785,7 +785,7 @@ fn debug_never_shows_the_master_password() {
                 }
             }
             u.feed(b"M2 OK\r\n+ \r\n");
-            let _ = u.poll();
+            let _ = u.next();
             check(&u);
         }
     }
@@ -862,7 +862,7 @@ proptest::proptest! {
         loop {
             steps += 1;
             prop_assert!(steps < 10_000, "busy loop");
-            match u.poll() {
+            match u.next() {
                 Next::Write(w) => {
                     if starttls && !tls {
                         prop_assert!(!String::from_utf8_lossy(&w).contains("AUTHENTICATE"), "login before TLS");

@@ -1,8 +1,8 @@
 //! The SMTP submission server, sans-IO: greeting, EHLO, STARTTLS, AUTH, and — once
 //! authenticated — the mail transaction with the sender policy applied.
 //!
-//! The driver feeds client bytes ([`Submission::feed`]) and asks what to do
-//! ([`Submission::poll`]). Before authentication everything is answered here. After it,
+//! The driver feeds client bytes ([`Machine::feed`]) and asks what to do
+//! ([`Machine::next`]). Before authentication everything is answered here. After it,
 //! MAIL, RCPT and RSET are checked here and forwarded upstream one at a time
 //! ([`Action::Forward`]); upstream's reply goes back to the client unchanged, so a step
 //! upstream refused is never reported as a success. DATA is answered `354` here; the
@@ -68,7 +68,7 @@ pub enum Action {
     AbortUpstream,
 }
 
-/// What [`Submission::poll`] returns. After [`Next::Close`], say QUIT upstream.
+/// What [`Machine::next`] returns. After [`Next::Close`], say QUIT upstream.
 pub type Step = Next<Action>;
 
 /// Protocol errors before authentication after which every reply waits (Postfix
@@ -87,14 +87,61 @@ pub fn goodbye(why: Goodbye) -> &'static [u8] {
 
 impl Machine for Submission {
     type Event = Action;
+    /// Bytes read from the client.
     fn feed(&mut self, bytes: &[u8]) {
-        Submission::feed(self, bytes);
+        match self.state {
+            // Plaintext that arrives while TLS is set up is never executed (CVE-2011-0411).
+            State::TlsPending | State::AwaitTls | State::Closed => {}
+            _ => self.buf.extend_from_slice(bytes),
+        }
     }
+    /// The next thing to do.
     fn next(&mut self) -> Step {
-        self.poll()
+        loop {
+            if !self.out.is_empty() {
+                return Next::Write(std::mem::take(&mut self.out));
+            }
+            let step = match &self.state {
+                State::Closed => return Next::Close,
+                State::Authenticating
+                | State::AwaitTls
+                | State::Forwarded(_)
+                | State::DataStarting { .. }
+                | State::DataEnding => return Next::NeedInput,
+                State::TlsPending => {
+                    self.state = State::AwaitTls;
+                    self.buf.clear();
+                    return Next::StartTls;
+                }
+                State::Command { .. } => self.step_command(),
+                State::Sasl(_) => self.step_sasl(),
+                State::Header => self.step_header(),
+                State::Streaming => self.step_stream(),
+                State::Draining { .. } => self.step_drain(),
+                State::SilentRset => {
+                    self.rset_silent = true;
+                    self.state = State::Forwarded(Pending::Rset);
+                    return Next::Event(Action::Forward(b"RSET\r\n".to_vec()));
+                }
+            };
+            if let Some(action) = step {
+                if matches!(action, Next::NeedInput) && !self.out.is_empty() {
+                    continue;
+                }
+                return action;
+            }
+        }
     }
+    /// The TLS handshake after STARTTLS succeeded: the session starts over (RFC 3207 §4.2).
     fn tls_started(&mut self) {
-        Submission::tls_started(self);
+        if matches!(self.state, State::AwaitTls) {
+            self.tls = true;
+            self.starttls_allowed = false;
+            self.ehlo_done = false;
+            self.buf.clear();
+            self.state = State::Command { discarding: false };
+            self.first_line_checked = false;
+        }
     }
     fn slow_down(&self) -> bool {
         !self.authenticated && self.errors > SOFT_ERROR_LIMIT
@@ -329,65 +376,6 @@ impl Submission {
         self.errors += 1;
         if self.errors >= MAX_ERRORS {
             self.close_with(TOO_MANY_ERRORS);
-        }
-    }
-
-    /// Bytes read from the client.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        match self.state {
-            // Plaintext that arrives while TLS is set up is never executed (CVE-2011-0411).
-            State::TlsPending | State::AwaitTls | State::Closed => {}
-            _ => self.buf.extend_from_slice(bytes),
-        }
-    }
-
-    /// The next thing to do.
-    pub fn poll(&mut self) -> Step {
-        loop {
-            if !self.out.is_empty() {
-                return Next::Write(std::mem::take(&mut self.out));
-            }
-            let step = match &self.state {
-                State::Closed => return Next::Close,
-                State::Authenticating
-                | State::AwaitTls
-                | State::Forwarded(_)
-                | State::DataStarting { .. }
-                | State::DataEnding => return Next::NeedInput,
-                State::TlsPending => {
-                    self.state = State::AwaitTls;
-                    self.buf.clear();
-                    return Next::StartTls;
-                }
-                State::Command { .. } => self.step_command(),
-                State::Sasl(_) => self.step_sasl(),
-                State::Header => self.step_header(),
-                State::Streaming => self.step_stream(),
-                State::Draining { .. } => self.step_drain(),
-                State::SilentRset => {
-                    self.rset_silent = true;
-                    self.state = State::Forwarded(Pending::Rset);
-                    return Next::Event(Action::Forward(b"RSET\r\n".to_vec()));
-                }
-            };
-            if let Some(action) = step {
-                if matches!(action, Next::NeedInput) && !self.out.is_empty() {
-                    continue;
-                }
-                return action;
-            }
-        }
-    }
-
-    /// The TLS handshake after STARTTLS succeeded: the session starts over (RFC 3207 §4.2).
-    pub fn tls_started(&mut self) {
-        if matches!(self.state, State::AwaitTls) {
-            self.tls = true;
-            self.starttls_allowed = false;
-            self.ehlo_done = false;
-            self.buf.clear();
-            self.state = State::Command { discarding: false };
-            self.first_line_checked = false;
         }
     }
 

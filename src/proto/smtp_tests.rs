@@ -188,11 +188,11 @@ impl Driver {
     /// real driver does, and checks the invariants that hold in every test.
     fn pump(&mut self) {
         if self.closed {
-            assert!(matches!(self.s.poll(), Next::Close), "a closed session came back to life");
+            assert!(matches!(self.s.next(), Next::Close), "a closed session came back to life");
             return;
         }
         for _ in 0..1_000_000 {
-            match self.s.poll() {
+            match self.s.next() {
                 Next::Write(b) => {
                     assert!(!b.is_empty(), "empty Write");
                     assert!(!self.tls_pending, "written between StartTls and the handshake: {:?}", text(&b));
@@ -297,7 +297,7 @@ impl Driver {
                     self.events.push(Ev::Close);
                     self.closed = true;
                     for _ in 0..3 {
-                        assert!(matches!(self.s.poll(), Next::Close), "poll after Close");
+                        assert!(matches!(self.s.next(), Next::Close), "poll after Close");
                     }
                     return;
                 }
@@ -500,8 +500,8 @@ fn assert_split_invariant(tls: bool, max: usize, turns: &[&[u8]]) -> Transcript 
 #[test]
 fn greeting() {
     let mut s = Submission::new("mail.example.com", false, true, 1_000_000);
-    assert!(matches!(s.poll(), Next::Write(w) if w.starts_with(b"220 mail.example.com ESMTP")));
-    assert!(matches!(s.poll(), Next::NeedInput));
+    assert!(matches!(s.next(), Next::Write(w) if w.starts_with(b"220 mail.example.com ESMTP")));
+    assert!(matches!(s.next(), Next::NeedInput));
 }
 
 #[test]
@@ -675,7 +675,7 @@ fn injection_without_handshake_gets_silence() {
     assert_eq!(d.out(), R220_TLS);
     for _ in 0..3 {
         d.feed(b"NOOP\r\n");
-        assert!(matches!(d.s.poll(), Next::NeedInput));
+        assert!(matches!(d.s.next(), Next::NeedInput));
     }
     assert_eq!(d.out(), "");
     assert_eq!(d.new_events(), vec![Ev::StartTls]);
@@ -2407,38 +2407,38 @@ fn debug_never_shows_the_password() {
     };
     // PLAIN with initial response, fed but not yet polled, then as an action.
     let mut s = Submission::new(HOST, true, false, MAX);
-    s.poll();
+    s.next();
     s.feed(format!("AUTH PLAIN {plain}\r\n").as_bytes());
     check(&format!("{s:?}"));
-    let a = s.poll();
+    let a = s.next();
     assert!(matches!(a, Next::Event(Action::Authenticate(_))));
     check(&format!("{a:?}"));
     check(&format!("{a:#?}"));
     check(&format!("{s:?}"));
     // LOGIN: the password line in the buffer and at the prompt.
     let mut s = Submission::new(HOST, true, false, MAX);
-    s.poll();
+    s.next();
     s.feed(b"AUTH LOGIN YWxpY2U=\r\n");
-    while !matches!(s.poll(), Next::NeedInput) {}
+    while !matches!(s.next(), Next::NeedInput) {}
     s.feed(format!("{login}\r\n").as_bytes());
     check(&format!("{s:?}"));
-    let a = s.poll();
+    let a = s.next();
     check(&format!("{a:?}"));
     assert!(matches!(a, Next::Event(Action::Authenticate(c)) if c.password.expose().as_slice() == secret.as_bytes()));
     // A refused exchange.
     let mut s = Submission::new(HOST, true, false, MAX);
-    s.poll();
+    s.next();
     s.feed(format!("AUTH PLAIN {}\r\n", b64(format!("bob\0alice\0{secret}").as_bytes())).as_bytes());
-    let a = s.poll();
+    let a = s.next();
     check(&format!("{a:?} {s:?}"));
 }
 
 #[test]
 fn auth_line_is_not_left_in_the_buffer() {
     let mut s = Submission::new(HOST, true, false, MAX);
-    s.poll();
+    s.next();
     s.feed(format!("AUTH PLAIN {GOOD_PLAIN}\r\nNOOP\r\n").as_bytes());
-    assert!(matches!(s.poll(), Next::Event(Action::Authenticate(_))));
+    assert!(matches!(s.next(), Next::Event(Action::Authenticate(_))));
     assert_eq!(s.buf, b"NOOP\r\n");
 }
 

@@ -124,7 +124,7 @@ pub enum SmtpUpstreamError {
     Protocol(#[from] ReplyError),
 }
 
-/// What [`SmtpLogin::poll`] returns; the event ends the login: `Ok` — logged in,
+/// What [`Machine::next`] returns; the event ends the login: `Ok` — logged in,
 /// with upstream's capabilities (EHLO keywords, upper-case, parameters kept); `Err` — give up (the client
 /// gets a temporary error).
 pub type Step = Next<Result<Vec<String>, SmtpUpstreamError>>;
@@ -192,23 +192,6 @@ impl SmtpLogin {
         }
     }
 
-    /// Bytes read from upstream.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        if !matches!(self.state, State::AwaitTls | State::Finished) {
-            self.buf.extend_from_slice(bytes);
-        }
-    }
-
-    /// The TLS handshake completed.
-    pub fn tls_started(&mut self) {
-        if self.state == State::AwaitTls {
-            self.tls_done = true;
-            self.caps.clear();
-            self.buf.clear();
-            self.ehlo();
-        }
-    }
-
     /// Bytes upstream sent after its last reply.
     pub fn into_leftover(self) -> Vec<u8> {
         self.buf.clone()
@@ -230,29 +213,6 @@ impl SmtpLogin {
             let k = parts.next()?;
             k.eq_ignore_ascii_case(keyword).then(|| parts.next().unwrap_or(""))
         })
-    }
-
-    /// The next step.
-    pub fn poll(&mut self) -> Step {
-        loop {
-            if !self.out.is_empty() {
-                return Next::Write(std::mem::take(&mut self.out));
-            }
-            match self.state {
-                State::AwaitTls => return Next::NeedInput,
-                State::Finished => return Next::Event(Err(SmtpUpstreamError::Protocol(ReplyError::Malformed))),
-                _ => {}
-            }
-            let (code, len) = match parse_reply(&self.buf) {
-                Ok(Some(r)) => r,
-                Ok(None) => return Next::NeedInput,
-                Err(e) => return self.fail(e.into()),
-            };
-            let raw: Vec<u8> = self.buf.drain(..len).collect();
-            if let Some(step) = self.on_reply(code, &raw) {
-                return step;
-            }
-        }
     }
 
     fn on_reply(&mut self, code: u16, raw: &[u8]) -> Option<Step> {
@@ -364,14 +324,42 @@ impl SmtpLogin {
 
 impl Machine for SmtpLogin {
     type Event = Result<Vec<String>, SmtpUpstreamError>;
+    /// Bytes read from upstream.
     fn feed(&mut self, bytes: &[u8]) {
-        SmtpLogin::feed(self, bytes);
+        if !matches!(self.state, State::AwaitTls | State::Finished) {
+            self.buf.extend_from_slice(bytes);
+        }
     }
+    /// The next step.
     fn next(&mut self) -> Step {
-        self.poll()
+        loop {
+            if !self.out.is_empty() {
+                return Next::Write(std::mem::take(&mut self.out));
+            }
+            match self.state {
+                State::AwaitTls => return Next::NeedInput,
+                State::Finished => return Next::Event(Err(SmtpUpstreamError::Protocol(ReplyError::Malformed))),
+                _ => {}
+            }
+            let (code, len) = match parse_reply(&self.buf) {
+                Ok(Some(r)) => r,
+                Ok(None) => return Next::NeedInput,
+                Err(e) => return self.fail(e.into()),
+            };
+            let raw: Vec<u8> = self.buf.drain(..len).collect();
+            if let Some(step) = self.on_reply(code, &raw) {
+                return step;
+            }
+        }
     }
+    /// The TLS handshake completed.
     fn tls_started(&mut self) {
-        SmtpLogin::tls_started(self);
+        if self.state == State::AwaitTls {
+            self.tls_done = true;
+            self.caps.clear();
+            self.buf.clear();
+            self.ehlo();
+        }
     }
 }
 
@@ -440,7 +428,7 @@ mod tests {
         let mut w = Vec::new();
         let mut steps = Vec::new();
         loop {
-            match login.poll() {
+            match login.next() {
                 Next::Write(b) => w.extend(b),
                 Next::NeedInput => break,
                 other => {
