@@ -93,6 +93,7 @@ impl Machine for PreAuth {
             }
         }
     }
+
     /// Next thing to do. Call again until it returns [`Next::NeedInput`] (or another
     /// action that needs the driver).
     fn next(&mut self) -> Step {
@@ -120,6 +121,7 @@ impl Machine for PreAuth {
             }
         }
     }
+
     /// The TLS handshake after STARTTLS succeeded: the session starts over, encrypted.
     fn tls_started(&mut self) {
         if matches!(self.state, State::AwaitTls) {
@@ -131,6 +133,7 @@ impl Machine for PreAuth {
             self.first_line_checked = false;
         }
     }
+
     fn goodbye(&self, why: Goodbye) -> Option<&'static [u8]> {
         Some(goodbye(why))
     }

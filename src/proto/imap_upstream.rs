@@ -38,6 +38,7 @@ impl Machine for UpstreamLogin {
             self.buf.extend_from_slice(bytes);
         }
     }
+
     /// The next step.
     fn next(&mut self) -> Step {
         loop {
@@ -63,6 +64,7 @@ impl Machine for UpstreamLogin {
             }
         }
     }
+
     /// The TLS handshake after STARTTLS completed; continue inside TLS.
     fn tls_started(&mut self) {
         if self.state == State::AwaitTls {

@@ -95,6 +95,7 @@ impl Machine for Submission {
             _ => self.buf.extend_from_slice(bytes),
         }
     }
+
     /// The next thing to do.
     fn next(&mut self) -> Step {
         loop {
@@ -132,6 +133,7 @@ impl Machine for Submission {
             }
         }
     }
+
     /// The TLS handshake after STARTTLS succeeded: the session starts over (RFC 3207 §4.2).
     fn tls_started(&mut self) {
         if matches!(self.state, State::AwaitTls) {
@@ -143,9 +145,11 @@ impl Machine for Submission {
             self.first_line_checked = false;
         }
     }
+
     fn slow_down(&self) -> bool {
         !self.authenticated && self.errors > SOFT_ERROR_LIMIT
     }
+
     fn goodbye(&self, why: Goodbye) -> Option<&'static [u8]> {
         Some(goodbye(why))
     }

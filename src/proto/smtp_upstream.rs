@@ -330,6 +330,7 @@ impl Machine for SmtpLogin {
             self.buf.extend_from_slice(bytes);
         }
     }
+
     /// The next step.
     fn next(&mut self) -> Step {
         loop {
@@ -352,6 +353,7 @@ impl Machine for SmtpLogin {
             }
         }
     }
+
     /// The TLS handshake completed.
     fn tls_started(&mut self) {
         if self.state == State::AwaitTls {
@@ -382,6 +384,7 @@ impl Machine for Replies {
     fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
+
     fn next(&mut self) -> Next<Self::Event> {
         match parse_reply(&self.buf) {
             Ok(Some((code, len))) => Next::Event(Ok((code, self.buf.drain(..len).collect()))),
@@ -392,6 +395,7 @@ impl Machine for Replies {
             }
         }
     }
+
     fn tls_started(&mut self) {}
 }
 
