@@ -3,7 +3,7 @@
 //! session lifetime, password change, headers and autoconfig (SECURITY.md cases 72, 75–94).
 
 use super::*;
-use crate::admin;
+use crate::accounts::{AccountService, Actor, fmt_time};
 use crate::auth::clock::FakeClock;
 use crate::auth::{Peer, Protocol, Verdict, app_password, backup_codes, password};
 use crate::secret::SecretBytes;
@@ -84,14 +84,19 @@ impl Env {
             .unwrap();
     }
 
+    /// The account service as the admin CLI uses it (no server: no live sessions).
+    fn admin(&self) -> AccountService {
+        AccountService::new(self.store.clone(), self.web.key.clone(), HOST, Actor::Admin)
+    }
+
     fn account(&self, name: &str) -> Account {
         self.store.get_account(name).unwrap().unwrap()
     }
 
     /// An app password made by the admin: (id, grouped password).
     fn app_password(&self, user: &str, label: &str) -> (String, String) {
-        let (new, _, _) = admin::create_app_password(self.store.as_ref(), user, label, vec![], "admin").unwrap();
-        (new.id.clone(), new.grouped().expose().clone())
+        let made = self.admin().create_app_password(user, label, vec![]).unwrap();
+        (made.new.id.clone(), made.new.grouped().expose().clone())
     }
 
     /// Gives the account a fresh set of backup codes; returns them.
@@ -974,7 +979,7 @@ async fn app_password_create_list_and_revoke() {
     let page = c.get("/app-passwords").await;
     page.assert_ok();
     assert!(page.body.contains("<td>Thunderbird laptop</td><td>IMAP, SMTP</td>"), "{}", page.body);
-    assert!(page.body.contains(&admin::fmt_time(rec.created_at)));
+    assert!(page.body.contains(&fmt_time(rec.created_at)));
     assert!(page.body.contains("<td>never</td>"));
     assert!(!page.body.contains(&shown) && !page.body.contains(normalized.expose().as_str()));
     assert!(!page.body.contains("$argon2"));
@@ -985,7 +990,7 @@ async fn app_password_create_list_and_revoke() {
     let used = LastUse { at: T0, ip: "192.0.2.7".into(), client: Some("Thunderbird".into()) };
     env.store.record_app_password_use(&rec.id, &used).unwrap();
     let page = c.get("/app-passwords").await;
-    assert!(page.body.contains(&format!("{} from 192.0.2.7 (Thunderbird)", admin::fmt_time(T0))), "{}", page.body);
+    assert!(page.body.contains(&format!("{} from 192.0.2.7 (Thunderbird)", fmt_time(T0))), "{}", page.body);
 
     // IMAP-only.
     let r = c.post("/app-passwords", &[("label", "Phone"), ("scope_imap", "1")]).await;
@@ -1079,7 +1084,7 @@ async fn account_page_lists_devices_still_using_the_account_password() {
     let page = c.get("/app-passwords").await;
     assert!(page.body.contains("Devices still using your account password"), "{}", page.body);
     assert!(page.body.contains("192.0.2.1 via IMAP (Thunderbird)"), "{}", page.body);
-    assert!(page.body.contains(&format!("198.51.100.4 via SMTP, last {}", admin::fmt_time(T0))), "{}", page.body);
+    assert!(page.body.contains(&format!("198.51.100.4 via SMTP, last {}", fmt_time(T0))), "{}", page.body);
     assert!(!page.body.contains("203.0.113.9"));
 }
 
@@ -1636,7 +1641,7 @@ async fn security_notice_names_time_and_address_and_goes_away_once_dismissed() {
     owner.sign_in_2fa(ALICE, PW, &code(SECRET, env.now())).await;
     let page = owner.get("/app-passwords").await;
     let notice = security_notice(&page.body).unwrap_or_else(|| panic!("no security notice: {}", page.body));
-    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 203.0.113.5", admin::fmt_time(T0))), "{notice}");
+    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 203.0.113.5", fmt_time(T0))), "{notice}");
     assert!(notice.contains("href=\"/password\""), "{notice}");
     // It stays until it is dismissed …
     let page = owner.get("/app-passwords").await;
@@ -1660,8 +1665,8 @@ async fn security_notice_names_time_and_address_and_goes_away_once_dismissed() {
     let again = env.now();
     wrong_codes(&mut attacker, 1).await;
     let notice = security_notice(&owner.get("/app-passwords").await.body).unwrap();
-    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 203.0.113.5", admin::fmt_time(again))));
-    assert!(!notice.contains(&admin::fmt_time(T0)), "{notice}");
+    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 203.0.113.5", fmt_time(again))));
+    assert!(!notice.contains(&fmt_time(T0)), "{notice}");
 }
 
 #[tokio::test]
@@ -1686,7 +1691,7 @@ async fn own_wrong_codes_in_a_sign_in_that_then_succeeds_are_no_security_notice(
     d.post("/login/totp", &[("code", &code(SECRET, env.now()))]).await.assert_redirect("/app-passwords");
     let notice = security_notice(&d.get("/app-passwords").await.body).unwrap();
     assert_eq!(notice.matches("<li>").count(), 1, "{notice}");
-    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 192.0.2.10", admin::fmt_time(gave_up))));
+    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 192.0.2.10", fmt_time(gave_up))));
     // A backup-code sign-in after a wrong TOTP code: the typo is its own too.
     let codes = env.give_backup_codes(ALICE);
     let seen = between(&d.get("/app-passwords").await.body, "name=\"seen\" value=\"", "\"").unwrap();
