@@ -6,7 +6,7 @@ use super::*;
 use crate::accounts::{AccountService, Actor, fmt_time};
 use crate::auth::clock::FakeClock;
 use crate::auth::{Peer, Protocol, Verdict, app_password, backup_codes, password};
-use crate::secret::SecretBytes;
+use crate::secret::{SecretBytes, SecretString};
 use crate::store::sled_store::SledStore;
 use crate::store::{Account, AuditEvent, LastUse, Scope, Store, TotpState};
 use axum::body::Body;
@@ -1980,4 +1980,192 @@ async fn a_refused_new_app_password_keeps_what_was_typed() {
             && r.body.contains(r#"name="scope_smtp" value="1" checked>"#)
     );
     assert_eq!(env.app_password_count(ALICE), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// One account service (issue 14 point 3): the CLI and the web make the same changes
+
+/// What must be the same after the same change made through the CLI or the web: every
+/// field of the account and of its app passwords, with secrets, hashes, ids and times
+/// compared by presence and shape only (they must differ), and the account-change audit
+/// events in order (their detail says who; sign-in events are the web's own).
+fn stored_shape(store: &dyn Store, user: &str) -> serde_json::Value {
+    const CHANGES: [&str; 9] = [
+        "account_created",
+        "account_password_changed",
+        "totp_enabled",
+        "totp_disabled",
+        "backup_codes_generated",
+        "backup_code_used",
+        "app_password_created",
+        "app_password_revoked",
+        "account_unlocked",
+    ];
+    let a = store.get_account(user).unwrap().unwrap();
+    let mut list = store.list_app_passwords(user).unwrap();
+    // Made in the same second, they are listed by their random ids.
+    list.sort_by(|x, y| x.label.cmp(&y.label));
+    let apps: Vec<_> = list
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "id_len": r.id.len(), "username": r.username, "label": r.label, "scopes": r.scopes,
+                "argon2id": r.hash.starts_with("$argon2id$"), "created": r.created_at > 0,
+                "last_used": r.last_used.is_some(),
+            })
+        })
+        .collect();
+    let mut audit: Vec<String> = store
+        .recent_audit(user, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .filter(|k| CHANGES.contains(&k.as_str()))
+        .collect();
+    audit.reverse();
+    serde_json::json!({
+        "username": a.username,
+        "addresses": a.addresses,
+        "password_argon2id": a.password_hash.as_deref().map(|h| h.starts_with("$argon2id$")),
+        "totp": a.totp.as_ref().map(|t| serde_json::json!({"sealed": !t.secret_enc.is_empty(), "enabled_at": t.enabled_at > 0})),
+        "second_factor_required": a.second_factor_required,
+        "backup_codes": a.backup_codes.as_ref().map(|c| serde_json::json!({
+            "generated": c.generated_at > 0, "count": c.hashes.len(), "remaining": c.remaining(),
+        })),
+        "created": a.created_at > 0,
+        "updated_not_before_created": a.updated_at >= a.created_at,
+        "app_passwords": apps,
+        "audit": audit,
+    })
+}
+
+/// Each step's stored shape and whether the account password hash changed in it.
+type Trail = Vec<(&'static str, serde_json::Value, bool)>;
+
+fn record(trail: &mut Trail, store: &dyn Store, step: &'static str, last_hash: &mut Option<String>) {
+    let hash = store.get_account(ALICE).unwrap().unwrap().password_hash;
+    let changed = hash != *last_hash;
+    *last_hash = hash;
+    trail.push((step, stored_shape(store, ALICE), changed));
+}
+
+/// The sequence through the CLI path: `admin::execute`, as the binary runs it over the
+/// admin socket or on the store. A backup code is spent by a sign-in, which the CLI does
+/// not do: the account service call the web's backup-code sign-in makes.
+async fn through_the_cli(env: &Env) -> Trail {
+    let ctx = crate::admin::Context {
+        store: env.store.clone(),
+        key: env.web.key.clone(),
+        issuer: HOST.into(),
+        sessions: Some(env.web.sessions.clone()),
+        hashing: None,
+    };
+    let run = |req: crate::admin::Request| {
+        let out = crate::admin::execute(&ctx, req);
+        assert!(out.ok, "{:?}", out.error);
+        out
+    };
+    use crate::admin::Request as R;
+    let (mut trail, mut hash) = (Trail::new(), None);
+    let pw_hash = |pw: &str| password::hash(pw.as_bytes()).unwrap();
+    let email = || ALICE.to_string();
+    run(R::UserAdd { email: email(), addresses: vec![], password_hash: Some(pw_hash(PW)) });
+    record(&mut trail, env.store.as_ref(), "create", &mut hash);
+    run(R::UserPasswd { email: email(), password_hash: pw_hash("alice's second account password") });
+    record(&mut trail, env.store.as_ref(), "set password", &mut hash);
+    run(R::TotpEnable { email: email(), secret: None });
+    record(&mut trail, env.store.as_ref(), "enrol TOTP", &mut hash);
+    let out = run(R::BackupCodesRegenerate { email: email() });
+    record(&mut trail, env.store.as_ref(), "regenerate backup codes", &mut hash);
+    let code = SecretString::from(out.lines[1].clone());
+    let owner = AccountService::new(env.store.clone(), env.web.key.clone(), HOST, Actor::Web);
+    assert_eq!(owner.consume_backup_code(ALICE, &code, [192, 0, 2, 1].into()).await.unwrap(), 9);
+    record(&mut trail, env.store.as_ref(), "use a backup code", &mut hash);
+    let scopes = vec![Scope::Imap, Scope::Smtp];
+    run(R::AppPasswordCreate { email: email(), label: "Laptop".into(), scopes });
+    run(R::AppPasswordCreate { email: email(), label: "Phone".into(), scopes: vec![Scope::Imap] });
+    record(&mut trail, env.store.as_ref(), "create 2 app passwords", &mut hash);
+    let phone = env.store.list_app_passwords(ALICE).unwrap().into_iter().find(|r| r.label == "Phone").unwrap();
+    run(R::AppPasswordRevoke { email: email(), id: phone.id });
+    record(&mut trail, env.store.as_ref(), "revoke one", &mut hash);
+    run(R::TotpDisable { email: email() });
+    record(&mut trail, env.store.as_ref(), "disable TOTP", &mut hash);
+    run(R::UserUnlock { email: email() });
+    record(&mut trail, env.store.as_ref(), "unlock", &mut hash);
+    trail
+}
+
+/// The same sequence through the web step's pages (an account is made, and unlocked, by
+/// an admin only: those two steps are the admin's service calls).
+async fn through_the_web(env: &Env) -> Trail {
+    let (mut trail, mut hash) = (Trail::new(), None);
+    env.admin().create(ALICE, &[], Some(password::hash(PW.as_bytes()).unwrap())).unwrap();
+    record(&mut trail, env.store.as_ref(), "create", &mut hash);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let pw2 = "alice's second account password";
+    c.post("/password", &[("new", pw2), ("again", pw2)]).await.assert_redirect("/app-passwords");
+    record(&mut trail, env.store.as_ref(), "set password", &mut hash);
+    c.enrol(env.now()).await;
+    record(&mut trail, env.store.as_ref(), "enrol TOTP", &mut hash);
+    c.get("/backup-codes").await.assert_ok();
+    let r = c.post("/backup-codes", &[]).await;
+    r.assert_ok();
+    let codes = codes_on(&r.body);
+    record(&mut trail, env.store.as_ref(), "regenerate backup codes", &mut hash);
+    let mut c = env.client();
+    c.login(ALICE, pw2).await.assert_redirect("/login/totp");
+    c.get("/login/backup").await.assert_ok();
+    c.post("/login/backup", &[("code", &codes[0])]).await.assert_redirect("/app-passwords");
+    record(&mut trail, env.store.as_ref(), "use a backup code", &mut hash);
+    c.post("/app-passwords", &[("label", "Laptop"), ("scope_imap", "1"), ("scope_smtp", "1")]).await.assert_ok();
+    c.get("/app-passwords").await.assert_ok();
+    c.post("/app-passwords", &[("label", "Phone"), ("scope_imap", "1")]).await.assert_ok();
+    record(&mut trail, env.store.as_ref(), "create 2 app passwords", &mut hash);
+    let phone = env.store.list_app_passwords(ALICE).unwrap().into_iter().find(|r| r.label == "Phone").unwrap();
+    c.get("/app-passwords").await.assert_ok();
+    c.post(&format!("/app-passwords/{}/revoke", phone.id), &[]).await.assert_redirect("/app-passwords");
+    record(&mut trail, env.store.as_ref(), "revoke one", &mut hash);
+    c.get("/two-factor/disable").await.assert_ok();
+    c.post("/two-factor/disable", &[]).await.assert_redirect("/app-passwords");
+    record(&mut trail, env.store.as_ref(), "disable TOTP", &mut hash);
+    env.admin().unlock(ALICE).unwrap();
+    record(&mut trail, env.store.as_ref(), "unlock", &mut hash);
+    trail
+}
+
+#[tokio::test]
+async fn the_cli_and_the_web_make_the_same_changes() {
+    let (cli_env, web_env) = (Env::new(), Env::new());
+    let cli = through_the_cli(&cli_env).await;
+    let web = through_the_web(&web_env).await;
+    assert_eq!(cli.len(), web.len());
+    for ((step, by_cli, cli_pw), (_, by_web, web_pw)) in cli.iter().zip(&web) {
+        assert_eq!(by_cli, by_web, "after `{step}` the stored accounts differ\nCLI: {by_cli:#}\nweb: {by_web:#}");
+        assert_eq!(cli_pw, web_pw, "after `{step}`: the password hash changed on one path only");
+    }
+    // And the changes were made: the last state, spelled out.
+    let (_, last, _) = cli.last().unwrap();
+    assert_eq!(last["totp"], serde_json::Value::Null);
+    assert_eq!(last["backup_codes"], serde_json::Value::Null);
+    assert_eq!(last["second_factor_required"], false);
+    assert_eq!(last["app_passwords"].as_array().unwrap().len(), 1);
+    assert_eq!(last["app_passwords"][0]["label"], "Laptop");
+    let (_, used, _) = &cli[4];
+    assert_eq!(used["backup_codes"]["remaining"], 9);
+    assert_eq!(
+        last["audit"],
+        serde_json::json!([
+            "account_created",
+            "account_password_changed",
+            "totp_enabled",
+            "backup_codes_generated",
+            "backup_code_used",
+            "app_password_created",
+            "app_password_created",
+            "app_password_revoked",
+            "totp_disabled",
+            "account_unlocked"
+        ])
+    );
 }
