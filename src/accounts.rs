@@ -36,10 +36,10 @@ pub enum AccountError {
     #[error("{0} has no account password to change")]
     NoLocalPassword(String),
     /// Two-step verification is off, and the change needs it on.
-    #[error("two-step verification is off for {0}")]
+    #[error("two-factor authentication is off for {0}")]
     SecondFactorOff(String),
     /// Two-step verification is on already (an enrolment finished elsewhere meanwhile).
-    #[error("two-step verification is on already for {0}")]
+    #[error("two-factor authentication is on already for {0}")]
     SecondFactorOn(String),
     /// A TOTP or backup code that is not right (or was used already).
     #[error("that code is not right")]
@@ -222,6 +222,7 @@ impl AccountService {
         match (result, refused) {
             (_, Some(e)) => Err(e),
             (Ok(a), None) => Ok(a),
+            (Err(StoreError::NotFound(_)), None) => Err(AccountError::UnknownUser(username.to_string())),
             (Err(e), None) => Err(e.into()),
         }
     }
