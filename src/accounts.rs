@@ -180,11 +180,6 @@ impl AccountService {
         self
     }
 
-    /// The store.
-    pub fn store(&self) -> &dyn Store {
-        self.store.as_ref()
-    }
-
     fn now(&self) -> u64 {
         self.clock.now()
     }
@@ -279,11 +274,15 @@ impl AccountService {
         Ok(self.store.import(dump)?)
     }
 
-    /// Removes an account and its app passwords; returns how many live sessions ended.
+    /// Removes an account and its app passwords (its audit events stay); returns how many
+    /// live sessions ended.
     pub fn remove(&self, email: &str) -> Result<usize, AccountError> {
         let email = check_email(email)?;
         self.store.remove_account(&email)?;
-        Ok(self.end_sessions(&email, None))
+        let ended = self.end_sessions(&email, None);
+        // Audit events outlive the account: its history stays readable in an export.
+        self.audit(&email, "account_removed", self.actor.detail().into());
+        Ok(ended)
     }
 
     /// Sets the account password (an argon2id hash made by the caller, outside any store

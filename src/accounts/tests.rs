@@ -295,6 +295,7 @@ fn changes_end_the_sessions_they_invalidate() {
     assert_eq!(env.sessions.len(), 1, "the app password's session lives on");
     assert_eq!(svc.remove(ALICE).unwrap(), 1);
     assert_eq!(env.sessions.len(), 0);
+    assert_eq!(env.audit_kinds().last().map(String::as_str), Some("account_removed"));
     assert!(matches!(svc.account(ALICE), Err(AccountError::UnknownUser(_))));
 }
 
