@@ -5,6 +5,9 @@
 //! server executes it; with no server running, the CLI opens the store itself. Either
 //! way the same [`execute`] runs, so a change takes effect at once (a revoked app
 //! password fails its next login, and its live sessions end).
+//!
+//! Every change is made by the account service ([`crate::accounts`]), as the web step's
+//! are; a command here only checks its arguments and words the answer.
 
 use crate::accounts::{AccountError, AccountService, Actor, check_email, fmt_time, last_used_text};
 use crate::auth::crypto::SecretKey;
