@@ -196,8 +196,13 @@ impl AccountService {
         self.sessions.as_ref().map(|s| s.kill(username, app_password_id)).unwrap_or(0)
     }
 
-    fn end_account_password_sessions(&self, username: &str) -> usize {
-        self.sessions.as_ref().map(|s| s.kill_account_password_sessions(username)).unwrap_or(0)
+    /// After a change that the account password used so far no longer passes (a new
+    /// password, TOTP turned on): the sessions opened with it end, and the change (`kind`)
+    /// is audited. Returns how many sessions ended.
+    fn account_password_retired(&self, username: &str, kind: &str) -> usize {
+        let ended = self.sessions.as_ref().map(|s| s.kill_account_password_sessions(username)).unwrap_or(0);
+        self.audit(username, kind, self.actor.detail().into());
+        ended
     }
 
     /// One atomic change of an account: `f` sees the current record and may refuse, and
@@ -299,9 +304,7 @@ impl AccountService {
             a.updated_at = now;
             Ok(())
         })?;
-        let ended = self.end_account_password_sessions(email);
-        self.audit(email, "account_password_changed", self.actor.detail().into());
-        Ok(ended)
+        Ok(self.account_password_retired(email, "account_password_changed"))
     }
 
     /// Clears the account's failed-login lock: its guess budgets (in the store, shared by
@@ -372,8 +375,7 @@ impl AccountService {
             Ok(())
         })?;
         // From now on the account password no longer opens IMAP/SMTP.
-        let ended = self.end_account_password_sessions(email);
-        self.audit(email, "totp_enabled", self.actor.detail().into());
+        let ended = self.account_password_retired(email, "totp_enabled");
         Ok(TotpOn { uri: None, backup_codes: shown, replaced, ended })
     }
 
