@@ -11,7 +11,8 @@
 //! Parsing is all-or-nothing: every line is checked first, and one bad line means no user
 //! at all, with an error naming each bad line (the first [`MAX_REPORTED`]).
 
-use crate::admin::check_email;
+use crate::accounts::AccountError;
+use crate::accounts::check_email;
 use crate::auth::legacy_hash::{self, DovecotPassword};
 use std::collections::HashMap;
 
@@ -21,7 +22,7 @@ pub const MAX_REPORTED: usize = 20;
 /// One account read from a passwd-file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportedUser {
-    /// The account: an e-mail address, normalised like [`crate::admin::check_email`].
+    /// The account: an e-mail address, normalised like [`crate::accounts::check_email`].
     pub email: String,
     /// What mailgate stores as the account password (see [`legacy_hash`]).
     pub stored_hash: String,
@@ -39,7 +40,7 @@ pub struct ImportedUser {
 /// `default_domain` (`example.org` or `@example.org`) is appended to user names without `@`;
 /// without it such names are errors. Clear-text passwords are hashed (argon2id) only once
 /// the whole file has passed, so a bad file costs no hashing.
-pub fn parse_passwd_file(text: &str, default_domain: Option<&str>) -> Result<Vec<ImportedUser>, String> {
+pub fn parse_passwd_file(text: &str, default_domain: Option<&str>) -> Result<Vec<ImportedUser>, ImportError> {
     let domain = default_domain.map(check_domain).transpose()?;
     let mut errors = Errors::default();
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -66,7 +67,7 @@ pub fn parse_passwd_file(text: &str, default_domain: Option<&str>) -> Result<Vec
         let email = match email_of(user, domain.as_deref()) {
             Ok(e) => e,
             Err(e) => {
-                errors.add(n, e);
+                errors.add(n, e.to_string());
                 continue;
             }
         };
@@ -95,23 +96,44 @@ pub fn parse_passwd_file(text: &str, default_domain: Option<&str>) -> Result<Vec
 }
 
 /// Checks a default domain; returns it lower-cased, without a leading `@`.
-fn check_domain(raw: &str) -> Result<String, String> {
+fn check_domain(raw: &str) -> Result<String, ImportError> {
     let d = raw.trim();
     let d = d.strip_prefix('@').unwrap_or(d);
     match check_email(&format!("x@{d}")) {
         Ok(e) if !d.is_empty() => Ok(e[2..].to_string()),
-        _ => Err(format!("`{raw}` is not a domain name")),
+        _ => Err(ImportError::BadDomain(raw.to_string())),
     }
 }
 
-fn email_of(user: &str, domain: Option<&str>) -> Result<String, String> {
+/// Why a user name is not an account.
+#[derive(Debug, thiserror::Error)]
+enum UserError {
+    #[error(transparent)]
+    Email(#[from] AccountError),
+    #[error("user name `{0}` has no @domain (give a default domain to add one)")]
+    NoDomain(String),
+}
+
+fn email_of(user: &str, domain: Option<&str>) -> Result<String, UserError> {
     if user.contains('@') {
-        return check_email(user);
+        return Ok(check_email(user)?);
     }
     match domain {
-        Some(d) => check_email(&format!("{}@{d}", user.trim())),
-        None => Err(format!("user name `{}` has no @domain (give a default domain to add one)", user.trim())),
+        Some(d) => Ok(check_email(&format!("{}@{d}", user.trim()))?),
+        None => Err(UserError::NoDomain(user.trim().to_string())),
     }
+}
+
+/// Why a passwd-file was not imported (nothing of it was).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImportError {
+    /// The default domain given is not one.
+    #[error("`{0}` is not a domain name")]
+    BadDomain(String),
+    /// Bad lines: "line N: reason", one per line of the message, the first
+    /// [`MAX_REPORTED`] named, then a count.
+    #[error("{0}")]
+    BadLines(String),
 }
 
 /// Bad lines, the first [`MAX_REPORTED`] kept.
@@ -129,7 +151,7 @@ impl Errors {
         }
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), ImportError> {
         if self.count == 0 {
             return Ok(());
         }
@@ -137,7 +159,7 @@ impl Errors {
         if self.count > self.shown.len() {
             msg.push_str(&format!("\n… and {} more bad lines", self.count - self.shown.len()));
         }
-        Err(msg)
+        Err(ImportError::BadLines(msg))
     }
 }
 
@@ -226,10 +248,10 @@ mod tests {
         assert_eq!(users[1].email, "bob@other.example");
         let users = parse_passwd_file(&text, Some("@example.org")).unwrap();
         assert_eq!(users[0].email, "alice@example.org");
-        let e = parse_passwd_file(&text, None).unwrap_err();
+        let e = parse_passwd_file(&text, None).unwrap_err().to_string();
         assert_eq!(e, "line 1: user name `alice` has no @domain (give a default domain to add one)");
         for bad in ["", "@", "a@b", "exa mple.org", "x:y"] {
-            let e = parse_passwd_file(&text, Some(bad)).unwrap_err();
+            let e = parse_passwd_file(&text, Some(bad)).unwrap_err().to_string();
             assert!(e.contains("is not a domain name"), "{bad}: {e}");
         }
     }
@@ -249,7 +271,7 @@ mod tests {
              erin@example.org:{{PLAIN}}secret-plaintext\n\
              frank@example.org:{{NOSUCH}}x\n"
         );
-        let e = parse_passwd_file(&text, None).unwrap_err();
+        let e = parse_passwd_file(&text, None).unwrap_err().to_string();
         let lines: Vec<&str> = e.lines().collect();
         assert_eq!(lines.len(), 9, "{e}");
         assert_eq!(lines[0], "line 2: user bob@example.org: unsupported password scheme {MD5-CRYPT}");
@@ -268,7 +290,7 @@ mod tests {
     #[test]
     fn duplicate_after_a_bad_password_is_still_a_duplicate() {
         let text = format!("a@x.org:{{NOSUCH}}x\na@x.org:{BLF}\n");
-        let e = parse_passwd_file(&text, None).unwrap_err();
+        let e = parse_passwd_file(&text, None).unwrap_err().to_string();
         assert_eq!(
             e,
             "line 1: user a@x.org: unsupported password scheme {NOSUCH}\nline 2: duplicate user a@x.org (also on line 1)"
@@ -278,7 +300,7 @@ mod tests {
     #[test]
     fn at_most_twenty_bad_lines_are_named() {
         let text: String = (0..25).map(|i| format!("user{i}@example.org:{{NOSUCH}}x\n")).collect();
-        let e = parse_passwd_file(&text, None).unwrap_err();
+        let e = parse_passwd_file(&text, None).unwrap_err().to_string();
         let lines: Vec<&str> = e.lines().collect();
         assert_eq!(lines.len(), MAX_REPORTED + 1);
         assert!(lines[19].starts_with("line 20: "));
@@ -289,7 +311,7 @@ mod tests {
     fn a_single_bad_line_among_good_ones_fails_the_whole_file() {
         let mut text = mixed_file();
         text.push_str("zed@example.org:{SSHA}NuVG1g6CcyooT4kJGyqmk6CLQimsUklD\n");
-        let e = parse_passwd_file(&text, None).unwrap_err();
+        let e = parse_passwd_file(&text, None).unwrap_err().to_string();
         assert_eq!(e, "line 11: user zed@example.org: unsupported password scheme {SSHA}");
     }
 }

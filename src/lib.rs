@@ -9,7 +9,7 @@
 //!  mail client ──TLS──▶ net (listener → stream → PreAuth driver) ──▶ upstream (master login)
 //!                             │            ▲
 //!                  proto (sans-IO)    auth (app passwords, argon2id) ──▶ store (sled)
-//!  admin CLI ──admin socket──▶ admin ──────────────────────────────────▶ store
+//!  admin CLI ──admin socket──▶ admin ──▶ accounts ◀── web ─────────────────▶ store
 //! ```
 //!
 //! # Layout
@@ -22,9 +22,11 @@
 //! * `tls`: rustls configurations.
 //! * `net`: listeners, the connection driver, upstream connections, the relay.
 //! * `sessions`: live sessions, for revocation.
+//! * `accounts`: the account service; every change to an account (CLI, web, import) goes through it.
 //! * `admin`: what the CLI does, and the admin socket.
 //! * `app`: wiring.
 
+pub mod accounts;
 pub mod addr;
 pub mod admin;
 pub mod app;

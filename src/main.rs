@@ -151,7 +151,7 @@ enum AppCmd {
 
 #[derive(Subcommand)]
 enum TotpCmd {
-    /// Turn on TOTP for an account (prints the otpauth:// URI last).
+    /// Turn on TOTP for an account (prints new backup codes, then the otpauth:// URI last).
     Enable {
         /// The account.
         email: String,
@@ -161,6 +161,11 @@ enum TotpCmd {
     },
     /// Turn off TOTP for an account.
     Disable {
+        /// The account.
+        email: String,
+    },
+    /// Make a new set of backup codes for an account with TOTP (the old set stops working).
+    BackupCodes {
         /// The account.
         email: String,
     },
@@ -526,6 +531,7 @@ fn totp(config: &Config, cmd: TotpCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         TotpCmd::Enable { email, secret } => print(dispatch(config, Request::TotpEnable { email, secret })?, false),
         TotpCmd::Disable { email } => print(dispatch(config, Request::TotpDisable { email })?, false),
+        TotpCmd::BackupCodes { email } => print(dispatch(config, Request::BackupCodesRegenerate { email })?, false),
     }
 }
 

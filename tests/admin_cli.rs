@@ -47,8 +47,17 @@ fn commands_work_while_serving_and_errors_are_named() {
             .contains("secret=JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
     );
     assert!(mg.ok(&["user", "list"]).contains("2fa=on"));
+    // Issue 14: enabling makes backup codes, as the web's enrolment does; new ones on demand.
+    let is_code = |l: &&str| l.len() == 19 && l.split(' ').all(|g| g.len() == 4);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().filter(is_code).count(), 10);
+    let codes = mg.ok(&["totp", "backup-codes", "alice@example.com"]);
+    assert!(codes.starts_with("new backup codes for alice@example.com"), "{codes}");
+    assert_eq!(codes.lines().filter(is_code).count(), 10, "{codes}");
     mg.ok(&["totp", "disable", "alice@example.com"]);
     assert!(mg.ok(&["user", "list"]).contains("2fa=off"));
+    let out = mg.cli(&["totp", "backup-codes", "alice@example.com"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("two-factor authentication is off for alice@example.com"));
     let out = mg.ok(&["user", "unlock", "alice@example.com"]);
     assert!(out.contains("unlocked alice@example.com: its password and code guess budgets are full again"), "{out}");
     assert!(!mg.cli(&["user", "unlock", "nobody@example.com"]).status.success());

@@ -42,6 +42,72 @@ fn the_store_suite_passes_on_postgres() {
     suite::budgets_are_never_overdrawn(open(&url), &[open(&url), open(&url)]);
 }
 
+/// Issue 14 point 3: the account service's changes are atomic on PostgreSQL too, across
+/// nodes: one app password revoked from two nodes at once is revoked once; one backup code
+/// brought to two nodes at once is spent once; one TOTP code accepted once.
+#[test]
+fn account_changes_happen_once_across_the_nodes() {
+    use mailgate::accounts::{AccountError, AccountService, Actor};
+    use mailgate::auth::crypto::SecretKey;
+    let pg = Postgres::start();
+    let url = fresh_db(&pg);
+    let key = Arc::new(SecretKey::from_bytes(&[7; 32]).unwrap());
+    let nodes: Vec<AccountService> =
+        (0..2).map(|_| AccountService::new(open(&url), key.clone(), "mail.example.test", Actor::Admin)).collect();
+    let user = "alice@example.test";
+    nodes[0].create(user, &[], None).unwrap();
+    let id = nodes[0].create_app_password(user, "Phone", vec![]).unwrap().new.id.clone();
+    let revoked = at_once(&nodes, |node| node.revoke_app_password(user, &id).is_ok());
+    assert_eq!(revoked, 1, "revoked once");
+
+    let on = nodes[1].enable_totp(user, Some("JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")).unwrap();
+    let code = on.backup_codes[0].clone();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    let spent = rt.block_on(async {
+        let tries: Vec<_> = (0..8)
+            .map(|i| {
+                let (node, code) = (nodes[i % 2].clone(), code.clone());
+                tokio::spawn(async move { node.consume_backup_code(user, &code, [192, 0, 2, 1].into()).await })
+            })
+            .collect();
+        let mut spent = 0;
+        for t in tries {
+            match t.await.unwrap() {
+                Ok(left) => {
+                    spent += 1;
+                    assert_eq!(left, 9);
+                }
+                Err(e) => assert!(matches!(e, AccountError::WrongCode), "{e}"),
+            }
+        }
+        spent
+    });
+    assert_eq!(spent, 1, "spent once");
+    assert_eq!(nodes[0].account(user).unwrap().backup_codes.unwrap().remaining(), 9);
+
+    let secret = totp_rs::Secret::try_from_base32("JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP").unwrap();
+    let now = mailgate::fsutil::now_unix();
+    let code = totp_rs::Builder::new().with_secret(secret.as_bytes().to_vec()).build_noncompliant().generate(now);
+    let code = code.to_string();
+    let accepted = at_once(&nodes, |node| node.accept_totp_code(user, &code).is_ok());
+    assert_eq!(accepted, 1, "one TOTP code lets one in");
+}
+
+/// Runs `change` 8 times at once, on the nodes in turn; how many succeeded.
+fn at_once<N: Sync>(nodes: &[N], change: impl Fn(&N) -> bool + Sync) -> usize {
+    std::thread::scope(|s| {
+        let tries: Vec<_> = (0..8)
+            .map(|i| {
+                s.spawn({
+                    let (node, change) = (&nodes[i % nodes.len()], &change);
+                    move || change(node)
+                })
+            })
+            .collect();
+        tries.into_iter().map(|t| t.join().unwrap()).filter(|ok| *ok).count()
+    })
+}
+
 /// Web sessions are in the database, so any node serves any request of a browser: the
 /// suite the in-memory sessions pass, run on two nodes; the anonymous cap and the purge;
 /// nothing readable in the table.

@@ -1326,12 +1326,14 @@ mod tests {
     #[test]
     fn imported_hashes_are_upgraded_to_argon2id_on_login() {
         let (_d, s, _app) = setup();
-        let mut a = s.get_account("a@x").unwrap().unwrap();
         // doveadm pw -s SHA512-CRYPT -p 'correct horse'
-        a.password_hash = Some(
-            "{SHA512-CRYPT}$6$LkYAziLPYynr.PmP$vjYNVvjz2joE6JhbOlaxkT0BfUvIVYgIrhqMPxmF7knjl4ZkXro7CshkWtQK1CsB9a94nNhE65TkZx5VsTxSA/".into(),
-        );
-        s.put_account(&a).unwrap();
+        s.update_account("a@x", &mut |a| {
+            a.password_hash = Some(
+                "{SHA512-CRYPT}$6$LkYAziLPYynr.PmP$vjYNVvjz2joE6JhbOlaxkT0BfUvIVYgIrhqMPxmF7knjl4ZkXro7CshkWtQK1CsB9a94nNhE65TkZx5VsTxSA/".into(),
+            );
+            Ok(())
+        })
+        .unwrap();
         assert!(matches!(decide(&s, None, None, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
         assert!(s.get_account("a@x").unwrap().unwrap().password_hash.unwrap().starts_with("{SHA512-CRYPT}"));
         let v = decide(&s, None, None, "a@x", &pw("correct horse"), Protocol::Imap, &peer());
@@ -1369,14 +1371,13 @@ mod tests {
     #[test]
     fn second_factor_accounts_refuse_the_account_password() {
         let (_d, s, app) = setup();
-        let mut a = s.get_account("a@x").unwrap().unwrap();
-        a.totp = Some(TotpState { secret_enc: String::new(), enabled_at: 1, last_step: 0 });
-        a.second_factor_required = true;
-        s.put_account(&a).unwrap();
-        assert!(matches!(
-            decide(&s, None, None, "a@x", &pw("account-pw"), Protocol::Imap, &peer()),
-            Verdict::NeedsAppPassword
-        ));
+        s.update_account("a@x", &mut |a| {
+            a.totp = Some(TotpState { secret_enc: String::new(), enabled_at: 1, last_step: 0 });
+            a.second_factor_required = true;
+            Ok(())
+        })
+        .unwrap();
+        assert!(matches!(decide(&s, None, None, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::NeedsAppPassword));
         assert!(matches!(decide(&s, None, None, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
         assert!(matches!(decide(&s, None, None, "a@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Granted(_)));
         let ev = s.recent_audit("a@x", 5).unwrap();
@@ -1384,11 +1385,11 @@ mod tests {
         assert_eq!(kinds, ["login", "login_failed", "account_password_refused_2fa"]);
         assert!(ev[2].detail.contains("192.0.2.1 via IMAP (Thunderbird)"), "{}", ev[2].detail);
         // Fail closed: the TOTP record lost, the marker still refuses.
-        a.totp = None;
-        s.put_account(&a).unwrap();
-        assert!(matches!(
-            decide(&s, None, None, "a@x", &pw("account-pw"), Protocol::Imap, &peer()),
-            Verdict::NeedsAppPassword
-        ));
+        s.update_account("a@x", &mut |a| {
+            a.totp = None;
+            Ok(())
+        })
+        .unwrap();
+        assert!(matches!(decide(&s, None, None, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::NeedsAppPassword));
     }
 }

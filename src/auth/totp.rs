@@ -1,65 +1,29 @@
 //! TOTP secrets (RFC 6238: SHA-1, 6 digits, 30 s) and their otpauth:// URIs.
-//! Verification with replay protection belongs to the web step.
+//! Replay protection (a step later than the last accepted one) is the account service's.
 
-use crate::auth::crypto::SecretKey;
-use crate::secret::Secret;
-use totp_rs::{Builder, Secret as TotpSecret};
+use crate::secret::SecretString;
+use totp_rs::Builder;
 
-/// A secret ready to store, with the URI to show once.
-pub struct Enrolment {
-    /// Sealed secret for [`crate::store::TotpState::secret_enc`].
-    pub sealed: String,
-    /// `otpauth://totp/<issuer>:<account>?secret=…`
-    pub uri: Secret<String>,
-}
-
-/// Makes (or imports, from base32) a TOTP secret for `account`, sealed with `key`.
-pub fn enrol(key: &SecretKey, issuer: &str, account: &str, base32: Option<&str>) -> Result<Enrolment, String> {
-    let secret = match base32 {
-        Some(b32) => TotpSecret::try_from_base32(b32.trim().replace(' ', "").to_ascii_uppercase())
-            .map_err(|_| "the secret is not valid base32".to_string())?,
-        None => TotpSecret::generate(),
-    };
-    let raw = Secret::new(secret.as_ref().to_vec());
-    let totp = Builder::new()
-        .with_secret(secret)
-        .with_issuer(Some(issuer))
-        .with_account_name(account)
-        .build()
-        .map_err(|e| format!("cannot use this TOTP secret: {e}"))?;
-    let uri = totp.to_url().map_err(|e| format!("cannot make the otpauth URI: {e}"))?;
-    Ok(Enrolment { sealed: key.seal(raw.expose(), account)?, uri: Secret::new(uri) })
+/// The otpauth:// URI of a TOTP secret (`otpauth://totp/<issuer>:<account>?secret=…`), as
+/// authenticator apps read it from a QR code: the one builder for the CLI and the web step.
+pub fn otpauth_uri(issuer: &str, account: &str, secret: &[u8]) -> Result<SecretString, totp_rs::TotpError> {
+    let totp =
+        Builder::new().with_secret(secret.to_vec()).with_issuer(Some(issuer)).with_account_name(account).build()?;
+    Ok(SecretString::from(totp.to_url()?))
 }
 
 #[cfg(test)]
-mod tests {
+mod uri_tests {
     use super::*;
 
     #[test]
-    fn enrol_generates_and_imports() {
-        let key = SecretKey::from_bytes(&[1u8; 32]).unwrap();
-        let e = enrol(&key, "mail.example.com", "alice@example.com", None).unwrap();
-        assert!(e.uri.expose().starts_with("otpauth://totp/mail.example.com:alice%40example.com?"));
-        let e = enrol(&key, "x", "a@x", Some("JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")).unwrap();
-        assert!(e.uri.expose().contains("secret=JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"));
-        assert_eq!(key.open(&e.sealed, "a@x").unwrap().expose().len(), 20);
-        assert!(enrol(&key, "x", "a@x", Some("not base32!")).is_err());
+    fn the_uri_names_issuer_account_and_secret() {
+        let secret = totp_rs::Secret::try_from_base32("JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP").unwrap();
+        let uri = otpauth_uri("mail.example.com", "alice@example.com", secret.as_bytes()).unwrap();
+        assert!(uri.expose().starts_with("otpauth://totp/mail.example.com:alice%40example.com?"));
+        assert!(uri.expose().contains("secret=JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"));
+        assert!(otpauth_uri("x", "a@x", &[1; 10]).is_err(), "80 bits are too few");
     }
-}
-
-/// A fresh 160-bit TOTP secret for enrolment, as base32 (shown to the person) and the
-/// otpauth:// URI (shown as a QR code).
-pub fn new_secret(issuer: &str, account: &str) -> Result<(Secret<String>, Secret<String>), String> {
-    let secret = TotpSecret::generate();
-    let b32 = secret.to_base32();
-    let totp = Builder::new()
-        .with_secret(secret)
-        .with_issuer(Some(issuer))
-        .with_account_name(account)
-        .build()
-        .map_err(|e| format!("cannot make a TOTP secret: {e}"))?;
-    let uri = totp.to_url().map_err(|e| format!("cannot make the otpauth URI: {e}"))?;
-    Ok((Secret::new(b32), Secret::new(uri)))
 }
 
 /// The time step a 6-digit `code` is valid for at `now` (RFC 6238: SHA-1, 30 s, ±1 step),
@@ -72,12 +36,6 @@ pub fn matching_step(secret: &[u8], code: &str, now: u64) -> Option<u64> {
     }
     let totp = Builder::new().with_secret(secret.to_vec()).build_noncompliant();
     totp.check(code, now)
-}
-
-/// Seals a base32 secret for storage.
-pub fn seal_base32(key: &SecretKey, account: &str, base32: &str) -> Result<String, String> {
-    let secret = TotpSecret::try_from_base32(base32).map_err(|_| "the secret is not valid base32".to_string())?;
-    key.seal(secret.as_ref(), account)
 }
 
 #[cfg(test)]

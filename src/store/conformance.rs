@@ -31,7 +31,7 @@ pub fn app(id: &str, user: &str, label: &str) -> AppPasswordRecord {
 pub fn accounts_and_app_passwords(s: &dyn Store) {
     s.create_account(&account("a@x")).unwrap();
     assert!(matches!(s.create_account(&account("a@x")), Err(StoreError::Conflict(_))));
-    assert!(matches!(s.put_account(&account("nobody@x")), Err(StoreError::NotFound(_))));
+    assert!(matches!(s.update_account("nobody@x", &mut |_| Ok(())), Err(StoreError::NotFound(_))));
     s.create_accounts(&[account("c@x"), account("d@x")]).unwrap();
     match s.create_accounts(&[account("e@x"), account("c@x")]) {
         Err(StoreError::Conflict(m)) => assert!(m.contains("c@x"), "{m}"),

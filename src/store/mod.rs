@@ -305,8 +305,6 @@ pub trait Store: Send + Sync {
     /// Creates several accounts, all or none: `Conflict` naming the existing ones if any
     /// exists already. Durable on return.
     fn create_accounts(&self, accounts: &[Account]) -> Result<(), StoreError>;
-    /// Replaces an existing account record; `NotFound` if it does not exist. Durable on return.
-    fn put_account(&self, account: &Account) -> Result<(), StoreError>;
     /// Changes an account atomically: `change` sees the current record and may refuse
     /// (its error is returned, nothing is written). Concurrent changes are serialised, so
     /// a check-and-set inside `change` (a TOTP step, a backup code) happens once.

@@ -391,20 +391,6 @@ impl Store for PgStore {
         })
     }
 
-    fn put_account(&self, account: &Account) -> Result<(), StoreError> {
-        let (name, data) = (account.username.clone(), encode(account)?);
-        self.run(move |c| async move {
-            let n = c
-                .execute("UPDATE accounts SET data = $2, version = version + 1 WHERE username = $1", &[&name, &data])
-                .await
-                .map_err(pg)?;
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("unknown user {name}")));
-            }
-            Ok(())
-        })
-    }
-
     fn update_account(
         &self,
         username: &str,

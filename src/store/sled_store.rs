@@ -260,22 +260,6 @@ impl Store for SledStore {
         self.durable()
     }
 
-    fn put_account(&self, account: &Account) -> Result<(), StoreError> {
-        let value = encode(account)?;
-        let res = self.accounts.transaction(|t| {
-            if t.get(account.username.as_bytes())?.is_none() {
-                return Err(ConflictableTransactionError::Abort(StoreError::NotFound(format!(
-                    "unknown user {}",
-                    account.username
-                ))));
-            }
-            t.insert(account.username.as_bytes(), value.clone())?;
-            Ok(())
-        });
-        res.map_err(tx_err)?;
-        self.durable()
-    }
-
     fn update_account(
         &self,
         username: &str,

@@ -7,10 +7,10 @@ use super::ClientIp;
 use super::Web;
 use super::notice;
 use super::session::{COOKIE, ENROL_SECS, MAX_WRONG_CODES, SECOND_FACTOR_SECS, STEP_UP_SECS, Stage};
-use crate::admin;
-use crate::auth::{WebCheck, backup_codes, password, totp};
+use crate::accounts::{AccountError, AccountService, Actor, check_label, fmt_time, last_used_text};
+use crate::auth::{WebCheck, backup_codes, password};
 use crate::secret::{SecretBytes, SecretString, ct_eq};
-use crate::store::{Account, AuditEvent, Scope, StoreError, TotpState};
+use crate::store::{Account, Scope};
 use askama::Template;
 use axum::extract::{Extension, Form, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -248,6 +248,14 @@ impl Web {
         self.clock.now()
     }
 
+    /// The account service, acting for the signed-in owner at the web step's time.
+    fn accounts(&self) -> AccountService {
+        AccountService::new(self.auth.store().clone(), self.key.clone(), self.host(), Actor::Web)
+            .with_sessions(self.sessions.clone())
+            .with_authenticator(self.auth.clone())
+            .with_clock(self.clock.clone())
+    }
+
     fn host(&self) -> &str {
         &self.config.hostname
     }
@@ -382,10 +390,7 @@ impl Web {
     /// Records an audit event at the web step's time (which the security notice compares
     /// with); a failure to write is logged, not fatal.
     fn audit(&self, username: &str, kind: &str, detail: String) {
-        let ev = AuditEvent { at: self.now(), username: username.into(), kind: kind.into(), detail };
-        if let Err(e) = self.auth.store().append_audit(&ev) {
-            tracing::warn!(error = %e, kind, "cannot write an audit event");
-        }
+        self.accounts().audit(username, kind, detail);
     }
 
     /// Signs in fully: a new session id, the sign-in time for step-up. The audit event
@@ -452,10 +457,6 @@ fn origin_of(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
     let host = rest.split('/').next()?;
     Some(format!("{scheme}://{host}"))
-}
-
-fn fmt_time(t: u64) -> String {
-    admin::fmt_time(t)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -698,18 +699,17 @@ async fn second_factor_outcome(
     ip: IpAddr,
     typed: &[u8],
     backup: bool,
-    result: Result<Option<usize>, StoreError>,
+    result: Result<Option<usize>, AccountError>,
 ) -> Response {
     match result {
         Ok(left) => {
             web.auth.settle(ticket, crate::auth::Outcome::Right).await;
             if let Some(left) = left {
-                web.audit(&username, "backup_code_used", format!("{left} left"));
                 web.set_notice(&ctx.id, backup_codes_left(left));
             }
             web.complete_sign_in(&ctx, &username, ip)
         }
-        Err(StoreError::Backend(_)) => {
+        Err(e) if e.is_unavailable() => {
             web.auth.settle(ticket, crate::auth::Outcome::NotCompared).await;
             give_back_code_slot(web, &ctx);
             web.unavailable()
@@ -733,23 +733,8 @@ pub(super) async fn totp(
         Err(r) => return r,
     };
     let code: String = form.get("code").map(|c| c.chars().filter(|c| !c.is_whitespace()).collect()).unwrap_or_default();
-    let now = web.now();
-    let key = web.key.clone();
-    let user = slot.1.clone();
-    // Verify and move the last accepted step forward in one atomic change: the same code
-    // (or an earlier one) never works twice, and of two concurrent submissions one wins.
-    let accepted = web.auth.store().update_account(&user, &mut |a: &mut Account| {
-        let Some(t) = a.totp.as_mut() else { return Err(StoreError::Conflict("no TOTP".into())) };
-        let secret = key.open(&t.secret_enc, &user).map_err(|_| StoreError::Corrupt("totp secret".into()))?;
-        match totp::matching_step(secret.expose(), &code, now) {
-            Some(step) if step > t.last_step => {
-                t.last_step = step;
-                Ok(())
-            }
-            _ => Err(StoreError::Conflict("wrong code".into())),
-        }
-    });
-    let result = accepted.map(|_| None);
+    // Checked, and the last accepted step moved forward, in one atomic change.
+    let result = web.accounts().accept_totp_code(&slot.1, &code).map(|()| None);
     second_factor_outcome(&web, slot, ip, code.as_bytes(), false, result).await
 }
 
@@ -765,42 +750,8 @@ pub(super) async fn backup(
         Err(r) => return r,
     };
     let code = SecretString::from(form.get("code").cloned().unwrap_or_default());
-    let result = spend_backup_code(&web, &slot.1, &code, ip).await;
+    let result = web.accounts().consume_backup_code(&slot.1, &code, ip).await.map(Some);
     second_factor_outcome(&web, slot, ip, code.expose().as_bytes(), true, result).await
-}
-
-/// Finds the typed backup code in the account's set (one HMAC; outside any store lock),
-/// then spends it in one atomic change if it is still unused. `Ok(left)`: spent.
-async fn spend_backup_code(
-    web: &Web,
-    username: &str,
-    code: &SecretString,
-    ip: IpAddr,
-) -> Result<Option<usize>, StoreError> {
-    let wrong = || StoreError::Conflict("wrong code".into());
-    let account = web.auth.store().get_account(username)?.ok_or_else(wrong)?;
-    let set = account.backup_codes.ok_or_else(wrong)?;
-    let found = if backup_codes::needs_hashing(&set) {
-        // A set from before keyed hashes: argon2 per code, on a hashing thread.
-        let (key, typed) = (web.key.clone(), SecretString::from(code.expose().clone()));
-        web.auth
-            .run_blocking(ip, move || backup_codes::find(&set, typed.expose(), &key))
-            .await
-            .ok_or_else(|| StoreError::Backend("the hashing queue is busy".into()))?
-    } else {
-        backup_codes::find(&set, code.expose(), &web.key)
-    };
-    let found = found.ok_or_else(wrong)?;
-    let mut left = 0;
-    web.auth.store().update_account(username, &mut |a: &mut Account| {
-        let Some(set) = a.backup_codes.as_mut() else { return Err(wrong()) };
-        if !backup_codes::spend(set, &found) {
-            return Err(wrong());
-        }
-        left = set.remaining();
-        Ok(())
-    })?;
-    Ok(Some(left))
 }
 
 pub(super) async fn logout(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
@@ -826,12 +777,13 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
 /// The account page; `draft`: the new-app-password form to show again (422 if it has an
 /// error).
 fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response {
-    let store = web.auth.store();
     let account = match web.account(username) {
         Ok(a) => a,
         Err(r) => return r,
     };
-    let passwords = store
+    let passwords = web
+        .auth
+        .store()
         .list_app_passwords(username)
         .unwrap_or_default()
         .into_iter()
@@ -840,22 +792,15 @@ fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response 
             label: r.label.clone(),
             scopes: r.scopes.iter().map(|s| s.as_str().to_uppercase()).collect::<Vec<_>>().join(", "),
             created: fmt_time(r.created_at),
-            last_used: match &r.last_used {
-                Some(u) => format!(
-                    "{} from {}{}",
-                    fmt_time(u.at),
-                    u.ip,
-                    u.client.as_deref().map(|c| format!(" ({c})")).unwrap_or_default()
-                ),
-                None => "never".into(),
-            },
+            last_used: last_used_text(r.last_used.as_ref()),
         })
         .collect();
     // Devices refused for sending the account password matter only while two-step
     // verification is on, and only refusals since it was turned on.
     let stale = if account.has_second_factor() {
         let since = account.totp.as_ref().map(|t| t.enabled_at).unwrap_or(0);
-        admin::stale_devices(store.as_ref(), username)
+        web.accounts()
+            .stale_devices(username)
             .unwrap_or_default()
             .into_iter()
             .filter(|(_, at)| *at >= since)
@@ -974,9 +919,9 @@ pub(super) async fn create_app_password(
     let smtp = form.contains_key("scope_smtp");
     let label = form.get("label").cloned().unwrap_or_default();
     // Every refusal shows the form again as it was sent, with the reason next to the field
-    // (the label check runs again in admin::create_app_password, for the CLI too).
+    // (the label check runs again in the account service, for the CLI too).
     let mut draft = Draft { label, imap, smtp, ..Draft::default() };
-    draft.label_error = match admin::check_label(&draft.label) {
+    draft.label_error = match check_label(&draft.label) {
         Err(e) => Some(format!("The app password was not created: {e}.")),
         Ok(label) if has_label(&web, &username, label) => {
             Some(format!("You already have an app password called “{label}”. Choose another name."))
@@ -991,14 +936,10 @@ pub(super) async fn create_app_password(
         return account_page(&web, &ctx, &username, draft);
     }
     let scopes = [(imap, Scope::Imap), (smtp, Scope::Smtp)].into_iter().filter_map(|(on, s)| on.then_some(s)).collect();
-    let store = web.auth.store().clone();
-    let (user, label) = (username.clone(), draft.label.clone());
-    let made = web
-        .auth
-        .run_blocking(ip, move || admin::create_app_password(store.as_ref(), &user, &label, scopes, "web"))
-        .await;
+    let (accounts, user, label) = (web.accounts(), username.clone(), draft.label.clone());
+    let made = web.auth.run_blocking(ip, move || accounts.create_app_password(&user, &label, scopes)).await;
     match made {
-        Some(Ok((new, label, scopes))) => {
+        Some(Ok(crate::accounts::CreatedAppPassword { new, label, scopes })) => {
             let (smtp_port, smtp_security) = endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465);
             let (imap_port, imap_security) = endpoint(&web.config.imap_tls, &web.config.imap_starttls, 993);
             let grouped = new.grouped();
@@ -1047,7 +988,7 @@ pub(super) async fn revoke_app_password(
         Ok(x) => x,
         Err(r) => return r,
     };
-    match admin::revoke_app_password(web.auth.store().as_ref(), Some(&web.sessions), &username, &id, "web") {
+    match web.accounts().revoke_app_password(&username, &id) {
         Ok((rec, ended)) => web.set_notice(&ctx.id, revoked_text(&rec.label, ended)),
         Err(_) => web.set_notice(&ctx.id, "That app password does not exist (any more)."),
     }
@@ -1098,16 +1039,16 @@ fn enrol_page(web: &Web, ctx: &Ctx, username: &str, error: Option<&str>) -> Resp
             {
                 return Some(b32.expose().clone());
             }
-            let (b32, _) = totp::new_secret(web.host(), username).ok()?;
-            let v = b32.expose().clone();
-            s.pending_totp = Some((b32, now));
+            let pending = web.accounts().new_totp_secret(username).ok()?;
+            let v = pending.base32.expose().clone();
+            s.pending_totp = Some((pending.base32, now));
             Some(v)
         })
         .flatten();
     let Some(secret) = secret.map(SecretString::from) else { return web.error("Could not start the enrolment.") };
-    let uri = match totp_uri(web.host(), username, secret.expose()) {
-        Some(u) => u,
-        None => return web.error("Could not start the enrolment."),
+    let uri = match web.accounts().totp_uri(username, &secret) {
+        Ok(u) => u,
+        Err(_) => return web.error("Could not start the enrolment."),
     };
     let mut resp = html(
         EnrolPage {
@@ -1122,17 +1063,6 @@ fn enrol_page(web: &Web, ctx: &Ctx, username: &str, error: Option<&str>) -> Resp
     );
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
-}
-
-fn totp_uri(issuer: &str, account: &str, base32: &str) -> Option<SecretString> {
-    let secret = totp_rs::Secret::try_from_base32(base32).ok()?;
-    let t = totp_rs::Builder::new()
-        .with_secret(secret)
-        .with_issuer(Some(issuer))
-        .with_account_name(account)
-        .build()
-        .ok()?;
-    t.to_url().ok().map(SecretString::from)
 }
 
 pub(super) async fn enrol(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
@@ -1151,37 +1081,20 @@ pub(super) async fn enrol(State(web): W, headers: HeaderMap, Form(form): Fields)
         .map(SecretString::from);
     let Some(b32) = pending else { return redirect("/two-factor") };
     let code: String = form.get("code").map(|c| c.chars().filter(|c| !c.is_whitespace()).collect()).unwrap_or_default();
-    let raw = match totp_rs::Secret::try_from_base32(b32.expose()) {
-        Ok(s) => crate::secret::Secret::new(s.as_ref().to_vec()),
-        Err(_) => return web.error("Could not read the new secret."),
-    };
-    let Some(step) = totp::matching_step(raw.expose(), &code, now) else {
-        tokio::time::sleep(web.auth.base_delay()).await;
-        return enrol_page(&web, &ctx, &username, Some("That code is not right. Enter the code your app shows now."));
-    };
-    let sealed = match web.key.seal(raw.expose(), &username) {
-        Ok(s) => s,
-        Err(_) => return web.error("Could not store the new secret."),
-    };
-    let Ok((shown, set)) = backup_codes::generate(now, &web.key) else {
-        return web.error("Could not make backup codes.");
-    };
-    let result = web.auth.store().update_account(&username, &mut |a: &mut Account| {
-        a.totp = Some(TotpState { secret_enc: sealed.clone(), enabled_at: now, last_step: step });
-        a.second_factor_required = true;
-        a.backup_codes = Some(set.clone());
-        a.updated_at = now;
-        Ok(())
-    });
-    if result.is_err() {
-        return web.error("Two-step verification could not be turned on. Nothing was changed.");
+    match web.accounts().confirm_totp(&username, &b32, &code) {
+        Ok(on) => {
+            // The service ended the IMAP/SMTP sessions opened with the account password;
+            // other web sessions of this account end too.
+            web.web_sessions.end_all_of(&username, Some(&ctx.id));
+            codes_page(&web, &ctx, &username, on.backup_codes, true)
+        }
+        Err(AccountError::WrongCode) => {
+            tokio::time::sleep(web.auth.base_delay()).await;
+            enrol_page(&web, &ctx, &username, Some("That code is not right. Enter the code your app shows now."))
+        }
+        Err(AccountError::SecondFactorOn(_)) => redirect("/app-passwords"),
+        Err(_) => web.error("Two-step verification could not be turned on. Nothing was changed."),
     }
-    // From now on the account password no longer opens IMAP/SMTP: end those sessions,
-    // and other web sessions of this account.
-    web.sessions.kill_account_password_sessions(&username);
-    web.web_sessions.end_all_of(&username, Some(&ctx.id));
-    web.audit(&username, "totp_enabled", "on the web".into());
-    codes_page(&web, &ctx, &username, shown, true)
 }
 
 /// The backup codes just made; `turned_on`: with two-step verification, just now.
@@ -1278,17 +1191,9 @@ pub(super) async fn disable_2fa(State(web): W, headers: HeaderMap, Form(form): F
         Err(r) => return r,
     };
     let now = web.now();
-    let result = web.auth.store().update_account(&username, &mut |a: &mut Account| {
-        a.totp = None;
-        a.second_factor_required = false;
-        a.backup_codes = None;
-        a.updated_at = now;
-        Ok(())
-    });
-    if result.is_err() {
+    if web.accounts().disable_totp(&username).is_err() {
         return web.error("Two-step verification could not be turned off. Nothing was changed.");
     }
-    web.audit(&username, "totp_disabled", "on the web".into());
     web.web_sessions.with(&ctx.id, now, |s| {
         s.shown_codes = None;
         s.pending_totp = None;
@@ -1302,22 +1207,11 @@ pub(super) async fn regenerate_codes(State(web): W, headers: HeaderMap, Form(for
         Ok(x) => x,
         Err(r) => return r,
     };
-    let now = web.now();
-    let Ok((shown, set)) = backup_codes::generate(now, &web.key) else {
-        return web.error("Could not make backup codes.");
-    };
-    let result = web.auth.store().update_account(&username, &mut |a: &mut Account| {
-        if !a.has_second_factor() {
-            return Err(StoreError::Conflict("two-step verification is off".into()));
-        }
-        a.backup_codes = Some(set.clone());
-        Ok(())
-    });
-    if result.is_err() {
-        return redirect("/app-passwords");
+    match web.accounts().regenerate_backup_codes(&username) {
+        Ok(shown) => codes_page(&web, &ctx, &username, shown, false),
+        Err(AccountError::SecondFactorOff(_) | AccountError::UnknownUser(_)) => redirect("/app-passwords"),
+        Err(_) => web.error("Could not make backup codes."),
     }
-    web.audit(&username, "backup_codes_generated", "on the web".into());
-    codes_page(&web, &ctx, &username, shown, false)
 }
 
 pub(super) async fn download_codes(State(web): W, headers: HeaderMap) -> Response {
@@ -1410,30 +1304,13 @@ pub(super) async fn change_password(
     let Some(Ok(hash)) = web.auth.run_blocking(ip, move || password::hash(new.expose().as_bytes())).await else {
         return web.error("The password could not be changed right now.");
     };
-    let now = web.now();
-    let result = web.auth.store().update_account(&username, &mut |a: &mut Account| {
-        if a.password_hash.is_none() {
-            return Err(StoreError::Conflict("no local password".into()));
-        }
-        a.password_hash = Some(hash.clone());
-        a.updated_at = now;
-        Ok(())
-    });
-    if result.is_err() {
+    let accounts = web.accounts();
+    if accounts.set_password(&username, hash, true).is_err() {
         return web.error("The password could not be changed. Nothing was changed.");
     }
-    web.sessions.kill_account_password_sessions(&username);
     web.web_sessions.end_all_of(&username, Some(&ctx.id));
-    let mut revoked = 0;
-    if form.contains_key("revoke_all") {
-        let store = web.auth.store();
-        for rec in store.list_app_passwords(&username).unwrap_or_default() {
-            if admin::revoke_app_password(store.as_ref(), Some(&web.sessions), &username, &rec.id, "web").is_ok() {
-                revoked += 1;
-            }
-        }
-    }
-    web.audit(&username, "account_password_changed", "on the web".into());
+    let revoked =
+        if form.contains_key("revoke_all") { accounts.revoke_all_app_passwords(&username).unwrap_or(0) } else { 0 };
     web.set_notice(
         &ctx.id,
         match revoked {

@@ -3,10 +3,10 @@
 //! session lifetime, password change, headers and autoconfig (SECURITY.md cases 72, 75–94).
 
 use super::*;
-use crate::admin;
+use crate::accounts::{AccountService, Actor, fmt_time};
 use crate::auth::clock::FakeClock;
 use crate::auth::{Peer, Protocol, Verdict, app_password, backup_codes, password};
-use crate::secret::SecretBytes;
+use crate::secret::{SecretBytes, SecretString};
 use crate::store::sled_store::SledStore;
 use crate::store::{Account, AuditEvent, LastUse, Scope, Store, TotpState};
 use axum::body::Body;
@@ -84,14 +84,19 @@ impl Env {
             .unwrap();
     }
 
+    /// The account service as the admin CLI uses it (no server: no live sessions).
+    fn admin(&self) -> AccountService {
+        AccountService::new(self.store.clone(), self.web.key.clone(), HOST, Actor::Admin)
+    }
+
     fn account(&self, name: &str) -> Account {
         self.store.get_account(name).unwrap().unwrap()
     }
 
     /// An app password made by the admin: (id, grouped password).
     fn app_password(&self, user: &str, label: &str) -> (String, String) {
-        let (new, _, _) = admin::create_app_password(self.store.as_ref(), user, label, vec![], "admin").unwrap();
-        (new.id.clone(), new.grouped().expose().clone())
+        let made = self.admin().create_app_password(user, label, vec![]).unwrap();
+        (made.new.id.clone(), made.new.grouped().expose().clone())
     }
 
     /// Gives the account a fresh set of backup codes; returns them.
@@ -976,7 +981,7 @@ async fn app_password_create_list_and_revoke() {
     let page = c.get("/app-passwords").await;
     page.assert_ok();
     assert!(page.body.contains("<td>Thunderbird laptop</td><td>IMAP, SMTP</td>"), "{}", page.body);
-    assert!(page.body.contains(&admin::fmt_time(rec.created_at)));
+    assert!(page.body.contains(&fmt_time(rec.created_at)));
     assert!(page.body.contains("<td>never</td>"));
     assert!(!page.body.contains(&shown) && !page.body.contains(normalized.expose().as_str()));
     assert!(!page.body.contains("$argon2"));
@@ -987,7 +992,7 @@ async fn app_password_create_list_and_revoke() {
     let used = LastUse { at: T0, ip: "192.0.2.7".into(), client: Some("Thunderbird".into()) };
     env.store.record_app_password_use(&rec.id, &used).unwrap();
     let page = c.get("/app-passwords").await;
-    assert!(page.body.contains(&format!("{} from 192.0.2.7 (Thunderbird)", admin::fmt_time(T0))), "{}", page.body);
+    assert!(page.body.contains(&format!("{} from 192.0.2.7 (Thunderbird)", fmt_time(T0))), "{}", page.body);
 
     // IMAP-only.
     let r = c.post("/app-passwords", &[("label", "Phone"), ("scope_imap", "1")]).await;
@@ -1081,7 +1086,7 @@ async fn account_page_lists_devices_still_using_the_account_password() {
     let page = c.get("/app-passwords").await;
     assert!(page.body.contains("Devices still using your account password"), "{}", page.body);
     assert!(page.body.contains("192.0.2.1 via IMAP (Thunderbird)"), "{}", page.body);
-    assert!(page.body.contains(&format!("198.51.100.4 via SMTP, last {}", admin::fmt_time(T0))), "{}", page.body);
+    assert!(page.body.contains(&format!("198.51.100.4 via SMTP, last {}", fmt_time(T0))), "{}", page.body);
     assert!(!page.body.contains("203.0.113.9"));
 }
 
@@ -1638,7 +1643,7 @@ async fn security_notice_names_time_and_address_and_goes_away_once_dismissed() {
     owner.sign_in_2fa(ALICE, PW, &code(SECRET, env.now())).await;
     let page = owner.get("/app-passwords").await;
     let notice = security_notice(&page.body).unwrap_or_else(|| panic!("no security notice: {}", page.body));
-    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 203.0.113.5", admin::fmt_time(T0))), "{notice}");
+    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 203.0.113.5", fmt_time(T0))), "{notice}");
     assert!(notice.contains("href=\"/password\""), "{notice}");
     // It stays until it is dismissed …
     let page = owner.get("/app-passwords").await;
@@ -1662,8 +1667,8 @@ async fn security_notice_names_time_and_address_and_goes_away_once_dismissed() {
     let again = env.now();
     wrong_codes(&mut attacker, 1).await;
     let notice = security_notice(&owner.get("/app-passwords").await.body).unwrap();
-    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 203.0.113.5", admin::fmt_time(again))));
-    assert!(!notice.contains(&admin::fmt_time(T0)), "{notice}");
+    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 203.0.113.5", fmt_time(again))));
+    assert!(!notice.contains(&fmt_time(T0)), "{notice}");
 }
 
 #[tokio::test]
@@ -1688,7 +1693,7 @@ async fn own_wrong_codes_in_a_sign_in_that_then_succeeds_are_no_security_notice(
     d.post("/login/totp", &[("code", &code(SECRET, env.now()))]).await.assert_redirect("/app-passwords");
     let notice = security_notice(&d.get("/app-passwords").await.body).unwrap();
     assert_eq!(notice.matches("<li>").count(), 1, "{notice}");
-    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 192.0.2.10", admin::fmt_time(gave_up))));
+    assert!(notice.contains(&format!("{}: a wrong 6-digit code, from 192.0.2.10", fmt_time(gave_up))));
     // A backup-code sign-in after a wrong TOTP code: the typo is its own too.
     let codes = env.give_backup_codes(ALICE);
     let seen = between(&d.get("/app-passwords").await.body, "name=\"seen\" value=\"", "\"").unwrap();
@@ -1977,4 +1982,192 @@ async fn a_refused_new_app_password_keeps_what_was_typed() {
             && r.body.contains(r#"name="scope_smtp" value="1" checked>"#)
     );
     assert_eq!(env.app_password_count(ALICE), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// One account service (issue 14 point 3): the CLI and the web make the same changes
+
+/// What must be the same after the same change made through the CLI or the web: every
+/// field of the account and of its app passwords, with secrets, hashes, ids and times
+/// compared by presence and shape only (they must differ), and the account-change audit
+/// events in order (their detail says who; sign-in events are the web's own).
+fn stored_shape(store: &dyn Store, user: &str) -> serde_json::Value {
+    const CHANGES: [&str; 9] = [
+        "account_created",
+        "account_password_changed",
+        "totp_enabled",
+        "totp_disabled",
+        "backup_codes_generated",
+        "backup_code_used",
+        "app_password_created",
+        "app_password_revoked",
+        "account_unlocked",
+    ];
+    let a = store.get_account(user).unwrap().unwrap();
+    let mut list = store.list_app_passwords(user).unwrap();
+    // Made in the same second, they are listed by their random ids.
+    list.sort_by(|x, y| x.label.cmp(&y.label));
+    let apps: Vec<_> = list
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "id_len": r.id.len(), "username": r.username, "label": r.label, "scopes": r.scopes,
+                "argon2id": r.hash.starts_with("$argon2id$"), "created": r.created_at > 0,
+                "last_used": r.last_used.is_some(),
+            })
+        })
+        .collect();
+    let mut audit: Vec<String> = store
+        .recent_audit(user, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .filter(|k| CHANGES.contains(&k.as_str()))
+        .collect();
+    audit.reverse();
+    serde_json::json!({
+        "username": a.username,
+        "addresses": a.addresses,
+        "password_argon2id": a.password_hash.as_deref().map(|h| h.starts_with("$argon2id$")),
+        "totp": a.totp.as_ref().map(|t| serde_json::json!({"sealed": !t.secret_enc.is_empty(), "enabled_at": t.enabled_at > 0})),
+        "second_factor_required": a.second_factor_required,
+        "backup_codes": a.backup_codes.as_ref().map(|c| serde_json::json!({
+            "generated": c.generated_at > 0, "count": c.hashes.len(), "remaining": c.remaining(),
+        })),
+        "created": a.created_at > 0,
+        "updated_not_before_created": a.updated_at >= a.created_at,
+        "app_passwords": apps,
+        "audit": audit,
+    })
+}
+
+/// Each step's stored shape and whether the account password hash changed in it.
+type Trail = Vec<(&'static str, serde_json::Value, bool)>;
+
+fn record(trail: &mut Trail, store: &dyn Store, step: &'static str, last_hash: &mut Option<String>) {
+    let hash = store.get_account(ALICE).unwrap().unwrap().password_hash;
+    let changed = hash != *last_hash;
+    *last_hash = hash;
+    trail.push((step, stored_shape(store, ALICE), changed));
+}
+
+/// The sequence through the CLI path: `admin::execute`, as the binary runs it over the
+/// admin socket or on the store. A backup code is spent by a sign-in, which the CLI does
+/// not do: the account service call the web's backup-code sign-in makes.
+async fn through_the_cli(env: &Env) -> Trail {
+    let ctx = crate::admin::Context {
+        store: env.store.clone(),
+        key: env.web.key.clone(),
+        issuer: HOST.into(),
+        sessions: Some(env.web.sessions.clone()),
+        hashing: None,
+    };
+    let run = |req: crate::admin::Request| {
+        let out = crate::admin::execute(&ctx, req);
+        assert!(out.ok, "{:?}", out.error);
+        out
+    };
+    use crate::admin::Request as R;
+    let (mut trail, mut hash) = (Trail::new(), None);
+    let pw_hash = |pw: &str| password::hash(pw.as_bytes()).unwrap();
+    let email = || ALICE.to_string();
+    run(R::UserAdd { email: email(), addresses: vec![], password_hash: Some(pw_hash(PW)) });
+    record(&mut trail, env.store.as_ref(), "create", &mut hash);
+    run(R::UserPasswd { email: email(), password_hash: pw_hash("alice's second account password") });
+    record(&mut trail, env.store.as_ref(), "set password", &mut hash);
+    run(R::TotpEnable { email: email(), secret: None });
+    record(&mut trail, env.store.as_ref(), "enrol TOTP", &mut hash);
+    let out = run(R::BackupCodesRegenerate { email: email() });
+    record(&mut trail, env.store.as_ref(), "regenerate backup codes", &mut hash);
+    let code = SecretString::from(out.lines[1].clone());
+    let owner = AccountService::new(env.store.clone(), env.web.key.clone(), HOST, Actor::Web);
+    assert_eq!(owner.consume_backup_code(ALICE, &code, [192, 0, 2, 1].into()).await.unwrap(), 9);
+    record(&mut trail, env.store.as_ref(), "use a backup code", &mut hash);
+    let scopes = vec![Scope::Imap, Scope::Smtp];
+    run(R::AppPasswordCreate { email: email(), label: "Laptop".into(), scopes });
+    run(R::AppPasswordCreate { email: email(), label: "Phone".into(), scopes: vec![Scope::Imap] });
+    record(&mut trail, env.store.as_ref(), "create 2 app passwords", &mut hash);
+    let phone = env.store.list_app_passwords(ALICE).unwrap().into_iter().find(|r| r.label == "Phone").unwrap();
+    run(R::AppPasswordRevoke { email: email(), id: phone.id });
+    record(&mut trail, env.store.as_ref(), "revoke one", &mut hash);
+    run(R::TotpDisable { email: email() });
+    record(&mut trail, env.store.as_ref(), "disable TOTP", &mut hash);
+    run(R::UserUnlock { email: email() });
+    record(&mut trail, env.store.as_ref(), "unlock", &mut hash);
+    trail
+}
+
+/// The same sequence through the web step's pages (an account is made, and unlocked, by
+/// an admin only: those two steps are the admin's service calls).
+async fn through_the_web(env: &Env) -> Trail {
+    let (mut trail, mut hash) = (Trail::new(), None);
+    env.admin().create(ALICE, &[], Some(password::hash(PW.as_bytes()).unwrap())).unwrap();
+    record(&mut trail, env.store.as_ref(), "create", &mut hash);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let pw2 = "alice's second account password";
+    c.post("/password", &[("new", pw2), ("again", pw2)]).await.assert_redirect("/app-passwords");
+    record(&mut trail, env.store.as_ref(), "set password", &mut hash);
+    c.enrol(env.now()).await;
+    record(&mut trail, env.store.as_ref(), "enrol TOTP", &mut hash);
+    c.get("/backup-codes").await.assert_ok();
+    let r = c.post("/backup-codes", &[]).await;
+    r.assert_ok();
+    let codes = codes_on(&r.body);
+    record(&mut trail, env.store.as_ref(), "regenerate backup codes", &mut hash);
+    let mut c = env.client();
+    c.login(ALICE, pw2).await.assert_redirect("/login/totp");
+    c.get("/login/backup").await.assert_ok();
+    c.post("/login/backup", &[("code", &codes[0])]).await.assert_redirect("/app-passwords");
+    record(&mut trail, env.store.as_ref(), "use a backup code", &mut hash);
+    c.post("/app-passwords", &[("label", "Laptop"), ("scope_imap", "1"), ("scope_smtp", "1")]).await.assert_ok();
+    c.get("/app-passwords").await.assert_ok();
+    c.post("/app-passwords", &[("label", "Phone"), ("scope_imap", "1")]).await.assert_ok();
+    record(&mut trail, env.store.as_ref(), "create 2 app passwords", &mut hash);
+    let phone = env.store.list_app_passwords(ALICE).unwrap().into_iter().find(|r| r.label == "Phone").unwrap();
+    c.get("/app-passwords").await.assert_ok();
+    c.post(&format!("/app-passwords/{}/revoke", phone.id), &[]).await.assert_redirect("/app-passwords");
+    record(&mut trail, env.store.as_ref(), "revoke one", &mut hash);
+    c.get("/two-factor/disable").await.assert_ok();
+    c.post("/two-factor/disable", &[]).await.assert_redirect("/app-passwords");
+    record(&mut trail, env.store.as_ref(), "disable TOTP", &mut hash);
+    env.admin().unlock(ALICE).unwrap();
+    record(&mut trail, env.store.as_ref(), "unlock", &mut hash);
+    trail
+}
+
+#[tokio::test]
+async fn the_cli_and_the_web_make_the_same_changes() {
+    let (cli_env, web_env) = (Env::new(), Env::new());
+    let cli = through_the_cli(&cli_env).await;
+    let web = through_the_web(&web_env).await;
+    assert_eq!(cli.len(), web.len());
+    for ((step, by_cli, cli_pw), (_, by_web, web_pw)) in cli.iter().zip(&web) {
+        assert_eq!(by_cli, by_web, "after `{step}` the stored accounts differ\nCLI: {by_cli:#}\nweb: {by_web:#}");
+        assert_eq!(cli_pw, web_pw, "after `{step}`: the password hash changed on one path only");
+    }
+    // And the changes were made: the last state, spelled out.
+    let (_, last, _) = cli.last().unwrap();
+    assert_eq!(last["totp"], serde_json::Value::Null);
+    assert_eq!(last["backup_codes"], serde_json::Value::Null);
+    assert_eq!(last["second_factor_required"], false);
+    assert_eq!(last["app_passwords"].as_array().unwrap().len(), 1);
+    assert_eq!(last["app_passwords"][0]["label"], "Laptop");
+    let (_, used, _) = &cli[4];
+    assert_eq!(used["backup_codes"]["remaining"], 9);
+    assert_eq!(
+        last["audit"],
+        serde_json::json!([
+            "account_created",
+            "account_password_changed",
+            "totp_enabled",
+            "backup_codes_generated",
+            "backup_code_used",
+            "app_password_created",
+            "app_password_created",
+            "app_password_revoked",
+            "totp_disabled",
+            "account_unlocked"
+        ])
+    );
 }
