@@ -259,8 +259,8 @@ pub fn create_app_password(
     scopes.sort();
     scopes.dedup();
     need_account(store, email)?;
-    let new = app_password::generate()?;
-    let hash = password::hash(new.password.expose().as_bytes())?;
+    let new = app_password::generate().map_err(|e| e.to_string())?;
+    let hash = password::hash(new.password.expose().as_bytes()).map_err(|e| e.to_string())?;
     let record = AppPasswordRecord {
         id: new.id.clone(),
         username: email.to_string(),
@@ -514,7 +514,7 @@ fn run(ctx: &Context, req: Request) -> Result<Response, String> {
             let email = check_email(&email)?;
             let mut a = need_account(store, &email)?;
             let replaced = a.totp.is_some();
-            let en = auth::totp::enrol(&ctx.key, &ctx.issuer, &email, secret.as_deref())?;
+            let en = auth::totp::enrol(&ctx.key, &ctx.issuer, &email, secret.as_deref()).map_err(|e| e.to_string())?;
             a.totp = Some(TotpState { secret_enc: en.sealed, enabled_at: now_unix(), last_step: 0 });
             a.second_factor_required = true;
             a.updated_at = now_unix();

@@ -1,7 +1,7 @@
 //! TOTP secrets (RFC 6238: SHA-1, 6 digits, 30 s) and their otpauth:// URIs.
 //! Verification with replay protection belongs to the web step.
 
-use crate::auth::crypto::SecretKey;
+use crate::auth::crypto::{SealError, SecretKey};
 use crate::secret::Secret;
 use totp_rs::{Builder, Secret as TotpSecret};
 
@@ -13,11 +13,31 @@ pub struct Enrolment {
     pub uri: Secret<String>,
 }
 
+/// Why a TOTP secret could not be made, imported or sealed.
+#[derive(Debug, thiserror::Error)]
+pub enum TotpError {
+    /// The secret given is not base32.
+    #[error("the secret is not valid base32")]
+    NotBase32,
+    /// totp-rs refused the secret (e.g. too short).
+    #[error("cannot use this TOTP secret: {0}")]
+    Unusable(totp_rs::TotpError),
+    /// totp-rs could not make a fresh secret into a TOTP.
+    #[error("cannot make a TOTP secret: {0}")]
+    Make(totp_rs::TotpError),
+    /// The otpauth URI could not be written.
+    #[error("cannot make the otpauth URI: {0}")]
+    Uri(totp_rs::TotpError),
+    /// Sealing the secret failed.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
 /// Makes (or imports, from base32) a TOTP secret for `account`, sealed with `key`.
-pub fn enrol(key: &SecretKey, issuer: &str, account: &str, base32: Option<&str>) -> Result<Enrolment, String> {
+pub fn enrol(key: &SecretKey, issuer: &str, account: &str, base32: Option<&str>) -> Result<Enrolment, TotpError> {
     let secret = match base32 {
         Some(b32) => TotpSecret::try_from_base32(b32.trim().replace(' ', "").to_ascii_uppercase())
-            .map_err(|_| "the secret is not valid base32".to_string())?,
+            .map_err(|_| TotpError::NotBase32)?,
         None => TotpSecret::generate(),
     };
     let raw = Secret::new(secret.as_ref().to_vec());
@@ -26,8 +46,8 @@ pub fn enrol(key: &SecretKey, issuer: &str, account: &str, base32: Option<&str>)
         .with_issuer(Some(issuer))
         .with_account_name(account)
         .build()
-        .map_err(|e| format!("cannot use this TOTP secret: {e}"))?;
-    let uri = totp.to_url().map_err(|e| format!("cannot make the otpauth URI: {e}"))?;
+        .map_err(TotpError::Unusable)?;
+    let uri = totp.to_url().map_err(TotpError::Uri)?;
     Ok(Enrolment { sealed: key.seal(raw.expose(), account)?, uri: Secret::new(uri) })
 }
 
@@ -49,7 +69,7 @@ mod tests {
 
 /// A fresh 160-bit TOTP secret for enrolment, as base32 (shown to the person) and the
 /// otpauth:// URI (shown as a QR code).
-pub fn new_secret(issuer: &str, account: &str) -> Result<(Secret<String>, Secret<String>), String> {
+pub fn new_secret(issuer: &str, account: &str) -> Result<(Secret<String>, Secret<String>), TotpError> {
     let secret = TotpSecret::generate();
     let b32 = secret.to_base32();
     let totp = Builder::new()
@@ -57,8 +77,8 @@ pub fn new_secret(issuer: &str, account: &str) -> Result<(Secret<String>, Secret
         .with_issuer(Some(issuer))
         .with_account_name(account)
         .build()
-        .map_err(|e| format!("cannot make a TOTP secret: {e}"))?;
-    let uri = totp.to_url().map_err(|e| format!("cannot make the otpauth URI: {e}"))?;
+        .map_err(TotpError::Make)?;
+    let uri = totp.to_url().map_err(TotpError::Uri)?;
     Ok((Secret::new(b32), Secret::new(uri)))
 }
 
@@ -75,9 +95,9 @@ pub fn matching_step(secret: &[u8], code: &str, now: u64) -> Option<u64> {
 }
 
 /// Seals a base32 secret for storage.
-pub fn seal_base32(key: &SecretKey, account: &str, base32: &str) -> Result<String, String> {
-    let secret = TotpSecret::try_from_base32(base32).map_err(|_| "the secret is not valid base32".to_string())?;
-    key.seal(secret.as_ref(), account)
+pub fn seal_base32(key: &SecretKey, account: &str, base32: &str) -> Result<String, TotpError> {
+    let secret = TotpSecret::try_from_base32(base32).map_err(|_| TotpError::NotBase32)?;
+    Ok(key.seal(secret.as_ref(), account)?)
 }
 
 #[cfg(test)]

@@ -31,10 +31,10 @@ pub enum UpstreamFailure {
     Timeout,
     /// The master password file could not be read.
     #[error("master password: {0}")]
-    MasterPassword(String),
+    MasterPassword(crate::secret::SecretFileError),
     /// The TLS server name is unusable.
     #[error("upstream TLS name: {0}")]
-    Name(String),
+    Name(rustls::pki_types::InvalidDnsNameError),
 }
 
 /// An open, logged-in upstream session.
@@ -134,8 +134,7 @@ impl Connector {
 
     async fn tls_wrap(&self, tcp: TcpStream) -> Result<MaybeTls, UpstreamFailure> {
         let Some(tls) = &self.tls else { return Ok(MaybeTls::Plain(tcp)) };
-        let name =
-            ServerName::try_from(self.cfg.server_name.clone()).map_err(|e| UpstreamFailure::Name(e.to_string()))?;
+        let name = ServerName::try_from(self.cfg.server_name.clone()).map_err(UpstreamFailure::Name)?;
         Ok(MaybeTls::Client(Box::new(tls.connect(name, tcp).await?)))
     }
 

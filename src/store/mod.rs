@@ -128,13 +128,18 @@ impl Scope {
     }
 }
 
+/// A scope name that is neither `imap` nor `smtp` (as given, trimmed and lower-cased).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scope `{0}` (expected imap or smtp)")]
+pub struct UnknownScope(pub String);
+
 impl std::str::FromStr for Scope {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Scope, String> {
+    type Err = UnknownScope;
+    fn from_str(s: &str) -> Result<Scope, UnknownScope> {
         match s.trim().to_ascii_lowercase().as_str() {
             "imap" => Ok(Scope::Imap),
             "smtp" => Ok(Scope::Smtp),
-            other => Err(format!("unknown scope `{other}` (expected imap or smtp)")),
+            other => Err(UnknownScope(other.to_string())),
         }
     }
 }
