@@ -8,7 +8,7 @@
 //! ```text
 //!  mail client ──TLS──▶ net (listener → stream → PreAuth driver) ──▶ upstream (master login)
 //!                             │            ▲
-//!                  proto (sans-IO)    auth (app passwords, argon2id) ──▶ store (sled)
+//!                  proto (sans-IO)    auth (app passwords, argon2id) ──▶ store (sled or PostgreSQL)
 //!  admin CLI ──admin socket──▶ admin ──────────────────────────────────▶ store
 //! ```
 //!
@@ -16,13 +16,17 @@
 //! * `secret`: secret newtypes (redacted, zeroized, constant-time compared). Leaf.
 //! * `addr`: the client address key every per-address limit counts by. Leaf.
 //! * `config`: the TOML configuration, validated before any port opens.
-//! * `proto`: sans-IO protocol state machines (IMAP pre-auth, SASL, upstream login). No I/O.
+//! * `proto`: sans-IO protocol state machines (IMAP and SMTP fronts and upstream logins,
+//!   SASL, PROXY headers, the `From:` reading). No I/O.
 //! * `auth`: credential checks, app passwords, password hashing, TOTP secrets.
-//! * `store`: the `Store` trait and its sled implementation (the only module using sled).
+//! * `store`: the `Store` trait and its two implementations, sled (embedded; the only
+//!   module using sled) and PostgreSQL (shared by several nodes).
 //! * `tls`: rustls configurations.
 //! * `net`: listeners, the connection driver, upstream connections, the relay.
 //! * `sessions`: live sessions, for revocation.
-//! * `admin`: what the CLI does, and the admin socket.
+//! * `web`: the web step (sign-in with TOTP, enrolment, backup codes, app passwords).
+//! * `admin`: what the CLI does, and the admin socket; `import`: Dovecot passwd-files.
+//! * `fsutil`: private files and directories (0600 / 0700).
 //! * `app`: wiring.
 
 pub mod addr;
