@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 
 /// Why mailgate could not start (or stop cleanly). Each text is the whole message the
 /// operator sees after `mailgate: `; the wrapped errors keep their own causes, so
-/// `{:#}` through anyhow prints the same chain as before.
+/// main's `{:#}` prints the same chain as before.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     /// `data_dir` could not be made.
