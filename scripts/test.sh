@@ -19,6 +19,8 @@ fi
 
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+# The same with the test-only library code the integration tests use (store::conformance).
+cargo clippy --locked --all-targets --features test-support -- -D warnings
 
 echo "== cargo test"
 # Every test binary runs even when an earlier one fails (--no-fail-fast), and the run ends
@@ -27,7 +29,9 @@ echo "== cargo test"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --locked --no-fail-fast 2>&1 | tee "$log"
+# --features test-support: the integration tests run the store conformance suite on
+# PostgreSQL, test code the library has only with that feature (never in a release build).
+cargo test --locked --no-fail-fast --features test-support 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 read -r passed failed skipped < <(

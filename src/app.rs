@@ -11,29 +11,89 @@ use crate::net::listener::{ConnLimits, accept_loop};
 use crate::net::smtp::SmtpService;
 use crate::net::upstream::{Connector, ImapUpstream};
 use crate::sessions::Sessions;
-use crate::store::{Store, sled_store::SledStore};
+use crate::store::{Store, StoreError, sled_store::SledStore};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+/// Why mailgate could not start (or stop cleanly). Each text is the whole message the
+/// operator sees after `mailgate: `; the wrapped errors keep their own causes, so
+/// main's `{:#}` prints the same chain as before.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// `data_dir` could not be made.
+    #[error("cannot create data_dir {}: {error}", path.display())]
+    DataDir {
+        /// `data_dir`.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// `store.url_file` could not be read.
+    #[error(transparent)]
+    UrlFile(#[from] crate::config::UrlFileError),
+    /// The PostgreSQL store did not open (connect, TLS, schema).
+    #[error("cannot open the PostgreSQL store: {0}")]
+    Postgres(StoreError),
+    /// The store failed (opening sled, reading accounts, the last flush).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// `secret.key` is gone while stored TOTP secrets are sealed with it.
+    #[error(
+        "{} is missing, but {sealed} accounts have TOTP secrets encrypted with it: restore it from a backup \
+         (without one: see docs/configuration.md, \"A lost secret.key\")",
+        path.display()
+    )]
+    KeyMissing {
+        /// The key file.
+        path: PathBuf,
+        /// Accounts with a sealed TOTP secret.
+        sealed: usize,
+    },
+    /// `secret.key` could not be read or made.
+    #[error(transparent)]
+    Key(#[from] crate::auth::crypto::KeyError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {error}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The configuration key that names it (`imap.listen_tls`, ...).
+        what: &'static str,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// A TLS configuration (the certificate, or an upstream's CA) is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The admin socket could not be made.
+    #[error("cannot create admin socket {}: {error}", path.display())]
+    AdminSocket {
+        /// The socket's path.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+}
+
 /// Creates the data directory (0700) if missing.
-pub fn prepare_data_dir(config: &Config) -> anyhow::Result<()> {
+pub fn prepare_data_dir(config: &Config) -> Result<(), AppError> {
     crate::fsutil::private_dir(&config.data_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display()))
+        .map_err(|error| AppError::DataDir { path: config.data_dir.clone(), error })
 }
 
 /// Opens the configured store: the embedded one in `data_dir` (made if needed), or the
 /// shared PostgreSQL database (schema created or migrated).
-pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
     prepare_data_dir(config)?;
     match &config.store {
         crate::config::StoreBackend::Sled => Ok(Arc::new(SledStore::open(&config.store_path())?)),
         crate::config::StoreBackend::Postgres { url, ca_file } => {
-            let url = url.resolve().map_err(anyhow::Error::msg)?;
-            let store = crate::store::pg_store::PgStore::open(&url, ca_file.as_deref())
-                .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL store: {e}"))?;
+            let url = url.resolve()?;
+            let store = crate::store::pg_store::PgStore::open(&url, ca_file.as_deref()).map_err(AppError::Postgres)?;
             Ok(Arc::new(store))
         }
     }
@@ -41,19 +101,15 @@ pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 
 /// Loads the key that seals TOTP secrets, making one only while no stored secret needs
 /// the old one: a lost key file is reported, never silently replaced.
-pub fn load_key(config: &Config, store: &dyn Store) -> anyhow::Result<SecretKey> {
+pub fn load_key(config: &Config, store: &dyn Store) -> Result<SecretKey, AppError> {
     let path = config.secret_key_path();
     if !path.exists() {
         let sealed = store.list_accounts()?.iter().filter(|a| a.totp.is_some()).count();
         if sealed > 0 {
-            anyhow::bail!(
-                "{} is missing, but {sealed} accounts have TOTP secrets encrypted with it: restore it from a backup \
-                 (without one: see docs/configuration.md, \"A lost secret.key\")",
-                path.display()
-            );
+            return Err(AppError::KeyMissing { path, sealed });
         }
     }
-    SecretKey::load_or_create(&path).map_err(anyhow::Error::msg)
+    Ok(SecretKey::load_or_create(&path)?)
 }
 
 /// Listeners bound before serving (so a test can bind port 0 and read the addresses).
@@ -72,13 +128,11 @@ pub struct Listeners {
 
 impl Listeners {
     /// Binds every configured listener; fails naming the address.
-    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
-        async fn all(addrs: &[SocketAddr], what: &str) -> anyhow::Result<Vec<TcpListener>> {
+    pub async fn bind(config: &Config) -> Result<Listeners, AppError> {
+        async fn all(addrs: &[SocketAddr], what: &'static str) -> Result<Vec<TcpListener>, AppError> {
             let mut out = Vec::new();
-            for a in addrs {
-                out.push(
-                    TcpListener::bind(a).await.map_err(|e| anyhow::anyhow!("cannot listen on {a} ({what}): {e}"))?,
-                );
+            for &addr in addrs {
+                out.push(TcpListener::bind(addr).await.map_err(|error| AppError::Listen { addr, what, error })?);
             }
             Ok(out)
         }
@@ -179,7 +233,7 @@ pub async fn run(
     key: SecretKey,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), AppError> {
     raise_fd_limit(config.limits.max_connections, config.limits.max_connections_set);
     let acceptor = TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])?);
     let connector = ImapUpstream(Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?));
@@ -253,7 +307,7 @@ pub async fn run(
     });
     let socket_path = config.admin_socket_path();
     let admin_listener = admin::socket::bind(&socket_path)
-        .map_err(|e| anyhow::anyhow!("cannot create admin socket {}: {e}", socket_path.display()))?;
+        .map_err(|error| AppError::AdminSocket { path: socket_path.clone(), error })?;
     let admin_task = tokio::spawn(admin::socket::serve(admin_listener, admin_ctx));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -127,15 +127,20 @@ impl std::fmt::Debug for PostgresUrl {
 
 impl PostgresUrl {
     /// The URL (read from its file if configured so).
-    pub fn resolve(&self) -> Result<String, String> {
+    pub fn resolve(&self) -> Result<String, UrlFileError> {
         match self {
             PostgresUrl::Inline(u) => Ok(u.clone()),
-            PostgresUrl::File(p) => crate::secret::read_secret_line(p)
-                .map(|u| u.expose().trim().to_string())
-                .map_err(|e| format!("cannot read store.url_file {e}")),
+            PostgresUrl::File(p) => {
+                crate::secret::read_secret_line(p).map(|u| u.expose().trim().to_string()).map_err(UrlFileError)
+            }
         }
     }
 }
+
+/// `store.url_file` holds no URL (unreadable or empty); the text names the file only.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read store.url_file {0}")]
+pub struct UrlFileError(pub crate::secret::SecretFileError);
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -1043,9 +1048,9 @@ mod tests {
         assert_eq!(url.resolve().unwrap(), "postgres://mailgate:s3cret@db/mailgate?sslmode=require");
         assert!(!format!("{c:?}").contains("s3cret"));
         std::fs::write(&file, "\n").unwrap();
-        assert!(url.resolve().unwrap_err().contains("is empty"));
+        assert!(url.resolve().unwrap_err().to_string().contains("is empty"));
         std::fs::remove_file(&file).unwrap();
-        assert!(url.resolve().unwrap_err().starts_with("cannot read store.url_file "));
+        assert!(url.resolve().unwrap_err().to_string().starts_with("cannot read store.url_file "));
         let inline = Config::from_toml_str("[store]\nbackend = \"postgres\"\nurl = \"postgres://u:pw@h/d\"", "t");
         assert!(!format!("{:?}", inline.unwrap()).contains("pw@"));
     }

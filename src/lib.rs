@@ -6,9 +6,9 @@
 //! the user with master credentials and relays the session byte for byte.
 //!
 //! ```text
-//!  mail client ──TLS──▶ net (listener → stream → PreAuth driver) ──▶ upstream (master login)
+//!  mail client ──TLS──▶ net (listener → front → driver + login gate) ──▶ upstream (as the user)
 //!                             │            ▲
-//!                  proto (sans-IO)    auth (app passwords, argon2id) ──▶ store (sled)
+//!                  proto (sans-IO)    auth (app passwords, argon2id) ──▶ store (sled or PostgreSQL)
 //!  admin CLI ──admin socket──▶ admin ──▶ accounts ◀── web ─────────────────▶ store
 //! ```
 //!
@@ -16,14 +16,19 @@
 //! * `secret`: secret newtypes (redacted, zeroized, constant-time compared). Leaf.
 //! * `addr`: the client address key every per-address limit counts by. Leaf.
 //! * `config`: the TOML configuration, validated before any port opens.
-//! * `proto`: sans-IO protocol state machines (IMAP pre-auth, SASL, upstream login). No I/O.
+//! * `proto`: sans-IO protocol state machines (IMAP and SMTP fronts and upstream logins,
+//!   SASL, PROXY headers, the `From:` reading). No I/O.
 //! * `auth`: credential checks, app passwords, password hashing, TOTP secrets.
-//! * `store`: the `Store` trait and its sled implementation (the only module using sled).
+//! * `store`: the `Store` trait and its two implementations, sled (embedded; the only
+//!   module using sled) and PostgreSQL (shared by several nodes).
 //! * `tls`: rustls configurations.
-//! * `net`: listeners, the connection driver, upstream connections, the relay.
+//! * `net`: listeners, the one connection driver, the one login gate, the IMAP and SMTP
+//!   fronts, upstream connections, the relay.
 //! * `sessions`: live sessions, for revocation.
 //! * `accounts`: the account service; every change to an account (CLI, web, import) goes through it.
-//! * `admin`: what the CLI does, and the admin socket.
+//! * `web`: the web step (sign-in with TOTP, enrolment, backup codes, app passwords).
+//! * `admin`: what the CLI does, and the admin socket; `import`: Dovecot passwd-files.
+//! * `fsutil`: private files and directories (0600 / 0700).
 //! * `app`: wiring.
 
 pub mod accounts;

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use mailgate::admin::{self, Request, Response};
 use mailgate::app;
 use mailgate::auth::password;
-use mailgate::config::{Config, DEFAULT_CONFIG_PATH};
+use mailgate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use mailgate::secret::SecretString;
 use mailgate::store::Scope;
 use std::io::{BufRead, IsTerminal, Write};
@@ -177,7 +177,7 @@ enum Source {
     Embedded,
 }
 
-fn load_config(cli_path: Option<PathBuf>) -> Result<(Config, Source), String> {
+fn load_config(cli_path: Option<PathBuf>) -> Result<(Config, Source), ConfigError> {
     let path = match cli_path {
         Some(p) => p,
         None => {
@@ -188,7 +188,7 @@ fn load_config(cli_path: Option<PathBuf>) -> Result<(Config, Source), String> {
             p
         }
     };
-    Config::load(&path).map(|c| (c, Source::File(path))).map_err(|e| e.to_string())
+    Config::load(&path).map(|c| (c, Source::File(path)))
 }
 
 /// rustls' notes on what a client's ClientHello carried (e.g. an IP address as the TLS
@@ -360,7 +360,8 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
         for line in config.startup_summary() {
             eprintln!("mailgate: {line}");
         }
-        app::run(Arc::new(config), store, key, listeners, app::shutdown_signal()).await
+        app::run(Arc::new(config), store, key, listeners, app::shutdown_signal()).await?;
+        anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -372,6 +373,7 @@ fn dispatch(config: &Config, req: Request) -> anyhow::Result<Response> {
         return Ok(resp);
     }
     let store = app::open_store(config).map_err(|e| {
+        let e = anyhow::Error::from(e);
         anyhow!("{e:#}\n(if `mailgate serve` is running, its admin socket {} did not answer)", socket.display())
     })?;
     let key = app::load_key(config, store.as_ref())?;
@@ -437,7 +439,7 @@ fn ask_twice(mut ask: impl FnMut(&str) -> std::io::Result<SecretString>) -> anyh
 }
 
 fn hash_password(pw: SecretString) -> anyhow::Result<String> {
-    password::hash(pw.expose().as_bytes()).map_err(anyhow::Error::msg)
+    Ok(password::hash(pw.expose().as_bytes())?)
 }
 
 fn user(config: &Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
@@ -497,8 +499,7 @@ fn app_password(config: &Config, cmd: AppCmd) -> anyhow::Result<ExitCode> {
                 .iter()
                 .filter(|s| !s.trim().is_empty())
                 .map(|s| s.parse::<Scope>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(anyhow::Error::msg)?;
+                .collect::<Result<Vec<_>, _>>()?;
             print(dispatch(config, Request::AppPasswordCreate { email, label, scopes })?, false)
         }
         AppCmd::List { email, json } => print(dispatch(config, Request::AppPasswordList { email })?, json),

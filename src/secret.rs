@@ -63,13 +63,35 @@ impl From<String> for SecretString {
     }
 }
 
+/// Why [`read_secret_line`] found no secret. The texts name the file, never its content;
+/// each says it all (no `source()`), so a chain printed with `{:#}` says it once.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    /// The file could not be read.
+    #[error("{}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why (in the text, so not also a `source()`).
+        error: std::io::Error,
+    },
+    /// Its first line is empty.
+    #[error("{} is empty", path.display())]
+    Empty {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+}
+
 /// The first line of a file that holds a secret (a password, a URL with one), without
 /// its line end. An empty first line is an error.
-pub fn read_secret_line(path: &std::path::Path) -> Result<SecretString, String> {
-    let text = SecretString::from(std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?);
+pub fn read_secret_line(path: &std::path::Path) -> Result<SecretString, SecretFileError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|error| SecretFileError::Read { path: path.to_path_buf(), error })?;
+    let text = SecretString::from(text);
     let line = text.expose().lines().next().unwrap_or("").trim_end_matches('\r').to_string();
     if line.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+        return Err(SecretFileError::Empty { path: path.to_path_buf() });
     }
     Ok(SecretString::from(line))
 }

@@ -53,9 +53,14 @@ pub fn random_chars(n: usize) -> Result<String, getrandom::Error> {
     Ok(out)
 }
 
+/// The OS gave no random bytes for a new app password.
+#[derive(Debug, thiserror::Error)]
+#[error("no OS randomness: {0}")]
+pub struct NoRandomness(#[from] pub getrandom::Error);
+
 /// Generates a fresh app password.
-pub fn generate() -> Result<NewAppPassword, String> {
-    let password = random_chars(LEN).map_err(|e| format!("no OS randomness: {e}"))?;
+pub fn generate() -> Result<NewAppPassword, NoRandomness> {
+    let password = random_chars(LEN)?;
     Ok(NewAppPassword { id: password[..ID_LEN].to_string(), password: password.into() })
 }
 

@@ -87,13 +87,61 @@ pub const MAX_ARGON2_M_COST: u32 = 1024 * 1024;
 /// Most argon2 work accepted at import: memory (KiB) × passes (4 GiB written per check).
 pub const MAX_ARGON2_WORK: u64 = 4 * 1024 * 1024;
 
+/// Why a password field (a stored hash, or a line of a Dovecot passwd-file) cannot be
+/// taken. The texts say what is wrong and name the scheme, never the password.
+#[derive(Debug, thiserror::Error)]
+pub enum HashFieldError {
+    /// Not in any notation mailgate reads, or a hash of a known scheme that does not decode.
+    #[error("{0}")]
+    Malformed(String),
+    /// A scheme (or crypt variant) mailgate cannot check: "unsupported password scheme …".
+    #[error("unsupported {0}")]
+    Unsupported(String),
+    /// A hash whose check would take seconds (see [`MAX_BCRYPT_COST`] and the others).
+    #[error("{0}")]
+    TooCostly(String),
+    /// `!` or `*`: a locked account in the file.
+    #[error("locked or disabled password (`!`/`*`): remove the line or give it a password")]
+    Locked,
+    /// An empty password field.
+    #[error("empty password field")]
+    EmptyField,
+    /// An empty clear-text password (`{PLAIN}` and nothing after it).
+    #[error("empty password")]
+    EmptyPassword,
+    /// A clear-text password where a stored hash was expected.
+    #[error("a clear-text password is not a stored hash")]
+    ClearText,
+    /// The body of a clear-text field does not decode (`{PLAIN.B64}`, `{PLAIN.HEX}`).
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// Hashing a clear-text password with argon2id failed.
+    #[error(transparent)]
+    Hash(#[from] password::HashError),
+}
+
+/// A field body that does not decode in the encoding its scheme name says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not base64.
+    #[error("not valid base64")]
+    Base64,
+    /// Not hex.
+    #[error("not valid hex")]
+    Hex,
+}
+
+fn malformed(text: impl Into<String>) -> HashFieldError {
+    HashFieldError::Malformed(text.into())
+}
+
 /// Parses what mailgate stores: either a bare PHC argon2 string (mailgate's own), or
 /// "{SCHEME}…" for imported hashes (also a prefix-less `$2y$`/`$5$`/`$6$` crypt string).
 /// `Err` names the unknown scheme, or says what is wrong; a clear-text password is an error.
-pub fn scheme_of(stored: &str) -> Result<Scheme, String> {
+pub fn scheme_of(stored: &str) -> Result<Scheme, HashFieldError> {
     match parse(stored)? {
         Parsed::Hash(h) => Ok(h.scheme()),
-        Parsed::Plain(_) => Err("a clear-text password is not a stored hash".into()),
+        Parsed::Plain(_) => Err(HashFieldError::ClearText),
     }
 }
 
@@ -139,7 +187,7 @@ impl std::fmt::Debug for DovecotPassword {
 
 impl DovecotPassword {
     /// What mailgate stores: the hash as it is, or an argon2id hash of the clear text.
-    pub fn into_stored(self) -> Result<String, String> {
+    pub fn into_stored(self) -> Result<String, password::HashError> {
         match self {
             DovecotPassword::Hash(h) => Ok(h),
             DovecotPassword::Plaintext(p) => password::hash(p.expose()),
@@ -154,13 +202,13 @@ impl DovecotPassword {
 
 /// Checks a Dovecot passwd-file password field without hashing anything (cheap: an import
 /// checks every line first). Unknown or unsupported scheme → `Err` naming it.
-pub fn parse_dovecot(field: &str) -> Result<DovecotPassword, String> {
+pub fn parse_dovecot(field: &str) -> Result<DovecotPassword, HashFieldError> {
     match parse(field)? {
         Parsed::Hash(h) => {
             h.check_cost()?;
             Ok(DovecotPassword::Hash(h.to_stored()))
         }
-        Parsed::Plain(p) if p.expose().is_empty() => Err("empty password".into()),
+        Parsed::Plain(p) if p.expose().is_empty() => Err(HashFieldError::EmptyPassword),
         Parsed::Plain(p) => Ok(DovecotPassword::Plaintext(p)),
     }
 }
@@ -168,8 +216,8 @@ pub fn parse_dovecot(field: &str) -> Result<DovecotPassword, String> {
 /// Turns a Dovecot passwd-file password field into what mailgate stores: "{BLF-CRYPT}$2y$…",
 /// the PHC string for ARGON2ID, etc.; PLAIN/CLEARTEXT is hashed with argon2id
 /// ([`password::hash`]). Unknown scheme → `Err` naming it.
-pub fn from_dovecot(field: &str) -> Result<String, String> {
-    parse_dovecot(field)?.into_stored()
+pub fn from_dovecot(field: &str) -> Result<String, HashFieldError> {
+    Ok(parse_dovecot(field)?.into_stored()?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -224,33 +272,35 @@ impl Hash {
     }
 
     /// Refuses hashes whose check would take seconds (they would tie up a hashing thread).
-    fn check_cost(&self) -> Result<(), String> {
+    fn check_cost(&self) -> Result<(), HashFieldError> {
         match self {
             Hash::Argon2(phc) => {
                 let params = password_hash_phc(phc)
                     .ok()
                     .and_then(|p| argon2::Params::try_from(&p).ok())
-                    .ok_or("malformed argon2 hash")?;
+                    .ok_or_else(|| malformed("malformed argon2 hash"))?;
                 let work = u64::from(params.m_cost()) * u64::from(params.t_cost());
                 if params.m_cost() > MAX_ARGON2_M_COST || work > MAX_ARGON2_WORK {
-                    return Err(format!(
+                    return Err(HashFieldError::TooCostly(format!(
                         "argon2 hash too costly to check (m={}, t={}; at most m={MAX_ARGON2_M_COST} and m×t={MAX_ARGON2_WORK})",
                         params.m_cost(),
                         params.t_cost()
-                    ));
+                    )));
                 }
             }
             Hash::Bcrypt(s) => {
-                let cost = s.parse::<bcrypt::HashParts>().map_err(|_| "malformed bcrypt hash")?.get_cost();
+                let cost = s.parse::<bcrypt::HashParts>().map_err(|_| malformed("malformed bcrypt hash"))?.get_cost();
                 if cost > MAX_BCRYPT_COST {
-                    return Err(format!("bcrypt cost {cost} is too costly to check (at most {MAX_BCRYPT_COST})"));
+                    return Err(HashFieldError::TooCostly(format!(
+                        "bcrypt cost {cost} is too costly to check (at most {MAX_BCRYPT_COST})"
+                    )));
                 }
             }
             Hash::ShaCrypt { scheme, rounds, .. } => {
                 if *rounds > MAX_SHA_CRYPT_ROUNDS {
-                    return Err(format!(
+                    return Err(HashFieldError::TooCostly(format!(
                         "{scheme} with {rounds} rounds is too costly to check (at most {MAX_SHA_CRYPT_ROUNDS})"
-                    ));
+                    )));
                 }
             }
             Hash::Digest { .. } => {}
@@ -286,8 +336,8 @@ impl Hash {
     }
 }
 
-fn password_hash_phc(s: &str) -> Result<argon2::password_hash::phc::PasswordHash, String> {
-    argon2::password_hash::phc::PasswordHash::new(s).map_err(|e| format!("malformed argon2 hash ({e})"))
+fn password_hash_phc(s: &str) -> Result<argon2::password_hash::phc::PasswordHash, HashFieldError> {
+    argon2::password_hash::phc::PasswordHash::new(s).map_err(|e| malformed(format!("malformed argon2 hash ({e})")))
 }
 
 /// Shows a scheme name from a file in an error message: printable, and short.
@@ -300,13 +350,13 @@ fn shown(name: &str) -> String {
 }
 
 /// Parses a password field, in Dovecot's notation or mailgate's stored form.
-fn parse(field: &str) -> Result<Parsed, String> {
+fn parse(field: &str) -> Result<Parsed, HashFieldError> {
     let Some(rest) = field.strip_prefix('{') else {
         // No scheme: Dovecot's default for passwd-files (CRYPT), or mailgate's bare PHC string.
         return parse_crypt(field).map(Parsed::Hash);
     };
     let Some((name, body)) = rest.split_once('}') else {
-        return Err("malformed password: `{` without a closing `}`".into());
+        return Err(malformed("malformed password: `{` without a closing `}`"));
     };
     let upper = name.to_ascii_uppercase();
     let (base, encoding) = match upper.rsplit_once('.') {
@@ -314,12 +364,12 @@ fn parse(field: &str) -> Result<Parsed, String> {
         Some((base, "HEX")) => (base, Encoding::Hex),
         _ => (upper.as_str(), Encoding::Default),
     };
-    let unsupported = || format!("unsupported password scheme {{{}}}", shown(name));
+    let unsupported = || HashFieldError::Unsupported(format!("password scheme {{{}}}", shown(name)));
     match base {
         "PLAIN" | "CLEAR" | "CLEARTEXT" => Ok(Parsed::Plain(SecretBytes::new(decode(body, encoding, false)?))),
         "ARGON2ID" | "ARGON2I" | "CRYPT" | "BLF-CRYPT" | "SHA512-CRYPT" | "SHA256-CRYPT" => {
             let text = String::from_utf8(decode(body, encoding, false)?)
-                .map_err(|_| format!("malformed {base} hash (not text)"))?;
+                .map_err(|_| malformed(format!("malformed {base} hash (not text)")))?;
             let hash = parse_crypt(&text)?;
             let expected = match base {
                 "ARGON2ID" | "ARGON2I" => Scheme::Argon2,
@@ -329,7 +379,7 @@ fn parse(field: &str) -> Result<Parsed, String> {
                 _ => hash.scheme(), // CRYPT: whichever the string is
             };
             if hash.scheme() != expected {
-                return Err(format!("malformed {base} hash (it is a {} hash)", hash.scheme()));
+                return Err(malformed(format!("malformed {base} hash (it is a {} hash)", hash.scheme())));
             }
             Ok(Parsed::Hash(hash))
         }
@@ -346,14 +396,14 @@ fn parse(field: &str) -> Result<Parsed, String> {
             } else {
                 encoding
             };
-            let raw = decode(body, encoding, true).map_err(|e| format!("malformed {base} hash ({e})"))?;
+            let raw = decode(body, encoding, true).map_err(|e| malformed(format!("malformed {base} hash ({e})")))?;
             let ok = if salted { raw.len() > len } else { raw.len() == len };
             if !ok {
-                return Err(format!(
+                return Err(malformed(format!(
                     "malformed {base} hash ({} bytes; expected {}{len})",
                     raw.len(),
                     if salted { "more than " } else { "" }
-                ));
+                )));
             }
             Ok(Parsed::Hash(Hash::Digest { scheme, raw }))
         }
@@ -362,13 +412,13 @@ fn parse(field: &str) -> Result<Parsed, String> {
 }
 
 /// Decodes a field's body: as it is, base64 or hex (`binary`: the scheme's default is base64).
-fn decode(body: &str, encoding: Encoding, binary: bool) -> Result<Vec<u8>, String> {
+fn decode(body: &str, encoding: Encoding, binary: bool) -> Result<Vec<u8>, DecodeError> {
     match encoding {
         Encoding::Default if !binary => Ok(body.as_bytes().to_vec()),
-        Encoding::Default | Encoding::Base64 => base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT
-            .decode(body)
-            .map_err(|_| "not valid base64".to_string()),
-        Encoding::Hex => decode_hex(body).ok_or_else(|| "not valid hex".to_string()),
+        Encoding::Default | Encoding::Base64 => {
+            base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT.decode(body).map_err(|_| DecodeError::Base64)
+        }
+        Encoding::Hex => decode_hex(body).ok_or(DecodeError::Hex),
     }
 }
 
@@ -391,35 +441,35 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Parses a crypt-style string (`$id$…`) by its prefix.
-fn parse_crypt(s: &str) -> Result<Hash, String> {
+fn parse_crypt(s: &str) -> Result<Hash, HashFieldError> {
     if s.starts_with("$argon2id$") || s.starts_with("$argon2i$") {
         let parsed = password_hash_phc(s)?;
-        argon2::Params::try_from(&parsed).map_err(|e| format!("malformed argon2 hash ({e})"))?;
+        argon2::Params::try_from(&parsed).map_err(|e| malformed(format!("malformed argon2 hash ({e})")))?;
         if let Some(v) = parsed.version {
-            argon2::Version::try_from(v).map_err(|_| format!("malformed argon2 hash (version {v})"))?;
+            argon2::Version::try_from(v).map_err(|_| malformed(format!("malformed argon2 hash (version {v})")))?;
         }
         if parsed.salt.is_none() || parsed.hash.is_none() {
-            return Err("malformed argon2 hash (no salt or no hash)".into());
+            return Err(malformed("malformed argon2 hash (no salt or no hash)"));
         }
         return Ok(Hash::Argon2(s.to_string()));
     }
     if s.starts_with("$2a$") || s.starts_with("$2b$") || s.starts_with("$2y$") {
-        let parts = s.parse::<bcrypt::HashParts>().map_err(|e| format!("malformed bcrypt hash ({e})"))?;
+        let parts = s.parse::<bcrypt::HashParts>().map_err(|e| malformed(format!("malformed bcrypt hash ({e})")))?;
         if !(4..=31).contains(&parts.get_cost()) || !s[4..6].bytes().all(|b| b.is_ascii_digit()) {
-            return Err("malformed bcrypt hash (cost)".into());
+            return Err(malformed("malformed bcrypt hash (cost)"));
         }
         return Ok(Hash::Bcrypt(s.to_string()));
     }
     if let Some(rest) = s.strip_prefix("$6$") {
-        let rounds = parse_sha_crypt(rest, 86).map_err(|e| format!("malformed SHA512-CRYPT hash ({e})"))?;
+        let rounds = parse_sha_crypt(rest, 86).map_err(|e| malformed(format!("malformed SHA512-CRYPT hash ({e})")))?;
         return Ok(Hash::ShaCrypt { scheme: Scheme::Sha512Crypt, text: s.to_string(), rounds });
     }
     if let Some(rest) = s.strip_prefix("$5$") {
-        let rounds = parse_sha_crypt(rest, 43).map_err(|e| format!("malformed SHA256-CRYPT hash ({e})"))?;
+        let rounds = parse_sha_crypt(rest, 43).map_err(|e| malformed(format!("malformed SHA256-CRYPT hash ({e})")))?;
         return Ok(Hash::ShaCrypt { scheme: Scheme::Sha256Crypt, text: s.to_string(), rounds });
     }
     let kind = if s.is_empty() {
-        return Err("empty password field".into());
+        return Err(HashFieldError::EmptyField);
     } else if s.starts_with("$1$") || s.starts_with("$md5") {
         "MD5-CRYPT"
     } else if s.starts_with("$2x$") {
@@ -433,26 +483,41 @@ fn parse_crypt(s: &str) -> Result<Hash, String> {
     } else if s.starts_with('_') {
         "BSDi DES-CRYPT"
     } else if s.starts_with("$argon2") {
-        return Err("unsupported argon2 variant (only argon2id and argon2i)".into());
+        return Err(HashFieldError::Unsupported("argon2 variant (only argon2id and argon2i)".into()));
     } else if s.starts_with('!') || s.starts_with('*') {
-        return Err("locked or disabled password (`!`/`*`): remove the line or give it a password".into());
+        return Err(HashFieldError::Locked);
     } else if s.len() == 13 && s.bytes().all(is_crypt64) {
         "DES-CRYPT"
     } else {
-        return Err("malformed password: neither {SCHEME}… nor a crypt hash ($2y$, $5$, $6$)".into());
+        return Err(malformed("malformed password: neither {SCHEME}… nor a crypt hash ($2y$, $5$, $6$)"));
     };
-    Err(format!("unsupported password scheme CRYPT ({kind})"))
+    Err(HashFieldError::Unsupported(format!("password scheme CRYPT ({kind})")))
 }
 
 fn is_crypt64(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'.' || b == b'/'
 }
 
+/// What is wrong in a SHA-crypt string after `$5$` / `$6$`.
+#[derive(Debug, thiserror::Error)]
+enum ShaCryptError {
+    #[error("no salt")]
+    NoSalt,
+    #[error("rounds= must be a number from 1000 to 999999999")]
+    Rounds,
+    #[error("no hash")]
+    NoHash,
+    #[error("the salt must be 1 to 16 characters of [A-Za-z0-9./]")]
+    Salt,
+    #[error("the hash must be {0} characters of [A-Za-z0-9./]")]
+    Hash(usize),
+}
+
 /// Checks `[rounds=N$]salt$hash` (after `$5$` / `$6$`); returns the rounds.
-fn parse_sha_crypt(rest: &str, hash_len: usize) -> Result<u32, String> {
+fn parse_sha_crypt(rest: &str, hash_len: usize) -> Result<u32, ShaCryptError> {
     let (rounds, rest) = match rest.strip_prefix("rounds=") {
         Some(r) => {
-            let (n, rest) = r.split_once('$').ok_or("no salt")?;
+            let (n, rest) = r.split_once('$').ok_or(ShaCryptError::NoSalt)?;
             let rounds = if !n.is_empty() && n.len() <= 10 && n.bytes().all(|b| b.is_ascii_digit()) {
                 n.parse::<u32>().ok()
             } else {
@@ -460,19 +525,19 @@ fn parse_sha_crypt(rest: &str, hash_len: usize) -> Result<u32, String> {
             };
             let rounds = rounds
                 .filter(|r| (sha_crypt::Params::ROUNDS_MIN..=sha_crypt::Params::ROUNDS_MAX).contains(r))
-                .ok_or("rounds= must be a number from 1000 to 999999999")?;
+                .ok_or(ShaCryptError::Rounds)?;
             (rounds, rest)
         }
         None => (sha_crypt::Params::RECOMMENDED_ROUNDS, rest),
     };
-    let (salt, hash) = rest.split_once('$').ok_or("no hash")?;
+    let (salt, hash) = rest.split_once('$').ok_or(ShaCryptError::NoHash)?;
     // Salt characters: what crypt(3) writes (sha-crypt reads a few more).
     let salt_ok = (1..=16).contains(&salt.len()) && salt.bytes().all(is_crypt64);
     if !salt_ok {
-        return Err("the salt must be 1 to 16 characters of [A-Za-z0-9./]".into());
+        return Err(ShaCryptError::Salt);
     }
     if hash.len() != hash_len || !hash.bytes().all(is_crypt64) {
-        return Err(format!("the hash must be {hash_len} characters of [A-Za-z0-9./]"));
+        return Err(ShaCryptError::Hash(hash_len));
     }
     Ok(rounds)
 }
@@ -543,7 +608,7 @@ mod tests {
         ];
         for &(field, pw, scheme) in cases {
             let stored = imported(field);
-            assert_eq!(scheme_of(&stored), Ok(scheme), "{field}");
+            assert_eq!(scheme_of(&stored).ok(), Some(scheme), "{field}");
             assert!(verify(pw, &stored), "{field}");
             assert!(!verify(b"wrong password", &stored), "{field}");
             assert!(!verify(b"", &stored), "{field}");
@@ -611,7 +676,7 @@ mod tests {
             assert!(!needs_rehash(&stored));
         }
         assert!(!parse_dovecot(BLF_CRYPT).unwrap().is_plaintext());
-        assert_eq!(from_dovecot("{PLAIN}").unwrap_err(), "empty password");
+        assert_eq!(from_dovecot("{PLAIN}").unwrap_err().to_string(), "empty password");
         // Clear text is never a stored hash.
         assert!(!verify(PW, "{PLAIN}correct horse"));
         assert!(scheme_of("{PLAIN}correct horse").is_err());
@@ -620,7 +685,7 @@ mod tests {
     #[test]
     fn needs_rehash_only_for_other_than_mailgates_own() {
         let own = password::hash(b"pw").unwrap();
-        assert_eq!(scheme_of(&own), Ok(Scheme::Argon2));
+        assert_eq!(scheme_of(&own).ok(), Some(Scheme::Argon2));
         assert!(!needs_rehash(&own));
         assert!(verify(b"pw", &own));
         // Argon2id with other parameters, argon2i, every legacy scheme, garbage.
@@ -642,9 +707,9 @@ mod tests {
             ("{nosuch.hex}00", "{nosuch.hex}"),
             ("{SCRAM-SHA-256}4096,abc,def,ghi", "{SCRAM-SHA-256}"),
         ] {
-            let e = from_dovecot(field).unwrap_err();
+            let e = from_dovecot(field).unwrap_err().to_string();
             assert!(e.contains(name), "{field}: {e}");
-            assert!(scheme_of(field).unwrap_err().contains(name));
+            assert!(scheme_of(field).unwrap_err().to_string().contains(name));
             assert!(!verify(b"x", field));
         }
         for (field, kind) in [
@@ -653,18 +718,19 @@ mod tests {
             ("abJnggxhB/yWI", "DES-CRYPT"),
             ("$2x$05$A4jbxhY.Yl.XdOEOa9kt.uCY0/2iDXBb8L1F67HzXnf5k0CUqdiZO", "$2x$"),
         ] {
-            let e = from_dovecot(field).unwrap_err();
+            let e = from_dovecot(field).unwrap_err().to_string();
             assert!(e.contains("CRYPT") && e.contains(kind), "{field}: {e}");
         }
-        assert!(from_dovecot("!").unwrap_err().contains("locked"));
-        assert!(from_dovecot("*").unwrap_err().contains("locked"));
+        assert!(from_dovecot("!").unwrap_err().to_string().contains("locked"));
+        assert!(from_dovecot("*").unwrap_err().to_string().contains("locked"));
         assert!(
             from_dovecot("{ARGON2ID}$argon2d$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo")
                 .unwrap_err()
+                .to_string()
                 .contains("argon2 variant")
         );
         // Control characters in a scheme name are escaped, long names cut.
-        let e = from_dovecot(&format!("{{A\u{1b}[31m{}}}x", "B".repeat(100))).unwrap_err();
+        let e = from_dovecot(&format!("{{A\u{1b}[31m{}}}x", "B".repeat(100))).unwrap_err().to_string();
         assert!(!e.contains('\u{1b}') && e.contains("\\u{1b}") && e.len() < 100, "{e}");
     }
 
@@ -730,15 +796,15 @@ mod tests {
     fn costly_hashes_are_refused_at_import_only() {
         // `doveadm pw -s BLF-CRYPT -r 17 -p pw` would do; verifying it is not needed here.
         let bcrypt17 = BLF_CRYPT.replace("$05$", "$17$");
-        assert!(from_dovecot(&bcrypt17).unwrap_err().contains("cost 17"));
-        assert_eq!(scheme_of(&bcrypt17), Ok(Scheme::Bcrypt));
+        assert!(from_dovecot(&bcrypt17).unwrap_err().to_string().contains("cost 17"));
+        assert_eq!(scheme_of(&bcrypt17).ok(), Some(Scheme::Bcrypt));
         let sha = SHA512_CRYPT_ROUNDS.replace("rounds=10000", "rounds=5000000");
-        assert!(from_dovecot(&sha).unwrap_err().contains("5000000 rounds"));
-        assert_eq!(scheme_of(&sha), Ok(Scheme::Sha512Crypt));
+        assert!(from_dovecot(&sha).unwrap_err().to_string().contains("5000000 rounds"));
+        assert_eq!(scheme_of(&sha).ok(), Some(Scheme::Sha512Crypt));
         let argon = ARGON2ID.replace("m=65536,t=3", "m=2097152,t=1");
-        assert!(from_dovecot(&argon).unwrap_err().contains("too costly"));
+        assert!(from_dovecot(&argon).unwrap_err().to_string().contains("too costly"));
         let argon = ARGON2ID.replace("m=65536,t=3", "m=1048576,t=5");
-        assert!(from_dovecot(&argon).unwrap_err().contains("too costly"));
+        assert!(from_dovecot(&argon).unwrap_err().to_string().contains("too costly"));
         assert!(from_dovecot(&ARGON2ID.replace("m=65536,t=3", "m=1048576,t=4")).is_ok());
         assert!(from_dovecot(&SHA512_CRYPT_ROUNDS.replace("rounds=10000", "rounds=1000000")).is_ok());
         assert!(from_dovecot(&BLF_CRYPT.replace("$05$", "$16$")).is_ok());
@@ -764,11 +830,12 @@ mod tests {
     #[test]
     fn scheme_names_and_lenient_stored_forms() {
         assert_eq!(Scheme::Sha512Crypt.to_string(), "SHA512-CRYPT");
-        assert_eq!(scheme_of(&ARGON2ID["{ARGON2ID}".len()..]), Ok(Scheme::Argon2));
-        assert_eq!(scheme_of(ARGON2ID), Ok(Scheme::Argon2));
-        assert_eq!(scheme_of(&SHA512_CRYPT["{SHA512-CRYPT}".len()..]), Ok(Scheme::Sha512Crypt));
-        assert!(scheme_of("{FOO}bar").unwrap_err().contains("{FOO}"));
+        assert_eq!(scheme_of(&ARGON2ID["{ARGON2ID}".len()..]).ok(), Some(Scheme::Argon2));
+        assert_eq!(scheme_of(ARGON2ID).ok(), Some(Scheme::Argon2));
+        assert_eq!(scheme_of(&SHA512_CRYPT["{SHA512-CRYPT}".len()..]).ok(), Some(Scheme::Sha512Crypt));
+        assert!(scheme_of("{FOO}bar").unwrap_err().to_string().contains("{FOO}"));
         // An argon2i hash under ARGON2ID is what libsodium (Dovecot) accepts as well.
-        assert_eq!(from_dovecot(&ARGON2I.replace("{ARGON2I}", "{ARGON2ID}")), from_dovecot(ARGON2I));
+        let text = |r: Result<String, HashFieldError>| r.map_err(|e| e.to_string());
+        assert_eq!(text(from_dovecot(&ARGON2I.replace("{ARGON2I}", "{ARGON2ID}"))), text(from_dovecot(ARGON2I)));
     }
 }

@@ -1377,7 +1377,10 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert!(matches!(decide(&s, None, None, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::NeedsAppPassword));
+        assert!(matches!(
+            decide(&s, None, None, "a@x", &pw("account-pw"), Protocol::Imap, &peer()),
+            Verdict::NeedsAppPassword
+        ));
         assert!(matches!(decide(&s, None, None, "a@x", &pw("wrong"), Protocol::Imap, &peer()), Verdict::Denied));
         assert!(matches!(decide(&s, None, None, "a@x", &pw(&app), Protocol::Imap, &peer()), Verdict::Granted(_)));
         let ev = s.recent_audit("a@x", 5).unwrap();
@@ -1390,6 +1393,9 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert!(matches!(decide(&s, None, None, "a@x", &pw("account-pw"), Protocol::Imap, &peer()), Verdict::NeedsAppPassword));
+        assert!(matches!(
+            decide(&s, None, None, "a@x", &pw("account-pw"), Protocol::Imap, &peer()),
+            Verdict::NeedsAppPassword
+        ));
     }
 }

@@ -11,27 +11,38 @@ fn hasher() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
+/// Why a password could not be hashed (no randomness for the salt, or argon2 refused).
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    /// The OS gave no random bytes for the salt.
+    #[error("no random salt: {0}")]
+    NoSalt(getrandom::Error),
+    /// argon2 failed (in this thread's reused working memory).
+    #[error("password hashing failed: {0}")]
+    Argon2(argon2::Error),
+    /// argon2 failed (in its own working memory).
+    #[error("password hashing failed: {0}")]
+    Phc(argon2::password_hash::Error),
+}
+
 /// Hashes a password into a PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`), in this
 /// thread's reused working memory (see [`BLOCKS`]).
-pub fn hash(password: &[u8]) -> Result<String, String> {
+pub fn hash(password: &[u8]) -> Result<String, HashError> {
     use base64::Engine as _;
     let argon2 = hasher();
     let params = argon2.params().clone();
     let mut salt = [0u8; 16];
-    getrandom::fill(&mut salt).map_err(|e| format!("no random salt: {e}"))?;
+    getrandom::fill(&mut salt).map_err(HashError::NoSalt)?;
     let mut out = [0u8; 32];
     let hashed = with_blocks(params.block_count(), |blocks| {
         argon2.hash_password_into_with_memory(password, &salt, &mut out, blocks)
     });
     match hashed {
         Some(Ok(())) => {}
-        Some(Err(e)) => return Err(format!("password hashing failed: {e}")),
+        Some(Err(e)) => return Err(HashError::Argon2(e)),
         None => {
             // Re-entered on this thread (cannot happen): fall back to a buffer of its own.
-            return hasher()
-                .hash_password(password)
-                .map(|h| h.to_string())
-                .map_err(|e| format!("password hashing failed: {e}"));
+            return hasher().hash_password(password).map(|h| h.to_string()).map_err(HashError::Phc);
         }
     }
     let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;

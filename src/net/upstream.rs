@@ -38,10 +38,10 @@ pub enum UpstreamFailure {
     Timeout,
     /// The master password file could not be read.
     #[error("master password: {0}")]
-    MasterPassword(String),
+    MasterPassword(crate::secret::SecretFileError),
     /// The TLS server name is unusable.
     #[error("upstream TLS name: {0}")]
-    Name(String),
+    Name(rustls::pki_types::InvalidDnsNameError),
 }
 
 impl UpstreamFailure {
@@ -109,8 +109,7 @@ impl Connector {
         let tls = match &self.tls {
             Some(connector) => Tls::Client {
                 connector: connector.clone(),
-                name: ServerName::try_from(self.cfg.server_name.clone())
-                    .map_err(|e| UpstreamFailure::Name(e.to_string()))?,
+                name: ServerName::try_from(self.cfg.server_name.clone()).map_err(UpstreamFailure::Name)?,
             },
             None => Tls::None,
         };

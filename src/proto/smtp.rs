@@ -907,8 +907,10 @@ impl Submission {
                 Some(ScanEvent::HeaderEnd(pos)) if pos > MAX_HEADER => Some(HEADER_TOO_BIG.to_string()),
                 None if self.buf.len() > MAX_HEADER => Some(HEADER_TOO_BIG.to_string()),
                 Some(ScanEvent::Bare) => Some(BARE_IN_DATA.to_string()),
-                Some(ScanEvent::HeaderEnd(pos)) => self.check_headers(&self.buf[..pos]).err(),
-                Some(ScanEvent::End(pos)) => self.check_headers(&self.buf[..pos.saturating_sub(3)]).err(),
+                Some(ScanEvent::HeaderEnd(pos)) => self.check_headers(&self.buf[..pos]).err().map(|e| e.to_string()),
+                Some(ScanEvent::End(pos)) => {
+                    self.check_headers(&self.buf[..pos.saturating_sub(3)]).err().map(|e| e.to_string())
+                }
                 None => return Some(Next::NeedInput),
             }
         };
@@ -1001,7 +1003,7 @@ impl Submission {
     /// The sender policy on the header section: exactly one `From:` and at most one
     /// `Sender:`, each with one reading ([`from_header::one_reading`]: one mailbox that every
     /// common reader agrees on) whose address is the account's.
-    fn check_headers(&self, head: &[u8]) -> Result<(), String> {
+    fn check_headers(&self, head: &[u8]) -> Result<(), HeaderRefusal> {
         let unstuffed = unstuff(head);
         // Only header fields and their continuation lines; no NUL or other control
         // characters but TAB: readers differ on such lines (a hidden second From:).
@@ -1011,7 +1013,7 @@ impl Submission {
                 continue;
             }
             if line.iter().any(|b| (*b < 0x20 && *b != b'\t') || *b == 0x7f) {
-                return Err("550 5.6.0 The message headers contain control characters".into());
+                return Err(HeaderRefusal::ControlCharacters);
             }
             let continuation = matches!(line.first(), Some(b' ' | b'\t')) && n > 0;
             // A field name, then (obsolete syntax) optional blanks, then the colon.
@@ -1020,11 +1022,11 @@ impl Submission {
                 !name.is_empty() && name.iter().all(|b| (33..=126).contains(b))
             });
             if !continuation && !field {
-                return Err("550 5.6.0 The message has a malformed header line".into());
+                return Err(HeaderRefusal::MalformedLine);
             }
         }
         let Some(msg) = mail_parser::MessageParser::default().parse_headers(&unstuffed) else {
-            return Err("550 5.6.0 The message headers cannot be parsed".into());
+            return Err(HeaderRefusal::Unparsable);
         };
         for (name, header, required) in
             [("From", mail_parser::HeaderName::From, true), ("Sender", mail_parser::HeaderName::Sender, false)]
@@ -1037,25 +1039,62 @@ impl Submission {
                 .map(|h| unstuffed.get(h.offset_start as usize..h.offset_end as usize).unwrap_or_default())
                 .collect();
             let raw = match values.as_slice() {
-                [] if required => return Err(format!("550 5.7.1 The message has no {name}: header")),
+                [] if required => return Err(HeaderRefusal::Missing(name)),
                 [] => continue,
                 [raw] => *raw,
-                _ => return Err(format!("550 5.7.1 The message has more than one {name}: header")),
+                _ => return Err(HeaderRefusal::Repeated(name)),
             };
             let mailbox = match from_header::one_reading(raw) {
                 Ok(mailbox) => mailbox,
-                Err(Ambiguity::NoAddress) => return Err(format!("550 5.7.1 The {name}: header has no address")),
-                Err(e) => return Err(one_line(&format!("550 5.7.1 The {name}: header is ambiguous: {e}"))),
+                Err(Ambiguity::NoAddress) => return Err(HeaderRefusal::NoAddress(name)),
+                Err(reason) => return Err(HeaderRefusal::Ambiguous { field: name, reason }),
             };
             if !self.may_send_as(&mailbox.address) {
-                return Err(format!(
-                    "550 5.7.1 {name}: address {} is not one of your addresses",
-                    one_line(&mailbox.address)
-                ));
+                return Err(HeaderRefusal::NotYours { field: name, address: mailbox.address });
             }
         }
         Ok(())
     }
+}
+
+/// Why the sender policy on the header section refused a message: the text is the
+/// SMTP reply, one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderRefusal {
+    /// A header line holds a control character other than TAB.
+    #[error("550 5.6.0 The message headers contain control characters")]
+    ControlCharacters,
+    /// A line that is neither a header field nor a continuation line.
+    #[error("550 5.6.0 The message has a malformed header line")]
+    MalformedLine,
+    /// mail-parser could not read the header section.
+    #[error("550 5.6.0 The message headers cannot be parsed")]
+    Unparsable,
+    /// No such field (`From`).
+    #[error("550 5.7.1 The message has no {0}: header")]
+    Missing(&'static str),
+    /// The field more than once (`From`, `Sender`).
+    #[error("550 5.7.1 The message has more than one {0}: header")]
+    Repeated(&'static str),
+    /// The field names no address.
+    #[error("550 5.7.1 The {0}: header has no address")]
+    NoAddress(&'static str),
+    /// Readers differ on the field's mailbox.
+    #[error("{}", one_line(&format!("550 5.7.1 The {}: header is ambiguous: {}", .field, .reason)))]
+    Ambiguous {
+        /// `From` or `Sender`.
+        field: &'static str,
+        /// How readers differ.
+        reason: Ambiguity,
+    },
+    /// The field's address is not the account's.
+    #[error("550 5.7.1 {field}: address {} is not one of your addresses", one_line(.address))]
+    NotYours {
+        /// `From` or `Sender`.
+        field: &'static str,
+        /// The address, as read.
+        address: String,
+    },
 }
 
 const HEADER_TOO_BIG: &str = "552 5.3.4 Header section too big to check the sender";

@@ -2,7 +2,9 @@
 //! PostgreSQL keep the same semantics. Run on sled by the unit tests and on a real
 //! PostgreSQL by the integration tests (`tests/pg_store.rs`). Each check takes an empty
 //! store (or stores sharing one database, for the concurrency checks) and panics on a
-//! difference; it is test code compiled into the library so both test kinds can use it.
+//! difference. It lives in the library so that both test kinds can use it, but only in
+//! test builds: under `cfg(test)` for the unit tests, and with the `test-support` feature
+//! for the integration tests (`scripts/test.sh` passes `--features test-support`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use super::*;

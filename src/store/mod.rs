@@ -1,12 +1,18 @@
 //! The store: accounts, app passwords, TOTP state and audit events.
 //!
-//! [`Store`] is the interface the rest of mailgate uses; [`sled_store::SledStore`] is the
-//! embedded implementation and the only code that imports sled (a shared backend can
-//! implement the same trait later). Values are JSON. Every change that is acknowledged
-//! to a person (account, password, app password, TOTP changes) is flushed to disk before
-//! the call returns; last-use updates and audit events are not (sled writes them within
-//! 500 ms), so a login never waits for an fsync.
+//! [`Store`] is the interface the rest of mailgate uses. It has two implementations,
+//! chosen by `[store] backend`: [`sled_store::SledStore`], embedded in `data_dir` (the
+//! only code that imports sled), and [`pg_store::PgStore`], a PostgreSQL database shared
+//! by several nodes (the only code that imports tokio-postgres; it also carries the
+//! session-ending events between nodes, see [`Store::subscribe`]). Records are JSON in
+//! both. Every change that is acknowledged to a person (account, password, app password,
+//! TOTP changes) is durable before the call returns; on sled, last-use updates and audit
+//! events are not flushed at once (sled writes them within 500 ms), so a login never
+//! waits for an fsync. Both backends pass one test suite, `conformance`, which is test
+//! code: it is compiled for the unit tests and with the `test-support` feature (the
+//! PostgreSQL integration tests), never into a release build.
 
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 pub mod pg_store;
 pub mod sled_store;
@@ -128,13 +134,18 @@ impl Scope {
     }
 }
 
+/// A scope name that is neither `imap` nor `smtp` (as given, trimmed and lower-cased).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scope `{0}` (expected imap or smtp)")]
+pub struct UnknownScope(pub String);
+
 impl std::str::FromStr for Scope {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Scope, String> {
+    type Err = UnknownScope;
+    fn from_str(s: &str) -> Result<Scope, UnknownScope> {
         match s.trim().to_ascii_lowercase().as_str() {
             "imap" => Ok(Scope::Imap),
             "smtp" => Ok(Scope::Smtp),
-            other => Err(format!("unknown scope `{other}` (expected imap or smtp)")),
+            other => Err(UnknownScope(other.to_string())),
         }
     }
 }
