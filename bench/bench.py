@@ -1132,6 +1132,9 @@ def summarize(b, args):
     out["targets"] = tlist
     out["spread_min_median_max"] = spread
     out["old_vs_new"] = old_vs_new(out, spread, args.rounds)
+    foreign = [r["foreign_cpu_pct"] for r in recs if r.get("foreign_cpu_pct") is not None]
+    out["foreign_cpu_pct_median"] = round(med(foreign), 1) if foreign else None
+    out["foreign_cpu_pct_limit"] = args.max_foreign
     return out
 
 
@@ -1198,6 +1201,11 @@ def compare_text(summary, markdown=False):
                          f"{r['verdict']}")
     if rows and rows[0]["n_rounds"] < 2:
         lines.append("(one round: min = median = max, no spread to judge by; use --rounds 3 or more)")
+    foreign, limit = summary.get("foreign_cpu_pct_median"), summary.get("foreign_cpu_pct_limit")
+    if foreign is not None and limit is not None and foreign > limit:
+        lines.append(f"(other work took a median {foreign:.0f} % of the CPUs during the measurements: the spread is "
+                     "mostly that load, and verdicts are unreliable; an A/A run, the same binary as both, on such a "
+                     "machine showed 2 of 12 figures 'beyond spread')")
     return "\n".join(lines)
 
 
