@@ -7,7 +7,10 @@ On success the answer points nginx at the backend Dovecot and logs it in there a
 `user*MASTER` with the master password; otherwise Auth-Status says why (and the bench
 counts it as an error: the load must never fail a login).
 
-    auth_http.py PORT USERS_FILE BACKEND_HOST BACKEND_PORT MASTER_USER MASTER_PASSWORD_FILE
+SMTP (`Auth-Protocol: smtp`) is pointed at SMTP_PORT, where nginx logs in with the same
+master credentials (`proxy_smtp_auth on`).
+
+    auth_http.py PORT USERS_FILE BACKEND_HOST BACKEND_PORT MASTER_USER MASTER_PASSWORD_FILE [SMTP_PORT]
 """
 
 import hmac
@@ -50,6 +53,7 @@ def check(stored, password):
 
 def main():
     port, users_file, host, bport, master_user, master_file = sys.argv[1:7]
+    smtp_port = sys.argv[7] if len(sys.argv) > 7 else None
     users = load_users(users_file)
     with open(master_file, encoding="utf-8") as f:
         master_password = f.readline().strip()
@@ -69,7 +73,8 @@ def main():
             if stored is not None and check(stored, password):
                 self.send_header("Auth-Status", "OK")
                 self.send_header("Auth-Server", host)
-                self.send_header("Auth-Port", bport)
+                smtp = self.headers.get("Auth-Protocol", "").lower() == "smtp"
+                self.send_header("Auth-Port", smtp_port if smtp and smtp_port else bport)
                 self.send_header("Auth-User", f"{user}*{master_user}")
                 self.send_header("Auth-Pass", master_password)
             else:

@@ -33,16 +33,26 @@ import argon2  # noqa: E402
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
-PEERS = ["mailgate", "nginx", "haproxy", "dovecot_proxy", "dovecot"]
-PROXIES = ["mailgate", "nginx", "haproxy", "dovecot_proxy"]
+# "mailgate_old": a second mailgate binary in the same run (--mailgate-old, MAILGATE_BIN_OLD),
+# so that a change is compared with what it replaces under the same conditions.
+PEERS = ["mailgate", "mailgate_old", "nginx", "haproxy", "dovecot_proxy", "dovecot"]
+PROXIES = ["mailgate", "mailgate_old", "nginx", "haproxy", "dovecot_proxy"]
+# SMTP submission: the proxies with an SMTP side, in front of the backend's Dovecot submission.
+SMTP_PEERS = ["mailgate", "mailgate_old", "nginx", "haproxy"]
 DOMAIN = "bench.test"
 N_LOGIN_USERS = 16
 N_IDLE_USERS = 20
+N_SMTP_USERS = 16  # the SMTP clients log in as the first 16 idle users ({PLAIN} passwords)
 IDLE_MSGS = 20  # 20 x ~52 KB = ~1.05 MB per session for the "after 1 MB" variant
 MASTER = "proxymaster"
 ARGON2 = argon2.PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32, salt_len=16)
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def is_mg(peer):
+    """A mailgate instance (the binary under test or the old one)."""
+    return peer.startswith("mailgate")
 
 
 def log(msg):
@@ -228,6 +238,28 @@ def wait_greeting(port, tls_ctx=None, timeout=30.0, name=""):
     raise RuntimeError(f"{name} on port {port} did not greet within {timeout}s: {last}")
 
 
+def wait_smtp(port, tls_ctx=None, timeout=30.0, name=""):
+    """Waits for an SMTP `220` greeting (over implicit TLS when tls_ctx is given)."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            if tls_ctx:
+                c = clients.SmtpConn(tls_ctx, port, timeout=5)
+                c.reply(b"220")
+                c.close()
+            else:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    data = sock.recv(1024)
+                    if not data.startswith(b"220"):
+                        raise RuntimeError(f"greeting {data[:80]!r}")
+            return
+        except Exception as e:  # noqa: BLE001 - retried until the deadline
+            last = e
+            time.sleep(0.2)
+    raise RuntimeError(f"{name} SMTP on port {port} did not greet within {timeout}s: {last}")
+
+
 def run(cmd, **kw):
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if r.returncode != 0:
@@ -282,6 +314,8 @@ class Setup:
         self.ports = {}
         self.versions = {}
         self.specs = {}
+        self.mg = {}  # mailgate instance name -> {dir, bin, conf}
+        self.apps = {}  # mailgate instance name -> user -> [app passwords]
 
     # --- accounts
     def make_users(self):
@@ -293,7 +327,6 @@ class Setup:
         self.idle_users = [(f"i{i + 1:02d}@{DOMAIN}", rand_pw()) for i in range(N_IDLE_USERS)]
         self.bulk = (f"bulk@{DOMAIN}", rand_pw())
         self.cost_users = [(f"one@{DOMAIN}", rand_pw()), (f"fifty@{DOMAIN}", rand_pw())]
-        self.app = {}  # user -> [app passwords] (mailgate)
 
     def passwd_lines(self, proxy_port=None):
         lines = []
@@ -327,13 +360,13 @@ class Setup:
         self.ctx = clients.tls_context(self.cert)
 
     # --- Dovecot backend (also the "dovecot" peer: its implicit-TLS listener)
-    def dovecot_head(self, d, name):
+    def dovecot_head(self, d, name, protocols="imap"):
         """The settings both Dovecot instances (backend and proxy) start with."""
         return f"""base_dir = {d}/run
 state_dir = {d}/state
 instance_name = {name}
 listen = 127.0.0.1
-protocols = imap
+protocols = {protocols}
 log_path = {d}/dovecot.log
 info_log_path = {d}/dovecot-info.log
 ssl = yes
@@ -371,11 +404,17 @@ auth_mechanisms = plain login
             write_maildir(f"{d}/home/{u}", messages[:IDLE_MSGS], uid, gid)
         plain, tls = free_port(), free_port()
         self.ports["backend_plain"], self.ports["dovecot"] = plain, tls
+        # SMTP: Dovecot submission (plain, behind the proxies) relays to a sink that keeps nothing.
+        sub, sink = free_port(), free_port()
+        self.ports["backend_submission"], self.ports["smtp_sink"] = sub, sink
+        self.daemons["smtp_sink"] = Daemon("smtp_sink", [sys.executable, os.path.join(BENCH_DIR, "smtp_sink.py"),
+                                                         str(sink)], d, d + "/smtp_sink.log")
+        wait_smtp(sink, None, name="smtp_sink")
         # --dovecot-imap-reuse: imap processes serve one session after another instead of one
         # process per session (all mailboxes belong to one uid here), a much cheaper backend login.
         imap_reuse = "  service_count = 0\n  process_min_avail = 16\n" if self.args.dovecot_imap_reuse else ""
         conf = f"""# mailgate bench backend (generated)
-{self.dovecot_head(d, f"mgbench-backend-{plain}")}auth_master_user_separator = *
+{self.dovecot_head(d, f"mgbench-backend-{plain}", "imap submission")}auth_master_user_separator = *
 login_trusted_networks = 127.0.0.0/8
 auth_failure_delay = 0
 mail_fsync = never
@@ -396,6 +435,21 @@ userdb {{
 mail_location = maildir:~/Maildir
 protocol imap {{
   mail_max_userip_connections = 100000
+}}
+hostname = backend.{DOMAIN}
+submission_relay_host = 127.0.0.1
+submission_relay_port = {sink}
+submission_relay_ssl = no
+submission_relay_trusted = no
+service submission-login {{
+  inet_listener submission {{
+    address = 127.0.0.1
+    port = {sub}
+  }}
+  service_count = 0
+  process_min_avail = 2
+  process_limit = 2
+  client_limit = 15000
 }}
 default_process_limit = 6000
 default_client_limit = 30000
@@ -428,7 +482,8 @@ service anvil {{
         with open(d + "/dovecot.conf", "w") as f:
             f.write(conf)
         run(["dovecot", "-n", "-c", d + "/dovecot.conf"])
-        self.launch("backend", ["dovecot", "-F", "-c", d + "/dovecot.conf"], d, d + "/stdout.log", [plain, tls])
+        self.launch("backend", ["dovecot", "-F", "-c", d + "/dovecot.conf"], d, d + "/stdout.log", [plain, tls],
+                    plain_smtp=[sub])
 
     def start_dovecot_proxy(self):
         d = os.path.join(self.w, "dovecot-proxy")
@@ -482,15 +537,16 @@ service anvil {{
         d = os.path.join(self.w, "nginx")
         os.makedirs(d + "/logs")
         os.chmod(d, 0o755)
-        auth_port, port = free_port(), free_port()
-        self.ports["nginx"], self.ports["auth_http"] = port, auth_port
+        auth_port, port, smtp_port = free_port(), free_port(), free_port()
+        self.ports["nginx"], self.ports["auth_http"], self.ports["nginx_smtp"] = port, auth_port, smtp_port
         with open(d + "/users", "w") as f:
             f.write(self.passwd_lines())
         with open(d + "/master.secret", "w") as f:
             f.write(self.master_pw + "\n")
         self.daemons["auth_http"] = Daemon(
             "auth_http", [sys.executable, os.path.join(BENCH_DIR, "auth_http.py"), str(auth_port), d + "/users",
-                          "127.0.0.1", str(self.ports["backend_plain"]), MASTER, d + "/master.secret"],
+                          "127.0.0.1", str(self.ports["backend_plain"]), MASTER, d + "/master.secret",
+                          str(self.ports["backend_submission"])],
             d, d + "/auth_http.log")
         conf = f"""# mailgate bench: nginx mail proxy (generated)
 load_module /usr/lib/nginx/modules/ngx_mail_module.so;
@@ -516,19 +572,28 @@ mail {{
     protocol imap;
     imap_auth plain login;
   }}
+  # SMTP: nginx logs in to Dovecot submission itself (AUTH PLAIN as user*master with the
+  # credentials auth_http returns) instead of XCLIENT, which Dovecot submission cannot log in with.
+  server {{
+    listen 127.0.0.1:{smtp_port} ssl;
+    protocol smtp;
+    smtp_auth plain login;
+    xclient off;
+    proxy_smtp_auth on;
+  }}
 }}
 """
         with open(d + "/nginx.conf", "w") as f:
             f.write(conf)
         run(["nginx", "-t", "-q", "-p", d, "-e", d + "/logs/error.log", "-c", d + "/nginx.conf"])
         self.launch("nginx", ["nginx", "-p", d, "-e", d + "/logs/error.log", "-c", d + "/nginx.conf"], d,
-                    d + "/stdout.log", [port])
+                    d + "/stdout.log", [port], tls_smtp=[smtp_port])
 
     def start_haproxy(self):
         d = os.path.join(self.w, "haproxy")
         os.makedirs(d)
-        port = free_port()
-        self.ports["haproxy"] = port
+        port, smtp_port = free_port(), free_port()
+        self.ports["haproxy"], self.ports["haproxy_smtp"] = port, smtp_port
         conf = f"""# mailgate bench: haproxy TLS termination, TCP mode (generated)
 global
   maxconn 9000
@@ -544,32 +609,40 @@ frontend imaps
   default_backend dovecot
 backend dovecot
   server d1 127.0.0.1:{self.ports['backend_plain']} maxconn 9000
+frontend smtps
+  bind 127.0.0.1:{smtp_port} ssl crt {self.combined}
+  default_backend submission
+backend submission
+  server s1 127.0.0.1:{self.ports['backend_submission']} maxconn 9000
 """
         with open(d + "/haproxy.cfg", "w") as f:
             f.write(conf)
         run(["haproxy", "-c", "-q", "-f", d + "/haproxy.cfg"])
-        self.launch("haproxy", ["haproxy", "-db", "-f", d + "/haproxy.cfg"], d, d + "/stdout.log", [port])
+        self.launch("haproxy", ["haproxy", "-db", "-f", d + "/haproxy.cfg"], d, d + "/stdout.log", [port],
+                    tls_smtp=[smtp_port])
 
-    def mailgate(self, *args, stdin=None):
-        cmd = [self.mg_bin, "--config", self.mg_conf, *args]
-        r = subprocess.run(cmd, cwd=self.mg_dir, input=stdin, capture_output=True, text=True)
+    def mailgate(self, name, *args, stdin=None):
+        mg = self.mg[name]
+        cmd = [mg["bin"], "--config", mg["conf"], *args]
+        r = subprocess.run(cmd, cwd=mg["dir"], input=stdin, capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"mailgate {' '.join(args)} failed ({r.returncode}): {r.stderr[-800:]}")
+            raise RuntimeError(f"{name} {' '.join(args)} failed ({r.returncode}): {r.stderr[-800:]}")
         return r.stdout
 
-    def start_mailgate(self):
-        d = os.path.join(self.w, "mailgate")
+    def start_mailgate(self, name, binary):
+        """One mailgate instance `name` ("mailgate" or "mailgate_old") from `binary`, with its
+        own store, IMAP and SMTP ports, accounts and app passwords."""
+        d = os.path.join(self.w, name)
         os.makedirs(d)
-        self.mg_dir = d
         # A private copy: the shared target/ may be rebuilt while the bench runs.
-        self.mg_bin = d + "/mailgate"
-        shutil.copy2(self.args.mailgate, self.mg_bin)
-        port = free_port()
-        self.ports["mailgate"] = port
+        mg = {"dir": d, "bin": d + "/mailgate", "conf": d + "/mailgate.toml"}
+        self.mg[name] = mg
+        shutil.copy2(binary, mg["bin"])
+        port, smtp_port = free_port(), free_port()
+        self.ports[name], self.ports[name + "_smtp"] = port, smtp_port
         with open(d + "/master.secret", "w") as f:
             f.write(self.master_pw + "\n")
         os.chmod(d + "/master.secret", 0o600)
-        self.mg_conf = d + "/mailgate.toml"
         conf = f"""# mailgate bench (generated)
 [server]
 hostname = "localhost"
@@ -585,7 +658,7 @@ listen_tls = ["127.0.0.1:{port}"]
 listen_starttls = []
 
 [smtp]
-listen_tls = []
+listen_tls = ["127.0.0.1:{smtp_port}"]
 listen_starttls = []
 
 [web]
@@ -599,7 +672,7 @@ master_user = "mailgate"
 master_password_file = "{d}/master.secret"
 
 [upstream.smtp]
-address = "127.0.0.1:1"
+address = "127.0.0.1:{self.ports['backend_submission']}"
 tls = "none"
 login = "master-sasl"
 master_user = "mailgate"
@@ -611,30 +684,36 @@ max_connections = 30000
 max_connections_per_ip = 30000
 max_sessions_per_user_ip = 30000
 """
-        with open(self.mg_conf, "w") as f:
+        with open(mg["conf"], "w") as f:
             f.write(conf)
-        self.mailgate("init")
-        log("mailgate: adding %d accounts and their app passwords" % (
-            len(self.argon_users) + len(self.idle_users) + 3))
+        self.mailgate(name, "init")
+        log("%s: adding %d accounts and their app passwords" % (
+            name, len(self.argon_users) + len(self.idle_users) + 3))
         for u, p, _ in self.argon_users:
-            self.mailgate("user", "add", u, "--password-stdin", stdin=p + "\n")
+            self.mailgate(name, "user", "add", u, "--password-stdin", stdin=p + "\n")
         for u, p in self.idle_users + [self.bulk] + self.cost_users:
-            self.mailgate("user", "add", u, "--password-stdin", stdin=p + "\n")
+            self.mailgate(name, "user", "add", u, "--password-stdin", stdin=p + "\n")
+        app = {}
         for u in [x[0] for x in self.argon_users] + [x[0] for x in self.idle_users] + [self.bulk[0],
                                                                                        self.cost_users[0][0]]:
-            self.app[u] = [self.app_password(u, "bench")]
+            app[u] = [self.app_password(name, u, "bench")]
         fifty = self.cost_users[1][0]
-        self.app[fifty] = [self.app_password(fifty, f"device {k}") for k in range(50)]
-        self.launch("mailgate", [self.mg_bin, "--config", self.mg_conf, "serve"], d, d + "/mailgate.log",
-                    [port])
+        app[fifty] = [self.app_password(name, fifty, f"device {k}") for k in range(50)]
+        self.apps[name] = app
+        self.launch(name, [mg["bin"], "--config", mg["conf"], "serve"], d, d + "/mailgate.log", [port],
+                    tls_smtp=[smtp_port])
 
-    def launch(self, name, cmd, cwd, logfile, ports):
+    def launch(self, name, cmd, cwd, logfile, ports, tls_smtp=(), plain_smtp=()):
         """Starts a server (foreground, own process group) and waits for its greeting(s)."""
-        self.specs[name] = (cmd, cwd, logfile, ports)
+        self.specs[name] = (cmd, cwd, logfile, ports, tuple(tls_smtp), tuple(plain_smtp))
         self.daemons[name] = Daemon(name, cmd, cwd, logfile)
         for i, port in enumerate(ports):
             plain = name == "backend" and i == 0
             wait_greeting(port, None if plain else self.ctx, name=name)
+        for port in tls_smtp:
+            wait_smtp(port, self.ctx, name=name)
+        for port in plain_smtp:
+            wait_smtp(port, None, name=name)
 
     def restart(self, peer):
         """Stops and starts a peer's server again (fresh process, same config and ports)."""
@@ -644,8 +723,8 @@ max_sessions_per_user_ip = 30000
             raise RuntimeError(f"{name}: processes {left} still running after stop")
         self.launch(name, *self.specs[name])
 
-    def app_password(self, user, label):
-        out = self.mailgate("app-password", "create", user, "--label", label).strip().splitlines()[-1]
+    def app_password(self, name, user, label):
+        out = self.mailgate(name, "app-password", "create", user, "--label", label).strip().splitlines()[-1]
         pw = out.replace(" ", "").replace("-", "").strip()
         if len(pw) != 32:
             raise RuntimeError(f"unexpected app password line {out!r}")
@@ -653,21 +732,27 @@ max_sessions_per_user_ip = 30000
 
     # --- per-peer credentials and CPU roots
     def creds(self, peer, kind):
-        """kind: argon2 | app | bulk | idle. Peers have no app passwords: for them a device
-        password is a password checked against an argon2id hash, i.e. the argon2 users."""
+        """kind: argon2 | app | bulk | idle | smtp. Peers have no app passwords: for them a device
+        password is a password checked against an argon2id hash, i.e. the argon2 users. SMTP
+        logs in as the first N_SMTP_USERS idle users ({PLAIN} passwords at the peers)."""
+        app = self.apps.get(peer, {})
         if kind == "bulk":
-            return [(self.bulk[0], self.app[self.bulk[0]][0] if peer == "mailgate" else self.bulk[1])]
-        if kind == "idle":
-            if peer == "mailgate":
-                return [(u, self.app[u][0]) for u, _ in self.idle_users]
-            return list(self.idle_users)
-        if kind == "app" and peer == "mailgate":
-            return [(u, self.app[u][0]) for u, _, _ in self.argon_users]
+            return [(self.bulk[0], app[self.bulk[0]][0] if is_mg(peer) else self.bulk[1])]
+        if kind in ("idle", "smtp"):
+            users = self.idle_users[:N_SMTP_USERS] if kind == "smtp" else self.idle_users
+            if is_mg(peer):
+                return [(u, app[u][0]) for u, _ in users]
+            return list(users)
+        if kind == "app" and is_mg(peer):
+            return [(u, app[u][0]) for u, _, _ in self.argon_users]
         return [(u, p) for u, p, _ in self.argon_users]
 
+    def smtp_port(self, peer):
+        return self.ports[peer + "_smtp"]
+
     def front_roots(self, peer):
-        if peer == "mailgate":
-            return [self.daemons["mailgate"].pid]
+        if is_mg(peer):
+            return [self.daemons[peer].pid]
         if peer == "nginx":
             return [self.daemons["nginx"].pid, self.daemons["auth_http"].pid]
         if peer == "haproxy":
@@ -682,7 +767,7 @@ max_sessions_per_user_ip = 30000
         return self.front_roots(peer)
 
     def backend_roots(self):
-        return [self.daemons["backend"].pid]
+        return [self.daemons["backend"].pid, self.daemons["smtp_sink"].pid]
 
     def check_alive(self):
         dead = [n for n, d in self.daemons.items() if not d.alive()]
@@ -691,7 +776,8 @@ max_sessions_per_user_ip = 30000
 
     def stop_all(self):
         leftovers = {}
-        for name in ["mailgate", "haproxy", "nginx", "auth_http", "dovecot_proxy", "backend"]:
+        for name in ["mailgate", "mailgate_old", "haproxy", "nginx", "auth_http", "dovecot_proxy", "backend",
+                     "smtp_sink"]:
             d = self.daemons.pop(name, None)
             if d:
                 left = d.stop()
@@ -833,6 +919,53 @@ class Bench:
             f" errors {errors} (idle {idle}%)")
         return r
 
+    def smtp(self, peer, rnd):
+        """SMTP submission: --smtp-clients clients over implicit TLS, each sending --smtp-size
+        messages, --smtp-per-conn per connection (EHLO + AUTH PLAIN each time), for --smtp-secs."""
+        idle = self.wait()
+        roots, back = self.s.front_roots(peer), self.s.backend_roots()
+        creds = self.s.creds(peer, "smtp")
+        secs = self.a.smtp_secs
+        ctx = mp.get_context("fork")
+        start_at = time.time() + 0.5
+        procs, pipes = [], []
+        for w in range(self.a.smtp_clients):
+            rd, wr = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=clients.smtp_worker,
+                            args=(self.s.cert, self.s.smtp_port(peer), [creds[w % len(creds)]], start_at, secs,
+                                  self.a.smtp_per_conn, self.a.smtp_size, wr))
+            p.start()
+            wr.close()
+            procs.append(p)
+            pipes.append(rd)
+        c0, b0 = cpu_secs(roots), cpu_secs(back)
+        n, lat, errors, first = 0, [], 0, None
+        for rd in pipes:
+            k, lw, e, f = rd.recv()
+            n += k
+            lat += lw
+            errors += e
+            first = first or f
+        t_end = time.time()
+        for p in procs:
+            p.join()
+        time.sleep(self.a.cpu_settle)  # let the servers finish closing and reap exited children
+        c1, b1 = cpu_secs(roots), cpu_secs(back)
+        secs = max(secs, t_end - start_at)
+        r = self.rec(kind="smtp", peer=peer, round=rnd, clients=self.a.smtp_clients, idle_cpu_pct=idle,
+                     messages=n, message_bytes=self.a.smtp_size, per_conn=self.a.smtp_per_conn, errors=errors,
+                     first_error=first, secs=round(secs, 2), msgs_per_s=round(n / secs, 1),
+                     mb_s=round(n * self.a.smtp_size / 1e6 / secs, 1),
+                     p50_ms=round(pct(lat, 50), 2) if lat else None, p99_ms=round(pct(lat, 99), 2) if lat else None,
+                     front_cpu_ms_per_msg=round((c1 - c0) * 1000 / n, 3) if n else None,
+                     backend_cpu_ms_per_msg=round((b1 - b0) * 1000 / n, 3) if n else None)
+        if errors:
+            self.errors.append(f"SMTP submission via {peer}, round {rnd}: {errors} errors, first: {first}")
+        log(f"  smtp      {peer:14s} {r['msgs_per_s']:7.1f} msgs/s p50 {r['p50_ms']} ms front "
+            f"{r['front_cpu_ms_per_msg']} ms/msg backend {r['backend_cpu_ms_per_msg']} ms/msg errors {errors} "
+            f"(idle {idle}%)")
+        return r
+
     def idle(self, peer, rnd, after_1mb):
         # A fresh server for each memory measurement: memory kept from earlier loads (pools,
         # allocator caches) would otherwise be reused and hide the per-session cost.
@@ -945,9 +1078,13 @@ def summarize(b, args):
     for key in [k for k in out if k.startswith("app_password_")]:
         akey = "argon2_" + key[len("app_password_"):]
         for p in PEERS:
-            if p != "mailgate" and p in out.get(akey, {}):
+            if not is_mg(p) and p in out.get(akey, {}):
                 out[key][p] = out[akey][p]
                 spread[key][p] = spread[akey][p]
+    put("smtp_msgs_per_s", "smtp", "msgs_per_s", SMTP_PEERS)
+    put("smtp_proxy_cpu_ms_per_msg", "smtp", "front_cpu_ms_per_msg", SMTP_PEERS)
+    put("smtp_backend_cpu_ms_per_msg", "smtp", "backend_cpu_ms_per_msg", SMTP_PEERS)
+    put("smtp_p50_ms", "smtp", "p50_ms", SMTP_PEERS)
     put("greeting_ms_after_handshake", "greeting", "median_ms", PEERS)
     put("idle_kib_per_session", "idle", "kib_per_session", PEERS)
     put("idle_kib_per_session_after_1mb", "idle_after_1mb", "kib_per_session", PEERS)
@@ -982,6 +1119,10 @@ def summarize(b, args):
          "<=", 16.0),
         ("A1", "login cost with 50 app passwords <= 1.1x with 1 (CPU per login)",
          out["login_cost_ratio_50_vs_1_app_passwords"], "<=", 1.1),
+        ("S1", "SMTP submission msgs/s, 16 clients, 50 KB >= 1.0x haproxy",
+         ratio(g("smtp_msgs_per_s", "mailgate"), g("smtp_msgs_per_s", "haproxy")), ">=", 1.0),
+        ("S2", "SMTP proxy CPU per message <= 1.0x haproxy",
+         ratio(g("smtp_proxy_cpu_ms_per_msg", "mailgate"), g("smtp_proxy_cpu_ms_per_msg", "haproxy")), "<=", 1.0),
     ]
     tlist = []
     for tid, goal, v, op, thr in targets:
@@ -990,7 +1131,82 @@ def summarize(b, args):
                       "result": "PASS" if ok else ("MISS" if ok is False else "N/A")})
     out["targets"] = tlist
     out["spread_min_median_max"] = spread
+    out["old_vs_new"] = old_vs_new(out, spread, args.rounds)
+    foreign = [r["foreign_cpu_pct"] for r in recs if r.get("foreign_cpu_pct") is not None]
+    out["foreign_cpu_pct_median"] = round(med(foreign), 1) if foreign else None
+    out["foreign_cpu_pct_limit"] = args.max_foreign
     return out
+
+
+# Figures compared between the new and the old mailgate binary: (key, label, higher is better).
+COMPARE = [
+    ("bulk_mb_s", "bulk FETCH MB/s", True),
+    ("proxy_cpu_ms_per_gb", "proxy CPU ms/GB (fetch)", False),
+    ("append_mb_s", "APPEND MB/s", True),
+    ("app_password_logins_per_s_c16", "app-pw logins/s, 16 cl.", True),
+    ("app_password_front_cpu_ms_per_login_c16", "app-pw proxy CPU ms/login, 16", False),
+    ("app_password_logins_per_s_c1", "app-pw logins/s, 1 cl.", True),
+    ("argon2_logins_per_s_c16", "argon2 logins/s, 16 cl.", True),
+    ("greeting_ms_after_handshake", "greeting ms after handshake", False),
+    ("idle_kib_per_session", "idle KiB PSS/session", False),
+    ("idle_kib_per_session_after_1mb", "idle KiB PSS/session after 1MB", False),
+    ("smtp_msgs_per_s", "SMTP msgs/s, 16 cl., 50 KB", True),
+    ("smtp_proxy_cpu_ms_per_msg", "SMTP proxy CPU ms/msg", False),
+]
+
+
+def old_vs_new(out, spread, rounds):
+    """New ("mailgate") against old ("mailgate_old"), figure by figure: both min/median/max
+    over the rounds, the ratio of the medians, and whether the new one is worse beyond the
+    run's spread (its whole range on the worse side of the old one's, no overlap)."""
+    rows = []
+    for key, label, higher in COMPARE:
+        new, old = spread.get(key, {}).get("mailgate"), spread.get(key, {}).get("mailgate_old")
+        if not new or not old:
+            continue
+        if higher:
+            worse, better = new[2] < old[0], new[0] > old[2]
+        else:
+            worse, better = new[0] > old[2], new[2] < old[0]
+        verdict = "worse beyond spread" if worse else ("better beyond spread" if better else "within spread")
+        if rounds < 2:
+            verdict = "no spread (1 round)"
+        rows.append({"figure": key, "label": label, "higher_is_better": higher, "new": new, "old": old,
+                     "new_over_old": round(new[1] / old[1], 3) if old[1] else None, "verdict": verdict,
+                     "n_rounds": rounds})
+    return rows
+
+
+def compare_text(summary, markdown=False):
+    rows = summary.get("old_vs_new") or []
+    if not rows:
+        return ""
+
+    def rng(v, nd):
+        return f"{v[0]:,.{nd}f} / {v[1]:,.{nd}f} / {v[2]:,.{nd}f}"
+
+    lines = []
+    if markdown:
+        lines.append("| figure | new (min / median / max) | old (min / median / max) | new / old | verdict |")
+        lines.append("| --- | ---: | ---: | ---: | --- |")
+    else:
+        lines.append(f"{'new vs old mailgate':34s}{'new min/med/max':>30s}{'old min/med/max':>30s}{'new/old':>9s}  verdict")
+    for r in rows:
+        nd = 2 if max(r["old"][1], r["new"][1]) < 10 else 1
+        ratio_ = "–" if r["new_over_old"] is None else f"{r['new_over_old']:.3f}"
+        if markdown:
+            lines.append(f"| {r['label']} | {rng(r['new'], nd)} | {rng(r['old'], nd)} | {ratio_} | {r['verdict']} |")
+        else:
+            lines.append(f"{r['label']:34s}{rng(r['new'], nd):>30s}{rng(r['old'], nd):>30s}{ratio_:>9s}  "
+                         f"{r['verdict']}")
+    if rows and rows[0]["n_rounds"] < 2:
+        lines.append("(one round: min = median = max, no spread to judge by; use --rounds 3 or more)")
+    foreign, limit = summary.get("foreign_cpu_pct_median"), summary.get("foreign_cpu_pct_limit")
+    if foreign is not None and limit is not None and foreign > limit:
+        lines.append(f"(other work took a median {foreign:.0f} % of the CPUs during the measurements: the spread is "
+                     "mostly that load, and verdicts are unreliable; an A/A run, the same binary as both, on such a "
+                     "machine showed 2 of 12 figures 'beyond spread')")
+    return "\n".join(lines)
 
 
 ROWS = [
@@ -1017,6 +1233,10 @@ ROWS = [
     ("argon2_login_p50_ms_c1", "argon2 login p50 ms, 1 cl.", 1),
     ("argon2_login_p99_ms_c1", "argon2 login p99 ms, 1 cl.", 1),
     ("argon2_front_cpu_ms_per_login_c1", "argon2 proxy CPU ms/login, 1", 2),
+    ("smtp_msgs_per_s", "SMTP msgs/s, 16 cl., 50 KB", 1),
+    ("smtp_proxy_cpu_ms_per_msg", "SMTP proxy CPU ms/msg", 3),
+    ("smtp_backend_cpu_ms_per_msg", "SMTP backend CPU ms/msg", 3),
+    ("smtp_p50_ms", "SMTP msg p50 ms, 16 cl.", 1),
     ("greeting_ms_after_handshake", "greeting ms after handshake", 3),
     ("idle_kib_per_session", "idle KiB PSS/session", 1),
     ("idle_kib_per_session_after_1mb", "idle KiB PSS/session after 1MB", 1),
@@ -1025,15 +1245,18 @@ ROWS = [
 
 def table(summary, markdown=False):
     lines = []
+    peers = [p for p in PEERS if any(p in (summary.get(k) or {}) for k, _, _ in ROWS)]
     if markdown:
-        lines.append("| figure | " + " | ".join(PEERS) + " |")
-        lines.append("| --- | " + " | ".join("---:" for _ in PEERS) + " |")
+        lines.append("| figure | " + " | ".join(peers) + " |")
+        lines.append("| --- | " + " | ".join("---:" for _ in peers) + " |")
     else:
-        lines.append(f"{'figure':34s}" + "".join(f"{p:>15s}" for p in PEERS))
+        lines.append(f"{'figure':34s}" + "".join(f"{p:>15s}" for p in peers))
     for key, label, nd in ROWS:
         vals = summary.get(key, {})
+        if not any(vals.get(p) is not None for p in peers):
+            continue  # not measured in this run (--skip)
         cells = []
-        for p in PEERS:
+        for p in peers:
             v = vals.get(p)
             cells.append("–" if v is None else f"{v:,.{nd}f}")
         if markdown:
@@ -1082,7 +1305,7 @@ def _dist_version(name):
         return None
 
 
-def versions(mg_bin):
+def versions(mg_bin, mg_old=None):
     def out(cmd):
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -1103,6 +1326,10 @@ def versions(mg_bin):
         "mailgate_binary_sha256": (subprocess.run(["sha256sum", mg_bin], capture_output=True, text=True).stdout
                                    .split() or [None])[0],
     }
+    if mg_old:
+        v["mailgate_old_binary"] = mg_old
+        v["mailgate_old_binary_sha256"] = (subprocess.run(["sha256sum", mg_old], capture_output=True, text=True)
+                                           .stdout.split() or [None])[0]
     try:
         v["git_commit"] = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
                                          text=True).stdout.strip()
@@ -1139,9 +1366,18 @@ def main():
     ap.add_argument("--dovecot-imap-reuse", action="store_true",
                     help="the backend Dovecot reuses imap processes (service_count = 0) instead of one per "
                          "session: a cheaper backend login, for comparison (not the default)")
-    ap.add_argument("--peers", default=",".join(PEERS))
-    ap.add_argument("--skip", default="", help="comma list of: greeting,bulk,append,logins,cost,idle")
+    ap.add_argument("--smtp-secs", type=float, default=10.0, help="seconds per SMTP submission cell")
+    ap.add_argument("--smtp-clients", type=int, default=16)
+    ap.add_argument("--smtp-size", type=int, default=50000, help="bytes per submitted message")
+    ap.add_argument("--smtp-per-conn", type=int, default=10,
+                    help="messages per SMTP connection (each connection: TLS, EHLO, AUTH PLAIN)")
+    ap.add_argument("--peers", default=",".join(p for p in PEERS if p != "mailgate_old"),
+                    help="comma list of %s (mailgate_old is added when --mailgate-old is given)" % ",".join(PEERS))
+    ap.add_argument("--skip", default="", help="comma list of: greeting,bulk,append,logins,cost,idle,smtp")
     ap.add_argument("--mailgate", default=os.path.join(REPO, "target/release/mailgate"))
+    ap.add_argument("--mailgate-old", default=None,
+                    help="a second mailgate binary measured in the same run as peer mailgate_old (the binary "
+                         "a change replaces); the run then prints new against old with the run's spread")
     ap.add_argument("--results", default=os.path.join(BENCH_DIR, "results"))
     ap.add_argument("--tmpdir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                     help="where the private directory (configs, logs, mailboxes) is made")
@@ -1150,8 +1386,20 @@ def main():
     if args.quick:
         args.rounds, args.login_secs, args.fetches = 1, 3.0, 1
         args.idle_sessions, args.greetings, args.quiet_timeout, args.cost_secs = 400, 20, 10.0, 3.0
+        args.smtp_secs = 4.0
     args.append_messages = args.messages
     peers = [p for p in args.peers.split(",") if p]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        sys.exit(f"bench: unknown peers {unknown} (known: {', '.join(PEERS)})")
+    if args.mailgate_old:
+        args.mailgate_old = os.path.abspath(args.mailgate_old)
+        if not os.access(args.mailgate_old, os.X_OK):
+            sys.exit(f"bench: --mailgate-old {args.mailgate_old} is not an executable")
+        if "mailgate_old" not in peers:
+            peers.insert(peers.index("mailgate") + 1 if "mailgate" in peers else 0, "mailgate_old")
+    elif "mailgate_old" in peers:
+        sys.exit("bench: peer mailgate_old needs --mailgate-old PATH (or MAILGATE_BIN_OLD for bench/run)")
     skip = set(x for x in args.skip.split(",") if x)
     if os.geteuid() != 0:
         sys.exit("bench: must run as root (Dovecot and nginx drop privileges)")
@@ -1180,7 +1428,7 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     t_start = time.time()
     # Before anything else: which mailgate (the shared tree may move on while the bench runs).
-    run_versions = versions(mg)
+    run_versions = versions(mg, args.mailgate_old)
     summary = None
     b = None
     leftovers = {}
@@ -1193,7 +1441,9 @@ def main():
         s.start_nginx()
         s.start_haproxy()
         if "mailgate" in peers:
-            s.start_mailgate()
+            s.start_mailgate("mailgate", mg)
+        if "mailgate_old" in peers:
+            s.start_mailgate("mailgate_old", args.mailgate_old)
         log("servers up: " + ", ".join(f"{k}={v}" for k, v in s.ports.items()))
         b = Bench(args, s, messages)
         # Warm-up: index the mailbox, fill the page cache, one pass through every path.
@@ -1206,6 +1456,26 @@ def main():
             c.login(u, pw)
             c.command("z", "LOGOUT")
             c.close()
+        smtp_peers = [p for p in peers if p in SMTP_PEERS]
+        if "smtp" not in skip:
+            # One login per SMTP account and peer outside the measurement (mailgate's first
+            # use of a device password costs an argon2 hash), and one message through each.
+            for p in smtp_peers:
+                creds = s.creds(p, "smtp")
+                for k, (u, pw) in enumerate(creds):
+                    c = clients.SmtpConn(s.ctx, s.smtp_port(p))
+                    c.reply(b"220")
+                    c.cmd("EHLO warmup.bench.test", b"250")
+                    auth = base64.b64encode(f"\0{u}\0{pw}".encode()).decode()
+                    c.cmd(f"AUTH PLAIN {auth}", b"235")
+                    if k == 0:
+                        c.cmd(f"MAIL FROM:<{u}>", b"250")
+                        c.cmd("RCPT TO:<rcpt@bench.test>", b"250")
+                        c.cmd("DATA", b"354")
+                        c.sock.sendall(clients.smtp_message(u, args.smtp_size) + b".\r\n")
+                        c.reply(b"250")
+                    c.cmd("QUIT", b"221")
+                    c.close()
         for rnd in range(args.rounds):
             log(f"round {rnd + 1}/{args.rounds}")
             order = rotate(peers, rnd)
@@ -1221,14 +1491,17 @@ def main():
             if "logins" not in skip:
                 for c in (16, 1):
                     for p in order:
-                        if p == "mailgate":
+                        if is_mg(p):
                             b.run(b.logins, p, rnd, "app", c)
                         b.run(b.logins, p, rnd, "argon2", c)
+            if "smtp" not in skip:
+                for p in [x for x in order if x in SMTP_PEERS]:
+                    b.run(b.smtp, p, rnd)
             if "cost" not in skip and "mailgate" in peers:
                 one = s.cost_users[0][0]
                 fifty = s.cost_users[1][0]
-                fa = s.app[fifty]
-                cells = [([(one, s.app[one][0])], "app_1"),
+                fa = s.apps["mailgate"][fifty]
+                cells = [([(one, s.apps["mailgate"][one][0])], "app_1"),
                          ([(fifty, fa[0]), (fifty, fa[25]), (fifty, fa[49])], "app_50")]
                 # Alternate which account goes first, so that whatever the first cell
                 # leaves behind (store growth, caches) does not always weigh on the same one.
@@ -1270,7 +1543,7 @@ def main():
         "leftover_processes": leftovers,
         "machine": machine_info(),
         "versions": run_versions,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("mailgate", "results")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("mailgate", "mailgate_old", "results")},
         "method": {
             "client": "Python %s (ssl, TLS 1.3, ECDSA P-256 self-signed), multiprocessing workers for logins"
                       % sys.version.split()[0],
@@ -1280,6 +1553,11 @@ def main():
                           f"(timeout {args.quiet_timeout} s); idle_cpu_pct recorded per measurement",
             "peers_app_passwords": "the peers have no app passwords: their app_password_* figures are their "
                                    "argon2id logins (a device password checked against an argon2id hash)",
+            "smtp": "implicit-TLS submission, N clients each sending messages of --smtp-size bytes (MAIL, RCPT, "
+                    "DATA one at a time), --smtp-per-conn per connection (TLS + EHLO + AUTH PLAIN each); all "
+                    "proxies in front of the backend's Dovecot submission, which relays to bench/smtp_sink.py; "
+                    "mailgate logs in there with master SASL, nginx with proxy_smtp_auth as user*master, haproxy "
+                    "passes the client's own AUTH through; backend CPU = Dovecot + sink",
             "login_cost_ratio": "mailgate proxy CPU ms per login, account with 50 app passwords (logging in with "
                                 "the 1st, 26th and 50th) / account with 1, 16 clients",
         },
@@ -1299,6 +1577,9 @@ def main():
         print(table(summary))
         print()
         print(targets_text(summary))
+        if summary.get("old_vs_new"):
+            print()
+            print(compare_text(summary))
     for e in protocol_errors:
         print("ERROR:", e)
     if leftovers:

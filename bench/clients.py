@@ -253,3 +253,108 @@ def idle_worker(cafile, port, creds, count, fetch_range, conn):
     conn.send(("closed",))
     conn.close()
     os._exit(0)
+
+
+# ----------------------------------------------------------------------------- SMTP submission
+
+
+class SmtpError(Exception):
+    pass
+
+
+class SmtpConn:
+    """One implicit-TLS submission connection (port 465 style) with a reply reader."""
+
+    def __init__(self, ctx, port, timeout=60.0):
+        raw = socket.create_connection((HOST, port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = ctx.wrap_socket(raw, server_hostname=SERVER_NAME, do_handshake_on_connect=False)
+        self.sock.do_handshake()
+        self.buf = b""
+
+    def reply(self, want):
+        """Reads one (possibly multi-line) reply; its code must be `want`."""
+        while True:
+            end = 0
+            while True:
+                i = self.buf.find(b"\r\n", end)
+                if i < 0:
+                    break
+                line = self.buf[end:i]
+                end = i + 2
+                if len(line) < 4 or line[3:4] != b"-":
+                    code, self.buf = line[:3], self.buf[end:]
+                    if code != want:
+                        raise SmtpError(f"expected {want.decode()}, got {line[:200]!r}")
+                    return line
+            data = self.sock.recv(65536)
+            if not data:
+                raise SmtpError(f"connection closed (pending {self.buf[:120]!r})")
+            self.buf += data
+
+    def cmd(self, line, want):
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.reply(want)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def smtp_message(user, size):
+    """A `size`-byte message (headers + base64-looking body lines) From: `user`."""
+    head = (f"From: Bench <{user}>\r\nTo: <rcpt@bench.test>\r\nSubject: bench submission\r\n"
+            f"Date: Mon, 7 Dec 2026 06:00:00 +0000\r\nMessage-ID: <{os.urandom(8).hex()}@bench.test>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n").encode()
+    line = (b"QmVuY2ggbWVzc2FnZSBib2R5IGxpbmUgZm9yIHRoZSBzdWJtaXNzaW9uIGZpZ3VyZSBvZiBtYWlsZ2F0ZQ"[:76]
+            + b"\r\n")
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+def smtp_worker(cafile, port, creds, start_at, secs, per_conn, size, conn):
+    """Process body: for `secs` from `start_at`, connect + TLS + EHLO + AUTH PLAIN, then send
+    `per_conn` messages of `size` bytes (MAIL, RCPT, DATA, one command at a time), QUIT, again.
+    Sends (messages, per-message latencies ms, errors, first_error) over `conn`."""
+    import base64
+    ctx = tls_context(cafile)
+    lat = []
+    errors = 0
+    first = None
+    user, password = creds[0]
+    msg = smtp_message(user, size) + b".\r\n"
+    auth = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    delay = start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    end = start_at + secs
+    while time.time() < end:
+        c = None
+        try:
+            c = SmtpConn(ctx, port, timeout=30)
+            c.reply(b"220")
+            c.cmd("EHLO client.bench.test", b"250")
+            c.cmd(f"AUTH PLAIN {auth}", b"235")
+            for _ in range(per_conn):
+                if time.time() >= end:
+                    break
+                t0 = time.perf_counter()
+                c.cmd(f"MAIL FROM:<{user}>", b"250")
+                c.cmd("RCPT TO:<rcpt@bench.test>", b"250")
+                c.cmd("DATA", b"354")
+                c.sock.sendall(msg)
+                c.reply(b"250")
+                lat.append((time.perf_counter() - t0) * 1000.0)
+            c.cmd("QUIT", b"221")
+        except (OSError, SmtpError, ssl.SSLError) as e:
+            errors += 1
+            if first is None:
+                first = f"{type(e).__name__}: {e}"
+            time.sleep(0.05)
+        finally:
+            if c is not None:
+                c.close()
+    conn.send((len(lat), lat, errors, first))
+    conn.close()

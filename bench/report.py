@@ -30,6 +30,11 @@ def main():
     print()
     print(bench.targets_text(r, markdown=True))
     print()
+    if r.get("old_vs_new"):
+        print(f"New (`{v.get('mailgate_binary')}`) against old (`{v.get('mailgate_old_binary')}`), same run:")
+        print()
+        print(bench.compare_text(r, markdown=True))
+        print()
     foreign = [x.get("foreign_cpu_pct") for x in r["measurements"] if x.get("foreign_cpu_pct") is not None]
     if foreign:
         over = sum(1 for x in foreign if x > s.get("max_foreign", 10))

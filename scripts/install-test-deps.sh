@@ -3,13 +3,17 @@
 # Dovecot submission and Postfix as real upstream SMTP servers; swaks with Perl's TLS
 # modules, curl, Python, mbsync (isync) and Thunderbird as real clients; PostgreSQL 15
 # for the PostgreSQL store tests, HAProxy as a real PROXY-protocol load balancer, and
-# nghttp2's h2load for HTTP/2 bursts on the web step).
+# nghttp2's h2load for HTTP/2 bursts on the web step), and builds Dovecot's imaptest from
+# the source in ../shared/tools/imaptest (beside the repository) into target/imaptest
+# (dovecot-dev and the autotools to build it; rebuilt only when missing).
 # Idempotent; needs root (or sudo) when something is missing.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 need=()
 for pkg in dovecot-imapd dovecot-submissiond postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
   curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux \
-  postgresql-15 haproxy nghttp2-client; do
+  postgresql-15 haproxy nghttp2-client \
+  dovecot-dev autoconf automake libtool make gcc pkg-config; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -51,3 +55,15 @@ test -x /usr/lib/postgresql/15/bin/pg_isready || { echo "postgresql-client-15 is
 test -x /usr/sbin/haproxy || { echo "haproxy is not installed at /usr/sbin/haproxy" >&2; exit 1; }
 command -v h2load >/dev/null || { echo "h2load (nghttp2-client) is not installed" >&2; exit 1; }
 getent passwd postgres >/dev/null || { echo "the postgres system user is missing (postgresql-common)" >&2; exit 1; }
+
+# imaptest (tests/imaptest.rs): built from source beside the repository, never downloaded.
+# The build is kept in target/imaptest (or $CARGO_TARGET_DIR/imaptest) and reused.
+imaptest_src=../shared/tools/imaptest
+if [ -f "$imaptest_src/build.sh" ]; then
+  imaptest_bin="$(bash "$imaptest_src/build.sh" "${CARGO_TARGET_DIR:-target}/imaptest" | tail -n 1)"
+  test -x "$imaptest_bin" || { echo "imaptest did not build ($imaptest_src/build.sh)" >&2; exit 1; }
+  echo "imaptest: $imaptest_bin"
+else
+  echo "WARNING: $imaptest_src/build.sh not found (shared/ beside the repository):" \
+    "tests/imaptest.rs will skip the imaptest runs" >&2
+fi
