@@ -5,7 +5,7 @@
 //! it is checked the same way, written in one atomic store change
 //! ([`Store::update_account`], compare-and-set on both backends; never read-modify-put),
 //! and its side effects happen here and only here: live IMAP/SMTP sessions that the
-//! change invalidates end ([`Sessions::kill`], which also tells the other nodes sharing
+//! change invalidates end ([`LiveSessions::kill`], which also tells the other nodes sharing
 //! the store), and the audit event is written. What is only the web's (its own sessions,
 //! the page shown) stays in `web`; what is only the CLI's (wording, JSON) in `admin`.
 //!
@@ -15,8 +15,8 @@
 use crate::auth::clock::{Clock, SystemClock};
 use crate::auth::crypto::SecretKey;
 use crate::auth::{self, Authenticator, app_password, backup_codes, password, totp};
+use crate::live::LiveSessions;
 use crate::secret::{Secret, SecretString};
-use crate::sessions::Sessions;
 use crate::store::{Account, AppPasswordRecord, AuditEvent, Dump, LastUse, Scope, Store, StoreError, TotpState};
 use std::sync::Arc;
 
@@ -140,7 +140,7 @@ pub struct AccountService {
     key: Arc<SecretKey>,
     issuer: String,
     actor: Actor,
-    sessions: Option<Sessions>,
+    live: Option<LiveSessions>,
     auth: Option<Authenticator>,
     clock: Arc<dyn Clock>,
 }
@@ -148,22 +148,22 @@ pub struct AccountService {
 impl AccountService {
     /// A service over `store`, sealing TOTP secrets with `key`, naming `issuer` (the
     /// server's host name) in otpauth URIs, making changes as `actor`. Without
-    /// [`with_sessions`](Self::with_sessions) no live session is ended (no server runs).
+    /// [`with_live`](Self::with_live) no live session is ended (no server runs).
     pub fn new(store: Arc<dyn Store>, key: Arc<SecretKey>, issuer: &str, actor: Actor) -> AccountService {
         AccountService {
             store,
             key,
             issuer: issuer.to_string(),
             actor,
-            sessions: None,
+            live: None,
             auth: None,
             clock: Arc::new(SystemClock),
         }
     }
 
     /// The live sessions that changes end (a server runs).
-    pub fn with_sessions(mut self, sessions: Sessions) -> AccountService {
-        self.sessions = Some(sessions);
+    pub fn with_live(mut self, sessions: LiveSessions) -> AccountService {
+        self.live = Some(sessions);
         self
     }
 
@@ -193,14 +193,14 @@ impl AccountService {
     }
 
     fn end_sessions(&self, username: &str, app_password_id: Option<&str>) -> usize {
-        self.sessions.as_ref().map(|s| s.kill(username, app_password_id)).unwrap_or(0)
+        self.live.as_ref().map(|s| s.kill(username, app_password_id)).unwrap_or(0)
     }
 
     /// After a change that the account password used so far no longer passes (a new
     /// password, TOTP turned on): the sessions opened with it end, and the change (`kind`)
     /// is audited. Returns how many sessions ended.
     fn account_password_retired(&self, username: &str, kind: &str) -> usize {
-        let ended = self.sessions.as_ref().map(|s| s.kill_account_password_sessions(username)).unwrap_or(0);
+        let ended = self.live.as_ref().map(|s| s.kill_account_password_sessions(username)).unwrap_or(0);
         self.audit(username, kind, self.actor.detail().into());
         ended
     }
@@ -446,7 +446,7 @@ impl AccountService {
             let (key, typed) = (self.key.clone(), SecretString::from(code.expose().clone()));
             let find = move || backup_codes::find(&set, typed.expose(), &key);
             match &self.auth {
-                Some(auth) => auth.run_blocking(ip, find).await.ok_or(AccountError::Busy)?,
+                Some(auth) => auth.hash_for(ip, find).await.ok_or(AccountError::Busy)?,
                 None => find(),
             }
         } else {

@@ -11,7 +11,7 @@
 
 use crate::accounts::{AccountError, AccountService, Actor, check_email, fmt_time, last_used_text};
 use crate::auth::crypto::SecretKey;
-use crate::sessions::Sessions;
+use crate::live::LiveSessions;
 use crate::store::{Dump, Scope, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -134,7 +134,7 @@ pub struct Context {
     /// Issuer name in otpauth URIs (the server host name).
     pub issuer: String,
     /// Live sessions, when a server runs.
-    pub sessions: Option<Sessions>,
+    pub live: Option<LiveSessions>,
     /// The server's hashing threads, when a server runs: requests (which hash passwords,
     /// app passwords and backup codes) run there, so hashing memory stays bounded by
     /// `limits.max_concurrent_hashes` × 19 MiB (PERFORMANCE.md M2).
@@ -146,8 +146,8 @@ impl Context {
     /// authenticator when one runs.
     pub fn accounts(&self) -> AccountService {
         let mut service = AccountService::new(self.store.clone(), self.key.clone(), &self.issuer, Actor::Admin);
-        if let Some(s) = &self.sessions {
-            service = service.with_sessions(s.clone());
+        if let Some(s) = &self.live {
+            service = service.with_live(s.clone());
         }
         if let Some(a) = &self.hashing {
             service = service.with_authenticator(a.clone());
@@ -426,7 +426,7 @@ pub mod socket {
                 let ctx2 = ctx.clone();
                 match &ctx.hashing {
                     Some(auth) => auth
-                        .run_hashing(move || execute(&ctx2, req))
+                        .hash_for_admin(move || execute(&ctx2, req))
                         .await
                         .unwrap_or_else(|| Response::err("the server is too busy; try again")),
                     None => tokio::task::spawn_blocking(move || execute(&ctx2, req))
@@ -515,7 +515,7 @@ mod unlock_tests {
             store: store.clone(),
             key: Arc::new(SecretKey::from_bytes(&[7; 32]).unwrap()),
             issuer: "mail.example.test".into(),
-            sessions: None,
+            live: None,
             hashing: Some(auth.clone()),
         };
         let out = execute(&ctx, Request::UserUnlock { email: "a@x".into() });

@@ -4,13 +4,13 @@
 use crate::admin;
 use crate::auth::{Authenticator, crypto::SecretKey};
 use crate::config::Config;
+use crate::live::LiveSessions;
 use crate::net::driver::serve_tcp;
 use crate::net::gate::Gate;
 use crate::net::imap::ImapService;
 use crate::net::listener::{ConnLimits, accept_loop};
 use crate::net::smtp::SmtpService;
 use crate::net::upstream::{Connector, ImapUpstream};
-use crate::sessions::Sessions;
 use crate::store::{Store, StoreError, sled_store::SledStore};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -237,7 +237,7 @@ pub async fn run(
     raise_fd_limit(config.limits.max_connections, config.limits.max_connections_set);
     let acceptor = TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])?);
     let connector = ImapUpstream(Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?));
-    let sessions = Sessions::default();
+    let sessions = LiveSessions::default();
     // Several nodes on one database: session-ending changes travel both ways.
     if let Some(mut events) = store.subscribe() {
         let publisher = store.clone();
@@ -290,7 +290,7 @@ pub async fn run(
         config: config.clone(),
         auth: auth.clone(),
         key: key.clone(),
-        sessions: sessions.clone(),
+        live: sessions.clone(),
         web_sessions: crate::web::WebSessions::new(store.clone(), key.clone())
             .with_ipv6_prefix(config.limits.ipv6_prefix),
         clock: Arc::new(crate::auth::clock::SystemClock),
@@ -302,7 +302,7 @@ pub async fn run(
         store: store.clone(),
         key,
         issuer: config.hostname.clone(),
-        sessions: Some(sessions.clone()),
+        live: Some(sessions.clone()),
         hashing: Some(auth.clone()),
     });
     let socket_path = config.admin_socket_path();

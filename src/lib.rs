@@ -24,7 +24,7 @@
 //! * `tls`: rustls configurations.
 //! * `net`: listeners, the one connection driver, the one login gate, the IMAP and SMTP
 //!   fronts, upstream connections, the relay.
-//! * `sessions`: live sessions, for revocation.
+//! * `live`: the live mail sessions (`LiveSessions`), so a revocation ends them at once.
 //! * `accounts`: the account service; every change to an account (CLI, web, import) goes through it.
 //! * `web`: the web step (sign-in with TOTP, enrolment, backup codes, app passwords).
 //! * `admin`: what the CLI does, and the admin socket; `import`: Dovecot passwd-files.
@@ -39,10 +39,10 @@ pub mod auth;
 pub mod config;
 pub mod fsutil;
 pub mod import;
+pub mod live;
 pub mod net;
 pub mod proto;
 pub mod secret;
-pub mod sessions;
 pub mod store;
 pub mod tls;
 pub mod web;

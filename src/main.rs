@@ -381,7 +381,7 @@ fn dispatch(config: &Config, req: Request) -> anyhow::Result<Response> {
         store: store.clone(),
         key: Arc::new(key),
         issuer: config.hostname.clone(),
-        sessions: None,
+        live: None,
         hashing: None,
     };
     let resp = admin::execute(&ctx, req);

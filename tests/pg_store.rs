@@ -7,7 +7,7 @@ use crate::support::postgres::Postgres;
 #[cfg(feature = "test-support")]
 use mailgate::store::conformance as suite;
 use mailgate::store::pg_store::PgStore;
-use mailgate::store::{Account, AppPasswordRecord, Scope, SessionEvent, Store, StoreError};
+use mailgate::store::{Account, AppPasswordRecord, LiveEvent, Scope, Store, StoreError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -327,7 +327,7 @@ fn session_events_reach_the_other_nodes() {
     // LISTEN is set up in the background: wait until A hears B (a probe event for an
     // account that does not exist, repeated until one arrives), not a fixed time.
     rt.block_on(async {
-        let probe = SessionEvent::EndAccountPassword { username: "probe@x".into() };
+        let probe = LiveEvent::EndAccountPassword { username: "probe@x".into() };
         let deadline = Instant::now() + PROMPTLY;
         loop {
             b.publish(&probe);
@@ -338,14 +338,14 @@ fn session_events_reach_the_other_nodes() {
         }
     });
     b.revoke_app_password("a@x", "id1").unwrap();
-    b.publish(&SessionEvent::EndAccountPassword { username: "a@x".into() });
+    b.publish(&LiveEvent::EndAccountPassword { username: "a@x".into() });
     b.remove_account("a@x").unwrap();
     let got = rt.block_on(async {
         let mut got = Vec::new();
         while got.len() < 3 {
             match tokio::time::timeout(PROMPTLY, events.recv()).await {
                 // Late copies of the probe.
-                Ok(Ok(SessionEvent::EndAccountPassword { username })) if username == "probe@x" => {}
+                Ok(Ok(LiveEvent::EndAccountPassword { username })) if username == "probe@x" => {}
                 Ok(Ok(ev)) => got.push(ev),
                 _ => break,
             }
@@ -357,9 +357,9 @@ fn session_events_reach_the_other_nodes() {
     let mut got: Vec<String> = got.iter().map(|e| format!("{e:?}")).collect();
     got.sort();
     let mut want: Vec<String> = [
-        SessionEvent::End { username: "a@x".into(), app_password_id: Some("id1".into()) },
-        SessionEvent::EndAccountPassword { username: "a@x".into() },
-        SessionEvent::End { username: "a@x".into(), app_password_id: None },
+        LiveEvent::End { username: "a@x".into(), app_password_id: Some("id1".into()) },
+        LiveEvent::EndAccountPassword { username: "a@x".into() },
+        LiveEvent::End { username: "a@x".into(), app_password_id: None },
     ]
     .iter()
     .map(|e| format!("{e:?}"))

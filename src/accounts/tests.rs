@@ -101,7 +101,7 @@ struct Env {
     store: Arc<dyn Store>,
     key: Arc<SecretKey>,
     clock: FakeClock,
-    sessions: Sessions,
+    live: LiveSessions,
     _dir: tempfile::TempDir,
 }
 
@@ -112,14 +112,14 @@ impl Env {
             store: Arc::new(SledStore::open(dir.path()).unwrap()),
             key: Arc::new(SecretKey::from_bytes(&[7; 32]).unwrap()),
             clock: FakeClock::at(T0),
-            sessions: Sessions::default(),
+            live: LiveSessions::default(),
             _dir: dir,
         }
     }
 
     fn service(&self, actor: Actor) -> AccountService {
         AccountService::new(self.store.clone(), self.key.clone(), "mail.example.test", actor)
-            .with_sessions(self.sessions.clone())
+            .with_live(self.live.clone())
             .with_clock(Arc::new(self.clock.clone()))
     }
 
@@ -216,7 +216,7 @@ fn concurrent_revocations_revoke_once() {
     svc.create(ALICE, &[], None).unwrap();
     let made = svc.create_app_password(ALICE, "Phone", vec![]).unwrap();
     let id = made.new.id.clone();
-    let _live = env.sessions.register(ALICE, Some(&id));
+    let _live = env.live.register(ALICE, Some(&id));
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8).map(|_| s.spawn(|| svc.revoke_app_password(ALICE, &id))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -232,7 +232,7 @@ fn concurrent_revocations_revoke_once() {
     );
     let revoked = env.audit_kinds().iter().filter(|k| *k == "app_password_revoked").count();
     assert_eq!(revoked, 1);
-    assert_eq!(env.sessions.len(), 0);
+    assert_eq!(env.live.len(), 0);
 }
 
 /// One backup code brought by many sign-ins at once is spent once.
@@ -287,14 +287,14 @@ fn changes_end_the_sessions_they_invalidate() {
     let svc = env.service(Actor::Admin);
     svc.create(ALICE, &[], Some("h".into())).unwrap();
     let made = svc.create_app_password(ALICE, "Phone", vec![Scope::Imap]).unwrap();
-    let _app = env.sessions.register(ALICE, Some(&made.new.id));
-    let _pw1 = env.sessions.register(ALICE, None);
+    let _app = env.live.register(ALICE, Some(&made.new.id));
+    let _pw1 = env.live.register(ALICE, None);
     assert_eq!(svc.set_password(ALICE, "h2".into(), false).unwrap(), 1);
-    let _pw2 = env.sessions.register(ALICE, None);
+    let _pw2 = env.live.register(ALICE, None);
     assert_eq!(svc.enable_totp(ALICE, None).unwrap().ended, 1);
-    assert_eq!(env.sessions.len(), 1, "the app password's session lives on");
+    assert_eq!(env.live.len(), 1, "the app password's session lives on");
     assert_eq!(svc.remove(ALICE).unwrap(), 1);
-    assert_eq!(env.sessions.len(), 0);
+    assert_eq!(env.live.len(), 0);
     assert_eq!(env.audit_kinds().last().map(String::as_str), Some("account_removed"));
     assert!(matches!(svc.account(ALICE), Err(AccountError::UnknownUser(_))));
 }

@@ -572,11 +572,7 @@ impl Authenticator {
     /// Runs `f` on a hashing thread in `ip`'s turn (for work that hashes: a new app
     /// password, a password change). `None`: this address has too many checks waiting,
     /// or the result did not come in time.
-    pub async fn run_blocking<T: Send + 'static>(
-        &self,
-        ip: IpAddr,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Option<T> {
+    pub async fn hash_for<T: Send + 'static>(&self, ip: IpAddr, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
         let owner = hashing::Owner::Address(self.client(ip));
         self.hash(owner, f).await
     }
@@ -604,7 +600,7 @@ impl Authenticator {
 
     /// Runs `f` on a hashing thread in the admin socket's turn and waits for it however
     /// long it takes (an import hashes many passwords). `None`: the queue is full.
-    pub async fn run_hashing<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    pub async fn hash_for_admin<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
         let rx = self.pool.submit(hashing::Owner::Admin, None, f).ok()?;
         rx.await.ok()
     }
@@ -624,7 +620,7 @@ impl Authenticator {
             let store = self.store.clone();
             let password = SecretBytes::from(password.expose().clone());
             let user = username.clone();
-            self.run_blocking(ip, move || web_password(store.as_ref(), &user, &password, ip))
+            self.hash_for(ip, move || web_password(store.as_ref(), &user, &password, ip))
                 .await
                 .unwrap_or(WebCheck::Unavailable)
         };
@@ -704,7 +700,7 @@ impl Authenticator {
         let cache = self.app_cache.clone();
         let user = username.clone();
         let verdict = self
-            .run_blocking(peer.ip, move || {
+            .hash_for(peer.ip, move || {
                 decide(store.as_ref(), accounts.as_ref(), cache.as_deref(), &user, &password, protocol, &who)
             })
             .await
@@ -1096,7 +1092,7 @@ mod tests {
         // Occupy the only hashing thread.
         let (release, held) = std::sync::mpsc::channel::<()>();
         let busy = auth.clone();
-        let blocker = tokio::spawn(async move { busy.run_blocking(ip("198.51.100.9"), move || held.recv()).await });
+        let blocker = tokio::spawn(async move { busy.hash_for(ip("198.51.100.9"), move || held.recv()).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Cached: granted at once, with separators or without, and the use is recorded.
         let plain: String = good.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
@@ -1134,7 +1130,7 @@ mod tests {
         let (_dir, s, good) = setup();
         let store: Arc<dyn Store> = Arc::new(s);
         let auth = Authenticator::new(store, 1).with_verify_cache(Duration::from_secs(60));
-        let hashes = || auth.run_blocking(ip("198.51.100.9"), password::evaluations_on_this_thread);
+        let hashes = || auth.hash_for(ip("198.51.100.9"), password::evaluations_on_this_thread);
         let before = hashes().await.unwrap();
         let logins: Vec<_> = (0..16)
             .map(|_| {
@@ -1262,7 +1258,7 @@ mod tests {
         let busy = auth.clone();
         let blocker = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move { busy.run_blocking(ip("198.51.100.9"), move || held.recv()).await })
+            rt.block_on(async move { busy.hash_for(ip("198.51.100.9"), move || held.recv()).await })
         });
         std::thread::sleep(Duration::from_millis(100));
         let real = Credentials { username: "a@x".into(), password: pw(&good) };

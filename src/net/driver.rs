@@ -8,9 +8,9 @@
 //! timeout, shutdown or revocation, and the close are handled here and nowhere else.
 //! Every protocol front and every upstream login in `net` runs on it.
 
+use crate::live::{EndReason, LiveGuard, StopNotice};
 use crate::net::stream::{MaybeTls, Transport};
 use crate::proto::{Goodbye, Machine, Next};
-use crate::sessions::{EndReason, LiveGuard, StopNotice};
 use rustls::pki_types::ServerName;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

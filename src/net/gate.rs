@@ -10,10 +10,10 @@
 //! differs between protocols is data: the [`Upstream`] implementation they pass.
 
 use crate::auth::{self, Authenticated, Authenticator, CheckResult, Peer, Protocol, UpstreamCheck, Verdict};
+use crate::live::{LiveGuard, LiveSessions};
 use crate::net::upstream::UpstreamFailure;
 use crate::proto::sasl::Credentials;
 use crate::secret::SecretBytes;
-use crate::sessions::{LiveGuard, Sessions};
 use std::future::Future;
 use std::net::SocketAddr;
 use tracing::{debug, info, warn};
@@ -96,7 +96,7 @@ pub struct Attempt<'a> {
 #[derive(Clone)]
 pub struct Gate {
     auth: Authenticator,
-    sessions: Sessions,
+    live: LiveSessions,
     /// Where the person makes an app password (in the 2FA refusal).
     app_password_url: String,
     /// Live sessions per account and client address.
@@ -105,8 +105,8 @@ pub struct Gate {
 
 impl Gate {
     /// A gate over `auth`'s checks, registering sessions in `sessions`.
-    pub fn new(auth: Authenticator, sessions: Sessions, app_password_url: String, max_per_address: usize) -> Gate {
-        Gate { auth, sessions, app_password_url, max_per_address }
+    pub fn new(auth: Authenticator, sessions: LiveSessions, app_password_url: String, max_per_address: usize) -> Gate {
+        Gate { auth, live: sessions, app_password_url, max_per_address }
     }
 
     /// The credential checks.
@@ -115,8 +115,8 @@ impl Gate {
     }
 
     /// The live-session registry.
-    pub fn sessions(&self) -> &Sessions {
-        &self.sessions
+    pub fn live(&self) -> &LiveSessions {
+        &self.live
     }
 
     /// Waits before answering an exchange that failed before any check (malformed SASL,
@@ -202,7 +202,7 @@ impl Gate {
         protocol: Protocol,
     ) -> Result<Admitted<U::Connection>, Refusal> {
         let client = origin.client;
-        let Some(live) = self.sessions.register_from(&who, client.ip(), self.max_per_address) else {
+        let Some(live) = self.live.register_from(&who, client.ip(), self.max_per_address) else {
             info!(peer = %client, user = %who.username(), "too many sessions from this address");
             return Err(Refusal::TooMany);
         };

@@ -3,6 +3,7 @@
 
 use crate::auth::{Authenticated, Protocol};
 use crate::config::Config;
+use crate::live::LiveGuard;
 use crate::net::driver::{Conn, DriveError, Front};
 use crate::net::gate::{Admitted, Attempt, Gate, Origin, Refusal};
 use crate::net::relay::{Relay, RelayEnd};
@@ -10,7 +11,6 @@ use crate::net::stream::{MaybeTls, Transport};
 use crate::net::upstream::{ImapUpstream, UpstreamImap};
 use crate::proto::imap::{Action, AuthReply, PreAuth, goodbye};
 use crate::proto::{Goodbye, Machine, Next};
-use crate::sessions::LiveGuard;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +53,7 @@ impl ImapService {
         local: SocketAddr,
         implicit: bool,
     ) -> Result<Option<LoggedIn<S>>, DriveError> {
-        let stop = self.gate.sessions().stop_notice();
+        let stop = self.gate.live().stop_notice();
         let mut conn = Conn::client(transport, implicit, &self.acceptor, &self.config.limits, stop).await?;
         let mut machine = PreAuth::new(&self.config.hostname, implicit, !implicit);
         let admitted = loop {
@@ -147,8 +147,8 @@ async fn carry<S: Transport>(
             }
         },
         reason = live.ended() => match reason {
-            crate::sessions::EndReason::Shutdown => Some(Goodbye::Shutdown),
-            crate::sessions::EndReason::Revoked => {
+            crate::live::EndReason::Shutdown => Some(Goodbye::Shutdown),
+            crate::live::EndReason::Revoked => {
                 info!(user = %who.username(), "session ended: access revoked");
                 Some(Goodbye::Revoked)
             }
@@ -290,12 +290,12 @@ mod tests {
         live.write_all(format!("b LOGIN {USER} \"{PASSWORD}\"\r\n").as_bytes()).await.unwrap();
         read_until(&mut live, "b OK").await;
         // One live session and one waiting to log in.
-        assert_eq!(kit.sessions.end_all(), 2);
+        assert_eq!(kit.live.end_all(), 2);
         let bye = read_to_end(&mut waiting).await;
         assert!(bye.ends_with("* BYE Server shutting down, please reconnect\r\n"), "{bye}");
         let bye = read_to_end(&mut live).await;
         assert!(bye.ends_with("* BYE Server shutting down, please reconnect\r\n"), "{bye}");
-        assert!(matches!(t1.await.unwrap(), Err(DriveError::Ended(crate::sessions::EndReason::Shutdown))));
+        assert!(matches!(t1.await.unwrap(), Err(DriveError::Ended(crate::live::EndReason::Shutdown))));
         assert!(t2.await.unwrap().is_ok());
     }
 }

@@ -1,9 +1,9 @@
 //! Accept loops: connection caps (global and per client address), one task per connection.
 
 use crate::addr::client_key;
+use crate::live::EndReason;
 use crate::net::driver::DriveError;
 use crate::proto::proxy;
-use crate::sessions::EndReason;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};

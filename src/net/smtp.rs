@@ -343,7 +343,7 @@ impl Front for SmtpService {
         local: SocketAddr,
         implicit: bool,
     ) -> Result<(), DriveError> {
-        let stop = self.gate.sessions().stop_notice();
+        let stop = self.gate.live().stop_notice();
         let mut conn = Conn::client(transport, implicit, &self.acceptor, &self.config.limits, stop).await?;
         let mut session =
             Submission::new(&self.config.hostname, implicit, !implicit, self.config.smtp_max_message_size);
@@ -416,9 +416,9 @@ mod tests {
         let mut tls = kit.tls_client().connect(name, c).await.unwrap();
         tls.write_all(format!("EHLO again\r\nAUTH PLAIN {}\r\n", plain()).as_bytes()).await.unwrap();
         assert!(read_until(&mut tls, "235 ").await.contains("235 "));
-        assert_eq!(kit.sessions.kill(USER, None), 1);
+        assert_eq!(kit.live.kill(USER, None), 1);
         assert_eq!(read_to_end(&mut tls).await, "421 4.7.0 Access revoked\r\n");
-        assert!(matches!(task.await.unwrap(), Err(DriveError::Ended(crate::sessions::EndReason::Revoked))));
+        assert!(matches!(task.await.unwrap(), Err(DriveError::Ended(crate::live::EndReason::Revoked))));
     }
 
     /// Before login the deadline is a total; the client hears the SMTP goodbye.

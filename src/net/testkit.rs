@@ -4,11 +4,11 @@
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::live::LiveSessions;
 use crate::net::gate::Gate;
 use crate::net::imap::ImapService;
 use crate::net::smtp::SmtpService;
 use crate::net::upstream::{Connector, ImapUpstream};
-use crate::sessions::Sessions;
 use crate::store::{Account, Store};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -139,7 +139,7 @@ pub struct Kit {
     _dir: tempfile::TempDir,
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
-    pub sessions: Sessions,
+    pub live: LiveSessions,
     pub acceptor: TlsAcceptor,
     pub ca: std::path::PathBuf,
 }
@@ -163,12 +163,12 @@ impl Kit {
         let hash = crate::auth::password::hash(PASSWORD.as_bytes()).unwrap();
         store.create_account(&Account { password_hash: Some(hash), ..Account::new(USER, 0) }).unwrap();
         let acceptor = TlsAcceptor::from(crate::tls::server_config(&cert, &key, &["imap", "smtp"]).unwrap());
-        Kit { config, store, sessions: Sessions::default(), acceptor, ca: cert, _dir: dir }
+        Kit { config, store, live: LiveSessions::default(), acceptor, ca: cert, _dir: dir }
     }
 
     fn gate(&self) -> Gate {
         let auth = Authenticator::new(self.store.clone(), 1);
-        Gate::new(auth, self.sessions.clone(), self.config.app_password_url(), 10)
+        Gate::new(auth, self.live.clone(), self.config.app_password_url(), 10)
     }
 
     pub fn imap(&self) -> Arc<ImapService> {

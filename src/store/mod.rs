@@ -352,10 +352,10 @@ pub trait Store: Send + Sync {
     fn import(&self, dump: &Dump) -> Result<(), StoreError>;
     /// Tells the other nodes sharing this store to end sessions. The embedded store has
     /// no other nodes.
-    fn publish(&self, _event: &SessionEvent) {}
+    fn publish(&self, _event: &LiveEvent) {}
     /// Session events published by nodes sharing this store (revocations, removals,
     /// password changes made there). `None` for the embedded store.
-    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<SessionEvent>> {
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<LiveEvent>> {
         None
     }
     /// Web sessions kept in the store for every node sharing it. `None` for the embedded
@@ -449,7 +449,7 @@ pub trait SharedWebSessions: Send + Sync {
 /// A change that ends live sessions on every node sharing the store.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "end", rename_all = "snake_case")]
-pub enum SessionEvent {
+pub enum LiveEvent {
     /// End the sessions of `username`; with an app password id, only those opened with it.
     End {
         /// The account.

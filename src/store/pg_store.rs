@@ -41,7 +41,7 @@ const OP_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_SIZE: usize = 16;
 /// Compare-and-set rounds before an update gives up under contention.
 const CAS_ROUNDS: usize = 50;
-/// The NOTIFY channel for [`SessionEvent`]s.
+/// The NOTIFY channel for [`LiveEvent`]s.
 const CHANNEL: &str = "mailgate_sessions";
 /// Advisory lock key held while migrating (any constant shared by all nodes).
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6761_7465; // "mailgate"
@@ -169,7 +169,7 @@ fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
 pub struct PgStore {
     pool: deadpool_postgres::Pool,
     runtime: Option<tokio::runtime::Runtime>,
-    events: tokio::sync::broadcast::Sender<SessionEvent>,
+    events: tokio::sync::broadcast::Sender<LiveEvent>,
     /// Budget takes, for the occasional purge.
     takes: std::sync::atomic::AtomicU64,
 }
@@ -259,7 +259,7 @@ impl PgStore {
                         });
                         if client.batch_execute(&format!("LISTEN {CHANNEL}")).await.is_ok() {
                             while let Some(payload) = rx.recv().await {
-                                if let Ok(ev) = serde_json::from_str::<SessionEvent>(&payload) {
+                                if let Ok(ev) = serde_json::from_str::<LiveEvent>(&payload) {
                                     let _ = events.send(ev);
                                 }
                             }
@@ -332,7 +332,7 @@ async fn migrate(mut c: Client) -> Result<(), StoreError> {
 }
 
 /// Sends a session event to every node (delivered when the transaction commits).
-async fn notify(c: &impl deadpool_postgres::GenericClient, ev: &SessionEvent) -> Result<(), StoreError> {
+async fn notify(c: &impl deadpool_postgres::GenericClient, ev: &LiveEvent) -> Result<(), StoreError> {
     let payload = encode(ev)?;
     c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload]).await.map_err(pg)?;
     Ok(())
@@ -435,7 +435,7 @@ impl Store for PgStore {
             if n == 0 {
                 return Err(StoreError::NotFound(format!("unknown user {name}")));
             }
-            notify(&tx, &SessionEvent::End { username: name.clone(), app_password_id: None }).await?;
+            notify(&tx, &LiveEvent::End { username: name.clone(), app_password_id: None }).await?;
             tx.commit().await.map_err(pg)
         })
     }
@@ -529,7 +529,7 @@ impl Store for PgStore {
                 return Err(StoreError::NotFound(format!("{name} has no app password with id {id}")));
             };
             let rec = app_record(row.get(0), row.get(1), &id)?;
-            notify(&tx, &SessionEvent::End { username: name.clone(), app_password_id: Some(id.clone()) }).await?;
+            notify(&tx, &LiveEvent::End { username: name.clone(), app_password_id: Some(id.clone()) }).await?;
             tx.commit().await.map_err(pg)?;
             Ok(rec)
         })
@@ -742,7 +742,7 @@ impl Store for PgStore {
         })
     }
 
-    fn publish(&self, event: &SessionEvent) {
+    fn publish(&self, event: &LiveEvent) {
         // Not awaited: the caller (a web request, an admin command) does not wait for it.
         let ev = event.clone();
         self.run_in_background("could not tell the other nodes to end sessions", move |c| async move {
@@ -750,7 +750,7 @@ impl Store for PgStore {
         });
     }
 
-    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<SessionEvent>> {
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<LiveEvent>> {
         Some(self.events.subscribe())
     }
 

@@ -17,7 +17,7 @@ use crate::auth::Authenticator;
 use crate::auth::clock::Clock;
 use crate::auth::crypto::SecretKey;
 use crate::config::Config;
-use crate::sessions::Sessions;
+use crate::live::LiveSessions;
 use axum::Router;
 use axum::http::{HeaderValue, header};
 use axum::routing::{get, post};
@@ -45,7 +45,7 @@ pub struct Web {
     /// Key sealing TOTP secrets.
     pub key: Arc<SecretKey>,
     /// Live IMAP/SMTP sessions (revocation ends them).
-    pub sessions: Sessions,
+    pub live: LiveSessions,
     /// Web sessions.
     pub web_sessions: WebSessions,
     /// Time.

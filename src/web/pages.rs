@@ -251,7 +251,7 @@ impl Web {
     /// The account service, acting for the signed-in owner at the web step's time.
     fn accounts(&self) -> AccountService {
         AccountService::new(self.auth.store().clone(), self.key.clone(), self.host(), Actor::Web)
-            .with_sessions(self.sessions.clone())
+            .with_live(self.live.clone())
             .with_authenticator(self.auth.clone())
             .with_clock(self.clock.clone())
     }
@@ -937,7 +937,7 @@ pub(super) async fn create_app_password(
     }
     let scopes = [(imap, Scope::Imap), (smtp, Scope::Smtp)].into_iter().filter_map(|(on, s)| on.then_some(s)).collect();
     let (accounts, user, label) = (web.accounts(), username.clone(), draft.label.clone());
-    let made = web.auth.run_blocking(ip, move || accounts.create_app_password(&user, &label, scopes)).await;
+    let made = web.auth.hash_for(ip, move || accounts.create_app_password(&user, &label, scopes)).await;
     match made {
         Some(Ok(crate::accounts::CreatedAppPassword { new, label, scopes })) => {
             let (smtp_port, smtp_security) = endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465);
@@ -1301,7 +1301,7 @@ pub(super) async fn change_password(
             StatusCode::UNPROCESSABLE_ENTITY,
         );
     }
-    let Some(Ok(hash)) = web.auth.run_blocking(ip, move || password::hash(new.expose().as_bytes())).await else {
+    let Some(Ok(hash)) = web.auth.hash_for(ip, move || password::hash(new.expose().as_bytes())).await else {
         return web.error("The password could not be changed right now.");
     };
     let accounts = web.accounts();

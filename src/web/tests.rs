@@ -52,7 +52,7 @@ impl Env {
             config: Arc::new(Config::from_toml_str(toml, "t").unwrap()),
             auth: Authenticator::new(store.clone(), 2).with_clock(Arc::new(clock.clone())),
             key: Arc::new(SecretKey::from_bytes(&[7; 32]).unwrap()),
-            sessions: Sessions::default(),
+            live: LiveSessions::default(),
             web_sessions: WebSessions::default(),
             clock: Arc::new(clock.clone()),
         });
@@ -742,10 +742,10 @@ async fn enrolment_ends_account_password_sessions() {
     let env = Env::new();
     env.add_user(ALICE, PW, false);
     env.add_user(BOB, PW, false);
-    let mut imap_pw = env.web.sessions.register(ALICE, None);
-    let mut smtp_pw = env.web.sessions.register(ALICE, None);
-    let mut imap_app = env.web.sessions.register(ALICE, Some("abcdef"));
-    let mut bobs = env.web.sessions.register(BOB, None);
+    let mut imap_pw = env.web.live.register(ALICE, None);
+    let mut smtp_pw = env.web.live.register(ALICE, None);
+    let mut imap_app = env.web.live.register(ALICE, Some("abcdef"));
+    let mut bobs = env.web.live.register(BOB, None);
     let mut other_browser = env.client();
     other_browser.sign_in(ALICE, PW).await;
     let mut c = env.client();
@@ -1012,9 +1012,9 @@ async fn app_password_create_list_and_revoke() {
     assert_eq!(env.app_password_count(ALICE), 2);
 
     // Revoke ends its live sessions, and only those.
-    let mut s1 = env.web.sessions.register(ALICE, Some(&rec.id));
-    let mut s2 = env.web.sessions.register(ALICE, Some(&rec.id));
-    let mut other = env.web.sessions.register(ALICE, Some(&phone.id));
+    let mut s1 = env.web.live.register(ALICE, Some(&rec.id));
+    let mut s2 = env.web.live.register(ALICE, Some(&rec.id));
+    let mut other = env.web.live.register(ALICE, Some(&phone.id));
     c.post(&format!("/app-passwords/{}/revoke", rec.id), &[]).await.assert_redirect("/app-passwords");
     assert!(env.store.get_app_password(&rec.id).unwrap().is_none());
     assert!(s1.killed.try_recv().is_ok() && s2.killed.try_recv().is_ok());
@@ -1172,7 +1172,7 @@ async fn step_up_boundary_and_revocation_without_step_up() {
     c.post("/app-passwords", &[("label", "on time"), ("scope_imap", "1")]).await.assert_ok();
     env.clock.advance(1);
     // Revoking still works after 10 minutes, and keeps the session signed in.
-    let mut live = env.web.sessions.register(ALICE, Some(&id));
+    let mut live = env.web.live.register(ALICE, Some(&id));
     c.post(&format!("/app-passwords/{id}/revoke"), &[]).await.assert_redirect("/app-passwords");
     assert!(env.store.get_app_password(&id).unwrap().is_none());
     assert!(live.killed.try_recv().is_ok());
@@ -1399,7 +1399,7 @@ async fn password_change_checks_input_and_can_revoke_everything() {
     env.add_user(ALICE, PW, false);
     env.app_password(ALICE, "phone");
     env.app_password(ALICE, "laptop");
-    let mut pw_session = env.web.sessions.register(ALICE, None);
+    let mut pw_session = env.web.live.register(ALICE, None);
     let mut other = env.client();
     other.sign_in(ALICE, PW).await;
     let mut c = env.client();
@@ -1906,7 +1906,7 @@ async fn counts_of_one_are_singular() {
     let (id, _) = env.app_password(ALICE, "phone");
     let mut c = env.client();
     c.sign_in(ALICE, PW).await;
-    let _live = env.web.sessions.register(ALICE, Some(&id));
+    let _live = env.web.live.register(ALICE, Some(&id));
     c.post(&format!("/app-passwords/{id}/revoke"), &[]).await.assert_redirect("/app-passwords");
     let page = c.get("/app-passwords").await;
     assert!(
@@ -2059,7 +2059,7 @@ async fn through_the_cli(env: &Env) -> Trail {
         store: env.store.clone(),
         key: env.web.key.clone(),
         issuer: HOST.into(),
-        sessions: Some(env.web.sessions.clone()),
+        live: Some(env.web.live.clone()),
         hashing: None,
     };
     let run = |req: crate::admin::Request| {

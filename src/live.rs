@@ -2,7 +2,7 @@
 //! ends the sessions that used it at once.
 
 use crate::auth::Authenticated;
-use crate::store::SessionEvent;
+use crate::store::LiveEvent;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,20 +26,20 @@ pub enum EndReason {
 
 /// The registry of live sessions.
 #[derive(Clone)]
-pub struct Sessions {
+pub struct LiveSessions {
     inner: Arc<Mutex<HashMap<u64, Entry>>>,
     next: Arc<AtomicU64>,
     /// Turns true at shutdown, for connections that have not logged in yet.
     stopping: Arc<watch::Sender<bool>>,
-    /// Tells the other nodes sharing the store (see [`Sessions::share_with`]).
+    /// Tells the other nodes sharing the store (see [`LiveSessions::share_with`]).
     others: Arc<std::sync::OnceLock<Publisher>>,
 }
 
-type Publisher = Arc<dyn Fn(&SessionEvent) + Send + Sync>;
+type Publisher = Arc<dyn Fn(&LiveEvent) + Send + Sync>;
 
-impl Default for Sessions {
+impl Default for LiveSessions {
     fn default() -> Self {
-        Sessions {
+        LiveSessions {
             inner: Arc::default(),
             next: Arc::default(),
             stopping: Arc::new(watch::channel(false).0),
@@ -64,7 +64,7 @@ impl StopNotice {
 /// Held by a live session; dropping it unregisters the session.
 pub struct LiveGuard {
     id: u64,
-    sessions: Sessions,
+    live: LiveSessions,
     /// Fires when the session must end.
     pub(crate) killed: oneshot::Receiver<EndReason>,
 }
@@ -78,13 +78,13 @@ impl LiveGuard {
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.sessions.inner.lock() {
+        if let Ok(mut m) = self.live.inner.lock() {
             m.remove(&self.id);
         }
     }
 }
 
-impl Sessions {
+impl LiveSessions {
     /// Registers a session of `username` (opened with app password `app_password_id`, if any).
     #[cfg(test)]
     pub(crate) fn register(&self, username: &str, app_password_id: Option<&str>) -> LiveGuard {
@@ -101,7 +101,7 @@ impl Sessions {
                 },
             );
         }
-        LiveGuard { id, sessions: self.clone(), killed: rx }
+        LiveGuard { id, live: self.clone(), killed: rx }
     }
 
     /// Registers the session of a verified login from `ip`, unless its account already
@@ -126,14 +126,14 @@ impl Sessions {
             },
         );
         drop(m);
-        Some(LiveGuard { id, sessions: self.clone(), killed: rx })
+        Some(LiveGuard { id, live: self.clone(), killed: rx })
     }
 
     /// Ends the sessions of `username`; with `app_password_id`, only those opened with it,
     /// here and on the other nodes sharing the store. Returns how many were ended here.
     pub fn kill(&self, username: &str, app_password_id: Option<&str>) -> usize {
         let ev =
-            SessionEvent::End { username: username.to_string(), app_password_id: app_password_id.map(str::to_string) };
+            LiveEvent::End { username: username.to_string(), app_password_id: app_password_id.map(str::to_string) };
         self.tell_others(&ev);
         self.apply(&ev)
     }
@@ -141,19 +141,19 @@ impl Sessions {
     /// Ends the sessions of `username` that were opened with the account password, here
     /// and on the other nodes sharing the store.
     pub fn kill_account_password_sessions(&self, username: &str) -> usize {
-        let ev = SessionEvent::EndAccountPassword { username: username.to_string() };
+        let ev = LiveEvent::EndAccountPassword { username: username.to_string() };
         self.tell_others(&ev);
         self.apply(&ev)
     }
 
     /// Ends the local sessions an event names (an event from another node, or our own).
-    pub fn apply(&self, ev: &SessionEvent) -> usize {
+    pub fn apply(&self, ev: &LiveEvent) -> usize {
         match ev {
-            SessionEvent::End { username, app_password_id } => self.kill_where(|e| {
+            LiveEvent::End { username, app_password_id } => self.kill_where(|e| {
                 &e.username == username
                     && app_password_id.as_deref().is_none_or(|id| e.app_password_id.as_deref() == Some(id))
             }),
-            SessionEvent::EndAccountPassword { username } => {
+            LiveEvent::EndAccountPassword { username } => {
                 self.kill_where(|e| &e.username == username && e.app_password_id.is_none())
             }
         }
@@ -165,7 +165,7 @@ impl Sessions {
         let _ = self.others.set(publish);
     }
 
-    fn tell_others(&self, ev: &SessionEvent) {
+    fn tell_others(&self, ev: &LiveEvent) {
         if let Some(publish) = self.others.get() {
             publish(ev);
         }
@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn kill_by_app_password_and_by_account() {
-        let s = Sessions::default();
+        let s = LiveSessions::default();
         let mut a = s.register("a", Some("p1"));
         let mut b = s.register("a", Some("p2"));
         let _c = s.register("b", None);
