@@ -7,7 +7,7 @@ use crate::live::LiveGuard;
 use crate::net::driver::{Conn, DriveError, Front};
 use crate::net::gate::{Admitted, Attempt, Gate, Origin, Refusal};
 use crate::net::relay::{Relay, RelayEnd};
-use crate::net::stream::{MaybeTls, Transport};
+use crate::net::stream::{MaybeTls, ReadAhead, Transport};
 use crate::net::upstream::{ImapUpstream, UpstreamImap};
 use crate::proto::imap::{Action, AuthReply, PreAuth, goodbye};
 use crate::proto::{Goodbye, Machine, Next};
@@ -89,7 +89,7 @@ impl ImapService {
 
 /// A client logged in, its upstream session open.
 struct LoggedIn<S: Transport> {
-    client: MaybeTls<S>,
+    client: MaybeTls<ReadAhead<S>>,
     admitted: Admitted<UpstreamImap>,
     pipelined: Vec<u8>,
 }

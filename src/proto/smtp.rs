@@ -848,7 +848,18 @@ impl Submission {
     /// (or the end of `buf`). Counts the scanned octets into `message_len`.
     fn scan_data(&mut self, from: usize) -> (Option<ScanEvent>, usize) {
         let mut i = from;
-        while let Some(&b) = self.buf.get(i) {
+        while i < self.buf.len() {
+            if self.scan == Scan::InLine {
+                // Inside a line only CR or LF can change anything: skip to the next one.
+                match memchr::memchr2(b'\r', b'\n', &self.buf[i..]) {
+                    Some(n) => i += n,
+                    None => {
+                        i = self.buf.len();
+                        break;
+                    }
+                }
+            }
+            let b = self.buf[i];
             i += 1;
             let (next, event) = match (self.scan, b) {
                 (Scan::LineStart, b'.') => (Scan::Dot, None),
