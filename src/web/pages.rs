@@ -1,7 +1,6 @@
 //! The handlers and their templates.
 // Helpers return the response to send instead of an error type: the idiom of axum
 // handlers. Boxing every early response would only add allocations.
-#![allow(clippy::result_large_err)]
 
 use super::ClientIp;
 use super::Web;
@@ -195,6 +194,44 @@ struct MessagePage<'a> {
     link_text: &'a str,
 }
 
+/// Why a request stops before its own page. Every such answer is made by the one
+/// [`IntoResponse`] below: a redirect, or a message page in the site's name.
+pub(super) enum WebError {
+    /// To another page (the sign-in page, the account page).
+    Redirect(&'static str),
+    /// A page that says what happened.
+    Message(Box<Message>),
+}
+
+/// What a message page says, and its status.
+pub(super) struct Message {
+    host: String,
+    name: String,
+    status: StatusCode,
+    heading: &'static str,
+    text: String,
+    link: &'static str,
+    link_text: &'static str,
+}
+
+impl IntoResponse for WebError {
+    fn into_response(self) -> Response {
+        match self {
+            WebError::Redirect(to) => redirect(to),
+            WebError::Message(m) => html(
+                MessagePage {
+                    site: Site { host: &m.host, name: &m.name },
+                    heading: m.heading,
+                    text: &m.text,
+                    link: m.link,
+                    link_text: m.link_text,
+                },
+                m.status,
+            ),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Helpers
 
@@ -297,17 +334,13 @@ impl Web {
 
     /// CSRF: the session's token in the form, and a same-origin request
     /// (Sec-Fetch-Site, else Origin). The login form is covered too (login CSRF).
-    fn check_post(&self, headers: &HeaderMap, ctx: &Ctx, form: &HashMap<String, String>) -> Result<(), Response> {
+    fn check_post(&self, headers: &HeaderMap, ctx: &Ctx, form: &HashMap<String, String>) -> Result<(), WebError> {
         let forbidden = || {
-            html(
-                MessagePage {
-                    site: self.site(),
-                    heading: "Request refused",
-                    text: "This form was sent from another site or has expired. Go back, reload the page and try again.",
-                    link: "/",
-                    link_text: "Start again",
-                },
+            self.message(
                 StatusCode::FORBIDDEN,
+                "Request refused",
+                "This form was sent from another site or has expired. Go back, reload the page and try again.",
+                ("/", "Start again"),
             )
         };
         if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
@@ -330,19 +363,19 @@ impl Web {
     }
 
     /// The signed-in user, or a redirect to the sign-in page.
-    fn user(&self, ctx: &Option<Ctx>) -> Result<(String, u64), Response> {
+    fn user(&self, ctx: &Option<Ctx>) -> Result<(String, u64), WebError> {
         match ctx {
             Some(Ctx { stage: Stage::SignedIn { username, auth_at }, .. }) => Ok((username.clone(), *auth_at)),
             Some(c) => {
                 self.set_notice(&c.id, "Sign in to manage your app passwords and two-step verification.");
-                Err(redirect("/login"))
+                Err(WebError::Redirect("/login"))
             }
-            None => Err(redirect("/login")),
+            None => Err(WebError::Redirect("/login")),
         }
     }
 
     /// Factor changes and new app passwords need a recent sign-in; otherwise sign in again.
-    fn fresh(&self, ctx: &Ctx, auth_at: u64) -> Result<(), Response> {
+    fn fresh(&self, ctx: &Ctx, auth_at: u64) -> Result<(), WebError> {
         if self.now().saturating_sub(auth_at) <= STEP_UP_SECS {
             return Ok(());
         }
@@ -350,40 +383,47 @@ impl Web {
             s.stage = Stage::Anonymous;
             s.notice = Some("For this change, please sign in again.".into());
         });
-        Err(redirect("/login"))
+        Err(WebError::Redirect("/login"))
     }
 
-    fn account(&self, username: &str) -> Result<Account, Response> {
+    fn account(&self, username: &str) -> Result<Account, WebError> {
         match self.auth.store().get_account(username) {
             Ok(Some(a)) => Ok(a),
             _ => Err(self.error("Your account could not be loaded. Sign in again.")),
         }
     }
 
-    fn error(&self, text: &str) -> Response {
-        html(
-            MessagePage {
-                site: self.site(),
-                heading: "Something went wrong",
-                text,
-                link: "/",
-                link_text: "Start again",
-            },
-            StatusCode::INTERNAL_SERVER_ERROR,
-        )
+    /// A message page in the site's name.
+    fn message(
+        &self,
+        status: StatusCode,
+        heading: &'static str,
+        text: &str,
+        (link, link_text): (&'static str, &'static str),
+    ) -> WebError {
+        let site = self.site();
+        WebError::Message(Box::new(Message {
+            host: site.host.to_string(),
+            name: site.name.to_string(),
+            status,
+            heading,
+            text: text.to_string(),
+            link,
+            link_text,
+        }))
+    }
+
+    fn error(&self, text: &str) -> WebError {
+        self.message(StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong", text, ("/", "Start again"))
     }
 
     /// Something needed is not there right now (the store, a hashing thread).
-    fn unavailable(&self) -> Response {
-        html(
-            MessagePage {
-                site: self.site(),
-                heading: "Try again in a minute",
-                text: "Signing in is not possible right now. Try again in a minute.",
-                link: "/login",
-                link_text: "Try again",
-            },
+    fn unavailable(&self) -> WebError {
+        self.message(
             StatusCode::SERVICE_UNAVAILABLE,
+            "Try again in a minute",
+            "Signing in is not possible right now. Try again in a minute.",
+            ("/login", "Try again"),
         )
     }
 
@@ -409,7 +449,7 @@ impl Web {
         self.audit(username, notice::SIGN_IN, notice::sign_in_detail(ip, typos));
         match self.web_sessions.rotate(&ctx.id) {
             Some(new) => with_cookie(redirect("/app-passwords"), &new),
-            None => self.error("Sign-in failed."),
+            None => self.error("Sign-in failed.").into_response(),
         }
     }
 
@@ -484,7 +524,9 @@ pub(super) async fn login_form(
     RawQuery(query): RawQuery,
 ) -> Response {
     // None: too many sessions, or the shared store is unreachable.
-    let Some((ctx, new)) = web.load_or_create(&headers, client_ip(&ip)) else { return web.unavailable() };
+    let Some((ctx, new)) = web.load_or_create(&headers, client_ip(&ip)) else {
+        return web.unavailable().into_response();
+    };
     if let Stage::SignedIn { .. } = ctx.stage {
         return redirect("/app-passwords");
     }
@@ -513,7 +555,7 @@ pub(super) async fn login(
     let ip = client_ip(&ip);
     let Some(ctx) = web.load(&headers) else { return redirect("/login") };
     if let Err(r) = web.check_post(&headers, &ctx, &form) {
-        return r;
+        return r.into_response();
     }
     let username = crate::auth::normalize_username(form.get("username").map(String::as_str).unwrap_or(""));
     let password = SecretBytes::from(form.get("password").cloned().unwrap_or_default().into_bytes());
@@ -537,7 +579,7 @@ pub(super) async fn login(
             });
             match web.web_sessions.rotate(&ctx.id) {
                 Some(new) => with_cookie(redirect("/login/totp"), &new),
-                None => web.error("Sign-in failed."),
+                None => web.error("Sign-in failed.").into_response(),
             }
         }
         WebCheck::Ok(account) => web.complete_sign_in(&ctx, &account.username, ip),
@@ -589,7 +631,7 @@ fn count(n: usize, one: &str, many: &str) -> String {
 pub(super) async fn cancel_sign_in(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
     let Some((ctx, _)) = pending(web.load(&headers)) else { return redirect("/login") };
     if let Err(r) = web.check_post(&headers, &ctx, &form) {
-        return r;
+        return r.into_response();
     }
     web.web_sessions.remove(&ctx.id);
     clear_cookie(redirect("/login?cancelled"))
@@ -604,7 +646,7 @@ fn drop_pending(s: &mut super::session::WebSession) {
 }
 
 /// The page shown when a budget of second-factor guesses is used up.
-fn codes_used_up(web: &Web, which: crate::auth::budget::Exhausted) -> Response {
+fn codes_used_up(web: &Web, which: crate::auth::budget::Exhausted) -> WebError {
     let text = match which {
         crate::auth::budget::Exhausted::Account => {
             "Too many wrong codes were entered for this account. Try again in a few hours, or ask your mail administrator to unlock it."
@@ -613,10 +655,7 @@ fn codes_used_up(web: &Web, which: crate::auth::budget::Exhausted) -> Response {
             "Too many wrong codes were entered from your network. Try again in a few minutes."
         }
     };
-    html(
-        MessagePage { site: web.site(), heading: "Sign-in paused", text, link: "/login", link_text: "Back to sign-in" },
-        StatusCode::TOO_MANY_REQUESTS,
-    )
+    web.message(StatusCode::TOO_MANY_REQUESTS, "Sign-in paused", text, ("/login", "Back to sign-in"))
 }
 
 /// A sign-in waiting for its second factor, and its account.
@@ -652,8 +691,8 @@ async fn second_factor_slot(
     headers: &HeaderMap,
     form: &HashMap<String, String>,
     ip: IpAddr,
-) -> Result<(Ctx, String, crate::auth::budget::Ticket), Response> {
-    let Some((ctx, username)) = pending(web.load(headers)) else { return Err(redirect("/login")) };
+) -> Result<(Ctx, String, crate::auth::budget::Ticket), WebError> {
+    let Some((ctx, username)) = pending(web.load(headers)) else { return Err(WebError::Redirect("/login")) };
     web.check_post(headers, &ctx, form)?;
     // The sign-in's own slots: one atomic change of the session (on every node).
     let reserved = web
@@ -671,7 +710,7 @@ async fn second_factor_slot(
         })
         .unwrap_or(false);
     if !reserved {
-        return Err(redirect("/login"));
+        return Err(WebError::Redirect("/login"));
     }
     match web.auth.take_slot(crate::auth::budget::Secret::SecondFactor, &username, ip).await {
         Ok(ticket) => Ok((ctx, username, ticket)),
@@ -712,7 +751,7 @@ async fn second_factor_outcome(
         Err(e) if e.is_unavailable() => {
             web.auth.settle(ticket, crate::auth::Outcome::NotCompared).await;
             give_back_code_slot(web, &ctx);
-            web.unavailable()
+            web.unavailable().into_response()
         }
         Err(_) => {
             web.auth.settle(ticket, crate::auth::Outcome::Wrong).await;
@@ -730,7 +769,7 @@ pub(super) async fn totp(
     let ip = client_ip(&ip);
     let slot = match second_factor_slot(&web, &headers, &form, ip).await {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let code: String = form.get("code").map(|c| c.chars().filter(|c| !c.is_whitespace()).collect()).unwrap_or_default();
     // Checked, and the last accepted step moved forward, in one atomic change.
@@ -747,7 +786,7 @@ pub(super) async fn backup(
     let ip = client_ip(&ip);
     let slot = match second_factor_slot(&web, &headers, &form, ip).await {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let code = SecretString::from(form.get("code").cloned().unwrap_or_default());
     let result = web.accounts().consume_backup_code(&slot.1, &code, ip).await.map(Some);
@@ -757,7 +796,7 @@ pub(super) async fn backup(
 pub(super) async fn logout(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
     if let Some(ctx) = web.load(&headers) {
         if let Err(r) = web.check_post(&headers, &ctx, &form) {
-            return r;
+            return r.into_response();
         }
         web.web_sessions.remove(&ctx.id);
     }
@@ -768,7 +807,7 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
     let ctx = web.load(&headers);
     let (username, _) = match web.user(&ctx) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(ctx) = ctx else { return redirect("/login") };
     account_page(&web, &ctx, &username, Draft::default())
@@ -779,7 +818,7 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
 fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response {
     let account = match web.account(username) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let passwords = web
         .auth
@@ -861,7 +900,7 @@ fn security_alert(web: &Web, username: &str) -> Option<Alert> {
 pub(super) async fn dismiss_alert(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
     let (_, username) = match post_user(&web, &headers, &form, false) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let shown = form.get("seen").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0).min(web.now());
     let events = web.auth.store().recent_audit(&username, notice::EVENTS_READ).unwrap_or_default();
@@ -878,10 +917,10 @@ fn post_user(
     headers: &HeaderMap,
     form: &HashMap<String, String>,
     fresh: bool,
-) -> Result<(Ctx, String), Response> {
+) -> Result<(Ctx, String), WebError> {
     let ctx = web.load(headers);
     let (username, auth_at) = web.user(&ctx)?;
-    let Some(ctx) = ctx else { return Err(redirect("/login")) };
+    let Some(ctx) = ctx else { return Err(WebError::Redirect("/login")) };
     web.check_post(headers, &ctx, form)?;
     if fresh {
         web.fresh(&ctx, auth_at)?;
@@ -913,7 +952,7 @@ pub(super) async fn create_app_password(
     let ip = client_ip(&ip);
     let (ctx, username) = match post_user(&web, &headers, &form, true) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let imap = form.contains_key("scope_imap");
     let smtp = form.contains_key("scope_smtp");
@@ -986,7 +1025,7 @@ pub(super) async fn revoke_app_password(
 ) -> Response {
     let (ctx, username) = match post_user(&web, &headers, &form, false) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match web.accounts().revoke_app_password(&username, &id) {
         Ok((rec, ended)) => web.set_notice(&ctx.id, revoked_text(&rec.label, ended)),
@@ -1015,11 +1054,11 @@ pub(super) async fn enrol_form(State(web): W, headers: HeaderMap) -> Response {
     let ctx = web.load(&headers);
     let (username, auth_at) = match web.user(&ctx) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(ctx) = ctx else { return redirect("/login") };
     if let Err(r) = web.fresh(&ctx, auth_at) {
-        return r;
+        return r.into_response();
     }
     enrol_page(&web, &ctx, &username, None)
 }
@@ -1028,7 +1067,7 @@ fn enrol_page(web: &Web, ctx: &Ctx, username: &str, error: Option<&str>) -> Resp
     match web.account(username) {
         Ok(a) if a.has_second_factor() => return redirect("/app-passwords"),
         Ok(_) => {}
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     }
     let now = web.now();
     let secret = web
@@ -1045,10 +1084,12 @@ fn enrol_page(web: &Web, ctx: &Ctx, username: &str, error: Option<&str>) -> Resp
             Some(v)
         })
         .flatten();
-    let Some(secret) = secret.map(SecretString::from) else { return web.error("Could not start the enrolment.") };
+    let Some(secret) = secret.map(SecretString::from) else {
+        return web.error("Could not start the enrolment.").into_response();
+    };
     let uri = match web.accounts().totp_uri(username, &secret) {
         Ok(u) => u,
-        Err(_) => return web.error("Could not start the enrolment."),
+        Err(_) => return web.error("Could not start the enrolment.").into_response(),
     };
     let mut resp = html(
         EnrolPage {
@@ -1068,7 +1109,7 @@ fn enrol_page(web: &Web, ctx: &Ctx, username: &str, error: Option<&str>) -> Resp
 pub(super) async fn enrol(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
     let (ctx, username) = match post_user(&web, &headers, &form, true) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let now = web.now();
     let pending = web
@@ -1093,7 +1134,7 @@ pub(super) async fn enrol(State(web): W, headers: HeaderMap, Form(form): Fields)
             enrol_page(&web, &ctx, &username, Some("That code is not right. Enter the code your app shows now."))
         }
         Err(AccountError::SecondFactorOn(_)) => redirect("/app-passwords"),
-        Err(_) => web.error("Two-step verification could not be turned on. Nothing was changed."),
+        Err(_) => web.error("Two-step verification could not be turned on. Nothing was changed.").into_response(),
     }
 }
 
@@ -1111,14 +1152,14 @@ fn codes_page(web: &Web, ctx: &Ctx, username: &str, shown: Vec<SecretString>, tu
 
 /// The signed-in user of a page that leads to a factor change: signed in recently, with
 /// two-step verification on (else back to the account page).
-fn factor_change_user(web: &Web, headers: &HeaderMap) -> Result<(Ctx, String, Account), Response> {
+fn factor_change_user(web: &Web, headers: &HeaderMap) -> Result<(Ctx, String, Account), WebError> {
     let ctx = web.load(headers);
     let (username, auth_at) = web.user(&ctx)?;
-    let Some(ctx) = ctx else { return Err(redirect("/login")) };
+    let Some(ctx) = ctx else { return Err(WebError::Redirect("/login")) };
     web.fresh(&ctx, auth_at)?;
     match web.account(&username)? {
         a if a.has_second_factor() => Ok((ctx, username, a)),
-        _ => Err(redirect("/app-passwords")),
+        _ => Err(WebError::Redirect("/app-passwords")),
     }
 }
 
@@ -1126,7 +1167,7 @@ fn factor_change_user(web: &Web, headers: &HeaderMap) -> Result<(Ctx, String, Ac
 pub(super) async fn disable_2fa_form(State(web): W, headers: HeaderMap) -> Response {
     let (ctx, username, account) = match factor_change_user(&web, &headers) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let left = account.backup_codes.as_ref().map(|c| c.remaining()).unwrap_or(0);
     let mut paragraphs = vec![
@@ -1159,7 +1200,7 @@ pub(super) async fn disable_2fa_form(State(web): W, headers: HeaderMap) -> Respo
 pub(super) async fn regenerate_codes_form(State(web): W, headers: HeaderMap) -> Response {
     let (ctx, username, account) = match factor_change_user(&web, &headers) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let left = account.backup_codes.as_ref().map(|c| c.remaining()).unwrap_or(0);
     let old = match left {
@@ -1188,11 +1229,11 @@ pub(super) async fn regenerate_codes_form(State(web): W, headers: HeaderMap) -> 
 pub(super) async fn disable_2fa(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
     let (ctx, username) = match post_user(&web, &headers, &form, true) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let now = web.now();
     if web.accounts().disable_totp(&username).is_err() {
-        return web.error("Two-step verification could not be turned off. Nothing was changed.");
+        return web.error("Two-step verification could not be turned off. Nothing was changed.").into_response();
     }
     web.web_sessions.with(&ctx.id, now, |s| {
         s.shown_codes = None;
@@ -1205,12 +1246,12 @@ pub(super) async fn disable_2fa(State(web): W, headers: HeaderMap, Form(form): F
 pub(super) async fn regenerate_codes(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
     let (ctx, username) = match post_user(&web, &headers, &form, true) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match web.accounts().regenerate_backup_codes(&username) {
         Ok(shown) => codes_page(&web, &ctx, &username, shown, false),
         Err(AccountError::SecondFactorOff(_) | AccountError::UnknownUser(_)) => redirect("/app-passwords"),
-        Err(_) => web.error("Could not make backup codes."),
+        Err(_) => web.error("Could not make backup codes.").into_response(),
     }
 }
 
@@ -1218,7 +1259,7 @@ pub(super) async fn download_codes(State(web): W, headers: HeaderMap) -> Respons
     let ctx = web.load(&headers);
     let (username, _) = match web.user(&ctx) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(ctx) = ctx else { return redirect("/login") };
     let text = web
@@ -1258,16 +1299,16 @@ pub(super) async fn password_form(State(web): W, headers: HeaderMap) -> Response
     let ctx = web.load(&headers);
     let (username, auth_at) = match web.user(&ctx) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(ctx) = ctx else { return redirect("/login") };
     if let Err(r) = web.fresh(&ctx, auth_at) {
-        return r;
+        return r.into_response();
     }
     match web.account(&username) {
         Ok(a) if a.password_hash.is_some() && !web.auth.upstream_mode() => {}
         Ok(_) => return redirect("/app-passwords"),
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     }
     html(PasswordPage { site: web.site(), csrf: &ctx.csrf, username: &username, error: None }, StatusCode::OK)
 }
@@ -1281,7 +1322,7 @@ pub(super) async fn change_password(
     let ip = client_ip(&ip);
     let (ctx, username) = match post_user(&web, &headers, &form, true) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if web.auth.upstream_mode() {
         // The upstream server owns the password (password_check = "upstream").
@@ -1302,11 +1343,11 @@ pub(super) async fn change_password(
         );
     }
     let Some(Ok(hash)) = web.auth.hash_for(ip, move || password::hash(new.expose().as_bytes())).await else {
-        return web.error("The password could not be changed right now.");
+        return web.error("The password could not be changed right now.").into_response();
     };
     let accounts = web.accounts();
     if accounts.set_password(&username, hash, true).is_err() {
-        return web.error("The password could not be changed. Nothing was changed.");
+        return web.error("The password could not be changed. Nothing was changed.").into_response();
     }
     web.web_sessions.end_all_of(&username, Some(&ctx.id));
     let revoked =
