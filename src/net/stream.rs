@@ -2,6 +2,7 @@
 //! transport: TCP in production, `tokio::io::duplex` in the in-process tests.
 
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -97,13 +98,16 @@ impl<S: Transport> AsyncWrite for MaybeTls<S> {
 }
 
 /// Reads ahead from a client's transport, so that TLS (rustls asks for 4 KiB at a time)
-/// costs one read system call per 32 KiB that has arrived instead of one per 4 KiB. The
-/// buffer exists only while it holds bytes: an idle connection holds none.
+/// costs one read system call per 32 KiB that has arrived instead of one per 4 KiB.
+///
+/// The read lands in an uninitialised buffer on the thread's stack (nothing to zero, nothing
+/// allocated when the socket has nothing); only what the caller could not take yet is kept,
+/// in a heap buffer of exactly that size that is freed once drained. An idle connection
+/// holds no buffer.
 pub struct ReadAhead<S> {
     inner: S,
-    buf: Option<Box<[u8]>>,
+    kept: Option<Box<[u8]>>,
     pos: usize,
-    end: usize,
 }
 
 /// How much one read of a [`ReadAhead`] takes from the socket at most.
@@ -112,17 +116,18 @@ const READ_AHEAD: usize = 32 * 1024;
 impl<S> ReadAhead<S> {
     /// Wraps `inner`.
     pub fn new(inner: S) -> ReadAhead<S> {
-        ReadAhead { inner, buf: None, pos: 0, end: 0 }
+        ReadAhead { inner, kept: None, pos: 0 }
     }
 
-    /// Copies what is buffered into `out`; frees the buffer once it is drained.
+    /// Copies what is kept into `out`; frees the buffer once it is drained.
     fn drain_into(&mut self, out: &mut ReadBuf<'_>) {
-        if let Some(buf) = &self.buf {
-            let n = out.remaining().min(self.end - self.pos);
-            out.put_slice(&buf[self.pos..self.pos + n]);
+        if let Some(kept) = &self.kept {
+            let n = out.remaining().min(kept.len() - self.pos);
+            out.put_slice(&kept[self.pos..self.pos + n]);
             self.pos += n;
-            if self.pos == self.end {
-                self.buf = None;
+            if self.pos == kept.len() {
+                self.kept = None;
+                self.pos = 0;
             }
         }
     }
@@ -130,7 +135,7 @@ impl<S> ReadAhead<S> {
 
 impl<S: Transport> Transport for ReadAhead<S> {
     async fn peer_gone(&self) {
-        if self.buf.is_some() {
+        if self.kept.is_some() {
             // Bytes the client sent are still waiting: it may still be there.
             return std::future::pending::<()>().await;
         }
@@ -141,23 +146,23 @@ impl<S: Transport> Transport for ReadAhead<S> {
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if this.buf.is_some() {
+        if this.kept.is_some() {
             this.drain_into(out);
             return Poll::Ready(Ok(()));
         }
         if out.remaining() >= READ_AHEAD {
             return Pin::new(&mut this.inner).poll_read(cx, out);
         }
-        let mut buf = vec![0u8; READ_AHEAD].into_boxed_slice();
-        let mut rb = ReadBuf::new(&mut buf);
+        let mut stack = [MaybeUninit::<u8>::uninit(); READ_AHEAD];
+        let mut rb = ReadBuf::uninit(&mut stack);
         match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                if n > 0 {
-                    this.buf = Some(buf);
+                let got = rb.filled();
+                let n = got.len().min(out.remaining());
+                out.put_slice(&got[..n]);
+                if n < got.len() {
+                    this.kept = Some(got[n..].into());
                     this.pos = 0;
-                    this.end = n;
-                    this.drain_into(out);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -209,12 +214,16 @@ mod tests {
             if n == 0 {
                 break;
             }
+            if got.is_empty() {
+                let kept = r.kept.as_ref().map_or(0, |k| k.len());
+                assert_eq!(n + kept, READ_AHEAD, "one read took 32 KiB and kept what the caller did not take");
+            }
             got.extend_from_slice(&small[..n]);
-            if r.buf.is_none() {
-                assert_eq!(r.pos, r.end, "a drained buffer is freed");
+            if r.kept.is_none() {
+                assert_eq!(r.pos, 0, "a drained buffer is freed");
             }
         }
         assert_eq!(got, data);
-        assert!(r.buf.is_none(), "nothing held after the end");
+        assert!(r.kept.is_none(), "nothing held after the end");
     }
 }
