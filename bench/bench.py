@@ -217,47 +217,32 @@ class Daemon:
         return left
 
 
-def wait_greeting(port, tls_ctx=None, timeout=30.0, name=""):
+def wait_greeting(port, tls_ctx=None, timeout=30.0, name="", smtp=False):
+    """Waits for a server's greeting (`* OK`, or `220` with smtp=True), over implicit TLS
+    when tls_ctx is given."""
+    want = b"220" if smtp else b"* OK"
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
         try:
-            if tls_ctx:
+            if tls_ctx and smtp:
+                c = clients.SmtpConn(tls_ctx, port, timeout=5)
+                c.reply(want)
+                c.close()
+            elif tls_ctx:
                 c = clients.Conn(tls_ctx, port, timeout=5)
                 c.handshake_done_greeting()
                 c.close()
             else:
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                    data = s.recv(1024)
-                    if not data.startswith(b"* OK"):
-                        raise RuntimeError(f"greeting {data[:80]!r}")
-            return
-        except Exception as e:  # noqa: BLE001 - retried until the deadline
-            last = e
-            time.sleep(0.2)
-    raise RuntimeError(f"{name} on port {port} did not greet within {timeout}s: {last}")
-
-
-def wait_smtp(port, tls_ctx=None, timeout=30.0, name=""):
-    """Waits for an SMTP `220` greeting (over implicit TLS when tls_ctx is given)."""
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            if tls_ctx:
-                c = clients.SmtpConn(tls_ctx, port, timeout=5)
-                c.reply(b"220")
-                c.close()
-            else:
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                     data = sock.recv(1024)
-                    if not data.startswith(b"220"):
+                    if not data.startswith(want):
                         raise RuntimeError(f"greeting {data[:80]!r}")
             return
         except Exception as e:  # noqa: BLE001 - retried until the deadline
             last = e
             time.sleep(0.2)
-    raise RuntimeError(f"{name} SMTP on port {port} did not greet within {timeout}s: {last}")
+    raise RuntimeError(f"{name} on port {port} did not greet {want!r} within {timeout}s: {last}")
 
 
 def run(cmd, **kw):
@@ -409,7 +394,7 @@ auth_mechanisms = plain login
         self.ports["backend_submission"], self.ports["smtp_sink"] = sub, sink
         self.daemons["smtp_sink"] = Daemon("smtp_sink", [sys.executable, os.path.join(BENCH_DIR, "smtp_sink.py"),
                                                          str(sink)], d, d + "/smtp_sink.log")
-        wait_smtp(sink, None, name="smtp_sink")
+        wait_greeting(sink, None, name="smtp_sink", smtp=True)
         # --dovecot-imap-reuse: imap processes serve one session after another instead of one
         # process per session (all mailboxes belong to one uid here), a much cheaper backend login.
         imap_reuse = "  service_count = 0\n  process_min_avail = 16\n" if self.args.dovecot_imap_reuse else ""
@@ -711,9 +696,9 @@ max_sessions_per_user_ip = 30000
             plain = name == "backend" and i == 0
             wait_greeting(port, None if plain else self.ctx, name=name)
         for port in tls_smtp:
-            wait_smtp(port, self.ctx, name=name)
+            wait_greeting(port, self.ctx, name=name, smtp=True)
         for port in plain_smtp:
-            wait_smtp(port, None, name=name)
+            wait_greeting(port, None, name=name, smtp=True)
 
     def restart(self, peer):
         """Stops and starts a peer's server again (fresh process, same config and ports)."""
