@@ -25,8 +25,8 @@ def tls_context(cafile):
     return ctx
 
 
-class Conn:
-    """One TLS connection with a small line reader."""
+class TlsConn:
+    """One TLS connection to the mail server under test (TCP_NODELAY, handshake done)."""
 
     def __init__(self, ctx, port, timeout=60.0):
         raw = socket.create_connection((HOST, port), timeout=timeout)
@@ -34,6 +34,16 @@ class Conn:
         self.sock = ctx.wrap_socket(raw, server_hostname=SERVER_NAME, do_handshake_on_connect=False)
         self.sock.do_handshake()
         self.buf = b""
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Conn(TlsConn):
+    """One TLS connection with a small line reader."""
 
     def handshake_done_greeting(self):
         line = self.readline()
@@ -68,12 +78,6 @@ class Conn:
 
     def login(self, user, password):
         self.command("a", f'LOGIN "{user}" "{password}"')
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 def read_to_tagged(sock, tag, buf):
@@ -262,15 +266,8 @@ class SmtpError(Exception):
     pass
 
 
-class SmtpConn:
+class SmtpConn(TlsConn):
     """One implicit-TLS submission connection (port 465 style) with a reply reader."""
-
-    def __init__(self, ctx, port, timeout=60.0):
-        raw = socket.create_connection((HOST, port), timeout=timeout)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = ctx.wrap_socket(raw, server_hostname=SERVER_NAME, do_handshake_on_connect=False)
-        self.sock.do_handshake()
-        self.buf = b""
 
     def reply(self, want):
         """Reads one (possibly multi-line) reply; its code must be `want`."""
@@ -295,12 +292,6 @@ class SmtpConn:
     def cmd(self, line, want):
         self.sock.sendall(line.encode() + b"\r\n")
         return self.reply(want)
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 def smtp_message(user, size):
