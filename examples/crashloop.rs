@@ -65,6 +65,7 @@ pub fn app_record(id: &str) -> AppPasswordRecord {
         created_at: 1,
         created_by: "web".into(),
         last_used: None,
+        last_used_by: Default::default(),
     }
 }
 

@@ -494,6 +494,7 @@ impl AccountService {
             created_at: self.now(),
             created_by: by.into(),
             last_used: None,
+            last_used_by: Default::default(),
         };
         self.store.create_app_password(&record)?;
         self.audit(email, "app_password_created", format!("{label} ({}) by {by}", new.id));
@@ -584,6 +585,18 @@ pub fn last_used_text(last: Option<&LastUse>) -> String {
         ),
         None => "never".into(),
     }
+}
+
+/// An app password's last use over each protocol it was used with, as people read it:
+/// `IMAP 2026-01-02 03:04:05 UTC from 192.0.2.7 (Thunderbird); SMTP …`. A record from
+/// before uses were kept per protocol shows its one last use; an unused one `never`.
+pub fn last_uses_text(rec: &AppPasswordRecord) -> String {
+    if rec.last_used_by.is_empty() {
+        return last_used_text(rec.last_used.as_ref());
+    }
+    let uses: Vec<String> =
+        rec.last_used_by.iter().map(|(p, u)| format!("{} {}", p.label(), last_used_text(Some(u)))).collect();
+    uses.join("; ")
 }
 
 /// The longest app-password label, in characters.

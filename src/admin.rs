@@ -9,7 +9,7 @@
 //! Every change is made by the account service ([`crate::accounts`]), as the web step's
 //! are; a command here only checks its arguments and words the answer.
 
-use crate::accounts::{AccountError, AccountService, Actor, check_email, fmt_time, last_used_text};
+use crate::accounts::{AccountError, AccountService, Actor, check_email, fmt_time, last_uses_text};
 use crate::auth::crypto::SecretKey;
 use crate::live::LiveSessions;
 use crate::store::{Dump, Scope, Store, StoreError};
@@ -301,6 +301,11 @@ fn app_password_create(ctx: &Context, email: &str, label: &str, scopes: Vec<Scop
     })
 }
 
+/// One last use in `--json` output.
+fn use_json(u: &crate::store::LastUse) -> serde_json::Value {
+    serde_json::json!({"at": u.at, "ip": u.ip, "client": u.client, "protocol": u.protocol.map(|p| p.as_str())})
+}
+
 fn app_password_list(ctx: &Context, email: &str) -> Answer {
     let email = check_email(email)?;
     let accounts = ctx.accounts();
@@ -316,12 +321,13 @@ fn app_password_list(ctx: &Context, email: &str) -> Answer {
             r.label,
             scopes.join(","),
             fmt_time(r.created_at),
-            last_used_text(r.last_used.as_ref())
+            last_uses_text(r)
         ));
         json.push(serde_json::json!({
             "id": r.id, "label": r.label, "scopes": scopes, "created": r.created_at,
             "created_by": r.created_by,
-            "last_used": r.last_used.as_ref().map(|u| serde_json::json!({"at": u.at, "ip": u.ip, "client": u.client})),
+            "last_used": r.last_used.as_ref().map(use_json),
+            "last_used_by": r.last_used_by.iter().map(|(p, u)| (p.as_str().to_string(), use_json(u))).collect::<serde_json::Map<_, _>>(),
         }));
     }
     if list.is_empty() {

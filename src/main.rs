@@ -128,7 +128,7 @@ enum AppCmd {
         /// What it is for, e.g. "Thunderbird laptop".
         #[arg(long)]
         label: String,
-        /// Comma-separated: imap, smtp (default both).
+        /// Comma-separated: imap, smtp, pop3, sieve (default imap,smtp).
         #[arg(long, value_delimiter = ',')]
         scope: Vec<String>,
     },

@@ -99,6 +99,8 @@ fn imaplib_and_curl_through_mailgate_to_dovecot() {
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
     let used = &v["app_passwords"][0]["last_used"];
     assert!(used["ip"] == "127.0.0.6" || used["ip"] == "127.0.0.5", "{list}");
+    assert_eq!(used["protocol"], "imap", "{list}");
+    assert_eq!(v["app_passwords"][0]["last_used_by"]["imap"], *used, "{list}");
 }
 
 #[test]

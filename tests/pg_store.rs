@@ -43,6 +43,7 @@ fn app(id: &str, user: &str, label: &str) -> AppPasswordRecord {
         created_at: 5,
         created_by: "admin".into(),
         last_used: None,
+        last_used_by: Default::default(),
     }
 }
 
@@ -274,7 +275,7 @@ fn nodes_starting_together_migrate_once_and_a_newer_schema_is_refused() {
     }
     let db = url.rsplit('/').next().unwrap().to_string();
     let versions = pg.psql_db(&db, "SELECT count(*) FROM mailgate_schema");
-    assert_eq!(versions.trim(), "4", "four migrations applied {versions} times");
+    assert_eq!(versions.trim(), "5", "five migrations applied {versions} times");
     pg.psql_db(&db, "INSERT INTO mailgate_schema VALUES (99)");
     match PgStore::open(&url, None) {
         Err(StoreError::Schema { found: 99 }) => {}

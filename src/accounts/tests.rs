@@ -83,11 +83,23 @@ fn addresses_are_normalised_or_refused() {
 #[test]
 fn last_use_reads_time_address_and_client() {
     assert_eq!(last_used_text(None), "never");
-    let u = LastUse { at: 1_800_000_010, ip: "192.0.2.7".into(), client: Some("Thunderbird".into()) };
+    let u = LastUse { at: 1_800_000_010, ip: "192.0.2.7".into(), client: Some("Thunderbird".into()), protocol: None };
     assert_eq!(last_used_text(Some(&u)), format!("{} from 192.0.2.7 (Thunderbird)", fmt_time(1_800_000_010)));
     let u = LastUse { client: None, ..u };
     assert_eq!(last_used_text(Some(&u)), format!("{} from 192.0.2.7", fmt_time(1_800_000_010)));
     assert_eq!(fmt_time(0), "1970-01-01 00:00:00 UTC");
+    // Per protocol, in the order of the scopes; an older record shows its one last use.
+    let mut rec = crate::store::conformance::app("id1", "a@x", "Phone");
+    assert_eq!(last_uses_text(&rec), "never");
+    rec.last_used = Some(u.clone());
+    assert_eq!(last_uses_text(&rec), last_used_text(Some(&u)));
+    let pop = LastUse { at: 1_800_000_020, protocol: Some(Scope::Pop3), ..u.clone() };
+    rec.last_used_by.insert(Scope::Pop3, pop);
+    rec.last_used_by.insert(Scope::Imap, LastUse { protocol: Some(Scope::Imap), ..u.clone() });
+    assert_eq!(
+        last_uses_text(&rec),
+        format!("IMAP {} from 192.0.2.7; POP3 {} from 192.0.2.7", fmt_time(1_800_000_010), fmt_time(1_800_000_020))
+    );
     assert_eq!(fmt_time(951_782_400), "2000-02-29 00:00:00 UTC");
 }
 

@@ -45,22 +45,26 @@ pub enum Protocol {
     Imap,
     /// SMTP submission.
     Smtp,
+    /// POP3.
+    Pop3,
+    /// ManageSieve.
+    Sieve,
 }
 
 impl std::fmt::Display for Protocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Protocol::Imap => "IMAP",
-            Protocol::Smtp => "SMTP",
-        })
+        f.write_str(self.scope().label())
     }
 }
 
 impl Protocol {
-    fn scope(self) -> Scope {
+    /// The app-password scope that allows this protocol.
+    pub fn scope(self) -> Scope {
         match self {
             Protocol::Imap => Scope::Imap,
             Protocol::Smtp => Scope::Smtp,
+            Protocol::Pop3 => Scope::Pop3,
+            Protocol::Sieve => Scope::Sieve,
         }
     }
 }
@@ -869,7 +873,12 @@ fn grant_app_password(
     peer: &Peer,
     audit: &dyn Fn(&str, String),
 ) -> Verdict {
-    let used = LastUse { at: now_unix(), ip: peer.ip.to_string(), client: peer.client_name.clone() };
+    let used = LastUse {
+        at: now_unix(),
+        ip: peer.ip.to_string(),
+        client: peer.client_name.clone(),
+        protocol: Some(protocol.scope()),
+    };
     if let Err(e) = store.record_app_password_use(&rec.id, &used) {
         tracing::warn!(error = %e, "last-use write failed");
     }
@@ -1051,6 +1060,7 @@ mod tests {
             created_at: 0,
             created_by: "admin".into(),
             last_used: None,
+            last_used_by: Default::default(),
         })
         .unwrap();
         p.grouped().expose().clone()

@@ -26,6 +26,7 @@ pub fn app(id: &str, user: &str, label: &str) -> AppPasswordRecord {
         created_at: 5,
         created_by: "admin".into(),
         last_used: None,
+        last_used_by: Default::default(),
     }
 }
 
@@ -47,14 +48,24 @@ pub fn accounts_and_app_passwords(s: &dyn Store) {
     assert!(matches!(s.create_app_password(&app("id3", "b@x", "L")), Err(StoreError::NotFound(_))));
     assert!(matches!(s.create_app_password(&app("id1", "c@x", "Other")), Err(StoreError::Conflict(_))));
     assert_eq!(s.list_app_passwords("a@x").unwrap().len(), 1);
-    s.record_app_password_use("id1", &LastUse { at: 9, ip: "1.2.3.4".into(), client: None }).unwrap();
+    s.record_app_password_use("id1", &LastUse { at: 9, ip: "1.2.3.4".into(), client: None, protocol: None }).unwrap();
     assert_eq!(s.get_app_password("id1").unwrap().unwrap().last_used.unwrap().at, 9);
     assert_eq!(s.list_app_passwords("a@x").unwrap()[0].last_used.as_ref().unwrap().ip, "1.2.3.4");
+    // Each protocol keeps its own last use; the newest of all is `last_used`.
+    let over = |at, p| LastUse { at, ip: "1.2.3.4".into(), client: None, protocol: Some(p) };
+    s.record_app_password_use("id1", &over(11, Scope::Imap)).unwrap();
+    s.record_app_password_use("id1", &over(12, Scope::Pop3)).unwrap();
+    s.record_app_password_use("id1", &over(13, Scope::Imap)).unwrap();
+    let rec = s.get_app_password("id1").unwrap().unwrap();
+    assert_eq!(rec.last_used.as_ref().map(|u| u.at), Some(13));
+    let by: Vec<(Scope, u64)> = rec.last_used_by.iter().map(|(p, u)| (*p, u.at)).collect();
+    assert_eq!(by, [(Scope::Imap, 13), (Scope::Pop3, 12)]);
+    assert_eq!(s.list_app_passwords("a@x").unwrap()[0].last_used_by.len(), 2);
     assert!(matches!(s.revoke_app_password("b@x", "id1"), Err(StoreError::NotFound(_))));
     assert_eq!(s.revoke_app_password("a@x", "id1").unwrap().label, "Phone");
     assert!(s.get_app_password("id1").unwrap().is_none());
     assert!(matches!(s.revoke_app_password("a@x", "id1"), Err(StoreError::NotFound(_))));
-    s.record_app_password_use("id1", &LastUse { at: 10, ip: "x".into(), client: None }).unwrap();
+    s.record_app_password_use("id1", &LastUse { at: 10, ip: "x".into(), client: None, protocol: None }).unwrap();
     assert!(s.get_app_password("id1").unwrap().is_none(), "a use does not bring a revoked record back");
     s.create_app_password(&app("id4", "a@x", "Laptop")).unwrap();
     s.remove_account("a@x").unwrap();
@@ -166,7 +177,8 @@ pub fn export_import_round_trips(s: &dyn Store, empty: &dyn Store) {
     a.backup_codes = Some(BackupCodes { generated_at: 4, hashes: vec!["h1".into(), String::new()] });
     s.create_account(&a).unwrap();
     s.create_app_password(&app("id1", "a@x", "Phone")).unwrap();
-    s.record_app_password_use("id1", &LastUse { at: 9, ip: "1.2.3.4".into(), client: Some("TB".into()) }).unwrap();
+    let used = LastUse { at: 9, ip: "1.2.3.4".into(), client: Some("TB".into()), protocol: Some(Scope::Sieve) };
+    s.record_app_password_use("id1", &used).unwrap();
     s.append_audit(&AuditEvent { at: 5, username: "a@x".into(), kind: "login".into(), detail: String::new() }).unwrap();
     let dump = s.export().unwrap();
     let mut other = dump.clone();
@@ -179,6 +191,7 @@ pub fn export_import_round_trips(s: &dyn Store, empty: &dyn Store) {
     let apps = empty.list_app_passwords("a@x").unwrap();
     assert_eq!(apps[0].label, "Phone");
     assert_eq!(apps[0].last_used.as_ref().unwrap().client.as_deref(), Some("TB"));
+    assert_eq!(apps[0].last_used_by.get(&Scope::Sieve), Some(&used), "the per-protocol last use comes across");
     assert_eq!(empty.recent_audit("a@x", 5).unwrap().len(), 1);
     assert!(matches!(empty.import(&dump), Err(StoreError::Conflict(_))), "not into a non-empty store");
     assert!(matches!(empty.create_app_password(&app("id2", "a@x", "phone")), Err(StoreError::Conflict(_))));

@@ -122,21 +122,40 @@ pub enum Scope {
     Imap,
     /// SMTP submission.
     Smtp,
+    /// POP3.
+    Pop3,
+    /// ManageSieve (editing mail filters).
+    Sieve,
 }
 
 impl Scope {
-    /// Lower-case name.
+    /// Every scope, in the order they are shown.
+    pub const ALL: [Scope; 4] = [Scope::Imap, Scope::Smtp, Scope::Pop3, Scope::Sieve];
+
+    /// Lower-case name, as in `--scope` and `--json`.
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Imap => "imap",
             Scope::Smtp => "smtp",
+            Scope::Pop3 => "pop3",
+            Scope::Sieve => "sieve",
+        }
+    }
+
+    /// The protocol's name as people read it ("IMAP", "ManageSieve").
+    pub fn label(self) -> &'static str {
+        match self {
+            Scope::Imap => "IMAP",
+            Scope::Smtp => "SMTP",
+            Scope::Pop3 => "POP3",
+            Scope::Sieve => "ManageSieve",
         }
     }
 }
 
-/// A scope name that is neither `imap` nor `smtp` (as given, trimmed and lower-cased).
+/// A scope name that is not one of [`Scope::ALL`] (as given, trimmed and lower-cased).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scope `{0}` (expected imap or smtp)")]
+#[error("unknown scope `{0}` (expected imap, smtp, pop3 or sieve)")]
 pub struct UnknownScope(pub String);
 
 impl std::str::FromStr for Scope {
@@ -145,6 +164,8 @@ impl std::str::FromStr for Scope {
         match s.trim().to_ascii_lowercase().as_str() {
             "imap" => Ok(Scope::Imap),
             "smtp" => Ok(Scope::Smtp),
+            "pop3" => Ok(Scope::Pop3),
+            "sieve" | "managesieve" => Ok(Scope::Sieve),
             other => Err(UnknownScope(other.to_string())),
         }
     }
@@ -245,6 +266,9 @@ pub struct LastUse {
     pub ip: String,
     /// Client name from IMAP `ID`, if sent.
     pub client: Option<String>,
+    /// The protocol it was used over (older records have none).
+    #[serde(default)]
+    pub protocol: Option<Scope>,
 }
 
 /// An app password record. The secret itself is never stored, only its hash.
@@ -266,6 +290,9 @@ pub struct AppPasswordRecord {
     pub created_by: String,
     /// Last successful use.
     pub last_used: Option<LastUse>,
+    /// Last successful use over each protocol (empty in older records).
+    #[serde(default)]
+    pub last_used_by: std::collections::BTreeMap<Scope, LastUse>,
 }
 
 impl std::fmt::Debug for AppPasswordRecord {

@@ -7,7 +7,9 @@
 //!   failure count) is one compare-and-set statement. Two nodes accepting the same TOTP
 //!   code at once: one update wins, the other re-reads and finds the step used.
 //! * `app_passwords(id PK, username → accounts ON DELETE CASCADE, label_key, data,
-//!   last_used)`: JSON [`AppPasswordRecord`]; `UNIQUE(username, label_key)`.
+//!   last_used, last_used_by)`: JSON [`AppPasswordRecord`]; `UNIQUE(username, label_key)`.
+//!   The last uses are columns of their own, so recording one is a single UPDATE that
+//!   never rewrites the record (`last_used_by` is a JSON object: protocol → last use).
 //! * `audit(seq, username, data)`.
 //! * `web_sessions(key PK, sealed, username, anonymous, last_seen, expires_at, version,
 //!   client_key)`: the web step's sessions, so any node serves any request
@@ -113,6 +115,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     );
     CREATE INDEX familiar_by_at ON familiar (at);",
     ),
+    (5, "ALTER TABLE app_passwords ADD COLUMN last_used_by text NOT NULL DEFAULT '{}';"),
 ];
 
 /// Refilled budget entries (and familiar addresses too old to count) are purged on one
@@ -338,12 +341,19 @@ async fn notify(c: &impl deadpool_postgres::GenericClient, ev: &LiveEvent) -> Re
     Ok(())
 }
 
-fn app_record(data: &str, last_used: Option<String>, id: &str) -> Result<AppPasswordRecord, StoreError> {
+/// An app password from its row: `data`, `last_used`, `last_used_by`.
+fn app_record(
+    data: &str,
+    last_used: Option<String>,
+    last_used_by: &str,
+    id: &str,
+) -> Result<AppPasswordRecord, StoreError> {
     let mut rec: AppPasswordRecord = decode(id, data)?;
     rec.last_used = match last_used {
         Some(l) => Some(decode(id, &l)?),
         None => None,
     };
+    rec.last_used_by = decode(id, last_used_by)?;
     Ok(rec)
 }
 
@@ -450,6 +460,7 @@ impl Store for PgStore {
     fn create_app_password(&self, record: &AppPasswordRecord) -> Result<(), StoreError> {
         let mut stored = record.clone();
         stored.last_used = None;
+        stored.last_used_by.clear();
         let (id, name, key, data) =
             (record.id.clone(), record.username.clone(), label_key(&record.label), encode(&stored)?);
         let label = record.label.clone();
@@ -494,9 +505,11 @@ impl Store for PgStore {
     fn get_app_password(&self, id: &str) -> Result<Option<AppPasswordRecord>, StoreError> {
         let id = id.to_string();
         self.run(move |c| async move {
-            let row =
-                c.query_opt("SELECT data, last_used FROM app_passwords WHERE id = $1", &[&id]).await.map_err(pg)?;
-            row.map(|r| app_record(r.get(0), r.get(1), &id)).transpose()
+            let row = c
+                .query_opt("SELECT data, last_used, last_used_by FROM app_passwords WHERE id = $1", &[&id])
+                .await
+                .map_err(pg)?;
+            row.map(|r| app_record(r.get(0), r.get(1), r.get(2), &id)).transpose()
         })
     }
 
@@ -504,11 +517,13 @@ impl Store for PgStore {
         let name = username.to_string();
         self.run(move |c| async move {
             let rows = c
-                .query("SELECT id, data, last_used FROM app_passwords WHERE username = $1", &[&name])
+                .query("SELECT id, data, last_used, last_used_by FROM app_passwords WHERE username = $1", &[&name])
                 .await
                 .map_err(pg)?;
-            let mut out =
-                rows.iter().map(|r| app_record(r.get(1), r.get(2), r.get(0))).collect::<Result<Vec<_>, _>>()?;
+            let mut out = rows
+                .iter()
+                .map(|r| app_record(r.get(1), r.get(2), r.get(3), r.get(0)))
+                .collect::<Result<Vec<_>, _>>()?;
             out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
             Ok(out)
         })
@@ -520,7 +535,7 @@ impl Store for PgStore {
             let tx = c.transaction().await.map_err(pg)?;
             let row = tx
                 .query_opt(
-                    "DELETE FROM app_passwords WHERE id = $1 AND username = $2 RETURNING data, last_used",
+                    "DELETE FROM app_passwords WHERE id = $1 AND username = $2 RETURNING data, last_used, last_used_by",
                     &[&id, &name],
                 )
                 .await
@@ -528,7 +543,7 @@ impl Store for PgStore {
             let Some(row) = row else {
                 return Err(StoreError::NotFound(format!("{name} has no app password with id {id}")));
             };
-            let rec = app_record(row.get(0), row.get(1), &id)?;
+            let rec = app_record(row.get(0), row.get(1), row.get(2), &id)?;
             notify(&tx, &LiveEvent::End { username: name.clone(), app_password_id: Some(id.clone()) }).await?;
             tx.commit().await.map_err(pg)?;
             Ok(rec)
@@ -536,9 +551,19 @@ impl Store for PgStore {
     }
 
     fn record_app_password_use(&self, id: &str, used: &LastUse) -> Result<(), StoreError> {
+        let protocol = used.protocol.map(|p| p.as_str()).unwrap_or("");
         let (id, used) = (id.to_string(), encode(used)?);
         self.run(move |c| async move {
-            c.execute("UPDATE app_passwords SET last_used = $2 WHERE id = $1", &[&id, &used]).await.map_err(pg)?;
+            // One statement: two nodes recording uses over two protocols at once keep both.
+            c.execute(
+                "UPDATE app_passwords SET last_used = $2::text,
+                   last_used_by = CASE WHEN $3::text = '' THEN last_used_by
+                                  ELSE (last_used_by::jsonb || jsonb_build_object($3::text, $2::text::jsonb))::text END
+                 WHERE id = $1",
+                &[&id, &used, &protocol],
+            )
+            .await
+            .map_err(pg)?;
             Ok(())
         })
     }
@@ -586,9 +611,14 @@ impl Store for PgStore {
     fn export(&self) -> Result<Dump, StoreError> {
         let accounts = self.list_accounts()?;
         self.run(move |c| async move {
-            let rows = c.query("SELECT id, data, last_used FROM app_passwords ORDER BY id", &[]).await.map_err(pg)?;
-            let app_passwords =
-                rows.iter().map(|r| app_record(r.get(1), r.get(2), r.get(0))).collect::<Result<Vec<_>, _>>()?;
+            let rows = c
+                .query("SELECT id, data, last_used, last_used_by FROM app_passwords ORDER BY id", &[])
+                .await
+                .map_err(pg)?;
+            let app_passwords = rows
+                .iter()
+                .map(|r| app_record(r.get(1), r.get(2), r.get(3), r.get(0)))
+                .collect::<Result<Vec<_>, _>>()?;
             let rows = c.query("SELECT data FROM audit ORDER BY username, seq", &[]).await.map_err(pg)?;
             let audit = rows.iter().map(|r| decode("audit", r.get::<_, &str>(0))).collect::<Result<Vec<_>, _>>()?;
             Ok(Dump { schema_version: SCHEMA_VERSION, accounts, app_passwords, audit })
@@ -614,10 +644,13 @@ impl Store for PgStore {
             for r in &dump.app_passwords {
                 let mut stored = r.clone();
                 stored.last_used = None;
+                stored.last_used_by.clear();
                 let last = r.last_used.as_ref().map(encode).transpose()?;
+                let by = encode(&r.last_used_by)?;
                 tx.execute(
-                    "INSERT INTO app_passwords (id, username, label_key, data, last_used) VALUES ($1, $2, $3, $4, $5)",
-                    &[&r.id, &r.username, &label_key(&r.label), &encode(&stored)?, &last],
+                    "INSERT INTO app_passwords (id, username, label_key, data, last_used, last_used_by)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&r.id, &r.username, &label_key(&r.label), &encode(&stored)?, &last, &by],
                 )
                 .await
                 .map_err(pg)?;

@@ -401,6 +401,9 @@ impl Store for SledStore {
                 let old = old?;
                 let mut rec: AppPasswordRecord = serde_json::from_slice(old).ok()?;
                 rec.last_used = Some(used.clone());
+                if let Some(protocol) = used.protocol {
+                    rec.last_used_by.insert(protocol, used.clone());
+                }
                 serde_json::to_vec(&rec).ok()
             })
             .map_err(backend)?;

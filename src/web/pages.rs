@@ -6,7 +6,7 @@ use super::ClientIp;
 use super::Web;
 use super::notice;
 use super::session::{COOKIE, ENROL_SECS, MAX_WRONG_CODES, SECOND_FACTOR_SECS, STEP_UP_SECS, Stage};
-use crate::accounts::{AccountError, AccountService, Actor, check_label, fmt_time, last_used_text};
+use crate::accounts::{AccountError, AccountService, Actor, check_label, fmt_time, last_uses_text};
 use crate::auth::{WebCheck, backup_codes, password};
 use crate::secret::{SecretBytes, SecretString, ct_eq};
 use crate::store::{Account, Scope};
@@ -829,9 +829,9 @@ fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response 
         .map(|r| Row {
             id: r.id.clone(),
             label: r.label.clone(),
-            scopes: r.scopes.iter().map(|s| s.as_str().to_uppercase()).collect::<Vec<_>>().join(", "),
+            scopes: r.scopes.iter().map(|s| s.label()).collect::<Vec<_>>().join(", "),
             created: fmt_time(r.created_at),
-            last_used: last_used_text(r.last_used.as_ref()),
+            last_used: last_uses_text(&r),
         })
         .collect();
     // Devices refused for sending the account password matter only while two-step

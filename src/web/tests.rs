@@ -988,11 +988,13 @@ async fn app_password_create_list_and_revoke() {
     // It works on IMAP, and the list shows that use.
     assert!(matches!(imap_login(&env, ALICE, &shown), Verdict::Granted(_)));
     let page = c.get("/app-passwords").await;
-    assert!(page.body.contains(" from 192.0.2.1 (t)</td>"), "{}", page.body);
-    let used = LastUse { at: T0, ip: "192.0.2.7".into(), client: Some("Thunderbird".into()) };
+    assert!(page.body.contains("<td>IMAP ") && page.body.contains(" from 192.0.2.1 (t)</td>"), "{}", page.body);
+    // Each protocol shows its own last use.
+    let used = LastUse { at: T0, ip: "192.0.2.7".into(), client: None, protocol: Some(Scope::Smtp) };
     env.store.record_app_password_use(&rec.id, &used).unwrap();
     let page = c.get("/app-passwords").await;
-    assert!(page.body.contains(&format!("{} from 192.0.2.7 (Thunderbird)", fmt_time(T0))), "{}", page.body);
+    assert!(page.body.contains(" from 192.0.2.1 (t); SMTP "), "{}", page.body);
+    assert!(page.body.contains(&format!("SMTP {} from 192.0.2.7</td>", fmt_time(T0))), "{}", page.body);
 
     // IMAP-only.
     let r = c.post("/app-passwords", &[("label", "Phone"), ("scope_imap", "1")]).await;
