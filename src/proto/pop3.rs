@@ -425,6 +425,8 @@ impl PreAuth {
             return None;
         }
         let mech = mech.to_ascii_uppercase();
+        // `AUTH PLAIN ` (a trailing space) has no initial response; `=` is an empty one.
+        let ir = ir.filter(|ir| !ir.is_empty());
         match (mech.as_slice(), ir) {
             (b"PLAIN", Some(ir)) => Some(self.sasl_response(State::SaslPlain, ir)),
             (b"PLAIN", None) => {

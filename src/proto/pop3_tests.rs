@@ -294,6 +294,11 @@ fn equals_sign_is_an_empty_initial_response() {
     assert_eq!(send(&mut p, b"AUTH PLAIN =\r\n"), (String::new(), vec![Ev::Refuse(AuthReply::Failed)]));
     let mut p = session(true);
     assert_eq!(send(&mut p, b"AUTH LOGIN =\r\n"), (String::new(), vec![Ev::Refuse(AuthReply::Failed)]));
+    // A trailing space is no initial response at all: the challenge comes.
+    let mut p = session(true);
+    assert_eq!(send(&mut p, b"AUTH PLAIN \r\n"), ("+ \r\n".into(), vec![]));
+    let mut p = session(true);
+    assert_eq!(send(&mut p, b"AUTH LOGIN \r\n"), ("+ VXNlcm5hbWU6\r\n".into(), vec![]));
     // `=` answering the PLAIN challenge is empty as well.
     let mut p = session(true);
     let _ = send(&mut p, b"AUTH PLAIN\r\n");
