@@ -18,12 +18,14 @@ use std::net::SocketAddr;
 /// Longest response line accepted while logging in (Dovecot's own limit is 64 KiB).
 pub const MAX_LINE: usize = 64 * 1024;
 
-/// Which master login to use.
+/// Which master login to use (IMAP here; POP3's [`crate::proto::pop3_upstream`] uses the
+/// same choice with `AUTH PLAIN` and `USER`/`PASS`).
 #[derive(Debug, Clone)]
 pub enum LoginStyle {
     /// `AUTHENTICATE PLAIN` with authzid = user, authcid = master user.
     MasterSasl,
-    /// `LOGIN "<user><sep><master>" "<password>"`.
+    /// `LOGIN "<user><sep><master>" "<password>"` (POP3: `USER <user><sep><master>`,
+    /// then `PASS <password>`).
     MasterSeparator(String),
     /// `AUTHENTICATE PLAIN` as the user with the user's own password (which is passed
     /// in the `master_password` slot; `master_user` is not used).

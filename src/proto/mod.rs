@@ -8,14 +8,16 @@ pub mod foreign;
 pub mod from_header;
 pub mod imap;
 pub mod imap_upstream;
+pub mod pop3;
+pub mod pop3_upstream;
 pub mod proxy;
 pub mod sasl;
 pub mod smtp;
 pub mod smtp_upstream;
 
 /// What a sans-IO machine asks of the one driver (`net::driver`) next. Every protocol
-/// machine (the IMAP and SMTP fronts, the upstream IMAP and SMTP logins, the upstream
-/// SMTP reply reader) answers [`Machine::next`] with one of these.
+/// machine (the IMAP, SMTP and POP3 fronts, the upstream IMAP, SMTP and POP3 logins, the
+/// upstream SMTP reply reader) answers [`Machine::next`] with one of these.
 #[derive(Debug)]
 pub enum Next<E> {
     /// Read more bytes from the peer and [`Machine::feed`] them.

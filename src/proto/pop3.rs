@@ -1,0 +1,515 @@
+//! The POP3 pre-authentication server, sans-IO (RFC 1939, 2449 CAPA, 2595 STLS,
+//! 5034 SASL, 3206 response codes).
+//!
+//! The driver feeds the bytes the client sent ([`Machine::feed`]) and asks what to do
+//! next ([`Machine::next`]): write bytes, read more, start TLS, check credentials, close.
+//! Before authentication only CAPA, STLS, USER/PASS, AUTH PLAIN/LOGIN and QUIT are
+//! served; every size, count and byte a peer controls is bounded ([`limits`]). No
+//! credentials are accepted before TLS. Not yet wired to a listener.
+//!
+//! States: `Command` (reading commands) → `Sasl*` (AUTH exchange) → `Authenticating`
+//! (credentials handed to the driver) → `Done` (the driver relays), plus
+//! `TlsPending`/`AwaitTls` around STLS and `Closed`.
+
+use crate::proto::sasl::{self, Credentials, SaslError};
+use crate::proto::{Goodbye, Machine, Next};
+use crate::secret::SecretBytes;
+use base64::Engine as _;
+
+/// Bounds on what a client may send before it is authenticated (SECURITY.md §P).
+pub mod limits {
+    /// A command line without its CRLF: 8 KiB. RFC 2449 §4 says 255 octets, but clients
+    /// send longer `AUTH PLAIN` lines (long names and app passwords, base64-grown); 8 KiB
+    /// is IMAP's pre-login limit (Dovecot `IMAP_LOGIN_MAX_LINE_LENGTH`).
+    pub const MAX_LINE: usize = 8192;
+    /// A SASL response line (AUTH continuation): 8 KiB (Dovecot `LOGIN_MAX_AUTH_BUF_SIZE`).
+    pub const MAX_SASL_LINE: usize = 8192;
+    /// Invalid commands before the connection is closed (nginx `max_errors 5`).
+    pub const MAX_BAD: u32 = 5;
+    /// Commands of any kind before authentication (freenginx `max_commands 1000`).
+    pub const MAX_COMMANDS: u32 = 1000;
+    /// Failed authentications on one connection.
+    pub const MAX_AUTH_FAILURES: u32 = 3;
+    /// What may be buffered before authentication: the longest command line and a SASL
+    /// line pipelined behind it, with their CRLFs (more is closed, never kept).
+    pub const MAX_BUFFERED: usize = MAX_LINE + 2 + MAX_SASL_LINE + 2;
+}
+use limits::*;
+
+/// What only the driver can act on (see [`Machine`]).
+#[derive(Debug)]
+pub enum Action {
+    /// Check these credentials, then call [`PreAuth::auth_succeeded`] or [`PreAuth::auth_failed`].
+    Authenticate(Credentials),
+    /// The exchange failed before any password check (malformed SASL, foreign authzid,
+    /// cancel). Apply the failure delay, then call [`PreAuth::auth_failed`] with this reply.
+    Refuse(AuthReply),
+}
+
+/// What [`Machine::next`] returns.
+pub type Step = Next<Action>;
+
+/// How a failed authentication is answered (RFC 3206 response codes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthReply {
+    /// `-ERR [AUTH] Authentication failed.`: wrong or unknown credentials (one text for
+    /// every cause).
+    Failed,
+    /// `-ERR [AUTH] Authorization failed.`: the client asked to act as another user.
+    AuthzFailed,
+    /// `-ERR <text>`: the client cancelled the exchange or sent something that is not base64.
+    Aborted(&'static str),
+    /// `-ERR [AUTH] <text>`: a 2FA account sent its account password; the text says where
+    /// to make an app password. Sent every time: POP3 clients show the text of a failed
+    /// login, there is no alert dialog that repeats (unlike IMAP's `[ALERT]`).
+    NeedsAppPassword(String),
+    /// `-ERR [SYS/TEMP]`: throttled or upstream unavailable; try again later.
+    Unavailable,
+    /// `-ERR [IN-USE]`: this account has too many sessions from this address.
+    TooMany,
+}
+
+/// The last line of a POP3 connection that mailgate ends (RFC 3206 codes where one fits).
+pub fn goodbye(why: Goodbye) -> &'static [u8] {
+    match why {
+        Goodbye::Timeout => b"-ERR Disconnected for inactivity.\r\n",
+        Goodbye::Shutdown => b"-ERR [SYS/TEMP] Server shutting down.\r\n",
+        Goodbye::Revoked => b"-ERR [AUTH] Access revoked.\r\n",
+        Goodbye::Idle => b"-ERR Disconnected for inactivity.\r\n",
+        Goodbye::TooLong => b"-ERR [SYS/TEMP] Session too long, please reconnect.\r\n",
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Command,
+    /// `AUTH PLAIN` sent `+ `; the PLAIN message comes next.
+    SaslPlain,
+    /// `AUTH LOGIN` asked for the user name.
+    SaslLoginUser,
+    /// `AUTH LOGIN` asked for the password of `user`.
+    SaslLoginPass {
+        user: String,
+    },
+    /// Credentials (or a refusal) are with the driver.
+    Authenticating,
+    TlsPending,
+    AwaitTls,
+    Done,
+    Closed,
+}
+
+/// One line taken from the buffer.
+enum Line {
+    /// No complete line yet (and not over the limit).
+    Incomplete,
+    /// Over the limit, complete or not: the connection ends.
+    TooLong,
+    /// The line without its line end (CRLF or bare LF); secret, it may hold a password.
+    Complete(SecretBytes),
+}
+
+/// One POP3 client connection before authentication. `Debug` shows sizes and counters,
+/// never the buffered bytes (they may hold a password).
+pub struct PreAuth {
+    state: State,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    tls: bool,
+    stls_allowed: bool,
+    /// The user name of an accepted `USER`, waiting for `PASS`.
+    user: Option<String>,
+    bad: u32,
+    commands: u32,
+    failures: u32,
+    /// The first line (of the connection, or after STLS) was checked for another
+    /// protocol's request ([`crate::proto::foreign`]).
+    first_line_checked: bool,
+}
+
+impl std::fmt::Debug for PreAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreAuth")
+            .field("state", &self.state)
+            .field("tls", &self.tls)
+            .field("buffered", &self.buf.len())
+            .field("pending_output", &self.out.len())
+            .field("bad", &self.bad)
+            .field("commands", &self.commands)
+            .field("failures", &self.failures)
+            .finish()
+    }
+}
+
+impl Machine for PreAuth {
+    type Event = Action;
+
+    /// Bytes read from the client.
+    fn feed(&mut self, bytes: &[u8]) {
+        match self.state {
+            // Plaintext that arrives while TLS is being set up is never executed (CVE-2011-0411).
+            State::TlsPending | State::AwaitTls | State::Done | State::Closed => {}
+            _ => {
+                self.buf.extend_from_slice(bytes);
+                if self.buf.len() > MAX_BUFFERED {
+                    self.close_with("-ERR Input too long\r\n");
+                }
+            }
+        }
+    }
+
+    /// Next thing to do. Call again until it returns [`Next::NeedInput`] (or another
+    /// action that needs the driver).
+    fn next(&mut self) -> Step {
+        loop {
+            if !self.out.is_empty() {
+                return Next::Write(std::mem::take(&mut self.out));
+            }
+            let step = match &self.state {
+                State::Closed => return Next::Close,
+                State::Done | State::AwaitTls | State::Authenticating => return Next::NeedInput,
+                State::TlsPending => {
+                    self.state = State::AwaitTls;
+                    self.wipe_buf();
+                    return Next::StartTls;
+                }
+                State::Command => self.step_command(),
+                State::SaslPlain | State::SaslLoginUser | State::SaslLoginPass { .. } => self.step_sasl(),
+            };
+            if let Some(action) = step {
+                if matches!(action, Next::NeedInput) && !self.out.is_empty() {
+                    continue;
+                }
+                return action;
+            }
+        }
+    }
+
+    /// The TLS handshake after STLS succeeded: the session starts over, encrypted (no new
+    /// greeting, RFC 2595 §4).
+    fn tls_started(&mut self) {
+        if matches!(self.state, State::AwaitTls) {
+            self.tls = true;
+            self.stls_allowed = false;
+            self.wipe_buf();
+            self.user = None;
+            self.state = State::Command;
+            self.first_line_checked = false;
+        }
+    }
+
+    fn goodbye(&self, why: Goodbye) -> Option<&'static [u8]> {
+        Some(goodbye(why))
+    }
+}
+
+impl PreAuth {
+    /// A new connection; the greeting is queued. `tls`: the channel is already encrypted
+    /// (implicit TLS, port 995). `stls_allowed`: this listener offers STLS (port 110).
+    pub fn new(hostname: &str, tls: bool, stls_allowed: bool) -> PreAuth {
+        let mut p = PreAuth {
+            state: State::Command,
+            buf: Vec::new(),
+            out: Vec::new(),
+            tls,
+            stls_allowed: stls_allowed && !tls,
+            user: None,
+            bad: 0,
+            commands: 0,
+            failures: 0,
+            first_line_checked: false,
+        };
+        // No APOP timestamp: APOP is not offered (MD5 of a clear password on the server).
+        p.out.extend_from_slice(format!("+OK {} ready.\r\n", sanitize_text(hostname)).as_bytes());
+        p
+    }
+
+    /// The credentials were accepted and the upstream session is open. Queues
+    /// `+OK Logged in.` and returns the bytes the client pipelined after its login
+    /// command (they belong to the upstream session, untouched).
+    pub fn auth_succeeded(&mut self) -> Vec<u8> {
+        if matches!(self.state, State::Authenticating) {
+            self.out.extend_from_slice(b"+OK Logged in.\r\n");
+            self.state = State::Done;
+            return std::mem::take(&mut self.buf);
+        }
+        Vec::new()
+    }
+
+    /// The credentials were refused (or the exchange failed); answer the client. After
+    /// [`MAX_AUTH_FAILURES`] the connection ends.
+    pub fn auth_failed(&mut self, reply: AuthReply) {
+        if !matches!(self.state, State::Authenticating) {
+            return;
+        }
+        self.state = State::Command;
+        let line = match reply {
+            AuthReply::Failed => "-ERR [AUTH] Authentication failed.\r\n".to_string(),
+            AuthReply::AuthzFailed => "-ERR [AUTH] Authorization failed.\r\n".to_string(),
+            AuthReply::Aborted(text) => format!("-ERR {}\r\n", sanitize_text(text)),
+            AuthReply::NeedsAppPassword(text) => format!("-ERR [AUTH] {}\r\n", sanitize_text(&text)),
+            AuthReply::Unavailable => {
+                "-ERR [SYS/TEMP] Service temporarily unavailable, try again later.\r\n".to_string()
+            }
+            AuthReply::TooMany => "-ERR [IN-USE] Too many sessions.\r\n".to_string(),
+        };
+        self.out.extend_from_slice(line.as_bytes());
+        self.failures += 1;
+        if self.failures >= MAX_AUTH_FAILURES {
+            // The failure reply was this command's answer; nothing more is read.
+            self.close_with("");
+        }
+    }
+
+    fn capabilities(&self) -> String {
+        let mut caps = String::from(
+            "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n",
+        );
+        if self.stls_allowed && !self.tls {
+            caps.push_str("STLS\r\n");
+        }
+        if self.tls {
+            caps.push_str("USER\r\nSASL PLAIN LOGIN\r\n");
+        }
+        caps.push_str(".\r\n");
+        caps
+    }
+
+    /// Queues `line` (if any) and ends the connection; the buffered input is wiped.
+    fn close_with(&mut self, line: &str) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.wipe_buf();
+        self.state = State::Closed;
+    }
+
+    /// Empties the buffer, zeroing it first (it may hold a password).
+    fn wipe_buf(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.buf);
+    }
+
+    /// Answers an invalid command with `reply`; the [`MAX_BAD`]th gets
+    /// `-ERR Too many errors` instead and ends the connection.
+    fn bad_command(&mut self, reply: &str) {
+        self.bad += 1;
+        if self.bad >= MAX_BAD {
+            self.close_with("-ERR Too many errors\r\n");
+        } else {
+            self.out.extend_from_slice(format!("-ERR {reply}\r\n").as_bytes());
+        }
+    }
+
+    /// Takes the first line out of the buffer (CRLF or a bare LF ends it). The taken
+    /// bytes are zeroed in the buffer.
+    fn take_line(&mut self, limit: usize) -> Line {
+        let Some(pos) = self.buf.iter().position(|b| *b == b'\n') else {
+            // One byte more than the limit may be the CR of the line end.
+            return if self.buf.len() > limit + 1 { Line::TooLong } else { Line::Incomplete };
+        };
+        let end = if pos > 0 && self.buf.get(pos - 1) == Some(&b'\r') { pos - 1 } else { pos };
+        if end > limit {
+            return Line::TooLong;
+        }
+        let line = SecretBytes::from(self.buf.get(..end).unwrap_or_default().to_vec());
+        let taken = self.buf.get_mut(..=pos).unwrap_or_default();
+        zeroize::Zeroize::zeroize(taken);
+        self.buf.drain(..=pos);
+        Line::Complete(line)
+    }
+
+    fn step_command(&mut self) -> Option<Step> {
+        if self.buf.is_empty() {
+            return Some(Next::NeedInput);
+        }
+        match crate::proto::foreign::gate(&mut self.first_line_checked, &self.buf) {
+            crate::proto::foreign::Gate::Go => {}
+            crate::proto::foreign::Gate::Wait => return Some(Next::NeedInput),
+            // Another protocol's request: closed at once, nothing of it echoed.
+            crate::proto::foreign::Gate::Close => {
+                self.wipe_buf();
+                self.state = State::Closed;
+                return Some(Next::Close);
+            }
+        }
+        let line = match self.take_line(MAX_LINE) {
+            Line::Incomplete => return Some(Next::NeedInput),
+            Line::TooLong => {
+                self.close_with("-ERR Line too long\r\n");
+                return None;
+            }
+            Line::Complete(line) => line,
+        };
+        self.commands += 1;
+        if self.commands > MAX_COMMANDS {
+            self.close_with("-ERR Too many commands\r\n");
+            return None;
+        }
+        self.command(line.expose())
+    }
+
+    /// One command line (without its line end).
+    fn command(&mut self, line: &[u8]) -> Option<Step> {
+        let (word, arg) = match line.iter().position(|b| *b == b' ') {
+            Some(sp) => (&line[..sp], Some(&line[sp + 1..])),
+            None => (line, None),
+        };
+        let word = word.to_ascii_uppercase();
+        match word.as_slice() {
+            b"CAPA" => {
+                let caps = self.capabilities();
+                self.out.extend_from_slice(caps.as_bytes());
+            }
+            b"QUIT" => self.close_with("+OK Bye\r\n"),
+            b"STLS" if self.tls => self.bad_command("TLS is already active"),
+            b"STLS" if !self.stls_allowed => self.bad_command("STLS is not offered here"),
+            b"STLS" => {
+                self.out.extend_from_slice(b"+OK Begin TLS negotiation\r\n");
+                // Anything pipelined after STLS is dropped, never executed inside TLS.
+                self.wipe_buf();
+                self.state = State::TlsPending;
+            }
+            b"USER" | b"PASS" | b"AUTH" if !self.tls => {
+                // No credentials in clear, ever: not even a user name is taken.
+                self.user = None;
+                if self.stls_allowed {
+                    self.bad_command("[AUTH] TLS required: use STLS first");
+                } else {
+                    self.bad_command("[AUTH] TLS required");
+                }
+            }
+            b"USER" => match arg.map(sasl::check_username) {
+                Some(Ok(user)) => {
+                    self.user = Some(user);
+                    self.out.extend_from_slice(b"+OK Send your password\r\n");
+                }
+                _ => {
+                    self.user = None;
+                    self.bad_command("Invalid user name");
+                }
+            },
+            b"PASS" => {
+                let Some(user) = self.user.take() else {
+                    self.bad_command("Send USER first");
+                    return None;
+                };
+                return Some(match sasl::check_password(arg.unwrap_or_default()) {
+                    Ok(password) => self.authenticate(Credentials { username: user, password }),
+                    Err(_) => self.refuse(AuthReply::Failed),
+                });
+            }
+            b"AUTH" => return self.auth(arg),
+            b"STAT" | b"LIST" | b"RETR" | b"DELE" | b"NOOP" | b"RSET" | b"TOP" | b"UIDL" | b"LAST" => {
+                // RFC 1939: these belong to the TRANSACTION state, after login.
+                self.bad_command("Not allowed before login");
+            }
+            _ => self.bad_command("Unknown command"),
+        }
+        None
+    }
+
+    /// `AUTH [mechanism [initial-response]]` (RFC 5034), inside TLS.
+    fn auth(&mut self, arg: Option<&[u8]>) -> Option<Step> {
+        self.user = None;
+        let mut parts = arg.unwrap_or_default().split(|b| *b == b' ');
+        let (mech, ir, extra) = (parts.next().unwrap_or_default(), parts.next(), parts.next());
+        if mech.is_empty() {
+            if arg.is_some_and(|a| !a.is_empty()) {
+                self.bad_command("Invalid AUTH command");
+            } else {
+                // No mechanism: the list (the pre-RFC 5034 convention clients still use).
+                self.out.extend_from_slice(b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n");
+            }
+            return None;
+        }
+        if extra.is_some() {
+            self.bad_command("Invalid AUTH command");
+            return None;
+        }
+        let mech = mech.to_ascii_uppercase();
+        // `AUTH PLAIN ` (a trailing space) has no initial response; `=` is an empty one.
+        let ir = ir.filter(|ir| !ir.is_empty());
+        match (mech.as_slice(), ir) {
+            (b"PLAIN", Some(ir)) => Some(self.sasl_response(State::SaslPlain, ir)),
+            (b"PLAIN", None) => {
+                self.out.extend_from_slice(b"+ \r\n");
+                self.state = State::SaslPlain;
+                None
+            }
+            (b"LOGIN", Some(ir)) => Some(self.sasl_response(State::SaslLoginUser, ir)),
+            (b"LOGIN", None) => {
+                self.out.extend_from_slice(b"+ VXNlcm5hbWU6\r\n");
+                self.state = State::SaslLoginUser;
+                None
+            }
+            _ => {
+                self.bad_command("Unsupported authentication mechanism");
+                None
+            }
+        }
+    }
+
+    fn step_sasl(&mut self) -> Option<Step> {
+        let line = match self.take_line(MAX_SASL_LINE) {
+            Line::Incomplete => return Some(Next::NeedInput),
+            Line::TooLong => {
+                self.close_with("-ERR Authentication line too long\r\n");
+                return None;
+            }
+            Line::Complete(line) => line,
+        };
+        let state = std::mem::replace(&mut self.state, State::Command);
+        if line.expose().as_slice() == b"*" {
+            return Some(self.refuse(AuthReply::Aborted("Authentication cancelled")));
+        }
+        Some(self.sasl_response(state, line.expose()))
+    }
+
+    /// One base64 SASL response (initial or to a challenge) in exchange `state`.
+    fn sasl_response(&mut self, state: State, b64: &[u8]) -> Step {
+        // RFC 5034 §4: `=` is an empty response.
+        let decoded = if b64 == b"=" { Ok(Vec::new()) } else { base64::engine::general_purpose::STANDARD.decode(b64) };
+        let Ok(data) = decoded else {
+            return self.refuse(AuthReply::Aborted("Invalid base64 data"));
+        };
+        let data = SecretBytes::from(data);
+        match state {
+            State::SaslPlain => match sasl::decode_plain(data.expose()) {
+                Ok(creds) => self.authenticate(creds),
+                Err(SaslError::AuthzidRefused) => self.refuse(AuthReply::AuthzFailed),
+                Err(SaslError::Malformed) => self.refuse(AuthReply::Failed),
+            },
+            State::SaslLoginUser => match sasl::check_username(data.expose()) {
+                Ok(user) => {
+                    self.out.extend_from_slice(b"+ UGFzc3dvcmQ6\r\n");
+                    self.state = State::SaslLoginPass { user };
+                    Next::NeedInput
+                }
+                Err(_) => self.refuse(AuthReply::Failed),
+            },
+            State::SaslLoginPass { user } => match sasl::check_password(data.expose()) {
+                Ok(password) => self.authenticate(Credentials { username: user, password }),
+                Err(_) => self.refuse(AuthReply::Failed),
+            },
+            // Not an exchange state: nothing to decode for (not reached).
+            _ => self.refuse(AuthReply::Failed),
+        }
+    }
+
+    fn refuse(&mut self, reply: AuthReply) -> Step {
+        self.state = State::Authenticating;
+        Next::Event(Action::Refuse(reply))
+    }
+
+    fn authenticate(&mut self, creds: Credentials) -> Step {
+        self.state = State::Authenticating;
+        Next::Event(Action::Authenticate(creds))
+    }
+}
+
+/// One printable ASCII line: no CR/LF or other control characters.
+fn sanitize_text(s: &str) -> String {
+    s.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').collect::<String>().trim().to_string()
+}
+
+#[cfg(test)]
+#[path = "pop3_tests.rs"]
+mod tests;
