@@ -4,7 +4,7 @@
 //! 2FA refusal with the URL, the `pop3` scope, and the client's address in Dovecot's
 //! log by XCLIENT. Issue 17, step 2.
 
-use crate::support::client::PROMPTLY;
+use crate::support::client::{Client, PROMPTLY, tls_config};
 use crate::support::dovecot::{Dovecot, DovecotOptions};
 use crate::support::mailgate::{Mailgate, Options};
 use std::process::{Command, Output};
@@ -168,4 +168,39 @@ fn the_account_password_of_2fa_and_an_app_password_without_pop3_are_refused() {
     // The one POP3 login Dovecot saw is the account password's before 2FA.
     assert!(dovecot.wait_for_log("pop3-login: Info: Login: ", PROMPTLY), "{}", dovecot.log());
     assert_eq!(dovecot.log().matches("pop3-login: Info: Login: ").count(), 1, "{}", dovecot.log());
+}
+
+/// Start-up names the POP3 listeners and upstream; revoking the app password ends a live
+/// POP3 session with `-ERR [AUTH] Access revoked.` and the close, and the password no
+/// longer logs in.
+#[test]
+fn startup_lists_pop3_and_revocation_ends_a_live_pop3_session() {
+    let (_dovecot, mg, app) = with_pop3_dovecot();
+    let log = mg.log();
+    for line in [
+        format!("mailgate: POP3 (implicit TLS) on {}", mg.pop3s.unwrap()),
+        format!("mailgate: POP3 (STLS) on {}", mg.pop3.unwrap()),
+        "mailgate: upstream POP3 127.0.0.1:".to_string(),
+    ] {
+        assert!(log.contains(&line), "{line}\n{log}");
+    }
+    let login = |pw: &str| {
+        let mut c = Client::tls(mg.pop3s.unwrap(), tls_config(&mg.ca, &["pop3"])).unwrap();
+        assert!(c.line().starts_with("+OK"));
+        c.send(format!("USER alice@example.com\r\nPASS {pw}\r\n").as_bytes());
+        assert!(c.line().starts_with("+OK"));
+        let r = c.line();
+        (c, r)
+    };
+    let (mut c, r) = login(&app);
+    assert_eq!(r, "+OK Logged in.", "{}", mg.log());
+    c.send(b"STAT\r\n");
+    assert!(c.line().starts_with("+OK 0 0"));
+    let id = app.replace(' ', "")[..6].to_string();
+    let out = mg.ok(&["app-password", "revoke", "alice@example.com", &id]);
+    assert!(out.contains("1 live sessions ended"), "{out}");
+    assert_eq!(c.line_within(PROMPTLY).as_deref(), Some("-ERR [AUTH] Access revoked."));
+    assert!(c.closed_within(PROMPTLY));
+    let (_c, r) = login(&app);
+    assert_eq!(r, "-ERR [AUTH] Authentication failed.");
 }
