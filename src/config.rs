@@ -1057,6 +1057,20 @@ mod tests {
         let c = Config::from_toml_str(text, "example").unwrap();
         assert_eq!(c.hostname, "mail.example.com");
         assert_eq!(c.upstream_imap.address, "127.0.0.1:1143");
+        assert!(c.upstream_pop3.is_none() && c.pop3_tls.is_empty(), "POP3 is off in the example");
+        // Its commented POP3 block, uncommented, turns POP3 on.
+        let mut on = false;
+        let uncommented: Vec<&str> = text
+            .lines()
+            .map(|l| {
+                on = l == "# [pop3]" || (on && !l.is_empty());
+                if on { l.trim_start_matches("# ") } else { l }
+            })
+            .collect();
+        let c = Config::from_toml_str(&uncommented.join("\n"), "example").unwrap();
+        let up = c.upstream_pop3.as_ref().unwrap();
+        assert_eq!((up.address.as_str(), up.xclient), ("127.0.0.1:1110", true));
+        assert_eq!(c.pop3_tls, ["0.0.0.0:995".parse::<SocketAddr>().unwrap()]);
     }
 
     #[test]
