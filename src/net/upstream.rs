@@ -301,3 +301,24 @@ impl crate::net::gate::Upstream for Pop3Upstream {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::UpstreamFailure;
+    use crate::proto::pop3_upstream::UpstreamError;
+
+    /// A POP3 `-ERR` to the user's own login means a wrong password unless its response
+    /// code says the server is busy (RFC 3206 `[SYS/…]`, `[IN-USE]`): those are
+    /// "unavailable", never a wrong password counted against the account.
+    #[test]
+    fn which_pop3_answers_are_a_wrong_password() {
+        let refused = |text: &str| UpstreamFailure::Pop3Refused(text.to_string()).is_refusal();
+        assert!(refused("[AUTH] Authentication failed."));
+        assert!(refused("Authentication failed."));
+        assert!(!refused("[SYS/TEMP] Try again later."));
+        assert!(!refused("[SYS/PERM] Broken."));
+        assert!(!refused("[IN-USE] Mailbox locked."));
+        assert!(!UpstreamFailure::Pop3(UpstreamError::XClient).is_refusal());
+        assert!(!UpstreamFailure::Timeout.is_refusal());
+    }
+}
