@@ -204,3 +204,30 @@ fn startup_lists_pop3_and_revocation_ends_a_live_pop3_session() {
     let (_c, r) = login(&app);
     assert_eq!(r, "-ERR [AUTH] Authentication failed.");
 }
+
+/// `password_check = "upstream"`: a user known only to Dovecot logs in over POP3 with the
+/// Dovecot password, and that login is the session (no master user); a wrong password is
+/// refused like any other.
+#[test]
+fn with_upstream_password_checks_the_users_own_pop3_login_is_the_session() {
+    let users = vec![("bob@example.com".to_string(), "bob-dovecot-password".to_string())];
+    let dovecot = Dovecot::start(DovecotOptions { users, pop3: true, ..DovecotOptions::default() });
+    let mg = Mailgate::start(Options {
+        upstream: format!("127.0.0.1:{}", dovecot.port),
+        master_password: "master-password".into(),
+        pop3_upstream: Some(format!("127.0.0.1:{}", dovecot.pop3_port.unwrap())),
+        pop3_upstream_extra: "xclient = true\n".into(),
+        extra_sections: "[accounts]\npassword_check = \"upstream\"\n".into(),
+        ..Options::default()
+    });
+    let (ca, stls) = (mg.ca.display().to_string(), mg.pop3.unwrap().port().to_string());
+    let out = python(PY_LOGIN, &["stls", &stls, "bob@example.com", "bob-dovecot-password", &ca, "127.0.0.12"]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("+OK"), "{}\n{}", text(&out), mg.log());
+    let line = "pop3-login: Info: Login: user=<bob@example.com>, method=PLAIN, rip=127.0.0.12";
+    assert!(dovecot.wait_for_log(line, PROMPTLY), "{}", dovecot.log());
+    assert!(!dovecot.log().contains("Master user logging in as bob"), "{}", dovecot.log());
+    assert!(mg.ok(&["user", "list"]).contains("bob@example.com"));
+    let out = python(PY_LOGIN, &["stls", &stls, "bob@example.com", "not-bobs-password", &ca, "127.0.0.12"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("-ERR [AUTH] Authentication failed."), "{}\n{}", text(&out), mg.log());
+}
