@@ -10,12 +10,15 @@ pub mod imap;
 pub mod imap_upstream;
 pub mod proxy;
 pub mod sasl;
+pub mod sieve;
+pub mod sieve_upstream;
 pub mod smtp;
 pub mod smtp_upstream;
 
 /// What a sans-IO machine asks of the one driver (`net::driver`) next. Every protocol
 /// machine (the IMAP and SMTP fronts, the upstream IMAP and SMTP logins, the upstream
-/// SMTP reply reader) answers [`Machine::next`] with one of these.
+/// SMTP reply reader, the ManageSieve front and upstream login) answers [`Machine::next`]
+/// with one of these.
 #[derive(Debug)]
 pub enum Next<E> {
     /// Read more bytes from the peer and [`Machine::feed`] them.

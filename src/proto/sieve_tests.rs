@@ -1,0 +1,3 @@
+//! Session tests for the ManageSieve pre-auth machine: bytes in, bytes and actions out.
+
+use super::*;

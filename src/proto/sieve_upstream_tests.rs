@@ -1,0 +1,3 @@
+//! Scripted upstream (Pigeonhole-like) exchanges for the ManageSieve master login.
+
+use super::*;
