@@ -392,10 +392,7 @@ fn auth_failed_replies_table() {
             AuthReply::NeedsAppPassword("Use an \"app\" password\r\nfrom C:\\web\0".into()),
             "NO (AUTH) \"Use an \\\"app\\\" passwordfrom C:\\\\web\"\r\n".into(),
         ),
-        (
-            AuthReply::Unavailable,
-            "NO (TRYLATER) \"Service temporarily unavailable, try again later.\"\r\n".into(),
-        ),
+        (AuthReply::Unavailable, "NO (TRYLATER) \"Service temporarily unavailable, try again later.\"\r\n".into()),
         (AuthReply::TooMany, "NO (TRYLATER) \"Too many sessions.\"\r\n".into()),
     ] {
         let mut p = session(true);
@@ -529,11 +526,7 @@ fn ten_megabytes_without_crlf_closes_with_bounded_buffer() {
 
 #[test]
 fn large_literals_close() {
-    for input in [
-        &b"PUTSCRIPT \"s\" {8193+}\r\n"[..],
-        b"PUTSCRIPT \"s\" {8193}\r\n",
-        b"NOOP {4294967296+}\r\n",
-    ] {
+    for input in [&b"PUTSCRIPT \"s\" {8193+}\r\n"[..], b"PUTSCRIPT \"s\" {8193}\r\n", b"NOOP {4294967296+}\r\n"] {
         let mut p = session(true);
         assert_eq!(send(&mut p, input), ("BYE \"Literal too big.\"\r\n".into(), vec![Ev::Close]), "{}", text(input));
     }
@@ -636,13 +629,13 @@ fn drive_turns(tls: bool, turns: &[Vec<Vec<u8>>]) -> Result<Transcript, TestCase
     let mut closed = false;
     let mut await_tls = false;
     let mut w = Vec::new();
-    let mut poll = |p: &mut PreAuth,
-                    t: &mut Transcript,
-                    w: &mut Vec<u8>,
-                    done: &mut bool,
-                    closed: &mut bool,
-                    await_tls: &mut bool,
-                    encrypted: bool|
+    let poll = |p: &mut PreAuth,
+                t: &mut Transcript,
+                w: &mut Vec<u8>,
+                done: &mut bool,
+                closed: &mut bool,
+                await_tls: &mut bool,
+                encrypted: bool|
      -> Result<(), TestCaseError> {
         for _ in 0..100_000 {
             let step = p.next();

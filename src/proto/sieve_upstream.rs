@@ -109,8 +109,8 @@ enum State {
     Finished,
 }
 
-/// The upstream ManageSieve login exchange for one session.
-#[derive(Debug)]
+/// The upstream ManageSieve login exchange for one session. `Debug` shows the state and
+/// sizes, never the pending output (it may hold the master login).
 pub struct UpstreamLogin {
     state: State,
     buf: Vec<u8>,
@@ -124,6 +124,21 @@ pub struct UpstreamLogin {
     /// The client's address, passed with XCLIENT when upstream offers it.
     client: Option<SocketAddr>,
     caps: Vec<Capability>,
+}
+
+impl std::fmt::Debug for UpstreamLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamLogin")
+            .field("state", &self.state)
+            .field("user", &self.user)
+            .field("style", &self.style)
+            .field("starttls", &self.starttls)
+            .field("client", &self.client)
+            .field("buffered", &self.buf.len())
+            .field("pending_output", &self.out.len())
+            .field("capabilities", &self.caps.len())
+            .finish()
+    }
 }
 
 impl Machine for UpstreamLogin {
