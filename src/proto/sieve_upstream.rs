@@ -295,6 +295,9 @@ impl UpstreamLogin {
                 }
                 _ => Some(self.fail(UpstreamError::StartTls)),
             },
+            // A capability line here (a server that lists again after XCLIENT) changes
+            // nothing: the listing kept is the greeting's.
+            State::XClient if capability(tokens).is_some() => None,
             State::XClient => match response {
                 Some(Response { kind: Kind::Ok, .. }) => self.send_login(),
                 Some(_) => Some(self.fail(UpstreamError::XClient)),

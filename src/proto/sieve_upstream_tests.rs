@@ -121,6 +121,10 @@ fn xclient_on_off_and_not_offered() {
     assert_eq!(send(&mut u, GREETING_XCLIENT), ("XCLIENT ADDR=203.0.113.7 PORT=51234\r\n".into(), vec![]));
     assert_eq!(send(&mut u, b"OK \"Updated\"\r\n"), (auth_line(USER, MASTER), vec![]));
     assert_eq!(send(&mut u, b"OK \"Logged in.\"\r\n").1, vec![logged_in()]);
+    // A listing sent again after XCLIENT is read past.
+    let mut u = new_login(LoginStyle::MasterSasl, false, true);
+    let _ = send(&mut u, GREETING_XCLIENT);
+    assert_eq!(send(&mut u, b"\"SASL\" \"PLAIN\"\r\nOK\r\n").0, auth_line(USER, MASTER));
     // Offered, not asked for.
     let mut u = new_login(LoginStyle::MasterSasl, false, false);
     assert_eq!(send(&mut u, GREETING_XCLIENT).0, auth_line(USER, MASTER));
