@@ -116,7 +116,7 @@ impl std::fmt::Display for Trigger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Trigger::Signal => "SIGHUP",
-            Trigger::FileChange => "file change",
+            Trigger::FileChange => "file-change",
         })
     }
 }
