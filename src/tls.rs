@@ -11,6 +11,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use zeroize::Zeroizing;
 
 /// A TLS set-up problem.
 #[derive(Debug, thiserror::Error)]
@@ -151,10 +152,11 @@ impl std::fmt::Debug for CertStore {
     }
 }
 
-/// Reads both files: their bytes, or the error naming the one that could not be read.
-fn read_files(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+/// Reads both files: their bytes (the key's wiped when dropped), or the error naming the
+/// one that could not be read.
+fn read_files(cert: &Path, key: &Path) -> Result<(Vec<u8>, Zeroizing<Vec<u8>>), TlsError> {
     let c = std::fs::read(cert).map_err(|e| pem_err(cert, e))?;
-    let k = std::fs::read(key).map_err(|e| pem_err(key, e))?;
+    let k = Zeroizing::new(std::fs::read(key).map_err(|e| pem_err(key, e))?);
     Ok((c, k))
 }
 
@@ -176,7 +178,8 @@ fn parse_pair(cert: &Path, key: &Path, cert_pem: &[u8], key_pem: &[u8]) -> Resul
     let signing = provider().key_provider.load_private_key(private).map_err(|e| pem_err(key, e))?;
     let certified = CertifiedKey::new(certs, signing);
     match certified.keys_match() {
-        Ok(()) => {}
+        // Unknown: the key type cannot tell its public key (as CertifiedKey::from_der, let it be).
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
         Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
             return Err(pem_err(key, format!("is not the key of the certificate in {}", cert.display())));
         }
