@@ -235,7 +235,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
     raise_fd_limit(config.limits.max_connections, config.limits.max_connections_set);
-    let acceptor = TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])?);
+    // One certificate for every listener; SIGHUP or a change of its files replaces it.
+    let certs = crate::tls::CertStore::load(&config.tls_cert, &config.tls_key)?;
+    let cert_task = tokio::spawn(crate::tls::keep_current(certs.clone(), config.tls_reload_check));
+    let acceptor = TlsAcceptor::from(crate::tls::server_config(&certs, &["imap"])?);
     let connector = ImapUpstream(Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?));
     let sessions = LiveSessions::default();
     // Several nodes on one database: session-ending changes travel both ways.
@@ -276,7 +279,7 @@ pub async fn run(
     let service = Arc::new(ImapService { config: config.clone(), acceptor, gate: gate.clone(), upstream: connector });
     let smtp = Arc::new(SmtpService {
         config: config.clone(),
-        acceptor: TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["smtp"])?),
+        acceptor: TlsAcceptor::from(crate::tls::server_config(&certs, &["smtp"])?),
         gate,
         upstream: Arc::new(Connector::new(&config.upstream_smtp, config.limits.upstream_timeout)?),
         upstream_extensions: std::sync::RwLock::new(None),
@@ -296,8 +299,7 @@ pub async fn run(
         clock: Arc::new(crate::auth::clock::SystemClock),
     });
     let router = crate::web::router(web);
-    let web_acceptor =
-        TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["h2", "http/1.1"])?);
+    let web_acceptor = TlsAcceptor::from(crate::tls::server_config(&certs, &["h2", "http/1.1"])?);
     let admin_ctx = Arc::new(admin::Context {
         store: store.clone(),
         key,
@@ -395,6 +397,7 @@ pub async fn run(
         tracing::warn!("some connections did not end in time; closing them");
     }
     admin_task.abort();
+    cert_task.abort();
     let _ = std::fs::remove_file(&socket_path);
     store.flush()?;
     Ok(())
