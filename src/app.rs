@@ -242,7 +242,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
     raise_fd_limit(config.limits.max_connections, config.limits.max_connections_set);
-    let acceptor = TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])?);
+    // One certificate for every listener; SIGHUP or a change of its files replaces it.
+    let certs = crate::tls::CertStore::load(&config.tls_cert, &config.tls_key)?;
+    let cert_task = tokio::spawn(crate::tls::keep_current(certs.clone(), config.tls_reload_check));
+    let acceptor = TlsAcceptor::from(crate::tls::server_config(&certs, &["imap"])?);
     let connector = ImapUpstream(Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?));
     let sessions = LiveSessions::default();
     // Several nodes on one database: session-ending changes travel both ways.
@@ -283,7 +286,7 @@ pub async fn run(
     let service = Arc::new(ImapService { config: config.clone(), acceptor, gate: gate.clone(), upstream: connector });
     let smtp = Arc::new(SmtpService {
         config: config.clone(),
-        acceptor: TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["smtp"])?),
+        acceptor: TlsAcceptor::from(crate::tls::server_config(&certs, &["smtp"])?),
         gate: gate.clone(),
         upstream: Arc::new(Connector::new(&config.upstream_smtp, config.limits.upstream_timeout)?),
         upstream_extensions: std::sync::RwLock::new(None),
@@ -292,7 +295,7 @@ pub async fn run(
     let pop3 = match &config.upstream_pop3 {
         Some(up) => Some(Arc::new(Pop3Service {
             config: config.clone(),
-            acceptor: TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["pop3"])?),
+            acceptor: TlsAcceptor::from(crate::tls::server_config(&certs, &["pop3"])?),
             gate,
             upstream: Pop3Upstream(Arc::new(Connector::new(up, config.limits.upstream_timeout)?)),
         })),
@@ -313,8 +316,7 @@ pub async fn run(
         clock: Arc::new(crate::auth::clock::SystemClock),
     });
     let router = crate::web::router(web);
-    let web_acceptor =
-        TlsAcceptor::from(crate::tls::server_config(&config.tls_cert, &config.tls_key, &["h2", "http/1.1"])?);
+    let web_acceptor = TlsAcceptor::from(crate::tls::server_config(&certs, &["h2", "http/1.1"])?);
     let admin_ctx = Arc::new(admin::Context {
         store: store.clone(),
         key,
@@ -430,6 +432,7 @@ pub async fn run(
         tracing::warn!("some connections did not end in time; closing them");
     }
     admin_task.abort();
+    cert_task.abort();
     let _ = std::fs::remove_file(&socket_path);
     store.flush()?;
     Ok(())
@@ -438,25 +441,55 @@ pub async fn run(
 /// The longest shutdown waits for connections to say goodbye.
 const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Waits for one signal stream (forever if it could not be set up).
+async fn wait(s: Option<&mut tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: a SIGTERM that arrives right after start-up (after
+/// "mailgate serving" is logged, before `run` awaits this) must end mailgate cleanly,
+/// not kill it with the signal's default action.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind, name: &str| match signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot listen for {name} ({e})");
+            None
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+    let mut term = listen(SignalKind::terminate(), "SIGTERM");
+    let mut int = listen(SignalKind::interrupt(), "SIGINT");
+    async move {
+        tokio::select! {
+            _ = wait(term.as_mut()) => {}
+            _ = wait(int.as_mut()) => {}
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::{FdLimit, fds_needed};
+
+    /// A SIGTERM that arrives after `shutdown_signal()` is called but before its future is
+    /// first polled is seen by the future, not taken with the default action (which would
+    /// kill this test process). Under load, that window was open between "mailgate
+    /// serving" and the first poll: a test's SIGTERM killed serve instead of ending it.
+    #[tokio::test]
+    async fn a_sigterm_before_the_first_poll_ends_cleanly() {
+        let stop = super::shutdown_signal();
+        let sent = std::process::Command::new("kill").args(["-TERM", &std::process::id().to_string()]).status();
+        assert!(sent.is_ok_and(|s| s.success()));
+        let seen = tokio::time::timeout(std::time::Duration::from_secs(120), stop).await;
+        assert!(seen.is_ok(), "the SIGTERM was not seen");
+    }
 
     /// The open-file warning comes only when the limit is short of a `max_connections` the
     /// admin set; the default (10,000 → 20,256 files) on a machine whose hard limit is

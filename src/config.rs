@@ -261,6 +261,11 @@ struct RawTls {
     cert: PathBuf,
     #[serde(default = "d_key")]
     key: PathBuf,
+    #[serde(default = "d_reload_check")]
+    reload_check_secs: u64,
+}
+fn d_reload_check() -> u64 {
+    60
 }
 fn d_cert() -> PathBuf {
     "certs/cert.pem".into()
@@ -270,7 +275,7 @@ fn d_key() -> PathBuf {
 }
 impl Default for RawTls {
     fn default() -> Self {
-        RawTls { cert: d_cert(), key: d_key() }
+        RawTls { cert: d_cert(), key: d_key(), reload_check_secs: d_reload_check() }
     }
 }
 
@@ -599,6 +604,8 @@ pub struct Config {
     pub tls_cert: PathBuf,
     /// Private key (PEM).
     pub tls_key: PathBuf,
+    /// How often the certificate and key files are checked for a change (`tls.reload_check_secs`).
+    pub tls_reload_check: Duration,
     /// IMAP implicit-TLS listeners.
     pub imap_tls: Vec<SocketAddr>,
     /// IMAP STARTTLS listeners.
@@ -845,6 +852,10 @@ impl Config {
             data_dir: s.data_dir,
             tls_cert: raw.tls.cert,
             tls_key: raw.tls.key,
+            tls_reload_check: match raw.tls.reload_check_secs {
+                0 => return Err(invalid("tls.reload_check_secs", "must be greater than 0")),
+                secs => Duration::from_secs(secs),
+            },
             imap_tls,
             imap_starttls,
             smtp_tls,
@@ -1006,6 +1017,17 @@ mod tests {
         assert!(c.imap_tls[0].ip().is_loopback());
         assert_eq!(c.upstream_imap.login, UpstreamLogin::MasterSasl);
         assert_eq!(c.app_password_url(), "https://localhost:8443/app-passwords");
+    }
+
+    /// The certificate files are checked every minute unless `tls.reload_check_secs` says
+    /// otherwise; 0 is refused.
+    #[test]
+    fn the_certificate_check_interval() {
+        assert_eq!(Config::from_toml_str("", "t").unwrap().tls_reload_check, Duration::from_secs(60));
+        let c = Config::from_toml_str("[tls]\nreload_check_secs = 5", "t").unwrap();
+        assert_eq!(c.tls_reload_check, Duration::from_secs(5));
+        let e = Config::from_toml_str("[tls]\nreload_check_secs = 0", "t").unwrap_err().to_string();
+        assert!(e.contains("tls.reload_check_secs"), "{e}");
     }
 
     /// The start-up summary is in the admin's words: no Rust names like `None` or

@@ -315,8 +315,7 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
         }
     }
     // Fail on the certificates before opening any port.
-    mailgate::tls::server_config(&config.tls_cert, &config.tls_key, &["imap"])
-        .with_context(|| "[tls] cert/key".to_string())?;
+    mailgate::tls::CertStore::load(&config.tls_cert, &config.tls_key).with_context(|| "[tls] cert/key".to_string())?;
     let upstreams = [
         (Some(&config.upstream_imap), "[upstream.imap] ca_file"),
         (Some(&config.upstream_smtp), "[upstream.smtp] ca_file"),

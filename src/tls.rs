@@ -1,12 +1,17 @@
 //! TLS configuration: the server side (listeners) and the client side (upstream).
-//! Built once at start-up. No protocol knowledge.
+//! The client side is built once at start-up; the server certificate lives in one
+//! [`CertStore`] that every listener's resolver reads and that SIGHUP or a change of the
+//! files replaces ([`keep_current`]). No protocol knowledge.
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use std::path::Path;
-use std::sync::Arc;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use zeroize::Zeroizing;
 
 /// A TLS set-up problem.
 #[derive(Debug, thiserror::Error)]
@@ -47,38 +52,272 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// Serves the one certificate to clients that send no SNI (they connect by address) or an
-/// SNI name the certificate is valid for; any other name aborts the handshake (ALPACA
-/// strict SNI). Nothing is cached per name, so random names cost no memory.
-#[derive(Debug)]
-struct StrictSni {
+/// The certificate and key in service, as one unit: what the resolver hands out.
+struct Pair {
     key: Arc<CertifiedKey>,
     leaf: CertificateDer<'static>,
 }
 
-impl ResolvesServerCert for StrictSni {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let Some(name) = hello.server_name() else { return Some(self.key.clone()) };
-        let name = ServerName::try_from(name).ok()?;
-        let leaf = webpki::EndEntityCert::try_from(&self.leaf).ok()?;
-        leaf.verify_is_valid_for_subject_name(&name).ok()?;
-        Some(self.key.clone())
+/// What a certificate says about itself, for the log line of a (re)load: its subject, the
+/// names in its subjectAltName extension and the end of its validity (RFC 3339, UTC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject's distinguished name (e.g. `CN=mail.example.com`).
+    pub subject: String,
+    /// DNS names and IP addresses the certificate is for.
+    pub names: Vec<String>,
+    /// `notAfter`.
+    pub not_after: String,
+}
+
+impl CertInfo {
+    fn of(leaf: &CertificateDer<'_>) -> CertInfo {
+        use x509_cert::der::Decode as _;
+        let Ok(cert) = x509_cert::Certificate::from_der(leaf) else {
+            // rustls accepted it, so this does not happen; the log line says so if it does.
+            return CertInfo { subject: "(unparsed)".into(), names: Vec::new(), not_after: "(unparsed)".into() };
+        };
+        let tbs = &cert.tbs_certificate;
+        let names = match tbs.get::<x509_cert::ext::pkix::SubjectAltName>() {
+            Ok(Some((_, san))) => san
+                .0
+                .iter()
+                .filter_map(|n| match n {
+                    x509_cert::ext::pkix::name::GeneralName::DnsName(d) => Some(d.to_string()),
+                    x509_cert::ext::pkix::name::GeneralName::IpAddress(ip) => {
+                        let b = ip.as_bytes();
+                        <[u8; 4]>::try_from(b)
+                            .map(|a| std::net::IpAddr::from(a).to_string())
+                            .or_else(|_| <[u8; 16]>::try_from(b).map(|a| std::net::IpAddr::from(a).to_string()))
+                            .ok()
+                    }
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        CertInfo {
+            subject: tbs.subject.to_string(),
+            names,
+            not_after: tbs.validity.not_after.to_date_time().to_string(),
+        }
     }
 }
 
-/// The server configuration for one protocol; `alpn` is its IANA ALPN id ("imap", "smtp").
-/// A client that offers ALPN without it is refused (ALPACA); one that offers none is served.
-/// TLS 1.2 and 1.3 only, forward-secret suites (rustls' defaults).
-pub fn server_config(cert: &Path, key: &Path, alpn: &[&str]) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = load_certs(cert)?;
+/// Why a reload was asked for (named in the log line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// SIGHUP (`systemctl reload mailgate`).
+    Signal,
+    /// The periodic check found the certificate or key file changed.
+    FileChange,
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Trigger::Signal => "SIGHUP",
+            Trigger::FileChange => "file-change",
+        })
+    }
+}
+
+/// The server certificate of every listener (IMAP, SMTP, web): one shared resolver whose
+/// pair can be replaced while serving. A handshake takes the pair in service when it
+/// starts, so a reload changes what new connections get and never touches a connection
+/// already made (each holds its own rustls state). A new pair that cannot be read, parsed
+/// or whose key does not match the certificate is refused, and the old pair stays.
+///
+/// Serves the certificate to clients that send no SNI (they connect by address) or an
+/// SNI name the certificate is valid for; any other name aborts the handshake (ALPACA
+/// strict SNI). Nothing is cached per name, so random names cost no memory.
+pub struct CertStore {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: RwLock<Arc<Pair>>,
+    /// SHA-256 over both files as last read (never logged): the periodic check reloads
+    /// when it differs, and a refused pair is not tried (and logged) again until the files
+    /// change once more. `None`: a file could not be read.
+    seen: Mutex<Option<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for CertStore {
+    // The key stays out of Debug output: only the paths and the certificate's names.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore")
+            .field("cert", &self.cert_path)
+            .field("key", &self.key_path)
+            .field("in_service", &self.info())
+            .finish()
+    }
+}
+
+/// Reads both files: their bytes (the key's wiped when dropped), or the error naming the
+/// one that could not be read.
+fn read_files(cert: &Path, key: &Path) -> Result<(Vec<u8>, Zeroizing<Vec<u8>>), TlsError> {
+    let c = std::fs::read(cert).map_err(|e| pem_err(cert, e))?;
+    let k = Zeroizing::new(std::fs::read(key).map_err(|e| pem_err(key, e))?);
+    Ok((c, k))
+}
+
+fn digest(cert: &[u8], key: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update((cert.len() as u64).to_be_bytes());
+    h.update(cert);
+    h.update(key);
+    h.finalize().into()
+}
+
+/// Parses a pair read from `cert` and `key` and checks that the key is the certificate's.
+fn parse_pair(cert: &Path, key: &Path, cert_pem: &[u8], key_pem: &[u8]) -> Result<Pair, TlsError> {
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert_pem).collect::<Result<_, _>>().map_err(|e| pem_err(cert, e))?;
     let leaf = certs.first().cloned().ok_or_else(|| pem_err(cert, "no certificate found"))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?;
-    let provider = provider();
-    let certified = Arc::new(CertifiedKey::from_der(certs, key, &provider)?);
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| pem_err(key, e))?;
+    let signing = provider().key_provider.load_private_key(private).map_err(|e| pem_err(key, e))?;
+    let certified = CertifiedKey::new(certs, signing);
+    match certified.keys_match() {
+        // Unknown: the key type cannot tell its public key (as CertifiedKey::from_der, let it be).
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(pem_err(key, format!("is not the key of the certificate in {}", cert.display())));
+        }
+        Err(e) => return Err(pem_err(cert, e)),
+    }
+    Ok(Pair { key: Arc::new(certified), leaf })
+}
+
+impl CertStore {
+    /// Reads the pair at start-up; an unusable pair is an error (nothing to keep serving).
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<CertStore>, TlsError> {
+        let (c, k) = read_files(cert, key)?;
+        let pair = parse_pair(cert, key, &c, &k)?;
+        Ok(Arc::new(CertStore {
+            cert_path: cert.to_path_buf(),
+            key_path: key.to_path_buf(),
+            current: RwLock::new(Arc::new(pair)),
+            seen: Mutex::new(Some(digest(&c, &k))),
+        }))
+    }
+
+    fn in_service(&self) -> Arc<Pair> {
+        // A poisoned lock still holds a whole pair (it is replaced in one assignment).
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// What the certificate in service says about itself.
+    pub fn info(&self) -> CertInfo {
+        CertInfo::of(&self.in_service().leaf)
+    }
+
+    /// The leaf certificate in service (DER).
+    pub fn leaf(&self) -> CertificateDer<'static> {
+        self.in_service().leaf.clone()
+    }
+
+    /// Reads the files again and puts the pair in service if it is usable; otherwise the
+    /// pair in service stays and the error names the file and why.
+    pub fn reload(&self) -> Result<CertInfo, TlsError> {
+        let read = read_files(&self.cert_path, &self.key_path);
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = read.as_ref().ok().map(|(c, k)| digest(c, k));
+        let (c, k) = read?;
+        let pair = parse_pair(&self.cert_path, &self.key_path, &c, &k)?;
+        let info = CertInfo::of(&pair.leaf);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
+        Ok(info)
+    }
+
+    /// The periodic check: reloads if either file changed since it was last read (`None`:
+    /// nothing changed).
+    pub fn reload_if_changed(&self) -> Option<Result<CertInfo, TlsError>> {
+        let now = read_files(&self.cert_path, &self.key_path).ok().map(|(c, k)| digest(&c, &k));
+        let last = *self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        (now != last).then(|| self.reload())
+    }
+
+    /// Reloads and logs the outcome: one INFO line naming the new certificate, or one
+    /// ERROR line naming the file and why the old pair stays in service.
+    pub fn reload_and_log(&self, trigger: Trigger) {
+        match self.reload() {
+            Ok(info) => log_reloaded(&self.cert_path, trigger, &info),
+            Err(e) => log_refused(trigger, &e),
+        }
+    }
+}
+
+fn log_reloaded(cert: &Path, trigger: Trigger, info: &CertInfo) {
+    tracing::info!(
+        %trigger,
+        cert = %cert.display(),
+        subject = %info.subject,
+        names = %info.names.join(","),
+        not_after = %info.not_after,
+        "TLS certificate reloaded"
+    );
+}
+
+fn log_refused(trigger: Trigger, e: &TlsError) {
+    tracing::error!(%trigger, "TLS certificate reload refused, the previous certificate stays in service: {e}");
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let pair = self.in_service();
+        let Some(name) = hello.server_name() else { return Some(pair.key.clone()) };
+        let name = ServerName::try_from(name).ok()?;
+        let leaf = webpki::EndEntityCert::try_from(&pair.leaf).ok()?;
+        leaf.verify_is_valid_for_subject_name(&name).ok()?;
+        Some(pair.key.clone())
+    }
+}
+
+/// Keeps `certs` current until the task is dropped: reloads on SIGHUP, and when the
+/// certificate or key file changed (checked every `every`). Registers for SIGHUP when
+/// called (so call it before announcing that the server is up: an unhandled SIGHUP ends
+/// the process); without the signal (it cannot be registered) only the check runs.
+pub fn keep_current(certs: Arc<CertStore>, every: Duration) -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGHUP ({e}): the certificate reloads only when its files change");
+            None
+        }
+    };
+    async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let signalled = async {
+                match hup.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                got = signalled => match got {
+                    Some(()) => certs.reload_and_log(Trigger::Signal),
+                    None => hup = None,
+                },
+                _ = tick.tick() => match certs.reload_if_changed() {
+                    Some(Ok(info)) => log_reloaded(&certs.cert_path, Trigger::FileChange, &info),
+                    Some(Err(e)) => log_refused(Trigger::FileChange, &e),
+                    None => {}
+                },
+            }
+        }
+    }
+}
+
+/// The server configuration for one protocol, served with `certs`; `alpn` is its IANA
+/// ALPN id ("imap", "smtp"). A client that offers ALPN without it is refused (ALPACA); one
+/// that offers none is served. TLS 1.2 and 1.3 only, forward-secret suites (rustls' defaults).
+pub fn server_config(certs: &Arc<CertStore>, alpn: &[&str]) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(StrictSni { key: certified, leaf }));
+        .with_cert_resolver(certs.clone());
     cfg.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(Arc::new(cfg))
 }
@@ -123,4 +362,232 @@ pub fn ensure_dev_cert(cert: &Path, key: &Path, names: &[String]) -> Result<bool
     std::fs::write(cert, ck.cert.pem()).map_err(|e| pem_err(cert, e))?;
     crate::fsutil::write_private(key, ck.signing_key.serialize_pem().as_bytes()).map_err(|e| pem_err(key, e))?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    /// A test CA that signs leaves for `localhost`.
+    struct Ca(CertifiedIssuer<'static, KeyPair>);
+
+    impl Ca {
+        fn new() -> Ca {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            Ca(CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap())
+        }
+        /// A leaf (certificate PEM, key PEM).
+        fn leaf(&self, names: &[&str]) -> (String, String) {
+            let key = KeyPair::generate().unwrap();
+            let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+            let cert = CertificateParams::new(names).unwrap().signed_by(&key, &self.0).unwrap();
+            (cert.pem(), key.serialize_pem())
+        }
+        fn client(&self) -> Arc<rustls::ClientConfig> {
+            let mut roots = RootCertStore::empty();
+            roots.add(self.0.der().clone()).unwrap();
+            Arc::new(
+                ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        }
+    }
+
+    struct Files {
+        _dir: tempfile::TempDir,
+        cert: PathBuf,
+        key: PathBuf,
+    }
+
+    impl Files {
+        fn new((cert, key): &(String, String)) -> Files {
+            let dir = tempfile::tempdir().unwrap();
+            let f = Files { cert: dir.path().join("cert.pem"), key: dir.path().join("key.pem"), _dir: dir };
+            f.write(cert, key);
+            f
+        }
+        fn write(&self, cert: &str, key: &str) {
+            std::fs::write(&self.cert, cert).unwrap();
+            std::fs::write(&self.key, key).unwrap();
+        }
+    }
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    /// A TLS connection made in memory: the client's and the server's ends after the
+    /// handshake.
+    fn connect(
+        client: &Arc<ClientConfig>,
+        server: &Arc<ServerConfig>,
+    ) -> (rustls::ClientConnection, rustls::ServerConnection) {
+        let mut c = rustls::ClientConnection::new(client.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            shuttle(&mut c, &mut s);
+        }
+        (c, s)
+    }
+
+    /// Moves what each side has to send to the other.
+    fn shuttle(c: &mut rustls::ClientConnection, s: &mut rustls::ServerConnection) {
+        let mut buf = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).unwrap();
+        }
+        s.process_new_packets().unwrap();
+        let mut buf = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+        }
+        c.process_new_packets().unwrap();
+    }
+
+    fn peer_leaf(c: &rustls::ClientConnection) -> CertificateDer<'static> {
+        c.peer_certificates().unwrap()[0].clone().into_owned()
+    }
+
+    /// A good new pair serves new connections at once; a connection made before keeps
+    /// working (it holds its own keys).
+    #[test]
+    fn a_reload_serves_the_new_pair_to_new_connections() {
+        use std::io::{Read as _, Write as _};
+        let ca = Ca::new();
+        let (old, new) = (ca.leaf(&["localhost"]), ca.leaf(&["localhost", "mail.example.test", "127.0.0.1"]));
+        let files = Files::new(&old);
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        let server = server_config(&certs, &["imap"]).unwrap();
+        let (mut c1, mut s1) = connect(&ca.client(), &server);
+        assert_eq!(peer_leaf(&c1), der(&old.0));
+
+        files.write(&new.0, &new.1);
+        let info = certs.reload().unwrap();
+        assert_eq!(info.names, ["localhost", "mail.example.test", "127.0.0.1"]);
+        assert!(info.not_after.ends_with('Z') && info.not_after.len() == 20, "{info:?}");
+        assert_eq!(certs.leaf(), der(&new.0));
+        let (c2, _s2) = connect(&ca.client(), &server);
+        assert_eq!(peer_leaf(&c2), der(&new.0), "a new connection gets the new certificate");
+
+        // The connection made before the reload still carries data both ways.
+        c1.writer().write_all(b"a NOOP\r\n").unwrap();
+        shuttle(&mut c1, &mut s1);
+        let mut got = [0u8; 8];
+        s1.reader().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"a NOOP\r\n");
+        s1.writer().write_all(b"a OK\r\n").unwrap();
+        shuttle(&mut c1, &mut s1);
+        let mut got = [0u8; 6];
+        c1.reader().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"a OK\r\n");
+    }
+
+    /// Unreadable or unparsable files are refused, naming the file; the old pair stays.
+    #[test]
+    fn a_broken_pair_keeps_the_old_one() {
+        let ca = Ca::new();
+        let old = ca.leaf(&["localhost"]);
+        let files = Files::new(&old);
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        let server = server_config(&certs, &["imap"]).unwrap();
+
+        files.write("not a certificate\n", &old.1);
+        let e = certs.reload().unwrap_err().to_string();
+        assert!(e.starts_with(&files.cert.display().to_string()) && e.contains("no certificate"), "{e}");
+
+        files.write(&old.0, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
+        let e = certs.reload().unwrap_err().to_string();
+        assert!(e.starts_with(&files.key.display().to_string()), "{e}");
+
+        std::fs::remove_file(&files.key).unwrap();
+        let e = certs.reload().unwrap_err().to_string();
+        assert!(e.starts_with(&files.key.display().to_string()) && e.contains("No such file"), "{e}");
+
+        assert_eq!(certs.leaf(), der(&old.0));
+        let (c, _s) = connect(&ca.client(), &server);
+        assert_eq!(peer_leaf(&c), der(&old.0));
+    }
+
+    /// A certificate with another certificate's key is refused (rustls' keys_match).
+    #[test]
+    fn a_key_that_does_not_match_the_certificate_is_refused() {
+        let ca = Ca::new();
+        let (old, new) = (ca.leaf(&["localhost"]), ca.leaf(&["localhost"]));
+        let files = Files::new(&old);
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        files.write(&new.0, &old.1);
+        let e = certs.reload().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("{}: is not the key of the certificate in {}", files.key.display(), files.cert.display())
+        );
+        assert_eq!(certs.leaf(), der(&old.0));
+        // At start-up the same pair is an error.
+        assert!(CertStore::load(&files.cert, &files.key).is_err());
+    }
+
+    /// The periodic check reloads only when a file changed, and tries a refused pair once.
+    #[test]
+    fn the_file_check_reloads_on_a_change_only() {
+        let ca = Ca::new();
+        let (old, new) = (ca.leaf(&["localhost"]), ca.leaf(&["localhost"]));
+        let files = Files::new(&old);
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        assert!(certs.reload_if_changed().is_none());
+        // Half a renewal (the certificate replaced before the key): refused, tried once.
+        std::fs::write(&files.cert, &new.0).unwrap();
+        assert!(matches!(certs.reload_if_changed(), Some(Err(_))));
+        assert!(certs.reload_if_changed().is_none());
+        assert_eq!(certs.leaf(), der(&old.0));
+        std::fs::write(&files.key, &new.1).unwrap();
+        assert!(matches!(certs.reload_if_changed(), Some(Ok(_))));
+        assert_eq!(certs.leaf(), der(&new.0));
+        assert!(certs.reload_if_changed().is_none());
+    }
+
+    /// Strict SNI holds for a reloaded certificate's names.
+    #[test]
+    fn strict_sni_follows_the_certificate_in_service() {
+        let ca = Ca::new();
+        let files = Files::new(&ca.leaf(&["localhost"]));
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        let server = server_config(&certs, &["imap"]).unwrap();
+        let new = ca.leaf(&["mail.example.test"]);
+        files.write(&new.0, &new.1);
+        certs.reload().unwrap();
+        let mut c = rustls::ClientConnection::new(ca.client(), ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        let mut buf = Vec::new();
+        c.write_tls(&mut buf).unwrap();
+        s.read_tls(&mut &buf[..]).unwrap();
+        assert!(s.process_new_packets().is_err(), "localhost is no longer the certificate's name");
+    }
+
+    /// Debug output names the files and the certificate, never the key.
+    #[test]
+    fn debug_output_has_no_key() {
+        let ca = Ca::new();
+        let pair = ca.leaf(&["localhost"]);
+        let files = Files::new(&pair);
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        let shown = format!("{certs:?}");
+        assert!(shown.contains("cert.pem") && shown.contains("localhost"), "{shown}");
+        let body: String = pair.1.lines().filter(|l| !l.starts_with("-----")).collect();
+        for chunk in body.as_bytes().chunks(16) {
+            assert!(!shown.contains(std::str::from_utf8(chunk).unwrap()), "{shown}");
+        }
+    }
 }

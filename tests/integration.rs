@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admin_cli;
+mod cert_reload;
 mod concurrency;
 mod crash;
 mod faults;

@@ -219,7 +219,9 @@ impl Kit {
             Arc::new(crate::store::sled_store::SledStore::open(&dir.path().join("store")).unwrap());
         let hash = crate::auth::password::hash(PASSWORD.as_bytes()).unwrap();
         store.create_account(&Account { password_hash: Some(hash), ..Account::new(USER, 0) }).unwrap();
-        let acceptor = TlsAcceptor::from(crate::tls::server_config(&cert, &key, &["imap", "smtp"]).unwrap());
+        let acceptor = TlsAcceptor::from(
+            crate::tls::server_config(&crate::tls::CertStore::load(&cert, &key).unwrap(), &["imap", "smtp"]).unwrap(),
+        );
         Kit { config, store, live: LiveSessions::default(), acceptor, ca: cert, _dir: dir }
     }
 

@@ -12,11 +12,13 @@ pub mod pop3;
 pub mod pop3_upstream;
 pub mod proxy;
 pub mod sasl;
+pub mod sieve;
+pub mod sieve_upstream;
 pub mod smtp;
 pub mod smtp_upstream;
 
 /// What a sans-IO machine asks of the one driver (`net::driver`) next. Every protocol
-/// machine (the IMAP, SMTP and POP3 fronts, the upstream IMAP, SMTP and POP3 logins, the
+/// machine (the IMAP, SMTP, POP3 and ManageSieve fronts, their upstream logins, the
 /// upstream SMTP reply reader) answers [`Machine::next`] with one of these.
 #[derive(Debug)]
 pub enum Next<E> {

@@ -240,6 +240,14 @@ impl Client {
         false
     }
 
+    /// The server's leaf certificate (DER), on a TLS connection.
+    pub fn peer_leaf(&self) -> Option<Vec<u8>> {
+        match &self.conn {
+            Conn::Tls(s) => s.conn.peer_certificates()?.first().map(|c| c.to_vec()),
+            _ => None,
+        }
+    }
+
     /// Everything received and not yet read as lines.
     pub fn pending(&self) -> &[u8] {
         &self.buf

@@ -43,6 +43,8 @@ pub struct Options {
     pub pop3_upstream: Option<String>,
     /// `[upstream.pop3]` extra lines (e.g. `xclient = true`).
     pub pop3_upstream_extra: String,
+    /// `[tls]` extra lines (e.g. `reload_check_secs = 1`).
+    pub tls_extra: String,
 }
 
 impl Default for Options {
@@ -60,6 +62,7 @@ impl Default for Options {
             web_extra: String::new(),
             pop3_upstream: None,
             pop3_upstream_extra: String::new(),
+            tls_extra: String::new(),
         }
     }
 }
@@ -87,6 +90,11 @@ pub struct Mailgate {
     pub pop3: Option<SocketAddr>,
     /// CA the test clients trust.
     pub ca: PathBuf,
+    /// The server's certificate chain (`[tls] cert`; its CA can sign another:
+    /// [`super::pki::another_leaf`] with prefix `mailgate` in `certs/`).
+    pub cert: PathBuf,
+    /// The server's key (`[tls] key`).
+    pub key: PathBuf,
     log: PathBuf,
 }
 
@@ -124,6 +132,7 @@ data_dir = "data"
 [tls]
 cert = "{cert}"
 key = "{key}"
+{tls_extra}
 [imap]
 listen_tls = ["{imaps}"]
 listen_starttls = ["{imap}"]
@@ -160,6 +169,7 @@ master_password_file = "config/master.secret"
                 smtp_upstream_extra = opts.smtp_upstream_extra,
                 extra_sections = opts.extra_sections,
                 web_extra = opts.web_extra,
+                tls_extra = opts.tls_extra,
             );
             std::fs::write(&config, text).unwrap();
         };
@@ -192,6 +202,8 @@ master_password_file = "config/master.secret"
                         pop3s: pop3.map(|p| p.0),
                         pop3: pop3.map(|p| p.1),
                         ca: pki.ca,
+                        cert: pki.cert,
+                        key: pki.key,
                         log,
                     };
                 }
@@ -248,6 +260,22 @@ master_password_file = "config/master.secret"
     /// The server's process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends SIGHUP (what `systemctl reload mailgate` does).
+    pub fn hup(&self) {
+        let pid = self.pid().expect("mailgate is not running");
+        assert!(Command::new("kill").arg("-HUP").arg(pid.to_string()).status().unwrap().success());
+    }
+
+    /// Waits until the log holds `needle` at least `count` times; panics (with the log)
+    /// if it does not within `wait`, a hang guard.
+    pub fn wait_log(&self, needle: &str, count: usize, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while self.log().matches(needle).count() < count {
+            assert!(Instant::now() < deadline, "no {count}× {needle:?} in the log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Peak resident memory of the server so far (VmHWM), in KiB.
