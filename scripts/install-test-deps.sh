@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for pkg in dovecot-imapd dovecot-submissiond postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
+for pkg in dovecot-imapd dovecot-submissiond dovecot-pop3d postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
   curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux \
   postgresql-15 haproxy nghttp2-client \
   dovecot-dev autoconf automake libtool make gcc pkg-config; do
@@ -47,6 +47,7 @@ fi
 # package may have started does not get in the way and is left alone.
 test -x /usr/sbin/dovecot || { echo "dovecot is not installed at /usr/sbin/dovecot" >&2; exit 1; }
 test -x /usr/lib/dovecot/submission || { echo "dovecot-submissiond is not installed" >&2; exit 1; }
+test -x /usr/lib/dovecot/pop3 || { echo "dovecot-pop3d is not installed" >&2; exit 1; }
 test -x /usr/lib/postfix/sbin/master || { echo "postfix is not installed" >&2; exit 1; }
 command -v thunderbird >/dev/null || { echo "thunderbird is not installed" >&2; exit 1; }
 command -v chromedriver >/dev/null || { echo "chromedriver (chromium-driver) is not installed" >&2; exit 1; }

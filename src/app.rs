@@ -9,8 +9,9 @@ use crate::net::driver::serve_tcp;
 use crate::net::gate::Gate;
 use crate::net::imap::ImapService;
 use crate::net::listener::{ConnLimits, accept_loop};
+use crate::net::pop3::Pop3Service;
 use crate::net::smtp::SmtpService;
-use crate::net::upstream::{Connector, ImapUpstream};
+use crate::net::upstream::{Connector, ImapUpstream, Pop3Upstream};
 use crate::store::{Store, StoreError, sled_store::SledStore};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -122,6 +123,10 @@ pub struct Listeners {
     pub smtp_tls: Vec<TcpListener>,
     /// SMTP submission, STARTTLS.
     pub smtp_starttls: Vec<TcpListener>,
+    /// POP3, implicit TLS (none when POP3 is off).
+    pub pop3_tls: Vec<TcpListener>,
+    /// POP3, STLS (none when POP3 is off).
+    pub pop3_starttls: Vec<TcpListener>,
     /// The web step (HTTPS).
     pub web: Vec<TcpListener>,
 }
@@ -141,6 +146,8 @@ impl Listeners {
             imap_starttls: all(&config.imap_starttls, "imap.listen_starttls").await?,
             smtp_tls: all(&config.smtp_tls, "smtp.listen_tls").await?,
             smtp_starttls: all(&config.smtp_starttls, "smtp.listen_starttls").await?,
+            pop3_tls: all(&config.pop3_tls, "pop3.listen_tls").await?,
+            pop3_starttls: all(&config.pop3_starttls, "pop3.listen_starttls").await?,
             web: all(&config.web_listen, "web.listen").await?,
         })
     }
@@ -280,10 +287,20 @@ pub async fn run(
     let smtp = Arc::new(SmtpService {
         config: config.clone(),
         acceptor: TlsAcceptor::from(crate::tls::server_config(&certs, &["smtp"])?),
-        gate,
+        gate: gate.clone(),
         upstream: Arc::new(Connector::new(&config.upstream_smtp, config.limits.upstream_timeout)?),
         upstream_extensions: std::sync::RwLock::new(None),
     });
+    // POP3 is on only with `[upstream.pop3]` (config makes listeners without it an error).
+    let pop3 = match &config.upstream_pop3 {
+        Some(up) => Some(Arc::new(Pop3Service {
+            config: config.clone(),
+            acceptor: TlsAcceptor::from(crate::tls::server_config(&certs, &["pop3"])?),
+            gate,
+            upstream: Pop3Upstream(Arc::new(Connector::new(up, config.limits.upstream_timeout)?)),
+        })),
+        None => None,
+    };
     if !(config.smtp_tls.is_empty() && config.smtp_starttls.is_empty()) {
         let probe = smtp.clone();
         tokio::spawn(async move { probe.probe_upstream().await });
@@ -353,6 +370,24 @@ pub async fn run(
             )));
         }
     }
+    if let Some(pop3) = &pop3 {
+        for (list, implicit) in [(listeners.pop3_tls, true), (listeners.pop3_starttls, false)] {
+            for l in list {
+                if let Ok(a) = l.local_addr() {
+                    tracing::info!(address = %a, kind = if implicit { "implicit TLS" } else { "STLS" }, "POP3 listening");
+                }
+                let svc = pop3.clone();
+                tasks.push(tokio::spawn(accept_loop(
+                    l,
+                    limits.clone(),
+                    stop_rx.clone(),
+                    proxy(pp.pop3),
+                    tasks_guard.clone(),
+                    move |tcp, peer| serve_tcp(svc.clone(), tcp, peer, implicit),
+                )));
+            }
+        }
+    }
     for l in listeners.web {
         if let Ok(a) = l.local_addr() {
             tracing::info!(address = %a, "web step listening (HTTPS)");
@@ -384,7 +419,7 @@ pub async fn run(
     for t in tasks {
         let _ = t.await;
     }
-    // Tell the clients of live sessions (IMAP `* BYE`, SMTP `421`; those not logged in
+    // Tell the clients of live sessions (IMAP `* BYE`, SMTP `421`, POP3 `-ERR`; those not logged in
     // saw the stop signal) and wait until every connection task has ended. Each goodbye
     // is bounded to 2 s; a session waiting on upstream (a message being accepted) is
     // given up after SHUTDOWN_WAIT.

@@ -62,6 +62,8 @@ pub struct RawConfig {
     imap: RawListeners<ImapPorts>,
     #[serde(default)]
     smtp: RawSmtp,
+    /// `None`: no `[pop3]` section (the defaults apply only with `[upstream.pop3]`).
+    pop3: Option<RawListeners<Pop3Ports>>,
     #[serde(default)]
     web: RawWeb,
     #[serde(default)]
@@ -150,6 +152,8 @@ struct RawProxyProtocol {
     #[serde(default)]
     smtp: bool,
     #[serde(default)]
+    pop3: bool,
+    #[serde(default)]
     web: bool,
     #[serde(default)]
     trusted: Vec<String>,
@@ -163,6 +167,8 @@ pub struct ProxyProtocol {
     pub imap: bool,
     /// The SMTP listeners expect the header.
     pub smtp: bool,
+    /// The POP3 listeners expect the header.
+    pub pop3: bool,
     /// The web listeners expect the header.
     pub web: bool,
     /// The only addresses allowed to connect to those listeners.
@@ -291,6 +297,13 @@ impl DefaultPorts for SmtpPorts {
     const STARTTLS: &'static str = "127.0.0.1:9587";
 }
 
+#[derive(Debug)]
+struct Pop3Ports;
+impl DefaultPorts for Pop3Ports {
+    const TLS: &'static str = "127.0.0.1:9995";
+    const STARTTLS: &'static str = "127.0.0.1:9110";
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawListeners<P: DefaultPorts> {
@@ -343,6 +356,7 @@ impl Default for RawWeb {
 struct RawUpstreams {
     imap: Option<RawUpstream>,
     smtp: Option<RawUpstream>,
+    pop3: Option<RawUpstream>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -361,6 +375,8 @@ struct RawUpstream {
     master_password_file: PathBuf,
     #[serde(default = "d_separator")]
     master_separator: String,
+    /// POP3 only: pass the client's address with Dovecot's `XCLIENT`.
+    xclient: Option<bool>,
 }
 fn d_login() -> String {
     "master-sasl".into()
@@ -385,6 +401,7 @@ impl Default for RawUpstream {
             master_user: d_master_user(),
             master_password_file: d_master_password_file(),
             master_separator: d_separator(),
+            xclient: None,
         }
     }
 }
@@ -535,6 +552,9 @@ pub struct Upstream {
     pub master_password_file: PathBuf,
     /// Separator for `master-separator` logins.
     pub master_separator: String,
+    /// POP3 only: tell upstream the client's address with Dovecot's `XCLIENT ADDR= PORT=`
+    /// (Dovecot honours it from `login_trusted_networks`, refuses it otherwise).
+    pub xclient: bool,
 }
 
 /// Numeric limits. Each default has a precedent (see docs/configuration.md).
@@ -594,6 +614,10 @@ pub struct Config {
     pub smtp_tls: Vec<SocketAddr>,
     /// SMTP STARTTLS listeners (served by the SMTP work).
     pub smtp_starttls: Vec<SocketAddr>,
+    /// POP3 implicit-TLS listeners (empty when POP3 is off).
+    pub pop3_tls: Vec<SocketAddr>,
+    /// POP3 STLS listeners (empty when POP3 is off).
+    pub pop3_starttls: Vec<SocketAddr>,
     /// Largest message accepted for submission (advertised as SIZE).
     pub smtp_max_message_size: usize,
     /// HTTPS listeners of the web step.
@@ -605,6 +629,8 @@ pub struct Config {
     pub upstream_imap: Upstream,
     /// Upstream SMTP submission server.
     pub upstream_smtp: Upstream,
+    /// Upstream POP3 server; `None`: POP3 is off (no `[upstream.pop3]`).
+    pub upstream_pop3: Option<Upstream>,
     /// Limits.
     pub limits: Limits,
     /// Account passwords and first-use accounts.
@@ -619,7 +645,7 @@ impl Upstream {
     /// One phrase for the start-up summary, e.g. `127.0.0.1:143, plain, master user
     /// "mailgate" (SASL PLAIN)` or `127.0.0.1:587, STARTTLS, XCLIENT`.
     pub fn summary(&self) -> String {
-        let how = match self.login {
+        let mut how = match self.login {
             UpstreamLogin::MasterSasl => format!("master user \"{}\" (SASL PLAIN)", self.master_user),
             UpstreamLogin::MasterSeparator => {
                 format!(
@@ -629,6 +655,9 @@ impl Upstream {
             }
             UpstreamLogin::Xclient => "XCLIENT".to_string(),
         };
+        if self.xclient {
+            how.push_str(", client address by XCLIENT");
+        }
         format!("{}, {}, {how}", self.address, self.tls)
     }
 }
@@ -637,11 +666,16 @@ impl Config {
     /// What `serve` says about its upstream servers and files before it starts, one line
     /// each, in plain words (no Rust names).
     pub fn startup_summary(&self) -> Vec<String> {
-        vec![
+        let mut lines = vec![
             format!("upstream IMAP {}", self.upstream_imap.summary()),
             format!("upstream SMTP {}", self.upstream_smtp.summary()),
-            format!("data in {}, certificate {}", self.data_dir.display(), self.tls_cert.display()),
-        ]
+        ];
+        match &self.upstream_pop3 {
+            Some(up) => lines.push(format!("upstream POP3 {}", up.summary())),
+            None => lines.push("POP3 off (no [upstream.pop3])".to_string()),
+        }
+        lines.push(format!("data in {}, certificate {}", self.data_dir.display(), self.tls_cert.display()));
+        lines
     }
 
     /// The embedded defaults: loopback listeners on unprivileged ports, data in `data/`.
@@ -707,6 +741,7 @@ impl Config {
         };
         let upstream_imap = upstream("upstream.imap", raw.upstream.imap.unwrap_or_default(), "127.0.0.1:143", false)?;
         let upstream_smtp = upstream("upstream.smtp", raw.upstream.smtp.unwrap_or_default(), "127.0.0.1:587", true)?;
+        let (pop3_tls, pop3_starttls, upstream_pop3) = pop3(raw.pop3, raw.upstream.pop3)?;
         let l = raw.limits;
         let positive = |key: &str, v: u64| {
             if v == 0 { Err(invalid(key, "must be greater than 0")) } else { Ok(v) }
@@ -778,13 +813,13 @@ impl Config {
                 .map_err(|_| invalid("proxy_protocol.trusted", format!("`{t}` is not an address or address/prefix")))?;
             trusted.push(net);
         }
-        if (p.imap || p.smtp || p.web) && trusted.is_empty() {
+        if (p.imap || p.smtp || p.pop3 || p.web) && trusted.is_empty() {
             return Err(invalid(
                 "proxy_protocol.trusted",
                 "must list the load balancers' addresses when a listener expects PROXY headers",
             ));
         }
-        let proxy_protocol = ProxyProtocol { imap: p.imap, smtp: p.smtp, web: p.web, trusted };
+        let proxy_protocol = ProxyProtocol { imap: p.imap, smtp: p.smtp, pop3: p.pop3, web: p.web, trusted };
         let st = raw.store;
         let store = match st.backend.as_deref().unwrap_or("sled") {
             "sled" => {
@@ -825,11 +860,14 @@ impl Config {
             imap_starttls,
             smtp_tls,
             smtp_starttls,
+            pop3_tls,
+            pop3_starttls,
             smtp_max_message_size,
             web_listen,
             web_organisation,
             upstream_imap,
             upstream_smtp,
+            upstream_pop3,
             limits,
             accounts,
             proxy_protocol,
@@ -876,7 +914,48 @@ fn addrs(key: &str, value: Option<Vec<String>>, default: &str) -> Result<Vec<Soc
         .collect()
 }
 
+/// POP3 is on when `[upstream.pop3]` is written: its listeners are `[pop3]`'s, or the
+/// embedded defaults when that section is left out. A `[pop3]` listener without
+/// `[upstream.pop3]` is an error naming both.
+#[allow(clippy::type_complexity)]
+fn pop3(
+    listeners: Option<RawListeners<Pop3Ports>>,
+    up: Option<RawUpstream>,
+) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>, Option<Upstream>), ConfigError> {
+    let Some(up) = up else {
+        let l = listeners.unwrap_or_default();
+        let tls = addrs("pop3.listen_tls", l.listen_tls, "")?;
+        let starttls = addrs("pop3.listen_starttls", l.listen_starttls, "")?;
+        if let Some(key) = [(!tls.is_empty(), "pop3.listen_tls"), (!starttls.is_empty(), "pop3.listen_starttls")]
+            .into_iter()
+            .find_map(|(set, key)| set.then_some(key))
+        {
+            return Err(invalid(
+                key,
+                "a POP3 listener needs an upstream POP3 server: add [upstream.pop3] (address, login, master_user, \
+                 master_password_file), or remove the listener",
+            ));
+        }
+        return Ok((vec![], vec![], None));
+    };
+    let l = listeners.unwrap_or_default();
+    let tls = addrs("pop3.listen_tls", l.listen_tls, Pop3Ports::TLS)?;
+    let starttls = addrs("pop3.listen_starttls", l.listen_starttls, Pop3Ports::STARTTLS)?;
+    let upstream = upstream("upstream.pop3", up, "127.0.0.1:110", false)?;
+    Ok((tls, starttls, Some(upstream)))
+}
+
 fn upstream(key: &str, raw: RawUpstream, default_addr: &str, smtp: bool) -> Result<Upstream, ConfigError> {
+    let xclient = match raw.xclient {
+        Some(x) if key == "upstream.pop3" => x,
+        None => false,
+        Some(_) => {
+            return Err(invalid(
+                &format!("{key}.xclient"),
+                "is a POP3 setting ([upstream.pop3]); IMAP passes the client address with ID, SMTP with login = \"xclient\"",
+            ));
+        }
+    };
     let address = raw.address.unwrap_or_else(|| default_addr.to_string());
     let (host, port) = split_host_port(&address)
         .ok_or_else(|| invalid(&format!("{key}.address"), format!("`{address}` is not host:port")))?;
@@ -914,6 +993,7 @@ fn upstream(key: &str, raw: RawUpstream, default_addr: &str, smtp: bool) -> Resu
         master_user: raw.master_user,
         master_password_file: raw.master_password_file,
         master_separator: raw.master_separator,
+        xclient,
     })
 }
 
@@ -960,6 +1040,7 @@ mod tests {
             [
                 "upstream IMAP 127.0.0.1:143, plain, master user \"mailgate\" (SASL PLAIN)",
                 "upstream SMTP 127.0.0.1:587, plain, master user \"mailgate\" (SASL PLAIN)",
+                "POP3 off (no [upstream.pop3])",
                 "data in data, certificate certs/cert.pem",
             ]
         );
@@ -998,6 +1079,20 @@ mod tests {
         let c = Config::from_toml_str(text, "example").unwrap();
         assert_eq!(c.hostname, "mail.example.com");
         assert_eq!(c.upstream_imap.address, "127.0.0.1:1143");
+        assert!(c.upstream_pop3.is_none() && c.pop3_tls.is_empty(), "POP3 is off in the example");
+        // Its commented POP3 block, uncommented, turns POP3 on.
+        let mut on = false;
+        let uncommented: Vec<&str> = text
+            .lines()
+            .map(|l| {
+                on = l == "# [pop3]" || (on && !l.is_empty());
+                if on { l.trim_start_matches("# ") } else { l }
+            })
+            .collect();
+        let c = Config::from_toml_str(&uncommented.join("\n"), "example").unwrap();
+        let up = c.upstream_pop3.as_ref().unwrap();
+        assert_eq!((up.address.as_str(), up.xclient), ("127.0.0.1:1110", true));
+        assert_eq!(c.pop3_tls, ["0.0.0.0:995".parse::<SocketAddr>().unwrap()]);
     }
 
     #[test]
@@ -1075,6 +1170,93 @@ mod tests {
         assert!(url.resolve().unwrap_err().to_string().starts_with("cannot read store.url_file "));
         let inline = Config::from_toml_str("[store]\nbackend = \"postgres\"\nurl = \"postgres://u:pw@h/d\"", "t");
         assert!(!format!("{:?}", inline.unwrap()).contains("pw@"));
+    }
+
+    /// No `[upstream.pop3]` and no `[pop3]` listeners: POP3 is off (the embedded defaults
+    /// included), and `[pop3]` with empty lists is the same.
+    #[test]
+    fn pop3_is_off_without_its_upstream() {
+        for text in ["", "[pop3]\n", "[pop3]\nlisten_tls = []\nlisten_starttls = []\n"] {
+            let c = Config::from_toml_str(text, "t").unwrap();
+            assert!(c.upstream_pop3.is_none() && c.pop3_tls.is_empty() && c.pop3_starttls.is_empty(), "{text}");
+        }
+        assert!(Config::embedded_defaults().upstream_pop3.is_none());
+    }
+
+    /// A POP3 listener without `[upstream.pop3]` is refused, the error naming both.
+    #[test]
+    fn a_pop3_listener_needs_its_upstream() {
+        for (text, key) in [
+            ("[pop3]\nlisten_tls = [\"127.0.0.1:995\"]\n", "pop3.listen_tls"),
+            ("[pop3]\nlisten_starttls = [\"127.0.0.1:110\"]\n", "pop3.listen_starttls"),
+        ] {
+            let e = Config::from_toml_str(text, "t").unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("[upstream.pop3]"), "{text} -> {e}");
+        }
+    }
+
+    /// `[upstream.pop3]` alone turns POP3 on with the embedded listeners (loopback,
+    /// unprivileged, none shared with IMAP or SMTP); `[pop3]` names its own.
+    #[test]
+    fn pop3_listeners_come_with_the_upstream() {
+        let c = Config::from_toml_str("[upstream.pop3]\naddress = \"127.0.0.1:1110\"\n", "t").unwrap();
+        assert_eq!(c.pop3_tls, [addr("127.0.0.1:9995")]);
+        assert_eq!(c.pop3_starttls, [addr("127.0.0.1:9110")]);
+        let mut all = [&c.imap_tls, &c.imap_starttls, &c.smtp_tls, &c.smtp_starttls, &c.web_listen, &c.pop3_tls]
+            .into_iter()
+            .chain([&c.pop3_starttls])
+            .flatten()
+            .map(|a| a.port())
+            .collect::<Vec<_>>();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "a default port is used twice: {all:?}");
+        let up = c.upstream_pop3.as_ref().unwrap();
+        assert_eq!((up.address.as_str(), up.login, up.xclient), ("127.0.0.1:1110", UpstreamLogin::MasterSasl, false));
+        assert_eq!(
+            c.startup_summary()[2],
+            "upstream POP3 127.0.0.1:1110, plain, master user \"mailgate\" (SASL PLAIN)"
+        );
+        let c = Config::from_toml_str(
+            "[pop3]\nlisten_tls = [\"0.0.0.0:995\"]\nlisten_starttls = []\n\
+             [upstream.pop3]\naddress = \"pop.example.com:995\"\ntls = \"implicit\"\nlogin = \"master-separator\"\n\
+             master_user = \"gate\"\nmaster_password_file = \"/etc/m.secret\"\nxclient = true\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!((&c.pop3_tls[..], &c.pop3_starttls[..]), (&[addr("0.0.0.0:995")][..], &[][..]));
+        let up = c.upstream_pop3.as_ref().unwrap();
+        assert_eq!((up.tls, up.login, up.xclient), (UpstreamTls::Implicit, UpstreamLogin::MasterSeparator, true));
+        assert_eq!(up.master_password_file, PathBuf::from("/etc/m.secret"));
+        assert_eq!(
+            c.startup_summary()[2],
+            "upstream POP3 pop.example.com:995, TLS, master user \"gate\" (LOGIN user*gate), client address by XCLIENT"
+        );
+    }
+
+    /// `[upstream.pop3]` takes `[upstream.imap]`'s keys and values; `xclient` is POP3's
+    /// alone; `proxy_protocol.pop3` needs the trusted addresses like the others.
+    #[test]
+    fn bad_pop3_values_are_named() {
+        for (text, key) in [
+            ("[upstream.pop3]\nlogin = \"xclient\"", "upstream.pop3.login"),
+            ("[upstream.pop3]\naddress = \"host\"", "upstream.pop3.address"),
+            ("[upstream.pop3]\nmaster_user = \"\"", "upstream.pop3.master_user"),
+            ("[upstream.pop3]\n[pop3]\nlisten_tls = [\"nope\"]", "pop3.listen_tls"),
+            ("[upstream.imap]\nxclient = true", "upstream.imap.xclient"),
+            ("[upstream.smtp]\nxclient = true", "upstream.smtp.xclient"),
+            ("[proxy_protocol]\npop3 = true", "proxy_protocol.trusted"),
+        ] {
+            let e = Config::from_toml_str(text, "t").unwrap_err().to_string();
+            assert!(e.contains(key), "{text} -> {e}");
+        }
+        let c = Config::from_toml_str("[proxy_protocol]\npop3 = true\ntrusted = [\"10.0.0.1\"]", "t").unwrap();
+        assert!(c.proxy_protocol.pop3 && !c.proxy_protocol.imap);
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
     }
 
     #[test]

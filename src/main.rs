@@ -316,9 +316,12 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
     }
     // Fail on the certificates before opening any port.
     mailgate::tls::CertStore::load(&config.tls_cert, &config.tls_key).with_context(|| "[tls] cert/key".to_string())?;
-    for (up, key) in
-        [(&config.upstream_imap, "[upstream.imap] ca_file"), (&config.upstream_smtp, "[upstream.smtp] ca_file")]
-    {
+    let upstreams = [
+        (Some(&config.upstream_imap), "[upstream.imap] ca_file"),
+        (Some(&config.upstream_smtp), "[upstream.smtp] ca_file"),
+        (config.upstream_pop3.as_ref(), "[upstream.pop3] ca_file"),
+    ];
+    for (up, key) in upstreams.into_iter().filter_map(|(up, key)| Some((up?, key))) {
         if up.tls != mailgate::config::UpstreamTls::None {
             mailgate::tls::client_config(up.ca_file.as_deref()).with_context(|| key.to_string())?;
         }
@@ -329,6 +332,10 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
     if config.upstream_smtp.login != mailgate::config::UpstreamLogin::Xclient {
         masters.push(&config.upstream_smtp.master_password_file);
     }
+    if let Some(pop3) = &config.upstream_pop3 {
+        masters.push(&pop3.master_password_file);
+    }
+    masters.sort();
     masters.dedup();
     for master in masters {
         if !master.exists() {
@@ -352,6 +359,12 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
         }
         for l in &listeners.smtp_starttls {
             eprintln!("mailgate: SMTP submission (STARTTLS) on {}", l.local_addr()?);
+        }
+        for l in &listeners.pop3_tls {
+            eprintln!("mailgate: POP3 (implicit TLS) on {}", l.local_addr()?);
+        }
+        for l in &listeners.pop3_starttls {
+            eprintln!("mailgate: POP3 (STLS) on {}", l.local_addr()?);
         }
         for l in &listeners.web {
             eprintln!("mailgate: web step on https://{} (public URL {})", l.local_addr()?, config.public_url);

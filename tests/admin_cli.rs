@@ -22,7 +22,7 @@ fn commands_work_while_serving_and_errors_are_named() {
     assert!(pw.split(' ').all(|g| g.len() == 4 && g.bytes().all(|b| b"abcdefghjkmnpqrstuvwxyz23456789".contains(&b))));
     let out = mg.cli(&["app-password", "create", "alice@example.com", "--label", "phone"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already has an app password labelled"));
-    let out = mg.cli(&["app-password", "create", "alice@example.com", "--label", "x", "--scope", "pop3"]);
+    let out = mg.cli(&["app-password", "create", "alice@example.com", "--label", "x", "--scope", "ftp"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown scope"));
     let out = mg.cli(&["app-password", "revoke", "alice@example.com", "zzzzzz"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no app password with id zzzzzz"));

@@ -13,6 +13,7 @@ mod interop;
 mod load;
 mod pg_harness;
 mod pg_store;
+mod pop3;
 mod smtp;
 mod support;
 mod try_it;

@@ -1,26 +1,18 @@
 //! One IMAP client connection: the pre-auth machine on the driver, the login gate,
 //! then the byte relay. The only I/O around [`PreAuth`].
 
-use crate::auth::{Authenticated, Protocol};
+use crate::auth::Protocol;
 use crate::config::Config;
-use crate::live::LiveGuard;
 use crate::net::driver::{Conn, DriveError, Front};
 use crate::net::gate::{Admitted, Attempt, Gate, Origin, Refusal};
-use crate::net::relay::{Relay, RelayEnd};
+use crate::net::relay::relay_session;
 use crate::net::stream::{MaybeTls, ReadAhead, Transport};
 use crate::net::upstream::{ImapUpstream, UpstreamImap};
 use crate::proto::imap::{Action, AuthReply, PreAuth, goodbye};
-use crate::proto::{Goodbye, Machine, Next};
+use crate::proto::{Machine, Next};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info};
-
-/// The longest a proxied session lives (nginx `proxy_timeout 24h`).
-const MAX_SESSION: Duration = Duration::from_secs(24 * 3600);
 
 /// What every IMAP connection needs.
 pub struct ImapService {
@@ -94,69 +86,6 @@ struct LoggedIn<S: Transport> {
     pipelined: Vec<u8>,
 }
 
-/// Copies bytes both ways until either side closes, the session is revoked, the client
-/// is silent for the autologout time, or [`MAX_SESSION`] passes. Needs the proof of
-/// authentication. Relay buffers exist only while data flows ([`crate::net::relay`]).
-async fn relay<S: Transport>(
-    mut client: MaybeTls<S>,
-    upstream: UpstreamImap,
-    pipelined: Vec<u8>,
-    mut live: LiveGuard,
-    who: &Authenticated,
-    idle: Duration,
-) -> Result<(), DriveError> {
-    let UpstreamImap { stream: mut upstream, leftover, capabilities } = upstream;
-    drop(capabilities);
-    if !leftover.is_empty() {
-        client.write_all(&leftover).await?;
-    }
-    drop(leftover);
-    if !pipelined.is_empty() {
-        upstream.write_all(&pipelined).await?;
-    }
-    drop(pipelined);
-    let last = carry(&mut client, &mut upstream, &mut live, who, idle).await;
-    if let Some(why) = last {
-        let _ = timeout(Duration::from_secs(2), client.write_all(goodbye(why))).await;
-    }
-    let _ = timeout(Duration::from_secs(2), client.shutdown()).await;
-    let _ = timeout(Duration::from_secs(2), upstream.shutdown()).await;
-    Ok(())
-}
-
-/// The relay itself, raced against revocation and the session's longest life; the
-/// goodbye to send, if the session is ended by mailgate.
-async fn carry<S: Transport>(
-    client: &mut MaybeTls<S>,
-    upstream: &mut MaybeTls,
-    live: &mut LiveGuard,
-    who: &Authenticated,
-    idle: Duration,
-) -> Option<Goodbye> {
-    let mut relay = Relay::new(client, upstream, idle, who);
-    tokio::select! {
-        r = &mut relay => match r {
-            Ok(RelayEnd::Closed) => None,
-            Ok(RelayEnd::Idle) => {
-                info!(user = %who.username(), "session ended: idle too long");
-                Some(Goodbye::Idle)
-            }
-            Err(e) => {
-                debug!(user = %who.username(), error = %e, "relay ended");
-                None
-            }
-        },
-        reason = live.ended() => match reason {
-            crate::live::EndReason::Shutdown => Some(Goodbye::Shutdown),
-            crate::live::EndReason::Revoked => {
-                info!(user = %who.username(), "session ended: access revoked");
-                Some(Goodbye::Revoked)
-            }
-        },
-        _ = tokio::time::sleep(MAX_SESSION) => Some(Goodbye::TooLong),
-    }
-}
-
 impl Front for ImapService {
     async fn serve<S: Transport>(
         self: Arc<Self>,
@@ -171,7 +100,7 @@ impl Front for ImapService {
         let Some(s) = Box::pin(self.login(transport, peer, local, implicit)).await? else { return Ok(()) };
         let Admitted { who, upstream, live, own_password } = s.admitted;
         drop(own_password);
-        relay(s.client, upstream, s.pipelined, live, &who, self.config.limits.imap_idle_timeout).await
+        relay_session(s.client, upstream, s.pipelined, live, &who, self.config.limits.imap_idle_timeout, goodbye).await
     }
 }
 
@@ -179,6 +108,7 @@ impl Front for ImapService {
 mod tests {
     use super::*;
     use crate::net::testkit::*;
+    use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
     /// A logged-in session's task holds the relay's state only: the login phase (TLS

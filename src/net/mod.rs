@@ -1,11 +1,12 @@
 //! All mail-side I/O: listeners, the one driver that runs every protocol machine, the
-//! login gate, the protocol fronts (IMAP, SMTP), the upstream connections and the
+//! login gate, the protocol fronts (IMAP, SMTP, POP3), the upstream connections and the
 //! relay. Depends on proto, auth, tls, config, sessions.
 
 pub mod driver;
 pub mod gate;
 pub mod imap;
 pub mod listener;
+pub mod pop3;
 pub mod relay;
 pub mod smtp;
 pub mod stream;

@@ -16,14 +16,19 @@
 //! (RFC 9051 §5.4, SECURITY.md case 59).
 
 use crate::auth::Authenticated;
+use crate::live::LiveGuard;
+use crate::net::driver::DriveError;
+use crate::net::stream::{MaybeTls, Transport};
+use crate::proto::Goodbye;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
+use tracing::{debug, info};
 
 /// Size of one relay buffer: a full TLS record is 16 KiB; 64 KiB reads let rustls and the
 /// kernel work in large batches.
@@ -252,6 +257,81 @@ where
             this.timer.as_mut().reset(due);
         }
         Poll::Pending
+    }
+}
+
+/// The longest a proxied session lives (nginx `proxy_timeout 24h`).
+pub const MAX_SESSION: Duration = Duration::from_secs(24 * 3600);
+
+/// An upstream session logged in as the user, ready for the relay.
+pub trait Relayed: Send {
+    /// The connection, and the bytes already read from it that belong to the client.
+    fn into_relay_parts(self) -> (MaybeTls, Vec<u8>);
+}
+
+/// A logged-in session to its end, for every protocol that relays after login (IMAP,
+/// POP3): what upstream already sent goes to the client, `pipelined` (what
+/// the client sent behind its login) upstream, then the bytes are copied both ways until
+/// a side closes, the [`LiveGuard`] fires (revocation, shutdown), the client idles for
+/// `idle`, or [`MAX_SESSION`] passes. When mailgate ends it, the client gets
+/// `goodbye(why)`, the protocol's last line. Needs the proof of authentication.
+pub async fn relay_session<S: Transport, U: Relayed>(
+    mut client: MaybeTls<S>,
+    upstream: U,
+    pipelined: Vec<u8>,
+    mut live: LiveGuard,
+    who: &Authenticated,
+    idle: Duration,
+    goodbye: impl Fn(Goodbye) -> &'static [u8] + Send,
+) -> Result<(), DriveError> {
+    let (mut upstream, leftover) = upstream.into_relay_parts();
+    if !leftover.is_empty() {
+        client.write_all(&leftover).await?;
+    }
+    drop(leftover);
+    if !pipelined.is_empty() {
+        upstream.write_all(&pipelined).await?;
+    }
+    drop(pipelined);
+    let last = carry(&mut client, &mut upstream, &mut live, who, idle).await;
+    if let Some(why) = last {
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.write_all(goodbye(why))).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), upstream.shutdown()).await;
+    Ok(())
+}
+
+/// The relay itself, raced against revocation and the session's longest life; the
+/// goodbye to send, if the session is ended by mailgate.
+async fn carry<S: Transport>(
+    client: &mut MaybeTls<S>,
+    upstream: &mut MaybeTls,
+    live: &mut LiveGuard,
+    who: &Authenticated,
+    idle: Duration,
+) -> Option<Goodbye> {
+    let mut relay = Relay::new(client, upstream, idle, who);
+    tokio::select! {
+        r = &mut relay => match r {
+            Ok(RelayEnd::Closed) => None,
+            Ok(RelayEnd::Idle) => {
+                info!(user = %who.username(), "session ended: idle too long");
+                Some(Goodbye::Idle)
+            }
+            Err(e) => {
+                debug!(user = %who.username(), error = %e, "relay ended");
+                None
+            }
+        },
+        reason = live.ended() => match reason {
+            crate::live::EndReason::Shutdown => Some(Goodbye::Shutdown),
+            crate::live::EndReason::Revoked => {
+                info!(user = %who.username(), "session ended: access revoked");
+                Some(Goodbye::Revoked)
+            }
+        },
+        _ = tokio::time::sleep(MAX_SESSION) => Some(Goodbye::TooLong),
     }
 }
 

@@ -1,4 +1,4 @@
-//! In-process connection tests: the IMAP and SMTP fronts served over
+//! In-process connection tests: the IMAP, SMTP and POP3 fronts served over
 //! `tokio::io::duplex`, with a scripted upstream on loopback. (The binary is tested
 //! end to end against real Dovecot and Postfix in `tests/`.)
 
@@ -7,8 +7,9 @@ use crate::config::Config;
 use crate::live::LiveSessions;
 use crate::net::gate::Gate;
 use crate::net::imap::ImapService;
+use crate::net::pop3::Pop3Service;
 use crate::net::smtp::SmtpService;
-use crate::net::upstream::{Connector, ImapUpstream};
+use crate::net::upstream::{Connector, ImapUpstream, Pop3Upstream};
 use crate::store::{Account, Store};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -68,6 +69,60 @@ async fn fake_imap_session(tcp: tokio::net::TcpStream, seen: Arc<Mutex<Vec<Strin
                 return;
             }
             format!("{tag} OK done\r\n")
+        };
+        if w.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A scripted upstream POP3 server (as Dovecot's pop3-login): accepts `XCLIENT` and every
+/// login, answers every other command `+OK`, and records every line it got (the login
+/// lines included: the tests check who mailgate logged in as).
+pub struct FakePop3 {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakePop3 {
+    pub async fn start() -> FakePop3 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                tokio::spawn(fake_pop3_session(tcp, log.clone()));
+            }
+        });
+        FakePop3 { addr, seen }
+    }
+
+    /// The lines seen so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn fake_pop3_session(tcp: tokio::net::TcpStream, seen: Arc<Mutex<Vec<String>>>) {
+    let (r, mut w) = tcp.into_split();
+    let mut r = BufReader::new(r);
+    let _ = w.write_all(b"+OK fake POP3 ready.\r\n").await;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        seen.lock().unwrap().push(line.trim_end().to_string());
+        let upper = line.to_ascii_uppercase();
+        let reply = if upper.starts_with("AUTH ") || upper.starts_with("PASS ") {
+            "+OK Logged in.\r\n"
+        } else if upper.starts_with("QUIT") {
+            let _ = w.write_all(b"+OK Logging out.\r\n").await;
+            return;
+        } else {
+            "+OK done\r\n"
         };
         if w.write_all(reply.as_bytes()).await.is_err() {
             return;
@@ -154,7 +209,9 @@ impl Kit {
         std::fs::write(&secret, "master-pw\n").unwrap();
         let toml = format!(
             "{extra}\n[upstream.imap]\naddress = \"{upstream}\"\nmaster_password_file = \"{}\"\n\
-             [upstream.smtp]\naddress = \"{upstream}\"\nlogin = \"xclient\"\n",
+             [upstream.smtp]\naddress = \"{upstream}\"\nlogin = \"xclient\"\n\
+             [upstream.pop3]\naddress = \"{upstream}\"\nmaster_password_file = \"{}\"\nxclient = true\n",
+            secret.display(),
             secret.display()
         );
         let config = Arc::new(Config::from_toml_str(&toml, "test").unwrap());
@@ -180,6 +237,17 @@ impl Kit {
             acceptor: self.acceptor.clone(),
             gate: self.gate(),
             upstream: ImapUpstream(Arc::new(connector)),
+        })
+    }
+
+    pub fn pop3(&self) -> Arc<Pop3Service> {
+        let up = self.config.upstream_pop3.as_ref().unwrap();
+        let connector = Connector::new(up, Duration::from_secs(30)).unwrap();
+        Arc::new(Pop3Service {
+            config: self.config.clone(),
+            acceptor: self.acceptor.clone(),
+            gate: self.gate(),
+            upstream: Pop3Upstream(Arc::new(connector)),
         })
     }
 

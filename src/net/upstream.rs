@@ -33,6 +33,13 @@ pub enum UpstreamFailure {
     /// The SMTP login exchange failed.
     #[error("{0}")]
     Smtp(#[from] crate::proto::smtp_upstream::SmtpUpstreamError),
+    /// The POP3 login exchange failed.
+    #[error("{0}")]
+    Pop3(#[from] crate::proto::pop3_upstream::UpstreamError),
+    /// The upstream POP3 server answered the login `-ERR`, with this text (its own words,
+    /// one printable line, no secret).
+    #[error("upstream POP3 refused the login: {0}")]
+    Pop3Refused(String),
     /// Connect + login took longer than `limits.upstream_timeout_secs`.
     #[error("upstream did not answer in time")]
     Timeout,
@@ -51,7 +58,7 @@ impl UpstreamFailure {
             self,
             UpstreamFailure::Protocol(UpstreamError::LoginRefused)
                 | UpstreamFailure::Smtp(crate::proto::smtp_upstream::SmtpUpstreamError::LoginRefused(_))
-        )
+        ) || matches!(self, UpstreamFailure::Pop3Refused(text) if !text.starts_with("[SYS/") && !text.starts_with("[IN-USE]"))
     }
 }
 
@@ -63,6 +70,27 @@ pub struct UpstreamImap {
     pub capabilities: String,
     /// Bytes already read from upstream that belong to the client.
     pub leftover: Vec<u8>,
+}
+
+/// An open, logged-in upstream POP3 session.
+pub struct UpstreamPop3 {
+    /// The connection.
+    pub stream: MaybeTls,
+    /// Bytes already read from upstream that belong to the client.
+    pub leftover: Vec<u8>,
+}
+
+impl crate::net::relay::Relayed for UpstreamImap {
+    /// The capabilities are dropped: the client got them with its login reply.
+    fn into_relay_parts(self) -> (MaybeTls, Vec<u8>) {
+        (self.stream, self.leftover)
+    }
+}
+
+impl crate::net::relay::Relayed for UpstreamPop3 {
+    fn into_relay_parts(self) -> (MaybeTls, Vec<u8>) {
+        (self.stream, self.leftover)
+    }
 }
 
 /// Connections to one upstream server.
@@ -208,5 +236,89 @@ impl crate::auth::PasswordChecker for ImapUpstream {
                 }
             }
         })
+    }
+}
+
+/// The upstream POP3 server: logs in as the user with the master credentials (or the
+/// user's own password with `password_check = "upstream"`), the client's address passed
+/// with `XCLIENT` when `[upstream.pop3] xclient` is on. TCP and TLS are [`Connector`]'s;
+/// the exchange is [`crate::proto::pop3_upstream::UpstreamLogin`] on the driver.
+#[derive(Clone)]
+pub struct Pop3Upstream(pub Arc<Connector>);
+
+impl Pop3Upstream {
+    /// Connects and logs in as `user`. With `own_password`, as the user with it (a
+    /// refusal is [`UpstreamFailure::Pop3Refused`]).
+    async fn login(
+        &self,
+        user: &str,
+        own_password: Option<&SecretBytes>,
+        origin: &Origin<'_>,
+    ) -> Result<UpstreamPop3, UpstreamFailure> {
+        use crate::proto::pop3_upstream::{Outcome, UpstreamLogin as Pop3Login};
+        let cfg = self.0.config();
+        let (password, style) = match own_password {
+            Some(pw) => match String::from_utf8(pw.expose().clone()) {
+                Ok(pw) => (SecretString::from(pw), LoginStyle::User),
+                // Not UTF-8: cannot be sent as this user's password.
+                Err(_) => return Err(UpstreamFailure::Pop3Refused("[AUTH] password not sendable".into())),
+            },
+            None => {
+                let style = match cfg.login {
+                    LoginMode::MasterSeparator => LoginStyle::MasterSeparator(cfg.master_separator.clone()),
+                    _ => LoginStyle::MasterSasl,
+                };
+                (self.0.master_password()?, style)
+            }
+        };
+        let starttls = cfg.tls == UpstreamTls::Starttls;
+        let mut login = Pop3Login::new(user, &cfg.master_user, password, style, starttls, origin.client, cfg.xclient);
+        let mut conn = self.0.connect().await?;
+        match conn.next(&mut login).await {
+            Ok(Outcome::LoggedIn) => {}
+            Ok(Outcome::Refused(text)) => return Err(UpstreamFailure::Pop3Refused(text)),
+            Ok(Outcome::Failed(e)) => return Err(e.into()),
+            Err(DriveError::Timeout) => return Err(UpstreamFailure::Timeout),
+            Err(e) => return Err(e.into()),
+        }
+        let (stream, _) = conn.into_parts().ok_or(UpstreamFailure::Conn(DriveError::PeerClosed))?;
+        Ok(UpstreamPop3 { stream, leftover: login.into_leftover() })
+    }
+}
+
+impl crate::net::gate::Upstream for Pop3Upstream {
+    type Connection = UpstreamPop3;
+
+    async fn open(&self, who: &Authenticated, origin: &Origin<'_>) -> Result<UpstreamPop3, UpstreamFailure> {
+        self.login(who.username(), None, origin).await
+    }
+
+    async fn open_as_user(&self, check: &UpstreamCheck, origin: &Origin<'_>) -> Result<UpstreamPop3, UpstreamFailure> {
+        self.login(check.username(), Some(check.password()), origin).await
+    }
+
+    fn checks_passwords(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UpstreamFailure;
+    use crate::proto::pop3_upstream::UpstreamError;
+
+    /// A POP3 `-ERR` to the user's own login means a wrong password unless its response
+    /// code says the server is busy (RFC 3206 `[SYS/…]`, `[IN-USE]`): those are
+    /// "unavailable", never a wrong password counted against the account.
+    #[test]
+    fn which_pop3_answers_are_a_wrong_password() {
+        let refused = |text: &str| UpstreamFailure::Pop3Refused(text.to_string()).is_refusal();
+        assert!(refused("[AUTH] Authentication failed."));
+        assert!(refused("Authentication failed."));
+        assert!(!refused("[SYS/TEMP] Try again later."));
+        assert!(!refused("[SYS/PERM] Broken."));
+        assert!(!refused("[IN-USE] Mailbox locked."));
+        assert!(!UpstreamFailure::Pop3(UpstreamError::XClient).is_refusal());
+        assert!(!UpstreamFailure::Timeout.is_refusal());
     }
 }

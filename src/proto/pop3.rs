@@ -5,7 +5,7 @@
 //! next ([`Machine::next`]): write bytes, read more, start TLS, check credentials, close.
 //! Before authentication only CAPA, STLS, USER/PASS, AUTH PLAIN/LOGIN and QUIT are
 //! served; every size, count and byte a peer controls is bounded ([`limits`]). No
-//! credentials are accepted before TLS. Not yet wired to a listener.
+//! credentials are accepted before TLS. Run by `net::pop3::Pop3Service`.
 //!
 //! States: `Command` (reading commands) → `Sasl*` (AUTH exchange) → `Authenticating`
 //! (credentials handed to the driver) → `Done` (the driver relays), plus

@@ -6,7 +6,7 @@
 //! ([`LoginStyle::MasterSeparator`]). Optional `STLS` first (RFC 2595), and optionally
 //! Dovecot's `XCLIENT ADDR=… PORT=…` with the client's real address (Dovecot honours it
 //! from `login_trusted_networks`; whether to send it is configuration, a constructor flag
-//! here). Not yet wired to a listener.
+//! here). Run by `net::upstream::Pop3Upstream`.
 //!
 //! Replies are read line by line with a hard length cap ([`MAX_LINE`]); every reply at
 //! this stage is a single `+OK`/`-ERR` line (or a `+ ` continuation, which is refused).

@@ -49,6 +49,9 @@ pub struct DovecotOptions {
     /// Lines appended at the end of dovecot.conf (e.g. higher process and client limits
     /// for load tests). Empty by default.
     pub extra_config: String,
+    /// Also serve POP3 (`dovecot-pop3d`) on a free loopback port ([`Dovecot::pop3_port`];
+    /// STLS offered when TLS is configured). Off by default.
+    pub pop3: bool,
 }
 
 impl Default for DovecotOptions {
@@ -59,6 +62,7 @@ impl Default for DovecotOptions {
             master_password: "master-password".to_owned(),
             tls: None,
             extra_config: String::new(),
+            pop3: false,
         }
     }
 }
@@ -69,6 +73,9 @@ pub struct Dovecot {
     pub port: u16,
     /// Implicit-TLS (imaps) port on 127.0.0.1, only when TLS is configured.
     pub tls_port: Option<u16>,
+    /// Plain POP3 port on 127.0.0.1, only with [`DovecotOptions::pop3`]. Dovecot takes
+    /// `XCLIENT` on it from loopback (`login_trusted_networks`).
+    pub pop3_port: Option<u16>,
     /// Everything lives here; removed after the server has stopped.
     pub dir: tempfile::TempDir,
     child: Option<Child>,
@@ -198,10 +205,20 @@ fn try_start(opts: &DovecotOptions) -> Result<Dovecot, StartError> {
     let root = dir.path().to_path_buf();
     let (uid, gid) = mail_ids();
 
-    let ports = pick_ports(if tls.is_some() { 2 } else { 1 }).map_err(|e| fatal("pick free ports", e))?;
-    let (port, tls_port) = (ports[0], ports.get(1).copied());
+    let ports = pick_ports(2 + usize::from(opts.pop3)).map_err(|e| fatal("pick free ports", e))?;
+    let (port, tls_port) = (ports[0], tls.is_some().then_some(ports[1]));
+    let pop3_port = opts.pop3.then_some(ports[ports.len() - 1]);
     let mut conf =
         render_config(&root, port, tls_port, tls.as_ref().map(|(c, k)| (c.as_path(), k.as_path())), uid, gid);
+    if let Some(pop3) = pop3_port {
+        conf = conf.replace("protocols = imap\n", "protocols = imap pop3\n");
+        let _ = write!(
+            conf,
+            "protocol pop3 {{\n  mail_max_userip_connections = 1000\n}}\n\
+             service pop3-login {{\n  inet_listener pop3 {{\n    address = 127.0.0.1\n    port = {pop3}\n  }}\n\
+             \x20 inet_listener pop3s {{\n    port = 0\n  }}\n}}\n"
+        );
+    }
     conf.push_str(&opts.extra_config);
     let conf_path = root.join("dovecot.conf");
     fs::write(&conf_path, conf).map_err(|e| fatal("write dovecot.conf", e))?;
@@ -209,10 +226,16 @@ fn try_start(opts: &DovecotOptions) -> Result<Dovecot, StartError> {
     let child =
         spawn_dovecot(&conf_path, &root.join("dovecot.stderr"), "stderr file").map_err(|(what, e)| fatal(&what, e))?;
     let pid = child.id();
-    let mut d = Dovecot { port, tls_port, dir, child: Some(child), pid };
+    let mut d = Dovecot { port, tls_port, pop3_port, dir, child: Some(child), pid };
 
     match wait_dovecot_ready(&mut d.child, &root, (port, tls_port), ("* OK", b"z LOGOUT\r\n"), START_TIMEOUT) {
-        Ok(()) => Ok(d),
+        Ok(()) => match pop3_port.map(|p| wait_pop3_ready(p, START_TIMEOUT)) {
+            Some(Err(reason)) => {
+                d.stop();
+                Err(start_failure("dovecot", &reason, &d.config_path(), &d.log()))
+            }
+            _ => Ok(d),
+        },
         Err(reason) => {
             d.stop();
             Err(start_failure("dovecot", &reason, &d.config_path(), &d.log()))
@@ -305,6 +328,22 @@ service anvil {{
         }
     }
     c
+}
+
+/// Waits until the POP3 port greets with `+OK`.
+fn wait_pop3_ready(port: u16, timeout: Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut last = String::from("no answer");
+    let ok = poll(timeout, || {
+        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 256];
+        let n = tcp.read(&mut buf).unwrap_or(0);
+        last = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let _ = tcp.write_all(b"QUIT\r\n");
+        last.starts_with("+OK")
+    });
+    if ok { Ok(()) } else { Err(format!("POP3 on port {port} did not greet: {last}")) }
 }
 
 /// chmod, panicking with a `dovecot:` message.

@@ -38,6 +38,11 @@ pub struct Options {
     pub extra_sections: String,
     /// `[web]` extra lines (e.g. `organisation = "…"`).
     pub web_extra: String,
+    /// Upstream POP3 address: with it, `[upstream.pop3]` and the two POP3 listeners
+    /// ([`Mailgate::pop3s`], [`Mailgate::pop3`]). `None`: POP3 off.
+    pub pop3_upstream: Option<String>,
+    /// `[upstream.pop3]` extra lines (e.g. `xclient = true`).
+    pub pop3_upstream_extra: String,
     /// `[tls]` extra lines (e.g. `reload_check_secs = 1`).
     pub tls_extra: String,
 }
@@ -55,6 +60,8 @@ impl Default for Options {
             smtp_extra: String::new(),
             extra_sections: String::new(),
             web_extra: String::new(),
+            pop3_upstream: None,
+            pop3_upstream_extra: String::new(),
             tls_extra: String::new(),
         }
     }
@@ -77,6 +84,10 @@ pub struct Mailgate {
     pub submission: SocketAddr,
     /// The web step (HTTPS).
     pub web: SocketAddr,
+    /// POP3 implicit TLS (with [`Options::pop3_upstream`]).
+    pub pop3s: Option<SocketAddr>,
+    /// POP3 STLS (with [`Options::pop3_upstream`]).
+    pub pop3: Option<SocketAddr>,
     /// CA the test clients trust.
     pub ca: PathBuf,
     /// The server's certificate chain (`[tls] cert`; its CA can sign another:
@@ -98,10 +109,23 @@ impl Mailgate {
         std::fs::write(dir.path().join("config/master.secret"), format!("{}\n", opts.master_password)).unwrap();
         let config = dir.path().join("config/mailgate.toml");
         let log = dir.path().join("mailgate.log");
-        let write_config =
-            |imaps: SocketAddr, imap: SocketAddr, smtps: SocketAddr, submission: SocketAddr, web: SocketAddr| {
-                let text = format!(
-                    r#"[server]
+        let write_config = |imaps: SocketAddr,
+                            imap: SocketAddr,
+                            smtps: SocketAddr,
+                            submission: SocketAddr,
+                            web: SocketAddr,
+                            pop3: Option<(SocketAddr, SocketAddr)>| {
+            let pop3 = match (&opts.pop3_upstream, pop3) {
+                (Some(up), Some((tls, plain))) => format!(
+                    "[pop3]\nlisten_tls = [\"{tls}\"]\nlisten_starttls = [\"{plain}\"]\n\
+                         [upstream.pop3]\naddress = \"{up}\"\nmaster_user = \"mailgate\"\n\
+                         master_password_file = \"config/master.secret\"\n{}\n",
+                    opts.pop3_upstream_extra
+                ),
+                _ => String::new(),
+            };
+            let text = format!(
+                r#"[server]
 hostname = "mail.example.test"
 public_url = "{public_url}"
 data_dir = "data"
@@ -131,23 +155,24 @@ master_password_file = "config/master.secret"
 {extra}
 [limits]
 {limits}
+{pop3}
 {extra_sections}
 "#,
-                    public_url = opts.public_url,
-                    cert = pki.cert.display(),
-                    key = pki.key.display(),
-                    upstream = opts.upstream,
-                    extra = opts.upstream_extra,
-                    limits = opts.limits,
-                    smtp_extra = opts.smtp_extra,
-                    smtp_upstream = opts.smtp_upstream,
-                    smtp_upstream_extra = opts.smtp_upstream_extra,
-                    extra_sections = opts.extra_sections,
-                    web_extra = opts.web_extra,
-                    tls_extra = opts.tls_extra,
-                );
-                std::fs::write(&config, text).unwrap();
-            };
+                public_url = opts.public_url,
+                cert = pki.cert.display(),
+                key = pki.key.display(),
+                upstream = opts.upstream,
+                extra = opts.upstream_extra,
+                limits = opts.limits,
+                smtp_extra = opts.smtp_extra,
+                smtp_upstream = opts.smtp_upstream,
+                smtp_upstream_extra = opts.smtp_upstream_extra,
+                extra_sections = opts.extra_sections,
+                web_extra = opts.web_extra,
+                tls_extra = opts.tls_extra,
+            );
+            std::fs::write(&config, text).unwrap();
+        };
         // Free ports are picked by binding port 0 and letting go, so another test may take
         // one in between: then try again with new ports.
         let mut attempt = 0;
@@ -157,7 +182,12 @@ master_password_file = "config/master.secret"
             let smtps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let submission: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            write_config(imaps, imap, smtps, submission, web);
+            let pop3 = opts.pop3_upstream.as_ref().map(|_| {
+                let tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                let plain: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                (tls, plain)
+            });
+            write_config(imaps, imap, smtps, submission, web, pop3);
             match spawn_child(dir.path(), &config, &log, imaps, imap) {
                 Ok(child) => {
                     return Mailgate {
@@ -169,6 +199,8 @@ master_password_file = "config/master.secret"
                         smtps,
                         submission,
                         web,
+                        pop3s: pop3.map(|p| p.0),
+                        pop3: pop3.map(|p| p.1),
                         ca: pki.ca,
                         cert: pki.cert,
                         key: pki.key,

@@ -1,0 +1,230 @@
+//! One POP3 client connection: the pre-auth machine on the driver, the login gate, then
+//! the byte relay. The only I/O around [`PreAuth`]; the same shape as `net::imap`.
+
+use crate::auth::Protocol;
+use crate::config::Config;
+use crate::net::driver::{Conn, DriveError, Front};
+use crate::net::gate::{Admitted, Attempt, Gate, Origin, Refusal};
+use crate::net::relay::relay_session;
+use crate::net::stream::{MaybeTls, ReadAhead, Transport};
+use crate::net::upstream::{Pop3Upstream, UpstreamPop3};
+use crate::proto::Next;
+use crate::proto::pop3::{Action, AuthReply, PreAuth, goodbye};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_rustls::TlsAcceptor;
+
+/// What every POP3 connection needs.
+pub struct Pop3Service {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// TLS for clients (ALPN "pop3").
+    pub acceptor: TlsAcceptor,
+    /// The login gate (credential checks, live sessions).
+    pub gate: Gate,
+    /// Upstream logins.
+    pub upstream: Pop3Upstream,
+}
+
+/// How a refusal is answered in POP3 (RFC 3206 codes).
+fn reply_for(refusal: Refusal) -> AuthReply {
+    match refusal {
+        Refusal::Failed | Refusal::Gone => AuthReply::Failed,
+        Refusal::NeedsAppPassword(text) => AuthReply::NeedsAppPassword(text),
+        Refusal::Unavailable => AuthReply::Unavailable,
+        Refusal::TooMany => AuthReply::TooMany,
+    }
+}
+
+/// A client logged in, its upstream session open.
+struct LoggedIn<S: Transport> {
+    client: MaybeTls<ReadAhead<S>>,
+    admitted: Admitted<UpstreamPop3>,
+    pipelined: Vec<u8>,
+}
+
+impl Pop3Service {
+    /// Everything up to a logged-in upstream session; `None` when the client left.
+    async fn login<S: Transport>(
+        &self,
+        transport: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        implicit: bool,
+    ) -> Result<Option<LoggedIn<S>>, DriveError> {
+        let stop = self.gate.live().stop_notice();
+        let mut conn = Conn::client(transport, implicit, &self.acceptor, &self.config.limits, stop).await?;
+        let mut machine = PreAuth::new(&self.config.hostname, implicit, !implicit);
+        let admitted = loop {
+            match conn.next(&mut machine).await? {
+                Action::Refuse(reply) => {
+                    self.gate.refused_early().await;
+                    machine.auth_failed(reply);
+                }
+                Action::Authenticate(creds) => {
+                    let attempt = Attempt {
+                        creds: &creds,
+                        protocol: Protocol::Pop3,
+                        origin: Origin { client: peer, local, id: &[] },
+                        client_name: None,
+                    };
+                    match self.gate.login(&self.upstream, attempt, conn.peer_gone()).await {
+                        Ok(admitted) => break admitted,
+                        Err(Refusal::Gone) => return Ok(None),
+                        Err(refusal) => machine.auth_failed(reply_for(refusal)),
+                    }
+                }
+            }
+        };
+        let pipelined = machine.auth_succeeded();
+        // `+OK Logged in.`; then whatever upstream already sent, in the relay.
+        while let Next::Write(bytes) = crate::proto::Machine::next(&mut machine) {
+            conn.send(&bytes).await?;
+        }
+        let Some((client, _)) = conn.into_parts() else { return Ok(None) };
+        Ok(Some(LoggedIn { client, admitted, pipelined }))
+    }
+}
+
+impl Front for Pop3Service {
+    async fn serve<S: Transport>(
+        self: Arc<Self>,
+        transport: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        implicit: bool,
+    ) -> Result<(), DriveError> {
+        // Boxed: the login phase's state is freed when the relay starts (as IMAP's).
+        let Some(s) = Box::pin(self.login(transport, peer, local, implicit)).await? else { return Ok(()) };
+        let Admitted { who, upstream, live, own_password } = s.admitted;
+        drop(own_password);
+        // POP3 has no autologout of its own past RFC 1939's 10 minutes; IMAP's (≥ 30
+        // minutes) covers a slow client reading a large RETR without sending.
+        let idle = self.config.limits.imap_idle_timeout;
+        relay_session(s.client, upstream, s.pipelined, live, &who, idle, goodbye).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::testkit::*;
+    use crate::store::Account;
+    use base64::Engine as _;
+    use tokio::io::AsyncWriteExt;
+
+    fn tls_name() -> rustls::pki_types::ServerName<'static> {
+        rustls::pki_types::ServerName::try_from("localhost").unwrap()
+    }
+
+    /// A logged-in session's task holds the relay's state only, as IMAP's: the login
+    /// phase is boxed and freed when it ends (PERFORMANCE.md M1).
+    #[tokio::test]
+    async fn a_session_task_stays_small() {
+        let kit = Kit::new(addr("127.0.0.1:9"), "");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        let fut = crate::net::driver::serve_tcp(kit.pop3(), s, peer, true);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 1536, "serve future: {size} bytes");
+        drop(c);
+    }
+
+    /// A login over STLS reaches upstream as the user: the fake sees XCLIENT with the
+    /// client's address, then the master login (authzid = the user), then the client's
+    /// own commands through the relay.
+    #[tokio::test]
+    async fn a_login_over_stls_reaches_upstream_as_the_user() {
+        let up = FakePop3::start().await;
+        let kit = Kit::new(up.addr, "");
+        let (server, mut c) = pipe();
+        let task = tokio::spawn(kit.pop3().serve(server, addr(CLIENT), addr(LOCAL), false));
+        assert!(read_until(&mut c, "\r\n").await.starts_with("+OK "));
+        c.write_all(b"USER alice\r\n").await.unwrap();
+        let before = read_until(&mut c, "\r\n").await;
+        assert!(before.starts_with("-ERR"), "no login before STLS: {before}");
+        c.write_all(b"STLS\r\n").await.unwrap();
+        assert!(read_until(&mut c, "\r\n").await.starts_with("+OK"));
+        let mut tls = kit.tls_client().connect(tls_name(), c).await.unwrap();
+        tls.write_all(format!("USER {USER}\r\n").as_bytes()).await.unwrap();
+        assert!(read_until(&mut tls, "\r\n").await.starts_with("+OK"));
+        tls.write_all(format!("PASS {PASSWORD}\r\nSTAT\r\n").as_bytes()).await.unwrap();
+        let got = read_until(&mut tls, "+OK done\r\n").await;
+        assert_eq!(got, "+OK Logged in.\r\n+OK done\r\n");
+        tls.write_all(b"QUIT\r\n").await.unwrap();
+        assert_eq!(read_to_end(&mut tls).await, "+OK Logging out.\r\n");
+        drop(tls);
+        assert!(task.await.unwrap().is_ok());
+        let lines = up.lines();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(lines[0], "XCLIENT ADDR=192.0.2.7 PORT=50000");
+        let plain = lines[1].strip_prefix("AUTH PLAIN ").unwrap();
+        let plain = base64::engine::general_purpose::STANDARD.decode(plain).unwrap();
+        assert_eq!(plain, format!("{USER}\0mailgate\0master-pw").as_bytes());
+        assert_eq!(lines[2..], ["STAT", "QUIT"]);
+    }
+
+    /// A 2FA account's account password: `-ERR [AUTH]` with the place to make an app
+    /// password (RFC 3206), and nothing reaches upstream.
+    #[tokio::test]
+    async fn a_2fa_account_password_gets_the_app_password_url() {
+        let up = FakePop3::start().await;
+        let kit = Kit::new(up.addr, "[limits]\nauth_failure_delay_ms = 0\n");
+        let bob = "bob@example.com";
+        let hash = crate::auth::password::hash(PASSWORD.as_bytes()).unwrap();
+        let account = Account { password_hash: Some(hash), second_factor_required: true, ..Account::new(bob, 0) };
+        kit.store.create_account(&account).unwrap();
+        let (server, c) = pipe();
+        tokio::spawn(kit.pop3().serve(server, addr(CLIENT), addr(LOCAL), true));
+        let mut tls = kit.tls_client().connect(tls_name(), c).await.unwrap();
+        read_until(&mut tls, "\r\n").await;
+        let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0{bob}\0{PASSWORD}"));
+        tls.write_all(format!("AUTH PLAIN {plain}\r\n").as_bytes()).await.unwrap();
+        let refusal = read_until(&mut tls, "\r\n").await;
+        assert!(refusal.starts_with("-ERR [AUTH] "), "{refusal}");
+        assert!(refusal.contains("https://localhost:8443/app-passwords"), "{refusal}");
+        assert!(up.lines().is_empty(), "{:?}", up.lines());
+    }
+
+    /// Revocation ends a live session with the POP3 goodbye and closes it.
+    #[tokio::test]
+    async fn a_revoked_session_is_told_and_closed() {
+        let up = FakePop3::start().await;
+        let kit = Kit::new(up.addr, "");
+        let (server, c) = pipe();
+        let task = tokio::spawn(kit.pop3().serve(server, addr(CLIENT), addr(LOCAL), true));
+        let mut tls = kit.tls_client().connect(tls_name(), c).await.unwrap();
+        read_until(&mut tls, "\r\n").await;
+        tls.write_all(format!("USER {USER}\r\nPASS {PASSWORD}\r\n").as_bytes()).await.unwrap();
+        assert!(read_until(&mut tls, "Logged in.\r\n").await.ends_with("+OK Logged in.\r\n"));
+        assert_eq!(kit.live.kill(USER, None), 1);
+        assert_eq!(read_to_end(&mut tls).await, "-ERR [AUTH] Access revoked.\r\n");
+        assert!(task.await.unwrap().is_ok());
+    }
+
+    /// Shutdown: a client that has not logged in and one in the relay both get the
+    /// POP3 goodbye and the close.
+    #[tokio::test]
+    async fn shutdown_says_goodbye_before_and_after_login() {
+        let up = FakePop3::start().await;
+        let kit = Kit::new(up.addr, "");
+        let svc = kit.pop3();
+        let (s1, mut waiting) = pipe();
+        let t1 = tokio::spawn(svc.clone().serve(s1, addr(CLIENT), addr(LOCAL), false));
+        read_until(&mut waiting, "\r\n").await;
+        let (s2, c2) = pipe();
+        let t2 = tokio::spawn(svc.clone().serve(s2, addr(CLIENT), addr(LOCAL), true));
+        let mut live = kit.tls_client().connect(tls_name(), c2).await.unwrap();
+        read_until(&mut live, "\r\n").await;
+        live.write_all(format!("USER {USER}\r\nPASS {PASSWORD}\r\n").as_bytes()).await.unwrap();
+        read_until(&mut live, "Logged in.\r\n").await;
+        assert_eq!(kit.live.end_all(), 2);
+        let bye = read_to_end(&mut waiting).await;
+        assert!(bye.ends_with("-ERR [SYS/TEMP] Server shutting down.\r\n"), "{bye}");
+        let bye = read_to_end(&mut live).await;
+        assert_eq!(bye, "-ERR [SYS/TEMP] Server shutting down.\r\n");
+        assert!(matches!(t1.await.unwrap(), Err(DriveError::Ended(crate::live::EndReason::Shutdown))));
+        assert!(t2.await.unwrap().is_ok());
+    }
+}
