@@ -110,6 +110,21 @@ fn commands_work_without_a_server_and_survive_a_restart() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown user"));
 }
 
+/// The harness itself: a port taken while the server was stopped (by another test of a
+/// parallel run) moves the listeners to new ports instead of failing the test.
+#[test]
+fn a_restart_whose_port_was_taken_moves_to_new_ports() {
+    let mut mg = Mailgate::start(Options::default());
+    mg.stop();
+    let (old_web, old_imaps) = (mg.web, mg.imaps);
+    let squatter = std::net::TcpListener::bind(old_web).unwrap();
+    mg.restart();
+    assert_ne!(mg.web, old_web);
+    assert_ne!(mg.imaps, old_imaps);
+    assert!(std::net::TcpStream::connect(mg.web).is_ok());
+    drop(squatter);
+}
+
 #[test]
 fn a_second_server_on_the_same_data_dir_is_refused() {
     let mg = Mailgate::start(Options::default());

@@ -464,6 +464,8 @@ fn acknowledged_changes_survive_sigkill() {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         t.as_nanos() as u64 ^ u64::from(std::process::id())
     });
+    // Cargo makes this directory when it builds the test, not when it runs it.
+    std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let root = tempfile::Builder::new().prefix("crash-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let db = root.path().join("db");
     let transcript = std::fs::File::create(root.path().join("transcript.log")).unwrap();

@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -113,6 +114,21 @@ def spki_pin(cert_pem_path):
 
 
 def free_port():
+    """A free loopback port below the kernel's ephemeral range (as daemon.rs's pick_ports:
+    a released port from that range can become any outgoing connection's source port)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        high = 32768
+    for _ in range(1000 if high > 11000 else 0):
+        port = random.randrange(10000, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

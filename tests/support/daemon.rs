@@ -83,16 +83,48 @@ pub fn start_failure(what: &str, reason: &str, config: &Path, log: &str) -> Star
     StartError::from_log(log, msg)
 }
 
-/// A free loopback port (the listener is released again; the server binds it soon
-/// after, and a start that loses the race is retried with another port).
+/// A free loopback port for a server to listen on, see [`pick_ports`].
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(pick_ports(1)?[0])
 }
 
-/// `n` distinct free loopback ports (all listeners held at once, then released).
+/// `n` distinct free loopback ports for servers to listen on (all checked by binding
+/// at once, then released; the server binds its port soon after, and a start that
+/// loses the race is retried with other ports).
+///
+/// They come from below the kernel's ephemeral range (`ip_local_port_range`), not from
+/// binding port 0: a port from that range can be taken as the *source* port of any
+/// outgoing connection the moment it is released, and a loaded run of the suite makes
+/// thousands of those (this lost ports both before a first start and during a restart
+/// on the same config). Below the range only another picker can take a port, and the
+/// pick is random over some 20 000 ports. Falls back to port 0 if the range starts too
+/// low to leave room.
 pub fn pick_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    let ls = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
-    ls.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+    use std::hash::{BuildHasher, Hasher};
+    const LOW: u32 = 10_000;
+    let high = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|w| w.parse::<u32>().ok()))
+        .unwrap_or(32_768);
+    let mut held: Vec<TcpListener> = Vec::with_capacity(n);
+    if high > LOW + 1_000 {
+        let random = std::collections::hash_map::RandomState::new();
+        let mut tries = 0u64;
+        while held.len() < n && tries < 1_000 {
+            tries += 1;
+            let mut h = random.build_hasher();
+            h.write_u64(tries);
+            let port = LOW + (h.finish() % u64::from(high - LOW)) as u32;
+            // Port numbers here are below 65536 by construction.
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+                held.push(l);
+            }
+        }
+    }
+    while held.len() < n {
+        held.push(TcpListener::bind("127.0.0.1:0")?);
+    }
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 /// Spawn `cmd` with stdin from /dev/null and stdout and stderr into a new file

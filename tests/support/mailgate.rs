@@ -1,7 +1,7 @@
 //! Runs the real `mailgate` binary with a config in a temporary directory, as an admin
 //! would, and stops it (by PID) on drop.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -11,9 +11,9 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_mailgate")
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port for a server to listen on ([`super::daemon::pick_ports`]).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    super::daemon::free_port().unwrap()
 }
 
 /// How to configure the mailgate under test.
@@ -177,16 +177,10 @@ master_password_file = "config/master.secret"
         // one in between: then try again with new ports.
         let mut attempt = 0;
         loop {
-            let imaps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let imap: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let smtps: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let submission: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let pop3 = opts.pop3_upstream.as_ref().map(|_| {
-                let tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-                let plain: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-                (tls, plain)
-            });
+            let p = super::daemon::pick_ports(7).unwrap();
+            let at = |i: usize| SocketAddr::from(([127, 0, 0, 1], p[i]));
+            let (imaps, imap, smtps, submission, web) = (at(0), at(1), at(2), at(3), at(4));
+            let pop3 = opts.pop3_upstream.as_ref().map(|_| (at(5), at(6)));
             write_config(imaps, imap, smtps, submission, web, pop3);
             match spawn_child(dir.path(), &config, &log, imaps, imap) {
                 Ok(child) => {
@@ -213,10 +207,32 @@ master_password_file = "config/master.secret"
         }
     }
 
+    /// Starts the server on its config. If a listen port was taken while it was stopped
+    /// (rare: see [`super::daemon::pick_ports`]), moves every listener to new ports in the
+    /// config and tries again.
     fn spawn(&mut self) {
-        match spawn_child(self.dir.path(), &self.config, &self.log, self.imaps, self.imap) {
-            Ok(child) => self.child = Some(child),
-            Err(text) => panic!("mailgate did not start:\n{text}"),
+        let mut attempt = 0;
+        loop {
+            match spawn_child(self.dir.path(), &self.config, &self.log, self.imaps, self.imap) {
+                Ok(child) => return self.child = Some(child),
+                Err(text) if attempt < 5 && text.contains("cannot listen on") => attempt += 1,
+                Err(text) => panic!("mailgate did not start:\n{text}"),
+            }
+            let mut config = std::fs::read_to_string(&self.config).unwrap();
+            let p = super::daemon::pick_ports(7).unwrap();
+            let mut fresh = p.into_iter().map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
+            let mut moved = |old: &mut SocketAddr| {
+                let new = fresh.next().unwrap();
+                config = config.replace(&format!("\"{old}\""), &format!("\"{new}\""));
+                *old = new;
+            };
+            for a in [&mut self.imaps, &mut self.imap, &mut self.smtps, &mut self.submission, &mut self.web] {
+                moved(a);
+            }
+            for a in [self.pop3s.as_mut(), self.pop3.as_mut()].into_iter().flatten() {
+                moved(a);
+            }
+            std::fs::write(&self.config, config).unwrap();
         }
     }
 
