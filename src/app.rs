@@ -5,13 +5,14 @@ use crate::admin;
 use crate::auth::{Authenticator, crypto::SecretKey};
 use crate::config::Config;
 use crate::live::LiveSessions;
-use crate::net::driver::serve_tcp;
+use crate::net::driver::{Front, serve_tcp};
 use crate::net::gate::Gate;
 use crate::net::imap::ImapService;
 use crate::net::listener::{ConnLimits, accept_loop};
 use crate::net::pop3::Pop3Service;
+use crate::net::sieve::SieveService;
 use crate::net::smtp::SmtpService;
-use crate::net::upstream::{Connector, ImapUpstream, Pop3Upstream};
+use crate::net::upstream::{Connector, ImapUpstream, Pop3Upstream, SieveUpstream};
 use crate::store::{Store, StoreError, sled_store::SledStore};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -127,6 +128,8 @@ pub struct Listeners {
     pub pop3_tls: Vec<TcpListener>,
     /// POP3, STLS (none when POP3 is off).
     pub pop3_starttls: Vec<TcpListener>,
+    /// ManageSieve, STARTTLS (none when ManageSieve is off).
+    pub sieve: Vec<TcpListener>,
     /// The web step (HTTPS).
     pub web: Vec<TcpListener>,
 }
@@ -148,6 +151,7 @@ impl Listeners {
             smtp_starttls: all(&config.smtp_starttls, "smtp.listen_starttls").await?,
             pop3_tls: all(&config.pop3_tls, "pop3.listen_tls").await?,
             pop3_starttls: all(&config.pop3_starttls, "pop3.listen_starttls").await?,
+            sieve: all(&config.sieve_listen, "sieve.listen").await?,
             web: all(&config.web_listen, "web.listen").await?,
         })
     }
@@ -192,6 +196,42 @@ impl FdLimit {
                 sessions_held(got)
             )),
             _ => None,
+        }
+    }
+}
+
+/// What every mail listener's accept loop shares ([`MailListeners::add`]).
+struct MailListeners<'a> {
+    tasks: &'a mut Vec<tokio::task::JoinHandle<()>>,
+    limits: &'a Arc<ConnLimits>,
+    stop: &'a tokio::sync::watch::Receiver<bool>,
+    guard: &'a crate::net::listener::TaskGuard,
+    proxy: &'a Arc<crate::net::listener::ProxyPolicy>,
+}
+
+impl MailListeners<'_> {
+    /// Starts an accept loop on each of `list`, serving every connection with `front`;
+    /// `proxy`: the PROXY protocol header comes first. Logs each address as `<what>
+    /// listening`.
+    fn add<F: Front>(&mut self, list: Vec<TcpListener>, front: &Arc<F>, implicit: bool, proxy: bool, what: &str) {
+        for l in list {
+            if let Ok(a) = l.local_addr() {
+                let kind = match (implicit, what) {
+                    (true, _) => "implicit TLS",
+                    (false, "POP3") => "STLS",
+                    (false, _) => "STARTTLS",
+                };
+                tracing::info!(address = %a, kind, "{what} listening");
+            }
+            let front = front.clone();
+            self.tasks.push(tokio::spawn(accept_loop(
+                l,
+                self.limits.clone(),
+                self.stop.clone(),
+                proxy.then(|| self.proxy.clone()),
+                self.guard.clone(),
+                move |tcp, peer| serve_tcp(front.clone(), tcp, peer, implicit),
+            )));
         }
     }
 }
@@ -296,8 +336,17 @@ pub async fn run(
         Some(up) => Some(Arc::new(Pop3Service {
             config: config.clone(),
             acceptor: TlsAcceptor::from(crate::tls::server_config(&certs, &["pop3"])?),
-            gate,
+            gate: gate.clone(),
             upstream: Pop3Upstream(Arc::new(Connector::new(up, config.limits.upstream_timeout)?)),
+        })),
+        None => None,
+    };
+    let sieve = match &config.upstream_sieve {
+        Some(up) => Some(Arc::new(SieveService {
+            config: config.clone(),
+            acceptor: TlsAcceptor::from(crate::tls::server_config(&certs, &["managesieve"])?),
+            gate,
+            upstream: SieveUpstream::new(Arc::new(Connector::new(up, config.limits.upstream_timeout)?)),
         })),
         None => None,
     };
@@ -338,55 +387,18 @@ pub async fn run(
         timeout: config.limits.tls_handshake_timeout,
     });
     let proxy = |on: bool| on.then(|| policy.clone());
-    for (list, implicit) in [(listeners.imap_tls, true), (listeners.imap_starttls, false)] {
-        for l in list {
-            if let Ok(a) = l.local_addr() {
-                tracing::info!(address = %a, kind = if implicit { "implicit TLS" } else { "STARTTLS" }, "IMAP listening");
-            }
-            let svc = service.clone();
-            tasks.push(tokio::spawn(accept_loop(
-                l,
-                limits.clone(),
-                stop_rx.clone(),
-                proxy(pp.imap),
-                tasks_guard.clone(),
-                move |tcp, peer| serve_tcp(svc.clone(), tcp, peer, implicit),
-            )));
-        }
-    }
-    for (list, implicit) in [(listeners.smtp_tls, true), (listeners.smtp_starttls, false)] {
-        for l in list {
-            if let Ok(a) = l.local_addr() {
-                tracing::info!(address = %a, kind = if implicit { "implicit TLS" } else { "STARTTLS" }, "SMTP listening");
-            }
-            let svc = smtp.clone();
-            tasks.push(tokio::spawn(accept_loop(
-                l,
-                limits.clone(),
-                stop_rx.clone(),
-                proxy(pp.smtp),
-                tasks_guard.clone(),
-                move |tcp, peer| serve_tcp(svc.clone(), tcp, peer, implicit),
-            )));
-        }
-    }
+    let mut mail =
+        MailListeners { tasks: &mut tasks, limits: &limits, stop: &stop_rx, guard: &tasks_guard, proxy: &policy };
+    mail.add(listeners.imap_tls, &service, true, pp.imap, "IMAP");
+    mail.add(listeners.imap_starttls, &service, false, pp.imap, "IMAP");
+    mail.add(listeners.smtp_tls, &smtp, true, pp.smtp, "SMTP");
+    mail.add(listeners.smtp_starttls, &smtp, false, pp.smtp, "SMTP");
     if let Some(pop3) = &pop3 {
-        for (list, implicit) in [(listeners.pop3_tls, true), (listeners.pop3_starttls, false)] {
-            for l in list {
-                if let Ok(a) = l.local_addr() {
-                    tracing::info!(address = %a, kind = if implicit { "implicit TLS" } else { "STLS" }, "POP3 listening");
-                }
-                let svc = pop3.clone();
-                tasks.push(tokio::spawn(accept_loop(
-                    l,
-                    limits.clone(),
-                    stop_rx.clone(),
-                    proxy(pp.pop3),
-                    tasks_guard.clone(),
-                    move |tcp, peer| serve_tcp(svc.clone(), tcp, peer, implicit),
-                )));
-            }
-        }
+        mail.add(listeners.pop3_tls, pop3, true, pp.pop3, "POP3");
+        mail.add(listeners.pop3_starttls, pop3, false, pp.pop3, "POP3");
+    }
+    if let Some(sieve) = &sieve {
+        mail.add(listeners.sieve, sieve, false, pp.sieve, "ManageSieve");
     }
     for l in listeners.web {
         if let Ok(a) = l.local_addr() {

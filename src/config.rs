@@ -64,6 +64,8 @@ pub struct RawConfig {
     smtp: RawSmtp,
     /// `None`: no `[pop3]` section (the defaults apply only with `[upstream.pop3]`).
     pop3: Option<RawListeners<Pop3Ports>>,
+    /// `None`: no `[sieve]` section (the default applies only with `[upstream.sieve]`).
+    sieve: Option<RawSieve>,
     #[serde(default)]
     web: RawWeb,
     #[serde(default)]
@@ -154,6 +156,8 @@ struct RawProxyProtocol {
     #[serde(default)]
     pop3: bool,
     #[serde(default)]
+    sieve: bool,
+    #[serde(default)]
     web: bool,
     #[serde(default)]
     trusted: Vec<String>,
@@ -169,6 +173,8 @@ pub struct ProxyProtocol {
     pub smtp: bool,
     /// The POP3 listeners expect the header.
     pub pop3: bool,
+    /// The ManageSieve listeners expect the header.
+    pub sieve: bool,
     /// The web listeners expect the header.
     pub web: bool,
     /// The only addresses allowed to connect to those listeners.
@@ -304,6 +310,16 @@ impl DefaultPorts for Pop3Ports {
     const STARTTLS: &'static str = "127.0.0.1:9110";
 }
 
+/// The ManageSieve listener when `[upstream.sieve]` is written and `[sieve]` is not.
+const SIEVE_DEFAULT_LISTEN: &str = "127.0.0.1:14190";
+
+/// `[sieve]`: ManageSieve listeners (STARTTLS, RFC 5804 has no implicit-TLS port).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSieve {
+    listen: Option<Vec<String>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawListeners<P: DefaultPorts> {
@@ -357,6 +373,7 @@ struct RawUpstreams {
     imap: Option<RawUpstream>,
     smtp: Option<RawUpstream>,
     pop3: Option<RawUpstream>,
+    sieve: Option<RawUpstream>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -375,7 +392,7 @@ struct RawUpstream {
     master_password_file: PathBuf,
     #[serde(default = "d_separator")]
     master_separator: String,
-    /// POP3 only: pass the client's address with Dovecot's `XCLIENT`.
+    /// POP3 and ManageSieve only: pass the client's address with Dovecot's `XCLIENT`.
     xclient: Option<bool>,
 }
 fn d_login() -> String {
@@ -552,8 +569,9 @@ pub struct Upstream {
     pub master_password_file: PathBuf,
     /// Separator for `master-separator` logins.
     pub master_separator: String,
-    /// POP3 only: tell upstream the client's address with Dovecot's `XCLIENT ADDR= PORT=`
-    /// (Dovecot honours it from `login_trusted_networks`, refuses it otherwise).
+    /// POP3 and ManageSieve only: tell upstream the client's address with Dovecot's
+    /// `XCLIENT ADDR= PORT=` (Dovecot honours it from `login_trusted_networks`, refuses it
+    /// otherwise).
     pub xclient: bool,
 }
 
@@ -618,6 +636,8 @@ pub struct Config {
     pub pop3_tls: Vec<SocketAddr>,
     /// POP3 STLS listeners (empty when POP3 is off).
     pub pop3_starttls: Vec<SocketAddr>,
+    /// ManageSieve listeners, STARTTLS (empty when ManageSieve is off).
+    pub sieve_listen: Vec<SocketAddr>,
     /// Largest message accepted for submission (advertised as SIZE).
     pub smtp_max_message_size: usize,
     /// HTTPS listeners of the web step.
@@ -631,6 +651,8 @@ pub struct Config {
     pub upstream_smtp: Upstream,
     /// Upstream POP3 server; `None`: POP3 is off (no `[upstream.pop3]`).
     pub upstream_pop3: Option<Upstream>,
+    /// Upstream ManageSieve server; `None`: ManageSieve is off (no `[upstream.sieve]`).
+    pub upstream_sieve: Option<Upstream>,
     /// Limits.
     pub limits: Limits,
     /// Account passwords and first-use accounts.
@@ -674,13 +696,23 @@ impl Config {
             Some(up) => lines.push(format!("upstream POP3 {}", up.summary())),
             None => lines.push("POP3 off (no [upstream.pop3])".to_string()),
         }
+        match &self.upstream_sieve {
+            Some(up) => lines.push(format!("upstream ManageSieve {}", up.summary())),
+            None => lines.push("ManageSieve off (no [upstream.sieve])".to_string()),
+        }
         lines.push(format!("data in {}, certificate {}", self.data_dir.display(), self.tls_cert.display()));
         lines
     }
 
-    /// The embedded defaults: loopback listeners on unprivileged ports, data in `data/`.
+    /// The embedded defaults (no config file): loopback listeners on unprivileged ports
+    /// for every protocol, each in front of the same host's standard ports (POP3 and
+    /// ManageSieve included, which a config file turns on only with their upstream
+    /// section), data in `data/`.
     pub fn embedded_defaults() -> Config {
-        match Config::from_raw(RawConfig::default()) {
+        let mut raw = RawConfig::default();
+        raw.upstream.pop3 = Some(RawUpstream::default());
+        raw.upstream.sieve = Some(RawUpstream::default());
+        match Config::from_raw(raw) {
             Ok(c) => c,
             // The defaults are constants checked by a unit test; this arm cannot run.
             Err(e) => unreachable_defaults(e),
@@ -742,6 +774,7 @@ impl Config {
         let upstream_imap = upstream("upstream.imap", raw.upstream.imap.unwrap_or_default(), "127.0.0.1:143", false)?;
         let upstream_smtp = upstream("upstream.smtp", raw.upstream.smtp.unwrap_or_default(), "127.0.0.1:587", true)?;
         let (pop3_tls, pop3_starttls, upstream_pop3) = pop3(raw.pop3, raw.upstream.pop3)?;
+        let (sieve_listen, upstream_sieve) = sieve(raw.sieve, raw.upstream.sieve)?;
         let l = raw.limits;
         let positive = |key: &str, v: u64| {
             if v == 0 { Err(invalid(key, "must be greater than 0")) } else { Ok(v) }
@@ -813,13 +846,14 @@ impl Config {
                 .map_err(|_| invalid("proxy_protocol.trusted", format!("`{t}` is not an address or address/prefix")))?;
             trusted.push(net);
         }
-        if (p.imap || p.smtp || p.pop3 || p.web) && trusted.is_empty() {
+        if (p.imap || p.smtp || p.pop3 || p.sieve || p.web) && trusted.is_empty() {
             return Err(invalid(
                 "proxy_protocol.trusted",
                 "must list the load balancers' addresses when a listener expects PROXY headers",
             ));
         }
-        let proxy_protocol = ProxyProtocol { imap: p.imap, smtp: p.smtp, pop3: p.pop3, web: p.web, trusted };
+        let proxy_protocol =
+            ProxyProtocol { imap: p.imap, smtp: p.smtp, pop3: p.pop3, sieve: p.sieve, web: p.web, trusted };
         let st = raw.store;
         let store = match st.backend.as_deref().unwrap_or("sled") {
             "sled" => {
@@ -862,12 +896,14 @@ impl Config {
             smtp_starttls,
             pop3_tls,
             pop3_starttls,
+            sieve_listen,
             smtp_max_message_size,
             web_listen,
             web_organisation,
             upstream_imap,
             upstream_smtp,
             upstream_pop3,
+            upstream_sieve,
             limits,
             accounts,
             proxy_protocol,
@@ -922,37 +958,64 @@ fn pop3(
     listeners: Option<RawListeners<Pop3Ports>>,
     up: Option<RawUpstream>,
 ) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>, Option<Upstream>), ConfigError> {
-    let Some(up) = up else {
-        let l = listeners.unwrap_or_default();
-        let tls = addrs("pop3.listen_tls", l.listen_tls, "")?;
-        let starttls = addrs("pop3.listen_starttls", l.listen_starttls, "")?;
-        if let Some(key) = [(!tls.is_empty(), "pop3.listen_tls"), (!starttls.is_empty(), "pop3.listen_starttls")]
-            .into_iter()
-            .find_map(|(set, key)| set.then_some(key))
-        {
-            return Err(invalid(
-                key,
-                "a POP3 listener needs an upstream POP3 server: add [upstream.pop3] (address, login, master_user, \
-                 master_password_file), or remove the listener",
-            ));
-        }
-        return Ok((vec![], vec![], None));
-    };
     let l = listeners.unwrap_or_default();
-    let tls = addrs("pop3.listen_tls", l.listen_tls, Pop3Ports::TLS)?;
-    let starttls = addrs("pop3.listen_starttls", l.listen_starttls, Pop3Ports::STARTTLS)?;
-    let upstream = upstream("upstream.pop3", up, "127.0.0.1:110", false)?;
-    Ok((tls, starttls, Some(upstream)))
+    let lists = [
+        ("pop3.listen_tls", l.listen_tls, Pop3Ports::TLS),
+        ("pop3.listen_starttls", l.listen_starttls, Pop3Ports::STARTTLS),
+    ];
+    let (mut lists, upstream) = optional_service("POP3", "upstream.pop3", "127.0.0.1:110", lists, up)?;
+    let starttls = lists.pop().unwrap_or_default();
+    let tls = lists.pop().unwrap_or_default();
+    Ok((tls, starttls, upstream))
+}
+
+/// ManageSieve is on when `[upstream.sieve]` is written, as POP3 is.
+fn sieve(
+    listeners: Option<RawSieve>,
+    up: Option<RawUpstream>,
+) -> Result<(Vec<SocketAddr>, Option<Upstream>), ConfigError> {
+    let lists = [("sieve.listen", listeners.unwrap_or_default().listen, SIEVE_DEFAULT_LISTEN)];
+    let (mut lists, upstream) = optional_service("ManageSieve", "upstream.sieve", "127.0.0.1:4190", lists, up)?;
+    Ok((lists.pop().unwrap_or_default(), upstream))
+}
+
+/// A protocol that is on only with its upstream section (POP3, ManageSieve): with
+/// `[upstream.<x>]`, each listener list as written or its default; without it, no
+/// listeners, and a listener written anyway is an error naming both keys.
+fn optional_service<const N: usize>(
+    name: &str,
+    upstream_key: &str,
+    default_upstream: &str,
+    lists: [(&str, Option<Vec<String>>, &str); N],
+    up: Option<RawUpstream>,
+) -> Result<(Vec<Vec<SocketAddr>>, Option<Upstream>), ConfigError> {
+    let Some(up) = up else {
+        for (key, list, _) in lists {
+            if !addrs(key, list, "")?.is_empty() {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "a {name} listener needs an upstream {name} server: add [{upstream_key}] (address, login, \
+                         master_user, master_password_file), or remove the listener"
+                    ),
+                ));
+            }
+        }
+        return Ok((vec![], None));
+    };
+    let addrs = lists.into_iter().map(|(key, list, default)| addrs(key, list, default)).collect::<Result<_, _>>()?;
+    Ok((addrs, Some(upstream(upstream_key, up, default_upstream, false)?)))
 }
 
 fn upstream(key: &str, raw: RawUpstream, default_addr: &str, smtp: bool) -> Result<Upstream, ConfigError> {
     let xclient = match raw.xclient {
-        Some(x) if key == "upstream.pop3" => x,
+        Some(x) if key == "upstream.pop3" || key == "upstream.sieve" => x,
         None => false,
         Some(_) => {
             return Err(invalid(
                 &format!("{key}.xclient"),
-                "is a POP3 setting ([upstream.pop3]); IMAP passes the client address with ID, SMTP with login = \"xclient\"",
+                "is a POP3 and ManageSieve setting ([upstream.pop3], [upstream.sieve]); IMAP passes the client \
+                 address with ID, SMTP with login = \"xclient\"",
             ));
         }
     };
@@ -1040,7 +1103,8 @@ mod tests {
             [
                 "upstream IMAP 127.0.0.1:143, plain, master user \"mailgate\" (SASL PLAIN)",
                 "upstream SMTP 127.0.0.1:587, plain, master user \"mailgate\" (SASL PLAIN)",
-                "POP3 off (no [upstream.pop3])",
+                "upstream POP3 127.0.0.1:110, plain, master user \"mailgate\" (SASL PLAIN)",
+                "upstream ManageSieve 127.0.0.1:4190, plain, master user \"mailgate\" (SASL PLAIN)",
                 "data in data, certificate certs/cert.pem",
             ]
         );
@@ -1172,15 +1236,52 @@ mod tests {
         assert!(!format!("{:?}", inline.unwrap()).contains("pw@"));
     }
 
-    /// No `[upstream.pop3]` and no `[pop3]` listeners: POP3 is off (the embedded defaults
-    /// included), and `[pop3]` with empty lists is the same.
+    /// In a config file, no `[upstream.pop3]` and no `[pop3]` listeners: POP3 is off, and
+    /// `[pop3]` with empty lists is the same; ManageSieve likewise. With no config file
+    /// (the embedded defaults) both are on, in front of the same host's standard ports.
     #[test]
-    fn pop3_is_off_without_its_upstream() {
-        for text in ["", "[pop3]\n", "[pop3]\nlisten_tls = []\nlisten_starttls = []\n"] {
+    fn pop3_and_sieve_are_off_without_their_upstream() {
+        for text in ["", "[pop3]\n", "[pop3]\nlisten_tls = []\nlisten_starttls = []\n[sieve]\nlisten = []\n"] {
             let c = Config::from_toml_str(text, "t").unwrap();
             assert!(c.upstream_pop3.is_none() && c.pop3_tls.is_empty() && c.pop3_starttls.is_empty(), "{text}");
+            assert!(c.upstream_sieve.is_none() && c.sieve_listen.is_empty(), "{text}");
         }
-        assert!(Config::embedded_defaults().upstream_pop3.is_none());
+        let d = Config::embedded_defaults();
+        assert_eq!(d.upstream_pop3.map(|u| u.address).as_deref(), Some("127.0.0.1:110"));
+        assert_eq!(
+            (&d.pop3_tls[..], &d.pop3_starttls[..]),
+            (&[addr("127.0.0.1:9995")][..], &[addr("127.0.0.1:9110")][..])
+        );
+        assert_eq!(d.upstream_sieve.map(|u| u.address).as_deref(), Some("127.0.0.1:4190"));
+        assert_eq!(d.sieve_listen, [addr("127.0.0.1:14190")]);
+    }
+
+    /// `[upstream.sieve]` alone turns ManageSieve on with the embedded listener; `[sieve]`
+    /// names its own; a listener without the upstream is refused naming both; `xclient`
+    /// and `proxy_protocol.sieve` as for POP3.
+    #[test]
+    fn sieve_listeners_come_with_the_upstream() {
+        let c = Config::from_toml_str("[upstream.sieve]\naddress = \"127.0.0.1:4190\"\nxclient = true\n", "t").unwrap();
+        assert_eq!(c.sieve_listen, [addr("127.0.0.1:14190")]);
+        assert!(c.upstream_sieve.as_ref().unwrap().xclient);
+        assert_eq!(
+            c.startup_summary()[3],
+            "upstream ManageSieve 127.0.0.1:4190, plain, master user \"mailgate\" (SASL PLAIN), client address by XCLIENT"
+        );
+        let c =
+            Config::from_toml_str("[sieve]\nlisten = [\"0.0.0.0:4190\"]\n[upstream.sieve]\ntls = \"starttls\"\n", "t")
+                .unwrap();
+        assert_eq!(c.sieve_listen, [addr("0.0.0.0:4190")]);
+        assert_eq!(c.upstream_sieve.unwrap().tls, UpstreamTls::Starttls);
+        for (text, key, also) in [
+            ("[sieve]\nlisten = [\"127.0.0.1:4190\"]\n", "sieve.listen", "[upstream.sieve]"),
+            ("[upstream.sieve]\n[sieve]\nlisten = [\"nope\"]", "sieve.listen", "not an address"),
+            ("[upstream.sieve]\nlogin = \"xclient\"", "upstream.sieve.login", "master-separator"),
+            ("[proxy_protocol]\nsieve = true", "proxy_protocol.trusted", "load balancers"),
+        ] {
+            let e = Config::from_toml_str(text, "t").unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(also), "{text} -> {e}");
+        }
     }
 
     /// A POP3 listener without `[upstream.pop3]` is refused, the error naming both.
@@ -1202,9 +1303,10 @@ mod tests {
         let c = Config::from_toml_str("[upstream.pop3]\naddress = \"127.0.0.1:1110\"\n", "t").unwrap();
         assert_eq!(c.pop3_tls, [addr("127.0.0.1:9995")]);
         assert_eq!(c.pop3_starttls, [addr("127.0.0.1:9110")]);
-        let mut all = [&c.imap_tls, &c.imap_starttls, &c.smtp_tls, &c.smtp_starttls, &c.web_listen, &c.pop3_tls]
+        let d = Config::embedded_defaults();
+        let mut all = [&d.imap_tls, &d.imap_starttls, &d.smtp_tls, &d.smtp_starttls, &d.web_listen, &d.pop3_tls]
             .into_iter()
-            .chain([&c.pop3_starttls])
+            .chain([&d.pop3_starttls, &d.sieve_listen])
             .flatten()
             .map(|a| a.port())
             .collect::<Vec<_>>();

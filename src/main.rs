@@ -320,6 +320,7 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
         (Some(&config.upstream_imap), "[upstream.imap] ca_file"),
         (Some(&config.upstream_smtp), "[upstream.smtp] ca_file"),
         (config.upstream_pop3.as_ref(), "[upstream.pop3] ca_file"),
+        (config.upstream_sieve.as_ref(), "[upstream.sieve] ca_file"),
     ];
     for (up, key) in upstreams.into_iter().filter_map(|(up, key)| Some((up?, key))) {
         if up.tls != mailgate::config::UpstreamTls::None {
@@ -332,8 +333,8 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
     if config.upstream_smtp.login != mailgate::config::UpstreamLogin::Xclient {
         masters.push(&config.upstream_smtp.master_password_file);
     }
-    if let Some(pop3) = &config.upstream_pop3 {
-        masters.push(&pop3.master_password_file);
+    for up in [&config.upstream_pop3, &config.upstream_sieve].into_iter().flatten() {
+        masters.push(&up.master_password_file);
     }
     masters.sort();
     masters.dedup();
@@ -348,23 +349,19 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listeners = app::Listeners::bind(&config).await?;
-        for l in &listeners.imap_tls {
-            eprintln!("mailgate: IMAP (implicit TLS) on {}", l.local_addr()?);
-        }
-        for l in &listeners.imap_starttls {
-            eprintln!("mailgate: IMAP (STARTTLS) on {}", l.local_addr()?);
-        }
-        for l in &listeners.smtp_tls {
-            eprintln!("mailgate: SMTP submission (implicit TLS) on {}", l.local_addr()?);
-        }
-        for l in &listeners.smtp_starttls {
-            eprintln!("mailgate: SMTP submission (STARTTLS) on {}", l.local_addr()?);
-        }
-        for l in &listeners.pop3_tls {
-            eprintln!("mailgate: POP3 (implicit TLS) on {}", l.local_addr()?);
-        }
-        for l in &listeners.pop3_starttls {
-            eprintln!("mailgate: POP3 (STLS) on {}", l.local_addr()?);
+        let mail = [
+            (&listeners.imap_tls, "IMAP (implicit TLS)"),
+            (&listeners.imap_starttls, "IMAP (STARTTLS)"),
+            (&listeners.smtp_tls, "SMTP submission (implicit TLS)"),
+            (&listeners.smtp_starttls, "SMTP submission (STARTTLS)"),
+            (&listeners.pop3_tls, "POP3 (implicit TLS)"),
+            (&listeners.pop3_starttls, "POP3 (STLS)"),
+            (&listeners.sieve, "ManageSieve (STARTTLS)"),
+        ];
+        for (list, what) in mail {
+            for l in list {
+                eprintln!("mailgate: {what} on {}", l.local_addr()?);
+            }
         }
         for l in &listeners.web {
             eprintln!("mailgate: web step on https://{} (public URL {})", l.local_addr()?, config.public_url);

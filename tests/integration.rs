@@ -14,6 +14,7 @@ mod load;
 mod pg_harness;
 mod pg_store;
 mod pop3;
+mod sieve;
 mod smtp;
 mod support;
 mod try_it;

@@ -11,7 +11,10 @@
 
 use crate::auth::{self, Authenticated, Authenticator, CheckResult, Peer, Protocol, UpstreamCheck, Verdict};
 use crate::live::{LiveGuard, LiveSessions};
+use crate::net::driver::{Conn, DriveError};
+use crate::net::stream::Transport;
 use crate::net::upstream::UpstreamFailure;
+use crate::proto::Machine;
 use crate::proto::sasl::Credentials;
 use crate::secret::SecretBytes;
 use std::future::Future;
@@ -39,6 +42,61 @@ pub trait Upstream: Send + Sync {
     /// upstream IMAP server checks them and the session is a master login).
     fn checks_passwords(&self) -> bool;
 }
+
+/// A protocol's pre-auth machine as [`Gate::front_login`] drives it.
+pub trait LoginMachine: Machine {
+    /// How the protocol answers a failed login.
+    type Reply;
+    /// An event of the machine: credentials to check, or a refusal it made before any
+    /// check (malformed SASL, a cancel, a foreign authzid).
+    fn login_event(event: Self::Event) -> Result<Credentials, Self::Reply>;
+    /// The protocol's words for the gate's refusal.
+    fn reply_for(refusal: Refusal) -> Self::Reply;
+    /// Answers the client's failed login.
+    fn auth_failed(&mut self, reply: Self::Reply);
+    /// The client's `ID` fields passed on to upstream (IMAP only).
+    fn client_id(&self) -> &[(String, String)] {
+        &[]
+    }
+    /// The client's own name for the owner's log of logins (IMAP `ID`).
+    fn client_name(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// [`LoginMachine`] for `crate::proto::<module>::PreAuth`, whose `Action` is
+/// `Authenticate(Credentials) | Refuse(AuthReply)` and whose `AuthReply` has `Failed`,
+/// `NeedsAppPassword(String)`, `Unavailable` and `TooMany`; further items (e.g. IMAP's
+/// `client_id`) go in the braces.
+macro_rules! login_machine {
+    ($module:ident { $($extra:item)* }) => {
+        impl crate::net::gate::LoginMachine for crate::proto::$module::PreAuth {
+            type Reply = crate::proto::$module::AuthReply;
+            fn login_event(
+                event: crate::proto::$module::Action,
+            ) -> Result<crate::proto::sasl::Credentials, Self::Reply> {
+                match event {
+                    crate::proto::$module::Action::Authenticate(creds) => Ok(creds),
+                    crate::proto::$module::Action::Refuse(reply) => Err(reply),
+                }
+            }
+            fn reply_for(refusal: crate::net::gate::Refusal) -> Self::Reply {
+                use crate::net::gate::Refusal;
+                match refusal {
+                    Refusal::Failed | Refusal::Gone => Self::Reply::Failed,
+                    Refusal::NeedsAppPassword(text) => Self::Reply::NeedsAppPassword(text),
+                    Refusal::Unavailable => Self::Reply::Unavailable,
+                    Refusal::TooMany => Self::Reply::TooMany,
+                }
+            }
+            fn auth_failed(&mut self, reply: Self::Reply) {
+                crate::proto::$module::PreAuth::auth_failed(self, reply)
+            }
+            $($extra)*
+        }
+    };
+}
+pub(crate) use login_machine;
 
 /// Why a login was refused; each protocol words it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +181,41 @@ impl Gate {
     /// a cancel): a refusal costs the same time whatever its cause.
     pub async fn refused_early(&self) {
         tokio::time::sleep(self.auth.base_delay()).await;
+    }
+
+    /// The pre-auth part of a client connection (IMAP, POP3, ManageSieve): runs `machine`
+    /// on `conn` until a login passes the gate, answering each refusal in the protocol's
+    /// words (an exchange that failed before any check waits as a refusal does). `None`:
+    /// the client left while its check waited.
+    pub async fn front_login<M: LoginMachine, U: Upstream, S: Transport>(
+        &self,
+        conn: &mut Conn<S>,
+        machine: &mut M,
+        upstream: &U,
+        protocol: Protocol,
+        origin: (SocketAddr, SocketAddr),
+    ) -> Result<Option<Admitted<U::Connection>>, DriveError> {
+        loop {
+            match M::login_event(conn.next(machine).await?) {
+                Err(reply) => {
+                    self.refused_early().await;
+                    machine.auth_failed(reply);
+                }
+                Ok(creds) => {
+                    let attempt = Attempt {
+                        creds: &creds,
+                        protocol,
+                        origin: Origin { client: origin.0, local: origin.1, id: machine.client_id() },
+                        client_name: machine.client_name().map(str::to_string),
+                    };
+                    match self.login(upstream, attempt, conn.peer_gone()).await {
+                        Ok(admitted) => return Ok(Some(admitted)),
+                        Err(Refusal::Gone) => return Ok(None),
+                        Err(refusal) => machine.auth_failed(M::reply_for(refusal)),
+                    }
+                }
+            }
+        }
     }
 
     /// Decides one login. `gone` resolves if the client leaves: a check still waiting for

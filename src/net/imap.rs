@@ -2,111 +2,41 @@
 //! then the byte relay. The only I/O around [`PreAuth`].
 
 use crate::auth::Protocol;
-use crate::config::Config;
-use crate::net::driver::{Conn, DriveError, Front};
-use crate::net::gate::{Admitted, Attempt, Gate, Origin, Refusal};
-use crate::net::relay::relay_session;
-use crate::net::stream::{MaybeTls, ReadAhead, Transport};
+use crate::net::front::{MailFront, MailService};
 use crate::net::upstream::{ImapUpstream, UpstreamImap};
-use crate::proto::imap::{Action, AuthReply, PreAuth, goodbye};
-use crate::proto::{Machine, Next};
-use std::net::SocketAddr;
-use std::sync::Arc;
-use tokio_rustls::TlsAcceptor;
+use crate::proto::Goodbye;
+use crate::proto::imap::PreAuth;
 
-/// What every IMAP connection needs.
-pub struct ImapService {
-    /// Configuration.
-    pub config: Arc<Config>,
-    /// TLS for clients (ALPN "imap").
-    pub acceptor: TlsAcceptor,
-    /// The login gate (credential checks, live sessions).
-    pub gate: Gate,
-    /// Upstream logins.
-    pub upstream: ImapUpstream,
-}
+/// Every IMAP connection: [`MailService`] with IMAP's machine.
+pub type ImapService = MailService<PreAuth>;
 
-/// How a refusal is answered in IMAP.
-fn reply_for(refusal: Refusal) -> AuthReply {
-    match refusal {
-        Refusal::Failed | Refusal::Gone => AuthReply::Failed,
-        Refusal::NeedsAppPassword(text) => AuthReply::NeedsAppPassword(text),
-        Refusal::Unavailable => AuthReply::Unavailable,
-        Refusal::TooMany => AuthReply::TooMany,
+crate::net::gate::login_machine!(imap {
+    fn client_id(&self) -> &[(String, String)] {
+        PreAuth::client_id(self)
     }
-}
-
-impl ImapService {
-    /// Everything up to a logged-in upstream session; `None` when the client left.
-    async fn login<S: Transport>(
-        &self,
-        transport: S,
-        peer: SocketAddr,
-        local: SocketAddr,
-        implicit: bool,
-    ) -> Result<Option<LoggedIn<S>>, DriveError> {
-        let stop = self.gate.live().stop_notice();
-        let mut conn = Conn::client(transport, implicit, &self.acceptor, &self.config.limits, stop).await?;
-        let mut machine = PreAuth::new(&self.config.hostname, implicit, !implicit);
-        let admitted = loop {
-            match conn.next(&mut machine).await? {
-                Action::Refuse(reply) => {
-                    self.gate.refused_early().await;
-                    machine.auth_failed(reply);
-                }
-                Action::Authenticate(creds) => {
-                    let attempt = Attempt {
-                        creds: &creds,
-                        protocol: Protocol::Imap,
-                        origin: Origin { client: peer, local, id: machine.client_id() },
-                        client_name: machine.client_name().map(str::to_string),
-                    };
-                    match self.gate.login(&self.upstream, attempt, conn.peer_gone()).await {
-                        Ok(admitted) => break admitted,
-                        Err(Refusal::Gone) => return Ok(None),
-                        Err(refusal) => machine.auth_failed(reply_for(refusal)),
-                    }
-                }
-            }
-        };
-        let pipelined = machine.auth_succeeded(&admitted.upstream.capabilities);
-        // The tagged OK; then whatever upstream already sent, in the relay.
-        while let Next::Write(bytes) = machine.next() {
-            conn.send(&bytes).await?;
-        }
-        let Some((client, _)) = conn.into_parts() else { return Ok(None) };
-        Ok(Some(LoggedIn { client, admitted, pipelined }))
+    fn client_name(&self) -> Option<&str> {
+        PreAuth::client_name(self)
     }
-}
+});
 
-/// A client logged in, its upstream session open.
-struct LoggedIn<S: Transport> {
-    client: MaybeTls<ReadAhead<S>>,
-    admitted: Admitted<UpstreamImap>,
-    pipelined: Vec<u8>,
-}
-
-impl Front for ImapService {
-    async fn serve<S: Transport>(
-        self: Arc<Self>,
-        transport: S,
-        peer: SocketAddr,
-        local: SocketAddr,
-        implicit: bool,
-    ) -> Result<(), DriveError> {
-        // The login phase (TLS handshake, pre-auth machine, buffers, upstream login) is a
-        // large future; boxed, it is freed when login ends, and a session in the relay
-        // holds only the relay's state (PERFORMANCE.md M1).
-        let Some(s) = Box::pin(self.login(transport, peer, local, implicit)).await? else { return Ok(()) };
-        let Admitted { who, upstream, live, own_password } = s.admitted;
-        drop(own_password);
-        relay_session(s.client, upstream, s.pipelined, live, &who, self.config.limits.imap_idle_timeout, goodbye).await
+impl MailFront for PreAuth {
+    type Upstream = ImapUpstream;
+    const PROTOCOL: Protocol = Protocol::Imap;
+    async fn start(hostname: &str, implicit: bool, _upstream: &ImapUpstream) -> Self {
+        PreAuth::new(hostname, implicit, !implicit)
+    }
+    /// The tagged OK carries upstream's capabilities (the client's view after login).
+    fn logged_in(&mut self, upstream: &UpstreamImap) -> Vec<u8> {
+        self.auth_succeeded(&upstream.capabilities)
+    }
+    fn last_line(why: Goodbye) -> &'static [u8] {
+        crate::proto::imap::goodbye(why)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::net::driver::{DriveError, Front};
     use crate::net::testkit::*;
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;

@@ -3,11 +3,13 @@
 //! relay. Depends on proto, auth, tls, config, sessions.
 
 pub mod driver;
+pub mod front;
 pub mod gate;
 pub mod imap;
 pub mod listener;
 pub mod pop3;
 pub mod relay;
+pub mod sieve;
 pub mod smtp;
 pub mod stream;
 #[cfg(test)]

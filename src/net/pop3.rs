@@ -2,112 +2,33 @@
 //! the byte relay. The only I/O around [`PreAuth`]; the same shape as `net::imap`.
 
 use crate::auth::Protocol;
-use crate::config::Config;
-use crate::net::driver::{Conn, DriveError, Front};
-use crate::net::gate::{Admitted, Attempt, Gate, Origin, Refusal};
-use crate::net::relay::relay_session;
-use crate::net::stream::{MaybeTls, ReadAhead, Transport};
+use crate::net::front::{MailFront, MailService};
 use crate::net::upstream::{Pop3Upstream, UpstreamPop3};
-use crate::proto::Next;
-use crate::proto::pop3::{Action, AuthReply, PreAuth, goodbye};
-use std::net::SocketAddr;
-use std::sync::Arc;
-use tokio_rustls::TlsAcceptor;
+use crate::proto::Goodbye;
+use crate::proto::pop3::PreAuth;
 
-/// What every POP3 connection needs.
-pub struct Pop3Service {
-    /// Configuration.
-    pub config: Arc<Config>,
-    /// TLS for clients (ALPN "pop3").
-    pub acceptor: TlsAcceptor,
-    /// The login gate (credential checks, live sessions).
-    pub gate: Gate,
-    /// Upstream logins.
-    pub upstream: Pop3Upstream,
-}
+/// Every POP3 connection: [`MailService`] with POP3's machine.
+pub type Pop3Service = MailService<PreAuth>;
 
-/// How a refusal is answered in POP3 (RFC 3206 codes).
-fn reply_for(refusal: Refusal) -> AuthReply {
-    match refusal {
-        Refusal::Failed | Refusal::Gone => AuthReply::Failed,
-        Refusal::NeedsAppPassword(text) => AuthReply::NeedsAppPassword(text),
-        Refusal::Unavailable => AuthReply::Unavailable,
-        Refusal::TooMany => AuthReply::TooMany,
+crate::net::gate::login_machine!(pop3 {});
+
+impl MailFront for PreAuth {
+    type Upstream = Pop3Upstream;
+    const PROTOCOL: Protocol = Protocol::Pop3;
+    async fn start(hostname: &str, implicit: bool, _upstream: &Pop3Upstream) -> Self {
+        PreAuth::new(hostname, implicit, !implicit)
     }
-}
-
-/// A client logged in, its upstream session open.
-struct LoggedIn<S: Transport> {
-    client: MaybeTls<ReadAhead<S>>,
-    admitted: Admitted<UpstreamPop3>,
-    pipelined: Vec<u8>,
-}
-
-impl Pop3Service {
-    /// Everything up to a logged-in upstream session; `None` when the client left.
-    async fn login<S: Transport>(
-        &self,
-        transport: S,
-        peer: SocketAddr,
-        local: SocketAddr,
-        implicit: bool,
-    ) -> Result<Option<LoggedIn<S>>, DriveError> {
-        let stop = self.gate.live().stop_notice();
-        let mut conn = Conn::client(transport, implicit, &self.acceptor, &self.config.limits, stop).await?;
-        let mut machine = PreAuth::new(&self.config.hostname, implicit, !implicit);
-        let admitted = loop {
-            match conn.next(&mut machine).await? {
-                Action::Refuse(reply) => {
-                    self.gate.refused_early().await;
-                    machine.auth_failed(reply);
-                }
-                Action::Authenticate(creds) => {
-                    let attempt = Attempt {
-                        creds: &creds,
-                        protocol: Protocol::Pop3,
-                        origin: Origin { client: peer, local, id: &[] },
-                        client_name: None,
-                    };
-                    match self.gate.login(&self.upstream, attempt, conn.peer_gone()).await {
-                        Ok(admitted) => break admitted,
-                        Err(Refusal::Gone) => return Ok(None),
-                        Err(refusal) => machine.auth_failed(reply_for(refusal)),
-                    }
-                }
-            }
-        };
-        let pipelined = machine.auth_succeeded();
-        // `+OK Logged in.`; then whatever upstream already sent, in the relay.
-        while let Next::Write(bytes) = crate::proto::Machine::next(&mut machine) {
-            conn.send(&bytes).await?;
-        }
-        let Some((client, _)) = conn.into_parts() else { return Ok(None) };
-        Ok(Some(LoggedIn { client, admitted, pipelined }))
+    fn logged_in(&mut self, _upstream: &UpstreamPop3) -> Vec<u8> {
+        self.auth_succeeded()
     }
-}
-
-impl Front for Pop3Service {
-    async fn serve<S: Transport>(
-        self: Arc<Self>,
-        transport: S,
-        peer: SocketAddr,
-        local: SocketAddr,
-        implicit: bool,
-    ) -> Result<(), DriveError> {
-        // Boxed: the login phase's state is freed when the relay starts (as IMAP's).
-        let Some(s) = Box::pin(self.login(transport, peer, local, implicit)).await? else { return Ok(()) };
-        let Admitted { who, upstream, live, own_password } = s.admitted;
-        drop(own_password);
-        // POP3 has no autologout of its own past RFC 1939's 10 minutes; IMAP's (≥ 30
-        // minutes) covers a slow client reading a large RETR without sending.
-        let idle = self.config.limits.imap_idle_timeout;
-        relay_session(s.client, upstream, s.pipelined, live, &who, idle, goodbye).await
+    fn last_line(why: Goodbye) -> &'static [u8] {
+        crate::proto::pop3::goodbye(why)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::net::driver::{DriveError, Front};
     use crate::net::testkit::*;
     use crate::store::Account;
     use base64::Engine as _;

@@ -8,8 +8,9 @@ use crate::live::LiveSessions;
 use crate::net::gate::Gate;
 use crate::net::imap::ImapService;
 use crate::net::pop3::Pop3Service;
+use crate::net::sieve::SieveService;
 use crate::net::smtp::SmtpService;
-use crate::net::upstream::{Connector, ImapUpstream, Pop3Upstream};
+use crate::net::upstream::{Connector, ImapUpstream, Pop3Upstream, SieveUpstream};
 use crate::store::{Account, Store};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -130,6 +131,64 @@ async fn fake_pop3_session(tcp: tokio::net::TcpStream, seen: Arc<Mutex<Vec<Strin
     }
 }
 
+/// A scripted upstream ManageSieve server (as Pigeonhole's managesieve-login): lists
+/// `XCLIENT`, accepts it and every `AUTHENTICATE`, answers every other command `OK`, and
+/// records every line it got.
+pub struct FakeSieve {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeSieve {
+    pub async fn start() -> FakeSieve {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                tokio::spawn(fake_sieve_session(tcp, log.clone()));
+            }
+        });
+        FakeSieve { addr, seen }
+    }
+
+    /// The lines seen so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn fake_sieve_session(tcp: tokio::net::TcpStream, seen: Arc<Mutex<Vec<String>>>) {
+    let (r, mut w) = tcp.into_split();
+    let mut r = BufReader::new(r);
+    let listing = "\"IMPLEMENTATION\" \"fake\"\r\n\"SIEVE\" \"fileinto vacation\"\r\n\"SASL\" \"PLAIN\"\r\n\
+                   \"XCLIENT\"\r\n\"VERSION\" \"1.0\"\r\nOK \"fake ready.\"\r\n";
+    let _ = w.write_all(listing.as_bytes()).await;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        seen.lock().unwrap().push(line.trim_end().to_string());
+        let upper = line.to_ascii_uppercase();
+        let reply = if upper.starts_with("XCLIENT") {
+            "OK \"Updated.\"\r\n"
+        } else if upper.starts_with("AUTHENTICATE") {
+            "OK \"Logged in.\"\r\n"
+        } else if upper.starts_with("LOGOUT") {
+            let _ = w.write_all(b"OK \"Logout completed.\"\r\n").await;
+            return;
+        } else {
+            "OK \"done\"\r\n"
+        };
+        if w.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// A scripted upstream submission server (XCLIENT, as Postfix): accepts every
 /// command and message and records the messages.
 pub struct FakeSmtp {
@@ -208,11 +267,11 @@ impl Kit {
         let secret = dir.path().join("master.secret");
         std::fs::write(&secret, "master-pw\n").unwrap();
         let toml = format!(
-            "{extra}\n[upstream.imap]\naddress = \"{upstream}\"\nmaster_password_file = \"{}\"\n\
+            "{extra}\n[upstream.imap]\naddress = \"{upstream}\"\nmaster_password_file = \"{secret}\"\n\
              [upstream.smtp]\naddress = \"{upstream}\"\nlogin = \"xclient\"\n\
-             [upstream.pop3]\naddress = \"{upstream}\"\nmaster_password_file = \"{}\"\nxclient = true\n",
-            secret.display(),
-            secret.display()
+             [upstream.pop3]\naddress = \"{upstream}\"\nmaster_password_file = \"{secret}\"\nxclient = true\n\
+             [upstream.sieve]\naddress = \"{upstream}\"\nmaster_password_file = \"{secret}\"\nxclient = true\n",
+            secret = secret.display(),
         );
         let config = Arc::new(Config::from_toml_str(&toml, "test").unwrap());
         let store: Arc<dyn Store> =
@@ -248,6 +307,17 @@ impl Kit {
             acceptor: self.acceptor.clone(),
             gate: self.gate(),
             upstream: Pop3Upstream(Arc::new(connector)),
+        })
+    }
+
+    pub fn sieve(&self) -> Arc<SieveService> {
+        let up = self.config.upstream_sieve.as_ref().unwrap();
+        let connector = Connector::new(up, Duration::from_secs(30)).unwrap();
+        Arc::new(SieveService {
+            config: self.config.clone(),
+            acceptor: self.acceptor.clone(),
+            gate: self.gate(),
+            upstream: SieveUpstream::new(Arc::new(connector)),
         })
     }
 

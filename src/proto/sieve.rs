@@ -116,6 +116,8 @@ pub struct PreAuth {
     /// protocol's request ([`crate::proto::foreign`]).
     first_line_checked: bool,
     framer: Framer,
+    /// Upstream's capability lines shown in mailgate's listing (see [`PreAuth::listing`]).
+    upstream_caps: String,
 }
 
 impl std::fmt::Debug for PreAuth {
@@ -204,9 +206,17 @@ impl PreAuth {
     /// The greeting is mailgate's own capability listing: `IMPLEMENTATION`, `SASL`
     /// (`PLAIN LOGIN` on TLS, empty before it so that no client sends a password in
     /// clear), `STARTTLS` where offered, `VERSION`. The `SIEVE` and `NOTIFY` extension
-    /// lists are upstream's: a client learns them from upstream after login (see
-    /// `sieve_upstream::UpstreamLogin::capabilities`).
+    /// lists are upstream's: see [`PreAuth::with_upstream_capabilities`].
     pub fn new(hostname: &str, tls: bool, starttls_allowed: bool) -> PreAuth {
+        PreAuth::with_upstream_capabilities(hostname, tls, starttls_allowed, "")
+    }
+
+    /// [`PreAuth::new`], the listing also carrying `upstream`: upstream's own capability
+    /// lines (`"SIEVE" "fileinto …"`, `"NOTIFY" …`; CRLF-terminated, quoted as upstream
+    /// sent them, see `net::upstream::SieveUpstream::listing`). Clients read the Sieve
+    /// extensions before login and refuse a server that lists none (RFC 5804 §1.7: `SIEVE`
+    /// is always listed).
+    pub fn with_upstream_capabilities(hostname: &str, tls: bool, starttls_allowed: bool, upstream: &str) -> PreAuth {
         let mut p = PreAuth {
             state: State::Command,
             buf: Vec::new(),
@@ -218,6 +228,7 @@ impl PreAuth {
             failures: 0,
             first_line_checked: false,
             framer: Framer::default(),
+            upstream_caps: upstream.to_string(),
         };
         let listing = p.capabilities();
         p.out.extend_from_slice(listing.as_bytes());
@@ -233,6 +244,7 @@ impl PreAuth {
         if self.starttls_allowed {
             s.push_str("\"STARTTLS\"\r\n");
         }
+        s.push_str(&self.upstream_caps);
         s.push_str("\"VERSION\" \"1.0\"\r\n");
         s
     }

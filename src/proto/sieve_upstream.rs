@@ -44,6 +44,9 @@ pub enum Outcome {
     },
     /// The exchange broke down (the client gets a temporary error).
     Failed(UpstreamError),
+    /// A probe ([`UpstreamLogin::probe`]) read the whole listing; nothing was sent but
+    /// STARTTLS. The caller ends the connection.
+    Listed,
 }
 
 /// Why the upstream login failed before it was answered. No variant carries text from
@@ -124,6 +127,8 @@ pub struct UpstreamLogin {
     /// The client's address, passed with XCLIENT when upstream offers it.
     client: Option<SocketAddr>,
     caps: Vec<Capability>,
+    /// Stop after the listing ([`UpstreamLogin::probe`]).
+    probe: bool,
 }
 
 impl std::fmt::Debug for UpstreamLogin {
@@ -232,7 +237,17 @@ impl UpstreamLogin {
             style,
             client,
             caps: Vec::new(),
+            probe: false,
         }
+    }
+
+    /// Reads upstream's capability listing only (inside TLS when `starttls`), ending with
+    /// [`Outcome::Listed`]: the `SIEVE` extensions a front must show before login
+    /// (RFC 5804 §1.7: clients refuse a server without them), from
+    /// [`UpstreamLogin::capabilities`]. No credentials are involved.
+    pub fn probe(starttls: bool) -> UpstreamLogin {
+        let none = SecretString::from(String::new());
+        UpstreamLogin { probe: true, ..UpstreamLogin::new("", "", none, LoginStyle::MasterSasl, starttls, None) }
     }
 
     /// Upstream's capability listing (the one inside TLS after STARTTLS): what the client
@@ -315,6 +330,9 @@ impl UpstreamLogin {
 
     /// The listing is complete (inside TLS if asked for): XCLIENT if wanted, then login.
     fn after_greeting(&mut self) -> Option<Step> {
+        if self.probe {
+            return Some(self.finish(Outcome::Listed));
+        }
         // Upstream lists its mechanisms; without PLAIN it would refuse the master
         // password on this channel (a plaintext one, usually): never send it.
         if let Some(sasl) = self.caps.iter().find(|c| c.is("SASL"))

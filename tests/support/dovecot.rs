@@ -20,7 +20,7 @@
 pub use super::daemon::DEFAULT_DOVECOT_BIN;
 use super::daemon::{
     START_ATTEMPTS, StartError, check_dovecot_options, dovecot_bin, dovecot_instance_dir, dovecot_log, mail_ids,
-    pick_ports, poll, retry_start, spawn_dovecot, start_failure, stop_child, try_chown, try_set_mode,
+    pick_ports, poll, retry_start, spawn_dovecot, start_failure, stop_child, tail, try_chown, try_set_mode,
     wait_dovecot_ready,
 };
 
@@ -52,6 +52,10 @@ pub struct DovecotOptions {
     /// Also serve POP3 (`dovecot-pop3d`) on a free loopback port ([`Dovecot::pop3_port`];
     /// STLS offered when TLS is configured). Off by default.
     pub pop3: bool,
+    /// Also serve ManageSieve (`dovecot-managesieved`) on a free loopback port
+    /// ([`Dovecot::sieve_port`]), with Pigeonhole filtering what [`Dovecot::deliver_lda`]
+    /// delivers. Off by default.
+    pub sieve: bool,
 }
 
 impl Default for DovecotOptions {
@@ -63,6 +67,7 @@ impl Default for DovecotOptions {
             tls: None,
             extra_config: String::new(),
             pop3: false,
+            sieve: false,
         }
     }
 }
@@ -76,6 +81,9 @@ pub struct Dovecot {
     /// Plain POP3 port on 127.0.0.1, only with [`DovecotOptions::pop3`]. Dovecot takes
     /// `XCLIENT` on it from loopback (`login_trusted_networks`).
     pub pop3_port: Option<u16>,
+    /// Plain ManageSieve port on 127.0.0.1 (STARTTLS offered when TLS is configured),
+    /// only with [`DovecotOptions::sieve`]; `XCLIENT` taken from loopback.
+    pub sieve_port: Option<u16>,
     /// Everything lives here; removed after the server has stopped.
     pub dir: tempfile::TempDir,
     child: Option<Child>,
@@ -168,6 +176,32 @@ impl Dovecot {
         dest
     }
 
+    /// Delivers `message` to `user` through Dovecot's LDA (`dovecot-lda -d`), so that the
+    /// user's active Sieve script (Pigeonhole) files it. Panics with the LDA's output if
+    /// it fails.
+    pub fn deliver_lda(&self, user: &str, message: &[u8]) {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("/usr/lib/dovecot/dovecot-lda")
+            .arg("-c")
+            .arg(self.config_path())
+            .args(["-d", user, "-f", "sender@example.com"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("dovecot-lda: {e}"));
+        child.stdin.take().unwrap().write_all(message).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "dovecot-lda: {}\n{}{}\n--- log ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 30)
+        );
+    }
+
     /// Stop now (same as dropping, but keeps `dir` around for inspection).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -205,18 +239,28 @@ fn try_start(opts: &DovecotOptions) -> Result<Dovecot, StartError> {
     let root = dir.path().to_path_buf();
     let (uid, gid) = mail_ids();
 
-    let ports = pick_ports(2 + usize::from(opts.pop3)).map_err(|e| fatal("pick free ports", e))?;
+    let ports = pick_ports(4).map_err(|e| fatal("pick free ports", e))?;
     let (port, tls_port) = (ports[0], tls.is_some().then_some(ports[1]));
-    let pop3_port = opts.pop3.then_some(ports[ports.len() - 1]);
+    let pop3_port = opts.pop3.then_some(ports[2]);
+    let sieve_port = opts.sieve.then_some(ports[3]);
     let mut conf =
         render_config(&root, port, tls_port, tls.as_ref().map(|(c, k)| (c.as_path(), k.as_path())), uid, gid);
     if let Some(pop3) = pop3_port {
-        conf = conf.replace("protocols = imap\n", "protocols = imap pop3\n");
+        conf = conf.replace("protocols = imap", "protocols = imap pop3");
         let _ = write!(
             conf,
             "protocol pop3 {{\n  mail_max_userip_connections = 1000\n}}\n\
              service pop3-login {{\n  inet_listener pop3 {{\n    address = 127.0.0.1\n    port = {pop3}\n  }}\n\
              \x20 inet_listener pop3s {{\n    port = 0\n  }}\n}}\n"
+        );
+    }
+    if let Some(sieve) = sieve_port {
+        conf = conf.replace("protocols = imap", "protocols = imap sieve");
+        let _ = write!(
+            conf,
+            "service managesieve-login {{\n  inet_listener sieve {{\n    address = 127.0.0.1\n    port = {sieve}\n  }}\n}}\n\
+             protocol lda {{\n  mail_plugins = $mail_plugins sieve\n}}\n\
+             plugin {{\n  sieve = file:~/sieve;active=~/.dovecot.sieve\n}}\n"
         );
     }
     conf.push_str(&opts.extra_config);
@@ -226,10 +270,15 @@ fn try_start(opts: &DovecotOptions) -> Result<Dovecot, StartError> {
     let child =
         spawn_dovecot(&conf_path, &root.join("dovecot.stderr"), "stderr file").map_err(|(what, e)| fatal(&what, e))?;
     let pid = child.id();
-    let mut d = Dovecot { port, tls_port, pop3_port, dir, child: Some(child), pid };
+    let mut d = Dovecot { port, tls_port, pop3_port, sieve_port, dir, child: Some(child), pid };
 
     match wait_dovecot_ready(&mut d.child, &root, (port, tls_port), ("* OK", b"z LOGOUT\r\n"), START_TIMEOUT) {
-        Ok(()) => match pop3_port.map(|p| wait_pop3_ready(p, START_TIMEOUT)) {
+        Ok(()) => match [pop3_port.map(|p| (p, "+OK")), sieve_port.map(|p| (p, "\"IMPLEMENTATION\""))]
+            .into_iter()
+            .flatten()
+            .map(|(p, greeting)| wait_greets(p, greeting, START_TIMEOUT))
+            .find(Result::is_err)
+        {
             Some(Err(reason)) => {
                 d.stop();
                 Err(start_failure("dovecot", &reason, &d.config_path(), &d.log()))
@@ -330,8 +379,9 @@ service anvil {{
     c
 }
 
-/// Waits until the POP3 port greets with `+OK`.
-fn wait_pop3_ready(port: u16, timeout: Duration) -> Result<(), String> {
+/// Waits until `port` greets with a line that starts with `greeting` (POP3's `+OK`,
+/// ManageSieve's capability listing).
+fn wait_greets(port: u16, greeting: &str, timeout: Duration) -> Result<(), String> {
     use std::io::{Read, Write};
     let mut last = String::from("no answer");
     let ok = poll(timeout, || {
@@ -340,10 +390,10 @@ fn wait_pop3_ready(port: u16, timeout: Duration) -> Result<(), String> {
         let mut buf = [0u8; 256];
         let n = tcp.read(&mut buf).unwrap_or(0);
         last = String::from_utf8_lossy(&buf[..n]).into_owned();
-        let _ = tcp.write_all(b"QUIT\r\n");
-        last.starts_with("+OK")
+        let _ = tcp.write_all(if greeting == "+OK" { b"QUIT\r\n" } else { b"LOGOUT\r\n" });
+        last.starts_with(greeting)
     });
-    if ok { Ok(()) } else { Err(format!("POP3 on port {port} did not greet: {last}")) }
+    if ok { Ok(()) } else { Err(format!("port {port} did not greet with {greeting}: {last}")) }
 }
 
 /// chmod, panicking with a `dovecot:` message.

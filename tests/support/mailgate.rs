@@ -43,6 +43,11 @@ pub struct Options {
     pub pop3_upstream: Option<String>,
     /// `[upstream.pop3]` extra lines (e.g. `xclient = true`).
     pub pop3_upstream_extra: String,
+    /// Upstream ManageSieve address: with it, `[upstream.sieve]` and the ManageSieve
+    /// listener ([`Mailgate::sieve`]). `None`: ManageSieve off.
+    pub sieve_upstream: Option<String>,
+    /// `[upstream.sieve]` extra lines (e.g. `xclient = true`).
+    pub sieve_upstream_extra: String,
     /// `[tls]` extra lines (e.g. `reload_check_secs = 1`).
     pub tls_extra: String,
 }
@@ -62,6 +67,8 @@ impl Default for Options {
             web_extra: String::new(),
             pop3_upstream: None,
             pop3_upstream_extra: String::new(),
+            sieve_upstream: None,
+            sieve_upstream_extra: String::new(),
             tls_extra: String::new(),
         }
     }
@@ -88,6 +95,8 @@ pub struct Mailgate {
     pub pop3s: Option<SocketAddr>,
     /// POP3 STLS (with [`Options::pop3_upstream`]).
     pub pop3: Option<SocketAddr>,
+    /// ManageSieve, STARTTLS (with [`Options::sieve_upstream`]).
+    pub sieve: Option<SocketAddr>,
     /// CA the test clients trust.
     pub ca: PathBuf,
     /// The server's certificate chain (`[tls] cert`; its CA can sign another:
@@ -114,7 +123,17 @@ impl Mailgate {
                             smtps: SocketAddr,
                             submission: SocketAddr,
                             web: SocketAddr,
-                            pop3: Option<(SocketAddr, SocketAddr)>| {
+                            pop3: Option<(SocketAddr, SocketAddr)>,
+                            sieve: Option<SocketAddr>| {
+            let sieve = match (&opts.sieve_upstream, sieve) {
+                (Some(up), Some(listen)) => format!(
+                    "[sieve]\nlisten = [\"{listen}\"]\n\
+                     [upstream.sieve]\naddress = \"{up}\"\nmaster_user = \"mailgate\"\n\
+                     master_password_file = \"config/master.secret\"\n{}\n",
+                    opts.sieve_upstream_extra
+                ),
+                _ => String::new(),
+            };
             let pop3 = match (&opts.pop3_upstream, pop3) {
                 (Some(up), Some((tls, plain))) => format!(
                     "[pop3]\nlisten_tls = [\"{tls}\"]\nlisten_starttls = [\"{plain}\"]\n\
@@ -156,6 +175,7 @@ master_password_file = "config/master.secret"
 [limits]
 {limits}
 {pop3}
+{sieve}
 {extra_sections}
 "#,
                 public_url = opts.public_url,
@@ -173,15 +193,16 @@ master_password_file = "config/master.secret"
             );
             std::fs::write(&config, text).unwrap();
         };
-        // Free ports are picked by binding port 0 and letting go, so another test may take
-        // one in between: then try again with new ports.
+        // Free ports are checked by binding and letting go, so another test may take one in
+        // between (rarely: see `pick_ports`): then try again with new ports.
         let mut attempt = 0;
         loop {
-            let p = super::daemon::pick_ports(7).unwrap();
+            let p = super::daemon::pick_ports(8).unwrap();
             let at = |i: usize| SocketAddr::from(([127, 0, 0, 1], p[i]));
             let (imaps, imap, smtps, submission, web) = (at(0), at(1), at(2), at(3), at(4));
             let pop3 = opts.pop3_upstream.as_ref().map(|_| (at(5), at(6)));
-            write_config(imaps, imap, smtps, submission, web, pop3);
+            let sieve = opts.sieve_upstream.as_ref().map(|_| at(7));
+            write_config(imaps, imap, smtps, submission, web, pop3, sieve);
             match spawn_child(dir.path(), &config, &log, imaps, imap) {
                 Ok(child) => {
                     return Mailgate {
@@ -195,6 +216,7 @@ master_password_file = "config/master.secret"
                         web,
                         pop3s: pop3.map(|p| p.0),
                         pop3: pop3.map(|p| p.1),
+                        sieve,
                         ca: pki.ca,
                         cert: pki.cert,
                         key: pki.key,
@@ -219,7 +241,7 @@ master_password_file = "config/master.secret"
                 Err(text) => panic!("mailgate did not start:\n{text}"),
             }
             let mut config = std::fs::read_to_string(&self.config).unwrap();
-            let p = super::daemon::pick_ports(7).unwrap();
+            let p = super::daemon::pick_ports(8).unwrap();
             let mut fresh = p.into_iter().map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
             let mut moved = |old: &mut SocketAddr| {
                 let new = fresh.next().unwrap();
@@ -229,7 +251,7 @@ master_password_file = "config/master.secret"
             for a in [&mut self.imaps, &mut self.imap, &mut self.smtps, &mut self.submission, &mut self.web] {
                 moved(a);
             }
-            for a in [self.pop3s.as_mut(), self.pop3.as_mut()].into_iter().flatten() {
+            for a in [self.pop3s.as_mut(), self.pop3.as_mut(), self.sieve.as_mut()].into_iter().flatten() {
                 moved(a);
             }
             std::fs::write(&self.config, config).unwrap();

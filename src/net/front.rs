@@ -1,0 +1,103 @@
+//! The mail fronts that log a client in and then relay bytes (IMAP, POP3, ManageSieve):
+//! one [`MailService`] runs each protocol's pre-auth machine on the driver, passes the
+//! login through the gate ([`crate::net::gate::Gate::front_login`]), answers the client
+//! and hands both connections to the relay. What differs is the protocol's
+//! [`MailFront`] implementation (in `net::imap`, `net::pop3`, `net::sieve`). SMTP keeps
+//! its own front (`net::smtp`): it reads the message itself.
+
+use crate::auth::Protocol;
+use crate::config::Config;
+use crate::net::driver::{Conn, DriveError, Front};
+use crate::net::gate::{Admitted, Gate, LoginMachine, Upstream};
+use crate::net::relay::{Relayed, relay_session};
+use crate::net::stream::{MaybeTls, ReadAhead, Transport};
+use crate::proto::{Goodbye, Next};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_rustls::TlsAcceptor;
+
+/// A protocol's pre-auth machine as [`MailService`] runs it.
+pub trait MailFront: LoginMachine<Event: Send, Reply: Send> + Send + Sync + Sized + 'static {
+    /// The upstream logins of this protocol.
+    type Upstream: Upstream<Connection: Relayed> + 'static;
+    /// The protocol (scopes, the log of logins).
+    const PROTOCOL: Protocol;
+    /// A new connection's machine: `implicit` TLS, or STARTTLS offered; `upstream` for
+    /// what the greeting needs to know of it.
+    fn start(hostname: &str, implicit: bool, upstream: &Self::Upstream) -> impl Future<Output = Self> + Send;
+    /// The login passed and upstream is open: queue the success reply; returns the bytes
+    /// the client pipelined behind its login (they belong to the upstream session).
+    fn logged_in(&mut self, upstream: &<Self::Upstream as Upstream>::Connection) -> Vec<u8>;
+    /// The protocol's last line when mailgate ends a relayed session.
+    fn last_line(why: Goodbye) -> &'static [u8];
+}
+
+/// What every connection of one protocol needs.
+pub struct MailService<M: MailFront> {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// TLS for clients (with the protocol's ALPN name).
+    pub acceptor: TlsAcceptor,
+    /// The login gate (credential checks, live sessions).
+    pub gate: Gate,
+    /// Upstream logins.
+    pub upstream: M::Upstream,
+}
+
+/// A client logged in, its upstream session open.
+struct LoggedIn<S: Transport, C> {
+    client: MaybeTls<ReadAhead<S>>,
+    admitted: Admitted<C>,
+    pipelined: Vec<u8>,
+}
+
+impl<M: MailFront> MailService<M> {
+    /// Everything up to a logged-in upstream session; `None` when the client left.
+    async fn login<S: Transport>(
+        &self,
+        transport: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        implicit: bool,
+    ) -> Result<Option<LoggedIn<S, <M::Upstream as Upstream>::Connection>>, DriveError> {
+        let stop = self.gate.live().stop_notice();
+        let mut conn = Conn::client(transport, implicit, &self.acceptor, &self.config.limits, stop).await?;
+        let mut machine = M::start(&self.config.hostname, implicit, &self.upstream).await;
+        let origin = (peer, local);
+        let Some(admitted) =
+            self.gate.front_login(&mut conn, &mut machine, &self.upstream, M::PROTOCOL, origin).await?
+        else {
+            return Ok(None);
+        };
+        let pipelined = machine.logged_in(&admitted.upstream);
+        // The success reply; then whatever upstream already sent, in the relay.
+        while let Next::Write(bytes) = machine.next() {
+            conn.send(&bytes).await?;
+        }
+        let Some((client, _)) = conn.into_parts() else { return Ok(None) };
+        Ok(Some(LoggedIn { client, admitted, pipelined }))
+    }
+}
+
+impl<M: MailFront> Front for MailService<M> {
+    async fn serve<S: Transport>(
+        self: Arc<Self>,
+        transport: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        implicit: bool,
+    ) -> Result<(), DriveError> {
+        // The login phase (TLS handshake, pre-auth machine, buffers, upstream login) is a
+        // large future; boxed, it is freed when login ends, and a session in the relay
+        // holds only the relay's state (PERFORMANCE.md M1).
+        let Some(s) = Box::pin(self.login(transport, peer, local, implicit)).await? else { return Ok(()) };
+        let Admitted { who, upstream, live, own_password } = s.admitted;
+        drop(own_password);
+        // IMAP's autologout (≥ 30 minutes) for every protocol: a POP3 client reading a
+        // large RETR without sending, a person typing a Sieve script (Pigeonhole's own
+        // limit is 30 minutes too).
+        let idle = self.config.limits.imap_idle_timeout;
+        relay_session(s.client, upstream, s.pipelined, live, &who, idle, M::last_line).await
+    }
+}
