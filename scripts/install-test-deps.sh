@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need from Debian's packages (Dovecot for the interop tests,
-# Dovecot submission and Postfix as real upstream SMTP servers; swaks with Perl's TLS
+# with POP3 and ManageSieve/Pigeonhole; Dovecot submission and Postfix as real upstream
+# SMTP servers; sieve-connect and Python's sievelib as ManageSieve clients; swaks with Perl's TLS
 # modules, curl, Python, mbsync (isync) and Thunderbird as real clients; PostgreSQL 15
 # for the PostgreSQL store tests, HAProxy as a real PROXY-protocol load balancer, and
 # nghttp2's h2load for HTTP/2 bursts on the web step), and builds Dovecot's imaptest from
@@ -10,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for pkg in dovecot-imapd dovecot-submissiond dovecot-pop3d postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
+for pkg in dovecot-imapd dovecot-submissiond dovecot-pop3d dovecot-managesieved dovecot-sieve sieve-connect \
+  python3-sievelib fetchmail getmail6 postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
   curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux \
   postgresql-15 haproxy nghttp2-client \
   dovecot-dev autoconf automake libtool make gcc pkg-config; do
@@ -48,6 +50,10 @@ fi
 test -x /usr/sbin/dovecot || { echo "dovecot is not installed at /usr/sbin/dovecot" >&2; exit 1; }
 test -x /usr/lib/dovecot/submission || { echo "dovecot-submissiond is not installed" >&2; exit 1; }
 test -x /usr/lib/dovecot/pop3 || { echo "dovecot-pop3d is not installed" >&2; exit 1; }
+test -x /usr/lib/dovecot/managesieve || { echo "dovecot-managesieved is not installed" >&2; exit 1; }
+test -x /usr/lib/dovecot/dovecot-lda || { echo "dovecot-lda (dovecot-core) is not installed" >&2; exit 1; }
+command -v sieve-connect >/dev/null || { echo "sieve-connect is not installed" >&2; exit 1; }
+/usr/bin/python3 -c "import sievelib.managesieve" 2>/dev/null || { echo "python3-sievelib is not installed" >&2; exit 1; }
 test -x /usr/lib/postfix/sbin/master || { echo "postfix is not installed" >&2; exit 1; }
 command -v thunderbird >/dev/null || { echo "thunderbird is not installed" >&2; exit 1; }
 command -v chromedriver >/dev/null || { echo "chromedriver (chromium-driver) is not installed" >&2; exit 1; }

@@ -393,8 +393,7 @@ fn postfix_xclient_login_and_upstream_refusals() {
 /// shows the 2FA alert when given the account password.
 #[test]
 fn thunderbird_reads_and_sends_through_mailgate() {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/thunderbird.py");
-    assert!(script.exists(), "{} is missing", script.display());
+    assert!(crate::support::thunderbird::script().exists(), "thunderbird.py is missing");
     let dovecot = crate::support::dovecot::Dovecot::start(crate::support::dovecot::DovecotOptions::default());
     let sub = Submission::start(SubmissionOptions::default());
     let mg = Mailgate::start(Options {
@@ -406,14 +405,31 @@ fn thunderbird_reads_and_sends_through_mailgate() {
     mg.add_user("alice@example.com", "alice-account-pw");
     let app = mg.app_password("alice@example.com", "Thunderbird", "imap,smtp");
     mg.ok(&["totp", "enable", "alice@example.com"]);
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(["--imap-host", "127.0.0.1", "--imap-port", &mg.imaps.port().to_string(), "--imap-security", "ssl"])
-        .args(["--smtp-host", "127.0.0.1", "--smtp-port", &mg.submission.port().to_string()])
-        .args(["--smtp-security", "starttls", "--user", "alice@example.com", "--password", &app])
-        .args(["--to", "bob@example.net", "--bad-password", "alice-account-pw", "--expect-alert", "app password"])
-        .output()
-        .unwrap();
+    let (imaps, submission) = (mg.imaps.port().to_string(), mg.submission.port().to_string());
+    let out = crate::support::thunderbird::run(&[
+        "--imap-host",
+        "127.0.0.1",
+        "--imap-port",
+        &imaps,
+        "--imap-security",
+        "ssl",
+        "--smtp-host",
+        "127.0.0.1",
+        "--smtp-port",
+        &submission,
+        "--smtp-security",
+        "starttls",
+        "--user",
+        "alice@example.com",
+        "--password",
+        &app,
+        "--to",
+        "bob@example.net",
+        "--bad-password",
+        "alice-account-pw",
+        "--expect-alert",
+        "app password",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), mg.log());
     assert!(stdout.contains("PASS smtp-send") && stdout.contains("PASS bad-password"), "{stdout}");

@@ -179,8 +179,7 @@ fn read_back(host: &str, port: u16, ca: &Path, password: &str, subject: &str) ->
 
 #[test]
 fn try_sh_gives_a_setup_that_reads_and_sends_and_stops_on_ctrl_c() {
-    let tb = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/thunderbird.py");
-    assert!(tb.exists(), "{} is missing", tb.display());
+    assert!(crate::support::thunderbird::script().exists(), "thunderbird.py is missing");
     let names = [
         "IMAPS_PORT",
         "IMAP_PORT",
@@ -262,13 +261,29 @@ fn try_sh_gives_a_setup_that_reads_and_sends_and_stops_on_ctrl_c() {
 
     // Thunderbird with exactly the printed settings: reads, sends (to alice herself).
     let sec = |s: &str| if s == "SSL/TLS" { "ssl" } else { "starttls" }.to_string();
-    let tb_out = Command::new("python3")
-        .arg(&tb)
-        .args(["--imap-host", &imap_host, "--imap-port", &imaps_port.to_string(), "--imap-security", &sec(&imap_sec)])
-        .args(["--smtp-host", &smtp_host, "--smtp-port", &smtps_port.to_string(), "--smtp-security", &sec(&smtp_sec)])
-        .args(["--user", user, "--password", &app, "--to", user, "--no-bad-password"])
-        .output()
-        .unwrap();
+    let (imap_sec, smtp_sec) = (sec(&imap_sec), sec(&smtp_sec));
+    let (imaps, smtps) = (imaps_port.to_string(), smtps_port.to_string());
+    let tb_out = crate::support::thunderbird::run(&[
+        "--imap-host",
+        &imap_host,
+        "--imap-port",
+        &imaps,
+        "--imap-security",
+        &imap_sec,
+        "--smtp-host",
+        &smtp_host,
+        "--smtp-port",
+        &smtps,
+        "--smtp-security",
+        &smtp_sec,
+        "--user",
+        user,
+        "--password",
+        &app,
+        "--to",
+        user,
+        "--no-bad-password",
+    ]);
     let tb_stdout = String::from_utf8_lossy(&tb_out.stdout);
     assert!(
         tb_out.status.success() && tb_stdout.contains("PASS smtp-send") && tb_stdout.contains("PASS imap-inbox"),

@@ -13,3 +13,4 @@ pub mod postfix;
 pub mod postgres;
 pub mod sink;
 pub mod submission;
+pub mod thunderbird;
