@@ -2,7 +2,7 @@
 //! `poplib` with an app password over implicit TLS and over STLS, STAT/LIST/UIDL/RETR of
 //! a message APPENDed over IMAP (byte for byte), DELE + QUIT that really deletes, the
 //! 2FA refusal with the URL, the `pop3` scope, and the client's address in Dovecot's
-//! log by XCLIENT. Issue 17, step 2.
+//! log by XCLIENT; fetchmail and getmail6 pulling the inbox. Issue 17.
 
 use crate::support::client::{Client, PROMPTLY, tls_config};
 use crate::support::dovecot::{Dovecot, DovecotOptions};
@@ -230,4 +230,89 @@ fn with_upstream_password_checks_the_users_own_pop3_login_is_the_session() {
     let out = python(PY_LOGIN, &["stls", &stls, "bob@example.com", "not-bobs-password", &ca, "127.0.0.12"]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.starts_with("-ERR [AUTH] Authentication failed."), "{}\n{}", text(&out), mg.log());
+}
+
+/// The test message of the fetch tools, and whether `got` holds it (the headers may be
+/// extended by the tool: fetchmail adds `Received:`, getmail `Delivered-To:`).
+const FETCHED: &[u8] =
+    b"From: bob@example.com\r\nTo: alice@example.com\r\nSubject: fetch me\r\n\r\nfetched through mailgate\r\n";
+
+fn holds_fetched(got: &[u8]) -> bool {
+    let got = String::from_utf8_lossy(got);
+    got.contains("Subject: fetch me") && got.contains("fetched through mailgate")
+}
+
+/// Messages left in alice's INBOX at Dovecot.
+fn left_in_inbox(dovecot: &Dovecot) -> usize {
+    let maildir = dovecot.maildir("alice@example.com");
+    ["new", "cur"].iter().map(|d| std::fs::read_dir(maildir.join(d)).map(|r| r.count()).unwrap_or(0)).sum()
+}
+
+/// fetchmail (Debian) pulls the inbox through mailgate with an app password, over
+/// implicit TLS and over STLS, checking the certificate; the fetched message is handed to
+/// its MDA whole and deleted upstream.
+#[test]
+fn fetchmail_pulls_the_inbox_over_tls_and_stls() {
+    let (dovecot, mg, app) = with_pop3_dovecot();
+    for (mode, port, tls) in [("tls", mg.pop3s.unwrap(), "ssl"), ("stls", mg.pop3.unwrap(), "sslproto tls1.2+")] {
+        dovecot.deliver("alice@example.com", FETCHED);
+        let out = mg.dir.path().join(format!("fetched-{mode}.eml"));
+        let rc = mg.dir.path().join(format!("fetchmailrc-{mode}"));
+        std::fs::write(
+            &rc,
+            format!(
+                "set no syslog\nset logfile {log}\n\
+                 poll localhost port {port} proto pop3 timeout 60\n  user \"alice@example.com\" password \"{app}\"\n  \
+                 {tls} sslcertck sslcertfile \"{ca}\"\n  mda \"/bin/sh -c 'cat > {out}'\"\n",
+                log = mg.dir.path().join(format!("fetchmail-{mode}.log")).display(),
+                port = port.port(),
+                ca = mg.ca.display(),
+                out = out.display(),
+            ),
+        )
+        .unwrap();
+        // fetchmail refuses a run control file others can read (it holds a password).
+        std::fs::set_permissions(&rc, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let run = Command::new("fetchmail")
+            .args(["--nodetach", "--fetchmailrc"])
+            .arg(&rc)
+            .env("FETCHMAILHOME", mg.dir.path())
+            .output()
+            .unwrap();
+        let log = std::fs::read_to_string(mg.dir.path().join(format!("fetchmail-{mode}.log"))).unwrap_or_default();
+        assert!(run.status.success(), "fetchmail ({mode}): {}\n{log}\nmailgate log:\n{}", text(&run), mg.log());
+        assert!(holds_fetched(&std::fs::read(&out).unwrap_or_default()), "{mode}: {}", out.display());
+        assert_eq!(left_in_inbox(&dovecot), 0, "{mode}: fetchmail deletes what it fetched\n{log}");
+    }
+}
+
+/// getmail6 (Debian) pulls the inbox through mailgate's implicit-TLS port with an app
+/// password, checking the certificate, hands it to an external MDA (its mbox and Maildir
+/// destinations refuse to run as root, which the tests are), and deletes it upstream.
+#[test]
+fn getmail_pulls_the_inbox_over_tls() {
+    let (dovecot, mg, app) = with_pop3_dovecot();
+    dovecot.deliver("alice@example.com", FETCHED);
+    let dir = mg.dir.path().join("getmail");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mbox = dir.join("inbox.mbox");
+    std::fs::write(&mbox, b"").unwrap();
+    std::fs::write(
+        dir.join("getmailrc"),
+        format!(
+            "[retriever]\ntype = SimplePOP3SSLRetriever\nserver = localhost\nport = {port}\n\
+             username = alice@example.com\npassword = {app}\nca_certs = {ca}\n\
+             [destination]\ntype = MDA_external\npath = /bin/sh\narguments = (\"-c\", \"cat >> {mbox}\")\n\
+             allow_root_commands = true\n\
+             [options]\ndelete = true\nread_all = true\nverbose = 1\n",
+            port = mg.pop3s.unwrap().port(),
+            ca = mg.ca.display(),
+            mbox = mbox.display(),
+        ),
+    )
+    .unwrap();
+    let run = Command::new("getmail").arg("--getmaildir").arg(&dir).args(["--rcfile", "getmailrc"]).output().unwrap();
+    assert!(run.status.success(), "getmail: {}\nmailgate log:\n{}", text(&run), mg.log());
+    assert!(holds_fetched(&std::fs::read(&mbox).unwrap()), "{}", text(&run));
+    assert_eq!(left_in_inbox(&dovecot), 0, "getmail deletes what it fetched: {}", text(&run));
 }
