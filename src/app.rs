@@ -350,6 +350,12 @@ pub async fn run(
         })),
         None => None,
     };
+    if let Some(sieve) = &sieve {
+        // Read upstream's Sieve extensions now, so the first client's greeting has them
+        // and a wrong [upstream.sieve] shows up in the log at start.
+        let up = sieve.upstream.clone();
+        tokio::spawn(async move { up.listing().await });
+    }
     if !(config.smtp_tls.is_empty() && config.smtp_starttls.is_empty()) {
         let probe = smtp.clone();
         tokio::spawn(async move { probe.probe_upstream().await });
