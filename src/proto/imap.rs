@@ -8,8 +8,11 @@
 //!
 //! States: `Command` (reading commands) → `Sasl*` (AUTHENTICATE exchange) →
 //! `Authenticating` (credentials handed to the driver) → `Done` (the driver relays),
-//! plus `TlsPending`/`AwaitTls` around STARTTLS and `Closed`.
+//! plus `TlsPending`/`AwaitTls` around STARTTLS and `Closed`. Those from
+//! `Authenticating` on, with the buffers and counters, are the shell the three fronts
+//! share ([`crate::proto::preauth`]).
 
+use crate::proto::preauth::{self, Phase, Shell};
 use crate::proto::sasl::{self, Credentials, SaslError};
 use crate::proto::{Goodbye, Machine, Next};
 use base64::Engine as _;
@@ -51,15 +54,9 @@ pub mod limits {
 }
 use limits::*;
 
-/// What only the driver can act on (see [`Machine`]).
-#[derive(Debug)]
-pub enum Action {
-    /// Check these credentials, then call [`PreAuth::auth_succeeded`] or [`PreAuth::auth_failed`].
-    Authenticate(Credentials),
-    /// The exchange failed before any password check (malformed SASL, foreign authzid,
-    /// cancel). Apply the failure delay, then call [`PreAuth::auth_failed`] with this reply.
-    Refuse(AuthReply),
-}
+/// What only the driver can act on (see [`Machine`]); it answers with
+/// [`PreAuth::auth_succeeded`] or [`PreAuth::auth_failed`].
+pub type Action = preauth::Action<AuthReply>;
 
 /// What [`Machine::next`] returns.
 pub type Step = Next<Action>;
@@ -82,55 +79,19 @@ impl Machine for PreAuth {
     type Event = Action;
     /// Bytes read from the client.
     fn feed(&mut self, bytes: &[u8]) {
-        match self.state {
-            // Plaintext that arrives while TLS is being set up is never executed (CVE-2011-0411).
-            State::TlsPending | State::AwaitTls | State::Done | State::Closed => {}
-            _ => {
-                self.buf.extend_from_slice(bytes);
-                if self.buf.len() > MAX_BUFFERED {
-                    self.close_with("* BYE Input too long\r\n");
-                }
-            }
-        }
+        self.shell.feed(bytes, MAX_BUFFERED, "* BYE Input too long\r\n");
     }
 
     /// Next thing to do. Call again until it returns [`Next::NeedInput`] (or another
     /// action that needs the driver).
     fn next(&mut self) -> Step {
-        loop {
-            if !self.out.is_empty() {
-                return Next::Write(std::mem::take(&mut self.out));
-            }
-            let step = match &self.state {
-                State::Closed => return Next::Close,
-                State::Done | State::AwaitTls | State::Authenticating { .. } => return Next::NeedInput,
-                State::TlsPending => {
-                    self.state = State::AwaitTls;
-                    self.buf.clear();
-                    return Next::StartTls;
-                }
-                State::Command => self.step_command(),
-                State::DiscardLine { .. } => self.step_discard(),
-                State::SaslPlain { .. } | State::SaslLoginUser { .. } | State::SaslLoginPass { .. } => self.step_sasl(),
-            };
-            if let Some(action) = step {
-                if matches!(action, Next::NeedInput) && !self.out.is_empty() {
-                    continue;
-                }
-                return action;
-            }
-        }
+        preauth::next(self, |p| &mut p.shell, PreAuth::step)
     }
 
     /// The TLS handshake after STARTTLS succeeded: the session starts over, encrypted.
     fn tls_started(&mut self) {
-        if matches!(self.state, State::AwaitTls) {
-            self.tls = true;
-            self.starttls_allowed = false;
-            self.buf.clear();
+        if self.shell.tls_restarted(State::Command) {
             self.reset_literals();
-            self.state = State::Command;
-            self.first_line_checked = false;
         }
     }
 
@@ -158,6 +119,7 @@ pub enum AuthReply {
     TooMany,
 }
 
+/// Where the client is while commands are read ([`Phase::Open`]).
 #[derive(Debug)]
 enum State {
     Command,
@@ -177,13 +139,6 @@ enum State {
         tag: String,
         user: String,
     },
-    Authenticating {
-        tag: String,
-    },
-    TlsPending,
-    AwaitTls,
-    Done,
-    Closed,
 }
 
 /// Follows line boundaries outside literal data, independently of the decoder, so that a
@@ -308,17 +263,10 @@ fn first_command_end(buf: &[u8], acked_upto: usize) -> (Option<usize>, bool) {
 /// One client connection before authentication. `Debug` shows sizes and counters, never
 /// the buffered bytes (they may hold a password).
 pub struct PreAuth {
-    state: State,
-    buf: Vec<u8>,
-    out: Vec<u8>,
-    tls: bool,
-    starttls_allowed: bool,
-    bad: u32,
-    commands: u32,
-    /// The first line (of the connection, or after STARTTLS) was checked for another
-    /// protocol's request ([`crate::proto::foreign`]).
-    first_line_checked: bool,
-    failures: u32,
+    shell: Shell<State>,
+    /// The tag of the command whose credentials are with the driver (answered by
+    /// [`PreAuth::auth_succeeded`] or [`PreAuth::auth_failed`]).
+    auth_tag: String,
     alert_shown: bool,
     /// `buf.len()` when the last literal announcement was answered (or accepted silently).
     literal_seen_at: usize,
@@ -330,15 +278,7 @@ pub struct PreAuth {
 
 impl std::fmt::Debug for PreAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PreAuth")
-            .field("state", &self.state)
-            .field("tls", &self.tls)
-            .field("buffered", &self.buf.len())
-            .field("pending_output", &self.out.len())
-            .field("bad", &self.bad)
-            .field("commands", &self.commands)
-            .field("failures", &self.failures)
-            .finish()
+        self.shell.fmt(f)
     }
 }
 
@@ -350,15 +290,8 @@ impl PreAuth {
     /// `starttls_allowed`: this listener offers STARTTLS.
     pub fn new(hostname: &str, tls: bool, starttls_allowed: bool) -> PreAuth {
         let mut p = PreAuth {
-            state: State::Command,
-            buf: Vec::new(),
-            out: Vec::new(),
-            tls,
-            starttls_allowed: starttls_allowed && !tls,
-            bad: 0,
-            commands: 0,
-            first_line_checked: false,
-            failures: 0,
+            shell: Shell::new(State::Command, tls, starttls_allowed),
+            auth_tag: String::new(),
             alert_shown: false,
             literal_seen_at: 0,
             framer: Framer::default(),
@@ -366,7 +299,7 @@ impl PreAuth {
             client_id: Vec::new(),
         };
         let caps = p.capabilities();
-        p.out.extend_from_slice(format!("* OK [CAPABILITY {caps}] {hostname} mailgate ready\r\n").as_bytes());
+        p.shell.out.extend_from_slice(format!("* OK [CAPABILITY {caps}] {hostname} mailgate ready\r\n").as_bytes());
         p
     }
 
@@ -384,31 +317,28 @@ impl PreAuth {
     }
 
     fn capabilities(&self) -> &'static str {
-        if self.tls { CAPS_TLS } else { CAPS_PLAIN }
+        if self.shell.tls { CAPS_TLS } else { CAPS_PLAIN }
     }
 
     /// The credentials were accepted and the upstream session is open. Queues the tagged
     /// OK carrying upstream's capabilities and returns the bytes the client pipelined
     /// after its login command (they belong to the upstream session).
     pub fn auth_succeeded(&mut self, upstream_caps: &str) -> Vec<u8> {
-        if let State::Authenticating { tag } = &self.state {
-            let line = if upstream_caps.is_empty() {
-                format!("{tag} OK Logged in\r\n")
-            } else {
-                format!("{tag} OK [CAPABILITY {upstream_caps}] Logged in\r\n")
-            };
-            self.out.extend_from_slice(line.as_bytes());
-            self.state = State::Done;
-            return std::mem::take(&mut self.buf);
-        }
-        Vec::new()
+        let tag = &self.auth_tag;
+        let line = if upstream_caps.is_empty() {
+            format!("{tag} OK Logged in\r\n")
+        } else {
+            format!("{tag} OK [CAPABILITY {upstream_caps}] Logged in\r\n")
+        };
+        self.shell.succeeded(&line)
     }
 
     /// The credentials were refused (or the exchange failed); answer the client.
     pub fn auth_failed(&mut self, reply: AuthReply) {
-        let State::Authenticating { tag } = &self.state else { return };
-        let tag = tag.clone();
-        self.state = State::Command;
+        if !self.shell.authenticating() {
+            return;
+        }
+        let tag = &self.auth_tag;
         let line = match reply {
             AuthReply::Failed => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
             AuthReply::AuthzFailed => format!("{tag} NO [AUTHORIZATIONFAILED] Authorization failed.\r\n"),
@@ -425,17 +355,7 @@ impl PreAuth {
                 format!("{tag} NO [LIMIT] Too many connections for this account from your address.\r\n")
             }
         };
-        self.out.extend_from_slice(line.as_bytes());
-        self.failures += 1;
-        if self.failures >= MAX_AUTH_FAILURES {
-            self.close_with("* BYE Too many authentication failures\r\n");
-        }
-    }
-
-    fn close_with(&mut self, line: &str) {
-        self.out.extend_from_slice(line.as_bytes());
-        self.buf.clear();
-        self.state = State::Closed;
+        self.shell.failed(&line, State::Command, MAX_AUTH_FAILURES, "* BYE Too many authentication failures\r\n");
     }
 
     /// The buffer now starts at a command boundary (or was emptied).
@@ -445,95 +365,91 @@ impl PreAuth {
     }
 
     fn bad_command(&mut self, tag: &str, text: &str) {
-        self.out.extend_from_slice(format!("{tag} BAD {text}\r\n").as_bytes());
-        self.bad += 1;
-        if self.bad >= MAX_BAD {
-            self.close_with("* BYE Too many invalid commands\r\n");
+        self.shell.bad_command(&format!("{tag} BAD {text}\r\n"), MAX_BAD, "* BYE Too many invalid commands\r\n");
+    }
+
+    /// One step while reading: a command, the rest of a malformed line, or a line of the
+    /// AUTHENTICATE exchange.
+    fn step(&mut self) -> Option<Step> {
+        match self.shell.phase {
+            Phase::Open(State::Command) => self.step_command(),
+            Phase::Open(State::DiscardLine { .. }) => self.step_discard(),
+            _ => self.step_sasl(),
         }
     }
 
     fn step_command(&mut self) -> Option<Step> {
-        if self.buf.is_empty() {
-            return Some(Next::NeedInput);
+        if let Some(wait_or_close) = self.shell.gate() {
+            return Some(wait_or_close);
         }
-        match crate::proto::foreign::gate(&mut self.first_line_checked, &self.buf) {
-            crate::proto::foreign::Gate::Go => {}
-            crate::proto::foreign::Gate::Wait => return Some(Next::NeedInput),
-            // Another protocol's request: closed at once, nothing of it echoed.
-            crate::proto::foreign::Gate::Close => {
-                self.buf.clear();
-                self.state = State::Closed;
-                return Some(Next::Close);
-            }
-        }
-        match self.framer.scan(&self.buf) {
+        match self.framer.scan(&self.shell.buf) {
             Ok(()) => {}
             Err(FrameError::LineTooLong) => {
-                self.close_with("* BYE Command line too long\r\n");
+                self.shell.close_with("* BYE Command line too long\r\n");
                 return None;
             }
             Err(FrameError::LiteralTooBig) => {
-                let tag = guess_tag(&self.buf);
-                self.out.extend_from_slice(format!("{tag} BAD [TOOBIG] Literal too big\r\n").as_bytes());
-                self.close_with("* BYE Literal too big\r\n");
+                let tag = guess_tag(&self.shell.buf);
+                self.shell.out.extend_from_slice(format!("{tag} BAD [TOOBIG] Literal too big\r\n").as_bytes());
+                self.shell.close_with("* BYE Literal too big\r\n");
                 return None;
             }
         }
-        let decoded = CommandCodec::default().decode(&self.buf);
+        let decoded = CommandCodec::default().decode(&self.shell.buf);
         match decoded {
             Ok((rest, cmd)) => {
-                let consumed = self.buf.len() - rest.len();
+                let consumed = self.shell.buf.len() - rest.len();
                 let tag = cmd.tag.as_ref().to_string();
                 let parsed = Parsed::from(cmd.body);
-                self.buf.drain(..consumed);
+                self.shell.buf.drain(..consumed);
                 self.reset_literals();
-                self.commands += 1;
+                self.shell.commands += 1;
                 let action = if tag.len() > MAX_TAG {
                     self.bad_command("*", "Tag too long");
                     None
                 } else {
                     self.handle(tag, parsed)
                 };
-                if action.is_none() && self.commands >= MAX_COMMANDS && !matches!(self.state, State::Closed) {
-                    self.close_with("* BYE Too many commands without authentication\r\n");
+                if action.is_none() && self.shell.commands >= MAX_COMMANDS && !self.shell.closed() {
+                    self.shell.close_with("* BYE Too many commands without authentication\r\n");
                 }
                 action
             }
             Err(CommandDecodeError::Incomplete) => Some(Next::NeedInput),
             Err(CommandDecodeError::LiteralFound { tag, length, mode }) => {
-                if self.literal_seen_at == self.buf.len() {
+                if self.literal_seen_at == self.shell.buf.len() {
                     return Some(Next::NeedInput);
                 }
                 let tag = tag.as_ref().to_string();
                 let length = length as usize;
-                let total = self.buf.len().saturating_add(length);
+                let total = self.shell.buf.len().saturating_add(length);
                 match mode {
                     LiteralMode::NonSync if length > MAX_NONSYNC_LITERAL || total > MAX_COMMAND => {
                         // The literal's bytes are already on their way: they can't be told apart
                         // from commands any more, so the connection ends (RFC 7888).
-                        self.out.extend_from_slice(format!("{tag} BAD [TOOBIG] Literal too big\r\n").as_bytes());
-                        self.close_with("* BYE Literal too big\r\n");
+                        self.shell.out.extend_from_slice(format!("{tag} BAD [TOOBIG] Literal too big\r\n").as_bytes());
+                        self.shell.close_with("* BYE Literal too big\r\n");
                         None
                     }
                     LiteralMode::Sync if length > MAX_LITERAL || total > MAX_COMMAND => {
-                        self.buf.clear();
+                        self.shell.buf.clear();
                         self.reset_literals();
                         self.bad_command(&tag, "[TOOBIG] Literal too big");
                         None
                     }
                     _ => {
                         if mode == LiteralMode::Sync {
-                            self.out.extend_from_slice(b"+ Ready for literal data\r\n");
+                            self.shell.out.extend_from_slice(b"+ Ready for literal data\r\n");
                         }
-                        self.literal_seen_at = self.buf.len();
+                        self.literal_seen_at = self.shell.buf.len();
                         Some(Next::NeedInput)
                     }
                 }
             }
             Err(CommandDecodeError::Failed) => {
-                let tag = guess_tag(&self.buf);
+                let tag = guess_tag(&self.shell.buf);
                 self.bad_command(&tag, "Invalid command");
-                if matches!(self.state, State::Closed) {
+                if self.shell.closed() {
                     return None;
                 }
                 self.start_discard();
@@ -547,56 +463,56 @@ impl PreAuth {
     /// arrives — unless it announced literals, whose data could not be told from commands:
     /// then the connection ends.
     fn start_discard(&mut self) {
-        match first_command_end(&self.buf, self.literal_seen_at) {
+        match first_command_end(&self.shell.buf, self.literal_seen_at) {
             (Some(end), _) => {
-                self.buf.drain(..end);
+                self.shell.buf.drain(..end);
                 self.reset_literals();
             }
-            (None, true) => self.close_with("* BYE Invalid command\r\n"),
+            (None, true) => self.shell.close_with("* BYE Invalid command\r\n"),
             (None, false) => {
                 self.reset_literals();
-                self.state = State::DiscardLine { tail: [0, 0], dropped: 0 };
+                self.shell.phase = Phase::Open(State::DiscardLine { tail: [0, 0], dropped: 0 });
             }
         }
     }
 
     fn step_discard(&mut self) -> Option<Step> {
-        let State::DiscardLine { tail, dropped } = &mut self.state else { return None };
-        match find_crlf(&self.buf) {
+        let Phase::Open(State::DiscardLine { tail, dropped }) = &mut self.shell.phase else { return None };
+        match find_crlf(&self.shell.buf) {
             Some(pos) => {
                 if *dropped + pos > MAX_LINE {
-                    self.close_with("* BYE Command line too long\r\n");
+                    self.shell.close_with("* BYE Command line too long\r\n");
                     return None;
                 }
                 let mut last = *tail;
-                for b in &self.buf[..pos] {
+                for b in &self.shell.buf[..pos] {
                     last = [last[1], *b];
                 }
-                self.buf.drain(..pos + 2);
-                self.state = State::Command;
+                self.shell.buf.drain(..pos + 2);
+                self.shell.phase = Phase::Open(State::Command);
                 if last == *b"+}" {
                     // A non-synchronizing literal announced on a discarded line: its data is on
                     // its way and would be read as commands. (A synchronizing one is harmless:
                     // the client waits for a `+` that never comes.)
-                    self.close_with("* BYE Invalid command\r\n");
+                    self.shell.close_with("* BYE Invalid command\r\n");
                 }
                 None
             }
             None => {
                 // Keep a trailing CR (it may start the CRLF); remember the last bytes before it.
-                let keep_cr = self.buf.last() == Some(&b'\r');
-                let upto = self.buf.len() - usize::from(keep_cr);
-                for b in &self.buf[..upto] {
+                let keep_cr = self.shell.buf.last() == Some(&b'\r');
+                let upto = self.shell.buf.len() - usize::from(keep_cr);
+                for b in &self.shell.buf[..upto] {
                     *tail = [tail[1], *b];
                 }
                 *dropped += upto;
                 if *dropped > MAX_LINE {
-                    self.close_with("* BYE Command line too long\r\n");
+                    self.shell.close_with("* BYE Command line too long\r\n");
                     return None;
                 }
-                self.buf.clear();
+                self.shell.buf.clear();
                 if keep_cr {
-                    self.buf.push(b'\r');
+                    self.shell.buf.push(b'\r');
                 }
                 Some(Next::NeedInput)
             }
@@ -604,19 +520,19 @@ impl PreAuth {
     }
 
     fn step_sasl(&mut self) -> Option<Step> {
-        let Some(pos) = find_crlf(&self.buf) else {
-            if self.buf.len() > MAX_SASL_LINE + 2 {
-                self.close_with("* BYE Authentication line too long\r\n");
+        let Some(pos) = find_crlf(&self.shell.buf) else {
+            if self.shell.buf.len() > MAX_SASL_LINE + 2 {
+                self.shell.close_with("* BYE Authentication line too long\r\n");
                 return None;
             }
             return Some(Next::NeedInput);
         };
         let line_len = pos + 2;
         if line_len > MAX_SASL_LINE + 2 {
-            self.close_with("* BYE Authentication line too long\r\n");
+            self.shell.close_with("* BYE Authentication line too long\r\n");
             return None;
         }
-        let decoded = match AuthenticateDataCodec::default().decode(&self.buf[..line_len]) {
+        let decoded = match AuthenticateDataCodec::default().decode(&self.shell.buf[..line_len]) {
             Ok((_, AuthenticateData::Continue(data))) => Ok(data.declassify().to_vec()),
             Ok((_, AuthenticateData::Cancel)) => Err("Authentication cancelled"),
             Err(AuthenticateDataDecodeError::Incomplete | AuthenticateDataDecodeError::Failed) => {
@@ -624,9 +540,9 @@ impl PreAuth {
             }
         };
         // The line may hold a password: wipe it from the buffer before going on.
-        zeroize::Zeroize::zeroize(&mut self.buf[..line_len]);
-        self.buf.drain(..line_len);
-        let state = std::mem::replace(&mut self.state, State::Command);
+        zeroize::Zeroize::zeroize(&mut self.shell.buf[..line_len]);
+        self.shell.buf.drain(..line_len);
+        let state = self.shell.replace(State::Command).unwrap_or(State::Command);
         let (tag, data) = match (&state, decoded) {
             (State::SaslPlain { tag } | State::SaslLoginUser { tag } | State::SaslLoginPass { tag, .. }, d) => {
                 (tag.clone(), d)
@@ -641,8 +557,8 @@ impl PreAuth {
             State::SaslPlain { .. } => Some(self.plain(tag, data.expose())),
             State::SaslLoginUser { .. } => match sasl::check_username(data.expose()) {
                 Ok(user) => {
-                    self.out.extend_from_slice(b"+ UGFzc3dvcmQ6\r\n");
-                    self.state = State::SaslLoginPass { tag, user };
+                    self.shell.out.extend_from_slice(b"+ UGFzc3dvcmQ6\r\n");
+                    self.shell.phase = Phase::Open(State::SaslLoginPass { tag, user });
                     None
                 }
                 Err(_) => Some(self.refuse(tag, AuthReply::Failed)),
@@ -656,13 +572,13 @@ impl PreAuth {
     }
 
     fn refuse(&mut self, tag: String, reply: AuthReply) -> Step {
-        self.state = State::Authenticating { tag };
-        Next::Event(Action::Refuse(reply))
+        self.auth_tag = tag;
+        self.shell.refuse(reply)
     }
 
     fn authenticate(&mut self, tag: String, creds: Credentials) -> Step {
-        self.state = State::Authenticating { tag };
-        Next::Event(Action::Authenticate(creds))
+        self.auth_tag = tag;
+        self.shell.authenticate(creds)
     }
 
     fn plain(&mut self, tag: String, msg: &[u8]) -> Step {
@@ -677,41 +593,30 @@ impl PreAuth {
         match cmd {
             Parsed::Capability => {
                 let caps = self.capabilities();
-                self.out
+                self.shell
+                    .out
                     .extend_from_slice(format!("* CAPABILITY {caps}\r\n{tag} OK CAPABILITY completed\r\n").as_bytes());
             }
-            Parsed::Noop => self.out.extend_from_slice(format!("{tag} OK NOOP completed\r\n").as_bytes()),
-            Parsed::Logout => {
-                self.out.extend_from_slice(format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n").as_bytes());
-                self.buf.clear();
-                self.state = State::Closed;
-            }
+            Parsed::Noop => self.shell.out.extend_from_slice(format!("{tag} OK NOOP completed\r\n").as_bytes()),
+            Parsed::Logout => self.shell.close_with(&format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n")),
             Parsed::Id(None) => self.bad_command(&tag, "Too many ID parameters"),
             Parsed::Id(Some((name, fields))) => {
                 if name.is_some() {
                     self.client_name = name;
                 }
                 self.client_id = fields;
-                self.out
+                self.shell
+                    .out
                     .extend_from_slice(format!("* ID (\"name\" \"mailgate\")\r\n{tag} OK ID completed\r\n").as_bytes());
             }
-            Parsed::StartTls if self.tls => self.bad_command(&tag, "TLS is already active"),
-            Parsed::StartTls if !self.starttls_allowed => self.bad_command(&tag, "STARTTLS is not offered here"),
-            Parsed::StartTls => {
-                self.out.extend_from_slice(format!("{tag} OK Begin TLS negotiation now\r\n").as_bytes());
-                // Anything pipelined after STARTTLS is dropped, never executed inside TLS.
-                self.buf.clear();
-                self.state = State::TlsPending;
-            }
-            Parsed::Login(..) | Parsed::Authenticate(..) if !self.tls => {
-                self.out.extend_from_slice(
-                    format!("{tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in.\r\n").as_bytes(),
-                );
-                self.bad += 1;
-                if self.bad >= MAX_BAD {
-                    self.close_with("* BYE Too many invalid commands\r\n");
-                }
-            }
+            Parsed::StartTls if self.shell.tls => self.bad_command(&tag, "TLS is already active"),
+            Parsed::StartTls if !self.shell.starttls_allowed => self.bad_command(&tag, "STARTTLS is not offered here"),
+            Parsed::StartTls => self.shell.start_tls(&format!("{tag} OK Begin TLS negotiation now\r\n")),
+            Parsed::Login(..) | Parsed::Authenticate(..) if !self.shell.tls => self.shell.bad_command(
+                &format!("{tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in.\r\n"),
+                MAX_BAD,
+                "* BYE Too many invalid commands\r\n",
+            ),
             Parsed::Login(user, pass) => {
                 let pass = crate::secret::SecretBytes::from(pass);
                 return Some(match (sasl::check_username(&user), sasl::check_password(pass.expose())) {
@@ -725,22 +630,22 @@ impl PreAuth {
                 return Some(self.plain(tag, ir.expose()));
             }
             Parsed::Authenticate(Mech::Plain, _) => {
-                self.out.extend_from_slice(b"+ \r\n");
-                self.state = State::SaslPlain { tag };
+                self.shell.out.extend_from_slice(b"+ \r\n");
+                self.shell.phase = Phase::Open(State::SaslPlain { tag });
             }
             // LOGIN (not a standard mechanism) asks for the user name on `=`, as before.
             Parsed::Authenticate(Mech::Login, Some(ir)) if !ir.expose().is_empty() => {
                 match sasl::check_username(ir.expose()) {
                     Ok(user) => {
-                        self.out.extend_from_slice(b"+ UGFzc3dvcmQ6\r\n");
-                        self.state = State::SaslLoginPass { tag, user };
+                        self.shell.out.extend_from_slice(b"+ UGFzc3dvcmQ6\r\n");
+                        self.shell.phase = Phase::Open(State::SaslLoginPass { tag, user });
                     }
                     Err(_) => return Some(self.refuse(tag, AuthReply::Failed)),
                 }
             }
             Parsed::Authenticate(Mech::Login, _) => {
-                self.out.extend_from_slice(b"+ VXNlcm5hbWU6\r\n");
-                self.state = State::SaslLoginUser { tag };
+                self.shell.out.extend_from_slice(b"+ VXNlcm5hbWU6\r\n");
+                self.shell.phase = Phase::Open(State::SaslLoginUser { tag });
             }
             Parsed::Authenticate(Mech::Other, _) => self.bad_command(&tag, "Unsupported authentication mechanism"),
             Parsed::Other(name) => self.bad_command(&tag, &format!("{name} is not allowed before authentication")),

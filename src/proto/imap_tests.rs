@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::proto::chunked;
+use crate::proto::testing::{self, auth, pump, send, split_at, text};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------
@@ -10,53 +11,7 @@ use proptest::prelude::*;
 // ---------------------------------------------------------------------------------------
 
 /// A non-`Write` action, in a form tests can compare.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Ev {
-    StartTls,
-    Auth { user: String, pass: Vec<u8> },
-    Refuse(AuthReply),
-    Close,
-}
-
-fn auth(user: &str, pass: &str) -> Ev {
-    Ev::Auth { user: user.to_string(), pass: pass.as_bytes().to_vec() }
-}
-
-/// Polls until the machine wants input (or closes). Returns everything written, as text,
-/// and the other actions in order.
-fn pump(p: &mut PreAuth) -> (String, Vec<Ev>) {
-    let mut w = Vec::new();
-    let mut ev = Vec::new();
-    for _ in 0..100_000 {
-        match p.next() {
-            Next::Write(b) => {
-                assert!(!b.is_empty(), "empty Write");
-                w.extend(b);
-            }
-            Next::NeedInput => return (text(&w), ev),
-            Next::StartTls => ev.push(Ev::StartTls),
-            Next::Event(Action::Authenticate(c)) => {
-                ev.push(Ev::Auth { user: c.username.clone(), pass: c.password.expose().clone() })
-            }
-            Next::Event(Action::Refuse(r)) => ev.push(Ev::Refuse(r)),
-            Next::Close => {
-                ev.push(Ev::Close);
-                return (text(&w), ev);
-            }
-        }
-    }
-    panic!("poll() did not settle");
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Feeds `bytes` and polls until the machine needs input.
-fn send(p: &mut PreAuth, bytes: &[u8]) -> (String, Vec<Ev>) {
-    p.feed(bytes);
-    pump(p)
-}
+type Ev = testing::Ev<AuthReply>;
 
 /// Feeds `bytes` one at a time, polling after each; returns the concatenated results.
 fn send_bytewise(p: &mut PreAuth, bytes: &[u8]) -> (String, Vec<Ev>) {
@@ -335,7 +290,7 @@ fn starttls_injection_one_segment() {
     let (w, ev) = send(&mut p, b"A STARTTLS\r\nXYZAB NOOP\r\n");
     assert_eq!(w, "A OK Begin TLS negotiation now\r\n");
     assert_eq!(ev, vec![Ev::StartTls]);
-    assert!(p.buf.is_empty(), "pipelined plaintext kept: {:?}", p.buf);
+    assert!(p.shell.buf.is_empty(), "pipelined plaintext kept: {:?}", p.shell.buf);
     p.tls_started();
     // Nothing is answered for XYZAB.
     assert_eq!(pump(&mut p), (String::new(), vec![]));
@@ -360,10 +315,10 @@ fn bytes_between_starttls_and_handshake_are_dropped() {
     // The client (or a MITM) keeps sending plaintext before the handshake.
     for injected in [&b"XYZAB NOOP\r\n"[..], b"B LOGIN u p\r\n", b"C CAPABILITY\r\n", b"partial {5}"] {
         assert_eq!(send(&mut p, injected), (String::new(), vec![]), "{injected:?}");
-        assert!(p.buf.is_empty());
+        assert!(p.shell.buf.is_empty());
     }
     p.tls_started();
-    assert!(p.buf.is_empty());
+    assert!(p.shell.buf.is_empty());
     assert_eq!(pump(&mut p), (String::new(), vec![]));
     assert_eq!(send(&mut p, b"D NOOP\r\n"), ("D OK NOOP completed\r\n".into(), vec![]));
 }
@@ -643,7 +598,7 @@ fn sync_literal_limits() {
             assert_eq!(w, *want, "{}", text(input));
             assert!(!w.contains('+'), "continuation sent for {}", text(input));
             assert!(ev.is_empty());
-            assert!(p.buf.is_empty());
+            assert!(p.shell.buf.is_empty());
             // The connection survives and resynchronises.
             assert_eq!(send(&mut p, b"b NOOP\r\n"), ("b OK NOOP completed\r\n".into(), vec![]));
         }
@@ -663,7 +618,7 @@ fn sync_literals_bounded_per_command() {
     let (w, ev) = send(&mut p, b" {8192}\r\n");
     assert_eq!(w, "a BAD [TOOBIG] Literal too big\r\n");
     assert!(ev.is_empty());
-    assert!(p.buf.is_empty());
+    assert!(p.shell.buf.is_empty());
 }
 
 #[test]
@@ -688,7 +643,7 @@ fn nonsync_literal_too_big_closes() {
             assert_eq!(w, "a BAD [TOOBIG] Literal too big\r\n* BYE Literal too big\r\n", "{size}");
             assert_eq!(ev.first(), Some(&Ev::Close));
             assert!(ev.iter().all(|e| *e == Ev::Close));
-            assert!(p.buf.is_empty());
+            assert!(p.shell.buf.is_empty());
         }
     }
 }
@@ -994,7 +949,7 @@ fn long_line_without_crlf_closes() {
         let (w, ev) = send_bytewise(&mut p, &line);
         assert_eq!(w, "* BYE Command line too long\r\n", "{len}");
         assert_eq!(ev, vec![Ev::Close]);
-        assert!(p.buf.is_empty());
+        assert!(p.shell.buf.is_empty());
         // Closed: more input is ignored.
         assert_eq!(send(&mut p, b"\r\nb NOOP\r\n"), (String::new(), vec![Ev::Close]));
     }
@@ -1073,9 +1028,9 @@ fn ten_megabytes_without_crlf_closes_early_with_bounded_buffer() {
         let mut closed_after = None;
         for i in 0..(10 * 1024 * 1024 / chunk.len()) {
             p.feed(&chunk);
-            assert!(p.buf.len() <= bound, "after feed {i}: {}", p.buf.len());
+            assert!(p.shell.buf.len() <= bound, "after feed {i}: {}", p.shell.buf.len());
             let (_, ev) = pump(&mut p);
-            assert!(p.buf.len() <= bound);
+            assert!(p.shell.buf.len() <= bound);
             if ev.contains(&Ev::Close) && closed_after.is_none() {
                 closed_after = Some(i);
             }
@@ -1083,7 +1038,7 @@ fn ten_megabytes_without_crlf_closes_early_with_bounded_buffer() {
         // An ID line may reach MAX_ID_LINE (40 KiB): three 16 KiB reads.
         let within = if prefix.starts_with(b"a ID") { 2 } else { 0 };
         assert_eq!(closed_after, Some(within), "{}", text(prefix));
-        assert!(p.buf.is_empty());
+        assert!(p.shell.buf.is_empty());
     }
 }
 
@@ -1097,7 +1052,7 @@ fn ten_megabytes_in_sasl_exchange_closes() {
     assert_eq!(ev, vec![Ev::Close]);
     for _ in 0..640 {
         p.feed(&chunk);
-        assert!(p.buf.is_empty());
+        assert!(p.shell.buf.is_empty());
     }
 }
 
@@ -1109,8 +1064,8 @@ fn input_during_credential_check_is_bounded() {
     let mut closed = false;
     for _ in 0..64 {
         p.feed(&chunk);
-        assert!(p.buf.len() <= MAX_BUFFERED);
-        if matches!(p.state, State::Closed) {
+        assert!(p.shell.buf.len() <= MAX_BUFFERED);
+        if p.shell.closed() {
             closed = true;
         }
     }
@@ -1125,7 +1080,7 @@ fn ten_megabytes_after_a_bad_command_closes() {
     let mut closed = false;
     for _ in 0..640 {
         let (_, ev) = send(&mut p, &chunk);
-        assert!(p.buf.len() <= MAX_BUFFERED);
+        assert!(p.shell.buf.len() <= MAX_BUFFERED);
         closed |= ev.contains(&Ev::Close);
     }
     assert!(closed, "10 MB on one discarded line and still open");
@@ -1138,7 +1093,7 @@ fn discarded_line_memory_is_bounded() {
     let _ = send(&mut p, b"a XFOO ");
     for _ in 0..8 {
         let _ = send(&mut p, &[b'x'; 1000]);
-        assert!(p.buf.len() <= 1);
+        assert!(p.shell.buf.len() <= 1);
     }
     let _ = send(&mut p, b"\r");
     assert_eq!(send(&mut p, b"\nb NOOP\r\n").0, "b OK NOOP completed\r\n");
@@ -1245,7 +1200,7 @@ fn authenticate_cancel() {
         assert_eq!(ev, vec![Ev::Refuse(AuthReply::Aborted("Authentication cancelled"))]);
         p.auth_failed(AuthReply::Aborted("Authentication cancelled"));
         assert_eq!(pump(&mut p), ("a BAD Authentication cancelled\r\n".into(), vec![]));
-        assert_eq!(p.failures, 1);
+        assert_eq!(p.shell.failures, 1);
         assert_eq!(send(&mut p, b"b NOOP\r\n").0, "b OK NOOP completed\r\n");
     }
     // At the password prompt of LOGIN.
@@ -1401,7 +1356,7 @@ fn sasl_line_limit() {
             let (w, ev) = if bytewise { send_bytewise(&mut p, &line) } else { send(&mut p, &line) };
             assert_eq!(w, "* BYE Authentication line too long\r\n", "complete {complete} bytewise {bytewise}");
             assert_eq!(ev, vec![Ev::Close]);
-            assert!(p.buf.is_empty());
+            assert!(p.shell.buf.is_empty());
         }
     }
 }
@@ -1411,7 +1366,7 @@ fn sasl_line_is_wiped_from_buffer() {
     let mut p = session(true);
     let _ = send(&mut p, b"a AUTHENTICATE PLAIN\r\n");
     let _ = send(&mut p, format!("{}\r\nb NOOP\r\n", base64(b"\0alice\0hunter2")).as_bytes());
-    assert_eq!(p.buf, b"b NOOP\r\n");
+    assert_eq!(p.shell.buf, b"b NOOP\r\n");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1472,7 +1427,7 @@ fn auth_results_ignored_when_not_authenticating() {
     p.auth_failed(AuthReply::Failed);
     assert_eq!(p.auth_succeeded("IMAP4rev1"), Vec::<u8>::new());
     assert_eq!(pump(&mut p), (String::new(), vec![]));
-    assert_eq!(p.failures, 0);
+    assert_eq!(p.shell.failures, 0);
     assert_eq!(send(&mut p, b"a NOOP\r\n").0, "a OK NOOP completed\r\n");
 }
 
@@ -1494,7 +1449,7 @@ fn auth_succeeded_returns_pipelined_bytes() {
     assert_eq!(pump(&mut p), ("a OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n".into(), vec![]));
     // Relaying now: the machine takes no more input and answers nothing.
     assert_eq!(send(&mut p, b"d NOOP\r\n"), (String::new(), vec![]));
-    assert!(p.buf.is_empty());
+    assert!(p.shell.buf.is_empty());
     assert_eq!(p.auth_succeeded("X"), Vec::<u8>::new());
 }
 
@@ -1715,7 +1670,7 @@ fn id_parameter_limit() {
     let (w, ev) = send(&mut p, format!("b ID ({})\r\n", params(MAX_ID_PARAMS + 1)).as_bytes());
     assert_eq!(w, "b BAD Too many ID parameters\r\n");
     assert!(ev.is_empty());
-    assert_eq!(p.bad, 1);
+    assert_eq!(p.shell.bad, 1);
 }
 
 #[test]
@@ -1725,7 +1680,7 @@ fn logout() {
         let (w, ev) = send(&mut p, b"a LOGOUT\r\nb NOOP\r\n");
         assert_eq!(w, "* BYE Logging out\r\na OK LOGOUT completed\r\n");
         assert_eq!(ev, vec![Ev::Close]);
-        assert!(p.buf.is_empty());
+        assert!(p.shell.buf.is_empty());
         assert_eq!(send(&mut p, b"c NOOP\r\n"), (String::new(), vec![Ev::Close]));
     }
 }
@@ -1796,11 +1751,11 @@ fn drive_invariants(tls: bool, chunks: &[Vec<u8>]) -> Result<(), TestCaseError> 
     let mut written = Vec::new();
     for c in chunks {
         p.feed(c);
-        prop_assert!(p.buf.len() <= bound);
+        prop_assert!(p.shell.buf.len() <= bound);
         if await_tls {
             // Plaintext after STARTTLS, before the handshake: nothing happens.
             prop_assert!(matches!(p.next(), Next::NeedInput));
-            prop_assert!(p.buf.is_empty());
+            prop_assert!(p.shell.buf.is_empty());
             p.tls_started();
             encrypted = true;
             await_tls = false;
@@ -1808,7 +1763,7 @@ fn drive_invariants(tls: bool, chunks: &[Vec<u8>]) -> Result<(), TestCaseError> 
         }
         for _ in 0..10_000 {
             let a = p.next();
-            prop_assert!(p.buf.len() <= bound);
+            prop_assert!(p.shell.buf.len() <= bound);
             match a {
                 Next::NeedInput => break,
                 Next::Write(b) => {
@@ -1934,16 +1889,7 @@ fn imapish_session() -> impl Strategy<Value = Vec<Vec<u8>>> {
     )
         .prop_map(|(parts, cuts)| {
             let bytes = parts.concat();
-            let mut pos: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
-            pos.sort_unstable();
-            let mut out = Vec::new();
-            let mut last = 0;
-            for p in pos {
-                out.push(bytes[last..p].to_vec());
-                last = p;
-            }
-            out.push(bytes[last..].to_vec());
-            out
+            split_at(&bytes, cuts.iter().map(|c| c.index(bytes.len() + 1)))
         })
 }
 
@@ -1990,18 +1936,7 @@ proptest! {
             b"g AUTHENTICATE PLAIN AGFsaWNlAHJpZ2h0\r\nh SELECT INBOX\r\n",
         ];
         let reference = run_turns(false, &turns, &whole);
-        let split = |_: usize, b: &[u8]| {
-            let mut pos: Vec<usize> = cuts.iter().map(|c| c % (b.len() + 1)).collect();
-            pos.sort_unstable();
-            let mut out = Vec::new();
-            let mut last = 0;
-            for p in pos {
-                out.push(b[last..p].to_vec());
-                last = p;
-            }
-            out.push(b[last..].to_vec());
-            out
-        };
+        let split = |_: usize, b: &[u8]| split_at(b, cuts.iter().map(|c| c % (b.len() + 1)));
         prop_assert_eq!(run_turns(false, &turns, &split), reference);
     }
 }

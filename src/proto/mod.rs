@@ -10,12 +10,15 @@ pub mod imap;
 pub mod imap_upstream;
 pub mod pop3;
 pub mod pop3_upstream;
+pub mod preauth;
 pub mod proxy;
 pub mod sasl;
 pub mod sieve;
 pub mod sieve_upstream;
 pub mod smtp;
 pub mod smtp_upstream;
+#[cfg(test)]
+pub(crate) mod testing;
 
 /// What a sans-IO machine asks of the one driver (`net::driver`) next. Every protocol
 /// machine (the IMAP, SMTP, POP3 and ManageSieve fronts, their upstream logins, the

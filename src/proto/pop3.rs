@@ -9,8 +9,11 @@
 //!
 //! States: `Command` (reading commands) → `Sasl*` (AUTH exchange) → `Authenticating`
 //! (credentials handed to the driver) → `Done` (the driver relays), plus
-//! `TlsPending`/`AwaitTls` around STLS and `Closed`.
+//! `TlsPending`/`AwaitTls` around STLS and `Closed`. Those from
+//! `Authenticating` on, with the buffers and counters, are the shell the three fronts
+//! share ([`crate::proto::preauth`]).
 
+use crate::proto::preauth::{self, Phase, Shell};
 use crate::proto::sasl::{self, Credentials, SaslError};
 use crate::proto::{Goodbye, Machine, Next};
 use crate::secret::SecretBytes;
@@ -36,15 +39,9 @@ pub mod limits {
 }
 use limits::*;
 
-/// What only the driver can act on (see [`Machine`]).
-#[derive(Debug)]
-pub enum Action {
-    /// Check these credentials, then call [`PreAuth::auth_succeeded`] or [`PreAuth::auth_failed`].
-    Authenticate(Credentials),
-    /// The exchange failed before any password check (malformed SASL, foreign authzid,
-    /// cancel). Apply the failure delay, then call [`PreAuth::auth_failed`] with this reply.
-    Refuse(AuthReply),
-}
+/// What only the driver can act on (see [`Machine`]); it answers with
+/// [`PreAuth::auth_succeeded`] or [`PreAuth::auth_failed`].
+pub type Action = preauth::Action<AuthReply>;
 
 /// What [`Machine::next`] returns.
 pub type Step = Next<Action>;
@@ -80,6 +77,7 @@ pub fn goodbye(why: Goodbye) -> &'static [u8] {
     }
 }
 
+/// Where the client is while commands are read ([`Phase::Open`]).
 #[derive(Debug)]
 enum State {
     Command,
@@ -91,12 +89,6 @@ enum State {
     SaslLoginPass {
         user: String,
     },
-    /// Credentials (or a refusal) are with the driver.
-    Authenticating,
-    TlsPending,
-    AwaitTls,
-    Done,
-    Closed,
 }
 
 /// One line taken from the buffer.
@@ -112,32 +104,14 @@ enum Line {
 /// One POP3 client connection before authentication. `Debug` shows sizes and counters,
 /// never the buffered bytes (they may hold a password).
 pub struct PreAuth {
-    state: State,
-    buf: Vec<u8>,
-    out: Vec<u8>,
-    tls: bool,
-    stls_allowed: bool,
+    shell: Shell<State>,
     /// The user name of an accepted `USER`, waiting for `PASS`.
     user: Option<String>,
-    bad: u32,
-    commands: u32,
-    failures: u32,
-    /// The first line (of the connection, or after STLS) was checked for another
-    /// protocol's request ([`crate::proto::foreign`]).
-    first_line_checked: bool,
 }
 
 impl std::fmt::Debug for PreAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PreAuth")
-            .field("state", &self.state)
-            .field("tls", &self.tls)
-            .field("buffered", &self.buf.len())
-            .field("pending_output", &self.out.len())
-            .field("bad", &self.bad)
-            .field("commands", &self.commands)
-            .field("failures", &self.failures)
-            .finish()
+        self.shell.fmt(f)
     }
 }
 
@@ -146,55 +120,20 @@ impl Machine for PreAuth {
 
     /// Bytes read from the client.
     fn feed(&mut self, bytes: &[u8]) {
-        match self.state {
-            // Plaintext that arrives while TLS is being set up is never executed (CVE-2011-0411).
-            State::TlsPending | State::AwaitTls | State::Done | State::Closed => {}
-            _ => {
-                self.buf.extend_from_slice(bytes);
-                if self.buf.len() > MAX_BUFFERED {
-                    self.close_with("-ERR Input too long\r\n");
-                }
-            }
-        }
+        self.shell.feed(bytes, MAX_BUFFERED, "-ERR Input too long\r\n");
     }
 
     /// Next thing to do. Call again until it returns [`Next::NeedInput`] (or another
     /// action that needs the driver).
     fn next(&mut self) -> Step {
-        loop {
-            if !self.out.is_empty() {
-                return Next::Write(std::mem::take(&mut self.out));
-            }
-            let step = match &self.state {
-                State::Closed => return Next::Close,
-                State::Done | State::AwaitTls | State::Authenticating => return Next::NeedInput,
-                State::TlsPending => {
-                    self.state = State::AwaitTls;
-                    self.wipe_buf();
-                    return Next::StartTls;
-                }
-                State::Command => self.step_command(),
-                State::SaslPlain | State::SaslLoginUser | State::SaslLoginPass { .. } => self.step_sasl(),
-            };
-            if let Some(action) = step {
-                if matches!(action, Next::NeedInput) && !self.out.is_empty() {
-                    continue;
-                }
-                return action;
-            }
-        }
+        preauth::next(self, |p| &mut p.shell, PreAuth::step)
     }
 
     /// The TLS handshake after STLS succeeded: the session starts over, encrypted (no new
     /// greeting, RFC 2595 §4).
     fn tls_started(&mut self) {
-        if matches!(self.state, State::AwaitTls) {
-            self.tls = true;
-            self.stls_allowed = false;
-            self.wipe_buf();
+        if self.shell.tls_restarted(State::Command) {
             self.user = None;
-            self.state = State::Command;
-            self.first_line_checked = false;
         }
     }
 
@@ -207,20 +146,9 @@ impl PreAuth {
     /// A new connection; the greeting is queued. `tls`: the channel is already encrypted
     /// (implicit TLS, port 995). `stls_allowed`: this listener offers STLS (port 110).
     pub fn new(hostname: &str, tls: bool, stls_allowed: bool) -> PreAuth {
-        let mut p = PreAuth {
-            state: State::Command,
-            buf: Vec::new(),
-            out: Vec::new(),
-            tls,
-            stls_allowed: stls_allowed && !tls,
-            user: None,
-            bad: 0,
-            commands: 0,
-            failures: 0,
-            first_line_checked: false,
-        };
+        let mut p = PreAuth { shell: Shell::new(State::Command, tls, stls_allowed), user: None };
         // No APOP timestamp: APOP is not offered (MD5 of a clear password on the server).
-        p.out.extend_from_slice(format!("+OK {} ready.\r\n", sanitize_text(hostname)).as_bytes());
+        p.shell.out.extend_from_slice(format!("+OK {} ready.\r\n", sanitize_text(hostname)).as_bytes());
         p
     }
 
@@ -228,21 +156,15 @@ impl PreAuth {
     /// `+OK Logged in.` and returns the bytes the client pipelined after its login
     /// command (they belong to the upstream session, untouched).
     pub fn auth_succeeded(&mut self) -> Vec<u8> {
-        if matches!(self.state, State::Authenticating) {
-            self.out.extend_from_slice(b"+OK Logged in.\r\n");
-            self.state = State::Done;
-            return std::mem::take(&mut self.buf);
-        }
-        Vec::new()
+        self.shell.succeeded("+OK Logged in.\r\n")
     }
 
     /// The credentials were refused (or the exchange failed); answer the client. After
     /// [`MAX_AUTH_FAILURES`] the connection ends.
     pub fn auth_failed(&mut self, reply: AuthReply) {
-        if !matches!(self.state, State::Authenticating) {
+        if !self.shell.authenticating() {
             return;
         }
-        self.state = State::Command;
         let line = match reply {
             AuthReply::Failed => "-ERR [AUTH] Authentication failed.\r\n".to_string(),
             AuthReply::AuthzFailed => "-ERR [AUTH] Authorization failed.\r\n".to_string(),
@@ -253,94 +175,76 @@ impl PreAuth {
             }
             AuthReply::TooMany => "-ERR [IN-USE] Too many sessions.\r\n".to_string(),
         };
-        self.out.extend_from_slice(line.as_bytes());
-        self.failures += 1;
-        if self.failures >= MAX_AUTH_FAILURES {
-            // The failure reply was this command's answer; nothing more is read.
-            self.close_with("");
-        }
+        // The failure reply was this command's answer; nothing more is read.
+        self.shell.failed(&line, State::Command, MAX_AUTH_FAILURES, "");
     }
 
     fn capabilities(&self) -> String {
         let mut caps = String::from(
             "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n",
         );
-        if self.stls_allowed && !self.tls {
+        if self.shell.starttls_allowed && !self.shell.tls {
             caps.push_str("STLS\r\n");
         }
-        if self.tls {
+        if self.shell.tls {
             caps.push_str("USER\r\nSASL PLAIN LOGIN\r\n");
         }
         caps.push_str(".\r\n");
         caps
     }
 
-    /// Queues `line` (if any) and ends the connection; the buffered input is wiped.
-    fn close_with(&mut self, line: &str) {
-        self.out.extend_from_slice(line.as_bytes());
-        self.wipe_buf();
-        self.state = State::Closed;
-    }
-
-    /// Empties the buffer, zeroing it first (it may hold a password).
-    fn wipe_buf(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.buf);
-    }
-
     /// Answers an invalid command with `reply`; the [`MAX_BAD`]th gets
     /// `-ERR Too many errors` instead and ends the connection.
     fn bad_command(&mut self, reply: &str) {
-        self.bad += 1;
-        if self.bad >= MAX_BAD {
-            self.close_with("-ERR Too many errors\r\n");
+        self.shell.bad += 1;
+        if self.shell.bad >= MAX_BAD {
+            self.shell.close_with("-ERR Too many errors\r\n");
         } else {
-            self.out.extend_from_slice(format!("-ERR {reply}\r\n").as_bytes());
+            self.shell.out.extend_from_slice(format!("-ERR {reply}\r\n").as_bytes());
         }
     }
 
     /// Takes the first line out of the buffer (CRLF or a bare LF ends it). The taken
     /// bytes are zeroed in the buffer.
     fn take_line(&mut self, limit: usize) -> Line {
-        let Some(pos) = self.buf.iter().position(|b| *b == b'\n') else {
+        let Some(pos) = self.shell.buf.iter().position(|b| *b == b'\n') else {
             // One byte more than the limit may be the CR of the line end.
-            return if self.buf.len() > limit + 1 { Line::TooLong } else { Line::Incomplete };
+            return if self.shell.buf.len() > limit + 1 { Line::TooLong } else { Line::Incomplete };
         };
-        let end = if pos > 0 && self.buf.get(pos - 1) == Some(&b'\r') { pos - 1 } else { pos };
+        let end = if pos > 0 && self.shell.buf.get(pos - 1) == Some(&b'\r') { pos - 1 } else { pos };
         if end > limit {
             return Line::TooLong;
         }
-        let line = SecretBytes::from(self.buf.get(..end).unwrap_or_default().to_vec());
-        let taken = self.buf.get_mut(..=pos).unwrap_or_default();
+        let line = SecretBytes::from(self.shell.buf.get(..end).unwrap_or_default().to_vec());
+        let taken = self.shell.buf.get_mut(..=pos).unwrap_or_default();
         zeroize::Zeroize::zeroize(taken);
-        self.buf.drain(..=pos);
+        self.shell.buf.drain(..=pos);
         Line::Complete(line)
     }
 
-    fn step_command(&mut self) -> Option<Step> {
-        if self.buf.is_empty() {
-            return Some(Next::NeedInput);
+    /// One step while reading: a command line, or a line of the SASL exchange.
+    fn step(&mut self) -> Option<Step> {
+        match self.shell.phase {
+            Phase::Open(State::Command) => self.step_command(),
+            _ => self.step_sasl(),
         }
-        match crate::proto::foreign::gate(&mut self.first_line_checked, &self.buf) {
-            crate::proto::foreign::Gate::Go => {}
-            crate::proto::foreign::Gate::Wait => return Some(Next::NeedInput),
-            // Another protocol's request: closed at once, nothing of it echoed.
-            crate::proto::foreign::Gate::Close => {
-                self.wipe_buf();
-                self.state = State::Closed;
-                return Some(Next::Close);
-            }
+    }
+
+    fn step_command(&mut self) -> Option<Step> {
+        if let Some(wait_or_close) = self.shell.gate() {
+            return Some(wait_or_close);
         }
         let line = match self.take_line(MAX_LINE) {
             Line::Incomplete => return Some(Next::NeedInput),
             Line::TooLong => {
-                self.close_with("-ERR Line too long\r\n");
+                self.shell.close_with("-ERR Line too long\r\n");
                 return None;
             }
             Line::Complete(line) => line,
         };
-        self.commands += 1;
-        if self.commands > MAX_COMMANDS {
-            self.close_with("-ERR Too many commands\r\n");
+        self.shell.commands += 1;
+        if self.shell.commands > MAX_COMMANDS {
+            self.shell.close_with("-ERR Too many commands\r\n");
             return None;
         }
         self.command(line.expose())
@@ -356,21 +260,16 @@ impl PreAuth {
         match word.as_slice() {
             b"CAPA" => {
                 let caps = self.capabilities();
-                self.out.extend_from_slice(caps.as_bytes());
+                self.shell.out.extend_from_slice(caps.as_bytes());
             }
-            b"QUIT" => self.close_with("+OK Bye\r\n"),
-            b"STLS" if self.tls => self.bad_command("TLS is already active"),
-            b"STLS" if !self.stls_allowed => self.bad_command("STLS is not offered here"),
-            b"STLS" => {
-                self.out.extend_from_slice(b"+OK Begin TLS negotiation\r\n");
-                // Anything pipelined after STLS is dropped, never executed inside TLS.
-                self.wipe_buf();
-                self.state = State::TlsPending;
-            }
-            b"USER" | b"PASS" | b"AUTH" if !self.tls => {
+            b"QUIT" => self.shell.close_with("+OK Bye\r\n"),
+            b"STLS" if self.shell.tls => self.bad_command("TLS is already active"),
+            b"STLS" if !self.shell.starttls_allowed => self.bad_command("STLS is not offered here"),
+            b"STLS" => self.shell.start_tls("+OK Begin TLS negotiation\r\n"),
+            b"USER" | b"PASS" | b"AUTH" if !self.shell.tls => {
                 // No credentials in clear, ever: not even a user name is taken.
                 self.user = None;
-                if self.stls_allowed {
+                if self.shell.starttls_allowed {
                     self.bad_command("[AUTH] TLS required: use STLS first");
                 } else {
                     self.bad_command("[AUTH] TLS required");
@@ -379,7 +278,7 @@ impl PreAuth {
             b"USER" => match arg.map(sasl::check_username) {
                 Some(Ok(user)) => {
                     self.user = Some(user);
-                    self.out.extend_from_slice(b"+OK Send your password\r\n");
+                    self.shell.out.extend_from_slice(b"+OK Send your password\r\n");
                 }
                 _ => {
                     self.user = None;
@@ -392,8 +291,8 @@ impl PreAuth {
                     return None;
                 };
                 return Some(match sasl::check_password(arg.unwrap_or_default()) {
-                    Ok(password) => self.authenticate(Credentials { username: user, password }),
-                    Err(_) => self.refuse(AuthReply::Failed),
+                    Ok(password) => self.shell.authenticate(Credentials { username: user, password }),
+                    Err(_) => self.shell.refuse(AuthReply::Failed),
                 });
             }
             b"AUTH" => return self.auth(arg),
@@ -416,7 +315,7 @@ impl PreAuth {
                 self.bad_command("Invalid AUTH command");
             } else {
                 // No mechanism: the list (the pre-RFC 5034 convention clients still use).
-                self.out.extend_from_slice(b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n");
+                self.shell.out.extend_from_slice(b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n");
             }
             return None;
         }
@@ -430,14 +329,14 @@ impl PreAuth {
         match (mech.as_slice(), ir) {
             (b"PLAIN", Some(ir)) => Some(self.sasl_response(State::SaslPlain, ir)),
             (b"PLAIN", None) => {
-                self.out.extend_from_slice(b"+ \r\n");
-                self.state = State::SaslPlain;
+                self.shell.out.extend_from_slice(b"+ \r\n");
+                self.shell.phase = Phase::Open(State::SaslPlain);
                 None
             }
             (b"LOGIN", Some(ir)) => Some(self.sasl_response(State::SaslLoginUser, ir)),
             (b"LOGIN", None) => {
-                self.out.extend_from_slice(b"+ VXNlcm5hbWU6\r\n");
-                self.state = State::SaslLoginUser;
+                self.shell.out.extend_from_slice(b"+ VXNlcm5hbWU6\r\n");
+                self.shell.phase = Phase::Open(State::SaslLoginUser);
                 None
             }
             _ => {
@@ -451,14 +350,14 @@ impl PreAuth {
         let line = match self.take_line(MAX_SASL_LINE) {
             Line::Incomplete => return Some(Next::NeedInput),
             Line::TooLong => {
-                self.close_with("-ERR Authentication line too long\r\n");
+                self.shell.close_with("-ERR Authentication line too long\r\n");
                 return None;
             }
             Line::Complete(line) => line,
         };
-        let state = std::mem::replace(&mut self.state, State::Command);
+        let state = self.shell.replace(State::Command).unwrap_or(State::Command);
         if line.expose().as_slice() == b"*" {
-            return Some(self.refuse(AuthReply::Aborted("Authentication cancelled")));
+            return Some(self.shell.refuse(AuthReply::Aborted("Authentication cancelled")));
         }
         Some(self.sasl_response(state, line.expose()))
     }
@@ -468,40 +367,30 @@ impl PreAuth {
         // RFC 5034 §4: `=` is an empty response.
         let decoded = if b64 == b"=" { Ok(Vec::new()) } else { base64::engine::general_purpose::STANDARD.decode(b64) };
         let Ok(data) = decoded else {
-            return self.refuse(AuthReply::Aborted("Invalid base64 data"));
+            return self.shell.refuse(AuthReply::Aborted("Invalid base64 data"));
         };
         let data = SecretBytes::from(data);
         match state {
             State::SaslPlain => match sasl::decode_plain(data.expose()) {
-                Ok(creds) => self.authenticate(creds),
-                Err(SaslError::AuthzidRefused) => self.refuse(AuthReply::AuthzFailed),
-                Err(SaslError::Malformed) => self.refuse(AuthReply::Failed),
+                Ok(creds) => self.shell.authenticate(creds),
+                Err(SaslError::AuthzidRefused) => self.shell.refuse(AuthReply::AuthzFailed),
+                Err(SaslError::Malformed) => self.shell.refuse(AuthReply::Failed),
             },
             State::SaslLoginUser => match sasl::check_username(data.expose()) {
                 Ok(user) => {
-                    self.out.extend_from_slice(b"+ UGFzc3dvcmQ6\r\n");
-                    self.state = State::SaslLoginPass { user };
+                    self.shell.out.extend_from_slice(b"+ UGFzc3dvcmQ6\r\n");
+                    self.shell.phase = Phase::Open(State::SaslLoginPass { user });
                     Next::NeedInput
                 }
-                Err(_) => self.refuse(AuthReply::Failed),
+                Err(_) => self.shell.refuse(AuthReply::Failed),
             },
             State::SaslLoginPass { user } => match sasl::check_password(data.expose()) {
-                Ok(password) => self.authenticate(Credentials { username: user, password }),
-                Err(_) => self.refuse(AuthReply::Failed),
+                Ok(password) => self.shell.authenticate(Credentials { username: user, password }),
+                Err(_) => self.shell.refuse(AuthReply::Failed),
             },
             // Not an exchange state: nothing to decode for (not reached).
-            _ => self.refuse(AuthReply::Failed),
+            _ => self.shell.refuse(AuthReply::Failed),
         }
-    }
-
-    fn refuse(&mut self, reply: AuthReply) -> Step {
-        self.state = State::Authenticating;
-        Next::Event(Action::Refuse(reply))
-    }
-
-    fn authenticate(&mut self, creds: Credentials) -> Step {
-        self.state = State::Authenticating;
-        Next::Event(Action::Authenticate(creds))
     }
 }
 

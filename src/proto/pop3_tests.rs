@@ -3,6 +3,7 @@
 use super::*;
 use crate::proto::chunked;
 use crate::proto::imap::base64;
+use crate::proto::testing::{self, auth, pump, send, split_at, text};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------
@@ -10,53 +11,7 @@ use proptest::prelude::*;
 // ---------------------------------------------------------------------------------------
 
 /// A non-`Write` action, in a form tests can compare.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Ev {
-    StartTls,
-    Auth { user: String, pass: Vec<u8> },
-    Refuse(AuthReply),
-    Close,
-}
-
-fn auth(user: &str, pass: &str) -> Ev {
-    Ev::Auth { user: user.to_string(), pass: pass.as_bytes().to_vec() }
-}
-
-/// Polls until the machine wants input (or closes). Returns everything written, as text,
-/// and the other actions in order.
-fn pump(p: &mut PreAuth) -> (String, Vec<Ev>) {
-    let mut w = Vec::new();
-    let mut ev = Vec::new();
-    for _ in 0..100_000 {
-        match p.next() {
-            Next::Write(b) => {
-                assert!(!b.is_empty(), "empty Write");
-                w.extend(b);
-            }
-            Next::NeedInput => return (text(&w), ev),
-            Next::StartTls => ev.push(Ev::StartTls),
-            Next::Event(Action::Authenticate(c)) => {
-                ev.push(Ev::Auth { user: c.username.clone(), pass: c.password.expose().clone() })
-            }
-            Next::Event(Action::Refuse(r)) => ev.push(Ev::Refuse(r)),
-            Next::Close => {
-                ev.push(Ev::Close);
-                return (text(&w), ev);
-            }
-        }
-    }
-    panic!("next() did not settle");
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Feeds `bytes` and polls until the machine needs input.
-fn send(p: &mut PreAuth, bytes: &[u8]) -> (String, Vec<Ev>) {
-    p.feed(bytes);
-    pump(p)
-}
+type Ev = testing::Ev<AuthReply>;
 
 const HOST: &str = "pop.example";
 const GREETING: &str = "+OK pop.example ready.\r\n";
@@ -452,18 +407,18 @@ fn endless_input_is_never_buffered_beyond_the_bound() {
     let mut p = session(true);
     for _ in 0..1000 {
         p.feed(&[b'x'; 1000]);
-        assert!(p.buf.len() <= MAX_BUFFERED);
+        assert!(p.shell.buf.len() <= MAX_BUFFERED);
         if matches!(p.next(), Next::Close) {
             break;
         }
     }
-    assert!(p.buf.is_empty());
+    assert!(p.shell.buf.is_empty());
     assert!(matches!(p.next(), Next::Close));
     // While a login is checked, pipelined input is bounded too.
     let mut p = session(true);
     let _ = send(&mut p, b"USER alice\r\nPASS pw\r\n");
     p.feed(&vec![b'x'; MAX_BUFFERED + 1]);
-    assert!(p.buf.is_empty());
+    assert!(p.shell.buf.is_empty());
     assert_eq!(pump(&mut p), ("-ERR Input too long\r\n".into(), vec![Ev::Close]));
     assert!(p.auth_succeeded().is_empty());
 }
@@ -593,7 +548,7 @@ fn drive(tls: bool, chunks: &[Vec<u8>]) -> Result<Run, TestCaseError> {
     loop {
         for _ in 0..100_000 {
             let a = p.next();
-            prop_assert!(p.buf.len() <= MAX_BUFFERED);
+            prop_assert!(p.shell.buf.len() <= MAX_BUFFERED);
             match a {
                 Next::NeedInput => break,
                 Next::Write(b) => {
@@ -634,7 +589,7 @@ fn drive(tls: bool, chunks: &[Vec<u8>]) -> Result<Run, TestCaseError> {
         if await_tls {
             // The handshake comes before the next read (bytes that were in the same read
             // as STLS were dropped: see stls_discards_pipelined_commands).
-            prop_assert!(p.buf.is_empty());
+            prop_assert!(p.shell.buf.is_empty());
             prop_assert!(matches!(p.next(), Next::NeedInput));
             p.tls_started();
             encrypted = true;
@@ -644,7 +599,7 @@ fn drive(tls: bool, chunks: &[Vec<u8>]) -> Result<Run, TestCaseError> {
         if done {
             relayed.extend(c);
         }
-        prop_assert!(p.buf.len() <= MAX_BUFFERED);
+        prop_assert!(p.shell.buf.len() <= MAX_BUFFERED);
     }
     if !written.is_empty() {
         prop_assert!(written.ends_with(b"\r\n"));
@@ -698,19 +653,6 @@ fn pop3ish_session() -> impl Strategy<Value = Vec<Vec<u8>>> {
             split_at(&bytes, cuts.iter().map(|c| c.index(bytes.len() + 1)))
         },
     )
-}
-
-fn split_at(bytes: &[u8], cuts: impl Iterator<Item = usize>) -> Vec<Vec<u8>> {
-    let mut pos: Vec<usize> = cuts.collect();
-    pos.sort_unstable();
-    let mut out = Vec::new();
-    let mut last = 0;
-    for p in pos {
-        out.push(bytes[last..p].to_vec());
-        last = p;
-    }
-    out.push(bytes[last..].to_vec());
-    out
 }
 
 proptest! {

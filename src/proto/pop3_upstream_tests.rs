@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::proto::imap::base64;
+use crate::proto::testing;
 use proptest::prelude::*;
 
 const USER: &str = "alice@example.com";
@@ -31,29 +32,7 @@ enum St {
 /// Polls until upstream input is needed, or a final step. Returns what was written and
 /// the other steps.
 fn pump(u: &mut UpstreamLogin) -> (String, Vec<St>) {
-    let mut w = Vec::new();
-    let mut st = Vec::new();
-    for _ in 0..10_000 {
-        match u.next() {
-            Next::Write(b) => {
-                assert!(!b.is_empty());
-                w.extend(b);
-            }
-            Next::NeedInput => break,
-            Next::StartTls => {
-                st.push(St::StartTls);
-                // Until tls_started, nothing else happens.
-                assert!(matches!(u.next(), Next::NeedInput));
-                break;
-            }
-            Next::Event(o) => {
-                st.push(St::Out(o));
-                break;
-            }
-            Next::Close => unreachable!("an upstream login never asks to close"),
-        }
-    }
-    (String::from_utf8_lossy(&w).into_owned(), st)
+    testing::pump_upstream(u, St::StartTls, St::Out)
 }
 
 fn send(u: &mut UpstreamLogin, bytes: &[u8]) -> (String, Vec<St>) {

@@ -4,7 +4,7 @@
 //! next ([`Machine::next`]): write bytes, read more, start TLS, check credentials, close.
 //! Before authentication only CAPABILITY, NOOP, LOGOUT, STARTTLS and
 //! AUTHENTICATE PLAIN/LOGIN are served; every size, count and byte a peer controls is
-//! bounded ([`limits`]). Not yet wired to a listener.
+//! bounded ([`limits`]). Run by `net::sieve` (through `net::front::MailService`).
 //!
 //! ManageSieve is a line protocol with IMAP-like strings: quoted (`"..."`, with `\"` and
 //! `\\` escapes, no CR, LF or NUL) and literals (`{N+}` CRLF and N octets; `{N}` is
@@ -14,10 +14,13 @@
 //!
 //! States: `Command` (reading commands) → `Sasl*` (AUTHENTICATE exchange) →
 //! `Authenticating` (credentials handed to the driver) → `Done` (the driver relays),
-//! plus `TlsPending`/`AwaitTls` around STARTTLS and `Closed`.
+//! plus `TlsPending`/`AwaitTls` around STARTTLS and `Closed`. Those from
+//! `Authenticating` on, with the buffers and counters, are the shell the three fronts
+//! share ([`crate::proto::preauth`]).
 
+use crate::proto::preauth::{self, Phase, Shell};
 use crate::proto::sasl::{self, Credentials, SaslError};
-use crate::proto::{Goodbye, Machine, Next, foreign};
+use crate::proto::{Goodbye, Machine, Next};
 use crate::secret::SecretBytes;
 use base64::Engine as _;
 
@@ -47,15 +50,9 @@ pub mod limits {
 }
 use limits::*;
 
-/// What only the driver can act on (see [`Machine`]).
-#[derive(Debug)]
-pub enum Action {
-    /// Check these credentials, then call [`PreAuth::auth_succeeded`] or [`PreAuth::auth_failed`].
-    Authenticate(Credentials),
-    /// The exchange failed before any password check (malformed SASL, foreign authzid,
-    /// cancel). Apply the failure delay, then call [`PreAuth::auth_failed`] with this reply.
-    Refuse(AuthReply),
-}
+/// What only the driver can act on (see [`Machine`]); it answers with
+/// [`PreAuth::auth_succeeded`] or [`PreAuth::auth_failed`].
+pub type Action = preauth::Action<AuthReply>;
 
 /// What [`Machine::next`] returns.
 pub type Step = Next<Action>;
@@ -88,49 +85,28 @@ pub fn goodbye(why: Goodbye) -> &'static [u8] {
     }
 }
 
+/// Where the client is while commands are read ([`Phase::Open`]).
 #[derive(Debug)]
 enum State {
     Command,
     SaslPlain,
     SaslLoginUser,
     SaslLoginPass { user: String },
-    Authenticating,
-    TlsPending,
-    AwaitTls,
-    Done,
-    Closed,
 }
 
 /// One client connection before authentication. `Debug` shows sizes and counters, never
 /// the buffered bytes (they may hold a password).
 pub struct PreAuth {
-    state: State,
-    buf: Vec<u8>,
-    out: Vec<u8>,
-    tls: bool,
-    starttls_allowed: bool,
-    bad: u32,
-    commands: u32,
-    failures: u32,
-    /// The first line (of the connection, or after STARTTLS) was checked for another
-    /// protocol's request ([`crate::proto::foreign`]).
-    first_line_checked: bool,
+    shell: Shell<State>,
     framer: Framer,
-    /// Upstream's capability lines shown in mailgate's listing (see [`PreAuth::listing`]).
+    /// Upstream's capability lines shown in mailgate's listing
+    /// ([`PreAuth::with_upstream_capabilities`]).
     upstream_caps: String,
 }
 
 impl std::fmt::Debug for PreAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PreAuth")
-            .field("state", &self.state)
-            .field("tls", &self.tls)
-            .field("buffered", &self.buf.len())
-            .field("pending_output", &self.out.len())
-            .field("bad", &self.bad)
-            .field("commands", &self.commands)
-            .field("failures", &self.failures)
-            .finish()
+        self.shell.fmt(f)
     }
 }
 
@@ -139,58 +115,23 @@ impl Machine for PreAuth {
 
     /// Bytes read from the client.
     fn feed(&mut self, bytes: &[u8]) {
-        match self.state {
-            // Plaintext that arrives while TLS is being set up is never executed (CVE-2011-0411).
-            State::TlsPending | State::AwaitTls | State::Done | State::Closed => {}
-            _ => {
-                self.buf.extend_from_slice(bytes);
-                if self.buf.len() > MAX_BUFFERED {
-                    self.close_with("BYE \"Too much input.\"\r\n");
-                }
-            }
-        }
+        self.shell.feed(bytes, MAX_BUFFERED, "BYE \"Too much input.\"\r\n");
     }
 
     /// Next thing to do. Call again until it returns [`Next::NeedInput`] (or another
     /// action that needs the driver).
     fn next(&mut self) -> Step {
-        loop {
-            if !self.out.is_empty() {
-                return Next::Write(std::mem::take(&mut self.out));
-            }
-            match &self.state {
-                State::Closed => return Next::Close,
-                State::Done | State::AwaitTls | State::Authenticating => return Next::NeedInput,
-                State::TlsPending => {
-                    self.state = State::AwaitTls;
-                    self.buf.clear();
-                    return Next::StartTls;
-                }
-                State::Command | State::SaslPlain | State::SaslLoginUser | State::SaslLoginPass { .. } => {
-                    if let Some(step) = self.step() {
-                        if matches!(step, Next::NeedInput) && !self.out.is_empty() {
-                            continue;
-                        }
-                        return step;
-                    }
-                }
-            }
-        }
+        preauth::next(self, |p| &mut p.shell, PreAuth::step)
     }
 
     /// The TLS handshake after STARTTLS succeeded: the session starts over, encrypted,
     /// and the capability listing is sent again (RFC 5804 §2.2).
     fn tls_started(&mut self) {
-        if matches!(self.state, State::AwaitTls) {
-            self.tls = true;
-            self.starttls_allowed = false;
-            self.buf.clear();
+        if self.shell.tls_restarted(State::Command) {
             self.framer = Framer::default();
-            self.state = State::Command;
-            self.first_line_checked = false;
             let listing = self.capabilities();
-            self.out.extend_from_slice(listing.as_bytes());
-            self.out.extend_from_slice(b"OK \"TLS negotiation successful.\"\r\n");
+            self.shell.out.extend_from_slice(listing.as_bytes());
+            self.shell.out.extend_from_slice(b"OK \"TLS negotiation successful.\"\r\n");
         }
     }
 
@@ -218,30 +159,22 @@ impl PreAuth {
     /// is always listed).
     pub fn with_upstream_capabilities(hostname: &str, tls: bool, starttls_allowed: bool, upstream: &str) -> PreAuth {
         let mut p = PreAuth {
-            state: State::Command,
-            buf: Vec::new(),
-            out: Vec::new(),
-            tls,
-            starttls_allowed: starttls_allowed && !tls,
-            bad: 0,
-            commands: 0,
-            failures: 0,
-            first_line_checked: false,
+            shell: Shell::new(State::Command, tls, starttls_allowed),
             framer: Framer::default(),
             upstream_caps: upstream.to_string(),
         };
         let listing = p.capabilities();
-        p.out.extend_from_slice(listing.as_bytes());
+        p.shell.out.extend_from_slice(listing.as_bytes());
         let ready = quote(&format!("{hostname} ManageSieve ready."));
-        p.out.extend_from_slice(format!("OK {ready}\r\n").as_bytes());
+        p.shell.out.extend_from_slice(format!("OK {ready}\r\n").as_bytes());
         p
     }
 
     /// The capability listing (RFC 5804 §1.7), one CRLF-terminated line per capability.
     fn capabilities(&self) -> String {
-        let sasl = if self.tls { "PLAIN LOGIN" } else { "" };
+        let sasl = if self.shell.tls { "PLAIN LOGIN" } else { "" };
         let mut s = format!("\"IMPLEMENTATION\" \"mailgate\"\r\n\"SASL\" \"{sasl}\"\r\n");
-        if self.starttls_allowed {
+        if self.shell.starttls_allowed {
             s.push_str("\"STARTTLS\"\r\n");
         }
         s.push_str(&self.upstream_caps);
@@ -253,20 +186,14 @@ impl PreAuth {
     /// and returns the bytes the client pipelined after its AUTHENTICATE exchange (they
     /// belong to the upstream session, untouched).
     pub fn auth_succeeded(&mut self) -> Vec<u8> {
-        if !matches!(self.state, State::Authenticating) {
-            return Vec::new();
-        }
-        self.out.extend_from_slice(b"OK \"Logged in.\"\r\n");
-        self.state = State::Done;
-        std::mem::take(&mut self.buf)
+        self.shell.succeeded("OK \"Logged in.\"\r\n")
     }
 
     /// The credentials were refused (or the exchange failed); answer the client.
     pub fn auth_failed(&mut self, reply: AuthReply) {
-        if !matches!(self.state, State::Authenticating) {
+        if !self.shell.authenticating() {
             return;
         }
-        self.state = State::Command;
         let line = match reply {
             AuthReply::Failed => "NO (AUTH) \"Authentication failed.\"\r\n".to_string(),
             AuthReply::AuthzFailed => "NO (AUTH) \"Authorization failed.\"\r\n".to_string(),
@@ -277,74 +204,50 @@ impl PreAuth {
             }
             AuthReply::TooMany => "NO (TRYLATER) \"Too many sessions.\"\r\n".to_string(),
         };
-        self.out.extend_from_slice(line.as_bytes());
-        self.failures += 1;
-        if self.failures >= MAX_AUTH_FAILURES {
-            self.close_with("BYE \"Too many authentication failures.\"\r\n");
-        }
-    }
-
-    fn close_with(&mut self, line: &str) {
-        self.out.extend_from_slice(line.as_bytes());
-        self.buf.clear();
-        self.state = State::Closed;
+        self.shell.failed(&line, State::Command, MAX_AUTH_FAILURES, "BYE \"Too many authentication failures.\"\r\n");
     }
 
     fn bad_command(&mut self, text: &str) {
-        self.out.extend_from_slice(format!("NO {}\r\n", quote(text)).as_bytes());
-        self.bad += 1;
-        if self.bad >= MAX_BAD {
-            self.close_with("BYE \"Too many errors.\"\r\n");
-        }
+        self.shell.bad_command(&format!("NO {}\r\n", quote(text)), MAX_BAD, "BYE \"Too many errors.\"\r\n");
     }
 
     /// Frames the next command (or SASL response) in the buffer and acts on it.
     fn step(&mut self) -> Option<Step> {
-        if self.buf.is_empty() {
-            return Some(Next::NeedInput);
+        if let Some(wait_or_close) = self.shell.gate() {
+            return Some(wait_or_close);
         }
-        match foreign::gate(&mut self.first_line_checked, &self.buf) {
-            foreign::Gate::Go => {}
-            foreign::Gate::Wait => return Some(Next::NeedInput),
-            // Another protocol's request: closed at once, nothing of it echoed.
-            foreign::Gate::Close => {
-                self.buf.clear();
-                self.state = State::Closed;
-                return Some(Next::Close);
-            }
-        }
-        let sasl = !matches!(self.state, State::Command);
+        let sasl = !matches!(self.shell.phase, Phase::Open(State::Command));
         let limits =
             FrameLimits { line: if sasl { MAX_SASL_LINE } else { MAX_LINE }, literal: MAX_LITERAL, total: MAX_COMMAND };
-        let end = match self.framer.scan(&self.buf, limits) {
+        let end = match self.framer.scan(&self.shell.buf, limits) {
             Ok(Some(end)) => end,
             Ok(None) => return Some(Next::NeedInput),
             // The rest can't be told apart from commands any more: the connection ends.
             Err(FrameError::LineTooLong) => {
-                self.close_with("BYE \"Line too long.\"\r\n");
+                self.shell.close_with("BYE \"Line too long.\"\r\n");
                 return None;
             }
             Err(FrameError::LiteralTooBig) => {
-                self.close_with("BYE \"Literal too big.\"\r\n");
+                self.shell.close_with("BYE \"Literal too big.\"\r\n");
                 return None;
             }
             Err(FrameError::TooBig) => {
-                self.close_with("BYE \"Command too long.\"\r\n");
+                self.shell.close_with("BYE \"Command too long.\"\r\n");
                 return None;
             }
         };
         // The unit may hold a password: copy it into a secret, wipe it from the buffer.
-        let unit = SecretBytes::from(self.buf.get(..end).map(<[u8]>::to_vec).unwrap_or_default());
-        if let Some(b) = self.buf.get_mut(..end) {
+        let unit = SecretBytes::from(self.shell.buf.get(..end).map(<[u8]>::to_vec).unwrap_or_default());
+        if let Some(b) = self.shell.buf.get_mut(..end) {
             zeroize::Zeroize::zeroize(b);
         }
-        self.buf.drain(..end.min(self.buf.len()));
+        self.shell.buf.drain(..end.min(self.shell.buf.len()));
         self.framer = Framer::default();
         if sasl { self.sasl_response(unit.expose()) } else { self.command(unit.expose()) }
     }
 
     fn command(&mut self, unit: &[u8]) -> Option<Step> {
-        self.commands += 1;
+        self.shell.commands += 1;
         let step = match tokenize(unit) {
             // An empty line: ignored (counted against MAX_COMMANDS).
             Ok(tokens) if tokens.is_empty() => None,
@@ -361,14 +264,17 @@ impl PreAuth {
                 // looked like a quoted string): its data may be on its way and would be
                 // read as commands.
                 let body = unit.strip_suffix(b"\r\n").unwrap_or(unit);
-                if trailing_literal(body).is_some() && !matches!(self.state, State::Closed) {
-                    self.close_with("BYE \"Syntax error.\"\r\n");
+                if trailing_literal(body).is_some() && !self.shell.closed() {
+                    self.shell.close_with("BYE \"Syntax error.\"\r\n");
                 }
                 None
             }
         };
-        if step.is_none() && self.commands >= MAX_COMMANDS && matches!(self.state, State::Command) {
-            self.close_with("BYE \"Too many commands.\"\r\n");
+        if step.is_none()
+            && self.shell.commands >= MAX_COMMANDS
+            && matches!(self.shell.phase, Phase::Open(State::Command))
+        {
+            self.shell.close_with("BYE \"Too many commands.\"\r\n");
         }
         step
     }
@@ -378,31 +284,22 @@ impl PreAuth {
         match (name.as_str(), args) {
             ("CAPABILITY", []) => {
                 let listing = self.capabilities();
-                self.out.extend_from_slice(listing.as_bytes());
-                self.out.extend_from_slice(b"OK \"Capability completed.\"\r\n");
+                self.shell.out.extend_from_slice(listing.as_bytes());
+                self.shell.out.extend_from_slice(b"OK \"Capability completed.\"\r\n");
             }
-            ("NOOP", []) => self.out.extend_from_slice(b"OK \"Done\"\r\n"),
+            ("NOOP", []) => self.shell.out.extend_from_slice(b"OK \"Done\"\r\n"),
             // RFC 5804 §2.14: the tag comes back in a TAG response code.
             ("NOOP", [Token::Str(tag)]) => match quote_exact(tag.expose()) {
-                Some(tag) => self.out.extend_from_slice(format!("OK (TAG {tag}) \"Done\"\r\n").as_bytes()),
+                Some(tag) => self.shell.out.extend_from_slice(format!("OK (TAG {tag}) \"Done\"\r\n").as_bytes()),
                 None => self.bad_command("Invalid NOOP tag."),
             },
-            ("LOGOUT", []) => {
-                self.out.extend_from_slice(b"OK \"Logout completed.\"\r\n");
-                self.buf.clear();
-                self.state = State::Closed;
-            }
-            ("STARTTLS", []) if self.tls => self.bad_command("TLS is already active."),
-            ("STARTTLS", []) if !self.starttls_allowed => self.bad_command("STARTTLS is not offered here."),
-            ("STARTTLS", []) => {
-                self.out.extend_from_slice(b"OK \"Begin TLS negotiation now.\"\r\n");
-                // Anything pipelined after STARTTLS is dropped, never executed inside TLS.
-                self.buf.clear();
-                self.state = State::TlsPending;
-            }
-            ("AUTHENTICATE", [Token::Str(_)] | [Token::Str(_), Token::Str(_)]) if !self.tls => {
+            ("LOGOUT", []) => self.shell.close_with("OK \"Logout completed.\"\r\n"),
+            ("STARTTLS", []) if self.shell.tls => self.bad_command("TLS is already active."),
+            ("STARTTLS", []) if !self.shell.starttls_allowed => self.bad_command("STARTTLS is not offered here."),
+            ("STARTTLS", []) => self.shell.start_tls("OK \"Begin TLS negotiation now.\"\r\n"),
+            ("AUTHENTICATE", [Token::Str(_)] | [Token::Str(_), Token::Str(_)]) if !self.shell.tls => {
                 // No password in clear, whether or not this port offers STARTTLS.
-                if self.starttls_allowed {
+                if self.shell.starttls_allowed {
                     self.bad_command("TLS required: use STARTTLS first");
                 } else {
                     self.bad_command("TLS required.");
@@ -429,7 +326,7 @@ impl PreAuth {
             None => None,
             Some(Ok(data)) => Some(data),
             Some(Err(())) => {
-                return Some(self.refuse(AuthReply::Aborted("Invalid base64 in authentication exchange.")));
+                return Some(self.shell.refuse(AuthReply::Aborted("Invalid base64 in authentication exchange.")));
             }
         };
         if mech.eq_ignore_ascii_case(b"PLAIN") {
@@ -438,8 +335,8 @@ impl PreAuth {
                 // PLAIN message, which is malformed.
                 Some(msg) => return Some(self.plain(msg.expose())),
                 None => {
-                    self.out.extend_from_slice(b"\"\"\r\n");
-                    self.state = State::SaslPlain;
+                    self.shell.out.extend_from_slice(b"\"\"\r\n");
+                    self.shell.phase = Phase::Open(State::SaslPlain);
                 }
             }
         } else if mech.eq_ignore_ascii_case(b"LOGIN") {
@@ -448,8 +345,8 @@ impl PreAuth {
                 // so the user name is asked for (as the IMAP front does).
                 Some(user) if !user.expose().is_empty() => return Some(self.login_user(user.expose())),
                 _ => {
-                    self.out.extend_from_slice(b"\"VXNlcm5hbWU6\"\r\n");
-                    self.state = State::SaslLoginUser;
+                    self.shell.out.extend_from_slice(b"\"VXNlcm5hbWU6\"\r\n");
+                    self.shell.phase = Phase::Open(State::SaslLoginUser);
                 }
             }
         } else {
@@ -460,11 +357,11 @@ impl PreAuth {
 
     /// A client response in the SASL exchange: one string on its line, or `"*"` to cancel.
     fn sasl_response(&mut self, unit: &[u8]) -> Option<Step> {
-        let state = std::mem::replace(&mut self.state, State::Command);
+        let state = self.shell.replace(State::Command).unwrap_or(State::Command);
         let data = match tokenize(unit) {
             Ok(tokens) => match tokens.as_slice() {
                 [Token::Str(s)] if s.expose().as_slice() == b"*" => {
-                    return Some(self.refuse(AuthReply::Aborted("Authentication cancelled.")));
+                    return Some(self.shell.refuse(AuthReply::Aborted("Authentication cancelled.")));
                 }
                 [Token::Str(s)] => decode_base64(s.expose()),
                 _ => Err(()),
@@ -472,14 +369,14 @@ impl PreAuth {
             Err(Malformed) => Err(()),
         };
         let Ok(data) = data else {
-            return Some(self.refuse(AuthReply::Aborted("Invalid base64 in authentication exchange.")));
+            return Some(self.shell.refuse(AuthReply::Aborted("Invalid base64 in authentication exchange.")));
         };
         match state {
             State::SaslPlain => Some(self.plain(data.expose())),
             State::SaslLoginUser => Some(self.login_user(data.expose())),
             State::SaslLoginPass { user } => match sasl::check_password(data.expose()) {
-                Ok(password) => Some(self.authenticated(Credentials { username: user, password })),
-                Err(_) => Some(self.refuse(AuthReply::Failed)),
+                Ok(password) => Some(self.shell.authenticate(Credentials { username: user, password })),
+                Err(_) => Some(self.shell.refuse(AuthReply::Failed)),
             },
             _ => None,
         }
@@ -488,30 +385,20 @@ impl PreAuth {
     fn login_user(&mut self, raw: &[u8]) -> Step {
         match sasl::check_username(raw) {
             Ok(user) => {
-                self.out.extend_from_slice(b"\"UGFzc3dvcmQ6\"\r\n");
-                self.state = State::SaslLoginPass { user };
+                self.shell.out.extend_from_slice(b"\"UGFzc3dvcmQ6\"\r\n");
+                self.shell.phase = Phase::Open(State::SaslLoginPass { user });
                 Next::NeedInput
             }
-            Err(_) => self.refuse(AuthReply::Failed),
+            Err(_) => self.shell.refuse(AuthReply::Failed),
         }
     }
 
     fn plain(&mut self, msg: &[u8]) -> Step {
         match sasl::decode_plain(msg) {
-            Ok(creds) => self.authenticated(creds),
-            Err(SaslError::AuthzidRefused) => self.refuse(AuthReply::AuthzFailed),
-            Err(SaslError::Malformed) => self.refuse(AuthReply::Failed),
+            Ok(creds) => self.shell.authenticate(creds),
+            Err(SaslError::AuthzidRefused) => self.shell.refuse(AuthReply::AuthzFailed),
+            Err(SaslError::Malformed) => self.shell.refuse(AuthReply::Failed),
         }
-    }
-
-    fn refuse(&mut self, reply: AuthReply) -> Step {
-        self.state = State::Authenticating;
-        Next::Event(Action::Refuse(reply))
-    }
-
-    fn authenticated(&mut self, creds: Credentials) -> Step {
-        self.state = State::Authenticating;
-        Next::Event(Action::Authenticate(creds))
     }
 }
 

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::proto::chunked;
+use crate::proto::testing::{self, auth, pump, send, split_at, text};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------
@@ -10,51 +11,7 @@ use proptest::prelude::*;
 // ---------------------------------------------------------------------------------------
 
 /// A non-`Write` action, in a form tests can compare.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Ev {
-    StartTls,
-    Auth { user: String, pass: Vec<u8> },
-    Refuse(AuthReply),
-    Close,
-}
-
-fn auth(user: &str, pass: &str) -> Ev {
-    Ev::Auth { user: user.to_string(), pass: pass.as_bytes().to_vec() }
-}
-
-/// Polls until the machine wants input (or closes): everything written, and the other actions.
-fn pump(p: &mut PreAuth) -> (String, Vec<Ev>) {
-    let mut w = Vec::new();
-    let mut ev = Vec::new();
-    for _ in 0..100_000 {
-        match p.next() {
-            Next::Write(b) => {
-                assert!(!b.is_empty(), "empty Write");
-                w.extend(b);
-            }
-            Next::NeedInput => return (text(&w), ev),
-            Next::StartTls => ev.push(Ev::StartTls),
-            Next::Event(Action::Authenticate(c)) => {
-                ev.push(Ev::Auth { user: c.username.clone(), pass: c.password.expose().clone() })
-            }
-            Next::Event(Action::Refuse(r)) => ev.push(Ev::Refuse(r)),
-            Next::Close => {
-                ev.push(Ev::Close);
-                return (text(&w), ev);
-            }
-        }
-    }
-    panic!("next() did not settle");
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn send(p: &mut PreAuth, bytes: &[u8]) -> (String, Vec<Ev>) {
-    p.feed(bytes);
-    pump(p)
-}
+type Ev = testing::Ev<AuthReply>;
 
 const HOST: &str = "mx.example";
 
@@ -509,7 +466,7 @@ fn ten_megabytes_without_crlf_closes_with_bounded_buffer() {
     let mut closed = false;
     for _ in 0..(10 * 1024) {
         p.feed(&[b'a'; 1024]);
-        assert!(p.buf.len() <= MAX_BUFFERED);
+        assert!(p.shell.buf.len() <= MAX_BUFFERED);
         let (_, ev) = pump(&mut p);
         if ev.contains(&Ev::Close) {
             closed = true;
@@ -520,7 +477,7 @@ fn ten_megabytes_without_crlf_closes_with_bounded_buffer() {
     // In one read too.
     let mut p = session(true);
     p.feed(&vec![b'a'; 10 * 1024 * 1024]);
-    assert!(p.buf.len() <= MAX_BUFFERED);
+    assert!(p.shell.buf.len() <= MAX_BUFFERED);
     assert_eq!(pump(&mut p), ("BYE \"Too much input.\"\r\n".into(), vec![Ev::Close]));
 }
 
@@ -596,7 +553,7 @@ fn input_during_credential_check_is_bounded() {
     let mut p = session(true);
     let _ = send(&mut p, format!("AUTHENTICATE \"PLAIN\" \"{}\"\r\n", b64("\0alice\0pw")).as_bytes());
     p.feed(&vec![b'x'; MAX_BUFFERED + 1]);
-    assert!(p.buf.len() <= MAX_BUFFERED);
+    assert!(p.shell.buf.len() <= MAX_BUFFERED);
     assert_eq!(p.auth_succeeded(), b"");
     assert_eq!(pump(&mut p), ("BYE \"Too much input.\"\r\n".into(), vec![Ev::Close]));
 }
@@ -639,7 +596,7 @@ fn drive_turns(tls: bool, turns: &[Vec<Vec<u8>>]) -> Result<Transcript, TestCase
      -> Result<(), TestCaseError> {
         for _ in 0..100_000 {
             let step = p.next();
-            prop_assert!(p.buf.len() <= MAX_BUFFERED);
+            prop_assert!(p.shell.buf.len() <= MAX_BUFFERED);
             match step {
                 Next::NeedInput => return Ok(()),
                 Next::Write(b) => {
@@ -686,7 +643,7 @@ fn drive_turns(tls: bool, turns: &[Vec<Vec<u8>>]) -> Result<Transcript, TestCase
                 continue;
             }
             p.feed(c);
-            prop_assert!(p.buf.len() <= MAX_BUFFERED);
+            prop_assert!(p.shell.buf.len() <= MAX_BUFFERED);
             poll(&mut p, &mut t, &mut w, &mut done, &mut closed, &mut await_tls, encrypted)?;
         }
         if await_tls && !closed {
@@ -836,15 +793,7 @@ proptest! {
     ) {
         let all = tokens.concat();
         let reference = drive_turns(tls, &[vec![all.clone()]])?;
-        let mut pos: Vec<usize> = cuts.iter().map(|c| c % (all.len() + 1)).collect();
-        pos.sort_unstable();
-        let mut chunks = Vec::new();
-        let mut last = 0;
-        for p in pos {
-            chunks.push(all[last..p].to_vec());
-            last = p;
-        }
-        chunks.push(all[last..].to_vec());
+        let chunks = split_at(&all, cuts.iter().map(|c| c % (all.len() + 1)));
         prop_assert_eq!(drive_turns(tls, &[chunks])?, reference);
     }
 }

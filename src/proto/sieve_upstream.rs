@@ -1,5 +1,5 @@
 //! Logging in to the upstream ManageSieve server (Pigeonhole's managesieve-login) as the
-//! user, sans-IO. Not yet wired to a listener.
+//! user, sans-IO. Run by `net::upstream::SieveUpstream` (also as a probe of the listing).
 //!
 //! Like `imap_upstream`: mailgate does not know the user's password upstream; it logs in
 //! with master credentials — `AUTHENTICATE "PLAIN"` with authzid = user and authcid =

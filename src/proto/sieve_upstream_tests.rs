@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::proto::imap::base64;
+use crate::proto::testing;
 use proptest::prelude::*;
 
 const USER: &str = "alice@example.com";
@@ -37,28 +38,7 @@ enum St {
 
 /// Polls until upstream input is needed, or a final step.
 fn pump(u: &mut UpstreamLogin) -> (String, Vec<St>) {
-    let mut w = Vec::new();
-    let mut st = Vec::new();
-    for _ in 0..10_000 {
-        match u.next() {
-            Next::Write(b) => {
-                assert!(!b.is_empty());
-                w.extend(b);
-            }
-            Next::NeedInput => break,
-            Next::StartTls => {
-                st.push(St::StartTls);
-                assert!(matches!(u.next(), Next::NeedInput));
-                break;
-            }
-            Next::Event(o) => {
-                st.push(St::Done(o));
-                break;
-            }
-            Next::Close => unreachable!("an upstream login never asks to close"),
-        }
-    }
-    (String::from_utf8_lossy(&w).into_owned(), st)
+    testing::pump_upstream(u, St::StartTls, St::Done)
 }
 
 fn send(u: &mut UpstreamLogin, bytes: &[u8]) -> (String, Vec<St>) {
@@ -406,4 +386,24 @@ proptest! {
         let w = String::from_utf8_lossy(&written);
         prop_assert!(!w.contains(MASTER_PW));
     }
+}
+
+/// A probe reads the listing and ends with `Listed` having sent nothing (no credentials
+/// exist in it); with STARTTLS it ends on the listing read inside TLS, which replaces the
+/// one before.
+#[test]
+fn a_probe_reads_the_listing_and_sends_nothing() {
+    let mut p = UpstreamLogin::probe(false);
+    assert_eq!(pump(&mut p), (String::new(), vec![]));
+    assert_eq!(send(&mut p, GREETING), (String::new(), vec![St::Done(Outcome::Listed)]));
+    let names: Vec<&str> = p.capabilities().iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["IMPLEMENTATION", "SIEVE", "NOTIFY", "SASL", "VERSION"]);
+    assert_eq!(p.capabilities()[2].line(), "\"NOTIFY\" \"mailto\"\r\n");
+
+    let mut p = UpstreamLogin::probe(true);
+    assert_eq!(send(&mut p, GREETING_STARTTLS), ("STARTTLS\r\n".to_string(), vec![]));
+    assert_eq!(send(&mut p, b"OK \"Begin TLS negotiation now.\"\r\n"), (String::new(), vec![St::StartTls]));
+    p.tls_started();
+    assert_eq!(send(&mut p, GREETING), (String::new(), vec![St::Done(Outcome::Listed)]));
+    assert_eq!(p.capabilities().len(), 5, "the listing inside TLS, not both");
 }

@@ -7,6 +7,7 @@
 
 use super::*;
 use crate::proto::chunked;
+use crate::proto::testing::split_at;
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------
@@ -2596,16 +2597,7 @@ fn smtpish_session() -> impl Strategy<Value = Vec<Vec<u8>>> {
     )
         .prop_map(|(parts, cuts)| {
             let bytes = parts.concat();
-            let mut pos: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
-            pos.sort_unstable();
-            let mut out = Vec::new();
-            let mut last = 0;
-            for p in pos {
-                out.push(bytes[last..p].to_vec());
-                last = p;
-            }
-            out.push(bytes[last..].to_vec());
-            out
+            split_at(&bytes, cuts.iter().map(|c| c.index(bytes.len() + 1)))
         })
 }
 
@@ -2706,18 +2698,7 @@ fn smtpish_turns() -> impl Strategy<Value = Vec<Vec<Vec<u8>>>> {
             login
                 .into_iter()
                 .chain(blocks.into_iter().flatten())
-                .map(|t| {
-                    let mut pos: Vec<usize> = cuts.by_ref().take(2).map(|c| c.index(t.len() + 1)).collect();
-                    pos.sort_unstable();
-                    let mut out = Vec::new();
-                    let mut last = 0;
-                    for p in pos {
-                        out.push(t[last..p].to_vec());
-                        last = p;
-                    }
-                    out.push(t[last..].to_vec());
-                    out
-                })
+                .map(|t| split_at(&t, cuts.by_ref().take(2).map(|c| c.index(t.len() + 1))))
                 .collect()
         },
     )
@@ -2803,18 +2784,7 @@ proptest! {
         turns.insert(4, b"*\r\n".to_vec());
         let refs: Vec<&[u8]> = turns.iter().map(Vec::as_slice).collect();
         let reference = run(false, MAX, &refs, &whole);
-        let split = |_: usize, b: &[u8]| {
-            let mut pos: Vec<usize> = cuts.iter().map(|c| c * 37 % (b.len() + 1)).collect();
-            pos.sort_unstable();
-            let mut out = Vec::new();
-            let mut last = 0;
-            for p in pos {
-                out.push(b[last..p].to_vec());
-                last = p;
-            }
-            out.push(b[last..].to_vec());
-            out
-        };
+        let split = |_: usize, b: &[u8]| split_at(b, cuts.iter().map(|c| c * 37 % (b.len() + 1)));
         prop_assert_eq!(run(false, MAX, &refs, &split), reference);
     }
 }
