@@ -7,6 +7,7 @@
 use crate::support::client::{Client, PROMPTLY, tls_config};
 use crate::support::dovecot::{Dovecot, DovecotOptions};
 use crate::support::mailgate::{Mailgate, Options};
+use std::path::Path;
 use std::process::{Command, Output};
 
 /// A 200 KB message: CRLF lines, long lines, 8-bit bytes, and lines that start with a
@@ -248,42 +249,57 @@ fn left_in_inbox(dovecot: &Dovecot) -> usize {
     ["new", "cur"].iter().map(|d| std::fs::read_dir(maildir.join(d)).map(|r| r.count()).unwrap_or(0)).sum()
 }
 
+/// Runs fetchmail once (in the foreground, so it writes to stderr) against `port`
+/// (`tls`: its rc-file TLS words) as alice with `password`, delivering to `out`; `-v`
+/// (the protocol exchange, as someone looking into a failure runs it) with `verbose`.
+fn fetchmail(mg: &Mailgate, run: &str, port: u16, tls: &str, password: &str, out: &Path, verbose: bool) -> Output {
+    let rc = mg.dir.path().join(format!("fetchmailrc-{run}"));
+    std::fs::write(
+        &rc,
+        format!(
+            "set no syslog\n\
+             poll localhost port {port} proto pop3 timeout 60\n  user \"alice@example.com\" password \"{password}\"\n  \
+             {tls} sslcertck sslcertfile \"{ca}\"\n  mda \"/bin/sh -c 'cat > {out}'\"\n",
+            ca = mg.ca.display(),
+            out = out.display(),
+        ),
+    )
+    .unwrap();
+    // fetchmail refuses a run control file others can read (it holds a password).
+    std::fs::set_permissions(&rc, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    Command::new("fetchmail")
+        .args(["--nodetach", "--fetchmailrc"])
+        .arg(&rc)
+        .args(verbose.then_some("-v"))
+        .env("FETCHMAILHOME", mg.dir.path())
+        .output()
+        .unwrap()
+}
+
 /// fetchmail (Debian) pulls the inbox through mailgate with an app password, over
 /// implicit TLS and over STLS, checking the certificate; the fetched message is handed to
-/// its MDA whole and deleted upstream.
+/// its MDA whole and deleted upstream. With 2FA on, the account password is refused;
+/// `fetchmail -v` shows mailgate's words with the URL.
 #[test]
 fn fetchmail_pulls_the_inbox_over_tls_and_stls() {
     let (dovecot, mg, app) = with_pop3_dovecot();
-    for (mode, port, tls) in [("tls", mg.pop3s.unwrap(), "ssl"), ("stls", mg.pop3.unwrap(), "sslproto tls1.2+")] {
+    let (tls, stls) = (mg.pop3s.unwrap().port(), mg.pop3.unwrap().port());
+    for (run, port, how) in [("tls", tls, "ssl"), ("stls", stls, "sslproto tls1.2+")] {
         dovecot.deliver("alice@example.com", FETCHED);
-        let out = mg.dir.path().join(format!("fetched-{mode}.eml"));
-        let rc = mg.dir.path().join(format!("fetchmailrc-{mode}"));
-        std::fs::write(
-            &rc,
-            format!(
-                "set no syslog\nset logfile {log}\n\
-                 poll localhost port {port} proto pop3 timeout 60\n  user \"alice@example.com\" password \"{app}\"\n  \
-                 {tls} sslcertck sslcertfile \"{ca}\"\n  mda \"/bin/sh -c 'cat > {out}'\"\n",
-                log = mg.dir.path().join(format!("fetchmail-{mode}.log")).display(),
-                port = port.port(),
-                ca = mg.ca.display(),
-                out = out.display(),
-            ),
-        )
-        .unwrap();
-        // fetchmail refuses a run control file others can read (it holds a password).
-        std::fs::set_permissions(&rc, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        let run = Command::new("fetchmail")
-            .args(["--nodetach", "--fetchmailrc"])
-            .arg(&rc)
-            .env("FETCHMAILHOME", mg.dir.path())
-            .output()
-            .unwrap();
-        let log = std::fs::read_to_string(mg.dir.path().join(format!("fetchmail-{mode}.log"))).unwrap_or_default();
-        assert!(run.status.success(), "fetchmail ({mode}): {}\n{log}\nmailgate log:\n{}", text(&run), mg.log());
-        assert!(holds_fetched(&std::fs::read(&out).unwrap_or_default()), "{mode}: {}", out.display());
-        assert_eq!(left_in_inbox(&dovecot), 0, "{mode}: fetchmail deletes what it fetched\n{log}");
+        let out = mg.dir.path().join(format!("fetched-{run}.eml"));
+        let status = fetchmail(&mg, run, port, how, &app, &out, false);
+        assert!(status.status.success(), "fetchmail ({run}): {}\nmailgate log:\n{}", text(&status), mg.log());
+        assert!(holds_fetched(&std::fs::read(&out).unwrap_or_default()), "{run}: {}", out.display());
+        assert_eq!(left_in_inbox(&dovecot), 0, "{run}: fetchmail deletes what it fetched\n{}", text(&status));
     }
+    mg.ok(&["totp", "enable", "alice@example.com"]);
+    dovecot.deliver("alice@example.com", FETCHED);
+    let out = mg.dir.path().join("fetched-2fa.eml");
+    let status = fetchmail(&mg, "2fa", tls, "ssl", "alice-account-pw", &out, true);
+    assert!(!status.status.success() && !out.exists(), "{}", text(&status));
+    let shown = text(&status);
+    assert!(shown.contains("https://mail.example.test/app-passwords"), "fetchmail shows mailgate's words:\n{shown}");
+    assert_eq!(left_in_inbox(&dovecot), 1);
 }
 
 /// getmail6 (Debian) pulls the inbox through mailgate's implicit-TLS port with an app
