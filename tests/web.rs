@@ -4,6 +4,9 @@
 //! mailgate to the real Dovecot; then, with that connection open, the browser revokes the
 //! app password, makes new backup codes and turns two-step verification off.
 //!
+//! A second test turns POP3 and ManageSieve on and checks the new-app-password form and
+//! page for all four scopes.
+//!
 //! Every page it checks is shot at 390 px (a phone) and 1280 px (a desktop) and must not be
 //! wider than the window. `MAILGATE_SCREENSHOTS=DIR` keeps the screenshots
 //! (signin-390.png, signin-1280.png, enrol-390.png, …) in DIR, e.g. to refresh
@@ -11,7 +14,7 @@
 
 use crate::imap_front::with_dovecot_opts;
 use crate::support::client::{Client, tls_config};
-use crate::support::mailgate::{Mailgate, Options};
+use crate::support::mailgate::{Mailgate, Options, free_port};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,6 +39,8 @@ const SHOTS: [&str; 11] = [
 ];
 /// The screenshots of the last run.
 const SHOTS_AFTER: [&str; 4] = ["revoked", "confirm-backup-codes", "confirm-turn-off", "account-2fa-off"];
+/// The screenshots with POP3 and ManageSieve on.
+const SHOTS_SCOPES: [&str; 2] = ["app-password-scopes", "app-password-created-all-scopes"];
 
 fn driver() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/browser.py")
@@ -194,6 +199,47 @@ fn browser_enrols_totp_and_makes_an_app_password_that_works_over_imap() {
         last.json["timings"],
         started.elapsed()
     );
+}
+
+/// With POP3 and ManageSieve on, the browser ticks their boxes (offered, not ticked by
+/// default) and makes an app password for all four scopes; the page lists each
+/// protocol's server settings, on the ports mailgate listens on (issue 17, point 3).
+/// No mail server is needed: the page is the check (tests/pop3.rs and tests/sieve.rs log
+/// in with such app passwords).
+#[test]
+fn browser_makes_an_app_password_for_pop3_and_managesieve() {
+    for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        assert!(Path::new(tool).exists(), "{tool} is missing: run scripts/install-test-deps.sh");
+    }
+    let opts = Options {
+        web_extra: format!("organisation = \"{ORGANISATION}\""),
+        pop3_upstream: Some(format!("127.0.0.1:{}", free_port())),
+        sieve_upstream: Some(format!("127.0.0.1:{}", free_port())),
+        ..Options::default()
+    };
+    let mg = Mailgate::start(opts);
+    mg.add_user("alice@example.com", "alice-account-pw");
+    let shots = match std::env::var_os("MAILGATE_SCREENSHOTS") {
+        Some(d) => PathBuf::from(d),
+        None => mg.dir.path().join("screenshots"),
+    };
+    let run = run_driver(&mg, &shots, "scopes", &["--mode", "scopes", "--label", "Laptop"]);
+    assert!(run.ok, "the browser run failed: {}\nmailgate log:\n{}", run.failure, mg.log());
+    assert_shots(&shots, &SHOTS_SCOPES);
+    let settings = run.json["settings"].as_str().unwrap();
+    let (pop3s, pop3, sieve) = (mg.pop3s.unwrap().port(), mg.pop3.unwrap().port(), mg.sieve.unwrap().port());
+    for line in [
+        format!("mail.example.test, port {}, SSL/TLS", mg.imaps.port()),
+        format!("mail.example.test, port {pop3s}, SSL/TLS; or port {pop3}, STARTTLS"),
+        format!("mail.example.test, port {}, SSL/TLS", mg.smtps.port()),
+        format!("mail.example.test, port {sieve}, STARTTLS"),
+    ] {
+        assert!(settings.contains(&line), "{line:?} is not in the settings:\n{settings}");
+    }
+    // The store agrees with what the page said.
+    let list = mg.ok(&["app-password", "list", "alice@example.com", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["app_passwords"][0]["scopes"], serde_json::json!(["imap", "smtp", "pop3", "sieve"]), "{list}");
 }
 
 /// Each of `names` was shot at both widths.

@@ -93,17 +93,23 @@ struct AccountPage<'a> {
     can_change_password: bool,
     /// The new-app-password form as sent, when it was refused.
     draft: Draft,
+    /// POP3 is on: its checkbox is shown.
+    pop3_offered: bool,
+    /// ManageSieve is on: its checkbox is shown.
+    sieve_offered: bool,
 }
 
-/// The new-app-password form: empty with both scopes ticked, or as the user sent it with
-/// what was wrong.
+/// The new-app-password form: empty with IMAP and SMTP ticked (POP3 and ManageSieve are
+/// asked for, not given by default), or as the user sent it with what was wrong.
 struct Draft {
     label: String,
     imap: bool,
     smtp: bool,
+    pop3: bool,
+    sieve: bool,
     /// What is wrong with the name.
     label_error: Option<String>,
-    /// No scope ticked.
+    /// No scope ticked, or one whose protocol is off.
     scope_error: Option<String>,
     /// Anything else (the store, a busy hashing queue).
     form_error: Option<String>,
@@ -111,7 +117,16 @@ struct Draft {
 
 impl Default for Draft {
     fn default() -> Draft {
-        Draft { label: String::new(), imap: true, smtp: true, label_error: None, scope_error: None, form_error: None }
+        Draft {
+            label: String::new(),
+            imap: true,
+            smtp: true,
+            pop3: false,
+            sieve: false,
+            label_error: None,
+            scope_error: None,
+            form_error: None,
+        }
     }
 }
 
@@ -129,6 +144,8 @@ struct CreatedPage<'a> {
     username: &'a str,
     label: &'a str,
     password: &'a str,
+    /// What it may do, in a sentence ([`can_text`]).
+    can: String,
     /// May read mail: the IMAP settings are shown.
     imap: bool,
     /// May send mail: the SMTP settings are shown.
@@ -137,6 +154,10 @@ struct CreatedPage<'a> {
     imap_security: &'a str,
     smtp_port: u16,
     smtp_security: &'a str,
+    /// With the POP3 scope: its ports ("port 995, SSL/TLS; or port 110, STARTTLS").
+    pop3: Option<String>,
+    /// With the ManageSieve scope: its port ("port 4190, STARTTLS").
+    sieve: Option<String>,
 }
 
 #[derive(Template)]
@@ -299,6 +320,16 @@ impl Web {
 
     fn site(&self) -> Site<'_> {
         Site { host: self.host(), name: self.config.web_organisation.as_deref().unwrap_or(self.host()) }
+    }
+
+    /// POP3 is on (it has listeners): its scope is offered and autoconfig names it.
+    fn pop3_on(&self) -> bool {
+        !self.config.pop3_tls.is_empty() || !self.config.pop3_starttls.is_empty()
+    }
+
+    /// ManageSieve is on (it has a listener): its scope is offered.
+    fn sieve_on(&self) -> bool {
+        !self.config.sieve_listen.is_empty()
     }
 
     fn load(&self, headers: &HeaderMap) -> Option<Ctx> {
@@ -864,6 +895,8 @@ fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response 
             codes_left: account.backup_codes.as_ref().map(|c| c.remaining()).unwrap_or(0),
             can_change_password,
             draft,
+            pop3_offered: web.pop3_on(),
+            sieve_offered: web.sieve_on(),
         },
         status,
     )
@@ -938,6 +971,55 @@ fn endpoint(tls: &[std::net::SocketAddr], starttls: &[std::net::SocketAddr], tls
     }
 }
 
+/// The POP3 ports a mail app may use, implicit TLS first ("port 995, SSL/TLS; or port 110,
+/// STARTTLS"); `None` when POP3 has no listener.
+fn pop3_ports(config: &crate::config::Config) -> Option<String> {
+    let tls = config.pop3_tls.first().map(|a| format!("port {}, SSL/TLS", a.port()));
+    let stls = config.pop3_starttls.first().map(|a| format!("port {}, STARTTLS", a.port()));
+    match (tls, stls) {
+        (Some(t), Some(s)) => Some(format!("{t}; or {s}")),
+        (t, s) => t.or(s),
+    }
+}
+
+/// The ManageSieve port ("port 4190, STARTTLS": RFC 5804 has no implicit-TLS port);
+/// `None` when ManageSieve has no listener.
+fn sieve_port(config: &crate::config::Config) -> Option<String> {
+    config.sieve_listen.first().map(|a| format!("port {}, STARTTLS", a.port()))
+}
+
+/// What an app password with `scopes` can do, in a sentence for the page that shows it:
+/// "It can read and send mail." for the usual pair; otherwise each use named with its
+/// protocol, "only" when it can not both read and send, and what it cannot do.
+fn can_text(scopes: &[Scope]) -> String {
+    let has = |s| scopes.contains(&s);
+    if scopes.len() == 2 && has(Scope::Imap) && has(Scope::Smtp) {
+        return "It can read and send mail.".into();
+    }
+    let uses: Vec<&str> = Scope::ALL
+        .iter()
+        .filter(|s| has(**s))
+        .map(|s| match s {
+            Scope::Imap => "read mail (IMAP)",
+            Scope::Pop3 => "download mail (POP3)",
+            Scope::Smtp => "send mail (SMTP)",
+            Scope::Sieve => "change mail filters (ManageSieve)",
+        })
+        .collect();
+    let uses = match uses.split_last() {
+        Some((last, [])) => (*last).to_string(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    let (reads, sends) = (has(Scope::Imap) || has(Scope::Pop3), has(Scope::Smtp));
+    match (reads, sends) {
+        (true, true) => format!("It can {uses}."),
+        (true, false) => format!("It can only {uses}; it cannot send."),
+        (false, true) => format!("It can only {uses}; it cannot read."),
+        (false, false) => format!("It can only {uses}; it cannot read or send mail."),
+    }
+}
+
 /// Text for an XML element.
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
@@ -956,10 +1038,12 @@ pub(super) async fn create_app_password(
     };
     let imap = form.contains_key("scope_imap");
     let smtp = form.contains_key("scope_smtp");
+    let pop3 = form.contains_key("scope_pop3");
+    let sieve = form.contains_key("scope_sieve");
     let label = form.get("label").cloned().unwrap_or_default();
     // Every refusal shows the form again as it was sent, with the reason next to the field
     // (the label check runs again in the account service, for the CLI too).
-    let mut draft = Draft { label, imap, smtp, ..Draft::default() };
+    let mut draft = Draft { label, imap, smtp, pop3, sieve, ..Draft::default() };
     draft.label_error = match check_label(&draft.label) {
         Err(e) => Some(format!("The app password was not created: {e}.")),
         Ok(label) if has_label(&web, &username, label) => {
@@ -967,14 +1051,33 @@ pub(super) async fn create_app_password(
         }
         Ok(_) => None,
     };
-    if !imap && !smtp {
-        draft.scope_error =
-            Some("Choose what the app password may be used for: reading mail, sending mail or both.".into());
+    // A scope whose protocol is off (a page from before the admin turned it off, or a
+    // forged form): refused, not quietly dropped, so that nobody gets less than they
+    // asked for without knowing. The form comes back without that checkbox.
+    let off: Vec<&str> = [(pop3 && !web.pop3_on(), "POP3"), (sieve && !web.sieve_on(), "ManageSieve")]
+        .into_iter()
+        .filter_map(|(refused, name)| refused.then_some(name))
+        .collect();
+    if !off.is_empty() {
+        draft.scope_error = Some(format!(
+            "This server does not offer {}, so an app password cannot be made for it. Check the choices below and \
+             create the app password again.",
+            off.join(" or ")
+        ));
+    } else if !(imap || smtp || pop3 || sieve) {
+        draft.scope_error = Some(if web.pop3_on() || web.sieve_on() {
+            "Choose what the app password may be used for: tick at least one.".into()
+        } else {
+            "Choose what the app password may be used for: reading mail, sending mail or both.".into()
+        });
     }
     if draft.has_error() {
         return account_page(&web, &ctx, &username, draft);
     }
-    let scopes = [(imap, Scope::Imap), (smtp, Scope::Smtp)].into_iter().filter_map(|(on, s)| on.then_some(s)).collect();
+    let scopes = [(imap, Scope::Imap), (smtp, Scope::Smtp), (pop3, Scope::Pop3), (sieve, Scope::Sieve)]
+        .into_iter()
+        .filter_map(|(on, s)| on.then_some(s))
+        .collect();
     let (accounts, user, label) = (web.accounts(), username.clone(), draft.label.clone());
     let made = web.auth.hash_for(ip, move || accounts.create_app_password(&user, &label, scopes)).await;
     match made {
@@ -989,12 +1092,15 @@ pub(super) async fn create_app_password(
                     username: &username,
                     label: &label,
                     password: grouped.expose(),
+                    can: can_text(&scopes),
                     imap: scopes.contains(&Scope::Imap),
                     smtp: scopes.contains(&Scope::Smtp),
                     imap_port,
                     imap_security,
                     smtp_port,
                     smtp_security,
+                    pop3: scopes.contains(&Scope::Pop3).then(|| pop3_ports(&web.config)).flatten(),
+                    sieve: scopes.contains(&Scope::Sieve).then(|| sieve_port(&web.config)).flatten(),
                 },
                 StatusCode::OK,
             )
@@ -1365,6 +1471,10 @@ pub(super) async fn change_password(
     redirect("/app-passwords")
 }
 
+/// Thunderbird's autoconfig file (config-v1.1.xml): servers in order of preference, IMAP
+/// first; then, when POP3 is on, POP3 (its implicit-TLS port, then its STLS port), so that
+/// a person who chooses POP3 in Thunderbird gets mailgate's ports; then SMTP. The format
+/// has no ManageSieve entry.
 pub(super) async fn autoconfig(State(web): W) -> Response {
     let host = web.host();
     let socket = |security: &str| if security == "STARTTLS" { "STARTTLS" } else { "SSL" };
@@ -1372,6 +1482,22 @@ pub(super) async fn autoconfig(State(web): W) -> Response {
     let (smtp, smtp_security) = endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465);
     let (imap_socket, smtp_socket) = (socket(imap_security), socket(smtp_security));
     let domain = host.split_once('.').map(|(_, d)| d).unwrap_or(host);
+    let pop3: String = [(&web.config.pop3_tls, "SSL"), (&web.config.pop3_starttls, "STARTTLS")]
+        .into_iter()
+        .filter_map(|(listeners, socket)| listeners.first().map(|a| (a.port(), socket)))
+        .map(|(port, socket)| {
+            format!(
+                r#"
+    <incomingServer type="pop3">
+      <hostname>{host}</hostname>
+      <port>{port}</port>
+      <socketType>{socket}</socketType>
+      <authentication>password-cleartext</authentication>
+      <username>%EMAILADDRESS%</username>
+    </incomingServer>"#
+            )
+        })
+        .collect();
     let xml = format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <clientConfig version="1.1">
@@ -1384,7 +1510,7 @@ pub(super) async fn autoconfig(State(web): W) -> Response {
       <socketType>{imap_socket}</socketType>
       <authentication>password-cleartext</authentication>
       <username>%EMAILADDRESS%</username>
-    </incomingServer>
+    </incomingServer>{pop3}
     <outgoingServer type="smtp">
       <hostname>{host}</hostname>
       <port>{smtp}</port>

@@ -1987,6 +1987,211 @@ async fn a_refused_new_app_password_keeps_what_was_typed() {
 }
 
 // ---------------------------------------------------------------------------------------
+// POP3 and ManageSieve scopes (issue 17 points 3 and 5)
+
+/// POP3 on with both listeners and ManageSieve on, on the usual ports.
+const POP3_AND_SIEVE: &str = "[pop3]\nlisten_tls = [\"0.0.0.0:995\"]\nlisten_starttls = [\"0.0.0.0:110\"]\n[upstream.pop3]\n[sieve]\nlisten = [\"0.0.0.0:4190\"]\n[upstream.sieve]\n";
+/// POP3 on with its STLS listener only; ManageSieve off.
+const POP3_STLS_ONLY: &str = "[pop3]\nlisten_tls = []\nlisten_starttls = [\"0.0.0.0:110\"]\n[upstream.pop3]\n";
+
+/// An environment with `extra` sections after [`CONFIG`], and Alice signed in.
+async fn signed_in_with(extra: &str) -> (Env, Client) {
+    let env = Env::with_config(&format!("{CONFIG}\n{extra}"));
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    (env, c)
+}
+
+/// The checkbox of `scope` on the page: `Some(ticked)`, or `None` when it is not offered.
+fn scope_box(body: &str, scope: &str) -> Option<bool> {
+    let tag = between(body, &format!(r#"name="scope_{scope}" value="1""#), ">")?;
+    Some(tag.contains("checked"))
+}
+
+#[tokio::test]
+async fn pop3_and_sieve_are_offered_only_when_their_protocol_is_on() {
+    // Both off (the default): IMAP and SMTP only, both ticked.
+    let (_env, mut c) = signed_in_with("").await;
+    let page = c.get("/app-passwords").await;
+    page.assert_ok();
+    assert_eq!(scope_box(&page.body, "imap"), Some(true), "{}", page.body);
+    assert_eq!(scope_box(&page.body, "smtp"), Some(true));
+    assert_eq!((scope_box(&page.body, "pop3"), scope_box(&page.body, "sieve")), (None, None), "{}", page.body);
+    assert!(!page.body.contains("POP3") && !page.body.contains("ManageSieve"), "{}", page.body);
+    // POP3 on, ManageSieve off: the POP3 box, not ticked (asked for, not given).
+    let (_env, mut c) = signed_in_with(POP3_STLS_ONLY).await;
+    let page = c.get("/app-passwords").await;
+    assert_eq!(scope_box(&page.body, "pop3"), Some(false), "{}", page.body);
+    assert_eq!(scope_box(&page.body, "sieve"), None, "{}", page.body);
+    assert!(page.body.contains("> Downloading mail (POP3)</label>"), "{}", page.body);
+    // Both on.
+    let (_env, mut c) = signed_in_with(POP3_AND_SIEVE).await;
+    let page = c.get("/app-passwords").await;
+    assert_eq!(scope_box(&page.body, "pop3"), Some(false), "{}", page.body);
+    assert_eq!(scope_box(&page.body, "sieve"), Some(false), "{}", page.body);
+    assert!(page.body.contains("> Sieve filters (ManageSieve)</label>"), "{}", page.body);
+    // Nothing ticked: the message fits the four choices.
+    let r = c.post("/app-passwords", &[("label", "Nothing")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body.contains("Choose what the app password may be used for: tick at least one."), "{}", r.body);
+}
+
+#[tokio::test]
+async fn a_scope_whose_protocol_is_off_is_refused_and_the_form_kept() {
+    let (env, mut c) = signed_in_with("").await;
+    let r = c.post("/app-passwords", &[("label", "Old phone"), ("scope_imap", "1"), ("scope_pop3", "1")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "location {:?}", r.location());
+    assert!(
+        r.body
+            .contains("id=\"scope-error\">This server does not offer POP3, so an app password cannot be made for it."),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("value=\"Old phone\""), "name field cleared: {}", r.body);
+    assert_eq!((scope_box(&r.body, "imap"), scope_box(&r.body, "smtp")), (Some(true), Some(false)), "{}", r.body);
+    assert_eq!(scope_box(&r.body, "pop3"), None, "an off protocol's box came back: {}", r.body);
+    let r = c.post("/app-passwords", &[("label", "Old phone"), ("scope_sieve", "1"), ("scope_pop3", "1")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body.contains("This server does not offer POP3 or ManageSieve,"), "{}", r.body);
+    assert_eq!(env.app_password_count(ALICE), 0);
+    // POP3 on, ManageSieve off: only ManageSieve is refused; the POP3 tick is kept.
+    let (env, mut c) = signed_in_with(POP3_STLS_ONLY).await;
+    let r = c.post("/app-passwords", &[("label", "Filters"), ("scope_pop3", "1"), ("scope_sieve", "1")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body.contains("This server does not offer ManageSieve,"), "{}", r.body);
+    assert_eq!(scope_box(&r.body, "pop3"), Some(true), "{}", r.body);
+    assert_eq!(env.app_password_count(ALICE), 0);
+    // The form as it came back is accepted.
+    c.post("/app-passwords", &[("label", "Filters"), ("scope_pop3", "1")]).await.assert_ok();
+    assert_eq!(env.store.list_app_passwords(ALICE).unwrap()[0].scopes, vec![Scope::Pop3]);
+}
+
+#[tokio::test]
+async fn the_settings_for_pop3_and_sieve_app_passwords_and_their_list_entry() {
+    let (env, mut c) = signed_in_with(POP3_AND_SIEVE).await;
+    let all =
+        [("label", "Laptop"), ("scope_imap", "1"), ("scope_smtp", "1"), ("scope_pop3", "1"), ("scope_sieve", "1")];
+    let r = c.post("/app-passwords", &all).await;
+    r.assert_ok();
+    let b = &r.body;
+    assert!(b.contains(&format!("<dt>Incoming mail (IMAP)</dt><dd>{HOST}, port 9993, SSL/TLS</dd>")), "{b}");
+    assert!(
+        b.contains(&format!("<dt>Incoming mail (POP3)</dt><dd>{HOST}, port 995, SSL/TLS; or port 110, STARTTLS</dd>")),
+        "{b}"
+    );
+    assert!(b.contains(&format!("<dt>Outgoing mail (SMTP)</dt><dd>{HOST}, port 9465, SSL/TLS</dd>")), "{b}");
+    assert!(b.contains(&format!("<dt>Mail filters (ManageSieve)</dt><dd>{HOST}, port 4190, STARTTLS</dd>")), "{b}");
+    assert!(
+        b.contains(
+            "It can read mail (IMAP), send mail (SMTP), download mail (POP3) and change mail filters (ManageSieve)."
+        ),
+        "{b}"
+    );
+    let rec = env.store.list_app_passwords(ALICE).unwrap().remove(0);
+    assert_eq!(rec.scopes, Scope::ALL.to_vec());
+
+    // Exactly the scopes' settings: POP3 alone, ManageSieve alone.
+    let r = c.post("/app-passwords", &[("label", "Old phone"), ("scope_pop3", "1")]).await;
+    r.assert_ok();
+    assert!(
+        r.body.contains("Incoming mail (POP3)") && r.body.contains("It can only download mail (POP3); it cannot send.")
+    );
+    for other in ["Incoming mail (IMAP)", "Outgoing mail (SMTP)", "Mail filters (ManageSieve)", "4190"] {
+        assert!(!r.body.contains(other), "{other}: {}", r.body);
+    }
+    let r = c.post("/app-passwords", &[("label", "Filter editor"), ("scope_sieve", "1")]).await;
+    r.assert_ok();
+    assert!(r.body.contains("Mail filters (ManageSieve)"), "{}", r.body);
+    assert!(
+        r.body.contains("It can only change mail filters (ManageSieve); it cannot read or send mail."),
+        "{}",
+        r.body
+    );
+    for other in ["Incoming mail (IMAP)", "Incoming mail (POP3)", "Outgoing mail (SMTP)"] {
+        assert!(!r.body.contains(other), "{other}: {}", r.body);
+    }
+    // The list names the scopes and each protocol's last use readably.
+    for (protocol, ip) in [(Scope::Pop3, "192.0.2.8"), (Scope::Sieve, "192.0.2.9")] {
+        let used = LastUse { at: T0, ip: ip.into(), client: None, protocol: Some(protocol) };
+        env.store.record_app_password_use(&rec.id, &used).unwrap();
+    }
+    let page = c.get("/app-passwords").await;
+    let when = fmt_time(T0);
+    assert!(page.body.contains("<td>Laptop</td><td>IMAP, SMTP, POP3, ManageSieve</td>"), "{}", page.body);
+    assert!(
+        page.body.contains(&format!("<td>POP3 {when} from 192.0.2.8; ManageSieve {when} from 192.0.2.9</td>")),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("<td>Old phone</td><td>POP3</td>"), "{}", page.body);
+
+    // POP3 with its STLS listener only: that one port.
+    let (_env, mut c) = signed_in_with(POP3_STLS_ONLY).await;
+    let r = c.post("/app-passwords", &[("label", "Old phone"), ("scope_pop3", "1")]).await;
+    assert!(r.body.contains(&format!("<dd>{HOST}, port 110, STARTTLS</dd>")), "{}", r.body);
+}
+
+/// The elements of an XML document nest and close (no attributes with `>` in them, no
+/// comments: what autoconfig writes); `Err` names the first mismatch.
+fn xml_nests(xml: &str) -> Result<(), String> {
+    let body = xml.strip_prefix("<?xml version=\"1.0\" encoding=\"UTF-8\"?>").ok_or("no XML declaration")?;
+    let mut open: Vec<String> = Vec::new();
+    let mut rest = body;
+    while let Some(start) = rest.find('<') {
+        let end = rest[start..].find('>').ok_or("an unclosed tag")? + start;
+        let tag = &rest[start + 1..end];
+        let name = tag.trim_start_matches('/').split_whitespace().next().unwrap_or("").to_string();
+        if tag.starts_with('/') {
+            let top = open.pop();
+            if top.as_deref() != Some(&name) {
+                return Err(format!("</{name}> closes {top:?}"));
+            }
+        } else if !tag.ends_with('/') {
+            open.push(name);
+        }
+        rest = &rest[end + 1..];
+    }
+    if open.is_empty() { Ok(()) } else { Err(format!("left open: {open:?}")) }
+}
+
+#[tokio::test]
+async fn autoconfig_lists_pop3_after_imap_only_when_pop3_is_on() {
+    // Off: no POP3 entry.
+    let x = Env::new().client().get("/mail/config-v1.1.xml").await.body;
+    assert!(!x.contains("pop3"), "{x}");
+    xml_nests(&x).unwrap();
+    // On with both listeners: implicit TLS first, then STLS, after IMAP and before SMTP.
+    let env = Env::with_config(&format!("{CONFIG}\n{POP3_AND_SIEVE}"));
+    let x = env.client().get("/mail/config-v1.1.xml").await.body;
+    xml_nests(&x).unwrap_or_else(|e| panic!("{e}: {x}"));
+    let (imap, pop3, smtp) = (
+        x.find("<incomingServer type=\"imap\">").unwrap(),
+        x.find("<incomingServer type=\"pop3\">").unwrap(),
+        x.find("<outgoingServer type=\"smtp\">").unwrap(),
+    );
+    assert!(imap < pop3 && pop3 < smtp, "{x}");
+    let entries: Vec<&str> = x.split("<incomingServer type=\"pop3\">").skip(1).collect();
+    assert_eq!(entries.len(), 2, "{x}");
+    for (entry, (port, socket)) in entries.iter().zip([(995, "SSL"), (110, "STARTTLS")]) {
+        let entry = &entry[..entry.find("</incomingServer>").unwrap()];
+        assert!(entry.contains(&format!("<hostname>{HOST}</hostname>")), "{x}");
+        assert!(entry.contains(&format!("<port>{port}</port>")), "{x}");
+        assert!(entry.contains(&format!("<socketType>{socket}</socketType>")), "{x}");
+        assert!(entry.contains("<authentication>password-cleartext</authentication>"), "{x}");
+        assert!(entry.contains("<username>%EMAILADDRESS%</username>"), "{x}");
+    }
+    assert!(!x.to_lowercase().contains("sieve"), "the format has no ManageSieve entry: {x}");
+    // STLS only: one entry.
+    let env = Env::with_config(&format!("{CONFIG}\n{POP3_STLS_ONLY}"));
+    let x = env.client().get("/mail/config-v1.1.xml").await.body;
+    xml_nests(&x).unwrap_or_else(|e| panic!("{e}: {x}"));
+    let pop3 = between(&x, "<incomingServer type=\"pop3\">", "</incomingServer>").unwrap();
+    assert!(pop3.contains("<port>110</port>") && pop3.contains("<socketType>STARTTLS</socketType>"), "{x}");
+    assert_eq!(x.matches("type=\"pop3\"").count(), 1, "{x}");
+}
+
+// ---------------------------------------------------------------------------------------
 // One account service (issue 14 point 3): the CLI and the web make the same changes
 
 /// What must be the same after the same change made through the CLI or the web: every

@@ -15,6 +15,9 @@ standard library only) through mailgate's web step, as a person would:
               code; dismiss it), revoke the app password (one open connection: singular),
               make new backup codes and turn two-step verification off, each after its
               question; the refused devices list goes with 2FA.
+  scopes mode with POP3 and ManageSieve on: sign in (no second factor), the form offers
+              their boxes unticked; make an app password for all four scopes; the page
+              lists the settings of each (JSON: settings, app_password_rows).
 
 Each page is shot at 390 and 1280 px (--widths; NAME-390.png, NAME-1280.png), and fails
 if it is wider than the window; with --organisation, each checked page's header and title
@@ -707,6 +710,38 @@ def after(d, a, result):
     d.shots(a, "account-2fa-off")
 
 
+def scopes(d, a, result):
+    """POP3 and ManageSieve are on: the form offers their boxes (not ticked by default);
+    an app password for all four scopes shows the settings of each, and the list names
+    its scopes."""
+    sign_in(d, a, "/app-passwords")
+    d.at("/app-passwords", "App passwords")
+    check_site(d, a)
+    expect(d, "four scopes", "Reading mail (IMAP)", "Sending mail (SMTP)", "Downloading mail (POP3)",
+           "Sieve filters (ManageSieve)")
+    for box in ('input[name="scope_pop3"]', 'input[name="scope_sieve"]'):
+        if checked(d, box):
+            raise Failure(f"{box} is ticked by default")
+        d.click(d.find(box))
+    for box in ('input[name="scope_imap"]', 'input[name="scope_smtp"]'):
+        if not checked(d, box):
+            raise Failure(f"{box} is not ticked by default")
+    d.type("#label", a.label)
+    d.shots(a, "app-password-scopes")
+    submit(d, "/app-passwords")
+    d.at("/app-passwords", f"Your new app password for “{a.label}”")
+    expect(d, "the settings of all four", "Incoming mail (IMAP)", "Incoming mail (POP3)", "Outgoing mail (SMTP)",
+           "Mail filters (ManageSieve)", "change mail filters (ManageSieve)")
+    result["settings"] = d.text("dl.settings")
+    d.shots(a, "app-password-created-all-scopes")
+    d.click(d.link("Done"))
+    d.at("/app-passwords", "App passwords")
+    rows = d.text("table tbody")
+    if "IMAP, SMTP, POP3, ManageSieve" not in rows:
+        raise Failure(f"the list does not name the four scopes:\n{rows}")
+    result["app_password_rows"] = rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("url", help="https://localhost:PORT of mailgate's web step")
@@ -714,7 +749,7 @@ def main():
     p.add_argument("password")
     p.add_argument("screenshots", help="directory for PNG screenshots")
     p.add_argument("out", help="JSON result file")
-    p.add_argument("--mode", choices=["full", "reuse", "after"], default="full")
+    p.add_argument("--mode", choices=["full", "reuse", "after", "scopes"], default="full")
     p.add_argument("--backup-code", help="reuse mode: the code that was used already; after mode: an unused one")
     p.add_argument("--cert", help="mailgate's certificate (PEM): accept only its key")
     p.add_argument("--label", default="Browser test")
@@ -743,7 +778,7 @@ def main():
         t = time.monotonic()
         d = Driver(workdir, pin, a.width, 800)
         result["timings"]["start_browser"] = round(time.monotonic() - t, 2)
-        {"full": full, "reuse": reuse, "after": after}[a.mode](d, a, result)
+        {"full": full, "reuse": reuse, "after": after, "scopes": scopes}[a.mode](d, a, result)
         result["ok"] = True
         code = 0
     except Exception as e:  # noqa: BLE001 - any failure is reported, then cleaned up
