@@ -41,21 +41,6 @@ mod tests {
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
-    /// A logged-in session's task holds the relay's state only: the login phase (TLS
-    /// handshake, pre-auth machine, upstream login) is boxed and freed when it ends.
-    /// Thousands of idle sessions pay this size each (PERFORMANCE.md M1; it was 3.4 KB).
-    #[tokio::test]
-    async fn a_session_task_stays_small() {
-        let kit = Kit::new(addr("127.0.0.1:9"), "");
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, peer) = l.accept().await.unwrap();
-        let fut = crate::net::driver::serve_tcp(kit.imap(), s, peer, true);
-        let size = std::mem::size_of_val(&fut);
-        assert!(size <= 1536, "serve future: {size} bytes");
-        drop(c);
-    }
-
     /// The pre-auth deadline is a total, not an idle timer: a client that trickles a byte
     /// every 300 ms is still closed, with the autologout BYE, when the deadline passes.
     /// On tokio's paused clock, so the 2 s are measured exactly whatever the machine's

@@ -38,20 +38,6 @@ mod tests {
         rustls::pki_types::ServerName::try_from("localhost").unwrap()
     }
 
-    /// A logged-in session's task holds the relay's state only, as IMAP's: the login
-    /// phase is boxed and freed when it ends (PERFORMANCE.md M1).
-    #[tokio::test]
-    async fn a_session_task_stays_small() {
-        let kit = Kit::new(addr("127.0.0.1:9"), "");
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, peer) = l.accept().await.unwrap();
-        let fut = crate::net::driver::serve_tcp(kit.pop3(), s, peer, true);
-        let size = std::mem::size_of_val(&fut);
-        assert!(size <= 1536, "serve future: {size} bytes");
-        drop(c);
-    }
-
     /// A login over STLS reaches upstream as the user: the fake sees XCLIENT with the
     /// client's address, then the master login (authzid = the user), then the client's
     /// own commands through the relay.

@@ -44,19 +44,6 @@ mod tests {
         base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
     }
 
-    /// A logged-in session's task holds the relay's state only (PERFORMANCE.md M1).
-    #[tokio::test]
-    async fn a_session_task_stays_small() {
-        let kit = Kit::new(addr("127.0.0.1:9"), "");
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, peer) = l.accept().await.unwrap();
-        let fut = crate::net::driver::serve_tcp(kit.sieve(), s, peer, false);
-        let size = std::mem::size_of_val(&fut);
-        assert!(size <= 1536, "serve future: {size} bytes");
-        drop(c);
-    }
-
     /// The greeting carries upstream's Sieve extensions (a probe read them: the fake's
     /// first line is the probe's LOGOUT), never upstream's own IMPLEMENTATION or XCLIENT.
     /// A login after STARTTLS reaches upstream as the user: the fake sees XCLIENT with the

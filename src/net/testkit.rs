@@ -77,26 +77,34 @@ async fn fake_imap_session(tcp: tokio::net::TcpStream, seen: Arc<Mutex<Vec<Strin
     }
 }
 
-/// A scripted upstream POP3 server (as Dovecot's pop3-login): accepts `XCLIENT` and every
-/// login, answers every other command `+OK`, and records every line it got (the login
-/// lines included: the tests check who mailgate logged in as).
-pub struct FakePop3 {
+/// A scripted line-by-line upstream server: sends `greeting`, answers each line with
+/// what `reply` says (the connection ends after a [`Reply::Last`]), and records every line
+/// it got (the login lines included: the tests check who mailgate logged in as).
+pub struct FakeLines {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<String>>>,
 }
 
-impl FakePop3 {
-    pub async fn start() -> FakePop3 {
+/// A [`FakeLines`] answer to one line.
+pub enum Reply {
+    /// Answer and read on.
+    Line(&'static str),
+    /// Answer and close.
+    Last(&'static str),
+}
+
+impl FakeLines {
+    pub async fn start(greeting: &'static str, reply: fn(&str) -> Reply) -> FakeLines {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = l.accept().await {
-                tokio::spawn(fake_pop3_session(tcp, log.clone()));
+                tokio::spawn(fake_session(tcp, greeting, reply, log.clone()));
             }
         });
-        FakePop3 { addr, seen }
+        FakeLines { addr, seen }
     }
 
     /// The lines seen so far.
@@ -105,10 +113,15 @@ impl FakePop3 {
     }
 }
 
-async fn fake_pop3_session(tcp: tokio::net::TcpStream, seen: Arc<Mutex<Vec<String>>>) {
+async fn fake_session(
+    tcp: tokio::net::TcpStream,
+    greeting: &str,
+    reply: fn(&str) -> Reply,
+    seen: Arc<Mutex<Vec<String>>>,
+) {
     let (r, mut w) = tcp.into_split();
     let mut r = BufReader::new(r);
-    let _ = w.write_all(b"+OK fake POP3 ready.\r\n").await;
+    let _ = w.write_all(greeting.as_bytes()).await;
     let mut line = String::new();
     loop {
         line.clear();
@@ -116,76 +129,55 @@ async fn fake_pop3_session(tcp: tokio::net::TcpStream, seen: Arc<Mutex<Vec<Strin
             return;
         }
         seen.lock().unwrap().push(line.trim_end().to_string());
-        let upper = line.to_ascii_uppercase();
-        let reply = if upper.starts_with("AUTH ") || upper.starts_with("PASS ") {
-            "+OK Logged in.\r\n"
-        } else if upper.starts_with("QUIT") {
-            let _ = w.write_all(b"+OK Logging out.\r\n").await;
-            return;
-        } else {
-            "+OK done\r\n"
+        let (text, last) = match reply(&line.to_ascii_uppercase()) {
+            Reply::Line(text) => (text, false),
+            Reply::Last(text) => (text, true),
         };
-        if w.write_all(reply.as_bytes()).await.is_err() {
+        if w.write_all(text.as_bytes()).await.is_err() || last {
             return;
         }
+    }
+}
+
+/// A scripted upstream POP3 server (as Dovecot's pop3-login): accepts `XCLIENT` and every
+/// login, answers every other command `+OK`.
+pub struct FakePop3;
+
+impl FakePop3 {
+    pub async fn start() -> FakeLines {
+        FakeLines::start("+OK fake POP3 ready.\r\n", |upper| {
+            if upper.starts_with("AUTH ") || upper.starts_with("PASS ") {
+                Reply::Line("+OK Logged in.\r\n")
+            } else if upper.starts_with("QUIT") {
+                Reply::Last("+OK Logging out.\r\n")
+            } else {
+                Reply::Line("+OK done\r\n")
+            }
+        })
+        .await
     }
 }
 
 /// A scripted upstream ManageSieve server (as Pigeonhole's managesieve-login): lists
-/// `XCLIENT`, accepts it and every `AUTHENTICATE`, answers every other command `OK`, and
-/// records every line it got.
-pub struct FakeSieve {
-    pub addr: SocketAddr,
-    pub seen: Arc<Mutex<Vec<String>>>,
-}
+/// `XCLIENT`, accepts it and every `AUTHENTICATE`, answers every other command `OK`.
+pub struct FakeSieve;
 
 impl FakeSieve {
-    pub async fn start() -> FakeSieve {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = l.accept().await {
-                tokio::spawn(fake_sieve_session(tcp, log.clone()));
+    pub async fn start() -> FakeLines {
+        const LISTING: &str = "\"IMPLEMENTATION\" \"fake\"\r\n\"SIEVE\" \"fileinto vacation\"\r\n\"SASL\" \"PLAIN\"\r\n\
+                               \"XCLIENT\"\r\n\"VERSION\" \"1.0\"\r\nOK \"fake ready.\"\r\n";
+        FakeLines::start(LISTING, |upper| {
+            if upper.starts_with("XCLIENT") {
+                Reply::Line("OK \"Updated.\"\r\n")
+            } else if upper.starts_with("AUTHENTICATE") {
+                Reply::Line("OK \"Logged in.\"\r\n")
+            } else if upper.starts_with("LOGOUT") {
+                Reply::Last("OK \"Logout completed.\"\r\n")
+            } else {
+                Reply::Line("OK \"done\"\r\n")
             }
-        });
-        FakeSieve { addr, seen }
-    }
-
-    /// The lines seen so far.
-    pub fn lines(&self) -> Vec<String> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-async fn fake_sieve_session(tcp: tokio::net::TcpStream, seen: Arc<Mutex<Vec<String>>>) {
-    let (r, mut w) = tcp.into_split();
-    let mut r = BufReader::new(r);
-    let listing = "\"IMPLEMENTATION\" \"fake\"\r\n\"SIEVE\" \"fileinto vacation\"\r\n\"SASL\" \"PLAIN\"\r\n\
-                   \"XCLIENT\"\r\n\"VERSION\" \"1.0\"\r\nOK \"fake ready.\"\r\n";
-    let _ = w.write_all(listing.as_bytes()).await;
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-            return;
-        }
-        seen.lock().unwrap().push(line.trim_end().to_string());
-        let upper = line.to_ascii_uppercase();
-        let reply = if upper.starts_with("XCLIENT") {
-            "OK \"Updated.\"\r\n"
-        } else if upper.starts_with("AUTHENTICATE") {
-            "OK \"Logged in.\"\r\n"
-        } else if upper.starts_with("LOGOUT") {
-            let _ = w.write_all(b"OK \"Logout completed.\"\r\n").await;
-            return;
-        } else {
-            "OK \"done\"\r\n"
-        };
-        if w.write_all(reply.as_bytes()).await.is_err() {
-            return;
-        }
+        })
+        .await
     }
 }
 

@@ -218,12 +218,46 @@ impl Connector {
     }
 }
 
+/// An upstream that logs in as the user (IMAP, POP3, ManageSieve): with the master
+/// credentials, or the user's own password (`password_check = "upstream"`). Each is the
+/// login gate's [`crate::net::gate::Upstream`] the same way.
+pub trait UserLogin: Send + Sync {
+    /// An open, logged-in session.
+    type Connection: Send;
+    /// Connects and logs in as `user`; with `own_password`, as the user with it (a
+    /// refusal then means a wrong password, [`UpstreamFailure::is_refusal`]).
+    fn login(
+        &self,
+        user: &str,
+        own_password: Option<&SecretBytes>,
+        origin: &Origin<'_>,
+    ) -> impl std::future::Future<Output = Result<Self::Connection, UpstreamFailure>> + Send;
+}
+
+impl<T: UserLogin> crate::net::gate::Upstream for T {
+    type Connection = T::Connection;
+
+    async fn open(&self, who: &Authenticated, origin: &Origin<'_>) -> Result<T::Connection, UpstreamFailure> {
+        self.login(who.username(), None, origin).await
+    }
+
+    async fn open_as_user(&self, check: &UpstreamCheck, origin: &Origin<'_>) -> Result<T::Connection, UpstreamFailure> {
+        self.login(check.username(), Some(check.password()), origin).await
+    }
+
+    fn checks_passwords(&self) -> bool {
+        true
+    }
+}
+
 /// The upstream IMAP server: logs in as the user (master login, or the user's own
 /// password with `password_check = "upstream"`).
 #[derive(Clone)]
 pub struct ImapUpstream(pub Arc<Connector>);
 
-impl ImapUpstream {
+impl UserLogin for ImapUpstream {
+    type Connection = UpstreamImap;
+
     /// Connects and logs in as `user`, telling upstream the client's address. With
     /// `own_password`, as the user with it (a refusal is `UpstreamError::LoginRefused`).
     async fn login(
@@ -243,22 +277,6 @@ impl ImapUpstream {
             .with_client_id(origin.id);
         let (capabilities, stream) = self.0.log_in(&mut login).await?;
         Ok(UpstreamImap { stream, capabilities: capabilities?, leftover: login.into_leftover() })
-    }
-}
-
-impl crate::net::gate::Upstream for ImapUpstream {
-    type Connection = UpstreamImap;
-
-    async fn open(&self, who: &Authenticated, origin: &Origin<'_>) -> Result<UpstreamImap, UpstreamFailure> {
-        self.login(who.username(), None, origin).await
-    }
-
-    async fn open_as_user(&self, check: &UpstreamCheck, origin: &Origin<'_>) -> Result<UpstreamImap, UpstreamFailure> {
-        self.login(check.username(), Some(check.password()), origin).await
-    }
-
-    fn checks_passwords(&self) -> bool {
-        true
     }
 }
 
@@ -298,7 +316,9 @@ impl crate::auth::PasswordChecker for ImapUpstream {
 #[derive(Clone)]
 pub struct Pop3Upstream(pub Arc<Connector>);
 
-impl Pop3Upstream {
+impl UserLogin for Pop3Upstream {
+    type Connection = UpstreamPop3;
+
     /// Connects and logs in as `user`. With `own_password`, as the user with it (a
     /// refusal is [`UpstreamFailure::Pop3Refused`]).
     async fn login(
@@ -319,22 +339,6 @@ impl Pop3Upstream {
             (Outcome::Refused(text), _) => Err(UpstreamFailure::Pop3Refused(text)),
             (Outcome::Failed(e), _) => Err(e.into()),
         }
-    }
-}
-
-impl crate::net::gate::Upstream for Pop3Upstream {
-    type Connection = UpstreamPop3;
-
-    async fn open(&self, who: &Authenticated, origin: &Origin<'_>) -> Result<UpstreamPop3, UpstreamFailure> {
-        self.login(who.username(), None, origin).await
-    }
-
-    async fn open_as_user(&self, check: &UpstreamCheck, origin: &Origin<'_>) -> Result<UpstreamPop3, UpstreamFailure> {
-        self.login(check.username(), Some(check.password()), origin).await
-    }
-
-    fn checks_passwords(&self) -> bool {
-        true
     }
 }
 
@@ -438,6 +442,10 @@ impl SieveUpstream {
             }
         }
     }
+}
+
+impl UserLogin for SieveUpstream {
+    type Connection = UpstreamSieve;
 
     /// Connects and logs in as `user`. With `own_password`, as the user with it (a
     /// refusal is [`UpstreamFailure::SieveRefused`]).
@@ -466,22 +474,6 @@ impl SieveUpstream {
                 Err(crate::proto::sieve_upstream::UpstreamError::Protocol("listed, not logged in").into())
             }
         }
-    }
-}
-
-impl crate::net::gate::Upstream for SieveUpstream {
-    type Connection = UpstreamSieve;
-
-    async fn open(&self, who: &Authenticated, origin: &Origin<'_>) -> Result<UpstreamSieve, UpstreamFailure> {
-        self.login(who.username(), None, origin).await
-    }
-
-    async fn open_as_user(&self, check: &UpstreamCheck, origin: &Origin<'_>) -> Result<UpstreamSieve, UpstreamFailure> {
-        self.login(check.username(), Some(check.password()), origin).await
-    }
-
-    fn checks_passwords(&self) -> bool {
-        true
     }
 }
 
