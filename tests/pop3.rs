@@ -305,6 +305,7 @@ fn fetchmail_pulls_the_inbox_over_tls_and_stls() {
 /// getmail6 (Debian) pulls the inbox through mailgate's implicit-TLS port with an app
 /// password, checking the certificate, hands it to an external MDA (its mbox and Maildir
 /// destinations refuse to run as root, which the tests are), and deletes it upstream.
+/// (getmail6 has no STLS.) With 2FA on, getmail shows mailgate's words with the URL.
 #[test]
 fn getmail_pulls_the_inbox_over_tls() {
     let (dovecot, mg, app) = with_pop3_dovecot();
@@ -313,22 +314,31 @@ fn getmail_pulls_the_inbox_over_tls() {
     std::fs::create_dir_all(&dir).unwrap();
     let mbox = dir.join("inbox.mbox");
     std::fs::write(&mbox, b"").unwrap();
-    std::fs::write(
-        dir.join("getmailrc"),
-        format!(
-            "[retriever]\ntype = SimplePOP3SSLRetriever\nserver = localhost\nport = {port}\n\
-             username = alice@example.com\npassword = {app}\nca_certs = {ca}\n\
-             [destination]\ntype = MDA_external\npath = /bin/sh\narguments = (\"-c\", \"cat >> {mbox}\")\n\
-             allow_root_commands = true\n\
-             [options]\ndelete = true\nread_all = true\nverbose = 1\n",
-            port = mg.pop3s.unwrap().port(),
-            ca = mg.ca.display(),
-            mbox = mbox.display(),
-        ),
-    )
-    .unwrap();
-    let run = Command::new("getmail").arg("--getmaildir").arg(&dir).args(["--rcfile", "getmailrc"]).output().unwrap();
+    let getmail = |password: &str| {
+        std::fs::write(
+            dir.join("getmailrc"),
+            format!(
+                "[retriever]\ntype = SimplePOP3SSLRetriever\nserver = localhost\nport = {port}\n\
+                 username = alice@example.com\npassword = {password}\nca_certs = {ca}\n\
+                 [destination]\ntype = MDA_external\npath = /bin/sh\narguments = (\"-c\", \"cat >> {mbox}\")\n\
+                 allow_root_commands = true\n\
+                 [options]\ndelete = true\nread_all = true\nverbose = 1\n",
+                port = mg.pop3s.unwrap().port(),
+                ca = mg.ca.display(),
+                mbox = mbox.display(),
+            ),
+        )
+        .unwrap();
+        Command::new("getmail").arg("--getmaildir").arg(&dir).args(["--rcfile", "getmailrc"]).output().unwrap()
+    };
+    let run = getmail(&app);
     assert!(run.status.success(), "getmail: {}\nmailgate log:\n{}", text(&run), mg.log());
     assert!(holds_fetched(&std::fs::read(&mbox).unwrap()), "{}", text(&run));
     assert_eq!(left_in_inbox(&dovecot), 0, "getmail deletes what it fetched: {}", text(&run));
+    // With 2FA on, the account password is refused, in words getmail shows.
+    mg.ok(&["totp", "enable", "alice@example.com"]);
+    dovecot.deliver("alice@example.com", FETCHED);
+    let run = getmail("alice-account-pw");
+    assert!(text(&run).contains("https://mail.example.test/app-passwords"), "{}", text(&run));
+    assert_eq!(left_in_inbox(&dovecot), 1);
 }
