@@ -6,7 +6,9 @@
 # for the PostgreSQL store tests, HAProxy as a real PROXY-protocol load balancer, and
 # nghttp2's h2load for HTTP/2 bursts on the web step), and builds Dovecot's imaptest from
 # the source in ../shared/tools/imaptest (beside the repository) into target/imaptest
-# (dovecot-dev and the autotools to build it; rebuilt only when missing).
+# (dovecot-dev and the autotools to build it; rebuilt only when missing), and installs
+# cargo-deb from crates.io at a pinned version for tests/deb.rs (the Debian package; with
+# systemd-analyze from systemd, adduser and setpriv/runuser from util-linux).
 # Idempotent; needs root (or sudo) when something is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +16,7 @@ need=()
 for pkg in dovecot-imapd dovecot-submissiond dovecot-pop3d dovecot-managesieved dovecot-sieve sieve-connect \
   python3-sievelib fetchmail getmail6 postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
   curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux \
-  postgresql-15 haproxy nghttp2-client \
+  postgresql-15 haproxy nghttp2-client systemd adduser \
   dovecot-dev autoconf automake libtool make gcc pkg-config; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -62,6 +64,17 @@ test -x /usr/lib/postgresql/15/bin/pg_isready || { echo "postgresql-client-15 is
 test -x /usr/sbin/haproxy || { echo "haproxy is not installed at /usr/sbin/haproxy" >&2; exit 1; }
 command -v h2load >/dev/null || { echo "h2load (nghttp2-client) is not installed" >&2; exit 1; }
 getent passwd postgres >/dev/null || { echo "the postgres system user is missing (postgresql-common)" >&2; exit 1; }
+
+command -v systemd-analyze >/dev/null || { echo "systemd-analyze (systemd) is not installed" >&2; exit 1; }
+
+# cargo-deb (tests/deb.rs packs the built binary with it): pinned, built from crates.io
+# only when that version is missing (about 4 minutes of a loaded two-core machine; then
+# kept in ~/.cargo/bin). 3.8.0 declares rust-version 1.85 and builds on 1.95.
+CARGO_DEB_VERSION=3.8.0
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
+  echo "installing cargo-deb $CARGO_DEB_VERSION"
+  cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
+fi
 
 # imaptest (tests/imaptest.rs): built from source beside the repository, never downloaded.
 # The build is kept in target/imaptest (or $CARGO_TARGET_DIR/imaptest) and reused.

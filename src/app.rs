@@ -34,6 +34,20 @@ pub enum AppError {
         /// Why.
         error: std::io::Error,
     },
+    /// root was about to open a `data_dir` that belongs to another user (the service's):
+    /// files it made there would be root's, and the service could not open them.
+    #[error(
+        "{} belongs to the user {owner}, which runs the service: run this command as that user \
+         (`runuser -u {owner} -- mailgate ...`), or the files it makes there as root would lock the service \
+         out of its own store",
+        path.display()
+    )]
+    DataDirOwner {
+        /// `data_dir`.
+        path: PathBuf,
+        /// Its owner's name (or uid).
+        owner: String,
+    },
     /// `store.url_file` could not be read.
     #[error(transparent)]
     UrlFile(#[from] crate::config::UrlFileError),
@@ -81,8 +95,14 @@ pub enum AppError {
     },
 }
 
-/// Creates the data directory (0700) if missing.
+/// Creates the data directory (0700) if missing. Refuses root a `data_dir` that another
+/// user owns (the Debian package's `mailgate`): see [`AppError::DataDirOwner`].
 pub fn prepare_data_dir(config: &Config) -> Result<(), AppError> {
+    if rustix::process::geteuid().is_root()
+        && let Some(owner) = crate::fsutil::owner_other_than_root(&config.data_dir)
+    {
+        return Err(AppError::DataDirOwner { path: config.data_dir.clone(), owner });
+    }
     crate::fsutil::private_dir(&config.data_dir)
         .map_err(|error| AppError::DataDir { path: config.data_dir.clone(), error })
 }
@@ -431,7 +451,10 @@ pub async fn run(
         admin_socket = %socket_path.display(),
         "mailgate serving"
     );
+    crate::systemd::ready();
+    let watchdog = crate::systemd::watchdog().map(tokio::spawn);
     shutdown.await;
+    crate::systemd::stopping();
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     for t in tasks {
@@ -451,6 +474,9 @@ pub async fn run(
     }
     admin_task.abort();
     cert_task.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     let _ = std::fs::remove_file(&socket_path);
     store.flush()?;
     Ok(())

@@ -33,7 +33,42 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The owner of `path` (its name from /etc/passwd, else its uid) if it exists and is not
+/// root's.
+pub fn owner_other_than_root(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let uid = std::fs::metadata(path).ok()?.uid();
+    if uid == 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    Some(user_name(&passwd, uid).unwrap_or_else(|| uid.to_string()))
+}
+
+/// The name of `uid` in a passwd file's text.
+fn user_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+    })
+}
+
 /// Unix time in seconds.
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user_name;
+
+    #[test]
+    fn a_uid_is_named_from_the_passwd_file() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nmailgate:x:104:107::/var/lib/mailgate:/usr/sbin/nologin\n";
+        assert_eq!(user_name(passwd, 104).as_deref(), Some("mailgate"));
+        assert_eq!(user_name(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(user_name(passwd, 105), None);
+        assert_eq!(user_name("garbage\n", 0), None);
+    }
 }

@@ -29,6 +29,7 @@
 //! * `web`: the web step (sign-in with TOTP, enrolment, backup codes, app passwords).
 //! * `admin`: what the CLI does, and the admin socket; `import`: Dovecot passwd-files.
 //! * `fsutil`: private files and directories (0600 / 0700).
+//! * `systemd`: service notifications to systemd (ready, reloading, stopping, watchdog).
 //! * `app`: wiring.
 
 pub mod accounts;
@@ -44,5 +45,6 @@ pub mod net;
 pub mod proto;
 pub mod secret;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 pub mod web;

@@ -297,7 +297,12 @@ pub fn keep_current(certs: Arc<CertStore>, every: Duration) -> impl Future<Outpu
             };
             tokio::select! {
                 got = signalled => match got {
-                    Some(()) => certs.reload_and_log(Trigger::Signal),
+                    Some(()) => {
+                        // `systemctl reload` (ExecReload sends SIGHUP) waits for READY=1.
+                        crate::systemd::reloading();
+                        certs.reload_and_log(Trigger::Signal);
+                        crate::systemd::reloaded();
+                    }
                     None => hup = None,
                 },
                 _ = tick.tick() => match certs.reload_if_changed() {

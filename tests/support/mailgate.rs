@@ -50,6 +50,8 @@ pub struct Options {
     pub sieve_upstream_extra: String,
     /// `[tls]` extra lines (e.g. `reload_check_secs = 1`).
     pub tls_extra: String,
+    /// Extra environment of `mailgate serve` (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -70,6 +72,7 @@ impl Default for Options {
             sieve_upstream: None,
             sieve_upstream_extra: String::new(),
             tls_extra: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -105,6 +108,8 @@ pub struct Mailgate {
     /// The server's key (`[tls] key`).
     pub key: PathBuf,
     log: PathBuf,
+    /// [`Options::env`], kept for restarts.
+    env: Vec<(String, String)>,
 }
 
 impl Mailgate {
@@ -203,7 +208,7 @@ master_password_file = "config/master.secret"
             let pop3 = opts.pop3_upstream.as_ref().map(|_| (at(5), at(6)));
             let sieve = opts.sieve_upstream.as_ref().map(|_| at(7));
             write_config(imaps, imap, smtps, submission, web, pop3, sieve);
-            match spawn_child(dir.path(), &config, &log, imaps, imap) {
+            match spawn_child(dir.path(), &config, &log, imaps, imap, &opts.env) {
                 Ok(child) => {
                     return Mailgate {
                         child: Some(child),
@@ -221,6 +226,7 @@ master_password_file = "config/master.secret"
                         cert: pki.cert,
                         key: pki.key,
                         log,
+                        env: opts.env.clone(),
                     };
                 }
                 Err(text) if attempt < 5 && text.contains("cannot listen on") => attempt += 1,
@@ -235,7 +241,7 @@ master_password_file = "config/master.secret"
     fn spawn(&mut self) {
         let mut attempt = 0;
         loop {
-            match spawn_child(self.dir.path(), &self.config, &self.log, self.imaps, self.imap) {
+            match spawn_child(self.dir.path(), &self.config, &self.log, self.imaps, self.imap, &self.env) {
                 Ok(child) => return self.child = Some(child),
                 Err(text) if attempt < 5 && text.contains("cannot listen on") => attempt += 1,
                 Err(text) => panic!("mailgate did not start:\n{text}"),
@@ -366,7 +372,14 @@ master_password_file = "config/master.secret"
 
 /// Starts `mailgate serve` and waits until both ports accept connections; `Err(log)` if it
 /// exits or does not come up within 20 s.
-fn spawn_child(dir: &Path, config: &Path, log: &Path, imaps: SocketAddr, imap: SocketAddr) -> Result<Child, String> {
+fn spawn_child(
+    dir: &Path,
+    config: &Path,
+    log: &Path,
+    imaps: SocketAddr,
+    imap: SocketAddr,
+    env: &[(String, String)],
+) -> Result<Child, String> {
     let served_before = std::fs::read_to_string(log).unwrap_or_default().matches("mailgate serving").count();
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let mut child = Command::new(bin())
@@ -375,6 +388,7 @@ fn spawn_child(dir: &Path, config: &Path, log: &Path, imaps: SocketAddr, imap: S
         .arg(config)
         .arg("serve")
         .env("RUST_LOG", "debug,sled=info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out)
