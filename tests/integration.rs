@@ -6,6 +6,7 @@ mod admin_cli;
 mod cert_reload;
 mod concurrency;
 mod crash;
+mod fail2ban;
 mod faults;
 mod imap_front;
 mod import;
