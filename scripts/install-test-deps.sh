@@ -4,7 +4,8 @@
 # SMTP servers; sieve-connect and Python's sievelib as ManageSieve clients; swaks with Perl's TLS
 # modules, curl, Python, mbsync (isync) and Thunderbird as real clients; PostgreSQL 15
 # for the PostgreSQL store tests, HAProxy as a real PROXY-protocol load balancer, and
-# nghttp2's h2load for HTTP/2 bursts on the web step), and builds Dovecot's imaptest from
+# nghttp2's h2load for HTTP/2 bursts on the web step, fail2ban to run the shipped filter and
+# jail on mailgate's log), and builds Dovecot's imaptest from
 # the source in ../shared/tools/imaptest (beside the repository) into target/imaptest
 # (dovecot-dev and the autotools to build it; rebuilt only when missing), and installs
 # cargo-deb from crates.io at a pinned version for tests/deb.rs (the Debian package; with
@@ -16,7 +17,7 @@ need=()
 for pkg in dovecot-imapd dovecot-submissiond dovecot-pop3d dovecot-managesieved dovecot-sieve sieve-connect \
   python3-sievelib fetchmail getmail6 postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
   curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux \
-  postgresql-15 haproxy nghttp2-client systemd adduser \
+  postgresql-15 haproxy nghttp2-client systemd adduser fail2ban \
   dovecot-dev autoconf automake libtool make gcc pkg-config; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -44,6 +45,12 @@ if ((${#need[@]})); then
         $SUDO service haproxy stop >/dev/null 2>&1 || true
         $SUDO update-rc.d haproxy disable >/dev/null 2>&1 || true
         ;;
+      fail2ban)
+        # tests/fail2ban.rs runs its own fail2ban-server in a temporary directory; the
+        # system one would change the firewall.
+        $SUDO service fail2ban stop >/dev/null 2>&1 || true
+        $SUDO update-rc.d fail2ban disable >/dev/null 2>&1 || true
+        ;;
     esac
   done
 fi
@@ -63,6 +70,9 @@ test -x /usr/lib/postgresql/15/bin/postgres || { echo "postgresql-15 is not inst
 test -x /usr/lib/postgresql/15/bin/pg_isready || { echo "postgresql-client-15 is not installed" >&2; exit 1; }
 test -x /usr/sbin/haproxy || { echo "haproxy is not installed at /usr/sbin/haproxy" >&2; exit 1; }
 command -v h2load >/dev/null || { echo "h2load (nghttp2-client) is not installed" >&2; exit 1; }
+command -v fail2ban-regex >/dev/null || { echo "fail2ban-regex (fail2ban) is not installed" >&2; exit 1; }
+command -v fail2ban-server >/dev/null || { echo "fail2ban-server (fail2ban) is not installed" >&2; exit 1; }
+command -v fail2ban-client >/dev/null || { echo "fail2ban-client (fail2ban) is not installed" >&2; exit 1; }
 getent passwd postgres >/dev/null || { echo "the postgres system user is missing (postgresql-common)" >&2; exit 1; }
 
 command -v systemd-analyze >/dev/null || { echo "systemd-analyze (systemd) is not installed" >&2; exit 1; }

@@ -78,6 +78,24 @@ pub struct RawConfig {
     proxy_protocol: RawProxyProtocol,
     #[serde(default)]
     store: RawStore,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+}
+
+/// How `serve` writes its log (`[log] format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line of text per event (`time  LEVEL target: message key=value …`).
+    #[default]
+    Text,
+    /// One JSON object per line, with the same fields.
+    Json,
 }
 
 #[derive(Deserialize, Default)]
@@ -661,6 +679,8 @@ pub struct Config {
     pub proxy_protocol: ProxyProtocol,
     /// The store backend.
     pub store: StoreBackend,
+    /// The log's format.
+    pub log_format: LogFormat,
 }
 
 impl Upstream {
@@ -817,6 +837,11 @@ impl Config {
             },
         };
         let a = raw.accounts;
+        let log_format = match raw.log.format.as_deref().map(str::trim) {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(invalid("log.format", format!("`{other}` is not one of: text, json"))),
+        };
         let password_check = match a.password_check.as_str() {
             "local" => PasswordCheck::Local,
             "upstream" => PasswordCheck::Upstream,
@@ -908,6 +933,7 @@ impl Config {
             accounts,
             proxy_protocol,
             store,
+            log_format,
         })
     }
 
@@ -1197,6 +1223,16 @@ mod tests {
             let c = Config::from_toml_str(&format!("[limits]\nipv6_prefix = {p}"), "t").unwrap();
             assert_eq!(c.limits.ipv6_prefix, p);
         }
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        assert_eq!(Config::from_raw(RawConfig::default()).unwrap().log_format, LogFormat::Text);
+        assert_eq!(Config::from_toml_str("[log]\nformat = \"text\"", "t").unwrap().log_format, LogFormat::Text);
+        assert_eq!(Config::from_toml_str("[log]\nformat = \"json\"", "t").unwrap().log_format, LogFormat::Json);
+        let e = Config::from_toml_str("[log]\nformat = \"xml\"", "t").unwrap_err().to_string();
+        assert!(e.contains("log.format"), "{e}");
+        assert!(Config::from_toml_str("[log]\nlevel = \"debug\"", "t").is_err(), "unknown key");
     }
 
     #[test]

@@ -298,11 +298,19 @@ fn init(config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(log_filter(std::env::var("RUST_LOG").ok().as_deref())))
-        .with_writer(std::io::stderr)
-        .with_ansi(log_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR")))
-        .init();
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        mailgate::config::LogFormat::Text => {
+            logs.with_ansi(log_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"))).init()
+        }
+        mailgate::config::LogFormat::Json => {
+            // Values go in unquoted: JSON quotes and escapes them itself.
+            mailgate::auth::login_log::set_json();
+            logs.json().with_ansi(false).init()
+        }
+    }
     match &source {
         Source::File(p) => eprintln!("mailgate: configuration {}", p.display()),
         Source::Embedded => {

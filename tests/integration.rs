@@ -7,6 +7,7 @@ mod cert_reload;
 mod concurrency;
 mod crash;
 mod deb;
+mod fail2ban;
 mod faults;
 mod imap_front;
 mod import;

@@ -24,6 +24,7 @@ pub mod clock;
 pub mod crypto;
 pub mod hashing;
 pub mod legacy_hash;
+pub mod login_log;
 pub mod password;
 pub mod refusals;
 pub mod throttle;
@@ -121,6 +122,9 @@ pub enum Verdict {
     NeedsAppPassword,
     /// The check could not run (store error, overload); try later.
     Unavailable,
+    /// Not checked: a guess budget is used up (the address's, or the account's for
+    /// unfamiliar addresses); answered as [`Verdict::Unavailable`] is ("try later").
+    Throttled,
     /// `password_check = "upstream"`: the account password must be checked by the
     /// upstream server. For an account without a second factor, the driver logs in
     /// upstream as the user with it (that login is the check and becomes the session);
@@ -295,6 +299,8 @@ pub struct Authenticator {
     app_cache: Option<Arc<VerifyCache>>,
     /// One log line per kind of refusal and address a minute.
     refusals: Arc<refusals::RefusalLog>,
+    /// The login lines (one per checked attempt, floods aggregated).
+    logins: Arc<login_log::LoginLog>,
     /// The time of the guess budgets.
     clock: Arc<dyn clock::Clock>,
     /// IPv6 clients are one client per prefix of this length (`[limits] ipv6_prefix`).
@@ -342,6 +348,7 @@ impl Authenticator {
             throttle: Arc::new(throttle::Throttle::new(Duration::ZERO, Duration::ZERO)),
             app_cache: None,
             refusals: Arc::new(refusals::RefusalLog::default()),
+            logins: Arc::new(login_log::LoginLog::default()),
             clock: Arc::new(clock::SystemClock),
             v6_prefix: crate::addr::DEFAULT_IPV6_PREFIX,
         }
@@ -428,6 +435,20 @@ impl Authenticator {
     /// (with the number left out), so floods leave a trace fail2ban can read.
     pub fn log_refusal(&self, kind: refusals::Kind, ip: IpAddr, user: &str) {
         self.refusals.note(kind, ip, user);
+    }
+
+    /// Writes the login line of an attempt ([`login_log`]: floods aggregated).
+    pub fn log_login(&self, line: &login_log::Line<'_>) {
+        self.logins.write(line);
+    }
+
+    /// The public id of the app password `password` when it is one of `username`'s (for
+    /// the login line of a refused attempt: a typed secret that is not an app password of
+    /// the account is never shown, not even its first characters).
+    pub fn app_password_id_of(&self, username: &str, password: &[u8]) -> Option<String> {
+        let (id, _) = app_password::parse(password)?;
+        let rec = self.store.get_app_password(&id).ok().flatten()?;
+        (rec.username == normalize_username(username)).then_some(id)
     }
 
     /// Account passwords are checked by the upstream server (`password_check = "upstream"`).
@@ -633,9 +654,6 @@ impl Authenticator {
             WebCheck::Denied => Outcome::Wrong,
             WebCheck::Unavailable | WebCheck::Paused(_) => Outcome::NotCompared,
         };
-        if let WebCheck::Denied = check {
-            self.log_refusal(refusals::Kind::WebPassword, ip, &username);
-        }
         self.settle(ticket, outcome).await;
         check
     }
@@ -695,7 +713,8 @@ impl Authenticator {
                 // Not checked: "try again later" (IMAP `NO [UNAVAILABLE]`, SMTP `454`), not
                 // "wrong", so a mail app with the right password does not ask its person
                 // for another one, and nobody learns anything about the password.
-                Err(NoSlot::Exhausted(_) | NoSlot::Unavailable) => return Verdict::Unavailable,
+                Err(NoSlot::Exhausted(_)) => return Verdict::Throttled,
+                Err(NoSlot::Unavailable) => return Verdict::Unavailable,
             }
         };
         let password = SecretBytes::from(creds.password.expose().clone());
@@ -1184,7 +1203,7 @@ mod tests {
         for t in storm {
             match t.await.unwrap() {
                 Verdict::Denied => denied += 1,
-                Verdict::Unavailable => {}
+                Verdict::Unavailable | Verdict::Throttled => {}
                 other => panic!("a random password got {other:?}"),
             }
         }
@@ -1213,13 +1232,13 @@ mod tests {
             })
             .collect();
         for g in guesses {
-            assert!(matches!(g.await.unwrap(), Verdict::Denied | Verdict::Unavailable));
+            assert!(matches!(g.await.unwrap(), Verdict::Denied | Verdict::Unavailable | Verdict::Throttled));
         }
         // Refused uncompared: "try later", never a grant, whatever the password.
         let compared = store.recent_audit("a@x", 1000).unwrap().iter().filter(|e| e.kind == "login_failed").count();
         assert!(compared <= budget::PASSWORD_PER_ADDRESS as usize, "{compared} guesses compared");
         let right = Credentials { username: "a@x".into(), password: pw("account-pw") };
-        assert!(matches!(auth.verify(&right, Protocol::Imap, &attacker).await, Verdict::Unavailable));
+        assert!(matches!(auth.verify(&right, Protocol::Imap, &attacker).await, Verdict::Throttled));
         let owner = Peer { ip: ip("198.51.100.1"), client_name: None };
         assert!(matches!(auth.verify(&right, Protocol::Imap, &owner).await, Verdict::Granted(_)));
     }
@@ -1240,7 +1259,7 @@ mod tests {
                 let c = Credentials { username: "a@x".into(), password: pw(&format!("guess-{n}-{k}")) };
                 let from = Peer { ip: ip(&format!("192.0.2.{n}")), client_name: None };
                 // Wrong (compared), or not compared once the account's budget is used up.
-                assert!(matches!(auth.verify(&c, Protocol::Imap, &from).await, Verdict::Denied | Verdict::Unavailable));
+                assert!(matches!(auth.verify(&c, Protocol::Imap, &from).await, Verdict::Denied | Verdict::Throttled));
             }
         }
         let compared = store.recent_audit("a@x", 1000).unwrap().iter().filter(|e| e.kind == "login_failed").count();
@@ -1252,7 +1271,7 @@ mod tests {
         // An address that never signed in is held by the account's budget (the one that
         // just used the app password is the owner's now).
         let new = Peer { ip: ip("203.0.113.10"), client_name: None };
-        assert!(matches!(auth.verify(&right, Protocol::Imap, &new).await, Verdict::Unavailable));
+        assert!(matches!(auth.verify(&right, Protocol::Imap, &new).await, Verdict::Throttled));
         // An admin unlock empties the account's budget.
         auth.forget_failures("a@x").unwrap();
         assert!(matches!(auth.verify(&right, Protocol::Imap, &new).await, Verdict::Granted(_)));

@@ -6,9 +6,10 @@
 //! itself is `auth`'s; the gate adds what needs I/O — with `password_check = "upstream"`
 //! the upstream server's word (for an account without a second factor, the user's own
 //! upstream login is both the check and the session) — and applies the waits, the
-//! refusal log and the per-address session cap the same way for every protocol. What
+//! login line (`auth::login_log`) and the per-address session cap the same way for every protocol. What
 //! differs between protocols is data: the [`Upstream`] implementation they pass.
 
+use crate::auth::login_log::{Line, Method, Outcome};
 use crate::auth::{self, Authenticated, Authenticator, CheckResult, Peer, Protocol, UpstreamCheck, Verdict};
 use crate::live::{LiveGuard, LiveSessions};
 use crate::net::driver::{Conn, DriveError};
@@ -19,7 +20,8 @@ use crate::proto::sasl::Credentials;
 use crate::secret::SecretBytes;
 use std::future::Future;
 use std::net::SocketAddr;
-use tracing::{debug, info, warn};
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
 
 /// Opens the upstream session of a login; one implementation per protocol.
 pub trait Upstream: Send + Sync {
@@ -218,43 +220,94 @@ impl Gate {
         }
     }
 
-    /// Decides one login. `gone` resolves if the client leaves: a check still waiting for
-    /// a hashing thread is then dropped before it runs.
+    /// Decides one login and writes its line (`auth::login_log`: one per checked
+    /// attempt, floods aggregated). `gone` resolves if the client leaves: a check still
+    /// waiting for a hashing thread is then dropped before it runs.
     pub async fn login<U: Upstream>(
         &self,
         upstream: &U,
         attempt: Attempt<'_>,
         gone: impl Future<Output = ()>,
     ) -> Result<Admitted<U::Connection>, Refusal> {
+        let started = Instant::now();
         let Attempt { creds, protocol, origin, client_name } = attempt;
         let client = origin.client;
+        let decided = self.decide(upstream, creds, protocol, &origin, client_name, gone).await;
+        let (outcome, method, app_password) = match &decided {
+            Ok(admitted) => {
+                let id = admitted.who.app_password_id().map(str::to_string);
+                let method = if id.is_some() { Method::AppPassword } else { Method::AccountPassword };
+                (Outcome::Ok, method, id)
+            }
+            Err((_, outcome)) => {
+                let password = creds.password.expose();
+                let id = match outcome {
+                    Outcome::Wrong => self.auth.app_password_id_of(&creds.username, password),
+                    _ => None,
+                };
+                (*outcome, Method::of_password(password), id)
+            }
+        };
+        // The failure delay is counted (and the failure recorded) before the line, and
+        // waited after it, so the line's duration is the check's and a client that
+        // leaves during the wait still has its line.
+        let wait = match outcome {
+            Outcome::Wrong => {
+                let username = auth::normalize_username(&creds.username);
+                self.auth.failure_delay(client.ip(), &username, creds.password.expose())
+            }
+            Outcome::NeedsAppPassword => self.auth.base_delay(),
+            _ => Duration::ZERO,
+        };
+        let client_id = client_id(origin.id);
+        self.auth.log_login(&Line {
+            result: outcome,
+            protocol: protocol.scope().as_str(),
+            client: client.ip(),
+            user: &creds.username,
+            method,
+            app_password: app_password.as_deref(),
+            client_id: client_id.as_deref(),
+            duration: started.elapsed(),
+        });
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        decided.map_err(|(refusal, _)| refusal)
+    }
+
+    /// The decision on one login, with the result for its line; no waits.
+    async fn decide<U: Upstream>(
+        &self,
+        upstream: &U,
+        creds: &Credentials,
+        protocol: Protocol,
+        origin: &Origin<'_>,
+        client_name: Option<String>,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Admitted<U::Connection>, (Refusal, Outcome)> {
+        let client = origin.client;
         let who = Peer { ip: client.ip(), client_name };
-        let username = auth::normalize_username(&creds.username);
         let verdict = tokio::select! {
             v = self.auth.verify(creds, protocol, &who) => v,
             () = gone => {
                 debug!(peer = %client, "client left during its login check");
-                return Err(Refusal::Gone);
+                return Err((Refusal::Gone, Outcome::Gone));
             }
         };
         let (verdict, opened) = match verdict {
-            Verdict::CheckUpstream(check) => self.ask_upstream(upstream, check, &origin).await,
+            Verdict::CheckUpstream(check) => self.ask_upstream(upstream, check, origin).await,
             v => (v, None),
         };
         match verdict {
-            Verdict::Granted(granted) => self.admit(upstream, granted, opened, &origin, protocol).await,
-            Verdict::Denied => {
-                self.auth.log_refusal(auth::refusals::Kind::LoginFailed, client.ip(), &username);
-                let delay = self.auth.failure_delay(client.ip(), &username, creds.password.expose());
-                tokio::time::sleep(delay).await;
-                Err(Refusal::Failed)
-            }
-            Verdict::NeedsAppPassword => {
-                info!(peer = %client, user = %username, "account password of a 2FA account refused; app password needed");
-                tokio::time::sleep(self.auth.base_delay()).await;
-                Err(Refusal::NeedsAppPassword(auth::app_password_hint(&self.app_password_url)))
-            }
-            Verdict::Unavailable | Verdict::CheckUpstream(_) => Err(Refusal::Unavailable),
+            Verdict::Granted(granted) => self.admit(upstream, granted, opened, origin, protocol).await,
+            Verdict::Denied => Err((Refusal::Failed, Outcome::Wrong)),
+            Verdict::NeedsAppPassword => Err((
+                Refusal::NeedsAppPassword(auth::app_password_hint(&self.app_password_url)),
+                Outcome::NeedsAppPassword,
+            )),
+            Verdict::Throttled => Err((Refusal::Unavailable, Outcome::Throttled)),
+            Verdict::Unavailable | Verdict::CheckUpstream(_) => Err((Refusal::Unavailable, Outcome::Unavailable)),
         }
     }
 
@@ -293,11 +346,10 @@ impl Gate {
         opened: Option<(U::Connection, SecretBytes)>,
         origin: &Origin<'_>,
         protocol: Protocol,
-    ) -> Result<Admitted<U::Connection>, Refusal> {
+    ) -> Result<Admitted<U::Connection>, (Refusal, Outcome)> {
         let client = origin.client;
         let Some(live) = self.live.register_from(&who, client.ip(), self.max_per_address) else {
-            info!(peer = %client, user = %who.username(), "too many sessions from this address");
-            return Err(Refusal::TooMany);
+            return Err((Refusal::TooMany, Outcome::TooMany));
         };
         let (session, own_password) = match opened {
             Some((session, password)) => (session, Some(password)),
@@ -305,17 +357,42 @@ impl Gate {
                 Ok(session) => (session, None),
                 Err(e) => {
                     warn!(peer = %client, user = %who.username(), %protocol, error = %e, "upstream login failed");
-                    return Err(Refusal::Unavailable);
+                    return Err((Refusal::Unavailable, Outcome::Unavailable));
                 }
             },
         };
         self.auth.succeeded(client.ip(), who.username());
-        info!(
-            peer = %client,
-            user = %who.username(),
-            app_password = who.app_password_id().unwrap_or("-"),
-            "{protocol} login"
-        );
         Ok(Admitted { who, upstream: session, live, own_password })
+    }
+}
+
+/// The client's own name for the login line: IMAP `ID`'s name, with its version when it
+/// sent one (`Thunderbird 128.3`). The fields are printable ASCII already (`proto::imap`).
+fn client_id(id: &[(String, String)]) -> Option<String> {
+    let field = |key: &str| id.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let name = field("name")?;
+    Some(match field("version") {
+        Some(version) => format!("{name} {version}"),
+        None => name.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_id;
+
+    #[test]
+    fn the_client_id_is_the_id_name_and_version() {
+        let id = |fields: &[(&str, &str)]| -> Vec<(String, String)> {
+            fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert_eq!(
+            client_id(&id(&[("name", "Thunderbird"), ("version", "128.3")])).as_deref(),
+            Some("Thunderbird 128.3")
+        );
+        assert_eq!(client_id(&id(&[("version", "1"), ("name", "K-9 Mail")])).as_deref(), Some("K-9 Mail 1"));
+        assert_eq!(client_id(&id(&[("name", "mutt")])).as_deref(), Some("mutt"));
+        assert_eq!(client_id(&id(&[("version", "1")])), None);
+        assert_eq!(client_id(&[]), None);
     }
 }

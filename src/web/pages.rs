@@ -7,6 +7,7 @@ use super::Web;
 use super::notice;
 use super::session::{COOKIE, ENROL_SECS, MAX_WRONG_CODES, SECOND_FACTOR_SECS, STEP_UP_SECS, Stage};
 use crate::accounts::{AccountError, AccountService, Actor, check_label, fmt_time, last_uses_text};
+use crate::auth::login_log::{Line, Method, Outcome};
 use crate::auth::{WebCheck, backup_codes, password};
 use crate::secret::{SecretBytes, SecretString, ct_eq};
 use crate::store::{Account, Scope};
@@ -17,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 type W = State<Arc<Web>>;
 
@@ -484,11 +486,24 @@ impl Web {
         }
     }
 
+    /// The login line of a sign-in attempt on the web step (`auth::login_log`).
+    fn log_login(&self, result: Outcome, ip: IpAddr, user: &str, method: Method, started: Instant) {
+        self.auth.log_login(&Line {
+            result,
+            protocol: "web",
+            client: ip,
+            user,
+            method,
+            app_password: None,
+            client_id: None,
+            duration: started.elapsed(),
+        });
+    }
+
     /// A wrong second factor (its slot was taken before it was compared): after the
     /// delay, the pending sign-in is dropped if that was its last slot.
     async fn wrong_code(&self, ctx: &Ctx, username: &str, backup: bool, ip: IpAddr, code: &[u8]) -> Response {
         self.audit(username, notice::FAILED, notice::failed_detail(backup, ip));
-        self.auth.log_refusal(crate::auth::refusals::Kind::SecondFactor, ip, username);
         tokio::time::sleep(self.auth.failure_delay(ip, username, code)).await;
         let dropped = self
             .web_sessions
@@ -583,12 +598,15 @@ pub(super) async fn login(
     headers: HeaderMap,
     Form(form): Fields,
 ) -> Response {
+    let started = Instant::now();
     let ip = client_ip(&ip);
     let Some(ctx) = web.load(&headers) else { return redirect("/login") };
     if let Err(r) = web.check_post(&headers, &ctx, &form) {
         return r.into_response();
     }
-    let username = crate::auth::normalize_username(form.get("username").map(String::as_str).unwrap_or(""));
+    let typed = form.get("username").map(String::as_str).unwrap_or("");
+    let username = crate::auth::normalize_username(typed);
+    let log = |result| web.log_login(result, ip, typed, Method::AccountPassword, started);
     let password = SecretBytes::from(form.get("password").cloned().unwrap_or_default().into_bytes());
     let refuse = |web: &Web, text: &'static str, status| {
         html(
@@ -613,19 +631,28 @@ pub(super) async fn login(
                 None => web.error("Sign-in failed.").into_response(),
             }
         }
-        WebCheck::Ok(account) => web.complete_sign_in(&ctx, &account.username, ip),
+        WebCheck::Ok(account) => {
+            log(Outcome::Ok);
+            web.complete_sign_in(&ctx, &account.username, ip)
+        }
         WebCheck::Denied => {
-            tokio::time::sleep(web.auth.failure_delay(ip, &username, password.expose())).await;
+            let delay = web.auth.failure_delay(ip, &username, password.expose());
+            log(Outcome::Wrong);
+            tokio::time::sleep(delay).await;
             refuse(&web, "The e-mail address or password is not right.", StatusCode::UNAUTHORIZED)
         }
-        WebCheck::Unavailable => refuse(
-            &web,
-            "Signing in is not possible right now. Try again in a minute.",
-            StatusCode::SERVICE_UNAVAILABLE,
-        ),
+        WebCheck::Unavailable => {
+            log(Outcome::Unavailable);
+            refuse(
+                &web,
+                "Signing in is not possible right now. Try again in a minute.",
+                StatusCode::SERVICE_UNAVAILABLE,
+            )
+        }
         // The password was not checked: say so, and when to come back (a wrong-password
         // answer here would tell a person with the right password that it is wrong).
         WebCheck::Paused(which) => {
+            log(Outcome::Throttled);
             tokio::time::sleep(web.auth.base_delay()).await;
             refuse(
                 &web,
@@ -721,7 +748,7 @@ async fn second_factor_slot(
     web: &Web,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
-    ip: IpAddr,
+    (ip, backup, started): (IpAddr, bool, Instant),
 ) -> Result<(Ctx, String, crate::auth::budget::Ticket), WebError> {
     let Some((ctx, username)) = pending(web.load(headers)) else { return Err(WebError::Redirect("/login")) };
     web.check_post(headers, &ctx, form)?;
@@ -747,9 +774,16 @@ async fn second_factor_slot(
         Ok(ticket) => Ok((ctx, username, ticket)),
         Err(no) => {
             give_back_code_slot(web, &ctx);
+            let method = if backup { Method::BackupCode } else { Method::Totp };
             Err(match no {
-                crate::auth::NoSlot::Exhausted(which) => codes_used_up(web, which),
-                crate::auth::NoSlot::Unavailable => web.unavailable(),
+                crate::auth::NoSlot::Exhausted(which) => {
+                    web.log_login(Outcome::Throttled, ip, &username, method, started);
+                    codes_used_up(web, which)
+                }
+                crate::auth::NoSlot::Unavailable => {
+                    web.log_login(Outcome::Unavailable, ip, &username, method, started);
+                    web.unavailable()
+                }
             })
         }
     }
@@ -766,13 +800,14 @@ fn give_back_code_slot(web: &Web, ctx: &Ctx) {
 async fn second_factor_outcome(
     web: &Web,
     (ctx, username, ticket): (Ctx, String, crate::auth::budget::Ticket),
-    ip: IpAddr,
+    (ip, backup, started): (IpAddr, bool, Instant),
     typed: &[u8],
-    backup: bool,
     result: Result<Option<usize>, AccountError>,
 ) -> Response {
+    let method = if backup { Method::BackupCode } else { Method::Totp };
     match result {
         Ok(left) => {
+            web.log_login(Outcome::Ok, ip, &username, method, started);
             web.auth.settle(ticket, crate::auth::Outcome::Right).await;
             if let Some(left) = left {
                 web.set_notice(&ctx.id, backup_codes_left(left));
@@ -780,11 +815,13 @@ async fn second_factor_outcome(
             web.complete_sign_in(&ctx, &username, ip)
         }
         Err(e) if e.is_unavailable() => {
+            web.log_login(Outcome::Unavailable, ip, &username, method, started);
             web.auth.settle(ticket, crate::auth::Outcome::NotCompared).await;
             give_back_code_slot(web, &ctx);
             web.unavailable().into_response()
         }
         Err(_) => {
+            web.log_login(Outcome::WrongCode, ip, &username, method, started);
             web.auth.settle(ticket, crate::auth::Outcome::Wrong).await;
             web.wrong_code(&ctx, &username, backup, ip, typed).await
         }
@@ -797,15 +834,16 @@ pub(super) async fn totp(
     headers: HeaderMap,
     Form(form): Fields,
 ) -> Response {
+    let started = Instant::now();
     let ip = client_ip(&ip);
-    let slot = match second_factor_slot(&web, &headers, &form, ip).await {
+    let slot = match second_factor_slot(&web, &headers, &form, (ip, false, started)).await {
         Ok(p) => p,
         Err(r) => return r.into_response(),
     };
     let code: String = form.get("code").map(|c| c.chars().filter(|c| !c.is_whitespace()).collect()).unwrap_or_default();
     // Checked, and the last accepted step moved forward, in one atomic change.
     let result = web.accounts().accept_totp_code(&slot.1, &code).map(|()| None);
-    second_factor_outcome(&web, slot, ip, code.as_bytes(), false, result).await
+    second_factor_outcome(&web, slot, (ip, false, started), code.as_bytes(), result).await
 }
 
 pub(super) async fn backup(
@@ -814,14 +852,15 @@ pub(super) async fn backup(
     headers: HeaderMap,
     Form(form): Fields,
 ) -> Response {
+    let started = Instant::now();
     let ip = client_ip(&ip);
-    let slot = match second_factor_slot(&web, &headers, &form, ip).await {
+    let slot = match second_factor_slot(&web, &headers, &form, (ip, true, started)).await {
         Ok(p) => p,
         Err(r) => return r.into_response(),
     };
     let code = SecretString::from(form.get("code").cloned().unwrap_or_default());
     let result = web.accounts().consume_backup_code(&slot.1, &code, ip).await.map(Some);
-    second_factor_outcome(&web, slot, ip, code.expose().as_bytes(), true, result).await
+    second_factor_outcome(&web, slot, (ip, true, started), code.expose().as_bytes(), result).await
 }
 
 pub(super) async fn logout(State(web): W, headers: HeaderMap, Form(form): Fields) -> Response {
