@@ -25,6 +25,8 @@ use std::time::Duration;
 
 const UNIT: &str = "/usr/lib/systemd/system/mailgate.service";
 const CONFIG: &str = "/etc/mailgate/mailgate.toml";
+const FAIL2BAN_FILTER: &str = "/etc/fail2ban/filter.d/mailgate.conf";
+const FAIL2BAN_JAIL: &str = "/etc/fail2ban/jail.d/mailgate.conf";
 const DATA: &str = "/var/lib/mailgate";
 /// Written before `dpkg -i`, removed after the purge: a package found installed with it
 /// is a leftover of this test (purged first); without it, someone else's (left alone).
@@ -184,6 +186,12 @@ fn the_debian_package_installs_serves_as_mailgate_and_purges() {
     assert_eq!((owner.as_str(), group.as_str()), ("mailgate", "mailgate"), "the store init made is mailgate's");
     let conffiles = ok(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "mailgate"]));
     assert!(conffiles.contains(CONFIG), "{CONFIG} is a conffile: {conffiles}");
+    // The fail2ban filter and jail (docs/operations.md), conffiles too, the jail off.
+    for f in [FAIL2BAN_FILTER, FAIL2BAN_JAIL] {
+        assert!(conffiles.contains(f), "{f} is a conffile: {conffiles}");
+    }
+    let jail = std::fs::read_to_string(FAIL2BAN_JAIL).unwrap();
+    assert!(jail.contains("\nenabled  = false\n") && jail.contains("\nfilter   = mailgate\n"), "{jail}");
     let passwd = ok(Command::new("getent").args(["passwd", "mailgate"]));
     let fields: Vec<&str> = passwd.trim().split(':').collect();
     assert!(fields[2].parse::<u32>().unwrap() < 1000, "a system user: {passwd}");
@@ -296,6 +304,7 @@ fn the_debian_package_installs_serves_as_mailgate_and_purges() {
     let out = purge();
     assert!(out.status.success(), "dpkg --purge: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!Path::new(DATA).exists(), "purge deletes {DATA}");
+    assert!(!Path::new(FAIL2BAN_JAIL).exists() && !Path::new(FAIL2BAN_FILTER).exists(), "purge deletes conffiles");
     assert!(!Path::new("/etc/mailgate").exists(), "purge deletes /etc/mailgate");
     assert_eq!(dpkg_status(), None);
     drop(installed);
