@@ -39,6 +39,9 @@ PEERS = ["mailgate", "mailgate_old", "nginx", "haproxy", "dovecot_proxy", "dovec
 PROXIES = ["mailgate", "mailgate_old", "nginx", "haproxy", "dovecot_proxy"]
 # SMTP submission: the proxies with an SMTP side, in front of the backend's Dovecot submission.
 SMTP_PEERS = ["mailgate", "mailgate_old", "nginx", "haproxy"]
+# POP3: in front of the backend's Dovecot pop3, and the backend's own pop3s (nginx mail and the
+# Dovecot proxy have no POP3 side here).
+POP3_PEERS = ["mailgate", "mailgate_old", "haproxy", "dovecot"]
 DOMAIN = "bench.test"
 N_LOGIN_USERS = 16
 N_IDLE_USERS = 20
@@ -217,27 +220,25 @@ class Daemon:
         return left
 
 
-def wait_greeting(port, tls_ctx=None, timeout=30.0, name="", smtp=False):
-    """Waits for a server's greeting (`* OK`, or `220` with smtp=True), over implicit TLS
-    when tls_ctx is given."""
-    want = b"220" if smtp else b"* OK"
+GREETING = {"imap": b"* OK", "smtp": b"220", "pop3": b"+OK"}
+
+
+def wait_greeting(port, tls_ctx=None, timeout=30.0, name="", proto="imap"):
+    """Waits for a server's greeting (GREETING[proto]), over implicit TLS when tls_ctx is given."""
+    want = GREETING[proto]
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
         try:
-            if tls_ctx and smtp:
-                c = clients.SmtpConn(tls_ctx, port, timeout=5)
-                c.reply(want)
-                c.close()
-            elif tls_ctx:
-                c = clients.Conn(tls_ctx, port, timeout=5)
-                c.handshake_done_greeting()
+            if tls_ctx:
+                c = clients.TlsConn(tls_ctx, port, timeout=5)
+                data = c.readline()
                 c.close()
             else:
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                     data = sock.recv(1024)
-                    if not data.startswith(want):
-                        raise RuntimeError(f"greeting {data[:80]!r}")
+            if not data.startswith(want):
+                raise RuntimeError(f"greeting {data[:80]!r}")
             return
         except Exception as e:  # noqa: BLE001 - retried until the deadline
             last = e
@@ -289,6 +290,22 @@ def write_maildir(home, messages, uid, gid):
         os.chown(p, uid, gid)
 
 
+def login_service(proto, listeners):
+    """A Dovecot `proto`-login service in high-performance mode (long-lived login processes, one
+    per CPU, each serving many clients) with `listeners`: (name, port or 0 for none, ssl)."""
+    inet = ""
+    for name, port, ssl in listeners:
+        tls = "    ssl = yes\n" if ssl else ""
+        inet += f"  inet_listener {name} {{\n    address = 127.0.0.1\n    port = {port}\n{tls}  }}\n"
+    return f"""service {proto}-login {{
+{inet}  service_count = 0
+  process_min_avail = 2
+  process_limit = 2
+  client_limit = 15000
+}}
+"""
+
+
 class Setup:
     """Users, passwords, mailboxes, certificates and the five servers."""
 
@@ -311,7 +328,12 @@ class Setup:
             self.argon_users.append((u, p, ARGON2.hash(p)))
         self.idle_users = [(f"i{i + 1:02d}@{DOMAIN}", rand_pw()) for i in range(N_IDLE_USERS)]
         self.bulk = (f"bulk@{DOMAIN}", rand_pw())
+        self.pop3 = (f"pop3@{DOMAIN}", rand_pw())  # the POP3 mailbox (POP3 has no folders)
         self.cost_users = [(f"one@{DOMAIN}", rand_pw()), (f"fifty@{DOMAIN}", rand_pw())]
+
+    def plain_users(self):
+        """The users with {PLAIN} passwords at the peers: (user, password)."""
+        return self.idle_users + [self.bulk, self.pop3] + self.cost_users
 
     def passwd_lines(self, proxy_port=None):
         lines = []
@@ -324,7 +346,7 @@ class Setup:
 
         for u, _, phc in self.argon_users:
             lines.append(f"{u}:{{ARGON2ID}}{phc}{ex(u)}")
-        for u, p in self.idle_users + [self.bulk] + self.cost_users:
+        for u, p in self.plain_users():
             lines.append(f"{u}:{{PLAIN}}{p}{ex(u)}")
         del extra
         return "\n".join(lines) + "\n"
@@ -383,23 +405,27 @@ auth_mechanisms = plain login
             f.write(f"mailgate:{{PLAIN}}{self.master_pw}\n{MASTER}:{{PLAIN}}{self.master_pw}\n")
         for p in ("users", "master-users"):
             os.chmod(f"{d}/{p}", 0o644)
-        log("writing the mailboxes (bulk: %d messages, %.1f MB)" % (len(messages), sum(map(len, messages)) / 1e6))
+        log("writing the mailboxes (bulk: %d messages, %.1f MB; POP3: %d of them)" % (
+            len(messages), sum(map(len, messages)) / 1e6, self.args.pop3_messages))
         write_maildir(f"{d}/home/{self.bulk[0]}", messages, uid, gid)
+        write_maildir(f"{d}/home/{self.pop3[0]}", messages[:self.args.pop3_messages], uid, gid)
         for u, _ in self.idle_users:
             write_maildir(f"{d}/home/{u}", messages[:IDLE_MSGS], uid, gid)
         plain, tls = free_port(), free_port()
         self.ports["backend_plain"], self.ports["dovecot"] = plain, tls
+        pop3, pop3s = free_port(), free_port()
+        self.ports["backend_pop3"], self.ports["dovecot_pop3"] = pop3, pop3s
         # SMTP: Dovecot submission (plain, behind the proxies) relays to a sink that keeps nothing.
         sub, sink = free_port(), free_port()
         self.ports["backend_submission"], self.ports["smtp_sink"] = sub, sink
         self.daemons["smtp_sink"] = Daemon("smtp_sink", [sys.executable, os.path.join(BENCH_DIR, "smtp_sink.py"),
                                                          str(sink)], d, d + "/smtp_sink.log")
-        wait_greeting(sink, None, name="smtp_sink", smtp=True)
+        wait_greeting(sink, None, name="smtp_sink", proto="smtp")
         # --dovecot-imap-reuse: imap processes serve one session after another instead of one
         # process per session (all mailboxes belong to one uid here), a much cheaper backend login.
         imap_reuse = "  service_count = 0\n  process_min_avail = 16\n" if self.args.dovecot_imap_reuse else ""
         conf = f"""# mailgate bench backend (generated)
-{self.dovecot_head(d, f"mgbench-backend-{plain}", "imap submission")}auth_master_user_separator = *
+{self.dovecot_head(d, f"mgbench-backend-{plain}", "imap submission pop3")}auth_master_user_separator = *
 login_trusted_networks = 127.0.0.0/8
 auth_failure_delay = 0
 mail_fsync = never
@@ -421,44 +447,22 @@ mail_location = maildir:~/Maildir
 protocol imap {{
   mail_max_userip_connections = 100000
 }}
+protocol pop3 {{
+  mail_max_userip_connections = 100000
+}}
 hostname = backend.{DOMAIN}
 submission_relay_host = 127.0.0.1
 submission_relay_port = {sink}
 submission_relay_ssl = no
 submission_relay_trusted = no
-service submission-login {{
-  inet_listener submission {{
-    address = 127.0.0.1
-    port = {sub}
-  }}
-  service_count = 0
-  process_min_avail = 2
-  process_limit = 2
-  client_limit = 15000
-}}
-default_process_limit = 6000
+{login_service("submission", [("submission", sub, False)])}default_process_limit = 6000
 default_client_limit = 30000
 default_vsz_limit = 2G
-service imap-login {{
-  inet_listener imap {{
-    address = 127.0.0.1
-    port = {plain}
-  }}
-  inet_listener imaps {{
-    address = 127.0.0.1
-    port = {tls}
-    ssl = yes
-  }}
-  service_count = 0
-  process_min_avail = 2
-  process_limit = 2
-  client_limit = 15000
-}}
-service imap {{
+{login_service("imap", [("imap", plain, False), ("imaps", tls, True)])}service imap {{
   process_limit = 6000
   client_limit = 1
 {imap_reuse}}}
-service anvil {{
+{login_service("pop3", [("pop3", pop3, False), ("pop3s", pop3s, True)])}service anvil {{
   unix_listener anvil-auth-penalty {{
     path = anvil-auth-penalty-disabled
   }}
@@ -467,8 +471,9 @@ service anvil {{
         with open(d + "/dovecot.conf", "w") as f:
             f.write(conf)
         run(["dovecot", "-n", "-c", d + "/dovecot.conf"])
-        self.launch("backend", ["dovecot", "-F", "-c", d + "/dovecot.conf"], d, d + "/stdout.log", [plain, tls],
-                    plain_smtp=[sub])
+        self.launch("backend", ["dovecot", "-F", "-c", d + "/dovecot.conf"], d, d + "/stdout.log",
+                    [(plain, "imap", False), (tls, "imap", True), (sub, "smtp", False), (pop3, "pop3", False),
+                     (pop3s, "pop3", True)])
 
     def start_dovecot_proxy(self):
         d = os.path.join(self.w, "dovecot-proxy")
@@ -493,21 +498,7 @@ userdb {{
 default_process_limit = 6000
 default_client_limit = 30000
 default_vsz_limit = 2G
-service imap-login {{
-  inet_listener imap {{
-    port = 0
-  }}
-  inet_listener imaps {{
-    address = 127.0.0.1
-    port = {port}
-    ssl = yes
-  }}
-  service_count = 0
-  process_min_avail = 2
-  process_limit = 2
-  client_limit = 15000
-}}
-service anvil {{
+{login_service("imap", [("imap", 0, False), ("imaps", port, True)])}service anvil {{
   unix_listener anvil-auth-penalty {{
     path = anvil-auth-penalty-disabled
   }}
@@ -516,7 +507,8 @@ service anvil {{
         with open(d + "/dovecot.conf", "w") as f:
             f.write(conf)
         run(["dovecot", "-n", "-c", d + "/dovecot.conf"])
-        self.launch("dovecot_proxy", ["dovecot", "-F", "-c", d + "/dovecot.conf"], d, d + "/stdout.log", [port])
+        self.launch("dovecot_proxy", ["dovecot", "-F", "-c", d + "/dovecot.conf"], d, d + "/stdout.log",
+                    [(port, "imap", True)])
 
     def start_nginx(self):
         d = os.path.join(self.w, "nginx")
@@ -572,13 +564,13 @@ mail {{
             f.write(conf)
         run(["nginx", "-t", "-q", "-p", d, "-e", d + "/logs/error.log", "-c", d + "/nginx.conf"])
         self.launch("nginx", ["nginx", "-p", d, "-e", d + "/logs/error.log", "-c", d + "/nginx.conf"], d,
-                    d + "/stdout.log", [port], tls_smtp=[smtp_port])
+                    d + "/stdout.log", [(port, "imap", True), (smtp_port, "smtp", True)])
 
     def start_haproxy(self):
         d = os.path.join(self.w, "haproxy")
         os.makedirs(d)
-        port, smtp_port = free_port(), free_port()
-        self.ports["haproxy"], self.ports["haproxy_smtp"] = port, smtp_port
+        port, smtp_port, pop3_port = free_port(), free_port(), free_port()
+        self.ports["haproxy"], self.ports["haproxy_smtp"], self.ports["haproxy_pop3"] = port, smtp_port, pop3_port
         conf = f"""# mailgate bench: haproxy TLS termination, TCP mode (generated)
 global
   maxconn 9000
@@ -599,12 +591,17 @@ frontend smtps
   default_backend submission
 backend submission
   server s1 127.0.0.1:{self.ports['backend_submission']} maxconn 9000
+frontend pop3s
+  bind 127.0.0.1:{pop3_port} ssl crt {self.combined}
+  default_backend pop3
+backend pop3
+  server p1 127.0.0.1:{self.ports['backend_pop3']} maxconn 9000
 """
         with open(d + "/haproxy.cfg", "w") as f:
             f.write(conf)
         run(["haproxy", "-c", "-q", "-f", d + "/haproxy.cfg"])
-        self.launch("haproxy", ["haproxy", "-db", "-f", d + "/haproxy.cfg"], d, d + "/stdout.log", [port],
-                    tls_smtp=[smtp_port])
+        self.launch("haproxy", ["haproxy", "-db", "-f", d + "/haproxy.cfg"], d, d + "/stdout.log",
+                    [(port, "imap", True), (smtp_port, "smtp", True), (pop3_port, "pop3", True)])
 
     def mailgate(self, name, *args, stdin=None):
         mg = self.mg[name]
@@ -616,14 +613,15 @@ backend submission
 
     def start_mailgate(self, name, binary):
         """One mailgate instance `name` ("mailgate" or "mailgate_old") from `binary`, with its
-        own store, IMAP and SMTP ports, accounts and app passwords."""
+        own store, IMAP, SMTP and POP3 ports, accounts and app passwords. A binary from before
+        POP3 (which refuses [pop3]) runs without it, and is left out of the POP3 figure."""
         d = os.path.join(self.w, name)
         os.makedirs(d)
         # A private copy: the shared target/ may be rebuilt while the bench runs.
         mg = {"dir": d, "bin": d + "/mailgate", "conf": d + "/mailgate.toml"}
         self.mg[name] = mg
         shutil.copy2(binary, mg["bin"])
-        port, smtp_port = free_port(), free_port()
+        port, smtp_port, pop3_port = free_port(), free_port(), free_port()
         self.ports[name], self.ports[name + "_smtp"] = port, smtp_port
         with open(d + "/master.secret", "w") as f:
             f.write(self.master_pw + "\n")
@@ -669,14 +667,36 @@ max_connections = 30000
 max_connections_per_ip = 30000
 max_sessions_per_user_ip = 30000
 """
+        pop3 = f"""
+[pop3]
+listen_tls = ["127.0.0.1:{pop3_port}"]
+listen_starttls = []
+
+[upstream.pop3]
+address = "127.0.0.1:{self.ports['backend_pop3']}"
+tls = "none"
+login = "master-sasl"
+master_user = "mailgate"
+master_password_file = "{d}/master.secret"
+xclient = true
+"""
         with open(mg["conf"], "w") as f:
-            f.write(conf)
-        self.mailgate(name, "init")
+            f.write(conf + pop3)
+        try:
+            self.mailgate(name, "init")
+            self.ports[name + "_pop3"] = pop3_port
+        except RuntimeError as e:
+            if name == "mailgate" or "pop3" not in str(e):
+                raise
+            log(f"{name}: this binary has no POP3 ({str(e).strip().splitlines()[-1]}): no POP3 figure for it")
+            with open(mg["conf"], "w") as f:
+                f.write(conf)
+            self.mailgate(name, "init")
         log("%s: adding %d accounts and their app passwords" % (
-            name, len(self.argon_users) + len(self.idle_users) + 3))
+            name, len(self.argon_users) + len(self.plain_users())))
         for u, p, _ in self.argon_users:
             self.mailgate(name, "user", "add", u, "--password-stdin", stdin=p + "\n")
-        for u, p in self.idle_users + [self.bulk] + self.cost_users:
+        for u, p in self.plain_users():
             self.mailgate(name, "user", "add", u, "--password-stdin", stdin=p + "\n")
         app = {}
         for u in [x[0] for x in self.argon_users] + [x[0] for x in self.idle_users] + [self.bulk[0],
@@ -684,21 +704,20 @@ max_sessions_per_user_ip = 30000
             app[u] = [self.app_password(name, u, "bench")]
         fifty = self.cost_users[1][0]
         app[fifty] = [self.app_password(name, fifty, f"device {k}") for k in range(50)]
+        listeners = [(port, "imap", True), (smtp_port, "smtp", True)]
+        if self.pop3_port(name):
+            app[self.pop3[0]] = [self.app_password(name, self.pop3[0], "bench", scope="imap,pop3")]
+            listeners.append((pop3_port, "pop3", True))
         self.apps[name] = app
-        self.launch(name, [mg["bin"], "--config", mg["conf"], "serve"], d, d + "/mailgate.log", [port],
-                    tls_smtp=[smtp_port])
+        self.launch(name, [mg["bin"], "--config", mg["conf"], "serve"], d, d + "/mailgate.log", listeners)
 
-    def launch(self, name, cmd, cwd, logfile, ports, tls_smtp=(), plain_smtp=()):
-        """Starts a server (foreground, own process group) and waits for its greeting(s)."""
-        self.specs[name] = (cmd, cwd, logfile, ports, tuple(tls_smtp), tuple(plain_smtp))
+    def launch(self, name, cmd, cwd, logfile, listeners):
+        """Starts a server (foreground, own process group) and waits for its greeting on each of
+        its `listeners`: (port, "imap" | "smtp" | "pop3", implicit TLS)."""
+        self.specs[name] = (cmd, cwd, logfile, listeners)
         self.daemons[name] = Daemon(name, cmd, cwd, logfile)
-        for i, port in enumerate(ports):
-            plain = name == "backend" and i == 0
-            wait_greeting(port, None if plain else self.ctx, name=name)
-        for port in tls_smtp:
-            wait_greeting(port, self.ctx, name=name, smtp=True)
-        for port in plain_smtp:
-            wait_greeting(port, None, name=name, smtp=True)
+        for port, proto, tls in listeners:
+            wait_greeting(port, self.ctx if tls else None, name=name, proto=proto)
 
     def restart(self, peer):
         """Stops and starts a peer's server again (fresh process, same config and ports)."""
@@ -708,8 +727,9 @@ max_sessions_per_user_ip = 30000
             raise RuntimeError(f"{name}: processes {left} still running after stop")
         self.launch(name, *self.specs[name])
 
-    def app_password(self, name, user, label):
-        out = self.mailgate(name, "app-password", "create", user, "--label", label).strip().splitlines()[-1]
+    def app_password(self, name, user, label, scope=None):
+        scope = ["--scope", scope] if scope else []
+        out = self.mailgate(name, "app-password", "create", user, "--label", label, *scope).strip().splitlines()[-1]
         pw = out.replace(" ", "").replace("-", "").strip()
         if len(pw) != 32:
             raise RuntimeError(f"unexpected app password line {out!r}")
@@ -717,12 +737,13 @@ max_sessions_per_user_ip = 30000
 
     # --- per-peer credentials and CPU roots
     def creds(self, peer, kind):
-        """kind: argon2 | app | bulk | idle | smtp. Peers have no app passwords: for them a device
-        password is a password checked against an argon2id hash, i.e. the argon2 users. SMTP
-        logs in as the first N_SMTP_USERS idle users ({PLAIN} passwords at the peers)."""
+        """kind: argon2 | app | bulk | pop3 | idle | smtp. Peers have no app passwords: for them a
+        device password is a password checked against an argon2id hash, i.e. the argon2 users.
+        SMTP logs in as the first N_SMTP_USERS idle users ({PLAIN} passwords at the peers)."""
         app = self.apps.get(peer, {})
-        if kind == "bulk":
-            return [(self.bulk[0], app[self.bulk[0]][0] if is_mg(peer) else self.bulk[1])]
+        if kind in ("bulk", "pop3"):
+            u, pw = self.bulk if kind == "bulk" else self.pop3
+            return [(u, app[u][0] if is_mg(peer) else pw)]
         if kind in ("idle", "smtp"):
             users = self.idle_users[:N_SMTP_USERS] if kind == "smtp" else self.idle_users
             if is_mg(peer):
@@ -734,6 +755,11 @@ max_sessions_per_user_ip = 30000
 
     def smtp_port(self, peer):
         return self.ports[peer + "_smtp"]
+
+    def pop3_port(self, peer):
+        """The peer's POP3-over-TLS port, None if it has none (nginx, the Dovecot proxy, a
+        mailgate binary from before POP3)."""
+        return self.ports.get(peer + "_pop3")
 
     def front_roots(self, peer):
         if is_mg(peer):
@@ -822,22 +848,34 @@ class Bench:
         return r
 
     def bulk(self, peer, rnd):
+        """IMAP: FETCH 1:* BODY.PEEK[] of the bulk mailbox, --fetches times on one connection."""
+        user, pw = self.s.creds(peer, "bulk")[0]
+        return self.download("bulk", peer, rnd, clients.fetch_all, self.s.ports[peer], user, pw, self.a.fetches)
+
+    def pop3(self, peer, rnd):
+        """POP3: RETR of every message of the POP3 mailbox, --pop3-passes times on one connection."""
+        user, pw = self.s.creds(peer, "pop3")[0]
+        return self.download("pop3", peer, rnd, clients.retr_all, self.s.pop3_port(peer), user, pw,
+                             self.a.pop3_messages, self.a.pop3_passes)
+
+    def download(self, kind, peer, rnd, client, port, *args):
+        """One download measurement: `client(ctx, port, *args)` returns [(bytes, seconds)] per
+        pass over the mailbox; records MB/s and the front's and the backend's CPU per GB."""
         idle = self.wait()
         roots, back = self.s.front_roots(peer), self.s.backend_roots()
-        user, pw = self.s.creds(peer, "bulk")[0]
         c0, b0 = cpu_secs(roots), cpu_secs(back)
-        res = clients.fetch_all(self.s.ctx, self.s.ports[peer], user, pw, self.a.fetches)
+        res = client(self.s.ctx, port, *args)
         time.sleep(self.a.cpu_settle)  # let the servers finish closing and reap exited children
         c1, b1 = cpu_secs(roots), cpu_secs(back)
         nbytes = sum(n for n, _ in res)
         secs = sum(t for _, t in res)
         gb = nbytes / 1e9
-        r = self.rec(kind="bulk", peer=peer, round=rnd, idle_cpu_pct=idle, bytes=nbytes, secs=round(secs, 4),
+        r = self.rec(kind=kind, peer=peer, round=rnd, idle_cpu_pct=idle, bytes=nbytes, secs=round(secs, 4),
                      mb_s=round(nbytes / 1e6 / secs, 1),
                      per_fetch_mb_s=[round(n / 1e6 / t, 1) for n, t in res],
                      front_cpu_ms_per_gb=round((c1 - c0) * 1000 / gb, 1),
                      backend_cpu_ms_per_gb=round((b1 - b0) * 1000 / gb, 1))
-        log(f"  bulk      {peer:14s} {r['mb_s']:8.1f} MB/s  front {r['front_cpu_ms_per_gb']:7.0f} ms/GB"
+        log(f"  {kind:9s} {peer:14s} {r['mb_s']:8.1f} MB/s  front {r['front_cpu_ms_per_gb']:7.0f} ms/GB"
             f"  backend {r['backend_cpu_ms_per_gb']:6.0f} ms/GB (idle {idle}%)")
         return r
 
@@ -1049,6 +1087,10 @@ def summarize(b, args):
     put("proxy_cpu_ms_per_gb", "bulk", "front_cpu_ms_per_gb", PROXIES)
     put("server_cpu_ms_per_gb_dovecot_direct", "bulk", "front_cpu_ms_per_gb", ["dovecot"])
     put("backend_cpu_ms_per_gb", "bulk", "backend_cpu_ms_per_gb", PROXIES)
+    put("pop3_mb_s", "pop3", "mb_s", POP3_PEERS)
+    put("pop3_proxy_cpu_ms_per_gb", "pop3", "front_cpu_ms_per_gb", PROXIES)
+    put("pop3_server_cpu_ms_per_gb_dovecot_direct", "pop3", "front_cpu_ms_per_gb", ["dovecot"])
+    put("pop3_backend_cpu_ms_per_gb", "pop3", "backend_cpu_ms_per_gb", PROXIES)
     put("append_proxy_cpu_ms_per_gb", "append", "front_cpu_ms_per_gb_incl_delete", PROXIES)
     for what, key in (("app", "app_password"), ("argon2", "argon2")):
         for c in (16, 1):
@@ -1091,6 +1133,8 @@ def summarize(b, args):
          ">=", 1.2),
         ("B2", "proxy CPU per GB <= 0.75x haproxy",
          ratio(g("proxy_cpu_ms_per_gb", "mailgate"), g("proxy_cpu_ms_per_gb", "haproxy")), "<=", 0.75),
+        ("P1", "POP3 RETR MB/s >= 1.2x haproxy", ratio(g("pop3_mb_s", "mailgate"), g("pop3_mb_s", "haproxy")),
+         ">=", 1.2),
         ("L2", "app-password logins/s, 16 clients >= 3x nginx+auth_http (argon2id)",
          ratio(g("app_password_logins_per_s_c16", "mailgate"), g("app_password_logins_per_s_c16", "nginx")),
          ">=", 3.0),
@@ -1127,6 +1171,8 @@ def summarize(b, args):
 COMPARE = [
     ("bulk_mb_s", "bulk FETCH MB/s", True),
     ("proxy_cpu_ms_per_gb", "proxy CPU ms/GB (fetch)", False),
+    ("pop3_mb_s", "POP3 RETR MB/s", True),
+    ("pop3_proxy_cpu_ms_per_gb", "POP3 proxy CPU ms/GB", False),
     ("append_mb_s", "APPEND MB/s", True),
     ("app_password_logins_per_s_c16", "app-pw logins/s, 16 cl.", True),
     ("app_password_front_cpu_ms_per_login_c16", "app-pw proxy CPU ms/login, 16", False),
@@ -1199,6 +1245,10 @@ ROWS = [
     ("proxy_cpu_ms_per_gb", "proxy CPU ms/GB (fetch)", 0),
     ("server_cpu_ms_per_gb_dovecot_direct", "Dovecot direct server CPU ms/GB", 0),
     ("backend_cpu_ms_per_gb", "backend CPU ms/GB (fetch)", 0),
+    ("pop3_mb_s", "POP3 RETR MB/s", 1),
+    ("pop3_proxy_cpu_ms_per_gb", "POP3 proxy CPU ms/GB", 0),
+    ("pop3_server_cpu_ms_per_gb_dovecot_direct", "Dovecot direct POP3 CPU ms/GB", 0),
+    ("pop3_backend_cpu_ms_per_gb", "POP3 backend CPU ms/GB", 0),
     ("append_mb_s", "APPEND MB/s", 1),
     ("append_proxy_cpu_ms_per_gb", "proxy CPU ms/GB (append)", 0),
     ("app_password_logins_per_s_c16", "app-pw logins/s, 16 cl.", 1),
@@ -1248,6 +1298,9 @@ def table(summary, markdown=False):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         else:
             lines.append(f"{label:34s}" + "".join(f"{c:>15s}" for c in cells))
+    if summary.get("pop3_mb_s"):
+        lines += ["", "POP3: nginx mail and the Dovecot proxy are not set up for POP3 (nor is a mailgate binary from "
+                  "before POP3), so they have no POP3 figures."]
     return "\n".join(lines)
 
 
@@ -1335,6 +1388,10 @@ def main():
     ap.add_argument("--login-secs", type=float, default=10.0)
     ap.add_argument("--fetches", type=int, default=3, help="full-mailbox FETCHes per bulk measurement")
     ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--pop3-messages", type=int, default=2000,
+                    help="messages in the POP3 mailbox (at most --messages; --quick: 1000)")
+    ap.add_argument("--pop3-passes", type=int, default=3,
+                    help="RETRs of the whole POP3 mailbox per measurement, on one connection")
     ap.add_argument("--idle-sessions", type=int, default=2000)
     ap.add_argument("--idle-workers", type=int, default=4)
     ap.add_argument("--idle-rounds", type=int, default=1,
@@ -1358,7 +1415,7 @@ def main():
                     help="messages per SMTP connection (each connection: TLS, EHLO, AUTH PLAIN)")
     ap.add_argument("--peers", default=",".join(p for p in PEERS if p != "mailgate_old"),
                     help="comma list of %s (mailgate_old is added when --mailgate-old is given)" % ",".join(PEERS))
-    ap.add_argument("--skip", default="", help="comma list of: greeting,bulk,append,logins,cost,idle,smtp")
+    ap.add_argument("--skip", default="", help="comma list of: greeting,bulk,pop3,append,logins,cost,idle,smtp")
     ap.add_argument("--mailgate", default=os.path.join(REPO, "target/release/mailgate"))
     ap.add_argument("--mailgate-old", default=None,
                     help="a second mailgate binary measured in the same run as peer mailgate_old (the binary "
@@ -1371,8 +1428,9 @@ def main():
     if args.quick:
         args.rounds, args.login_secs, args.fetches = 1, 3.0, 1
         args.idle_sessions, args.greetings, args.quiet_timeout, args.cost_secs = 400, 20, 10.0, 3.0
-        args.smtp_secs = 4.0
+        args.smtp_secs, args.pop3_messages, args.pop3_passes = 4.0, 1000, 1
     args.append_messages = args.messages
+    args.pop3_messages = min(args.pop3_messages, args.messages)
     peers = [p for p in args.peers.split(",") if p]
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
@@ -1441,6 +1499,13 @@ def main():
             c.login(u, pw)
             c.command("z", "LOGOUT")
             c.close()
+        pop3_peers = [p for p in peers if p in POP3_PEERS and s.pop3_port(p)]
+        if "pop3" not in skip:
+            # Dovecot indexes the POP3 mailbox (sizes, UIDLs) at its first RETR pass; one login
+            # per peer (mailgate: the app password's first use costs an argon2 hash).
+            clients.retr_all(s.ctx, s.pop3_port("dovecot"), s.pop3[0], s.pop3[1], args.pop3_messages, 1)
+            for p in pop3_peers:
+                clients.retr_all(s.ctx, s.pop3_port(p), *s.creds(p, "pop3")[0], 1, 1)
         smtp_peers = [p for p in peers if p in SMTP_PEERS]
         if "smtp" not in skip:
             # One login per SMTP account and peer outside the measurement (mailgate's first
@@ -1470,6 +1535,9 @@ def main():
             if "bulk" not in skip:
                 for p in order:
                     b.run(b.bulk, p, rnd)
+            if "pop3" not in skip:
+                for p in [x for x in order if x in pop3_peers]:
+                    b.run(b.pop3, p, rnd)
             if "append" not in skip:
                 for p in order:
                     b.run(b.append, p, rnd)
@@ -1543,6 +1611,11 @@ def main():
                     "proxies in front of the backend's Dovecot submission, which relays to bench/smtp_sink.py; "
                     "mailgate logs in there with master SASL, nginx with proxy_smtp_auth as user*master, haproxy "
                     "passes the client's own AUTH through; backend CPU = Dovecot + sink",
+            "pop3": "one POP3 connection over implicit TLS: USER, PASS, STAT, then RETR of every message of the "
+                    "POP3 mailbox (no DELE), 100 RETRs per write with two batches in flight, --pop3-passes "
+                    "times, QUIT; mailgate (app password with the pop3 scope, master SASL login and XCLIENT to "
+                    "the backend), haproxy (TLS termination to the backend's pop3) and Dovecot's own pop3s; "
+                    "nginx mail and the Dovecot proxy are not set up for POP3",
             "login_cost_ratio": "mailgate proxy CPU ms per login, account with 50 app passwords (logging in with "
                                 "the 1st, 26th and 50th) / account with 1, 16 clients",
         },

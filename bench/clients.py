@@ -1,7 +1,9 @@
-"""IMAP clients of the benchmark: TLS 1.3, raw sockets, as little parsing as possible.
+"""IMAP, SMTP and POP3 clients of the benchmark: TLS 1.3, raw sockets, as little parsing as
+possible.
 
-Every reply is checked; anything other than the expected tagged OK raises ImapError, which
-the callers count as an error (a run with errors is invalid).
+Every reply is checked; anything other than the expected tagged OK (SMTP: reply code, POP3:
++OK) raises ImapError (SmtpError, Pop3Error), which the callers count as an error (a run with
+errors is invalid).
 """
 
 import os
@@ -26,7 +28,10 @@ def tls_context(cafile):
 
 
 class TlsConn:
-    """One TLS connection to the mail server under test (TCP_NODELAY, handshake done)."""
+    """One TLS connection to the mail server under test (TCP_NODELAY, handshake done) with a
+    small line reader."""
+
+    error = ImapError
 
     def __init__(self, ctx, port, timeout=60.0):
         raw = socket.create_connection((HOST, port), timeout=timeout)
@@ -41,16 +46,6 @@ class TlsConn:
         except OSError:
             pass
 
-
-class Conn(TlsConn):
-    """One TLS connection with a small line reader."""
-
-    def handshake_done_greeting(self):
-        line = self.readline()
-        if not line.startswith(b"* OK"):
-            raise ImapError(f"greeting: {line[:120]!r}")
-        return line
-
     def readline(self):
         while True:
             i = self.buf.find(b"\r\n")
@@ -59,8 +54,18 @@ class Conn(TlsConn):
                 return line
             data = self.sock.recv(65536)
             if not data:
-                raise ImapError(f"connection closed (pending {self.buf[:120]!r})")
+                raise self.error(f"connection closed (pending {self.buf[:120]!r})")
             self.buf += data
+
+
+class Conn(TlsConn):
+    """One IMAP connection."""
+
+    def handshake_done_greeting(self):
+        line = self.readline()
+        if not line.startswith(b"* OK"):
+            raise ImapError(f"greeting: {line[:120]!r}")
+        return line
 
     def command(self, tag, text):
         """Sends `tag text` and reads up to the tagged reply, which must be OK."""
@@ -269,6 +274,8 @@ class SmtpError(Exception):
 class SmtpConn(TlsConn):
     """One implicit-TLS submission connection (port 465 style) with a reply reader."""
 
+    error = SmtpError
+
     def reply(self, want):
         """Reads one (possibly multi-line) reply; its code must be `want`."""
         while True:
@@ -349,3 +356,86 @@ def smtp_worker(cafile, port, creds, start_at, secs, per_conn, size, conn):
                 c.close()
     conn.send((len(lat), lat, errors, first))
     conn.close()
+
+
+# ----------------------------------------------------------------------------- POP3
+
+
+class Pop3Error(Exception):
+    pass
+
+
+class Pop3Conn(TlsConn):
+    """One implicit-TLS POP3 connection (port 995 style)."""
+
+    error = Pop3Error
+
+    def ok(self):
+        line = self.readline()
+        if not line.startswith(b"+OK"):
+            raise Pop3Error(f"expected +OK, got {line[:200]!r}")
+        return line
+
+    def cmd(self, line):
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.ok()
+
+
+class Pop3Replies:
+    """Counts complete POP3 multi-line replies (each ends in a line ".") in the raw byte stream
+    of a socket, read with recv_into into `buf`. No parsing beyond that: dot-stuffing keeps
+    "\r\n.\r\n" out of the message bodies, and no line of the bench's messages starts with
+    "-ERR", so an error reply shows as "\n-ERR"."""
+
+    END, ERR = b"\r\n.\r\n", b"\n-ERR"
+
+    def __init__(self, sock, buf):
+        self.sock, self.buf, self.mv = sock, buf, memoryview(buf)
+        self.tail = b"\r\n"  # the last 4 bytes received (an -ERR as the first line shows too)
+        self.total = self.done = 0
+
+    def until(self, count):
+        """Reads until `count` replies in all have arrived; returns the bytes received in all."""
+        buf, mv = self.buf, self.mv
+        while self.done < count:
+            n = self.sock.recv_into(mv)
+            if n == 0:
+                raise Pop3Error(f"connection closed after {self.total} bytes, {self.done} replies")
+            self.total += n
+            # A marker across the two reads lies in the last 4 bytes before and the first 4 now.
+            edge = self.tail + bytes(mv[:min(n, 4)])
+            self.done += edge.count(self.END) + buf.count(self.END, 0, n)
+            if self.ERR in edge or buf.find(self.ERR, 0, n) >= 0:
+                data = self.tail + bytes(mv[:n])
+                raise Pop3Error(f"after {self.done} replies: {data[data.find(self.ERR) + 1:][:200]!r}")
+            self.tail = (self.tail + bytes(mv[max(0, n - 4):n]))[-4:]
+        return self.total
+
+
+def retr_all(ctx, port, user, password, count, passes, batch=100, buf_size=1 << 20):
+    """POP3 download: USER/PASS, then RETR 1 .. `count` (no DELE) `passes` times on one
+    connection, `batch` RETRs per write and two batches in flight, QUIT. Returns
+    [(bytes, seconds)] per pass."""
+    c = Pop3Conn(ctx, port)
+    c.ok()
+    c.cmd(f"USER {user}")
+    c.cmd(f"PASS {password}")
+    stat = c.cmd("STAT").split()
+    if int(stat[1]) < count:
+        raise Pop3Error(f"STAT: {int(stat[1])} messages, {count} wanted")
+    if c.buf:
+        raise Pop3Error(f"unexpected data before RETR: {c.buf[:120]!r}")
+    buf = bytearray(buf_size)
+    out = []
+    for _ in range(passes):
+        replies = Pop3Replies(c.sock, buf)
+        t0 = time.perf_counter()
+        for start in range(1, count + 1, batch):
+            last = min(count, start + batch - 1)
+            c.sock.sendall("".join(f"RETR {i}\r\n" for i in range(start, last + 1)).encode())
+            replies.until(start - 1 - batch)
+        n = replies.until(count)
+        out.append((n, time.perf_counter() - t0))
+    c.cmd("QUIT")
+    c.close()
+    return out
