@@ -490,3 +490,27 @@ pub enum LiveEvent {
         username: String,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as a mailgate from before POP3 and ManageSieve wrote it (no protocol in its
+    /// last use, no last use per protocol) reads with exactly its scopes: an `imap,smtp` app
+    /// password does not gain `pop3` or `sieve`, and its one last use is kept.
+    #[test]
+    fn an_app_password_from_before_pop3_and_sieve_keeps_its_scopes() {
+        let old = br#"{"id":"jnqs4c","username":"alice@example.com","label":"phone","scopes":["imap","smtp"],
+            "hash":"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g","created_at":1764000000,
+            "created_by":"admin","last_used":{"at":1764000100,"ip":"192.0.2.7","client":"Thunderbird"}}"#;
+        let rec: AppPasswordRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!(rec.scopes, vec![Scope::Imap, Scope::Smtp]);
+        assert!(!rec.scopes.contains(&Scope::Pop3) && !rec.scopes.contains(&Scope::Sieve));
+        let last = rec.last_used.as_ref().unwrap();
+        assert_eq!((last.at, last.protocol), (1_764_000_100, None));
+        assert!(rec.last_used_by.is_empty());
+        // Written back, it still holds just those two.
+        let again: AppPasswordRecord = serde_json::from_slice(&serde_json::to_vec(&rec).unwrap()).unwrap();
+        assert_eq!(again.scopes, vec![Scope::Imap, Scope::Smtp]);
+    }
+}
