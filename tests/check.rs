@@ -87,16 +87,19 @@ fn check_passes_a_correct_setup_and_names_the_cause_of_five_broken_ones() {
     let dovecot = Dovecot::start(DovecotOptions {
         tls: Some((up.cert.clone(), up.key.clone())),
         pop3: true,
+        sieve: true,
         ..Default::default()
     });
     // A second Dovecot, without TLS, that trusts no forwarding from mailgate's address.
     let untrusting = Dovecot::start(DovecotOptions {
         pop3: true,
+        sieve: true,
         extra_config: "login_trusted_networks = 192.0.2.0/24\n".into(),
         ..Default::default()
     });
     let submission = Submission::start(SubmissionOptions::default());
     let pop3 = format!("127.0.0.1:{}", dovecot.pop3_port.unwrap());
+    let sieve = format!("127.0.0.1:{}", dovecot.sieve_port.unwrap());
     let mg = Mailgate::start(Options {
         upstream: format!("127.0.0.1:{}", dovecot.port),
         upstream_extra: format!("tls = \"starttls\"\nserver_name = \"localhost\"\nca_file = \"{}\"\n", up.ca.display()),
@@ -104,6 +107,11 @@ fn check_passes_a_correct_setup_and_names_the_cause_of_five_broken_ones() {
         master_password: "master-password".into(),
         pop3_upstream: Some(pop3.clone()),
         pop3_upstream_extra: "xclient = true\n".into(),
+        sieve_upstream: Some(sieve.clone()),
+        sieve_upstream_extra: format!(
+            "xclient = true\ntls = \"starttls\"\nserver_name = \"localhost\"\nca_file = \"{}\"\n",
+            up.ca.display()
+        ),
         ..Default::default()
     });
     // The certificate is for localhost: the web URL and the host name say so.
@@ -115,6 +123,7 @@ fn check_passes_a_correct_setup_and_names_the_cause_of_five_broken_ones() {
 
     // 1. Correct: every check passes, status 0; the logins as the user were made.
     let run = check(&mg);
+    eprintln!("the report on a correct setup:\n{}", run.text);
     assert_eq!(run.code, Some(0), "{}", run.text);
     assert!(run.failed().is_empty(), "{}", run.text);
     for name in [
@@ -125,6 +134,9 @@ fn check_passes_a_correct_setup_and_names_the_cause_of_five_broken_ones() {
         "upstream SMTP login as alice@example.com",
         "upstream POP3 login as alice@example.com",
         "client address forwarding to POP3",
+        "upstream ManageSieve login as alice@example.com",
+        "client address forwarding to ManageSieve",
+        "client address forwarding to SMTP",
         "autoconfig",
         "/healthz",
     ] {
@@ -155,6 +167,7 @@ fn check_passes_a_correct_setup_and_names_the_cause_of_five_broken_ones() {
     let secret = mg.dir.path().join("config/master.secret");
     std::fs::write(&secret, "not-the-master-password\n").unwrap();
     let run = check(&mg);
+    eprintln!("the report with a wrong master password:\n{}", run.text);
     assert_eq!(run.code, Some(1), "{}", run.text);
     let imap = run.entry("upstream IMAP login as alice@example.com");
     assert!(imap.starts_with("FAIL") && imap.contains("`upstream.imap.master_password_file`"), "{imap}");
@@ -183,19 +196,41 @@ fn check_passes_a_correct_setup_and_names_the_cause_of_five_broken_ones() {
     assert_eq!(run.failed(), vec![name.clone()], "{}", run.text);
     let entry = run.entry(&name);
     assert!(entry.contains("not trusted") && entry.contains("`upstream.imap.ca_file`"), "{entry}");
-    edit(&mg, |t| t.replace("server_name = \"localhost\"\n", &format!("server_name = \"localhost\"\n{ca_line}")));
+    // [upstream.imap] comes first in the file: its line, not [upstream.sieve]'s.
+    edit(&mg, |t| t.replacen("server_name = \"localhost\"\n", &format!("server_name = \"localhost\"\n{ca_line}"), 1));
     assert_eq!(check(&mg).code, Some(0), "restored");
 
-    // 5. Dovecot does not trust mailgate's address for forwarding (POP3 XCLIENT).
+    // 5. Dovecot does not trust mailgate's address for forwarding (POP3 and ManageSieve
+    // XCLIENT).
     let untrusting_pop3 = format!("127.0.0.1:{}", untrusting.pop3_port.unwrap());
-    edit(&mg, |t| t.replace(&format!("address = \"{pop3}\""), &format!("address = \"{untrusting_pop3}\"")));
+    let untrusting_sieve = format!("127.0.0.1:{}", untrusting.sieve_port.unwrap());
+    edit(&mg, |t| {
+        t.replace(&format!("address = \"{pop3}\""), &format!("address = \"{untrusting_pop3}\""))
+            .replace(&format!("address = \"{sieve}\""), &format!("address = \"{untrusting_sieve}\""))
+            .replace("xclient = true\ntls = \"starttls\"", "xclient = true\ntls = \"none\"")
+    });
     let run = check(&mg);
+    eprintln!("the report with Dovecot not trusting mailgate:\n{}", run.text);
     assert_eq!(run.code, Some(1), "{}", run.text);
-    let forwarding = run.entry("client address forwarding to POP3");
-    assert!(forwarding.starts_with("FAIL") && forwarding.contains("Dovecot `login_trusted_networks`"), "{forwarding}");
+    for protocol in ["POP3", "ManageSieve"] {
+        let forwarding = run.entry(&format!("client address forwarding to {protocol}"));
+        assert!(forwarding.starts_with("FAIL"), "{forwarding}");
+        assert!(
+            forwarding.contains("Dovecot `login_trusted_networks` must include mailgate's address"),
+            "{forwarding}"
+        );
+    }
     assert!(run.entry("upstream POP3 login as alice@example.com").contains("XCLIENT"), "{}", run.text);
-    assert_eq!(run.failed().len(), 2, "the POP3 login and its forwarding only: {}", run.text);
-    edit(&mg, |t| t.replace(&format!("address = \"{untrusting_pop3}\""), &format!("address = \"{pop3}\"")));
+    assert!(
+        run.failed().iter().all(|f| f.contains("POP3") || f.contains("ManageSieve")),
+        "only POP3 and ManageSieve: {}",
+        run.text
+    );
+    edit(&mg, |t| {
+        t.replace(&format!("address = \"{untrusting_pop3}\""), &format!("address = \"{pop3}\""))
+            .replace(&format!("address = \"{untrusting_sieve}\""), &format!("address = \"{sieve}\""))
+            .replace("xclient = true\ntls = \"none\"", "xclient = true\ntls = \"starttls\"")
+    });
 
     // 6. mailgate's own certificate expired.
     let key = rcgen::KeyPair::generate().unwrap();
