@@ -251,6 +251,45 @@ fn check_passes_a_correct_setup_and_names_the_cause_of_five_broken_ones() {
     let (status, body) = healthz(&mg);
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     assert_eq!(body, "ok");
+
+    // With serve stopped, check opens the embedded store itself, and the web URL has
+    // nobody behind it.
+    let mut mg = mg;
+    mg.stop();
+    let run = Run::of(mg.cli(&["check"]));
+    assert!(
+        run.entry("store").starts_with("ok    store: embedded store data/store opened, schema version"),
+        "{}",
+        run.text
+    );
+    let autoconfig = run.entry("autoconfig");
+    assert!(autoconfig.starts_with("FAIL") && autoconfig.contains("`server.public_url`"), "{autoconfig}");
+}
+
+/// Postfix as the SMTP upstream with `login = "xclient"`: check passes while mailgate's
+/// address is in `smtpd_authorized_xclient_hosts`, and names that setting when it is not.
+#[test]
+fn check_names_postfix_smtpd_authorized_xclient_hosts() {
+    use crate::support::postfix::{Postfix, PostfixOptions};
+    let trusting = Postfix::start(PostfixOptions::default());
+    let refusing = Postfix::start(PostfixOptions { xclient_hosts: String::new(), ..Default::default() });
+    let mg = Mailgate::start(Options {
+        smtp_upstream: format!("127.0.0.1:{}", trusting.port),
+        smtp_upstream_extra: "login = \"xclient\"\n".into(),
+        ..Default::default()
+    });
+    let run = check(&mg);
+    let login = run.entry("upstream SMTP login as alice@example.com");
+    assert!(login.starts_with("ok    ") && login.contains("XCLIENT LOGIN"), "{}", run.text);
+    assert!(run.entry("client address forwarding to SMTP").starts_with("ok    "), "{}", run.text);
+
+    edit(&mg, |t| t.replace(&format!("127.0.0.1:{}", trusting.port), &format!("127.0.0.1:{}", refusing.port)));
+    let run = check(&mg);
+    assert_eq!(run.code, Some(1), "{}", run.text);
+    for name in ["upstream SMTP login as alice@example.com", "client address forwarding to SMTP"] {
+        let entry = run.entry(name);
+        assert!(entry.starts_with("FAIL") && entry.contains("Postfix `smtpd_authorized_xclient_hosts`"), "{entry}");
+    }
 }
 
 /// `/healthz` says 503, without detail, once the PostgreSQL store is gone, and `check`
