@@ -501,11 +501,14 @@ async fn reach(kind: Kind, connector: &Connector, config: &Config) -> (Finding, 
         // POP3 has no probe: the connection (and TLS for `implicit`) is checked here; STLS
         // is part of the login (`--user`).
         Kind::Pop3 => match connector.connect().await {
-            Ok(conn) => {
-                let mut conn = conn;
+            Ok(mut conn) => {
                 conn.close().await;
-                Ok(if starttls { "accepts connections (STLS is tried by the login with --user)" } else { "answers" }
-                    .into())
+                Ok(if starttls {
+                    "accepts connections (STLS is tried by the login with --user)"
+                } else {
+                    "accepts connections (the greeting is read by the login with --user)"
+                }
+                .into())
             }
             Err(e) => Err(e),
         },
