@@ -336,6 +336,34 @@ pub fn store(config: &Config) -> Finding {
             "`store.url` / `store.url_file` (host, user, password, database) and `store.ca_file` for its TLS; the database must accept this host (pg_hba.conf)".to_string()
         }
     };
+    // PostgreSQL: opened without migrating (nodes of the older version may still use it),
+    // and the schema version compared with this mailgate's.
+    if let StoreBackend::Postgres { url, ca_file } = &config.store {
+        let opened = url.resolve().map_err(|e| e.to_string()).and_then(|url| {
+            crate::store::pg_store::PgStore::open_unmigrated(&url, ca_file.as_deref()).map_err(|e| e.to_string())
+        });
+        let store = match opened {
+            Ok(s) => s,
+            Err(e) => return Finding::fail(check, e, fix),
+        };
+        return match store.schema_versions() {
+            Ok((current, latest)) if current > latest => Finding::fail(
+                check,
+                format!("PostgreSQL store has schema version {current}, newer than this mailgate's {latest}"),
+                "run the mailgate version that wrote it (or newer) on every node",
+            ),
+            Ok((current, latest)) if current < latest => Finding::warn(
+                check,
+                format!("PostgreSQL store reached, schema version {current}; this mailgate's is {latest}"),
+                "nothing to change: `mailgate serve` of this version migrates it when it starts (nodes of the older version must be upgraded then too)",
+            ),
+            Ok((current, _)) => match crate::store::Store::get_account(&store, "check@mailgate.invalid") {
+                Ok(_) => Finding::ok(check, format!("PostgreSQL store opened, schema version {current} (current)")),
+                Err(e) => Finding::fail(check, format!("opened, but a read failed: {e}"), fix),
+            },
+            Err(e) => Finding::fail(check, format!("opened, but reading its schema version failed: {e}"), fix),
+        };
+    }
     match crate::app::open_store(config) {
         Ok(store) => match store.get_account("check@mailgate.invalid") {
             Ok(_) => {

@@ -316,4 +316,34 @@ fn healthz_says_503_when_the_store_is_gone() {
     pg.restart();
     let (status, _) = healthz(&mg);
     assert!(status.starts_with("HTTP/1.1 200"), "{status}\n{}", mg.log());
+
+    // With serve stopped, check opens the database itself: current schema, ok. An older
+    // schema (other nodes may still run the older version) is reported and left as it is.
+    let mut mg = mg;
+    mg.stop();
+    let latest: u32 = pg.psql("SELECT max(version) FROM mailgate_schema").trim().parse().unwrap();
+    let run = Run::of(mg.cli(&["check"]));
+    assert!(
+        run.entry("store")
+            .starts_with(&format!("ok    store: PostgreSQL store opened, schema version {latest} (current)")),
+        "{}",
+        run.text
+    );
+    pg.psql(&format!("DELETE FROM mailgate_schema WHERE version = {latest}"));
+    let run = Run::of(mg.cli(&["check"]));
+    let entry = run.entry("store");
+    assert!(
+        entry.starts_with(&format!(
+            "WARN  store: PostgreSQL store reached, schema version {}; this mailgate's is {latest}",
+            latest - 1
+        )),
+        "{}",
+        run.text
+    );
+    assert!(entry.contains("migrates it when it starts"), "{entry}");
+    assert_eq!(
+        pg.psql("SELECT max(version) FROM mailgate_schema").trim(),
+        (latest - 1).to_string(),
+        "check migrated nothing"
+    );
 }
