@@ -31,12 +31,15 @@
 //! * `fsutil`: private files and directories (0600 / 0700).
 //! * `systemd`: service notifications to systemd (ready, reloading, stopping, watchdog).
 //! * `app`: wiring.
+//! * `check`: `mailgate check`, the self-check (certificate, store, upstream logins as
+//!   `serve` does them, the web step), one finding per check with what to change.
 
 pub mod accounts;
 pub mod addr;
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod check;
 pub mod config;
 pub mod fsutil;
 pub mod import;

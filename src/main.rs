@@ -35,6 +35,17 @@ enum Command {
     Init,
     /// Run the proxy.
     Serve,
+    /// Check that this configuration can serve: certificate, store, each upstream with
+    /// its TLS, the logins as a user (--user), the web step. Exit status 1 if a check failed.
+    Check {
+        /// Also log in upstream as this user (an address that exists upstream), the way
+        /// `serve` does: the master login and the client-address forwarding.
+        #[arg(long, value_name = "EMAIL")]
+        user: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage accounts.
     #[command(subcommand)]
     User(UserCmd),
@@ -219,6 +230,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve => serve(config, source),
         Command::Init => init(&config),
+        Command::Check { user, json } => check(&config, &source, user.as_deref(), json),
         Command::User(c) => user(&config, c),
         Command::AppPassword(c) => app_password(&config, c),
         Command::Totp(c) => totp(&config, c),
@@ -381,6 +393,22 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `mailgate check`: every check, one line each (or JSON); status 1 when one failed.
+fn check(config: &Config, source: &Source, user: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let source = match source {
+        Source::File(p) => p.display().to_string(),
+        Source::Embedded => format!("embedded defaults ({DEFAULT_CONFIG_PATH} not found)"),
+    };
+    let findings = mailgate::check::run(config, &source, user);
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&mailgate::check::to_json(&findings))?)?;
+    } else {
+        write!(out, "{}", mailgate::check::render(&findings))?;
+    }
+    Ok(if mailgate::check::failed(&findings) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// Sends a request to the running server, or executes it on the store directly.

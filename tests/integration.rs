@@ -4,6 +4,7 @@
 
 mod admin_cli;
 mod cert_reload;
+mod check;
 mod concurrency;
 mod crash;
 mod deb;

@@ -64,11 +64,36 @@ impl Upstream {
         self.reply(wait).await
     }
 
-    async fn quit(mut self) {
+    /// Says QUIT (waiting at most 2 s for the reply) and closes.
+    pub async fn quit(mut self) {
         let wait = Duration::from_secs(2);
         let _ = self.command(b"QUIT\r\n", wait).await;
         self.conn.close().await;
     }
+}
+
+/// Connects to the upstream SMTP server and runs its login machine (greeting, EHLO as
+/// `hostname`, STARTTLS as configured, then XCLIENT and/or AUTH as `style` says): the
+/// logged-in connection and upstream's EHLO keywords. The SMTP front's one way to log in
+/// upstream; `mailgate check` runs it too, so its word is the front's.
+pub async fn log_in(
+    upstream: &Connector,
+    hostname: &str,
+    style: Style,
+    user: &str,
+    password: SecretString,
+    client: SocketAddr,
+) -> Result<(Upstream, Vec<String>), UpstreamFailure> {
+    let cfg = upstream.config();
+    let starttls = cfg.tls == UpstreamTls::Starttls;
+    let mut login = SmtpLogin::new(hostname, user, &cfg.master_user, password, style, starttls, client);
+    let mut conn = upstream.connect().await?;
+    let caps = match conn.next(&mut login).await {
+        Ok(done) => done?,
+        Err(DriveError::Timeout) => return Err(UpstreamFailure::Timeout),
+        Err(e) => return Err(e.into()),
+    };
+    Ok((Upstream { conn, replies: Replies::new(login.into_leftover()) }, caps))
 }
 
 /// What one client connection has, besides its machine.
@@ -142,20 +167,11 @@ impl SmtpService {
         password: SecretString,
         client: SocketAddr,
     ) -> Result<Upstream, UpstreamFailure> {
-        let cfg = self.upstream.config();
-        let starttls = cfg.tls == UpstreamTls::Starttls;
-        let mut login =
-            SmtpLogin::new(&self.config.hostname, user, &cfg.master_user, password, style, starttls, client);
-        let mut conn = self.upstream.connect().await?;
-        let caps = match conn.next(&mut login).await {
-            Ok(done) => done?,
-            Err(DriveError::Timeout) => return Err(UpstreamFailure::Timeout),
-            Err(e) => return Err(e.into()),
-        };
+        let (up, caps) = log_in(&self.upstream, &self.config.hostname, style, user, password, client).await?;
         if let Ok(mut ext) = self.upstream_extensions.write() {
             *ext = Some(Extensions::from_ehlo(&caps));
         }
-        Ok(Upstream { conn, replies: Replies::new(login.into_leftover()) })
+        Ok(up)
     }
 
     /// Acts on one event of the client's session.

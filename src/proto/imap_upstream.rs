@@ -54,6 +54,11 @@ impl Machine for UpstreamLogin {
                 return Next::NeedInput;
             }
             if self.state == State::Finished {
+                if self.probe
+                    && let Some(caps) = self.caps.take()
+                {
+                    return Next::Event(Ok(caps));
+                }
                 return Next::Event(Err(UpstreamError::Protocol("poll after finish")));
             }
             let line = match self.next_line() {
@@ -137,6 +142,8 @@ pub struct UpstreamLogin {
     caps: Option<String>,
     unsendable: bool,
     client_id: Vec<(String, String)>,
+    /// Stop before the login ([`UpstreamLogin::probe`]).
+    probe: bool,
 }
 
 impl UpstreamLogin {
@@ -165,7 +172,27 @@ impl UpstreamLogin {
             caps: None,
             unsendable: false,
             client_id: Vec::new(),
+            probe: false,
         }
+    }
+
+    /// No login: greet (and STARTTLS when `starttls`), then end with the capabilities of
+    /// the greeting (none after STARTTLS: IMAP does not greet again inside TLS). What
+    /// `mailgate check` uses to see that upstream answers with the configured TLS without
+    /// a user to log in as; nothing secret is sent.
+    pub fn probe(starttls: bool) -> UpstreamLogin {
+        let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut login = UpstreamLogin::new(
+            "",
+            "",
+            SecretString::from(String::new()),
+            LoginStyle::MasterSasl,
+            starttls,
+            nowhere,
+            nowhere,
+        );
+        login.probe = true;
+        login
     }
 
     /// The client's own `ID` fields (name, version, os, …), sent upstream before the
@@ -321,8 +348,15 @@ impl UpstreamLogin {
         }
     }
 
-    /// Sends ID (client address) and the login, pipelined.
+    /// Sends ID (client address) and the login, pipelined (a probe ends here instead).
     fn send_login(&mut self) {
+        if self.probe {
+            let caps = self.greeting_caps.clone().unwrap_or_default();
+            self.out.clear();
+            self.state = State::Finished;
+            self.caps = Some(caps);
+            return;
+        }
         let own: String = self.client_id.iter().map(|(k, v)| format!("{k} {v} ")).collect();
         let id = format!(
             "M2 ID ({own}\"x-originating-ip\" \"{}\" \"x-originating-port\" \"{}\" \"x-connected-ip\" \"{}\" \"x-connected-port\" \"{}\")\r\n",

@@ -883,3 +883,42 @@ fn the_clients_id_fields_go_upstream_before_the_originating_address() {
     assert!(w.starts_with(&want), "{w}");
     assert_eq!(w.matches("x-originating-ip").count(), 1, "{w}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Probe (`mailgate check` without a user)
+// ---------------------------------------------------------------------------------------
+
+/// A probe reads the greeting (and does STARTTLS when asked) and ends with the
+/// greeting's capabilities, sending neither ID nor any login.
+#[test]
+fn a_probe_ends_before_the_login_and_sends_nothing_secret() {
+    let mut u = UpstreamLogin::probe(false);
+    let (out, steps) = send(&mut u, GREETING_SASL_IR);
+    assert_eq!(out, "");
+    assert_eq!(steps, vec![St::Done("IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN".into())]);
+
+    let mut u = UpstreamLogin::probe(true);
+    let (out, steps) = send(&mut u, GREETING_STARTTLS);
+    assert_eq!(out, "M1 STARTTLS\r\n");
+    assert!(steps.is_empty(), "{steps:?}");
+    let (_, steps) = send(&mut u, b"M1 OK Begin TLS negotiation now.\r\n");
+    assert_eq!(steps, vec![St::StartTls]);
+    u.tls_started();
+    // IMAP greets once: inside TLS the probe is done at once (the capabilities seen
+    // before TLS are forgotten), and nothing is written.
+    let (out, steps) = pump(&mut u);
+    assert_eq!(out, "", "nothing after TLS either");
+    assert_eq!(steps, vec![St::Done(String::new())]);
+}
+
+/// The two failures `mailgate check` names: no STARTTLS offered (upstream without TLS),
+/// and LOGINDISABLED on a plaintext connection.
+#[test]
+fn a_probe_reports_missing_starttls_and_logindisabled() {
+    let mut u = UpstreamLogin::probe(true);
+    let (_, steps) = send(&mut u, GREETING_SASL_IR);
+    assert_eq!(steps, vec![St::Fail(UpstreamError::StartTls)]);
+    let mut u = UpstreamLogin::probe(false);
+    let (_, steps) = send(&mut u, GREETING_STARTTLS);
+    assert_eq!(steps, vec![St::Fail(UpstreamError::LoginDisabled)]);
+}

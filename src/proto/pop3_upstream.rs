@@ -228,6 +228,10 @@ impl UpstreamLogin {
                 _ => Some(self.fail(UpstreamError::StartTls)),
             },
             State::XClient => match reply {
+                // Dovecot 2.3 answers a client outside `login_trusted_networks` with
+                // `+OK You are not from trusted IP - ignoring`: the address was not taken,
+                // so it is the refusal it means (later versions say `-ERR`).
+                Reply::Ok if ignored(line) => Some(self.fail(UpstreamError::XClient)),
                 Reply::Ok => {
                     self.send_login();
                     None
@@ -303,6 +307,13 @@ impl UpstreamLogin {
         self.out.clear();
         self.unsendable = true;
     }
+}
+
+/// An `+OK` to XCLIENT that says it was ignored (Dovecot 2.3's words to an untrusted
+/// client).
+fn ignored(line: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(line).to_ascii_lowercase();
+    text.contains("not from trusted") || text.contains("ignoring")
 }
 
 /// A POP3 status line.

@@ -147,6 +147,16 @@ fn xclient_refused_is_an_error_and_no_password_is_sent() {
     assert_eq!(send(&mut u, b"-ERR You are not from trusted IP\r\n"), failed(UpstreamError::XClient));
 }
 
+/// Dovecot 2.3 answers XCLIENT from outside `login_trusted_networks` with `+OK … -
+/// ignoring`: the address was not taken, so it is refused like `-ERR`, before any
+/// password is sent (found by `mailgate check`, issue 19 point 6).
+#[test]
+fn xclient_ignored_by_dovecot_2_3_is_a_refusal() {
+    let mut u = new_login(LoginStyle::MasterSasl, false, true);
+    let _ = send(&mut u, GREETING);
+    assert_eq!(send(&mut u, b"+OK You are not from trusted IP - ignoring\r\n"), failed(UpstreamError::XClient));
+}
+
 #[test]
 fn stls_upstream() {
     let mut u = new_login(LoginStyle::MasterSasl, true, true);

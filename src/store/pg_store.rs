@@ -182,6 +182,40 @@ impl PgStore {
     /// libpq-style URL (`postgres://user:password@host/db?sslmode=require`); TLS is used
     /// when its `sslmode` asks, with the system roots or `ca_file`.
     pub fn open(url: &str, ca_file: Option<&std::path::Path>) -> Result<PgStore, StoreError> {
+        let (store, config, tls) = PgStore::connect(url, ca_file)?;
+        store.run(migrate)?;
+        store.listen(config, tls);
+        Ok(store)
+    }
+
+    /// Connects without touching the schema and without listening for other nodes'
+    /// events: for `mailgate check`, which must not migrate a database that other nodes
+    /// of an older version still use. Read the versions with [`PgStore::schema_versions`].
+    pub fn open_unmigrated(url: &str, ca_file: Option<&std::path::Path>) -> Result<PgStore, StoreError> {
+        Ok(PgStore::connect(url, ca_file)?.0)
+    }
+
+    /// The database's schema version and the one this mailgate migrates to. The first is
+    /// 0 when mailgate has never run on the database.
+    pub fn schema_versions(&self) -> Result<(u32, u32), StoreError> {
+        let current = self.run(|c| async move {
+            // (Two statements: one naming a table that does not exist would not parse.)
+            let exists = c.query_one("SELECT to_regclass('mailgate_schema') IS NOT NULL", &[]).await.map_err(pg)?;
+            if !exists.get::<_, bool>(0) {
+                return Ok(0);
+            }
+            let row = c.query_one("SELECT coalesce(max(version), 0) FROM mailgate_schema", &[]).await.map_err(pg)?;
+            Ok(row.get::<_, i32>(0))
+        })?;
+        let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        Ok((u32::try_from(current).unwrap_or(0), u32::try_from(latest).unwrap_or(0)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn connect(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<(PgStore, tokio_postgres::Config, tokio_postgres_rustls::MakeRustlsConnect), StoreError> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| StoreError::Backend(format!("the database URL is not valid: {e}")))?;
         let tls_config = crate::tls::client_config(ca_file).map_err(backend)?;
@@ -200,9 +234,7 @@ impl PgStore {
         let pool = deadpool_postgres::Pool::builder(manager).max_size(POOL_SIZE).build().map_err(backend)?;
         let (events, _) = tokio::sync::broadcast::channel(1024);
         let store = PgStore { pool, runtime: Some(runtime), events, takes: Default::default() };
-        store.run(migrate)?;
-        store.listen(config, tls);
-        Ok(store)
+        Ok((store, config, tls))
     }
 
     /// Runs `f` with a connection from the pool on the store's runtime and waits for its

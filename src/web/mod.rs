@@ -72,9 +72,32 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/password", get(pages::password_form).post(pages::change_password))
         .route("/.well-known/autoconfig/mail/config-v1.1.xml", get(pages::autoconfig))
         .route("/mail/config-v1.1.xml", get(pages::autoconfig))
+        .route("/healthz", get(healthz))
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::middleware::map_request(host_from_authority))
         .with_state(web)
+}
+
+/// How long `/healthz` waits for the store before it says 503.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `GET /healthz` for load balancers: `200 ok` when the store answers a read (this
+/// answer itself shows the web listener is up; the mail listeners are bound before it),
+/// `503 unavailable` otherwise. No detail in the body, no session, no sign-in: a balancer
+/// polls it every few seconds, and the outside world learns nothing from it.
+async fn healthz(axum::extract::State(web): axum::extract::State<Arc<Web>>) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let store = web.auth.store().clone();
+    // A name no account can have (.invalid, RFC 2606; no NUL: PostgreSQL text refuses
+    // it): one real read, never a hit.
+    let read = tokio::task::spawn_blocking(move || store.get_account("healthz@mailgate.invalid").map(|_| ()));
+    let up = matches!(tokio::time::timeout(HEALTH_TIMEOUT, read).await, Ok(Ok(Ok(()))));
+    let (status, body) = if up {
+        (axum::http::StatusCode::OK, "ok\n")
+    } else {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable\n")
+    };
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
 /// HTTP/2 carries the host in the `:authority` pseudo-header, not in `Host`; copy it so

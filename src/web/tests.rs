@@ -2378,3 +2378,21 @@ async fn the_cli_and_the_web_make_the_same_changes() {
         ])
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// /healthz
+
+/// `/healthz` answers `200 ok` while the store answers, with no session cookie, no
+/// sign-in and no detail; repeated polls (a load balancer's) keep answering.
+#[tokio::test]
+async fn healthz_is_ok_without_a_session_or_detail() {
+    let env = Env::new();
+    let mut c = env.client();
+    for _ in 0..50 {
+        let r = c.get("/healthz").await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body, "ok\n");
+        assert!(r.headers.get(header::SET_COOKIE).is_none(), "no session for a health check");
+        assert_eq!(r.headers.get(header::CACHE_CONTROL).unwrap(), "no-store");
+    }
+}
