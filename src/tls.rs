@@ -68,6 +68,8 @@ pub struct CertInfo {
     pub names: Vec<String>,
     /// `notAfter`.
     pub not_after: String,
+    /// `notAfter` in seconds since 1970 (the metric `mailgate_tls_certificate_expiry_timestamp_seconds`).
+    pub expires: Option<i64>,
 }
 
 impl CertInfo {
@@ -75,7 +77,12 @@ impl CertInfo {
         use x509_cert::der::Decode as _;
         let Ok(cert) = x509_cert::Certificate::from_der(leaf) else {
             // rustls accepted it, so this does not happen; the log line says so if it does.
-            return CertInfo { subject: "(unparsed)".into(), names: Vec::new(), not_after: "(unparsed)".into() };
+            return CertInfo {
+                subject: "(unparsed)".into(),
+                names: Vec::new(),
+                not_after: "(unparsed)".into(),
+                expires: None,
+            };
         };
         let tbs = &cert.tbs_certificate;
         let names = match tbs.get::<x509_cert::ext::pkix::SubjectAltName>() {
@@ -100,6 +107,7 @@ impl CertInfo {
             subject: tbs.subject.to_string(),
             names,
             not_after: tbs.validity.not_after.to_date_time().to_string(),
+            expires: i64::try_from(tbs.validity.not_after.to_unix_duration().as_secs()).ok(),
         }
     }
 }
@@ -139,6 +147,9 @@ pub struct CertStore {
     /// when it differs, and a refused pair is not tried (and logged) again until the files
     /// change once more. `None`: a file could not be read.
     seen: Mutex<Option<[u8; 32]>>,
+    /// The end of the validity of the certificate in service, in seconds since 1970
+    /// (`mailgate_tls_certificate_expiry_timestamp_seconds`; set at load and reload).
+    expiry: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -193,12 +204,24 @@ impl CertStore {
     pub fn load(cert: &Path, key: &Path) -> Result<Arc<CertStore>, TlsError> {
         let (c, k) = read_files(cert, key)?;
         let pair = parse_pair(cert, key, &c, &k)?;
+        let expiry = prometheus_client::metrics::gauge::Gauge::default();
+        expiry.set(CertInfo::of(&pair.leaf).expires.unwrap_or(0));
         Ok(Arc::new(CertStore {
             cert_path: cert.to_path_buf(),
             key_path: key.to_path_buf(),
             current: RwLock::new(Arc::new(pair)),
             seen: Mutex::new(Some(digest(&c, &k))),
+            expiry,
         }))
+    }
+
+    /// Registers the expiry gauge of the certificate in service.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        metrics.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "End of the validity (notAfter) of the certificate in service, in seconds since 1970",
+            self.expiry.clone(),
+        );
     }
 
     fn in_service(&self) -> Arc<Pair> {
@@ -225,6 +248,7 @@ impl CertStore {
         let pair = parse_pair(&self.cert_path, &self.key_path, &c, &k)?;
         let info = CertInfo::of(&pair.leaf);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
+        self.expiry.set(info.expires.unwrap_or(0));
         Ok(info)
     }
 

@@ -40,20 +40,28 @@ pub struct SmtpService {
 pub struct Upstream {
     conn: Conn,
     replies: Replies,
+    /// `mailgate_relayed_bytes_total{protocol="smtp"}`: commands and messages sent
+    /// upstream (`from_client`), upstream's replies (`to_client`).
+    meter: crate::metrics::RelayMeter,
 }
 
 impl Upstream {
     /// Sends `bytes` (nothing read).
     async fn send(&mut self, bytes: &[u8], wait: Duration) -> Result<(), UpstreamFailure> {
         self.conn.set_deadline(Some(Instant::now() + wait));
-        Ok(self.conn.send(bytes).await?)
+        self.conn.send(bytes).await?;
+        self.meter.from_client.inc_by(bytes.len() as u64);
+        Ok(())
     }
 
     /// Reads one whole reply: (code, raw lines).
     async fn reply(&mut self, wait: Duration) -> Result<(u16, Vec<u8>), UpstreamFailure> {
         self.conn.set_deadline(Some(Instant::now() + wait));
         match self.conn.next(&mut self.replies).await? {
-            Ok(reply) => Ok(reply),
+            Ok(reply) => {
+                self.meter.to_client.inc_by(reply.1.len() as u64);
+                Ok(reply)
+            }
             Err(e) => Err(SmtpUpstreamError::Protocol(e).into()),
         }
     }
@@ -155,7 +163,8 @@ impl SmtpService {
         if let Ok(mut ext) = self.upstream_extensions.write() {
             *ext = Some(Extensions::from_ehlo(&caps));
         }
-        Ok(Upstream { conn, replies: Replies::new(login.into_leftover()) })
+        let meter = self.gate.auth().metrics().relay("smtp");
+        Ok(Upstream { conn, replies: Replies::new(login.into_leftover()), meter })
     }
 
     /// Acts on one event of the client's session.
