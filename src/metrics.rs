@@ -227,6 +227,17 @@ impl Metrics {
         out
     }
 
+    /// The sum of the samples whose line starts with `series` (a name, or a name with
+    /// the first labels: `mailgate_sessions{protocol="imap"`); 0 if none.
+    #[cfg(test)]
+    pub fn sample(&self, series: &str) -> f64 {
+        let text = self.render();
+        let matching = text.lines().filter(|l| !l.starts_with('#') && l.starts_with(series));
+        // A bare name must not match a longer one (`x` vs `x_total`).
+        let matching = matching.filter(|l| l[series.len()..].starts_with([' ', '{', ',', '}']));
+        matching.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    }
+
     /// One login attempt, from the values of its login line (`method` and `result` are
     /// the line's fixed words: `Method::as_str`, `Outcome::as_str`).
     pub fn login(&self, protocol: &str, method: &'static str, result: &'static str, took: Duration) {

@@ -414,6 +414,14 @@ mod tests {
             let cert = CertificateParams::new(names).unwrap().signed_by(&key, &self.0).unwrap();
             (cert.pem(), key.serialize_pem())
         }
+        /// A leaf for `localhost` valid until the start of `(year, month, day)`.
+        fn leaf_until(&self, year: i32, month: u8, day: u8) -> (String, String) {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            params.not_after = rcgen::date_time_ymd(year, month, day);
+            let cert = params.signed_by(&key, &self.0).unwrap();
+            (cert.pem(), key.serialize_pem())
+        }
         fn client(&self) -> Arc<rustls::ClientConfig> {
             let mut roots = RootCertStore::empty();
             roots.add(self.0.der().clone()).unwrap();
@@ -548,6 +556,30 @@ mod tests {
         assert_eq!(certs.leaf(), der(&old.0));
         let (c, _s) = connect(&ca.client(), &server);
         assert_eq!(peer_leaf(&c), der(&old.0));
+    }
+
+    /// The expiry metric follows the certificate in service: set at load, changed by a
+    /// reload, kept when a reload is refused.
+    #[test]
+    fn the_expiry_metric_follows_the_certificate_in_service() {
+        let ca = Ca::new();
+        let files = Files::new(&ca.leaf_until(2030, 1, 1));
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        certs.register_metrics(&metrics);
+        let expiry = || {
+            let text = metrics.render();
+            let line = text.lines().find(|l| l.starts_with("mailgate_tls_certificate_expiry_timestamp_seconds "));
+            line.and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok()).unwrap()
+        };
+        assert_eq!(expiry(), 1_893_456_000, "2030-01-01T00:00:00Z");
+        let (cert, key) = ca.leaf_until(2031, 5, 1);
+        files.write(&cert, &key);
+        assert_eq!(certs.reload().unwrap().expires, Some(1_935_360_000));
+        assert_eq!(expiry(), 1_935_360_000, "2031-05-01T00:00:00Z");
+        files.write("not a certificate\n", &key);
+        assert!(certs.reload().is_err());
+        assert_eq!(expiry(), 1_935_360_000, "the pair in service did not change");
     }
 
     /// A certificate with another certificate's key is refused (rustls' keys_match).

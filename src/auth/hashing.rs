@@ -331,4 +331,45 @@ mod tests {
         assert_eq!(pool.dropped(), 2);
         assert_eq!(pool.waiting(), 0);
     }
+
+    /// The metrics: jobs waiting and running while one thread is held, the wait of
+    /// each job taken, the dropped ones; all back to 0 after.
+    #[tokio::test]
+    async fn the_queue_is_measured() {
+        let pool = HashPool::new(1);
+        let metrics = crate::metrics::Metrics::new();
+        pool.register_metrics(&metrics);
+        let sample = |name: &str| -> f64 {
+            let text = metrics.render();
+            let line = text.lines().find(|l| l.split(' ').next() == Some(name));
+            line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("{name}\n{text}"))
+        };
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let blocker = pool.submit(addr(9), None, move || held.recv()).unwrap();
+        let queued: Vec<_> = (1..=3).map(|n| pool.submit(addr(n), None, || ()).unwrap()).collect();
+        let gone = pool.submit(addr(4), None, || ()).unwrap();
+        drop(gone);
+        // The blocker is running (the others wait behind it).
+        while sample("mailgate_hashing_running_jobs") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(sample("mailgate_hashing_queue_jobs"), 4.0);
+        std::thread::sleep(Duration::from_millis(20));
+        release.send(()).unwrap();
+        let _ = blocker.await;
+        for rx in queued {
+            rx.await.unwrap();
+        }
+        while pool.dropped() < 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(sample("mailgate_hashing_queue_jobs"), 0.0);
+        assert_eq!(sample("mailgate_hashing_wait_seconds_count"), 5.0, "every job taken, run or dropped");
+        assert!(sample("mailgate_hashing_wait_seconds_sum") >= 4.0 * 0.02, "four waited behind the blocker");
+        assert_eq!(sample("mailgate_hashing_dropped_total"), 1.0);
+        // The last job's thread may still be finishing its bookkeeping.
+        while sample("mailgate_hashing_running_jobs") > 0.0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
