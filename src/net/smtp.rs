@@ -398,6 +398,7 @@ mod tests {
         assert!(read_until(&mut tls, "250 ").await.contains("AUTH PLAIN"));
         tls.write_all(format!("AUTH PLAIN {}\r\n", plain()).as_bytes()).await.unwrap();
         assert!(read_until(&mut tls, "\r\n").await.starts_with("235 "));
+        assert_eq!(kit.metrics.sample(r#"mailgate_sessions{protocol="smtp""#), 1.0);
         let message = format!("From: {USER}\r\nTo: bob@example.com\r\nSubject: hi\r\n\r\nHello.\r\n.\r\n");
         let commands = format!("MAIL FROM:<{USER}>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n");
         tls.write_all(commands.as_bytes()).await.unwrap();
@@ -407,7 +408,15 @@ mod tests {
         tls.write_all(b"QUIT\r\n").await.unwrap();
         assert!(read_to_end(&mut tls).await.starts_with("221"));
         assert!(matches!(task.await.unwrap(), Err(DriveError::Finished)));
-        assert_eq!(up.messages.lock().unwrap().as_slice(), [message]);
+        assert_eq!(up.messages.lock().unwrap().as_slice(), std::slice::from_ref(&message));
+        // Metrics: the login, the session (ended), the commands and the message sent
+        // upstream, and upstream's replies.
+        let m = &kit.metrics;
+        assert_eq!(m.sample(r#"mailgate_logins_total{protocol="smtp",method="account-password",result="ok""#), 1.0);
+        assert_eq!(m.sample(r#"mailgate_sessions{protocol="smtp""#), 0.0);
+        let sent = m.sample(r#"mailgate_relayed_bytes_total{protocol="smtp",direction="from_client""#);
+        assert!(sent >= (commands.len() + message.len()) as f64, "{sent}");
+        assert!(m.sample(r#"mailgate_relayed_bytes_total{protocol="smtp",direction="to_client""#) > 0.0);
     }
 
     /// A revoked session hears `421 4.7.0 Access revoked` at once, while it waits for
