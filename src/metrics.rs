@@ -15,14 +15,17 @@
 //! * logins: [`Metrics::login`], called by `Authenticator::log_login` with the values of
 //!   the login line itself, for every attempt (also those whose line is aggregated), so
 //!   the log and the counters never disagree;
-//! * live sessions: a [`SessionGauge`] held by the session's `LiveGuard` (up at
-//!   admission, down on drop);
+//! * live sessions: a [`SessionGauge`] the gate puts in the session's `LiveSessions`
+//!   entry (`LiveGuard::count`; up at admission, down when the entry goes: the guard is
+//!   dropped, or the session is ended from outside);
 //! * relayed bytes: the [`RelayMeter`] the same `SessionGauge` carries (taken once per
 //!   session); the relay adds each read's length (one relaxed atomic add per read of up
 //!   to 64 KiB, no lock, no allocation); SMTP counts what it sends upstream and the
 //!   replies it reads;
-//! * upstream logins: the gate times `Upstream::open`, `open_as_user` and the upstream
-//!   password check;
+//! * upstream logins: the gate times `Upstream::open` and `open_as_user`,
+//!   `Authenticator::check_upstream` the upstream password check (not its cache hits);
+//! * hashing: the pool's own gauges and wait histogram (`auth::hashing`);
+//! * certificate expiry: `tls::CertStore`'s gauge, set at load and reload;
 //! * store operations: [`MeteredStore`], around every [`Store`] method;
 //! * web requests: [`count_web_request`], an axum middleware labelling by the route
 //!   template (`MatchedPath`), never the raw path.
