@@ -5,17 +5,18 @@
 # modules, curl, Python, mbsync (isync) and Thunderbird as real clients; PostgreSQL 15
 # for the PostgreSQL store tests, HAProxy as a real PROXY-protocol load balancer, and
 # nghttp2's h2load for HTTP/2 bursts on the web step, fail2ban to run the shipped filter and
-# jail on mailgate's log), and builds Dovecot's imaptest from
-# the source in ../shared/tools/imaptest (beside the repository) into target/imaptest
-# (dovecot-dev and the autotools to build it; rebuilt only when missing), and installs
-# cargo-deb from crates.io at a pinned version for tests/deb.rs (the Debian package; with
-# systemd-analyze from systemd, adduser and setpriv/runuser from util-linux).
+# jail on mailgate's log, Python's prometheus_client to parse the /metrics scrape), and
+# builds Dovecot's imaptest from the source in ../shared/tools/imaptest (beside the
+# repository) into target/imaptest (dovecot-dev and the autotools to build it; rebuilt
+# only when missing), and installs cargo-deb from crates.io at a pinned version for
+# tests/deb.rs (the Debian package; with systemd-analyze from systemd, adduser and
+# setpriv/runuser from util-linux).
 # Idempotent; needs root (or sudo) when something is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 for pkg in dovecot-imapd dovecot-submissiond dovecot-pop3d dovecot-managesieved dovecot-sieve sieve-connect \
-  python3-sievelib fetchmail getmail6 postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
+  python3-sievelib python3-prometheus-client fetchmail getmail6 postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
   curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux \
   postgresql-15 haproxy nghttp2-client systemd adduser fail2ban \
   dovecot-dev autoconf automake libtool make gcc pkg-config; do
@@ -63,6 +64,7 @@ test -x /usr/lib/dovecot/managesieve || { echo "dovecot-managesieved is not inst
 test -x /usr/lib/dovecot/dovecot-lda || { echo "dovecot-lda (dovecot-core) is not installed" >&2; exit 1; }
 command -v sieve-connect >/dev/null || { echo "sieve-connect is not installed" >&2; exit 1; }
 /usr/bin/python3 -c "import sievelib.managesieve" 2>/dev/null || { echo "python3-sievelib is not installed" >&2; exit 1; }
+/usr/bin/python3 -c "import prometheus_client.parser" 2>/dev/null || { echo "python3-prometheus-client is not installed" >&2; exit 1; }
 test -x /usr/lib/postfix/sbin/master || { echo "postfix is not installed" >&2; exit 1; }
 command -v thunderbird >/dev/null || { echo "thunderbird is not installed" >&2; exit 1; }
 command -v chromedriver >/dev/null || { echo "chromedriver (chromium-driver) is not installed" >&2; exit 1; }

@@ -152,6 +152,8 @@ pub struct Listeners {
     pub sieve: Vec<TcpListener>,
     /// The web step (HTTPS).
     pub web: Vec<TcpListener>,
+    /// Prometheus metrics (plain HTTP; `[metrics] listen`, off by default).
+    pub metrics: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -173,6 +175,7 @@ impl Listeners {
             pop3_starttls: all(&config.pop3_starttls, "pop3.listen_starttls").await?,
             sieve: all(&config.sieve_listen, "sieve.listen").await?,
             web: all(&config.web_listen, "web.listen").await?,
+            metrics: all(config.metrics_listen.as_slice(), "metrics.listen").await?,
         })
     }
 }
@@ -302,8 +305,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
     raise_fd_limit(config.limits.max_connections, config.limits.max_connections_set);
+    // The one set of metrics; every store operation is timed through the wrapper.
+    let metrics = crate::metrics::Metrics::new();
+    let store: Arc<dyn Store> = Arc::new(crate::metrics::MeteredStore::new(store, metrics.clone()));
     // One certificate for every listener; SIGHUP or a change of its files replaces it.
     let certs = crate::tls::CertStore::load(&config.tls_cert, &config.tls_key)?;
+    certs.register_metrics(&metrics);
     let cert_task = tokio::spawn(crate::tls::keep_current(certs.clone(), config.tls_reload_check));
     let acceptor = TlsAcceptor::from(crate::tls::server_config(&certs, &["imap"])?);
     let connector = ImapUpstream(Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?));
@@ -336,7 +343,8 @@ pub async fn run(
         .with_failure_delays(config.limits.auth_failure_delay, config.limits.ip_penalty_max)
         .with_shared_failure_counts(key.clone())
         .with_upstream_check(config.accounts.clone(), Arc::new(connector.clone()))
-        .with_verify_cache(config.accounts.verify_cache);
+        .with_verify_cache(config.accounts.verify_cache)
+        .with_metrics(metrics.clone());
     let limits =
         ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip, config.limits.ipv6_prefix);
     let web_limits =
@@ -445,6 +453,14 @@ pub async fn run(
             move |tcp, peer| crate::web::serve_connection(router.clone(), acceptor.clone(), tcp, peer.ip(), handshake),
         )));
     }
+    // Scrapes go on until the end (aborted after the sessions have ended).
+    let mut metrics_tasks = Vec::new();
+    for l in listeners.metrics {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(address = %a, kind = crate::metrics::describe(a), "metrics listening (plain HTTP, /metrics)");
+        }
+        metrics_tasks.push(tokio::spawn(crate::metrics::serve(l, metrics.clone())));
+    }
     tracing::info!(
         upstream = %config.upstream_imap.address,
         data_dir = %config.data_dir.display(),
@@ -474,6 +490,9 @@ pub async fn run(
     }
     admin_task.abort();
     cert_task.abort();
+    for t in metrics_tasks {
+        t.abort();
+    }
     if let Some(w) = watchdog {
         w.abort();
     }

@@ -80,6 +80,15 @@ pub struct RawConfig {
     store: RawStore,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// `None`: no metrics listener (the default).
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -681,6 +690,9 @@ pub struct Config {
     pub store: StoreBackend,
     /// The log's format.
     pub log_format: LogFormat,
+    /// Where Prometheus metrics are served over plain HTTP (`[metrics] listen`); `None`:
+    /// nowhere (the default).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Upstream {
@@ -842,6 +854,29 @@ impl Config {
             Some("json") => LogFormat::Json,
             Some(other) => return Err(invalid("log.format", format!("`{other}` is not one of: text, json"))),
         };
+        let metrics_listen = match raw.metrics.listen.as_deref().map(str::trim) {
+            None => None,
+            Some(a) => {
+                let addr = a.parse::<SocketAddr>().map_err(|_| {
+                    invalid("metrics.listen", format!("`{a}` is not an address:port such as 127.0.0.1:9090"))
+                })?;
+                if addr.port() == 0 {
+                    return Err(invalid("metrics.listen", "needs a port (Prometheus scrapes a fixed address)"));
+                }
+                let taken = [&imap_tls, &imap_starttls, &smtp_tls, &smtp_starttls, &pop3_tls, &pop3_starttls]
+                    .into_iter()
+                    .chain([&sieve_listen, &web_listen])
+                    .flatten()
+                    .any(|l| {
+                        l.port() == addr.port()
+                            && (l.ip() == addr.ip() || l.ip().is_unspecified() || addr.ip().is_unspecified())
+                    });
+                if taken {
+                    return Err(invalid("metrics.listen", format!("{addr} is already a mail or web listener")));
+                }
+                Some(addr)
+            }
+        };
         let password_check = match a.password_check.as_str() {
             "local" => PasswordCheck::Local,
             "upstream" => PasswordCheck::Upstream,
@@ -934,6 +969,7 @@ impl Config {
             proxy_protocol,
             store,
             log_format,
+            metrics_listen,
         })
     }
 
@@ -1183,6 +1219,20 @@ mod tests {
         let up = c.upstream_pop3.as_ref().unwrap();
         assert_eq!((up.address.as_str(), up.xclient), ("127.0.0.1:1110", true));
         assert_eq!(c.pop3_tls, ["0.0.0.0:995".parse::<SocketAddr>().unwrap()]);
+        // Metrics are off in the example; its commented block turns them on, on loopback.
+        assert_eq!(Config::from_toml_str(text, "example").unwrap().metrics_listen, None);
+        let on = text.replace("# [metrics]\n# listen", "[metrics]\nlisten");
+        let c = Config::from_toml_str(&on, "example").unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9090".parse().unwrap()));
+    }
+
+    #[test]
+    fn debian_file_parses_with_metrics_off() {
+        let text = include_str!("../debian/mailgate.toml");
+        assert_eq!(Config::from_toml_str(text, "debian").unwrap().metrics_listen, None);
+        let on = text.replace("# [metrics]\n# listen", "[metrics]\nlisten");
+        let c = Config::from_toml_str(&on, "debian").unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9090".parse().unwrap()));
     }
 
     #[test]
@@ -1223,6 +1273,20 @@ mod tests {
             let c = Config::from_toml_str(&format!("[limits]\nipv6_prefix = {p}"), "t").unwrap();
             assert_eq!(c.limits.ipv6_prefix, p);
         }
+    }
+
+    #[test]
+    fn metrics_are_off_unless_a_listen_address_is_given() {
+        assert_eq!(Config::from_raw(RawConfig::default()).unwrap().metrics_listen, None);
+        let c = Config::from_toml_str("[metrics]\nlisten = \"127.0.0.1:9090\"", "t").unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        let c = Config::from_toml_str("[metrics]\nlisten = \" [::1]:9090 \"", "t").unwrap();
+        assert_eq!(c.metrics_listen, Some("[::1]:9090".parse().unwrap()));
+        for bad in ["localhost:9090", "127.0.0.1", "127.0.0.1:0", "0.0.0.0:9993", "127.0.0.1:8443", ""] {
+            let e = Config::from_toml_str(&format!("[metrics]\nlisten = \"{bad}\""), "t").unwrap_err().to_string();
+            assert!(e.contains("metrics.listen"), "{bad} -> {e}");
+        }
+        assert!(Config::from_toml_str("[metrics]\npath = \"/m\"", "t").is_err(), "unknown key");
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! * `net`: listeners, the one connection driver, the one login gate, the IMAP and SMTP
 //!   fronts, upstream connections, the relay.
 //! * `live`: the live mail sessions (`LiveSessions`), so a revocation ends them at once.
+//! * `metrics`: the Prometheus counters (fixed labels only) and the `/metrics` listener.
 //! * `accounts`: the account service; every change to an account (CLI, web, import) goes through it.
 //! * `web`: the web step (sign-in with TOTP, enrolment, backup codes, app passwords).
 //! * `admin`: what the CLI does, and the admin socket; `import`: Dovecot passwd-files.
@@ -44,6 +45,7 @@ pub mod config;
 pub mod fsutil;
 pub mod import;
 pub mod live;
+pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod secret;

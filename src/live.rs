@@ -13,6 +13,10 @@ struct Entry {
     app_password_id: Option<String>,
     ip: Option<std::net::IpAddr>,
     kill: oneshot::Sender<EndReason>,
+    /// The session in `mailgate_sessions`, with its protocol's byte counters (set by the
+    /// gate, which knows the protocol): counted while the entry is here. Kept here, not
+    /// in the guard, so a session's task grows by nothing (PERFORMANCE.md M1).
+    counted: Option<crate::metrics::SessionGauge>,
 }
 
 /// Why a live session is ended from outside.
@@ -70,6 +74,22 @@ pub struct LiveGuard {
 }
 
 impl LiveGuard {
+    /// Counts the session in the metrics while it is registered (until the guard is
+    /// dropped, or the session is ended from outside).
+    pub fn count(&self, gauge: crate::metrics::SessionGauge) {
+        if let Ok(mut m) = self.live.inner.lock()
+            && let Some(e) = m.get_mut(&self.id)
+        {
+            e.counted = Some(gauge);
+        }
+    }
+
+    /// The byte counters of the session's protocol (`None`: not counted, or ended).
+    pub fn relay_meter(&self) -> Option<crate::metrics::RelayMeter> {
+        let m = self.live.inner.lock().ok()?;
+        m.get(&self.id)?.counted.as_ref().map(|c| c.relay().clone())
+    }
+
     /// Completes when the session must end, with the reason.
     pub async fn ended(&mut self) -> EndReason {
         (&mut self.killed).await.unwrap_or(EndReason::Revoked)
@@ -98,6 +118,7 @@ impl LiveSessions {
                     app_password_id: app_password_id.map(str::to_string),
                     ip: None,
                     kill: tx,
+                    counted: None,
                 },
             );
         }
@@ -123,6 +144,7 @@ impl LiveSessions {
                 app_password_id: app_password_id.map(str::to_string),
                 ip: Some(ip),
                 kill: tx,
+                counted: None,
             },
         );
         drop(m);

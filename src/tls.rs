@@ -68,6 +68,8 @@ pub struct CertInfo {
     pub names: Vec<String>,
     /// `notAfter`.
     pub not_after: String,
+    /// `notAfter` in seconds since 1970 (the metric `mailgate_tls_certificate_expiry_timestamp_seconds`).
+    pub expires: Option<i64>,
 }
 
 impl CertInfo {
@@ -75,7 +77,12 @@ impl CertInfo {
         use x509_cert::der::Decode as _;
         let Ok(cert) = x509_cert::Certificate::from_der(leaf) else {
             // rustls accepted it, so this does not happen; the log line says so if it does.
-            return CertInfo { subject: "(unparsed)".into(), names: Vec::new(), not_after: "(unparsed)".into() };
+            return CertInfo {
+                subject: "(unparsed)".into(),
+                names: Vec::new(),
+                not_after: "(unparsed)".into(),
+                expires: None,
+            };
         };
         let tbs = &cert.tbs_certificate;
         let names = match tbs.get::<x509_cert::ext::pkix::SubjectAltName>() {
@@ -100,6 +107,7 @@ impl CertInfo {
             subject: tbs.subject.to_string(),
             names,
             not_after: tbs.validity.not_after.to_date_time().to_string(),
+            expires: i64::try_from(tbs.validity.not_after.to_unix_duration().as_secs()).ok(),
         }
     }
 }
@@ -139,6 +147,9 @@ pub struct CertStore {
     /// when it differs, and a refused pair is not tried (and logged) again until the files
     /// change once more. `None`: a file could not be read.
     seen: Mutex<Option<[u8; 32]>>,
+    /// The end of the validity of the certificate in service, in seconds since 1970
+    /// (`mailgate_tls_certificate_expiry_timestamp_seconds`; set at load and reload).
+    expiry: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -193,12 +204,24 @@ impl CertStore {
     pub fn load(cert: &Path, key: &Path) -> Result<Arc<CertStore>, TlsError> {
         let (c, k) = read_files(cert, key)?;
         let pair = parse_pair(cert, key, &c, &k)?;
+        let expiry = prometheus_client::metrics::gauge::Gauge::default();
+        expiry.set(CertInfo::of(&pair.leaf).expires.unwrap_or(0));
         Ok(Arc::new(CertStore {
             cert_path: cert.to_path_buf(),
             key_path: key.to_path_buf(),
             current: RwLock::new(Arc::new(pair)),
             seen: Mutex::new(Some(digest(&c, &k))),
+            expiry,
         }))
+    }
+
+    /// Registers the expiry gauge of the certificate in service.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        metrics.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "End of the validity (notAfter) of the certificate in service, in seconds since 1970",
+            self.expiry.clone(),
+        );
     }
 
     fn in_service(&self) -> Arc<Pair> {
@@ -225,6 +248,7 @@ impl CertStore {
         let pair = parse_pair(&self.cert_path, &self.key_path, &c, &k)?;
         let info = CertInfo::of(&pair.leaf);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
+        self.expiry.set(info.expires.unwrap_or(0));
         Ok(info)
     }
 
@@ -390,6 +414,14 @@ mod tests {
             let cert = CertificateParams::new(names).unwrap().signed_by(&key, &self.0).unwrap();
             (cert.pem(), key.serialize_pem())
         }
+        /// A leaf for `localhost` valid until the start of `(year, month, day)`.
+        fn leaf_until(&self, year: i32, month: u8, day: u8) -> (String, String) {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            params.not_after = rcgen::date_time_ymd(year, month, day);
+            let cert = params.signed_by(&key, &self.0).unwrap();
+            (cert.pem(), key.serialize_pem())
+        }
         fn client(&self) -> Arc<rustls::ClientConfig> {
             let mut roots = RootCertStore::empty();
             roots.add(self.0.der().clone()).unwrap();
@@ -524,6 +556,30 @@ mod tests {
         assert_eq!(certs.leaf(), der(&old.0));
         let (c, _s) = connect(&ca.client(), &server);
         assert_eq!(peer_leaf(&c), der(&old.0));
+    }
+
+    /// The expiry metric follows the certificate in service: set at load, changed by a
+    /// reload, kept when a reload is refused.
+    #[test]
+    fn the_expiry_metric_follows_the_certificate_in_service() {
+        let ca = Ca::new();
+        let files = Files::new(&ca.leaf_until(2030, 1, 1));
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        certs.register_metrics(&metrics);
+        let expiry = || {
+            let text = metrics.render();
+            let line = text.lines().find(|l| l.starts_with("mailgate_tls_certificate_expiry_timestamp_seconds "));
+            line.and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok()).unwrap()
+        };
+        assert_eq!(expiry(), 1_893_456_000, "2030-01-01T00:00:00Z");
+        let (cert, key) = ca.leaf_until(2031, 5, 1);
+        files.write(&cert, &key);
+        assert_eq!(certs.reload().unwrap().expires, Some(1_935_360_000));
+        assert_eq!(expiry(), 1_935_360_000, "2031-05-01T00:00:00Z");
+        files.write("not a certificate\n", &key);
+        assert!(certs.reload().is_err());
+        assert_eq!(expiry(), 1_935_360_000, "the pair in service did not change");
     }
 
     /// A certificate with another certificate's key is refused (rustls' keys_match).

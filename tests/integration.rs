@@ -14,6 +14,7 @@ mod imap_front;
 mod import;
 mod interop;
 mod load;
+mod metrics;
 mod pg_harness;
 mod pg_store;
 mod pop3;

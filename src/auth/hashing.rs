@@ -49,6 +49,8 @@ struct Job {
     /// The requester stopped waiting.
     gone: Box<dyn Fn() -> bool + Send>,
     deadline: Option<Instant>,
+    /// When it was queued (for the wait metric).
+    queued: Instant,
 }
 
 #[derive(Default)]
@@ -78,6 +80,25 @@ struct Inner {
     state: Mutex<State>,
     ready: Condvar,
     gauge: Gauge,
+    meters: Meters,
+}
+
+/// The pool's metrics (registered by [`HashPool::register_metrics`]).
+struct Meters {
+    /// Jobs waiting (`mailgate_hashing_queue_jobs`).
+    waiting: prometheus_client::metrics::gauge::Gauge,
+    /// Jobs running (`mailgate_hashing_running_jobs`).
+    running: prometheus_client::metrics::gauge::Gauge,
+    /// Time from queueing to a thread taking the job (`mailgate_hashing_wait_seconds`).
+    wait: prometheus_client::metrics::histogram::Histogram,
+    /// Jobs dropped without running (`mailgate_hashing_dropped_total`).
+    dropped: prometheus_client::metrics::counter::Counter,
+}
+
+impl Meters {
+    fn set_waiting(&self, n: usize) {
+        self.waiting.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
 }
 
 /// The pool. Cloning shares it; the threads end when the last clone is dropped.
@@ -102,7 +123,13 @@ impl Drop for CloseOnDrop {
 impl HashPool {
     /// Starts `threads` hashing threads (at least one), each with its argon2 memory.
     pub fn new(threads: usize) -> HashPool {
-        let inner = Arc::new(Inner { state: Mutex::default(), ready: Condvar::new(), gauge: Gauge::default() });
+        let meters = Meters {
+            waiting: Default::default(),
+            running: Default::default(),
+            wait: crate::metrics::wait_histogram(),
+            dropped: Default::default(),
+        };
+        let inner = Arc::new(Inner { state: Mutex::default(), ready: Condvar::new(), gauge: Gauge::default(), meters });
         for n in 0..threads.max(1) {
             let inner = inner.clone();
             let spawned = std::thread::Builder::new().name(format!("mailgate-hash-{n}")).spawn(move || {
@@ -137,6 +164,7 @@ impl HashPool {
             }),
             gone: Box::new(move || probe.lock().ok().and_then(|t| t.as_ref().map(|s| s.is_closed())).unwrap_or(true)),
             deadline,
+            queued: Instant::now(),
         };
         let mut s = self.inner.state.lock().map_err(|_| Busy::Full)?;
         if s.waiting >= MAX_WAITING {
@@ -152,6 +180,7 @@ impl HashPool {
             s.turn.push_back(owner);
         }
         s.waiting += 1;
+        self.inner.meters.set_waiting(s.waiting);
         drop(s);
         self.inner.ready.notify_one();
         Ok(rx)
@@ -165,6 +194,19 @@ impl HashPool {
     /// Jobs dropped without running (requester gone, deadline passed).
     pub fn dropped(&self) -> usize {
         self.inner.gauge.dropped.load(Ordering::SeqCst)
+    }
+
+    /// Registers the queue's gauges, its wait histogram and its dropped-job counter.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        let m = &self.inner.meters;
+        metrics.register("hashing_queue_jobs", "Hash jobs waiting for a hashing thread", m.waiting.clone());
+        metrics.register("hashing_running_jobs", "Hash jobs running now", m.running.clone());
+        metrics.register("hashing_wait_seconds", "Time a hash job waited for a thread", m.wait.clone());
+        metrics.register(
+            "hashing_dropped",
+            "Hash jobs dropped without running (client gone, deadline passed)",
+            m.dropped.clone(),
+        );
     }
 
     /// Jobs waiting now.
@@ -183,6 +225,7 @@ fn worker(inner: &Inner) {
                     return;
                 }
                 if let Some(next) = take_next(&mut s) {
+                    inner.meters.set_waiting(s.waiting);
                     break next;
                 }
                 s = match inner.ready.wait(s) {
@@ -191,13 +234,18 @@ fn worker(inner: &Inner) {
                 };
             }
         };
-        let expired = job.deadline.is_some_and(|d| Instant::now() >= d);
+        let taken = Instant::now();
+        inner.meters.wait.observe(taken.saturating_duration_since(job.queued).as_secs_f64());
+        let expired = job.deadline.is_some_and(|d| taken >= d);
         if expired || (job.gone)() {
             inner.gauge.dropped.fetch_add(1, Ordering::SeqCst);
+            inner.meters.dropped.inc();
         } else {
             let now = inner.gauge.active.fetch_add(1, Ordering::SeqCst) + 1;
             inner.gauge.peak.fetch_max(now, Ordering::SeqCst);
+            inner.meters.running.inc();
             (job.run)();
+            inner.meters.running.dec();
             inner.gauge.active.fetch_sub(1, Ordering::SeqCst);
         }
         if let Ok(mut s) = inner.state.lock()
@@ -282,5 +330,46 @@ mod tests {
         assert_eq!(ran.load(Ordering::SeqCst), 1, "only the job still wanted ran");
         assert_eq!(pool.dropped(), 2);
         assert_eq!(pool.waiting(), 0);
+    }
+
+    /// The metrics: jobs waiting and running while one thread is held, the wait of
+    /// each job taken, the dropped ones; all back to 0 after.
+    #[tokio::test]
+    async fn the_queue_is_measured() {
+        let pool = HashPool::new(1);
+        let metrics = crate::metrics::Metrics::new();
+        pool.register_metrics(&metrics);
+        let sample = |name: &str| -> f64 {
+            let text = metrics.render();
+            let line = text.lines().find(|l| l.split(' ').next() == Some(name));
+            line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("{name}\n{text}"))
+        };
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let blocker = pool.submit(addr(9), None, move || held.recv()).unwrap();
+        let queued: Vec<_> = (1..=3).map(|n| pool.submit(addr(n), None, || ()).unwrap()).collect();
+        let gone = pool.submit(addr(4), None, || ()).unwrap();
+        drop(gone);
+        // The blocker is running (the others wait behind it).
+        while sample("mailgate_hashing_running_jobs") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(sample("mailgate_hashing_queue_jobs"), 4.0);
+        std::thread::sleep(Duration::from_millis(20));
+        release.send(()).unwrap();
+        let _ = blocker.await;
+        for rx in queued {
+            rx.await.unwrap();
+        }
+        while pool.dropped() < 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(sample("mailgate_hashing_queue_jobs"), 0.0);
+        assert_eq!(sample("mailgate_hashing_wait_seconds_count"), 5.0, "every job taken, run or dropped");
+        assert!(sample("mailgate_hashing_wait_seconds_sum") >= 4.0 * 0.02, "four waited behind the blocker");
+        assert_eq!(sample("mailgate_hashing_dropped_total"), 1.0);
+        // The last job's thread may still be finishing its bookkeeping.
+        while sample("mailgate_hashing_running_jobs") > 0.0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }

@@ -305,6 +305,9 @@ pub struct Authenticator {
     clock: Arc<dyn clock::Clock>,
     /// IPv6 clients are one client per prefix of this length (`[limits] ipv6_prefix`).
     v6_prefix: u8,
+    /// The process's metrics (logins counted with their line; the gate, the fronts and
+    /// the web step take it from here).
+    metrics: crate::metrics::Metrics,
 }
 
 struct UpstreamMode {
@@ -351,7 +354,20 @@ impl Authenticator {
             logins: Arc::new(login_log::LoginLog::default()),
             clock: Arc::new(clock::SystemClock),
             v6_prefix: crate::addr::DEFAULT_IPV6_PREFIX,
+            metrics: crate::metrics::Metrics::new(),
         }
+    }
+
+    /// Counts into `metrics` (and registers the hashing pool's gauges there).
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Authenticator {
+        self.pool.register_metrics(&metrics);
+        self.metrics = metrics;
+        self
+    }
+
+    /// The process's metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// Counts IPv6 clients per prefix of `bits` in every per-address limit (budgets,
@@ -437,8 +453,10 @@ impl Authenticator {
         self.refusals.note(kind, ip, user);
     }
 
-    /// Writes the login line of an attempt ([`login_log`]: floods aggregated).
+    /// Writes the login line of an attempt ([`login_log`]: floods aggregated) and counts
+    /// it in the metrics from the same values (every attempt, aggregated or not).
     pub fn log_login(&self, line: &login_log::Line<'_>) {
+        self.metrics.login(line.protocol, line.method.as_str(), line.result.as_str(), line.duration);
         self.logins.write(line);
     }
 
@@ -473,7 +491,15 @@ impl Authenticator {
         if mode.cache.hit(username, password) {
             return CheckResult::Valid;
         }
+        let started = std::time::Instant::now();
         let result = mode.checker.check(username.to_string(), SecretBytes::from(password.expose().clone())).await;
+        let counted = match result {
+            CheckResult::Valid => crate::metrics::UpstreamResult::Ok,
+            CheckResult::Invalid => crate::metrics::UpstreamResult::Refused,
+            CheckResult::Unavailable => crate::metrics::UpstreamResult::Failed,
+        };
+        // The checker is the upstream IMAP server, whatever protocol the client used.
+        self.metrics.upstream_login("imap", counted, started.elapsed());
         match result {
             CheckResult::Valid => mode.cache.remember(username, password),
             CheckResult::Invalid => mode.cache.forget(username),

@@ -104,7 +104,65 @@ impl<M: MailFront> Front for MailService<M> {
 
 #[cfg(test)]
 mod tests {
+    use crate::net::driver::Front as _;
     use crate::net::testkit::*;
+    use tokio::io::AsyncWriteExt as _;
+
+    /// What one IMAP session counts: its login, its upstream login, the live session
+    /// while it lasts, the bytes it relays; a wrong password and an upstream that is down
+    /// count as what they are.
+    #[tokio::test]
+    async fn a_session_is_counted_from_login_to_logout() {
+        let up = FakeImap::start().await;
+        let kit = Kit::new(up.addr, "");
+        let m = kit.metrics.clone();
+        let svc = kit.imap();
+        let (server, c) = pipe();
+        let task = tokio::spawn(svc.clone().serve(server, addr(CLIENT), addr(LOCAL), true));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = kit.tls_client().connect(name.clone(), c).await.unwrap();
+        read_until(&mut tls, "\r\n").await;
+        tls.write_all(format!("a LOGIN {USER} wrong\r\n").as_bytes()).await.unwrap();
+        read_until(&mut tls, "a NO").await;
+        tls.write_all(format!("b LOGIN {USER} \"{PASSWORD}\"\r\n").as_bytes()).await.unwrap();
+        read_until(&mut tls, "b OK").await;
+        let logins = |result: &str| {
+            m.sample(&format!(r#"mailgate_logins_total{{protocol="imap",method="account-password",result="{result}""#))
+        };
+        assert_eq!((logins("wrong"), logins("ok")), (1.0, 1.0));
+        assert_eq!(m.sample("mailgate_login_duration_seconds_count"), 2.0);
+        assert_eq!(m.sample(r#"mailgate_upstream_logins_total{protocol="imap",result="ok""#), 1.0);
+        assert_eq!(m.sample(r#"mailgate_sessions{protocol="imap""#), 1.0);
+        tls.write_all(b"c NOOP\r\n").await.unwrap();
+        read_until(&mut tls, "c OK").await;
+        let bytes = |direction: &str| {
+            m.sample(&format!(r#"mailgate_relayed_bytes_total{{protocol="imap",direction="{direction}""#))
+        };
+        assert_eq!(bytes("from_client"), "c NOOP\r\n".len() as f64);
+        assert_eq!(bytes("to_client"), "c OK done\r\n".len() as f64);
+        tls.write_all(b"z LOGOUT\r\n").await.unwrap();
+        read_until(&mut tls, "z OK").await;
+        drop(tls);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), task).await.unwrap();
+        assert_eq!(m.sample(r#"mailgate_sessions{protocol="imap""#), 0.0, "the session ended");
+
+        // Upstream down: the login is "unavailable", the upstream login "failed", and
+        // no session is counted.
+        let down = Kit::new(addr("127.0.0.1:9"), "");
+        let (server, c) = pipe();
+        tokio::spawn(down.imap().serve(server, addr(CLIENT), addr(LOCAL), true));
+        let mut tls = down.tls_client().connect(name, c).await.unwrap();
+        read_until(&mut tls, "\r\n").await;
+        tls.write_all(format!("a LOGIN {USER} \"{PASSWORD}\"\r\n").as_bytes()).await.unwrap();
+        read_until(&mut tls, "a NO").await;
+        let d = &down.metrics;
+        assert_eq!(
+            d.sample(r#"mailgate_logins_total{protocol="imap",method="account-password",result="unavailable""#),
+            1.0
+        );
+        assert_eq!(d.sample(r#"mailgate_upstream_logins_total{protocol="imap",result="failed""#), 1.0);
+        assert_eq!(d.sample("mailgate_sessions"), 0.0);
+    }
 
     /// A logged-in session's task holds the relay's state only: the login phase (TLS
     /// handshake, pre-auth machine, upstream login) is boxed and freed when it ends.

@@ -12,6 +12,7 @@
 use crate::auth::login_log::{Line, Method, Outcome};
 use crate::auth::{self, Authenticated, Authenticator, CheckResult, Peer, Protocol, UpstreamCheck, Verdict};
 use crate::live::{LiveGuard, LiveSessions};
+use crate::metrics::UpstreamResult;
 use crate::net::driver::{Conn, DriveError};
 use crate::net::stream::Transport;
 use crate::net::upstream::UpstreamFailure;
@@ -296,7 +297,7 @@ impl Gate {
             }
         };
         let (verdict, opened) = match verdict {
-            Verdict::CheckUpstream(check) => self.ask_upstream(upstream, check, origin).await,
+            Verdict::CheckUpstream(check) => self.ask_upstream(upstream, check, origin, protocol).await,
             v => (v, None),
         };
         match verdict {
@@ -319,19 +320,29 @@ impl Gate {
         upstream: &U,
         check: UpstreamCheck,
         origin: &Origin<'_>,
+        protocol: Protocol,
     ) -> (Verdict, Option<(U::Connection, SecretBytes)>) {
         let client = origin.client;
+        let metrics = self.auth.metrics();
+        let label = protocol.scope().as_str();
+        let started = Instant::now();
         if check.second_factor() || !upstream.checks_passwords() {
+            // Counted by `check_upstream` (the upstream IMAP server's check, unless cached).
             let result = self.auth.check_upstream(check.username(), check.password()).await;
             return (self.auth.confirm_upstream(check, result).await, None);
         }
         match upstream.open_as_user(&check, origin).await {
             Ok(session) => {
+                metrics.upstream_login(label, UpstreamResult::Ok, started.elapsed());
                 let password = SecretBytes::from(check.password().expose().clone());
                 (self.auth.confirm_upstream(check, CheckResult::Valid).await, Some((session, password)))
             }
-            Err(e) if e.is_refusal() => (self.auth.confirm_upstream(check, CheckResult::Invalid).await, None),
+            Err(e) if e.is_refusal() => {
+                metrics.upstream_login(label, UpstreamResult::Refused, started.elapsed());
+                (self.auth.confirm_upstream(check, CheckResult::Invalid).await, None)
+            }
             Err(e) => {
+                metrics.upstream_login(label, UpstreamResult::Failed, started.elapsed());
                 warn!(peer = %client, user = %check.username(), error = %e, "upstream login failed");
                 (Verdict::Unavailable, None)
             }
@@ -351,16 +362,26 @@ impl Gate {
         let Some(live) = self.live.register_from(&who, client.ip(), self.max_per_address) else {
             return Err((Refusal::TooMany, Outcome::TooMany));
         };
+        let metrics = self.auth.metrics();
+        let label = protocol.scope().as_str();
         let (session, own_password) = match opened {
             Some((session, password)) => (session, Some(password)),
-            None => match upstream.open(&who, origin).await {
-                Ok(session) => (session, None),
-                Err(e) => {
-                    warn!(peer = %client, user = %who.username(), %protocol, error = %e, "upstream login failed");
-                    return Err((Refusal::Unavailable, Outcome::Unavailable));
+            None => {
+                let started = Instant::now();
+                match upstream.open(&who, origin).await {
+                    Ok(session) => {
+                        metrics.upstream_login(label, UpstreamResult::Ok, started.elapsed());
+                        (session, None)
+                    }
+                    Err(e) => {
+                        metrics.upstream_login(label, UpstreamResult::Failed, started.elapsed());
+                        warn!(peer = %client, user = %who.username(), %protocol, error = %e, "upstream login failed");
+                        return Err((Refusal::Unavailable, Outcome::Unavailable));
+                    }
                 }
-            },
+            }
         };
+        live.count(metrics.session(label));
         self.auth.succeeded(client.ip(), who.username());
         Ok(Admitted { who, upstream: session, live, own_password })
     }

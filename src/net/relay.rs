@@ -17,9 +17,11 @@
 
 use crate::auth::Authenticated;
 use crate::live::LiveGuard;
+use crate::metrics::RelayMeter;
 use crate::net::driver::DriveError;
 use crate::net::stream::{MaybeTls, Transport};
 use crate::proto::Goodbye;
+use prometheus_client::metrics::counter::Counter;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -74,13 +76,16 @@ struct Half {
 
 impl Half {
     /// Moves bytes from `r` to `w` until `r` would block (Pending) or ends (Ready).
-    /// `seen` is called whenever bytes were read.
+    /// `seen` is called whenever bytes were read; `meter` (`mailgate_relayed_bytes_total`)
+    /// gets each read's length: a shared atomic, one relaxed add per read, no lock and
+    /// no allocation.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
         seen: &mut dyn FnMut(),
+        meter: Option<&Counter>,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + ?Sized,
@@ -119,6 +124,9 @@ impl Half {
                         give_buf(buf);
                     } else {
                         self.total += n as u64;
+                        if let Some(m) = meter {
+                            m.inc_by(n as u64);
+                        }
                         seen();
                         self.buf = Some(buf);
                     }
@@ -178,6 +186,8 @@ pub struct Relay<'a, C: ?Sized, U: ?Sized> {
     idle: Duration,
     last_client_byte: Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// The protocol's byte counters (`None`: not counted).
+    meter: Option<RelayMeter>,
 }
 
 impl<'a, C, U> Relay<'a, C, U>
@@ -216,7 +226,14 @@ where
             idle,
             last_client_byte: now,
             timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            meter: None,
         }
+    }
+
+    /// Adds the bytes carried to `meter`'s counters.
+    pub fn metered(mut self, meter: Option<RelayMeter>) -> Self {
+        self.meter = meter;
+        self
     }
 
     /// Bytes carried so far.
@@ -235,13 +252,22 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let mut seen_client = false;
-        let up = this
-            .up
-            .poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.upstream), &mut || seen_client = true);
+        let (from_client, to_client) = match this.meter.as_deref() {
+            Some(m) => (Some(&m.from_client), Some(&m.to_client)),
+            None => (None, None),
+        };
+        let up = this.up.poll_copy(
+            cx,
+            Pin::new(&mut *this.client),
+            Pin::new(&mut *this.upstream),
+            &mut || seen_client = true,
+            from_client,
+        );
         if seen_client {
             this.last_client_byte = Instant::now();
         }
-        let down = this.down.poll_copy(cx, Pin::new(&mut *this.upstream), Pin::new(&mut *this.client), &mut || {});
+        let down =
+            this.down.poll_copy(cx, Pin::new(&mut *this.upstream), Pin::new(&mut *this.client), &mut || {}, to_client);
         match (up, down) {
             (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => return Poll::Ready(Err(e)),
             (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(Ok(RelayEnd::Closed)),
@@ -274,7 +300,8 @@ pub trait Relayed: Send {
 /// the client sent behind its login) upstream, then the bytes are copied both ways until
 /// a side closes, the [`LiveGuard`] fires (revocation, shutdown), the client idles for
 /// `idle`, or [`MAX_SESSION`] passes. When mailgate ends it, the client gets
-/// `goodbye(why)`, the protocol's last line. Needs the proof of authentication.
+/// `goodbye(why)`, the protocol's last line. Needs the proof of authentication. The
+/// bytes carried are counted in the byte counters the [`LiveGuard`] carries.
 pub async fn relay_session<S: Transport, U: Relayed>(
     mut client: MaybeTls<S>,
     upstream: U,
@@ -285,6 +312,10 @@ pub async fn relay_session<S: Transport, U: Relayed>(
     goodbye: impl Fn(Goodbye) -> &'static [u8] + Send,
 ) -> Result<(), DriveError> {
     let (mut upstream, leftover) = upstream.into_relay_parts();
+    if let Some(m) = live.relay_meter() {
+        m.to_client.inc_by(leftover.len() as u64);
+        m.from_client.inc_by(pipelined.len() as u64);
+    }
     if !leftover.is_empty() {
         client.write_all(&leftover).await?;
     }
@@ -311,7 +342,7 @@ async fn carry<S: Transport>(
     who: &Authenticated,
     idle: Duration,
 ) -> Option<Goodbye> {
-    let mut relay = Relay::new(client, upstream, idle, who);
+    let mut relay = Relay::new(client, upstream, idle, who).metered(live.relay_meter());
     tokio::select! {
         r = &mut relay => match r {
             Ok(RelayEnd::Closed) => None,
@@ -348,8 +379,11 @@ mod tests {
     async fn carries_both_ways_and_passes_end_of_stream_on() {
         let (mut client, mut client_far) = duplex(1024);
         let (mut upstream, mut upstream_far) = duplex(1024);
+        let meter = RelayMeter::default();
+        let counted = meter.clone();
         let task = tokio::spawn(async move {
-            let mut relay = Relay::new(&mut client_far, &mut upstream_far, Duration::from_secs(60), &who());
+            let mut relay =
+                Relay::new(&mut client_far, &mut upstream_far, Duration::from_secs(60), &who()).metered(Some(meter));
             let end = (&mut relay).await;
             (end.map_err(|e| e.to_string()), relay.carried())
         });
@@ -378,6 +412,8 @@ mod tests {
         let (end, carried) = task.await.unwrap();
         assert_eq!(end, Ok(RelayEnd::Closed));
         assert_eq!(carried, Carried { up: 300_000, down: 11 });
+        // The metric's counters saw every byte, per direction.
+        assert_eq!((counted.from_client.get(), counted.to_client.get()), (300_000, 11));
     }
 
     #[tokio::test]

@@ -40,20 +40,28 @@ pub struct SmtpService {
 pub struct Upstream {
     conn: Conn,
     replies: Replies,
+    /// `mailgate_relayed_bytes_total{protocol="smtp"}`: commands and messages sent
+    /// upstream (`from_client`), upstream's replies (`to_client`).
+    meter: crate::metrics::RelayMeter,
 }
 
 impl Upstream {
     /// Sends `bytes` (nothing read).
     async fn send(&mut self, bytes: &[u8], wait: Duration) -> Result<(), UpstreamFailure> {
         self.conn.set_deadline(Some(Instant::now() + wait));
-        Ok(self.conn.send(bytes).await?)
+        self.conn.send(bytes).await?;
+        self.meter.from_client.inc_by(bytes.len() as u64);
+        Ok(())
     }
 
     /// Reads one whole reply: (code, raw lines).
     async fn reply(&mut self, wait: Duration) -> Result<(u16, Vec<u8>), UpstreamFailure> {
         self.conn.set_deadline(Some(Instant::now() + wait));
         match self.conn.next(&mut self.replies).await? {
-            Ok(reply) => Ok(reply),
+            Ok(reply) => {
+                self.meter.to_client.inc_by(reply.1.len() as u64);
+                Ok(reply)
+            }
             Err(e) => Err(SmtpUpstreamError::Protocol(e).into()),
         }
     }
@@ -93,7 +101,9 @@ pub async fn log_in(
         Err(DriveError::Timeout) => return Err(UpstreamFailure::Timeout),
         Err(e) => return Err(e.into()),
     };
-    Ok((Upstream { conn, replies: Replies::new(login.into_leftover()) }, caps))
+    // Counted only where a session relays (the service sets its meter; `check` has none).
+    let meter = crate::metrics::RelayMeter::default();
+    Ok((Upstream { conn, replies: Replies::new(login.into_leftover()), meter }, caps))
 }
 
 /// What one client connection has, besides its machine.
@@ -171,7 +181,7 @@ impl SmtpService {
         if let Ok(mut ext) = self.upstream_extensions.write() {
             *ext = Some(Extensions::from_ehlo(&caps));
         }
-        Ok(up)
+        Ok(Upstream { meter: self.gate.auth().metrics().relay("smtp"), ..up })
     }
 
     /// Acts on one event of the client's session.
@@ -405,6 +415,7 @@ mod tests {
         assert!(read_until(&mut tls, "250 ").await.contains("AUTH PLAIN"));
         tls.write_all(format!("AUTH PLAIN {}\r\n", plain()).as_bytes()).await.unwrap();
         assert!(read_until(&mut tls, "\r\n").await.starts_with("235 "));
+        assert_eq!(kit.metrics.sample(r#"mailgate_sessions{protocol="smtp""#), 1.0);
         let message = format!("From: {USER}\r\nTo: bob@example.com\r\nSubject: hi\r\n\r\nHello.\r\n.\r\n");
         let commands = format!("MAIL FROM:<{USER}>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n");
         tls.write_all(commands.as_bytes()).await.unwrap();
@@ -414,7 +425,15 @@ mod tests {
         tls.write_all(b"QUIT\r\n").await.unwrap();
         assert!(read_to_end(&mut tls).await.starts_with("221"));
         assert!(matches!(task.await.unwrap(), Err(DriveError::Finished)));
-        assert_eq!(up.messages.lock().unwrap().as_slice(), [message]);
+        assert_eq!(up.messages.lock().unwrap().as_slice(), std::slice::from_ref(&message));
+        // Metrics: the login, the session (ended), the commands and the message sent
+        // upstream, and upstream's replies.
+        let m = &kit.metrics;
+        assert_eq!(m.sample(r#"mailgate_logins_total{protocol="smtp",method="account-password",result="ok""#), 1.0);
+        assert_eq!(m.sample(r#"mailgate_sessions{protocol="smtp""#), 0.0);
+        let sent = m.sample(r#"mailgate_relayed_bytes_total{protocol="smtp",direction="from_client""#);
+        assert!(sent >= (commands.len() + message.len()) as f64, "{sent}");
+        assert!(m.sample(r#"mailgate_relayed_bytes_total{protocol="smtp",direction="to_client""#) > 0.0);
     }
 
     /// A revoked session hears `421 4.7.0 Access revoked` at once, while it waits for

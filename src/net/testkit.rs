@@ -248,6 +248,9 @@ pub struct Kit {
     pub live: LiveSessions,
     pub acceptor: TlsAcceptor,
     pub ca: std::path::PathBuf,
+    /// What the services count (the hashing pool's gauges are registered once per
+    /// service made).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Kit {
@@ -273,11 +276,12 @@ impl Kit {
         let acceptor = TlsAcceptor::from(
             crate::tls::server_config(&crate::tls::CertStore::load(&cert, &key).unwrap(), &["imap", "smtp"]).unwrap(),
         );
-        Kit { config, store, live: LiveSessions::default(), acceptor, ca: cert, _dir: dir }
+        let metrics = crate::metrics::Metrics::new();
+        Kit { config, store, live: LiveSessions::default(), acceptor, ca: cert, metrics, _dir: dir }
     }
 
     fn gate(&self) -> Gate {
-        let auth = Authenticator::new(self.store.clone(), 1);
+        let auth = Authenticator::new(self.store.clone(), 1).with_metrics(self.metrics.clone());
         Gate::new(auth, self.live.clone(), self.config.app_password_url(), 10)
     }
 

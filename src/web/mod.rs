@@ -75,6 +75,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/healthz", get(healthz))
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::middleware::map_request(host_from_authority))
+        // Requests by route template (never the raw path) and status.
+        .layer(axum::middleware::from_fn_with_state(web.auth.metrics().clone(), crate::metrics::count_web_request))
         .with_state(web)
 }
 
