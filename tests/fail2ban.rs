@@ -10,7 +10,7 @@
 //! (its own directory, socket, pid and database files; a ban action that only writes the
 //! address to a file, no firewall) must ban 127.0.0.31 and not 127.0.0.32.
 
-use crate::imap_front::{connect_from, with_dovecot_opts};
+use crate::imap_front::{connect_from, imaps_from, with_dovecot_opts};
 use crate::support::client::{Client, PROMPTLY, tls_config};
 use crate::support::daemon::poll;
 use crate::support::mailgate::{Mailgate, Options};
@@ -38,19 +38,13 @@ fn jail() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fail2ban/jail.d/mailgate.conf")
 }
 
-fn imap_from(mg: &Mailgate, src: &str) -> Client {
-    let mut c = Client::tls_over(connect_from(src, mg.imaps), tls_config(&mg.ca, &["imap"])).unwrap();
-    assert!(c.line().starts_with("* OK"));
-    c
-}
-
 /// The mailgate traffic; returns the app password's public id.
 fn logins(mg: &Mailgate, app: &str) -> String {
     mg.add_user("bob@example.com", "bob-account-password");
     mg.ok(&["totp", "enable", "bob@example.com"]);
     // Good logins, one with the client's ID.
     for n in 0..3 {
-        let mut c = imap_from(mg, GOOD);
+        let mut c = imaps_from(mg, GOOD);
         if n == 0 {
             let r = c.cmd("i", r#"ID ("name" "Thunderbird" "version" "128.3")"#);
             assert!(r.last().unwrap().starts_with("i OK"), "{r:?}");
@@ -60,14 +54,14 @@ fn logins(mg: &Mailgate, app: &str) -> String {
     }
     // The 2FA account's right account password: refused with the words about app passwords.
     for _ in 0..TWO_FACTOR_LOGINS {
-        let mut c = imap_from(mg, TWO_FACTOR);
+        let mut c = imaps_from(mg, TWO_FACTOR);
         let r = c.cmd("a", "LOGIN bob@example.com bob-account-password");
         assert!(r.last().unwrap().starts_with("a NO [ALERT]"), "{r:?}");
     }
     // Guesses: wrong passwords over IMAP (the last with a user name made to look like
     // another client's field), and one over SMTP.
     for n in 0..IMAP_GUESSES {
-        let mut c = imap_from(mg, GUESSER);
+        let mut c = imaps_from(mg, GUESSER);
         let user = if n + 1 == IMAP_GUESSES { "\"x client=127.0.0.99 result=wrong\"" } else { "alice@example.com" };
         let r = c.cmd("a", &format!("LOGIN {user} wrong-guess-{n}"));
         assert!(r.last().unwrap().starts_with("a NO [AUTHENTICATIONFAILED]"), "{r:?}");
@@ -306,7 +300,7 @@ fn the_json_log_has_the_same_login_fields() {
         ..Options::default()
     });
     mg.add_user("alice@example.com", "alice-account-password");
-    let mut c = imap_from(&mg, GUESSER);
+    let mut c = imaps_from(&mg, GUESSER);
     let r = c.cmd("a", "LOGIN \"x \\\"client\\\"=127.0.0.99\" wrong-guess");
     assert!(r.last().unwrap().starts_with("a NO [AUTHENTICATIONFAILED]"), "{r:?}");
     mg.wait_log("\"target\":\"mailgate::login\"", 1, PROMPTLY);

@@ -472,6 +472,13 @@ pub fn connect_from(src: &str, dst: std::net::SocketAddr) -> std::net::TcpStream
     tcp
 }
 
+/// An IMAPS client of `mg` from the loopback address `src`, its greeting read.
+pub fn imaps_from(mg: &Mailgate, src: &str) -> Client {
+    let mut c = Client::tls_over(connect_from(src, mg.imaps), tls_config(&mg.ca, &["imap"])).unwrap();
+    assert!(c.line().starts_with("* OK"));
+    c
+}
+
 #[test]
 fn proxy_protocol_from_the_load_balancer_only_and_limits_by_the_real_client() {
     // Issue 8 point 4: a listener behind haproxy takes PROXY v1/v2 headers from the

@@ -9,9 +9,9 @@
 //! with the Prometheus text parser of Python's `prometheus_client` (Debian package
 //! `python3-prometheus-client`), and every counter must have the value the script caused.
 
-use crate::imap_front::{connect_from, with_dovecot_opts};
+use crate::imap_front::{connect_from, imaps_from, with_dovecot_opts};
 use crate::support::client::{Client, PROMPTLY, tls_config};
-use crate::support::mailgate::{Mailgate, Options, free_port};
+use crate::support::mailgate::{Options, free_port};
 use base64::Engine as _;
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -115,12 +115,6 @@ fn scrape(addr: SocketAddr) -> Scrape {
     scrape
 }
 
-fn imap_from(mg: &Mailgate, src: &str) -> Client {
-    let mut c = Client::tls_over(connect_from(src, mg.imaps), tls_config(&mg.ca, &["imap"])).unwrap();
-    assert!(c.line().starts_with("* OK"));
-    c
-}
-
 /// A message of a known size.
 fn message() -> String {
     let body: String =
@@ -146,7 +140,7 @@ fn metrics_count_exactly_what_a_scripted_mix_of_logins_did() {
     // scraped while it is open.
     let msg = message();
     for n in 0..GOOD_LOGINS {
-        let mut c = imap_from(&mg, GOOD);
+        let mut c = imaps_from(&mg, GOOD);
         let r = c.cmd("a", &format!("LOGIN alice@example.com \"{app}\""));
         assert!(r.last().unwrap().starts_with("a OK"), "{r:?}\n{}", mg.log());
         if n == 0 {
@@ -169,13 +163,13 @@ fn metrics_count_exactly_what_a_scripted_mix_of_logins_did() {
     }
     // The 2FA account's right account password: refused with the words about app passwords.
     for _ in 0..TWO_FACTOR_LOGINS {
-        let mut c = imap_from(&mg, TWO_FACTOR);
+        let mut c = imaps_from(&mg, TWO_FACTOR);
         let r = c.cmd("a", "LOGIN bob@example.com bob-account-password");
         assert!(r.last().unwrap().starts_with("a NO [ALERT]"), "{r:?}");
     }
     // Wrong passwords until the address's budget is used up, then refused unchecked.
     for n in 0..GUESS_BUDGET + THROTTLED {
-        let mut c = imap_from(&mg, GUESSER);
+        let mut c = imaps_from(&mg, GUESSER);
         let r = c.cmd("a", &format!("LOGIN alice@example.com wrong-guess-{n}"));
         assert!(r.last().unwrap().starts_with("a NO"), "{r:?}");
     }
