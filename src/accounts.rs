@@ -62,6 +62,18 @@ pub enum AccountError {
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A store export whose TOTP secrets this mailgate's key cannot open: it was made by a
+    /// mailgate with another `secret.key`.
+    #[error(
+        "the export holds TOTP secrets of {accounts} account(s) (e.g. {example}) sealed with another key than this mailgate's secret.key: \
+         stop `mailgate serve`, copy the secret.key of the server that made the export into `server.data_dir` (replacing the one there), then import again; nothing was imported"
+    )]
+    ForeignKey {
+        /// How many accounts' secrets do not open.
+        accounts: usize,
+        /// One of them.
+        example: String,
+    },
 }
 
 impl AccountError {
@@ -275,7 +287,20 @@ impl AccountService {
     }
 
     /// Loads a store export into an empty store (all or nothing).
+    /// Imports a store export into an empty store. The export's TOTP secrets must open
+    /// with this mailgate's key (the export's backup codes are keyed with the same key):
+    /// otherwise nothing is imported, since every 2FA account would lose its second factor
+    /// without a word (a data_dir whose secret.key was not copied gets a new one).
     pub fn import_store(&self, dump: &Dump) -> Result<(), AccountError> {
+        let foreign: Vec<&str> = dump
+            .accounts
+            .iter()
+            .filter(|a| a.totp.as_ref().is_some_and(|t| self.key.open(&t.secret_enc, &a.username).is_err()))
+            .map(|a| a.username.as_str())
+            .collect();
+        if let Some(example) = foreign.first() {
+            return Err(AccountError::ForeignKey { accounts: foreign.len(), example: (*example).to_string() });
+        }
         Ok(self.store.import(dump)?)
     }
 

@@ -327,3 +327,30 @@ fn imports_are_all_or_none() {
     assert_eq!(svc.import_users(&users(&["A@x.org", "c@x.org"])).unwrap(), 2);
     assert!(env.store.get_account("a@x.org").unwrap().is_some());
 }
+
+/// A store export moves to a data_dir whose secret.key is not the exporter's (the file
+/// was not copied, so a new one was made): the import is refused, naming what to copy,
+/// and imports nothing; with the right key it goes in and the TOTP secret opens.
+#[test]
+fn a_store_export_sealed_with_another_key_is_refused() {
+    let from = Env::new();
+    let svc = from.service(Actor::Admin);
+    svc.create(ALICE, &[], None).unwrap();
+    svc.enable_totp(ALICE, Some(B32)).unwrap();
+    svc.create("bob@example.test", &[], None).unwrap();
+    let dump = from.store.export().unwrap();
+
+    let mut other = Env::new();
+    other.key = Arc::new(SecretKey::from_bytes(&[8; 32]).unwrap());
+    let e = other.service(Actor::Admin).import_store(&dump).unwrap_err();
+    assert!(matches!(e, AccountError::ForeignKey { accounts: 1, .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains(ALICE) && text.contains("secret.key") && text.contains("nothing was imported"), "{text}");
+    assert!(other.store.list_accounts().unwrap().is_empty(), "nothing was imported");
+
+    let same = Env::new();
+    same.service(Actor::Admin).import_store(&dump).unwrap();
+    let a = same.account();
+    assert_eq!(same.key.open(&a.totp.unwrap().secret_enc, ALICE).unwrap().expose(), &raw_secret());
+    assert_eq!(same.store.list_accounts().unwrap().len(), 2);
+}
