@@ -295,6 +295,20 @@ fn the_debian_package_installs_serves_as_mailgate_and_purges() {
     assert!(!as_root.status.success() && err.contains("runuser -u mailgate"), "{err}");
     assert!(as_mailgate_ok(test_config, &["user", "list"], "").contains("alice@example.com"));
 
+    // Upgrade (the package installed over itself, as an upgrade runs its scripts): the
+    // admin's edit of the conffile stays, init does not run again (the key is the same
+    // bytes), the accounts are still there, and serve still starts on them.
+    let key_before = std::fs::read("/var/lib/mailgate/secret.key").unwrap();
+    let mut edited = std::fs::read_to_string(CONFIG).unwrap();
+    edited.push_str("\n# edited by the admin (deb test)\n");
+    std::fs::write(CONFIG, &edited).unwrap();
+    let out = ok(Command::new("dpkg").args(["-i", "--force-confold", &deb]).env("DEBIAN_FRONTEND", "noninteractive"));
+    assert!(!out.contains("made upstream master password"), "init ran again on upgrade: {out}");
+    assert_eq!(std::fs::read_to_string(CONFIG).unwrap(), edited, "the admin's conffile edit is kept");
+    assert_eq!(std::fs::read("/var/lib/mailgate/secret.key").unwrap(), key_before, "secret.key is kept");
+    assert_stat(DATA, 0o700, "mailgate", "mailgate");
+    assert!(as_mailgate_ok(test_config, &["user", "list"], "").contains("alice@example.com"));
+
     // Remove keeps the data and the configuration; purge deletes both.
     ok(Command::new("dpkg").args(["--remove", "mailgate"]).env("DEBIAN_FRONTEND", "noninteractive"));
     assert!(!Path::new("/usr/bin/mailgate").exists());
