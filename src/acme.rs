@@ -1,9 +1,10 @@
 //! `[tls] acme = true`: the server certificate ordered from an ACME CA (RFC 8555; Let's
 //! Encrypt or any other) and renewed before it runs out. `instant-acme` speaks the
 //! protocol; this module keeps the account, answers the TLS-ALPN-01 challenge (RFC 8737)
-//! through the listeners' one resolver ([`CertStore::set_challenge`]), writes the issued
-//! pair under `data_dir/acme/` and puts it in service with [`CertStore::reload`], the same
-//! path SIGHUP takes: new connections get the new certificate, live ones keep theirs.
+//! through the listeners' one resolver ([`CertStore::set_challenge`]), and hands the issued
+//! pair to [`CertStore::replace`], which checks it, writes it under `data_dir/acme/` and
+//! puts it in service as a SIGHUP reload does: new connections get the new certificate,
+//! live ones keep theirs.
 //!
 //! Start-up: until the first order completes the listeners serve a self-signed placeholder
 //! ([`ensure_placeholder`]); TLS-ALPN-01 needs the listeners up, so the order runs once
@@ -229,19 +230,8 @@ pub async fn order(cfg: &AcmeConfig, certs: &CertStore, account: &Account) -> Re
     let key_pem = Zeroizing::new(order.finalize().await?);
     let chain_pem = order.poll_certificate(&patience()).await?;
     drop(answering);
-    install(certs, &chain_pem, &key_pem)
-}
-
-/// Writes the pair beside the files in service, renames it over them (key first) and
-/// reloads the store; a pair the store refuses leaves the old one in service.
-fn install(certs: &CertStore, chain_pem: &str, key_pem: &str) -> Result<CertInfo, AcmeError> {
-    let (cert, key) = certs.paths();
-    let (cert_new, key_new) = (cert.with_extension("pem.new"), key.with_extension("pem.new"));
-    std::fs::write(&cert_new, chain_pem).map_err(file_err(&cert_new))?;
-    crate::fsutil::write_private(&key_new, key_pem.as_bytes()).map_err(file_err(&key_new))?;
-    std::fs::rename(&key_new, key).map_err(file_err(key))?;
-    std::fs::rename(&cert_new, cert).map_err(file_err(cert))?;
-    Ok(certs.reload()?)
+    // Checked before it is written: a pair the store refuses leaves files and service as they were.
+    Ok(certs.replace(chain_pem.as_bytes(), key_pem.as_bytes())?)
 }
 
 /// Keeps the certificate in `certs` issued and current until the task is dropped: orders

@@ -158,6 +158,9 @@ pub struct CertStore {
     /// when it differs, and a refused pair is not tried (and logged) again until the files
     /// change once more. `None`: a file could not be read.
     seen: Mutex<Option<[u8; 32]>>,
+    /// Held while the files are read for a reload or replaced by [`CertStore::replace`], so
+    /// that the file check never reads half a replacement.
+    files: Mutex<()>,
     /// The end of the validity of the certificate in service, in seconds since 1970
     /// (`mailgate_tls_certificate_expiry_timestamp_seconds`; set at load and reload).
     expiry: prometheus_client::metrics::gauge::Gauge,
@@ -228,6 +231,7 @@ impl CertStore {
             key_path: key.to_path_buf(),
             current: RwLock::new(Arc::new(pair)),
             seen: Mutex::new(Some(digest(&c, &k))),
+            files: Mutex::new(()),
             expiry,
             acme_alpn: AtomicBool::new(false),
             challenges: RwLock::new(HashMap::new()),
@@ -281,6 +285,11 @@ impl CertStore {
     /// Reads the files again and puts the pair in service if it is usable; otherwise the
     /// pair in service stays and the error names the file and why.
     pub fn reload(&self) -> Result<CertInfo, TlsError> {
+        let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        self.reload_locked()
+    }
+
+    fn reload_locked(&self) -> Result<CertInfo, TlsError> {
         let read = read_files(&self.cert_path, &self.key_path);
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = read.as_ref().ok().map(|(c, k)| digest(c, k));
         let (c, k) = read?;
@@ -294,9 +303,29 @@ impl CertStore {
     /// The periodic check: reloads if either file changed since it was last read (`None`:
     /// nothing changed).
     pub fn reload_if_changed(&self) -> Option<Result<CertInfo, TlsError>> {
+        let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let now = read_files(&self.cert_path, &self.key_path).ok().map(|(c, k)| digest(&c, &k));
         let last = *self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        (now != last).then(|| self.reload())
+        (now != last).then(|| self.reload_locked())
+    }
+
+    /// Puts a new pair (PEM) in service and writes it over the files (each written beside
+    /// its file, then renamed over it; the key with mode 0600). A pair that does not parse
+    /// or whose key is not the certificate's is refused before any file is touched, so the
+    /// files always hold a usable pair.
+    pub fn replace(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<CertInfo, TlsError> {
+        let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let pair = parse_pair(&self.cert_path, &self.key_path, cert_pem, key_pem)?;
+        let (cert_new, key_new) = (self.cert_path.with_extension("pem.new"), self.key_path.with_extension("pem.new"));
+        std::fs::write(&cert_new, cert_pem).map_err(|e| pem_err(&cert_new, e))?;
+        crate::fsutil::write_private(&key_new, key_pem).map_err(|e| pem_err(&key_new, e))?;
+        std::fs::rename(&key_new, &self.key_path).map_err(|e| pem_err(&self.key_path, e))?;
+        std::fs::rename(&cert_new, &self.cert_path).map_err(|e| pem_err(&self.cert_path, e))?;
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(digest(cert_pem, key_pem));
+        let info = CertInfo::of(&pair.leaf);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
+        self.expiry.set(info.expires.unwrap_or(0));
+        Ok(info)
     }
 
     /// Reloads and logs the outcome: one INFO line naming the new certificate, or one
@@ -698,6 +727,28 @@ mod tests {
         c.write_tls(&mut buf).unwrap();
         s.read_tls(&mut &buf[..]).unwrap();
         assert!(s.process_new_packets().is_err(), "localhost is no longer the certificate's name");
+    }
+
+    /// `replace` refuses a bad pair without touching the files, and puts a good one in
+    /// service and on disk (the file check then sees nothing new).
+    #[test]
+    fn replace_checks_the_pair_before_writing_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let ca = Ca::new();
+        let (old, new, other) = (ca.leaf(&["localhost"]), ca.leaf(&["localhost"]), ca.leaf(&["localhost"]));
+        let files = Files::new(&old);
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        assert!(certs.replace(new.0.as_bytes(), other.1.as_bytes()).is_err(), "not the certificate's key");
+        assert!(certs.replace(b"nothing", new.1.as_bytes()).is_err());
+        assert_eq!(std::fs::read_to_string(&files.cert).unwrap(), old.0);
+        assert_eq!(std::fs::read_to_string(&files.key).unwrap(), old.1);
+        assert_eq!(certs.leaf(), der(&old.0));
+
+        certs.replace(new.0.as_bytes(), new.1.as_bytes()).unwrap();
+        assert_eq!(certs.leaf(), der(&new.0));
+        assert_eq!(std::fs::read_to_string(&files.cert).unwrap(), new.0);
+        assert_eq!(std::fs::metadata(&files.key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(certs.reload_if_changed().is_none());
     }
 
     /// Takes any server certificate and signature: webpki, which rustls' signature checks
