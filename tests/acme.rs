@@ -6,7 +6,7 @@
 //! 127.0.0.1, so `mail.example.test` (the harness's `server.hostname`) is mailgate.
 
 use crate::support::client::{Client, TIMEOUT};
-use crate::support::daemon::{pick_ports, poll, spawn_logged};
+use crate::support::daemon::{pick_ports, poll, spawn_logged, try_poll};
 use crate::support::mailgate::{Mailgate, Options};
 use mailgate::tls::CertInfo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -175,7 +175,15 @@ fn acme_issues_renews_and_keeps_the_certificate_when_the_ca_fails() {
     );
     // The CA file must exist when mailgate reads it (at the first order); Pebble's PKI is
     // made by Pebble::start, before that order can succeed.
-    let mg = Mailgate::start(Options { tls_extra, ..Default::default() });
+    // A long pre-auth deadline: the connection held across the renewal must outlive a slow order.
+    let limits = "preauth_timeout_secs = 600\n".to_string();
+    let mg = Mailgate::start(Options { tls_extra, limits, ..Default::default() });
+    // Before any order can succeed (Pebble is not up): the self-signed placeholder.
+    let placeholder = CertInfo::of_der(&served(mg.imaps));
+    assert_eq!(
+        (placeholder.names.as_slice(), &placeholder.issuer),
+        ([HOST.to_string()].as_slice(), &placeholder.subject)
+    );
     let mut pebble = Pebble::start(pebble_dir.path(), listen, mg.imaps.port());
     assert_eq!(pebble.directory, format!("https://127.0.0.1:{listen}/dir"));
 
@@ -194,7 +202,8 @@ fn acme_issues_renews_and_keeps_the_certificate_when_the_ca_fails() {
     let mut before = Client::tls_named(mg.imaps, any_cert(), HOST).unwrap();
     assert!(before.line().starts_with("* OK"));
     let held = before.peer_leaf().unwrap();
-    let renewed = poll(ORDER, || served(mg.imaps) != held);
+    let renewed = try_poll(ORDER, Duration::from_millis(200), || Ok::<_, ()>(served(mg.imaps) != held));
+    let renewed = renewed.unwrap_or(false);
     assert!(renewed, "no renewed certificate served:\n{}", mg.log());
     let second = served(mg.imaps);
     assert!(from_pebble(&second), "{:?}", CertInfo::of_der(&second));
