@@ -147,34 +147,43 @@ async fn send(tls: TlsConnector, mut req: http::Request<BodyWrapper<Bytes>>) -> 
     Ok(BytesResponse::from(rsp))
 }
 
-/// The ACME account: read from `account.json`, or registered with the CA and written
-/// there (mode 0600: it holds the account key).
+/// Whether stored account credentials (`account.json`) belong to `directory`: an account
+/// is one CA's, so a changed `acme_directory` registers a new one.
+fn stored_for(json: &[u8], directory: &str) -> bool {
+    serde_json::from_slice::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v.get("directory")?.as_str().map(|d| d == directory))
+        .unwrap_or(false)
+}
+
+/// The ACME account: read from `account.json` if it is this directory's, or registered
+/// with the CA and written there (mode 0600: it holds the account key).
 async fn account(cfg: &AcmeConfig) -> Result<Account, AcmeError> {
     let client = crate::tls::client_config(cfg.ca_file.as_deref())?;
     let http = Https { tls: TlsConnector::from(client) };
     let path = cfg.account_path();
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let bytes = Zeroizing::new(bytes);
+    let stored = match std::fs::read(&path) {
+        Ok(bytes) => Some(Zeroizing::new(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(file_err(&path)(e)),
+    };
+    if let Some(bytes) = stored {
+        if stored_for(&bytes, &cfg.directory) {
             let creds: AccountCredentials = serde_json::from_slice(&bytes)
                 .map_err(|e| AcmeError::Account { path: path.clone(), reason: e.to_string() })?;
-            Ok(Account::builder_with_http(Box::new(http)).from_credentials(creds).await?)
+            return Ok(Account::builder_with_http(Box::new(http)).from_credentials(creds).await?);
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let contact = [cfg.contact.as_str()];
-            let new = NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false };
-            let (account, creds) =
-                Account::builder_with_http(Box::new(http)).create(&new, cfg.directory.clone(), None).await?;
-            let json = Zeroizing::new(
-                serde_json::to_vec(&creds)
-                    .map_err(|e| AcmeError::Account { path: path.clone(), reason: e.to_string() })?,
-            );
-            crate::fsutil::write_private(&path, &json).map_err(file_err(&path))?;
-            tracing::info!(directory = %cfg.directory, account = %account.id(), "ACME account registered");
-            Ok(account)
-        }
-        Err(e) => Err(file_err(&path)(e)),
+        tracing::info!(directory = %cfg.directory, "the stored ACME account is another directory's: registering a new one");
     }
+    let contact = [cfg.contact.as_str()];
+    let new = NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false };
+    let (account, creds) = Account::builder_with_http(Box::new(http)).create(&new, cfg.directory.clone(), None).await?;
+    let json = Zeroizing::new(
+        serde_json::to_vec(&creds).map_err(|e| AcmeError::Account { path: path.clone(), reason: e.to_string() })?,
+    );
+    crate::fsutil::write_private(&path, &json).map_err(file_err(&path))?;
+    tracing::info!(directory = %cfg.directory, account = %account.id(), "ACME account registered");
+    Ok(account)
 }
 
 /// Stops answering the order's challenges when the order ends, whichever way.
@@ -315,6 +324,15 @@ mod tests {
         assert!(due(&info("CN=CA", &names, None), &cfg(30), now as u64), "unparsed");
         assert!(due(&info("CN=mail.example.com", &names, Some(now + 400 * day)), &cfg(30), now as u64), "self-signed");
         assert!(due(&info("CN=CA", &names[..1], Some(now + 40 * day)), &cfg(30), now as u64), "a name missing");
+    }
+
+    #[test]
+    fn a_stored_account_is_used_for_its_own_directory_only() {
+        let json = br#"{"id":"https://ca.example/acct/1","key_pkcs8":"AAAA","directory":"https://ca.example/dir"}"#;
+        assert!(stored_for(json, "https://ca.example/dir"));
+        assert!(!stored_for(json, "https://other.example/dir"));
+        assert!(!stored_for(br#"{"id":"x","key_pkcs8":"AAAA"}"#, "https://ca.example/dir"));
+        assert!(!stored_for(b"not json", "https://ca.example/dir"));
     }
 
     #[test]
