@@ -5,7 +5,8 @@
 # modules, curl, Python, mbsync (isync) and Thunderbird as real clients; PostgreSQL 15
 # for the PostgreSQL store tests, HAProxy as a real PROXY-protocol load balancer, and
 # nghttp2's h2load for HTTP/2 bursts on the web step, fail2ban to run the shipped filter and
-# jail on mailgate's log, Python's prometheus_client to parse the /metrics scrape), and
+# jail on mailgate's log, Python's prometheus_client to parse the /metrics scrape, Pebble
+# (with pebble-challtestsrv as its DNS) as the ACME CA of tests/acme.rs), and
 # builds Dovecot's imaptest from the source in ../shared/tools/imaptest (beside the
 # repository) into target/imaptest (dovecot-dev and the autotools to build it; rebuilt
 # only when missing), and installs cargo-deb from crates.io at a pinned version for
@@ -18,7 +19,7 @@ need=()
 for pkg in dovecot-imapd dovecot-submissiond dovecot-pop3d dovecot-managesieved dovecot-sieve sieve-connect \
   python3-sievelib python3-prometheus-client fetchmail getmail6 postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
   curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux \
-  postgresql-15 haproxy nghttp2-client systemd adduser fail2ban \
+  postgresql-15 haproxy nghttp2-client systemd adduser fail2ban pebble \
   dovecot-dev autoconf automake libtool make gcc pkg-config; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -71,6 +72,8 @@ command -v chromedriver >/dev/null || { echo "chromedriver (chromium-driver) is 
 test -x /usr/lib/postgresql/15/bin/postgres || { echo "postgresql-15 is not installed" >&2; exit 1; }
 test -x /usr/lib/postgresql/15/bin/pg_isready || { echo "postgresql-client-15 is not installed" >&2; exit 1; }
 test -x /usr/sbin/haproxy || { echo "haproxy is not installed at /usr/sbin/haproxy" >&2; exit 1; }
+test -x /usr/bin/pebble || { echo "pebble is not installed at /usr/bin/pebble" >&2; exit 1; }
+test -x /usr/bin/pebble-challtestsrv || { echo "pebble-challtestsrv (pebble) is not installed" >&2; exit 1; }
 command -v h2load >/dev/null || { echo "h2load (nghttp2-client) is not installed" >&2; exit 1; }
 command -v fail2ban-regex >/dev/null || { echo "fail2ban-regex (fail2ban) is not installed" >&2; exit 1; }
 command -v fail2ban-server >/dev/null || { echo "fail2ban-server (fail2ban) is not installed" >&2; exit 1; }

@@ -57,6 +57,9 @@ pub enum AppError {
     /// The store failed (opening sled, reading accounts, the last flush).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `[tls] acme`: the placeholder certificate could not be made.
+    #[error(transparent)]
+    Acme(#[from] crate::acme::AcmeError),
     /// `secret.key` is gone while stored TOTP secrets are sealed with it.
     #[error(
         "{} is missing, but {sealed} accounts have TOTP secrets encrypted with it: restore it from a backup \
@@ -309,9 +312,16 @@ pub async fn run(
     let metrics = crate::metrics::Metrics::new();
     let store: Arc<dyn Store> = Arc::new(crate::metrics::MeteredStore::new(store, metrics.clone()));
     // One certificate for every listener; SIGHUP or a change of its files replaces it.
+    if let Some(acme) = &config.acme {
+        crate::acme::ensure_placeholder(acme)?;
+    }
     let certs = crate::tls::CertStore::load(&config.tls_cert, &config.tls_key)?;
     certs.register_metrics(&metrics);
     let cert_task = tokio::spawn(crate::tls::keep_current(certs.clone(), config.tls_reload_check));
+    if config.acme.is_some() {
+        // Before the listeners' configurations are built: they then accept `acme-tls/1`.
+        certs.answer_acme_challenges();
+    }
     let acceptor = TlsAcceptor::from(crate::tls::server_config(&certs, &["imap"])?);
     let connector = ImapUpstream(Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?));
     let sessions = LiveSessions::default();
@@ -469,6 +479,8 @@ pub async fn run(
     );
     crate::systemd::ready();
     let watchdog = crate::systemd::watchdog().map(tokio::spawn);
+    // TLS-ALPN-01 is answered on the listeners, so the first order starts once they are up.
+    let acme_task = config.acme.clone().map(|acme| tokio::spawn(crate::acme::keep_issued(acme, certs.clone())));
     shutdown.await;
     crate::systemd::stopping();
     tracing::info!("shutting down");
@@ -490,6 +502,9 @@ pub async fn run(
     }
     admin_task.abort();
     cert_task.abort();
+    if let Some(t) = acme_task {
+        t.abort();
+    }
     for t in metrics_tasks {
         t.abort();
     }

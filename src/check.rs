@@ -144,6 +144,14 @@ pub fn to_json(findings: &[Finding]) -> serde_json::Value {
 pub fn own_certificate(config: &Config, now: SystemTime) -> Vec<Finding> {
     let check = "own certificate";
     let cert_key = format!("`tls.cert` ({}) / `tls.key` ({})", config.tls_cert.display(), config.tls_key.display());
+    if config.acme.is_some() && !config.tls_cert.exists() && !config.tls_key.exists() {
+        // `serve` makes a placeholder and orders the certificate; nothing is wrong yet.
+        return vec![Finding::warn(
+            check,
+            format!("`tls.acme`: no certificate issued yet ({} does not exist)", config.tls_cert.display()),
+            "start `mailgate serve`: it orders the certificate (see the log line `ACME certificate issued`)",
+        )];
+    }
     let store = match crate::tls::CertStore::load(&config.tls_cert, &config.tls_key) {
         Ok(s) => s,
         Err(e) => {
@@ -176,6 +184,13 @@ pub fn own_certificate(config: &Config, now: SystemTime) -> Vec<Finding> {
             "own certificate chain",
             format!("{described}: the certificates are not in order (each must be issued by the next)"),
             format!("`tls.cert` ({}): the leaf first, then its intermediates", config.tls_cert.display()),
+        ));
+    } else if self_signed && config.acme.is_some() {
+        out.push(Finding::warn(
+            "own certificate chain",
+            format!("{described}: the self-signed placeholder; the ACME order has not completed yet"),
+            "`tls.acme`: see mailgate's log (`ACME order failed, …` says why); port 443 of every name must reach \
+             an implicit-TLS listener of mailgate",
         ));
     } else if self_signed {
         out.push(Finding::warn(
@@ -1057,6 +1072,31 @@ mod tests {
         config.hostname = "mail.example.test".into();
         config.public_url = "https://web.example.test:8443".into();
         config
+    }
+
+    /// With `tls.acme`, a pair not issued yet and the placeholder are warnings that point
+    /// at the order, not at `tls.cert`.
+    #[test]
+    fn acme_pair_not_issued_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = pair(dir.path(), &["mail.example.test"], SystemTime::now() + days(60));
+        config.acme = Some(crate::config::AcmeConfig {
+            directory: "https://ca.example/dir".into(),
+            contact: "mailto:a@example.test".into(),
+            ca_file: None,
+            names: vec!["mail.example.test".into()],
+            renew_before: days(30),
+            check: Duration::from_secs(3600),
+            dir: dir.path().into(),
+        });
+        let f = own_certificate(&config, SystemTime::now());
+        assert_eq!(status_of(&f, "own certificate chain"), Status::Warn);
+        assert!(f.iter().any(|f| f.detail.contains("placeholder")), "{f:?}");
+        std::fs::remove_file(&config.tls_cert).unwrap();
+        std::fs::remove_file(&config.tls_key).unwrap();
+        let f = own_certificate(&config, SystemTime::now());
+        assert_eq!((f.len(), f[0].status), (1, Status::Warn), "{f:?}");
+        assert!(f[0].detail.contains("no certificate issued yet"), "{f:?}");
     }
 
     fn days(n: u64) -> Duration {

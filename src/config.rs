@@ -46,6 +46,118 @@ pub enum ConfigError {
 /// phone's 390-px-wide screen.
 const MAX_ORGANISATION: usize = 60;
 
+/// `[tls] acme = true`: where and how the certificate is ordered and renewed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    /// The CA's directory URL (`tls.acme_directory`), e.g. Let's Encrypt's.
+    pub directory: String,
+    /// Account contact URIs (`tls.acme_contact`: an address or a `mailto:` URI).
+    pub contact: String,
+    /// CA file trusted for the directory's HTTPS (`tls.acme_ca_file`; else the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// The names ordered: `server.hostname`, then `tls.names`.
+    pub names: Vec<String>,
+    /// Renew when less than this is left of the certificate's validity.
+    pub renew_before: Duration,
+    /// How often the validity is checked, and the first wait after a failed order.
+    pub check: Duration,
+    /// `data_dir/acme`: the account credentials and the issued pair.
+    pub dir: PathBuf,
+}
+
+impl AcmeConfig {
+    /// The issued certificate chain (PEM), served by the `CertStore`.
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("cert.pem")
+    }
+    /// The issued certificate's key (PEM, mode 0600).
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("key.pem")
+    }
+    /// The ACME account's credentials (JSON with the account key, mode 0600).
+    pub fn account_path(&self) -> PathBuf {
+        self.dir.join("account.json")
+    }
+}
+
+/// A DNS name an ACME CA can issue for: dot-separated labels of letters, digits and '-'
+/// (not at either end), at most 63 bytes each and 253 in all; no IP address.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.parse::<std::net::IpAddr>().is_err()
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+fn acme_config(tls: &RawTls, hostname: &str, data_dir: &Path) -> Result<Option<AcmeConfig>, ConfigError> {
+    if !tls.acme {
+        let set = [
+            ("tls.acme_directory", tls.acme_directory.is_some()),
+            ("tls.acme_contact", tls.acme_contact.is_some()),
+            ("tls.acme_ca_file", tls.acme_ca_file.is_some()),
+            ("tls.names", !tls.names.is_empty()),
+        ];
+        if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+            return Err(invalid(key, "is only used with `tls.acme = true`"));
+        }
+        return Ok(None);
+    }
+    let directory = match tls.acme_directory.as_deref().map(str::trim) {
+        Some(d) if d.starts_with("https://") && d.len() > "https://".len() => d.to_string(),
+        Some(_) => return Err(invalid("tls.acme_directory", "must be the CA's https:// directory URL")),
+        None => {
+            return Err(invalid("tls.acme_directory", "is required with `tls.acme = true` (the CA's directory URL)"));
+        }
+    };
+    let contact = match tls.acme_contact.as_deref().map(str::trim) {
+        Some(c) if c.contains('@') && !c.contains(char::is_whitespace) => {
+            if c.starts_with("mailto:") {
+                c.to_string()
+            } else {
+                format!("mailto:{c}")
+            }
+        }
+        Some(_) => return Err(invalid("tls.acme_contact", "must be an e-mail address (or a mailto: URI)")),
+        None => {
+            return Err(invalid("tls.acme_contact", "is required with `tls.acme = true` (the CA's contact address)"));
+        }
+    };
+    if !is_dns_name(hostname) {
+        return Err(invalid("server.hostname", "must be a DNS name for ACME (not an address)"));
+    }
+    let mut names = vec![hostname.to_ascii_lowercase()];
+    for n in &tls.names {
+        let n = n.trim().to_ascii_lowercase();
+        if !is_dns_name(&n) {
+            return Err(invalid("tls.names", format!("`{n}` is not a DNS name")));
+        }
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    if tls.acme_renew_before_days == 0 {
+        return Err(invalid("tls.acme_renew_before_days", "must be greater than 0"));
+    }
+    if tls.acme_check_secs == 0 {
+        return Err(invalid("tls.acme_check_secs", "must be greater than 0"));
+    }
+    Ok(Some(AcmeConfig {
+        directory,
+        contact,
+        ca_file: tls.acme_ca_file.clone(),
+        names,
+        renew_before: Duration::from_secs(tls.acme_renew_before_days.saturating_mul(86_400)),
+        check: Duration::from_secs(tls.acme_check_secs),
+        dir: data_dir.join("acme"),
+    }))
+}
+
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.to_string(), reason: reason.into() }
 }
@@ -296,9 +408,29 @@ struct RawTls {
     key: PathBuf,
     #[serde(default = "d_reload_check")]
     reload_check_secs: u64,
+    #[serde(default)]
+    acme: bool,
+    #[serde(default)]
+    acme_directory: Option<String>,
+    #[serde(default)]
+    acme_contact: Option<String>,
+    #[serde(default)]
+    acme_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    names: Vec<String>,
+    #[serde(default = "d_acme_renew_before")]
+    acme_renew_before_days: u64,
+    #[serde(default = "d_acme_check")]
+    acme_check_secs: u64,
 }
 fn d_reload_check() -> u64 {
     60
+}
+fn d_acme_renew_before() -> u64 {
+    30
+}
+fn d_acme_check() -> u64 {
+    3600
 }
 fn d_cert() -> PathBuf {
     "certs/cert.pem".into()
@@ -308,7 +440,18 @@ fn d_key() -> PathBuf {
 }
 impl Default for RawTls {
     fn default() -> Self {
-        RawTls { cert: d_cert(), key: d_key(), reload_check_secs: d_reload_check() }
+        RawTls {
+            cert: d_cert(),
+            key: d_key(),
+            reload_check_secs: d_reload_check(),
+            acme: false,
+            acme_directory: None,
+            acme_contact: None,
+            acme_ca_file: None,
+            names: Vec::new(),
+            acme_renew_before_days: d_acme_renew_before(),
+            acme_check_secs: d_acme_check(),
+        }
     }
 }
 
@@ -651,6 +794,9 @@ pub struct Config {
     pub tls_key: PathBuf,
     /// How often the certificate and key files are checked for a change (`tls.reload_check_secs`).
     pub tls_reload_check: Duration,
+    /// `[tls] acme = true`: the certificate comes from an ACME CA (`tls_cert`/`tls_key` then
+    /// point into `data_dir/acme/`).
+    pub acme: Option<AcmeConfig>,
     /// IMAP implicit-TLS listeners.
     pub imap_tls: Vec<SocketAddr>,
     /// IMAP STARTTLS listeners.
@@ -940,12 +1086,18 @@ impl Config {
             }
             other => return Err(invalid("store.backend", format!("`{other}` is not one of: sled, postgres"))),
         };
+        let acme = acme_config(&raw.tls, &hostname, &s.data_dir)?;
+        let (tls_cert, tls_key) = match &acme {
+            Some(a) => (a.cert_path(), a.key_path()),
+            None => (raw.tls.cert, raw.tls.key),
+        };
         Ok(Config {
             hostname,
             public_url,
             data_dir: s.data_dir,
-            tls_cert: raw.tls.cert,
-            tls_key: raw.tls.key,
+            tls_cert,
+            tls_key,
+            acme,
             tls_reload_check: match raw.tls.reload_check_secs {
                 0 => return Err(invalid("tls.reload_check_secs", "must be greater than 0")),
                 secs => Duration::from_secs(secs),
@@ -1239,6 +1391,50 @@ mod tests {
     fn unknown_key_is_named() {
         let e = Config::from_toml_str("[server]\nhostnme = \"x\"\n", "t").unwrap_err().to_string();
         assert!(e.contains("hostnme"), "{e}");
+    }
+
+    /// `[tls] acme = true`: the names ordered, the files under data_dir/acme, and each
+    /// missing or unusable key named.
+    #[test]
+    fn acme_settings() {
+        let ok = "[server]\nhostname = \"Mail.Example.com\"\ndata_dir = \"/var/lib/mg\"\n[tls]\nacme = true\n\
+                  acme_directory = \"https://acme.example/dir\"\nacme_contact = \"postmaster@example.com\"\n";
+        let c =
+            Config::from_toml_str(&format!("{ok}names = [\"imap.example.com\", \"mail.example.com\"]\n"), "t").unwrap();
+        let a = c.acme.as_ref().unwrap();
+        assert_eq!(a.names, ["mail.example.com", "imap.example.com"]);
+        assert_eq!(a.contact, "mailto:postmaster@example.com");
+        assert_eq!(a.renew_before, Duration::from_secs(30 * 86_400));
+        assert_eq!(a.check, Duration::from_secs(3600));
+        assert_eq!(c.tls_cert, PathBuf::from("/var/lib/mg/acme/cert.pem"));
+        assert_eq!(c.tls_key, PathBuf::from("/var/lib/mg/acme/key.pem"));
+        assert_eq!(a.account_path(), PathBuf::from("/var/lib/mg/acme/account.json"));
+        assert!(Config::embedded_defaults().acme.is_none());
+
+        let named = |text: &str| match Config::from_toml_str(text, "t") {
+            Err(ConfigError::Invalid { key, reason }) => format!("{key}: {reason}"),
+            other => panic!("{other:?}"),
+        };
+        let e = named("[tls]\nacme = true\nacme_contact = \"a@example.com\"\n");
+        assert!(e.starts_with("tls.acme_directory: is required"), "{e}");
+        let e = named("[tls]\nacme = true\nacme_directory = \"https://acme.example/dir\"\n");
+        assert!(e.starts_with("tls.acme_contact: is required"), "{e}");
+        let e = named(&ok.replace("https://acme.example/dir", "http://acme.example/dir"));
+        assert!(e.starts_with("tls.acme_directory: must be"), "{e}");
+        let e = named(&ok.replace("postmaster@example.com", "postmaster"));
+        assert!(e.starts_with("tls.acme_contact:"), "{e}");
+        let e = named(&ok.replace("Mail.Example.com", "127.0.0.1"));
+        assert!(e.starts_with("server.hostname: must be a DNS name"), "{e}");
+        let e = named(&ok.replace("Mail.Example.com", "mail-.example.com"));
+        assert!(e.starts_with("server.hostname:"), "{e}");
+        let e = named(&format!("{ok}names = [\"*.example.com\"]\n"));
+        assert!(e.starts_with("tls.names: `*.example.com` is not a DNS name"), "{e}");
+        assert!(named(&format!("{ok}acme_check_secs = 0\n")).starts_with("tls.acme_check_secs:"));
+        assert!(named(&format!("{ok}acme_renew_before_days = 0\n")).starts_with("tls.acme_renew_before_days:"));
+        // ACME keys without `acme = true` are a mistake, not silently ignored.
+        let e = named("[tls]\nacme_directory = \"https://acme.example/dir\"\n");
+        assert_eq!(e, "tls.acme_directory: is only used with `tls.acme = true`");
+        assert!(named("[tls]\nnames = [\"a.example.com\"]\n").starts_with("tls.names:"));
     }
 
     #[test]

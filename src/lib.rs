@@ -22,6 +22,7 @@
 //! * `store`: the `Store` trait and its two implementations, sled (embedded; the only
 //!   module using sled) and PostgreSQL (shared by several nodes).
 //! * `tls`: rustls configurations.
+//! * `acme`: the certificate from an ACME CA (`[tls] acme`), ordered and renewed.
 //! * `net`: listeners, the one connection driver, the one login gate, the IMAP and SMTP
 //!   fronts, upstream connections, the relay.
 //! * `live`: the live mail sessions (`LiveSessions`), so a revocation ends them at once.
@@ -36,6 +37,7 @@
 //!   `serve` does them, the web step), one finding per check with what to change.
 
 pub mod accounts;
+pub mod acme;
 pub mod addr;
 pub mod admin;
 pub mod app;

@@ -334,6 +334,15 @@ fn serve(config: Config, source: Source) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    // `[tls] acme`: a self-signed placeholder until the first order completes.
+    if let Some(acme) = &config.acme
+        && mailgate::acme::ensure_placeholder(acme)?
+    {
+        eprintln!(
+            "mailgate: made a self-signed placeholder certificate in {} until the ACME order completes",
+            config.tls_cert.display()
+        );
+    }
     // Fail on the certificates before opening any port.
     mailgate::tls::CertStore::load(&config.tls_cert, &config.tls_key).with_context(|| "[tls] cert/key".to_string())?;
     let upstreams = [

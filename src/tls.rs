@@ -7,8 +7,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObjec
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use zeroize::Zeroizing;
@@ -64,6 +66,8 @@ struct Pair {
 pub struct CertInfo {
     /// The subject's distinguished name (e.g. `CN=mail.example.com`).
     pub subject: String,
+    /// The issuer's distinguished name (the subject's own for a self-signed certificate).
+    pub issuer: String,
     /// DNS names and IP addresses the certificate is for.
     pub names: Vec<String>,
     /// `notAfter`.
@@ -73,12 +77,18 @@ pub struct CertInfo {
 }
 
 impl CertInfo {
+    /// What the DER certificate `leaf` says about itself.
+    pub fn of_der(leaf: &[u8]) -> CertInfo {
+        CertInfo::of(&CertificateDer::from(leaf.to_vec()))
+    }
+
     fn of(leaf: &CertificateDer<'_>) -> CertInfo {
         use x509_cert::der::Decode as _;
         let Ok(cert) = x509_cert::Certificate::from_der(leaf) else {
             // rustls accepted it, so this does not happen; the log line says so if it does.
             return CertInfo {
                 subject: "(unparsed)".into(),
+                issuer: "(unparsed)".into(),
                 names: Vec::new(),
                 not_after: "(unparsed)".into(),
                 expires: None,
@@ -105,6 +115,7 @@ impl CertInfo {
         };
         CertInfo {
             subject: tbs.subject.to_string(),
+            issuer: tbs.issuer.to_string(),
             names,
             not_after: tbs.validity.not_after.to_date_time().to_string(),
             expires: i64::try_from(tbs.validity.not_after.to_unix_duration().as_secs()).ok(),
@@ -147,9 +158,18 @@ pub struct CertStore {
     /// when it differs, and a refused pair is not tried (and logged) again until the files
     /// change once more. `None`: a file could not be read.
     seen: Mutex<Option<[u8; 32]>>,
+    /// Held while the files are read for a reload or replaced by [`CertStore::replace`], so
+    /// that the file check never reads half a replacement.
+    files: Mutex<()>,
     /// The end of the validity of the certificate in service, in seconds since 1970
     /// (`mailgate_tls_certificate_expiry_timestamp_seconds`; set at load and reload).
     expiry: prometheus_client::metrics::gauge::Gauge,
+    /// `[tls] acme`: the listeners also accept the `acme-tls/1` ALPN (TLS-ALPN-01,
+    /// RFC 8737); set before their configurations are built.
+    acme_alpn: AtomicBool,
+    /// The TLS-ALPN-01 challenge certificates of an ACME order under way, by name; a
+    /// handshake offering `acme-tls/1` gets the one for its SNI name and nothing else.
+    challenges: RwLock<HashMap<String, Arc<CertifiedKey>>>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -211,8 +231,31 @@ impl CertStore {
             key_path: key.to_path_buf(),
             current: RwLock::new(Arc::new(pair)),
             seen: Mutex::new(Some(digest(&c, &k))),
+            files: Mutex::new(()),
             expiry,
+            acme_alpn: AtomicBool::new(false),
+            challenges: RwLock::new(HashMap::new()),
         }))
+    }
+
+    /// Makes the listeners built after this call answer TLS-ALPN-01 challenges (`[tls] acme`).
+    pub fn answer_acme_challenges(&self) {
+        self.acme_alpn.store(true, Ordering::Relaxed);
+    }
+
+    /// Serves `key` to `acme-tls/1` handshakes for `name` until [`CertStore::clear_challenge`].
+    pub fn set_challenge(&self, name: &str, key: Arc<CertifiedKey>) {
+        self.challenges.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_ascii_lowercase(), key);
+    }
+
+    /// Stops answering the challenge for `name`.
+    pub fn clear_challenge(&self, name: &str) {
+        self.challenges.write().unwrap_or_else(|p| p.into_inner()).remove(&name.to_ascii_lowercase());
+    }
+
+    /// The certificate and key files this store reads.
+    pub fn paths(&self) -> (&Path, &Path) {
+        (&self.cert_path, &self.key_path)
     }
 
     /// Registers the expiry gauge of the certificate in service.
@@ -242,6 +285,11 @@ impl CertStore {
     /// Reads the files again and puts the pair in service if it is usable; otherwise the
     /// pair in service stays and the error names the file and why.
     pub fn reload(&self) -> Result<CertInfo, TlsError> {
+        let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        self.reload_locked()
+    }
+
+    fn reload_locked(&self) -> Result<CertInfo, TlsError> {
         let read = read_files(&self.cert_path, &self.key_path);
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = read.as_ref().ok().map(|(c, k)| digest(c, k));
         let (c, k) = read?;
@@ -255,9 +303,29 @@ impl CertStore {
     /// The periodic check: reloads if either file changed since it was last read (`None`:
     /// nothing changed).
     pub fn reload_if_changed(&self) -> Option<Result<CertInfo, TlsError>> {
+        let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let now = read_files(&self.cert_path, &self.key_path).ok().map(|(c, k)| digest(&c, &k));
         let last = *self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        (now != last).then(|| self.reload())
+        (now != last).then(|| self.reload_locked())
+    }
+
+    /// Puts a new pair (PEM) in service and writes it over the files (each written beside
+    /// its file, then renamed over it; the key with mode 0600). A pair that does not parse
+    /// or whose key is not the certificate's is refused before any file is touched, so the
+    /// files always hold a usable pair.
+    pub fn replace(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<CertInfo, TlsError> {
+        let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let pair = parse_pair(&self.cert_path, &self.key_path, cert_pem, key_pem)?;
+        let (cert_new, key_new) = (self.cert_path.with_extension("pem.new"), self.key_path.with_extension("pem.new"));
+        std::fs::write(&cert_new, cert_pem).map_err(|e| pem_err(&cert_new, e))?;
+        crate::fsutil::write_private(&key_new, key_pem).map_err(|e| pem_err(&key_new, e))?;
+        std::fs::rename(&key_new, &self.key_path).map_err(|e| pem_err(&self.key_path, e))?;
+        std::fs::rename(&cert_new, &self.cert_path).map_err(|e| pem_err(&self.cert_path, e))?;
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(digest(cert_pem, key_pem));
+        let info = CertInfo::of(&pair.leaf);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
+        self.expiry.set(info.expires.unwrap_or(0));
+        Ok(info)
     }
 
     /// Reloads and logs the outcome: one INFO line naming the new certificate, or one
@@ -285,8 +353,29 @@ fn log_refused(trigger: Trigger, e: &TlsError) {
     tracing::error!(%trigger, "TLS certificate reload refused, the previous certificate stays in service: {e}");
 }
 
+/// The ALPN id of the TLS-ALPN-01 challenge (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// The TLS-ALPN-01 challenge certificate for `name`: self-signed, for `name` only, with the
+/// critical acmeIdentifier extension holding `digest` (SHA-256 of the key authorization).
+pub fn acme_challenge_key(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, TlsError> {
+    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).map_err(generate)?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate().map_err(generate)?;
+    let cert = params.self_signed(&key).map_err(generate)?;
+    let private = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let signing = provider().key_provider.load_private_key(private)?;
+    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing)))
+}
+
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if hello.alpn().is_some_and(|mut ids| ids.any(|id| id == ACME_TLS_ALPN)) {
+            // A CA validating a challenge (RFC 8737 §3): its certificate or nothing.
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self.challenges.read().unwrap_or_else(|p| p.into_inner()).get(&name).cloned();
+        }
         let pair = self.in_service();
         let Some(name) = hello.server_name() else { return Some(pair.key.clone()) };
         let name = ServerName::try_from(name).ok()?;
@@ -348,6 +437,9 @@ pub fn server_config(certs: &Arc<CertStore>, alpn: &[&str]) -> Result<Arc<Server
         .with_no_client_auth()
         .with_cert_resolver(certs.clone());
     cfg.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    if certs.acme_alpn.load(Ordering::Relaxed) {
+        cfg.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     Ok(Arc::new(cfg))
 }
 
@@ -635,6 +727,105 @@ mod tests {
         c.write_tls(&mut buf).unwrap();
         s.read_tls(&mut &buf[..]).unwrap();
         assert!(s.process_new_packets().is_err(), "localhost is no longer the certificate's name");
+    }
+
+    /// `replace` refuses a bad pair without touching the files, and puts a good one in
+    /// service and on disk (the file check then sees nothing new).
+    #[test]
+    fn replace_checks_the_pair_before_writing_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let ca = Ca::new();
+        let (old, new, other) = (ca.leaf(&["localhost"]), ca.leaf(&["localhost"]), ca.leaf(&["localhost"]));
+        let files = Files::new(&old);
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        assert!(certs.replace(new.0.as_bytes(), other.1.as_bytes()).is_err(), "not the certificate's key");
+        assert!(certs.replace(b"nothing", new.1.as_bytes()).is_err());
+        assert_eq!(std::fs::read_to_string(&files.cert).unwrap(), old.0);
+        assert_eq!(std::fs::read_to_string(&files.key).unwrap(), old.1);
+        assert_eq!(certs.leaf(), der(&old.0));
+
+        certs.replace(new.0.as_bytes(), new.1.as_bytes()).unwrap();
+        assert_eq!(certs.leaf(), der(&new.0));
+        assert_eq!(std::fs::read_to_string(&files.cert).unwrap(), new.0);
+        assert_eq!(std::fs::metadata(&files.key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(certs.reload_if_changed().is_none());
+    }
+
+    /// Takes any server certificate and signature: webpki, which rustls' signature checks
+    /// parse the certificate with, refuses the critical acmeIdentifier extension that a
+    /// real validator (Pebble, Boulder) reads.
+    #[derive(Debug)]
+    struct Reads(Arc<rustls::crypto::CryptoProvider>);
+
+    impl rustls::client::danger::ServerCertVerifier for Reads {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// With ACME on, a handshake offering `acme-tls/1` gets the challenge certificate of
+    /// its SNI name (or nothing), while ordinary clients keep getting the pair in service.
+    #[test]
+    fn acme_tls_alpn_handshakes_get_the_challenge_certificate() {
+        let ca = Ca::new();
+        let pair = ca.leaf(&["localhost"]);
+        let files = Files::new(&pair);
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        certs.answer_acme_challenges();
+        let server = server_config(&certs, &["imap"]).unwrap();
+        assert_eq!(server.alpn_protocols, [b"imap".to_vec(), ACME_TLS_ALPN.to_vec()]);
+        let challenge = acme_challenge_key("localhost", &[1u8; 32]).unwrap();
+        certs.set_challenge("LOCALHOST", challenge.clone());
+
+        // A validator reads the certificate (RFC 8737 §3), it does not verify a chain.
+        let mut validator = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Reads(provider())))
+            .with_no_client_auth();
+        validator.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        let validator = Arc::new(validator);
+        let (c, _s) = connect(&validator, &server);
+        assert_eq!(&peer_leaf(&c), challenge.end_entity_cert().unwrap());
+        assert_eq!(c.alpn_protocol(), Some(ACME_TLS_ALPN));
+
+        let (c, _s) = connect(&ca.client(), &server);
+        assert_eq!(peer_leaf(&c), der(&pair.0), "an IMAP client is not affected");
+
+        certs.clear_challenge("localhost");
+        let mut c = rustls::ClientConnection::new(validator, ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        let mut buf = Vec::new();
+        c.write_tls(&mut buf).unwrap();
+        s.read_tls(&mut &buf[..]).unwrap();
+        assert!(s.process_new_packets().is_err(), "no challenge under way: no certificate");
     }
 
     /// Debug output names the files and the certificate, never the key.

@@ -2,6 +2,7 @@
 //! interop tests against a real Dovecot started by the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod acme;
 mod admin_cli;
 mod cert_reload;
 mod check;
