@@ -873,58 +873,76 @@ pub async fn web(config: &Config) -> Vec<Finding> {
             format!("answered HTTP {code}: not this version of mailgate"),
             not_there,
         )),
-        Err(e) => out.push(Finding::fail("/healthz", e, not_there)),
+        Err(e) => out.push(Finding::fail("/healthz", e.to_string(), not_there)),
     }
     out
 }
 
-/// One HTTP/1.1 GET: the status code and the body (at most [`WEB_MAX_ANSWER`] bytes).
+/// Why a GET to the web step got no HTTP answer.
+#[derive(Debug, thiserror::Error)]
+enum WebError {
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("bad host name: {0}")]
+    Name(rustls::pki_types::InvalidDnsNameError),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("HTTP: {0}")]
+    Http(String),
+    #[error("no answer within {} s", WEB_TIMEOUT.as_secs())]
+    Timeout,
+}
+
+/// One HTTP/1.1 GET (hyper's client on one connection): the status code and the body
+/// (at most [`WEB_MAX_ANSWER`] bytes).
 async fn get(
     host: &str,
     port: u16,
     https: bool,
     path: &str,
     own: Option<CertificateDer<'static>>,
-) -> Result<(u16, String), String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: mailgate-check\r\nConnection: close\r\n\r\n",
-        if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
-    );
-    let exchange = async {
-        let tcp = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| format!("cannot connect: {e}"))?;
-        let mut answer = Vec::new();
-        if https {
-            let name = ServerName::try_from(host.to_string()).map_err(|e| format!("bad host name: {e}"))?;
-            let connector = tokio_rustls::TlsConnector::from(web_client_config(own)?);
-            let mut tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
-            tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
-            (&mut tls).take(WEB_MAX_ANSWER as u64).read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
-        } else {
-            let mut tcp = tcp;
-            tcp.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
-            (&mut tcp).take(WEB_MAX_ANSWER as u64).read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+) -> Result<(u16, String), WebError> {
+    let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let request = http::Request::get(path)
+        .header(http::header::HOST, authority)
+        .header(http::header::USER_AGENT, "mailgate-check")
+        .body(axum::body::Body::empty())
+        .map_err(|e| WebError::Http(e.to_string()))?;
+    async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
+        stream: S,
+        request: http::Request<axum::body::Body>,
+    ) -> Result<(u16, String), WebError> {
+        let http = |e: hyper::Error| WebError::Http(e.to_string());
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(http)?;
+        // The connection runs until the answer is read (or dropped).
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let answer = sender.send_request(request).await.map_err(http)?;
+        let code = answer.status().as_u16();
+        let body = axum::body::to_bytes(axum::body::Body::new(answer.into_body()), WEB_MAX_ANSWER)
+            .await
+            .map_err(|e| WebError::Http(e.to_string()))?;
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    }
+    let answer = async {
+        let tcp = tokio::net::TcpStream::connect((host, port)).await.map_err(WebError::Connect)?;
+        if !https {
+            return exchange(tcp, request).await;
         }
-        Ok::<_, String>(answer)
+        let name = ServerName::try_from(host.to_string()).map_err(WebError::Name)?;
+        let connector = tokio_rustls::TlsConnector::from(web_client_config(own)?);
+        let tls = connector.connect(name, tcp).await.map_err(|e| WebError::Tls(e.to_string()))?;
+        exchange(tls, request).await
     };
-    let answer = tokio::time::timeout(WEB_TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("no answer within {} s", WEB_TIMEOUT.as_secs()))??;
-    let text = String::from_utf8_lossy(&answer);
-    let code = text
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| "not an HTTP answer".to_string())?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
+    tokio::time::timeout(WEB_TIMEOUT, answer).await.map_err(|_| WebError::Timeout)?
 }
 
 /// The client side for the web requests: the system roots, and the `[tls]` leaf itself
 /// (a private or self-signed certificate is what this server serves; the name check is
 /// the certificate check's).
-fn web_client_config(own: Option<CertificateDer<'static>>) -> Result<Arc<rustls::ClientConfig>, String> {
+fn web_client_config(own: Option<CertificateDer<'static>>) -> Result<Arc<rustls::ClientConfig>, WebError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_native_certs::load_native_certs().certs {
@@ -935,7 +953,7 @@ fn web_client_config(own: Option<CertificateDer<'static>>) -> Result<Arc<rustls:
     let verifier = Arc::new(OwnOrRoots { roots: webpki, own, provider: provider.clone() });
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
+        .map_err(|e| WebError::Tls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
