@@ -130,18 +130,11 @@ async fn send(tls: TlsConnector, mut req: http::Request<BodyWrapper<Bytes>>) -> 
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| fail(e.to_string()))?;
         let stream = tls.connect(name, tcp).await.map_err(|e| fail(format!("TLS: {e}")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        // The connection runs until the body is read (or dropped).
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
         let path = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
         *req.uri_mut() = path.parse().map_err(|e: http::uri::InvalidUri| fail(e.to_string()))?;
         let host_header = http::HeaderValue::from_str(&authority).map_err(|e| fail(e.to_string()))?;
         req.headers_mut().insert(http::header::HOST, host_header);
-        sender.send_request(req).await.map_err(|e| fail(e.to_string()))
+        crate::net::http::request(stream, req).await.map_err(|e| fail(e.to_string()))
     };
     let rsp = tokio::time::timeout(CA_TIMEOUT, exchange).await.map_err(|_| fail("no answer in 30 s".into()))??;
     Ok(BytesResponse::from(rsp))

@@ -912,14 +912,7 @@ async fn get(
         stream: S,
         request: http::Request<axum::body::Body>,
     ) -> Result<(u16, String), WebError> {
-        let http = |e: hyper::Error| WebError::Http(e.to_string());
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(http)?;
-        // The connection runs until the answer is read (or dropped).
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let answer = sender.send_request(request).await.map_err(http)?;
+        let answer = crate::net::http::request(stream, request).await.map_err(|e| WebError::Http(e.to_string()))?;
         let code = answer.status().as_u16();
         let body = axum::body::to_bytes(axum::body::Body::new(answer.into_body()), WEB_MAX_ANSWER)
             .await

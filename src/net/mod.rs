@@ -5,6 +5,7 @@
 pub mod driver;
 pub mod front;
 pub mod gate;
+pub mod http;
 pub mod imap;
 pub mod listener;
 pub mod pop3;
