@@ -14,7 +14,7 @@
 
 use crate::auth::clock::{Clock, SystemClock};
 use crate::auth::crypto::SecretKey;
-use crate::auth::{self, Authenticator, app_password, backup_codes, password, totp};
+use crate::auth::{self, Authenticator, app_password, backup_codes, oauth, password, totp};
 use crate::live::LiveSessions;
 use crate::secret::{Secret, SecretString};
 use crate::store::{Account, AppPasswordRecord, AuditEvent, Dump, LastUse, Scope, Store, StoreError, TotpState};
@@ -520,6 +520,7 @@ impl AccountService {
             created_by: by.into(),
             last_used: None,
             last_used_by: Default::default(),
+            oauth: None,
         };
         self.store.create_app_password(&record)?;
         self.audit(email, "app_password_created", format!("{label} ({}) by {by}", new.id));
@@ -546,6 +547,54 @@ impl AccountService {
             }
         }
         Ok(revoked)
+    }
+
+    // ------------------------------------------------------------------------------
+    // OAuth grants (`auth::oauth`): the web step's authorization and token endpoints
+
+    /// Issues a single-use authorization code for `email`, after the web step's sign-in
+    /// (second factor included) and the person's consent to `approved`.
+    pub fn oauth_issue_code(
+        &self,
+        _email: &str,
+        _approved: &oauth::Approved,
+        _oauth: &crate::config::OAuth,
+    ) -> Result<SecretString, AccountError> {
+        todo!("issue 16: helper A")
+    }
+
+    /// Redeems an authorization code at the token endpoint (`grant_type=authorization_code`):
+    /// the code must be unused, unexpired, issued to `client` for `redirect_uri`, and
+    /// `code_verifier` must match its S256 challenge. Creates the grant (a device in the
+    /// app-password list, audited) and its first tokens.
+    pub fn oauth_redeem_code(
+        &self,
+        _code: &str,
+        _client: &crate::config::OAuthClient,
+        _redirect_uri: &str,
+        _code_verifier: &str,
+        _from: &oauth::Requester,
+        _oauth: &crate::config::OAuth,
+    ) -> Result<oauth::Tokens, oauth::OAuthError> {
+        todo!("issue 16: helper A")
+    }
+
+    /// `grant_type=refresh_token`: rotates the refresh token and issues an access token.
+    /// A retired refresh token presented again revokes the grant and ends its sessions.
+    pub fn oauth_refresh(
+        &self,
+        _refresh_token: &str,
+        _client: &crate::config::OAuthClient,
+        _from: &oauth::Requester,
+        _oauth: &crate::config::OAuth,
+    ) -> Result<oauth::Tokens, oauth::OAuthError> {
+        todo!("issue 16: helper A")
+    }
+
+    /// RFC 7009 revocation of an access or refresh token issued to `client_id`: revokes
+    /// its grant (ends the sessions). An unknown or malformed token is not an error.
+    pub fn oauth_revoke_token(&self, _token: &str, _client_id: &str) -> Result<(), oauth::OAuthError> {
+        todo!("issue 16: helper A")
     }
 
     /// Devices that still send the account password of a 2FA account (refused), newest

@@ -194,6 +194,185 @@ pub struct RawConfig {
     log: RawLog,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    oauth: RawOAuth,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOAuth {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default = "d_access_token_secs")]
+    access_token_secs: u64,
+    #[serde(default = "d_refresh_token_days")]
+    refresh_token_days: u64,
+    #[serde(default = "d_code_secs")]
+    code_secs: u64,
+    /// `None`: the defaults (`thunderbird`, `open`).
+    clients: Option<Vec<RawOAuthClient>>,
+}
+fn d_access_token_secs() -> u64 {
+    3600
+}
+fn d_refresh_token_days() -> u64 {
+    365
+}
+fn d_code_secs() -> u64 {
+    60
+}
+impl Default for RawOAuth {
+    fn default() -> Self {
+        RawOAuth {
+            enabled: false,
+            access_token_secs: d_access_token_secs(),
+            refresh_token_days: d_refresh_token_days(),
+            code_secs: d_code_secs(),
+            clients: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOAuthClient {
+    id: String,
+    name: Option<String>,
+    /// Loopback redirect URIs on any port (RFC 8252 §7.3); default true.
+    #[serde(default = "d_true")]
+    loopback: bool,
+    /// Other redirect URIs, matched exactly.
+    #[serde(default)]
+    redirect_uris: Vec<String>,
+}
+fn d_true() -> bool {
+    true
+}
+
+/// mailgate as the OAuth 2.0 authorization server of mail apps (`[oauth]`).
+#[derive(Debug, Clone)]
+pub struct OAuth {
+    /// Whether the web step answers OAuth requests and the mail ports offer XOAUTH2 and
+    /// OAUTHBEARER.
+    pub enabled: bool,
+    /// How long an access token is good for.
+    pub access_token_lifetime: Duration,
+    /// How long a refresh token is good for after its last use.
+    pub refresh_token_lifetime: Duration,
+    /// How long an authorization code is good for.
+    pub code_lifetime: Duration,
+    /// The public clients that may ask (mail apps; no client secrets).
+    pub clients: Vec<OAuthClient>,
+}
+
+/// A public OAuth client (a mail app) allowed to ask for tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthClient {
+    /// `client_id` as the app sends it.
+    pub id: String,
+    /// The name people see on the consent page and in the device list.
+    pub name: String,
+    /// Loopback redirects (`http://localhost`, `127.0.0.1`, `[::1]`) on any port.
+    pub loopback: bool,
+    /// Other redirect URIs, matched exactly.
+    pub redirect_uris: Vec<String>,
+}
+
+impl OAuth {
+    /// The client with this `client_id`.
+    pub fn client(&self, id: &str) -> Option<&OAuthClient> {
+        self.clients.iter().find(|c| c.id == id)
+    }
+}
+
+impl OAuthClient {
+    /// Whether the client may be sent to `uri`: exactly one of its configured URIs, or
+    /// (when `loopback`) `http://` to `localhost`, `127.0.0.1` or `[::1]` on any port with
+    /// any path (RFC 8252 §7.3), without user info, query or fragment.
+    pub fn allows_redirect(&self, uri: &str) -> bool {
+        if self.redirect_uris.iter().any(|u| u == uri) {
+            return true;
+        }
+        self.loopback && is_loopback_redirect(uri)
+    }
+}
+
+/// `http://localhost[:port][/path]`, `http://127.0.0.1…` or `http://[::1]…`, nothing else.
+fn is_loopback_redirect(uri: &str) -> bool {
+    let Some(rest) = uri.strip_prefix("http://") else { return false };
+    if uri.len() > 512 || rest.bytes().any(|b| !b.is_ascii_graphic() || matches!(b, b'?' | b'#' | b'@' | b'\\')) {
+        return false;
+    }
+    let (authority, _path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let host_port = |host: &str, after: &str| -> bool {
+        authority.strip_prefix(host).is_some_and(|p| {
+            p.is_empty() || p.strip_prefix(':').is_some_and(|n| !n.is_empty() && n.len() <= 5 && n.parse::<u16>().is_ok())
+        }) && after.is_empty()
+    };
+    host_port("localhost", "") || host_port("127.0.0.1", "") || host_port("[::1]", "")
+}
+
+fn oauth(raw: RawOAuth) -> Result<OAuth, ConfigError> {
+    if !(60..=86_400).contains(&raw.access_token_secs) {
+        return Err(invalid("oauth.access_token_secs", "must be between 60 and 86400 seconds"));
+    }
+    if !(1..=3650).contains(&raw.refresh_token_days) {
+        return Err(invalid("oauth.refresh_token_days", "must be between 1 and 3650 days"));
+    }
+    if !(10..=600).contains(&raw.code_secs) {
+        return Err(invalid("oauth.code_secs", "must be between 10 and 600 seconds"));
+    }
+    let raw_clients = raw.clients.unwrap_or_else(|| {
+        vec![
+            RawOAuthClient {
+                id: "thunderbird".into(),
+                name: Some("Thunderbird".into()),
+                loopback: true,
+                redirect_uris: vec![],
+            },
+            RawOAuthClient { id: "open".into(), name: Some("Mail app".into()), loopback: true, redirect_uris: vec![] },
+        ]
+    });
+    let mut clients: Vec<OAuthClient> = Vec::new();
+    for c in raw_clients {
+        let id = c.id.trim().to_string();
+        if id.is_empty() || id.len() > 100 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid("oauth.clients.id", "must be 1 to 100 printable characters without spaces"));
+        }
+        if clients.iter().any(|k| k.id == id) {
+            return Err(invalid("oauth.clients.id", format!("`{id}` is listed twice")));
+        }
+        let name = c.name.as_deref().map(str::trim).filter(|n| !n.is_empty()).unwrap_or(&id).to_string();
+        if name.chars().count() > 64 || name.chars().any(char::is_control) {
+            return Err(invalid("oauth.clients.name", "must be at most 64 characters on one line"));
+        }
+        for u in &c.redirect_uris {
+            let ok = (u.starts_with("https://") || is_loopback_redirect(u) || u.contains(":/"))
+                && u.len() <= 512
+                && u.bytes().all(|b| b.is_ascii_graphic())
+                && !u.contains('#');
+            if !ok {
+                return Err(invalid(
+                    "oauth.clients.redirect_uris",
+                    format!("`{u}` must be an absolute URI without spaces or fragment"),
+                ));
+            }
+        }
+        if !c.loopback && c.redirect_uris.is_empty() {
+            return Err(invalid("oauth.clients", format!("client `{id}` has no redirect: set loopback or redirect_uris")));
+        }
+        clients.push(OAuthClient { id, name, loopback: c.loopback, redirect_uris: c.redirect_uris });
+    }
+    Ok(OAuth {
+        enabled: raw.enabled,
+        access_token_lifetime: Duration::from_secs(raw.access_token_secs),
+        refresh_token_lifetime: Duration::from_secs(raw.refresh_token_days * 86_400),
+        code_lifetime: Duration::from_secs(raw.code_secs),
+        clients,
+    })
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -839,6 +1018,8 @@ pub struct Config {
     /// Where Prometheus metrics are served over plain HTTP (`[metrics] listen`); `None`:
     /// nowhere (the default).
     pub metrics_listen: Option<SocketAddr>,
+    /// `[oauth]`: mailgate as the OAuth 2.0 server of mail apps.
+    pub oauth: OAuth,
 }
 
 impl Upstream {
@@ -1122,12 +1303,23 @@ impl Config {
             store,
             log_format,
             metrics_listen,
+            oauth: oauth(raw.oauth)?,
         })
     }
 
     /// The page where a person makes app passwords (used in `[ALERT]` and `534` texts).
     pub fn app_password_url(&self) -> String {
         format!("{}/app-passwords", self.public_url)
+    }
+
+    /// The OAuth issuer identifier (RFC 9207 `iss`, RFC 8414 `issuer`): the public URL.
+    pub fn oauth_issuer(&self) -> &str {
+        &self.public_url
+    }
+
+    /// The OAuth authorization server metadata URL (RFC 8414), named in OAUTHBEARER errors.
+    pub fn oauth_metadata_url(&self) -> String {
+        format!("{}/.well-known/oauth-authorization-server", self.public_url)
     }
 
     /// Path of the sled database.

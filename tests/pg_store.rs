@@ -44,6 +44,7 @@ fn app(id: &str, user: &str, label: &str) -> AppPasswordRecord {
         created_by: "admin".into(),
         last_used: None,
         last_used_by: Default::default(),
+        oauth: None,
     }
 }
 

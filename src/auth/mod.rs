@@ -25,6 +25,7 @@ pub mod crypto;
 pub mod hashing;
 pub mod legacy_hash;
 pub mod login_log;
+pub mod oauth;
 pub mod password;
 pub mod refusals;
 pub mod throttle;
@@ -1106,6 +1107,7 @@ mod tests {
             created_by: "admin".into(),
             last_used: None,
             last_used_by: Default::default(),
+            oauth: None,
         })
         .unwrap();
         p.grouped().expose().clone()
@@ -1132,7 +1134,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(s);
         store.create_account(&Account::new("b@x", 0)).unwrap();
         let auth = Authenticator::new(store.clone(), 1).with_verify_cache(Duration::from_secs(60));
-        let creds = |user: &str, p: &str| Credentials { username: user.into(), password: pw(p) };
+        let creds = |user: &str, p: &str| Credentials::password(user.into(), pw(p));
         let quick = |c: Credentials, proto: Protocol| {
             let auth = auth.clone();
             async move { tokio::time::timeout(Duration::from_millis(300), auth.verify(&c, proto, &peer())).await }
@@ -1190,7 +1192,7 @@ mod tests {
         let logins: Vec<_> = (0..16)
             .map(|_| {
                 let auth = auth.clone();
-                let c = Credentials { username: "a@x".into(), password: pw(&good) };
+                let c = Credentials::password("a@x".into(), pw(&good));
                 tokio::spawn(async move { auth.verify(&c, Protocol::Imap, &peer()).await })
             })
             .collect();
@@ -1214,13 +1216,13 @@ mod tests {
             let auth = auth.clone();
             storm.push(tokio::spawn(async move {
                 let user = if i % 4 == 0 { "a@x".to_string() } else { format!("nobody{i}@x") };
-                let c = Credentials { username: user, password: pw(&format!("random-{i}-{}", i * 7919)) };
+                let c = Credentials::password(user, pw(&format!("random-{i}-{}", i * 7919)));
                 let from = Peer { ip: ip(&format!("192.0.2.{}", i % 20)), client_name: None };
                 auth.verify(&c, Protocol::Imap, &from).await
             }));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let real = Credentials { username: "a@x".into(), password: pw(&good) };
+        let real = Credentials::password("a@x".into(), pw(&good));
         let started = std::time::Instant::now();
         let v = auth.verify(&real, Protocol::Imap, &Peer { ip: ip("203.0.113.5"), client_name: None }).await;
         assert!(matches!(v, Verdict::Granted(_)), "real login during the storm: {v:?}");
@@ -1252,7 +1254,7 @@ mod tests {
             .map(|i| {
                 let (auth, from) = (auth.clone(), attacker.clone());
                 tokio::spawn(async move {
-                    let c = Credentials { username: "a@x".into(), password: pw(&format!("guess-{i}")) };
+                    let c = Credentials::password("a@x".into(), pw(&format!("guess-{i}")));
                     auth.verify(&c, Protocol::Imap, &from).await
                 })
             })
@@ -1263,7 +1265,7 @@ mod tests {
         // Refused uncompared: "try later", never a grant, whatever the password.
         let compared = store.recent_audit("a@x", 1000).unwrap().iter().filter(|e| e.kind == "login_failed").count();
         assert!(compared <= budget::PASSWORD_PER_ADDRESS as usize, "{compared} guesses compared");
-        let right = Credentials { username: "a@x".into(), password: pw("account-pw") };
+        let right = Credentials::password("a@x".into(), pw("account-pw"));
         assert!(matches!(auth.verify(&right, Protocol::Imap, &attacker).await, Verdict::Throttled));
         let owner = Peer { ip: ip("198.51.100.1"), client_name: None };
         assert!(matches!(auth.verify(&right, Protocol::Imap, &owner).await, Verdict::Granted(_)));
@@ -1278,11 +1280,11 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(s);
         let auth = Authenticator::new(store.clone(), 2);
         let home = Peer { ip: ip("198.51.100.1"), client_name: None };
-        let right = Credentials { username: "a@x".into(), password: pw("account-pw") };
+        let right = Credentials::password("a@x".into(), pw("account-pw"));
         assert!(matches!(auth.verify(&right, Protocol::Imap, &home).await, Verdict::Granted(_)));
         for n in 0..40 {
             for k in 0..3 {
-                let c = Credentials { username: "a@x".into(), password: pw(&format!("guess-{n}-{k}")) };
+                let c = Credentials::password("a@x".into(), pw(&format!("guess-{n}-{k}")));
                 let from = Peer { ip: ip(&format!("192.0.2.{n}")), client_name: None };
                 // Wrong (compared), or not compared once the account's budget is used up.
                 assert!(matches!(auth.verify(&c, Protocol::Imap, &from).await, Verdict::Denied | Verdict::Throttled));
@@ -1290,7 +1292,7 @@ mod tests {
         }
         let compared = store.recent_audit("a@x", 1000).unwrap().iter().filter(|e| e.kind == "login_failed").count();
         assert_eq!(compared, budget::PASSWORD_PER_ACCOUNT as usize);
-        let app = Credentials { username: "a@x".into(), password: pw(&good) };
+        let app = Credentials::password("a@x".into(), pw(&good));
         let stranger = Peer { ip: ip("203.0.113.9"), client_name: None };
         assert!(matches!(auth.verify(&app, Protocol::Imap, &stranger).await, Verdict::Granted(_)));
         assert!(matches!(auth.verify(&right, Protocol::Imap, &home).await, Verdict::Granted(_)));
@@ -1316,7 +1318,7 @@ mod tests {
             rt.block_on(async move { busy.hash_for(ip("198.51.100.9"), move || held.recv()).await })
         });
         std::thread::sleep(Duration::from_millis(100));
-        let real = Credentials { username: "a@x".into(), password: pw(&good) };
+        let real = Credentials::password("a@x".into(), pw(&good));
         let before = tokio::time::Instant::now();
         assert!(matches!(auth.verify(&real, Protocol::Imap, &peer()).await, Verdict::Unavailable));
         assert!(before.elapsed() >= HASH_QUEUE_TIMEOUT);

@@ -564,7 +564,7 @@ impl PreAuth {
                 Err(_) => Some(self.refuse(tag, AuthReply::Failed)),
             },
             State::SaslLoginPass { user, .. } => match sasl::check_password(data.expose()) {
-                Ok(password) => Some(self.authenticate(tag, Credentials { username: user, password })),
+                Ok(password) => Some(self.authenticate(tag, Credentials::password(user, password))),
                 Err(_) => Some(self.refuse(tag, AuthReply::Failed)),
             },
             _ => None,
@@ -620,7 +620,7 @@ impl PreAuth {
             Parsed::Login(user, pass) => {
                 let pass = crate::secret::SecretBytes::from(pass);
                 return Some(match (sasl::check_username(&user), sasl::check_password(pass.expose())) {
-                    (Ok(username), Ok(password)) => self.authenticate(tag, Credentials { username, password }),
+                    (Ok(username), Ok(password)) => self.authenticate(tag, Credentials::password(username, password)),
                     _ => self.refuse(tag, AuthReply::Failed),
                 });
             }

@@ -291,7 +291,7 @@ impl PreAuth {
                     return None;
                 };
                 return Some(match sasl::check_password(arg.unwrap_or_default()) {
-                    Ok(password) => self.shell.authenticate(Credentials { username: user, password }),
+                    Ok(password) => self.shell.authenticate(Credentials::password(user, password)),
                     Err(_) => self.shell.refuse(AuthReply::Failed),
                 });
             }
@@ -385,7 +385,7 @@ impl PreAuth {
                 Err(_) => self.shell.refuse(AuthReply::Failed),
             },
             State::SaslLoginPass { user } => match sasl::check_password(data.expose()) {
-                Ok(password) => self.shell.authenticate(Credentials { username: user, password }),
+                Ok(password) => self.shell.authenticate(Credentials::password(user, password)),
                 Err(_) => self.shell.refuse(AuthReply::Failed),
             },
             // Not an exchange state: nothing to decode for (not reached).

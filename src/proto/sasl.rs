@@ -9,13 +9,33 @@ use crate::secret::SecretBytes;
 /// anything longer than this is refused before any password hashing.
 pub const MAX_FIELD: usize = 1024;
 
+/// How a client proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mechanism {
+    /// A password: account password or app password (LOGIN, PLAIN, USER/PASS).
+    #[default]
+    Password,
+    /// An OAuth 2.0 bearer token (SASL XOAUTH2 or OAUTHBEARER, RFC 7628); `password`
+    /// holds the access token.
+    Bearer,
+}
+
 /// Credentials as a client sent them.
 #[derive(Debug)]
 pub struct Credentials {
     /// The login name (authentication identity).
     pub username: String,
-    /// The password or app password.
+    /// The password, app password or (with [`Mechanism::Bearer`]) access token.
     pub password: SecretBytes,
+    /// What `password` is.
+    pub mechanism: Mechanism,
+}
+
+impl Credentials {
+    /// A user name and a password (account password or app password).
+    pub fn password(username: String, password: SecretBytes) -> Credentials {
+        Credentials { username, password, mechanism: Mechanism::Password }
+    }
 }
 
 /// Why a SASL payload was refused.
@@ -63,7 +83,7 @@ pub fn decode_plain(msg: &[u8]) -> Result<Credentials, SaslError> {
         }
         return Err(SaslError::AuthzidRefused);
     }
-    Ok(Credentials { username, password: password.to_vec().into() })
+    Ok(Credentials::password(username, password.to_vec().into()))
 }
 
 /// Checks a username from LOGIN / AUTHENTICATE: UTF-8, no control characters, bounded.

@@ -375,7 +375,7 @@ impl PreAuth {
             State::SaslPlain => Some(self.plain(data.expose())),
             State::SaslLoginUser => Some(self.login_user(data.expose())),
             State::SaslLoginPass { user } => match sasl::check_password(data.expose()) {
-                Ok(password) => Some(self.shell.authenticate(Credentials { username: user, password })),
+                Ok(password) => Some(self.shell.authenticate(Credentials::password(user, password))),
                 Err(_) => Some(self.shell.refuse(AuthReply::Failed)),
             },
             _ => None,

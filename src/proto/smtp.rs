@@ -838,7 +838,7 @@ impl Submission {
                 Err(_) => Next::Event(Action::Refuse(AuthReply::Failed)),
             },
             Mech::LoginPass(user) => match sasl::check_password(data.expose()) {
-                Ok(password) => Next::Event(Action::Authenticate(Credentials { username: user, password })),
+                Ok(password) => Next::Event(Action::Authenticate(Credentials::password(user, password))),
                 Err(_) => Next::Event(Action::Refuse(AuthReply::Failed)),
             },
         }

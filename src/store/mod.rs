@@ -293,6 +293,42 @@ pub struct AppPasswordRecord {
     /// Last successful use over each protocol (empty in older records).
     #[serde(default)]
     pub last_used_by: std::collections::BTreeMap<Scope, LastUse>,
+    /// Set when this is an OAuth grant (a mail app signed in through the browser) rather
+    /// than a typed app password; `hash` is then empty and never matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthGrant>,
+}
+
+/// The OAuth side of a grant (see `auth::oauth`). No token is stored, only the SHA-256
+/// of the current refresh token and of a few retired ones.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OAuthGrant {
+    /// `client_id` the grant was issued to.
+    pub client_id: String,
+    /// The client's name as configured ("Thunderbird").
+    pub client_name: String,
+    /// Generation of the current refresh token (raised by each rotation).
+    pub refresh_generation: u32,
+    /// Hex SHA-256 of the current refresh token.
+    pub refresh_hash: String,
+    /// Hex SHA-256 of recently retired refresh tokens (a replay of one revokes the grant).
+    #[serde(default)]
+    pub retired: Vec<String>,
+    /// When the refresh token was last issued (unix seconds); it expires
+    /// `[oauth] refresh_token_days` later.
+    pub refreshed_at: u64,
+    /// `User-Agent` of the token request, shortened, if sent.
+    #[serde(default)]
+    pub user_agent: Option<String>,
+}
+
+impl std::fmt::Debug for OAuthGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthGrant")
+            .field("client_id", &self.client_id)
+            .field("refresh_generation", &self.refresh_generation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for AppPasswordRecord {
