@@ -67,6 +67,8 @@ pub fn app_record(id: &str) -> AppPasswordRecord {
         last_used: None,
         last_used_by: Default::default(),
         oauth: None,
+        expires_at: None,
+        allow: vec![],
     }
 }
 

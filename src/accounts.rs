@@ -50,6 +50,9 @@ pub enum AccountError {
     /// A TOTP secret that cannot be used (too short) or an issuer that cannot be.
     #[error("cannot use this TOTP secret: {0}")]
     Totp(#[from] totp_rs::TotpError),
+    /// An app password's expiry that has passed already.
+    #[error("that expiry has passed already; give a later date or a duration such as 90d")]
+    ExpiryPassed,
     /// The OS gave no randomness.
     #[error("no OS randomness: {0}")]
     Randomness(#[from] getrandom::Error),
@@ -506,6 +509,21 @@ impl AccountService {
         label: &str,
         scopes: Vec<Scope>,
     ) -> Result<CreatedAppPassword, AccountError> {
+        self.create_limited_app_password(email, label, scopes, app_password::Limits::default())
+    }
+
+    /// [`create_app_password`](Self::create_app_password) with an expiry and the networks
+    /// it may be used from.
+    pub fn create_limited_app_password(
+        &self,
+        email: &str,
+        label: &str,
+        scopes: Vec<Scope>,
+        limits: app_password::Limits,
+    ) -> Result<CreatedAppPassword, AccountError> {
+        if limits.expires_at.is_some_and(|at| at <= self.now()) {
+            return Err(AccountError::ExpiryPassed);
+        }
         let label = check_label(label)?.to_string();
         let mut scopes = if scopes.is_empty() { vec![Scope::Imap, Scope::Smtp] } else { scopes };
         scopes.sort();
@@ -525,9 +543,11 @@ impl AccountService {
             last_used: None,
             last_used_by: Default::default(),
             oauth: None,
+            expires_at: limits.expires_at,
+            allow: limits.allow.clone(),
         };
         self.store.create_app_password(&record)?;
-        self.audit(email, "app_password_created", format!("{label} ({}) by {by}", new.id));
+        self.audit(email, "app_password_created", format!("{label} ({}) by {by}{}", new.id, limits_text(&record)));
         Ok(CreatedAppPassword { new, label, scopes })
     }
 
@@ -646,6 +666,8 @@ impl AccountService {
                 refreshed_at: now,
                 user_agent: from.user_agent.clone(),
             }),
+            expires_at: None,
+            allow: vec![],
         };
         match self.store.create_app_password(&record) {
             Ok(()) => {}
@@ -849,6 +871,20 @@ impl AccountService {
         stale.truncate(10);
         Ok(stale)
     }
+}
+
+/// An app password's limits in words (`""` without any): `, expires 2027-01-31 00:00:00
+/// UTC, only from 192.0.2.0/24`.
+pub fn limits_text(rec: &AppPasswordRecord) -> String {
+    let mut out = String::new();
+    if let Some(at) = rec.expires_at {
+        out.push_str(&format!(", expires {}", fmt_time(at)));
+    }
+    if !rec.allow.is_empty() {
+        let nets: Vec<String> = rec.allow.iter().map(|n| n.to_string()).collect();
+        out.push_str(&format!(", only from {}", nets.join(", ")));
+    }
+    out
 }
 
 /// A base32 TOTP secret's bytes.

@@ -70,6 +70,12 @@ pub enum Request {
         label: String,
         /// Scopes.
         scopes: Vec<Scope>,
+        /// When it stops working (unix seconds).
+        #[serde(default)]
+        expires_at: Option<u64>,
+        /// Networks it may be used from; empty: anywhere.
+        #[serde(default)]
+        allow: Vec<ipnet::IpNet>,
     },
     /// `app-password list`.
     AppPasswordList {
@@ -184,7 +190,10 @@ pub fn execute(ctx: &Context, req: Request) -> Response {
         Request::UserPasswd { email, password_hash } => user_passwd(ctx, &email, password_hash),
         Request::UserUnlock { email } => user_unlock(ctx, &email),
         Request::UserRemove { email } => user_remove(ctx, &email),
-        Request::AppPasswordCreate { email, label, scopes } => app_password_create(ctx, &email, &label, scopes),
+        Request::AppPasswordCreate { email, label, scopes, expires_at, allow } => {
+            let limits = crate::auth::app_password::Limits { expires_at, allow };
+            app_password_create(ctx, &email, &label, scopes, limits)
+        }
         Request::AppPasswordList { email } => app_password_list(ctx, &email),
         Request::AppPasswordRevoke { email, id } => app_password_revoke(ctx, &email, &id),
         Request::TotpEnable { email, secret } => totp_enable(ctx, &email, secret.as_deref()),
@@ -280,15 +289,23 @@ fn user_remove(ctx: &Context, email: &str) -> Answer {
     Ok(Response::ok(vec![format!("removed {email} ({ended} live sessions ended)")]))
 }
 
-fn app_password_create(ctx: &Context, email: &str, label: &str, scopes: Vec<Scope>) -> Answer {
+fn app_password_create(
+    ctx: &Context,
+    email: &str,
+    label: &str,
+    scopes: Vec<Scope>,
+    limits: crate::auth::app_password::Limits,
+) -> Answer {
     let email = check_email(email)?;
-    let made = ctx.accounts().create_app_password(&email, label, scopes)?;
+    let made = ctx.accounts().create_limited_app_password(&email, label, scopes, limits)?;
     let scope_names: Vec<&str> = made.scopes.iter().map(|s| s.as_str()).collect();
+    let limits =
+        ctx.store.get_app_password(&made.new.id)?.map(|r| crate::accounts::limits_text(&r)).unwrap_or_default();
     Ok(Response {
         ok: true,
         lines: vec![
             format!(
-                "created app password {} \"{}\" for {email} (scopes: {})",
+                "created app password {} \"{}\" for {email} (scopes: {}{limits})",
                 made.new.id,
                 made.label,
                 scope_names.join(",")
@@ -325,8 +342,18 @@ fn app_password_list(ctx: &Context, email: &str) -> Answer {
             ),
             None => String::new(),
         };
+        let now = crate::fsutil::now_unix();
+        let limits = match r.expires_at {
+            Some(at) if at <= now => format!("\tEXPIRED {}", fmt_time(at)),
+            Some(at) => format!("\texpires {}", fmt_time(at)),
+            None => String::new(),
+        } + &if r.allow.is_empty() {
+            String::new()
+        } else {
+            format!("\tonly from {}", r.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","))
+        };
         lines.push(format!(
-            "{}\t{}\t{}\tcreated {}\tlast used {}{kind}",
+            "{}\t{}\t{}\tcreated {}\tlast used {}{kind}{limits}",
             r.id,
             r.label,
             scopes.join(","),
@@ -337,6 +364,9 @@ fn app_password_list(ctx: &Context, email: &str) -> Answer {
             "id": r.id, "label": r.label, "scopes": scopes, "created": r.created_at,
             "created_by": r.created_by,
             "kind": if r.oauth.is_some() { "oauth" } else { "app_password" },
+            "expires_at": r.expires_at,
+            "expired": r.expires_at.is_some_and(|at| at <= now),
+            "allow": r.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
             "oauth": r.oauth.as_ref().map(|g| serde_json::json!({
                 "client_id": g.client_id, "client_name": g.client_name, "user_agent": g.user_agent,
                 "refreshed": g.refreshed_at,

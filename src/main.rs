@@ -142,6 +142,14 @@ enum AppCmd {
         /// Comma-separated: imap, smtp, pop3, sieve (default imap,smtp).
         #[arg(long, value_delimiter = ',')]
         scope: Vec<String>,
+        /// Stops working after a duration (30d, 12h, 8w) or at the end of a date
+        /// (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        expires: Option<String>,
+        /// Comma-separated networks or addresses it may be used from (192.0.2.0/24,
+        /// 2001:db8::/32); from anywhere else it is refused like a wrong password.
+        #[arg(long, value_delimiter = ',')]
+        allow: Vec<String>,
     },
     /// List an account's app passwords.
     List {
@@ -548,13 +556,16 @@ fn user(config: &Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
 
 fn app_password(config: &Config, cmd: AppCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        AppCmd::Create { email, label, scope } => {
+        AppCmd::Create { email, label, scope, expires, allow } => {
             let scopes = scope
                 .iter()
                 .filter(|s| !s.trim().is_empty())
                 .map(|s| s.parse::<Scope>())
                 .collect::<Result<Vec<_>, _>>()?;
-            print(dispatch(config, Request::AppPasswordCreate { email, label, scopes })?, false)
+            let now = mailgate::fsutil::now_unix();
+            let expires_at = expires.map(|e| mailgate::auth::app_password::parse_expiry(&e, now)).transpose()?;
+            let allow = mailgate::auth::app_password::parse_allow(&allow)?;
+            print(dispatch(config, Request::AppPasswordCreate { email, label, scopes, expires_at, allow })?, false)
         }
         AppCmd::List { email, json } => print(dispatch(config, Request::AppPasswordList { email })?, json),
         AppCmd::Revoke { email, id } => print(dispatch(config, Request::AppPasswordRevoke { email, id })?, false),

@@ -140,12 +140,30 @@ fn refusals_are_uniform_and_delayed() {
     let revoked = mg.app_password("alice@example.com", "old phone", "imap");
     let id = revoked.replace(' ', "")[..6].to_string();
     mg.ok(&["app-password", "revoke", "alice@example.com", &id]);
+    // Issue 18 point 3: the right app password from outside the networks it is limited
+    // to gets the same answer and delay, and its owner sees why.
+    let out = mg.ok(&[
+        "app-password",
+        "create",
+        "alice@example.com",
+        "--label",
+        "office scanner",
+        "--scope",
+        "imap",
+        "--allow",
+        "10.0.0.0/8,192.0.2.7",
+        "--expires",
+        "30d",
+    ]);
+    assert!(out.contains("only from 10.0.0.0/8, 192.0.2.7/32") && out.contains("expires "), "{out}");
+    let elsewhere = out.lines().last().unwrap().trim().to_string();
     let mut answers = Vec::new();
     for (user, pw) in [
         ("nobody@example.com", "whatever-password"),
         ("alice@example.com", "wrong-password"),
         ("alice@example.com", revoked.as_str()),
         ("nobody@example.com", app.as_str()),
+        ("alice@example.com", elsewhere.as_str()),
     ] {
         let mut c = tls(&mg);
         let start = Instant::now();
@@ -157,6 +175,14 @@ fn refusals_are_uniform_and_delayed() {
     for a in &answers {
         assert_eq!(a, "a NO [AUTHENTICATIONFAILED] Authentication failed.");
     }
+    let list = mg.ok(&["app-password", "list", "alice@example.com"]);
+    assert!(list.contains("only from 10.0.0.0/8,192.0.2.7/32"), "{list}");
+    let bad = mg.cli(&["app-password", "create", "alice@example.com", "--label", "x", "--expires", "tomorrow"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("is not an expiry"));
+    let bad = mg.cli(&["app-password", "create", "alice@example.com", "--label", "x", "--allow", "10.0.0.0/40"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("is not an IP address or network"));
+    let bad = mg.cli(&["app-password", "create", "alice@example.com", "--label", "x", "--expires", "2020-01-01"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("has passed already"));
 }
 
 #[test]

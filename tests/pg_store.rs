@@ -45,6 +45,8 @@ fn app(id: &str, user: &str, label: &str) -> AppPasswordRecord {
         last_used: None,
         last_used_by: Default::default(),
         oauth: None,
+        expires_at: None,
+        allow: vec![],
     }
 }
 

@@ -971,6 +971,15 @@ fn grant_app_password(
     peer: &Peer,
     audit: &dyn Fn(&str, String),
 ) -> Verdict {
+    if let Some(why) = app_password::refusal(&rec, peer.ip, now_unix()) {
+        // Right value, but not from here or not any more: answered like a wrong password
+        // (same reply and delay), the reason audited for the owner and the admin.
+        audit(
+            "app_password_refused",
+            format!("{} ({}) from {} via {protocol}: {}", rec.label, rec.id, peer.ip, why.words()),
+        );
+        return Verdict::Denied;
+    }
     let used = LastUse {
         at: now_unix(),
         ip: peer.ip.to_string(),
@@ -1165,6 +1174,8 @@ mod tests {
             last_used: None,
             last_used_by: Default::default(),
             oauth: None,
+            expires_at: None,
+            allow: vec![],
         })
         .unwrap();
         p.grouped().expose().clone()
@@ -1180,6 +1191,53 @@ mod tests {
 
     fn pw(s: &str) -> SecretBytes {
         s.as_bytes().to_vec().into()
+    }
+
+    /// Issue 18 point 3: the right app password past its expiry, or from outside its
+    /// networks, is refused as a wrong one would be (also from the verify cache), and the
+    /// reason is audited.
+    #[tokio::test]
+    async fn expired_or_out_of_network_app_passwords_are_refused_with_the_reason_audited() {
+        let (_dir, s, _good) = setup();
+        let p = app_password::generate().unwrap();
+        s.create_app_password(&AppPasswordRecord {
+            id: p.id.clone(),
+            username: "a@x".into(),
+            label: "scanner".into(),
+            scopes: vec![Scope::Imap],
+            hash: password::hash(p.password.expose().as_bytes()).unwrap(),
+            created_at: 0,
+            created_by: "admin".into(),
+            last_used: None,
+            last_used_by: Default::default(),
+            oauth: None,
+            expires_at: Some(now_unix() + 3600),
+            allow: app_password::parse_allow(&["192.0.2.0/24".into()]).unwrap(),
+        })
+        .unwrap();
+        let store: Arc<dyn Store> = Arc::new(s);
+        let auth = Authenticator::new(store.clone(), 2).with_verify_cache(Duration::from_secs(60));
+        let creds = Credentials::password("a@x".into(), pw(p.password.expose()));
+        let from = |ip: &str| Peer { ip: ip.parse().unwrap(), client_name: None };
+        assert!(matches!(auth.verify(&creds, Protocol::Imap, &from("192.0.2.9")).await, Verdict::Granted(_)));
+        // Cached now; still refused from elsewhere.
+        assert!(matches!(auth.verify(&creds, Protocol::Imap, &from("198.51.100.1")).await, Verdict::Denied));
+        store
+            .update_app_password(&p.id, &mut |r| {
+                r.expires_at = Some(now_unix() - 1);
+                Ok(())
+            })
+            .unwrap();
+        assert!(matches!(auth.verify(&creds, Protocol::Imap, &from("192.0.2.9")).await, Verdict::Denied));
+        let reasons: Vec<String> = store
+            .recent_audit("a@x", 10)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "app_password_refused")
+            .map(|e| e.detail)
+            .collect();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons[0].contains("expired") && reasons[1].contains("outside the networks"), "{reasons:?}");
     }
 
     /// Issue 16: an access token logs in its own user over the grant's protocols only,

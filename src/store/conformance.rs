@@ -28,6 +28,8 @@ pub fn app(id: &str, user: &str, label: &str) -> AppPasswordRecord {
         last_used: None,
         last_used_by: Default::default(),
         oauth: None,
+        expires_at: None,
+        allow: vec![],
     }
 }
 

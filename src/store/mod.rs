@@ -297,6 +297,12 @@ pub struct AppPasswordRecord {
     /// than a typed app password; `hash` is then empty and never matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oauth: Option<OAuthGrant>,
+    /// When it stops working (unix seconds); `None`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// The networks it may be used from; empty: anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 /// The OAuth side of a grant (see `auth::oauth`). No token is stored, only the SHA-256

@@ -2291,8 +2291,14 @@ async fn through_the_cli(env: &Env) -> Trail {
     assert_eq!(owner.consume_backup_code(ALICE, &code, [192, 0, 2, 1].into()).await.unwrap(), 9);
     record(&mut trail, env.store.as_ref(), "use a backup code", &mut hash);
     let scopes = vec![Scope::Imap, Scope::Smtp];
-    run(R::AppPasswordCreate { email: email(), label: "Laptop".into(), scopes });
-    run(R::AppPasswordCreate { email: email(), label: "Phone".into(), scopes: vec![Scope::Imap] });
+    run(R::AppPasswordCreate { email: email(), label: "Laptop".into(), scopes, expires_at: None, allow: vec![] });
+    run(R::AppPasswordCreate {
+        email: email(),
+        label: "Phone".into(),
+        scopes: vec![Scope::Imap],
+        expires_at: None,
+        allow: vec![],
+    });
     record(&mut trail, env.store.as_ref(), "create 2 app passwords", &mut hash);
     let phone = env.store.list_app_passwords(ALICE).unwrap().into_iter().find(|r| r.label == "Phone").unwrap();
     run(R::AppPasswordRevoke { email: email(), id: phone.id });
