@@ -354,7 +354,8 @@ pub async fn run(
         .with_shared_failure_counts(key.clone())
         .with_upstream_check(config.accounts.clone(), Arc::new(connector.clone()))
         .with_verify_cache(config.accounts.verify_cache)
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_policy(config.policy.clone());
     if config.oauth.enabled {
         auth = auth.with_oauth(key.clone());
     }

@@ -196,6 +196,69 @@ pub struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     oauth: RawOAuth,
+    #[serde(default)]
+    policy: RawPolicy,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    require_second_factor: Vec<String>,
+    grace_until: Option<String>,
+}
+
+/// `[policy]`: two-step verification required for some domains, after a grace period.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Domains whose accounts must use two-step verification (lower case).
+    pub require_second_factor: Vec<String>,
+    /// Until this time (unix seconds, the end of the configured day, UTC), accounts of
+    /// those domains without it still sign in with their account password; `None`: no
+    /// grace.
+    pub grace_until: Option<u64>,
+}
+
+impl Policy {
+    /// Whether `username`'s domain must use two-step verification.
+    pub fn requires_second_factor(&self, username: &str) -> bool {
+        let domain = username.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+        self.require_second_factor.iter().any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// Whether `username` must have two-step verification *now*: its domain requires it
+    /// and the grace period is over.
+    pub fn enforced(&self, username: &str, now: u64) -> bool {
+        self.requires_second_factor(username) && self.grace_until.is_none_or(|until| now >= until)
+    }
+
+    /// Whether `username` still needs to enrol (its domain requires it), grace or not.
+    pub fn in_grace(&self, username: &str, now: u64) -> bool {
+        self.requires_second_factor(username) && !self.enforced(username, now)
+    }
+}
+
+fn policy(raw: RawPolicy) -> Result<Policy, ConfigError> {
+    let mut domains = Vec::new();
+    for d in raw.require_second_factor {
+        let d = d.trim().trim_start_matches('@').to_ascii_lowercase();
+        if d.is_empty() || !d.contains('.') || !d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
+            return Err(invalid(
+                "policy.require_second_factor",
+                format!("`{d}` is not a domain (e.g. \"example.com\")"),
+            ));
+        }
+        domains.push(d);
+    }
+    let grace_until = match raw.grace_until.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(date) if date.len() == 10 && date.as_bytes()[4] == b'-' => Some(
+            crate::auth::app_password::parse_expiry(date, 0)
+                .map_err(|_| invalid("policy.grace_until", format!("`{date}` is not a date YYYY-MM-DD")))?,
+        ),
+        Some(other) => return Err(invalid("policy.grace_until", format!("`{other}` is not a date YYYY-MM-DD"))),
+    };
+    Ok(Policy { require_second_factor: domains, grace_until })
 }
 
 #[derive(Debug, Deserialize)]
@@ -1024,6 +1087,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// `[oauth]`: mailgate as the OAuth 2.0 server of mail apps.
     pub oauth: OAuth,
+    /// `[policy]`: two-step verification required.
+    pub policy: Policy,
 }
 
 impl Upstream {
@@ -1308,6 +1373,7 @@ impl Config {
             log_format,
             metrics_listen,
             oauth: oauth(raw.oauth)?,
+            policy: policy(raw.policy)?,
         })
     }
 

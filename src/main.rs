@@ -107,6 +107,10 @@ enum UserCmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Only the accounts that `[policy] require_second_factor` obliges to use two-step
+        /// verification and that have not turned it on yet.
+        #[arg(long)]
+        needs_2fa: bool,
     },
     /// Set an account password (asked twice, not shown, on a terminal).
     Passwd {
@@ -544,7 +548,42 @@ fn user(config: &Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
             let users = users.into_iter().map(|u| (u.email, u.stored_hash)).collect();
             print(dispatch(config, Request::UserImport { users })?, false)
         }
-        UserCmd::List { json } => print(dispatch(config, Request::UserList)?, json),
+        UserCmd::List { json, needs_2fa: false } => print(dispatch(config, Request::UserList)?, json),
+        UserCmd::List { json, needs_2fa: true } => {
+            let policy = &config.policy;
+            if policy.require_second_factor.is_empty() {
+                return Err(anyhow!(
+                    "no domain requires two-step verification: set [policy] require_second_factor in the config"
+                ));
+            }
+            let mut resp = dispatch(config, Request::UserList)?;
+            let due = |user: &serde_json::Value| {
+                let name = user["username"].as_str().unwrap_or_default();
+                policy.requires_second_factor(name) && user["totp"] != serde_json::Value::Bool(true)
+            };
+            let users: Vec<serde_json::Value> = resp
+                .json
+                .take()
+                .and_then(|j| j.as_array().cloned())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(due)
+                .collect();
+            let names: Vec<String> = users.iter().filter_map(|u| u["username"].as_str().map(str::to_string)).collect();
+            resp.lines.retain(|l| names.iter().any(|n| l.split('\t').next() == Some(n.as_str())));
+            let when = match policy.grace_until {
+                Some(at) if mailgate::fsutil::now_unix() < at => {
+                    format!(
+                        "they keep their account password on the mail ports until {}",
+                        mailgate::accounts::fmt_time(at)
+                    )
+                }
+                _ => "the grace period is over: their mail apps are refused the account password".to_string(),
+            };
+            resp.lines.push(format!("{} account(s) without two-step verification; {when}", names.len()));
+            resp.json = Some(users.into());
+            print(resp, json)
+        }
         UserCmd::Passwd { email, password_stdin } => {
             let password_hash = hash_password(new_password(password_stdin)?)?;
             print(dispatch(config, Request::UserPasswd { email, password_hash })?, false)

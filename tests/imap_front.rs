@@ -599,3 +599,50 @@ fn another_protocols_request_is_closed_without_an_echo() {
     assert!(s.closed_within(Duration::from_secs(20)), "SMTPS left it open");
     assert!(s.pending().is_empty(), "SMTPS echoed {:?}", String::from_utf8_lossy(s.pending()));
 }
+
+/// Issue 18 point 5: `[policy] require_second_factor` with a grace date. Before it, an
+/// un-enrolled account still reads mail with its account password and the admin sees who
+/// has not enrolled; after it, its mail apps get the [ALERT] with the URL (IMAP) and
+/// `534` (SMTP); enrolling takes it off the list.
+#[test]
+fn required_second_factor_bars_the_account_password_after_the_grace_date() {
+    use crate::support::submission::{Submission, SubmissionOptions};
+    for (grace, barred) in [("2999-12-31", false), ("2020-01-01", true)] {
+        let sub = Submission::start(SubmissionOptions::default());
+        let (_d, mg, app) = with_dovecot_opts(Options {
+            smtp_upstream: format!("127.0.0.1:{}", sub.port),
+            extra_sections: format!("[policy]\nrequire_second_factor = [\"example.com\"]\ngrace_until = \"{grace}\"\n"),
+            ..Default::default()
+        });
+        mg.add_user("carol@example.org", "carol-account-password");
+        let needs = mg.ok(&["user", "list", "--needs-2fa"]);
+        assert!(needs.contains("alice@example.com") && !needs.contains("carol@example.org"), "{needs}");
+        assert!(
+            needs.contains(if barred { "grace period is over" } else { "until 2999-12-31" })
+                || needs.contains("until 3000-01-01"),
+            "{needs}"
+        );
+        let mut c = tls(&mg);
+        let r = c.cmd("a", "LOGIN alice@example.com alice-account-pw");
+        if barred {
+            assert!(r[0].starts_with("a NO [ALERT] ") && r[0].contains("requires two-step verification"), "{r:?}");
+            assert!(r[0].contains("https://mail.example.test/app-passwords"), "{r:?}");
+        } else {
+            assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
+        }
+        // App passwords are not touched.
+        let mut c = tls(&mg);
+        assert!(c.cmd("c", &format!("LOGIN alice@example.com \"{app}\"")).last().unwrap().starts_with("c OK"));
+        // SMTP says the same in its words.
+        let mut s = Client::tls(mg.smtps, tls_config(&mg.ca, &["smtp"])).unwrap();
+        assert!(s.line().starts_with("220"));
+        s.send(b"EHLO x\r\n");
+        s.until("250 ");
+        s.send(format!("AUTH PLAIN {}\r\n", b64(b"\0alice@example.com\0alice-account-pw")).as_bytes());
+        let reply = s.line();
+        assert_eq!(reply.starts_with("534"), barred, "{reply}");
+        mg.ok(&["totp", "enable", "alice@example.com"]);
+        let needs = mg.ok(&["user", "list", "--needs-2fa"]);
+        assert!(!needs.contains("alice@example.com") && needs.contains("0 account(s)"), "{needs}");
+    }
+}

@@ -121,6 +121,9 @@ pub enum Verdict {
     Denied,
     /// The right account password of an account with two-factor authentication.
     NeedsAppPassword,
+    /// The right account password of an account that `[policy] require_second_factor`
+    /// obliges to use two-step verification, past the grace period, without it yet.
+    NeedsSecondFactor,
     /// The check could not run (store error, overload); try later.
     Unavailable,
     /// Not checked: a guess budget is used up (the address's, or the account's for
@@ -311,6 +314,8 @@ pub struct Authenticator {
     metrics: crate::metrics::Metrics,
     /// `[oauth] enabled`: the key access tokens are checked with.
     oauth_key: Option<Arc<crypto::SecretKey>>,
+    /// `[policy]`: two-step verification required for some domains.
+    policy: Arc<crate::config::Policy>,
 }
 
 struct UpstreamMode {
@@ -359,7 +364,20 @@ impl Authenticator {
             v6_prefix: crate::addr::DEFAULT_IPV6_PREFIX,
             metrics: crate::metrics::Metrics::new(),
             oauth_key: None,
+            policy: Arc::new(crate::config::Policy::default()),
         }
+    }
+
+    /// `[policy]`: accounts of these domains without two-step verification lose the
+    /// account password on the mail ports once the grace period is over.
+    pub fn with_policy(mut self, policy: crate::config::Policy) -> Authenticator {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// The `[policy]` in force.
+    pub fn policy(&self) -> &crate::config::Policy {
+        &self.policy
     }
 
     /// Accepts OAuth access tokens (SASL XOAUTH2 / OAUTHBEARER) made with `key`
@@ -606,6 +624,7 @@ impl Authenticator {
         }
         let accounts = mode.accounts.clone();
         let client = self.client(ip);
+        let policy = self.policy.clone();
         self.blocking(move || {
             let Some(account) = ensure_account(store.as_ref(), &accounts, &username) else {
                 return Verdict::Denied;
@@ -613,6 +632,10 @@ impl Authenticator {
             if account.has_second_factor() {
                 record(store.as_ref(), &account.username, "account_password_refused_2fa", who);
                 return Verdict::NeedsAppPassword;
+            }
+            if policy.enforced(&account.username, now_unix()) {
+                record(store.as_ref(), &account.username, "account_password_refused_2fa", who);
+                return Verdict::NeedsSecondFactor;
             }
             record(
                 store.as_ref(),
@@ -762,9 +785,11 @@ impl Authenticator {
         let accounts = self.upstream.as_ref().map(|m| m.accounts.clone());
         let cache = self.app_cache.clone();
         let user = username.clone();
+        let policy = self.policy.clone();
         let verdict = self
             .hash_for(peer.ip, move || {
-                decide(store.as_ref(), accounts.as_ref(), cache.as_deref(), &user, &password, protocol, &who)
+                let how = How { accounts: accounts.as_ref(), cache: cache.as_deref(), policy: &policy };
+                decide_with(store.as_ref(), how, &user, &password, protocol, &who)
             })
             .await
             .unwrap_or(Verdict::Unavailable);
@@ -779,7 +804,7 @@ impl Authenticator {
             }
             v => {
                 let outcome = match &v {
-                    Verdict::Granted(_) | Verdict::NeedsAppPassword => Outcome::Right,
+                    Verdict::Granted(_) | Verdict::NeedsAppPassword | Verdict::NeedsSecondFactor => Outcome::Right,
                     Verdict::Denied if self.throttle.repeats_last(peer.ip, &username, creds.password.expose()) => {
                         // A mail app retrying the same stale password learns nothing new.
                         Outcome::NotCompared
@@ -885,6 +910,7 @@ fn web_password(store: &dyn Store, username: &str, password: &SecretBytes, ip: I
 /// The decision, synchronous (runs on a hashing thread). With the account mode
 /// `password_check = "upstream"`, an account password is not checked here but handed
 /// back as [`Verdict::CheckUpstream`]; a verified app password is remembered in `cache`.
+#[cfg(test)]
 pub(crate) fn decide(
     store: &dyn Store,
     accounts: Option<&Accounts>,
@@ -894,6 +920,32 @@ pub(crate) fn decide(
     protocol: Protocol,
     peer: &Peer,
 ) -> Verdict {
+    static NO_POLICY: crate::config::Policy =
+        crate::config::Policy { require_second_factor: Vec::new(), grace_until: None };
+    decide_with(store, How { accounts, cache, policy: &NO_POLICY }, username, password, protocol, peer)
+}
+
+/// What [`decide_with`] decides by besides the credentials.
+#[derive(Clone, Copy)]
+pub(crate) struct How<'a> {
+    /// `[accounts]` when `password_check = "upstream"`.
+    pub accounts: Option<&'a Accounts>,
+    /// Recently verified app passwords.
+    pub cache: Option<&'a VerifyCache>,
+    /// `[policy]`.
+    pub policy: &'a crate::config::Policy,
+}
+
+/// [`decide`] under a `[policy]`.
+pub(crate) fn decide_with(
+    store: &dyn Store,
+    how: How<'_>,
+    username: &str,
+    password: &SecretBytes,
+    protocol: Protocol,
+    peer: &Peer,
+) -> Verdict {
+    let How { accounts, cache, policy } = how;
     let upstream_mode = accounts.is_some_and(|a| a.password_check == PasswordCheck::Upstream);
     let account = match store.get_account(username) {
         Ok(Some(a)) => a,
@@ -917,7 +969,7 @@ pub(crate) fn decide(
         }
     };
     let audit = |kind: &str, detail: String| record(store, &account.username, kind, detail);
-    let mode = Mode { upstream: upstream_mode, cache };
+    let mode = Mode { upstream: upstream_mode, cache, policy };
     decide_account(store, &account, password, protocol, peer, mode, &audit)
 }
 
@@ -927,6 +979,7 @@ struct Mode<'a> {
     /// `password_check = "upstream"`.
     upstream: bool,
     cache: Option<&'a VerifyCache>,
+    policy: &'a crate::config::Policy,
 }
 
 /// The fast path: an app password verified within the cache lifetime, whose record
@@ -1012,7 +1065,11 @@ fn decide_account(
     mode: Mode<'_>,
     audit: &dyn Fn(&str, String),
 ) -> Verdict {
-    let Mode { upstream: upstream_mode, cache } = mode;
+    let Mode { upstream: upstream_mode, cache, policy } = mode;
+    // `[policy]`: past the grace period, an account that must use two-step verification
+    // and has not enrolled is treated as having it: its account password opens only the
+    // web step (where it enrols).
+    let policy_bars = !account.has_second_factor() && policy.enforced(&account.username, now_unix());
     let who = who(peer, protocol);
     if let Some((id, normalized)) = app_password::parse(password.expose()) {
         match store.get_app_password(&id) {
@@ -1048,7 +1105,7 @@ fn decide_account(
         return Verdict::CheckUpstream(UpstreamCheck {
             username: account.username.clone(),
             password: SecretBytes::from(password.expose().clone()),
-            second_factor: account.has_second_factor(),
+            second_factor: account.has_second_factor() || policy_bars,
             who,
             ticket: None,
             ip: peer.ip,
@@ -1066,6 +1123,11 @@ fn decide_account(
     if account.has_second_factor() {
         audit("account_password_refused_2fa", who);
         return Verdict::NeedsAppPassword;
+    }
+    if policy_bars {
+        // Listed with the devices still using the account password, like a 2FA refusal.
+        audit("account_password_refused_2fa", who);
+        return Verdict::NeedsSecondFactor;
     }
     audit("login", format!("{who} with the account password"));
     Verdict::Granted(Authenticated {
@@ -1134,6 +1196,15 @@ pub fn printable(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(100).collect()
 }
 
+/// The text a person sees when their mail client sends the account password of an
+/// account that `[policy]` obliges to use two-step verification and that has not
+/// enrolled yet (IMAP `[ALERT]`, SMTP `534 5.7.9`).
+pub fn second_factor_hint(url: &str) -> String {
+    format!(
+        "Your organisation requires two-step verification for this account. Set it up at {url} (sign in there with your account password), then create an app password there and enter it here as the password."
+    )
+}
+
 /// The text a person sees when their mail client sends the account password of a 2FA
 /// account (IMAP `[ALERT]`, SMTP `534 5.7.9`).
 pub fn app_password_hint(url: &str) -> String {
@@ -1191,6 +1262,38 @@ mod tests {
 
     fn pw(s: &str) -> SecretBytes {
         s.as_bytes().to_vec().into()
+    }
+
+    /// Issue 18 point 5: `[policy] require_second_factor` with a grace period: before the
+    /// date an un-enrolled account of the domain still signs in with its account
+    /// password; after it, the right password gets the enrol words (and is listed with the
+    /// devices still using it), a wrong one is still just wrong; other domains and
+    /// app passwords are unaffected.
+    #[test]
+    fn the_second_factor_policy_bars_the_account_password_after_the_grace_date() {
+        let (_dir, s, app) = setup();
+        s.create_account(&Account {
+            password_hash: Some(password::hash(b"other-pw").unwrap()),
+            ..Account::new("c@y", 0)
+        })
+        .unwrap();
+        let policy =
+            |grace: Option<u64>| crate::config::Policy { require_second_factor: vec!["x".into()], grace_until: grace };
+        let run = |p: &crate::config::Policy, user: &str, secret: &str| {
+            decide_with(&s, How { accounts: None, cache: None, policy: p }, user, &pw(secret), Protocol::Imap, &peer())
+        };
+        let before = policy(Some(now_unix() + 86_400));
+        assert!(matches!(run(&before, "a@x", "account-pw"), Verdict::Granted(_)));
+        assert!(before.in_grace("a@x", now_unix()) && !before.in_grace("c@y", now_unix()));
+        for after in [policy(Some(now_unix() - 1)), policy(None)] {
+            assert!(matches!(run(&after, "a@x", "account-pw"), Verdict::NeedsSecondFactor));
+            assert!(matches!(run(&after, "a@x", "wrong"), Verdict::Denied));
+            assert!(matches!(run(&after, "a@x", &app), Verdict::Granted(_)));
+            assert!(matches!(run(&after, "c@y", "other-pw"), Verdict::Granted(_)));
+        }
+        let events = s.recent_audit("a@x", 20).unwrap();
+        assert!(events.iter().any(|e| e.kind == "account_password_refused_2fa"));
+        assert!(second_factor_hint("https://m.example/app-passwords").contains("requires two-step verification"));
     }
 
     /// Issue 18 point 3: the right app password past its expiry, or from outside its

@@ -313,6 +313,10 @@ impl Gate {
                 Refusal::NeedsAppPassword(auth::app_password_hint(&self.app_password_url)),
                 Outcome::NeedsAppPassword,
             )),
+            Verdict::NeedsSecondFactor => Err((
+                Refusal::NeedsAppPassword(auth::second_factor_hint(&self.app_password_url)),
+                Outcome::NeedsAppPassword,
+            )),
             Verdict::Throttled => Err((Refusal::Unavailable, Outcome::Throttled)),
             Verdict::Unavailable | Verdict::CheckUpstream(_) => Err((Refusal::Unavailable, Outcome::Unavailable)),
         }
