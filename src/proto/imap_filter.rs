@@ -277,8 +277,10 @@ enum State {
     AwaitIdle {
         tag: Vec<u8>,
     },
-    /// Upstream is idling: the next line ends it.
-    Idling,
+    /// Upstream is idling (for the IDLE tagged `tag`): the next line ends it.
+    Idling {
+        tag: Vec<u8>,
+    },
     /// Dropping a line over [`MAX_LINE`]; `tail` keeps its last bytes (a literal
     /// announcement at its end).
     LongLine {
@@ -294,7 +296,7 @@ impl State {
             State::Literal { .. } => "literal",
             State::AwaitContinue { .. } => "await-continue",
             State::AwaitIdle { .. } => "await-idle",
-            State::Idling => "idling",
+            State::Idling { .. } => "idling",
             State::LongLine { .. } => "long-line",
             State::Closed => "closed",
         }
@@ -511,7 +513,7 @@ impl CommandFilter {
     pub fn upstream_continuation(&mut self) {
         self.state = match std::mem::replace(&mut self.state, State::Closed) {
             State::AwaitContinue { cmd, len } => State::Literal { cmd, left: len },
-            State::AwaitIdle { .. } => State::Idling,
+            State::AwaitIdle { tag } => State::Idling { tag },
             other => other,
         };
     }
@@ -523,7 +525,8 @@ impl CommandFilter {
         self.in_flight.remove(tag);
         self.state = match std::mem::replace(&mut self.state, State::Closed) {
             State::AwaitContinue { cmd, .. } if cmd.tag == tag => State::Line(None),
-            State::AwaitIdle { tag: t } if t == tag => State::Line(None),
+            // Upstream ended IDLE itself (or refused it): no DONE is expected any more.
+            State::AwaitIdle { tag: t } | State::Idling { tag: t } if t == tag => State::Line(None),
             other => other,
         };
     }
@@ -640,7 +643,7 @@ impl CommandFilter {
                     }
                 }
             }
-            State::Idling => match find_crlf(&self.buf) {
+            State::Idling { tag } => match find_crlf(&self.buf) {
                 Some(pos) => {
                     let line: Vec<u8> = self.buf.drain(..pos + 2).collect();
                     if line.get(..pos).is_some_and(|l| l.eq_ignore_ascii_case(b"DONE")) {
@@ -661,7 +664,7 @@ impl CommandFilter {
                     true
                 }
                 None => {
-                    self.state = State::Idling;
+                    self.state = State::Idling { tag };
                     false
                 }
             },

@@ -848,3 +848,17 @@ fn imapish_byte() -> impl Strategy<Value = u8> {
         1 => any::<u8>(),
     ]
 }
+
+#[test]
+fn idle_ended_by_upstream_means_the_next_line_is_a_command() {
+    let mut f = CommandFilter::new(read_only());
+    let mut r = Run::default();
+    f.feed(b"i IDLE\r\n");
+    pump(&mut f, &mut r);
+    f.upstream_continuation();
+    f.upstream_tagged(b"i");
+    f.feed(b"n NOOP\r\n");
+    pump(&mut f, &mut r);
+    assert_eq!(r.up(), "i IDLE\r\nn NOOP\r\n");
+    assert_eq!(r.cl(), "");
+}
