@@ -862,3 +862,187 @@ fn idle_ended_by_upstream_means_the_next_line_is_a_command() {
     assert_eq!(r.up(), "i IDLE\r\nn NOOP\r\n");
     assert_eq!(r.cl(), "");
 }
+
+// ---------------------------------------------------------------------------------------
+// Both halves with a fake upstream
+// ---------------------------------------------------------------------------------------
+
+/// Every folder the fake upstream has: the allowed ones and the forbidden ones.
+const UPSTREAM_FOLDERS: &[&str] = &["INBOX", "Shared/Tickets", "Shared/Sales", "Secret", "Private/Secret", "Shared"];
+
+/// A fake Dovecot: reads the commands the filter forwards (as imap-codec does) and answers
+/// each, naming every folder it has in LIST/LSUB (with LIST-STATUS-like STATUS lines, some
+/// names as literals) and the named one in STATUS and in a failed SELECT's text.
+#[derive(Default)]
+struct FakeUpstream {
+    input: Vec<u8>,
+    /// `Some(tag)` while idling.
+    idle: Option<Vec<u8>>,
+    /// The synchronizing literal at the end of `input` was answered with `+`.
+    acked: usize,
+}
+
+impl FakeUpstream {
+    /// Takes forwarded bytes; returns upstream's responses to what is complete.
+    fn take(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.input.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        loop {
+            if let Some(tag) = &self.idle {
+                let Some(pos) = find_crlf(&self.input) else { break };
+                out.extend_from_slice(tag);
+                out.extend_from_slice(b" OK Idle completed\r\n");
+                self.input.drain(..pos + 2);
+                self.idle = None;
+                continue;
+            }
+            // A line that is only a CRLF (a cut command's end) is skipped.
+            let input = self.input.clone();
+            match CommandCodec::default().decode(&input) {
+                Ok((rest, cmd)) => {
+                    let used = self.input.len() - rest.len();
+                    let tag = cmd.tag.inner().as_bytes().to_vec();
+                    self.answer(&tag, &cmd.body, &mut out);
+                    self.input.drain(..used);
+                    self.acked = 0;
+                }
+                Err(CommandDecodeError::LiteralFound { .. }) => {
+                    if self.acked != self.input.len() {
+                        out.extend_from_slice(b"+ OK\r\n");
+                        self.acked = self.input.len();
+                    }
+                    break;
+                }
+                Err(CommandDecodeError::Incomplete) => break,
+                Err(_) => match find_crlf(&self.input) {
+                    Some(pos) => {
+                        out.extend_from_slice(b"* BAD Error in IMAP command\r\n");
+                        self.input.drain(..pos + 2);
+                        self.acked = 0;
+                    }
+                    None => break,
+                },
+            }
+        }
+        out
+    }
+
+    fn answer(&mut self, tag: &[u8], body: &CommandBody<'_>, out: &mut Vec<u8>) {
+        let tag = String::from_utf8_lossy(tag).into_owned();
+        let mut push = |s: String| out.extend_from_slice(s.as_bytes());
+        match body {
+            CommandBody::List { .. } | CommandBody::Lsub { .. } => {
+                for (i, f) in UPSTREAM_FOLDERS.iter().enumerate() {
+                    let word = if matches!(body, CommandBody::List { .. }) { "LIST" } else { "LSUB" };
+                    if i % 2 == 0 {
+                        push(format!("* {word} (\\HasNoChildren) \"/\" \"{f}\"\r\n"));
+                    } else {
+                        push(format!("* {word} () \"/\" {{{}}}\r\n{f}\r\n", f.len()));
+                    }
+                    push(format!("* STATUS \"{f}\" (MESSAGES 1)\r\n"));
+                }
+                push(format!("{tag} OK List completed\r\n"));
+            }
+            CommandBody::Status { mailbox, .. } => {
+                let name = String::from_utf8_lossy(mailbox_bytes(mailbox)).into_owned();
+                push(format!("* STATUS {{{}}}\r\n{name} (MESSAGES 1)\r\n{tag} OK Status completed\r\n", name.len()));
+            }
+            CommandBody::Select { mailbox, .. } | CommandBody::Examine { mailbox, .. } => {
+                let name = String::from_utf8_lossy(mailbox_bytes(mailbox)).into_owned();
+                push(format!("{tag} NO Mailbox doesn't exist: {name}\r\n"));
+            }
+            CommandBody::Idle => {
+                push("+ idling\r\n".to_string());
+                self.idle = Some(tag.into_bytes());
+            }
+            _ => push(format!("{tag} OK Done\r\n")),
+        }
+    }
+}
+
+/// Runs client reads through both filters and the fake upstream, wired as the relay will
+/// wire them. Returns (bytes upstream got, bytes the client got).
+fn session(rules: &Restriction, reads: &[Vec<u8>]) -> (Vec<u8>, Vec<u8>) {
+    let mut cmds = CommandFilter::new(rules.clone());
+    let mut resps = ResponseFilter::new(rules.clone());
+    let mut upstream = FakeUpstream::default();
+    let (mut to_upstream, mut to_client) = (Vec::new(), Vec::new());
+    for read in reads {
+        cmds.feed(read);
+        loop {
+            let mut progress = false;
+            loop {
+                match cmds.next() {
+                    Next::Write(b) => resps.inject(&b),
+                    Next::Event(ToUpstream(b)) => {
+                        to_upstream.extend_from_slice(&b);
+                        resps.feed(&upstream.take(&b));
+                    }
+                    Next::NeedInput | Next::Close | Next::StartTls => break,
+                }
+                progress = true;
+            }
+            loop {
+                match resps.next() {
+                    Next::Write(b) => to_client.extend(b),
+                    Next::Event(Seen::Continuation) => cmds.upstream_continuation(),
+                    Next::Event(Seen::Tagged(t)) => cmds.upstream_tagged(&t),
+                    Next::NeedInput | Next::Close | Next::StartTls => break,
+                }
+                progress = true;
+            }
+            if !progress {
+                break;
+            }
+        }
+    }
+    (to_upstream, to_client)
+}
+
+#[test]
+fn a_folder_limited_session_end_to_end() {
+    let rules = folders("INBOX,Shared/Tickets");
+    let input = b"a LIST \"\" *\r\nb STATUS {6+}\r\nSecret (MESSAGES)\r\nc STATUS \"Shared/Tickets\" (MESSAGES)\r\n\
+                  d SELECT Secret\r\ne LSUB \"\" %\r\nf IDLE\r\nDONE\r\ng APPEND INBOX {3}\r\nabc\r\n";
+    let (up, client) = session(&rules, &[input.to_vec()]);
+    let client = String::from_utf8_lossy(&client).into_owned();
+    assert!(!client.contains("Secret") && !client.contains("\"Shared\"") && !client.contains("Sales"), "{client}");
+    assert!(client.contains("* LIST () \"/\" {14}\r\nShared/Tickets\r\n"), "{client}");
+    for tag in ["a OK", "b NO [NONEXISTENT]", "c OK", "d NO [NONEXISTENT]", "e OK", "f OK", "g OK"] {
+        assert!(client.contains(&format!("{tag} ")), "{tag} missing: {client}");
+    }
+    assert!(client.contains("+ idling\r\n") && client.contains("+ OK\r\n"));
+    let up = String::from_utf8_lossy(&up).into_owned();
+    assert!(!up.contains("Secret"), "{up}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: crate::proto::fuzz_cases(256), .. ProptestConfig::default() })]
+
+    /// Generated command sequences through both filters and a fake upstream that names
+    /// every folder it has: no forbidden folder ever reaches the client, nothing refused
+    /// reaches upstream, and every command gets exactly one tagged answer.
+    #[test]
+    fn prop_no_forbidden_folder_in_a_whole_session((ro, cmds, cuts) in session_strategy()) {
+        let rules = Restriction { read_only: ro, folders: folders("INBOX,Shared/Tickets,Shared/Sales").folders };
+        let mut input = String::new();
+        for (i, (kind, allowed, pick, form)) in cmds.iter().enumerate() {
+            let name = if *allowed { ALLOWED[pick % ALLOWED.len()] } else { FORBIDDEN[pick % FORBIDDEN.len()] };
+            // LIST and LSUB ask upstream for everything.
+            let kind = if *kind % 5 == 0 { 10 } else { *kind };
+            input.push_str(&command(i, kind, *allowed, name, *form, ro).0);
+        }
+        let bytes = input.as_bytes();
+        let cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        let (up, client) = session(&rules, &split_at(bytes, cuts.into_iter()));
+        let client = String::from_utf8_lossy(&client).into_owned();
+        for f in ["Secret", "\"Shared\"", "{6}\r\nShared\r\n"] {
+            prop_assert!(!client.contains(f), "{} in {}", f, client);
+        }
+        assert_forwarded_allowed(&rules, &up);
+        for i in 0..cmds.len() {
+            let tagged = client.lines().filter(|l| l.starts_with(&format!("t{i} "))).count();
+            prop_assert_eq!(tagged, 1, "t{} in {}", i, client);
+        }
+    }
+}
