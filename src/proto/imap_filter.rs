@@ -8,7 +8,10 @@
 //!   literals), parses each with imap-codec's command parser and either forwards its exact
 //!   bytes upstream ([`ToUpstream`]), forwards it with `SELECT` rewritten to `EXAMINE`
 //!   (read-only), or answers the client itself (`NO [NOPERM]`, `NO [NONEXISTENT]`,
-//!   `NO [CANNOT]`, `BAD`) without upstream ever seeing it. Nothing is forwarded that was
+//!   `NO [CANNOT]`, `BAD`) without upstream ever seeing it. With a folder set, a mailbox
+//!   name in a synchronizing literal is read before upstream sees the command: the filter
+//!   sends that `+` itself and forwards the name as a quoted string (the one exception to
+//!   byte-exactness). Nothing is forwarded that was
 //!   not parsed: a command is forwarded once its bytes so far are valid IMAP, and every
 //!   later line of it is checked again before it goes (one that is not ends the command
 //!   upstream with a bare CRLF), so upstream's framing of what it receives is always
@@ -315,6 +318,10 @@ struct Cmd {
     shadow: Vec<u8>,
     /// Bytes read and not yet forwarded (while undecided).
     held: Vec<u8>,
+    /// Synchronizing literals in `held` that the filter answered with `+` itself (mailbox
+    /// names it had to read before deciding): (announcement start, data start, data end).
+    /// They go upstream as quoted strings.
+    acked: Vec<(usize, usize, usize)>,
     fate: Fate,
 }
 
@@ -341,7 +348,15 @@ impl Cmd {
             return None;
         }
         let sub = if word == b"UID" { words.next().unwrap_or_default().to_ascii_uppercase() } else { Vec::new() };
-        Some(Cmd { tag: tag.to_vec(), word, sub, shadow: Vec::new(), held: Vec::new(), fate: Fate::Undecided })
+        Some(Cmd {
+            tag: tag.to_vec(),
+            word,
+            sub,
+            shadow: Vec::new(),
+            held: Vec::new(),
+            acked: Vec::new(),
+            fate: Fate::Undecided,
+        })
     }
 
     /// A stand-in for bytes that are being dropped.
@@ -352,6 +367,7 @@ impl Cmd {
             sub: Vec::new(),
             shadow: Vec::new(),
             held: Vec::new(),
+            acked: Vec::new(),
             fate: Fate::Dropped,
         }
     }
@@ -806,15 +822,27 @@ impl CommandFilter {
                     cmd.fate = Fate::Dropped;
                 }
             }
-            // The folder check needs this literal (a mailbox name). A synchronizing one would
-            // need a `+` from us and the command replayed upstream without it: refused.
-            None if lit.sync => {
-                self.reply(&cmd.tag, Reply::Cannot("Send mailbox names as quoted strings"));
-                cmd.fate = Fate::Dropped;
-            }
+            // The folder check needs this literal (a mailbox name): it is held until the
+            // command can be decided.
             None if cmd.held.len() as u64 + lit.len > MAX_HELD as u64 => {
                 self.reply(&cmd.tag, Reply::Bad("[TOOBIG] Mailbox name too long"));
                 cmd.fate = Fate::Dropped;
+            }
+            None if lit.literal8 => {
+                self.reply(&cmd.tag, Reply::Bad("Invalid command"));
+                cmd.fate = Fate::Dropped;
+            }
+            // A synchronizing one is asked for by the filter itself (upstream is not to see
+            // the command before it is decided); it goes upstream as a quoted string.
+            None if lit.sync => {
+                self.send_client(b"+ Ready for literal data\r\n".to_vec());
+                let data_start = cmd.held.len();
+                let spec_start = data_start.saturating_sub(2 + lit.spec_len);
+                let data_end = data_start + usize::try_from(lit.len).unwrap_or(usize::MAX);
+                cmd.acked.push((spec_start, data_start, data_end));
+                // The client sends the data: read it as held data.
+                self.state = State::Literal { cmd, left: lit.len };
+                return;
             }
             None => {}
         }
@@ -833,20 +861,52 @@ impl CommandFilter {
             self.reply(&cmd.tag, Reply::Bad("Too many commands in progress"));
             return false;
         }
+        let Some(held) = requote(&cmd.held, &cmd.acked) else {
+            self.reply(&cmd.tag, Reply::Cannot("Mailbox name not valid as a quoted string"));
+            return false;
+        };
         self.in_flight.insert(cmd.tag.clone());
         if examine && cmd.is(b"SELECT") {
             // `tag SP SELECT ...`: only the word changes.
             let at = cmd.tag.len() + 1;
-            let mut bytes = Vec::with_capacity(cmd.held.len() + 1);
-            bytes.extend_from_slice(cmd.held.get(..at).unwrap_or_default());
+            let mut bytes = Vec::with_capacity(held.len() + 1);
+            bytes.extend_from_slice(held.get(..at).unwrap_or_default());
             bytes.extend_from_slice(b"EXAMINE");
-            bytes.extend_from_slice(cmd.held.get(at + cmd.word.len()..).unwrap_or_default());
+            bytes.extend_from_slice(held.get(at + cmd.word.len()..).unwrap_or_default());
             self.send_upstream(&bytes);
         } else {
-            self.send_upstream(&cmd.held);
+            self.send_upstream(&held);
         }
         true
     }
+}
+
+/// `held` with each literal the filter acknowledged itself (`acked`) written as a quoted
+/// string; `None` if one cannot be (CR, LF, NUL or 8-bit data).
+fn requote(held: &[u8], acked: &[(usize, usize, usize)]) -> Option<Vec<u8>> {
+    if acked.is_empty() {
+        return Some(held.to_vec());
+    }
+    let mut out = Vec::with_capacity(held.len() + 8);
+    let mut pos = 0;
+    for &(spec_start, data_start, data_end) in acked {
+        out.extend_from_slice(held.get(pos..spec_start)?);
+        let data = held.get(data_start..data_end)?;
+        if data.iter().any(|b| matches!(b, 0 | b'\r' | b'\n' | 0x80..)) {
+            return None;
+        }
+        out.push(b'"');
+        for b in data {
+            if matches!(b, b'"' | b'\\') {
+                out.push(b'\\');
+            }
+            out.push(*b);
+        }
+        out.push(b'"');
+        pos = data_end;
+    }
+    out.extend_from_slice(held.get(pos..)?);
+    Some(out)
 }
 
 /// Replaces the literal announced at the end of `shadow` (which ends with its CRLF) by a

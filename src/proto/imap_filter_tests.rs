@@ -471,13 +471,43 @@ fn commands_on_folders_inside_the_set_pass_byte_exact() {
     assert_eq!(r.cl(), "");
 }
 
+/// A mailbox name in a synchronizing literal is needed before upstream may see the
+/// command: the filter sends the `+` itself, and forwards the name as a quoted string.
 #[test]
-fn mailbox_in_synchronizing_literal_is_refused_without_continuation() {
-    let rules = folders("INBOX");
-    let r = split_invariant(&rules, b"a SELECT {5}\r\nb APPEND {5}\r\nc RENAME INBOX {5}\r\nd NOOP\r\n");
-    assert_eq!(r.up(), "d NOOP\r\n");
-    let cannot = "NO [CANNOT] Send mailbox names as quoted strings\r\n";
-    assert_eq!(r.cl(), format!("a {cannot}b {cannot}c {cannot}"));
+fn mailbox_in_synchronizing_literal_is_read_by_the_filter_and_quoted() {
+    let rules = folders("INBOX,Shared/*");
+    let r = split_invariant(
+        &rules,
+        b"a SELECT {5}\r\ninbox\r\nb RENAME {5}\r\nINBOX {8}\r\nShared/\"\r\n\
+          c APPEND {5}\r\nINBOX (\\Seen) {3}\r\nabc\r\nd SELECT {6}\r\nSecret\r\ne NOOP\r\n",
+    );
+    assert_eq!(
+        r.up(),
+        "a SELECT \"inbox\"\r\nb RENAME \"INBOX\" \"Shared/\\\"\"\r\nc APPEND \"INBOX\" (\\Seen) {3}\r\nabc\r\ne NOOP\r\n"
+    );
+    let plus = "+ Ready for literal data\r\n";
+    assert_eq!(r.cl(), format!("{plus}{plus}{plus}{plus}{plus}d NO [NONEXISTENT] Mailbox doesn't exist\r\n"));
+    // Read-only too: SELECT becomes EXAMINE after the name is quoted.
+    let both = Restriction { read_only: true, ..folders("INBOX") };
+    assert_eq!(split_invariant(&both, b"s select {5}\r\nINBOX\r\n").up(), "s EXAMINE \"INBOX\"\r\n");
+    // The filter's `+` only once the client waits for it; nothing upstream before the name.
+    let mut f = CommandFilter::new(rules);
+    let mut run = Run::default();
+    f.feed(b"x STATUS {14}\r\n");
+    pump(&mut f, &mut run);
+    assert_eq!((run.up(), run.cl()), (String::new(), plus.to_string()));
+    assert!(!f.waiting());
+    f.feed(b"Shared/Tickets (UNSEEN)\r\n");
+    pump(&mut f, &mut run);
+    assert_eq!(run.up(), "x STATUS \"Shared/Tickets\" (UNSEEN)\r\n");
+}
+
+#[test]
+fn a_mailbox_literal_that_cannot_be_quoted_is_refused() {
+    let rules = folders("*");
+    let r = split_invariant(&rules, b"a SELECT {3}\r\na\xe9b\r\nb NOOP\r\n");
+    assert_eq!(r.up(), "b NOOP\r\n");
+    assert_eq!(r.cl(), "+ Ready for literal data\r\na NO [CANNOT] Mailbox name not valid as a quoted string\r\n");
 }
 
 #[test]
@@ -689,20 +719,28 @@ fn assert_forwarded_allowed(rules: &Restriction, mut up: &[u8]) {
 const ALLOWED: &[&str] = &["INBOX", "inbox", "Shared/Tickets", "Shared/Sales"];
 const FORBIDDEN: &[&str] = &["Secret", "Private/Secret", "Shared/Secret/Deep", "Shared", "xSecretx"];
 
-fn mailbox_arg(name: &str, form: u8) -> String {
-    match form % 3 {
+/// `name` as an atom, quoted, or in a literal (non-synchronizing or synchronizing); and
+/// how the filter forwards it (a synchronizing literal it asked for itself, quoted).
+fn mailbox_arg(name: &str, form: u8) -> (String, String) {
+    let arg = match form % 4 {
         0 if !name.contains('/') || form > 100 => name.to_string(),
-        1 => format!("\"{name}\""),
         2 => format!("{{{}+}}\r\n{name}", name.len()),
+        3 => format!("{{{}}}\r\n{name}", name.len()),
         _ => format!("\"{name}\""),
-    }
+    };
+    let forwarded = if form % 4 == 3 { format!("\"{name}\"") } else { arg.clone() };
+    (arg, forwarded)
 }
 
 /// A generated command: its bytes, and whether it must pass (with SELECT as EXAMINE).
 fn command(i: usize, kind: u8, allowed: bool, name: &str, form: u8, ro: bool) -> (String, Option<String>) {
     let tag = format!("t{i}");
-    let mb = mailbox_arg(name, form);
-    let (body, writes) = match kind % 12 {
+    let refused_by_name = ro && matches!(kind % 12, 3..=8);
+    // A client sends no synchronizing literal for a command refused before it (the NO
+    // comes instead of the `+`): such commands get the non-synchronizing form.
+    let form = if refused_by_name && form % 4 == 3 { 2 } else { form };
+    let (mb, mb_forwarded) = mailbox_arg(name, form);
+    let build = |mb: &str| match kind % 12 {
         0 => (format!("SELECT {mb}"), false),
         1 => (format!("EXAMINE {mb}"), false),
         2 => (format!("STATUS {mb} (MESSAGES)"), false),
@@ -716,14 +754,16 @@ fn command(i: usize, kind: u8, allowed: bool, name: &str, form: u8, ro: bool) ->
         10 => ("LIST \"\" *".to_string(), false),
         _ => ("SEARCH TEXT {3}\r\nabc".to_string(), false),
     };
+    let (body, writes) = build(&mb);
     let line = format!("{tag} {body}\r\n");
+    let forwarded_line = format!("{tag} {}\r\n", build(&mb_forwarded).0);
     let names_mailbox = !matches!(kind % 12, 8..=11);
     let passes = !(ro && writes) && (!names_mailbox || allowed);
     let forwarded = passes.then(|| {
         if ro && kind.is_multiple_of(12) {
-            line.replacen(&format!("{tag} SELECT"), &format!("{tag} EXAMINE"), 1)
+            forwarded_line.replacen(&format!("{tag} SELECT"), &format!("{tag} EXAMINE"), 1)
         } else {
-            line.clone()
+            forwarded_line.clone()
         }
     });
     (line, forwarded)
@@ -782,7 +822,12 @@ proptest! {
         let cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
         let r = run_chunks(&rules, &split_at(bytes, cuts.into_iter()));
         prop_assert_eq!(r.up(), want_up);
-        let answers: Vec<String> = r.cl().lines().map(|l| format!("{} ", l.split(' ').next().unwrap_or(""))).collect();
+        let answers: Vec<String> = r
+            .cl()
+            .lines()
+            .filter(|l| !l.starts_with("+ "))
+            .map(|l| format!("{} ", l.split(' ').next().unwrap_or("")))
+            .collect();
         prop_assert_eq!(answers, refused);
         for f in FORBIDDEN {
             let (plain, quoted) = (format!(" {}\r\n", f), format!("\"{}\"", f));
