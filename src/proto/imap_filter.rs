@@ -1243,12 +1243,11 @@ impl ResponseFilter {
                     Kind::Caps => None,
                 };
                 if bytes.len() > MAX_RESPONSE || lit.is_some_and(|l| l.len > MAX_RESPONSE as u64) {
-                    match lit {
-                        // The line is whole: what follows is its literal.
-                        Some(l) if kind == Kind::Folder => {
-                            self.state = RState::Drop { tail: Vec::new(), literal_left: l.len };
-                        }
-                        _ => self.collect_overflow(kind, bytes),
+                    // The line is whole: what follows is its literal, or the next response.
+                    match (kind, lit) {
+                        (Kind::Folder, Some(l)) => self.state = RState::Drop { tail: Vec::new(), literal_left: l.len },
+                        (Kind::Folder, None) => {}
+                        (Kind::Caps, _) => self.write(bytes),
                     }
                     return true;
                 }
@@ -1294,16 +1293,16 @@ impl ResponseFilter {
         }
     }
 
-    /// A collected response outgrew [`MAX_RESPONSE`]: folder data is dropped (fail-closed),
-    /// a status or capability line passes as it is (capabilities are advice; the command
-    /// filter refuses what they would offer anyway).
+    /// A collected response outgrew [`MAX_RESPONSE`] in the middle of a line (which is
+    /// still in `buf`): folder data is dropped (fail-closed), a status or capability line
+    /// passes as it is (capabilities are advice; the command filter refuses what they would
+    /// offer anyway).
     fn collect_overflow(&mut self, kind: Kind, bytes: Vec<u8>) {
-        let tail = bytes.get(bytes.len().saturating_sub(32)..).unwrap_or_default().to_vec();
         match kind {
-            Kind::Folder => self.state = RState::Drop { tail, literal_left: 0 },
+            Kind::Folder => self.state = RState::Drop { tail: Vec::new(), literal_left: 0 },
             Kind::Caps => {
                 self.write(bytes);
-                self.state = RState::Pass { text: true, tail };
+                self.state = RState::Pass { text: true, tail: Vec::new() };
             }
         }
     }

@@ -1091,3 +1091,24 @@ proptest! {
         }
     }
 }
+
+/// Responses over MAX_RESPONSE: a folder one is dropped whole (and only it), a status line
+/// passes unchanged.
+#[test]
+fn oversized_responses() {
+    let rules = folders("INBOX");
+    let long = "x".repeat(MAX_RESPONSE + 10);
+    let cases = [
+        (format!("* LIST () \"/\" \"INBOX{long}\"\r\n* 1 EXISTS\r\n"), "* 1 EXISTS\r\n".to_string()),
+        (format!("* LIST () \"/\" {{{}}}\r\n{long}\r\n* 2 EXISTS\r\n", long.len()), "* 2 EXISTS\r\n".to_string()),
+        (format!("* LIST ({long}) \"/\" {{3}}\r\nabc\r\n* 3 EXISTS\r\n"), "* 3 EXISTS\r\n".to_string()),
+        (format!("* OK {long}\r\n* 4 EXISTS\r\n"), format!("* OK {long}\r\n* 4 EXISTS\r\n")),
+    ];
+    for (input, want) in cases {
+        let bytes = input.as_bytes();
+        let whole = respond_chunks(&rules, &[bytes.to_vec()]);
+        assert_eq!(String::from_utf8_lossy(&whole.0), want);
+        let by_1000: Vec<Vec<u8>> = bytes.chunks(1000).map(<[u8]>::to_vec).collect();
+        assert_eq!(respond_chunks(&rules, &by_1000), whole);
+    }
+}
