@@ -1112,3 +1112,73 @@ fn oversized_responses() {
         assert_eq!(respond_chunks(&rules, &by_1000), whole);
     }
 }
+
+/// Each refused command whose syntax allows a literal, with the literal synchronizing
+/// (the client then waits for a `+` that never comes and sends no data) and with LITERAL+
+/// (the data follows at once and is dropped), pipelined behind and before a passing
+/// command: `(prefix, literal data, rest of the command)`.
+const REFUSED_RO_LITERAL: &[(&str, &str, &str)] = &[
+    ("COPY 1 ", "Archive", ""),
+    ("UID COPY 1:* ", "Archive", ""),
+    ("MOVE 1 ", "Archive", ""),
+    ("UID MOVE 1 ", "Archive", ""),
+    ("APPEND INBOX ", "hello", ""),
+    ("APPEND ", "INBOX", " {5+}\r\nhello"),
+    ("CREATE ", "New", ""),
+    ("DELETE ", "Old", ""),
+    ("RENAME Old ", "New", ""),
+    ("RENAME ", "Old", " New"),
+    ("SUBSCRIBE ", "Folder", ""),
+    ("UNSUBSCRIBE ", "Folder", ""),
+    ("SETACL Folder bob ", "lrs", ""),
+    ("DELETEACL Folder ", "bob", ""),
+    ("SETMETADATA INBOX (/private/comment ", "x", ")"),
+    ("SETQUOTA ", "root", " (STORAGE 512)"),
+];
+
+#[test]
+fn read_only_refusals_with_literals_sync_and_nonsync() {
+    let no = "NO [NOPERM] Not allowed: this app password is read-only\r\n";
+    for (prefix, data, rest) in REFUSED_RO_LITERAL {
+        // Synchronizing: the client sends only the first line, then its next command.
+        let input = format!("p NOOP\r\nw {prefix}{{{}}}\r\nq NOOP\r\n", data.len());
+        let r = split_invariant(&read_only(), input.as_bytes());
+        assert_eq!((r.up(), r.cl()), ("p NOOP\r\nq NOOP\r\n".to_string(), format!("w {no}")), "{prefix}");
+        // LITERAL+: everything at once.
+        let input = format!("p NOOP\r\nw {prefix}{{{}+}}\r\n{data}{rest}\r\nq NOOP\r\n", data.len());
+        let r = split_invariant(&read_only(), input.as_bytes());
+        assert_eq!((r.up(), r.cl()), ("p NOOP\r\nq NOOP\r\n".to_string(), format!("w {no}")), "{prefix}");
+    }
+}
+
+/// Each folder refusal with the mailbox as a synchronizing literal (the filter asks for
+/// it, then refuses) and as LITERAL+ (held, then refused), pipelined.
+#[test]
+fn folder_refusals_with_mailbox_literals() {
+    let rules = folders("INBOX");
+    let plus = "+ Ready for literal data\r\n";
+    let none = "NO [NONEXISTENT] Mailbox doesn't exist\r\n";
+    for (prefix, rest) in [
+        ("SELECT ", ""),
+        ("EXAMINE ", ""),
+        ("STATUS ", " (MESSAGES)"),
+        ("APPEND ", " {3+}\r\nabc"),
+        ("COPY 1 ", ""),
+        ("UID COPY 1 ", ""),
+        ("MOVE 1 ", ""),
+        ("UID MOVE 1 ", ""),
+        ("CREATE ", ""),
+        ("DELETE ", ""),
+        ("RENAME INBOX ", ""),
+        ("SUBSCRIBE ", ""),
+        ("UNSUBSCRIBE ", ""),
+        ("GETQUOTAROOT ", ""),
+    ] {
+        let input = format!("p NOOP\r\nw {prefix}{{6}}\r\nSecret{rest}\r\nq NOOP\r\n");
+        let r = split_invariant(&rules, input.as_bytes());
+        assert_eq!((r.up(), r.cl()), ("p NOOP\r\nq NOOP\r\n".to_string(), format!("{plus}w {none}")), "{prefix}");
+        let input = format!("p NOOP\r\nw {prefix}{{6+}}\r\nSecret{rest}\r\nq NOOP\r\n");
+        let r = split_invariant(&rules, input.as_bytes());
+        assert_eq!((r.up(), r.cl()), ("p NOOP\r\nq NOOP\r\n".to_string(), format!("w {none}")), "{prefix}");
+    }
+}
