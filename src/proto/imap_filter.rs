@@ -237,6 +237,9 @@ pub struct CommandFilter {
     buf: Vec<u8>,
     out: VecDeque<Out>,
     state: State,
+    /// How far `buf` was searched for a CRLF without finding one: a line that arrives a
+    /// byte at a time is scanned once, not once per byte.
+    scanned: usize,
     /// Tags of the commands forwarded and not yet completed by upstream. A command whose
     /// tag is among them is refused: upstream's tagged reply must tell unambiguously which
     /// command it ends (it decides whether a literal's data follows).
@@ -520,6 +523,7 @@ impl CommandFilter {
             buf: Vec::new(),
             out: VecDeque::new(),
             state: State::Line(None),
+            scanned: 0,
             in_flight: HashSet::new(),
         }
     }
@@ -566,6 +570,22 @@ impl CommandFilter {
         }
     }
 
+    /// Takes `n` bytes from the front of `buf`.
+    fn take(&mut self, n: usize) -> Vec<u8> {
+        self.scanned = 0;
+        self.buf.drain(..n.min(self.buf.len())).collect()
+    }
+
+    /// The position of the first CRLF in `buf`, searching only what was not searched yet.
+    fn find_line_end(&mut self) -> Option<usize> {
+        let from = self.scanned.saturating_sub(1);
+        let found = self.buf.get(from..).and_then(find_crlf).map(|p| p + from);
+        if found.is_none() {
+            self.scanned = self.buf.len();
+        }
+        found
+    }
+
     fn reply(&mut self, tag: &[u8], reply: Reply) {
         self.send_client(reply.line(tag));
     }
@@ -574,6 +594,7 @@ impl CommandFilter {
         self.send_client(bye.as_bytes().to_vec());
         self.out.push_back(Out::Close);
         self.buf.clear();
+        self.scanned = 0;
         self.state = State::Closed;
     }
 
@@ -600,7 +621,7 @@ impl CommandFilter {
                     return false;
                 }
                 let n = usize::try_from(left).unwrap_or(usize::MAX).min(self.buf.len());
-                let data: Vec<u8> = self.buf.drain(..n).collect();
+                let data = self.take(n);
                 match cmd.fate {
                     Fate::Passed => self.send_upstream(&data),
                     Fate::Undecided => {
@@ -613,9 +634,9 @@ impl CommandFilter {
                 self.state = if left == 0 { State::Line(Some(cmd)) } else { State::Literal { cmd, left } };
                 true
             }
-            State::Line(cmd) => match find_crlf(&self.buf) {
+            State::Line(cmd) => match self.find_line_end() {
                 Some(pos) if pos <= MAX_LINE => {
-                    let line: Vec<u8> = self.buf.drain(..pos + 2).collect();
+                    let line = self.take(pos + 2);
                     self.on_line(cmd, line);
                     true
                 }
@@ -633,7 +654,7 @@ impl CommandFilter {
                 }
             },
             State::LongLine { mut tail } => {
-                let (upto, end) = match find_crlf(&self.buf) {
+                let (upto, end) = match self.find_line_end() {
                     Some(pos) => (pos, Some(pos + 2)),
                     // Keep a last CR: it may start the CRLF.
                     None => (self.buf.len() - usize::from(self.buf.last() == Some(&b'\r')), None),
@@ -645,7 +666,7 @@ impl CommandFilter {
                 tail.drain(..excess);
                 match end {
                     Some(end) => {
-                        self.buf.drain(..end);
+                        self.take(end);
                         self.state = match trailing_literal(&tail) {
                             Some(l) if !l.sync => State::Literal { cmd: Cmd::dropped(), left: l.len },
                             _ => State::Line(None),
@@ -653,15 +674,15 @@ impl CommandFilter {
                         true
                     }
                     None => {
-                        self.buf.drain(..upto);
+                        self.take(upto);
                         self.state = State::LongLine { tail };
                         upto > 0
                     }
                 }
             }
-            State::Idling { tag } => match find_crlf(&self.buf) {
+            State::Idling { tag } => match self.find_line_end() {
                 Some(pos) => {
-                    let line: Vec<u8> = self.buf.drain(..pos + 2).collect();
+                    let line = self.take(pos + 2);
                     if line.get(..pos).is_some_and(|l| l.eq_ignore_ascii_case(b"DONE")) {
                         self.send_upstream(&line);
                         self.state = State::Line(None);

@@ -1182,3 +1182,15 @@ fn folder_refusals_with_mailbox_literals() {
         assert_eq!((r.up(), r.cl()), ("p NOOP\r\nq NOOP\r\n".to_string(), format!("w {none}")), "{prefix}");
     }
 }
+
+/// A long line sent a byte at a time is scanned once (the test would take minutes if each
+/// byte rescanned the line).
+#[test]
+fn a_line_trickled_byte_by_byte_is_not_rescanned() {
+    let mut line = b"a SEARCH TEXT \"".to_vec();
+    line.extend(std::iter::repeat_n(b'x', MAX_LINE - 40));
+    line.extend_from_slice(b"\"\r\nb NOOP\r\n");
+    let bytewise: Vec<Vec<u8>> = line.iter().map(|b| vec![*b]).collect();
+    let r = run_chunks(&read_only(), &bytewise);
+    assert_eq!(r.upstream, line);
+}
