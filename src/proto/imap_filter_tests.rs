@@ -1194,3 +1194,43 @@ fn a_line_trickled_byte_by_byte_is_not_rescanned() {
     let r = run_chunks(&read_only(), &bytewise);
     assert_eq!(r.upstream, line);
 }
+
+/// The upstream transcripts in `fuzz/corpus/imap_filter_responses/`: every cut gives the
+/// same output, no forbidden folder is named outside literal data, a literal's content
+/// passes untouched, and no hidden capability is offered in a capability response.
+#[test]
+fn response_corpus_replays() {
+    let cases = crate::proto::corpus_cuts("imap_filter_responses");
+    assert!(cases.len() >= 6, "corpus missing: {}", cases.len());
+    let rules = Restriction { read_only: true, ..folders("INBOX,Shared/Tickets") };
+    let mut reference: std::collections::HashMap<String, (Vec<u8>, Vec<Seen>)> = std::collections::HashMap::new();
+    for (name, chunks) in cases {
+        let out = respond_chunks(&rules, &chunks);
+        // The FETCH literal's content looks like responses and must pass as it is.
+        let text = String::from_utf8_lossy(&out.0).replace("* LIST () \"/\" Secret\r\nb OK [CAPABILITY X]\r\n", "");
+        for line in text.split("\r\n") {
+            let folder_line = ["* LIST", "* LSUB", "* STATUS"].iter().any(|p| line.starts_with(p));
+            assert!(!(folder_line && line.contains("Secret")), "{name}: {line}");
+            assert!(
+                line.starts_with("* 1 FETCH") || !line.contains("COMPRESS=") && !line.contains("NOTIFY"),
+                "{name}: {line}"
+            );
+        }
+        let file = name.rsplit_once(' ').map(|(f, _)| f.to_string()).unwrap_or_default();
+        match reference.get(&file) {
+            Some(first) => assert_eq!(&out, first, "{name} differs"),
+            None => {
+                reference.insert(file, out);
+            }
+        }
+    }
+    let fetch =
+        &reference.iter().find(|(k, _)| k.ends_with("fetch-caps.txt")).map(|(_, v)| v.clone()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&fetch.0);
+    assert!(text.contains("{43}\r\n* LIST () \"/\" Secret\r\nb OK [CAPABILITY X]\r\n)\r\n"), "{text}");
+    assert_eq!(
+        fetch.1,
+        vec![Seen::Continuation, Seen::Tagged(b"b".to_vec()), Seen::Tagged(b"c".to_vec())],
+        "a tagged-looking line inside a literal is no tagged reply"
+    );
+}
