@@ -7,6 +7,7 @@
 pub mod foreign;
 pub mod from_header;
 pub mod imap;
+pub mod imap_filter;
 pub mod imap_upstream;
 pub mod pop3;
 pub mod pop3_upstream;
