@@ -887,6 +887,105 @@ pub fn limits_text(rec: &AppPasswordRecord) -> String {
     out
 }
 
+/// Everything that can sign in to an account, for the device list (`mailgate devices`,
+/// the web page).
+#[derive(Debug, Clone)]
+pub struct Devices {
+    /// App passwords and apps signed in through the browser (OAuth grants), oldest first.
+    pub signed_in: Vec<Device>,
+    /// Mail apps still sending the account password, grouped by address and client
+    /// name, newest first.
+    pub account_password: Vec<PasswordDevice>,
+}
+
+/// An app password or OAuth grant.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// The record.
+    pub record: AppPasswordRecord,
+    /// Unused (or never used) for longer than `[accounts] stale_device_days`.
+    pub stale: bool,
+    /// The last refusal of its right value, if any (expired, outside its networks).
+    pub last_refusal: Option<(u64, String)>,
+}
+
+/// A mail app that used (or tried) the account password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswordDevice {
+    /// Client address.
+    pub ip: String,
+    /// Client name from IMAP `ID`, if sent.
+    pub client: Option<String>,
+    /// Protocols seen, in the order first seen (`IMAP`, `SMTP`).
+    pub protocols: Vec<String>,
+    /// When last seen (unix seconds).
+    pub last_seen: u64,
+    /// Refused (the account has two-step verification, or `[policy]` requires it).
+    pub refused: bool,
+}
+
+/// Reads the `who` part of a login audit event: `192.0.2.1 via IMAP (Thunderbird 128)`.
+fn parse_who(detail: &str) -> Option<(String, String, Option<String>)> {
+    let (ip, rest) = detail.split_once(" via ")?;
+    let (protocol, rest) = rest.split_once(' ').map_or((rest, ""), |(p, r)| (p, r));
+    let client = rest.strip_prefix('(').and_then(|r| {
+        // The client name may itself hold parentheses: take up to the last ')' before
+        // " with the account password", if any.
+        let end = r.find(") with ").or_else(|| r.rfind(')'))?;
+        Some(r[..end].to_string())
+    });
+    Some((ip.to_string(), protocol.to_string(), client))
+}
+
+impl AccountService {
+    /// The account's devices (see [`Devices`]), from its records and its 500 most recent
+    /// audit events. `stale_after`: seconds without use after which a device is stale.
+    pub fn devices(&self, email: &str, stale_after: u64) -> Result<Devices, AccountError> {
+        let account = self.account(email)?;
+        let now = self.now();
+        let events = self.store.recent_audit(&account.username, 500)?;
+        let signed_in = self
+            .store
+            .list_app_passwords(&account.username)?
+            .into_iter()
+            .map(|record| {
+                let last = record.last_used.as_ref().map_or(record.created_at, |u| u.at);
+                let tag = format!("({})", record.id);
+                let last_refusal = events
+                    .iter()
+                    .find(|e| e.kind == "app_password_refused" && e.detail.contains(&tag))
+                    .map(|e| (e.at, e.detail.rsplit_once(": ").map_or(e.detail.clone(), |(_, why)| why.to_string())));
+                Device { stale: last.saturating_add(stale_after) < now, last_refusal, record }
+            })
+            .collect();
+        let second_factor = account.has_second_factor();
+        let mut account_password: Vec<PasswordDevice> = Vec::new();
+        for e in &events {
+            let refused = match e.kind.as_str() {
+                "account_password_refused_2fa" => true,
+                // Before two-step verification, the account password's own logins; after
+                // it, those are history (the refusals above are what matters).
+                "login" if !second_factor && e.detail.contains("with the account password") => false,
+                _ => continue,
+            };
+            let Some((ip, protocol, client)) = parse_who(&e.detail) else { continue };
+            let full = account_password.len() >= 20;
+            match account_password.iter_mut().find(|d| d.ip == ip && d.client == client) {
+                Some(d) => {
+                    if !d.protocols.contains(&protocol) {
+                        d.protocols.push(protocol);
+                    }
+                }
+                None if !full => {
+                    account_password.push(PasswordDevice { ip, client, protocols: vec![protocol], last_seen: e.at, refused });
+                }
+                None => {}
+            }
+        }
+        Ok(Devices { signed_in, account_password })
+    }
+}
+
 /// A base32 TOTP secret's bytes.
 fn decode_base32(b32: &str) -> Result<Secret<Vec<u8>>, AccountError> {
     totp_rs::Secret::try_from_base32(b32)

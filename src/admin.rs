@@ -77,6 +77,13 @@ pub enum Request {
         #[serde(default)]
         allow: Vec<ipnet::IpNet>,
     },
+    /// `devices`.
+    Devices {
+        /// Address.
+        email: String,
+        /// Days without use after which a device is marked stale.
+        stale_after_days: u64,
+    },
     /// `app-password list`.
     AppPasswordList {
         /// Address.
@@ -195,6 +202,7 @@ pub fn execute(ctx: &Context, req: Request) -> Response {
             app_password_create(ctx, &email, &label, scopes, limits)
         }
         Request::AppPasswordList { email } => app_password_list(ctx, &email),
+        Request::Devices { email, stale_after_days } => devices(ctx, &email, stale_after_days),
         Request::AppPasswordRevoke { email, id } => app_password_revoke(ctx, &email, &id),
         Request::TotpEnable { email, secret } => totp_enable(ctx, &email, secret.as_deref()),
         Request::TotpDisable { email } => totp_disable(ctx, &email),
@@ -387,6 +395,73 @@ fn app_password_list(ctx: &Context, email: &str) -> Answer {
         ok: true,
         lines,
         json: Some(serde_json::json!({"app_passwords": json, "account_password_refusals": stale_json})),
+        error: None,
+    })
+}
+
+fn devices(ctx: &Context, email: &str, stale_after_days: u64) -> Answer {
+    let email = check_email(email)?;
+    let list = ctx.accounts().devices(&email, stale_after_days.saturating_mul(86_400))?;
+    let mut lines = vec![format!("{email}: app passwords and apps signed in through the browser")];
+    let mut json = Vec::new();
+    for d in &list.signed_in {
+        let r = &d.record;
+        let kind = match &r.oauth {
+            Some(g) => format!("signed in through the browser ({})", g.client_id),
+            None => "app password".to_string(),
+        };
+        let mut marks = crate::accounts::limits_text(r);
+        if d.stale {
+            marks.push_str(&format!(", STALE: unused for over {stale_after_days} days (revoke it if the device is gone)"));
+        }
+        if let Some((at, why)) = &d.last_refusal {
+            marks.push_str(&format!(", last refused {}: {why}", fmt_time(*at)));
+        }
+        let scopes: Vec<&str> = r.scopes.iter().map(|s| s.as_str()).collect();
+        lines.push(format!(
+            "  {}\t{}\t{kind}\t{}\tcreated {}\tlast used {}{marks}",
+            r.id,
+            r.label,
+            scopes.join(","),
+            fmt_time(r.created_at),
+            last_uses_text(r)
+        ));
+        json.push(serde_json::json!({
+            "id": r.id, "label": r.label, "kind": if r.oauth.is_some() { "oauth" } else { "app_password" },
+            "client_id": r.oauth.as_ref().map(|g| g.client_id.clone()),
+            "scopes": scopes, "created": r.created_at, "last_used": r.last_used.as_ref().map(use_json),
+            "stale": d.stale, "expires_at": r.expires_at,
+            "last_refusal": d.last_refusal.as_ref().map(|(at, why)| serde_json::json!({"at": at, "reason": why})),
+        }));
+    }
+    if list.signed_in.is_empty() {
+        lines.push("  none".into());
+    }
+    lines.push(format!("{email}: mail apps still using the account password"));
+    for p in &list.account_password {
+        lines.push(format!(
+            "  {}{}\tvia {}\tlast {}\t{}",
+            p.ip,
+            p.client.as_deref().map(|c| format!(" ({c})")).unwrap_or_default(),
+            p.protocols.join(", "),
+            fmt_time(p.last_seen),
+            if p.refused { "REFUSED: give it an app password" } else { "signed in" }
+        ));
+    }
+    if list.account_password.is_empty() {
+        lines.push("  none".into());
+    }
+    let pw_json: Vec<_> = list
+        .account_password
+        .iter()
+        .map(|p| {
+            serde_json::json!({"ip": p.ip, "client": p.client, "protocols": p.protocols, "last_seen": p.last_seen, "refused": p.refused})
+        })
+        .collect();
+    Ok(Response {
+        ok: true,
+        lines,
+        json: Some(serde_json::json!({"signed_in": json, "account_password": pw_json})),
         error: None,
     })
 }

@@ -575,6 +575,11 @@ struct RawAccounts {
     allowed_domains: Vec<String>,
     #[serde(default = "d_verify_cache")]
     verify_cache_secs: u64,
+    #[serde(default = "d_stale_device_days")]
+    stale_device_days: u64,
+}
+fn d_stale_device_days() -> u64 {
+    90
 }
 fn d_password_check() -> String {
     "local".into()
@@ -584,7 +589,12 @@ fn d_verify_cache() -> u64 {
 }
 impl Default for RawAccounts {
     fn default() -> Self {
-        RawAccounts { password_check: d_password_check(), allowed_domains: vec![], verify_cache_secs: d_verify_cache() }
+        RawAccounts {
+            password_check: d_password_check(),
+            allowed_domains: vec![],
+            verify_cache_secs: d_verify_cache(),
+            stale_device_days: d_stale_device_days(),
+        }
     }
 }
 
@@ -607,6 +617,8 @@ pub struct Accounts {
     pub allowed_domains: Vec<String>,
     /// How long a successful upstream check of a user + password is remembered.
     pub verify_cache: Duration,
+    /// An app password or signed-in app unused this long is marked stale.
+    pub stale_after: Duration,
 }
 
 impl Accounts {
@@ -1291,8 +1303,15 @@ impl Config {
         if a.verify_cache_secs > 3600 {
             return Err(invalid("accounts.verify_cache_secs", "must be at most 3600 (a short lifetime)"));
         }
-        let accounts =
-            Accounts { password_check, allowed_domains, verify_cache: Duration::from_secs(a.verify_cache_secs) };
+        if !(1..=3650).contains(&a.stale_device_days) {
+            return Err(invalid("accounts.stale_device_days", "must be between 1 and 3650"));
+        }
+        let accounts = Accounts {
+            password_check,
+            allowed_domains,
+            verify_cache: Duration::from_secs(a.verify_cache_secs),
+            stale_after: Duration::from_secs(a.stale_device_days * 86_400),
+        };
         let p = raw.proxy_protocol;
         let mut trusted = Vec::new();
         for t in &p.trusted {

@@ -46,6 +46,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Everything that can sign in to an account: app passwords and apps signed in
+    /// through the browser (with last use and a stale mark), and the mail apps still
+    /// sending the account password.
+    Devices {
+        /// The account.
+        email: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage accounts.
     #[command(subcommand)]
     User(UserCmd),
@@ -243,6 +253,10 @@ fn main() -> ExitCode {
         Command::Serve => serve(config, source),
         Command::Init => init(&config),
         Command::Check { user, json } => check(&config, &source, user.as_deref(), json),
+        Command::Devices { email, json } => {
+            let stale_after_days = config.accounts.stale_after.as_secs() / 86_400;
+            dispatch(&config, Request::Devices { email, stale_after_days }).and_then(|r| print(r, json))
+        }
         Command::User(c) => user(&config, c),
         Command::AppPassword(c) => app_password(&config, c),
         Command::Totp(c) => totp(&config, c),
