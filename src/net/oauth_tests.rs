@@ -155,3 +155,55 @@ async fn smtp_takes_a_real_token_and_answers_a_refused_one() {
     assert_eq!(m.sample(r#"mailgate_logins_total{protocol="smtp",method="oauth",result="ok""#), 1.0);
     assert_eq!(m.sample(r#"mailgate_logins_total{protocol="smtp",method="oauth",result="wrong""#), 1.0);
 }
+
+/// POP3 and ManageSieve take tokens the same way (within the grant's scopes), and answer
+/// a refused one with the challenge, then their failure; upstream sees the user's
+/// master login.
+#[tokio::test]
+async fn pop3_and_sieve_take_a_real_token_and_answer_a_refused_one() {
+    let pop = FakePop3::start().await;
+    let kit = Kit::new(pop.addr, &format!("{OAUTH_ON}[limits]\nauth_failure_delay_ms = 0\n"));
+    let token = kit.oauth_access_token(&[Scope::Pop3, Scope::Sieve]);
+    let (server, c) = pipe();
+    tokio::spawn(kit.pop3().serve(server, addr(CLIENT), addr(LOCAL), true));
+    let mut tls = kit.tls_client().connect(tls_name(), c).await.unwrap();
+    read_until(&mut tls, "\r\n").await;
+    tls.write_all(b"CAPA\r\n").await.unwrap();
+    assert!(read_until(&mut tls, ".\r\n").await.contains("SASL PLAIN LOGIN XOAUTH2 OAUTHBEARER\r\n"));
+    tls.write_all(format!("AUTH XOAUTH2 {}\r\n", xoauth2(USER, "nope")).as_bytes()).await.unwrap();
+    let got = read_until(&mut tls, "\r\n").await;
+    assert_eq!(got, format!("+ {}\r\n", challenge(&kit, BearerMechanism::XOAuth2)));
+    tls.write_all(b"AQ==\r\n").await.unwrap();
+    assert_eq!(read_until(&mut tls, "\r\n").await, "-ERR [AUTH] Authentication failed.\r\n");
+    tls.write_all(format!("AUTH XOAUTH2 {}\r\nSTAT\r\n", xoauth2(USER, &token)).as_bytes()).await.unwrap();
+    assert_eq!(read_until(&mut tls, "+OK done\r\n").await, "+OK Logged in.\r\n+OK done\r\n");
+    assert!(pop.lines().iter().any(|l| l == "STAT"), "{:?}", pop.lines());
+
+    let sieve = FakeSieve::start().await;
+    let kit = Kit::new(sieve.addr, &format!("{OAUTH_ON}[limits]\nauth_failure_delay_ms = 0\n"));
+    let token = kit.oauth_access_token(&[Scope::Sieve]);
+    let (server, c) = pipe();
+    tokio::spawn(kit.sieve().serve(server, addr(CLIENT), addr(LOCAL), true));
+    let mut tls = kit.tls_client().connect(tls_name(), c).await.unwrap();
+    let listing = read_until(&mut tls, "ready.\"\r\n").await;
+    assert!(listing.contains("\"SASL\" \"PLAIN LOGIN XOAUTH2 OAUTHBEARER\"\r\n"), "{listing}");
+    let refused = format!("{token}x");
+    tls.write_all(format!("AUTHENTICATE \"OAUTHBEARER\" \"{}\"\r\n", oauthbearer(USER, &refused)).as_bytes())
+        .await
+        .unwrap();
+    let got = read_until(&mut tls, "\r\n").await;
+    assert_eq!(got, format!("\"{}\"\r\n", challenge(&kit, BearerMechanism::OAuthBearer)));
+    tls.write_all(b"\"AQ==\"\r\n").await.unwrap();
+    assert_eq!(read_until(&mut tls, "\r\n").await, "NO (AUTH) \"Authentication failed.\"\r\n");
+    tls.write_all(format!("AUTHENTICATE \"XOAUTH2\" \"{}\"\r\nLISTSCRIPTS\r\n", xoauth2(USER, &token)).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_until(&mut tls, "OK \"done\"\r\n").await, "OK \"Logged in.\"\r\nOK \"done\"\r\n");
+    // The token without the IMAP scope is refused on IMAP.
+    let (server, c) = pipe();
+    tokio::spawn(kit.imap().serve(server, addr(CLIENT), addr(LOCAL), true));
+    let mut tls = kit.tls_client().connect(tls_name(), c).await.unwrap();
+    read_until(&mut tls, "\r\n").await;
+    tls.write_all(format!("a AUTHENTICATE XOAUTH2 {}\r\n", xoauth2(USER, &token)).as_bytes()).await.unwrap();
+    assert!(read_until(&mut tls, "\r\n").await.starts_with("+ "));
+}
