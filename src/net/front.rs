@@ -11,6 +11,7 @@ use crate::net::driver::{Conn, DriveError, Front};
 use crate::net::gate::{Admitted, Gate, LoginMachine, Upstream};
 use crate::net::relay::{Relayed, relay_session};
 use crate::net::stream::{MaybeTls, ReadAhead, Transport};
+use crate::proto::sasl::OAuthOffer;
 use crate::proto::{Goodbye, Next};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,13 +25,25 @@ pub trait MailFront: LoginMachine<Event: Send, Reply: Send> + Send + Sync + Size
     /// The protocol (scopes, the log of logins).
     const PROTOCOL: Protocol;
     /// A new connection's machine: `implicit` TLS, or STARTTLS offered; `upstream` for
-    /// what the greeting needs to know of it.
-    fn start(hostname: &str, implicit: bool, upstream: &Self::Upstream) -> impl Future<Output = Self> + Send;
+    /// what the greeting needs to know of it; `oauth`: XOAUTH2 and OAUTHBEARER are offered
+    /// ([`oauth_offer`]).
+    fn start(
+        hostname: &str,
+        implicit: bool,
+        upstream: &Self::Upstream,
+        oauth: Option<OAuthOffer>,
+    ) -> impl Future<Output = Self> + Send;
     /// The login passed and upstream is open: queue the success reply; returns the bytes
     /// the client pipelined behind its login (they belong to the upstream session).
     fn logged_in(&mut self, upstream: &<Self::Upstream as Upstream>::Connection) -> Vec<u8>;
     /// The protocol's last line when mailgate ends a relayed session.
     fn last_line(why: Goodbye) -> &'static [u8];
+}
+
+/// What the mail machines need to offer OAuth 2.0 bearer logins (XOAUTH2, OAUTHBEARER):
+/// `None` unless `[oauth] enabled`; else the metadata URL their error challenge names.
+pub fn oauth_offer(config: &Config) -> Option<OAuthOffer> {
+    config.oauth.enabled.then(|| OAuthOffer { metadata_url: config.oauth_metadata_url() })
 }
 
 /// What every connection of one protocol needs.
@@ -63,7 +76,8 @@ impl<M: MailFront> MailService<M> {
     ) -> Result<Option<LoggedIn<S, <M::Upstream as Upstream>::Connection>>, DriveError> {
         let stop = self.gate.live().stop_notice();
         let mut conn = Conn::client(transport, implicit, &self.acceptor, &self.config.limits, stop).await?;
-        let mut machine = M::start(&self.config.hostname, implicit, &self.upstream).await;
+        let oauth = oauth_offer(&self.config);
+        let mut machine = M::start(&self.config.hostname, implicit, &self.upstream, oauth).await;
         let origin = (peer, local);
         let Some(admitted) =
             self.gate.front_login(&mut conn, &mut machine, &self.upstream, M::PROTOCOL, origin).await?

@@ -6,6 +6,7 @@ use crate::net::front::{MailFront, MailService};
 use crate::net::upstream::{ImapUpstream, UpstreamImap};
 use crate::proto::Goodbye;
 use crate::proto::imap::PreAuth;
+use crate::proto::sasl::OAuthOffer;
 
 /// Every IMAP connection: [`MailService`] with IMAP's machine.
 pub type ImapService = MailService<PreAuth>;
@@ -22,8 +23,8 @@ crate::net::gate::login_machine!(imap {
 impl MailFront for PreAuth {
     type Upstream = ImapUpstream;
     const PROTOCOL: Protocol = Protocol::Imap;
-    async fn start(hostname: &str, implicit: bool, _upstream: &ImapUpstream) -> Self {
-        PreAuth::new(hostname, implicit, !implicit)
+    async fn start(hostname: &str, implicit: bool, _upstream: &ImapUpstream, oauth: Option<OAuthOffer>) -> Self {
+        PreAuth::with_oauth(hostname, implicit, !implicit, oauth)
     }
     /// The tagged OK carries upstream's capabilities (the client's view after login).
     fn logged_in(&mut self, upstream: &UpstreamImap) -> Vec<u8> {

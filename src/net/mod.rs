@@ -8,6 +8,8 @@ pub mod gate;
 pub mod http;
 pub mod imap;
 pub mod listener;
+#[cfg(test)]
+mod oauth_tests;
 pub mod pop3;
 pub mod relay;
 pub mod sieve;

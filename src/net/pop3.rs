@@ -6,6 +6,7 @@ use crate::net::front::{MailFront, MailService};
 use crate::net::upstream::{Pop3Upstream, UpstreamPop3};
 use crate::proto::Goodbye;
 use crate::proto::pop3::PreAuth;
+use crate::proto::sasl::OAuthOffer;
 
 /// Every POP3 connection: [`MailService`] with POP3's machine.
 pub type Pop3Service = MailService<PreAuth>;
@@ -15,8 +16,8 @@ crate::net::gate::login_machine!(pop3 {});
 impl MailFront for PreAuth {
     type Upstream = Pop3Upstream;
     const PROTOCOL: Protocol = Protocol::Pop3;
-    async fn start(hostname: &str, implicit: bool, _upstream: &Pop3Upstream) -> Self {
-        PreAuth::new(hostname, implicit, !implicit)
+    async fn start(hostname: &str, implicit: bool, _upstream: &Pop3Upstream, oauth: Option<OAuthOffer>) -> Self {
+        PreAuth::with_oauth(hostname, implicit, !implicit, oauth)
     }
     fn logged_in(&mut self, _upstream: &UpstreamPop3) -> Vec<u8> {
         self.auth_succeeded()

@@ -6,6 +6,7 @@ use crate::auth::Protocol;
 use crate::net::front::{MailFront, MailService};
 use crate::net::upstream::{SieveUpstream, UpstreamSieve};
 use crate::proto::Goodbye;
+use crate::proto::sasl::OAuthOffer;
 use crate::proto::sieve::PreAuth;
 
 /// Every ManageSieve connection: [`MailService`] with ManageSieve's machine.
@@ -17,8 +18,8 @@ impl MailFront for PreAuth {
     type Upstream = SieveUpstream;
     const PROTOCOL: Protocol = Protocol::Sieve;
     /// The greeting lists upstream's Sieve extensions (probed once, then kept).
-    async fn start(hostname: &str, implicit: bool, upstream: &SieveUpstream) -> Self {
-        PreAuth::with_upstream_capabilities(hostname, implicit, !implicit, &upstream.listing().await)
+    async fn start(hostname: &str, implicit: bool, upstream: &SieveUpstream, oauth: Option<OAuthOffer>) -> Self {
+        PreAuth::with_listing(hostname, implicit, !implicit, &upstream.listing().await, oauth)
     }
     fn logged_in(&mut self, _upstream: &UpstreamSieve) -> Vec<u8> {
         self.auth_succeeded()

@@ -374,6 +374,7 @@ impl Front for SmtpService {
         let mut session =
             Submission::new(&self.config.hostname, implicit, !implicit, self.config.smtp_max_message_size);
         session.set_upstream_extensions(self.extensions());
+        session.set_oauth(crate::net::front::oauth_offer(&self.config));
         let mut state = Client::default();
         let ended = loop {
             let action = match conn.next(&mut session).await {

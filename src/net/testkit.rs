@@ -251,6 +251,8 @@ pub struct Kit {
     /// What the services count (the hashing pool's gauges are registered once per
     /// service made).
     pub metrics: crate::metrics::Metrics,
+    /// This mailgate's key: the OAuth access tokens are made and checked with it.
+    pub key: Arc<crate::auth::crypto::SecretKey>,
 }
 
 impl Kit {
@@ -277,11 +279,40 @@ impl Kit {
             crate::tls::server_config(&crate::tls::CertStore::load(&cert, &key).unwrap(), &["imap", "smtp"]).unwrap(),
         );
         let metrics = crate::metrics::Metrics::new();
-        Kit { config, store, live: LiveSessions::default(), acceptor, ca: cert, metrics, _dir: dir }
+        let key = Arc::new(crate::auth::crypto::SecretKey::from_bytes(&[9; 32]).unwrap());
+        Kit { config, store, live: LiveSessions::default(), acceptor, ca: cert, metrics, key, _dir: dir }
+    }
+
+    /// An OAuth access token of [`USER`] for `scopes`, as the web step's authorization and
+    /// token endpoints would give Thunderbird one (code, then PKCE redemption).
+    pub fn oauth_access_token(&self, scopes: &[crate::store::Scope]) -> String {
+        use crate::auth::oauth::{Approved, Requester};
+        const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+        const REDIRECT: &str = "http://localhost:40123";
+        let svc = crate::accounts::AccountService::new(
+            self.store.clone(),
+            self.key.clone(),
+            "mail.example.test",
+            crate::accounts::Actor::Web,
+        );
+        let approved = Approved {
+            client_id: "thunderbird".into(),
+            redirect_uri: REDIRECT.into(),
+            code_challenge: CHALLENGE.into(),
+            scopes: scopes.to_vec(),
+        };
+        let oauth = &self.config.oauth;
+        let code = svc.oauth_issue_code(USER, &approved, oauth).unwrap();
+        let client = oauth.client("thunderbird").unwrap();
+        let from = Requester { ip: [192, 0, 2, 7].into(), user_agent: Some("Thunderbird 153".into()) };
+        let tokens = svc.oauth_redeem_code(code.expose(), client, REDIRECT, VERIFIER, &from, oauth).unwrap();
+        tokens.access_token.expose().to_string()
     }
 
     fn gate(&self) -> Gate {
-        let auth = Authenticator::new(self.store.clone(), 1).with_metrics(self.metrics.clone());
+        let auth =
+            Authenticator::new(self.store.clone(), 1).with_metrics(self.metrics.clone()).with_oauth(self.key.clone());
         Gate::new(auth, self.live.clone(), self.config.app_password_url(), 10)
     }
 

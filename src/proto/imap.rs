@@ -3,8 +3,9 @@
 //! The driver feeds the bytes the client sent ([`Machine::feed`]) and asks what to do
 //! next ([`Machine::next`]): write bytes, read more, start TLS, check credentials, close.
 //! Commands are parsed with imap-codec. Before authentication only CAPABILITY, NOOP,
-//! LOGOUT, ID, STARTTLS, LOGIN and AUTHENTICATE PLAIN/LOGIN are served; every size,
-//! count and byte a peer controls is bounded ([`limits`]).
+//! LOGOUT, ID, STARTTLS, LOGIN and AUTHENTICATE PLAIN/LOGIN (and XOAUTH2/OAUTHBEARER
+//! when OAuth is offered, [`PreAuth::with_oauth`]) are served; every size, count and
+//! byte a peer controls is bounded ([`limits`]).
 //!
 //! States: `Command` (reading commands) → `Sasl*` (AUTHENTICATE exchange) →
 //! `Authenticating` (credentials handed to the driver) → `Done` (the driver relays),
@@ -13,7 +14,7 @@
 //! share ([`crate::proto::preauth`]).
 
 use crate::proto::preauth::{self, Phase, Shell};
-use crate::proto::sasl::{self, Credentials, SaslError};
+use crate::proto::sasl::{self, BearerMechanism, Credentials, OAuthOffer, SaslError};
 use crate::proto::{Goodbye, Machine, Next};
 use base64::Engine as _;
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
@@ -138,6 +139,18 @@ enum State {
     SaslLoginPass {
         tag: String,
         user: String,
+    },
+    /// `AUTHENTICATE XOAUTH2`/`OAUTHBEARER` without an initial response sent `+ `; the
+    /// client's message comes next.
+    SaslBearer {
+        tag: String,
+        mech: BearerMechanism,
+    },
+    /// A refused token got its error challenge (`+ <base64 JSON>`); any line the client
+    /// answers with (RFC 7628 §3.2.3: `^A`; Thunderbird sends its whole command again)
+    /// ends the exchange with the tagged failure.
+    BearerError {
+        tag: String,
     },
 }
 
@@ -274,6 +287,11 @@ pub struct PreAuth {
     client_name: Option<String>,
     /// The client's `ID` fields that are passed on to upstream ([`PreAuth::client_id`]).
     client_id: IdFields,
+    /// XOAUTH2 and OAUTHBEARER are offered (over TLS, as every mechanism).
+    oauth: Option<OAuthOffer>,
+    /// The credentials with the driver are a bearer token sent with this mechanism: a
+    /// refusal gets the mechanism's error challenge first.
+    bearer: Option<BearerMechanism>,
 }
 
 impl std::fmt::Debug for PreAuth {
@@ -283,12 +301,19 @@ impl std::fmt::Debug for PreAuth {
 }
 
 const CAPS_TLS: &str = "IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN";
+const CAPS_TLS_OAUTH: &str = "IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN AUTH=XOAUTH2 AUTH=OAUTHBEARER";
 const CAPS_PLAIN: &str = "IMAP4rev1 LITERAL- ID STARTTLS LOGINDISABLED";
 
 impl PreAuth {
     /// A new connection. `tls`: the channel is already encrypted (implicit TLS).
     /// `starttls_allowed`: this listener offers STARTTLS.
     pub fn new(hostname: &str, tls: bool, starttls_allowed: bool) -> PreAuth {
+        PreAuth::with_oauth(hostname, tls, starttls_allowed, None)
+    }
+
+    /// [`PreAuth::new`]; with `oauth`, XOAUTH2 and OAUTHBEARER are offered and accepted
+    /// too (inside TLS only, like PLAIN and LOGIN).
+    pub fn with_oauth(hostname: &str, tls: bool, starttls_allowed: bool, oauth: Option<OAuthOffer>) -> PreAuth {
         let mut p = PreAuth {
             shell: Shell::new(State::Command, tls, starttls_allowed),
             auth_tag: String::new(),
@@ -297,6 +322,8 @@ impl PreAuth {
             framer: Framer::default(),
             client_name: None,
             client_id: Vec::new(),
+            oauth,
+            bearer: None,
         };
         let caps = p.capabilities();
         p.shell.out.extend_from_slice(format!("* OK [CAPABILITY {caps}] {hostname} mailgate ready\r\n").as_bytes());
@@ -317,7 +344,11 @@ impl PreAuth {
     }
 
     fn capabilities(&self) -> &'static str {
-        if self.shell.tls { CAPS_TLS } else { CAPS_PLAIN }
+        match (self.shell.tls, &self.oauth) {
+            (false, _) => CAPS_PLAIN,
+            (true, None) => CAPS_TLS,
+            (true, Some(_)) => CAPS_TLS_OAUTH,
+        }
     }
 
     /// The credentials were accepted and the upstream session is open. Queues the tagged
@@ -334,8 +365,26 @@ impl PreAuth {
     }
 
     /// The credentials were refused (or the exchange failed); answer the client.
+    ///
+    /// A bearer token refused by the gate ([`AuthReply::Failed`]) first gets the
+    /// mechanism's error challenge as a continuation (`+ <base64 JSON>`, RFC 7628 §3.2.3,
+    /// Google's XOAUTH2); the tagged `NO [AUTHENTICATIONFAILED]` follows the client's
+    /// answer to it, whatever that is. Thunderbird (comm-central `nsImapProtocol.cpp`,
+    /// `AuthLogin` with `SendDataParseIMAPandCheckForNewMail`) answers a continuation to
+    /// its `AUTHENTICATE XOAUTH2 <initial response>` by sending that whole command line
+    /// again, so the answer is not parsed; on the tagged NO it marks XOAUTH2 failed and,
+    /// OAuth2 being its only method, says "OAuth2 failed. Entering password does not help"
+    /// (the `imapOAuth2Error` alert) instead of asking for a password. Never BAD or BYE
+    /// here: those would read as a protocol error, not a refused token.
     pub fn auth_failed(&mut self, reply: AuthReply) {
         if !self.shell.authenticating() {
+            return;
+        }
+        let bearer = self.bearer.take();
+        if let (AuthReply::Failed, Some(mech), Some(offer)) = (&reply, bearer, &self.oauth) {
+            let challenge = offer.error_challenge(mech);
+            self.shell.out.extend_from_slice(format!("+ {challenge}\r\n").as_bytes());
+            self.shell.phase = Phase::Open(State::BearerError { tag: self.auth_tag.clone() });
             return;
         }
         let tag = &self.auth_tag;
@@ -532,6 +581,21 @@ impl PreAuth {
             self.shell.close_with("* BYE Authentication line too long\r\n");
             return None;
         }
+        if let Phase::Open(State::BearerError { .. }) = self.shell.phase {
+            // The answer to the error challenge ends the exchange, whatever it says; it
+            // may repeat the token, so it is wiped unread.
+            zeroize::Zeroize::zeroize(&mut self.shell.buf[..line_len]);
+            self.shell.buf.drain(..line_len);
+            if let Some(State::BearerError { tag }) = self.shell.replace(State::Command) {
+                self.shell.failed(
+                    &format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+                    State::Command,
+                    MAX_AUTH_FAILURES,
+                    "* BYE Too many authentication failures\r\n",
+                );
+            }
+            return None;
+        }
         let decoded = match AuthenticateDataCodec::default().decode(&self.shell.buf[..line_len]) {
             Ok((_, AuthenticateData::Continue(data))) => Ok(data.declassify().to_vec()),
             Ok((_, AuthenticateData::Cancel)) => Err("Authentication cancelled"),
@@ -544,9 +608,13 @@ impl PreAuth {
         self.shell.buf.drain(..line_len);
         let state = self.shell.replace(State::Command).unwrap_or(State::Command);
         let (tag, data) = match (&state, decoded) {
-            (State::SaslPlain { tag } | State::SaslLoginUser { tag } | State::SaslLoginPass { tag, .. }, d) => {
-                (tag.clone(), d)
-            }
+            (
+                State::SaslPlain { tag }
+                | State::SaslLoginUser { tag }
+                | State::SaslLoginPass { tag, .. }
+                | State::SaslBearer { tag, .. },
+                d,
+            ) => (tag.clone(), d),
             _ => return None,
         };
         let data = match data {
@@ -567,18 +635,34 @@ impl PreAuth {
                 Ok(password) => Some(self.authenticate(tag, Credentials::password(user, password))),
                 Err(_) => Some(self.refuse(tag, AuthReply::Failed)),
             },
+            State::SaslBearer { mech, .. } => Some(self.bearer(tag, mech, data.expose())),
             _ => None,
         }
     }
 
     fn refuse(&mut self, tag: String, reply: AuthReply) -> Step {
         self.auth_tag = tag;
+        self.bearer = None;
         self.shell.refuse(reply)
     }
 
     fn authenticate(&mut self, tag: String, creds: Credentials) -> Step {
         self.auth_tag = tag;
+        self.bearer = None;
         self.shell.authenticate(creds)
+    }
+
+    /// A bearer message (XOAUTH2 or OAUTHBEARER): the token goes to the driver; a
+    /// malformed message is a plain failure (no token was checked, so no error challenge).
+    fn bearer(&mut self, tag: String, mech: BearerMechanism, msg: &[u8]) -> Step {
+        match mech.decode(msg) {
+            Ok(creds) => {
+                let step = self.authenticate(tag, creds);
+                self.bearer = Some(mech);
+                step
+            }
+            Err(_) => self.refuse(tag, AuthReply::Failed),
+        }
     }
 
     fn plain(&mut self, tag: String, msg: &[u8]) -> Step {
@@ -647,6 +731,15 @@ impl PreAuth {
                 self.shell.out.extend_from_slice(b"+ VXNlcm5hbWU6\r\n");
                 self.shell.phase = Phase::Open(State::SaslLoginUser { tag });
             }
+            Parsed::Authenticate(Mech::Bearer(_), _) if self.oauth.is_none() => {
+                self.bad_command(&tag, "Unsupported authentication mechanism")
+            }
+            // SASL-IR (what Thunderbird sends); `=` is an empty message, malformed.
+            Parsed::Authenticate(Mech::Bearer(mech), Some(ir)) => return Some(self.bearer(tag, mech, ir.expose())),
+            Parsed::Authenticate(Mech::Bearer(mech), None) => {
+                self.shell.out.extend_from_slice(b"+ \r\n");
+                self.shell.phase = Phase::Open(State::SaslBearer { tag, mech });
+            }
             Parsed::Authenticate(Mech::Other, _) => self.bad_command(&tag, "Unsupported authentication mechanism"),
             Parsed::Other(name) => self.bad_command(&tag, &format!("{name} is not allowed before authentication")),
         }
@@ -657,6 +750,7 @@ impl PreAuth {
 enum Mech {
     Plain,
     Login,
+    Bearer(BearerMechanism),
     Other,
 }
 
@@ -714,6 +808,8 @@ impl From<CommandBody<'_>> for Parsed {
                 let mech = match mechanism {
                     AuthMechanism::Plain => Mech::Plain,
                     AuthMechanism::Login => Mech::Login,
+                    AuthMechanism::XOAuth2 => Mech::Bearer(BearerMechanism::XOAuth2),
+                    AuthMechanism::OAuthBearer => Mech::Bearer(BearerMechanism::OAuthBearer),
                     _ => Mech::Other,
                 };
                 Parsed::Authenticate(mech, initial_response.map(|ir| ir.declassify().to_vec().into()))

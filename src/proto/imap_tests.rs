@@ -84,8 +84,8 @@ fn assert_tls_caps(caps: &[String]) {
     for bad in ["STARTTLS", "LOGINDISABLED"] {
         assert!(!caps.iter().any(|c| c == bad), "{bad} after TLS: {caps:?}");
     }
-    // Only PLAIN and LOGIN (case 35).
-    let mechs: Vec<_> = caps.iter().filter(|c| c.starts_with("AUTH=")).collect();
+    // Only PLAIN and LOGIN (case 35), and the bearer mechanisms when OAuth is offered.
+    let mechs: Vec<_> = caps.iter().filter(|c| c.starts_with("AUTH=") && !c.contains("OAUTH")).collect();
     assert_eq!(mechs.len(), 2, "{caps:?}");
 }
 
@@ -112,7 +112,11 @@ const GOOD: &[u8] = b"right";
 /// [`GOOD`] succeeds (the bytes after that go to upstream), other credentials fail, and
 /// Refuse is answered with its reply.
 fn run_turns(tls: bool, turns: &[&[u8]], chunk: Chunker<'_>) -> Transcript {
-    let mut p = PreAuth::new(HOST, tls, !tls);
+    run_turns_with(PreAuth::new(HOST, tls, !tls), turns, chunk)
+}
+
+/// [`run_turns`] on the session `p` (greeting not yet read).
+fn run_turns_with(mut p: PreAuth, turns: &[&[u8]], chunk: Chunker<'_>) -> Transcript {
     let mut t = Transcript { written: String::new(), events: Vec::new(), relayed: Vec::new() };
     let mut done = false;
     let mut closed = false;
@@ -189,6 +193,13 @@ fn bytewise(_: usize, b: &[u8]) -> Vec<Vec<u8>> {
 /// whole turns: each turn split at every position (others whole), every turn split at
 /// two positions, and everything byte by byte.
 fn assert_split_invariant(tls: bool, turns: &[&[u8]]) -> Transcript {
+    assert_split_invariant_with(&|| PreAuth::new(HOST, tls, !tls), turns)
+}
+
+/// [`assert_split_invariant`] on sessions made by `new`.
+fn assert_split_invariant_with(new: &dyn Fn() -> PreAuth, turns: &[&[u8]]) -> Transcript {
+    let run_turns = |_: bool, turns: &[&[u8]], chunk: Chunker<'_>| run_turns_with(new(), turns, chunk);
+    let tls = true;
     let reference = run_turns(tls, turns, &whole);
     assert_eq!(run_turns(tls, turns, &bytewise), reference, "byte by byte: {turns:?}");
     for (ti, turn) in turns.iter().enumerate() {
@@ -1742,9 +1753,9 @@ fn debug_of_preauth_does_not_leak_buffered_password_bytes() {
 // ---------------------------------------------------------------------------------------
 
 /// Drives a session over `chunks` like a driver would, checking invariants at every step.
-fn drive_invariants(tls: bool, chunks: &[Vec<u8>]) -> Result<(), TestCaseError> {
+fn drive_invariants(tls: bool, oauth: bool, chunks: &[Vec<u8>]) -> Result<(), TestCaseError> {
     let bound = MAX_BUFFERED;
-    let mut p = PreAuth::new(HOST, tls, !tls);
+    let mut p = PreAuth::with_oauth(HOST, tls, !tls, oauth.then(offer));
     let mut encrypted = tls;
     let mut closed = false;
     let mut await_tls = false;
@@ -1813,6 +1824,11 @@ fn imapish_token() -> impl Strategy<Value = Vec<u8>> {
         b"AUTHENTICATE ",
         b"PLAIN",
         b"LOGIN",
+        b"XOAUTH2",
+        b"OAUTHBEARER",
+        b"dXNlcj1hAWF1dGg9QmVhcmVyIHQBAQ==",
+        b"bixhPWEsAWF1dGg9QmVhcmVyIHQBAQ==",
+        b"AQ==",
         b"STARTTLS",
         b"NOOP",
         b"CAPABILITY",
@@ -1897,31 +1913,32 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: crate::proto::fuzz_cases(512), .. ProptestConfig::default() })]
 
     #[test]
-    fn prop_random_bytes(tls in any::<bool>(), chunks in chunked(prop::collection::vec(any::<u8>(), 0..96))) {
-        drive_invariants(tls, &chunks)?;
+    fn prop_random_bytes(tls in any::<bool>(), oauth in any::<bool>(), chunks in chunked(prop::collection::vec(any::<u8>(), 0..96))) {
+        drive_invariants(tls, oauth, &chunks)?;
     }
 
     #[test]
-    fn prop_imapish_alphabet(tls in any::<bool>(), chunks in chunked(prop::collection::vec(imapish_byte(), 0..96))) {
-        drive_invariants(tls, &chunks)?;
+    fn prop_imapish_alphabet(tls in any::<bool>(), oauth in any::<bool>(), chunks in chunked(prop::collection::vec(imapish_byte(), 0..96))) {
+        drive_invariants(tls, oauth, &chunks)?;
     }
 
     #[test]
     fn prop_imapish_tokens(
         tls in any::<bool>(),
+        oauth in any::<bool>(),
         chunks in chunked(prop::collection::vec(imapish_token(), 0..12).prop_map(|v| v.concat())),
     ) {
-        drive_invariants(tls, &chunks)?;
+        drive_invariants(tls, oauth, &chunks)?;
     }
 
     #[test]
-    fn prop_imapish_sessions(tls in any::<bool>(), chunks in imapish_session()) {
-        drive_invariants(tls, &chunks)?;
+    fn prop_imapish_sessions(tls in any::<bool>(), oauth in any::<bool>(), chunks in imapish_session()) {
+        drive_invariants(tls, oauth, &chunks)?;
     }
 
     #[test]
-    fn prop_big_chunks(tls in any::<bool>(), chunks in prop::collection::vec(prop::collection::vec(imapish_byte(), 0..20_000), 0..4)) {
-        drive_invariants(tls, &chunks)?;
+    fn prop_big_chunks(tls in any::<bool>(), oauth in any::<bool>(), chunks in prop::collection::vec(prop::collection::vec(imapish_byte(), 0..20_000), 0..4)) {
+        drive_invariants(tls, oauth, &chunks)?;
     }
 
     /// A valid session transcript gives the same result however its turns are cut into reads.
@@ -2009,9 +2026,9 @@ fn corpus_replays() {
     let cases = crate::proto::corpus_cuts("imap");
     assert!(cases.len() >= 12, "corpus missing: {}", cases.len());
     for (name, chunks) in cases {
-        for tls in [false, true] {
-            if let Err(e) = drive_invariants(tls, &chunks) {
-                panic!("{name} (tls {tls}): {e}");
+        for (tls, oauth) in [(false, false), (true, false), (false, true), (true, true)] {
+            if let Err(e) = drive_invariants(tls, oauth, &chunks) {
+                panic!("{name} (tls {tls}, oauth {oauth}): {e}");
             }
         }
     }
@@ -2064,4 +2081,276 @@ fn id_fields_are_kept_for_upstream_without_x_fields() {
     let want: Vec<(String, String)> =
         [("name", "Thunderbird"), ("version", "128.0"), ("os", "Linux")].map(|(k, v)| (k.into(), v.into())).into();
     assert_eq!(p.client_id(), want.as_slice());
+}
+
+// ---------------------------------------------------------------------------------------
+// OAuth 2.0 bearer tokens: XOAUTH2 and OAUTHBEARER (issue 16)
+// ---------------------------------------------------------------------------------------
+
+const METADATA: &str = "https://mail.example.com/.well-known/oauth-authorization-server";
+
+fn offer() -> OAuthOffer {
+    OAuthOffer { metadata_url: METADATA.to_string() }
+}
+
+/// A session offering OAuth, its greeting read.
+fn oauth_session(tls: bool) -> PreAuth {
+    let mut p = PreAuth::with_oauth(HOST, tls, !tls, Some(offer()));
+    let (g, ev) = pump(&mut p);
+    assert!(g.starts_with("* OK "), "{g}");
+    assert!(ev.is_empty());
+    p
+}
+
+fn xoauth2(user: &str, token: &str) -> String {
+    base64(format!("user={user}\x01auth=Bearer {token}\x01\x01").as_bytes())
+}
+
+fn oauthbearer(user: &str, token: &str) -> String {
+    base64(format!("n,a={user},\x01host=mx.example\x01port=993\x01auth=Bearer {token}\x01\x01").as_bytes())
+}
+
+/// The error challenge line of a refused token.
+fn challenge(mech: BearerMechanism) -> String {
+    format!("+ {}\r\n", offer().error_challenge(mech))
+}
+
+/// Feeds `bytes` and expects bearer credentials for the driver.
+fn expect_bearer(p: &mut PreAuth, bytes: &[u8], user: &str, token: &str) {
+    p.feed(bytes);
+    loop {
+        match p.next() {
+            Next::Write(_) => continue,
+            Next::Event(Action::Authenticate(c)) => {
+                assert_eq!(c.mechanism, sasl::Mechanism::Bearer);
+                assert_eq!((c.username.as_str(), c.password.expose().as_slice()), (user, token.as_bytes()));
+                return;
+            }
+            other => panic!("expected bearer credentials, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn oauth_capabilities_only_inside_tls_and_only_when_offered() {
+    let bearer = |caps: &[String]| caps.iter().filter(|c| c.contains("OAUTH")).cloned().collect::<Vec<_>>();
+    for (oauth, want) in [(false, vec![]), (true, vec!["AUTH=XOAUTH2".to_string(), "AUTH=OAUTHBEARER".to_string()])] {
+        // Implicit TLS: greeting and CAPABILITY.
+        let mut p = PreAuth::with_oauth(HOST, true, false, oauth.then(offer));
+        let (g, _) = pump(&mut p);
+        assert_tls_caps(&caps_of(&g));
+        assert_eq!(bearer(&caps_of(&g)), want, "{g}");
+        let (w, _) = send(&mut p, b"c CAPABILITY\r\n");
+        assert_eq!(bearer(&caps_of(&w)), want, "{w}");
+        // Plaintext before STARTTLS: no mechanism at all; after it, the same as TLS.
+        let mut p = PreAuth::with_oauth(HOST, false, true, oauth.then(offer));
+        let (g, _) = pump(&mut p);
+        assert_plain_caps(&caps_of(&g));
+        let (w, _) = send(&mut p, b"c CAPABILITY\r\n");
+        assert_plain_caps(&caps_of(&w));
+        let _ = send(&mut p, b"s STARTTLS\r\n");
+        p.tls_started();
+        let (w, _) = send(&mut p, b"c CAPABILITY\r\n");
+        assert_eq!(bearer(&caps_of(&w)), want, "{w}");
+    }
+}
+
+#[test]
+fn bearer_before_tls_is_refused_like_every_login() {
+    let mut p = oauth_session(false);
+    let (w, ev) = send(&mut p, format!("a AUTHENTICATE XOAUTH2 {}\r\n", xoauth2("alice", "tok")).as_bytes());
+    assert_eq!(w, "a NO [PRIVACYREQUIRED] Use STARTTLS before logging in.\r\n");
+    assert!(ev.is_empty());
+}
+
+#[test]
+fn xoauth2_and_oauthbearer_with_and_without_initial_response() {
+    // SASL-IR, as Thunderbird sends it.
+    let mut p = oauth_session(true);
+    expect_bearer(
+        &mut p,
+        format!("a AUTHENTICATE XOAUTH2 {}\r\n", xoauth2("alice", "tok-1")).as_bytes(),
+        "alice",
+        "tok-1",
+    );
+    let mut p = oauth_session(true);
+    let ir = oauthbearer("alice", "tok-2");
+    expect_bearer(&mut p, format!("a AUTHENTICATE OAUTHBEARER {ir}\r\n").as_bytes(), "alice", "tok-2");
+    // Without: an empty continuation, then the message.
+    for (mech, msg) in [("XOAUTH2", xoauth2("bob", "tok-3")), ("oauthbearer", oauthbearer("bob", "tok-3"))] {
+        let mut p = oauth_session(true);
+        let (w, ev) = send(&mut p, format!("b AUTHENTICATE {mech}\r\n").as_bytes());
+        assert_eq!((w.as_str(), ev), ("+ \r\n", vec![]));
+        expect_bearer(&mut p, format!("{msg}\r\n").as_bytes(), "bob", "tok-3");
+        p.auth_succeeded("IMAP4rev1");
+        assert_eq!(pump(&mut p).0, "b OK [CAPABILITY IMAP4rev1] Logged in\r\n");
+    }
+}
+
+/// A token the gate refuses: the mechanism's error challenge, then — whatever the client
+/// answers — the tagged failure, and the session reads commands again.
+#[test]
+fn a_refused_token_gets_the_error_challenge_then_the_failure() {
+    let xo = xoauth2("alice", "expired");
+    let answers: [&[u8]; 5] = [
+        b"AQ==\r\n",                                                  // RFC 7628: %x01
+        b"\r\n",                                                      // empty (Google's XOAUTH2)
+        b"*\r\n",                                                     // a cancel
+        format!("a AUTHENTICATE XOAUTH2 {xo}\r\n").leak().as_bytes(), // Thunderbird: the command again
+        b"not base64 at all!\r\n",
+    ];
+    for answer in answers {
+        for (mech, ir) in
+            [(BearerMechanism::XOAuth2, xo.clone()), (BearerMechanism::OAuthBearer, oauthbearer("alice", "expired"))]
+        {
+            let mut p = oauth_session(true);
+            expect_bearer(&mut p, format!("a AUTHENTICATE {} {ir}\r\n", mech.name()).as_bytes(), "alice", "expired");
+            p.auth_failed(AuthReply::Failed);
+            assert_eq!(pump(&mut p), (challenge(mech), vec![]));
+            let (w, ev) = send(&mut p, answer);
+            assert_eq!(
+                (w.as_str(), ev),
+                ("a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n", vec![]),
+                "{answer:?}"
+            );
+            assert_eq!(send(&mut p, b"n NOOP\r\n").0, "n OK NOOP completed\r\n");
+        }
+    }
+    // The challenge JSON itself.
+    let json = |m| {
+        String::from_utf8(
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, offer().error_challenge(m)).unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(json(BearerMechanism::XOAuth2), r#"{"status":"401","schemes":"Bearer","scope":"mail"}"#);
+    assert!(json(BearerMechanism::OAuthBearer).contains(&format!(r#""openid-configuration":"{METADATA}""#)));
+}
+
+/// Only the gate's "wrong credentials" gets the challenge: a malformed message (nothing
+/// was checked), an unavailable check or too many sessions keep their plain replies, and
+/// so does a password login after a bearer one.
+#[test]
+fn other_refusals_of_a_bearer_login_keep_their_replies() {
+    let mut p = oauth_session(true);
+    let (w, ev) = send(
+        &mut p,
+        format!("a AUTHENTICATE XOAUTH2 {}\r\n", base64(b"user=alice\x01auth=Bearer \x01\x01")).as_bytes(),
+    );
+    assert_eq!((w.as_str(), ev.clone()), ("", vec![Ev::Refuse(AuthReply::Failed)]));
+    p.auth_failed(AuthReply::Failed);
+    assert_eq!(pump(&mut p).0, "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+    // `=`: an empty initial response, malformed.
+    let (_, ev) = send(&mut p, b"b AUTHENTICATE OAUTHBEARER =\r\n");
+    assert_eq!(ev, vec![Ev::Refuse(AuthReply::Failed)]);
+    p.auth_failed(AuthReply::Failed);
+    assert_eq!(pump(&mut p).0, "b NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+    let mut p = oauth_session(true);
+    for (reply, line) in [
+        (AuthReply::Unavailable, "c NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n"),
+        (AuthReply::TooMany, "c NO [LIMIT] Too many connections for this account from your address.\r\n"),
+    ] {
+        expect_bearer(&mut p, format!("c AUTHENTICATE XOAUTH2 {}\r\n", xoauth2("alice", "t")).as_bytes(), "alice", "t");
+        p.auth_failed(reply);
+        assert_eq!(pump(&mut p).0, line);
+    }
+    let mut p = oauth_session(true);
+    expect_bearer(&mut p, format!("c AUTHENTICATE XOAUTH2 {}\r\n", xoauth2("alice", "t")).as_bytes(), "alice", "t");
+    p.auth_failed(AuthReply::Unavailable);
+    let _ = pump(&mut p);
+    let (_, ev) = send(&mut p, b"d LOGIN alice pw\r\n");
+    assert_eq!(ev, vec![auth("alice", "pw")]);
+    p.auth_failed(AuthReply::Failed);
+    assert_eq!(pump(&mut p).0, "d NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+}
+
+#[test]
+fn cancel_and_bad_base64_in_a_bearer_exchange() {
+    let mut p = oauth_session(true);
+    let _ = send(&mut p, b"a AUTHENTICATE XOAUTH2\r\n");
+    let (_, ev) = send(&mut p, b"*\r\n");
+    assert_eq!(ev, vec![Ev::Refuse(AuthReply::Aborted("Authentication cancelled"))]);
+    p.auth_failed(AuthReply::Aborted("Authentication cancelled"));
+    assert_eq!(pump(&mut p).0, "a BAD Authentication cancelled\r\n");
+    let _ = send(&mut p, b"b AUTHENTICATE OAUTHBEARER\r\n");
+    let (_, ev) = send(&mut p, b"!!!\r\n");
+    assert_eq!(ev, vec![Ev::Refuse(AuthReply::Aborted("Invalid base64 in authentication exchange"))]);
+}
+
+/// Three refused tokens end the connection, after the third failure line.
+#[test]
+fn refused_tokens_count_as_failures() {
+    let mut p = oauth_session(true);
+    for i in 0..MAX_AUTH_FAILURES {
+        expect_bearer(
+            &mut p,
+            format!("t{i} AUTHENTICATE XOAUTH2 {}\r\n", xoauth2("alice", "x")).as_bytes(),
+            "alice",
+            "x",
+        );
+        p.auth_failed(AuthReply::Failed);
+        assert_eq!(pump(&mut p).0, challenge(BearerMechanism::XOAuth2));
+        let (w, ev) = send(&mut p, b"\r\n");
+        if i + 1 < MAX_AUTH_FAILURES {
+            assert_eq!(w, format!("t{i} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"));
+        } else {
+            assert_eq!(
+                w,
+                format!(
+                    "t{i} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n* BYE Too many authentication failures\r\n"
+                )
+            );
+            assert_eq!(ev, vec![Ev::Close]);
+        }
+    }
+}
+
+/// The answer to the error challenge is bounded like every SASL line, and wiped.
+#[test]
+fn the_answer_to_the_error_challenge_is_bounded() {
+    let mut p = oauth_session(true);
+    expect_bearer(&mut p, format!("a AUTHENTICATE XOAUTH2 {}\r\n", xoauth2("alice", "x")).as_bytes(), "alice", "x");
+    p.auth_failed(AuthReply::Failed);
+    let _ = pump(&mut p);
+    let (w, ev) = send(&mut p, &vec![b'A'; MAX_SASL_LINE + 3]);
+    assert_eq!((w.as_str(), ev), ("* BYE Authentication line too long\r\n", vec![Ev::Close]));
+    // A long token (as big as a token may be) fits, and its line is wiped from the buffer.
+    let mut p = oauth_session(true);
+    let token = "t".repeat(sasl::MAX_TOKEN);
+    let line = format!("a AUTHENTICATE XOAUTH2 {}\r\n", xoauth2("alice", &token));
+    expect_bearer(&mut p, line.as_bytes(), "alice", &token);
+    p.auth_failed(AuthReply::Failed);
+    let _ = pump(&mut p);
+    let (w, _) = send(&mut p, line.as_bytes());
+    assert_eq!(w, "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+    assert!(p.shell.buf.is_empty());
+}
+
+#[test]
+fn every_split_bearer_exchanges() {
+    let new = || PreAuth::with_oauth(HOST, true, false, Some(offer()));
+    let wrong = xoauth2("alice", "wrong");
+    let turns = [
+        format!("a AUTHENTICATE XOAUTH2 {wrong}\r\n"),
+        format!("a AUTHENTICATE XOAUTH2 {wrong}\r\n"),
+        "b AUTHENTICATE OAUTHBEARER\r\n".to_string(),
+        "*\r\n".to_string(),
+        "c AUTHENTICATE OAUTHBEARER\r\n".to_string(),
+        format!("{}\r\nd NOOP\r\n", oauthbearer("alice", "right")),
+    ];
+    let turns: Vec<&[u8]> = turns.iter().map(|s| s.as_bytes()).collect();
+    let t = assert_split_invariant_with(&new, &turns);
+    assert_eq!(
+        t.events,
+        vec![
+            Ev::Auth { user: "alice".into(), pass: b"wrong".to_vec() },
+            Ev::Refuse(AuthReply::Aborted("Authentication cancelled")),
+            Ev::Auth { user: "alice".into(), pass: b"right".to_vec() },
+        ]
+    );
+    assert!(t.written.contains(&format!(
+        "{}a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n+ \r\nb BAD Authentication cancelled\r\n+ \r\nc OK",
+        challenge(BearerMechanism::XOAuth2)
+    )), "{}", t.written);
+    assert_eq!(t.relayed, b"d NOOP\r\n");
 }

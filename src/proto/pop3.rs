@@ -3,7 +3,8 @@
 //!
 //! The driver feeds the bytes the client sent ([`Machine::feed`]) and asks what to do
 //! next ([`Machine::next`]): write bytes, read more, start TLS, check credentials, close.
-//! Before authentication only CAPA, STLS, USER/PASS, AUTH PLAIN/LOGIN and QUIT are
+//! Before authentication only CAPA, STLS, USER/PASS, AUTH PLAIN/LOGIN (and
+//! XOAUTH2/OAUTHBEARER when OAuth is offered, [`PreAuth::with_oauth`]) and QUIT are
 //! served; every size, count and byte a peer controls is bounded ([`limits`]). No
 //! credentials are accepted before TLS. Run by `net::pop3::Pop3Service`.
 //!
@@ -14,7 +15,7 @@
 //! share ([`crate::proto::preauth`]).
 
 use crate::proto::preauth::{self, Phase, Shell};
-use crate::proto::sasl::{self, Credentials, SaslError};
+use crate::proto::sasl::{self, BearerMechanism, Credentials, OAuthOffer, SaslError};
 use crate::proto::{Goodbye, Machine, Next};
 use crate::secret::SecretBytes;
 use base64::Engine as _;
@@ -89,6 +90,11 @@ enum State {
     SaslLoginPass {
         user: String,
     },
+    /// `AUTH XOAUTH2`/`OAUTHBEARER` sent `+ `; the client's message comes next.
+    SaslBearer(BearerMechanism),
+    /// A refused token got its error challenge (`+ <base64 JSON>`); any answer line ends
+    /// the exchange with `-ERR [AUTH]`.
+    BearerError,
 }
 
 /// One line taken from the buffer.
@@ -107,6 +113,11 @@ pub struct PreAuth {
     shell: Shell<State>,
     /// The user name of an accepted `USER`, waiting for `PASS`.
     user: Option<String>,
+    /// XOAUTH2 and OAUTHBEARER are offered (inside TLS, as every mechanism).
+    oauth: Option<OAuthOffer>,
+    /// The credentials with the driver are a bearer token sent with this mechanism: a
+    /// refusal gets the mechanism's error challenge first.
+    bearer: Option<BearerMechanism>,
 }
 
 impl std::fmt::Debug for PreAuth {
@@ -146,7 +157,13 @@ impl PreAuth {
     /// A new connection; the greeting is queued. `tls`: the channel is already encrypted
     /// (implicit TLS, port 995). `stls_allowed`: this listener offers STLS (port 110).
     pub fn new(hostname: &str, tls: bool, stls_allowed: bool) -> PreAuth {
-        let mut p = PreAuth { shell: Shell::new(State::Command, tls, stls_allowed), user: None };
+        PreAuth::with_oauth(hostname, tls, stls_allowed, None)
+    }
+
+    /// [`PreAuth::new`]; with `oauth`, XOAUTH2 and OAUTHBEARER are offered and accepted
+    /// too (inside TLS only, like PLAIN and LOGIN).
+    pub fn with_oauth(hostname: &str, tls: bool, stls_allowed: bool, oauth: Option<OAuthOffer>) -> PreAuth {
+        let mut p = PreAuth { shell: Shell::new(State::Command, tls, stls_allowed), user: None, oauth, bearer: None };
         // No APOP timestamp: APOP is not offered (MD5 of a clear password on the server).
         p.shell.out.extend_from_slice(format!("+OK {} ready.\r\n", sanitize_text(hostname)).as_bytes());
         p
@@ -161,8 +178,19 @@ impl PreAuth {
 
     /// The credentials were refused (or the exchange failed); answer the client. After
     /// [`MAX_AUTH_FAILURES`] the connection ends.
+    ///
+    /// A bearer token refused by the gate ([`AuthReply::Failed`]) first gets the
+    /// mechanism's error challenge (`+ <base64 JSON>`, RFC 7628 §3.2.3, Google's XOAUTH2);
+    /// `-ERR [AUTH]` follows the client's answer, whatever it is.
     pub fn auth_failed(&mut self, reply: AuthReply) {
         if !self.shell.authenticating() {
+            return;
+        }
+        let bearer = self.bearer.take();
+        if let (AuthReply::Failed, Some(mech), Some(offer)) = (&reply, bearer, &self.oauth) {
+            let challenge = offer.error_challenge(mech);
+            self.shell.out.extend_from_slice(format!("+ {challenge}\r\n").as_bytes());
+            self.shell.phase = Phase::Open(State::BearerError);
             return;
         }
         let line = match reply {
@@ -186,8 +214,10 @@ impl PreAuth {
         if self.shell.starttls_allowed && !self.shell.tls {
             caps.push_str("STLS\r\n");
         }
-        if self.shell.tls {
-            caps.push_str("USER\r\nSASL PLAIN LOGIN\r\n");
+        match (self.shell.tls, &self.oauth) {
+            (false, _) => {}
+            (true, None) => caps.push_str("USER\r\nSASL PLAIN LOGIN\r\n"),
+            (true, Some(_)) => caps.push_str("USER\r\nSASL PLAIN LOGIN XOAUTH2 OAUTHBEARER\r\n"),
         }
         caps.push_str(".\r\n");
         caps
@@ -315,7 +345,12 @@ impl PreAuth {
                 self.bad_command("Invalid AUTH command");
             } else {
                 // No mechanism: the list (the pre-RFC 5034 convention clients still use).
-                self.shell.out.extend_from_slice(b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n");
+                let list: &[u8] = if self.oauth.is_some() {
+                    b"+OK\r\nPLAIN\r\nLOGIN\r\nXOAUTH2\r\nOAUTHBEARER\r\n.\r\n"
+                } else {
+                    b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+                };
+                self.shell.out.extend_from_slice(list);
             }
             return None;
         }
@@ -323,9 +358,19 @@ impl PreAuth {
             self.bad_command("Invalid AUTH command");
             return None;
         }
-        let mech = mech.to_ascii_uppercase();
         // `AUTH PLAIN ` (a trailing space) has no initial response; `=` is an empty one.
         let ir = ir.filter(|ir| !ir.is_empty());
+        if let Some(bearer) = BearerMechanism::from_name(mech).filter(|_| self.oauth.is_some()) {
+            return Some(match ir {
+                Some(ir) => self.sasl_response(State::SaslBearer(bearer), ir),
+                None => {
+                    self.shell.out.extend_from_slice(b"+ \r\n");
+                    self.shell.phase = Phase::Open(State::SaslBearer(bearer));
+                    Next::NeedInput
+                }
+            });
+        }
+        let mech = mech.to_ascii_uppercase();
         match (mech.as_slice(), ir) {
             (b"PLAIN", Some(ir)) => Some(self.sasl_response(State::SaslPlain, ir)),
             (b"PLAIN", None) => {
@@ -356,6 +401,12 @@ impl PreAuth {
             Line::Complete(line) => line,
         };
         let state = self.shell.replace(State::Command).unwrap_or(State::Command);
+        if let State::BearerError = state {
+            // The answer to the error challenge (RFC 7628: `^A`) ends the exchange,
+            // whatever it says; `line` (a secret) is wiped when dropped.
+            self.shell.failed("-ERR [AUTH] Authentication failed.\r\n", State::Command, MAX_AUTH_FAILURES, "");
+            return None;
+        }
         if line.expose().as_slice() == b"*" {
             return Some(self.shell.refuse(AuthReply::Aborted("Authentication cancelled")));
         }
@@ -386,6 +437,14 @@ impl PreAuth {
             },
             State::SaslLoginPass { user } => match sasl::check_password(data.expose()) {
                 Ok(password) => self.shell.authenticate(Credentials::password(user, password)),
+                Err(_) => self.shell.refuse(AuthReply::Failed),
+            },
+            // A malformed message is a plain failure: no token was checked.
+            State::SaslBearer(mech) => match mech.decode(data.expose()) {
+                Ok(creds) => {
+                    self.bearer = Some(mech);
+                    self.shell.authenticate(creds)
+                }
                 Err(_) => self.shell.refuse(AuthReply::Failed),
             },
             // Not an exchange state: nothing to decode for (not reached).

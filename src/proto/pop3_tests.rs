@@ -536,7 +536,12 @@ struct Run {
 /// Drives a session over `chunks` like a driver would (failing every login but the one
 /// with password "right"), checking invariants at every step.
 fn drive(tls: bool, chunks: &[Vec<u8>]) -> Result<Run, TestCaseError> {
-    let mut p = PreAuth::new(HOST, tls, !tls);
+    drive_with(tls, false, chunks)
+}
+
+/// [`drive`], offering OAuth if `oauth`.
+fn drive_with(tls: bool, oauth: bool, chunks: &[Vec<u8>]) -> Result<Run, TestCaseError> {
+    let mut p = PreAuth::with_oauth(HOST, tls, !tls, oauth.then(offer));
     let mut encrypted = tls;
     let mut closed = false;
     let mut await_tls = false;
@@ -624,6 +629,11 @@ fn pop3ish_line() -> impl Strategy<Value = Vec<u8>> {
         b"AUTH PLAIN =\r\n",
         b"AUTH LOGIN\r\n",
         b"AUTH LOGIN YWxpY2U=\r\n",
+        b"AUTH XOAUTH2 dXNlcj1hbGljZQFhdXRoPUJlYXJlciByaWdodAEB\r\n",
+        b"AUTH XOAUTH2 dXNlcj1hbGljZQFhdXRoPUJlYXJlciB3cm9uZwEB\r\n",
+        b"AUTH OAUTHBEARER\r\n",
+        b"bixhPWFsaWNlLAFhdXRoPUJlYXJlciB3cm9uZwEB\r\n",
+        b"AQ==\r\n",
         b"AGFsaWNlAHB3\r\n",
         b"YWxpY2U=\r\n",
         b"cmlnaHQ=\r\n",
@@ -659,23 +669,23 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: crate::proto::fuzz_cases(512), .. ProptestConfig::default() })]
 
     #[test]
-    fn prop_random_bytes(tls in any::<bool>(), chunks in chunked(prop::collection::vec(any::<u8>(), 0..96))) {
-        drive(tls, &chunks)?;
+    fn prop_random_bytes(tls in any::<bool>(), oauth in any::<bool>(), chunks in chunked(prop::collection::vec(any::<u8>(), 0..96))) {
+        drive_with(tls, oauth, &chunks)?;
     }
 
     #[test]
-    fn prop_pop3ish_alphabet(tls in any::<bool>(), chunks in chunked(prop::collection::vec(pop3ish_byte(), 0..96))) {
-        drive(tls, &chunks)?;
+    fn prop_pop3ish_alphabet(tls in any::<bool>(), oauth in any::<bool>(), chunks in chunked(prop::collection::vec(pop3ish_byte(), 0..96))) {
+        drive_with(tls, oauth, &chunks)?;
     }
 
     #[test]
-    fn prop_pop3ish_sessions(tls in any::<bool>(), chunks in pop3ish_session()) {
-        drive(tls, &chunks)?;
+    fn prop_pop3ish_sessions(tls in any::<bool>(), oauth in any::<bool>(), chunks in pop3ish_session()) {
+        drive_with(tls, oauth, &chunks)?;
     }
 
     #[test]
-    fn prop_big_chunks(tls in any::<bool>(), chunks in prop::collection::vec(prop::collection::vec(pop3ish_byte(), 0..20_000), 0..4)) {
-        drive(tls, &chunks)?;
+    fn prop_big_chunks(tls in any::<bool>(), oauth in any::<bool>(), chunks in prop::collection::vec(prop::collection::vec(pop3ish_byte(), 0..20_000), 0..4)) {
+        drive_with(tls, oauth, &chunks)?;
     }
 
     /// A session without STLS gives the same result however it is cut into reads.
@@ -683,8 +693,9 @@ proptest! {
     fn prop_any_split_same_output(parts in prop::collection::vec(pop3ish_line(), 0..16), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8)) {
         let parts: Vec<Vec<u8>> = parts.into_iter().filter(|l| l.as_slice() != b"STLS\r\n").collect();
         let bytes = parts.concat();
-        let whole = drive(true, std::slice::from_ref(&bytes))?;
-        let split = drive(true, &split_at(&bytes, cuts.iter().map(|c| c.index(bytes.len() + 1))))?;
+        let oauth = parts.len() % 2 == 1;
+        let whole = drive_with(true, oauth, std::slice::from_ref(&bytes))?;
+        let split = drive_with(true, oauth, &split_at(&bytes, cuts.iter().map(|c| c.index(bytes.len() + 1))))?;
         prop_assert_eq!(split, whole);
     }
 }
@@ -729,10 +740,161 @@ fn corpus_replays() {
     let cases = crate::proto::corpus_cuts("pop3");
     assert!(cases.len() >= 12, "corpus missing: {}", cases.len());
     for (name, chunks) in cases {
-        for tls in [false, true] {
-            if let Err(e) = drive(tls, &chunks) {
-                panic!("{name} (tls {tls}): {e}");
+        for (tls, oauth) in [(false, false), (true, false), (false, true), (true, true)] {
+            if let Err(e) = drive_with(tls, oauth, &chunks) {
+                panic!("{name} (tls {tls}, oauth {oauth}): {e}");
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// OAuth 2.0 bearer tokens: XOAUTH2 and OAUTHBEARER (issue 16)
+// ---------------------------------------------------------------------------------------
+
+const METADATA: &str = "https://mail.example.com/.well-known/oauth-authorization-server";
+
+fn offer() -> OAuthOffer {
+    OAuthOffer { metadata_url: METADATA.to_string() }
+}
+
+fn oauth_session(tls: bool) -> PreAuth {
+    let mut p = PreAuth::with_oauth(HOST, tls, !tls, Some(offer()));
+    assert_eq!(pump(&mut p), (GREETING.to_string(), vec![]));
+    p
+}
+
+fn xoauth2(user: &str, token: &str) -> String {
+    base64(format!("user={user}\x01auth=Bearer {token}\x01\x01").as_bytes())
+}
+
+fn oauthbearer(user: &str, token: &str) -> String {
+    base64(format!("n,a={user},\x01host=pop.example\x01port=995\x01auth=Bearer {token}\x01\x01").as_bytes())
+}
+
+fn challenge(mech: BearerMechanism) -> String {
+    format!("+ {}\r\n", offer().error_challenge(mech))
+}
+
+/// Feeds `bytes` and expects bearer credentials for the driver.
+fn expect_bearer(p: &mut PreAuth, bytes: &[u8], user: &str, token: &str) {
+    p.feed(bytes);
+    loop {
+        match p.next() {
+            Next::Write(_) => continue,
+            Next::Event(Action::Authenticate(c)) => {
+                assert_eq!(c.mechanism, sasl::Mechanism::Bearer);
+                assert_eq!((c.username.as_str(), c.password.expose().as_slice()), (user, token.as_bytes()));
+                return;
+            }
+            other => panic!("expected bearer credentials, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn capa_lists_the_bearer_mechanisms_only_inside_tls_and_only_when_on() {
+    let sasl_line = |p: &mut PreAuth| {
+        let (w, _) = send(p, b"CAPA\r\n");
+        w.lines().find(|l| l.starts_with("SASL")).map(str::to_string)
+    };
+    assert_eq!(sasl_line(&mut session(true)).as_deref(), Some("SASL PLAIN LOGIN"));
+    assert_eq!(sasl_line(&mut oauth_session(true)).as_deref(), Some("SASL PLAIN LOGIN XOAUTH2 OAUTHBEARER"));
+    let mut p = oauth_session(false);
+    assert_eq!(sasl_line(&mut p), None);
+    let (w, _) = send(&mut p, format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice", "t")).as_bytes());
+    assert_eq!(w, TLS_REQUIRED);
+    let _ = send(&mut p, b"STLS\r\n");
+    p.tls_started();
+    assert_eq!(sasl_line(&mut p).as_deref(), Some("SASL PLAIN LOGIN XOAUTH2 OAUTHBEARER"));
+    assert_eq!(send(&mut p, b"AUTH\r\n").0, "+OK\r\nPLAIN\r\nLOGIN\r\nXOAUTH2\r\nOAUTHBEARER\r\n.\r\n");
+    // Off: unknown mechanisms, as before.
+    let mut p = session(true);
+    assert_eq!(send(&mut p, b"AUTH XOAUTH2\r\n").0, "-ERR Unsupported authentication mechanism\r\n");
+}
+
+#[test]
+fn bearer_logins_with_and_without_initial_response() {
+    let mut p = oauth_session(true);
+    expect_bearer(&mut p, format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice", "t1")).as_bytes(), "alice", "t1");
+    let mut p = oauth_session(true);
+    expect_bearer(&mut p, format!("auth oauthbearer {}\r\n", oauthbearer("alice", "t2")).as_bytes(), "alice", "t2");
+    for (mech, msg) in [("XOAUTH2", xoauth2("bob", "t3")), ("OAUTHBEARER", oauthbearer("bob", "t3"))] {
+        let mut p = oauth_session(true);
+        assert_eq!(send(&mut p, format!("AUTH {mech}\r\n").as_bytes()), ("+ \r\n".to_string(), vec![]));
+        expect_bearer(&mut p, format!("{msg}\r\n").as_bytes(), "bob", "t3");
+        assert_eq!(p.auth_succeeded(), b"");
+        assert_eq!(pump(&mut p).0, "+OK Logged in.\r\n");
+    }
+}
+
+#[test]
+fn a_refused_token_gets_the_error_challenge_then_the_failure() {
+    for answer in [&b"AQ==\r\n"[..], b"\r\n", b"*\r\n", b"whatever\n"] {
+        for (mech, msg) in [
+            (BearerMechanism::XOAuth2, xoauth2("alice", "old")),
+            (BearerMechanism::OAuthBearer, oauthbearer("alice", "old")),
+        ] {
+            let mut p = oauth_session(true);
+            expect_bearer(&mut p, format!("AUTH {} {msg}\r\n", mech.name()).as_bytes(), "alice", "old");
+            p.auth_failed(AuthReply::Failed);
+            assert_eq!(pump(&mut p), (challenge(mech), vec![]));
+            assert_eq!(send(&mut p, answer), (FAILED.to_string(), vec![]), "{answer:?}");
+            assert!(send(&mut p, b"CAPA\r\n").0.starts_with("+OK Capability list follows"));
+        }
+    }
+    // Other refusals keep their replies; a malformed message is a plain failure.
+    let mut p = oauth_session(true);
+    expect_bearer(&mut p, format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice", "t")).as_bytes(), "alice", "t");
+    p.auth_failed(AuthReply::Unavailable);
+    assert_eq!(pump(&mut p).0, "-ERR [SYS/TEMP] Service temporarily unavailable, try again later.\r\n");
+    let (_, ev) = send(&mut p, b"AUTH XOAUTH2 =\r\n");
+    assert_eq!(ev, vec![Ev::Refuse(AuthReply::Failed)]);
+    p.auth_failed(AuthReply::Failed);
+    assert_eq!(pump(&mut p).0, FAILED);
+}
+
+#[test]
+fn cancel_and_failure_count_in_bearer_exchanges() {
+    let mut p = oauth_session(true);
+    let _ = send(&mut p, b"AUTH XOAUTH2\r\n");
+    assert_eq!(send(&mut p, b"*\r\n").1, vec![Ev::Refuse(AuthReply::Aborted("Authentication cancelled"))]);
+    p.auth_failed(AuthReply::Aborted("Authentication cancelled"));
+    assert_eq!(pump(&mut p).0, "-ERR Authentication cancelled\r\n");
+    // Two more refused tokens make three failures: the connection ends.
+    for i in 0..2 {
+        expect_bearer(&mut p, format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice", "x")).as_bytes(), "alice", "x");
+        p.auth_failed(AuthReply::Failed);
+        let _ = pump(&mut p);
+        let (w, ev) = send(&mut p, b"AQ==\r\n");
+        assert_eq!(w, FAILED);
+        assert_eq!(ev, if i == 1 { vec![Ev::Close] } else { vec![] });
+    }
+}
+
+#[test]
+fn every_split_bearer_exchanges() {
+    let after = format!(
+        "AUTH XOAUTH2 {}\r\nAQ==\r\nAUTH OAUTHBEARER\r\n*\r\nAUTH OAUTHBEARER\r\n{}\r\nSTAT\r\n",
+        xoauth2("alice", "wrong"),
+        oauthbearer("alice", "right")
+    )
+    .into_bytes();
+    let reference = drive_with(true, true, std::slice::from_ref(&after)).unwrap();
+    assert_eq!(
+        reference.events,
+        vec![
+            auth("alice", "wrong"),
+            Ev::Refuse(AuthReply::Aborted("Authentication cancelled")),
+            auth("alice", "right")
+        ]
+    );
+    assert!(reference.written.contains(&format!("{}{FAILED}+ \r\n", challenge(BearerMechanism::XOAuth2))));
+    assert_eq!(reference.relayed, b"STAT\r\n");
+    for cut in 0..=after.len() {
+        let chunks = [after[..cut].to_vec(), after[cut..].to_vec()];
+        assert_eq!(drive_with(true, true, &chunks).unwrap(), reference, "cut at {cut}");
+    }
+    let bytewise: Vec<Vec<u8>> = after.iter().map(|b| vec![*b]).collect();
+    assert_eq!(drive_with(true, true, &bytewise).unwrap(), reference);
 }

@@ -3,7 +3,8 @@
 //! The driver feeds the bytes the client sent ([`Machine::feed`]) and asks what to do
 //! next ([`Machine::next`]): write bytes, read more, start TLS, check credentials, close.
 //! Before authentication only CAPABILITY, NOOP, LOGOUT, STARTTLS and
-//! AUTHENTICATE PLAIN/LOGIN are served; every size, count and byte a peer controls is
+//! AUTHENTICATE PLAIN/LOGIN (and XOAUTH2/OAUTHBEARER when OAuth is offered,
+//! [`PreAuth::with_listing`]) are served; every size, count and byte a peer controls is
 //! bounded ([`limits`]). Run by `net::sieve` (through `net::front::MailService`).
 //!
 //! ManageSieve is a line protocol with IMAP-like strings: quoted (`"..."`, with `\"` and
@@ -19,7 +20,7 @@
 //! share ([`crate::proto::preauth`]).
 
 use crate::proto::preauth::{self, Phase, Shell};
-use crate::proto::sasl::{self, Credentials, SaslError};
+use crate::proto::sasl::{self, BearerMechanism, Credentials, OAuthOffer, SaslError};
 use crate::proto::{Goodbye, Machine, Next};
 use crate::secret::SecretBytes;
 use base64::Engine as _;
@@ -91,7 +92,14 @@ enum State {
     Command,
     SaslPlain,
     SaslLoginUser,
-    SaslLoginPass { user: String },
+    SaslLoginPass {
+        user: String,
+    },
+    /// `AUTHENTICATE "XOAUTH2"`/`"OAUTHBEARER"` sent `""`; the client's message comes next.
+    SaslBearer(BearerMechanism),
+    /// A refused token got its error challenge (a string holding the base64 JSON); any
+    /// answer (RFC 7628: `"AQ=="`, `^A`) ends the exchange with `NO (AUTH)`.
+    BearerError,
 }
 
 /// One client connection before authentication. `Debug` shows sizes and counters, never
@@ -102,6 +110,11 @@ pub struct PreAuth {
     /// Upstream's capability lines shown in mailgate's listing
     /// ([`PreAuth::with_upstream_capabilities`]).
     upstream_caps: String,
+    /// XOAUTH2 and OAUTHBEARER are offered (inside TLS, as every mechanism).
+    oauth: Option<OAuthOffer>,
+    /// The credentials with the driver are a bearer token sent with this mechanism: a
+    /// refusal gets the mechanism's error challenge first.
+    bearer: Option<BearerMechanism>,
 }
 
 impl std::fmt::Debug for PreAuth {
@@ -158,10 +171,24 @@ impl PreAuth {
     /// extensions before login and refuse a server that lists none (RFC 5804 §1.7: `SIEVE`
     /// is always listed).
     pub fn with_upstream_capabilities(hostname: &str, tls: bool, starttls_allowed: bool, upstream: &str) -> PreAuth {
+        PreAuth::with_listing(hostname, tls, starttls_allowed, upstream, None)
+    }
+
+    /// [`PreAuth::with_upstream_capabilities`]; with `oauth`, XOAUTH2 and OAUTHBEARER are
+    /// listed in `SASL` and accepted too (inside TLS only, like PLAIN and LOGIN).
+    pub fn with_listing(
+        hostname: &str,
+        tls: bool,
+        starttls_allowed: bool,
+        upstream: &str,
+        oauth: Option<OAuthOffer>,
+    ) -> PreAuth {
         let mut p = PreAuth {
             shell: Shell::new(State::Command, tls, starttls_allowed),
             framer: Framer::default(),
             upstream_caps: upstream.to_string(),
+            oauth,
+            bearer: None,
         };
         let listing = p.capabilities();
         p.shell.out.extend_from_slice(listing.as_bytes());
@@ -172,7 +199,11 @@ impl PreAuth {
 
     /// The capability listing (RFC 5804 §1.7), one CRLF-terminated line per capability.
     fn capabilities(&self) -> String {
-        let sasl = if self.shell.tls { "PLAIN LOGIN" } else { "" };
+        let sasl = match (self.shell.tls, &self.oauth) {
+            (false, _) => "",
+            (true, None) => "PLAIN LOGIN",
+            (true, Some(_)) => "PLAIN LOGIN XOAUTH2 OAUTHBEARER",
+        };
         let mut s = format!("\"IMPLEMENTATION\" \"mailgate\"\r\n\"SASL\" \"{sasl}\"\r\n");
         if self.shell.starttls_allowed {
             s.push_str("\"STARTTLS\"\r\n");
@@ -190,8 +221,26 @@ impl PreAuth {
     }
 
     /// The credentials were refused (or the exchange failed); answer the client.
+    ///
+    /// A bearer token refused by the gate ([`AuthReply::Failed`]) first gets the
+    /// mechanism's error challenge, a string on its own line (RFC 5804 §2.1 server
+    /// challenge; RFC 7628 §3.2.3); `NO (AUTH)` follows the client's answer, whatever it is.
     pub fn auth_failed(&mut self, reply: AuthReply) {
         if !self.shell.authenticating() {
+            return;
+        }
+        let bearer = self.bearer.take();
+        if let (AuthReply::Failed, Some(mech), Some(offer)) = (&reply, bearer, &self.oauth) {
+            let challenge = offer.error_challenge(mech);
+            // Base64 needs no escape; a challenge longer than a quoted string may be (a
+            // long metadata URL) goes as a literal.
+            let line = if challenge.len() <= MAX_QUOTED {
+                format!("\"{challenge}\"\r\n")
+            } else {
+                format!("{{{}}}\r\n{challenge}\r\n", challenge.len())
+            };
+            self.shell.out.extend_from_slice(line.as_bytes());
+            self.shell.phase = Phase::Open(State::BearerError);
             return;
         }
         let line = match reply {
@@ -349,15 +398,46 @@ impl PreAuth {
                     self.shell.phase = Phase::Open(State::SaslLoginUser);
                 }
             }
+        } else if let Some(bearer) = BearerMechanism::from_name(mech).filter(|_| self.oauth.is_some()) {
+            match ir {
+                Some(msg) => return Some(self.bearer(bearer, msg.expose())),
+                None => {
+                    self.shell.out.extend_from_slice(b"\"\"\r\n");
+                    self.shell.phase = Phase::Open(State::SaslBearer(bearer));
+                }
+            }
         } else {
             self.bad_command("Unsupported authentication mechanism.");
         }
         None
     }
 
+    /// A bearer message (XOAUTH2 or OAUTHBEARER): the token goes to the driver; a
+    /// malformed message is a plain failure (no token was checked, so no error challenge).
+    fn bearer(&mut self, mech: BearerMechanism, msg: &[u8]) -> Step {
+        match mech.decode(msg) {
+            Ok(creds) => {
+                self.bearer = Some(mech);
+                self.shell.authenticate(creds)
+            }
+            Err(_) => self.shell.refuse(AuthReply::Failed),
+        }
+    }
+
     /// A client response in the SASL exchange: one string on its line, or `"*"` to cancel.
     fn sasl_response(&mut self, unit: &[u8]) -> Option<Step> {
         let state = self.shell.replace(State::Command).unwrap_or(State::Command);
+        if let State::BearerError = state {
+            // The answer to the error challenge ends the exchange, whatever it is (the
+            // unit is a secret the caller wipes).
+            self.shell.failed(
+                "NO (AUTH) \"Authentication failed.\"\r\n",
+                State::Command,
+                MAX_AUTH_FAILURES,
+                "BYE \"Too many authentication failures.\"\r\n",
+            );
+            return None;
+        }
         let data = match tokenize(unit) {
             Ok(tokens) => match tokens.as_slice() {
                 [Token::Str(s)] if s.expose().as_slice() == b"*" => {
@@ -378,6 +458,7 @@ impl PreAuth {
                 Ok(password) => Some(self.shell.authenticate(Credentials::password(user, password))),
                 Err(_) => Some(self.shell.refuse(AuthReply::Failed)),
             },
+            State::SaslBearer(mech) => Some(self.bearer(mech, data.expose())),
             _ => None,
         }
     }

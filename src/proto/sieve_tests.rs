@@ -579,7 +579,12 @@ const GOOD: &[u8] = b"right";
 /// are relayed), other credentials fail, Refuse is answered. Checks the invariants at
 /// every step.
 fn drive_turns(tls: bool, turns: &[Vec<Vec<u8>>]) -> Result<Transcript, TestCaseError> {
-    let mut p = PreAuth::new(HOST, tls, !tls);
+    drive_turns_with(tls, false, turns)
+}
+
+/// [`drive_turns`], offering OAuth if `oauth`.
+fn drive_turns_with(tls: bool, oauth: bool, turns: &[Vec<Vec<u8>>]) -> Result<Transcript, TestCaseError> {
+    let mut p = PreAuth::with_listing(HOST, tls, !tls, "", oauth.then(offer));
     let mut t = Transcript { written: String::new(), events: Vec::new(), relayed: Vec::new() };
     let mut encrypted = tls;
     let mut done = false;
@@ -664,9 +669,9 @@ fn drive_turns(tls: bool, turns: &[Vec<Vec<u8>>]) -> Result<Transcript, TestCase
 }
 
 /// [`drive_turns`] with each read a turn of its own (a client that waits after each).
-fn drive(tls: bool, chunks: &[Vec<u8>]) -> Result<Transcript, TestCaseError> {
+fn drive(tls: bool, oauth: bool, chunks: &[Vec<u8>]) -> Result<Transcript, TestCaseError> {
     let turns: Vec<Vec<Vec<u8>>> = chunks.iter().map(|c| vec![c.clone()]).collect();
-    drive_turns(tls, &turns)
+    drive_turns_with(tls, oauth, &turns)
 }
 
 /// A session that exercises most paths: capability, noop, literal, STARTTLS with an
@@ -737,6 +742,11 @@ fn sieveish_token() -> impl Strategy<Value = Vec<u8>> {
         Just(b"AUTHENTICATE ".to_vec()),
         Just(b"\"PLAIN\"".to_vec()),
         Just(b"\"LOGIN\"".to_vec()),
+        Just(b"\"XOAUTH2\"".to_vec()),
+        Just(b"\"OAUTHBEARER\"".to_vec()),
+        Just(b"\"dXNlcj1hbGljZQFhdXRoPUJlYXJlciByaWdodAEB\"".to_vec()),
+        Just(b"\"dXNlcj1hbGljZQFhdXRoPUJlYXJlciB3cm9uZwEB\"".to_vec()),
+        Just(b"\"AQ==\"".to_vec()),
         Just(b"STARTTLS".to_vec()),
         Just(b"CAPABILITY".to_vec()),
         Just(b"NOOP".to_vec()),
@@ -762,39 +772,41 @@ proptest! {
 
     /// Any bytes in any split: no panic, bounded buffer, no login before TLS.
     #[test]
-    fn prop_random_bytes(tls in any::<bool>(), chunks in chunked(prop::collection::vec(any::<u8>(), 0..96))) {
-        drive(tls, &chunks)?;
+    fn prop_random_bytes(tls in any::<bool>(), oauth in any::<bool>(), chunks in chunked(prop::collection::vec(any::<u8>(), 0..96))) {
+        drive(tls, oauth, &chunks)?;
     }
 
     #[test]
-    fn prop_sieveish_alphabet(tls in any::<bool>(), chunks in chunked(prop::collection::vec(sieveish_byte(), 0..96))) {
-        drive(tls, &chunks)?;
+    fn prop_sieveish_alphabet(tls in any::<bool>(), oauth in any::<bool>(), chunks in chunked(prop::collection::vec(sieveish_byte(), 0..96))) {
+        drive(tls, oauth, &chunks)?;
     }
 
     #[test]
     fn prop_sieveish_tokens(
         tls in any::<bool>(),
+        oauth in any::<bool>(),
         chunks in chunked(prop::collection::vec(sieveish_token(), 0..12).prop_map(|v| v.concat())),
     ) {
-        drive(tls, &chunks)?;
+        drive(tls, oauth, &chunks)?;
     }
 
     #[test]
-    fn prop_big_chunks(tls in any::<bool>(), chunks in prop::collection::vec(prop::collection::vec(sieveish_byte(), 0..20_000), 0..4)) {
-        drive(tls, &chunks)?;
+    fn prop_big_chunks(tls in any::<bool>(), oauth in any::<bool>(), chunks in prop::collection::vec(prop::collection::vec(sieveish_byte(), 0..20_000), 0..4)) {
+        drive(tls, oauth, &chunks)?;
     }
 
     /// Token soup split at random places gives the same transcript as whole.
     #[test]
     fn prop_split_invariant(
         tls in any::<bool>(),
+        oauth in any::<bool>(),
         tokens in prop::collection::vec(sieveish_token(), 0..16),
         cuts in prop::collection::vec(0usize..400, 0..8),
     ) {
         let all = tokens.concat();
-        let reference = drive_turns(tls, &[vec![all.clone()]])?;
+        let reference = drive_turns_with(tls, oauth, &[vec![all.clone()]])?;
         let chunks = split_at(&all, cuts.iter().map(|c| c % (all.len() + 1)));
-        prop_assert_eq!(drive_turns(tls, &[chunks])?, reference);
+        prop_assert_eq!(drive_turns_with(tls, oauth, &[chunks])?, reference);
     }
 }
 
@@ -805,11 +817,12 @@ proptest! {
 fn corpus_replays() {
     let cases = crate::proto::corpus_cuts("sieve");
     assert!(cases.len() >= 12, "corpus missing: {}", cases.len());
-    for tls in [false, true] {
+    for (tls, oauth) in [(false, false), (true, false), (false, true), (true, true)] {
         let mut reference: Option<(String, Transcript)> = None;
         for (name, chunks) in &cases {
-            drive(tls, chunks).unwrap_or_else(|e| panic!("{name} (tls {tls}): {e}"));
-            let t = drive_turns(tls, std::slice::from_ref(chunks)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            drive(tls, oauth, chunks).unwrap_or_else(|e| panic!("{name} (tls {tls}, oauth {oauth}): {e}"));
+            let t =
+                drive_turns_with(tls, oauth, std::slice::from_ref(chunks)).unwrap_or_else(|e| panic!("{name}: {e}"));
             let file = name.rsplit_once(' ').map(|(f, _)| f.to_string()).unwrap_or_default();
             match &reference {
                 Some((f, r)) if *f == file => assert_eq!(&t, r, "{name} (tls {tls})"),
@@ -817,4 +830,203 @@ fn corpus_replays() {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// OAuth 2.0 bearer tokens: XOAUTH2 and OAUTHBEARER (issue 16)
+// ---------------------------------------------------------------------------------------
+
+const METADATA: &str = "https://mail.example.com/.well-known/oauth-authorization-server";
+
+fn offer() -> OAuthOffer {
+    OAuthOffer { metadata_url: METADATA.to_string() }
+}
+
+fn oauth_session(tls: bool) -> PreAuth {
+    let mut p = PreAuth::with_listing(HOST, tls, !tls, "", Some(offer()));
+    let (g, ev) = pump(&mut p);
+    assert!(g.ends_with(READY), "{g}");
+    assert!(ev.is_empty());
+    p
+}
+
+fn xoauth2(user: &str, token: &str) -> String {
+    b64(&format!("user={user}\x01auth=Bearer {token}\x01\x01"))
+}
+
+fn oauthbearer(user: &str, token: &str) -> String {
+    b64(&format!("n,a={user},\x01host=mx.example\x01port=4190\x01auth=Bearer {token}\x01\x01"))
+}
+
+fn challenge(mech: BearerMechanism) -> String {
+    format!("\"{}\"\r\n", offer().error_challenge(mech))
+}
+
+/// Feeds `bytes` and expects bearer credentials for the driver.
+fn expect_bearer(p: &mut PreAuth, bytes: &[u8], user: &str, token: &str) {
+    p.feed(bytes);
+    loop {
+        match p.next() {
+            Next::Write(_) => continue,
+            Next::Event(Action::Authenticate(c)) => {
+                assert_eq!(c.mechanism, sasl::Mechanism::Bearer);
+                assert_eq!((c.username.as_str(), c.password.expose().as_slice()), (user, token.as_bytes()));
+                return;
+            }
+            other => panic!("expected bearer credentials, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_listing_names_the_bearer_mechanisms_only_inside_tls_and_only_when_on() {
+    let mut p = PreAuth::with_listing(HOST, true, false, "", Some(offer()));
+    let (g, _) = pump(&mut p);
+    assert!(g.contains("\"SASL\" \"PLAIN LOGIN XOAUTH2 OAUTHBEARER\"\r\n"), "{g}");
+    let (w, _) = send(&mut p, b"CAPABILITY\r\n");
+    assert!(w.contains("\"SASL\" \"PLAIN LOGIN XOAUTH2 OAUTHBEARER\"\r\n"), "{w}");
+    let mut p = PreAuth::with_listing(HOST, false, true, "", Some(offer()));
+    let (g, _) = pump(&mut p);
+    assert_eq!(g, format!("{LISTING_PLAIN}{READY}"));
+    let (w, _) = send(&mut p, format!("AUTHENTICATE \"XOAUTH2\" \"{}\"\r\n", xoauth2("alice", "t")).as_bytes());
+    assert_eq!(w, "NO \"TLS required: use STARTTLS first\"\r\n");
+    let _ = send(&mut p, b"STARTTLS\r\n");
+    p.tls_started();
+    assert!(pump(&mut p).0.contains("\"SASL\" \"PLAIN LOGIN XOAUTH2 OAUTHBEARER\"\r\n"));
+    // Off: as before.
+    let mut p = session(true);
+    let (w, _) = send(&mut p, b"AUTHENTICATE \"XOAUTH2\"\r\n");
+    assert_eq!(w, "NO \"Unsupported authentication mechanism.\"\r\n");
+}
+
+#[test]
+fn bearer_logins_with_and_without_initial_response() {
+    let mut p = oauth_session(true);
+    expect_bearer(
+        &mut p,
+        format!("AUTHENTICATE \"XOAUTH2\" \"{}\"\r\n", xoauth2("alice", "t1")).as_bytes(),
+        "alice",
+        "t1",
+    );
+    let mut p = oauth_session(true);
+    let ir = oauthbearer("alice", "t2");
+    expect_bearer(
+        &mut p,
+        format!("AUTHENTICATE \"oauthbearer\" {{{}+}}\r\n{ir}\r\n", ir.len()).as_bytes(),
+        "alice",
+        "t2",
+    );
+    for (mech, msg) in [("XOAUTH2", xoauth2("bob", "t3")), ("OAUTHBEARER", oauthbearer("bob", "t3"))] {
+        let mut p = oauth_session(true);
+        assert_eq!(send(&mut p, format!("AUTHENTICATE \"{mech}\"\r\n").as_bytes()), ("\"\"\r\n".to_string(), vec![]));
+        expect_bearer(&mut p, format!("\"{msg}\"\r\n").as_bytes(), "bob", "t3");
+        assert_eq!(p.auth_succeeded(), b"");
+        assert_eq!(pump(&mut p).0, "OK \"Logged in.\"\r\n");
+    }
+}
+
+#[test]
+fn a_refused_token_gets_the_error_challenge_then_no() {
+    for answer in [&b"\"AQ==\"\r\n"[..], b"\"\"\r\n", b"\"*\"\r\n", b"{4+}\r\nAQ==\r\n", b"junk\r\n"] {
+        for (mech, msg) in [
+            (BearerMechanism::XOAuth2, xoauth2("alice", "old")),
+            (BearerMechanism::OAuthBearer, oauthbearer("alice", "old")),
+        ] {
+            let mut p = oauth_session(true);
+            expect_bearer(&mut p, format!("AUTHENTICATE \"{}\" \"{msg}\"\r\n", mech.name()).as_bytes(), "alice", "old");
+            p.auth_failed(AuthReply::Failed);
+            assert_eq!(pump(&mut p), (challenge(mech), vec![]));
+            assert_eq!(send(&mut p, answer), (FAILED.to_string(), vec![]), "{answer:?}");
+            assert_eq!(send(&mut p, b"NOOP\r\n").0, "OK \"Done\"\r\n");
+        }
+    }
+    // A metadata URL long enough to need a literal.
+    let long = OAuthOffer { metadata_url: format!("https://mail.example.com/{}", "x".repeat(1000)) };
+    let mut p = PreAuth::with_listing(HOST, true, false, "", Some(long.clone()));
+    let _ = pump(&mut p);
+    expect_bearer(
+        &mut p,
+        format!("AUTHENTICATE \"OAUTHBEARER\" \"{}\"\r\n", oauthbearer("a", "t")).as_bytes(),
+        "a",
+        "t",
+    );
+    p.auth_failed(AuthReply::Failed);
+    let c = long.error_challenge(BearerMechanism::OAuthBearer);
+    assert_eq!(pump(&mut p).0, format!("{{{}}}\r\n{c}\r\n", c.len()));
+    assert_eq!(send(&mut p, b"\"AQ==\"\r\n").0, FAILED);
+    // Other refusals keep their replies; a malformed message is a plain failure.
+    let mut p = oauth_session(true);
+    expect_bearer(
+        &mut p,
+        format!("AUTHENTICATE \"XOAUTH2\" \"{}\"\r\n", xoauth2("alice", "t")).as_bytes(),
+        "alice",
+        "t",
+    );
+    p.auth_failed(AuthReply::TooMany);
+    assert_eq!(pump(&mut p).0, "NO (TRYLATER) \"Too many sessions.\"\r\n");
+    let (_, ev) = send(&mut p, format!("AUTHENTICATE \"XOAUTH2\" \"{}\"\r\n", b64("user=a\x01\x01")).as_bytes());
+    assert_eq!(ev, vec![Ev::Refuse(AuthReply::Failed)]);
+    p.auth_failed(AuthReply::Failed);
+    assert_eq!(pump(&mut p).0, FAILED);
+}
+
+#[test]
+fn cancel_and_failure_count_in_bearer_exchanges() {
+    let mut p = oauth_session(true);
+    let _ = send(&mut p, b"AUTHENTICATE \"XOAUTH2\"\r\n");
+    assert_eq!(send(&mut p, b"\"*\"\r\n").1, vec![Ev::Refuse(AuthReply::Aborted("Authentication cancelled."))]);
+    p.auth_failed(AuthReply::Aborted("Authentication cancelled."));
+    let _ = pump(&mut p);
+    for i in 0..2 {
+        expect_bearer(
+            &mut p,
+            format!("AUTHENTICATE \"XOAUTH2\" \"{}\"\r\n", xoauth2("alice", "x")).as_bytes(),
+            "alice",
+            "x",
+        );
+        p.auth_failed(AuthReply::Failed);
+        let _ = pump(&mut p);
+        let (w, ev) = send(&mut p, b"\"AQ==\"\r\n");
+        if i == 1 {
+            assert_eq!((w, ev), (format!("{FAILED}BYE \"Too many authentication failures.\"\r\n"), vec![Ev::Close]));
+        } else {
+            assert_eq!((w, ev), (FAILED.to_string(), vec![]));
+        }
+    }
+}
+
+#[test]
+fn every_split_bearer_exchanges() {
+    let turns: Vec<Vec<u8>> = [
+        format!("AUTHENTICATE \"XOAUTH2\" \"{}\"\r\n", xoauth2("alice", "wrong")),
+        "\"AQ==\"\r\n".to_string(),
+        "AUTHENTICATE \"OAUTHBEARER\"\r\n".to_string(),
+        "\"*\"\r\n".to_string(),
+        "AUTHENTICATE \"OAUTHBEARER\"\r\n".to_string(),
+        format!("\"{}\"\r\nLISTSCRIPTS\r\n", oauthbearer("alice", "right")),
+    ]
+    .into_iter()
+    .map(String::into_bytes)
+    .collect();
+    let whole: Vec<Vec<Vec<u8>>> = turns.iter().map(|t| vec![t.clone()]).collect();
+    let reference = drive_turns_with(true, true, &whole).unwrap();
+    assert_eq!(
+        reference.events,
+        vec![
+            auth("alice", "wrong"),
+            Ev::Refuse(AuthReply::Aborted("Authentication cancelled.")),
+            auth("alice", "right")
+        ]
+    );
+    assert!(reference.written.contains(&format!("{}{FAILED}\"\"\r\n", challenge(BearerMechanism::XOAuth2))));
+    assert_eq!(reference.relayed, b"LISTSCRIPTS\r\n");
+    for (ti, turn) in turns.iter().enumerate() {
+        for cut in 0..=turn.len() {
+            let mut split = whole.clone();
+            split[ti] = vec![turn[..cut].to_vec(), turn[cut..].to_vec()];
+            assert_eq!(drive_turns_with(true, true, &split).unwrap(), reference, "turn {ti} cut {cut}");
+        }
+    }
+    let bytewise: Vec<Vec<Vec<u8>>> = turns.iter().map(|t| t.iter().map(|b| vec![*b]).collect()).collect();
+    assert_eq!(drive_turns_with(true, true, &bytewise).unwrap(), reference);
 }

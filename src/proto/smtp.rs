@@ -16,7 +16,7 @@
 
 use crate::proto::from_header::{self, Ambiguity};
 use crate::proto::imap::base64 as b64encode;
-use crate::proto::sasl::{self, Credentials, SaslError};
+use crate::proto::sasl::{self, BearerMechanism, Credentials, OAuthOffer, SaslError};
 use crate::proto::{Goodbye, Machine, Next};
 use base64::Engine as _;
 use smtp_proto::{EhloResponse, Request};
@@ -206,6 +206,11 @@ enum Mech {
     Plain,
     LoginUser,
     LoginPass(String),
+    /// `AUTH XOAUTH2`/`OAUTHBEARER` without an initial response got `334 `.
+    Bearer(BearerMechanism),
+    /// A refused token got its error challenge (`334 <base64 JSON>`); any answer line
+    /// ends the exchange with `535`.
+    BearerError,
 }
 
 #[derive(Debug)]
@@ -301,6 +306,11 @@ pub struct Submission {
     /// The pending RSET is ours, not the client's: its reply is not shown.
     rset_silent: bool,
     ext: Extensions,
+    /// XOAUTH2 and OAUTHBEARER are offered (inside TLS, as every mechanism).
+    oauth: Option<OAuthOffer>,
+    /// The credentials with the driver are a bearer token sent with this mechanism: a
+    /// refusal gets the mechanism's error challenge first.
+    bearer: Option<BearerMechanism>,
 }
 
 impl std::fmt::Debug for Submission {
@@ -345,6 +355,8 @@ impl Submission {
             header_seen: false,
             rset_silent: false,
             ext: Extensions { eight_bit_mime: true, smtputf8: true, size: None },
+            oauth: None,
+            bearer: None,
         };
         s.reply(&format!("220 {hostname} ESMTP mailgate ready"));
         s
@@ -356,6 +368,12 @@ impl Submission {
             self.max_size = self.max_size.min(limit);
         }
         self.ext = ext;
+    }
+
+    /// Offer and accept XOAUTH2 and OAUTHBEARER (`[oauth] enabled`); call before the
+    /// first EHLO. Inside TLS only, like PLAIN and LOGIN.
+    pub fn set_oauth(&mut self, oauth: Option<OAuthOffer>) {
+        self.oauth = oauth;
     }
 
     /// Protocol errors so far (the driver slows down past 10, like Postfix).
@@ -395,8 +413,23 @@ impl Submission {
     }
 
     /// The credentials were refused (or the exchange failed).
+    ///
+    /// A bearer token refused by the gate ([`AuthReply::Failed`]) first gets the
+    /// mechanism's error challenge (`334 <base64 JSON>`, RFC 7628 §3.2.3, Google's
+    /// XOAUTH2); `535 5.7.8` follows the client's answer, whatever it is. Thunderbird
+    /// (comm-central `SmtpClient.sys.mjs`, `_actionAUTH_XOAUTH2`) answers any non-2xx
+    /// reply to `AUTH XOAUTH2 <token>` with an empty line and then reads the final reply;
+    /// a bare `535` instead of the challenge would be taken as that answer's trigger and
+    /// its empty line would meet a command prompt (`500`).
     pub fn auth_failed(&mut self, reply: AuthReply) {
         if !matches!(self.state, State::Authenticating) {
+            return;
+        }
+        let bearer = self.bearer.take();
+        if let (AuthReply::Failed, Some(mech), Some(offer)) = (&reply, bearer, &self.oauth) {
+            let line = format!("334 {}", offer.error_challenge(mech));
+            self.reply(&line);
+            self.state = State::Sasl(Mech::BearerError);
             return;
         }
         self.state = State::Command { discarding: false };
@@ -413,6 +446,11 @@ impl Submission {
             AuthReply::TooMany => "454 4.7.0 Too many connections for this account from your address".to_string(),
         };
         self.reply(&line);
+        self.count_auth_failure();
+    }
+
+    /// Counts a failed authentication; the [`MAX_AUTH_FAILURES`]th closes the connection.
+    fn count_auth_failure(&mut self) {
         self.failures += 1;
         if self.failures >= MAX_AUTH_FAILURES {
             self.close_with("421 4.7.0 Too many authentication failures\r\n");
@@ -504,6 +542,9 @@ impl Submission {
         if self.tls {
             e.capabilities |= smtp_proto::EXT_AUTH;
             e.auth_mechanisms = smtp_proto::AUTH_PLAIN | smtp_proto::AUTH_LOGIN;
+            if self.oauth.is_some() {
+                e.auth_mechanisms |= smtp_proto::AUTH_XOAUTH2 | smtp_proto::AUTH_OAUTHBEARER;
+            }
         } else if self.starttls_allowed {
             e.capabilities |= smtp_proto::EXT_START_TLS;
         }
@@ -780,6 +821,19 @@ impl Submission {
                 None
             }
             smtp_proto::AUTH_LOGIN => Some(self.sasl_data(Mech::LoginUser, ir.as_bytes())),
+            smtp_proto::AUTH_XOAUTH2 | smtp_proto::AUTH_OAUTHBEARER if self.oauth.is_some() => {
+                let mech = if mechanism == smtp_proto::AUTH_XOAUTH2 {
+                    BearerMechanism::XOAuth2
+                } else {
+                    BearerMechanism::OAuthBearer
+                };
+                if ir.is_empty() {
+                    self.reply("334 ");
+                    self.state = State::Sasl(Mech::Bearer(mech));
+                    return None;
+                }
+                Some(self.sasl_data(Mech::Bearer(mech), ir.as_bytes()))
+            }
             _ => {
                 self.error("504 5.5.4 Unrecognized authentication type");
                 None
@@ -788,6 +842,9 @@ impl Submission {
     }
 
     fn step_sasl(&mut self) -> Option<Step> {
+        if matches!(self.state, State::Sasl(Mech::BearerError)) {
+            return self.step_bearer_error();
+        }
         let line = match self.take_line(MAX_AUTH_LINE) {
             LineResult::Incomplete => return Some(Next::NeedInput),
             LineResult::TooLong => {
@@ -815,9 +872,31 @@ impl Submission {
         Some(self.sasl_data(mech, line.expose()))
     }
 
+    /// The answer to a refused token's error challenge: whatever it is (RFC 7628: `^A`;
+    /// Thunderbird: an empty line), the exchange ends with `535`. It may repeat the token,
+    /// so it is wiped unread.
+    fn step_bearer_error(&mut self) -> Option<Step> {
+        match self.take_line(MAX_AUTH_LINE) {
+            LineResult::Incomplete => return Some(Next::NeedInput),
+            LineResult::TooLong => {
+                self.buf.clear();
+                self.state = State::Command { discarding: true };
+            }
+            LineResult::Line(l) => {
+                drop(crate::secret::SecretBytes::from(l));
+                self.state = State::Command { discarding: false };
+            }
+            LineResult::TooLongComplete | LineResult::Bare => self.state = State::Command { discarding: false },
+        }
+        self.reply("535 5.7.8 Authentication credentials invalid");
+        self.count_auth_failure();
+        None
+    }
+
     /// One base64 SASL response for `mech`.
     fn sasl_data(&mut self, mech: Mech, b64: &[u8]) -> Step {
         self.state = State::Authenticating;
+        self.bearer = None;
         let decoded = if b64 == b"=" { Ok(Vec::new()) } else { base64::engine::general_purpose::STANDARD.decode(b64) };
         let Ok(data) = decoded else {
             return Next::Event(Action::Refuse(AuthReply::Aborted("5.5.2 Invalid base64 data")));
@@ -841,6 +920,16 @@ impl Submission {
                 Ok(password) => Next::Event(Action::Authenticate(Credentials::password(user, password))),
                 Err(_) => Next::Event(Action::Refuse(AuthReply::Failed)),
             },
+            // A malformed message is a plain failure: no token was checked.
+            Mech::Bearer(m) => match m.decode(data.expose()) {
+                Ok(creds) => {
+                    self.bearer = Some(m);
+                    Next::Event(Action::Authenticate(creds))
+                }
+                Err(_) => Next::Event(Action::Refuse(AuthReply::Failed)),
+            },
+            // Not an exchange that decodes (answered by `step_bearer_error`).
+            Mech::BearerError => Next::Event(Action::Refuse(AuthReply::Failed)),
         }
     }
 

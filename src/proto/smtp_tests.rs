@@ -441,7 +441,11 @@ struct Transcript {
 /// Runs client turns (what the client sends before it waits for an answer) through the
 /// driver, each cut into reads by `chunk`.
 fn run(tls: bool, max: usize, turns: &[&[u8]], chunk: Chunker<'_>) -> Transcript {
-    let mut d = Driver::raw(tls, !tls, max);
+    run_driver(Driver::raw(tls, !tls, max), turns, chunk)
+}
+
+/// [`run`] on the driver `d` (greeting not read yet).
+fn run_driver(mut d: Driver, turns: &[&[u8]], chunk: Chunker<'_>) -> Transcript {
     d.pump();
     for (i, turn) in turns.iter().enumerate() {
         for c in chunk(i, turn) {
@@ -467,6 +471,13 @@ fn bytewise(_: usize, b: &[u8]) -> Vec<Vec<u8>> {
 /// turns: each turn cut at every position, short turns at every two positions, and
 /// everything byte by byte.
 fn assert_split_invariant(tls: bool, max: usize, turns: &[&[u8]]) -> Transcript {
+    assert_split_invariant_with(&|| Driver::raw(tls, !tls, max), turns)
+}
+
+/// [`assert_split_invariant`] on drivers made by `new`.
+fn assert_split_invariant_with(new: &dyn Fn() -> Driver, turns: &[&[u8]]) -> Transcript {
+    let run = |_: bool, _: usize, turns: &[&[u8]], chunk: Chunker<'_>| run_driver(new(), turns, chunk);
+    let (tls, max) = (true, MAX);
     let reference = run(tls, max, turns, &whole);
     assert_eq!(run(tls, max, turns, &bytewise), reference, "byte by byte");
     for (ti, turn) in turns.iter().enumerate() {
@@ -2465,8 +2476,21 @@ fn buf_bound(s: &Submission) -> usize {
 /// success, nothing after Close, nothing written during the STARTTLS switch); this checks
 /// the buffer bounds after every read. `fail_every`: make every n-th read's upstream step
 /// fail.
+/// [`drive_turns_with`]; OAuth is offered on half the inputs (an odd number of turns),
+/// so the fuzz-style properties reach the bearer exchanges too.
 fn drive_turns(tls: bool, max: usize, fail_every: Option<u8>, turns: &[Vec<Vec<u8>>]) -> Result<Driver, TestCaseError> {
+    drive_turns_with(tls, turns.len() % 2 == 1, max, fail_every, turns)
+}
+
+fn drive_turns_with(
+    tls: bool,
+    oauth: bool,
+    max: usize,
+    fail_every: Option<u8>,
+    turns: &[Vec<Vec<u8>>],
+) -> Result<Driver, TestCaseError> {
     let mut d = Driver::raw(tls, !tls, max);
+    d.s.set_oauth(oauth.then(offer));
     d.pump();
     let mut i = 0usize;
     for turn in turns {
@@ -2519,6 +2543,11 @@ fn smtpish_line() -> impl Strategy<Value = Vec<u8>> {
         b"AGFsaWNlAHJpZ2h0\r\n",
         b"AUTH LOGIN\r\n",
         b"AUTH LOGIN YWxpY2U=\r\n",
+        b"AUTH XOAUTH2 dXNlcj1hbGljZQFhdXRoPUJlYXJlciByaWdodAEB\r\n",
+        b"AUTH XOAUTH2 dXNlcj1hbGljZQFhdXRoPUJlYXJlciB3cm9uZwEB\r\n",
+        b"AUTH OAUTHBEARER\r\n",
+        b"bixhPWFsaWNlLAFhdXRoPUJlYXJlciB3cm9uZwEB\r\n",
+        b"AQ==\r\n",
         b"YWxpY2U=\r\n",
         b"cmlnaHQ=\r\n",
         b"*\r\n",
@@ -2829,9 +2858,10 @@ fn corpus_replays() {
     let cases = crate::proto::corpus_cuts("smtp");
     assert!(cases.len() >= 9, "corpus missing: {}", cases.len());
     for (name, chunks) in cases {
-        for tls in [false, true] {
-            if let Err(e) = drive_invariants(tls, MAX, None, &chunks) {
-                panic!("{name} (tls {tls}): {e}");
+        for (tls, oauth) in [(false, false), (true, false), (false, true), (true, true)] {
+            let turns: Vec<Vec<Vec<u8>>> = chunks.iter().map(|r| vec![r.clone()]).collect();
+            if let Err(e) = drive_turns_with(tls, oauth, MAX, None, &turns) {
+                panic!("{name} (tls {tls}, oauth {oauth}): {e}");
             }
         }
     }
@@ -2858,4 +2888,217 @@ fn another_protocols_first_line_closes_without_an_echo() {
     let later = d.send(b"GET / HTTP/1.1\r\n");
     assert!(later.starts_with("5") && !later.contains("GET"), "{later:?}");
     assert!(d.new_events().is_empty(), "only the first line closes");
+}
+
+// ---------------------------------------------------------------------------------------
+// OAuth 2.0 bearer tokens: XOAUTH2 and OAUTHBEARER (issue 16)
+// ---------------------------------------------------------------------------------------
+
+const METADATA: &str = "https://mail.example.com/.well-known/oauth-authorization-server";
+
+fn offer() -> OAuthOffer {
+    OAuthOffer { metadata_url: METADATA.to_string() }
+}
+
+fn xoauth2(user: &str, token: &str) -> String {
+    b64(format!("user={user}\x01auth=Bearer {token}\x01\x01").as_bytes())
+}
+
+fn oauthbearer(user: &str, token: &str) -> String {
+    b64(format!("n,a={user},\x01host=mail.example.com\x01port=465\x01auth=Bearer {token}\x01\x01").as_bytes())
+}
+
+/// A driver offering OAuth (greeting not read yet).
+fn oauth_raw(tls: bool) -> Driver {
+    let mut d = Driver::raw(tls, !tls, MAX);
+    d.s.set_oauth(Some(offer()));
+    d
+}
+
+/// An implicit-TLS session offering OAuth, after EHLO.
+fn oauth_session() -> Driver {
+    let mut d = oauth_raw(true);
+    d.pump();
+    d.clear();
+    assert!(d.send(b"EHLO client.example\r\n").starts_with("250-"));
+    d.clear();
+    d
+}
+
+fn challenge(mech: BearerMechanism) -> String {
+    format!("334 {}\r\n", offer().error_challenge(mech))
+}
+
+#[test]
+fn ehlo_offers_the_bearer_mechanisms_only_inside_tls_and_only_when_on() {
+    let auth_line = |d: &mut Driver| {
+        let reply = d.send(b"EHLO client.example\r\n");
+        ehlo_lines(&reply).into_iter().find(|l| l.starts_with("AUTH"))
+    };
+    let mut off = Driver::new(true);
+    assert_eq!(auth_line(&mut off).as_deref(), Some("AUTH PLAIN LOGIN"));
+    let mut on = oauth_raw(true);
+    on.pump();
+    on.clear();
+    let line = auth_line(&mut on).unwrap();
+    let mut mechs: Vec<&str> = line.split(' ').skip(1).collect();
+    mechs.sort_unstable();
+    assert_eq!(mechs, ["LOGIN", "OAUTHBEARER", "PLAIN", "XOAUTH2"], "{line}");
+    // Plaintext before STARTTLS: no AUTH at all; after it, the bearer mechanisms too.
+    let mut plain = oauth_raw(false);
+    plain.pump();
+    plain.clear();
+    assert_eq!(auth_line(&mut plain), None);
+    assert_eq!(plain.send(b"STARTTLS\r\n"), R220_TLS);
+    plain.finish_turn();
+    assert!(auth_line(&mut plain).unwrap().contains("XOAUTH2 "), "after STARTTLS");
+    // Before TLS the mechanisms are refused like every AUTH.
+    let mut plain = oauth_raw(false);
+    plain.pump();
+    plain.send(b"EHLO x\r\n");
+    assert_eq!(plain.send(format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice", "t")).as_bytes()), R530_TLS);
+}
+
+#[test]
+fn bearer_logins_with_and_without_initial_response() {
+    for (mech, msg) in [("XOAUTH2", xoauth2("alice", "right")), ("OAUTHBEARER", oauthbearer("alice", "right"))] {
+        // With an initial response (Thunderbird's `AUTH XOAUTH2 <token>`).
+        let mut d = oauth_session();
+        assert_eq!(d.send(format!("AUTH {mech} {msg}\r\n").as_bytes()), R235);
+        assert_eq!(d.new_events(), vec![auth_ev("alice", "right")]);
+        // Without: `334 `, then the message.
+        let mut d = oauth_session();
+        assert_eq!(d.send(format!("AUTH {mech}\r\n").as_bytes()), "334 \r\n");
+        assert_eq!(d.send(format!("{msg}\r\n").as_bytes()), R235);
+        assert_eq!(d.new_events(), vec![auth_ev("alice", "right")]);
+    }
+    // The credentials are a bearer token.
+    let mut s = Submission::new(HOST, true, false, MAX);
+    s.set_oauth(Some(offer()));
+    s.feed(format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice", "tok")).as_bytes());
+    loop {
+        match s.next() {
+            Next::Write(_) => {}
+            Next::Event(Action::Authenticate(c)) => {
+                assert_eq!(c.mechanism, sasl::Mechanism::Bearer);
+                assert_eq!(c.password.expose().as_slice(), b"tok");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// A refused token: `334 <error JSON>`, then — whatever the client answers (Thunderbird:
+/// an empty line) — `535 5.7.8`, and the session reads commands again.
+#[test]
+fn a_refused_token_gets_the_error_challenge_then_535() {
+    for answer in [&b"\r\n"[..], b"AQ==\r\n", b"*\r\n", b"anything at all\r\n", b"bare\n"] {
+        for (mech, msg) in [
+            (BearerMechanism::XOAuth2, xoauth2("alice", "old")),
+            (BearerMechanism::OAuthBearer, oauthbearer("alice", "old")),
+        ] {
+            let mut d = oauth_session();
+            assert_eq!(d.send(format!("AUTH {} {msg}\r\n", mech.name()).as_bytes()), challenge(mech));
+            assert_eq!(d.new_events(), vec![auth_ev("alice", "old")]);
+            assert_eq!(d.send(answer), R535, "{answer:?}");
+            assert_eq!(d.send(b"NOOP\r\n"), R250);
+        }
+    }
+}
+
+/// Only a refused token gets the challenge: a malformed message, an unavailable check and
+/// a password login keep their replies; OAuth off keeps `504`.
+#[test]
+fn other_bearer_refusals_keep_their_replies() {
+    let mut d = oauth_session();
+    assert_eq!(d.send(format!("AUTH XOAUTH2 {}\r\n", b64(b"user=alice\x01auth=Bearer \x01\x01")).as_bytes()), R535);
+    assert_eq!(d.new_events(), vec![Ev::Refuse(AuthReply::Failed)]);
+    assert_eq!(d.send(b"AUTH OAUTHBEARER =\r\n"), R535);
+    let mut d = oauth_session();
+    d.verdict = Some(AuthReply::Unavailable);
+    assert_eq!(
+        d.send(format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice", "t")).as_bytes()),
+        "454 4.7.0 Temporary authentication failure, try again later\r\n"
+    );
+    d.verdict = None;
+    assert_eq!(d.send(format!("AUTH PLAIN {BAD_PLAIN}\r\n").as_bytes()), R535);
+    let mut d = Driver::new(true);
+    d.send(b"EHLO x\r\n");
+    for mech in ["XOAUTH2", "OAUTHBEARER"] {
+        assert_eq!(d.send(format!("AUTH {mech}\r\n").as_bytes()), "504 5.5.4 Unrecognized authentication type\r\n");
+    }
+}
+
+#[test]
+fn cancel_and_bad_base64_in_a_bearer_exchange() {
+    let mut d = oauth_session();
+    assert_eq!(d.send(b"AUTH XOAUTH2\r\n"), "334 \r\n");
+    assert_eq!(d.send(b"*\r\n"), R_CANCELLED);
+    assert_eq!(d.send(b"AUTH OAUTHBEARER\r\n"), "334 \r\n");
+    assert_eq!(d.send(b"!!!\r\n"), R_BAD_B64);
+}
+
+#[test]
+fn refused_tokens_count_as_failures() {
+    let mut d = oauth_session();
+    let line = format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice", "x"));
+    for _ in 0..2 {
+        assert_eq!(d.send(line.as_bytes()), challenge(BearerMechanism::XOAuth2));
+        assert_eq!(d.send(b"\r\n"), R535);
+    }
+    assert_eq!(d.send(line.as_bytes()), challenge(BearerMechanism::XOAuth2));
+    assert_eq!(d.send(b"\r\n"), format!("{R535}421 4.7.0 Too many authentication failures\r\n"));
+    assert!(d.closed);
+}
+
+#[test]
+fn the_answer_to_the_error_challenge_is_bounded() {
+    let mut d = oauth_session();
+    d.send(format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice", "x")).as_bytes());
+    let mut long = vec![b'A'; MAX_AUTH_LINE + 10];
+    long.extend(b"\r\nNOOP\r\n");
+    // The over-long answer still ends the exchange with 535; what follows it is read again.
+    assert_eq!(d.send(&long), format!("{R535}{R250}"));
+    // The longest token fits in an AUTH line.
+    let mut d = oauth_session();
+    let token = "t".repeat(sasl::MAX_TOKEN);
+    d.send(format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice", &token)).as_bytes());
+    assert_eq!(d.new_events(), vec![auth_ev("alice", &token)]);
+}
+
+#[test]
+fn bearer_every_split() {
+    let new = || {
+        let mut d = oauth_raw(true);
+        d.s.set_oauth(Some(offer()));
+        d
+    };
+    let turns = [
+        "EHLO client.example\r\n".to_string(),
+        format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice", "wrong")),
+        "\r\n".to_string(),
+        "AUTH OAUTHBEARER\r\n".to_string(),
+        "*\r\n".to_string(),
+        "AUTH OAUTHBEARER\r\n".to_string(),
+        format!("{}\r\nNOOP\r\n", oauthbearer("alice", "right")),
+    ];
+    let turns: Vec<&[u8]> = turns.iter().map(|s| s.as_bytes()).collect();
+    let t = assert_split_invariant_with(&new, &turns);
+    assert_eq!(
+        t.events,
+        vec![
+            auth_ev("alice", "wrong"),
+            Ev::Refuse(AuthReply::Aborted("5.7.0 Authentication cancelled")),
+            auth_ev("alice", "right")
+        ]
+    );
+    assert!(
+        t.client.contains(&format!(
+            "{}{R535}334 \r\n{R_CANCELLED}334 \r\n{R235}{R250}",
+            challenge(BearerMechanism::XOAuth2)
+        )),
+        "{}",
+        t.client
+    );
 }
