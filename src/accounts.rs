@@ -971,13 +971,16 @@ impl AccountService {
             let Some((ip, protocol, client)) = parse_who(&e.detail) else { continue };
             let full = account_password.len() >= 20;
             match account_password.iter_mut().find(|d| d.ip == ip && d.client == client) {
-                Some(d) => {
-                    if !d.protocols.contains(&protocol) {
-                        d.protocols.push(protocol);
-                    }
-                }
+                Some(d) if !d.protocols.contains(&protocol) => d.protocols.push(protocol),
+                Some(_) => {}
                 None if !full => {
-                    account_password.push(PasswordDevice { ip, client, protocols: vec![protocol], last_seen: e.at, refused });
+                    account_password.push(PasswordDevice {
+                        ip,
+                        client,
+                        protocols: vec![protocol],
+                        last_seen: e.at,
+                        refused,
+                    });
                 }
                 None => {}
             }

@@ -412,7 +412,9 @@ fn devices(ctx: &Context, email: &str, stale_after_days: u64) -> Answer {
         };
         let mut marks = crate::accounts::limits_text(r);
         if d.stale {
-            marks.push_str(&format!(", STALE: unused for over {stale_after_days} days (revoke it if the device is gone)"));
+            marks.push_str(&format!(
+                ", STALE: unused for over {stale_after_days} days (revoke it if the device is gone)"
+            ));
         }
         if let Some((at, why)) = &d.last_refusal {
             marks.push_str(&format!(", last refused {}: {why}", fmt_time(*at)));

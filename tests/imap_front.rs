@@ -241,6 +241,16 @@ fn account_password_of_2fa_account_gets_one_alert() {
     assert!(c.cmd("d", &format!("LOGIN alice@example.com \"{app}\"")).last().unwrap().starts_with("d OK"));
     let list = mg.ok(&["app-password", "list", "alice@example.com"]);
     assert!(list.contains("refused account password (needs an app password): 127.0.0.1 via IMAP"), "{list}");
+    // Issue 18 point 2: `mailgate devices` shows the same, grouped, beside the app password.
+    let devices = mg.ok(&["devices", "alice@example.com"]);
+    assert!(
+        devices.contains("127.0.0.1\tvia IMAP") && devices.contains("REFUSED: give it an app password"),
+        "{devices}"
+    );
+    assert!(devices.contains("test device\tapp password\timap"), "{devices}");
+    let json: serde_json::Value = serde_json::from_str(&mg.ok(&["devices", "alice@example.com", "--json"])).unwrap();
+    assert_eq!(json["account_password"][0]["refused"], true);
+    assert_eq!(json["signed_in"][0]["stale"], false);
     mg.ok(&["totp", "disable", "alice@example.com"]);
     let mut c = tls(&mg);
     assert!(c.cmd("e", "LOGIN alice@example.com alice-account-pw").last().unwrap().starts_with("e OK"));

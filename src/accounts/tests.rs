@@ -538,3 +538,36 @@ mod oauth_grants {
         assert!(svc.oauth_refresh(t.refresh_token.expose(), &client("thunderbird"), &from(), &config()).is_err());
     }
 }
+
+/// Issue 18 point 2: the device list groups account-password use by address and client,
+/// marks devices unused past the stale time, and names an app password's last refusal.
+#[test]
+fn devices_group_password_use_and_mark_stale_ones() {
+    let env = Env::new();
+    let svc = env.service(Actor::Admin);
+    svc.create(ALICE, &[], Some("h".into())).unwrap();
+    let phone = svc.create_app_password(ALICE, "Phone", vec![]).unwrap();
+    let audit = |kind: &str, detail: &str| svc.audit(ALICE, kind, detail.to_string());
+    audit("login", "192.0.2.1 via IMAP (Thunderbird 128.5 (x86_64)) with the account password");
+    audit("login", "192.0.2.1 via SMTP with the account password");
+    audit("login", "192.0.2.1 via SMTP (Thunderbird 128.5 (x86_64)) with the account password");
+    audit("app_password_refused", &format!("Phone ({}) from 198.51.100.1 via IMAP: it has expired", phone.new.id));
+    let d = svc.devices(ALICE, 90 * 86_400).unwrap();
+    assert_eq!(d.account_password.len(), 2, "{:?}", d.account_password);
+    let tb = d.account_password.iter().find(|p| p.client.is_some()).unwrap();
+    assert_eq!(tb.client.as_deref(), Some("Thunderbird 128.5 (x86_64)"));
+    assert_eq!(tb.protocols, vec!["SMTP".to_string(), "IMAP".to_string()]);
+    assert!(!tb.refused);
+    assert!(!d.signed_in[0].stale);
+    assert_eq!(d.signed_in[0].last_refusal.as_ref().map(|r| r.1.as_str()), Some("it has expired"));
+    env.clock.advance(91 * 86_400);
+    assert!(svc.devices(ALICE, 90 * 86_400).unwrap().signed_in[0].stale);
+    // With two-step verification on, only refusals count as still using the password.
+    svc.enable_totp(ALICE, None).unwrap();
+    assert!(svc.devices(ALICE, 90 * 86_400).unwrap().account_password.is_empty());
+    audit("account_password_refused_2fa", "192.0.2.1 via IMAP (Thunderbird 128.5 (x86_64))");
+    let d = svc.devices(ALICE, 90 * 86_400).unwrap();
+    assert!(
+        d.account_password[0].refused && d.account_password[0].client.as_deref() == Some("Thunderbird 128.5 (x86_64)")
+    );
+}
