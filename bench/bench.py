@@ -29,7 +29,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import clients  # noqa: E402
 
-import argon2  # noqa: E402
+try:
+    import argon2  # noqa: E402
+except ImportError:  # --floor-only needs no password hashes (bench/run installs python3-argon2)
+    argon2 = None
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
@@ -48,7 +51,21 @@ N_IDLE_USERS = 20
 N_SMTP_USERS = 16  # the SMTP clients log in as the first 16 idle users ({PLAIN} passwords)
 IDLE_MSGS = 20  # 20 x ~52 KB = ~1.05 MB per session for the "after 1 MB" variant
 MASTER = "proxymaster"
-ARGON2 = argon2.PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32, salt_len=16)
+# The TLS 1.3 suite the clients offer by default (--suite), so that every peer relays with the
+# same cipher whatever its own preference: what the OpenSSL peers and mailgate pick today with
+# OpenSSL's default client offer (docs/performance.md "Cipher suites").
+SUITE = "TLS_AES_256_GCM_SHA384"
+# --no-avx512: OPENSSL_ia32cap for every process (aws-lc in mailgate, OpenSSL in the peers and
+# the Python clients). The part after ':' is ANDed, inverted ('~'), with CPUID leaf 7 (EBX in
+# bits 0-31, ECX in bits 32-63): it clears AVX512F/DQ/IFMA/PF/ER/CD/BW/VL (EBX 0xDC230000) and
+# AVX512VBMI/VBMI2/VNNI/BITALG/VPOPCNTDQ (ECX 0x5842), and keeps AES-NI, AVX2, VAES and
+# VPCLMULQDQ: a host like the AMD EPYC of issue 21 (AVX2 + VAES, no AVX-512). aws-lc takes its
+# AVX-512 AES-GCM code only with VAES, VPCLMULQDQ and AVX512F/DQ/BW/VL. Never set the variable
+# to an empty string: aws-lc then takes it as a CPUID value of 0 and falls back to AES without
+# AES-NI (~20x slower).
+NO_AVX512_MASK = ":~0x5842DC230000"
+CPU_FLAGS = ["aes", "vaes", "vpclmulqdq", "avx2", "avx512f"]
+ARGON2 = argon2 and argon2.PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32, salt_len=16)
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -847,10 +864,13 @@ class Bench:
         log(f"  greeting  {peer:14s} {r['median_ms']:8.3f} ms (idle {idle}%)")
         return r
 
-    def bulk(self, peer, rnd):
-        """IMAP: FETCH 1:* BODY.PEEK[] of the bulk mailbox, --fetches times on one connection."""
+    def bulk(self, peer, rnd, kind="bulk", ctx=None):
+        """IMAP: FETCH 1:* BODY.PEEK[] of the bulk mailbox, --fetches times on one connection.
+        kind "bulk_default_suite": the same with `ctx` offering OpenSSL's default TLS 1.3 suites,
+        so that the server picks by its own preference (mailgate's second figure)."""
         user, pw = self.s.creds(peer, "bulk")[0]
-        return self.download("bulk", peer, rnd, clients.fetch_all, self.s.ports[peer], user, pw, self.a.fetches)
+        return self.download(kind, peer, rnd, clients.fetch_all, self.s.ports[peer], user, pw, self.a.fetches,
+                             ctx=ctx)
 
     def pop3(self, peer, rnd):
         """POP3: RETR of every message of the POP3 mailbox, --pop3-passes times on one connection."""
@@ -858,13 +878,16 @@ class Bench:
         return self.download("pop3", peer, rnd, clients.retr_all, self.s.pop3_port(peer), user, pw,
                              self.a.pop3_messages, self.a.pop3_passes)
 
-    def download(self, kind, peer, rnd, client, port, *args):
-        """One download measurement: `client(ctx, port, *args)` returns [(bytes, seconds)] per
-        pass over the mailbox; records MB/s and the front's and the backend's CPU per GB."""
+    def download(self, kind, peer, rnd, client, port, *args, ctx=None):
+        """One download measurement: `client(ctx, port, *args, info=dict)` returns [(bytes,
+        seconds)] per pass over the mailbox (and puts the negotiated suite into the dict);
+        records MB/s, the suite and the front's and the backend's CPU per GB. `ctx`: another
+        client TLS context than the run's (e.g. one offering OpenSSL's default suites)."""
         idle = self.wait()
         roots, back = self.s.front_roots(peer), self.s.backend_roots()
         c0, b0 = cpu_secs(roots), cpu_secs(back)
-        res = client(self.s.ctx, port, *args)
+        info = {}
+        res = client(ctx or self.s.ctx, port, *args, info=info)
         time.sleep(self.a.cpu_settle)  # let the servers finish closing and reap exited children
         c1, b1 = cpu_secs(roots), cpu_secs(back)
         nbytes = sum(n for n, _ in res)
@@ -874,9 +897,20 @@ class Bench:
                      mb_s=round(nbytes / 1e6 / secs, 1),
                      per_fetch_mb_s=[round(n / 1e6 / t, 1) for n, t in res],
                      front_cpu_ms_per_gb=round((c1 - c0) * 1000 / gb, 1),
-                     backend_cpu_ms_per_gb=round((b1 - b0) * 1000 / gb, 1))
+                     backend_cpu_ms_per_gb=round((b1 - b0) * 1000 / gb, 1),
+                     cipher=info.get("cipher"), tls_version=info.get("tls_version"))
         log(f"  {kind:9s} {peer:14s} {r['mb_s']:8.1f} MB/s  front {r['front_cpu_ms_per_gb']:7.0f} ms/GB"
-            f"  backend {r['backend_cpu_ms_per_gb']:6.0f} ms/GB (idle {idle}%)")
+            f"  backend {r['backend_cpu_ms_per_gb']:6.0f} ms/GB  {r['cipher']} (idle {idle}%)")
+        return r
+
+    def floor(self, rnd):
+        """The floor (see floor_figures), on this machine, between the round's measurements."""
+        idle = self.wait()
+        f = measure_floor(self.a)
+        r = self.rec(kind="floor", peer=None, round=rnd, idle_cpu_pct=idle, **f)
+        log(f"  floor     {f['floor_ms_per_gb']:8.0f} ms/GB = AES {f['aes_ms_per_gb']:.0f} ({f['suite']}) + read "
+            f"{f['read_ms_per_gb']:.0f} + write {f['write_ms_per_gb']:.0f} (syscalls in them "
+            f"{f['syscalls_ms_per_gb']:.0f}); copies-only bound {f['floor_min_ms_per_gb']:.0f} (idle {idle}%)")
         return r
 
     def append(self, peer, rnd):
@@ -1085,6 +1119,11 @@ def summarize(b, args):
     put("bulk_mb_s", "bulk", "mb_s", PEERS)
     put("append_mb_s", "append", "mb_s", PEERS)
     put("proxy_cpu_ms_per_gb", "bulk", "front_cpu_ms_per_gb", PROXIES)
+    # mailgate with the suite it picks itself from OpenSSL's default client offer (--suite pins
+    # the headline figures above to one suite for every peer).
+    put("bulk_mb_s_default_suite", "bulk_default_suite", "mb_s", PEERS)
+    put("proxy_cpu_ms_per_gb_default_suite", "bulk_default_suite", "front_cpu_ms_per_gb", PROXIES)
+    floor_summary(recs, out, spread)
     put("server_cpu_ms_per_gb_dovecot_direct", "bulk", "front_cpu_ms_per_gb", ["dovecot"])
     put("backend_cpu_ms_per_gb", "bulk", "backend_cpu_ms_per_gb", PROXIES)
     put("pop3_mb_s", "pop3", "mb_s", POP3_PEERS)
@@ -1133,6 +1172,8 @@ def summarize(b, args):
          ">=", 1.2),
         ("B2", "proxy CPU per GB <= 0.75x haproxy",
          ratio(g("proxy_cpu_ms_per_gb", "mailgate"), g("proxy_cpu_ms_per_gb", "haproxy")), "<=", 0.75),
+        ("F1", "proxy CPU per GB <= 1.3x the floor measured in the same run",
+         g("proxy_cpu_floor_ratio", "mailgate"), "<=", 1.3),
         ("P1", "POP3 RETR MB/s >= 1.2x haproxy", ratio(g("pop3_mb_s", "mailgate"), g("pop3_mb_s", "haproxy")),
          ">=", 1.2),
         ("L2", "app-password logins/s, 16 clients >= 3x nginx+auth_http (argon2id)",
@@ -1243,6 +1284,9 @@ def compare_text(summary, markdown=False):
 ROWS = [
     ("bulk_mb_s", "bulk FETCH MB/s", 1),
     ("proxy_cpu_ms_per_gb", "proxy CPU ms/GB (fetch)", 0),
+    ("proxy_cpu_floor_ratio", "proxy CPU / floor (fetch)", 2),
+    ("bulk_mb_s_default_suite", "bulk MB/s, server-chosen suite", 1),
+    ("proxy_cpu_ms_per_gb_default_suite", "proxy CPU ms/GB, server's suite", 0),
     ("server_cpu_ms_per_gb_dovecot_direct", "Dovecot direct server CPU ms/GB", 0),
     ("backend_cpu_ms_per_gb", "backend CPU ms/GB (fetch)", 0),
     ("pop3_mb_s", "POP3 RETR MB/s", 1),
@@ -1335,6 +1379,237 @@ def machine_info():
     return info
 
 
+def cpu_flags():
+    """The CPU flags that decide the AES-GCM code path (CPU_FLAGS): present or not, from the
+    first processor in /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return {k: k in have for k in CPU_FLAGS}
+    except OSError:
+        pass
+    return {}
+
+
+def kernel_tls():
+    """Whether this kernel can do kTLS: CONFIG_TLS in /proc/config.gz (or /boot/config-*), and
+    "tls" among the TCP upper-layer protocols it offers."""
+    import glob
+    import gzip
+    out = {"config_tls": None, "tcp_ulps": None}
+    for path in ["/proc/config.gz"] + sorted(glob.glob(f"/boot/config-{platform.release()}")):
+        try:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt") as f:
+                for line in f:
+                    if line.startswith("CONFIG_TLS=") or line.startswith("# CONFIG_TLS is not set"):
+                        out["config_tls"] = line.strip()
+                        break
+            out["config_source"] = path
+            break
+        except OSError:
+            continue
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_ulp") as f:
+            out["tcp_ulps"] = f.read().split()
+    except OSError:
+        pass
+    out["available"] = bool(out["tcp_ulps"] and "tls" in out["tcp_ulps"])
+    return out
+
+
+# Where each flag of CPU_FLAGS sits in the two 64-bit words of OPENSSL_ia32cap: (word, bit).
+# Word 0 is CPUID leaf 1 (EDX in bits 0-31, ECX in 32-63), word 1 leaf 7 (EBX, then ECX).
+IA32CAP_BITS = {"aes": (0, 32 + 25), "avx2": (1, 5), "avx512f": (1, 16), "vaes": (1, 32 + 9),
+                "vpclmulqdq": (1, 32 + 10)}
+
+
+def flags_through_mask(flags, mask):
+    """The CPU_FLAGS as aws-lc and OpenSSL see them through OPENSSL_ia32cap=`mask`:
+    '[~|]value[:[~|]value]', '~' clears the given bits, '|' sets them, a bare value replaces
+    the word (as aws-lc's handle_cpu_env reads it)."""
+    seen = dict(flags)
+    if not mask:
+        return seen
+    for word, field in enumerate(mask.split(":")[:2]):
+        op = field[:1] if field[:1] in ("~", "|") else ""
+        num = field[len(op):]
+        try:
+            v = int(num, 16) if num.lower().startswith("0x") else int(num)
+        except ValueError:
+            continue  # an empty or unreadable field leaves that word alone
+        for name, (w, bit) in IA32CAP_BITS.items():
+            if w != word or name not in seen:
+                continue
+            on = bool(v >> bit & 1)
+            seen[name] = (seen[name] and not on) if op == "~" else (seen[name] or on) if op == "|" else on
+    return seen
+
+
+def host_info(args, records=()):
+    """What decides the cost of a relayed byte on this host: the CPU, its AES-related flags,
+    the OPENSSL_ia32cap mask the run set (--no-avx512), which AES-GCM code aws-lc takes, kTLS,
+    and the suite each peer negotiated in the bulk test."""
+    m = machine_info()
+    flags = cpu_flags()
+    mask = os.environ.get("OPENSSL_ia32cap")
+    seen = flags_through_mask(flags, mask)
+    avx512 = bool(seen.get("vaes") and seen.get("vpclmulqdq") and seen.get("avx512f"))
+    h = {
+        "cpu": m.get("cpu"),
+        "cores": m.get("cores"),
+        "kernel": m.get("kernel"),
+        "cpu_flags": flags,
+        "openssl_ia32cap": mask,
+        "no_avx512": mask == NO_AVX512_MASK,
+        "cpu_flags_seen_by_crypto": seen,
+        # aws-lc (aws-lc-sys 0.47) has two x86-64 AES-GCM paths: VAES + VPCLMULQDQ + AVX-512
+        # (aesni-gcm-avx512), else AES-NI + AVX (aesni-gcm-x86_64, 128-bit); no VAES-AVX2 one.
+        # (its AVX-512 test also wants AVX512DQ/BW/VL, which come with AVX512F on x86-64 CPUs
+        # that have VAES, and which the --no-avx512 mask clears together with it).
+        "aws_lc_aes_gcm_path": ("vaes-avx512" if avx512 else "aesni-avx (no AVX-512: 128-bit AES-NI)"
+                                if seen.get("aes") else "no AES-NI: software AES"),
+        "kernel_tls": kernel_tls(),
+        "client_tls13_suites": args.suite,
+    }
+    for kind, key in (("bulk", "negotiated_suites"), ("bulk_default_suite", "negotiated_suites_default_offer")):
+        got = {}
+        for r in records:
+            if r.get("kind") == kind and r.get("cipher"):
+                got.setdefault(r["peer"], set()).add(r["cipher"])
+        if got:
+            h[key] = {p: ",".join(sorted(v)) for p, v in got.items()}
+    return h
+
+
+def floor_figures(raw, suite):
+    """The floor of one relayed GB on this machine, from the measurements of
+    examples/floor.rs (`raw`), for the TLS 1.3 `suite` the bulk test runs with.
+
+    floor_ms_per_gb = AES ms/GB + read ms/GB + write ms/GB, where
+
+    * AES: CPU to seal 1 GB as TLS 1.3 records of 16 KiB with `suite` in aws-lc-rs (the library
+      rustls encrypts with in mailgate), in place, no copy;
+    * read (from the upstream) and write (to the client): the reader's and the writer's CPU per
+      GB of one loopback TCP stream with 64 KiB reads and writes (mailgate's relay reads 64 KiB
+      at a time and writes four 16 KiB records per read). Each is one kernel copy between a
+      socket and user memory plus that side's TCP work, and includes its syscalls (one read or
+      write per 64 KiB; `syscalls_ms_per_gb` says how much of the two that is).
+
+    Any relay in user space over loopback TCP pays at least this per GB it carries; what a
+    proxy uses above it is its own work (buffer copies, framing, polling, wake-ups).
+    floor_min_ms_per_gb = AES + 2 x memcpy of 1 GB + syscalls is the lower bound if the TCP
+    stack cost nothing but the copies (it does not: loopback delivery, ACKs, skb handling)."""
+    if suite not in raw["aes"]:
+        suite = SUITE  # "default": OpenSSL's default offer; every peer then picks AES-256-GCM
+    aes = raw["aes"][suite]["cpu_ms_per_gb"]
+    lb = raw["loopback_64k"]
+    pairs_per_gb_64k, pairs_per_gb_16k = 1e9 / 65536, 1e9 / 16384
+    sys64 = raw["syscall_pair_ns"] * pairs_per_gb_64k / 1e6
+    sys16 = raw["syscall_pair_ns"] * pairs_per_gb_16k / 1e6
+    memcpy = raw["memcpy"]["cpu_ms_per_gb"]
+    return {
+        "suite": suite,
+        "floor_ms_per_gb": round(aes + lb["reader_cpu_ms_per_gb"] + lb["writer_cpu_ms_per_gb"], 1),
+        "aes_ms_per_gb": aes,
+        "read_ms_per_gb": lb["reader_cpu_ms_per_gb"],
+        "write_ms_per_gb": lb["writer_cpu_ms_per_gb"],
+        "syscalls_ms_per_gb": round(sys64, 1),
+        "floor_min_ms_per_gb": round(aes + 2 * memcpy + sys64, 1),
+        "memcpy_ms_per_gb": memcpy,
+        "memcpy_mb_s": raw["memcpy"]["mb_s"],
+        "loopback_64k_mb_s": lb["mb_s"],
+        "loopback_64k_cpu_ms_per_gb": lb["cpu_ms_per_gb"],
+        "loopback_16k_mb_s": raw["loopback_16k"]["mb_s"],
+        "loopback_16k_cpu_ms_per_gb": raw["loopback_16k"]["cpu_ms_per_gb"],
+        "syscall_pair_ns": raw["syscall_pair_ns"],
+        "syscalls_ms_per_gb_16k": round(sys16, 1),
+        "aes_ms_per_gb_by_suite": {k: v["cpu_ms_per_gb"] for k, v in raw["aes"].items()},
+        "aes_mb_s_by_suite": {k: v["mb_s"] for k, v in raw["aes"].items()},
+        "rustls_send_ms_per_gb_by_suite": {k: v["cpu_ms_per_gb"] for k, v in raw["rustls_send"].items()},
+        "raw": raw,
+    }
+
+
+def measure_floor(args):
+    """Runs examples/floor.rs (--floor-bin) once; returns floor_figures()."""
+    r = subprocess.run([args.floor_bin, "--mib", str(args.floor_mib)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{args.floor_bin} failed ({r.returncode}): {r.stderr[-800:]}")
+    return floor_figures(json.loads(r.stdout), args.suite)
+
+
+def floor_summary(recs, out, spread):
+    """Medians of the round's floor measurements into `out` (floor_ms_per_gb, floor), and
+    proxy CPU per GB over the floor for every proxy (proxy_cpu_floor_ratio)."""
+    fl = [r for r in recs if r["kind"] == "floor"]
+    if not fl:
+        return
+    f = {"suite": fl[0]["suite"], "n": len(fl)}
+    for k, v in fl[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("round", "attempt"):
+            xs = [r[k] for r in fl]
+            f[k] = round(med(xs), 1)
+            if k == "floor_ms_per_gb":
+                spread[k] = [round(min(xs), 1), round(med(xs), 1), round(max(xs), 1)]
+        elif isinstance(v, dict) and k.endswith("_by_suite"):
+            f[k] = {s_: round(med([r[k][s_] for r in fl]), 1) for s_ in v}
+    f["formula"] = ("floor_ms_per_gb = aes_ms_per_gb (TLS 1.3 records of 16 KiB, in place, aws-lc-rs) + "
+                    "read_ms_per_gb + write_ms_per_gb (reader's and writer's CPU per GB of one loopback TCP "
+                    "stream, 64 KiB reads/writes, syscalls included); floor_min_ms_per_gb = aes + 2 x memcpy + "
+                    "syscalls (read + write per 64 KiB)")
+    out["floor"] = f
+    out["floor_ms_per_gb"] = f["floor_ms_per_gb"]
+    ratio = {}
+    for p, v in (out.get("proxy_cpu_ms_per_gb") or {}).items():
+        if v is not None and f["floor_ms_per_gb"]:
+            ratio[p] = round(v / f["floor_ms_per_gb"], 3)
+    out["proxy_cpu_floor_ratio"] = ratio
+
+
+def floor_text(summary, markdown=False):
+    f = summary.get("floor")
+    if not f:
+        return ""
+    aes = ", ".join(f"{k} {v:,.0f}" for k, v in f.get("aes_ms_per_gb_by_suite", {}).items())
+    rs = ", ".join(f"{k} {v:,.0f}" for k, v in f.get("rustls_send_ms_per_gb_by_suite", {}).items())
+    lines = [
+        f"floor (this machine, median of {f['n']}): {f['floor_ms_per_gb']:,.0f} ms/GB = AES {f['aes_ms_per_gb']:,.0f} "
+        f"({f['suite']}) + read {f['read_ms_per_gb']:,.0f} + write {f['write_ms_per_gb']:,.0f} "
+        f"(syscalls in these: {f['syscalls_ms_per_gb']:,.0f}; {f['syscall_pair_ns']:,.0f} ns per read+write)",
+        f"  copies-only bound (AES + 2 x memcpy + syscalls): {f['floor_min_ms_per_gb']:,.0f} ms/GB; memcpy "
+        f"{f['memcpy_mb_s']:,.0f} MB/s ({f['memcpy_ms_per_gb']:,.0f} ms/GB); loopback TCP 64k "
+        f"{f['loopback_64k_mb_s']:,.0f} MB/s ({f['loopback_64k_cpu_ms_per_gb']:,.0f} ms/GB both ends), 16k "
+        f"{f['loopback_16k_mb_s']:,.0f} MB/s ({f['loopback_16k_cpu_ms_per_gb']:,.0f} ms/GB)",
+        f"  AES-GCM record sealing, CPU ms/GB: {aes}; through rustls (copy + seal + framing): {rs}",
+    ]
+    ratio = summary.get("proxy_cpu_floor_ratio") or {}
+    if ratio:
+        lines.append("  proxy CPU per GB / floor: " + ", ".join(f"{p} {v:.2f}" for p, v in ratio.items()))
+    if markdown:
+        lines = [ln.strip() + "  " for ln in lines]
+    return "\n".join(lines)
+
+
+def host_text(host):
+    if not host:
+        return ""
+    flags = " ".join(f"{k}{'+' if v else '-'}" for k, v in host.get("cpu_flags", {}).items())
+    t = (f"host: {host.get('cpu')}, flags {flags}"
+         f"{' (masked for the crypto libraries: OPENSSL_ia32cap=' + host['openssl_ia32cap'] + ')' if host.get('openssl_ia32cap') else ''}"
+         f"; aws-lc AES-GCM path: {host.get('aws_lc_aes_gcm_path')}; kTLS: "
+         f"{'yes' if (host.get('kernel_tls') or {}).get('available') else 'no'}")
+    if host.get("negotiated_suites"):
+        t += "\nsuites negotiated in the bulk test (clients offer " + str(host.get("client_tls13_suites")) + "): " + \
+            ", ".join(f"{p} {c}" for p, c in host["negotiated_suites"].items())
+    if host.get("negotiated_suites_default_offer"):
+        t += "\n  with OpenSSL's default offer: " + ", ".join(
+            f"{p} {c}" for p, c in host["negotiated_suites_default_offer"].items())
+    return t
+
+
 def _dist_version(name):
     try:
         import importlib.metadata
@@ -1381,6 +1656,36 @@ def versions(mg_bin, mg_old=None):
 # ----------------------------------------------------------------------------- main
 
 
+def floor_only(args):
+    """bench/run --floor-only: the floor alone, --rounds times (--quick: once), no servers.
+    Writes bench/results/<time>-floor.json with `floor`, `floor_ms_per_gb` and `host`."""
+    if args.quick:
+        args.rounds = 1
+    args.quiet_timeout = min(args.quiet_timeout, 3.0)  # a loaded machine stays loaded: measure anyway
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t0 = time.time()
+    b = Bench(args, None, None)
+    for rnd in range(args.rounds):
+        b.run(b.floor, rnd, retries=0)
+    out, spread = {}, {}
+    floor_summary(b.records, out, spread)
+    result = {"schema": 1, "floor_only": True, "started_utc": started.isoformat(timespec="seconds"),
+              "elapsed_secs": round(time.time() - t0, 1), "machine": machine_info(),
+              "host": host_info(args), "settings": {k: v for k, v in vars(args).items() if k.startswith("floor")
+                                                    or k in ("rounds", "suite", "no_avx512")},
+              **out, "spread_min_median_max": spread, "measurements": b.records}
+    os.makedirs(args.results, exist_ok=True)
+    path = os.path.join(args.results, started.strftime("%Y%m%dT%H%M%SZ") + "-floor.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    print()
+    print(floor_text(out))
+    print(host_text(result["host"]))
+    print(f"\nresults: {path}")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 round, short loads (for development)")
@@ -1415,7 +1720,8 @@ def main():
                     help="messages per SMTP connection (each connection: TLS, EHLO, AUTH PLAIN)")
     ap.add_argument("--peers", default=",".join(p for p in PEERS if p != "mailgate_old"),
                     help="comma list of %s (mailgate_old is added when --mailgate-old is given)" % ",".join(PEERS))
-    ap.add_argument("--skip", default="", help="comma list of: greeting,bulk,pop3,append,logins,cost,idle,smtp")
+    ap.add_argument("--skip", default="",
+                    help="comma list of: greeting,bulk,floor,pop3,append,logins,cost,idle,smtp")
     ap.add_argument("--mailgate", default=os.path.join(REPO, "target/release/mailgate"))
     ap.add_argument("--mailgate-old", default=None,
                     help="a second mailgate binary measured in the same run as peer mailgate_old (the binary "
@@ -1424,7 +1730,34 @@ def main():
     ap.add_argument("--tmpdir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                     help="where the private directory (configs, logs, mailboxes) is made")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--suite", default=SUITE,
+                    help="the only TLS 1.3 suite the clients offer, so every peer relays with it (OpenSSL name, "
+                         "e.g. TLS_AES_128_GCM_SHA256); 'default': OpenSSL's default offer, each server picks. "
+                         "Unless 'default', mailgate's bulk FETCH is also measured with the default offer "
+                         "(bulk_mb_s_default_suite)")
+    ap.add_argument("--no-avx512", action="store_true",
+                    help="hide AVX-512 from the crypto libraries of every process (OPENSSL_ia32cap=%s: aws-lc in "
+                         "mailgate and the floor, OpenSSL in the peers and clients), to measure a host without "
+                         "AVX-512 (AVX2 + VAES) on one that has it" % NO_AVX512_MASK)
+    ap.add_argument("--floor-only", action="store_true",
+                    help="only the floor (examples/floor.rs, --rounds times): no servers, no root needed")
+    ap.add_argument("--floor-bin", default=os.path.join(REPO, "target/release/examples/floor"),
+                    help="the floor program (cargo build --release --example floor)")
+    ap.add_argument("--floor-mib", type=int, default=1024, help="MiB per floor measurement (AES, memcpy, loopback)")
     args = ap.parse_args()
+    if args.no_avx512 and os.environ.get("OPENSSL_ia32cap") != NO_AVX512_MASK:
+        # Set before OpenSSL is loaded (the ssl module at import): start this script again with
+        # it, so that the clients, every server and the floor program see the same mask.
+        os.environ["OPENSSL_ia32cap"] = NO_AVX512_MASK
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    if os.environ.get("OPENSSL_ia32cap") == "":
+        sys.exit("bench: OPENSSL_ia32cap is set but empty: aws-lc then turns off AES-NI; unset it")
+    clients.TLS13_SUITES = None if args.suite == "default" else args.suite
+    args.floor_bin = os.path.abspath(args.floor_bin)
+    if not os.access(args.floor_bin, os.X_OK):
+        sys.exit(f"bench: {args.floor_bin} not found (cargo build --release --example floor)")
+    if args.floor_only:
+        return floor_only(args)
     if args.quick:
         args.rounds, args.login_secs, args.fetches = 1, 3.0, 1
         args.idle_sessions, args.greetings, args.quiet_timeout, args.cost_secs = 400, 20, 10.0, 3.0
@@ -1489,6 +1822,8 @@ def main():
             s.start_mailgate("mailgate_old", args.mailgate_old)
         log("servers up: " + ", ".join(f"{k}={v}" for k, v in s.ports.items()))
         b = Bench(args, s, messages)
+        # The second bulk figure: the clients' default TLS 1.3 offer, the server's own choice.
+        default_ctx = clients.tls_context(s.cert, "default") if args.suite != "default" else None
         # Warm-up: index the mailbox, fill the page cache, one pass through every path.
         log("warm-up")
         clients.fetch_all(s.ctx, s.ports["dovecot"], s.bulk[0], s.bulk[1], 1)
@@ -1535,6 +1870,11 @@ def main():
             if "bulk" not in skip:
                 for p in order:
                     b.run(b.bulk, p, rnd)
+            if "bulk" not in skip and default_ctx is not None:
+                for p in [x for x in order if is_mg(x)]:
+                    b.run(b.bulk, p, rnd, "bulk_default_suite", default_ctx)
+            if "floor" not in skip:
+                b.run(b.floor, rnd)
             if "pop3" not in skip:
                 for p in [x for x in order if x in pop3_peers]:
                     b.run(b.pop3, p, rnd)
@@ -1595,6 +1935,7 @@ def main():
         "protocol_errors": protocol_errors,
         "leftover_processes": leftovers,
         "machine": machine_info(),
+        "host": host_info(args, b.records if b else []),
         "versions": run_versions,
         "settings": {k: v for k, v in vars(args).items() if k not in ("mailgate", "mailgate_old", "results")},
         "method": {
@@ -1633,6 +1974,9 @@ def main():
           f"{'VALID' if result['valid'] else 'INVALID'}")
     if summary:
         print(table(summary))
+        print()
+        print(floor_text(summary))
+        print(host_text(result["host"]))
         print()
         print(targets_text(summary))
         if summary.get("old_vs_new"):

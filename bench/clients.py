@@ -19,12 +19,55 @@ class ImapError(Exception):
     pass
 
 
-def tls_context(cafile):
+# The TLS 1.3 cipher suites the clients offer (OpenSSL names, ':'-separated), or None for
+# OpenSSL's default offer (TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256,
+# TLS_AES_128_GCM_SHA256, in that order). bench.py sets it before it starts any client, so the
+# forked login and idle workers inherit it: with one suite offered, every server has to use it.
+TLS13_SUITES = None
+
+
+def set_tls13_suites(ctx, suites):
+    """Restricts the TLS 1.3 cipher suites `ctx` offers to `suites`.
+
+    Python's ssl module (3.11 here) has no call for the TLS 1.3 suites (`set_ciphers` sets only
+    the TLS 1.2 list), so this calls OpenSSL's SSL_CTX_set_ciphersuites on the context's SSL_CTX
+    (the first field after the object header of CPython's _ssl._SSLContext) in the libssl that
+    _ssl uses. The result is checked with get_ciphers(), and bench.py records the suite each
+    connection negotiated (SSLSocket.cipher()), so a wrong pointer cannot pass unnoticed."""
+    if hasattr(ctx, "set_ciphersuites"):  # a Python that has the call
+        ctx.set_ciphersuites(suites)
+    else:
+        import ctypes
+        libssl = ctypes.CDLL("libssl.so.3")
+        fn = libssl.SSL_CTX_set_ciphersuites
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        fn.restype = ctypes.c_int
+        ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if not ssl_ctx or fn(ssl_ctx, suites.encode()) != 1:
+            raise RuntimeError(f"SSL_CTX_set_ciphersuites({suites!r}) failed")
+    got = [c["name"] for c in ctx.get_ciphers() if c.get("protocol") == "TLSv1.3"]
+    if got != suites.split(":"):
+        raise RuntimeError(f"TLS 1.3 suites {got}, wanted {suites}")
+
+
+def tls_context(cafile, suites=None):
+    """A TLS 1.3 client context; `suites`: the TLS 1.3 suites to offer ("default": OpenSSL's
+    default offer; None: TLS13_SUITES)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(cafile)
     ctx.check_hostname = True
+    suites = TLS13_SUITES if suites is None else suites
+    if suites and suites != "default":
+        set_tls13_suites(ctx, suites)
     return ctx
+
+
+def note_cipher(sock, info):
+    """Puts the negotiated suite and protocol of `sock` into `info` (a dict), if given."""
+    if info is not None:
+        name, version, _ = sock.cipher()
+        info["cipher"], info["tls_version"] = name, version
 
 
 class TlsConn:
@@ -108,10 +151,11 @@ def read_to_tagged(sock, tag, buf):
                     raise ImapError(f"{tag}: {seg[seg.find(b) + 2:][:200]!r}")
 
 
-def fetch_all(ctx, port, user, password, repeats, buf_size=1 << 20):
+def fetch_all(ctx, port, user, password, repeats, buf_size=1 << 20, info=None):
     """Bulk: FETCH 1:* BODY.PEEK[] `repeats` times on one connection. Returns
-    [(bytes, seconds)] per fetch."""
+    [(bytes, seconds)] per fetch; `info` (a dict) gets the negotiated cipher suite."""
     c = Conn(ctx, port)
+    note_cipher(c.sock, info)
     c.handshake_done_greeting()
     c.login(user, password)
     c.command("e", "EXAMINE INBOX")
@@ -412,11 +456,12 @@ class Pop3Replies:
         return self.total
 
 
-def retr_all(ctx, port, user, password, count, passes, batch=100, buf_size=1 << 20):
+def retr_all(ctx, port, user, password, count, passes, batch=100, buf_size=1 << 20, info=None):
     """POP3 download: USER/PASS, then RETR 1 .. `count` (no DELE) `passes` times on one
     connection, `batch` RETRs per write and two batches in flight, QUIT. Returns
-    [(bytes, seconds)] per pass."""
+    [(bytes, seconds)] per pass; `info` (a dict) gets the negotiated cipher suite."""
     c = Pop3Conn(ctx, port)
+    note_cipher(c.sock, info)
     c.ok()
     c.cmd(f"USER {user}")
     c.cmd(f"PASS {password}")

@@ -15,19 +15,31 @@ import bench  # noqa: E402
 def main():
     with open(sys.argv[1]) as f:
         r = json.load(f)
-    m, v = r["machine"], r["versions"]
+    m, v = r["machine"], r.get("versions", {})
     s = r["settings"]
     print(f"Run `{os.path.basename(sys.argv[1])}`: {r['started_utc']}, {r['elapsed_secs'] / 60:.1f} min, "
-          f"{s['rounds']} rounds, {'valid' if r['valid'] else 'INVALID'}.")
+          f"{s['rounds']} rounds, {'valid' if r.get('valid', True) else 'INVALID'}.")
     print(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('mem_gib')} GiB, Debian {m.get('debian')}, "
           f"kernel {m.get('kernel')}.")
-    print(f"Software: {v.get('dovecot') and 'Dovecot ' + v['dovecot']}, {v.get('nginx')}, {v.get('haproxy')}, "
-          f"{v.get('openssl')}, Python {v.get('python')} ({v.get('python_ssl')}), argon2-cffi "
-          f"{v.get('argon2_cffi')}; mailgate at {str(v.get('git_commit'))[:10]}"
-          f"{' plus uncommitted changes in src/' if v.get('git_src_dirty') else ''}.")
+    if v:
+        print(f"Software: {v.get('dovecot') and 'Dovecot ' + v['dovecot']}, {v.get('nginx')}, {v.get('haproxy')}, "
+              f"{v.get('openssl')}, Python {v.get('python')} ({v.get('python_ssl')}), argon2-cffi "
+              f"{v.get('argon2_cffi')}; mailgate at {str(v.get('git_commit'))[:10]}"
+              f"{' plus uncommitted changes in src/' if v.get('git_src_dirty') else ''}.")
+    if r.get("floor_only"):
+        print(bench.floor_text(r, markdown=True))
+        print()
+        print(bench.host_text(r.get("host")))
+        return
     print()
     print(bench.table(r, markdown=True))
     print()
+    if r.get("floor"):
+        print(bench.floor_text(r, markdown=True))
+        print()
+    if r.get("host"):
+        print(bench.host_text(r["host"]))
+        print()
     print(bench.targets_text(r, markdown=True))
     print()
     if r.get("old_vs_new"):
