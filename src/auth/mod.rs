@@ -826,6 +826,18 @@ impl Authenticator {
     /// scopes.
     async fn verify_bearer(&self, creds: &Credentials, username: &str, protocol: Protocol, peer: &Peer) -> Verdict {
         let Some(key) = self.oauth_key.clone() else { return Verdict::Denied };
+        // OAUTHBEARER without an authzid (RFC 7628 §3.1): the token names the account.
+        let named;
+        let username = if username.is_empty() {
+            let owner = oauth::grant_id_of(creds.password.expose())
+                .and_then(|id| self.store.get_app_password(&id).ok().flatten())
+                .map(|rec| rec.username);
+            let Some(owner) = owner else { return Verdict::Denied };
+            named = owner;
+            named.as_str()
+        } else {
+            username
+        };
         let grant = match oauth::check_access_token(&key, creds.password.expose(), username, self.clock.now()) {
             Ok(id) => id,
             Err(_) => return Verdict::Denied,
@@ -1394,6 +1406,9 @@ mod tests {
             let v = auth.verify(&bearer(user, tok), proto, &peer()).await;
             assert!(matches!(v, Verdict::Denied), "{user} {proto}: {v:?}");
         }
+        // OAUTHBEARER without an authzid: the token's grant names the account.
+        let v = auth.verify(&bearer("", &token), Protocol::Imap, &peer()).await;
+        assert!(matches!(&v, Verdict::Granted(w) if w.username() == "a@x"), "{v:?}");
         // Typed as a password, a token is just a wrong password.
         let typed = Credentials::password("a@x".into(), pw(&token));
         assert!(matches!(auth.verify(&typed, Protocol::Imap, &peer()).await, Verdict::Denied));

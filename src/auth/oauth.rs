@@ -198,6 +198,14 @@ pub fn check_access_token(key: &SecretKey, token: &[u8], username: &str, now: u6
     Ok(id.to_string())
 }
 
+/// The grant id an access token names, if it has the shape of one (not checked).
+pub fn grant_id_of(token: &[u8]) -> Option<String> {
+    let token = std::str::from_utf8(token).ok()?.strip_prefix(ACCESS_PREFIX)?;
+    let id = token.split('.').next()?;
+    (id.len() == crate::auth::app_password::ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .then(|| id.to_string())
+}
+
 /// What an authorization code carries (sealed with `secret.key`, so it cannot be read
 /// or made by anyone else).
 #[derive(serde::Serialize, serde::Deserialize)]
