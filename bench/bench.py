@@ -335,6 +335,7 @@ class Setup:
         self.specs = {}
         self.mg = {}  # mailgate instance name -> {dir, bin, conf}
         self.apps = {}  # mailgate instance name -> user -> [app passwords]
+        self.tokens = {}  # mailgate instance name -> [(user, OAuth access token, "xoauth2")]
 
     # --- accounts
     def make_users(self):
@@ -587,6 +588,9 @@ mail {{
         d = os.path.join(self.w, "haproxy")
         os.makedirs(d)
         port, smtp_port, pop3_port = free_port(), free_port(), free_port()
+        # The web step and OAuth (issue 16): the new binary only (an old one may not know
+        # [oauth]); its XOAUTH2 logins are measured beside the app-password logins.
+        web_port = free_port() if name == "mailgate" else None
         self.ports["haproxy"], self.ports["haproxy_smtp"], self.ports["haproxy_pop3"] = port, smtp_port, pop3_port
         conf = f"""# mailgate bench: haproxy TLS termination, TCP mode (generated)
 global
@@ -662,7 +666,7 @@ listen_tls = ["127.0.0.1:{smtp_port}"]
 listen_starttls = []
 
 [web]
-listen = []
+listen = [{f'"127.0.0.1:{web_port}"' if web_port else ""}]
 
 [upstream.imap]
 address = "127.0.0.1:{self.ports['backend_plain']}"
@@ -697,6 +701,9 @@ master_user = "mailgate"
 master_password_file = "{d}/master.secret"
 xclient = true
 """
+        if web_port:
+            conf = conf.replace('public_url = "https://localhost"', f'public_url = "https://127.0.0.1:{web_port}"')
+            conf += "\n[oauth]\nenabled = true\n"
         with open(mg["conf"], "w") as f:
             f.write(conf + pop3)
         try:
@@ -727,6 +734,12 @@ xclient = true
             listeners.append((pop3_port, "pop3", True))
         self.apps[name] = app
         self.launch(name, [mg["bin"], "--config", mg["conf"], "serve"], d, d + "/mailgate.log", listeners)
+        if web_port:
+            log(f"{name}: signing {len(self.argon_users)} accounts in through the browser (OAuth) for XOAUTH2 logins")
+            self.tokens[name] = [
+                (u, clients.oauth_token(f"https://127.0.0.1:{web_port}", self.cert, u, p), "xoauth2")
+                for u, p, _ in self.argon_users
+            ]
 
     def launch(self, name, cmd, cwd, logfile, listeners):
         """Starts a server (foreground, own process group) and waits for its greeting on each of
@@ -1131,7 +1144,7 @@ def summarize(b, args):
     put("pop3_server_cpu_ms_per_gb_dovecot_direct", "pop3", "front_cpu_ms_per_gb", ["dovecot"])
     put("pop3_backend_cpu_ms_per_gb", "pop3", "backend_cpu_ms_per_gb", PROXIES)
     put("append_proxy_cpu_ms_per_gb", "append", "front_cpu_ms_per_gb_incl_delete", PROXIES)
-    for what, key in (("app", "app_password"), ("argon2", "argon2")):
+    for what, key in (("app", "app_password"), ("argon2", "argon2"), ("xoauth2", "xoauth2")):
         for c in (16, 1):
             put(f"{key}_logins_per_s_c{c}", "logins", "logins_per_s", PEERS, what=what, clients=c)
             put(f"{key}_login_p50_ms_c{c}", "logins", "p50_ms", PEERS, what=what, clients=c)
@@ -1181,6 +1194,10 @@ def summarize(b, args):
          ">=", 3.0),
         ("L2-p99", "app-password login p99 at 16 clients <= 80 ms", g("app_password_login_p99_ms_c16", "mailgate"),
          "<=", 80.0),
+        ("O1", "XOAUTH2 (OAuth token) logins/s, 16 clients >= 1.0x app-password logins",
+         ratio(g("xoauth2_logins_per_s_c16", "mailgate"), g("app_password_logins_per_s_c16", "mailgate")), ">=", 1.0),
+        ("O1-p99", "XOAUTH2 login p99 at 16 clients <= 1.0x the app-password p99",
+         ratio(g("xoauth2_login_p99_ms_c16", "mailgate"), g("app_password_login_p99_ms_c16", "mailgate")), "<=", 1.0),
         ("L1", "argon2id account-password logins/s, 16 clients >= 1.0x Dovecot proxy",
          ratio(g("argon2_logins_per_s_c16", "mailgate"), g("argon2_logins_per_s_c16", "dovecot_proxy")), ">=", 1.0),
         ("L4", "greeting <= 1 ms after the TLS handshake", g("greeting_ms_after_handshake", "mailgate"), "<=", 1.0),
@@ -1303,6 +1320,11 @@ ROWS = [
     ("app_password_login_p50_ms_c1", "app-pw login p50 ms, 1 cl.", 1),
     ("app_password_login_p99_ms_c1", "app-pw login p99 ms, 1 cl.", 1),
     ("app_password_front_cpu_ms_per_login_c1", "app-pw proxy CPU ms/login, 1", 2),
+    ("xoauth2_logins_per_s_c16", "XOAUTH2 logins/s, 16 cl.", 1),
+    ("xoauth2_login_p50_ms_c16", "XOAUTH2 login p50 ms, 16 cl.", 1),
+    ("xoauth2_login_p99_ms_c16", "XOAUTH2 login p99 ms, 16 cl.", 1),
+    ("xoauth2_front_cpu_ms_per_login_c16", "XOAUTH2 proxy CPU ms/login, 16", 2),
+    ("xoauth2_logins_per_s_c1", "XOAUTH2 logins/s, 1 cl.", 1),
     ("argon2_logins_per_s_c16", "argon2 logins/s, 16 cl.", 1),
     ("argon2_login_p50_ms_c16", "argon2 login p50 ms, 16 cl.", 1),
     ("argon2_login_p99_ms_c16", "argon2 login p99 ms, 16 cl.", 1),
@@ -1886,6 +1908,8 @@ def main():
                     for p in order:
                         if is_mg(p):
                             b.run(b.logins, p, rnd, "app", c)
+                        if p in s.tokens:
+                            b.run(b.logins, p, rnd, "xoauth2", c, creds=s.tokens[p])
                         b.run(b.logins, p, rnd, "argon2", c)
             if "smtp" not in skip:
                 for p in [x for x in order if x in SMTP_PEERS]:

@@ -6,9 +6,11 @@ Every reply is checked; anything other than the expected tagged OK (SMTP: reply 
 errors is invalid).
 """
 
+import base64
 import os
 import socket
 import ssl
+import sys
 import time
 
 HOST = "127.0.0.1"
@@ -124,8 +126,54 @@ class Conn(TlsConn):
                     raise ImapError(f"{tag}: {line[:200]!r}")
                 return line
 
-    def login(self, user, password):
-        self.command("a", f'LOGIN "{user}" "{password}"')
+    def login(self, user, password, mechanism=None):
+        if mechanism == "xoauth2":
+            msg = base64.b64encode(f"user={user}\x01auth=Bearer {password}\x01\x01".encode()).decode()
+            self.command("a", f"AUTHENTICATE XOAUTH2 {msg}")
+        else:
+            self.command("a", f'LOGIN "{user}" "{password}"')
+
+
+def oauth_token(web, cafile, user, password):
+    """An OAuth access token for `user`, got as a mail app gets one: the authorization
+    request opened in the stand-in browser of the tests (tests/support/oauth_browser.py:
+    signs in on the web step and consents), the redirect caught on a loopback listener, the
+    code redeemed with PKCE at the token endpoint."""
+    import hashlib, http.server, json, secrets, subprocess, threading, urllib.parse, urllib.request
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+    got = {}
+
+    class Catch(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            got.update(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Catch)
+    redirect = f"http://127.0.0.1:{srv.server_address[1]}/"
+    t = threading.Thread(target=srv.handle_request, daemon=True)
+    t.start()
+    q = urllib.parse.urlencode({"response_type": "code", "client_id": "thunderbird", "redirect_uri": redirect,
+                                "state": "bench", "code_challenge": challenge, "code_challenge_method": "S256",
+                                "scope": "mail", "login_hint": user})
+    browser = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "support", "oauth_browser.py")
+    env = dict(os.environ, TB_OAUTH_USER=user, TB_OAUTH_PASSWORD=password, MG_CA=cafile)
+    r = subprocess.run([sys.executable, browser, f"{web}/oauth/authorize?{q}"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    t.join(10)
+    srv.server_close()
+    if "code" not in got:
+        raise RuntimeError(f"OAuth sign-in for {user} gave no code: {r.stdout[-600:]} {r.stderr[-600:]}")
+    body = urllib.parse.urlencode({"grant_type": "authorization_code", "code": got["code"][0],
+                                   "redirect_uri": redirect, "client_id": "thunderbird",
+                                   "code_verifier": verifier}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{web}/oauth/token", data=body),
+                                context=tls_context(cafile), timeout=30) as resp:
+        return json.loads(resp.read())["access_token"]
 
 
 def read_to_tagged(sock, tag, buf):
@@ -244,14 +292,14 @@ def login_worker(cafile, port, creds, start_at, secs, conn):
         time.sleep(delay)
     end = start_at + secs
     while time.time() < end:
-        user, password = creds[i % len(creds)]
+        user, password, *mech = creds[i % len(creds)]
         i += 1
         t0 = time.perf_counter()
         c = None
         try:
             c = Conn(ctx, port, timeout=30)
             c.handshake_done_greeting()
-            c.login(user, password)
+            c.login(user, password, *mech)
             c.command("b", "LOGOUT")
             lat.append((time.perf_counter() - t0) * 1000.0)
         except (OSError, ImapError, ssl.SSLError) as e:
