@@ -66,6 +66,7 @@ pub fn app_record(id: &str) -> AppPasswordRecord {
         created_by: "web".into(),
         last_used: None,
         last_used_by: Default::default(),
+        oauth: None,
     }
 }
 
