@@ -329,6 +329,8 @@ impl AccountService {
             a.updated_at = now;
             Ok(())
         })?;
+        // Apps signed in through the browser signed in with the old password.
+        self.end_oauth_grants(email);
         Ok(self.account_password_retired(email, "account_password_changed"))
     }
 
@@ -405,7 +407,7 @@ impl AccountService {
     }
 
     /// Turns two-step verification off: the TOTP secret and the backup codes go. Also
-    /// succeeds when it is off. Ends no session.
+    /// succeeds when it is off. Ends the apps signed in through the browser (OAuth grants), no other session.
     pub fn disable_totp(&self, email: &str) -> Result<(), AccountError> {
         let now = self.now();
         self.change(email, |a| {
@@ -416,6 +418,8 @@ impl AccountService {
             Ok(())
         })?;
         self.audit(email, "totp_disabled", self.actor.detail().into());
+        // Apps signed in through the browser signed in with the second factor.
+        self.end_oauth_grants(email);
         Ok(())
     }
 
@@ -556,11 +560,21 @@ impl AccountService {
     /// (second factor included) and the person's consent to `approved`.
     pub fn oauth_issue_code(
         &self,
-        _email: &str,
-        _approved: &oauth::Approved,
-        _oauth: &crate::config::OAuth,
+        email: &str,
+        approved: &oauth::Approved,
+        config: &crate::config::OAuth,
     ) -> Result<SecretString, AccountError> {
-        todo!("issue 16: helper A")
+        let account = self.account(email)?;
+        let claims = oauth::CodeClaims {
+            user: account.username,
+            client: approved.client_id.clone(),
+            redirect: approved.redirect_uri.clone(),
+            challenge: approved.code_challenge.clone(),
+            scopes: approved.scopes.clone(),
+            expires: self.now() + config.code_lifetime.as_secs(),
+            nonce: app_password::random_chars(24)?,
+        };
+        oauth::seal_code(&self.key, &claims).map_err(crypto)
     }
 
     /// Redeems an authorization code at the token endpoint (`grant_type=authorization_code`):
@@ -569,32 +583,258 @@ impl AccountService {
     /// app-password list, audited) and its first tokens.
     pub fn oauth_redeem_code(
         &self,
-        _code: &str,
-        _client: &crate::config::OAuthClient,
-        _redirect_uri: &str,
-        _code_verifier: &str,
-        _from: &oauth::Requester,
-        _oauth: &crate::config::OAuth,
+        code: &str,
+        client: &crate::config::OAuthClient,
+        redirect_uri: &str,
+        code_verifier: &str,
+        from: &oauth::Requester,
+        config: &crate::config::OAuth,
     ) -> Result<oauth::Tokens, oauth::OAuthError> {
-        todo!("issue 16: helper A")
+        use oauth::OAuthError::{InvalidGrant, Unavailable};
+        let claims = oauth::open_code(&self.key, code).ok_or(InvalidGrant)?;
+        let now = self.now();
+        if claims.expires < now {
+            return Err(InvalidGrant);
+        }
+        // Single use, atomically with every other redemption on every node: the code's
+        // nonce is a budget of one attempt that comes back long after the code expired.
+        let once = crate::store::Budget {
+            key: format!("oauth-code:{}", claims.nonce),
+            burst: 1,
+            refill_secs: config.code_lifetime.as_secs() + 86_400,
+        };
+        match self.store.take_attempt(std::slice::from_ref(&once), now) {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                self.audit(&claims.user, "oauth_code_replayed", format!("{} from {}", client.name, from.ip));
+                return Err(InvalidGrant);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store error redeeming an authorization code");
+                return Err(Unavailable);
+            }
+        }
+        if claims.client != client.id
+            || claims.redirect != redirect_uri
+            || !oauth::pkce_matches(code_verifier, &claims.challenge)
+        {
+            return Err(InvalidGrant);
+        }
+        let account = match self.store.get_account(&claims.user) {
+            Ok(Some(a)) => a,
+            Ok(None) => return Err(InvalidGrant),
+            Err(_) => return Err(Unavailable),
+        };
+        let id = app_password::random_chars(app_password::ID_LEN).map_err(|_| Unavailable)?;
+        let refresh = oauth::new_refresh_token(&id, 0).map_err(|_| Unavailable)?;
+        let record = AppPasswordRecord {
+            id: id.clone(),
+            username: account.username.clone(),
+            label: format!("{} ({id})", client.name),
+            scopes: claims.scopes.clone(),
+            hash: String::new(),
+            created_at: now,
+            created_by: "oauth".into(),
+            last_used: None,
+            last_used_by: Default::default(),
+            oauth: Some(crate::store::OAuthGrant {
+                client_id: client.id.clone(),
+                client_name: client.name.clone(),
+                refresh_generation: 0,
+                refresh_hash: oauth::token_hash(refresh.expose()),
+                retired: vec![],
+                refreshed_at: now,
+                user_agent: from.user_agent.clone(),
+            }),
+        };
+        match self.store.create_app_password(&record) {
+            Ok(()) => {}
+            Err(StoreError::Limit(_)) => {
+                self.audit(
+                    &account.username,
+                    "oauth_grant_refused",
+                    format!("{} from {}: too many app passwords and signed-in apps", client.name, from.ip),
+                );
+                return Err(InvalidGrant);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store error creating an OAuth grant");
+                return Err(Unavailable);
+            }
+        }
+        self.audit(
+            &account.username,
+            "oauth_grant_created",
+            format!("{} ({id}) signed in through the browser from {}", client.name, from.ip),
+        );
+        Ok(self.tokens(&account.username, &id, refresh, &claims.scopes, config))
+    }
+
+    fn tokens(
+        &self,
+        username: &str,
+        id: &str,
+        refresh: SecretString,
+        scopes: &[Scope],
+        config: &crate::config::OAuth,
+    ) -> oauth::Tokens {
+        let lifetime = config.access_token_lifetime.as_secs();
+        oauth::Tokens {
+            access_token: oauth::new_access_token(&self.key, id, username, self.now() + lifetime),
+            expires_in: lifetime,
+            refresh_token: refresh,
+            scope: oauth::oauth_scope_string(scopes),
+            grant_id: id.to_string(),
+        }
     }
 
     /// `grant_type=refresh_token`: rotates the refresh token and issues an access token.
     /// A retired refresh token presented again revokes the grant and ends its sessions.
     pub fn oauth_refresh(
         &self,
-        _refresh_token: &str,
-        _client: &crate::config::OAuthClient,
-        _from: &oauth::Requester,
-        _oauth: &crate::config::OAuth,
+        refresh_token: &str,
+        client: &crate::config::OAuthClient,
+        from: &oauth::Requester,
+        config: &crate::config::OAuth,
     ) -> Result<oauth::Tokens, oauth::OAuthError> {
-        todo!("issue 16: helper A")
+        use oauth::OAuthError::{InvalidClient, InvalidGrant, Unavailable};
+        let (id, generation) = oauth::parse_refresh_token(refresh_token).ok_or(InvalidGrant)?;
+        let presented = oauth::token_hash(refresh_token);
+        let next = oauth::new_refresh_token(&id, generation.wrapping_add(1)).map_err(|_| Unavailable)?;
+        let next_hash = oauth::token_hash(next.expose());
+        let now = self.now();
+        let lifetime = config.refresh_token_lifetime.as_secs();
+        #[derive(PartialEq)]
+        enum Refused {
+            Grant,
+            Client,
+            Replayed,
+        }
+        let mut refused = None;
+        let result = self.store.update_app_password(&id, &mut |rec| {
+            let mut refuse = |why| {
+                refused = Some(why);
+                Err(StoreError::Conflict("refused".into()))
+            };
+            let Some(grant) = rec.oauth.as_mut() else { return refuse(Refused::Grant) };
+            if grant.client_id != client.id {
+                return refuse(Refused::Client);
+            }
+            let current = generation == grant.refresh_generation
+                && crate::secret::ct_eq(presented.as_bytes(), grant.refresh_hash.as_bytes());
+            if !current {
+                let replayed = grant.retired.iter().any(|h| crate::secret::ct_eq(h.as_bytes(), presented.as_bytes()));
+                return refuse(if replayed { Refused::Replayed } else { Refused::Grant });
+            }
+            if grant.refreshed_at.saturating_add(lifetime) < now {
+                return refuse(Refused::Grant);
+            }
+            let old = std::mem::replace(&mut grant.refresh_hash, next_hash.clone());
+            grant.retired.push(old);
+            let excess = grant.retired.len().saturating_sub(oauth::RETIRED_KEPT);
+            grant.retired.drain(..excess);
+            grant.refresh_generation = generation.wrapping_add(1);
+            grant.refreshed_at = now;
+            if from.user_agent.is_some() {
+                grant.user_agent = from.user_agent.clone();
+            }
+            Ok(())
+        });
+        match (result, refused) {
+            (Ok(rec), _) => Ok(self.tokens(&rec.username, &id, next, &rec.scopes, config)),
+            (_, Some(Refused::Client)) => Err(InvalidClient),
+            (_, Some(Refused::Replayed)) => {
+                // RFC 9700 §4.14.2: a refresh token used twice means one copy was stolen;
+                // the grant ends for both holders.
+                if let Ok(Some(rec)) = self.store.get_app_password(&id)
+                    && let Ok(_) = self.store.revoke_app_password(&rec.username, &id)
+                {
+                    let ended = self.end_sessions(&rec.username, Some(&id));
+                    self.audit(
+                        &rec.username,
+                        "oauth_refresh_replayed",
+                        format!("{} ({id}): an old refresh token was used from {}; the sign-in was ended and {ended} session(s) closed", rec.label, from.ip),
+                    );
+                }
+                Err(InvalidGrant)
+            }
+            (_, Some(Refused::Grant)) | (Err(StoreError::NotFound(_)), None) => Err(InvalidGrant),
+            (Err(e), None) => {
+                tracing::error!(error = %e, "store error refreshing an OAuth grant");
+                Err(Unavailable)
+            }
+        }
     }
 
     /// RFC 7009 revocation of an access or refresh token issued to `client_id`: revokes
     /// its grant (ends the sessions). An unknown or malformed token is not an error.
-    pub fn oauth_revoke_token(&self, _token: &str, _client_id: &str) -> Result<(), oauth::OAuthError> {
-        todo!("issue 16: helper A")
+    pub fn oauth_revoke_token(&self, token: &str, client_id: &str) -> Result<(), oauth::OAuthError> {
+        let id = if let Some((id, _)) = oauth::parse_refresh_token(token) {
+            id
+        } else if token.starts_with(oauth::ACCESS_PREFIX) {
+            match token.split('.').nth(1) {
+                Some(id) if id.len() == app_password::ID_LEN => id.to_string(),
+                _ => return Ok(()),
+            }
+        } else {
+            return Ok(());
+        };
+        let rec = match self.store.get_app_password(&id) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Ok(()),
+            Err(_) => return Err(oauth::OAuthError::Unavailable),
+        };
+        let Some(grant) = &rec.oauth else { return Ok(()) };
+        if grant.client_id != client_id {
+            return Err(oauth::OAuthError::InvalidClient);
+        }
+        // Only the holder of a token of this grant may end it.
+        let hash = oauth::token_hash(token);
+        let holds = if token.starts_with(oauth::REFRESH_PREFIX) {
+            std::iter::once(&grant.refresh_hash)
+                .chain(&grant.retired)
+                .any(|h| crate::secret::ct_eq(h.as_bytes(), hash.as_bytes()))
+        } else {
+            // An expired access token still proves it was issued for this grant.
+            oauth::check_access_token(&self.key, token.as_bytes(), &rec.username, 0).is_ok()
+        };
+        if !holds {
+            return Ok(());
+        }
+        match self.store.revoke_app_password(&rec.username, &id) {
+            Ok(_) => {
+                let ended = self.end_sessions(&rec.username, Some(&id));
+                self.audit(
+                    &rec.username,
+                    "oauth_grant_revoked",
+                    format!("{} ({id}) by the app; {ended} session(s) closed", rec.label),
+                );
+                Ok(())
+            }
+            Err(StoreError::NotFound(_)) => Ok(()),
+            Err(_) => Err(oauth::OAuthError::Unavailable),
+        }
+    }
+
+    /// Ends every OAuth grant of the account (a new password, two-step verification
+    /// turned off): their refresh tokens stop and their sessions end. Returns how many.
+    fn end_oauth_grants(&self, email: &str) -> usize {
+        let Ok(recs) = self.store.list_app_passwords(email) else { return 0 };
+        let mut ended = 0;
+        for rec in recs.into_iter().filter(|r| r.oauth.is_some()) {
+            if self.store.revoke_app_password(email, &rec.id).is_ok() {
+                self.end_sessions(email, Some(&rec.id));
+                ended += 1;
+            }
+        }
+        if ended > 0 {
+            self.audit(
+                email,
+                "oauth_grants_ended",
+                format!("{ended} app(s) signed in through the browser must sign in again"),
+            );
+        }
+        ended
     }
 
     /// Devices that still send the account password of a 2FA account (refused), newest

@@ -315,8 +315,18 @@ fn app_password_list(ctx: &Context, email: &str) -> Answer {
     let mut json = Vec::new();
     for r in &list {
         let scopes: Vec<&str> = r.scopes.iter().map(|s| s.as_str()).collect();
+        // An OAuth grant (a mail app signed in through the browser) is a device like an
+        // app password: same list, same revoke.
+        let kind = match &r.oauth {
+            Some(g) => format!(
+                "\tsigned in through the browser: client {}{}",
+                g.client_id,
+                g.user_agent.as_deref().map(|ua| format!(", {ua}")).unwrap_or_default()
+            ),
+            None => String::new(),
+        };
         lines.push(format!(
-            "{}\t{}\t{}\tcreated {}\tlast used {}",
+            "{}\t{}\t{}\tcreated {}\tlast used {}{kind}",
             r.id,
             r.label,
             scopes.join(","),
@@ -326,6 +336,11 @@ fn app_password_list(ctx: &Context, email: &str) -> Answer {
         json.push(serde_json::json!({
             "id": r.id, "label": r.label, "scopes": scopes, "created": r.created_at,
             "created_by": r.created_by,
+            "kind": if r.oauth.is_some() { "oauth" } else { "app_password" },
+            "oauth": r.oauth.as_ref().map(|g| serde_json::json!({
+                "client_id": g.client_id, "client_name": g.client_name, "user_agent": g.user_agent,
+                "refreshed": g.refreshed_at,
+            })),
             "last_used": r.last_used.as_ref().map(use_json),
             "last_used_by": r.last_used_by.iter().map(|(p, u)| (p.as_str().to_string(), use_json(u))).collect::<serde_json::Map<_, _>>(),
         }));
@@ -528,5 +543,60 @@ mod unlock_tests {
         assert!(out.ok, "{:?}", out.error);
         assert!(auth.failure_delay(stranger, "a@x", b"y") < Duration::from_secs(1), "the delay was left in place");
         assert!(auth.take_slot(crate::auth::budget::Secret::AccountPassword, "a@x", stranger).await.is_ok());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 16: a mail app signed in through the browser is listed and revoked like an
+    /// app password, with its client, in text and `--json`.
+    #[test]
+    fn oauth_grants_are_listed_and_revoked_like_app_passwords() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::sled_store::SledStore::open(dir.path()).unwrap());
+        let key = Arc::new(SecretKey::from_bytes(&[3; 32]).unwrap());
+        let ctx = Context { store, key, issuer: "mail.example.test".into(), live: None, hashing: None };
+        let svc = ctx.accounts();
+        svc.create("a@example.test", &[], None).unwrap();
+        let cfg = crate::config::Config::from_toml_str("[oauth]\nenabled = true\n", "t").unwrap().oauth;
+        let approved = crate::auth::oauth::Approved {
+            client_id: "thunderbird".into(),
+            redirect_uri: "http://127.0.0.1:5555/".into(),
+            code_challenge: "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM".into(),
+            scopes: vec![Scope::Imap, Scope::Smtp],
+        };
+        let code = svc.oauth_issue_code("a@example.test", &approved, &cfg).unwrap();
+        let from =
+            crate::auth::oauth::Requester { ip: [192, 0, 2, 4].into(), user_agent: Some("Thunderbird/153.0".into()) };
+        let client = cfg.client("thunderbird").unwrap();
+        let t = svc
+            .oauth_redeem_code(
+                code.expose(),
+                client,
+                "http://127.0.0.1:5555/",
+                "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk",
+                &from,
+                &cfg,
+            )
+            .unwrap();
+        let r = execute(&ctx, Request::AppPasswordList { email: "a@example.test".into() });
+        assert!(r.ok, "{:?}", r.error);
+        let line = r.lines.iter().find(|l| l.starts_with(&t.grant_id)).unwrap();
+        assert!(
+            line.contains("Thunderbird")
+                && line.contains("signed in through the browser: client thunderbird, Thunderbird/153.0"),
+            "{line}"
+        );
+        let j = &r.json.unwrap()["app_passwords"][0];
+        assert_eq!(j["kind"], "oauth");
+        assert_eq!(j["oauth"]["client_id"], "thunderbird");
+        assert_eq!(j["scopes"], serde_json::json!(["imap", "smtp"]));
+        let text = serde_json::to_string(j).unwrap();
+        assert!(!text.contains(t.refresh_token.expose()) && !text.contains("refresh_hash"), "{text}");
+        let r = execute(&ctx, Request::AppPasswordRevoke { email: "a@example.test".into(), id: t.grant_id.clone() });
+        assert!(r.ok, "{:?}", r.error);
+        assert!(svc.oauth_refresh(t.refresh_token.expose(), client, &from, &cfg).is_err());
     }
 }

@@ -348,13 +348,16 @@ pub async fn run(
         });
     }
     let key = Arc::new(key);
-    let auth = Authenticator::new(store.clone(), config.limits.max_concurrent_hashes)
+    let mut auth = Authenticator::new(store.clone(), config.limits.max_concurrent_hashes)
         .with_ipv6_prefix(config.limits.ipv6_prefix)
         .with_failure_delays(config.limits.auth_failure_delay, config.limits.ip_penalty_max)
         .with_shared_failure_counts(key.clone())
         .with_upstream_check(config.accounts.clone(), Arc::new(connector.clone()))
         .with_verify_cache(config.accounts.verify_cache)
         .with_metrics(metrics.clone());
+    if config.oauth.enabled {
+        auth = auth.with_oauth(key.clone());
+    }
     let limits =
         ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip, config.limits.ipv6_prefix);
     let web_limits =

@@ -309,7 +309,8 @@ fn is_loopback_redirect(uri: &str) -> bool {
     };
     let host_port = |host: &str, after: &str| -> bool {
         authority.strip_prefix(host).is_some_and(|p| {
-            p.is_empty() || p.strip_prefix(':').is_some_and(|n| !n.is_empty() && n.len() <= 5 && n.parse::<u16>().is_ok())
+            p.is_empty()
+                || p.strip_prefix(':').is_some_and(|n| !n.is_empty() && n.len() <= 5 && n.parse::<u16>().is_ok())
         }) && after.is_empty()
     };
     host_port("localhost", "") || host_port("127.0.0.1", "") || host_port("[::1]", "")
@@ -362,7 +363,10 @@ fn oauth(raw: RawOAuth) -> Result<OAuth, ConfigError> {
             }
         }
         if !c.loopback && c.redirect_uris.is_empty() {
-            return Err(invalid("oauth.clients", format!("client `{id}` has no redirect: set loopback or redirect_uris")));
+            return Err(invalid(
+                "oauth.clients",
+                format!("client `{id}` has no redirect: set loopback or redirect_uris"),
+            ));
         }
         clients.push(OAuthClient { id, name, loopback: c.loopback, redirect_uris: c.redirect_uris });
     }

@@ -424,6 +424,13 @@ impl Store for MeteredStore {
     fn revoke_app_password(&self, username: &str, id: &str) -> Result<AppPasswordRecord, StoreError> {
         self.timed("revoke_app_password", || self.inner.revoke_app_password(username, id))
     }
+    fn update_app_password(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut AppPasswordRecord) -> Result<(), StoreError>,
+    ) -> Result<AppPasswordRecord, StoreError> {
+        self.timed("update_app_password", || self.inner.update_app_password(id, change))
+    }
     fn record_app_password_use(&self, id: &str, used: &LastUse) -> Result<(), StoreError> {
         self.timed("record_app_password_use", || self.inner.record_app_password_use(id, used))
     }

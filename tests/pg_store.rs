@@ -69,6 +69,7 @@ fn store_suite_on_postgres() {
     // Two nodes on one database: compare-and-set and the cap hold across them.
     let url = fresh_db(&pg);
     suite::update_is_check_and_set(open(&url), &[open(&url), open(&url)]);
+    suite::app_password_update_is_check_and_set(open(&url), &[open(&url), open(&url)]);
     let url = fresh_db(&pg);
     suite::concurrent_creation_keeps_the_cap(open(&url), &[open(&url)]);
     let url = fresh_db(&pg);

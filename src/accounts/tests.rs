@@ -354,3 +354,187 @@ fn a_store_export_sealed_with_another_key_is_refused() {
     assert_eq!(same.key.open(&a.totp.unwrap().secret_enc, ALICE).unwrap().expose(), &raw_secret());
     assert_eq!(same.store.list_accounts().unwrap().len(), 2);
 }
+
+// ---------------------------------------------------------------------------------------
+// OAuth grants (issue 16)
+
+mod oauth_grants {
+    use super::*;
+    use crate::auth::oauth::{Approved, OAuthError, Requester, Tokens};
+    use crate::config::{OAuth, OAuthClient};
+
+    const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+    const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+    const REDIRECT: &str = "http://localhost:40123";
+
+    fn config() -> OAuth {
+        crate::config::Config::from_toml_str("[oauth]\nenabled = true\n", "test").unwrap().oauth
+    }
+
+    fn client(id: &str) -> OAuthClient {
+        config().client(id).unwrap().clone()
+    }
+
+    fn from() -> Requester {
+        Requester { ip: [192, 0, 2, 9].into(), user_agent: Some("Thunderbird 153".into()) }
+    }
+
+    fn approved() -> Approved {
+        Approved {
+            client_id: "thunderbird".into(),
+            redirect_uri: REDIRECT.into(),
+            code_challenge: CHALLENGE.into(),
+            scopes: vec![Scope::Imap, Scope::Smtp],
+        }
+    }
+
+    fn signed_in(env: &Env, svc: &AccountService) -> Tokens {
+        let code = svc.oauth_issue_code(ALICE, &approved(), &config()).unwrap();
+        let _ = env;
+        svc.oauth_redeem_code(code.expose(), &client("thunderbird"), REDIRECT, VERIFIER, &from(), &config()).unwrap()
+    }
+
+    fn setup() -> (Env, AccountService) {
+        let env = Env::new();
+        let svc = env.service(Actor::Web);
+        svc.create(ALICE, &[], Some("h".into())).unwrap();
+        (env, svc)
+    }
+
+    #[test]
+    fn a_code_becomes_a_grant_listed_like_an_app_password() {
+        let (env, svc) = setup();
+        let t = signed_in(&env, &svc);
+        assert_eq!(t.scope, "imap smtp");
+        assert_eq!(t.expires_in, 3600);
+        assert!(t.access_token.expose().starts_with("mgat1.") && t.refresh_token.expose().starts_with("mgrt1."));
+        let list = env.store.list_app_passwords(ALICE).unwrap();
+        assert_eq!(list.len(), 1);
+        let g = list[0].oauth.as_ref().unwrap();
+        assert_eq!((g.client_id.as_str(), g.client_name.as_str()), ("thunderbird", "Thunderbird"));
+        assert_eq!(g.user_agent.as_deref(), Some("Thunderbird 153"));
+        assert_eq!(list[0].id, t.grant_id);
+        assert!(!format!("{:?}", list[0]).contains(&g.refresh_hash));
+        assert!(!format!("{t:?}").contains(t.access_token.expose()));
+        assert!(env.audit_kinds().contains(&"oauth_grant_created".to_string()));
+    }
+
+    #[test]
+    fn a_code_works_once_even_when_redeemed_many_times_at_once() {
+        let (env, svc) = setup();
+        let code = svc.oauth_issue_code(ALICE, &approved(), &config()).unwrap();
+        let (c, cfg, who) = (client("thunderbird"), config(), from());
+        let won = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..16)
+                .map(|_| s.spawn(|| svc.oauth_redeem_code(code.expose(), &c, REDIRECT, VERIFIER, &who, &cfg).is_ok()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).filter(|ok| *ok).count()
+        });
+        assert_eq!(won, 1);
+        assert_eq!(env.store.list_app_passwords(ALICE).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_code_is_bound_to_client_redirect_verifier_and_time() {
+        let (env, svc) = setup();
+        let cfg = config();
+        let redeem = |code: &str, client_id: &str, redirect: &str, verifier: &str| {
+            svc.oauth_redeem_code(code, &client(client_id), redirect, verifier, &from(), &cfg)
+        };
+        for (client_id, redirect, verifier) in [
+            ("open", REDIRECT, VERIFIER),
+            ("thunderbird", "http://localhost:40124", VERIFIER),
+            ("thunderbird", REDIRECT, "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXx"),
+            ("thunderbird", REDIRECT, CHALLENGE),
+        ] {
+            let code = svc.oauth_issue_code(ALICE, &approved(), &cfg).unwrap();
+            assert!(matches!(redeem(code.expose(), client_id, redirect, verifier), Err(OAuthError::InvalidGrant)));
+            // A refused attempt used the code up: the right request afterwards fails too.
+            assert!(redeem(code.expose(), "thunderbird", REDIRECT, VERIFIER).is_err());
+        }
+        let code = svc.oauth_issue_code(ALICE, &approved(), &cfg).unwrap();
+        env.clock.advance(61);
+        assert!(matches!(redeem(code.expose(), "thunderbird", REDIRECT, VERIFIER), Err(OAuthError::InvalidGrant)));
+        assert!(matches!(redeem("not-a-code", "thunderbird", REDIRECT, VERIFIER), Err(OAuthError::InvalidGrant)));
+        assert!(env.store.list_app_passwords(ALICE).unwrap().is_empty());
+    }
+
+    #[test]
+    fn refresh_rotates_and_a_replayed_old_token_ends_the_grant() {
+        let (env, svc) = setup();
+        let first = signed_in(&env, &svc);
+        let _live = env.live.register(ALICE, Some(&first.grant_id));
+        let (c, cfg) = (client("thunderbird"), config());
+        let second = svc.oauth_refresh(first.refresh_token.expose(), &c, &from(), &cfg).unwrap();
+        assert_ne!(second.refresh_token.expose(), first.refresh_token.expose());
+        assert_eq!(second.grant_id, first.grant_id);
+        let third = svc.oauth_refresh(second.refresh_token.expose(), &c, &from(), &cfg).unwrap();
+        assert!(matches!(
+            svc.oauth_refresh(third.refresh_token.expose(), &client("open"), &from(), &cfg),
+            Err(OAuthError::InvalidClient)
+        ));
+        // Someone replays the first token: the grant ends for everyone, sessions too.
+        assert!(matches!(
+            svc.oauth_refresh(first.refresh_token.expose(), &c, &from(), &cfg),
+            Err(OAuthError::InvalidGrant)
+        ));
+        assert!(env.store.list_app_passwords(ALICE).unwrap().is_empty());
+        assert_eq!(env.live.len(), 0);
+        assert!(svc.oauth_refresh(third.refresh_token.expose(), &c, &from(), &cfg).is_err());
+        assert!(env.audit_kinds().contains(&"oauth_refresh_replayed".to_string()));
+    }
+
+    #[test]
+    fn a_forged_old_generation_does_not_end_the_grant() {
+        let (env, svc) = setup();
+        let first = signed_in(&env, &svc);
+        let (c, cfg) = (client("thunderbird"), config());
+        let second = svc.oauth_refresh(first.refresh_token.expose(), &c, &from(), &cfg).unwrap();
+        let forged = format!("mgrt1.{}.0.{}", first.grant_id, "a".repeat(32));
+        assert!(svc.oauth_refresh(&forged, &c, &from(), &cfg).is_err());
+        assert!(svc.oauth_refresh(second.refresh_token.expose(), &c, &from(), &cfg).is_ok());
+    }
+
+    #[test]
+    fn refresh_tokens_expire_after_their_lifetime_without_use() {
+        let (env, svc) = setup();
+        let t = signed_in(&env, &svc);
+        env.clock.advance(366 * 86_400);
+        assert!(svc.oauth_refresh(t.refresh_token.expose(), &client("thunderbird"), &from(), &config()).is_err());
+    }
+
+    #[test]
+    fn revocation_needs_a_token_of_the_grant_and_ends_it() {
+        let (env, svc) = setup();
+        let t = signed_in(&env, &svc);
+        let _live = env.live.register(ALICE, Some(&t.grant_id));
+        // Unknown, malformed and forged tokens are not errors and change nothing.
+        for junk in
+            ["", "x", &format!("mgat1.{}.1.AAAA", t.grant_id), &format!("mgrt1.{}.0.{}", t.grant_id, "b".repeat(32))]
+        {
+            svc.oauth_revoke_token(junk, "thunderbird").unwrap();
+        }
+        assert!(matches!(svc.oauth_revoke_token(t.access_token.expose(), "open"), Err(OAuthError::InvalidClient)));
+        assert_eq!(env.store.list_app_passwords(ALICE).unwrap().len(), 1);
+        svc.oauth_revoke_token(t.access_token.expose(), "thunderbird").unwrap();
+        assert!(env.store.list_app_passwords(ALICE).unwrap().is_empty());
+        assert_eq!(env.live.len(), 0);
+    }
+
+    #[test]
+    fn a_new_password_or_2fa_off_ends_every_grant_but_not_app_passwords() {
+        let (env, svc) = setup();
+        let made = svc.create_app_password(ALICE, "Phone", vec![]).unwrap();
+        let t = signed_in(&env, &svc);
+        let _g = env.live.register(ALICE, Some(&t.grant_id));
+        svc.set_password(ALICE, "h2".into(), false).unwrap();
+        let left: Vec<String> = env.store.list_app_passwords(ALICE).unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(left, vec![made.new.id.clone()]);
+        assert_eq!(env.live.len(), 0);
+        svc.enable_totp(ALICE, None).unwrap();
+        signed_in(&env, &svc);
+        svc.disable_totp(ALICE).unwrap();
+        assert_eq!(env.store.list_app_passwords(ALICE).unwrap().len(), 1);
+        assert!(svc.oauth_refresh(t.refresh_token.expose(), &client("thunderbird"), &from(), &config()).is_err());
+    }
+}

@@ -98,6 +98,8 @@ pub enum Method {
     Totp,
     /// Web step: a backup code.
     BackupCode,
+    /// An OAuth access token (SASL XOAUTH2 or OAUTHBEARER).
+    OAuth,
 }
 
 impl Method {
@@ -108,6 +110,16 @@ impl Method {
             Method::AccountPassword => "account-password",
             Method::Totp => "totp",
             Method::BackupCode => "backup-code",
+            Method::OAuth => "oauth",
+        }
+    }
+
+    /// The method of credentials as sent: a bearer token, or what a typed password
+    /// claims by its shape.
+    pub fn of_credentials(creds: &crate::proto::sasl::Credentials) -> Method {
+        match creds.mechanism {
+            crate::proto::sasl::Mechanism::Bearer => Method::OAuth,
+            crate::proto::sasl::Mechanism::Password => Method::of_password(creds.password.expose()),
         }
     }
 

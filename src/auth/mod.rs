@@ -309,6 +309,8 @@ pub struct Authenticator {
     /// The process's metrics (logins counted with their line; the gate, the fronts and
     /// the web step take it from here).
     metrics: crate::metrics::Metrics,
+    /// `[oauth] enabled`: the key access tokens are checked with.
+    oauth_key: Option<Arc<crypto::SecretKey>>,
 }
 
 struct UpstreamMode {
@@ -356,7 +358,15 @@ impl Authenticator {
             clock: Arc::new(clock::SystemClock),
             v6_prefix: crate::addr::DEFAULT_IPV6_PREFIX,
             metrics: crate::metrics::Metrics::new(),
+            oauth_key: None,
         }
+    }
+
+    /// Accepts OAuth access tokens (SASL XOAUTH2 / OAUTHBEARER) made with `key`
+    /// (`[oauth] enabled`). Without it every bearer login is refused.
+    pub fn with_oauth(mut self, key: Arc<crypto::SecretKey>) -> Authenticator {
+        self.oauth_key = Some(key);
+        self
     }
 
     /// Counts into `metrics` (and registers the hashing pool's gauges there).
@@ -723,6 +733,9 @@ impl Authenticator {
     pub async fn verify(&self, creds: &Credentials, protocol: Protocol, peer: &Peer) -> Verdict {
         let store = self.store.clone();
         let username = normalize_username(&creds.username);
+        if creds.mechanism == crate::proto::sasl::Mechanism::Bearer {
+            return self.verify_bearer(creds, &username, protocol, peer).await;
+        }
         if let Some(cache) = &self.app_cache
             && let Some(v) = cached_app_password(store.as_ref(), cache, &username, &creds.password, protocol, peer)
         {
@@ -782,6 +795,45 @@ impl Authenticator {
 }
 
 impl Authenticator {
+    /// An OAuth access token: an HMAC check and two store reads (the grant, the account),
+    /// no hash and no guess budget (a token cannot be guessed). Refused alike for every
+    /// reason: malformed, forged, expired, revoked, another user's, or outside the grant's
+    /// scopes.
+    async fn verify_bearer(&self, creds: &Credentials, username: &str, protocol: Protocol, peer: &Peer) -> Verdict {
+        let Some(key) = self.oauth_key.clone() else { return Verdict::Denied };
+        let grant = match oauth::check_access_token(&key, creds.password.expose(), username, self.clock.now()) {
+            Ok(id) => id,
+            Err(_) => return Verdict::Denied,
+        };
+        // Inline like the cached app-password path: two reads and an unflushed write.
+        let (store, user, who) = (self.store.clone(), username.to_string(), peer.clone());
+        let verdict = (move || {
+            let rec = match store.get_app_password(&grant) {
+                Ok(Some(rec)) => rec,
+                Ok(None) => return Verdict::Denied,
+                Err(e) => {
+                    tracing::error!(error = %e, "store error during a token login");
+                    return Verdict::Unavailable;
+                }
+            };
+            if rec.oauth.is_none() || rec.username != user || !rec.scopes.contains(&protocol.scope()) {
+                return Verdict::Denied;
+            }
+            let account = match store.get_account(&user) {
+                Ok(Some(a)) => a,
+                Ok(None) => return Verdict::Denied,
+                Err(e) => {
+                    tracing::error!(error = %e, "store error during a token login");
+                    return Verdict::Unavailable;
+                }
+            };
+            let audit = |kind: &str, detail: String| record(store.as_ref(), &account.username, kind, detail);
+            grant_app_password(store.as_ref(), &account, rec, protocol, &who, &audit)
+        })();
+        self.note_signed_in(&verdict, peer.ip).await;
+        verdict
+    }
+
     /// A login granted without a guess-budget slot (an app password): its address becomes
     /// familiar to the account (a slot's settlement does this for the others).
     async fn note_signed_in(&self, verdict: &Verdict, ip: IpAddr) {
@@ -928,7 +980,12 @@ fn grant_app_password(
     if let Err(e) = store.record_app_password_use(&rec.id, &used) {
         tracing::warn!(error = %e, "last-use write failed");
     }
-    audit("login", format!("{} with app password {} ({})", who(peer, protocol), rec.label, rec.id));
+    let how = match rec.oauth {
+        // A grant's label names its id already: "Thunderbird (abcdef)".
+        Some(_) => format!("signed in through the browser as {}", rec.label),
+        None => format!("with app password {} ({})", rec.label, rec.id),
+    };
+    audit("login", format!("{} {how}", who(peer, protocol)));
     Verdict::Granted(Authenticated {
         username: account.username.clone(),
         app_password_id: Some(rec.id),
@@ -1123,6 +1180,77 @@ mod tests {
 
     fn pw(s: &str) -> SecretBytes {
         s.as_bytes().to_vec().into()
+    }
+
+    /// Issue 16: an access token logs in its own user over the grant's protocols only,
+    /// without a hash or a guess budget; another user's name, a forged or expired token, a
+    /// revoked grant, a token typed as a password, and tokens while OAuth is off are refused.
+    #[tokio::test]
+    async fn access_tokens_log_in_their_own_user_until_expired_or_revoked() {
+        use crate::auth::clock::FakeClock;
+        use crate::proto::sasl::Mechanism;
+        let (_dir, s, _good) = setup();
+        let store: Arc<dyn Store> = Arc::new(s);
+        store.create_account(&Account::new("b@x", 0)).unwrap();
+        let key = Arc::new(crypto::SecretKey::from_bytes(&[9; 32]).unwrap());
+        let clock = FakeClock::at(1_800_000_000);
+        let accounts =
+            crate::accounts::AccountService::new(store.clone(), key.clone(), "x", crate::accounts::Actor::Web)
+                .with_clock(Arc::new(clock.clone()));
+        let cfg = crate::config::Config::from_toml_str("[oauth]\nenabled = true\n", "t").unwrap().oauth;
+        let client = cfg.client("thunderbird").unwrap().clone();
+        let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        let approved = oauth::Approved {
+            client_id: "thunderbird".into(),
+            redirect_uri: "http://localhost:1".into(),
+            code_challenge: "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM".into(),
+            scopes: vec![Scope::Imap],
+        };
+        let code = accounts.oauth_issue_code("a@x", &approved, &cfg).unwrap();
+        let from = oauth::Requester { ip: ip("192.0.2.1"), user_agent: None };
+        let t =
+            accounts.oauth_redeem_code(code.expose(), &client, "http://localhost:1", verifier, &from, &cfg).unwrap();
+        let token = t.access_token.expose().clone();
+        // One hashing thread, held busy: a token login must not need it.
+        let auth = Authenticator::new(store.clone(), 1).with_clock(Arc::new(clock.clone())).with_oauth(key.clone());
+        let bearer = |user: &str, tok: &str| Credentials {
+            username: user.into(),
+            password: pw(tok),
+            mechanism: Mechanism::Bearer,
+        };
+        let v = auth.verify(&bearer("A@X", &token), Protocol::Imap, &peer()).await;
+        let Verdict::Granted(who) = v else { panic!("{v:?}") };
+        assert_eq!((who.username(), who.app_password_id()), ("a@x", Some(t.grant_id.as_str())));
+        let rec = store.get_app_password(&t.grant_id).unwrap().unwrap();
+        assert_eq!(rec.last_used.as_ref().map(|u| u.ip.as_str()), Some("192.0.2.1"));
+        for (user, tok, proto) in [
+            ("b@x", token.as_str(), Protocol::Imap),
+            ("a@x", token.as_str(), Protocol::Smtp),
+            ("a@x", &token.replace("mgat1.", "mgat1.x"), Protocol::Imap),
+            ("a@x", "mgat1.abcdef.9999999999.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", Protocol::Imap),
+            ("a@x", t.refresh_token.expose().as_str(), Protocol::Imap),
+        ] {
+            let v = auth.verify(&bearer(user, tok), proto, &peer()).await;
+            assert!(matches!(v, Verdict::Denied), "{user} {proto}: {v:?}");
+        }
+        // Typed as a password, a token is just a wrong password.
+        let typed = Credentials::password("a@x".into(), pw(&token));
+        assert!(matches!(auth.verify(&typed, Protocol::Imap, &peer()).await, Verdict::Denied));
+        // OAuth off: refused.
+        let off = Authenticator::new(store.clone(), 1).with_clock(Arc::new(clock.clone()));
+        assert!(matches!(off.verify(&bearer("a@x", &token), Protocol::Imap, &peer()).await, Verdict::Denied));
+        // Expired.
+        clock.advance(3600);
+        assert!(matches!(auth.verify(&bearer("a@x", &token), Protocol::Imap, &peer()).await, Verdict::Denied));
+        // Revoked: a fresh token of the same grant stops at once.
+        let fresh = oauth::new_access_token(&key, &t.grant_id, "a@x", 1_800_003_660);
+        assert!(matches!(
+            auth.verify(&bearer("a@x", fresh.expose()), Protocol::Imap, &peer()).await,
+            Verdict::Granted(_)
+        ));
+        store.revoke_app_password("a@x", &t.grant_id).unwrap();
+        assert!(matches!(auth.verify(&bearer("a@x", fresh.expose()), Protocol::Imap, &peer()).await, Verdict::Denied));
+        assert_eq!(auth.hashing_peak(), 1, "only the typed token was hashed");
     }
 
     /// A verified app password is served from the cache even while every hashing thread

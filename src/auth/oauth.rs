@@ -109,3 +109,213 @@ pub enum OAuthError {
     #[error("temporarily unavailable")]
     Unavailable,
 }
+
+// ----------------------------------------------------------------------------------
+// Token formats
+
+use crate::auth::crypto::SecretKey;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// Longest token or code accepted anywhere (they are far shorter; bounds the work).
+pub const MAX_TOKEN: usize = 4096;
+/// Refresh tokens retired by rotation that are still recognised (a replay of one
+/// revokes the grant).
+pub const RETIRED_KEPT: usize = 8;
+
+/// Hex SHA-256 of a token (what a grant stores of its refresh token).
+pub fn token_hash(token: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new refresh token for grant `id`, generation `generation`.
+pub fn new_refresh_token(id: &str, generation: u32) -> Result<SecretString, getrandom::Error> {
+    let secret = crate::auth::app_password::random_chars(32)?;
+    Ok(format!("{REFRESH_PREFIX}{id}.{generation}.{secret}").into())
+}
+
+/// The grant id and generation a refresh token names, if it has the shape of one.
+pub fn parse_refresh_token(token: &str) -> Option<(String, u32)> {
+    if token.len() > MAX_TOKEN {
+        return None;
+    }
+    let mut parts = token.strip_prefix(REFRESH_PREFIX)?.split('.');
+    let (Some(id), Some(generation), Some(secret), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let ok_id = id.len() == crate::auth::app_password::ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !ok_id || secret.len() != 32 || generation.len() > 10 {
+        return None;
+    }
+    Some((id.to_string(), generation.parse().ok()?))
+}
+
+fn access_tag(key: &SecretKey, id: &str, username: &str, expires: u64) -> String {
+    let tag = key.tag(&[b"oauth access token", id.as_bytes(), username.as_bytes(), &expires.to_be_bytes()]);
+    URL_SAFE_NO_PAD.encode(&tag[..24])
+}
+
+/// An access token for grant `id` of `username`, good until `expires` (unix seconds).
+pub fn new_access_token(key: &SecretKey, id: &str, username: &str, expires: u64) -> SecretString {
+    format!("{ACCESS_PREFIX}{id}.{expires}.{}", access_tag(key, id, username, expires)).into()
+}
+
+/// Why an access token was not accepted (all are answered alike on the mail ports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessRefused {
+    /// Not the shape of a mailgate access token.
+    Malformed,
+    /// Not made by this server for this user.
+    Forged,
+    /// Past its expiry.
+    Expired,
+}
+
+/// The grant id of a valid, unexpired access token of `username`, or why not. Checks
+/// only the token itself; the caller checks the grant still exists.
+pub fn check_access_token(key: &SecretKey, token: &[u8], username: &str, now: u64) -> Result<String, AccessRefused> {
+    if token.len() > MAX_TOKEN {
+        return Err(AccessRefused::Malformed);
+    }
+    let token = std::str::from_utf8(token).map_err(|_| AccessRefused::Malformed)?;
+    let mut parts = token.strip_prefix(ACCESS_PREFIX).ok_or(AccessRefused::Malformed)?.split('.');
+    let (Some(id), Some(expires), Some(tag), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(AccessRefused::Malformed);
+    };
+    if id.len() != crate::auth::app_password::ID_LEN || expires.len() > 20 {
+        return Err(AccessRefused::Malformed);
+    }
+    let expires: u64 = expires.parse().map_err(|_| AccessRefused::Malformed)?;
+    let expected = access_tag(key, id, username, expires);
+    if !crate::secret::ct_eq(expected.as_bytes(), tag.as_bytes()) {
+        return Err(AccessRefused::Forged);
+    }
+    if expires <= now {
+        return Err(AccessRefused::Expired);
+    }
+    Ok(id.to_string())
+}
+
+/// What an authorization code carries (sealed with `secret.key`, so it cannot be read
+/// or made by anyone else).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct CodeClaims {
+    /// The account.
+    pub user: String,
+    /// `client_id`.
+    pub client: String,
+    /// `redirect_uri`.
+    pub redirect: String,
+    /// PKCE S256 challenge.
+    pub challenge: String,
+    /// Granted scopes.
+    pub scopes: Vec<Scope>,
+    /// Expiry (unix seconds).
+    pub expires: u64,
+    /// Random: the key of its single use.
+    pub nonce: String,
+}
+
+const CODE_CONTEXT: &str = "oauth authorization code";
+
+/// Seals claims into a code (base64url, safe in a query string).
+pub fn seal_code(key: &SecretKey, claims: &CodeClaims) -> Result<SecretString, crate::auth::crypto::SealError> {
+    let json = serde_json::to_vec(claims).map_err(|_| crate::auth::crypto::SealError::Encrypt)?;
+    let sealed = key.seal(&json, CODE_CONTEXT)?;
+    Ok(sealed.replace('+', "-").replace('/', "_").trim_end_matches('=').to_string().into())
+}
+
+/// Opens a code made by [`seal_code`]; `None` for anything else.
+pub fn open_code(key: &SecretKey, code: &str) -> Option<CodeClaims> {
+    if code.len() > MAX_TOKEN || !code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return None;
+    }
+    let mut std = code.replace('-', "+").replace('_', "/");
+    while !std.len().is_multiple_of(4) {
+        std.push('=');
+    }
+    let plain = key.open(&std, CODE_CONTEXT).ok()?;
+    serde_json::from_slice(plain.expose()).ok()
+}
+
+/// Whether a PKCE `code_verifier` (RFC 7636 §4.1: 43–128 unreserved characters) matches
+/// an S256 `code_challenge`.
+pub fn pkce_matches(verifier: &str, challenge: &str) -> bool {
+    let shape = (43..=128).contains(&verifier.len())
+        && verifier.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+    if !shape {
+        return false;
+    }
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes());
+    crate::secret::ct_eq(URL_SAFE_NO_PAD.encode(d.as_ref()).as_bytes(), challenge.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> SecretKey {
+        SecretKey::from_bytes(&[7u8; 32]).unwrap()
+    }
+
+    #[test]
+    fn access_tokens_check_out_only_for_their_user_and_until_expiry() {
+        let k = key();
+        let t = new_access_token(&k, "abcdef", "a@example.com", 1000);
+        assert_eq!(check_access_token(&k, t.expose().as_bytes(), "a@example.com", 999), Ok("abcdef".into()));
+        assert_eq!(check_access_token(&k, t.expose().as_bytes(), "a@example.com", 1000), Err(AccessRefused::Expired));
+        assert_eq!(check_access_token(&k, t.expose().as_bytes(), "b@example.com", 10), Err(AccessRefused::Forged));
+        let other = SecretKey::from_bytes(&[8u8; 32]).unwrap();
+        assert_eq!(check_access_token(&other, t.expose().as_bytes(), "a@example.com", 10), Err(AccessRefused::Forged));
+        // A later expiry written into the token breaks the tag.
+        let stretched = t.expose().replace(".1000.", ".9999.");
+        assert_eq!(check_access_token(&k, stretched.as_bytes(), "a@example.com", 10), Err(AccessRefused::Forged));
+        for bad in ["", "mgat1.", "mgat1.abcdef.1000", "mgat1.abcdef.x.y", "Bearer x", "mgat1.a.b.c.d"] {
+            assert_eq!(check_access_token(&k, bad.as_bytes(), "a@example.com", 10), Err(AccessRefused::Malformed));
+        }
+    }
+
+    #[test]
+    fn refresh_tokens_name_their_grant_and_generation() {
+        let t = new_refresh_token("abcdef", 3).unwrap();
+        assert_eq!(parse_refresh_token(t.expose()), Some(("abcdef".into(), 3)));
+        assert_ne!(token_hash(t.expose()), token_hash(new_refresh_token("abcdef", 3).unwrap().expose()));
+        for bad in ["", "mgrt1.abcdef.3", "mgrt1.abc.3.xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx", "mgat1.abcdef.1.x"] {
+            assert_eq!(parse_refresh_token(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn codes_open_only_with_the_key_and_untouched() {
+        let k = key();
+        let claims = CodeClaims {
+            user: "a@example.com".into(),
+            client: "thunderbird".into(),
+            redirect: "http://localhost:1234".into(),
+            challenge: "c".into(),
+            scopes: vec![Scope::Imap],
+            expires: 5,
+            nonce: "n".into(),
+        };
+        let code = seal_code(&k, &claims).unwrap();
+        assert!(code.expose().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        let back = open_code(&k, code.expose()).unwrap();
+        assert_eq!((back.user.as_str(), back.redirect.as_str()), ("a@example.com", "http://localhost:1234"));
+        assert!(open_code(&SecretKey::from_bytes(&[8u8; 32]).unwrap(), code.expose()).is_none());
+        let mut flipped = code.expose().clone().into_bytes();
+        flipped[20] = if flipped[20] == b'A' { b'B' } else { b'A' };
+        assert!(open_code(&k, std::str::from_utf8(&flipped).unwrap()).is_none());
+    }
+
+    #[test]
+    fn pkce_s256_matches_rfc_7636_appendix_b() {
+        let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        assert!(pkce_matches(verifier, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"));
+        assert!(!pkce_matches(verifier, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cN"));
+        assert!(!pkce_matches("short", "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"));
+        // `plain` (the challenge is the verifier) is not S256.
+        assert!(!pkce_matches(verifier, verifier));
+    }
+}

@@ -237,16 +237,22 @@ impl Gate {
         let (outcome, method, app_password) = match &decided {
             Ok(admitted) => {
                 let id = admitted.who.app_password_id().map(str::to_string);
-                let method = if id.is_some() { Method::AppPassword } else { Method::AccountPassword };
+                let method = match creds.mechanism {
+                    crate::proto::sasl::Mechanism::Bearer => Method::OAuth,
+                    _ if id.is_some() => Method::AppPassword,
+                    _ => Method::AccountPassword,
+                };
                 (Outcome::Ok, method, id)
             }
             Err((_, outcome)) => {
                 let password = creds.password.expose();
                 let id = match outcome {
-                    Outcome::Wrong => self.auth.app_password_id_of(&creds.username, password),
+                    Outcome::Wrong if creds.mechanism == crate::proto::sasl::Mechanism::Password => {
+                        self.auth.app_password_id_of(&creds.username, password)
+                    }
                     _ => None,
                 };
-                (*outcome, Method::of_password(password), id)
+                (*outcome, Method::of_credentials(creds), id)
             }
         };
         // The failure delay is counted (and the failure recorded) before the line, and

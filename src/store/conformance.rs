@@ -146,6 +146,56 @@ pub fn update_is_check_and_set(s: Arc<dyn Store>, others: &[Arc<dyn Store>]) {
     assert_eq!(s.get_account("t@x").unwrap().unwrap().addresses.len(), before);
 }
 
+/// An app password's compare-and-set (an OAuth refresh-token rotation): of many
+/// rotations of one generation at once (threads or nodes), one wins; last-use writes in
+/// between are neither lost nor make the change fail; a refused change writes nothing.
+pub fn app_password_update_is_check_and_set(s: Arc<dyn Store>, others: &[Arc<dyn Store>]) {
+    s.create_account(&account("g@x")).unwrap();
+    let mut rec = app("grant1", "g@x", "Thunderbird (grant1)");
+    rec.oauth = Some(OAuthGrant {
+        client_id: "thunderbird".into(),
+        client_name: "Thunderbird".into(),
+        refresh_generation: 0,
+        refresh_hash: "h0".into(),
+        retired: vec![],
+        refreshed_at: 1,
+        user_agent: None,
+    });
+    s.create_app_password(&rec).unwrap();
+    let stores: Vec<Arc<dyn Store>> = std::iter::once(s.clone()).chain(others.iter().cloned()).collect();
+    let mut threads = Vec::new();
+    for i in 0..8 {
+        let store = stores[i % stores.len()].clone();
+        threads.push(std::thread::spawn(move || {
+            let used = LastUse { at: 50 + i as u64, ip: "1.2.3.4".into(), client: None, protocol: Some(Scope::Imap) };
+            store.record_app_password_use("grant1", &used).unwrap();
+            store
+                .update_app_password("grant1", &mut |r| {
+                    let g = r.oauth.as_mut().unwrap();
+                    if g.refresh_generation != 0 {
+                        return Err(StoreError::Conflict("rotated already".into()));
+                    }
+                    g.refresh_generation = 1;
+                    g.refresh_hash = format!("h1-{i}");
+                    Ok(())
+                })
+                .is_ok()
+        }));
+    }
+    let winners = threads.into_iter().map(|t| t.join().unwrap()).filter(|ok| *ok).count();
+    assert_eq!(winners, 1, "one refresh token rotated {winners} times");
+    let got = s.get_app_password("grant1").unwrap().unwrap();
+    assert_eq!(got.oauth.as_ref().unwrap().refresh_generation, 1);
+    assert!(got.last_used.is_some(), "last use kept");
+    let r = s.update_app_password("grant1", &mut |r| {
+        r.label = "changed".into();
+        Err(StoreError::Conflict("no".into()))
+    });
+    assert!(r.is_err());
+    assert_eq!(s.get_app_password("grant1").unwrap().unwrap().label, "Thunderbird (grant1)");
+    assert!(matches!(s.update_app_password("nothing", &mut |_| Ok(())), Err(StoreError::NotFound(_))));
+}
+
 /// Creating app passwords at once from many threads (or nodes): never past the cap,
 /// never two with one label.
 pub fn concurrent_creation_keeps_the_cap(s: Arc<dyn Store>, others: &[Arc<dyn Store>]) {

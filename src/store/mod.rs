@@ -401,6 +401,16 @@ pub trait Store: Send + Sync {
     fn list_app_passwords(&self, username: &str) -> Result<Vec<AppPasswordRecord>, StoreError>;
     /// Deletes an app password of that account. Durable on return.
     fn revoke_app_password(&self, username: &str, id: &str) -> Result<AppPasswordRecord, StoreError>;
+    /// Changes an app password atomically (an OAuth grant's refresh-token rotation):
+    /// `change` sees the current record and may refuse (its error is returned, nothing is
+    /// written); it may run more than once if a concurrent write intervened. Only the
+    /// record's own fields are written (not its last use). `NotFound` if it is gone.
+    /// Durable on return.
+    fn update_app_password(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut AppPasswordRecord) -> Result<(), StoreError>,
+    ) -> Result<AppPasswordRecord, StoreError>;
     /// Records a successful use. Not flushed (written within sled's 500 ms background flush).
     fn record_app_password_use(&self, id: &str, used: &LastUse) -> Result<(), StoreError>;
     /// Appends an audit event. Not flushed.

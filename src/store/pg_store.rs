@@ -582,6 +582,43 @@ impl Store for PgStore {
         })
     }
 
+    fn update_app_password(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut AppPasswordRecord) -> Result<(), StoreError>,
+    ) -> Result<AppPasswordRecord, StoreError> {
+        for _ in 0..CAS_ROUNDS {
+            let key = id.to_string();
+            let current = self.run(move |c| async move {
+                let row = c
+                    .query_opt("SELECT data, last_used, last_used_by FROM app_passwords WHERE id = $1", &[&key])
+                    .await
+                    .map_err(pg)?;
+                Ok(row.map(|r| (r.get::<_, String>(0), r.get::<_, Option<String>>(1), r.get::<_, String>(2))))
+            })?;
+            let Some((data, last_used, last_used_by)) = current else {
+                return Err(StoreError::NotFound(format!("no app password with id {id}")));
+            };
+            let mut rec = app_record(&data, last_used, &last_used_by, id)?;
+            change(&mut rec)?;
+            let mut stored = rec.clone();
+            stored.last_used = None;
+            stored.last_used_by.clear();
+            let (key, new) = (id.to_string(), encode(&stored)?);
+            // The row's data is only written by creation and by this compare-and-set (last
+            // uses have their own columns), so equal data means nobody changed it.
+            let swapped = self.run(move |c| async move {
+                c.execute("UPDATE app_passwords SET data = $2 WHERE id = $1 AND data = $3", &[&key, &new, &data])
+                    .await
+                    .map_err(pg)
+            })?;
+            if swapped == 1 {
+                return Ok(rec);
+            }
+        }
+        Err(StoreError::Conflict(format!("app password {id} was changed at the same time; try again")))
+    }
+
     fn record_app_password_use(&self, id: &str, used: &LastUse) -> Result<(), StoreError> {
         let protocol = used.protocol.map(|p| p.as_str()).unwrap_or("");
         let (id, used) = (id.to_string(), encode(used)?);

@@ -393,6 +393,28 @@ impl Store for SledStore {
         Ok(rec)
     }
 
+    fn update_app_password(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut AppPasswordRecord) -> Result<(), StoreError>,
+    ) -> Result<AppPasswordRecord, StoreError> {
+        // Compare-and-swap; a last-use write in between makes it read and check again.
+        for _ in 0..64 {
+            let Some(current) = self.app_passwords.get(id).map_err(backend)? else {
+                return Err(StoreError::NotFound(format!("no app password with id {id}")));
+            };
+            let mut rec: AppPasswordRecord = decode(id, &current)?;
+            change(&mut rec)?;
+            let value = encode(&rec)?;
+            if self.app_passwords.compare_and_swap(id.as_bytes(), Some(current), Some(value)).map_err(backend)?.is_ok()
+            {
+                self.durable()?;
+                return Ok(rec);
+            }
+        }
+        Err(StoreError::Conflict(format!("app password {id} was changed at the same time; try again")))
+    }
+
     fn record_app_password_use(&self, id: &str, used: &LastUse) -> Result<(), StoreError> {
         // Read-modify-write without flush; a concurrent revoke wins (the record is gone).
         let _ = self
@@ -514,6 +536,12 @@ mod tests {
         suite::audit_is_kept_per_account(&s);
         let kept = s.audit.scan_prefix(index_key("a@x", "")).count();
         assert!((MAX_AUDIT_PER_ACCOUNT..MAX_AUDIT_PER_ACCOUNT + 64).contains(&kept), "{kept}");
+    }
+
+    #[test]
+    fn app_password_update_is_check_and_set() {
+        let (_d, s) = open();
+        suite::app_password_update_is_check_and_set(Arc::new(s), &[]);
     }
 
     #[test]

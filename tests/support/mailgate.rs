@@ -26,8 +26,10 @@ pub struct Options {
     pub master_password: String,
     /// Extra `[limits]` lines.
     pub limits: String,
-    /// `[server] public_url`.
+    /// `[server] public_url`; `{web}` is replaced by the web step's address.
     pub public_url: String,
+    /// `[server] hostname`.
+    pub hostname: String,
     /// Upstream SMTP address.
     pub smtp_upstream: String,
     /// `[upstream.smtp]` extra lines.
@@ -62,6 +64,7 @@ impl Default for Options {
             master_password: "master-secret".into(),
             limits: "auth_failure_delay_ms = 200\n".into(),
             public_url: "https://mail.example.test".into(),
+            hostname: "mail.example.test".into(),
             smtp_upstream: format!("127.0.0.1:{}", free_port()),
             smtp_upstream_extra: String::new(),
             smtp_extra: String::new(),
@@ -150,7 +153,7 @@ impl Mailgate {
             };
             let text = format!(
                 r#"[server]
-hostname = "mail.example.test"
+hostname = "{hostname}"
 public_url = "{public_url}"
 data_dir = "data"
 [tls]
@@ -183,7 +186,8 @@ master_password_file = "config/master.secret"
 {sieve}
 {extra_sections}
 "#,
-                public_url = opts.public_url,
+                public_url = opts.public_url.replace("{web}", &web.to_string()),
+                hostname = opts.hostname,
                 cert = pki.cert.display(),
                 key = pki.key.display(),
                 upstream = opts.upstream,
@@ -262,6 +266,11 @@ master_password_file = "config/master.secret"
             }
             std::fs::write(&self.config, config).unwrap();
         }
+    }
+
+    /// The server's directory (config, data, certificates).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Stops the server (SIGTERM, then SIGKILL) and starts it again on the same config.

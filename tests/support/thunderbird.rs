@@ -15,6 +15,11 @@ pub fn script() -> PathBuf {
 /// fixed 15 s for each Marionette answer, which a machine loaded by parallel tests can
 /// exceed) is run again, up to three runs; a mail step's failure never is.
 pub fn run(args: &[&str]) -> Output {
+    run_env(args, &[])
+}
+
+/// [`run`] with extra environment (inherited by the `--oauth-browser` program).
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let script = script();
@@ -22,7 +27,7 @@ pub fn run(args: &[&str]) -> Output {
     let mut runs = 0;
     loop {
         runs += 1;
-        let out = Command::new("python3").arg(&script).args(args).output().unwrap();
+        let out = Command::new("python3").arg(&script).args(args).envs(env.iter().copied()).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         let harness_only = stdout.contains("FAIL harness") && !stdout.contains("PASS ");
         if out.status.success() || !harness_only || runs == 3 {
