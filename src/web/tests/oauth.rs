@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 /// RFC 7636 appendix B.
 const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
-const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHAoeRt8ZJD6iSg3E7ta3gg";
+const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
 /// Thunderbird's external flow: loopback, a new port each time.
 const REDIRECT: &str = "http://localhost:43210";
 const STATE: &str = "st&te=1/2";
@@ -94,7 +94,14 @@ fn assert_refused_here(r: &Resp, what: &str) {
 
 /// Signs `user` in through an authorization request; ends on the consent page.
 async fn to_consent(c: &mut Client, url: &str, user: &str, totp_at: Option<u64>) -> Resp {
-    c.get(url).await.assert_redirect("/login");
+    let first = c.get(url).await;
+    if first.location() == "/oauth/consent" {
+        // Signed in recently: straight to the consent.
+        let consent = c.get("/oauth/consent").await;
+        consent.assert_ok();
+        return consent;
+    }
+    first.assert_redirect("/login");
     let page = c.get("/login").await;
     page.assert_ok();
     let r = c.post("/login", &[("username", user), ("password", PW)]).await;
@@ -238,7 +245,7 @@ async fn pkce_s256_is_required() {
         (vec![], vec!["code_challenge"]),
         (vec![("code_challenge", "short")], vec![]),
         (vec![("code_challenge", &"A".repeat(44)[..])], vec![]),
-        (vec![("code_challenge", "E9Melhoa2OwvFrEMTJguCHAoeRt8ZJD6iSg3E7ta3g=")], vec![]),
+        (vec![("code_challenge", "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-c=")], vec![]),
     ] {
         let r = c.get(&authorize_url(&set, &drop)).await;
         assert_error_back(&r, "invalid_request");
@@ -623,5 +630,172 @@ async fn grants_are_listed_as_devices_with_the_revoke_button() {
     }
     assert!(page.body.contains("action=\"/app-passwords/oa1b2c3d4/revoke\""), "{}", page.body);
     c.post("/app-passwords/oa1b2c3d4/revoke", &[]).await;
+    assert_eq!(env.app_password_count(ALICE), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// The whole flow, with the account service's codes and tokens
+
+/// Signs ALICE in through the browser and allows: the code from the redirect.
+async fn allowed_code(env: &Env, c: &mut Client, url: &str) -> String {
+    let page = to_consent(c, url, ALICE, None).await;
+    let r = c.post("/oauth/consent", &[("request", &request_id(&page)), ("decision", "allow")]).await;
+    let (base, q) = back(&r);
+    assert_eq!(base, REDIRECT);
+    assert_eq!(q.get("state").map(String::as_str), Some(STATE), "{q:?}");
+    assert_eq!(q.get("iss").map(String::as_str), Some(ISSUER), "{q:?}");
+    assert!(!q.contains_key("error"), "{q:?}");
+    let _ = env;
+    q["code"].clone()
+}
+
+fn redeem<'a>(code: &'a str, client: &'a str, redirect: &'a str, verifier: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("grant_type", "authorization_code"),
+        ("client_id", client),
+        ("code", code),
+        ("redirect_uri", redirect),
+        ("code_verifier", verifier),
+    ]
+}
+
+#[tokio::test]
+async fn code_to_tokens_once_and_the_grant_is_a_device() {
+    let env = oauth_env();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    let code = allowed_code(&env, &mut c, &authorize_url(&[], &[])).await;
+    assert!(!env.web.config.oauth.client("thunderbird").unwrap().name.is_empty());
+    let mut app = env.client();
+    let r = app
+        .send(
+            Method::POST,
+            "/oauth/token",
+            Some(form(&redeem(&code, "thunderbird", REDIRECT, VERIFIER))),
+            &[("user-agent", "Thunderbird/153.0")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.header("cache-control"), "no-store");
+    assert!(r.header("content-type").starts_with("application/json"));
+    let t: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(t["token_type"], "Bearer");
+    assert_eq!(t["expires_in"], 3600);
+    assert_eq!(t["scope"], "imap smtp");
+    assert!(t["access_token"].as_str().unwrap().starts_with("mgat1."), "{t}");
+    assert!(t["refresh_token"].as_str().unwrap().starts_with("mgrt1."), "{t}");
+    // The grant is a device of the account, with the client and the user agent.
+    let list = env.store.list_app_passwords(ALICE).unwrap();
+    assert_eq!(list.len(), 1);
+    let grant = list[0].oauth.as_ref().unwrap();
+    assert_eq!(grant.client_id, "thunderbird");
+    assert_eq!(grant.user_agent.as_deref(), Some("Thunderbird/153.0"));
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("Signed in through the browser; Thunderbird/153.0"), "{}", page.body);
+    // A code works once.
+    let (status, json, _) = token_post(&mut app, &redeem(&code, "thunderbird", REDIRECT, VERIFIER)).await;
+    assert_eq!((status, json["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")));
+    // Nothing secret in the page or the debug output of the record.
+    assert!(!page.body.contains(t["refresh_token"].as_str().unwrap()));
+    assert!(!format!("{:?}", list[0]).contains(t["access_token"].as_str().unwrap()));
+}
+
+#[tokio::test]
+async fn a_code_is_bound_to_its_client_redirect_verifier_and_lifetime() {
+    let env = oauth_env();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    let mut app = env.client();
+    // Another client, another redirect, another verifier: refused (each with a new code,
+    // since a refused redemption may spend the code).
+    let other_verifier = "A".repeat(43);
+    for (client, redirect, verifier) in [
+        ("open", REDIRECT, VERIFIER),
+        ("thunderbird", "http://localhost:43211", VERIFIER),
+        ("thunderbird", REDIRECT, other_verifier.as_str()),
+    ] {
+        let code = allowed_code(&env, &mut c, &authorize_url(&[], &[])).await;
+        let (status, json, r) = token_post(&mut app, &redeem(&code, client, redirect, verifier)).await;
+        assert!(
+            (status, json["error"].as_str()) == (StatusCode::BAD_REQUEST, Some("invalid_grant"))
+                || (status, json["error"].as_str()) == (StatusCode::UNAUTHORIZED, Some("invalid_client")),
+            "{client} {redirect} {verifier}: {status} {}",
+            r.body
+        );
+        assert!(!r.body.contains("access_token"));
+    }
+    // An expired code.
+    let code = allowed_code(&env, &mut c, &authorize_url(&[], &[])).await;
+    env.clock.advance(61);
+    let (status, json, _) = token_post(&mut app, &redeem(&code, "thunderbird", REDIRECT, VERIFIER)).await;
+    assert_eq!((status, json["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")));
+    assert_eq!(env.app_password_count(ALICE), 0, "no grant from a refused code");
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_and_a_replay_ends_the_grant() {
+    let env = oauth_env();
+    env.add_user(ALICE, PW, true);
+    let mut c = env.client();
+    let t = env.now();
+    let page = to_consent(&mut c, &authorize_url(&[], &[]), ALICE, Some(t)).await;
+    let r = c.post("/oauth/consent", &[("request", &request_id(&page)), ("decision", "allow")]).await;
+    let code = back(&r).1["code"].clone();
+    let mut app = env.client();
+    let (status, first, _) = token_post(&mut app, &redeem(&code, "thunderbird", REDIRECT, VERIFIER)).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let refresh1 = first["refresh_token"].as_str().unwrap().to_string();
+    let renew = |rt: &str| {
+        vec![
+            ("grant_type", "refresh_token".to_string()),
+            ("client_id", "thunderbird".into()),
+            ("refresh_token", rt.to_string()),
+        ]
+    };
+    let fields = renew(&refresh1);
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, second, _) = token_post(&mut app, &fields).await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    let refresh2 = second["refresh_token"].as_str().unwrap().to_string();
+    assert_ne!(refresh1, refresh2, "rotated");
+    assert!(second["access_token"].as_str().unwrap().starts_with("mgat1."));
+    // Another client cannot use it.
+    let other = renew(&refresh2);
+    let mut other: Vec<(&str, &str)> = other.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    other[1].1 = "open";
+    let (status, _, _) = token_post(&mut app, &other).await;
+    assert_ne!(status, StatusCode::OK);
+    // The retired one again: refused, and the grant ends (RFC 9700 4.14.2).
+    let (status, json, _) = token_post(&mut app, &fields).await;
+    assert_eq!((status, json["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")));
+    let current = renew(&refresh2);
+    let current: Vec<(&str, &str)> = current.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, _, _) = token_post(&mut app, &current).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "the grant was revoked by the replay");
+    assert_eq!(env.app_password_count(ALICE), 0);
+}
+
+#[tokio::test]
+async fn revocation_ends_the_grant_and_unknown_tokens_are_fine() {
+    let env = oauth_env();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    let code = allowed_code(&env, &mut c, &authorize_url(&[], &[])).await;
+    let mut app = env.client();
+    let (status, t, _) = token_post(&mut app, &redeem(&code, "thunderbird", REDIRECT, VERIFIER)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(env.app_password_count(ALICE), 1);
+    let r = app.post_raw("/oauth/revoke", &[("client_id", "thunderbird"), ("token", "mgrt1.nothing.1.x")], &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(env.app_password_count(ALICE), 1);
+    let rt = t["refresh_token"].as_str().unwrap();
+    let r = app
+        .post_raw(
+            "/oauth/revoke",
+            &[("client_id", "thunderbird"), ("token", rt), ("token_type_hint", "refresh_token")],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(env.app_password_count(ALICE), 0);
 }
