@@ -70,7 +70,29 @@ fn sign_in(mg: &Mailgate) -> serde_json::Value {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let (mut conn, _) = listener.accept().unwrap();
+    // The browser's answer, unless it gave up first (then its output says why).
+    listener.set_nonblocking(true).unwrap();
+    let started = std::time::Instant::now();
+    let mut child = child;
+    let (mut conn, _) = loop {
+        match listener.accept() {
+            Ok(c) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("accept: {e}"),
+        }
+        if child.try_wait().unwrap().is_some() || started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the browser never came back to the app:\n{}\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                mg.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    conn.set_nonblocking(false).unwrap();
     let mut req = [0u8; 8192];
     let n = conn.read(&mut req).unwrap();
     conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").unwrap();
