@@ -48,6 +48,7 @@ pub(super) fn routes(router: Router<Arc<Web>>) -> Router<Arc<Web>> {
         .route("/.well-known/oauth-authorization-server", get(metadata))
         .route("/oauth/authorize", get(authorize))
         .route(CONSENT_PATH, get(consent_form).post(consent))
+        .route("/oauth/cancel", post(cancel))
         .route("/oauth/token", post(token_endpoint).layer(DefaultBodyLimit::max(MAX_TOKEN_BODY)))
         .route("/oauth/revoke", post(revoke).layer(DefaultBodyLimit::max(MAX_TOKEN_BODY)))
         .route(ADDON_PATH, get(addon))
@@ -442,6 +443,33 @@ pub(super) async fn consent(State(web): W, headers: HeaderMap, Form(form): Form<
             error_back(&web, &p.redirect_uri, state, error, "the server could not complete the sign-in")
         }
     }
+}
+
+/// The login hint and the app's name of the request waiting in session `id`, if any.
+pub(super) fn waiting_app(web: &Web, id: &str) -> (Option<String>, Option<String>) {
+    let now = web.now();
+    let pending = web.web_sessions.with(id, now, |s| s.oauth.clone().filter(|p| pending_is_live(p, now))).flatten();
+    let Some(p) = pending else { return (None, None) };
+    let app = web.config.oauth.client(&p.client_id).map(|c| c.name.clone());
+    (p.login_hint, app)
+}
+
+/// Takes the request waiting in session `id` and answers its app `access_denied`: the
+/// person gave up the sign-in. `None`: nothing was waiting.
+pub(super) fn cancel_waiting(web: &Web, id: &str) -> Option<Response> {
+    let now = web.now();
+    let p = web.web_sessions.with(id, now, |s| s.oauth.take().filter(|p| pending_is_live(p, now))).flatten()?;
+    web.config.oauth.client(&p.client_id).filter(|c| c.allows_redirect(&p.redirect_uri))?;
+    Some(error_back(web, &p.redirect_uri, p.state.as_deref(), "access_denied", "the sign-in was cancelled"))
+}
+
+/// `POST /oauth/cancel`: "Cancel and return to the app" on the sign-in page.
+pub(super) async fn cancel(State(web): W, headers: HeaderMap, Form(form): Form<HashMap<String, String>>) -> Response {
+    let Some(ctx) = web.load(&headers) else { return redirect("/login") };
+    if let Err(r) = web.check_post(&headers, &ctx, &form) {
+        return r.into_response();
+    }
+    cancel_waiting(&web, &ctx.id).unwrap_or_else(|| redirect("/login"))
 }
 
 // ---------------------------------------------------------------------------------------

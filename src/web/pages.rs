@@ -44,6 +44,8 @@ struct LoginPage<'a> {
     error: Option<&'a str>,
     notice: Option<String>,
     username: &'a str,
+    /// A mail app's sign-in waits (OAuth): its name, for "Cancel and return to …".
+    app: Option<String>,
 }
 
 #[derive(Template)]
@@ -603,13 +605,11 @@ pub(super) async fn login_form(
         _ => None,
     });
     // A mail app's authorization request may name the account (`login_hint`).
-    let hint = web
-        .web_sessions
-        .with(&ctx.id, web.now(), |s| s.oauth.as_ref().and_then(|p| p.login_hint.clone()))
-        .flatten()
-        .unwrap_or_default();
-    let page =
-        html(LoginPage { site: web.site(), csrf: &ctx.csrf, error: None, notice, username: &hint }, StatusCode::OK);
+    let (hint, app) = super::oauth::waiting_app(&web, &ctx.id);
+    let page = html(
+        LoginPage { site: web.site(), csrf: &ctx.csrf, error: None, notice, username: &hint.unwrap_or_default(), app },
+        StatusCode::OK,
+    );
     if new { with_cookie(page, &ctx.id) } else { page }
 }
 
@@ -636,7 +636,14 @@ pub(super) async fn login(
     let password = SecretBytes::from(form.get("password").cloned().unwrap_or_default().into_bytes());
     let refuse = |web: &Web, text: &'static str, status| {
         html(
-            LoginPage { site: web.site(), csrf: &ctx.csrf, error: Some(text), notice: None, username: &username },
+            LoginPage {
+                site: web.site(),
+                csrf: &ctx.csrf,
+                error: Some(text),
+                notice: None,
+                username: &username,
+                app: super::oauth::waiting_app(web, &ctx.id).1,
+            },
             status,
         )
     };
@@ -717,8 +724,10 @@ pub(super) async fn cancel_sign_in(State(web): W, headers: HeaderMap, Form(form)
     if let Err(r) = web.check_post(&headers, &ctx, &form) {
         return r.into_response();
     }
+    // A mail app waiting for this sign-in hears that it was cancelled (access_denied).
+    let back = super::oauth::cancel_waiting(&web, &ctx.id);
     web.web_sessions.remove(&ctx.id);
-    clear_cookie(redirect("/login?cancelled"))
+    clear_cookie(back.unwrap_or_else(|| redirect("/login?cancelled")))
 }
 
 /// A pending sign-in that used its code slots ends: sign in again.

@@ -799,3 +799,32 @@ async fn revocation_ends_the_grant_and_unknown_tokens_are_fine() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(env.app_password_count(ALICE), 0);
 }
+
+#[tokio::test]
+async fn giving_up_the_sign_in_tells_the_app_access_denied() {
+    let env = oauth_env();
+    env.add_user(ALICE, PW, true);
+    // On the sign-in page: "Cancel and return to Thunderbird".
+    let mut c = env.client();
+    c.get(&authorize_url(&[], &[])).await.assert_redirect("/login");
+    let page = c.get("/login").await;
+    assert!(page.body.contains("Cancel and return to Thunderbird"), "{}", page.body);
+    let forged = c.post_raw("/oauth/cancel", &[("csrf", "wrong")], &[("sec-fetch-site", "same-origin")]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert_error_back(&c.post("/oauth/cancel", &[]).await, "access_denied");
+    // Answered: the sign-in page no longer offers it, and cancelling again goes nowhere.
+    assert!(!c.get("/login").await.body.contains("Cancel and return"));
+    c.post("/oauth/cancel", &[]).await.assert_redirect("/login");
+    // Without a waiting app, the sign-in page has no such button.
+    assert!(!env.client().get("/login").await.body.contains("Cancel and return"));
+
+    // On the second-factor page: Cancel sign-in goes back to the app too.
+    let mut c = env.client();
+    c.get(&authorize_url(&[], &[])).await.assert_redirect("/login");
+    c.get("/login").await.assert_ok();
+    c.post("/login", &[("username", ALICE), ("password", PW)]).await.assert_redirect("/login/totp");
+    c.get("/login/totp").await.assert_ok();
+    let r = c.post("/login/cancel", &[]).await;
+    assert_error_back(&r, "access_denied");
+    assert!(r.session_set_cookie().is_some_and(|s| s.contains("Max-Age=0")), "the session ends as on any cancel");
+}
