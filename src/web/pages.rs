@@ -933,8 +933,9 @@ fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response 
         .into_iter()
         .map(|r| Row {
             id: r.id.clone(),
-            // A grant is named after its app ("Thunderbird"), as the consent page named it.
-            label: r.oauth.as_ref().map(|g| g.client_name.clone()).unwrap_or_else(|| r.label.clone()),
+            // A grant's label names its app and id ("Thunderbird (k3x9q2)"): two computers'
+            // Thunderbirds stay apart.
+            label: r.label.clone(),
             scopes: r.scopes.iter().map(|s| s.label()).collect::<Vec<_>>().join(", "),
             created: fmt_time(r.created_at),
             last_used: last_uses_text(&r),
