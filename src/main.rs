@@ -68,6 +68,14 @@ enum Command {
     /// Export or import the whole store (to move it, or across a store format change).
     #[command(subcommand)]
     Store(StoreCmd),
+    /// Write the Thunderbird add-on (.xpi) that lets Thunderbird sign in through the web
+    /// step with OAuth2 ([oauth]); the web step also offers it for download.
+    #[command(name = "thunderbird-addon")]
+    ThunderbirdAddon {
+        /// Where to write it, e.g. oauth@mail.example.com.xpi.
+        #[arg(long, value_name = "FILE.xpi")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -261,6 +269,7 @@ fn main() -> ExitCode {
         Command::AppPassword(c) => app_password(&config, c),
         Command::Totp(c) => totp(&config, c),
         Command::Store(c) => store_cmd(&config, c),
+        Command::ThunderbirdAddon { out } => thunderbird_addon(&config, &out),
     };
     match result {
         Ok(code) => code,
@@ -269,6 +278,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `mailgate thunderbird-addon --out FILE`.
+fn thunderbird_addon(config: &Config, out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let xpi = mailgate::web::thunderbird_addon(config)?;
+    std::fs::write(out, xpi).with_context(|| format!("cannot write {}", out.display()))?;
+    println!(
+        "wrote {} (add-on oauth@{}, sign-in at {}/oauth/authorize)",
+        out.display(),
+        config.hostname,
+        config.public_url
+    );
+    if !config.oauth.enabled {
+        eprintln!(
+            "mailgate: note: [oauth] enabled = false; the web step answers the add-on's sign-ins once it is true"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn dev_cert_names(config: &Config) -> Vec<String> {

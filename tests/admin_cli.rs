@@ -505,3 +505,26 @@ fn passwords_on_a_terminal_are_asked_twice_and_not_shown() {
     assert!(!shown.contains("again"), "{shown}");
     assert_eq!(accounts(), before, "a refused password changed the account");
 }
+
+/// `mailgate thunderbird-addon --out FILE` writes the add-on the web step offers: a zip
+/// whose stored manifest.json registers the server as Thunderbird's OAuth provider.
+#[test]
+fn thunderbird_addon_writes_the_xpi() {
+    let mg = Mailgate::start(Options { extra_sections: "[oauth]\nenabled = true\n".into(), ..Options::default() });
+    let out = mg.dir.path().join("addon.xpi");
+    let said = mg.ok(&["thunderbird-addon", "--out", out.to_str().unwrap()]);
+    assert!(said.contains("oauth@mail.example.test"), "{said}");
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(bytes.starts_with(b"PK\x03\x04"), "a zip");
+    let text = String::from_utf8_lossy(&bytes);
+    for part in [
+        "manifest.json",
+        "\"clientId\": \"thunderbird\"",
+        "\"tokenEndpoint\": \"https://mail.example.test/oauth/token\"",
+        "\"issuerIdentifier\": \"https://mail.example.test\"",
+    ] {
+        assert!(text.contains(part), "{part} not in the add-on");
+    }
+    let out = mg.cli(&["thunderbird-addon", "--out", "/nonexistent/dir/addon.xpi"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("cannot write"));
+}

@@ -242,6 +242,43 @@ fn browser_makes_an_app_password_for_pop3_and_managesieve() {
     assert_eq!(list["app_passwords"][0]["scopes"], serde_json::json!(["imap", "smtp", "pop3", "sieve"]), "{list}");
 }
 
+/// With `[oauth]` on, the browser does what Thunderbird's external sign-in has the system
+/// browser do (tests/support/browser.py `--mode oauth`, a loopback listener standing in
+/// for Thunderbird): sign-in with the address pre-filled, the consent page (shot at both
+/// widths: oauth-consent-390.png, oauth-consent-1280.png), Deny back to the app with
+/// `access_denied`, `state` and `iss`; then Allow (the consent page's CSP lets the form's
+/// redirect reach the loopback address), the code redeemed once with PKCE, the refresh
+/// token rotated (its replay refused), and the grant in the device list.
+#[test]
+fn browser_signs_a_mail_app_in_with_oauth() {
+    for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        assert!(Path::new(tool).exists(), "{tool} is missing: run scripts/install-test-deps.sh");
+    }
+    let opts = Options {
+        web_extra: format!("organisation = \"{ORGANISATION}\""),
+        extra_sections: "[oauth]\nenabled = true\n".into(),
+        ..Options::default()
+    };
+    let mg = Mailgate::start(opts);
+    mg.add_user("alice@example.com", "alice-account-pw");
+    let shots = match std::env::var_os("MAILGATE_SCREENSHOTS") {
+        Some(d) => PathBuf::from(d),
+        None => mg.dir.path().join("screenshots"),
+    };
+    let run = run_driver(&mg, &shots, "oauth", &["--mode", "oauth", "--issuer", "https://mail.example.test"]);
+    assert!(run.ok, "the browser run failed: {}\nmailgate log:\n{}", run.failure, mg.log());
+    assert_shots(&shots, &["oauth-consent"]);
+    assert_eq!(run.json["denied"]["error"], "access_denied", "{}", run.json);
+    assert_eq!(run.json["tokens"]["scope"], "imap smtp", "{}", run.json);
+    assert_eq!(run.json["replay"], serde_json::json!([400, "invalid_grant"]), "a code works once: {}", run.json);
+    assert_eq!(run.json["refresh_replay"][1], "invalid_grant", "a rotated refresh token is dead: {}", run.json);
+    let rows = run.json["device_rows"].as_str().unwrap();
+    assert!(rows.contains("browser.py Thunderbird-test"), "the token request's user agent is listed: {rows}");
+    // Neither the code nor a token is ever logged.
+    let log = mg.log();
+    assert!(!log.contains("mgat1.") && !log.contains("mgrt1."), "a token in the log:\n{log}");
+}
+
 /// Each of `names` was shot at both widths.
 fn assert_shots(dir: &Path, names: &[&str]) {
     for name in names {

@@ -10,6 +10,7 @@
 //! and config; not on proto or net.
 
 mod notice;
+mod oauth;
 mod pages;
 pub(crate) mod session;
 
@@ -23,6 +24,7 @@ use axum::http::{HeaderValue, header};
 use axum::routing::{get, post};
 use std::sync::Arc;
 
+pub use oauth::{AddonError, addon_manifest, thunderbird_addon};
 pub use session::{COOKIE, WebSessions};
 
 /// Time allowed for a request's headers.
@@ -54,7 +56,7 @@ pub struct Web {
 
 /// The router (tested with `oneshot`, served over TLS by `app`).
 pub fn router(web: Arc<Web>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/", get(pages::root))
         .route("/style.css", get(pages::style))
         .route("/login", get(pages::login_form).post(pages::login))
@@ -72,7 +74,10 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/password", get(pages::password_form).post(pages::change_password))
         .route("/.well-known/autoconfig/mail/config-v1.1.xml", get(pages::autoconfig))
         .route("/mail/config-v1.1.xml", get(pages::autoconfig))
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(healthz));
+    // `[oauth]` off: its paths are unknown (404) like any other.
+    let routes = if web.config.oauth.enabled { oauth::routes(routes) } else { routes };
+    routes
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::middleware::map_request(host_from_authority))
         // Requests by route template (never the raw path) and status.
@@ -145,11 +150,14 @@ async fn security_headers(mut resp: axum::response::Response) -> axum::response:
         h.insert(k, HeaderValue::from_static(v));
     };
     set(h, header::STRICT_TRANSPORT_SECURITY, "max-age=31536000");
-    set(
-        h,
-        header::CONTENT_SECURITY_POLICY,
-        "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    );
+    // A page may set its own (the OAuth consent page's form also leads to the app).
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        set(
+            h,
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        );
+    }
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::X_FRAME_OPTIONS, "DENY");
     // Not "no-referrer": with it, browsers send `Origin: null` on same-site form posts,

@@ -29,11 +29,11 @@ type Fields = Form<HashMap<String, String>>;
 
 /// What the header and the title of every page show.
 #[derive(Clone, Copy)]
-struct Site<'a> {
+pub(super) struct Site<'a> {
     /// The server's host name (the settings for mail apps name it).
-    host: &'a str,
+    pub(super) host: &'a str,
     /// The name in the header and the page titles: `[web] organisation`, else the host.
-    name: &'a str,
+    pub(super) name: &'a str,
 }
 
 #[derive(Template)]
@@ -44,6 +44,8 @@ struct LoginPage<'a> {
     error: Option<&'a str>,
     notice: Option<String>,
     username: &'a str,
+    /// A mail app's sign-in waits (OAuth): its name, for "Cancel and return to …".
+    app: Option<String>,
 }
 
 #[derive(Template)]
@@ -63,6 +65,15 @@ struct Row {
     scopes: String,
     created: String,
     last_used: String,
+    /// A mail app that signed in through the browser (an OAuth grant), not a typed app
+    /// password.
+    grant: Option<GrantRow>,
+}
+
+/// What the list shows of an OAuth grant besides an app password's columns.
+struct GrantRow {
+    /// The `User-Agent` of its token requests, if sent.
+    user_agent: Option<String>,
 }
 
 /// The security notice: wrong codes after the right password, not yet dismissed.
@@ -99,6 +110,8 @@ struct AccountPage<'a> {
     pop3_offered: bool,
     /// ManageSieve is on: its checkbox is shown.
     sieve_offered: bool,
+    /// OAuth is on: the Thunderbird add-on is offered.
+    addon: bool,
 }
 
 /// The new-app-password form: empty with IMAP and SMTP ticked (POP3 and ManageSieve are
@@ -258,7 +271,7 @@ impl IntoResponse for WebError {
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-fn html(t: impl Template, status: StatusCode) -> Response {
+pub(super) fn html(t: impl Template, status: StatusCode) -> Response {
     match t.render() {
         Ok(body) => (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response(),
         Err(e) => {
@@ -268,11 +281,11 @@ fn html(t: impl Template, status: StatusCode) -> Response {
     }
 }
 
-fn redirect(to: &str) -> Response {
+pub(super) fn redirect(to: &str) -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, to.to_string())]).into_response()
 }
 
-fn with_cookie(mut resp: Response, id: &str) -> Response {
+pub(super) fn with_cookie(mut resp: Response, id: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(&format!("{COOKIE}={id}; Path=/; Secure; HttpOnly; SameSite=Strict")) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -297,44 +310,44 @@ fn cookie_id(headers: &HeaderMap) -> Option<String> {
 }
 
 /// A request's session: id, token, stage.
-struct Ctx {
-    id: String,
-    csrf: String,
-    stage: Stage,
+pub(super) struct Ctx {
+    pub(super) id: String,
+    pub(super) csrf: String,
+    pub(super) stage: Stage,
 }
 
 impl Web {
-    fn now(&self) -> u64 {
+    pub(super) fn now(&self) -> u64 {
         self.clock.now()
     }
 
     /// The account service, acting for the signed-in owner at the web step's time.
-    fn accounts(&self) -> AccountService {
+    pub(super) fn accounts(&self) -> AccountService {
         AccountService::new(self.auth.store().clone(), self.key.clone(), self.host(), Actor::Web)
             .with_live(self.live.clone())
             .with_authenticator(self.auth.clone())
             .with_clock(self.clock.clone())
     }
 
-    fn host(&self) -> &str {
+    pub(super) fn host(&self) -> &str {
         &self.config.hostname
     }
 
-    fn site(&self) -> Site<'_> {
+    pub(super) fn site(&self) -> Site<'_> {
         Site { host: self.host(), name: self.config.web_organisation.as_deref().unwrap_or(self.host()) }
     }
 
     /// POP3 is on (it has listeners): its scope is offered and autoconfig names it.
-    fn pop3_on(&self) -> bool {
+    pub(super) fn pop3_on(&self) -> bool {
         !self.config.pop3_tls.is_empty() || !self.config.pop3_starttls.is_empty()
     }
 
     /// ManageSieve is on (it has a listener): its scope is offered.
-    fn sieve_on(&self) -> bool {
+    pub(super) fn sieve_on(&self) -> bool {
         !self.config.sieve_listen.is_empty()
     }
 
-    fn load(&self, headers: &HeaderMap) -> Option<Ctx> {
+    pub(super) fn load(&self, headers: &HeaderMap) -> Option<Ctx> {
         self.ctx(cookie_id(headers)?)
     }
 
@@ -348,7 +361,7 @@ impl Web {
     }
 
     /// The request's session, or a new one for `client` (`true`: the cookie must be set).
-    fn load_or_create(&self, headers: &HeaderMap, client: IpAddr) -> Option<(Ctx, bool)> {
+    pub(super) fn load_or_create(&self, headers: &HeaderMap, client: IpAddr) -> Option<(Ctx, bool)> {
         if let Some(c) = self.load(headers) {
             return Some((c, false));
         }
@@ -360,14 +373,19 @@ impl Web {
         self.web_sessions.with(id, self.now(), |s| s.notice.take()).flatten()
     }
 
-    fn set_notice(&self, id: &str, text: impl Into<String>) {
+    pub(super) fn set_notice(&self, id: &str, text: impl Into<String>) {
         let text = text.into();
         self.web_sessions.with(id, self.now(), |s| s.notice = Some(text.clone()));
     }
 
     /// CSRF: the session's token in the form, and a same-origin request
     /// (Sec-Fetch-Site, else Origin). The login form is covered too (login CSRF).
-    fn check_post(&self, headers: &HeaderMap, ctx: &Ctx, form: &HashMap<String, String>) -> Result<(), WebError> {
+    pub(super) fn check_post(
+        &self,
+        headers: &HeaderMap,
+        ctx: &Ctx,
+        form: &HashMap<String, String>,
+    ) -> Result<(), WebError> {
         let forbidden = || {
             self.message(
                 StatusCode::FORBIDDEN,
@@ -408,7 +426,7 @@ impl Web {
     }
 
     /// Factor changes and new app passwords need a recent sign-in; otherwise sign in again.
-    fn fresh(&self, ctx: &Ctx, auth_at: u64) -> Result<(), WebError> {
+    pub(super) fn fresh(&self, ctx: &Ctx, auth_at: u64) -> Result<(), WebError> {
         if self.now().saturating_sub(auth_at) <= STEP_UP_SECS {
             return Ok(());
         }
@@ -427,7 +445,7 @@ impl Web {
     }
 
     /// A message page in the site's name.
-    fn message(
+    pub(super) fn message(
         &self,
         status: StatusCode,
         heading: &'static str,
@@ -446,12 +464,12 @@ impl Web {
         }))
     }
 
-    fn error(&self, text: &str) -> WebError {
+    pub(super) fn error(&self, text: &str) -> WebError {
         self.message(StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong", text, ("/", "Start again"))
     }
 
     /// Something needed is not there right now (the store, a hashing thread).
-    fn unavailable(&self) -> WebError {
+    pub(super) fn unavailable(&self) -> WebError {
         self.message(
             StatusCode::SERVICE_UNAVAILABLE,
             "Try again in a minute",
@@ -471,17 +489,20 @@ impl Web {
     /// out of the security notice).
     fn complete_sign_in(&self, ctx: &Ctx, username: &str, ip: IpAddr) -> Response {
         let now = self.now();
-        let typos = self
+        let (typos, authorizing) = self
             .web_sessions
             .with(&ctx.id, now, |s| {
                 s.stage = Stage::SignedIn { username: username.to_string(), auth_at: now };
                 s.wrong_codes = 0;
-                std::mem::take(&mut s.failed_codes)
+                let authorizing = s.oauth.as_ref().is_some_and(|p| super::oauth::pending_is_live(p, now));
+                (std::mem::take(&mut s.failed_codes), authorizing)
             })
-            .unwrap_or(0);
+            .unwrap_or((0, false));
         self.audit(username, notice::SIGN_IN, notice::sign_in_detail(ip, typos));
+        // A mail app's authorization request waits in the session: on to its consent page.
+        let next = if authorizing { super::oauth::CONSENT_PATH } else { "/app-passwords" };
         match self.web_sessions.rotate(&ctx.id) {
-            Some(new) => with_cookie(redirect("/app-passwords"), &new),
+            Some(new) => with_cookie(redirect(next), &new),
             None => self.error("Sign-in failed.").into_response(),
         }
     }
@@ -539,7 +560,7 @@ impl Web {
     }
 }
 
-fn origin_of(url: &str) -> Option<String> {
+pub(super) fn origin_of(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
     let host = rest.split('/').next()?;
     Some(format!("{scheme}://{host}"))
@@ -583,12 +604,17 @@ pub(super) async fn login_form(
         Some("cancelled") => Some("The sign-in was cancelled. Sign in again when you are ready.".to_string()),
         _ => None,
     });
-    let page = html(LoginPage { site: web.site(), csrf: &ctx.csrf, error: None, notice, username: "" }, StatusCode::OK);
+    // A mail app's authorization request may name the account (`login_hint`).
+    let (hint, app) = super::oauth::waiting_app(&web, &ctx.id);
+    let page = html(
+        LoginPage { site: web.site(), csrf: &ctx.csrf, error: None, notice, username: &hint.unwrap_or_default(), app },
+        StatusCode::OK,
+    );
     if new { with_cookie(page, &ctx.id) } else { page }
 }
 
 /// The client's address, put into each request by the connection (absent in handler tests).
-fn client_ip(ip: &Option<Extension<ClientIp>>) -> IpAddr {
+pub(super) fn client_ip(ip: &Option<Extension<ClientIp>>) -> IpAddr {
     ip.as_ref().map(|e| e.0.0).unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
 }
 
@@ -610,7 +636,14 @@ pub(super) async fn login(
     let password = SecretBytes::from(form.get("password").cloned().unwrap_or_default().into_bytes());
     let refuse = |web: &Web, text: &'static str, status| {
         html(
-            LoginPage { site: web.site(), csrf: &ctx.csrf, error: Some(text), notice: None, username: &username },
+            LoginPage {
+                site: web.site(),
+                csrf: &ctx.csrf,
+                error: Some(text),
+                notice: None,
+                username: &username,
+                app: super::oauth::waiting_app(web, &ctx.id).1,
+            },
             status,
         )
     };
@@ -691,8 +724,10 @@ pub(super) async fn cancel_sign_in(State(web): W, headers: HeaderMap, Form(form)
     if let Err(r) = web.check_post(&headers, &ctx, &form) {
         return r.into_response();
     }
+    // A mail app waiting for this sign-in hears that it was cancelled (access_denied).
+    let back = super::oauth::cancel_waiting(&web, &ctx.id);
     web.web_sessions.remove(&ctx.id);
-    clear_cookie(redirect("/login?cancelled"))
+    clear_cookie(back.unwrap_or_else(|| redirect("/login?cancelled")))
 }
 
 /// A pending sign-in that used its code slots ends: sign in again.
@@ -898,10 +933,13 @@ fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response 
         .into_iter()
         .map(|r| Row {
             id: r.id.clone(),
+            // A grant's label names its app and id ("Thunderbird (k3x9q2)"): two computers'
+            // Thunderbirds stay apart.
             label: r.label.clone(),
             scopes: r.scopes.iter().map(|s| s.label()).collect::<Vec<_>>().join(", "),
             created: fmt_time(r.created_at),
             last_used: last_uses_text(&r),
+            grant: r.oauth.as_ref().map(|g| GrantRow { user_agent: g.user_agent.clone() }),
         })
         .collect();
     // Devices refused for sending the account password matter only while two-step
@@ -936,6 +974,7 @@ fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response 
             draft,
             pop3_offered: web.pop3_on(),
             sieve_offered: web.sieve_on(),
+            addon: web.config.oauth.enabled,
         },
         status,
     )
@@ -1060,7 +1099,7 @@ fn can_text(scopes: &[Scope]) -> String {
 }
 
 /// Text for an XML element.
-fn xml_escape(s: &str) -> String {
+pub(super) fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
@@ -1513,9 +1552,17 @@ pub(super) async fn change_password(
 /// Thunderbird's autoconfig file (config-v1.1.xml): servers in order of preference, IMAP
 /// first; then, when POP3 is on, POP3 (its implicit-TLS port, then its STLS port), so that
 /// a person who chooses POP3 in Thunderbird gets mailgate's ports; then SMTP. The format
-/// has no ManageSieve entry.
+/// has no ManageSieve entry. With `[oauth]` on, each server also names `OAuth2` (after the
+/// password, which stays the first choice of apps that cannot sign in through the
+/// browser), and the file carries the autoconfig draft's `<oAuth2>` element.
 pub(super) async fn autoconfig(State(web): W) -> Response {
     let host = web.host();
+    let auth = if web.config.oauth.enabled {
+        "<authentication>password-cleartext</authentication>\n      <authentication>OAuth2</authentication>"
+    } else {
+        "<authentication>password-cleartext</authentication>"
+    };
+    let oauth2 = if web.config.oauth.enabled { super::oauth::autoconfig_element(&web.config) } else { String::new() };
     let socket = |security: &str| if security == "STARTTLS" { "STARTTLS" } else { "SSL" };
     let (imap, imap_security) = endpoint(&web.config.imap_tls, &web.config.imap_starttls, 993);
     let (smtp, smtp_security) = endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465);
@@ -1531,7 +1578,7 @@ pub(super) async fn autoconfig(State(web): W) -> Response {
       <hostname>{host}</hostname>
       <port>{port}</port>
       <socketType>{socket}</socketType>
-      <authentication>password-cleartext</authentication>
+      {auth}
       <username>%EMAILADDRESS%</username>
     </incomingServer>"#
             )
@@ -1547,20 +1594,20 @@ pub(super) async fn autoconfig(State(web): W) -> Response {
       <hostname>{host}</hostname>
       <port>{imap}</port>
       <socketType>{imap_socket}</socketType>
-      <authentication>password-cleartext</authentication>
+      {auth}
       <username>%EMAILADDRESS%</username>
     </incomingServer>{pop3}
     <outgoingServer type="smtp">
       <hostname>{host}</hostname>
       <port>{smtp}</port>
       <socketType>{smtp_socket}</socketType>
-      <authentication>password-cleartext</authentication>
+      {auth}
       <username>%EMAILADDRESS%</username>
     </outgoingServer>
     <documentation url="{url}/app-passwords">
       <descr lang="en">Use an app password made at {url}/app-passwords</descr>
     </documentation>
-  </emailProvider>
+  </emailProvider>{oauth2}
 </clientConfig>
 "#,
         url = xml_escape(&web.config.public_url)

@@ -26,6 +26,8 @@ pub const STEP_UP_SECS: u64 = 10 * 60;
 pub const MAX_WRONG_CODES: u32 = 5;
 /// A pending TOTP enrolment expires after 10 minutes.
 pub const ENROL_SECS: u64 = 10 * 60;
+/// An OAuth authorization request waits this long for its sign-in and consent.
+pub const AUTHORIZE_SECS: u64 = 10 * 60;
 /// Sessions kept at once (bounds memory; expired ones are purged first).
 pub const MAX_SESSIONS: usize = 100_000;
 /// Sessions that have not signed in yet (a visit to the sign-in page makes one). Past
@@ -87,6 +89,33 @@ pub struct WebSession {
     /// The key of the client that opened the session ([`client_key`]), for the cap on
     /// anonymous sessions per client. `None` for a shared session stored before keys were.
     pub client: Option<IpAddr>,
+    /// A checked OAuth authorization request waiting for the sign-in and the consent
+    /// (kept here, on the server, so that nothing an attacker puts in a URL decides where
+    /// the browser is sent after the sign-in).
+    pub oauth: Option<PendingAuthorization>,
+}
+
+/// An OAuth authorization request (`GET /oauth/authorize`) whose client and redirect URI
+/// were checked, waiting in the web session for the sign-in and the consent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingAuthorization {
+    /// Random; the consent form carries it, so a consent given on one page cannot approve
+    /// a request that replaced it meanwhile (another tab, another app).
+    pub id: String,
+    /// `client_id` (a configured client).
+    pub client_id: String,
+    /// `redirect_uri`, allowed for that client.
+    pub redirect_uri: String,
+    /// `state`, echoed back.
+    pub state: Option<String>,
+    /// PKCE S256 `code_challenge`.
+    pub code_challenge: String,
+    /// The scopes asked for.
+    pub scopes: Vec<crate::store::Scope>,
+    /// `login_hint`: pre-fills the sign-in form.
+    pub login_hint: Option<String>,
+    /// When it arrived (unix seconds); it is dropped after [`AUTHORIZE_SECS`].
+    pub at: u64,
 }
 
 impl WebSession {
@@ -102,6 +131,7 @@ impl WebSession {
             failed_codes: 0,
             notice: None,
             client: Some(client),
+            oauth: None,
         }
     }
 
@@ -371,6 +401,9 @@ struct Stored {
     #[serde(default)]
     failed_codes: u32,
     notice: Option<String>,
+    /// Absent in sessions stored before OAuth.
+    #[serde(default)]
+    oauth: Option<PendingAuthorization>,
 }
 
 impl Drop for Stored {
@@ -396,6 +429,7 @@ fn seal(key: &SecretKey, s: &WebSession) -> Option<WebSessionRow> {
         wrong_codes: s.wrong_codes,
         failed_codes: s.failed_codes,
         notice: s.notice.clone(),
+        oauth: s.oauth.clone(),
     };
     let json = Zeroizing::new(serde_json::to_vec(&stored).ok()?);
     Some(WebSessionRow {
@@ -421,6 +455,7 @@ fn open(key: &SecretKey, row: &WebSessionRow) -> Option<WebSession> {
         wrong_codes: stored.wrong_codes,
         failed_codes: stored.failed_codes,
         notice: stored.notice.take(),
+        oauth: stored.oauth.take(),
         // Not sealed: the row keeps it in the clear, for the cap query.
         client: row.client_key,
     })

@@ -2402,3 +2402,5 @@ async fn healthz_is_ok_without_a_session_or_detail() {
         assert_eq!(r.headers.get(header::CACHE_CONTROL).unwrap(), "no-store");
     }
 }
+
+mod oauth;

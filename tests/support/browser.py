@@ -18,6 +18,13 @@ standard library only) through mailgate's web step, as a person would:
   scopes mode with POP3 and ManageSieve on: sign in (no second factor), the form offers
               their boxes unticked; make an app password for all four scopes; the page
               lists the settings of each (JSON: settings, app_password_rows).
+  oauth mode  with [oauth] on, as Thunderbird's external sign-in: a loopback listener here
+              is the app; the browser opens /oauth/authorize (PKCE S256, login_hint),
+              signs in, denies on the consent page (the listener gets error=access_denied
+              with state and iss), opens it again (signed in: straight to consent), allows
+              (the listener gets code, state, iss), then this script redeems the code and
+              the refresh token at /oauth/token and checks the device list (JSON: denied,
+              allowed, tokens, refreshed, device_rows).
 
 Each page is shot at 390 and 1280 px (--widths; NAME-390.png, NAME-1280.png), and fails
 if it is wider than the window; with --organisation, each checked page's header and title
@@ -742,6 +749,141 @@ def scopes(d, a, result):
     result["app_password_rows"] = rows
 
 
+class Loopback:
+    """The app's loopback redirect listener (RFC 8252 7.3): records each request's query and
+    answers a short page, as Thunderbird does."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.queries = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                if urllib.parse.urlsplit(self.path).path != "/":  # the browser's /favicon.ico
+                    self.send_error(404)
+                    return
+                outer.queries.append(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query))
+                body = b"<!doctype html><title>Done</title><p>You can close this page."
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.redirect_uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, d, n):
+        d.wait(f"request {n} on the loopback listener", lambda: len(self.queries) >= n)
+        return {k: v[0] for k, v in self.queries[n - 1].items()}
+
+    def close(self):
+        self.server.shutdown()
+
+
+def pkce():
+    verifier = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    return verifier, challenge
+
+
+def token_request(a, fields):
+    """POST /oauth/token as an app would: (status, JSON)."""
+    import ssl
+
+    # Loopback to the test server only; the browser itself pins the certificate's key.
+    ctx = ssl._create_unverified_context()
+    req = urllib.request.Request(
+        a.url + "/oauth/token",
+        data=urllib.parse.urlencode(fields).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "browser.py Thunderbird-test"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT, context=ctx) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def oauth(d, a, result):
+    """Thunderbird's external OAuth2 sign-in, with this browser as the system browser."""
+    app = Loopback()
+    try:
+        state = "tb-" + base64.urlsafe_b64encode(os.urandom(12)).decode()
+
+        def authorize(challenge):
+            q = urllib.parse.urlencode({
+                "response_type": "code", "client_id": "thunderbird", "redirect_uri": app.redirect_uri,
+                "scope": "mail", "state": state, "code_challenge": challenge, "code_challenge_method": "S256",
+                "login_hint": a.user,
+            })
+            d.go(f"{a.url}/oauth/authorize?{q}")
+
+        # 1. Not signed in: the sign-in, with the address filled in; then Deny.
+        _, challenge = pkce()
+        authorize(challenge)
+        d.at("/login", "Sign in")
+        expect(d, "sign-in for Thunderbird", "Sign in to let Thunderbird use your mail account.")
+        filled = d.js("return document.getElementById('username').value")
+        if filled != a.user:
+            raise Failure(f"login_hint did not fill in the address: {filled!r}")
+        d.type("#password", a.password)
+        d.click(d.find('form[action="/login"] button[type="submit"]'))
+        d.at("/oauth/consent", "Allow Thunderbird to use your mail account?")
+        check_site(d, a)
+        expect(d, "consent", a.user, "read your mail", "send mail as you", "Allow", "Deny")
+        d.shots(a, "oauth-consent")
+        d.click(d.find("#deny"))
+        denied = app.wait(d, 1)
+        result["denied"] = denied
+        if denied.get("error") != "access_denied" or denied.get("state") != state or denied.get("iss") != a.url_issuer:
+            raise Failure(f"the denial came back as {denied}")
+
+        # 2. Signed in now: straight to the consent; Allow.
+        verifier, challenge = pkce()
+        authorize(challenge)
+        d.at("/oauth/consent", "Allow Thunderbird to use your mail account?")
+        d.click(d.find("#allow"))
+        allowed = app.wait(d, 2)
+        result["allowed"] = {k: (v if k != "code" else f"<{len(v)} characters>") for k, v in allowed.items()}
+        if not allowed.get("code") or allowed.get("state") != state or allowed.get("iss") != a.url_issuer:
+            raise Failure(f"the approval came back as {result['allowed']}")
+
+        # 3. The app redeems the code, once, and renews with the refresh token.
+        base = {"client_id": "thunderbird", "redirect_uri": app.redirect_uri}
+        status, tokens = token_request(a, {**base, "grant_type": "authorization_code", "code": allowed["code"], "code_verifier": verifier})
+        if status != 200 or tokens.get("token_type") != "Bearer" or not tokens.get("refresh_token"):
+            raise Failure(f"the code was not redeemed: {status} {tokens}")
+        result["tokens"] = {"scope": tokens.get("scope"), "expires_in": tokens.get("expires_in")}
+        status, again = token_request(a, {**base, "grant_type": "authorization_code", "code": allowed["code"], "code_verifier": verifier})
+        result["replay"] = [status, again.get("error")]
+        status, renewed = token_request(a, {"client_id": "thunderbird", "grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]})
+        if status != 200 or renewed.get("refresh_token") in (None, tokens["refresh_token"]):
+            raise Failure(f"the refresh token was not renewed and rotated: {status} {renewed}")
+        result["refreshed"] = True
+
+        # 4. The device list shows it, with Revoke.
+        d.go(a.url + "/app-passwords")
+        d.at("/app-passwords", "App passwords")
+        rows = d.text("table tbody")
+        if "Signed in through the browser" not in rows or "Thunderbird" not in rows:
+            raise Failure(f"the grant is not listed as a device:\n{rows}")
+        result["device_rows"] = rows
+        # 5. The first refresh token, used already, is refused (and ends the grant).
+        status, replayed = token_request(a, {"client_id": "thunderbird", "grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]})
+        result["refresh_replay"] = [status, replayed.get("error")]
+    finally:
+        app.close()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("url", help="https://localhost:PORT of mailgate's web step")
@@ -749,7 +891,8 @@ def main():
     p.add_argument("password")
     p.add_argument("screenshots", help="directory for PNG screenshots")
     p.add_argument("out", help="JSON result file")
-    p.add_argument("--mode", choices=["full", "reuse", "after", "scopes"], default="full")
+    p.add_argument("--mode", choices=["full", "reuse", "after", "scopes", "oauth"], default="full")
+    p.add_argument("--issuer", help="oauth mode: the expected iss (default: the URL)")
     p.add_argument("--backup-code", help="reuse mode: the code that was used already; after mode: an unused one")
     p.add_argument("--cert", help="mailgate's certificate (PEM): accept only its key")
     p.add_argument("--label", default="Browser test")
@@ -759,6 +902,7 @@ def main():
     p.add_argument("--deadline", type=int, default=240, help="seconds for the whole run")
     a = p.parse_args()
     a.url = a.url.rstrip("/")
+    a.url_issuer = a.issuer or a.url
     a.widths = [int(w) for w in a.widths.split(",")]
     os.makedirs(a.screenshots, exist_ok=True)
 
@@ -778,7 +922,7 @@ def main():
         t = time.monotonic()
         d = Driver(workdir, pin, a.width, 800)
         result["timings"]["start_browser"] = round(time.monotonic() - t, 2)
-        {"full": full, "reuse": reuse, "after": after, "scopes": scopes}[a.mode](d, a, result)
+        {"full": full, "reuse": reuse, "after": after, "scopes": scopes, "oauth": oauth}[a.mode](d, a, result)
         result["ok"] = True
         code = 0
     except Exception as e:  # noqa: BLE001 - any failure is reported, then cleaned up

@@ -162,6 +162,13 @@ for _ in range(12):
     if not forms:
         raise SystemExit(f"no form on the page:\n{body[:2000]}")
     form = forms[0]
+    if not deny:
+        # The form whose button does what the person came for (not, say, Sign out in the
+        # page's header).
+        for f in forms:
+            if any(any(w in (t or v).lower() for w in ("allow", "approve", "sign in", "verify", "continue")) for _, v, t in f["buttons"]):
+                form = f
+                break
     if deny:
         # A person who says no presses Deny where the page offers it.
         for f in forms:
