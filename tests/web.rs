@@ -269,7 +269,7 @@ fn browser_signs_a_mail_app_in_with_oauth() {
     assert!(run.ok, "the browser run failed: {}\nmailgate log:\n{}", run.failure, mg.log());
     assert_shots(&shots, &["oauth-consent"]);
     assert_eq!(run.json["denied"]["error"], "access_denied", "{}", run.json);
-    assert_eq!(run.json["tokens"]["scope"], "imap smtp", "{}", run.json);
+    assert_eq!(run.json["tokens"]["scope"], "mail", "{}", run.json);
     assert_eq!(run.json["replay"], serde_json::json!([400, "invalid_grant"]), "a code works once: {}", run.json);
     assert_eq!(run.json["refresh_replay"][1], "invalid_grant", "a rotated refresh token is dead: {}", run.json);
     let rows = run.json["device_rows"].as_str().unwrap();

@@ -405,7 +405,7 @@ mod oauth_grants {
     fn a_code_becomes_a_grant_listed_like_an_app_password() {
         let (env, svc) = setup();
         let t = signed_in(&env, &svc);
-        assert_eq!(t.scope, "imap smtp");
+        assert_eq!(t.scope, "mail");
         assert_eq!(t.expires_in, 3600);
         assert!(t.access_token.expose().starts_with("mgat1.") && t.refresh_token.expose().starts_with("mgrt1."));
         let list = env.store.list_app_passwords(ALICE).unwrap();

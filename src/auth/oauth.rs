@@ -66,9 +66,16 @@ pub fn scopes_from_oauth(scope: &str) -> Result<Vec<Scope>, InvalidScope> {
     Ok(out)
 }
 
-/// The scope string of a grant's scopes, as token responses state it.
+/// The scope string of a grant's scopes, as token responses state it: IMAP and SMTP
+/// together are `mail`, the scope mail apps ask for (the add-on's and autoconfig's), so a
+/// grant of what was asked is answered in the words it was asked in. Thunderbird files
+/// its refresh token under the scope of the response and looks it up under the one it
+/// asked for: answering `imap smtp` to `mail` made it lose the token after every sign-in.
 pub fn oauth_scope_string(scopes: &[Scope]) -> String {
-    scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")
+    let mail = scopes.contains(&Scope::Imap) && scopes.contains(&Scope::Smtp);
+    let mut words: Vec<&str> = if mail { vec!["mail"] } else { vec![] };
+    words.extend(scopes.iter().filter(|s| !mail || !matches!(s, Scope::Imap | Scope::Smtp)).map(|s| s.as_str()));
+    words.join(" ")
 }
 
 /// An authorization request the web step has checked (client known, redirect allowed,
@@ -315,6 +322,17 @@ mod tests {
         let mut flipped = code.expose().clone().into_bytes();
         flipped[20] = if flipped[20] == b'A' { b'B' } else { b'A' };
         assert!(open_code(&k, std::str::from_utf8(&flipped).unwrap()).is_none());
+    }
+
+    #[test]
+    fn scopes_are_stated_in_the_words_mail_apps_ask_in() {
+        for asked in ["mail", "", "imap smtp", "smtp mail"] {
+            assert_eq!(oauth_scope_string(&scopes_from_oauth(asked).unwrap()), "mail", "{asked}");
+        }
+        assert_eq!(oauth_scope_string(&scopes_from_oauth("mail pop3").unwrap()), "mail pop3");
+        assert_eq!(oauth_scope_string(&scopes_from_oauth("imap").unwrap()), "imap");
+        assert_eq!(oauth_scope_string(&scopes_from_oauth("sieve imap").unwrap()), "imap sieve");
+        assert!(scopes_from_oauth("mail admin").is_err());
     }
 
     #[test]

@@ -612,6 +612,8 @@ async fn grants_are_listed_as_devices_with_the_revoke_button() {
             refreshed_at: T0 - 3600,
             user_agent: Some("Mozilla/5.0 Thunderbird/153.0".into()),
         }),
+        expires_at: None,
+        allow: vec![],
     };
     env.store.create_app_password(&record).unwrap();
     let mut c = env.client();
@@ -681,7 +683,7 @@ async fn code_to_tokens_once_and_the_grant_is_a_device() {
     let t: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(t["token_type"], "Bearer");
     assert_eq!(t["expires_in"], 3600);
-    assert_eq!(t["scope"], "imap smtp");
+    assert_eq!(t["scope"], "mail");
     assert!(t["access_token"].as_str().unwrap().starts_with("mgat1."), "{t}");
     assert!(t["refresh_token"].as_str().unwrap().starts_with("mgrt1."), "{t}");
     // The grant is a device of the account, with the client and the user agent.
