@@ -719,7 +719,7 @@ impl AccountService {
         from: &oauth::Requester,
         config: &crate::config::OAuth,
     ) -> Result<oauth::Tokens, oauth::OAuthError> {
-        use oauth::OAuthError::{InvalidClient, InvalidGrant, Unavailable};
+        use oauth::OAuthError::{InvalidGrant, Unavailable};
         let (id, generation) = oauth::parse_refresh_token(refresh_token).ok_or(InvalidGrant)?;
         let presented = oauth::token_hash(refresh_token);
         let next = oauth::new_refresh_token(&id, generation.wrapping_add(1)).map_err(|_| Unavailable)?;
@@ -764,7 +764,8 @@ impl AccountService {
         });
         match (result, refused) {
             (Ok(rec), _) => Ok(self.tokens(&rec.username, &id, next, &rec.scopes, config)),
-            (_, Some(Refused::Client)) => Err(InvalidClient),
+            // RFC 6749 §5.2: a refresh token issued to another client is invalid_grant.
+            (_, Some(Refused::Client)) => Err(InvalidGrant),
             (_, Some(Refused::Replayed)) => {
                 // RFC 9700 §4.14.2: a refresh token used twice means one copy was stolen;
                 // the grant ends for both holders.

@@ -373,7 +373,8 @@ fn is_loopback_redirect(uri: &str) -> bool {
     let host_port = |host: &str, after: &str| -> bool {
         authority.strip_prefix(host).is_some_and(|p| {
             p.is_empty()
-                || p.strip_prefix(':').is_some_and(|n| !n.is_empty() && n.len() <= 5 && n.parse::<u16>().is_ok())
+                || p.strip_prefix(':')
+                    .is_some_and(|n| !n.is_empty() && n.len() <= 5 && n.parse::<u16>().is_ok_and(|port| port != 0))
         }) && after.is_empty()
     };
     host_port("localhost", "") || host_port("127.0.0.1", "") || host_port("[::1]", "")

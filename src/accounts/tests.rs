@@ -471,7 +471,7 @@ mod oauth_grants {
         let third = svc.oauth_refresh(second.refresh_token.expose(), &c, &from(), &cfg).unwrap();
         assert!(matches!(
             svc.oauth_refresh(third.refresh_token.expose(), &client("open"), &from(), &cfg),
-            Err(OAuthError::InvalidClient)
+            Err(OAuthError::InvalidGrant)
         ));
         // Someone replays the first token: the grant ends for everyone, sessions too.
         assert!(matches!(
