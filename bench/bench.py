@@ -588,9 +588,6 @@ mail {{
         d = os.path.join(self.w, "haproxy")
         os.makedirs(d)
         port, smtp_port, pop3_port = free_port(), free_port(), free_port()
-        # The web step and OAuth (issue 16): the new binary only (an old one may not know
-        # [oauth]); its XOAUTH2 logins are measured beside the app-password logins.
-        web_port = free_port() if name == "mailgate" else None
         self.ports["haproxy"], self.ports["haproxy_smtp"], self.ports["haproxy_pop3"] = port, smtp_port, pop3_port
         conf = f"""# mailgate bench: haproxy TLS termination, TCP mode (generated)
 global
@@ -643,6 +640,9 @@ backend pop3
         self.mg[name] = mg
         shutil.copy2(binary, mg["bin"])
         port, smtp_port, pop3_port = free_port(), free_port(), free_port()
+        # The web step and OAuth (issue 16): the new binary only (an old one may not know
+        # [oauth]); its XOAUTH2 logins are measured beside the app-password logins.
+        web_port = free_port() if name == "mailgate" else None
         self.ports[name], self.ports[name + "_smtp"] = port, smtp_port
         with open(d + "/master.secret", "w") as f:
             f.write(self.master_pw + "\n")

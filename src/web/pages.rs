@@ -68,6 +68,12 @@ struct Row {
     /// A mail app that signed in through the browser (an OAuth grant), not a typed app
     /// password.
     grant: Option<GrantRow>,
+    /// Its expiry and networks in words ("expires …, only from …"), if limited.
+    limits: Option<String>,
+    /// Unused for longer than `[accounts] stale_device_days`.
+    stale: bool,
+    /// Its right value was last refused: when and why ("it has expired").
+    refused: Option<String>,
 }
 
 /// What the list shows of an OAuth grant besides an app password's columns.
@@ -101,6 +107,11 @@ struct AccountPage<'a> {
     alert: Option<Alert>,
     passwords: Vec<Row>,
     stale: Vec<String>,
+    /// Without two-step verification: the mail apps signing in with the account password
+    /// (they stop working when it is turned on).
+    password_apps: Vec<String>,
+    /// Days after which an unused device is marked stale.
+    stale_days: u64,
     totp: bool,
     codes_left: usize,
     can_change_password: bool,
@@ -122,6 +133,12 @@ struct Draft {
     smtp: bool,
     pop3: bool,
     sieve: bool,
+    /// `expires`: "" (never), or a duration such as "90d".
+    expires: String,
+    /// `allow`: the networks it may be used from, as typed.
+    allow: String,
+    /// What is wrong with the expiry or the networks.
+    limits_error: Option<String>,
     /// What is wrong with the name.
     label_error: Option<String>,
     /// No scope ticked, or one whose protocol is off.
@@ -138,6 +155,9 @@ impl Default for Draft {
             smtp: true,
             pop3: false,
             sieve: false,
+            expires: String::new(),
+            allow: String::new(),
+            limits_error: None,
             label_error: None,
             scope_error: None,
             form_error: None,
@@ -147,7 +167,10 @@ impl Default for Draft {
 
 impl Draft {
     fn has_error(&self) -> bool {
-        self.label_error.is_some() || self.scope_error.is_some() || self.form_error.is_some()
+        self.label_error.is_some()
+            || self.scope_error.is_some()
+            || self.form_error.is_some()
+            || self.limits_error.is_some()
     }
 }
 
@@ -184,6 +207,15 @@ struct EnrolPage<'a> {
     grouped: &'a str,
     qr: &'a str,
     error: Option<&'a str>,
+    /// `[policy]` requires it: why, and whether it can wait (`Some(date)`: until then).
+    required: Option<Required>,
+}
+
+/// Why the enrolment page insists (`[policy] require_second_factor`).
+struct Required {
+    /// The last day the account password still works on the mail ports, if the grace
+    /// period runs; `None`: it is over.
+    until: Option<String>,
 }
 
 #[derive(Template)]
@@ -500,7 +532,17 @@ impl Web {
             .unwrap_or((0, false));
         self.audit(username, notice::SIGN_IN, notice::sign_in_detail(ip, typos));
         // A mail app's authorization request waits in the session: on to its consent page.
-        let next = if authorizing { super::oauth::CONSENT_PATH } else { "/app-passwords" };
+        // `[policy]`: an account that must have two-step verification and has not enrolled
+        // goes to the enrolment first, at every sign-in (issue 18 point 5).
+        let must_enrol = self.auth.policy().requires_second_factor(username)
+            && self.account(username).is_ok_and(|a| !a.has_second_factor());
+        let next = if must_enrol {
+            "/two-factor"
+        } else if authorizing {
+            super::oauth::CONSENT_PATH
+        } else {
+            "/app-passwords"
+        };
         match self.web_sessions.rotate(&ctx.id) {
             Some(new) => with_cookie(redirect(next), &new),
             None => self.error("Sign-in failed.").into_response(),
@@ -925,36 +967,55 @@ fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response 
         Ok(a) => a,
         Err(r) => return r.into_response(),
     };
-    let passwords = web
-        .auth
-        .store()
-        .list_app_passwords(username)
+    let stale_after = web.config.accounts.stale_after.as_secs();
+    let devices = web.accounts().devices(username, stale_after).ok();
+    let passwords = devices
+        .as_ref()
+        .map(|d| d.signed_in.clone())
         .unwrap_or_default()
         .into_iter()
-        .map(|r| Row {
-            id: r.id.clone(),
-            // A grant's label names its app and id ("Thunderbird (k3x9q2)"): two computers'
-            // Thunderbirds stay apart.
-            label: r.label.clone(),
-            scopes: r.scopes.iter().map(|s| s.label()).collect::<Vec<_>>().join(", "),
-            created: fmt_time(r.created_at),
-            last_used: last_uses_text(&r),
-            grant: r.oauth.as_ref().map(|g| GrantRow { user_agent: g.user_agent.clone() }),
+        .map(|d| {
+            let r = d.record;
+            let limits = crate::accounts::limits_text(&r);
+            Row {
+                id: r.id.clone(),
+                // A grant's label names its app and id ("Thunderbird (k3x9q2)"): two
+                // computers' Thunderbirds stay apart.
+                label: r.label.clone(),
+                scopes: r.scopes.iter().map(|s| s.label()).collect::<Vec<_>>().join(", "),
+                created: fmt_time(r.created_at),
+                last_used: last_uses_text(&r),
+                grant: r.oauth.as_ref().map(|g| GrantRow { user_agent: g.user_agent.clone() }),
+                limits: (!limits.is_empty()).then(|| limits.trim_start_matches(", ").to_string()),
+                stale: d.stale,
+                refused: d.last_refusal.map(|(at, why)| format!("Refused {}: {why}.", fmt_time(at))),
+            }
         })
         .collect();
-    // Devices refused for sending the account password matter only while two-step
-    // verification is on, and only refusals since it was turned on.
-    let stale = if account.has_second_factor() {
-        let since = account.totp.as_ref().map(|t| t.enabled_at).unwrap_or(0);
-        web.accounts()
-            .stale_devices(username)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(_, at)| *at >= since)
-            .map(|(d, at)| format!("{d}, last {}", fmt_time(at)))
-            .collect()
+    // Devices refused for sending the account password matter while two-step verification
+    // is on (or required), and only refusals since it was turned on; without it, the apps
+    // signing in with the account password are the ones that will need an app password.
+    let since = account.totp.as_ref().map(|t| t.enabled_at).unwrap_or(0);
+    let describe = |p: &crate::accounts::PasswordDevice| {
+        format!(
+            "{} via {}{}, last {}",
+            p.ip,
+            p.protocols.join(", "),
+            p.client.as_deref().map(|c| format!(" ({c})")).unwrap_or_default(),
+            fmt_time(p.last_seen)
+        )
+    };
+    let password_devices = devices.map(|d| d.account_password).unwrap_or_default();
+    let barred = account.has_second_factor() || web.auth.policy().enforced(username, web.now());
+    let stale = if barred {
+        password_devices.iter().filter(|p| p.refused && p.last_seen >= since).map(describe).collect()
     } else {
         Vec::new()
+    };
+    let password_apps = if account.has_second_factor() {
+        Vec::new()
+    } else {
+        password_devices.iter().filter(|p| !p.refused).map(describe).collect()
     };
     let can_change_password = account.password_hash.is_some() && !web.auth.upstream_mode();
     let notice = web.take_notice(&ctx.id);
@@ -968,6 +1029,8 @@ fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response 
             alert: security_alert(web, username),
             passwords,
             stale,
+            password_apps,
+            stale_days: stale_after / 86_400,
             totp: account.has_second_factor(),
             codes_left: account.backup_codes.as_ref().map(|c| c.remaining()).unwrap_or(0),
             can_change_password,
@@ -1114,6 +1177,12 @@ pub(super) async fn create_app_password(
         Ok(x) => x,
         Err(r) => return r.into_response(),
     };
+    // `[policy]`: past the grace period an account without two-step verification enrols
+    // first; an app password made with the password alone would undo the requirement.
+    if web.auth.policy().enforced(&username, web.now()) && web.account(&username).is_ok_and(|a| !a.has_second_factor())
+    {
+        return redirect("/two-factor");
+    }
     let imap = form.contains_key("scope_imap");
     let smtp = form.contains_key("scope_smtp");
     let pop3 = form.contains_key("scope_pop3");
@@ -1121,7 +1190,24 @@ pub(super) async fn create_app_password(
     let label = form.get("label").cloned().unwrap_or_default();
     // Every refusal shows the form again as it was sent, with the reason next to the field
     // (the label check runs again in the account service, for the CLI too).
-    let mut draft = Draft { label, imap, smtp, pop3, sieve, ..Draft::default() };
+    let expires = form.get("expires").map(|e| e.trim().to_string()).unwrap_or_default();
+    let allow = form.get("allow").map(|a| a.trim().to_string()).unwrap_or_default();
+    let mut draft = Draft { label, imap, smtp, pop3, sieve, expires, allow, ..Draft::default() };
+    // Optional limits: an expiry from the list (or a date a script sends) and networks.
+    let now = web.now();
+    let expires_at = match draft.expires.as_str() {
+        "" | "never" => Ok(None),
+        e => crate::auth::app_password::parse_expiry(e, now).map(Some).map_err(|e| e.to_string()),
+    };
+    let nets: Vec<String> = draft.allow.split([',', ' ', '\n']).map(str::to_string).collect();
+    let allow_nets = crate::auth::app_password::parse_allow(&nets).map_err(|e| e.to_string());
+    let limits = match (expires_at, allow_nets) {
+        (Ok(expires_at), Ok(allow)) => Some(crate::auth::app_password::Limits { expires_at, allow }),
+        (Err(e), _) | (_, Err(e)) => {
+            draft.limits_error = Some(format!("The app password was not created: {e}."));
+            None
+        }
+    };
     draft.label_error = match check_label(&draft.label) {
         Err(e) => Some(format!("The app password was not created: {e}.")),
         Ok(label) if has_label(&web, &username, label) => {
@@ -1157,7 +1243,8 @@ pub(super) async fn create_app_password(
         .filter_map(|(on, s)| on.then_some(s))
         .collect();
     let (accounts, user, label) = (web.accounts(), username.clone(), draft.label.clone());
-    let made = web.auth.hash_for(ip, move || accounts.create_app_password(&user, &label, scopes)).await;
+    let limits = limits.unwrap_or_default();
+    let made = web.auth.hash_for(ip, move || accounts.create_limited_app_password(&user, &label, scopes, limits)).await;
     match made {
         Some(Ok(crate::accounts::CreatedAppPassword { new, label, scopes })) => {
             let (smtp_port, smtp_security) = endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465);
@@ -1247,6 +1334,20 @@ pub(super) async fn enrol_form(State(web): W, headers: HeaderMap) -> Response {
     enrol_page(&web, &ctx, &username, None)
 }
 
+/// `[policy]`: why the enrolment insists, and until which day it may wait.
+fn required_notice(web: &Web, username: &str, now: u64) -> Option<Required> {
+    let policy = web.auth.policy();
+    if !policy.requires_second_factor(username) {
+        return None;
+    }
+    // The grace runs through the end of its day: name that day.
+    let until = policy
+        .grace_until
+        .filter(|_| policy.in_grace(username, now))
+        .map(|end| fmt_time(end.saturating_sub(1)).split(' ').next().unwrap_or_default().to_string());
+    Some(Required { until })
+}
+
 fn enrol_page(web: &Web, ctx: &Ctx, username: &str, error: Option<&str>) -> Response {
     match web.account(username) {
         Ok(a) if a.has_second_factor() => return redirect("/app-passwords"),
@@ -1283,6 +1384,7 @@ fn enrol_page(web: &Web, ctx: &Ctx, username: &str, error: Option<&str>) -> Resp
             grouped: crate::auth::app_password::group(secret.expose()).expose(),
             qr: &qr_svg(uri.expose()),
             error,
+            required: required_notice(web, username, now),
         },
         if error.is_some() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK },
     );

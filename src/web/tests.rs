@@ -48,9 +48,11 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
         let clock = FakeClock::at(T0);
+        let config = Config::from_toml_str(toml, "t").unwrap();
+        let policy = config.policy.clone();
         let web = Arc::new(Web {
-            config: Arc::new(Config::from_toml_str(toml, "t").unwrap()),
-            auth: Authenticator::new(store.clone(), 2).with_clock(Arc::new(clock.clone())),
+            config: Arc::new(config),
+            auth: Authenticator::new(store.clone(), 2).with_clock(Arc::new(clock.clone())).with_policy(policy),
             key: Arc::new(SecretKey::from_bytes(&[7; 32]).unwrap()),
             live: LiveSessions::default(),
             web_sessions: WebSessions::default(),
@@ -2404,3 +2406,91 @@ async fn healthz_is_ok_without_a_session_or_detail() {
 }
 
 mod oauth;
+
+/// Issue 18 points 2 and 3 on the web page: an app password made with an expiry and
+/// networks shows them; a wrong network is refused with the form kept; a device unused
+/// past the stale time is marked; without two-step verification the apps signing in with
+/// the account password are listed as the ones that will need an app password.
+#[tokio::test]
+async fn limits_stale_devices_and_password_apps_on_the_account_page() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let r = c
+        .post(
+            "/app-passwords",
+            &[("label", "Scanner"), ("scope_smtp", "1"), ("expires", "30d"), ("allow", "192.0.2.0/33")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert!(r.body.contains("is not an IP address or network"), "{}", r.body);
+    assert!(
+        r.body.contains(r#"value="192.0.2.0/33""#) && r.body.contains(r#"<option value="30d" selected>"#),
+        "{}",
+        r.body
+    );
+    assert!(env.store.list_app_passwords(ALICE).unwrap().is_empty());
+    c.post(
+        "/app-passwords",
+        &[("label", "Scanner"), ("scope_smtp", "1"), ("expires", "30d"), ("allow", "192.0.2.0/24 198.51.100.7")],
+    )
+    .await
+    .assert_ok();
+    let rec = env.store.list_app_passwords(ALICE).unwrap().remove(0);
+    assert_eq!(rec.expires_at, Some(env.now() + 30 * 86_400));
+    assert_eq!(rec.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>(), ["192.0.2.0/24", "198.51.100.7/32"]);
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("only from 192.0.2.0/24, 198.51.100.7/32"), "{}", page.body);
+    assert!(!page.body.contains("Not used for over"), "{}", page.body);
+    let login = AuditEvent {
+        at: env.now(),
+        username: ALICE.into(),
+        kind: "login".into(),
+        detail: "203.0.113.5 via IMAP (K-9 Mail 6.8) with the account password".into(),
+    };
+    env.store.append_audit(&login).unwrap();
+    env.clock.advance(91 * 86_400);
+    c.sign_in(ALICE, PW).await;
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("Not used for over 90 days"), "{}", page.body);
+    assert!(page.body.contains("Mail apps using your account password"), "{}", page.body);
+    assert!(page.body.contains("203.0.113.5 via IMAP (K-9 Mail 6.8)"), "{}", page.body);
+}
+
+/// Issue 18 point 5 on the web step: with `[policy] require_second_factor`, an
+/// un-enrolled account is sent to the enrolment at every sign-in; during the grace it may
+/// wait ("Later", app passwords still made); after the date it may not make app passwords
+/// until it has enrolled.
+#[tokio::test]
+async fn required_second_factor_sends_the_sign_in_to_the_enrolment() {
+    // T0 is 2027-01-15.
+    let env = Env::with_config(&format!(
+        "{CONFIG}\n[policy]\nrequire_second_factor = [\"example.test\"]\ngrace_until = \"2027-02-01\"\n"
+    ));
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.get("/login").await;
+    let r = c.post("/login", &[("username", ALICE), ("password", PW)]).await;
+    r.assert_redirect("/two-factor");
+    let page = c.get("/two-factor").await;
+    assert!(
+        page.body.contains("requires two-step verification") && page.body.contains("until 2027-02-01"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains(r#"<a href="/app-passwords">Later</a>"#), "{}", page.body);
+    c.get("/app-passwords").await;
+    c.post("/app-passwords", &[("label", "Phone"), ("scope_imap", "1")]).await.assert_ok();
+    // After the date: no way around the enrolment.
+    env.clock.advance(30 * 86_400);
+    let mut c = env.client();
+    c.get("/login").await;
+    c.post("/login", &[("username", ALICE), ("password", PW)]).await.assert_redirect("/two-factor");
+    let page = c.get("/two-factor").await;
+    assert!(page.body.contains("cannot sign in with your account password"), "{}", page.body);
+    assert!(!page.body.contains(">Later<") && !page.body.contains(">Cancel<"), "{}", page.body);
+    c.get("/app-passwords").await;
+    c.post("/app-passwords", &[("label", "Laptop"), ("scope_imap", "1")]).await.assert_redirect("/two-factor");
+    assert_eq!(env.store.list_app_passwords(ALICE).unwrap().len(), 1);
+}
