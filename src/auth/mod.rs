@@ -86,6 +86,9 @@ pub struct Authenticated {
     username: String,
     app_password_id: Option<String>,
     senders: Vec<String>,
+    /// The app password's limits inside its scopes (issue 20), from its record; `None`:
+    /// full rights. Carried here so that no path from the login to the session drops it.
+    narrow: Option<Arc<crate::store::Narrowing>>,
 }
 
 impl Authenticated {
@@ -97,9 +100,33 @@ impl Authenticated {
     pub fn app_password_id(&self) -> Option<&str> {
         self.app_password_id.as_deref()
     }
-    /// The addresses the account may send as: its own and its aliases.
+    /// The addresses this login may send as: the account's own and its aliases, or for an
+    /// app password with `--send-as` the part of them it names.
     pub fn senders(&self) -> &[String] {
         &self.senders
+    }
+    /// The app password's limits inside its scopes; `None`: full rights.
+    pub fn narrowing(&self) -> Option<&crate::store::Narrowing> {
+        self.narrow.as_deref()
+    }
+    /// What an IMAP session of this login is limited to, with folder patterns read with
+    /// upstream's hierarchy `delimiter` (patterns are stored with `/` between levels).
+    /// Unrestricted ([`Restriction::is_restricted`] false) for full rights.
+    ///
+    /// [`Restriction::is_restricted`]: crate::proto::imap_filter::Restriction::is_restricted
+    pub fn restriction(
+        &self,
+        delimiter: u8,
+    ) -> Result<crate::proto::imap_filter::Restriction, crate::proto::imap_filter::FolderSetError> {
+        use crate::proto::imap_filter::{FolderSet, Restriction};
+        let Some(n) = self.narrow.as_deref() else { return Ok(Restriction::default()) };
+        let folders = if n.folders.is_empty() {
+            None
+        } else {
+            let d = char::from(delimiter).to_string();
+            Some(FolderSet::new(n.folders.iter().map(|p| p.replace('/', &d)), delimiter)?)
+        };
+        Ok(Restriction { read_only: n.read_only, folders })
     }
     /// A proof for unit tests of the modules that take one.
     #[cfg(test)]
@@ -108,6 +135,7 @@ impl Authenticated {
             username: username.into(),
             app_password_id: app_password_id.map(str::to_string),
             senders: vec![username.into()],
+            narrow: None,
         }
     }
 }
@@ -648,6 +676,7 @@ impl Authenticator {
                 username: account.username.clone(),
                 app_password_id: None,
                 senders: senders(&account),
+                narrow: None,
             })
         })
         .await
@@ -1033,6 +1062,18 @@ fn grant_app_password(
         );
         return Verdict::Denied;
     }
+    if matches!(protocol, Protocol::Pop3 | Protocol::Sieve) && rec.narrow.as_ref().is_some_and(|n| n.limits_imap()) {
+        // POP3 and ManageSieve are relayed unfiltered: a read-only or folder-limited
+        // password never opens them (refused at create too; this holds for any record).
+        audit(
+            "app_password_refused",
+            format!(
+                "{} ({}) from {} via {protocol}: it is limited to read-only or some folders",
+                rec.label, rec.id, peer.ip
+            ),
+        );
+        return Verdict::Denied;
+    }
     let used = LastUse {
         at: now_unix(),
         ip: peer.ip.to_string(),
@@ -1048,10 +1089,16 @@ fn grant_app_password(
         None => format!("with app password {} ({})", rec.label, rec.id),
     };
     audit("login", format!("{} {how}", who(peer, protocol)));
+    let mut senders = senders(account);
+    if let Some(n) = rec.narrow.as_ref().filter(|n| !n.send_as.is_empty()) {
+        // Only the named addresses that are still the account's own.
+        senders.retain(|s| n.send_as.iter().any(|a| a.eq_ignore_ascii_case(s)));
+    }
     Verdict::Granted(Authenticated {
         username: account.username.clone(),
         app_password_id: Some(rec.id),
-        senders: senders(account),
+        senders,
+        narrow: rec.narrow.filter(|n| !n.is_empty()).map(Arc::new),
     })
 }
 
@@ -1134,6 +1181,7 @@ fn decide_account(
         username: account.username.clone(),
         app_password_id: None,
         senders: senders(account),
+        narrow: None,
     })
 }
 
@@ -1247,6 +1295,7 @@ mod tests {
             oauth: None,
             expires_at: None,
             allow: vec![],
+            narrow: None,
         })
         .unwrap();
         p.grouped().expose().clone()
@@ -1316,6 +1365,7 @@ mod tests {
             oauth: None,
             expires_at: Some(now_unix() + 3600),
             allow: app_password::parse_allow(&["192.0.2.0/24".into()]).unwrap(),
+            narrow: None,
         })
         .unwrap();
         let store: Arc<dyn Store> = Arc::new(s);
