@@ -1,11 +1,12 @@
 //! One IMAP client connection: the pre-auth machine on the driver, the login gate,
 //! then the byte relay. The only I/O around [`PreAuth`].
 
-use crate::auth::Protocol;
+use crate::auth::{Authenticated, Protocol};
 use crate::net::front::{MailFront, MailService};
 use crate::net::upstream::{ImapUpstream, UpstreamImap};
 use crate::proto::Goodbye;
 use crate::proto::imap::PreAuth;
+use crate::proto::imap_filter;
 
 /// Every IMAP connection: [`MailService`] with IMAP's machine.
 pub type ImapService = MailService<PreAuth>;
@@ -19,15 +20,34 @@ crate::net::gate::login_machine!(imap {
     }
 });
 
+/// The restriction the login reply's capabilities are filtered with; `None`: full rights.
+/// Capabilities do not depend on the hierarchy delimiter; if the folder patterns do not
+/// read, the strictest list (read-only) is shown, and the session is refused later.
+fn restriction_for_caps(who: &Authenticated) -> Option<imap_filter::Restriction> {
+    if !who.narrowing().is_some_and(|n| n.limits_imap()) {
+        return None;
+    }
+    Some(
+        who.restriction(imap_filter::FolderSet::DEFAULT_DELIMITER)
+            .unwrap_or(imap_filter::Restriction { read_only: true, folders: None }),
+    )
+}
+
 impl MailFront for PreAuth {
     type Upstream = ImapUpstream;
     const PROTOCOL: Protocol = Protocol::Imap;
     async fn start(hostname: &str, implicit: bool, _upstream: &ImapUpstream) -> Self {
         PreAuth::new(hostname, implicit, !implicit)
     }
-    /// The tagged OK carries upstream's capabilities (the client's view after login).
-    fn logged_in(&mut self, upstream: &UpstreamImap) -> Vec<u8> {
-        self.auth_succeeded(&upstream.capabilities)
+    /// The tagged OK carries upstream's capabilities (the client's view after login),
+    /// for a restricted app password only those its filter follows
+    /// ([`imap_filter::filter_capabilities`]: no COMPRESS, no write-only extensions when
+    /// read-only).
+    fn logged_in(&mut self, upstream: &UpstreamImap, who: &Authenticated) -> Vec<u8> {
+        match restriction_for_caps(who) {
+            Some(rules) => self.auth_succeeded(&imap_filter::filter_capabilities(&upstream.capabilities, &rules)),
+            None => self.auth_succeeded(&upstream.capabilities),
+        }
     }
     fn last_line(why: Goodbye) -> &'static [u8] {
         crate::proto::imap::goodbye(why)

@@ -1,0 +1,239 @@
+//! Narrow app passwords (issue 20) through mailgate to the real Dovecot: a read-only
+//! password reads everything and changes nothing; a folder-limited one sees only its
+//! folders. The mailbox is checked before and after with the unrestricted password.
+
+use crate::imap_front::with_dovecot;
+use crate::support::client::{Client, tls_config};
+use crate::support::dovecot::Dovecot;
+use crate::support::mailgate::Mailgate;
+use std::process::Command;
+
+const ALICE: &str = "alice@example.com";
+
+fn login(mg: &Mailgate, password: &str) -> (Client, String) {
+    let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+    assert!(c.line().starts_with("* OK"));
+    let r = c.cmd("l", &format!("LOGIN {ALICE} \"{password}\""));
+    let ok = r.last().unwrap().clone();
+    assert!(ok.starts_with("l OK"), "{r:?}\n{}", mg.log());
+    (c, ok)
+}
+
+/// A narrow app password (the last line of `create`'s output) and the whole output.
+fn create(mg: &Mailgate, args: &[&str]) -> (String, String) {
+    let mut all = vec!["app-password", "create", ALICE, "--label", "narrow"];
+    all.extend_from_slice(args);
+    let out = mg.ok(&all);
+    (out.lines().last().unwrap().to_string(), out)
+}
+
+/// Two messages in INBOX (one flagged), a folder `Archive` with one message; upstream's
+/// hierarchy delimiter.
+fn seed(dovecot: &Dovecot, mg: &Mailgate, full: &str) -> String {
+    dovecot.deliver(ALICE, b"From: a@example.com\r\nSubject: one\r\n\r\nfirst\r\n");
+    dovecot.deliver(ALICE, b"From: b@example.com\r\nSubject: two\r\n\r\nsecond\r\n");
+    let (mut c, _) = login(mg, full);
+    let r = c.cmd("d", "LIST \"\" \"\"");
+    let delim = r[0].split('"').nth(1).unwrap_or("/").to_string();
+    assert!(c.cmd("c", "CREATE Archive").last().unwrap().starts_with("c OK"));
+    assert!(c.cmd("s", "SELECT INBOX").last().unwrap().starts_with("s OK"));
+    assert!(c.cmd("f", "STORE 1 +FLAGS (\\Flagged)").last().unwrap().starts_with("f OK"));
+    assert!(c.cmd("y", "COPY 2 Archive").last().unwrap().starts_with("y OK"));
+    c.cmd("z", "LOGOUT");
+    delim
+}
+
+/// What the unrestricted password sees: folders, subscriptions, each folder's messages
+/// with UID, flags and size.
+fn snapshot(mg: &Mailgate, full: &str) -> Vec<String> {
+    let (mut c, _) = login(mg, full);
+    let mut out = Vec::new();
+    let keep = |lines: Vec<String>, out: &mut Vec<String>| {
+        out.extend(lines.into_iter().filter(|l| l.starts_with("* ") && !l.starts_with("* OK") && !l.contains("RECENT")))
+    };
+    keep(c.cmd("a", "LIST \"\" \"*\""), &mut out);
+    keep(c.cmd("b", "LSUB \"\" \"*\""), &mut out);
+    for folder in ["INBOX", "Archive"] {
+        keep(c.cmd("e", &format!("EXAMINE {folder}")), &mut out);
+        keep(c.cmd("f", "FETCH 1:* (UID FLAGS RFC822.SIZE)"), &mut out);
+    }
+    c.cmd("z", "LOGOUT");
+    out.sort();
+    out
+}
+
+const PY_READ_ONLY: &str = r#"
+import imaplib, ssl, sys
+host, port, user, pw, ca = sys.argv[1:6]
+ctx = ssl.create_default_context(cafile=ca)
+m = imaplib.IMAP4_SSL(host, int(port), ssl_context=ctx, timeout=30)
+typ, data = m.login(user, pw)
+assert typ == "OK", data
+typ, caps = m.capability()
+assert typ == "OK" and b"COMPRESS" not in caps[0], caps
+typ, data = m.list()
+assert typ == "OK" and any(b"Archive" in l for l in data), data
+for folder in ("INBOX", "Archive"):
+    typ, data = m.select(folder, readonly=True)
+    assert typ == "OK", data
+    typ, data = m.fetch("1:*", "(BODY[] FLAGS)")
+    assert typ == "OK", data
+    bodies = [d[1] for d in data if isinstance(d, tuple)]
+    assert bodies and all(b"Subject:" in b for b in bodies), data
+m.select("INBOX", readonly=True)
+for name, call in [
+    ("store", lambda: m.store("1", "+FLAGS", "\\Deleted")),
+    ("copy", lambda: m.copy("1", "Archive")),
+    ("create", lambda: m.create("Evil")),
+    ("delete", lambda: m.delete("Archive")),
+    ("rename", lambda: m.rename("Archive", "Evil")),
+    ("subscribe", lambda: m.subscribe("Archive")),
+    ("expunge", lambda: m.expunge()),
+    ("append", lambda: m.append("INBOX", None, None, b"Subject: x\r\n\r\nx\r\n")),
+]:
+    typ, data = call()
+    assert typ == "NO" and b"NOPERM" in data[0], (name, typ, data)
+m.logout()
+print("read-only ok")
+"#;
+
+/// Issue 20 point 1 end to end: imaplib reads every folder and message with a read-only
+/// password; every writing command (plain, UID form, pipelined, with a synchronizing or
+/// non-synchronizing literal) is `NO [NOPERM]`; COMPRESS is neither offered nor
+/// accepted; a full `FETCH BODY[]` sets no `\Seen`; the mailbox on Dovecot is unchanged.
+#[test]
+fn a_read_only_app_password_reads_everything_and_changes_nothing() {
+    let (dovecot, mg, full) = with_dovecot();
+    seed(&dovecot, &mg, &full);
+    let (ro, out) = create(&mg, &["--scope", "imap:read"]);
+    assert!(out.contains("read-only"), "{out}");
+    let listed = mg.ok(&["app-password", "list", ALICE, "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert!(json["app_passwords"].as_array().unwrap().iter().any(|p| p["read_only"] == true), "{listed}");
+    let before = snapshot(&mg, &full);
+    assert!(before.iter().any(|l| l.contains("\\Flagged")), "{before:?}");
+
+    let py = Command::new("python3")
+        .args(["-c", PY_READ_ONLY, "localhost", &mg.imaps.port().to_string(), ALICE, &ro])
+        .arg(&mg.ca)
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "imaplib:\n{}\n{}\nmailgate log:\n{}",
+        String::from_utf8_lossy(&py.stdout),
+        String::from_utf8_lossy(&py.stderr),
+        mg.log()
+    );
+
+    let (mut c, ok) = login(&mg, &ro);
+    assert!(ok.contains("[CAPABILITY") && !ok.contains("COMPRESS") && !ok.contains("MOVE"), "{ok}");
+    let caps = c.cmd("k", "CAPABILITY");
+    assert!(!caps[0].contains("COMPRESS") && caps[0].contains("IMAP4rev1"), "{caps:?}");
+    let r = c.cmd("x", "COMPRESS DEFLATE");
+    assert!(r.last().unwrap().starts_with("x NO"), "{r:?}");
+    // SELECT goes upstream as EXAMINE.
+    let sel = c.cmd("s", "SELECT INBOX");
+    assert!(sel.last().unwrap().starts_with("s OK [READ-ONLY]"), "{sel:?}");
+    let body = c.cmd("b", "FETCH 1:* BODY[]");
+    assert!(body.last().unwrap().starts_with("b OK"), "{body:?}");
+    let refused = [
+        "STORE 1 +FLAGS (\\Deleted)",
+        "UID STORE 1:* +FLAGS (\\Seen)",
+        "COPY 1 Archive",
+        "UID COPY 1:* Archive",
+        "MOVE 1 Archive",
+        "UID MOVE 1 Archive",
+        "EXPUNGE",
+        "UID EXPUNGE 1:*",
+        "CREATE Evil",
+        "DELETE Archive",
+        "RENAME Archive Evil",
+        "SUBSCRIBE Archive",
+        "UNSUBSCRIBE INBOX",
+    ];
+    for (i, cmd) in refused.iter().enumerate() {
+        let tag = format!("w{i}");
+        let r = c.cmd(&tag, cmd);
+        assert!(r.last().unwrap().starts_with(&format!("{tag} NO [NOPERM]")), "{cmd}: {r:?}");
+    }
+    // Pipelined, between passing commands, with both kinds of literal: the synchronizing
+    // APPEND gets its NO before any `+`, so the client never sends its data.
+    c.send(
+        b"p1 NOOP\r\np2 STORE 1:* +FLAGS.SILENT (\\Deleted)\r\np3 APPEND INBOX {5+}\r\nhello\r\np4 EXPUNGE\r\n\
+          p5 APPEND INBOX {5}\r\np6 UID MOVE 1:* Archive\r\np7 NOOP\r\n",
+    );
+    let lines = c.until("p7 ");
+    for (tag, want) in [("p1", "OK"), ("p2", "NO [NOPERM]"), ("p3", "NO [NOPERM]"), ("p4", "NO [NOPERM]")] {
+        assert!(lines.iter().any(|l| l.starts_with(&format!("{tag} {want}"))), "{tag}: {lines:?}");
+    }
+    for tag in ["p5", "p6"] {
+        assert!(lines.iter().any(|l| l.starts_with(&format!("{tag} NO [NOPERM]"))), "{tag}: {lines:?}");
+    }
+    assert!(!lines.iter().any(|l| l.starts_with('+')), "a continuation for a refused APPEND: {lines:?}");
+    c.cmd("z", "LOGOUT");
+
+    // Nothing changed on Dovecot: folders, subscriptions, flags (no \Seen from the
+    // full FETCHes), counts.
+    let after = snapshot(&mg, &full);
+    assert_eq!(before, after);
+    assert!(!after.iter().any(|l| l.contains("FETCH") && l.contains("\\Seen")), "{after:?}");
+}
+
+/// Issue 20 point 2 end to end: a password limited to INBOX and one subfolder lists only
+/// those (with `*` and `%`), every other folder is `NO [NONEXISTENT]` and never named.
+#[test]
+fn a_folder_limited_app_password_sees_only_its_folders() {
+    let (dovecot, mg, full) = with_dovecot();
+    let d = seed(&dovecot, &mg, &full);
+    let (mut c, _) = login(&mg, &full);
+    for f in [format!("Shared{d}Tickets"), format!("Shared{d}Sales"), "Secret".to_string()] {
+        assert!(c.cmd("c", &format!("CREATE \"{f}\"")).last().unwrap().starts_with("c OK"));
+    }
+    c.cmd("z", "LOGOUT");
+    // Patterns are written with `/` whatever upstream's delimiter is.
+    let (limited, out) = create(&mg, &["--scope", "imap", "--folders", "INBOX,Shared/Tickets"]);
+    assert!(out.contains("folders INBOX|Shared/Tickets"), "{out}");
+    let (mut c, _) = login(&mg, &limited);
+    let tickets = format!("Shared{d}Tickets");
+    for pattern in ["*", "%", &format!("Shared{d}%")] {
+        let r = c.cmd("l", &format!("LIST \"\" \"{pattern}\""));
+        let all = r.join("\n");
+        assert!(!all.contains("Secret") && !all.contains("Sales") && !all.contains("Archive"), "{pattern}: {all}");
+        assert!(r.last().unwrap().starts_with("l OK"), "{r:?}");
+        if pattern == "*" {
+            assert!(all.contains("INBOX") && all.contains(&tickets), "{all}");
+        }
+    }
+    let r = c.cmd("s", "SELECT Secret");
+    assert!(r.last().unwrap().starts_with("s NO [NONEXISTENT]"), "{r:?}");
+    let r = c.cmd("t", "STATUS Archive (MESSAGES)");
+    assert!(r.last().unwrap().starts_with("t NO [NONEXISTENT]"), "{r:?}");
+    let r = c.cmd("u", &format!("STATUS \"{tickets}\" (MESSAGES)"));
+    assert!(r.last().unwrap().starts_with("u OK"), "{r:?}");
+    assert!(c.cmd("v", "SELECT INBOX").last().unwrap().starts_with("v OK"));
+    let r = c.cmd("w", "COPY 1 Archive");
+    assert!(r.last().unwrap().starts_with("w NO [NONEXISTENT]"), "{r:?}");
+    // Not read-only: a write inside the set passes.
+    let r = c.cmd("x", &format!("COPY 1 \"{tickets}\""));
+    assert!(r.last().unwrap().starts_with("x OK"), "{r:?}");
+    c.cmd("z", "LOGOUT");
+}
+
+/// A read-only or folder-limited password cannot have the POP3 or ManageSieve scope
+/// (those sessions are not filtered), nor send as another account's address.
+#[test]
+fn narrowings_that_cannot_hold_are_refused_at_create() {
+    let (_dovecot, mg, _full) = with_dovecot();
+    for args in [
+        &["--scope", "imap:read,pop3"][..],
+        &["--scope", "imap,sieve", "--folders", "INBOX"][..],
+        &["--scope", "smtp", "--send-as", "boss@example.com"][..],
+        &["--scope", "imap", "--send-to", "x@example.com"][..],
+    ] {
+        let mut all = vec!["app-password", "create", ALICE, "--label", "x"];
+        all.extend_from_slice(args);
+        let out = mg.cli(&all);
+        assert!(!out.status.success(), "{args:?} was accepted: {}", String::from_utf8_lossy(&out.stdout));
+    }
+}
