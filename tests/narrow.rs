@@ -237,3 +237,65 @@ fn narrowings_that_cannot_hold_are_refused_at_create() {
         assert!(!out.status.success(), "{args:?} was accepted: {}", String::from_utf8_lossy(&out.stdout));
     }
 }
+
+/// Issue 20 point 3 end to end, to Dovecot submission: `--send-as` narrows the sender
+/// policy to the named alias (the account's own address is refused now), `--send-to`
+/// refuses other recipients with `550 5.7.1` naming the rule, and the per-hour quotas
+/// answer `451 4.7.1` with when one frees up (messages at DATA, recipients at RCPT);
+/// only the messages within the limits arrive.
+#[test]
+fn send_limited_app_password_through_dovecot_submission() {
+    use crate::smtp::{cmd, login, message, smtps, with_submission};
+    let (sub, mg, _full) = with_submission("");
+    let (pw, out) = create(
+        &mg,
+        &[
+            "--scope",
+            "smtp",
+            "--send-as",
+            "alias@example.org",
+            "--send-to",
+            "boss@example.com,@example.net",
+            "--max-messages",
+            "2",
+            "--max-recipients",
+            "3",
+        ],
+    );
+    assert!(out.contains("send as alias@example.org") && out.contains("at most 2 messages/hour"), "{out}");
+    let mut c = smtps(&mg);
+    login(&mut c, &pw);
+    let r = cmd(&mut c, "MAIL FROM:<alice@example.com>");
+    assert!(r[0].starts_with("553 5.7.1"), "{r:?}");
+    assert!(cmd(&mut c, "MAIL FROM:<alias@example.org>")[0].starts_with("250"));
+    let r = cmd(&mut c, "RCPT TO:<eve@example.org>");
+    assert!(r[0].starts_with("550 5.7.1") && r[0].contains("boss@example.com, @example.net"), "{r:?}");
+    for (i, to) in ["bob@example.net", "carol@example.net"].iter().enumerate() {
+        if i > 0 {
+            assert!(cmd(&mut c, "MAIL FROM:<alias@example.org>")[0].starts_with("250"));
+        }
+        let r = cmd(&mut c, &format!("RCPT TO:<{to}>"));
+        assert!(r[0].starts_with("250"), "{to}: {r:?}");
+        assert!(cmd(&mut c, "DATA")[0].starts_with("354"));
+        c.send(&message("alias@example.org", &format!("within quota {i}")));
+        let r = cmd(&mut c, ".");
+        assert!(r[0].starts_with("250"), "{r:?}\n{}", mg.log());
+    }
+    // The third message: its recipient is the third of three, the message over two.
+    assert!(cmd(&mut c, "MAIL FROM:<alias@example.org>")[0].starts_with("250"));
+    assert!(cmd(&mut c, "RCPT TO:<bob@example.net>")[0].starts_with("250"));
+    assert!(cmd(&mut c, "DATA")[0].starts_with("354"));
+    c.send(&message("alias@example.org", "over quota"));
+    let r = cmd(&mut c, ".");
+    assert!(r[0].starts_with("451 4.7.1") && r[0].contains("2 messages per hour") && r[0].contains("UTC"), "{r:?}");
+    assert!(cmd(&mut c, "MAIL FROM:<alias@example.org>")[0].starts_with("250"));
+    let r = cmd(&mut c, "RCPT TO:<bob@example.net>");
+    assert!(r[0].starts_with("451 4.7.1") && r[0].contains("3 recipients per hour"), "{r:?}");
+    assert!(cmd(&mut c, "QUIT")[0].starts_with("221"));
+    let got = sub.sink.wait_for_messages(2, std::time::Duration::from_secs(20));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let all = sub.sink.messages();
+    assert_eq!(all.len(), 2, "a message over the quota arrived: {all:?}");
+    assert!(got.iter().all(|m| m.mail_from == "alias@example.org"));
+    assert!(mg.log().contains("send quota reached"), "{}", mg.log());
+}
