@@ -173,11 +173,68 @@ fn a_read_only_app_password_reads_everything_and_changes_nothing() {
     assert!(!lines.iter().any(|l| l.starts_with('+')), "a continuation for a refused APPEND: {lines:?}");
     c.cmd("z", "LOGOUT");
 
+    // Pipelined behind LOGIN, in the same write: through the command filter too.
+    let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+    c.line();
+    c.send(
+        format!("l LOGIN {ALICE} \"{ro}\"\r\np SELECT INBOX\r\nq STORE 1:* +FLAGS (\\Deleted)\r\nr EXPUNGE\r\n")
+            .as_bytes(),
+    );
+    // mailgate's own answers may come before upstream's (tags, not order, pair them).
+    let mut lines = Vec::new();
+    while !["l ", "p ", "q ", "r "].iter().all(|t| lines.iter().any(|l: &String| l.starts_with(t))) {
+        lines.push(c.line());
+    }
+    for (tag, want) in [("l", "OK"), ("p", "OK [READ-ONLY]"), ("q", "NO [NOPERM]"), ("r", "NO [NOPERM]")] {
+        assert!(lines.iter().any(|l| l.starts_with(&format!("{tag} {want}"))), "{tag}: {lines:?}");
+    }
+    c.cmd("z", "LOGOUT");
+
+    // mbsync pulls every folder with the read-only password.
+    mbsync_pull(&mg, &ro);
+
     // Nothing changed on Dovecot: folders, subscriptions, flags (no \Seen from the
     // full FETCHes), counts.
     let after = snapshot(&mg, &full);
     assert_eq!(before, after);
     assert!(!after.iter().any(|l| l.contains("FETCH") && l.contains("\\Seen")), "{after:?}");
+}
+
+/// Runs mbsync (Sync Pull, every folder) with `password`; both seeded folders arrive.
+fn mbsync_pull(mg: &Mailgate, password: &str) {
+    let dir = mg.dir.path();
+    let cfg = dir.join("mbsyncrc");
+    std::fs::create_dir_all(dir.join("mail")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "IMAPAccount mg\nHost localhost\nPort {port}\nUser {ALICE}\nPass \"{password}\"\nSSLType IMAPS\nCertificateFile {ca}\n\n\
+             IMAPStore remote\nAccount mg\n\n\
+             MaildirStore local\nPath {dir}/mail/\nInbox {dir}/mail/INBOX\nSubFolders Verbatim\n\n\
+             Channel sync\nFar :remote:\nNear :local:\nPatterns *\nCreate Near\nSync Pull\nSyncState *\n",
+            port = mg.imaps.port(),
+            ca = mg.ca.display(),
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("mbsync").arg("-c").arg(&cfg).arg("-a").output().unwrap();
+    assert!(
+        out.status.success(),
+        "mbsync: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        mg.log()
+    );
+    for (folder, subject) in [("INBOX", "Subject: one"), ("Archive", "Subject: two")] {
+        let mut found = false;
+        for sub in ["new", "cur"] {
+            for entry in std::fs::read_dir(dir.join("mail").join(folder).join(sub)).unwrap() {
+                found |= String::from_utf8_lossy(&std::fs::read(entry.unwrap().path()).unwrap()).contains(subject);
+            }
+        }
+        assert!(found, "{subject} did not arrive in {folder}");
+    }
 }
 
 /// Issue 20 point 2 end to end: a password limited to INBOX and one subfolder lists only
@@ -298,4 +355,47 @@ fn send_limited_app_password_through_dovecot_submission() {
     assert_eq!(all.len(), 2, "a message over the quota arrived: {all:?}");
     assert!(got.iter().all(|m| m.mail_from == "alias@example.org"));
     assert!(mg.log().contains("send quota reached"), "{}", mg.log());
+}
+
+/// The send quota is counted in the store: two mailgate nodes on one PostgreSQL store
+/// share it. Here it is `[limits]`' default for every app password (one message per
+/// hour): a plain app password sends once through node A, then is refused by node B.
+#[test]
+fn the_send_quota_is_shared_by_two_nodes_on_postgresql() {
+    use crate::smtp::{cmd, login, message, smtps};
+    use crate::support::mailgate::Options;
+    use crate::support::postgres::Postgres;
+    use crate::support::submission::{Submission, SubmissionOptions};
+    let pg = Postgres::start();
+    let sub = Submission::start(SubmissionOptions::default());
+    let node = || {
+        Mailgate::start(Options {
+            smtp_upstream: format!("127.0.0.1:{}", sub.port),
+            master_password: "master-password".into(),
+            extra_sections: format!("[store]\nbackend = \"postgres\"\nurl = \"{}\"\n", pg.url()),
+            limits: "auth_failure_delay_ms = 200\napp_password_max_messages_per_hour = 1\n".into(),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (node(), node());
+    a.add_user(ALICE, "alice-account-pw");
+    let pw = a.app_password(ALICE, "plain", "smtp");
+    let send = |mg: &Mailgate| {
+        let mut c = smtps(mg);
+        login(&mut c, &pw);
+        assert!(cmd(&mut c, &format!("MAIL FROM:<{ALICE}>"))[0].starts_with("250"));
+        assert!(cmd(&mut c, "RCPT TO:<bob@example.net>")[0].starts_with("250"));
+        assert!(cmd(&mut c, "DATA")[0].starts_with("354"));
+        c.send(&message(ALICE, "quota"));
+        let r = cmd(&mut c, ".");
+        cmd(&mut c, "QUIT");
+        r[0].clone()
+    };
+    let first = send(&a);
+    assert!(first.starts_with("250"), "{first}\n{}", a.log());
+    let second = send(&b);
+    assert!(second.starts_with("451 4.7.1") && second.contains("1 messages per hour"), "{second}\n{}", b.log());
+    sub.sink.wait_for_messages(1, std::time::Duration::from_secs(20));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(sub.sink.messages().len(), 1);
 }

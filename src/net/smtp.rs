@@ -351,10 +351,15 @@ impl SmtpService {
     async fn take_quota(&self, quota: Quota, state: &mut Client) -> Option<String> {
         let who = state.granted.as_ref()?;
         let id = who.app_password_id()?;
-        let narrow = who.narrowing()?;
+        // The app password's own quota, else `[limits]`' default for every app password.
+        let limits = &self.config.limits;
         let per_hour = match quota {
-            Quota::Messages => narrow.max_messages?,
-            Quota::Recipients => narrow.max_recipients?,
+            Quota::Messages => {
+                who.narrowing().and_then(|n| n.max_messages).or(limits.app_password_max_messages_per_hour)?
+            }
+            Quota::Recipients => {
+                who.narrowing().and_then(|n| n.max_recipients).or(limits.app_password_max_recipients_per_hour)?
+            }
         };
         let budget = quota.budget(id, per_hour);
         let refill = budget.refill_secs;
