@@ -1393,6 +1393,61 @@ mod tests {
         assert!(reasons[0].contains("expired") && reasons[1].contains("outside the networks"), "{reasons:?}");
     }
 
+    /// Issue 20: the record's narrowing arrives in `Authenticated` on every path (hashed
+    /// and cached): the IMAP restriction, senders cut to `--send-as`; a read-only password
+    /// is refused over POP3 and ManageSieve even if its record has those scopes.
+    #[tokio::test]
+    async fn a_narrow_app_password_carries_its_limits_into_the_login() {
+        let (_dir, s, _good) = setup();
+        s.update_account("a@x", &mut |a| {
+            a.addresses = vec!["sales@x".into()];
+            Ok(())
+        })
+        .unwrap();
+        let p = app_password::generate().unwrap();
+        let narrow = crate::store::Narrowing {
+            read_only: true,
+            folders: vec!["INBOX".into(), "Shared/Tickets".into()],
+            send_as: vec!["sales@x".into()],
+            ..Default::default()
+        };
+        s.create_app_password(&AppPasswordRecord {
+            id: p.id.clone(),
+            username: "a@x".into(),
+            label: "crm".into(),
+            scopes: vec![Scope::Imap, Scope::Smtp, Scope::Pop3, Scope::Sieve],
+            hash: password::hash(p.password.expose().as_bytes()).unwrap(),
+            created_at: 0,
+            created_by: "admin".into(),
+            last_used: None,
+            last_used_by: Default::default(),
+            oauth: None,
+            expires_at: None,
+            allow: vec![],
+            narrow: Some(narrow),
+        })
+        .unwrap();
+        let store: Arc<dyn Store> = Arc::new(s);
+        let auth = Authenticator::new(store.clone(), 2).with_verify_cache(Duration::from_secs(60));
+        let creds = Credentials::password("a@x".into(), pw(p.password.expose()));
+        for _ in 0..2 {
+            // The second time from the verify cache.
+            let Verdict::Granted(who) = auth.verify(&creds, Protocol::Imap, &peer()).await else {
+                panic!("not granted")
+            };
+            assert_eq!(who.senders(), ["sales@x".to_string()]);
+            let r = who.restriction(b'.').unwrap();
+            assert!(r.read_only && r.is_restricted());
+            let set = r.folders.unwrap();
+            assert!(set.allows(b"Shared.Tickets") && set.allows(b"inbox") && !set.allows(b"Shared/Tickets"));
+        }
+        for protocol in [Protocol::Pop3, Protocol::Sieve] {
+            assert!(matches!(auth.verify(&creds, protocol, &peer()).await, Verdict::Denied), "{protocol}");
+        }
+        let full = Authenticated::for_tests("a@x", None);
+        assert!(full.narrowing().is_none() && !full.restriction(b'/').unwrap().is_restricted());
+    }
+
     /// Issue 16: an access token logs in its own user over the grant's protocols only,
     /// without a hash or a guess budget; another user's name, a forged or expired token, a
     /// revoked grant, a token typed as a password, and tokens while OAuth is off are refused.
