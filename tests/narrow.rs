@@ -251,6 +251,8 @@ fn a_folder_limited_app_password_sees_only_its_folders() {
     // Patterns are written with `/` whatever upstream's delimiter is.
     let (limited, out) = create(&mg, &["--scope", "imap", "--folders", "INBOX,Shared/Tickets"]);
     assert!(out.contains("folders INBOX|Shared/Tickets"), "{out}");
+    let listed = mg.ok(&["app-password", "list", ALICE]);
+    assert!(listed.contains("\tfolders INBOX|Shared/Tickets"), "{listed}");
     let (mut c, _) = login(&mg, &limited);
     let tickets = format!("Shared{d}Tickets");
     for pattern in ["*", "%", &format!("Shared{d}%")] {
@@ -261,6 +263,17 @@ fn a_folder_limited_app_password_sees_only_its_folders() {
         if pattern == "*" {
             assert!(all.contains("INBOX") && all.contains(&tickets), "{all}");
         }
+    }
+    // LSUB, and LIST with selection/return options (LIST-EXTENDED, LIST-STATUS: not
+    // offered, refused), name no other folder either.
+    for (tag, cmd) in [
+        ("m", "LSUB \"\" \"*\"".to_string()),
+        ("n", "LIST (SUBSCRIBED) \"\" \"*\" RETURN (STATUS (MESSAGES))".to_string()),
+        ("o", "LIST \"\" \"*\" RETURN (CHILDREN)".to_string()),
+    ] {
+        let r = c.cmd(tag, &cmd);
+        let all = r.join("\n");
+        assert!(!all.contains("Secret") && !all.contains("Sales") && !all.contains("Archive"), "{cmd}: {all}");
     }
     let r = c.cmd("s", "SELECT Secret");
     assert!(r.last().unwrap().starts_with("s NO [NONEXISTENT]"), "{r:?}");
