@@ -287,6 +287,20 @@ fn a_folder_limited_app_password_sees_only_its_folders() {
     // Not read-only: a write inside the set passes.
     let r = c.cmd("x", &format!("COPY 1 \"{tickets}\""));
     assert!(r.last().unwrap().starts_with("x OK"), "{r:?}");
+    // A synchronizing literal inside the set: upstream's `+` reaches the client, the data
+    // goes up after it. IDLE and DONE likewise.
+    let msg = "Subject: via literal\r\n\r\nbody\r\n";
+    c.send(format!("ap APPEND \"{tickets}\" {{{}}}\r\n", msg.len()).as_bytes());
+    assert!(c.line().starts_with('+'), "no continuation for the APPEND literal");
+    c.send(format!("{msg}\r\n").as_bytes());
+    let r = c.until("ap ");
+    assert!(r.last().unwrap().starts_with("ap OK"), "{r:?}");
+    let r = c.cmd("st", &format!("STATUS \"{tickets}\" (MESSAGES)"));
+    assert!(r.iter().any(|l| l.contains("MESSAGES 2")), "{r:?}");
+    c.send(b"i IDLE\r\n");
+    assert!(c.line().starts_with('+'), "no continuation for IDLE");
+    c.send(b"DONE\r\n");
+    assert!(c.until("i ").last().unwrap().starts_with("i OK"));
     c.cmd("z", "LOGOUT");
 }
 
