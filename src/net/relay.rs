@@ -388,6 +388,9 @@ const DELIMITER_TAG: &[u8] = b"mg0";
 /// fires, the client idles for `idle`, [`MAX_SESSION`]; and a client that floods before a
 /// continuation gets the filter's `* BYE`.
 ///
+/// Unlike the raw relay it keeps its two 16 KiB read buffers (and the filters' state) for
+/// the session's life; only restricted sessions pay for that, and there are few.
+///
 /// [`Restriction`]: crate::proto::imap_filter::Restriction
 pub async fn filtered_session<S: Transport, U: Relayed>(
     mut client: MaybeTls<S>,
