@@ -426,3 +426,64 @@ fn the_send_quota_is_shared_by_two_nodes_on_postgresql() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(sub.sink.messages().len(), 1);
 }
+
+/// The real Thunderbird with a read-only IMAP password: the folder list and INBOX sync
+/// pass through the filtered session; sending fails cleanly (the password has no SMTP
+/// scope) and nothing arrives.
+#[test]
+fn thunderbird_syncs_read_only_and_cannot_send() {
+    use crate::support::mailgate::Options;
+    use crate::support::submission::{Submission, SubmissionOptions};
+    assert!(crate::support::thunderbird::script().exists(), "thunderbird.py is missing");
+    let dovecot = Dovecot::start(crate::support::dovecot::DovecotOptions::default());
+    let sub = Submission::start(SubmissionOptions::default());
+    let mg = Mailgate::start(Options {
+        upstream: format!("127.0.0.1:{}", dovecot.port),
+        smtp_upstream: format!("127.0.0.1:{}", sub.port),
+        master_password: "master-password".into(),
+        ..Default::default()
+    });
+    mg.add_user(ALICE, "alice-account-pw");
+    let full = mg.app_password(ALICE, "full", "imap");
+    seed(&dovecot, &mg, &full);
+    // Thunderbird creates a Trash folder when there is none (a read-only password gets
+    // NO [NOPERM] for that, and Thunderbird reports the folder step failed) and shows
+    // subscribed folders only.
+    let (mut c, _) = login(&mg, &full);
+    for (tag, cmd) in [("t", "CREATE Trash"), ("u", "SUBSCRIBE Trash"), ("v", "SUBSCRIBE Archive")] {
+        assert!(c.cmd(tag, cmd).last().unwrap().starts_with(&format!("{tag} OK")));
+    }
+    c.cmd("z", "LOGOUT");
+    let before = snapshot(&mg, &full);
+    let (ro, _) = create(&mg, &["--scope", "imap:read"]);
+    let (imaps, submission) = (mg.imaps.port().to_string(), mg.submission.port().to_string());
+    let out = crate::support::thunderbird::run(&[
+        "--imap-host",
+        "127.0.0.1",
+        "--imap-port",
+        &imaps,
+        "--imap-security",
+        "ssl",
+        "--smtp-host",
+        "127.0.0.1",
+        "--smtp-port",
+        &submission,
+        "--smtp-security",
+        "starttls",
+        "--user",
+        ALICE,
+        "--password",
+        &ro,
+        "--to",
+        "bob@example.net",
+        "--no-bad-password",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("PASS imap-folders") && stdout.contains("PASS imap-inbox"), "{stdout}\n{}", mg.log());
+    assert!(stdout.contains("Archive") && stdout.contains("Trash"), "{stdout}");
+    assert!(stdout.contains("FAIL smtp-send"), "{stdout}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(sub.sink.messages().is_empty(), "a message was sent with a password without SMTP");
+    let after = snapshot(&mg, &full);
+    assert_eq!(before, after, "Thunderbird changed the mailbox through a read-only password");
+}
