@@ -69,6 +69,7 @@ pub fn app_record(id: &str) -> AppPasswordRecord {
         oauth: None,
         expires_at: None,
         allow: vec![],
+        narrow: None,
     }
 }
 

@@ -50,6 +50,9 @@ pub enum AccountError {
     /// A TOTP secret that cannot be used (too short) or an issuer that cannot be.
     #[error("cannot use this TOTP secret: {0}")]
     Totp(#[from] totp_rs::TotpError),
+    /// An app password's narrowing that cannot be made (issue 20).
+    #[error(transparent)]
+    Narrow(#[from] app_password::NarrowError),
     /// An app password's expiry that has passed already.
     #[error("that expiry has passed already; give a later date or a duration such as 90d")]
     ExpiryPassed,
@@ -528,7 +531,15 @@ impl AccountService {
         let mut scopes = if scopes.is_empty() { vec![Scope::Imap, Scope::Smtp] } else { scopes };
         scopes.sort();
         scopes.dedup();
-        self.account(email)?;
+        let account = self.account(email)?;
+        let narrow = match &limits.narrow {
+            Some(n) => {
+                let own: Vec<String> =
+                    std::iter::once(account.username.clone()).chain(account.addresses.iter().cloned()).collect();
+                app_password::check_narrowing(n, &scopes, &own)?
+            }
+            None => None,
+        };
         let new = app_password::generate().map_err(crypto)?;
         let hash = password::hash(new.password.expose().as_bytes()).map_err(crypto)?;
         let by = self.actor.name();
@@ -545,6 +556,7 @@ impl AccountService {
             oauth: None,
             expires_at: limits.expires_at,
             allow: limits.allow.clone(),
+            narrow,
         };
         self.store.create_app_password(&record)?;
         self.audit(email, "app_password_created", format!("{label} ({}) by {by}{}", new.id, limits_text(&record)));
@@ -668,6 +680,7 @@ impl AccountService {
             }),
             expires_at: None,
             allow: vec![],
+            narrow: None,
         };
         match self.store.create_app_password(&record) {
             Ok(()) => {}
@@ -884,6 +897,9 @@ pub fn limits_text(rec: &AppPasswordRecord) -> String {
     if !rec.allow.is_empty() {
         let nets: Vec<String> = rec.allow.iter().map(|n| n.to_string()).collect();
         out.push_str(&format!(", only from {}", nets.join(", ")));
+    }
+    if let Some(n) = &rec.narrow {
+        out.push_str(&n.words());
     }
     out
 }

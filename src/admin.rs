@@ -84,6 +84,24 @@ pub enum Request {
         /// Days without use after which a device is marked stale.
         stale_after_days: u64,
     },
+    /// `app-password create` with limits inside the scopes (issue 20); a variant of its own
+    /// so that a plain create keeps its shape.
+    AppPasswordCreateNarrow {
+        /// Address.
+        email: String,
+        /// Label.
+        label: String,
+        /// Scopes.
+        scopes: Vec<Scope>,
+        /// When it stops working (unix seconds).
+        #[serde(default)]
+        expires_at: Option<u64>,
+        /// Networks it may be used from; empty: anywhere.
+        #[serde(default)]
+        allow: Vec<ipnet::IpNet>,
+        /// What it may do inside its scopes.
+        narrow: crate::store::Narrowing,
+    },
     /// `app-password list`.
     AppPasswordList {
         /// Address.
@@ -198,7 +216,11 @@ pub fn execute(ctx: &Context, req: Request) -> Response {
         Request::UserUnlock { email } => user_unlock(ctx, &email),
         Request::UserRemove { email } => user_remove(ctx, &email),
         Request::AppPasswordCreate { email, label, scopes, expires_at, allow } => {
-            let limits = crate::auth::app_password::Limits { expires_at, allow };
+            let limits = crate::auth::app_password::Limits { expires_at, allow, narrow: None };
+            app_password_create(ctx, &email, &label, scopes, limits)
+        }
+        Request::AppPasswordCreateNarrow { email, label, scopes, expires_at, allow, narrow } => {
+            let limits = crate::auth::app_password::Limits { expires_at, allow, narrow: Some(narrow) };
             app_password_create(ctx, &email, &label, scopes, limits)
         }
         Request::AppPasswordList { email } => app_password_list(ctx, &email),
@@ -359,6 +381,9 @@ fn app_password_list(ctx: &Context, email: &str) -> Answer {
             String::new()
         } else {
             format!("\tonly from {}", r.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","))
+        } + &match &r.narrow {
+            Some(n) => format!("\t{}", n.words().trim_start_matches(", ")),
+            None => String::new(),
         };
         lines.push(format!(
             "{}\t{}\t{}\tcreated {}\tlast used {}{kind}{limits}",
@@ -375,6 +400,12 @@ fn app_password_list(ctx: &Context, email: &str) -> Answer {
             "expires_at": r.expires_at,
             "expired": r.expires_at.is_some_and(|at| at <= now),
             "allow": r.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            "read_only": r.narrow.as_ref().is_some_and(|n| n.read_only),
+            "folders": r.narrow.as_ref().map(|n| n.folders.clone()).unwrap_or_default(),
+            "send_as": r.narrow.as_ref().map(|n| n.send_as.clone()).unwrap_or_default(),
+            "send_to": r.narrow.as_ref().map(|n| n.send_to.clone()).unwrap_or_default(),
+            "max_messages_per_hour": r.narrow.as_ref().and_then(|n| n.max_messages),
+            "max_recipients_per_hour": r.narrow.as_ref().and_then(|n| n.max_recipients),
             "oauth": r.oauth.as_ref().map(|g| serde_json::json!({
                 "client_id": g.client_id, "client_name": g.client_name, "user_agent": g.user_agent,
                 "refreshed": g.refreshed_at,

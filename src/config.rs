@@ -878,6 +878,10 @@ struct RawLimits {
     imap_idle_timeout_secs: u64,
     #[serde(default = "d_ipv6_prefix")]
     ipv6_prefix: u64,
+    #[serde(default)]
+    app_password_max_messages_per_hour: Option<u32>,
+    #[serde(default)]
+    app_password_max_recipients_per_hour: Option<u32>,
 }
 fn d_ipv6_prefix() -> u64 {
     u64::from(crate::addr::DEFAULT_IPV6_PREFIX)
@@ -928,6 +932,8 @@ impl Default for RawLimits {
             max_sessions_per_user_ip: d_max_user_ip(),
             imap_idle_timeout_secs: d_imap_idle(),
             ipv6_prefix: d_ipv6_prefix(),
+            app_password_max_messages_per_hour: None,
+            app_password_max_recipients_per_hour: None,
         }
     }
 }
@@ -1036,6 +1042,11 @@ pub struct Limits {
     /// IPv6 clients are counted per prefix of this length (1..=128) by the per-address
     /// limits: a client picks any address in its /64 at no cost (see [`crate::addr`]).
     pub ipv6_prefix: u8,
+    /// The send quota of every app password without its own `--max-messages` (messages
+    /// per hour over SMTP); `None`: none.
+    pub app_password_max_messages_per_hour: Option<u32>,
+    /// The same for recipients (`--max-recipients`).
+    pub app_password_max_recipients_per_hour: Option<u32>,
 }
 
 /// The validated configuration.
@@ -1255,6 +1266,14 @@ impl Config {
                         "must be between 1 and 128 (the IPv6 prefix length counted as one client, usually 64)",
                     ));
                 }
+            },
+            app_password_max_messages_per_hour: match l.app_password_max_messages_per_hour {
+                Some(0) => return Err(invalid("limits.app_password_max_messages_per_hour", "must be at least 1")),
+                n => n,
+            },
+            app_password_max_recipients_per_hour: match l.app_password_max_recipients_per_hour {
+                Some(0) => return Err(invalid("limits.app_password_max_recipients_per_hour", "must be at least 1")),
+                n => n,
             },
         };
         let a = raw.accounts;

@@ -7,7 +7,7 @@ use mailgate::app;
 use mailgate::auth::password;
 use mailgate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use mailgate::secret::SecretString;
-use mailgate::store::Scope;
+use mailgate::store::Narrowing;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -161,9 +161,26 @@ enum AppCmd {
         /// What it is for, e.g. "Thunderbird laptop".
         #[arg(long)]
         label: String,
-        /// Comma-separated: imap, smtp, pop3, sieve (default imap,smtp).
+        /// Comma-separated: imap, imap:read (IMAP, read-only), smtp, pop3, sieve (default
+        /// imap,smtp).
         #[arg(long, value_delimiter = ',')]
         scope: Vec<String>,
+        /// Comma-separated IMAP folders (LIST patterns, `*` and `%`, `/` between levels):
+        /// only these exist for it.
+        #[arg(long)]
+        folders: Option<String>,
+        /// Comma-separated addresses of the account it may send as (a subset of its own).
+        #[arg(long, value_delimiter = ',')]
+        send_as: Vec<String>,
+        /// Comma-separated recipients it may send to: addresses or @domain.
+        #[arg(long, value_delimiter = ',')]
+        send_to: Vec<String>,
+        /// At most this many messages per hour (SMTP).
+        #[arg(long)]
+        max_messages: Option<u32>,
+        /// At most this many recipients per hour (SMTP).
+        #[arg(long)]
+        max_recipients: Option<u32>,
         /// Stops working after a duration (30d, 12h, 8w) or at the end of a date
         /// (YYYY-MM-DD, UTC).
         #[arg(long)]
@@ -636,16 +653,30 @@ fn user(config: &Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
 
 fn app_password(config: &Config, cmd: AppCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        AppCmd::Create { email, label, scope, expires, allow } => {
-            let scopes = scope
-                .iter()
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| s.parse::<Scope>())
-                .collect::<Result<Vec<_>, _>>()?;
+        AppCmd::Create {
+            email,
+            label,
+            scope,
+            expires,
+            allow,
+            folders,
+            send_as,
+            send_to,
+            max_messages,
+            max_recipients,
+        } => {
+            let (scopes, read_only) = mailgate::auth::app_password::parse_scopes(&scope)?;
             let now = mailgate::fsutil::now_unix();
             let expires_at = expires.map(|e| mailgate::auth::app_password::parse_expiry(&e, now)).transpose()?;
             let allow = mailgate::auth::app_password::parse_allow(&allow)?;
-            print(dispatch(config, Request::AppPasswordCreate { email, label, scopes, expires_at, allow })?, false)
+            let folders = folders.map(|f| f.split(',').map(|p| p.trim().to_string()).collect()).unwrap_or_default();
+            let narrow = Narrowing { read_only, folders, send_as, send_to, max_messages, max_recipients };
+            let request = if narrow.is_empty() {
+                Request::AppPasswordCreate { email, label, scopes, expires_at, allow }
+            } else {
+                Request::AppPasswordCreateNarrow { email, label, scopes, expires_at, allow, narrow }
+            };
+            print(dispatch(config, request)?, false)
         }
         AppCmd::List { email, json } => print(dispatch(config, Request::AppPasswordList { email })?, json),
         AppCmd::Revoke { email, id } => print(dispatch(config, Request::AppPasswordRevoke { email, id })?, false),

@@ -47,6 +47,7 @@ fn app(id: &str, user: &str, label: &str) -> AppPasswordRecord {
         oauth: None,
         expires_at: None,
         allow: vec![],
+        narrow: None,
     }
 }
 

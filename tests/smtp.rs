@@ -16,7 +16,7 @@ fn b64(s: &[u8]) -> String {
 }
 
 /// mailgate in front of Dovecot submission (master SASL), alice with an smtp app password.
-fn with_submission(extra: &str) -> (Submission, Mailgate, String) {
+pub(crate) fn with_submission(extra: &str) -> (Submission, Mailgate, String) {
     let sub = Submission::start(SubmissionOptions::default());
     let mg = Mailgate::start(Options {
         smtp_upstream: format!("127.0.0.1:{}", sub.port),
@@ -33,14 +33,14 @@ fn with_submission(extra: &str) -> (Submission, Mailgate, String) {
     (sub, mg, app)
 }
 
-fn smtps(mg: &Mailgate) -> Client {
+pub(crate) fn smtps(mg: &Mailgate) -> Client {
     let mut c = Client::tls(mg.smtps, tls_config(&mg.ca, &["smtp"])).unwrap();
     assert!(c.line().starts_with("220 "));
     c
 }
 
 /// Sends a command and returns every line of the reply.
-fn cmd(c: &mut Client, line: &str) -> Vec<String> {
+pub(crate) fn cmd(c: &mut Client, line: &str) -> Vec<String> {
     c.send(format!("{line}\r\n").as_bytes());
     reply(c)
 }
@@ -57,13 +57,13 @@ fn reply(c: &mut Client) -> Vec<String> {
     }
 }
 
-fn login(c: &mut Client, app: &str) {
+pub(crate) fn login(c: &mut Client, app: &str) {
     cmd(c, "EHLO client.example");
     let r = cmd(c, &format!("AUTH PLAIN {}", b64(format!("\0alice@example.com\0{app}").as_bytes())));
     assert_eq!(r, vec!["235 2.7.0 Authentication successful"]);
 }
 
-fn message(from: &str, subject: &str) -> Vec<u8> {
+pub(crate) fn message(from: &str, subject: &str) -> Vec<u8> {
     let mut m = format!(
         "From: Alice <{from}>\r\nTo: bob@example.net\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
     )

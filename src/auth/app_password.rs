@@ -98,6 +98,8 @@ pub struct Limits {
     pub expires_at: Option<u64>,
     /// The networks it may be used from; empty: anywhere.
     pub allow: Vec<ipnet::IpNet>,
+    /// What it may do inside its scopes (issue 20); `None`: all of it.
+    pub narrow: Option<crate::store::Narrowing>,
 }
 
 /// Why an app password of the right value was refused (audited; answered like a wrong
@@ -209,9 +211,138 @@ pub fn parse_allow(entries: &[String]) -> Result<Vec<ipnet::IpNet>, BadNetwork> 
     Ok(out)
 }
 
+// ----------------------------------------------------------------------------------
+// Narrow app passwords (issue 20): read-only / folder-limited IMAP, send-limited SMTP
+
+/// Scopes as given to `--scope`: `imap`, `smtp`, `pop3`, `sieve`, and `imap:read` (IMAP,
+/// read-only). Returns the scopes and whether `imap:read` was among them.
+pub fn parse_scopes(entries: &[String]) -> Result<(Vec<crate::store::Scope>, bool), crate::store::UnknownScope> {
+    let mut scopes = Vec::new();
+    let mut read_only = false;
+    for e in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        if e.eq_ignore_ascii_case("imap:read") {
+            read_only = true;
+            scopes.push(crate::store::Scope::Imap);
+        } else {
+            scopes.push(e.parse()?);
+        }
+    }
+    Ok((scopes, read_only))
+}
+
+/// Why a narrowing was refused at create (the administrator's input).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NarrowError {
+    /// POP3 and ManageSieve sessions are relayed unfiltered: a read-only or
+    /// folder-limited password must not open them.
+    #[error(
+        "a read-only or folder-limited app password cannot have the {0} scope (that protocol is not filtered; it could change or read every folder)"
+    )]
+    UnfilteredScope(&'static str),
+    /// An IMAP limit without the IMAP scope, or an SMTP limit without the SMTP scope.
+    #[error("{0} limits given, but the app password has no {0} scope")]
+    MissingScope(&'static str),
+    /// The folder patterns are refused.
+    #[error("--folders: {0}")]
+    Folders(#[from] crate::proto::imap_filter::FolderSetError),
+    /// `--send-as` names an address that is not the account's own.
+    #[error("--send-as: {0} is not one of the account's addresses")]
+    NotOwnAddress(String),
+    /// `--send-to` names something that is neither an address nor `@domain`.
+    #[error("--send-to: {0:?} is neither an address nor @domain")]
+    BadRecipient(String),
+    /// A quota of zero (use no SMTP scope instead).
+    #[error("a send quota must be at least 1 per hour")]
+    ZeroQuota,
+}
+
+/// Checks and normalises a narrowing for an app password with `scopes` of an account
+/// that may send as `own` (its address and aliases). `None` when it narrows nothing.
+pub fn check_narrowing(
+    narrow: &crate::store::Narrowing,
+    scopes: &[crate::store::Scope],
+    own: &[String],
+) -> Result<Option<crate::store::Narrowing>, NarrowError> {
+    use crate::store::Scope;
+    let mut n = narrow.clone();
+    n.folders = n.folders.iter().map(|f| f.trim().to_string()).filter(|f| !f.is_empty()).collect();
+    if !n.folders.is_empty() {
+        crate::proto::imap_filter::FolderSet::new(&n.folders, crate::proto::imap_filter::FolderSet::DEFAULT_DELIMITER)?;
+    }
+    let lower = |v: &[String]| -> Vec<String> {
+        let mut out: Vec<String> = v.iter().map(|a| a.trim().to_ascii_lowercase()).filter(|a| !a.is_empty()).collect();
+        out.dedup();
+        out
+    };
+    n.send_as = lower(&n.send_as);
+    n.send_to = lower(&n.send_to);
+    for a in &n.send_as {
+        if !own.iter().any(|o| o.eq_ignore_ascii_case(a)) {
+            return Err(NarrowError::NotOwnAddress(a.chars().take(100).collect()));
+        }
+    }
+    for r in &n.send_to {
+        let ok = match r.strip_prefix('@') {
+            Some(d) => !d.is_empty() && !d.contains('@'),
+            None => r.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty() && !d.contains('@')),
+        };
+        if !ok || r.chars().any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>') {
+            return Err(NarrowError::BadRecipient(r.chars().take(100).collect()));
+        }
+    }
+    if n.max_messages == Some(0) || n.max_recipients == Some(0) {
+        return Err(NarrowError::ZeroQuota);
+    }
+    if n.is_empty() {
+        return Ok(None);
+    }
+    if n.limits_imap() {
+        for s in [Scope::Pop3, Scope::Sieve] {
+            if scopes.contains(&s) {
+                return Err(NarrowError::UnfilteredScope(s.label()));
+            }
+        }
+        if !scopes.contains(&Scope::Imap) {
+            return Err(NarrowError::MissingScope("IMAP"));
+        }
+    }
+    let smtp = !n.send_as.is_empty() || !n.send_to.is_empty() || n.max_messages.is_some() || n.max_recipients.is_some();
+    if smtp && !scopes.contains(&Scope::Smtp) {
+        return Err(NarrowError::MissingScope("SMTP"));
+    }
+    Ok(Some(n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn narrowings_are_checked_at_create() {
+        use crate::store::{Narrowing, Scope};
+        let own = vec!["a@x.test".to_string(), "sales@x.test".to_string()];
+        let (scopes, ro) = parse_scopes(&["imap:read".into(), "smtp".into()]).unwrap();
+        assert_eq!((scopes.clone(), ro), (vec![Scope::Imap, Scope::Smtp], true));
+        assert!(parse_scopes(&["imap:write".into()]).is_err());
+        let n = Narrowing { read_only: true, send_as: vec![" Sales@X.test".into()], ..Default::default() };
+        let got = check_narrowing(&n, &scopes, &own).unwrap().unwrap();
+        assert_eq!(got.send_as, vec!["sales@x.test"]);
+        assert_eq!(check_narrowing(&Narrowing::default(), &scopes, &own), Ok(None));
+        let other = Narrowing { send_as: vec!["boss@x.test".into()], ..Default::default() };
+        assert!(matches!(check_narrowing(&other, &scopes, &own), Err(NarrowError::NotOwnAddress(_))));
+        let ro = Narrowing { read_only: true, ..Default::default() };
+        assert_eq!(check_narrowing(&ro, &[Scope::Imap, Scope::Pop3], &own), Err(NarrowError::UnfilteredScope("POP3")));
+        assert_eq!(check_narrowing(&ro, &[Scope::Smtp], &own), Err(NarrowError::MissingScope("IMAP")));
+        let to = Narrowing { send_to: vec!["@ok.test".into(), "x".into()], ..Default::default() };
+        assert!(matches!(check_narrowing(&to, &[Scope::Smtp], &own), Err(NarrowError::BadRecipient(_))));
+        let q = Narrowing { max_messages: Some(0), ..Default::default() };
+        assert_eq!(check_narrowing(&q, &[Scope::Smtp], &own), Err(NarrowError::ZeroQuota));
+        let f = Narrowing { folders: vec!["INBOX".into(), "\u{1}".into()], ..Default::default() };
+        assert!(matches!(check_narrowing(&f, &[Scope::Imap], &own), Err(NarrowError::Folders(_))));
+        let to = Narrowing { send_to: vec!["@ok.test".into(), "Boss@Else.test".into()], ..Default::default() };
+        let to = check_narrowing(&to, &[Scope::Smtp], &own).unwrap().unwrap();
+        assert!(to.may_send_to("x@OK.test") && to.may_send_to("boss@else.test") && !to.may_send_to("x@else.test"));
+    }
 
     #[test]
     fn expiries_read_durations_and_dates() {
@@ -250,6 +381,7 @@ mod tests {
             oauth: None,
             expires_at: Some(100),
             allow: nets,
+            narrow: None,
         };
         assert_eq!(refusal(&rec, "192.0.2.200".parse().unwrap(), 99), None);
         assert_eq!(refusal(&rec, "::ffff:192.0.2.200".parse().unwrap(), 99), None);

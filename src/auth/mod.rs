@@ -86,6 +86,9 @@ pub struct Authenticated {
     username: String,
     app_password_id: Option<String>,
     senders: Vec<String>,
+    /// The app password's limits inside its scopes (issue 20), from its record; `None`:
+    /// full rights. Carried here so that no path from the login to the session drops it.
+    narrow: Option<Arc<crate::store::Narrowing>>,
 }
 
 impl Authenticated {
@@ -97,9 +100,33 @@ impl Authenticated {
     pub fn app_password_id(&self) -> Option<&str> {
         self.app_password_id.as_deref()
     }
-    /// The addresses the account may send as: its own and its aliases.
+    /// The addresses this login may send as: the account's own and its aliases, or for an
+    /// app password with `--send-as` the part of them it names.
     pub fn senders(&self) -> &[String] {
         &self.senders
+    }
+    /// The app password's limits inside its scopes; `None`: full rights.
+    pub fn narrowing(&self) -> Option<&crate::store::Narrowing> {
+        self.narrow.as_deref()
+    }
+    /// What an IMAP session of this login is limited to, with folder patterns read with
+    /// upstream's hierarchy `delimiter` (patterns are stored with `/` between levels).
+    /// Unrestricted ([`Restriction::is_restricted`] false) for full rights.
+    ///
+    /// [`Restriction::is_restricted`]: crate::proto::imap_filter::Restriction::is_restricted
+    pub fn restriction(
+        &self,
+        delimiter: u8,
+    ) -> Result<crate::proto::imap_filter::Restriction, crate::proto::imap_filter::FolderSetError> {
+        use crate::proto::imap_filter::{FolderSet, Restriction};
+        let Some(n) = self.narrow.as_deref() else { return Ok(Restriction::default()) };
+        let folders = if n.folders.is_empty() {
+            None
+        } else {
+            let d = char::from(delimiter).to_string();
+            Some(FolderSet::new(n.folders.iter().map(|p| p.replace('/', &d)), delimiter)?)
+        };
+        Ok(Restriction { read_only: n.read_only, folders })
     }
     /// A proof for unit tests of the modules that take one.
     #[cfg(test)]
@@ -108,6 +135,7 @@ impl Authenticated {
             username: username.into(),
             app_password_id: app_password_id.map(str::to_string),
             senders: vec![username.into()],
+            narrow: None,
         }
     }
 }
@@ -648,6 +676,7 @@ impl Authenticator {
                 username: account.username.clone(),
                 app_password_id: None,
                 senders: senders(&account),
+                narrow: None,
             })
         })
         .await
@@ -1045,6 +1074,18 @@ fn grant_app_password(
         );
         return Verdict::Denied;
     }
+    if matches!(protocol, Protocol::Pop3 | Protocol::Sieve) && rec.narrow.as_ref().is_some_and(|n| n.limits_imap()) {
+        // POP3 and ManageSieve are relayed unfiltered: a read-only or folder-limited
+        // password never opens them (refused at create too; this holds for any record).
+        audit(
+            "app_password_refused",
+            format!(
+                "{} ({}) from {} via {protocol}: it is limited to read-only or some folders",
+                rec.label, rec.id, peer.ip
+            ),
+        );
+        return Verdict::Denied;
+    }
     let used = LastUse {
         at: now_unix(),
         ip: peer.ip.to_string(),
@@ -1060,10 +1101,16 @@ fn grant_app_password(
         None => format!("with app password {} ({})", rec.label, rec.id),
     };
     audit("login", format!("{} {how}", who(peer, protocol)));
+    let mut senders = senders(account);
+    if let Some(n) = rec.narrow.as_ref().filter(|n| !n.send_as.is_empty()) {
+        // Only the named addresses that are still the account's own.
+        senders.retain(|s| n.send_as.iter().any(|a| a.eq_ignore_ascii_case(s)));
+    }
     Verdict::Granted(Authenticated {
         username: account.username.clone(),
         app_password_id: Some(rec.id),
-        senders: senders(account),
+        senders,
+        narrow: rec.narrow.filter(|n| !n.is_empty()).map(Arc::new),
     })
 }
 
@@ -1146,6 +1193,7 @@ fn decide_account(
         username: account.username.clone(),
         app_password_id: None,
         senders: senders(account),
+        narrow: None,
     })
 }
 
@@ -1259,6 +1307,7 @@ mod tests {
             oauth: None,
             expires_at: None,
             allow: vec![],
+            narrow: None,
         })
         .unwrap();
         p.grouped().expose().clone()
@@ -1328,6 +1377,7 @@ mod tests {
             oauth: None,
             expires_at: Some(now_unix() + 3600),
             allow: app_password::parse_allow(&["192.0.2.0/24".into()]).unwrap(),
+            narrow: None,
         })
         .unwrap();
         let store: Arc<dyn Store> = Arc::new(s);
@@ -1353,6 +1403,61 @@ mod tests {
             .collect();
         assert_eq!(reasons.len(), 2, "{reasons:?}");
         assert!(reasons[0].contains("expired") && reasons[1].contains("outside the networks"), "{reasons:?}");
+    }
+
+    /// Issue 20: the record's narrowing arrives in `Authenticated` on every path (hashed
+    /// and cached): the IMAP restriction, senders cut to `--send-as`; a read-only password
+    /// is refused over POP3 and ManageSieve even if its record has those scopes.
+    #[tokio::test]
+    async fn a_narrow_app_password_carries_its_limits_into_the_login() {
+        let (_dir, s, _good) = setup();
+        s.update_account("a@x", &mut |a| {
+            a.addresses = vec!["sales@x".into()];
+            Ok(())
+        })
+        .unwrap();
+        let p = app_password::generate().unwrap();
+        let narrow = crate::store::Narrowing {
+            read_only: true,
+            folders: vec!["INBOX".into(), "Shared/Tickets".into()],
+            send_as: vec!["sales@x".into()],
+            ..Default::default()
+        };
+        s.create_app_password(&AppPasswordRecord {
+            id: p.id.clone(),
+            username: "a@x".into(),
+            label: "crm".into(),
+            scopes: vec![Scope::Imap, Scope::Smtp, Scope::Pop3, Scope::Sieve],
+            hash: password::hash(p.password.expose().as_bytes()).unwrap(),
+            created_at: 0,
+            created_by: "admin".into(),
+            last_used: None,
+            last_used_by: Default::default(),
+            oauth: None,
+            expires_at: None,
+            allow: vec![],
+            narrow: Some(narrow),
+        })
+        .unwrap();
+        let store: Arc<dyn Store> = Arc::new(s);
+        let auth = Authenticator::new(store.clone(), 2).with_verify_cache(Duration::from_secs(60));
+        let creds = Credentials::password("a@x".into(), pw(p.password.expose()));
+        for _ in 0..2 {
+            // The second time from the verify cache.
+            let Verdict::Granted(who) = auth.verify(&creds, Protocol::Imap, &peer()).await else {
+                panic!("not granted")
+            };
+            assert_eq!(who.senders(), ["sales@x".to_string()]);
+            let r = who.restriction(b'.').unwrap();
+            assert!(r.read_only && r.is_restricted());
+            let set = r.folders.unwrap();
+            assert!(set.allows(b"Shared.Tickets") && set.allows(b"inbox") && !set.allows(b"Shared/Tickets"));
+        }
+        for protocol in [Protocol::Pop3, Protocol::Sieve] {
+            assert!(matches!(auth.verify(&creds, protocol, &peer()).await, Verdict::Denied), "{protocol}");
+        }
+        let full = Authenticated::for_tests("a@x", None);
+        assert!(full.narrowing().is_none() && !full.restriction(b'/').unwrap().is_restricted());
     }
 
     /// Issue 16: an access token logs in its own user over the grant's protocols only,

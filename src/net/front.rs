@@ -5,11 +5,11 @@
 //! [`MailFront`] implementation (in `net::imap`, `net::pop3`, `net::sieve`). SMTP keeps
 //! its own front (`net::smtp`): it reads the message itself.
 
-use crate::auth::Protocol;
+use crate::auth::{Authenticated, Protocol};
 use crate::config::Config;
 use crate::net::driver::{Conn, DriveError, Front};
 use crate::net::gate::{Admitted, Gate, LoginMachine, Upstream};
-use crate::net::relay::{Relayed, relay_session};
+use crate::net::relay::{Relayed, filtered_session, relay_session};
 use crate::net::stream::{MaybeTls, ReadAhead, Transport};
 use crate::proto::sasl::OAuthOffer;
 use crate::proto::{Goodbye, Next};
@@ -35,7 +35,8 @@ pub trait MailFront: LoginMachine<Event: Send, Reply: Send> + Send + Sync + Size
     ) -> impl Future<Output = Self> + Send;
     /// The login passed and upstream is open: queue the success reply; returns the bytes
     /// the client pipelined behind its login (they belong to the upstream session).
-    fn logged_in(&mut self, upstream: &<Self::Upstream as Upstream>::Connection) -> Vec<u8>;
+    /// `who` is the login (an app password's limits narrow what the reply offers).
+    fn logged_in(&mut self, upstream: &<Self::Upstream as Upstream>::Connection, who: &Authenticated) -> Vec<u8>;
     /// The protocol's last line when mailgate ends a relayed session.
     fn last_line(why: Goodbye) -> &'static [u8];
 }
@@ -84,7 +85,7 @@ impl<M: MailFront> MailService<M> {
         else {
             return Ok(None);
         };
-        let pipelined = machine.logged_in(&admitted.upstream);
+        let pipelined = machine.logged_in(&admitted.upstream, &admitted.who);
         // The success reply; then whatever upstream already sent, in the relay.
         while let Next::Write(bytes) = machine.next() {
             conn.send(&bytes).await?;
@@ -112,6 +113,15 @@ impl<M: MailFront> Front for MailService<M> {
         // large RETR without sending, a person typing a Sieve script (Pigeonhole's own
         // limit is 30 minutes too).
         let idle = self.config.limits.imap_idle_timeout;
+        if who.narrowing().is_some_and(|n| n.limits_imap()) {
+            if M::PROTOCOL != Protocol::Imap {
+                // Refused at login already (`auth`); never relayed unfiltered.
+                return Ok(());
+            }
+            // A read-only or folder-limited app password: both filter halves in the loop
+            // (boxed: only restricted sessions pay for its state).
+            return Box::pin(filtered_session(s.client, upstream, s.pipelined, live, &who, idle, M::last_line)).await;
+        }
         relay_session(s.client, upstream, s.pipelined, live, &who, idle, M::last_line).await
     }
 }

@@ -1,11 +1,12 @@
 //! One IMAP client connection: the pre-auth machine on the driver, the login gate,
 //! then the byte relay. The only I/O around [`PreAuth`].
 
-use crate::auth::Protocol;
+use crate::auth::{Authenticated, Protocol};
 use crate::net::front::{MailFront, MailService};
 use crate::net::upstream::{ImapUpstream, UpstreamImap};
 use crate::proto::Goodbye;
 use crate::proto::imap::PreAuth;
+use crate::proto::imap_filter;
 use crate::proto::sasl::OAuthOffer;
 
 /// Every IMAP connection: [`MailService`] with IMAP's machine.
@@ -20,15 +21,34 @@ crate::net::gate::login_machine!(imap {
     }
 });
 
+/// The restriction the login reply's capabilities are filtered with; `None`: full rights.
+/// Capabilities do not depend on the hierarchy delimiter; if the folder patterns do not
+/// read, the strictest list (read-only) is shown, and the session is refused later.
+fn restriction_for_caps(who: &Authenticated) -> Option<imap_filter::Restriction> {
+    if !who.narrowing().is_some_and(|n| n.limits_imap()) {
+        return None;
+    }
+    Some(
+        who.restriction(imap_filter::FolderSet::DEFAULT_DELIMITER)
+            .unwrap_or(imap_filter::Restriction { read_only: true, folders: None }),
+    )
+}
+
 impl MailFront for PreAuth {
     type Upstream = ImapUpstream;
     const PROTOCOL: Protocol = Protocol::Imap;
     async fn start(hostname: &str, implicit: bool, _upstream: &ImapUpstream, oauth: Option<OAuthOffer>) -> Self {
         PreAuth::with_oauth(hostname, implicit, !implicit, oauth)
     }
-    /// The tagged OK carries upstream's capabilities (the client's view after login).
-    fn logged_in(&mut self, upstream: &UpstreamImap) -> Vec<u8> {
-        self.auth_succeeded(&upstream.capabilities)
+    /// The tagged OK carries upstream's capabilities (the client's view after login),
+    /// for a restricted app password only those its filter follows
+    /// ([`imap_filter::filter_capabilities`]: no COMPRESS, no write-only extensions when
+    /// read-only).
+    fn logged_in(&mut self, upstream: &UpstreamImap, who: &Authenticated) -> Vec<u8> {
+        match restriction_for_caps(who) {
+            Some(rules) => self.auth_succeeded(&imap_filter::filter_capabilities(&upstream.capabilities, &rules)),
+            None => self.auth_succeeded(&upstream.capabilities),
+        }
     }
     fn last_line(why: Goodbye) -> &'static [u8] {
         crate::proto::imap::goodbye(why)
@@ -114,6 +134,55 @@ mod tests {
         let got = read_until(&mut tls, "f OK").await;
         assert!(got.contains("l OK [CAPABILITY") && got.contains("f OK done"), "{got}");
         assert_eq!(up.seen.lock().unwrap().first(), Some(&long));
+    }
+
+    /// Issue 20: a read-only, folder-limited app password gets the filtered relay: the
+    /// login reply hides MOVE, SELECT goes upstream as EXAMINE, writes and other folders
+    /// never reach upstream, and shutdown still ends the session with its BYE.
+    #[tokio::test]
+    async fn a_narrow_app_password_gets_the_filtered_relay() {
+        let up = FakeImap::start().await;
+        let kit = Kit::new(up.addr, "");
+        let p = crate::auth::app_password::generate().unwrap();
+        kit.store
+            .create_app_password(&crate::store::AppPasswordRecord {
+                id: p.id.clone(),
+                username: USER.into(),
+                label: "backup".into(),
+                scopes: vec![crate::store::Scope::Imap],
+                hash: crate::auth::password::hash(p.password.expose().as_bytes()).unwrap(),
+                created_at: 0,
+                created_by: "admin".into(),
+                last_used: None,
+                last_used_by: Default::default(),
+                oauth: None,
+                expires_at: None,
+                allow: vec![],
+                narrow: Some(crate::store::Narrowing {
+                    read_only: true,
+                    folders: vec!["INBOX".into()],
+                    ..Default::default()
+                }),
+            })
+            .unwrap();
+        let (server, c) = pipe();
+        let task = tokio::spawn(kit.imap().serve(server, addr(CLIENT), addr(LOCAL), true));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = kit.tls_client().connect(name, c).await.unwrap();
+        read_until(&mut tls, "\r\n").await;
+        let login = format!("a LOGIN {USER} \"{}\"\r\nb SELECT INBOX\r\n", p.password.expose());
+        tls.write_all(login.as_bytes()).await.unwrap();
+        let got = read_until(&mut tls, "b OK").await;
+        assert!(got.contains("a OK [CAPABILITY IMAP4rev1 IDLE] Logged in"), "{got}");
+        tls.write_all(b"c STORE 1 +FLAGS (\\Deleted)\r\nd SELECT Secret\r\ne NOOP\r\n").await.unwrap();
+        let got = read_until(&mut tls, "e OK").await;
+        assert!(got.contains("c NO [NOPERM]") && got.contains("d NO [NONEXISTENT]"), "{got}");
+        let seen = up.seen.lock().unwrap().clone();
+        assert_eq!(seen, ["mg0 LIST \"\" \"\"\r\n", "b EXAMINE INBOX\r\n", "e NOOP\r\n"]);
+        assert_eq!(kit.live.end_all(), 1);
+        let bye = read_to_end(&mut tls).await;
+        assert!(bye.ends_with("* BYE Server shutting down, please reconnect\r\n"), "{bye}");
+        assert!(task.await.unwrap().is_ok());
     }
 
     /// Shutdown: a client that has not logged in gets the goodbye and the close; one in

@@ -19,7 +19,7 @@ impl MailFront for PreAuth {
     async fn start(hostname: &str, implicit: bool, _upstream: &Pop3Upstream, oauth: Option<OAuthOffer>) -> Self {
         PreAuth::with_oauth(hostname, implicit, !implicit, oauth)
     }
-    fn logged_in(&mut self, _upstream: &UpstreamPop3) -> Vec<u8> {
+    fn logged_in(&mut self, _upstream: &UpstreamPop3, _who: &crate::auth::Authenticated) -> Vec<u8> {
         self.auth_succeeded()
     }
     fn last_line(why: Goodbye) -> &'static [u8] {

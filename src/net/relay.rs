@@ -366,6 +366,312 @@ async fn carry<S: Transport>(
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Restricted IMAP sessions (issue 20)
+// ---------------------------------------------------------------------------------------
+
+/// Bytes read at once from either side of a filtered session.
+const FILTER_READ: usize = 16 * 1024;
+/// Bytes waiting for one side before the other is no longer read (backpressure).
+const FILTER_PENDING: usize = 256 * 1024;
+/// How long upstream may take to name its hierarchy delimiter.
+const DELIMITER_WAIT: Duration = Duration::from_secs(30);
+/// The tag of mailgate's own `LIST "" ""` (sent before any client command).
+const DELIMITER_TAG: &[u8] = b"mg0";
+
+/// A logged-in IMAP session limited by an app password's [`Restriction`] (read-only,
+/// folder-limited): the raw relay's twin with both halves of `proto::imap_filter` in the
+/// loop (ARCHITECTURE.md "Restricted IMAP sessions"). What upstream already sent goes
+/// through the response filter, `pipelined` (what the client sent behind LOGIN) through
+/// the command filter; with a folder set, upstream's hierarchy delimiter is asked first
+/// (`LIST "" ""`). The same ends as [`relay_session`]: a side closes, the [`LiveGuard`]
+/// fires, the client idles for `idle`, [`MAX_SESSION`]; and a client that floods before a
+/// continuation gets the filter's `* BYE`.
+///
+/// Unlike the raw relay it keeps its two 16 KiB read buffers (and the filters' state) for
+/// the session's life; only restricted sessions pay for that, and there are few.
+///
+/// [`Restriction`]: crate::proto::imap_filter::Restriction
+pub async fn filtered_session<S: Transport, U: Relayed>(
+    mut client: MaybeTls<S>,
+    upstream: U,
+    pipelined: Vec<u8>,
+    mut live: LiveGuard,
+    who: &Authenticated,
+    idle: Duration,
+    goodbye: impl Fn(Goodbye) -> &'static [u8] + Send,
+) -> Result<(), DriveError> {
+    use crate::proto::imap_filter::FolderSet;
+    let (mut upstream, leftover) = upstream.into_relay_parts();
+    let wants_folders = who.narrowing().is_some_and(|n| !n.folders.is_empty());
+    let (delimiter, leftover) = if wants_folders {
+        match tokio::time::timeout(DELIMITER_WAIT, ask_delimiter(&mut upstream, leftover)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                debug!(user = %who.username(), error = %e, "upstream did not name its delimiter");
+                return end_filtered(client, upstream, Some(Goodbye::Shutdown), &goodbye).await;
+            }
+            Err(_) => return end_filtered(client, upstream, Some(Goodbye::Shutdown), &goodbye).await,
+        }
+    } else {
+        (FolderSet::DEFAULT_DELIMITER, leftover)
+    };
+    let rules = match who.restriction(delimiter) {
+        Ok(r) => r,
+        Err(e) => {
+            // Patterns that were checked at create but do not fit upstream's delimiter:
+            // fail closed.
+            info!(user = %who.username(), error = %e, "session refused: folder limits unusable with upstream's delimiter");
+            return end_filtered(client, upstream, Some(Goodbye::Shutdown), &goodbye).await;
+        }
+    };
+    let mut f = Filtered::new(rules, live.relay_meter());
+    f.upstream_sent(&leftover);
+    f.client_sent(&pipelined);
+    drop((leftover, pipelined));
+    let last = f.run(&mut client, &mut upstream, &mut live, who, idle).await;
+    end_filtered(client, upstream, last, &goodbye).await
+}
+
+async fn end_filtered<S: Transport>(
+    mut client: MaybeTls<S>,
+    mut upstream: MaybeTls,
+    last: Option<Goodbye>,
+    goodbye: &(impl Fn(Goodbye) -> &'static [u8] + Send),
+) -> Result<(), DriveError> {
+    if let Some(why) = last {
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.write_all(goodbye(why))).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), upstream.shutdown()).await;
+    Ok(())
+}
+
+/// Sends `mg0 LIST "" ""` and reads up to its tagged reply: upstream's hierarchy
+/// delimiter (`/` when it has none), and every other byte read (for the client, through
+/// the response filter), `already` first.
+async fn ask_delimiter(upstream: &mut MaybeTls, already: Vec<u8>) -> io::Result<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut cmd = DELIMITER_TAG.to_vec();
+    cmd.extend_from_slice(b" LIST \"\" \"\"\r\n");
+    upstream.write_all(&cmd).await?;
+    upstream.flush().await?;
+    let mut other = already;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut delimiter = None;
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line: Vec<u8> = buf.drain(..end + 2).collect();
+            if let Some(rest) = line.strip_prefix(DELIMITER_TAG).and_then(|r| r.strip_prefix(b" ")) {
+                let _ = rest;
+                other.extend_from_slice(&buf);
+                return Ok((delimiter.unwrap_or(crate::proto::imap_filter::FolderSet::DEFAULT_DELIMITER), other));
+            }
+            match list_delimiter(&line) {
+                Some(d) if delimiter.is_none() => delimiter = d,
+                _ => other.extend_from_slice(&line),
+            }
+        }
+        if buf.len() > 64 * 1024 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "no reply to LIST \"\" \"\""));
+        }
+        let n = upstream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The delimiter of a `* LIST (...) "d" ""` line: `Some(Some(d))`, `Some(None)` for
+/// `NIL` (a flat namespace), `None` for any other line.
+fn list_delimiter(line: &[u8]) -> Option<Option<u8>> {
+    let head = line.get(..8)?;
+    if !head.eq_ignore_ascii_case(b"* LIST (") {
+        return None;
+    }
+    let close = line.iter().position(|b| *b == b')')?;
+    let rest = line.get(close + 1..)?.strip_prefix(b" ")?;
+    if rest.get(..3).is_some_and(|n| n.eq_ignore_ascii_case(b"NIL")) {
+        return Some(None);
+    }
+    match rest {
+        [b'"', b'\\', d, b'"', ..] => Some(Some(*d)),
+        [b'"', d, b'"', ..] => Some(Some(*d)),
+        _ => None,
+    }
+}
+
+/// One write of `pending` (`Some(bytes taken)`), or with nothing pending a flush
+/// (`None`); either is one operation, so a `select!` may drop it.
+async fn write_or_flush<W: AsyncWrite + Unpin>(w: &mut W, pending: &[u8]) -> io::Result<Option<usize>> {
+    if pending.is_empty() {
+        w.flush().await?;
+        return Ok(None);
+    }
+    match w.write(pending).await? {
+        0 => Err(io::ErrorKind::WriteZero.into()),
+        n => Ok(Some(n)),
+    }
+}
+
+/// Both filter halves and the bytes waiting for each side.
+struct Filtered {
+    cmds: crate::proto::imap_filter::CommandFilter,
+    resps: crate::proto::imap_filter::ResponseFilter,
+    to_upstream: Vec<u8>,
+    to_client: Vec<u8>,
+    /// The command filter closed the session (its `* BYE` is in `to_client`).
+    closing: bool,
+    meter: Option<RelayMeter>,
+}
+
+impl Filtered {
+    fn new(rules: crate::proto::imap_filter::Restriction, meter: Option<RelayMeter>) -> Filtered {
+        Filtered {
+            cmds: crate::proto::imap_filter::CommandFilter::new(rules.clone()),
+            resps: crate::proto::imap_filter::ResponseFilter::new(rules),
+            to_upstream: Vec::new(),
+            to_client: Vec::new(),
+            closing: false,
+            meter,
+        }
+    }
+
+    fn client_sent(&mut self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            crate::proto::Machine::feed(&mut self.cmds, bytes);
+            self.pump();
+        }
+    }
+
+    fn upstream_sent(&mut self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            crate::proto::Machine::feed(&mut self.resps, bytes);
+            self.pump();
+        }
+    }
+
+    /// Runs both machines until neither has anything more (the loop of
+    /// `imap_filter_tests::session`).
+    fn pump(&mut self) {
+        use crate::proto::imap_filter::{Seen, ToUpstream};
+        use crate::proto::{Machine, Next};
+        loop {
+            let mut progress = false;
+            loop {
+                match self.cmds.next() {
+                    Next::Write(b) => self.resps.inject(&b),
+                    Next::Event(ToUpstream(b)) => self.to_upstream.extend_from_slice(&b),
+                    Next::Close => {
+                        self.closing = true;
+                        break;
+                    }
+                    Next::NeedInput | Next::StartTls => break,
+                }
+                progress = true;
+            }
+            loop {
+                match self.resps.next() {
+                    Next::Write(b) => self.to_client.extend_from_slice(&b),
+                    Next::Event(Seen::Continuation) => self.cmds.upstream_continuation(),
+                    Next::Event(Seen::Tagged(t)) => self.cmds.upstream_tagged(&t),
+                    Next::NeedInput | Next::Close | Next::StartTls => break,
+                }
+                progress = true;
+            }
+            if !progress || self.closing {
+                break;
+            }
+        }
+    }
+
+    /// The loop: reads both sides while the other side's queue is short, writes what is
+    /// queued, until a side ends, the client idles out, the session is ended by mailgate
+    /// (the goodbye to send) or the filter closes it.
+    async fn run<S: Transport>(
+        &mut self,
+        client: &mut MaybeTls<S>,
+        upstream: &mut MaybeTls,
+        live: &mut LiveGuard,
+        who: &Authenticated,
+        idle: Duration,
+    ) -> Option<Goodbye> {
+        use tokio::io::AsyncReadExt;
+        let mut cbuf = vec![0u8; FILTER_READ];
+        let mut ubuf = vec![0u8; FILTER_READ];
+        let mut last_client = Instant::now();
+        let (mut flush_client, mut flush_upstream) = (false, false);
+        let (mut client_eof, mut upstream_eof) = (false, false);
+        let until = Instant::now() + MAX_SESSION;
+        // Halves, so that a read and a write of one side can wait at once.
+        let (mut client_r, mut client) = tokio::io::split(&mut *client);
+        let (mut upstream_r, mut upstream) = tokio::io::split(&mut *upstream);
+        loop {
+            if (self.closing || upstream_eof) && self.to_client.is_empty() {
+                let _ = client.flush().await;
+                return None;
+            }
+            if client_eof && self.to_upstream.is_empty() {
+                let _ = upstream.flush().await;
+                return None;
+            }
+            let read_client = !client_eof && !self.closing && self.to_upstream.len() < FILTER_PENDING;
+            let read_upstream = !upstream_eof && self.to_client.len() < FILTER_PENDING;
+            tokio::select! {
+                r = client_r.read(&mut cbuf), if read_client => match r {
+                    Ok(0) | Err(_) => client_eof = true,
+                    Ok(n) => {
+                        last_client = Instant::now();
+                        if let Some(m) = &self.meter {
+                            m.from_client.inc_by(n as u64);
+                        }
+                        self.client_sent(cbuf.get(..n).unwrap_or_default());
+                    }
+                },
+                r = upstream_r.read(&mut ubuf), if read_upstream => match r {
+                    Ok(0) | Err(_) => upstream_eof = true,
+                    Ok(n) => {
+                        if let Some(m) = &self.meter {
+                            m.to_client.inc_by(n as u64);
+                        }
+                        self.upstream_sent(ubuf.get(..n).unwrap_or_default());
+                    }
+                },
+                r = write_or_flush(&mut client, &self.to_client), if flush_client || !self.to_client.is_empty() => match r {
+                    Ok(Some(n)) => {
+                        self.to_client.drain(..n);
+                        flush_client = true;
+                    }
+                    Ok(None) => flush_client = false,
+                    Err(_) => return None,
+                },
+                r = write_or_flush(&mut upstream, &self.to_upstream), if flush_upstream || !self.to_upstream.is_empty() => match r {
+                    Ok(Some(n)) => {
+                        self.to_upstream.drain(..n);
+                        flush_upstream = true;
+                    }
+                    Ok(None) => flush_upstream = false,
+                    Err(_) => return None,
+                },
+                _ = tokio::time::sleep_until(last_client + idle) => {
+                    info!(user = %who.username(), "session ended: idle too long");
+                    return Some(Goodbye::Idle);
+                },
+                reason = live.ended() => return match reason {
+                    crate::live::EndReason::Shutdown => Some(Goodbye::Shutdown),
+                    crate::live::EndReason::Revoked => {
+                        info!(user = %who.username(), "session ended: access revoked");
+                        Some(Goodbye::Revoked)
+                    }
+                },
+                _ = tokio::time::sleep_until(until) => return Some(Goodbye::TooLong),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,6 +680,15 @@ mod tests {
         Authenticated::for_tests("alice@example.com", None)
     }
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    #[test]
+    fn upstreams_delimiter_is_read_from_its_list_reply() {
+        assert_eq!(list_delimiter(b"* LIST (\\Noselect) \".\" \"\"\r\n"), Some(Some(b'.')));
+        assert_eq!(list_delimiter(b"* list () \"/\" \"\"\r\n"), Some(Some(b'/')));
+        assert_eq!(list_delimiter(b"* LIST () \"\\\\\" \"\"\r\n"), Some(Some(b'\\')));
+        assert_eq!(list_delimiter(b"* LIST () NIL \"\"\r\n"), Some(None));
+        assert_eq!(list_delimiter(b"* OK still here\r\n"), None);
+    }
 
     #[tokio::test]
     async fn carries_both_ways_and_passes_end_of_stream_on() {

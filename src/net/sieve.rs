@@ -21,7 +21,7 @@ impl MailFront for PreAuth {
     async fn start(hostname: &str, implicit: bool, upstream: &SieveUpstream, oauth: Option<OAuthOffer>) -> Self {
         PreAuth::with_listing(hostname, implicit, !implicit, &upstream.listing().await, oauth)
     }
-    fn logged_in(&mut self, _upstream: &UpstreamSieve) -> Vec<u8> {
+    fn logged_in(&mut self, _upstream: &UpstreamSieve, _who: &crate::auth::Authenticated) -> Vec<u8> {
         self.auth_succeeded()
     }
     fn last_line(why: Goodbye) -> &'static [u8] {

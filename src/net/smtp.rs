@@ -114,6 +114,38 @@ struct Client {
     /// `password_check = "upstream"` without a second factor: the session is the
     /// user's own upstream login, and so is any reconnect.
     own_password: Option<SecretBytes>,
+    /// A send quota refused this session once already (audited once per session).
+    quota_audited: bool,
+}
+
+/// An app password's send quotas (issue 20): per hour, as leaky buckets in the store
+/// (`Store::take_attempt`), so every node sharing a PostgreSQL store counts the same
+/// messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quota {
+    /// Messages (taken when DATA starts).
+    Messages,
+    /// Recipients (taken before a RCPT TO is forwarded).
+    Recipients,
+}
+
+impl Quota {
+    /// The bucket of `id` for `per_hour`: all of it at once, one back every
+    /// 3600/`per_hour` seconds.
+    fn budget(self, id: &str, per_hour: u32) -> crate::store::Budget {
+        let key = match self {
+            Quota::Messages => format!("send-msgs:{id}"),
+            Quota::Recipients => format!("send-rcpts:{id}"),
+        };
+        crate::store::Budget { key, burst: per_hour, refill_secs: (3600 / u64::from(per_hour.max(1))).max(1) }
+    }
+
+    fn words(self) -> &'static str {
+        match self {
+            Quota::Messages => "messages",
+            Quota::Recipients => "recipients",
+        }
+    }
 }
 
 /// How a refusal is answered in SMTP.
@@ -208,6 +240,9 @@ impl SmtpService {
                         conn.set_idle(Some(COMMAND_TIMEOUT));
                         conn.watch(Watch::Live(admitted.live));
                         session.auth_succeeded(admitted.who.senders().to_vec());
+                        if let Some(n) = admitted.who.narrowing().filter(|n| !n.send_to.is_empty()) {
+                            session.limit_recipients(&n.send_to);
+                        }
                         state.upstream = Some(admitted.upstream);
                         state.own_password = admitted.own_password;
                         state.granted = Some(admitted.who);
@@ -247,6 +282,12 @@ impl SmtpService {
             session.upstream_reply(250, b"250 2.0.0 OK\r\n");
             return;
         }
+        if session.forwarding_recipient()
+            && let Some(refusal) = self.take_quota(Quota::Recipients, state).await
+        {
+            session.upstream_reply(451, refusal.as_bytes());
+            return;
+        }
         let Some(up) = self.ensure_upstream(state, peer).await else {
             session.upstream_failed();
             return;
@@ -270,6 +311,10 @@ impl SmtpService {
         state: &mut Client,
         peer: SocketAddr,
     ) {
+        if let Some(refusal) = self.take_quota(Quota::Messages, state).await {
+            session.data_refused(refusal.as_bytes());
+            return;
+        }
         let Some(up) = self.ensure_upstream(state, peer).await else {
             session.upstream_failed();
             return;
@@ -296,6 +341,57 @@ impl SmtpService {
                 state.upstream = None;
                 session.upstream_failed();
             }
+        }
+    }
+
+    /// Takes one from the login's `quota` if its app password has one; the `451 4.7.1`
+    /// reply (CRLF included) when it is used up, saying when one comes back. The first
+    /// refusal of a session is audited (`send_quota_reached`). A store that does not
+    /// answer refuses too (`451 4.3.0`): a quota is not skipped.
+    async fn take_quota(&self, quota: Quota, state: &mut Client) -> Option<String> {
+        let who = state.granted.as_ref()?;
+        let id = who.app_password_id()?;
+        // The app password's own quota, else `[limits]`' default for every app password.
+        let limits = &self.config.limits;
+        let per_hour = match quota {
+            Quota::Messages => {
+                who.narrowing().and_then(|n| n.max_messages).or(limits.app_password_max_messages_per_hour)?
+            }
+            Quota::Recipients => {
+                who.narrowing().and_then(|n| n.max_recipients).or(limits.app_password_max_recipients_per_hour)?
+            }
+        };
+        let budget = quota.budget(id, per_hour);
+        let refill = budget.refill_secs;
+        let store = self.gate.auth().store().clone();
+        let now = crate::fsutil::now_unix();
+        let taken = tokio::task::spawn_blocking(move || store.take_attempt(&[budget], now)).await;
+        match taken {
+            Ok(Ok(None)) => None,
+            Ok(Ok(Some(_))) => {
+                let at = crate::accounts::fmt_time(now + refill);
+                if !std::mem::replace(&mut state.quota_audited, true) {
+                    let detail = format!("app password {id}: {per_hour} {} per hour used up", quota.words());
+                    let ev = crate::store::AuditEvent {
+                        at: now,
+                        username: who.username().to_string(),
+                        kind: "send_quota_reached".into(),
+                        detail,
+                    };
+                    let store = self.gate.auth().store().clone();
+                    let _ = tokio::task::spawn_blocking(move || store.append_audit(&ev)).await;
+                    info!(user = %who.username(), app_password = id, quota = quota.words(), "send quota reached");
+                }
+                Some(format!(
+                    "451 4.7.1 Send quota of this app password reached ({per_hour} {} per hour); the next one frees up by {at}\r\n",
+                    quota.words()
+                ))
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "send quota not checked: store error");
+                Some("451 4.3.0 Send quota could not be checked, try again later\r\n".into())
+            }
+            Err(_) => Some("451 4.3.0 Send quota could not be checked, try again later\r\n".into()),
         }
     }
 

@@ -285,6 +285,9 @@ pub struct Submission {
     ehlo_done: bool,
     /// Addresses this account may send as (lower-case); empty until authenticated.
     senders: Vec<String>,
+    /// An app password's `--send-to` rules (addresses, `@domain`; lower-case); empty:
+    /// any recipient.
+    send_to: Vec<String>,
     authenticated: bool,
     in_transaction: bool,
     recipients: usize,
@@ -340,6 +343,7 @@ impl Submission {
             starttls_allowed: starttls_allowed && !tls,
             ehlo_done: false,
             senders: Vec::new(),
+            send_to: Vec::new(),
             authenticated: false,
             in_transaction: false,
             recipients: 0,
@@ -767,6 +771,13 @@ impl Submission {
                 return Some(Next::Event(Action::Forward(forward)));
             }
             Request::Rcpt { .. } if !self.in_transaction => self.error("503 5.5.1 Need MAIL command first"),
+            Request::Rcpt { to } if !self.may_send_to(to.address.as_ref()) => {
+                let shown = one_line(to.address.as_ref());
+                self.reply(&format!(
+                    "550 5.7.1 Recipient <{shown}> refused: this app password may send only to {}",
+                    self.send_to.join(", ")
+                ));
+            }
             Request::Rcpt { .. } => {
                 self.state = State::Forwarded(Pending::Rcpt);
                 return Some(Next::Event(Action::Forward(with_crlf)));
@@ -799,6 +810,31 @@ impl Submission {
         }
         self.reset_transaction();
         None
+    }
+
+    /// An app password's `--send-to` rules (addresses, or `@domain` for a whole domain):
+    /// `RCPT TO` outside them is refused here with `550 5.7.1` naming the rule, never
+    /// forwarded. Call after [`Submission::auth_succeeded`].
+    pub fn limit_recipients(&mut self, rules: &[String]) {
+        self.send_to = rules.iter().map(|r| r.trim().to_lowercase()).collect();
+    }
+
+    /// Whether the command waiting for upstream's reply is a `RCPT TO` (the driver takes a
+    /// send quota before it forwards one).
+    pub fn forwarding_recipient(&self) -> bool {
+        matches!(self.state, State::Forwarded(Pending::Rcpt))
+    }
+
+    fn may_send_to(&self, address: &str) -> bool {
+        if self.send_to.is_empty() {
+            return true;
+        }
+        let a = address.trim().to_lowercase();
+        let domain = a.rsplit_once('@').map(|(_, d)| d);
+        self.send_to.iter().any(|rule| match rule.strip_prefix('@') {
+            Some(d) => domain == Some(d),
+            None => *rule == a,
+        })
     }
 
     fn may_send_as(&self, address: &str) -> bool {

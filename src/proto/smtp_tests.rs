@@ -3102,3 +3102,22 @@ fn bearer_every_split() {
         t.client
     );
 }
+
+/// Issue 20: an app password's `--send-to` rules refuse other recipients here (`550
+/// 5.7.1` naming the rule), never upstream; allowed ones (address, `@domain`, any case)
+/// are forwarded.
+#[test]
+fn send_to_rules_refuse_other_recipients_before_upstream() {
+    let mut d = authed();
+    d.s.limit_recipients(&["reports@example.net".into(), "@ops.example".into()]);
+    d.send(b"MAIL FROM:<alice@example.com>\r\n");
+    d.clear();
+    let r = d.send(b"RCPT TO:<someone@else.example>\r\n");
+    assert!(r.starts_with("550 5.7.1 Recipient <someone@else.example> refused"), "{r}");
+    assert!(r.contains("reports@example.net, @ops.example"), "{r}");
+    assert!(d.new_events().is_empty(), "a refused recipient reached upstream");
+    for ok in ["Reports@Example.net", "pager@OPS.example"] {
+        let r = d.send(format!("RCPT TO:<{ok}>\r\n").as_bytes());
+        assert!(r.starts_with("250"), "{ok}: {r}");
+    }
+}

@@ -30,6 +30,7 @@ pub fn app(id: &str, user: &str, label: &str) -> AppPasswordRecord {
         oauth: None,
         expires_at: None,
         allow: vec![],
+        narrow: None,
     }
 }
 

@@ -303,6 +303,83 @@ pub struct AppPasswordRecord {
     /// The networks it may be used from; empty: anywhere.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<ipnet::IpNet>,
+    /// What it may do inside its scopes (issue 20); `None` (every older record): all of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub narrow: Option<Narrowing>,
+}
+
+/// An app password that can do less than its scopes allow: read-only or folder-limited
+/// IMAP, send-limited SMTP, send quotas. Each part is off when empty / `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Narrowing {
+    /// IMAP: nothing in the mailbox may change (`--scope imap:read`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// IMAP: only these folders exist (LIST patterns, `/` between levels).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folders: Vec<String>,
+    /// SMTP: the only sender addresses (a subset of the account's own, lower-case).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub send_as: Vec<String>,
+    /// SMTP: the only recipients: addresses, or `@domain` for a whole domain (lower-case).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub send_to: Vec<String>,
+    /// SMTP: messages per hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_messages: Option<u32>,
+    /// SMTP: recipients per hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_recipients: Option<u32>,
+}
+
+impl Narrowing {
+    /// Whether nothing is narrowed.
+    pub fn is_empty(&self) -> bool {
+        *self == Narrowing::default()
+    }
+
+    /// Whether the IMAP session needs the filter.
+    pub fn limits_imap(&self) -> bool {
+        self.read_only || !self.folders.is_empty()
+    }
+
+    /// Whether `address` (lower-case) is a recipient `send_to` allows (any, when empty).
+    pub fn may_send_to(&self, address: &str) -> bool {
+        if self.send_to.is_empty() {
+            return true;
+        }
+        let a = address.trim().to_ascii_lowercase();
+        let domain = a.rsplit_once('@').map(|(_, d)| d);
+        self.send_to.iter().any(|rule| match rule.strip_prefix('@') {
+            Some(d) => domain == Some(d),
+            None => *rule == a,
+        })
+    }
+
+    /// The limits in words, for `create`, `list` and the audit log (`""` without any):
+    /// `, read-only, folders INBOX|Shared/Tickets, send as a@x, ...`.
+    pub fn words(&self) -> String {
+        let mut out = String::new();
+        if self.read_only {
+            out.push_str(", read-only");
+        }
+        if !self.folders.is_empty() {
+            out.push_str(&format!(", folders {}", self.folders.join("|")));
+        }
+        if !self.send_as.is_empty() {
+            out.push_str(&format!(", send as {}", self.send_as.join("|")));
+        }
+        if !self.send_to.is_empty() {
+            out.push_str(&format!(", send to {}", self.send_to.join("|")));
+        }
+        if let Some(n) = self.max_messages {
+            out.push_str(&format!(", at most {n} messages/hour"));
+        }
+        if let Some(n) = self.max_recipients {
+            out.push_str(&format!(", at most {n} recipients/hour"));
+        }
+        out
+    }
 }
 
 /// The OAuth side of a grant (see `auth::oauth`). No token is stored, only the SHA-256

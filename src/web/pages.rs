@@ -1202,7 +1202,9 @@ pub(super) async fn create_app_password(
     let nets: Vec<String> = draft.allow.split([',', ' ', '\n']).map(str::to_string).collect();
     let allow_nets = crate::auth::app_password::parse_allow(&nets).map_err(|e| e.to_string());
     let limits = match (expires_at, allow_nets) {
-        (Ok(expires_at), Ok(allow)) => Some(crate::auth::app_password::Limits { expires_at, allow }),
+        (Ok(expires_at), Ok(allow)) => {
+            Some(crate::auth::app_password::Limits { expires_at, allow, ..Default::default() })
+        }
         (Err(e), _) | (_, Err(e)) => {
             draft.limits_error = Some(format!("The app password was not created: {e}."));
             None

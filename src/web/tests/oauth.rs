@@ -614,6 +614,7 @@ async fn grants_are_listed_as_devices_with_the_revoke_button() {
         }),
         expires_at: None,
         allow: vec![],
+        narrow: None,
     };
     env.store.create_app_password(&record).unwrap();
     let mut c = env.client();
