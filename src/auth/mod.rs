@@ -316,6 +316,9 @@ pub struct Authenticator {
     oauth_key: Option<Arc<crypto::SecretKey>>,
     /// `[policy]`: two-step verification required for some domains.
     policy: Arc<crate::config::Policy>,
+    /// `[notify]`: where security notifications are queued (a new device, a lock); also
+    /// the account service's, through [`Authenticator::notifier`].
+    notifier: Option<crate::notify::Notifier>,
 }
 
 struct UpstreamMode {
@@ -365,7 +368,60 @@ impl Authenticator {
             metrics: crate::metrics::Metrics::new(),
             oauth_key: None,
             policy: Arc::new(crate::config::Policy::default()),
+            notifier: None,
         }
+    }
+
+    /// Queues security notifications with `notifier` (a server runs with `[notify]`).
+    pub fn with_notifier(mut self, notifier: crate::notify::Notifier) -> Authenticator {
+        self.notifier = Some(notifier);
+        self
+    }
+
+    /// Where security notifications are queued, if anywhere.
+    pub fn notifier(&self) -> Option<&crate::notify::Notifier> {
+        self.notifier.as_ref()
+    }
+
+    /// A mail-port sign-in from an address the account never used (in 90 days): a
+    /// security notification (queued off the login's path).
+    fn new_device(&self, verdict: &Verdict, peer: &Peer, protocol: Protocol) {
+        let (Some(n), Verdict::Granted(a)) = (self.notifier.clone(), verdict) else { return };
+        let (user, address) = (a.username.clone(), peer.ip.to_string());
+        let client = peer.client_name.as_deref().map(printable).unwrap_or_else(|| "not given".into());
+        let how = match &a.app_password_id {
+            Some(id) => format!("app password {id}"),
+            None => "account password".into(),
+        };
+        tokio::task::spawn_blocking(move || {
+            let proto = protocol.to_string();
+            let facts = [("address", address.as_str()), ("client", &client), ("protocol", &proto), ("with", &how)];
+            n.notify(&user, crate::notify::Kind::NewDevice, &facts);
+        });
+    }
+
+    /// The account's guess budget ran out: a security notification, once per lock (the
+    /// time the budget takes to refill), for accounts that exist.
+    fn account_locked(&self, secret: budget::Secret, username: &str, ip: IpAddr) {
+        let Some(n) = self.notifier.clone() else { return };
+        let (store, user, address) = (self.store.clone(), username.to_string(), ip.to_string());
+        let (what, lock_secs) = match secret {
+            budget::Secret::AccountPassword => (
+                "sign-ins with the account password",
+                u64::from(budget::PASSWORD_PER_ACCOUNT) * budget::PASSWORD_PER_ACCOUNT_REFILL,
+            ),
+            budget::Secret::SecondFactor => {
+                ("two-step verification codes", u64::from(budget::CODE_PER_ACCOUNT) * budget::CODE_PER_ACCOUNT_REFILL)
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            if !matches!(store.get_account(&user), Ok(Some(_))) {
+                return;
+            }
+            if n.once_per(&format!("notify-lock:{what}:{}", user.escape_debug()), lock_secs) {
+                n.notify(&user, crate::notify::Kind::AccountLocked, &[("what", what), ("address", &address)]);
+            }
+        });
     }
 
     /// `[policy]`: accounts of these domains without two-step verification lose the
@@ -572,6 +628,9 @@ impl Authenticator {
                     (budget::Secret::SecondFactor, budget::Exhausted::Account) => refusals::Kind::CodeBudgetAccount,
                 };
                 self.log_refusal(kind, ip, username);
+                if which == budget::Exhausted::Account {
+                    self.account_locked(secret, username, ip);
+                }
                 Err(NoSlot::Exhausted(which))
             }
             Some(Err(e)) => {
@@ -582,11 +641,12 @@ impl Authenticator {
         }
     }
 
-    /// Settles a slot taken with [`Authenticator::take_slot`].
-    pub async fn settle(&self, ticket: budget::Ticket, outcome: Outcome) {
+    /// Settles a slot taken with [`Authenticator::take_slot`]; returns whether a right
+    /// secret came from an address new to the account ([`budget::Budgets::signed_in`]).
+    pub async fn settle(&self, ticket: budget::Ticket, outcome: Outcome) -> bool {
         let store = self.store.clone();
         let now = self.clock.now();
-        self.blocking(move || settle_ticket(store.as_ref(), ticket, outcome, now)).await;
+        self.blocking(move || settle_ticket(store.as_ref(), ticket, outcome, now)).await.unwrap_or(false)
     }
 
     /// Runs `f` (store I/O, no hashing) on tokio's blocking threads.
@@ -762,7 +822,7 @@ impl Authenticator {
         if let Some(cache) = &self.app_cache
             && let Some(v) = cached_app_password(store.as_ref(), cache, &username, &creds.password, protocol, peer)
         {
-            self.note_signed_in(&v, peer.ip).await;
+            self.note_signed_in(&v, peer, protocol).await;
             return v;
         }
         let app_password_of_account = app_password::parse(creds.password.expose())
@@ -794,7 +854,7 @@ impl Authenticator {
             .await
             .unwrap_or(Verdict::Unavailable);
         let Some(ticket) = ticket else {
-            self.note_signed_in(&verdict, peer.ip).await;
+            self.note_signed_in(&verdict, peer, protocol).await;
             return verdict;
         };
         match verdict {
@@ -812,7 +872,9 @@ impl Authenticator {
                     Verdict::Denied => Outcome::Wrong,
                     _ => Outcome::NotCompared,
                 };
-                self.settle(ticket, outcome).await;
+                if self.settle(ticket, outcome).await {
+                    self.new_device(&v, peer, protocol);
+                }
                 v
             }
         }
@@ -867,27 +929,37 @@ impl Authenticator {
             let audit = |kind: &str, detail: String| record(store.as_ref(), &account.username, kind, detail);
             grant_app_password(store.as_ref(), &account, rec, protocol, &who, &audit)
         })();
-        self.note_signed_in(&verdict, peer.ip).await;
+        self.note_signed_in(&verdict, peer, protocol).await;
         verdict
     }
 
     /// A login granted without a guess-budget slot (an app password): its address becomes
     /// familiar to the account (a slot's settlement does this for the others).
-    async fn note_signed_in(&self, verdict: &Verdict, ip: IpAddr) {
+    /// A new address is a new device (a security notification).
+    async fn note_signed_in(&self, verdict: &Verdict, peer: &Peer, protocol: Protocol) {
         if let Verdict::Granted(a) = verdict {
             let (store, user, client, now) =
-                (self.store.clone(), a.username.clone(), self.client(ip), self.clock.now());
-            self.blocking(move || budget::Budgets::signed_in(store.as_ref(), &user, client, now)).await;
+                (self.store.clone(), a.username.clone(), self.client(peer.ip), self.clock.now());
+            if self.blocking(move || budget::Budgets::signed_in(store.as_ref(), &user, client, now)).await == Some(true)
+            {
+                self.new_device(verdict, peer, protocol);
+            }
         }
     }
 }
 
 /// Settles a slot (on a blocking thread: store I/O).
-fn settle_ticket(store: &dyn Store, ticket: budget::Ticket, outcome: Outcome, now: u64) {
+fn settle_ticket(store: &dyn Store, ticket: budget::Ticket, outcome: Outcome, now: u64) -> bool {
     match outcome {
         Outcome::Right => ticket.right(store, now),
-        Outcome::Wrong => ticket.wrong(),
-        Outcome::NotCompared => ticket.not_compared(store, now),
+        Outcome::Wrong => {
+            ticket.wrong();
+            false
+        }
+        Outcome::NotCompared => {
+            ticket.not_compared(store, now);
+            false
+        }
     }
 }
 
