@@ -480,7 +480,8 @@ impl Sender {
 
     /// Sends one notice.
     async fn send(&self, notice: &Notice, now: u64) -> Result<(), SendError> {
-        let me: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+        // mailgate itself is the client (Dovecot refuses port 0 in XCLIENT).
+        let me: std::net::SocketAddr = ([127, 0, 0, 1], 49152).into();
         let hostname = &self.config.hostname;
         let relay = self.relay()?;
         let (mut up, envelope_from) = match &relay {
@@ -530,8 +531,9 @@ impl Sender {
         result
     }
 
-    /// Claims what is due and sends it; returns how many were claimed.
-    async fn round(&self) -> usize {
+    /// Claims what is due and sends it; returns how many were claimed and the soonest
+    /// retry it scheduled (seconds from now).
+    async fn round(&self) -> (usize, Option<u64>) {
         let store = self.notifier.store.clone();
         let now = self.notifier.clock.now();
         let claimed = tokio::task::spawn_blocking(move || store.claim_notices(now, LEASE_SECS, BATCH)).await;
@@ -539,11 +541,12 @@ impl Sender {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot read the queue of security notifications");
-                return 0;
+                return (0, None);
             }
-            Err(_) => return 0,
+            Err(_) => return (0, None),
         };
         let count = notices.len();
+        let mut soonest: Option<u64> = None;
         for notice in notices {
             let store = self.notifier.store.clone();
             if now.saturating_sub(notice.created_at) >= MAX_AGE_SECS {
@@ -575,13 +578,14 @@ impl Sender {
                         retry_in_secs = wait,
                         "cannot send a security notification; will retry"
                     );
+                    soonest = Some(soonest.map_or(wait, |s| s.min(wait)));
                     let id = notice.id.clone();
                     let _ =
                         tokio::task::spawn_blocking(move || store.reschedule_notice(&id, now + wait, attempts)).await;
                 }
             }
         }
-        count
+        (count, soonest)
     }
 
     /// Queues the weekly reminders of `[policy]` accounts in their grace period without
@@ -630,8 +634,17 @@ pub async fn run(sender: Sender) {
             next_scan = tokio::time::Instant::now() + REMINDER_SCAN;
         }
         // A full batch: there may be more due at once.
-        while sender.round().await == BATCH {}
-        let _ = tokio::time::timeout(POLL, sender.notifier.wake.notified()).await;
+        let mut pause = POLL;
+        loop {
+            let (claimed, retry) = sender.round().await;
+            if let Some(secs) = retry {
+                pause = pause.min(Duration::from_secs(secs));
+            }
+            if claimed < BATCH {
+                break;
+            }
+        }
+        let _ = tokio::time::timeout(pause, sender.notifier.wake.notified()).await;
     }
 }
 
