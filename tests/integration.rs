@@ -16,6 +16,7 @@ mod import;
 mod interop;
 mod load;
 mod metrics;
+mod notify;
 mod oauth;
 mod pg_harness;
 mod pg_store;
