@@ -189,7 +189,7 @@ fn fact_label(name: &str) -> &str {
         "left" => "Codes left",
         "by" => "Changed",
         "what" => "Paused",
-        "until" => "Required from",
+        "until" => "Grace period ends",
         other => other,
     }
 }
@@ -606,7 +606,8 @@ impl Sender {
                     return;
                 }
             };
-            let until = policy.grace_until.map(utc).unwrap_or_default();
+            // `grace_until` is the first second after the configured day.
+            let until = policy.grace_until.map(|t| utc(t.saturating_sub(1))).unwrap_or_default();
             for a in accounts.iter().filter(|a| !a.has_second_factor() && policy.in_grace(&a.username, now)) {
                 let key = format!("notify-reminder:{}", a.username.escape_debug());
                 if notifier.once_per(&key, REMINDER_EVERY_SECS) {

@@ -24,7 +24,7 @@ fn start(smtp_upstream: String, notify: &str) -> Mailgate {
         smtp_upstream,
         master_password: "master-password".into(),
         limits: "auth_failure_delay_ms = 1\nip_penalty_max_ms = 1\n".into(),
-        extra_sections: format!("[notify]\n{notify}\n"),
+        notify: notify.into(),
         ..Default::default()
     });
     mg.add_user(ALICE, PW);
@@ -256,4 +256,36 @@ fn enabled_false_sends_nothing() {
     mg.ok(&["totp", "enable", ALICE]);
     std::thread::sleep(Duration::from_secs(3));
     assert!(sub.messages().is_empty(), "{:?}", sub.messages());
+}
+
+#[test]
+fn with_a_relay_the_mail_goes_to_the_mta_from_the_configured_sender() {
+    let sub = Submission::start(SubmissionOptions::default());
+    let relay = format!("relay = \"{}\"\nfrom = \"security@example.com\"", sub.sink.addr());
+    let mg = start(format!("127.0.0.1:{}", sub.port), &relay);
+    mg.ok(&["totp", "enable", ALICE]);
+    let m = mail(&sub, &mg, "Two-step verification was turned on");
+    assert!(m.contains("From: mailgate <security@example.com>"), "{m}");
+    assert!(!m.contains("by submission.mailgate.test"), "straight to the relay, not through submission: {m}");
+    assert!(sub.messages().iter().all(|d| d.mail_from == "security@example.com"));
+}
+
+#[test]
+fn un_enrolled_accounts_in_grace_get_one_reminder_a_week() {
+    let sub = Submission::start(SubmissionOptions::default());
+    let mut mg = Mailgate::start(Options {
+        smtp_upstream: format!("127.0.0.1:{}", sub.port),
+        master_password: "master-password".into(),
+        notify: String::new(),
+        extra_sections: "[policy]\nrequire_second_factor = [\"example.com\"]\ngrace_until = \"2099-12-31\"\n".into(),
+        ..Default::default()
+    });
+    mg.add_user(ALICE, PW);
+    // The sender looks for accounts due a reminder when it starts, then hourly.
+    mg.restart();
+    let m = mail(&sub, &mg, "Please turn on two-step verification");
+    assert!(m.contains("2099-12-31"), "{m}");
+    mg.restart();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(with_subject(&sub, "Please turn on two-step verification").len(), 1, "once in 7 days");
 }
