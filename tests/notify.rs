@@ -289,3 +289,33 @@ fn un_enrolled_accounts_in_grace_get_one_reminder_a_week() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(with_subject(&sub, "Please turn on two-step verification").len(), 1, "once in 7 days");
 }
+
+/// `password_check = "upstream"`: a Dovecot-only user's first IMAP login creates the
+/// account and is a new device; the next login from the same address is not.
+#[test]
+fn a_new_device_with_the_upstream_password_check() {
+    use crate::support::client::{Client, tls_config};
+    use crate::support::dovecot::{Dovecot, DovecotOptions};
+    let users = vec![(ALICE.to_string(), "alice-dovecot-password".to_string())];
+    let dovecot = Dovecot::start(DovecotOptions { users: users.clone(), ..Default::default() });
+    let sub = Submission::start(SubmissionOptions { users, ..Default::default() });
+    let mg = Mailgate::start(Options {
+        upstream: format!("127.0.0.1:{}", dovecot.port),
+        smtp_upstream: format!("127.0.0.1:{}", sub.port),
+        master_password: "master-password".into(),
+        notify: String::new(),
+        extra_sections: "[accounts]\npassword_check = \"upstream\"\nallowed_domains = [\"example.com\"]\n".into(),
+        ..Default::default()
+    });
+    for _ in 0..2 {
+        let mut c = Client::tls(mg.imaps, tls_config(&mg.ca, &["imap"])).unwrap();
+        c.line();
+        let r = c.cmd("a", &format!("LOGIN \"{ALICE}\" \"alice-dovecot-password\""));
+        assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
+    }
+    let m = mail(&sub, &mg, "New sign-in from a new device");
+    assert!(m.contains("127.0.0.1") && m.contains("IMAP") && m.contains("account password"), "{m}");
+    no_secret(&m, &["alice-dovecot-password"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(with_subject(&sub, "New sign-in from a new device").len(), 1);
+}

@@ -148,6 +148,8 @@ pub struct UpstreamCheck {
     ticket: Option<budget::Ticket>,
     /// The client address.
     ip: IpAddr,
+    /// The protocol of the login (for a new device's notification).
+    protocol: Protocol,
 }
 
 impl UpstreamCheck {
@@ -660,7 +662,7 @@ impl Authenticator {
     pub async fn confirm_upstream(&self, check: UpstreamCheck, result: CheckResult) -> Verdict {
         let Some(mode) = self.upstream.clone() else { return Verdict::Unavailable };
         let store = self.store.clone();
-        let UpstreamCheck { username, password, second_factor: _, who, ticket, ip } = check;
+        let UpstreamCheck { username, password, second_factor: _, who, ticket, ip, protocol } = check;
         match result {
             CheckResult::Unavailable => {
                 if let Some(t) = ticket {
@@ -679,23 +681,24 @@ impl Authenticator {
             }
             CheckResult::Valid => mode.cache.remember(&username, &password),
         }
-        if let Some(t) = ticket {
-            self.settle(t, Outcome::Right).await;
-        }
+        let first = match ticket {
+            Some(t) => self.settle(t, Outcome::Right).await,
+            None => false,
+        };
         let accounts = mode.accounts.clone();
         let client = self.client(ip);
         let policy = self.policy.clone();
         self.blocking(move || {
             let Some(account) = ensure_account(store.as_ref(), &accounts, &username) else {
-                return Verdict::Denied;
+                return (Verdict::Denied, false);
             };
             if account.has_second_factor() {
                 record(store.as_ref(), &account.username, "account_password_refused_2fa", who);
-                return Verdict::NeedsAppPassword;
+                return (Verdict::NeedsAppPassword, false);
             }
             if policy.enforced(&account.username, now_unix()) {
                 record(store.as_ref(), &account.username, "account_password_refused_2fa", who);
-                return Verdict::NeedsSecondFactor;
+                return (Verdict::NeedsSecondFactor, false);
             }
             record(
                 store.as_ref(),
@@ -703,14 +706,21 @@ impl Authenticator {
                 "login",
                 format!("{who} with the account password (checked upstream)"),
             );
-            budget::Budgets::signed_in(store.as_ref(), &account.username, client, now_unix());
-            Verdict::Granted(Authenticated {
+            let new = budget::Budgets::signed_in(store.as_ref(), &account.username, client, now_unix());
+            let granted = Verdict::Granted(Authenticated {
                 username: account.username.clone(),
                 app_password_id: None,
                 senders: senders(&account),
-            })
+            });
+            (granted, new)
         })
         .await
+        .map(|(verdict, new)| {
+            if first || new {
+                self.new_device(&verdict, &Peer { ip, client_name: None }, protocol);
+            }
+            verdict
+        })
         .unwrap_or(Verdict::Unavailable)
     }
 
@@ -1041,6 +1051,7 @@ pub(crate) fn decide_with(
                 who: format!("{} via {protocol}", peer.ip),
                 ticket: None,
                 ip: peer.ip,
+                protocol,
             });
         }
         Ok(None) => {
@@ -1193,6 +1204,7 @@ fn decide_account(
             who,
             ticket: None,
             ip: peer.ip,
+            protocol,
         });
     }
     let Some(hash) = account.password_hash.as_deref() else {
