@@ -276,6 +276,35 @@ impl Notifier {
         }
     }
 
+    /// A sign-in on a mail port from an address new to the account (see
+    /// `auth::budget::Budgets::signed_in`): the address, the client's name if it sent one,
+    /// the protocol, and the app password's id or "account password". Store I/O.
+    pub fn new_device(
+        &self,
+        username: &str,
+        ip: std::net::IpAddr,
+        client: Option<&str>,
+        protocol: &str,
+        app_password_id: Option<&str>,
+    ) {
+        let how = app_password_id.map(|id| format!("app password {id}")).unwrap_or_else(|| "account password".into());
+        let (address, client) = (ip.to_string(), client.unwrap_or("not given"));
+        let facts = [("address", address.as_str()), ("client", client), ("protocol", protocol), ("with", &how)];
+        self.notify(username, Kind::NewDevice, &facts);
+    }
+
+    /// The account's budget of guesses of `what` ran out at a guess from `address`: one
+    /// notice per lock (`lock_secs`, the time the budget takes to refill), and only for an
+    /// account that exists (guesses at made-up names mail nobody). Store I/O.
+    pub fn account_locked(&self, username: &str, what: &str, address: &str, lock_secs: u64) {
+        if !matches!(self.store.get_account(username), Ok(Some(_))) {
+            return;
+        }
+        if self.once_per(&format!("notify-lock:{what}:{}", username.escape_debug()), lock_secs) {
+            self.notify(username, Kind::AccountLocked, &[("what", what), ("address", address)]);
+        }
+    }
+
     /// Whether the once-only slot `key` is free, taking it for `secs` (a lock notice once
     /// per lock, a reminder once a week; shared by every node of the store). A store
     /// failure counts as taken (no notice rather than many).

@@ -389,16 +389,10 @@ impl Authenticator {
     /// security notification (queued off the login's path).
     fn new_device(&self, verdict: &Verdict, peer: &Peer, protocol: Protocol) {
         let (Some(n), Verdict::Granted(a)) = (self.notifier.clone(), verdict) else { return };
-        let (user, address) = (a.username.clone(), peer.ip.to_string());
-        let client = peer.client_name.as_deref().map(printable).unwrap_or_else(|| "not given".into());
-        let how = match &a.app_password_id {
-            Some(id) => format!("app password {id}"),
-            None => "account password".into(),
-        };
+        let (user, app_password_id, ip) = (a.username.clone(), a.app_password_id.clone(), peer.ip);
+        let client = peer.client_name.as_deref().map(printable);
         tokio::task::spawn_blocking(move || {
-            let proto = protocol.to_string();
-            let facts = [("address", address.as_str()), ("client", &client), ("protocol", &proto), ("with", &how)];
-            n.notify(&user, crate::notify::Kind::NewDevice, &facts);
+            n.new_device(&user, ip, client.as_deref(), &protocol.to_string(), app_password_id.as_deref());
         });
     }
 
@@ -406,7 +400,7 @@ impl Authenticator {
     /// time the budget takes to refill), for accounts that exist.
     fn account_locked(&self, secret: budget::Secret, username: &str, ip: IpAddr) {
         let Some(n) = self.notifier.clone() else { return };
-        let (store, user, address) = (self.store.clone(), username.to_string(), ip.to_string());
+        let (user, address) = (username.to_string(), ip.to_string());
         let (what, lock_secs) = match secret {
             budget::Secret::AccountPassword => (
                 "sign-ins with the account password",
@@ -416,14 +410,7 @@ impl Authenticator {
                 ("two-step verification codes", u64::from(budget::CODE_PER_ACCOUNT) * budget::CODE_PER_ACCOUNT_REFILL)
             }
         };
-        tokio::task::spawn_blocking(move || {
-            if !matches!(store.get_account(&user), Ok(Some(_))) {
-                return;
-            }
-            if n.once_per(&format!("notify-lock:{what}:{}", user.escape_debug()), lock_secs) {
-                n.notify(&user, crate::notify::Kind::AccountLocked, &[("what", what), ("address", &address)]);
-            }
-        });
+        tokio::task::spawn_blocking(move || n.account_locked(&user, what, &address, lock_secs));
     }
 
     /// `[policy]`: accounts of these domains without two-step verification lose the
