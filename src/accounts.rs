@@ -210,6 +210,14 @@ impl AccountService {
         }
     }
 
+    /// Queues the security notification of a change (`notify`), when a server runs with
+    /// `[notify]` on; never fails the change.
+    fn notify(&self, username: &str, kind: crate::notify::Kind, facts: &[(&str, &str)]) {
+        if let Some(n) = self.auth.as_ref().and_then(|a| a.notifier()) {
+            n.notify(username, kind, facts);
+        }
+    }
+
     fn end_sessions(&self, username: &str, app_password_id: Option<&str>) -> usize {
         self.live.as_ref().map(|s| s.kill(username, app_password_id)).unwrap_or(0)
     }
@@ -337,6 +345,7 @@ impl AccountService {
         })?;
         // Apps signed in through the browser signed in with the old password.
         self.end_oauth_grants(email);
+        self.notify(email, crate::notify::Kind::AccountPasswordChanged, &[("by", self.actor.detail())]);
         Ok(self.account_password_retired(email, "account_password_changed"))
     }
 
@@ -409,6 +418,7 @@ impl AccountService {
         })?;
         // From now on the account password no longer opens IMAP/SMTP.
         let ended = self.account_password_retired(email, "totp_enabled");
+        self.notify(email, crate::notify::Kind::TotpEnabled, &[("by", self.actor.detail())]);
         Ok(TotpOn { uri: None, backup_codes: shown, replaced, ended })
     }
 
@@ -416,7 +426,9 @@ impl AccountService {
     /// succeeds when it is off. Ends the apps signed in through the browser (OAuth grants), no other session.
     pub fn disable_totp(&self, email: &str) -> Result<(), AccountError> {
         let now = self.now();
+        let mut was_on = false;
         self.change(email, |a| {
+            was_on = a.has_second_factor();
             a.totp = None;
             a.second_factor_required = false;
             a.backup_codes = None;
@@ -424,6 +436,9 @@ impl AccountService {
             Ok(())
         })?;
         self.audit(email, "totp_disabled", self.actor.detail().into());
+        if was_on {
+            self.notify(email, crate::notify::Kind::TotpDisabled, &[("by", self.actor.detail())]);
+        }
         // Apps signed in through the browser signed in with the second factor.
         self.end_oauth_grants(email);
         Ok(())
@@ -443,6 +458,7 @@ impl AccountService {
             Ok(())
         })?;
         self.audit(email, "backup_codes_generated", self.actor.detail().into());
+        self.notify(email, crate::notify::Kind::BackupCodesGenerated, &[("by", self.actor.detail())]);
         Ok(shown)
     }
 
@@ -498,6 +514,8 @@ impl AccountService {
             Ok(())
         })?;
         self.audit(email, "backup_code_used", format!("{left} left"));
+        let facts = [("left", left.to_string()), ("address", ip.to_string())];
+        self.notify(email, crate::notify::Kind::BackupCodeUsed, &facts.each_ref().map(|(k, v)| (*k, v.as_str())));
         Ok(left)
     }
 
@@ -560,6 +578,9 @@ impl AccountService {
         };
         self.store.create_app_password(&record)?;
         self.audit(email, "app_password_created", format!("{label} ({}) by {by}{}", new.id, limits_text(&record)));
+        let scopes_text = scopes.iter().map(|s| s.label()).collect::<Vec<_>>().join(", ");
+        let facts = [("label", label.as_str()), ("id", &new.id), ("scopes", &scopes_text), ("by", self.actor.detail())];
+        self.notify(email, crate::notify::Kind::AppPasswordCreated, &facts);
         Ok(CreatedAppPassword { new, label, scopes })
     }
 
@@ -702,6 +723,9 @@ impl AccountService {
             "oauth_grant_created",
             format!("{} ({id}) signed in through the browser from {}", client.name, from.ip),
         );
+        let address = from.ip.to_string();
+        let facts = [("app", client.name.as_str()), ("id", &id), ("address", &address)];
+        self.notify(&account.username, crate::notify::Kind::OAuthGrantCreated, &facts);
         Ok(self.tokens(&account.username, &id, refresh, &claims.scopes, config))
     }
 

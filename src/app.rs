@@ -356,6 +356,12 @@ pub async fn run(
         .with_verify_cache(config.accounts.verify_cache)
         .with_metrics(metrics.clone())
         .with_policy(config.policy.clone());
+    // Security notifications: queued by the changes (through the authenticator, which
+    // the account service and the gate share), sent by one task.
+    let notifier = crate::notify::Notifier::new(store.clone(), config.notify.clone());
+    if config.notify.enabled {
+        auth = auth.with_notifier(notifier.clone());
+    }
     if config.oauth.enabled {
         auth = auth.with_oauth(key.clone());
     }
@@ -366,12 +372,20 @@ pub async fn run(
     let gate =
         Gate::new(auth.clone(), sessions.clone(), config.app_password_url(), config.limits.max_sessions_per_user_ip);
     let service = Arc::new(ImapService { config: config.clone(), acceptor, gate: gate.clone(), upstream: connector });
+    let smtp_upstream = Arc::new(Connector::new(&config.upstream_smtp, config.limits.upstream_timeout)?);
     let smtp = Arc::new(SmtpService {
         config: config.clone(),
         acceptor: TlsAcceptor::from(crate::tls::server_config(&certs, &["smtp"])?),
         gate: gate.clone(),
-        upstream: Arc::new(Connector::new(&config.upstream_smtp, config.limits.upstream_timeout)?),
+        upstream: smtp_upstream.clone(),
         upstream_extensions: std::sync::RwLock::new(None),
+    });
+    let notify_task = config.notify.enabled.then(|| {
+        tokio::spawn(crate::notify::run(crate::notify::Sender {
+            notifier,
+            config: config.clone(),
+            upstream: smtp_upstream,
+        }))
     });
     // POP3 is on only with `[upstream.pop3]` (config makes listeners without it an error).
     let pop3 = match &config.upstream_pop3 {
@@ -506,6 +520,10 @@ pub async fn run(
     }
     admin_task.abort();
     cert_task.abort();
+    // Notices not sent yet stay queued in the store for the next start.
+    if let Some(t) = notify_task {
+        t.abort();
+    }
     if let Some(t) = acme_task {
         t.abort();
     }

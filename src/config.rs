@@ -198,6 +198,144 @@ pub struct RawConfig {
     oauth: RawOAuth,
     #[serde(default)]
     policy: RawPolicy,
+    #[serde(default)]
+    notify: RawNotify,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    #[serde(default = "d_true")]
+    enabled: bool,
+    from: Option<String>,
+    relay: Option<String>,
+    #[serde(default)]
+    kinds_off: Vec<String>,
+    #[serde(default = "d_notify_max_per_hour")]
+    max_per_hour: u32,
+    #[serde(default = "d_notify_first_retry")]
+    first_retry_secs: u64,
+}
+
+impl Default for RawNotify {
+    fn default() -> RawNotify {
+        RawNotify {
+            enabled: true,
+            from: None,
+            relay: None,
+            kinds_off: vec![],
+            max_per_hour: d_notify_max_per_hour(),
+            first_retry_secs: d_notify_first_retry(),
+        }
+    }
+}
+
+fn d_notify_max_per_hour() -> u32 {
+    10
+}
+
+fn d_notify_first_retry() -> u64 {
+    60
+}
+
+/// The names of the kinds of security notifications (`[notify] kinds_off`); the texts
+/// are `notify::Kind`'s, which a test holds to this list.
+pub const NOTICE_KINDS: &[&str] = &[
+    "app_password_created",
+    "oauth_grant_created",
+    "new_device",
+    "backup_code_used",
+    "backup_codes_generated",
+    "totp_enabled",
+    "totp_disabled",
+    "account_password_changed",
+    "account_locked",
+    "second_factor_reminder",
+];
+
+/// `[notify]`: security notifications mailed to the account (see `notify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notify {
+    /// Whether any is sent (and queued).
+    pub enabled: bool,
+    /// The `From:` address (default `mailgate@<server.hostname>`).
+    pub from: String,
+    /// `host:port` of an MTA taking plain SMTP without authentication; `None`: through
+    /// `[upstream.smtp]`, logged in as the recipient account.
+    pub relay: Option<String>,
+    /// Kinds not sent ([`NOTICE_KINDS`]).
+    pub kinds_off: Vec<String>,
+    /// Notices one account may get in an hour; more are dropped (a flood).
+    pub max_per_hour: u32,
+    /// A failed send is retried after this long, then after twice as long each time, at
+    /// most an hour apart.
+    pub first_retry: Duration,
+}
+
+impl Notify {
+    /// Whether notices of `kind` are sent.
+    pub fn sends(&self, kind: &str) -> bool {
+        self.enabled && !self.kinds_off.iter().any(|k| k == kind)
+    }
+}
+
+impl Default for Notify {
+    fn default() -> Notify {
+        Notify {
+            enabled: true,
+            from: "mailgate@localhost".into(),
+            relay: None,
+            kinds_off: vec![],
+            max_per_hour: d_notify_max_per_hour(),
+            first_retry: Duration::from_secs(d_notify_first_retry()),
+        }
+    }
+}
+
+fn notify(raw: RawNotify, hostname: &str) -> Result<Notify, ConfigError> {
+    let from = match raw.from.as_deref().map(str::trim) {
+        None | Some("") => format!("mailgate@{hostname}"),
+        Some(f) => f.to_string(),
+    };
+    let plain = |c: u8| c.is_ascii_graphic() && !matches!(c, b'<' | b'>' | b'"' | b',' | b'(' | b')' | b';');
+    if from.split('@').count() != 2 || from.starts_with('@') || from.ends_with('@') || !from.bytes().all(plain) {
+        return Err(invalid(
+            "notify.from",
+            format!("`{from}` is not an e-mail address (e.g. \"mailgate@example.com\")"),
+        ));
+    }
+    let relay = match raw.relay.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(r) => match r.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Some(r.to_string()),
+            _ => return Err(invalid("notify.relay", format!("`{r}` is not host:port (e.g. \"127.0.0.1:25\")"))),
+        },
+    };
+    let mut kinds_off = Vec::new();
+    for k in raw.kinds_off {
+        let k = k.trim().to_ascii_lowercase();
+        if !NOTICE_KINDS.contains(&k.as_str()) {
+            return Err(invalid(
+                "notify.kinds_off",
+                format!("`{k}` is not a kind of notification (one of {})", NOTICE_KINDS.join(", ")),
+            ));
+        }
+        kinds_off.push(k);
+    }
+    if raw.max_per_hour == 0 {
+        return Err(invalid("notify.max_per_hour", "must be at least 1 (turn notifications off with enabled = false)"));
+    }
+    if !(1..=3600).contains(&raw.first_retry_secs) {
+        return Err(invalid("notify.first_retry_secs", "must be 1 to 3600"));
+    }
+    Ok(Notify {
+        enabled: raw.enabled,
+        from,
+        relay,
+        kinds_off,
+        max_per_hour: raw.max_per_hour,
+        first_retry: Duration::from_secs(raw.first_retry_secs),
+    })
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -1113,6 +1251,8 @@ pub struct Config {
     pub oauth: OAuth,
     /// `[policy]`: two-step verification required.
     pub policy: Policy,
+    /// `[notify]`: security notifications by mail.
+    pub notify: Notify,
 }
 
 impl Upstream {
@@ -1191,6 +1331,7 @@ impl Config {
         if hostname.is_empty() || !hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
             return Err(invalid("server.hostname", "must be a host name (letters, digits, '.', '-')"));
         }
+        let hostname_for_notify = hostname.clone();
         let public_url = s.public_url.trim().trim_end_matches('/').to_string();
         if !(public_url.starts_with("https://") || public_url.starts_with("http://"))
             || public_url.len() > 200
@@ -1413,6 +1554,7 @@ impl Config {
             metrics_listen,
             oauth: oauth(raw.oauth)?,
             policy: policy(raw.policy)?,
+            notify: notify(raw.notify, &hostname_for_notify)?,
         })
     }
 
@@ -1755,12 +1897,45 @@ mod tests {
             ("[store]\nbackend = \"postgres\"", "store.url"),
             ("[store]\nbackend = \"postgres\"\nurl = \"mysql://x\"", "store.url"),
             ("[proxy_protocol]\ntrusted = [\"10.0.0.300\"]", "proxy_protocol.trusted"),
+            ("[notify]\nfrom = \"no-at-sign\"", "notify.from"),
+            ("[notify]\nrelay = \"localhost\"", "notify.relay"),
+            ("[notify]\nkinds_off = [\"lunch\"]", "notify.kinds_off"),
+            ("[notify]\nmax_per_hour = 0", "notify.max_per_hour"),
         ] {
             let e = Config::from_toml_str(text, "t").unwrap_err().to_string();
             assert!(e.contains(key), "{text} -> {e}");
         }
         let e = Config::from_toml_str("[upstream.imap]\ntls = \"maybe\"", "t").unwrap_err().to_string();
         assert!(e.contains("tls") && e.contains("maybe"), "{e}");
+    }
+
+    /// `[notify]`: on by default, from `mailgate@<hostname>`, through upstream, 10 an hour;
+    /// each key read as written.
+    #[test]
+    fn notify_defaults_and_keys() {
+        let c = Config::from_toml_str("[server]\nhostname = \"mail.example.com\"", "t").unwrap();
+        assert_eq!(
+            c.notify,
+            Notify {
+                enabled: true,
+                from: "mailgate@mail.example.com".into(),
+                relay: None,
+                kinds_off: vec![],
+                max_per_hour: 10,
+                first_retry: Duration::from_secs(60),
+            }
+        );
+        let text = "[notify]\nenabled = false\nfrom = \"security@example.com\"\nrelay = \"127.0.0.1:25\"\n\
+                    kinds_off = [\"new_device\", \"Account_Locked\"]\nmax_per_hour = 3";
+        let n = Config::from_toml_str(text, "t").unwrap().notify;
+        assert_eq!(
+            (n.enabled, n.from.as_str(), n.relay.as_deref()),
+            (false, "security@example.com", Some("127.0.0.1:25"))
+        );
+        assert_eq!((n.kinds_off, n.max_per_hour), (vec!["new_device".to_string(), "account_locked".into()], 3));
+        let on = Notify { kinds_off: vec!["new_device".into()], ..Notify::default() };
+        assert!(on.sends("totp_enabled") && !on.sends("new_device"));
+        assert!(!Notify { enabled: false, ..Notify::default() }.sends("totp_enabled"));
     }
 
     #[test]

@@ -28,6 +28,8 @@
 //! * `live`: the live mail sessions (`LiveSessions`), so a revocation ends them at once.
 //! * `metrics`: the Prometheus counters (fixed labels only) and the `/metrics` listener.
 //! * `accounts`: the account service; every change to an account (CLI, web, import) goes through it.
+//! * `notify`: security notifications mailed to the account (queued in the store, sent
+//!   by a task of `app`).
 //! * `web`: the web step (sign-in with TOTP, enrolment, backup codes, app passwords).
 //! * `admin`: what the CLI does, and the admin socket; `import`: Dovecot passwd-files.
 //! * `fsutil`: private files and directories (0600 / 0700).
@@ -49,6 +51,7 @@ pub mod import;
 pub mod live;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod proto;
 pub mod secret;
 pub mod store;

@@ -31,8 +31,8 @@
 //!   template (`MatchedPath`), never the raw path.
 
 use crate::store::{
-    Account, AppPasswordRecord, AuditEvent, Budget, Dump, LastUse, LiveEvent, SharedFailureCounts, SharedWebSessions,
-    Store, StoreError,
+    Account, AppPasswordRecord, AuditEvent, Budget, Dump, LastUse, LiveEvent, Notice, SharedFailureCounts,
+    SharedWebSessions, Store, StoreError,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -472,6 +472,18 @@ impl Store for MeteredStore {
     }
     fn familiar_since(&self, key: &str) -> Result<Option<u64>, StoreError> {
         self.timed("familiar_since", || self.inner.familiar_since(key))
+    }
+    fn enqueue_notice(&self, notice: &Notice) -> Result<(), StoreError> {
+        self.timed("enqueue_notice", || self.inner.enqueue_notice(notice))
+    }
+    fn claim_notices(&self, now: u64, lease_secs: u64, limit: usize) -> Result<Vec<Notice>, StoreError> {
+        self.timed("claim_notices", || self.inner.claim_notices(now, lease_secs, limit))
+    }
+    fn reschedule_notice(&self, id: &str, due_at: u64, attempts: u32) -> Result<(), StoreError> {
+        self.timed("reschedule_notice", || self.inner.reschedule_notice(id, due_at, attempts))
+    }
+    fn delete_notice(&self, id: &str) -> Result<(), StoreError> {
+        self.timed("delete_notice", || self.inner.delete_notice(id))
     }
     fn failure_counts(&self) -> Option<&dyn SharedFailureCounts> {
         self.inner.failure_counts()

@@ -17,6 +17,7 @@ mod interop;
 mod load;
 mod metrics;
 mod narrow;
+mod notify;
 mod oauth;
 mod pg_harness;
 mod pg_store;

@@ -77,6 +77,9 @@ fn store_suite_on_postgres() {
     suite::concurrent_creation_keeps_the_cap(open(&url), &[open(&url)]);
     let url = fresh_db(&pg);
     suite::budgets_are_never_overdrawn(open(&url), &[open(&url), open(&url)]);
+    suite::the_notice_queue(open(&fresh_db(&pg)).as_ref());
+    let url = fresh_db(&pg);
+    suite::notices_are_claimed_once(open(&url), &[open(&url), open(&url)]);
 }
 
 /// Issue 14 point 3: the account service's changes are atomic on PostgreSQL too, across
@@ -280,7 +283,7 @@ fn nodes_starting_together_migrate_once_and_a_newer_schema_is_refused() {
     }
     let db = url.rsplit('/').next().unwrap().to_string();
     let versions = pg.psql_db(&db, "SELECT count(*) FROM mailgate_schema");
-    assert_eq!(versions.trim(), "5", "five migrations applied {versions} times");
+    assert_eq!(versions.trim(), "6", "six migrations applied {versions} times");
     pg.psql_db(&db, "INSERT INTO mailgate_schema VALUES (99)");
     match PgStore::open(&url, None) {
         Err(StoreError::Schema { found: 99 }) => {}

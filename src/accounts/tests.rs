@@ -401,6 +401,50 @@ mod oauth_grants {
         (env, svc)
     }
 
+    /// A grant is a security notification (the app, its id, the address; no token), queued
+    /// through the authenticator's notifier, as the other changes of the service are.
+    #[test]
+    fn a_grant_and_the_other_changes_queue_security_notifications() {
+        let env = Env::new();
+        let notifier = crate::notify::Notifier::new(env.store.clone(), crate::config::Notify::default())
+            .with_clock(Arc::new(env.clock.clone()));
+        let auth = crate::auth::Authenticator::new(env.store.clone(), 1).with_notifier(notifier);
+        let svc = env.service(Actor::Web).with_authenticator(auth);
+        svc.create(ALICE, &[], Some("h".into())).unwrap();
+        let t = signed_in(&env, &svc);
+        let made = svc.create_app_password(ALICE, "Phone", vec![]).unwrap();
+        svc.set_password(ALICE, "h2".into(), true).unwrap();
+        svc.enable_totp(ALICE, None).unwrap();
+        svc.regenerate_backup_codes(ALICE).unwrap();
+        svc.disable_totp(ALICE).unwrap();
+        svc.disable_totp(ALICE).unwrap(); // off already: nothing to tell
+        let queued = env.store.claim_notices(T0, 60, 100).unwrap();
+        let kinds: Vec<&str> = queued.iter().map(|n| n.kind.as_str()).collect();
+        assert_eq!(
+            kinds.iter().copied().collect::<std::collections::BTreeSet<_>>(),
+            [
+                "oauth_grant_created",
+                "app_password_created",
+                "account_password_changed",
+                "totp_enabled",
+                "backup_codes_generated",
+                "totp_disabled"
+            ]
+            .into_iter()
+            .collect()
+        );
+        assert_eq!(kinds.len(), 6);
+        let grant = queued.iter().find(|n| n.kind == "oauth_grant_created").unwrap();
+        let facts: Vec<&str> = grant.facts.iter().map(|(_, v)| v.as_str()).collect();
+        assert!(facts.contains(&"Thunderbird") && facts.contains(&"192.0.2.9"), "{facts:?}");
+        let all = format!("{queued:?}");
+        for secret in
+            [t.access_token.expose().as_str(), t.refresh_token.expose().as_str(), made.new.password.expose().as_str()]
+        {
+            assert!(!all.contains(secret), "a secret in a notice");
+        }
+    }
+
     #[test]
     fn a_code_becomes_a_grant_listed_like_an_app_password() {
         let (env, svc) = setup();

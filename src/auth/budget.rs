@@ -144,12 +144,22 @@ impl Budgets {
     }
 
     /// A success from `ip` (any credential): the address becomes familiar to the account.
-    pub fn signed_in(store: &dyn Store, username: &str, ip: IpAddr, now: u64) {
+    /// Returns whether it was new: not familiar to the account before (never, or not within
+    /// [`crate::store::FAMILIAR_KEEP_SECS`]), the "new device" of a security notification.
+    pub fn signed_in(store: &dyn Store, username: &str, ip: IpAddr, now: u64) -> bool {
         let key = familiar_key(username, ip);
-        let fresh = matches!(store.familiar_since(&key), Ok(Some(at)) if now.saturating_sub(at) < FAMILIAR_TOUCH_SECS);
+        let since = match store.familiar_since(&key) {
+            Ok(since) => since,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a familiar address");
+                return false;
+            }
+        };
+        let fresh = since.is_some_and(|at| now.saturating_sub(at) < FAMILIAR_TOUCH_SECS);
         if !fresh && let Err(e) = store.remember_familiar(&key, now) {
             tracing::warn!(error = %e, "cannot remember a familiar address");
         }
+        since.is_none_or(|at| now.saturating_sub(at) >= crate::store::FAMILIAR_KEEP_SECS)
     }
 
     /// Empties every budget of an account (admin unlock); addresses keep theirs.
@@ -165,8 +175,8 @@ impl Ticket {
 
     /// The secret was right: the slot comes back and the address's budget is emptied (it
     /// proved it knows the secret); the account's budget keeps what others used. The
-    /// address becomes familiar.
-    pub fn right(self, store: &dyn Store, now: u64) {
+    /// address becomes familiar (returns whether it was new, see [`Budgets::signed_in`]).
+    pub fn right(self, store: &dyn Store, now: u64) -> bool {
         let rest: Vec<Budget> = self.budgets.iter().skip(1).cloned().collect();
         if let Err(e) = store.clear_attempts(std::slice::from_ref(&self.address_key)) {
             tracing::warn!(error = %e, "cannot clear an address's budget");
@@ -176,7 +186,7 @@ impl Ticket {
         {
             tracing::warn!(error = %e, "cannot give back a budget slot");
         }
-        Budgets::signed_in(store, &self.username, self.address, now);
+        Budgets::signed_in(store, &self.username, self.address, now)
     }
 
     /// Nothing was compared (a store or upstream failure): the slot comes back.

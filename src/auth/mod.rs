@@ -176,6 +176,8 @@ pub struct UpstreamCheck {
     ticket: Option<budget::Ticket>,
     /// The client address.
     ip: IpAddr,
+    /// The protocol of the login (for a new device's notification).
+    protocol: Protocol,
 }
 
 impl UpstreamCheck {
@@ -344,6 +346,9 @@ pub struct Authenticator {
     oauth_key: Option<Arc<crypto::SecretKey>>,
     /// `[policy]`: two-step verification required for some domains.
     policy: Arc<crate::config::Policy>,
+    /// `[notify]`: where security notifications are queued (a new device, a lock); also
+    /// the account service's, through [`Authenticator::notifier`].
+    notifier: Option<crate::notify::Notifier>,
 }
 
 struct UpstreamMode {
@@ -393,7 +398,47 @@ impl Authenticator {
             metrics: crate::metrics::Metrics::new(),
             oauth_key: None,
             policy: Arc::new(crate::config::Policy::default()),
+            notifier: None,
         }
+    }
+
+    /// Queues security notifications with `notifier` (a server runs with `[notify]`).
+    pub fn with_notifier(mut self, notifier: crate::notify::Notifier) -> Authenticator {
+        self.notifier = Some(notifier);
+        self
+    }
+
+    /// Where security notifications are queued, if anywhere.
+    pub fn notifier(&self) -> Option<&crate::notify::Notifier> {
+        self.notifier.as_ref()
+    }
+
+    /// A mail-port sign-in from an address the account never used (in 90 days): a
+    /// security notification (queued off the login's path).
+    fn new_device(&self, verdict: &Verdict, peer: &Peer, protocol: Protocol) {
+        let (Some(n), Verdict::Granted(a)) = (self.notifier.clone(), verdict) else { return };
+        let (user, app_password_id, ip) = (a.username.clone(), a.app_password_id.clone(), peer.ip);
+        let client = peer.client_name.as_deref().map(printable);
+        tokio::task::spawn_blocking(move || {
+            n.new_device(&user, ip, client.as_deref(), &protocol.to_string(), app_password_id.as_deref());
+        });
+    }
+
+    /// The account's guess budget ran out: a security notification, once per lock (the
+    /// time the budget takes to refill), for accounts that exist.
+    fn account_locked(&self, secret: budget::Secret, username: &str, ip: IpAddr) {
+        let Some(n) = self.notifier.clone() else { return };
+        let (user, address) = (username.to_string(), ip.to_string());
+        let (what, lock_secs) = match secret {
+            budget::Secret::AccountPassword => (
+                "sign-ins with the account password",
+                u64::from(budget::PASSWORD_PER_ACCOUNT) * budget::PASSWORD_PER_ACCOUNT_REFILL,
+            ),
+            budget::Secret::SecondFactor => {
+                ("two-step verification codes", u64::from(budget::CODE_PER_ACCOUNT) * budget::CODE_PER_ACCOUNT_REFILL)
+            }
+        };
+        tokio::task::spawn_blocking(move || n.account_locked(&user, what, &address, lock_secs));
     }
 
     /// `[policy]`: accounts of these domains without two-step verification lose the
@@ -600,6 +645,9 @@ impl Authenticator {
                     (budget::Secret::SecondFactor, budget::Exhausted::Account) => refusals::Kind::CodeBudgetAccount,
                 };
                 self.log_refusal(kind, ip, username);
+                if which == budget::Exhausted::Account {
+                    self.account_locked(secret, username, ip);
+                }
                 Err(NoSlot::Exhausted(which))
             }
             Some(Err(e)) => {
@@ -610,11 +658,12 @@ impl Authenticator {
         }
     }
 
-    /// Settles a slot taken with [`Authenticator::take_slot`].
-    pub async fn settle(&self, ticket: budget::Ticket, outcome: Outcome) {
+    /// Settles a slot taken with [`Authenticator::take_slot`]; returns whether a right
+    /// secret came from an address new to the account ([`budget::Budgets::signed_in`]).
+    pub async fn settle(&self, ticket: budget::Ticket, outcome: Outcome) -> bool {
         let store = self.store.clone();
         let now = self.clock.now();
-        self.blocking(move || settle_ticket(store.as_ref(), ticket, outcome, now)).await;
+        self.blocking(move || settle_ticket(store.as_ref(), ticket, outcome, now)).await.unwrap_or(false)
     }
 
     /// Runs `f` (store I/O, no hashing) on tokio's blocking threads.
@@ -628,7 +677,7 @@ impl Authenticator {
     pub async fn confirm_upstream(&self, check: UpstreamCheck, result: CheckResult) -> Verdict {
         let Some(mode) = self.upstream.clone() else { return Verdict::Unavailable };
         let store = self.store.clone();
-        let UpstreamCheck { username, password, second_factor: _, who, ticket, ip } = check;
+        let UpstreamCheck { username, password, second_factor: _, who, ticket, ip, protocol } = check;
         match result {
             CheckResult::Unavailable => {
                 if let Some(t) = ticket {
@@ -647,23 +696,24 @@ impl Authenticator {
             }
             CheckResult::Valid => mode.cache.remember(&username, &password),
         }
-        if let Some(t) = ticket {
-            self.settle(t, Outcome::Right).await;
-        }
+        let first = match ticket {
+            Some(t) => self.settle(t, Outcome::Right).await,
+            None => false,
+        };
         let accounts = mode.accounts.clone();
         let client = self.client(ip);
         let policy = self.policy.clone();
         self.blocking(move || {
             let Some(account) = ensure_account(store.as_ref(), &accounts, &username) else {
-                return Verdict::Denied;
+                return (Verdict::Denied, false);
             };
             if account.has_second_factor() {
                 record(store.as_ref(), &account.username, "account_password_refused_2fa", who);
-                return Verdict::NeedsAppPassword;
+                return (Verdict::NeedsAppPassword, false);
             }
             if policy.enforced(&account.username, now_unix()) {
                 record(store.as_ref(), &account.username, "account_password_refused_2fa", who);
-                return Verdict::NeedsSecondFactor;
+                return (Verdict::NeedsSecondFactor, false);
             }
             record(
                 store.as_ref(),
@@ -671,15 +721,22 @@ impl Authenticator {
                 "login",
                 format!("{who} with the account password (checked upstream)"),
             );
-            budget::Budgets::signed_in(store.as_ref(), &account.username, client, now_unix());
-            Verdict::Granted(Authenticated {
+            let new = budget::Budgets::signed_in(store.as_ref(), &account.username, client, now_unix());
+            let granted = Verdict::Granted(Authenticated {
                 username: account.username.clone(),
                 app_password_id: None,
                 senders: senders(&account),
                 narrow: None,
-            })
+            });
+            (granted, new)
         })
         .await
+        .map(|(verdict, new)| {
+            if first || new {
+                self.new_device(&verdict, &Peer { ip, client_name: None }, protocol);
+            }
+            verdict
+        })
         .unwrap_or(Verdict::Unavailable)
     }
 
@@ -791,7 +848,7 @@ impl Authenticator {
         if let Some(cache) = &self.app_cache
             && let Some(v) = cached_app_password(store.as_ref(), cache, &username, &creds.password, protocol, peer)
         {
-            self.note_signed_in(&v, peer.ip).await;
+            self.note_signed_in(&v, peer, protocol).await;
             return v;
         }
         let app_password_of_account = app_password::parse(creds.password.expose())
@@ -823,7 +880,7 @@ impl Authenticator {
             .await
             .unwrap_or(Verdict::Unavailable);
         let Some(ticket) = ticket else {
-            self.note_signed_in(&verdict, peer.ip).await;
+            self.note_signed_in(&verdict, peer, protocol).await;
             return verdict;
         };
         match verdict {
@@ -841,7 +898,9 @@ impl Authenticator {
                     Verdict::Denied => Outcome::Wrong,
                     _ => Outcome::NotCompared,
                 };
-                self.settle(ticket, outcome).await;
+                if self.settle(ticket, outcome).await {
+                    self.new_device(&v, peer, protocol);
+                }
                 v
             }
         }
@@ -896,27 +955,37 @@ impl Authenticator {
             let audit = |kind: &str, detail: String| record(store.as_ref(), &account.username, kind, detail);
             grant_app_password(store.as_ref(), &account, rec, protocol, &who, &audit)
         })();
-        self.note_signed_in(&verdict, peer.ip).await;
+        self.note_signed_in(&verdict, peer, protocol).await;
         verdict
     }
 
     /// A login granted without a guess-budget slot (an app password): its address becomes
     /// familiar to the account (a slot's settlement does this for the others).
-    async fn note_signed_in(&self, verdict: &Verdict, ip: IpAddr) {
+    /// A new address is a new device (a security notification).
+    async fn note_signed_in(&self, verdict: &Verdict, peer: &Peer, protocol: Protocol) {
         if let Verdict::Granted(a) = verdict {
             let (store, user, client, now) =
-                (self.store.clone(), a.username.clone(), self.client(ip), self.clock.now());
-            self.blocking(move || budget::Budgets::signed_in(store.as_ref(), &user, client, now)).await;
+                (self.store.clone(), a.username.clone(), self.client(peer.ip), self.clock.now());
+            if self.blocking(move || budget::Budgets::signed_in(store.as_ref(), &user, client, now)).await == Some(true)
+            {
+                self.new_device(verdict, peer, protocol);
+            }
         }
     }
 }
 
 /// Settles a slot (on a blocking thread: store I/O).
-fn settle_ticket(store: &dyn Store, ticket: budget::Ticket, outcome: Outcome, now: u64) {
+fn settle_ticket(store: &dyn Store, ticket: budget::Ticket, outcome: Outcome, now: u64) -> bool {
     match outcome {
         Outcome::Right => ticket.right(store, now),
-        Outcome::Wrong => ticket.wrong(),
-        Outcome::NotCompared => ticket.not_compared(store, now),
+        Outcome::Wrong => {
+            ticket.wrong();
+            false
+        }
+        Outcome::NotCompared => {
+            ticket.not_compared(store, now);
+            false
+        }
     }
 }
 
@@ -998,6 +1067,7 @@ pub(crate) fn decide_with(
                 who: format!("{} via {protocol}", peer.ip),
                 ticket: None,
                 ip: peer.ip,
+                protocol,
             });
         }
         Ok(None) => {
@@ -1168,6 +1238,7 @@ fn decide_account(
             who,
             ticket: None,
             ip: peer.ip,
+            protocol,
         });
     }
     let Some(hash) = account.password_hash.as_deref() else {

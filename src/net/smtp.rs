@@ -66,8 +66,8 @@ impl Upstream {
         }
     }
 
-    /// Sends `bytes` and reads the reply.
-    async fn command(&mut self, bytes: &[u8], wait: Duration) -> Result<(u16, Vec<u8>), UpstreamFailure> {
+    /// Sends `bytes` and reads the reply (also `notify`'s transaction).
+    pub async fn command(&mut self, bytes: &[u8], wait: Duration) -> Result<(u16, Vec<u8>), UpstreamFailure> {
         self.send(bytes, wait).await?;
         self.reply(wait).await
     }

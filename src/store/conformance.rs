@@ -78,6 +78,75 @@ pub fn accounts_and_app_passwords(s: &dyn Store) {
     assert!(s.list_app_passwords("a@x").unwrap().is_empty());
 }
 
+/// A notice for `user` made at `at`, due then.
+pub fn notice(id: &str, user: &str, at: u64) -> Notice {
+    Notice {
+        id: id.into(),
+        username: user.into(),
+        kind: "app_password_created".into(),
+        facts: vec![("label".into(), "Phone".into())],
+        created_at: at,
+        due_at: at,
+        attempts: 0,
+    }
+}
+
+/// The notice queue: enqueue (no duplicate ids), claim what is due (oldest first, up to
+/// the limit) with a lease that hides it from later claims until it runs out, reschedule
+/// with a count of attempts, delete.
+pub fn the_notice_queue(s: &dyn Store) {
+    s.enqueue_notice(&notice("n1", "a@x", 100)).unwrap();
+    s.enqueue_notice(&notice("n2", "a@x", 90)).unwrap();
+    s.enqueue_notice(&notice("n3", "b@x", 500)).unwrap();
+    assert!(matches!(s.enqueue_notice(&notice("n1", "a@x", 1)), Err(StoreError::Conflict(_))));
+    assert!(s.claim_notices(80, 60, 10).unwrap().is_empty(), "nothing due yet");
+    let got = s.claim_notices(200, 60, 1).unwrap();
+    assert_eq!(got.len(), 1, "the limit holds");
+    assert_eq!((got[0].id.as_str(), got[0].due_at), ("n2", 260), "oldest due first, leased");
+    assert_eq!(got[0].facts, notice("n2", "a@x", 90).facts, "the facts come back as written");
+    let got = s.claim_notices(200, 60, 10).unwrap();
+    assert_eq!(got.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["n1"], "n2 is leased, n3 not due");
+    assert!(s.claim_notices(259, 60, 10).unwrap().is_empty(), "both leased");
+    // A failed send: back in 60 s, one attempt counted.
+    s.reschedule_notice("n2", 320, 1).unwrap();
+    s.delete_notice("n1").unwrap();
+    s.delete_notice("n1").unwrap();
+    s.reschedule_notice("gone", 1, 1).unwrap();
+    assert!(s.claim_notices(300, 60, 10).unwrap().is_empty());
+    let got = s.claim_notices(600, 60, 10).unwrap();
+    let ids: Vec<(&str, u32)> = got.iter().map(|n| (n.id.as_str(), n.attempts)).collect();
+    assert_eq!(ids, [("n2", 1), ("n3", 0)]);
+    s.delete_notice("n2").unwrap();
+    s.delete_notice("n3").unwrap();
+    assert!(s.claim_notices(u64::MAX >> 2, 60, 10).unwrap().is_empty(), "nothing left");
+}
+
+/// Many threads (or nodes, with `others`) claiming at once: each notice is claimed by
+/// exactly one of them.
+pub fn notices_are_claimed_once(s: Arc<dyn Store>, others: &[Arc<dyn Store>]) {
+    for n in 0..60 {
+        s.enqueue_notice(&notice(&format!("n{n:02}"), "a@x", 10)).unwrap();
+    }
+    let stores: Vec<Arc<dyn Store>> = std::iter::once(s.clone()).chain(others.iter().cloned()).collect();
+    let threads: Vec<_> = (0..6)
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            std::thread::spawn(move || {
+                let mut mine = Vec::new();
+                for _ in 0..20 {
+                    mine.extend(store.claim_notices(100, 300, 4).unwrap().into_iter().map(|n| n.id));
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut all: Vec<String> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert_eq!(all.len(), 60, "every notice claimed");
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 60, "none twice");
+}
+
 /// At most [`MAX_APP_PASSWORDS`] per account.
 pub fn app_password_cap(s: &dyn Store) {
     s.create_account(&account("a@x")).unwrap();

@@ -438,6 +438,27 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+/// A security notification waiting to be mailed (see `notify`): what happened, never a
+/// secret (labels, ids, addresses and client names only). Kept until it is sent, or
+/// dropped a day after it was made.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Notice {
+    /// Unique id (random), by which it is rescheduled or deleted.
+    pub id: String,
+    /// The account it goes to.
+    pub username: String,
+    /// What happened, e.g. `app_password_created` (`notify::Kind`).
+    pub kind: String,
+    /// The facts shown in the mail, in order: (name, value), e.g. ("label", "Phone").
+    pub facts: Vec<(String, String)>,
+    /// When it happened (unix seconds).
+    pub created_at: u64,
+    /// When it may be sent (next) (unix seconds); a claim moves it forward by its lease.
+    pub due_at: u64,
+    /// Sending attempts that failed so far.
+    pub attempts: u32,
+}
+
 /// Everything in a store, for `mailgate store export` / `import` (sled's format will change
 /// before its 1.0; this is the way across). Secrets stay as stored: password and app
 /// password hashes, TOTP secrets sealed with `secret.key` (not in the dump).
@@ -532,6 +553,18 @@ pub trait Store: Send + Sync {
     fn remember_familiar(&self, key: &str, now: u64) -> Result<(), StoreError>;
     /// When `key` was last remembered, if it was.
     fn familiar_since(&self, key: &str) -> Result<Option<u64>, StoreError>;
+    /// Queues a notice (one write; not flushed on sled). `Conflict` on a duplicate id.
+    fn enqueue_notice(&self, notice: &Notice) -> Result<(), StoreError>;
+    /// Claims up to `limit` notices due at `now`, oldest due first, and moves each one's
+    /// `due_at` to `now + lease_secs`, so that no other claim (another node's included)
+    /// gets it before the lease runs out. The claimer sends each, then deletes or
+    /// reschedules it; a claimer that dies leaves it to be claimed again after the lease.
+    fn claim_notices(&self, now: u64, lease_secs: u64, limit: usize) -> Result<Vec<Notice>, StoreError>;
+    /// Sets a claimed notice's next time and its count of failed attempts (a send
+    /// failed). Nothing happens if it is gone.
+    fn reschedule_notice(&self, id: &str, due_at: u64, attempts: u32) -> Result<(), StoreError>;
+    /// Deletes a notice (sent, or given up); nothing happens if it is gone.
+    fn delete_notice(&self, id: &str) -> Result<(), StoreError>;
     /// Failure counts (per-address penalties, per-account delays) kept in the store for
     /// every node sharing it. `None` for the embedded store: its one node counts in memory.
     fn failure_counts(&self) -> Option<&dyn SharedFailureCounts> {

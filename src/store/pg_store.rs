@@ -22,6 +22,9 @@
 //! * `attempts(key PK, used, at, until)`: budgets of guesses ([`Budget`]), taken in one
 //!   transaction with the rows locked, so nodes taking at once never overdraw one.
 //! * `familiar(key PK, at)`: addresses an account signed in from.
+//! * `notices(id PK, username, due_at, attempts, data)`: the queue of security
+//!   notifications ([`Notice`]); a claim takes due rows `FOR UPDATE SKIP LOCKED` and moves
+//!   their `due_at` by the lease in the same statement, so two nodes never send one twice.
 //!
 //! Every change is committed before the call returns (PostgreSQL's commit is durable with
 //! the default `synchronous_commit`). Session-ending events are sent with `NOTIFY` on the
@@ -116,6 +119,17 @@ const MIGRATIONS: &[(i32, &str)] = &[
     CREATE INDEX familiar_by_at ON familiar (at);",
     ),
     (5, "ALTER TABLE app_passwords ADD COLUMN last_used_by text NOT NULL DEFAULT '{}';"),
+    (
+        6,
+        "CREATE TABLE notices (
+        id text PRIMARY KEY,
+        username text NOT NULL,
+        due_at bigint NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        data text NOT NULL
+    );
+    CREATE INDEX notices_by_due ON notices (due_at);",
+    ),
 ];
 
 /// Refilled budget entries (and familiar addresses too old to count) are purged on one
@@ -841,6 +855,74 @@ impl Store for PgStore {
         self.run(move |c| async move {
             let row = c.query_opt("SELECT at FROM familiar WHERE key = $1", &[&key]).await.map_err(pg)?;
             Ok(row.map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0)))
+        })
+    }
+
+    fn enqueue_notice(&self, notice: &Notice) -> Result<(), StoreError> {
+        let (id, user, due, attempts, data) = (
+            notice.id.clone(),
+            notice.username.clone(),
+            secs(notice.due_at),
+            i32::try_from(notice.attempts).unwrap_or(i32::MAX),
+            encode(notice)?,
+        );
+        self.run(move |c| async move {
+            match c
+                .execute(
+                    "INSERT INTO notices (id, username, due_at, attempts, data) VALUES ($1, $2, $3, $4, $5)",
+                    &[&id, &user, &due, &attempts, &data],
+                )
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!("notice {id} exists already"))),
+                Err(e) => Err(pg(e)),
+            }
+        })
+    }
+
+    fn claim_notices(&self, now: u64, lease_secs: u64, limit: usize) -> Result<Vec<Notice>, StoreError> {
+        let (now, until, limit) = (secs(now), secs(now.saturating_add(lease_secs)), limit.min(10_000) as i64);
+        self.run(move |c| async move {
+            // One statement: the due rows are locked (rows another node is claiming right
+            // now are skipped, not waited for) and leased before anyone else can see them.
+            let rows = c
+                .query(
+                    "UPDATE notices SET due_at = $2 WHERE id IN (SELECT id FROM notices WHERE due_at <= $1 \
+                     ORDER BY due_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING id, due_at, attempts, data",
+                    &[&now, &until, &limit],
+                )
+                .await
+                .map_err(pg)?;
+            let mut out = rows
+                .iter()
+                .map(|r| {
+                    let mut n: Notice = decode(r.get::<_, &str>(0), r.get::<_, &str>(3))?;
+                    n.due_at = u64::try_from(r.get::<_, i64>(1)).unwrap_or(0);
+                    n.attempts = u32::try_from(r.get::<_, i32>(2)).unwrap_or(0);
+                    Ok(n)
+                })
+                .collect::<Result<Vec<Notice>, StoreError>>()?;
+            out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
+            Ok(out)
+        })
+    }
+
+    fn reschedule_notice(&self, id: &str, due_at: u64, attempts: u32) -> Result<(), StoreError> {
+        let (id, due, attempts) = (id.to_string(), secs(due_at), i32::try_from(attempts).unwrap_or(i32::MAX));
+        self.run(move |c| async move {
+            c.execute("UPDATE notices SET due_at = $2, attempts = $3 WHERE id = $1", &[&id, &due, &attempts])
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn delete_notice(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.run(move |c| async move {
+            c.execute("DELETE FROM notices WHERE id = $1", &[&id]).await.map_err(pg)?;
+            Ok(())
         })
     }
 

@@ -10,6 +10,8 @@
 //! * `attempts`: budget key → used (u32) and its time (u64), big-endian, then the time
 //!   every attempt is back (u64), by which entries are purged ([`Budget`]).
 //! * `familiar`: `account address` → unix seconds of the last sign-in from there.
+//! * `notices`: notice id → JSON [`Notice`] (the queue of security notifications; small,
+//!   so a claim scans it under [`SledStore::notice_lock`]).
 //!
 //! sled takes an exclusive lock on the directory: one process at a time (the admin CLI
 //! talks to a running server over its socket instead).
@@ -29,6 +31,10 @@ pub struct SledStore {
     audit: sled::Tree,
     attempts: sled::Tree,
     familiar: sled::Tree,
+    notices: sled::Tree,
+    /// Serialises claims and reschedules of notices (one process: a lock is the lease's
+    /// atomicity).
+    notice_lock: Mutex<()>,
     /// Budget takes since the last purge of refilled entries.
     takes: std::sync::atomic::AtomicU64,
     /// Serialises app-password creation (label and count checks need a scan, which sled
@@ -113,6 +119,8 @@ impl SledStore {
             audit: db.open_tree("audit").map_err(backend)?,
             attempts: db.open_tree("attempts").map_err(backend)?,
             familiar: db.open_tree("familiar").map_err(backend)?,
+            notices: db.open_tree("notices").map_err(backend)?,
+            notice_lock: Mutex::new(()),
             takes: std::sync::atomic::AtomicU64::new(0),
             db,
             create_lock: Mutex::new(()),
@@ -214,6 +222,50 @@ impl Store for SledStore {
             .map_err(backend)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map(u64::from_be_bytes))
+    }
+
+    fn enqueue_notice(&self, notice: &Notice) -> Result<(), StoreError> {
+        let swapped = self
+            .notices
+            .compare_and_swap(notice.id.as_bytes(), None as Option<&[u8]>, Some(encode(notice)?))
+            .map_err(backend)?;
+        swapped.map_err(|_| StoreError::Conflict(format!("notice {} exists already", notice.id)))
+    }
+
+    fn claim_notices(&self, now: u64, lease_secs: u64, limit: usize) -> Result<Vec<Notice>, StoreError> {
+        let _guard = self.notice_lock.lock().map_err(|_| backend("lock poisoned"))?;
+        let mut due = Vec::new();
+        for kv in self.notices.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            let n: Notice = decode(&String::from_utf8_lossy(&k), &v)?;
+            if n.due_at <= now {
+                due.push(n);
+            }
+        }
+        due.sort_by(|a, b| a.due_at.cmp(&b.due_at).then_with(|| a.id.cmp(&b.id)));
+        due.truncate(limit);
+        for n in &mut due {
+            n.due_at = now.saturating_add(lease_secs);
+            self.notices.insert(n.id.as_bytes(), encode(n)?).map_err(backend)?;
+        }
+        Ok(due)
+    }
+
+    fn reschedule_notice(&self, id: &str, due_at: u64, attempts: u32) -> Result<(), StoreError> {
+        let _guard = self.notice_lock.lock().map_err(|_| backend("lock poisoned"))?;
+        if let Some(v) = self.notices.get(id).map_err(backend)? {
+            let mut n: Notice = decode(id, &v)?;
+            n.due_at = due_at;
+            n.attempts = attempts;
+            self.notices.insert(id.as_bytes(), encode(&n)?).map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    fn delete_notice(&self, id: &str) -> Result<(), StoreError> {
+        let _guard = self.notice_lock.lock().map_err(|_| backend("lock poisoned"))?;
+        self.notices.remove(id.as_bytes()).map_err(backend)?;
+        Ok(())
     }
 
     fn get_account(&self, username: &str) -> Result<Option<Account>, StoreError> {
@@ -560,6 +612,17 @@ mod tests {
     fn concurrent_creation_keeps_the_cap() {
         let (_d, s) = open();
         suite::concurrent_creation_keeps_the_cap(Arc::new(s), &[]);
+    }
+
+    #[test]
+    fn the_notice_queue() {
+        suite::the_notice_queue(&open().1);
+    }
+
+    #[test]
+    fn notices_are_claimed_once() {
+        let (_d, s) = open();
+        suite::notices_are_claimed_once(Arc::new(s), &[]);
     }
 
     #[test]

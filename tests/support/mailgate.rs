@@ -38,6 +38,10 @@ pub struct Options {
     pub smtp_extra: String,
     /// Whole extra sections appended at the end (e.g. `[accounts]`).
     pub extra_sections: String,
+    /// The `[notify]` lines. Off by default here (`enabled = false`), so the security
+    /// notifications of a test's own changes never land in a sink it counts; the
+    /// notification tests (tests/notify.rs) set their own.
+    pub notify: String,
     /// `[web]` extra lines (e.g. `organisation = "…"`).
     pub web_extra: String,
     /// Upstream POP3 address: with it, `[upstream.pop3]` and the two POP3 listeners
@@ -69,6 +73,7 @@ impl Default for Options {
             smtp_upstream_extra: String::new(),
             smtp_extra: String::new(),
             extra_sections: String::new(),
+            notify: "enabled = false".into(),
             web_extra: String::new(),
             pop3_upstream: None,
             pop3_upstream_extra: String::new(),
@@ -184,6 +189,8 @@ master_password_file = "config/master.secret"
 {limits}
 {pop3}
 {sieve}
+[notify]
+{notify}
 {extra_sections}
 "#,
                 public_url = opts.public_url.replace("{web}", &web.to_string()),
@@ -197,6 +204,7 @@ master_password_file = "config/master.secret"
                 smtp_upstream = opts.smtp_upstream,
                 smtp_upstream_extra = opts.smtp_upstream_extra,
                 extra_sections = opts.extra_sections,
+                notify = opts.notify,
                 web_extra = opts.web_extra,
                 tls_extra = opts.tls_extra,
             );

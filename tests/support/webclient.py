@@ -3,7 +3,8 @@ HTTPS pages without a browser: keeps the session cookie by hand (it changes at e
 sign-in step), reads the form token from each page, never follows redirects blindly.
 
 usage: webclient.py BASE_URL CA_FILE USER PASSWORD ACTION...
-actions: signin | enrol | totp:SECRET (the second step, with the current code) | app-password:LABEL
+actions: signin | enrol | totp:SECRET (the second step, with the current code) | backup:CODE (the
+second step with a backup code) | app-password:LABEL
 prints one JSON object with what it learnt (app_password, totp_secret, codes, status)."""
 
 import base64, hashlib, hmac, html, json, re, ssl, struct, sys, time
@@ -88,6 +89,10 @@ for action in actions:
         body = page("/login/totp")
         status, location, body = request("POST", "/login/totp", {"csrf": csrf(body), "code": totp(action[5:])})
         out["totp"] = [status, location]
+    elif action.startswith("backup:"):
+        body = page("/login/backup")
+        status, location, body = request("POST", "/login/backup", {"csrf": csrf(body), "code": action[7:]})
+        out["backup"] = [status, location]
     elif action.startswith("app-password:"):
         body = page("/app-passwords")
         label = action.split(":", 1)[1]
