@@ -137,6 +137,14 @@ struct Draft {
     expires: String,
     /// `allow`: the networks it may be used from, as typed.
     allow: String,
+    /// `preset`: "full", "read" (read-only), "send" (send only), "folder" (some folders).
+    preset: String,
+    /// `folders` (the "folder" preset), as typed.
+    folders: String,
+    /// `send_to` (the "send" preset), as typed.
+    send_to: String,
+    /// `max_messages` per hour (the "send" preset), as typed.
+    max_messages: String,
     /// What is wrong with the expiry or the networks.
     limits_error: Option<String>,
     /// What is wrong with the name.
@@ -157,6 +165,10 @@ impl Default for Draft {
             sieve: false,
             expires: String::new(),
             allow: String::new(),
+            preset: "full".into(),
+            folders: String::new(),
+            send_to: String::new(),
+            max_messages: "100".into(),
             limits_error: None,
             label_error: None,
             scope_error: None,
@@ -976,7 +988,7 @@ fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response 
         .into_iter()
         .map(|d| {
             let r = d.record;
-            let limits = crate::accounts::limits_text(&r);
+            let limits = crate::accounts::limits_text(&r) + &r.narrow.as_ref().map(|n| n.words()).unwrap_or_default();
             Row {
                 id: r.id.clone(),
                 // A grant's label names its app and id ("Thunderbird (k3x9q2)"): two
@@ -1192,7 +1204,51 @@ pub(super) async fn create_app_password(
     // (the label check runs again in the account service, for the CLI too).
     let expires = form.get("expires").map(|e| e.trim().to_string()).unwrap_or_default();
     let allow = form.get("allow").map(|a| a.trim().to_string()).unwrap_or_default();
-    let mut draft = Draft { label, imap, smtp, pop3, sieve, expires, allow, ..Draft::default() };
+    let field = |k: &str| form.get(k).map(|v| v.trim().to_string()).unwrap_or_default();
+    let preset = match field("preset").as_str() {
+        p @ ("read" | "send" | "folder") => p.to_string(),
+        _ => "full".to_string(),
+    };
+    let mut draft = Draft {
+        label,
+        imap,
+        smtp,
+        pop3,
+        sieve,
+        expires,
+        allow,
+        folders: field("folders"),
+        send_to: field("send_to"),
+        max_messages: field("max_messages"),
+        preset,
+        ..Draft::default()
+    };
+    // Issue 20's presets: a narrow app password for what is not a full mail app. The
+    // preset decides the protocols; the account service checks the rest (own addresses,
+    // folder patterns) and refuses what cannot hold.
+    let list = |v: &str| {
+        v.split([',', ' ', '\n']).map(str::trim).filter(|x| !x.is_empty()).map(str::to_string).collect::<Vec<_>>()
+    };
+    let narrow = match draft.preset.as_str() {
+        "read" => Some(crate::store::Narrowing { read_only: true, ..Default::default() }),
+        "folder" if list(&draft.folders).is_empty() => {
+            draft.limits_error = Some("Name the folders it may use, for example INBOX or Shared/Tickets.".into());
+            None
+        }
+        "folder" => Some(crate::store::Narrowing { folders: list(&draft.folders), ..Default::default() }),
+        "send" => match draft.max_messages.parse::<u32>() {
+            Ok(n) if n >= 1 => Some(crate::store::Narrowing {
+                send_to: list(&draft.send_to),
+                max_messages: Some(n),
+                ..Default::default()
+            }),
+            _ => {
+                draft.limits_error = Some("Give the number of messages per hour it may send (1 or more).".into());
+                None
+            }
+        },
+        _ => None,
+    };
     // Optional limits: an expiry from the list (or a date a script sends) and networks.
     let now = web.now();
     let expires_at = match draft.expires.as_str() {
@@ -1202,9 +1258,7 @@ pub(super) async fn create_app_password(
     let nets: Vec<String> = draft.allow.split([',', ' ', '\n']).map(str::to_string).collect();
     let allow_nets = crate::auth::app_password::parse_allow(&nets).map_err(|e| e.to_string());
     let limits = match (expires_at, allow_nets) {
-        (Ok(expires_at), Ok(allow)) => {
-            Some(crate::auth::app_password::Limits { expires_at, allow, ..Default::default() })
-        }
+        (Ok(expires_at), Ok(allow)) => Some(crate::auth::app_password::Limits { expires_at, allow, narrow }),
         (Err(e), _) | (_, Err(e)) => {
             draft.limits_error = Some(format!("The app password was not created: {e}."));
             None
@@ -1217,6 +1271,12 @@ pub(super) async fn create_app_password(
         }
         Ok(_) => None,
     };
+    match draft.preset.as_str() {
+        "read" | "folder" => (draft.imap, draft.smtp, draft.pop3, draft.sieve) = (true, false, false, false),
+        "send" => (draft.imap, draft.smtp, draft.pop3, draft.sieve) = (false, true, false, false),
+        _ => {}
+    }
+    let (imap, smtp, pop3, sieve) = (draft.imap, draft.smtp, draft.pop3, draft.sieve);
     // A scope whose protocol is off (a page from before the admin turned it off, or a
     // forged form): refused, not quietly dropped, so that nobody gets less than they
     // asked for without knowing. The form comes back without that checkbox.

@@ -2494,3 +2494,41 @@ async fn required_second_factor_sends_the_sign_in_to_the_enrolment() {
     c.post("/app-passwords", &[("label", "Laptop"), ("scope_imap", "1")]).await.assert_redirect("/two-factor");
     assert_eq!(env.store.list_app_passwords(ALICE).unwrap().len(), 1);
 }
+
+/// Issue 20 point 4 on the web page: the presets make narrow app passwords (read-only,
+/// send only with a recipient list and a quota, some folders), the list says what each
+/// may do, and a preset that cannot hold is refused with the form kept.
+#[tokio::test]
+async fn presets_make_narrow_app_passwords() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    c.post("/app-passwords", &[("label", "Backup"), ("preset", "read"), ("scope_smtp", "1")]).await.assert_ok();
+    c.get("/app-passwords").await;
+    c.post(
+        "/app-passwords",
+        &[("label", "Scanner"), ("preset", "send"), ("send_to", "office@example.test"), ("max_messages", "20")],
+    )
+    .await
+    .assert_ok();
+    c.get("/app-passwords").await;
+    let r = c.post("/app-passwords", &[("label", "Tickets"), ("preset", "folder"), ("folders", "")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert!(r.body.contains("Name the folders") && r.body.contains(r#"value="folder" checked"#), "{}", r.body);
+    c.post("/app-passwords", &[("label", "Tickets"), ("preset", "folder"), ("folders", "INBOX, Shared/Tickets")])
+        .await
+        .assert_ok();
+    let recs = env.store.list_app_passwords(ALICE).unwrap();
+    let by = |l: &str| recs.iter().find(|r| r.label == l).unwrap().clone();
+    let backup = by("Backup");
+    assert_eq!(backup.scopes, vec![Scope::Imap]);
+    assert!(backup.narrow.as_ref().unwrap().read_only);
+    let scanner = by("Scanner");
+    assert_eq!(scanner.scopes, vec![Scope::Smtp]);
+    let n = scanner.narrow.unwrap();
+    assert_eq!((n.send_to, n.max_messages), (vec!["office@example.test".to_string()], Some(20)));
+    assert_eq!(by("Tickets").narrow.unwrap().folders, vec!["INBOX", "Shared/Tickets"]);
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("read-only") && page.body.contains("at most 20 messages/hour"), "{}", page.body);
+}
