@@ -74,6 +74,14 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/password", get(pages::password_form).post(pages::change_password))
         .route("/.well-known/autoconfig/mail/config-v1.1.xml", get(pages::autoconfig))
         .route("/mail/config-v1.1.xml", get(pages::autoconfig))
+        .route(
+            "/autodiscover/autodiscover.xml",
+            post(pages::autodiscover).layer(axum::extract::DefaultBodyLimit::max(pages::AUTODISCOVER_MAX_BODY)),
+        )
+        .route(
+            "/Autodiscover/Autodiscover.xml",
+            post(pages::autodiscover).layer(axum::extract::DefaultBodyLimit::max(pages::AUTODISCOVER_MAX_BODY)),
+        )
         .route("/healthz", get(healthz));
     // `[oauth]` off: its paths are unknown (404) like any other.
     let routes = if web.config.oauth.enabled { oauth::routes(routes) } else { routes };

@@ -1779,3 +1779,53 @@ pub(super) async fn autoconfig(State(web): W) -> Response {
     ([(header::CONTENT_TYPE, "application/xml; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")], xml)
         .into_response()
 }
+
+/// The largest Autodiscover request read (Outlook's is about 400 bytes).
+pub(super) const AUTODISCOVER_MAX_BODY: usize = 16 * 1024;
+
+/// Outlook's Autodiscover (POX, `POST /autodiscover/autodiscover.xml` with the address in
+/// `<EMailAddress>`): the IMAP and SMTP settings, as the Thunderbird autoconfig file gives
+/// them, with the address as the login name. The request is read by looking for that one
+/// element (no XML parser: nothing else in it is used); an address that does not read as
+/// one is left out of the answer rather than echoed.
+pub(super) async fn autodiscover(State(web): W, body: axum::body::Bytes) -> Response {
+    let text = String::from_utf8_lossy(&body);
+    let email = text
+        .split_once("<EMailAddress>")
+        .and_then(|(_, rest)| rest.split_once("</EMailAddress>"))
+        .and_then(|(addr, _)| crate::accounts::check_email(addr.trim()).ok());
+    let host = xml_escape(web.host());
+    let login = email.map(|e| format!("\n        <LoginName>{}</LoginName>", xml_escape(&e))).unwrap_or_default();
+    let protocol = |kind: &str, (port, security): (u16, &str)| {
+        // Implicit TLS is SSL on; STARTTLS is Encryption TLS (Outlook 2016's reading).
+        let tls = if security == "STARTTLS" { "<Encryption>TLS</Encryption>" } else { "<SSL>on</SSL>" };
+        format!(
+            "      <Protocol>
+        <Type>{kind}</Type>
+        <Server>{host}</Server>
+        <Port>{port}</Port>{login}
+        <DomainRequired>off</DomainRequired>
+        <SPA>off</SPA>
+        {tls}
+        <AuthRequired>on</AuthRequired>
+      </Protocol>
+"
+        )
+    };
+    let imap = protocol("IMAP", endpoint(&web.config.imap_tls, &web.config.imap_starttls, 993));
+    let smtp = protocol("SMTP", endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465));
+    let xml = format!(
+        r#"<?xml version="1.0" encoding="utf-8"?>
+<Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006">
+  <Response xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a">
+    <Account>
+      <AccountType>email</AccountType>
+      <Action>settings</Action>
+{imap}{smtp}    </Account>
+  </Response>
+</Autodiscover>
+"#
+    );
+    ([(header::CONTENT_TYPE, "application/xml; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], xml)
+        .into_response()
+}

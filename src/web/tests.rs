@@ -2532,3 +2532,40 @@ async fn presets_make_narrow_app_passwords() {
     let page = c.get("/app-passwords").await;
     assert!(page.body.contains("read-only") && page.body.contains("at most 20 messages/hour"), "{}", page.body);
 }
+
+/// Issue 18 point 1 (Outlook): Autodiscover POX answers a POST like Outlook's with the
+/// IMAP and SMTP settings of the config and the address as the login name; a body
+/// without an address gets the settings without one, and a huge body is refused.
+#[tokio::test]
+async fn autodiscover_answers_outlook_with_the_settings() {
+    let env = Env::with_config(&format!(
+        "{CONFIG}\n[imap]\nlisten_tls = [\"127.0.0.1:993\"]\nlisten_starttls = []\n[smtp]\nlisten_tls = []\nlisten_starttls = [\"127.0.0.1:587\"]\n"
+    ));
+    let mut c = env.client();
+    let request = r#"<?xml version="1.0" encoding="utf-8"?><Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006"><Request><EMailAddress>Alice@Example.test</EMailAddress><AcceptableResponseSchema>http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a</AcceptableResponseSchema></Request></Autodiscover>"#;
+    for path in ["/autodiscover/autodiscover.xml", "/Autodiscover/Autodiscover.xml"] {
+        let r = c.send(Method::POST, path, Some(request.to_string()), &[("content-type", "text/xml")]).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let b = &r.body;
+        assert!(
+            b.contains("<Type>IMAP</Type>") && b.contains("<Port>993</Port>") && b.contains("<SSL>on</SSL>"),
+            "{b}"
+        );
+        assert!(
+            b.contains("<Type>SMTP</Type>")
+                && b.contains("<Port>587</Port>")
+                && b.contains("<Encryption>TLS</Encryption>"),
+            "{b}"
+        );
+        assert!(
+            b.contains("<Server>mail.example.test</Server>") && b.contains("<LoginName>alice@example.test</LoginName>"),
+            "{b}"
+        );
+    }
+    let r = c
+        .send(Method::POST, "/autodiscover/autodiscover.xml", Some("<EMailAddress>x<y</EMailAddress>".into()), &[])
+        .await;
+    assert!(r.status == StatusCode::OK && !r.body.contains("LoginName") && !r.body.contains("x<y"), "{}", r.body);
+    let r = c.send(Method::POST, "/autodiscover/autodiscover.xml", Some("a".repeat(64 * 1024)), &[]).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+}
