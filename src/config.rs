@@ -251,6 +251,7 @@ pub const NOTICE_KINDS: &[&str] = &[
     "account_password_changed",
     "account_locked",
     "second_factor_reminder",
+    "send_quota_reached",
 ];
 
 /// `[notify]`: security notifications mailed to the account (see `notify`).

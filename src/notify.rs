@@ -76,11 +76,13 @@ pub enum Kind {
     AccountLocked,
     /// `[policy]` wants two-step verification, and the grace period is running.
     SecondFactorReminder,
+    /// An app password used up its send quota (issue 20).
+    SendQuotaReached,
 }
 
 impl Kind {
     /// Every kind, in [`crate::config::NOTICE_KINDS`]'s order.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::AppPasswordCreated,
         Kind::OAuthGrantCreated,
         Kind::NewDevice,
@@ -91,6 +93,7 @@ impl Kind {
         Kind::AccountPasswordChanged,
         Kind::AccountLocked,
         Kind::SecondFactorReminder,
+        Kind::SendQuotaReached,
     ];
 
     /// The name (stored, and in `kinds_off`).
@@ -105,6 +108,7 @@ impl Kind {
             Kind::TotpDisabled => "totp_disabled",
             Kind::AccountPasswordChanged => "account_password_changed",
             Kind::AccountLocked => "account_locked",
+            Kind::SendQuotaReached => "send_quota_reached",
             Kind::SecondFactorReminder => "second_factor_reminder",
         }
     }
@@ -127,6 +131,7 @@ impl Kind {
             Kind::AccountPasswordChanged => "Your account password was changed",
             Kind::AccountLocked => "Sign-ins to your account were paused after failed attempts",
             Kind::SecondFactorReminder => "Please turn on two-step verification",
+            Kind::SendQuotaReached => "An app password reached its sending limit",
         }
     }
 
@@ -159,6 +164,9 @@ impl Kind {
             Kind::SecondFactorReminder => {
                 "Your organisation requires two-step verification for your account, and it is not on yet. Until the date below your account password still works in mail apps; after it, it will not."
             }
+            Kind::SendQuotaReached => {
+                "An app password of yours reached the number of messages or recipients it may send in an hour, so further mail from it is refused until the time below. A device that suddenly sends this much may have been taken over."
+            }
         }
     }
 
@@ -190,6 +198,8 @@ fn fact_label(name: &str) -> &str {
         "by" => "Changed",
         "what" => "Paused",
         "until" => "Grace period ends",
+        "quota" => "Limit",
+        "frees" => "Sends again from",
         other => other,
     }
 }

@@ -381,6 +381,16 @@ impl SmtpService {
                     let store = self.gate.auth().store().clone();
                     let _ = tokio::task::spawn_blocking(move || store.append_audit(&ev)).await;
                     info!(user = %who.username(), app_password = id, quota = quota.words(), "send quota reached");
+                    // The owner hears of it (issue 20 point 3): a device that suddenly
+                    // sends this much may have been taken over.
+                    if let Some(n) = self.gate.auth().notifier() {
+                        let limit = format!("{per_hour} {} per hour", quota.words());
+                        n.notify(
+                            who.username(),
+                            crate::notify::Kind::SendQuotaReached,
+                            &[("id", id), ("quota", &limit), ("frees", &at)],
+                        );
+                    }
                 }
                 Some(format!(
                     "451 4.7.1 Send quota of this app password reached ({per_hour} {} per hour); the next one frees up by {at}\r\n",
