@@ -831,11 +831,8 @@ impl AccountService {
     pub fn oauth_revoke_token(&self, token: &str, client_id: &str) -> Result<(), oauth::OAuthError> {
         let id = if let Some((id, _)) = oauth::parse_refresh_token(token) {
             id
-        } else if token.starts_with(oauth::ACCESS_PREFIX) {
-            match token.split('.').nth(1) {
-                Some(id) if id.len() == app_password::ID_LEN => id.to_string(),
-                _ => return Ok(()),
-            }
+        } else if let Some(id) = oauth::grant_id_of(token.as_bytes()) {
+            id
         } else {
             return Ok(());
         };
