@@ -336,6 +336,7 @@ class Setup:
         self.mg = {}  # mailgate instance name -> {dir, bin, conf}
         self.apps = {}  # mailgate instance name -> user -> [app passwords]
         self.tokens = {}  # mailgate instance name -> [(user, OAuth access token, "xoauth2")]
+        self.readonly = {}  # mailgate instance name -> a read-only (`--scope imap:read`) password of the bulk user
 
     # --- accounts
     def make_users(self):
@@ -733,6 +734,11 @@ xclient = true
             app[self.pop3[0]] = [self.app_password(name, self.pop3[0], "bench", scope="imap,pop3")]
             listeners.append((pop3_port, "pop3", True))
         self.apps[name] = app
+        # Issue 20: the bulk user's read-only app password (IMAP through the filtered session).
+        try:
+            self.readonly[name] = self.app_password(name, self.bulk[0], "bench read-only", scope="imap:read")
+        except RuntimeError as e:
+            log(f"{name}: no read-only app passwords ({str(e).strip().splitlines()[-1]}): no read-only figure")
         self.launch(name, [mg["bin"], "--config", mg["conf"], "serve"], d, d + "/mailgate.log", listeners)
         if web_port:
             log(f"{name}: signing {len(self.argon_users)} accounts in through the browser (OAuth) for XOAUTH2 logins")
@@ -771,6 +777,8 @@ xclient = true
         device password is a password checked against an argon2id hash, i.e. the argon2 users.
         SMTP logs in as the first N_SMTP_USERS idle users ({PLAIN} passwords at the peers)."""
         app = self.apps.get(peer, {})
+        if kind == "bulk_readonly":
+            return [(self.bulk[0], self.readonly[peer])]
         if kind in ("bulk", "pop3"):
             u, pw = self.bulk if kind == "bulk" else self.pop3
             return [(u, app[u][0] if is_mg(peer) else pw)]
@@ -880,8 +888,9 @@ class Bench:
     def bulk(self, peer, rnd, kind="bulk", ctx=None):
         """IMAP: FETCH 1:* BODY.PEEK[] of the bulk mailbox, --fetches times on one connection.
         kind "bulk_default_suite": the same with `ctx` offering OpenSSL's default TLS 1.3 suites,
-        so that the server picks by its own preference (mailgate's second figure)."""
-        user, pw = self.s.creds(peer, "bulk")[0]
+        so that the server picks by its own preference (mailgate's second figure). kind
+        "bulk_readonly": the same with the bulk user's read-only app password (issue 20)."""
+        user, pw = self.s.creds(peer, "bulk_readonly" if kind == "bulk_readonly" else "bulk")[0]
         return self.download(kind, peer, rnd, clients.fetch_all, self.s.ports[peer], user, pw, self.a.fetches,
                              ctx=ctx)
 
@@ -1136,6 +1145,9 @@ def summarize(b, args):
     # the headline figures above to one suite for every peer).
     put("bulk_mb_s_default_suite", "bulk_default_suite", "mb_s", PEERS)
     put("proxy_cpu_ms_per_gb_default_suite", "bulk_default_suite", "front_cpu_ms_per_gb", PROXIES)
+    # Issue 20: the same FETCH with a read-only app password (the filtered IMAP session).
+    put("bulk_mb_s_readonly", "bulk_readonly", "mb_s", PEERS)
+    put("proxy_cpu_ms_per_gb_readonly", "bulk_readonly", "front_cpu_ms_per_gb", PROXIES)
     floor_summary(recs, out, spread)
     put("server_cpu_ms_per_gb_dovecot_direct", "bulk", "front_cpu_ms_per_gb", ["dovecot"])
     put("backend_cpu_ms_per_gb", "bulk", "backend_cpu_ms_per_gb", PROXIES)
@@ -1187,6 +1199,8 @@ def summarize(b, args):
          ratio(g("proxy_cpu_ms_per_gb", "mailgate"), g("proxy_cpu_ms_per_gb", "haproxy")), "<=", 0.75),
         ("F1", "proxy CPU per GB <= 1.3x the floor measured in the same run",
          g("proxy_cpu_floor_ratio", "mailgate"), "<=", 1.3),
+        ("N1", "bulk FETCH with a read-only app password >= 0.8x unrestricted (MB/s)",
+         ratio(g("bulk_mb_s_readonly", "mailgate"), g("bulk_mb_s", "mailgate")), ">=", 0.8),
         ("P1", "POP3 RETR MB/s >= 1.2x haproxy", ratio(g("pop3_mb_s", "mailgate"), g("pop3_mb_s", "haproxy")),
          ">=", 1.2),
         ("L2", "app-password logins/s, 16 clients >= 3x nginx+auth_http (argon2id)",
@@ -1228,6 +1242,7 @@ def summarize(b, args):
 # Figures compared between the new and the old mailgate binary: (key, label, higher is better).
 COMPARE = [
     ("bulk_mb_s", "bulk FETCH MB/s", True),
+    ("bulk_mb_s_readonly", "bulk MB/s, read-only app pw", True),
     ("proxy_cpu_ms_per_gb", "proxy CPU ms/GB (fetch)", False),
     ("pop3_mb_s", "POP3 RETR MB/s", True),
     ("pop3_proxy_cpu_ms_per_gb", "POP3 proxy CPU ms/GB", False),
@@ -1303,6 +1318,8 @@ ROWS = [
     ("proxy_cpu_ms_per_gb", "proxy CPU ms/GB (fetch)", 0),
     ("proxy_cpu_floor_ratio", "proxy CPU / floor (fetch)", 2),
     ("bulk_mb_s_default_suite", "bulk MB/s, server-chosen suite", 1),
+    ("bulk_mb_s_readonly", "bulk MB/s, read-only app pw", 1),
+    ("proxy_cpu_ms_per_gb_readonly", "proxy CPU ms/GB, read-only pw", 0),
     ("proxy_cpu_ms_per_gb_default_suite", "proxy CPU ms/GB, server's suite", 0),
     ("server_cpu_ms_per_gb_dovecot_direct", "Dovecot direct server CPU ms/GB", 0),
     ("backend_cpu_ms_per_gb", "backend CPU ms/GB (fetch)", 0),
@@ -1892,6 +1909,9 @@ def main():
             if "bulk" not in skip:
                 for p in order:
                     b.run(b.bulk, p, rnd)
+            if "bulk" not in skip:
+                for p in [x for x in order if x in s.readonly]:
+                    b.run(b.bulk, p, rnd, "bulk_readonly")
             if "bulk" not in skip and default_ctx is not None:
                 for p in [x for x in order if is_mg(x)]:
                     b.run(b.bulk, p, rnd, "bulk_default_suite", default_ctx)

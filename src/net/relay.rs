@@ -546,7 +546,16 @@ impl Filtered {
         }
     }
 
-    fn upstream_sent(&mut self, bytes: &[u8]) {
+    fn upstream_sent(&mut self, mut bytes: &[u8]) {
+        // Message data the response filter would pass unchanged goes straight to the
+        // client's queue (one copy, no feed, no allocation).
+        let direct = usize::try_from(self.resps.passthrough()).unwrap_or(usize::MAX).min(bytes.len());
+        if direct > 0 {
+            let (now, rest) = bytes.split_at(direct);
+            self.to_client.extend_from_slice(now);
+            self.resps.passed(direct as u64);
+            bytes = rest;
+        }
         if !bytes.is_empty() {
             crate::proto::Machine::feed(&mut self.resps, bytes);
             self.pump();

@@ -532,10 +532,23 @@ fn notify_and_multi_mailbox_search_are_refused() {
 
 /// What the response filter produced: bytes for the client and the events in order.
 fn respond_chunks(rules: &Restriction, chunks: &[Vec<u8>]) -> (Vec<u8>, Vec<Seen>) {
+    respond_chunks_via(rules, chunks, false)
+}
+
+/// `direct`: as the relay does it, the bytes the filter says may pass untouched
+/// ([`ResponseFilter::passthrough`]) go straight to the output, the rest is fed.
+fn respond_chunks_via(rules: &Restriction, chunks: &[Vec<u8>], direct: bool) -> (Vec<u8>, Vec<Seen>) {
     let mut f = ResponseFilter::new(rules.clone());
     let mut out = Vec::new();
     let mut seen = Vec::new();
     for c in chunks {
+        let mut c = c.as_slice();
+        if direct {
+            let n = usize::try_from(f.passthrough()).unwrap_or(usize::MAX).min(c.len());
+            out.extend_from_slice(&c[..n]);
+            f.passed(n as u64);
+            c = &c[n..];
+        }
         f.feed(c);
         for _ in 0..1_000_000 {
             match f.next() {
@@ -556,8 +569,11 @@ fn respond_split_invariant(rules: &Restriction, bytes: &[u8]) -> (String, Vec<Se
     let whole = respond_chunks(rules, &[bytes.to_vec()]);
     let bytewise: Vec<Vec<u8>> = bytes.iter().map(|b| vec![*b]).collect();
     assert_eq!(respond_chunks(rules, &bytewise), whole, "bytewise");
+    assert_eq!(respond_chunks_via(rules, &bytewise, true), whole, "bytewise, literal data passed directly");
     for cut in 0..=bytes.len() {
-        assert_eq!(respond_chunks(rules, &split_at(bytes, [cut].into_iter())), whole, "cut at {cut}");
+        let chunks = split_at(bytes, [cut].into_iter());
+        assert_eq!(respond_chunks(rules, &chunks), whole, "cut at {cut}");
+        assert_eq!(respond_chunks_via(rules, &chunks, true), whole, "cut at {cut}, literal data passed directly");
     }
     (String::from_utf8_lossy(&whole.0).into_owned(), whole.1)
 }
@@ -855,7 +871,9 @@ proptest! {
         }
         let bytes = input.as_bytes();
         let cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
-        let (out, _) = respond_chunks(&rules, &split_at(bytes, cuts.into_iter()));
+        let chunks = split_at(bytes, cuts.into_iter());
+        let (out, _) = respond_chunks(&rules, &chunks);
+        prop_assert_eq!(&respond_chunks_via(&rules, &chunks, true).0, &out);
         let out = String::from_utf8_lossy(&out).into_owned();
         prop_assert_eq!(&out, &want);
         for f in FORBIDDEN {
@@ -881,7 +899,9 @@ proptest! {
     fn prop_response_filter_arbitrary_input(chunks in chunked(prop::collection::vec(imapish_byte(), 0..96))) {
         let rules = folders("INBOX");
         let all: Vec<u8> = chunks.concat();
-        prop_assert_eq!(respond_chunks(&rules, &chunks), respond_chunks(&rules, &[all]));
+        let whole = respond_chunks(&rules, &[all]);
+        prop_assert_eq!(&respond_chunks(&rules, &chunks), &whole);
+        prop_assert_eq!(&respond_chunks_via(&rules, &chunks, true), &whole);
     }
 }
 
@@ -1206,6 +1226,7 @@ fn response_corpus_replays() {
     let mut reference: std::collections::HashMap<String, (Vec<u8>, Vec<Seen>)> = std::collections::HashMap::new();
     for (name, chunks) in cases {
         let out = respond_chunks(&rules, &chunks);
+        assert_eq!(respond_chunks_via(&rules, &chunks, true), out, "{name}: literal data passed directly");
         // The FETCH literal's content looks like responses and must pass as it is.
         let text = String::from_utf8_lossy(&out.0).replace("* LIST () \"/\" Secret\r\nb OK [CAPABILITY X]\r\n", "");
         for line in text.split("\r\n") {
@@ -1233,4 +1254,24 @@ fn response_corpus_replays() {
         vec![Seen::Continuation, Seen::Tagged(b"b".to_vec()), Seen::Tagged(b"c".to_vec())],
         "a tagged-looking line inside a literal is no tagged reply"
     );
+}
+
+/// A FETCH literal's data may bypass the filter (the relay's one-copy path): the filter
+/// offers exactly the literal's length once its announcement has been read, nothing while
+/// a folder response is being collected, and takes up the line after it.
+#[test]
+fn literal_data_is_offered_for_passthrough() {
+    let rules = Restriction { read_only: true, ..folders("INBOX") };
+    let mut f = ResponseFilter::new(rules);
+    f.feed(b"* 1 FETCH (BODY[] {10}\r\n");
+    assert!(matches!(f.next(), Next::Write(b) if b == b"* 1 FETCH (BODY[] {10}\r\n"));
+    assert!(matches!(f.next(), Next::NeedInput));
+    assert_eq!(f.passthrough(), 10);
+    f.passed(4);
+    assert_eq!(f.passthrough(), 6);
+    f.passed(6);
+    f.feed(b")\r\n* LIST () \"/\" {6}\r\n");
+    assert!(matches!(f.next(), Next::Write(b) if b == b")\r\n"));
+    assert!(matches!(f.next(), Next::NeedInput));
+    assert_eq!(f.passthrough(), 0, "a folder response's literal is collected, not passed");
 }
