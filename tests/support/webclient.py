@@ -99,7 +99,7 @@ for action in actions:
         status, location, body = request(
             "POST", "/app-passwords", {"csrf": csrf(body), "label": label, "scope_imap": "1", "scope_smtp": "1"}
         )
-        m = re.search(r'<p class="secret" id="app-password">([^<]+)</p>', body)
+        m = re.search(r'<p class="secret" id="app-password"[^>]*>([^<]+)</p>', body)
         if status != 200 or not m:
             raise SystemExit(f"app password not made: {status} {location}\n{body}")
         out["app_password"] = html.unescape(m.group(1))
