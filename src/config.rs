@@ -1979,6 +1979,14 @@ mod tests {
     }
 
     #[test]
+    fn web_sign_profiles_is_off_by_default_and_a_bool() {
+        assert!(!Config::from_raw(RawConfig::default()).unwrap().web_sign_profiles);
+        assert!(Config::from_toml_str("[web]\nsign_profiles = true", "t").unwrap().web_sign_profiles);
+        let e = Config::from_toml_str("[web]\nsign_profiles = \"yes\"", "t").unwrap_err().to_string();
+        assert!(e.contains("sign_profiles"), "{e}");
+    }
+
+    #[test]
     fn web_organisation_is_optional_trimmed_and_one_short_line() {
         assert_eq!(Config::from_raw(RawConfig::default()).unwrap().web_organisation, None);
         let c = Config::from_toml_str("[web]\norganisation = \"  Example Mail  \"", "t").unwrap();
