@@ -173,6 +173,11 @@ mod tests {
     }
 
     #[test]
+    fn rsa_keys_sign_with_pkcs1_sha256() {
+        round_trip(&rcgen::PKCS_RSA_SHA256, &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256);
+    }
+
+    #[test]
     fn ed25519_keys_sign() {
         round_trip(&rcgen::PKCS_ED25519, &aws_lc_rs::signature::ED25519);
     }
