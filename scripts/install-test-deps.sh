@@ -19,7 +19,7 @@ need=()
 for pkg in dovecot-imapd dovecot-submissiond dovecot-pop3d dovecot-managesieved dovecot-sieve sieve-connect \
   python3-sievelib python3-prometheus-client fetchmail getmail6 postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
   curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux \
-  postgresql-15 haproxy nghttp2-client systemd adduser fail2ban pebble \
+  postgresql-15 haproxy nghttp2-client systemd adduser fail2ban pebble zbar-tools librsvg2-bin openssl \
   dovecot-dev autoconf automake libtool make gcc pkg-config; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -69,6 +69,10 @@ command -v sieve-connect >/dev/null || { echo "sieve-connect is not installed" >
 test -x /usr/lib/postfix/sbin/master || { echo "postfix is not installed" >&2; exit 1; }
 command -v thunderbird >/dev/null || { echo "thunderbird is not installed" >&2; exit 1; }
 command -v chromedriver >/dev/null || { echo "chromedriver (chromium-driver) is not installed" >&2; exit 1; }
+# tests/devices.rs: the Android QR code (SVG to PNG, then decoded) and the signed Apple profile.
+command -v zbarimg >/dev/null || { echo "zbarimg (zbar-tools) is not installed" >&2; exit 1; }
+command -v rsvg-convert >/dev/null || { echo "rsvg-convert (librsvg2-bin) is not installed" >&2; exit 1; }
+command -v openssl >/dev/null || { echo "openssl is not installed" >&2; exit 1; }
 test -x /usr/lib/postgresql/15/bin/postgres || { echo "postgresql-15 is not installed" >&2; exit 1; }
 test -x /usr/lib/postgresql/15/bin/pg_isready || { echo "postgresql-client-15 is not installed" >&2; exit 1; }
 test -x /usr/sbin/haproxy || { echo "haproxy is not installed at /usr/sbin/haproxy" >&2; exit 1; }

@@ -425,6 +425,7 @@ pub async fn run(
         web_sessions: crate::web::WebSessions::new(store.clone(), key.clone())
             .with_ipv6_prefix(config.limits.ipv6_prefix),
         clock: Arc::new(crate::auth::clock::SystemClock),
+        certs: Some(certs.clone()),
     });
     let router = crate::web::router(web);
     let web_acceptor = TlsAcceptor::from(crate::tls::server_config(&certs, &["h2", "http/1.1"])?);

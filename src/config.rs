@@ -925,13 +925,15 @@ struct RawWeb {
     #[serde(default = "d_web_listen")]
     listen: Vec<String>,
     organisation: Option<String>,
+    #[serde(default)]
+    sign_profiles: bool,
 }
 fn d_web_listen() -> Vec<String> {
     vec!["127.0.0.1:8443".into()]
 }
 impl Default for RawWeb {
     fn default() -> Self {
-        RawWeb { listen: d_web_listen(), organisation: None }
+        RawWeb { listen: d_web_listen(), organisation: None, sign_profiles: false }
     }
 }
 
@@ -1227,6 +1229,9 @@ pub struct Config {
     /// The organisation's name in the web step's header and page titles (`None`: the host
     /// name is shown).
     pub web_organisation: Option<String>,
+    /// `[web] sign_profiles`: Apple configuration profiles are signed (CMS) with the TLS
+    /// certificate and key in service, so that iOS and macOS show them as verified.
+    pub web_sign_profiles: bool,
     /// Upstream IMAP server.
     pub upstream_imap: Upstream,
     /// Upstream SMTP submission server.
@@ -1543,6 +1548,7 @@ impl Config {
             smtp_max_message_size,
             web_listen,
             web_organisation,
+            web_sign_profiles: raw.web.sign_profiles,
             upstream_imap,
             upstream_smtp,
             upstream_pop3,
@@ -1970,6 +1976,14 @@ mod tests {
         let e = Config::from_toml_str("[log]\nformat = \"xml\"", "t").unwrap_err().to_string();
         assert!(e.contains("log.format"), "{e}");
         assert!(Config::from_toml_str("[log]\nlevel = \"debug\"", "t").is_err(), "unknown key");
+    }
+
+    #[test]
+    fn web_sign_profiles_is_off_by_default_and_a_bool() {
+        assert!(!Config::from_raw(RawConfig::default()).unwrap().web_sign_profiles);
+        assert!(Config::from_toml_str("[web]\nsign_profiles = true", "t").unwrap().web_sign_profiles);
+        let e = Config::from_toml_str("[web]\nsign_profiles = \"yes\"", "t").unwrap_err().to_string();
+        assert!(e.contains("sign_profiles"), "{e}");
     }
 
     #[test]

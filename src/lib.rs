@@ -22,6 +22,7 @@
 //! * `store`: the `Store` trait and its two implementations, sled (embedded; the only
 //!   module using sled) and PostgreSQL (shared by several nodes).
 //! * `tls`: rustls configurations.
+//! * `cms`: CMS SignedData (PKCS#7) with the TLS key: signed Apple configuration profiles.
 //! * `acme`: the certificate from an ACME CA (`[tls] acme`), ordered and renewed.
 //! * `net`: listeners, the one connection driver, the one login gate, the IMAP and SMTP
 //!   fronts, upstream connections, the relay.
@@ -45,6 +46,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod check;
+pub mod cms;
 pub mod config;
 pub mod fsutil;
 pub mod import;

@@ -282,6 +282,13 @@ impl CertStore {
         self.in_service().leaf.clone()
     }
 
+    /// `content` in a CMS SignedData (DER) signed with the key in service, carrying its
+    /// chain as loaded (`[web] sign_profiles`: Apple configuration profiles).
+    pub fn sign_cms(&self, content: &[u8]) -> Result<Vec<u8>, crate::cms::CmsError> {
+        let pair = self.in_service();
+        crate::cms::sign_attached(&pair.key.cert, pair.key.key.as_ref(), content)
+    }
+
     /// Reads the files again and puts the pair in service if it is usable; otherwise the
     /// pair in service stays and the error names the file and why.
     pub fn reload(&self) -> Result<CertInfo, TlsError> {

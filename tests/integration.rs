@@ -9,6 +9,7 @@ mod check;
 mod concurrency;
 mod crash;
 mod deb;
+mod devices;
 mod fail2ban;
 mod faults;
 mod imap_front;

@@ -39,6 +39,8 @@ const SHOTS: [&str; 11] = [
 ];
 /// The screenshots of the last run.
 const SHOTS_AFTER: [&str; 4] = ["revoked", "confirm-backup-codes", "confirm-turn-off", "account-2fa-off"];
+/// The screenshots of the one-step device set-ups.
+const SHOTS_DEVICES: [&str; 2] = ["device-setup", "android-setup"];
 /// The screenshots with POP3 and ManageSieve on.
 const SHOTS_SCOPES: [&str; 2] = ["app-password-scopes", "app-password-created-all-scopes"];
 
@@ -277,6 +279,33 @@ fn browser_signs_a_mail_app_in_with_oauth() {
     // Neither the code nor a token is ever logged.
     let log = mg.log();
     assert!(!log.contains("mgat1.") && !log.contains("mgrt1."), "a token in the log:\n{log}");
+}
+
+/// The one-step set-ups (issue 18 point 1) in the browser: the account page's buttons
+/// (device-setup), the Apple profile downloaded, the Thunderbird for Android page with its
+/// QR code (android-setup), and the Copy buttons that /copy.js adds after the password,
+/// here and on the form's created page; the password is selectable as a whole. What the
+/// profile and QR code hold is checked in tests/devices.rs.
+#[test]
+fn browser_sets_up_devices_in_one_step_with_copy_buttons() {
+    for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        assert!(Path::new(tool).exists(), "{tool} is missing: run scripts/install-test-deps.sh");
+    }
+    let opts = Options { web_extra: format!("organisation = \"{ORGANISATION}\""), ..Options::default() };
+    let mg = Mailgate::start(opts);
+    mg.add_user("alice@example.com", "alice-account-pw");
+    let shots = match std::env::var_os("MAILGATE_SCREENSHOTS") {
+        Some(d) => PathBuf::from(d),
+        None => mg.dir.path().join("screenshots"),
+    };
+    let run = run_driver(&mg, &shots, "devices", &["--mode", "devices", "--label", "Laptop"]);
+    assert!(run.ok, "the browser run failed: {}\nmailgate log:\n{}", run.failure, mg.log());
+    assert_shots(&shots, &SHOTS_DEVICES);
+    assert_eq!(run.json["selected"], run.json["android_password"], "{}", run.json);
+    let list = mg.ok(&["app-password", "list", "alice@example.com", "--json"]);
+    for label in ["Apple device ", "Android device ", "Laptop"] {
+        assert!(list.contains(label), "{label} is not listed: {list}");
+    }
 }
 
 /// Each of `names` was shot at both widths.

@@ -9,6 +9,7 @@
 //! passwords need a sign-in within the last 10 minutes. Depends on auth, store, sessions
 //! and config; not on proto or net.
 
+mod devices;
 mod notice;
 mod oauth;
 mod pages;
@@ -52,6 +53,9 @@ pub struct Web {
     pub web_sessions: WebSessions,
     /// Time.
     pub clock: Arc<dyn Clock>,
+    /// The TLS certificate and key in service: `[web] sign_profiles` signs Apple
+    /// configuration profiles with them (`None`: profiles go out unsigned).
+    pub certs: Option<Arc<crate::tls::CertStore>>,
 }
 
 /// The router (tested with `oneshot`, served over TLS by `app`).
@@ -59,6 +63,7 @@ pub fn router(web: Arc<Web>) -> Router {
     let routes = Router::new()
         .route("/", get(pages::root))
         .route("/style.css", get(pages::style))
+        .route("/copy.js", get(pages::copy_script))
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/login/totp", get(pages::totp_form).post(pages::totp))
         .route("/login/backup", get(pages::backup_form).post(pages::backup))
@@ -66,6 +71,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/logout", post(pages::logout))
         .route("/app-passwords", get(pages::account).post(pages::create_app_password))
         .route("/app-passwords/{id}/revoke", post(pages::revoke_app_password))
+        .route("/app-passwords/apple", post(devices::apple_profile))
+        .route("/app-passwords/android", post(devices::android_setup))
         .route("/two-factor", get(pages::enrol_form).post(pages::enrol))
         .route("/two-factor/disable", get(pages::disable_2fa_form).post(pages::disable_2fa))
         .route("/backup-codes", get(pages::regenerate_codes_form).post(pages::regenerate_codes))

@@ -20,9 +20,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-type W = State<Arc<Web>>;
+pub(super) type W = State<Arc<Web>>;
 
-type Fields = Form<HashMap<String, String>>;
+pub(super) type Fields = Form<HashMap<String, String>>;
 
 // ---------------------------------------------------------------------------------------
 // Templates
@@ -127,7 +127,7 @@ struct AccountPage<'a> {
 
 /// The new-app-password form: empty with IMAP and SMTP ticked (POP3 and ManageSieve are
 /// asked for, not given by default), or as the user sent it with what was wrong.
-struct Draft {
+pub(super) struct Draft {
     label: String,
     imap: bool,
     smtp: bool,
@@ -178,6 +178,11 @@ impl Default for Draft {
 }
 
 impl Draft {
+    /// The empty form with `text` above it (a one-step set-up that could not be done).
+    pub(super) fn with_error(text: String) -> Draft {
+        Draft { form_error: Some(text), ..Draft::default() }
+    }
+
     fn has_error(&self) -> bool {
         self.label_error.is_some()
             || self.scope_error.is_some()
@@ -630,6 +635,27 @@ pub(super) async fn root(State(web): W, headers: HeaderMap) -> Response {
     }
 }
 
+/// The "Copy" buttons of the pages that show a new app password (progressive
+/// enhancement: without JavaScript the text is still selectable as a whole).
+pub(super) async fn copy_script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")],
+        include_str!("../../templates/copy.js"),
+    )
+        .into_response()
+}
+
+/// The Content-Security-Policy of a page that loads `/copy.js`: the site's usual one with
+/// scripts from this origin only (no inline script, no eval).
+pub(super) const CSP_WITH_COPY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                                        form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// `resp` with [`CSP_WITH_COPY`].
+pub(super) fn with_copy_script(mut resp: Response) -> Response {
+    resp.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP_WITH_COPY));
+    resp
+}
+
 pub(super) async fn style() -> Response {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")],
@@ -974,7 +1000,7 @@ pub(super) async fn account(State(web): W, headers: HeaderMap) -> Response {
 
 /// The account page; `draft`: the new-app-password form to show again (422 if it has an
 /// error).
-fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response {
+pub(super) fn account_page(web: &Web, ctx: &Ctx, username: &str, draft: Draft) -> Response {
     let account = match web.account(username) {
         Ok(a) => a,
         Err(r) => return r.into_response(),
@@ -1098,7 +1124,7 @@ pub(super) async fn dismiss_alert(State(web): W, headers: HeaderMap, Form(form):
 }
 
 /// The signed-in user of a POST whose token checks out; `fresh`: also a recent sign-in.
-fn post_user(
+pub(super) fn post_user(
     web: &Web,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
@@ -1122,6 +1148,22 @@ fn endpoint(tls: &[std::net::SocketAddr], starttls: &[std::net::SocketAddr], tls
         (None, Some(s)) => (s.port(), "STARTTLS"),
         (None, None) => (tls_default, "SSL/TLS"),
     }
+}
+
+/// The IMAP port and security ("SSL/TLS" or "STARTTLS") every page, file and profile gives.
+pub(super) fn imap_endpoint(config: &crate::config::Config) -> (u16, &'static str) {
+    endpoint(&config.imap_tls, &config.imap_starttls, 993)
+}
+
+/// The SMTP port and security every page, file and profile gives.
+pub(super) fn smtp_endpoint(config: &crate::config::Config) -> (u16, &'static str) {
+    endpoint(&config.smtp_tls, &config.smtp_starttls, 465)
+}
+
+/// `[policy]`: past the grace period an account without two-step verification enrols
+/// first; an app password made with the password alone would undo the requirement.
+pub(super) fn must_enrol_first(web: &Web, username: &str) -> bool {
+    web.auth.policy().enforced(username, web.now()) && web.account(username).is_ok_and(|a| !a.has_second_factor())
 }
 
 /// The POP3 ports a mail app may use, implicit TLS first ("port 995, SSL/TLS; or port 110,
@@ -1189,10 +1231,7 @@ pub(super) async fn create_app_password(
         Ok(x) => x,
         Err(r) => return r.into_response(),
     };
-    // `[policy]`: past the grace period an account without two-step verification enrols
-    // first; an app password made with the password alone would undo the requirement.
-    if web.auth.policy().enforced(&username, web.now()) && web.account(&username).is_ok_and(|a| !a.has_second_factor())
-    {
+    if must_enrol_first(&web, &username) {
         return redirect("/two-factor");
     }
     let imap = form.contains_key("scope_imap");
@@ -1309,10 +1348,10 @@ pub(super) async fn create_app_password(
     let made = web.auth.hash_for(ip, move || accounts.create_limited_app_password(&user, &label, scopes, limits)).await;
     match made {
         Some(Ok(crate::accounts::CreatedAppPassword { new, label, scopes })) => {
-            let (smtp_port, smtp_security) = endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465);
-            let (imap_port, imap_security) = endpoint(&web.config.imap_tls, &web.config.imap_starttls, 993);
+            let (smtp_port, smtp_security) = smtp_endpoint(&web.config);
+            let (imap_port, imap_security) = imap_endpoint(&web.config);
             let grouped = new.grouped();
-            html(
+            with_copy_script(html(
                 CreatedPage {
                     site: web.site(),
                     csrf: &ctx.csrf,
@@ -1330,7 +1369,7 @@ pub(super) async fn create_app_password(
                     sieve: scopes.contains(&Scope::Sieve).then(|| sieve_port(&web.config)).flatten(),
                 },
                 StatusCode::OK,
-            )
+            ))
         }
         Some(Err(e)) => {
             draft.form_error = Some(format!("The app password was not created: {e}."));
@@ -1345,7 +1384,7 @@ pub(super) async fn create_app_password(
 
 /// Whether the account has an app password with this label (in any case, as the store
 /// compares them).
-fn has_label(web: &Web, username: &str, label: &str) -> bool {
+pub(super) fn has_label(web: &Web, username: &str, label: &str) -> bool {
     let list = web.auth.store().list_app_passwords(username).unwrap_or_default();
     list.iter().any(|r| r.label.eq_ignore_ascii_case(label))
 }
@@ -1376,7 +1415,7 @@ fn revoked_text(label: &str, ended: usize) -> String {
     }
 }
 
-fn qr_svg(uri: &str) -> String {
+pub(super) fn qr_svg(uri: &str) -> String {
     match qrcode::QrCode::new(uri.as_bytes()) {
         Ok(code) => code.render::<qrcode::render::svg::Color<'_>>().min_dimensions(200, 200).quiet_zone(true).build(),
         Err(_) => String::new(),
@@ -1728,8 +1767,8 @@ pub(super) async fn autoconfig(State(web): W) -> Response {
     };
     let oauth2 = if web.config.oauth.enabled { super::oauth::autoconfig_element(&web.config) } else { String::new() };
     let socket = |security: &str| if security == "STARTTLS" { "STARTTLS" } else { "SSL" };
-    let (imap, imap_security) = endpoint(&web.config.imap_tls, &web.config.imap_starttls, 993);
-    let (smtp, smtp_security) = endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465);
+    let (imap, imap_security) = imap_endpoint(&web.config);
+    let (smtp, smtp_security) = smtp_endpoint(&web.config);
     let (imap_socket, smtp_socket) = (socket(imap_security), socket(smtp_security));
     let domain = host.split_once('.').map(|(_, d)| d).unwrap_or(host);
     let pop3: String = [(&web.config.pop3_tls, "SSL"), (&web.config.pop3_starttls, "STARTTLS")]
@@ -1812,8 +1851,8 @@ pub(super) async fn autodiscover(State(web): W, body: axum::body::Bytes) -> Resp
 "
         )
     };
-    let imap = protocol("IMAP", endpoint(&web.config.imap_tls, &web.config.imap_starttls, 993));
-    let smtp = protocol("SMTP", endpoint(&web.config.smtp_tls, &web.config.smtp_starttls, 465));
+    let imap = protocol("IMAP", imap_endpoint(&web.config));
+    let smtp = protocol("SMTP", smtp_endpoint(&web.config));
     let xml = format!(
         r#"<?xml version="1.0" encoding="utf-8"?>
 <Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006">

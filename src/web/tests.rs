@@ -57,6 +57,7 @@ impl Env {
             live: LiveSessions::default(),
             web_sessions: WebSessions::default(),
             clock: Arc::new(clock.clone()),
+            certs: None,
         });
         Env { web, clock, store, _dir: dir }
     }
@@ -958,7 +959,7 @@ async fn app_password_create_list_and_revoke() {
         c.post("/app-passwords", &[("label", "Thunderbird laptop"), ("scope_imap", "1"), ("scope_smtp", "1")]).await;
     r.assert_ok();
     assert_eq!(r.header("cache-control"), "no-store");
-    let shown = between(&r.body, "<p class=\"secret\" id=\"app-password\">", "</p>").unwrap();
+    let shown = between(&r.body, "id=\"app-password\" data-copy=\"the app password\">", "</p>").unwrap();
     let groups: Vec<&str> = shown.split(' ').collect();
     assert_eq!(groups.len(), 8, "{shown}");
     assert!(groups.iter().all(|g| g.len() == 4 && g.bytes().all(|b| app_password::ALPHABET.contains(&b))), "{shown}");
@@ -2568,4 +2569,160 @@ async fn autodiscover_answers_outlook_with_the_settings() {
     assert!(r.status == StatusCode::OK && !r.body.contains("LoginName") && !r.body.contains("x<y"), "{}", r.body);
     let r = c.send(Method::POST, "/autodiscover/autodiscover.xml", Some("a".repeat(64 * 1024)), &[]).await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+/// The XML text of `<key>K</key>` followed by `<string>…</string>` (or `<integer>`) in a
+/// profile: the first such value after the key, starting at `from`.
+fn plist_value(xml: &str, key: &str, from: usize) -> String {
+    let at = xml[from..].find(&format!("<key>{key}</key>")).map(|i| i + from).unwrap_or_else(|| panic!("no {key}"));
+    let rest = &xml[at + key.len() + 11..];
+    let open = rest.find('>').unwrap();
+    let close = rest.find("</").unwrap();
+    rest[open + 1..close].to_string()
+}
+
+#[tokio::test]
+async fn apple_profile_has_a_fresh_app_password_and_stable_identifiers() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    env.add_user(BOB, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    let page = c.get("/app-passwords").await;
+    assert!(page.body.contains("Set up an Apple device") && page.body.contains("action=\"/app-passwords/apple\""));
+
+    let r = c.post("/app-passwords/apple", &[]).await;
+    r.assert_ok();
+    assert_eq!(r.header("content-type"), "application/x-apple-aspen-config");
+    assert_eq!(r.header("cache-control"), "no-store");
+    assert_eq!(r.header("content-disposition"), format!("attachment; filename=\"{HOST}.mobileconfig\""));
+    let xml = &r.body;
+    assert!(xml.starts_with("<?xml"), "{xml}");
+    let inner = xml.find("com.apple.mail.managed").unwrap();
+    assert_eq!(plist_value(xml, "EmailAccountType", 0), "EmailTypeIMAP");
+    assert_eq!(plist_value(xml, "EmailAddress", 0), ALICE);
+    assert_eq!(plist_value(xml, "IncomingMailServerHostName", 0), HOST);
+    assert_eq!(plist_value(xml, "IncomingMailServerPortNumber", 0), "9993");
+    assert_eq!(plist_value(xml, "OutgoingMailServerPortNumber", 0), "9465");
+    assert_eq!(plist_value(xml, "IncomingMailServerAuthentication", 0), "EmailAuthPassword");
+    // The top-level payload comes after the account payload's dict.
+    assert_eq!(plist_value(xml, "PayloadType", inner + 30), "Configuration");
+    let password = plist_value(xml, "IncomingPassword", 0);
+    assert_eq!(plist_value(xml, "OutgoingPassword", 0), password);
+
+    // The app password in it is a new one, IMAP and SMTP, named after the platform and day.
+    let list = env.store.list_app_passwords(ALICE).unwrap();
+    assert_eq!(list.len(), 1);
+    let day = crate::accounts::fmt_time(env.now()).chars().take(10).collect::<String>();
+    assert_eq!(list[0].label, format!("Apple device {day}"));
+    assert_eq!(list[0].scopes, vec![Scope::Imap, Scope::Smtp]);
+    let (id, _) = app_password::parse(password.as_bytes()).unwrap();
+    assert_eq!(list[0].id, id);
+
+    // A second download: another password, another label, the same identifiers.
+    let again = c.post("/app-passwords/apple", &[]).await;
+    again.assert_ok();
+    assert_ne!(plist_value(&again.body, "IncomingPassword", 0), password);
+    let ids = |x: &str| {
+        let top = x.find("</array>").unwrap();
+        (plist_value(x, "PayloadUUID", 0), plist_value(x, "PayloadUUID", top), plist_value(x, "PayloadIdentifier", top))
+    };
+    assert_eq!(ids(xml), ids(&again.body));
+    let labels: Vec<String> = env.store.list_app_passwords(ALICE).unwrap().into_iter().map(|r| r.label).collect();
+    assert!(labels.contains(&format!("Apple device {day} (2)")), "{labels:?}");
+    // Another account gets other identifiers.
+    let mut b = env.client();
+    b.sign_in(BOB, PW).await;
+    b.get("/app-passwords").await.assert_ok();
+    let bobs = b.post("/app-passwords/apple", &[]).await;
+    assert_ne!(ids(&bobs.body).1, ids(xml).1);
+    assert_ne!(ids(&bobs.body).2, ids(xml).2);
+}
+
+#[tokio::test]
+async fn one_step_setups_need_the_token_and_a_recent_sign_in() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    for path in ["/app-passwords/apple", "/app-passwords/android"] {
+        let r = c.post_raw(path, &[], &[("sec-fetch-site", "same-origin")]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
+        let csrf = c.csrf.clone().unwrap();
+        let r = c.post_raw(path, &[("csrf", &csrf)], &[("sec-fetch-site", "cross-site")]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert!(env.store.list_app_passwords(ALICE).unwrap().is_empty());
+    env.clock.advance(super::session::STEP_UP_SECS + 1);
+    c.post("/app-passwords/android", &[]).await.assert_redirect("/login");
+    assert!(env.store.list_app_passwords(ALICE).unwrap().is_empty());
+    let mut anonymous = env.client();
+    anonymous.get("/login").await.assert_ok();
+    anonymous.post("/app-passwords/apple", &[]).await.assert_redirect("/login");
+}
+
+#[tokio::test]
+async fn android_page_has_the_qr_code_the_settings_and_the_copy_script() {
+    let env = Env::new();
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.sign_in(ALICE, PW).await;
+    c.get("/app-passwords").await.assert_ok();
+    let r = c.post("/app-passwords/android", &[]).await;
+    r.assert_ok();
+    assert!(r.body.contains("<svg"), "{}", r.body);
+    assert!(r.body.contains("<script src=\"/copy.js\" defer></script>"), "{}", r.body);
+    assert!(
+        r.header("content-security-policy").contains("script-src 'self'"),
+        "{}",
+        r.header("content-security-policy")
+    );
+    assert!(!r.header("content-security-policy").contains("unsafe-inline"));
+    let shown = between(&r.body, "id=\"app-password\" data-copy=\"the app password\">", "</p>").unwrap();
+    let settings = between(&r.body, "data-copy=\"the settings\">", "</pre>").unwrap();
+    assert!(settings.contains(&format!("Password: {shown}")), "{settings}");
+    assert!(settings.contains(&format!("Incoming mail (IMAP): {HOST}, port 9993, SSL/TLS")), "{settings}");
+    assert!(settings.contains(&format!("Outgoing mail (SMTP): {HOST}, port 9465, SSL/TLS")), "{settings}");
+    let list = env.store.list_app_passwords(ALICE).unwrap();
+    assert!(list[0].label.starts_with("Android device "), "{}", list[0].label);
+
+    // The payload itself (the QR code is checked by zbarimg in tests/devices.rs).
+    let json: serde_json::Value =
+        serde_json::from_str(&super::devices::android_payload(&env.web, ALICE, "abcdefgh")).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!([
+            1,
+            [1, 1],
+            [0, HOST, 9993, 3, 1, ALICE, "", "abcdefgh"],
+            [[[0, HOST, 9465, 3, 1, ALICE, "abcdefgh"], [ALICE, ""]]]
+        ])
+    );
+
+    // The script is served from the site; the created page of the form loads it too.
+    let js = c.get("/copy.js").await;
+    js.assert_ok();
+    assert!(js.header("content-type").starts_with("text/javascript"));
+    assert!(js.body.contains("data-copy"));
+    c.get("/app-passwords").await.assert_ok();
+    let r = c.post("/app-passwords", &[("label", "Laptop"), ("scope_imap", "1"), ("scope_smtp", "1")]).await;
+    assert!(r.body.contains("/copy.js") && r.header("content-security-policy").contains("script-src 'self'"));
+    // Other pages still allow no script at all.
+    let page = c.get("/app-passwords").await;
+    assert!(!page.header("content-security-policy").contains("script-src"));
+}
+
+#[tokio::test]
+async fn one_step_setup_under_an_enforced_policy_leads_to_enrolment() {
+    let env = Env::with_config(&format!(
+        "{CONFIG}\n[policy]\nrequire_second_factor = [\"example.test\"]\ngrace_until = \"2000-01-01\"\n"
+    ));
+    env.add_user(ALICE, PW, false);
+    let mut c = env.client();
+    c.login(ALICE, PW).await;
+    c.get("/two-factor").await;
+    for path in ["/app-passwords/apple", "/app-passwords/android"] {
+        c.post(path, &[]).await.assert_redirect("/two-factor");
+    }
+    assert!(env.store.list_app_passwords(ALICE).unwrap().is_empty());
 }

@@ -18,6 +18,13 @@ standard library only) through mailgate's web step, as a person would:
   scopes mode with POP3 and ManageSieve on: sign in (no second factor), the form offers
               their boxes unticked; make an app password for all four scopes; the page
               lists the settings of each (JSON: settings, app_password_rows).
+  devices mode the one-step set-ups: sign in (no second factor), the account page offers
+              both buttons (shot: device-setup); "Set up an Apple device" downloads the
+              profile (the page stays); "Set up Thunderbird for Android" shows the QR code
+              and the settings (shot: android-setup); the password is selectable as a
+              whole (user-select: all) and the script adds a Copy button that selects
+              it; the created page of the form has the button too (JSON: profile,
+              android_password, selected).
   oauth mode  with [oauth] on, as Thunderbird's external sign-in: a loopback listener here
               is the app; the browser opens /oauth/authorize (PKCE S256, login_hint),
               signs in, denies on the consent page (the listener gets error=access_denied
@@ -749,6 +756,66 @@ def scopes(d, a, result):
     result["app_password_rows"] = rows
 
 
+def copy_affordance(d, what):
+    """The new password is selectable as a whole, and /copy.js put a Copy button after it
+    that selects it when pressed (the clipboard itself may be refused to a headless
+    browser). Returns the selected text."""
+    select = d.js("return getComputedStyle(document.getElementById('app-password')).userSelect")
+    if select != "all":
+        raise Failure(f"{what}: the password's user-select is {select!r}, not 'all'")
+    button = d.find("#app-password + button.copy")
+    if d.cmd("GET", f"/element/{button}/text").strip() != "Copy":
+        raise Failure(f"{what}: the Copy button says {d.cmd('GET', f'/element/{button}/text')!r}")
+    d.click(button)
+    d.wait(f"{what}: Copy pressed", lambda: d.cmd("GET", f"/element/{button}/text").strip() != "Copy")
+    selected = d.js("return window.getSelection().toString()").strip()
+    if selected != d.text("#app-password").strip():
+        raise Failure(f"{what}: Copy selected {selected!r}, not the password")
+    return selected
+
+
+def devices(d, a, result):
+    """The one-step set-ups for Apple devices and Thunderbird for Android, and the Copy
+    buttons."""
+    d.allow_downloads()
+    sign_in(d, a, "/app-passwords")
+    d.at("/app-passwords", "App passwords")
+    check_site(d, a)
+    expect(d, "the set-up buttons", "Set up a phone or computer in one step", "Set up an Apple device",
+           "Set up Thunderbird for Android")
+    d.shots(a, "device-setup")
+    submit(d, "/app-passwords/apple")
+    profile = d.wait_download(a.profile_name).decode()
+    if "com.apple.mail.managed" not in profile or "<key>IncomingPassword</key>" not in profile:
+        raise Failure(f"the download is not a mail profile:\n{profile[:2000]}")
+    result["profile"] = len(profile)
+    d.go(a.url + "/app-passwords")
+    d.at("/app-passwords", "App passwords")
+    rows = d.text("table tbody")
+    if "Apple device " not in rows:
+        raise Failure(f"the profile's app password is not listed:\n{rows}")
+    submit(d, "/app-passwords/android")
+    d.at("/app-passwords/android", "Set up Thunderbird for Android")
+    check_site(d, a)
+    d.find("#setup-qr svg")
+    expect(d, "the settings", "Import settings", "Scan QR code", "Incoming mail (IMAP)", "Outgoing mail (SMTP)")
+    result["android_password"] = d.text("#app-password").strip()
+    result["selected"] = copy_affordance(d, "android page")
+    d.go(a.url + "/app-passwords")
+    d.at("/app-passwords", "App passwords")
+    # The shots come from a fresh page, before Copy is pressed.
+    submit(d, "/app-passwords/android")
+    d.at("/app-passwords/android", "Set up Thunderbird for Android")
+    d.find("#app-password + button.copy")
+    d.shots(a, "android-setup")
+    d.go(a.url + "/app-passwords")
+    d.at("/app-passwords", "App passwords")
+    d.type("#label", a.label)
+    submit(d, "/app-passwords")
+    d.at("/app-passwords", f"Your new app password for “{a.label}”")
+    copy_affordance(d, "created page")
+
+
 class Loopback:
     """The app's loopback redirect listener (RFC 8252 7.3): records each request's query and
     answers a short page, as Thunderbird does."""
@@ -891,11 +958,13 @@ def main():
     p.add_argument("password")
     p.add_argument("screenshots", help="directory for PNG screenshots")
     p.add_argument("out", help="JSON result file")
-    p.add_argument("--mode", choices=["full", "reuse", "after", "scopes", "oauth"], default="full")
+    p.add_argument("--mode", choices=["full", "reuse", "after", "scopes", "oauth", "devices"], default="full")
     p.add_argument("--issuer", help="oauth mode: the expected iss (default: the URL)")
     p.add_argument("--backup-code", help="reuse mode: the code that was used already; after mode: an unused one")
     p.add_argument("--cert", help="mailgate's certificate (PEM): accept only its key")
     p.add_argument("--label", default="Browser test")
+    p.add_argument("--profile-name", default="mail.example.test.mobileconfig",
+                   help="devices mode: the file name of the Apple profile download")
     p.add_argument("--organisation", help="[web] organisation: expected in the header and the titles")
     p.add_argument("--width", type=int, default=1280, help="the window's width while it works")
     p.add_argument("--widths", default="390,1280", help="the widths of the screenshots, each checked for overflow")
@@ -922,7 +991,7 @@ def main():
         t = time.monotonic()
         d = Driver(workdir, pin, a.width, 800)
         result["timings"]["start_browser"] = round(time.monotonic() - t, 2)
-        {"full": full, "reuse": reuse, "after": after, "scopes": scopes, "oauth": oauth}[a.mode](d, a, result)
+        {"full": full, "reuse": reuse, "after": after, "scopes": scopes, "oauth": oauth, "devices": devices}[a.mode](d, a, result)
         result["ok"] = True
         code = 0
     except Exception as e:  # noqa: BLE001 - any failure is reported, then cleaned up

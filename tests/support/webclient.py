@@ -4,7 +4,9 @@ sign-in step), reads the form token from each page, never follows redirects blin
 
 usage: webclient.py BASE_URL CA_FILE USER PASSWORD ACTION...
 actions: signin | enrol | totp:SECRET (the second step, with the current code) | backup:CODE (the
-second step with a backup code) | app-password:LABEL
+second step with a backup code) | app-password:LABEL | apple:FILE (presses "Set up an Apple
+device" and saves the profile to FILE) | android:FILE (presses "Set up Thunderbird for Android"
+and saves the page to FILE)
 prints one JSON object with what it learnt (app_password, totp_secret, codes, status)."""
 
 import base64, hashlib, hmac, html, json, re, ssl, struct, sys, time
@@ -24,7 +26,7 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect())
 
 
-def request(method, path, fields=None):
+def request(method, path, fields=None, raw=False):
     global cookie
     data = urllib.parse.urlencode(fields).encode() if fields is not None else None
     req = urllib.request.Request(base + path, data=data, method=method)
@@ -35,13 +37,16 @@ def request(method, path, fields=None):
         req.add_header("Sec-Fetch-Site", "same-origin")
     try:
         resp = opener.open(req, timeout=30)
-        status, headers, body = resp.status, resp.headers, resp.read().decode()
+        status, headers, body = resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as e:
-        status, headers, body = e.code, e.headers, e.read().decode()
+        status, headers, body = e.code, e.headers, e.read()
+    body = body if raw else body.decode()
     for c in headers.get_all("Set-Cookie") or []:
         name_value = c.split(";")[0]
         if name_value.startswith("__Host-mailgate="):
             cookie = name_value if name_value.split("=", 1)[1] else None
+    if raw:
+        return status, headers, body
     return status, headers.get("Location"), body
 
 
@@ -99,10 +104,25 @@ for action in actions:
         status, location, body = request(
             "POST", "/app-passwords", {"csrf": csrf(body), "label": label, "scope_imap": "1", "scope_smtp": "1"}
         )
-        m = re.search(r'<p class="secret" id="app-password">([^<]+)</p>', body)
+        m = re.search(r'<p class="secret" id="app-password"[^>]*>([^<]+)</p>', body)
         if status != 200 or not m:
             raise SystemExit(f"app password not made: {status} {location}\n{body}")
         out["app_password"] = html.unescape(m.group(1))
+    elif action.startswith("apple:"):
+        body = page("/app-passwords")
+        status, headers, profile = request("POST", "/app-passwords/apple", {"csrf": csrf(body)}, raw=True)
+        if status != 200:
+            raise SystemExit(f"no profile: {status}\n{profile[:2000]!r}")
+        with open(action.split(":", 1)[1], "wb") as f:
+            f.write(profile)
+        out.setdefault("apple", []).append({k: headers.get(k) for k in ("Content-Type", "Content-Disposition", "Cache-Control")})
+    elif action.startswith("android:"):
+        body = page("/app-passwords")
+        status, location, body = request("POST", "/app-passwords/android", {"csrf": csrf(body)})
+        if status != 200 or "<svg" not in body:
+            raise SystemExit(f"no QR code page: {status} {location}\n{body}")
+        with open(action.split(":", 1)[1], "w") as f:
+            f.write(body)
     elif action == "account":
         out["account_page"] = page("/app-passwords")
 print(json.dumps(out))
