@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -740,6 +741,12 @@ xclient = true
         except RuntimeError as e:
             log(f"{name}: no read-only app passwords ({str(e).strip().splitlines()[-1]}): no read-only figure")
         self.launch(name, [mg["bin"], "--config", mg["conf"], "serve"], d, d + "/mailgate.log", listeners)
+        # Which library encrypts its TLS records ([tls] record_crypto = "auto"; a binary from
+        # before the choice has aws-lc-rs only).
+        with open(d + "/mailgate.log", errors="replace") as f:
+            m = re.search(r'record_crypto="?([a-z0-9-]+)', f.read())
+        RECORD_CRYPTO[name] = m.group(1) if m else "aws-lc-rs (no choice in this binary)"
+        log(f"{name}: TLS records encrypted by {RECORD_CRYPTO[name]}")
         if web_port:
             log(f"{name}: signing {len(self.argon_users)} accounts in through the browser (OAuth) for XOAUTH2 logins")
             self.tokens[name] = [
@@ -1487,6 +1494,10 @@ def flags_through_mask(flags, mask):
     return seen
 
 
+# mailgate instance name -> the library its listeners encrypt TLS records with (its log).
+RECORD_CRYPTO = {}
+
+
 def host_info(args, records=()):
     """What decides the cost of a relayed byte on this host: the CPU, its AES-related flags,
     the OPENSSL_ia32cap mask the run set (--no-avx512), which AES-GCM code aws-lc takes, kTLS,
@@ -1513,6 +1524,10 @@ def host_info(args, records=()):
         "kernel_tls": kernel_tls(),
         "client_tls13_suites": args.suite,
     }
+    if RECORD_CRYPTO:
+        # ring 0.17.14: VAES + VPCLMULQDQ AVX2 AES-GCM, else AES-NI + AVX; it ignores
+        # OPENSSL_ia32cap (mailgate's "auto" picks it when aws-lc would see no AVX-512).
+        h["mailgate_record_crypto"] = dict(RECORD_CRYPTO)
     for kind, key in (("bulk", "negotiated_suites"), ("bulk_default_suite", "negotiated_suites_default_offer")):
         got = {}
         for r in records:
@@ -1640,6 +1655,8 @@ def host_text(host):
          f"{' (masked for the crypto libraries: OPENSSL_ia32cap=' + host['openssl_ia32cap'] + ')' if host.get('openssl_ia32cap') else ''}"
          f"; aws-lc AES-GCM path: {host.get('aws_lc_aes_gcm_path')}; kTLS: "
          f"{'yes' if (host.get('kernel_tls') or {}).get('available') else 'no'}")
+    if host.get("mailgate_record_crypto"):
+        t += "; mailgate's TLS records: " + ", ".join(f"{k} {v}" for k, v in host["mailgate_record_crypto"].items())
     if host.get("negotiated_suites"):
         t += "\nsuites negotiated in the bulk test (clients offer " + str(host.get("client_tls13_suites")) + "): " + \
             ", ".join(f"{p} {c}" for p, c in host["negotiated_suites"].items())

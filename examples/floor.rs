@@ -101,8 +101,16 @@ fn aes(alg: &'static Algorithm, mib: u64) -> Res<serde_json::Value> {
 /// The rustls send path: a TLS 1.3 server connection with only `suite`, fed 64 KiB at a
 /// time, its records written into a reused buffer.
 fn rustls_send(suite: rustls::SupportedCipherSuite, mib: u64) -> Res<serde_json::Value> {
+    rustls_send_with(rustls::crypto::aws_lc_rs::default_provider(), suite, mib)
+}
+
+/// [`rustls_send`] with another provider's `suite` (ring's, beside aws-lc-rs).
+fn rustls_send_with(
+    mut provider: rustls::crypto::CryptoProvider,
+    suite: rustls::SupportedCipherSuite,
+    mib: u64,
+) -> Res<serde_json::Value> {
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = vec![suite];
     let provider = Arc::new(provider);
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
@@ -255,6 +263,12 @@ fn main() -> Res<()> {
         "rustls_send": {
             "TLS_AES_256_GCM_SHA384": rustls_send(rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384, mib)?,
             "TLS_AES_128_GCM_SHA256": rustls_send(rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256, mib)?,
+        },
+        // rustls' ring provider (ring 0.17): not what mailgate links, measured for comparison.
+        // ring ignores OPENSSL_ia32cap: it picks its AES-GCM code from the CPU as it is.
+        "rustls_send_ring": {
+            "TLS_AES_256_GCM_SHA384": rustls_send_with(rustls::crypto::ring::default_provider(), rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384, mib)?,
+            "TLS_AES_128_GCM_SHA256": rustls_send_with(rustls::crypto::ring::default_provider(), rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256, mib)?,
         },
         "memcpy": memcpy(mib)?,
         "loopback_64k": loopback(net_mib, 64 * 1024)?,

@@ -322,6 +322,13 @@ pub async fn run(
         // Before the listeners' configurations are built: they then accept `acme-tls/1`.
         certs.answer_acme_challenges();
     }
+    // Before the listeners' configurations are built: which library encrypts their records.
+    let record_crypto = crate::tls::choose_record_crypto(config.tls_record_crypto);
+    tracing::info!(
+        record_crypto = record_crypto.name(),
+        configured = config.tls_record_crypto.name(),
+        "TLS record encryption"
+    );
     let acceptor = TlsAcceptor::from(crate::tls::server_config(&certs, &["imap"])?);
     let connector = ImapUpstream(Arc::new(Connector::new(&config.upstream_imap, config.limits.upstream_timeout)?));
     let sessions = LiveSessions::default();

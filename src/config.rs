@@ -820,6 +820,8 @@ struct RawTls {
     acme_renew_before_days: u64,
     #[serde(default = "d_acme_check")]
     acme_check_secs: u64,
+    #[serde(default)]
+    record_crypto: crate::tls::RecordCrypto,
 }
 fn d_reload_check() -> u64 {
     60
@@ -849,6 +851,7 @@ impl Default for RawTls {
             names: Vec::new(),
             acme_renew_before_days: d_acme_renew_before(),
             acme_check_secs: d_acme_check(),
+            record_crypto: crate::tls::RecordCrypto::Auto,
         }
     }
 }
@@ -1205,6 +1208,8 @@ pub struct Config {
     pub tls_key: PathBuf,
     /// How often the certificate and key files are checked for a change (`tls.reload_check_secs`).
     pub tls_reload_check: Duration,
+    /// `[tls] record_crypto`: which library encrypts the listeners' TLS records.
+    pub tls_record_crypto: crate::tls::RecordCrypto,
     /// `[tls] acme = true`: the certificate comes from an ACME CA (`tls_cert`/`tls_key` then
     /// point into `data_dir/acme/`).
     pub acme: Option<AcmeConfig>,
@@ -1534,6 +1539,7 @@ impl Config {
             tls_cert,
             tls_key,
             acme,
+            tls_record_crypto: raw.tls.record_crypto,
             tls_reload_check: match raw.tls.reload_check_secs {
                 0 => return Err(invalid("tls.reload_check_secs", "must be greater than 0")),
                 secs => Duration::from_secs(secs),

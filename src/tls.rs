@@ -38,6 +38,140 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// Which library encrypts and decrypts the TLS records of the listeners (`[tls]
+/// record_crypto`). Everything else (key exchange, signatures, randomness, the upstream
+/// and ACME clients) is aws-lc-rs whatever the choice.
+///
+/// aws-lc-sys 0.47 has two x86-64 AES-GCM paths: AVX-512 (VAES on zmm) and 128-bit
+/// AES-NI with AVX. ring 0.17.14 has a VAES + VPCLMULQDQ AVX2 path (ymm) and no AVX-512
+/// one. On a CPU with VAES and AVX2 but without AVX-512 (AMD Zen 3, some Intel client
+/// parts) ring's path costs about 0.6x aws-lc's per byte; with AVX-512, aws-lc's is
+/// cheaper (docs/performance.md "Record encryption: aws-lc-rs or ring").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordCrypto {
+    /// [`RecordCrypto::decide`] on this CPU: ring with VAES + AVX2 and no AVX-512, else aws-lc-rs.
+    #[default]
+    Auto,
+    /// aws-lc-rs.
+    AwsLcRs,
+    /// ring.
+    Ring,
+}
+
+impl RecordCrypto {
+    /// `Auto` resolved for the CPU this runs on (and what `OPENSSL_ia32cap` hides from
+    /// aws-lc, so that `bench/run --no-avx512` sees the choice of a host without AVX-512).
+    pub fn resolve(self) -> RecordCrypto {
+        match self {
+            RecordCrypto::Auto => RecordCrypto::decide(CpuAes::detect()),
+            chosen => chosen,
+        }
+    }
+
+    /// The automatic choice for a CPU with `cpu`'s AES features.
+    pub fn decide(cpu: CpuAes) -> RecordCrypto {
+        if cpu.vaes_avx2 && !cpu.avx512 { RecordCrypto::Ring } else { RecordCrypto::AwsLcRs }
+    }
+
+    /// Its name in the configuration and the logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordCrypto::Auto => "auto",
+            RecordCrypto::AwsLcRs => "aws-lc-rs",
+            RecordCrypto::Ring => "ring",
+        }
+    }
+}
+
+/// The CPU features that decide which AES-GCM code the libraries run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuAes {
+    /// VAES, VPCLMULQDQ and AVX2: ring's wide path.
+    pub vaes_avx2: bool,
+    /// AVX512F/BW/VL/DQ with VAES and VPCLMULQDQ: aws-lc's wide path (unless
+    /// `OPENSSL_ia32cap` hides AVX512F from it).
+    pub avx512: bool,
+}
+
+impl CpuAes {
+    /// This CPU's.
+    pub fn detect() -> CpuAes {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let vaes = std::arch::is_x86_feature_detected!("vaes") && std::arch::is_x86_feature_detected!("vpclmulqdq");
+            let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512dq");
+            let hidden = std::env::var("OPENSSL_ia32cap").is_ok_and(|v| ia32cap_hides_avx512f(&v));
+            CpuAes { vaes_avx2: vaes && std::arch::is_x86_feature_detected!("avx2"), avx512: vaes && avx512 && !hidden }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        CpuAes::default()
+    }
+}
+
+/// Whether an `OPENSSL_ia32cap` value (`[~|]v1[:[~|]v2]`, v2: CPUID leaf 7 with EBX in
+/// bits 0-31) hides AVX512F (leaf 7 EBX bit 16) from aws-lc: `~` with the bit clears it,
+/// a plain value without it replaces the word.
+fn ia32cap_hides_avx512f(value: &str) -> bool {
+    let Some((_, leaf7)) = value.split_once(':') else { return false };
+    let (clear, digits) = match leaf7.strip_prefix('~') {
+        Some(d) => (true, d),
+        None if leaf7.starts_with('|') => return false,
+        None => (false, leaf7),
+    };
+    let digits = digits.trim();
+    let parsed = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => digits.parse::<u64>(),
+    };
+    let Ok(bits) = parsed else { return false };
+    let f = bits & (1 << 16) != 0;
+    if clear { f } else { !f }
+}
+
+/// The library chosen for the listeners' records (set once at start-up by
+/// [`choose_record_crypto`]; `Auto` until then).
+static RECORD_CRYPTO: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the library for the listeners' records (resolving `Auto`) and returns it. Server
+/// configurations built afterwards use it.
+pub fn choose_record_crypto(choice: RecordCrypto) -> RecordCrypto {
+    let resolved = choice.resolve();
+    let code = match resolved {
+        RecordCrypto::Auto | RecordCrypto::AwsLcRs => 1,
+        RecordCrypto::Ring => 2,
+    };
+    RECORD_CRYPTO.store(code, Ordering::Relaxed);
+    resolved
+}
+
+fn record_crypto() -> RecordCrypto {
+    match RECORD_CRYPTO.load(Ordering::Relaxed) {
+        1 => RecordCrypto::AwsLcRs,
+        2 => RecordCrypto::Ring,
+        _ => choose_record_crypto(RecordCrypto::Auto),
+    }
+}
+
+/// aws-lc-rs' provider, with the cipher suites (the record encryption) of `lib`: each of
+/// aws-lc-rs' default suites, in its order, replaced by ring's suite of the same id.
+fn server_provider(lib: RecordCrypto) -> Arc<rustls::crypto::CryptoProvider> {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    if lib == RecordCrypto::Ring {
+        p.cipher_suites = p
+            .cipher_suites
+            .iter()
+            .map(|s| {
+                rustls::crypto::ring::ALL_CIPHER_SUITES.iter().find(|r| r.suite() == s.suite()).copied().unwrap_or(*s)
+            })
+            .collect();
+    }
+    Arc::new(p)
+}
+
 fn pem_err(path: &Path, reason: impl std::fmt::Display) -> TlsError {
     TlsError::Pem { path: path.display().to_string(), reason: reason.to_string() }
 }
@@ -439,7 +573,16 @@ pub fn keep_current(certs: Arc<CertStore>, every: Duration) -> impl Future<Outpu
 /// ALPN id ("imap", "smtp"). A client that offers ALPN without it is refused (ALPACA); one
 /// that offers none is served. TLS 1.2 and 1.3 only, forward-secret suites (rustls' defaults).
 pub fn server_config(certs: &Arc<CertStore>, alpn: &[&str]) -> Result<Arc<ServerConfig>, TlsError> {
-    let mut cfg = ServerConfig::builder_with_provider(provider())
+    server_config_with(certs, alpn, record_crypto())
+}
+
+/// [`server_config`] with the records encrypted by `lib` ([`RecordCrypto`]).
+pub fn server_config_with(
+    certs: &Arc<CertStore>,
+    alpn: &[&str],
+    lib: RecordCrypto,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = ServerConfig::builder_with_provider(server_provider(lib.resolve()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(certs.clone());
@@ -595,6 +738,104 @@ mod tests {
 
     fn peer_leaf(c: &rustls::ClientConnection) -> CertificateDer<'static> {
         c.peer_certificates().unwrap()[0].clone().into_owned()
+    }
+
+    /// `[tls] record_crypto = "auto"`: ring only on a CPU with VAES + AVX2 and no AVX-512
+    /// (as aws-lc sees it: `OPENSSL_ia32cap` may hide AVX512F, as `bench/run --no-avx512` does).
+    #[test]
+    fn record_crypto_auto_follows_the_cpu_and_the_mask() {
+        let cpu = |vaes_avx2, avx512| CpuAes { vaes_avx2, avx512 };
+        assert_eq!(RecordCrypto::decide(cpu(true, false)), RecordCrypto::Ring);
+        assert_eq!(RecordCrypto::decide(cpu(true, true)), RecordCrypto::AwsLcRs);
+        assert_eq!(RecordCrypto::decide(cpu(false, false)), RecordCrypto::AwsLcRs);
+        assert_eq!(RecordCrypto::Ring.resolve(), RecordCrypto::Ring);
+        assert_eq!(RecordCrypto::AwsLcRs.resolve(), RecordCrypto::AwsLcRs);
+        assert_ne!(RecordCrypto::Auto.resolve(), RecordCrypto::Auto);
+        for (value, hides) in [
+            (":~0x5842DC230000", true),
+            (":~0x10000", true),
+            (":~0x20000", false),
+            (":0x0", true),
+            (":0x10000", false),
+            (":|0x10000", false),
+            ("0x4000000", false),
+            ("~0x200000000000000", false),
+            (":~65536", true),
+            (":~zz", false),
+            ("", false),
+        ] {
+            assert_eq!(ia32cap_hides_avx512f(value), hides, "{value:?}");
+        }
+        let c = crate::config::Config::from_toml_str("[tls]\nrecord_crypto = \"ring\"", "t").unwrap();
+        assert_eq!(c.tls_record_crypto, RecordCrypto::Ring);
+        let e = crate::config::Config::from_toml_str("[tls]\nrecord_crypto = \"openssl\"", "t").unwrap_err();
+        assert!(e.to_string().contains("aws-lc-rs"), "{e}");
+    }
+
+    /// Either library carries data both ways on every TLS 1.3 suite (a client of the other
+    /// library at the far end), and with ring the listeners' suites are ring's.
+    #[test]
+    fn both_record_libraries_carry_data_on_every_suite() {
+        use std::io::{Read as _, Write as _};
+        let ca = Ca::new();
+        let files = Files::new(&ca.leaf(&["localhost"]));
+        let certs = CertStore::load(&files.cert, &files.key).unwrap();
+        let ring = server_provider(RecordCrypto::Ring);
+        for s in &ring.cipher_suites {
+            let from_ring = rustls::crypto::ring::ALL_CIPHER_SUITES.iter().any(|r| match (r, s) {
+                (rustls::SupportedCipherSuite::Tls13(a), rustls::SupportedCipherSuite::Tls13(b)) => {
+                    std::ptr::eq(*a, *b)
+                }
+                (rustls::SupportedCipherSuite::Tls12(a), rustls::SupportedCipherSuite::Tls12(b)) => {
+                    std::ptr::eq(*a, *b)
+                }
+                _ => false,
+            });
+            assert!(from_ring, "{:?} is not ring's", s.suite());
+        }
+        let aws = rustls::crypto::aws_lc_rs::default_provider();
+        assert_eq!(
+            ring.cipher_suites.iter().map(|s| s.suite()).collect::<Vec<_>>(),
+            aws.cipher_suites.iter().map(|s| s.suite()).collect::<Vec<_>>(),
+            "same suites, same order"
+        );
+        for lib in [RecordCrypto::AwsLcRs, RecordCrypto::Ring] {
+            let server = server_config_with(&certs, &["imap"], lib).unwrap();
+            for suite in aws.cipher_suites.iter().filter(|s| s.tls13().is_some()) {
+                let mut p = rustls::crypto::aws_lc_rs::default_provider();
+                p.cipher_suites = vec![*suite];
+                let mut roots = RootCertStore::empty();
+                roots.add(ca.0.der().clone()).unwrap();
+                let client = Arc::new(
+                    ClientConfig::builder_with_provider(Arc::new(p))
+                        .with_protocol_versions(&[&rustls::version::TLS13])
+                        .unwrap()
+                        .with_root_certificates(roots)
+                        .with_no_client_auth(),
+                );
+                let (mut c, mut s) = connect(&client, &server);
+                assert_eq!(s.negotiated_cipher_suite().map(|n| n.suite()), Some(suite.suite()), "{lib:?}");
+                let big = vec![0xa5u8; 16_000];
+                s.writer().write_all(&big).unwrap();
+                c.writer().write_all(b"a1 NOOP\r\n").unwrap();
+                let (mut got_c, mut got_s) = (Vec::new(), Vec::new());
+                for _ in 0..64 {
+                    shuttle(&mut c, &mut s);
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n @ 1..) = c.reader().read(&mut buf) {
+                        got_c.extend_from_slice(&buf[..n]);
+                    }
+                    while let Ok(n @ 1..) = s.reader().read(&mut buf) {
+                        got_s.extend_from_slice(&buf[..n]);
+                    }
+                    if got_c.len() == big.len() && !got_s.is_empty() {
+                        break;
+                    }
+                }
+                assert_eq!(got_c, big, "{lib:?} {:?}", suite.suite());
+                assert_eq!(got_s, b"a1 NOOP\r\n", "{lib:?} {:?}", suite.suite());
+            }
+        }
     }
 
     /// A good new pair serves new connections at once; a connection made before keeps
