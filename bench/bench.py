@@ -978,12 +978,13 @@ class Bench:
             procs.append(p)
             pipes.append(rd)
         c0, b0 = cpu_secs(roots), cpu_secs(back)
-        lat, errors, first = [], 0, None
+        lat, errors, first, try_later = [], 0, None, 0
         for rd in pipes:
-            lw, e, f = rd.recv()
+            lw, e, f, t = rd.recv()
             lat += lw
             errors += e
             first = first or f
+            try_later += t
         t_end = time.time()
         for p in procs:
             p.join()
@@ -992,7 +993,7 @@ class Bench:
         secs = max(secs, t_end - start_at)
         n = len(lat)
         r = self.rec(kind="logins", what=label or kind, peer=peer, round=rnd, clients=clients_n, idle_cpu_pct=idle,
-                     logins=n, errors=errors, first_error=first, secs=round(secs, 2),
+                     logins=n, errors=errors, first_error=first, try_later=try_later, secs=round(secs, 2),
                      logins_per_s=round(n / secs, 1), p50_ms=round(pct(lat, 50), 2) if lat else None,
                      p99_ms=round(pct(lat, 99), 2) if lat else None,
                      front_cpu_ms_per_login=round((c1 - c0) * 1000 / n, 3) if n else None,
@@ -1002,7 +1003,7 @@ class Bench:
                                f"{errors} errors, first: {first}")
         log(f"  logins    {peer:14s} {label or kind:7s} c{clients_n:<2d} {r['logins_per_s']:7.1f}/s "
             f"p50 {r['p50_ms']} p99 {r['p99_ms']} ms front {r['front_cpu_ms_per_login']} ms/login"
-            f" errors {errors} (idle {idle}%)")
+            f" errors {errors}{f' try-later {try_later}' if try_later else ''} (idle {idle}%)")
         return r
 
     def smtp(self, peer, rnd):
@@ -1179,6 +1180,14 @@ def summarize(b, args):
             if not is_mg(p) and p in out.get(akey, {}):
                 out[key][p] = out[akey][p]
                 spread[key][p] = spread[akey][p]
+    # Logins answered "try again later" (not errors: see clients.login_worker), per peer and
+    # cell, summed over the rounds.
+    tl = {}
+    for r in recs:
+        if r["kind"] == "logins" and r.get("try_later"):
+            key = f"{r['what']}_c{r['clients']}"
+            tl.setdefault(r["peer"], {})[key] = tl.get(r["peer"], {}).get(key, 0) + r["try_later"]
+    out["logins_try_later"] = tl
     put("smtp_msgs_per_s", "smtp", "msgs_per_s", SMTP_PEERS)
     put("smtp_proxy_cpu_ms_per_msg", "smtp", "front_cpu_ms_per_msg", SMTP_PEERS)
     put("smtp_backend_cpu_ms_per_msg", "smtp", "backend_cpu_ms_per_msg", SMTP_PEERS)
