@@ -154,6 +154,9 @@ fn browser_enrols_totp_and_makes_an_app_password_that_works_over_imap() {
     // The app password made in the browser reads mail through mailgate from Dovecot.
     let t = Instant::now();
     let mut c = imaps(&mg);
+    // Named as Thunderbird names itself (IMAP ID), so that the devices list can show it.
+    let r = c.cmd("i", "ID (\"name\" \"Thunderbird\" \"version\" \"153.0\")");
+    assert!(r.last().unwrap().starts_with("i OK"), "{r:?}");
     let r = c.cmd("a", &format!("LOGIN alice@example.com \"{app}\""));
     assert!(r.last().unwrap().starts_with("a OK"), "{r:?}\n{}", mg.log());
     let r = c.cmd("b", "SELECT INBOX");
@@ -164,6 +167,8 @@ fn browser_enrols_totp_and_makes_an_app_password_that_works_over_imap() {
     drop(c);
     // Two-step verification is on: the account password alone gets the alert.
     let mut c = imaps(&mg);
+    let r = c.cmd("j", "ID (\"name\" \"K-9 Mail\" \"version\" \"6.800\")");
+    assert!(r.last().unwrap().starts_with("j OK"), "{r:?}");
     let r = c.cmd("d", "LOGIN alice@example.com alice-account-pw");
     assert!(r[0].starts_with("d NO [ALERT] "), "{r:?}");
     let imap = t.elapsed();
@@ -182,6 +187,8 @@ fn browser_enrols_totp_and_makes_an_app_password_that_works_over_imap() {
     // its question; the refused account-password login above is listed until then.
     let t = Instant::now();
     let mut open = imaps(&mg);
+    let r = open.cmd("i", "ID (\"name\" \"Thunderbird\" \"version\" \"153.0\")");
+    assert!(r.last().unwrap().starts_with("i OK"), "{r:?}");
     let r = open.cmd("e", &format!("LOGIN alice@example.com \"{app}\""));
     assert!(r.last().unwrap().starts_with("e OK"), "{r:?}");
     let unused = codes[4].as_str().unwrap();
