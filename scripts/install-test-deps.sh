@@ -5,7 +5,8 @@
 # modules, curl, Python, mbsync (isync) and Thunderbird as real clients; PostgreSQL 15
 # for the PostgreSQL store tests, HAProxy as a real PROXY-protocol load balancer, and
 # nghttp2's h2load for HTTP/2 bursts on the web step, fail2ban to run the shipped filter and
-# jail on mailgate's log, Python's prometheus_client to parse the /metrics scrape, Pebble
+# jail on mailgate's log, Python's prometheus_client to parse the /metrics scrape, libfaketime
+# (faketime) to run mailgate 91 days on for the stale mark in tests/web.rs, Pebble
 # (with pebble-challtestsrv as its DNS) as the ACME CA of tests/acme.rs), and
 # builds Dovecot's imaptest from the source in ../shared/tools/imaptest (beside the
 # repository) into target/imaptest (dovecot-dev and the autotools to build it; rebuilt
@@ -19,7 +20,7 @@ need=()
 for pkg in dovecot-imapd dovecot-submissiond dovecot-pop3d dovecot-managesieved dovecot-sieve sieve-connect \
   python3-sievelib python3-prometheus-client fetchmail getmail6 postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
   curl python3 isync thunderbird ca-certificates chromium chromium-driver iproute2 util-linux \
-  postgresql-15 haproxy nghttp2-client systemd adduser fail2ban pebble zbar-tools librsvg2-bin openssl \
+  postgresql-15 haproxy nghttp2-client systemd adduser fail2ban pebble zbar-tools librsvg2-bin openssl faketime \
   dovecot-dev autoconf automake libtool make gcc pkg-config; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -73,6 +74,8 @@ command -v chromedriver >/dev/null || { echo "chromedriver (chromium-driver) is 
 command -v zbarimg >/dev/null || { echo "zbarimg (zbar-tools) is not installed" >&2; exit 1; }
 command -v rsvg-convert >/dev/null || { echo "rsvg-convert (librsvg2-bin) is not installed" >&2; exit 1; }
 command -v openssl >/dev/null || { echo "openssl is not installed" >&2; exit 1; }
+# tests/web.rs: the stale mark, with mailgate's clock moved by LD_PRELOAD of libfaketime.
+compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || { echo "libfaketime (faketime) is not installed" >&2; exit 1; }
 test -x /usr/lib/postgresql/15/bin/postgres || { echo "postgresql-15 is not installed" >&2; exit 1; }
 test -x /usr/lib/postgresql/15/bin/pg_isready || { echo "postgresql-client-15 is not installed" >&2; exit 1; }
 test -x /usr/sbin/haproxy || { echo "haproxy is not installed at /usr/sbin/haproxy" >&2; exit 1; }

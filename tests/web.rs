@@ -5,7 +5,8 @@
 //! app password, makes new backup codes and turns two-step verification off.
 //!
 //! A second test turns POP3 and ManageSieve on and checks the new-app-password form and
-//! page for all four scopes.
+//! page for all four scopes. Another restarts mailgate under libfaketime, 91 days on, for
+//! the devices list's stale mark.
 //!
 //! Every page it checks is shot at 390 px (a phone) and 1280 px (a desktop) and must not be
 //! wider than the window. `MAILGATE_SCREENSHOTS=DIR` keeps the screenshots
@@ -313,6 +314,74 @@ fn browser_sets_up_devices_in_one_step_with_copy_buttons() {
     for label in ["Apple device ", "Android device ", "Laptop"] {
         assert!(list.contains(label), "{label} is not listed: {list}");
     }
+}
+
+/// The stale mark in the browser (issue 18's tests: "stale mark with a fake clock"): an
+/// app password used once over IMAP has no mark on the real clock; mailgate restarted on
+/// the same data under libfaketime, 91 days on (`FAKETIME=+91d`; the monotonic clock of
+/// tokio's timers left alone), lists it "Not used for over 90 days" (devices-stale-390.png,
+/// devices-stale-1280.png), and `mailgate devices --json` agrees both times. No wall-clock
+/// bound: the clock moves by an offset, so a slow machine sees the same days.
+#[test]
+fn browser_marks_an_app_password_stale_after_91_fake_days() {
+    for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        assert!(Path::new(tool).exists(), "{tool} is missing: run scripts/install-test-deps.sh");
+    }
+    let faketime = libfaketime().expect("libfaketime is missing (faketime): run scripts/install-test-deps.sh");
+    let opts = Options { web_extra: format!("organisation = \"{ORGANISATION}\""), ..Options::default() };
+    let (_dovecot, mut mg, _cli_app) = with_dovecot_opts(opts);
+    let shots = match std::env::var_os("MAILGATE_SCREENSHOTS") {
+        Some(d) => PathBuf::from(d),
+        None => mg.dir.path().join("screenshots"),
+    };
+    let app = mg.app_password("alice@example.com", "Old laptop", "imap");
+    // Used once, so that the list shows a last use (the mark counts from it).
+    let mut c = imaps(&mg);
+    let r = c.cmd("i", "ID (\"name\" \"Thunderbird\" \"version\" \"153.0\")");
+    assert!(r.last().unwrap().starts_with("i OK"), "{r:?}");
+    let r = c.cmd("a", &format!("LOGIN alice@example.com \"{app}\""));
+    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}\n{}", mg.log());
+    assert!(c.cmd("b", "LOGOUT").iter().any(|l| l.starts_with("b OK")));
+    drop(c);
+    let old_laptop = |mg: &Mailgate| {
+        let out = mg.ok(&["devices", "alice@example.com", "--json"]);
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let row = json["signed_in"].as_array().unwrap().iter().find(|d| d["label"] == "Old laptop").cloned();
+        row.unwrap_or_else(|| panic!("Old laptop is not listed: {out}"))
+    };
+    let before = old_laptop(&mg);
+    assert!(before["last_used"]["at"].is_u64(), "the IMAP login is not recorded as a use: {before}");
+    assert_eq!(before["stale"], false, "{before}");
+
+    // The control, on the real clock: no mark.
+    let run = run_driver(&mg, &shots, "fresh", &["--mode", "stale", "--label", "Old laptop", "--fresh"]);
+    assert!(run.ok, "the browser run on the real clock failed: {}\nmailgate log:\n{}", run.failure, mg.log());
+
+    // The same data, 91 days later for mailgate only.
+    let env = [
+        ("LD_PRELOAD", faketime.to_str().unwrap()),
+        ("FAKETIME", "+91d"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ("FAKETIME_DONT_RESET", "1"),
+    ];
+    mg.restart_with_env(env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+    let after = old_laptop(&mg);
+    assert_eq!(after["last_used"], before["last_used"], "{after}");
+    assert_eq!(after["stale"], true, "mailgate's clock did not move 91 days on: {after}");
+    let run = run_driver(&mg, &shots, "stale", &["--mode", "stale", "--label", "Old laptop"]);
+    assert!(run.ok, "the browser run 91 days on failed: {}\nmailgate log:\n{}", run.failure, mg.log());
+    assert_shots(&shots, &["devices-stale"]);
+    let row = run.json["stale_row"].as_str().unwrap();
+    assert!(row.contains("Not used for over 90 days: revoke it if the device is gone."), "{row}");
+}
+
+/// Debian's libfaketime (package faketime), for whatever architecture this is.
+fn libfaketime() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
 }
 
 /// Each of `names` was shot at both widths.

@@ -25,6 +25,9 @@ standard library only) through mailgate's web step, as a person would:
               whole (user-select: all) and the script adds a Copy button that selects
               it; the created page of the form has the button too (JSON: profile,
               android_password, selected).
+  stale mode  sign in (no second factor); the app password list's row of --label has the
+              stale mark ("Not used for over N days", class stale; shot: devices-stale),
+              or with --fresh has none and nothing is shot (JSON: stale_row).
   oauth mode  with [oauth] on, as Thunderbird's external sign-in: a loopback listener here
               is the app; the browser opens /oauth/authorize (PKCE S256, login_hint),
               signs in, denies on the consent page (the listener gets error=access_denied
@@ -827,6 +830,33 @@ def devices(d, a, result):
     copy_affordance(d, "created page")
 
 
+def stale(d, a, result):
+    """The row of the app password --label in the list carries the stale mark (with
+    --fresh: does not)."""
+    sign_in(d, a, "/app-passwords")
+    d.at("/app-passwords", "App passwords")
+    check_site(d, a)
+    rows = d.js(
+        "return Array.from(document.querySelectorAll('table tbody tr'))"
+        ".filter(r => r.cells[0] && r.cells[0].innerText.split('\\n')[0].trim() === arguments[0])"
+        ".map(r => r.innerText)", a.label)
+    if len(rows) != 1:
+        raise Failure(f"not one row for {a.label!r} in the list: {rows!r}\n{d.text('table tbody')}")
+    result["stale_row"] = rows[0]
+    marks = d.js(
+        "return Array.from(document.querySelectorAll('table tbody tr'))"
+        ".filter(r => r.cells[0] && r.cells[0].innerText.split('\\n')[0].trim() === arguments[0])"
+        ".flatMap(r => Array.from(r.querySelectorAll('small.stale')).map(s => s.innerText))", a.label)
+    said = "Not used for over 90 days: revoke it if the device is gone."
+    if a.fresh:
+        if marks or "Not used for over" in rows[0]:
+            raise Failure(f"the row of {a.label!r} is marked stale on the real clock: {rows[0]!r}")
+        return
+    if marks != [said]:
+        raise Failure(f"the row of {a.label!r} does not carry the stale mark {said!r}: {marks!r} in {rows[0]!r}")
+    d.shots(a, "devices-stale")
+
+
 class Loopback:
     """The app's loopback redirect listener (RFC 8252 7.3): records each request's query and
     answers a short page, as Thunderbird does."""
@@ -969,13 +999,15 @@ def main():
     p.add_argument("password")
     p.add_argument("screenshots", help="directory for PNG screenshots")
     p.add_argument("out", help="JSON result file")
-    p.add_argument("--mode", choices=["full", "reuse", "after", "scopes", "oauth", "devices"], default="full")
+    p.add_argument("--mode", choices=["full", "reuse", "after", "scopes", "oauth", "devices", "stale"],
+                   default="full")
     p.add_argument("--issuer", help="oauth mode: the expected iss (default: the URL)")
     p.add_argument("--backup-code", help="reuse mode: the code that was used already; after mode: an unused one")
     p.add_argument("--cert", help="mailgate's certificate (PEM): accept only its key")
     p.add_argument("--label", default="Browser test")
     p.add_argument("--profile-name", default="mail.example.test.mobileconfig",
                    help="devices mode: the file name of the Apple profile download")
+    p.add_argument("--fresh", action="store_true", help="stale mode: the row must NOT be marked stale")
     p.add_argument("--organisation", help="[web] organisation: expected in the header and the titles")
     p.add_argument("--width", type=int, default=1280, help="the window's width while it works")
     p.add_argument("--widths", default="390,1280", help="the widths of the screenshots, each checked for overflow")
@@ -1002,7 +1034,8 @@ def main():
         t = time.monotonic()
         d = Driver(workdir, pin, a.width, 800)
         result["timings"]["start_browser"] = round(time.monotonic() - t, 2)
-        {"full": full, "reuse": reuse, "after": after, "scopes": scopes, "oauth": oauth, "devices": devices}[a.mode](d, a, result)
+        {"full": full, "reuse": reuse, "after": after, "scopes": scopes, "oauth": oauth, "devices": devices,
+         "stale": stale}[a.mode](d, a, result)
         result["ok"] = True
         code = 0
     except Exception as e:  # noqa: BLE001 - any failure is reported, then cleaned up

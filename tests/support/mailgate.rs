@@ -287,6 +287,15 @@ master_password_file = "config/master.secret"
         self.spawn();
     }
 
+    /// Stops the server and starts it again on the same config and data with `env` as its
+    /// extra environment (in place of [`Options::env`], kept for later restarts too), e.g.
+    /// libfaketime's `LD_PRELOAD` and `FAKETIME` to move its clock.
+    pub fn restart_with_env(&mut self, env: Vec<(String, String)>) {
+        self.stop();
+        self.env = env;
+        self.spawn();
+    }
+
     /// Stops the server.
     pub fn stop(&mut self) {
         let _ = self.terminate();
