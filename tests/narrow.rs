@@ -412,6 +412,91 @@ fn send_limited_app_password_through_dovecot_submission() {
     assert!(mg.log().contains("send quota reached"), "{}", mg.log());
 }
 
+/// Issue 20 point 3 with Postfix as the upstream (XCLIENT) and real clients: smtplib
+/// sends the first message, swaks the rest. `--send-as` refuses the account's own
+/// address (`553 5.7.1`), `--send-to` refuses a recipient outside the list with
+/// `550 5.7.1` naming the rule, the third message in the hour gets `451 4.7.1` with when
+/// one frees up; only the two allowed messages reach Postfix's relay sink.
+#[test]
+fn send_limited_app_password_through_postfix_with_swaks() {
+    use crate::smtp::{message, smtplib, swaks};
+    use crate::support::mailgate::Options;
+    use crate::support::postfix::{Postfix, PostfixOptions};
+    use std::time::Duration;
+    let pf = Postfix::start(PostfixOptions::default());
+    let mg = Mailgate::start(Options {
+        smtp_upstream: format!("127.0.0.1:{}", pf.port),
+        smtp_upstream_extra: "login = \"xclient\"\n".into(),
+        ..Default::default()
+    });
+    let out = mg
+        .cli_stdin(&["user", "add", ALICE, "--address", "Alias@Example.org", "--password-stdin"], "alice-account-pw\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (pw, out) = create(
+        &mg,
+        &["--scope", "smtp", "--send-as", "alias@example.org", "--send-to", "@example.net", "--max-messages", "2"],
+    );
+    assert!(out.contains("send as alias@example.org") && out.contains("at most 2 messages/hour"), "{out}");
+    let swaks_to = |from: &str, to: &str, subject: &str| {
+        let path = mg.dir.path().join(format!("{subject}.eml"));
+        std::fs::write(&path, message(from, subject)).unwrap();
+        let out = swaks(&mg, &pw, from, to, &path);
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    // The account's own address is not among the ones this password may send as.
+    let (ok, shown) = swaks_to(ALICE, "bob@example.net", "own address");
+    assert!(!ok && shown.contains("553 5.7.1"), "{shown}");
+    // First message: smtplib (to bob@example.net), within the rules.
+    let out = smtplib(&mg, "starttls", &pw, "alias@example.org", &message("alias@example.org", "allowed 1"));
+    assert!(out.status.success(), "{}\n{}\n{}", String::from_utf8_lossy(&out.stderr), mg.log(), pf.log());
+    // A recipient outside the list: refused at RCPT, the reply names the rule.
+    let (ok, shown) = swaks_to("alias@example.org", "eve@example.org", "outside");
+    assert!(!ok, "{shown}");
+    let refusal = shown.lines().find(|l| l.contains("550 5.7.1")).unwrap_or_else(|| panic!("{shown}"));
+    assert!(
+        refusal.contains("<eve@example.org>") && refusal.contains("may send only to @example.net"),
+        "the refusal does not name the rule: {refusal}"
+    );
+    // Second message: swaks, to another address of the allowed domain.
+    let (ok, shown) = swaks_to("alias@example.org", "carol@example.net", "allowed 2");
+    assert!(ok, "{shown}\n{}", mg.log());
+    // Third message in the hour: over the quota, with when one frees up.
+    let (ok, shown) = swaks_to("alias@example.org", "bob@example.net", "over quota");
+    assert!(!ok, "{shown}");
+    let refusal = shown.lines().find(|l| l.contains("451 4.7.1")).unwrap_or_else(|| panic!("{shown}"));
+    assert!(refusal.contains("2 messages per hour") && refusal.contains("UTC"), "{refusal}");
+
+    // Only the two allowed messages were relayed. The refused ones never reached
+    // Postfix's DATA (mailgate answers before it), so a message sent afterwards with
+    // an unrestricted password, once it has arrived, closes the count.
+    let plain = mg.app_password(ALICE, "plain", "smtp");
+    let out = smtplib(&mg, "starttls", &plain, ALICE, &message(ALICE, "closing the count"));
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), mg.log());
+    let subject = |m: &crate::support::postfix::Delivered| {
+        let text = String::from_utf8_lossy(&m.data).to_string();
+        text.lines().find_map(|l| l.strip_prefix("Subject: ")).unwrap_or_default().to_string()
+    };
+    let mut got = pf.wait_for_messages(3, Duration::from_secs(120));
+    while !got.iter().any(|m| subject(m) == "closing the count") {
+        got = pf.wait_for_messages(got.len() + 1, Duration::from_secs(120));
+    }
+    let mut relayed: Vec<(String, String, Vec<String>)> =
+        got.iter().map(|m| (subject(m), m.mail_from.clone(), m.rcpt_to.clone())).collect();
+    relayed.sort();
+    assert_eq!(
+        relayed,
+        vec![
+            ("allowed 1".to_string(), "alias@example.org".to_string(), vec!["bob@example.net".to_string()]),
+            ("allowed 2".to_string(), "alias@example.org".to_string(), vec!["carol@example.net".to_string()]),
+            ("closing the count".to_string(), ALICE.to_string(), vec!["bob@example.net".to_string()]),
+        ],
+        "{}",
+        pf.log()
+    );
+    assert!(pf.log().contains("sasl_username=alice@example.com"), "{}", pf.log());
+    assert!(mg.log().contains("send quota reached"), "{}", mg.log());
+}
+
 /// The send quota is counted in the store: two mailgate nodes on one PostgreSQL store
 /// share it. Here it is `[limits]`' default for every app password (one message per
 /// hour): a plain app password sends once through node A, then is refused by node B.

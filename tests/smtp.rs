@@ -192,7 +192,7 @@ s.quit()
 print("sent")
 "#;
 
-fn smtplib(mg: &Mailgate, mode: &str, app: &str, from: &str, msg: &[u8]) -> std::process::Output {
+pub(crate) fn smtplib(mg: &Mailgate, mode: &str, app: &str, from: &str, msg: &[u8]) -> std::process::Output {
     let path = mg.dir.path().join(format!("msg-{}.eml", msg.len()));
     std::fs::write(&path, msg).unwrap();
     let port = if mode == "ssl" { mg.smtps.port() } else { mg.submission.port() };
@@ -201,6 +201,18 @@ fn smtplib(mg: &Mailgate, mode: &str, app: &str, from: &str, msg: &[u8]) -> std:
         .arg(&mg.ca)
         .arg(from)
         .arg(&path)
+        .output()
+        .unwrap()
+}
+
+/// swaks over 587 with STARTTLS as alice, the app password without spaces, the message
+/// in `data`; its output shows every reply (`<~ 250 …`, `<~* 550 …` for a refusal).
+pub(crate) fn swaks(mg: &Mailgate, app: &str, from: &str, to: &str, data: &std::path::Path) -> std::process::Output {
+    Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{}", mg.submission.port()), "--tls"])
+        .args(["--auth", "LOGIN", "--auth-user", "alice@example.com", "--auth-password", &app.replace(' ', "")])
+        .args(["--from", from, "--to", to, "--data"])
+        .arg(data)
         .output()
         .unwrap()
 }
@@ -219,13 +231,7 @@ fn smtplib_and_swaks_through_dovecot_submission_arrive_intact() {
     let path = mg.dir.path().join("swaks.eml");
     let msg2 = message("alias@example.org", "via swaks");
     std::fs::write(&path, &msg2).unwrap();
-    let out = Command::new("swaks")
-        .args(["--server", &format!("127.0.0.1:{}", mg.submission.port()), "--tls"])
-        .args(["--auth", "LOGIN", "--auth-user", "alice@example.com", "--auth-password", &app.replace(' ', "")])
-        .args(["--from", "alias@example.org", "--to", "bob@example.net", "--data"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = swaks(&mg, &app, "alias@example.org", "bob@example.net", &path);
     assert!(out.status.success(), "swaks: {}\n{}", String::from_utf8_lossy(&out.stdout), mg.log());
     let got = sub.sink.wait_for_messages(2, Duration::from_secs(20));
     // swaks ends the data with its own CRLF before the dot; everything else is as sent.
