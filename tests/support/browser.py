@@ -697,14 +697,23 @@ def after(d, a, result):
     # The devices list: the app password's row names the mail app (its IMAP ID) and the
     # address it last signed in from; the app that sent the account password after 2FA was
     # on is listed under "still using", with its name.
-    rows = [d.cmd("GET", f"/element/{e}/text") for e in d.find_all("tbody tr")]
-    mine = [r for r in rows if r.startswith(a.label)]
-    if not mine or "from 127.0.0.1 (Thunderbird 153.0)" not in mine[0]:
-        raise Failure(f"expected the row of {a.label!r} to show its last use by Thunderbird 153.0 from 127.0.0.1, got {rows}")
-    still = [d.cmd("GET", f"/element/{e}/text") for e in d.find_all("h2 + p + ul li")]
-    if not any("K-9 Mail 6.800" in s and "127.0.0.1" in s for s in still):
-        raise Failure(f"expected K-9 Mail 6.800 from 127.0.0.1 among the devices still using the account password, got {still}")
-    result["devices"] = {"row": mine[0], "still_using": still}
+    # Read in one script call each (element references can go stale while the page settles).
+    texts = lambda css: d.js("return Array.from(document.querySelectorAll(arguments[0])).map(e => e.innerText)", css)  # noqa: E731
+    seen = {}
+
+    def listed():
+        seen["rows"], seen["still"] = texts("tbody tr"), texts("h2 + p + ul li")
+        mine = [r for r in seen["rows"] if r.startswith(a.label)]
+        return (mine and "from 127.0.0.1 (Thunderbird 153.0)" in mine[0]
+                and any("K-9 Mail 6.800" in s and "127.0.0.1" in s for s in seen["still"]))
+
+    try:
+        d.wait("the devices list", listed)
+    except Failure:
+        raise Failure(f"expected the row of {a.label!r} to show its last use by Thunderbird 153.0 from 127.0.0.1 and "
+                      f"K-9 Mail 6.800 from 127.0.0.1 among the devices still using the account password; rows "
+                      f"{seen.get('rows')}, still using {seen.get('still')}")
+    result["devices"] = {"rows": seen["rows"], "still_using": seen["still"]}
     # The reuse run's refused backup code is a wrong code of a sign-in that never
     # succeeded: in the notice, until dismissed.
     items = [d.cmd("GET", f"/element/{e}/text") for e in d.find_all("#security-notice li")]
