@@ -309,18 +309,13 @@ def login_worker(cafile, port, creds, start_at, secs, conn):
             c.login(user, password, *mech)
             c.command("b", "LOGOUT")
             lat.append((time.perf_counter() - t0) * 1000.0)
-        except ImapError as e:
-            if "NO [UNAVAILABLE]" in str(e):
+        except (OSError, ImapError, ssl.SSLError) as e:
+            if isinstance(e, ImapError) and "NO [UNAVAILABLE]" in str(e):
                 try_later += 1
             else:
                 errors += 1
                 if first is None:
                     first = f"{type(e).__name__}: {e}"
-            time.sleep(0.05)
-        except (OSError, ssl.SSLError) as e:
-            errors += 1
-            if first is None:
-                first = f"{type(e).__name__}: {e}"
             time.sleep(0.05)
         finally:
             if c is not None:

@@ -1048,10 +1048,14 @@ pub fn check_email(raw: &str) -> Result<String, AccountError> {
 
 /// Formats unix seconds as `YYYY-MM-DD HH:MM:SS UTC`.
 pub fn fmt_time(t: u64) -> String {
-    let days = (t / 86_400) as i64;
     let secs = t % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
+    let (y, m, d) = civil(t);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+/// Year, month, day (UTC) of unix seconds `t` (Howard Hinnant's civil-from-days).
+pub(crate) fn civil(t: u64) -> (i64, i64, i64) {
+    let z = (t / 86_400) as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
@@ -1059,8 +1063,7 @@ pub fn fmt_time(t: u64) -> String {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs % 3600 / 60, secs % 60)
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// An app password's last use as people read it: `2026-01-02 03:04:05 UTC from 192.0.2.7

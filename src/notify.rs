@@ -345,35 +345,15 @@ impl Notifier {
     }
 }
 
-/// The time as shown in a notice: `2026-12-07 19:30:00 UTC`.
-pub fn utc(t: u64) -> String {
-    let (y, m, d) = civil(t);
-    let s = t % 86_400;
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", s / 3600, s % 3600 / 60, s % 60)
-}
-
 /// The `Date:` header of a mail sent at `t` (RFC 5322 §3.3).
 fn rfc5322_date(t: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let (y, m, d) = civil(t);
+    let (y, m, d) = crate::accounts::civil(t);
     let s = t % 86_400;
     let day = DAYS.get(((t / 86_400) % 7) as usize).copied().unwrap_or("Thu");
     let month = MONTHS.get((m as usize).saturating_sub(1)).copied().unwrap_or("Jan");
     format!("{day}, {d:02} {month} {y:04} {:02}:{:02}:{:02} +0000", s / 3600, s % 3600 / 60, s % 60)
-}
-
-/// Year, month, day of unix time `t` (Howard Hinnant's civil-from-days).
-fn civil(t: u64) -> (i64, i64, i64) {
-    let z = (t / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 fn html_escape(s: &str) -> String {
@@ -396,7 +376,8 @@ pub fn texts(notice: &Notice, devices_url: &str) -> Rendered {
     let subject = kind.map(Kind::subject).unwrap_or("Security notice for your mail account").to_string();
     let what = kind.map(Kind::what).unwrap_or("Something changed in your mail account.");
     let advice = kind.map(Kind::advice).unwrap_or(Kind::AppPasswordCreated.advice());
-    let mut rows: Vec<(&str, String)> = vec![("When", utc(notice.created_at)), ("Account", clean(&notice.username))];
+    let mut rows: Vec<(&str, String)> =
+        vec![("When", crate::accounts::fmt_time(notice.created_at)), ("Account", clean(&notice.username))];
     rows.extend(notice.facts.iter().map(|(k, v)| (fact_label(k), clean(v))));
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     let mut text = format!("Hello,\r\n\r\n{what}\r\n\r\n");
@@ -646,7 +627,7 @@ impl Sender {
                 }
             };
             // `grace_until` is the first second after the configured day.
-            let until = policy.grace_until.map(|t| utc(t.saturating_sub(1))).unwrap_or_default();
+            let until = policy.grace_until.map(|t| crate::accounts::fmt_time(t.saturating_sub(1))).unwrap_or_default();
             for a in accounts.iter().filter(|a| !a.has_second_factor() && policy.in_grace(&a.username, now)) {
                 let key = format!("notify-reminder:{}", a.username.escape_debug());
                 if notifier.once_per(&key, REMINDER_EVERY_SECS) {

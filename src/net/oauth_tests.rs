@@ -17,14 +17,10 @@ fn tls_name() -> rustls::pki_types::ServerName<'static> {
     rustls::pki_types::ServerName::try_from("localhost").unwrap()
 }
 
-fn xoauth2(user: &str, token: &str) -> String {
-    crate::proto::imap::base64(format!("user={user}\x01auth=Bearer {token}\x01\x01").as_bytes())
-}
+use crate::proto::testing::xoauth2;
 
 fn oauthbearer(user: &str, token: &str) -> String {
-    crate::proto::imap::base64(
-        format!("n,a={user},\x01host=localhost\x01port=993\x01auth=Bearer {token}\x01\x01").as_bytes(),
-    )
+    crate::proto::testing::oauthbearer(user, "localhost", 993, token)
 }
 
 /// The error challenge the fronts send for a refused token of `kit`'s configuration.

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::proto::chunked;
-use crate::proto::testing::{self, auth, pump, send, split_at, text};
+use crate::proto::testing::{self, auth, expect_bearer, pump, send, split_at, text, xoauth2};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------
@@ -2102,33 +2102,13 @@ fn oauth_session(tls: bool) -> PreAuth {
     p
 }
 
-fn xoauth2(user: &str, token: &str) -> String {
-    base64(format!("user={user}\x01auth=Bearer {token}\x01\x01").as_bytes())
-}
-
 fn oauthbearer(user: &str, token: &str) -> String {
-    base64(format!("n,a={user},\x01host=mx.example\x01port=993\x01auth=Bearer {token}\x01\x01").as_bytes())
+    testing::oauthbearer(user, "mx.example", 993, token)
 }
 
 /// The error challenge line of a refused token.
 fn challenge(mech: BearerMechanism) -> String {
     format!("+ {}\r\n", offer().error_challenge(mech))
-}
-
-/// Feeds `bytes` and expects bearer credentials for the driver.
-fn expect_bearer(p: &mut PreAuth, bytes: &[u8], user: &str, token: &str) {
-    p.feed(bytes);
-    loop {
-        match p.next() {
-            Next::Write(_) => continue,
-            Next::Event(Action::Authenticate(c)) => {
-                assert_eq!(c.mechanism, sasl::Mechanism::Bearer);
-                assert_eq!((c.username.as_str(), c.password.expose().as_slice()), (user, token.as_bytes()));
-                return;
-            }
-            other => panic!("expected bearer credentials, got {other:?}"),
-        }
-    }
 }
 
 #[test]

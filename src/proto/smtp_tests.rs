@@ -2900,12 +2900,10 @@ fn offer() -> OAuthOffer {
     OAuthOffer { metadata_url: METADATA.to_string() }
 }
 
-fn xoauth2(user: &str, token: &str) -> String {
-    b64(format!("user={user}\x01auth=Bearer {token}\x01\x01").as_bytes())
-}
+use crate::proto::testing::xoauth2;
 
 fn oauthbearer(user: &str, token: &str) -> String {
-    b64(format!("n,a={user},\x01host=mail.example.com\x01port=465\x01auth=Bearer {token}\x01\x01").as_bytes())
+    crate::proto::testing::oauthbearer(user, "mail.example.com", 465, token)
 }
 
 /// A driver offering OAuth (greeting not read yet).

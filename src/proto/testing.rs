@@ -46,6 +46,40 @@ pub(crate) fn pump<R, M: Machine<Event = Action<R>>>(p: &mut M) -> (String, Vec<
     panic!("next() did not settle");
 }
 
+/// An XOAUTH2 client response (`user=USER ^A auth=Bearer TOKEN ^A ^A`), base64.
+pub(crate) fn xoauth2(user: &str, token: &str) -> String {
+    crate::proto::imap::base64(format!("user={user}\x01auth=Bearer {token}\x01\x01").as_bytes())
+}
+
+/// An OAUTHBEARER client response (RFC 7628) naming `user`, as a client of `host:port`
+/// sends it, base64.
+pub(crate) fn oauthbearer(user: &str, host: &str, port: u16, token: &str) -> String {
+    crate::proto::imap::base64(
+        format!("n,a={user},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01").as_bytes(),
+    )
+}
+
+/// Feeds `bytes` to a front and expects bearer credentials (`user`, `token`) for the driver.
+pub(crate) fn expect_bearer<R: std::fmt::Debug, M: Machine<Event = Action<R>>>(
+    p: &mut M,
+    bytes: &[u8],
+    user: &str,
+    token: &str,
+) {
+    p.feed(bytes);
+    loop {
+        match p.next() {
+            Next::Write(_) => continue,
+            Next::Event(Action::Authenticate(c)) => {
+                assert_eq!(c.mechanism, crate::proto::sasl::Mechanism::Bearer);
+                assert_eq!((c.username.as_str(), c.password.expose().as_slice()), (user, token.as_bytes()));
+                return;
+            }
+            other => panic!("expected bearer credentials, got {other:?}"),
+        }
+    }
+}
+
 /// Bytes as text (invalid UTF-8 replaced).
 pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
